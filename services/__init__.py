@@ -1,0 +1,1 @@
+"""The RLHF Flywheel services, one package each."""
