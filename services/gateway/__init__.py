@@ -1,0 +1,1 @@
+"""HTTP gateway: OpenAI-compatible chat API, feedback endpoints and a chat page."""

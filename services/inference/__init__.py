@@ -1,0 +1,1 @@
+"""Policy inference: serves the current policy with vLLM and hot-swaps published versions."""

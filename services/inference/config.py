@@ -1,0 +1,72 @@
+"""Configuration of the inference service (environment variables RLHF_INFERENCE_*)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig
+
+
+@dataclass(frozen=True)
+class InferenceConfig(ServiceConfig):
+    ENV_PREFIX: ClassVar[str] = "RLHF_INFERENCE_"
+
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    """Kafka settings (RLHF_KAFKA_*): completion events out, policy updates in."""
+    model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+    """Where policy versions are read from (RLHF_MODEL_STORE_*)."""
+    grpc_port: int = 50051
+    """Port of the InferenceService gRPC server."""
+    metrics_port: int = 9101
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    policy_version: str = ""
+    """Serve this policy version at start; empty serves the store's current policy."""
+    served_model_name: str = "rlhf-policy"
+    """Model name reported to clients (OpenAI's `model`)."""
+    follow_updates: bool = True
+    """Consume rlhf.policy-updates and hot-swap to each announced version."""
+    dtype: str = "float32"
+    """Weights dtype in the engine: float32 (exact, CPU default), bfloat16 or float16 (GPUs)."""
+    max_model_len: int = 1024
+    """Context length: prompt plus completion tokens."""
+    default_max_tokens: int = 256
+    """Completion length when a request does not say."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for."""
+    max_n: int = 8
+    """Most completions per request (rankings need up to 9 with K-way comparisons; see the feedback service)."""
+    max_messages: int = 256
+    """Most chat messages in one request."""
+    max_message_chars: int = 32768
+    """Longest content of one chat message, in characters."""
+    max_num_seqs: int = 128
+    """Most sequences the engine batches at once (vLLM's max_num_seqs)."""
+    kv_cache_gib: int = 1
+    """KV cache size in GiB on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_threads_bind: str = "auto"
+    """vLLM CPU OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): auto, nobind, or a core list like 0-1."""
+    gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM may use (GPU builds only)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (GPU builds only)."""
+    seed: int = 0
+    """Engine seed; requests without a seed sample from the engine's generator."""
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        p = self.ENV_PREFIX
+        if self.dtype not in {"float32", "bfloat16", "float16"}:
+            out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            out.append(f"{p}DEFAULT_MAX_TOKENS must be between 1 and {p}MAX_TOKENS_LIMIT")
+        if self.max_tokens_limit >= self.max_model_len:
+            out.append(f"{p}MAX_TOKENS_LIMIT must be below {p}MAX_MODEL_LEN (room for the prompt)")
+        if self.max_n < 1:
+            out.append(f"{p}MAX_N must be at least 1")
+        if self.kv_cache_gib < 1:
+            out.append(f"{p}KV_CACHE_GIB must be at least 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append(f"{p}GPU_MEMORY_UTILIZATION must be in (0, 1]")
+        return out

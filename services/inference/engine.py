@@ -1,0 +1,108 @@
+"""The vLLM engine behind the inference service: the only module that imports vLLM.
+
+vLLM's AsyncLLM does continuous batching: every request is added to one running engine and
+generated alongside the others. Weights are swapped in place with ``reload_weights`` (same
+architecture, new tensors) followed by a prefix-cache reset, so no restart is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.inference.config import InferenceConfig
+from services.inference.protocol import Sampling
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """New tokens of one completion since its previous output."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str | None
+
+
+def configure_vllm_environment(cfg: InferenceConfig) -> None:
+    """vLLM reads these from the environment of the engine process it spawns."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    # Our own /metrics replaces vLLM's periodic stats lines.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class VllmEngine:
+    def __init__(self, cfg: InferenceConfig):
+        self.cfg = cfg
+        self._llm = None
+
+    async def start(self, model_dir: Path) -> None:
+        configure_vllm_environment(self.cfg)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            served_model_name=self.cfg.served_model_name,
+            dtype=self.cfg.dtype,
+            max_model_len=self.cfg.max_model_len,
+            max_num_seqs=self.cfg.max_num_seqs,
+            seed=self.cfg.seed,
+            # Never unpickle weights: only safetensors are loaded.
+            load_format="safetensors",
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            disable_log_stats=True,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    @property
+    def llm(self):
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        return self._llm
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling) -> AsyncIterator[list[EngineOutput]]:
+        """Yield, per engine step, the new output of each completion that advanced."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            # 0 = the sampled token's own log-probability only; under the raw policy distribution
+            # (vLLM's default logprobs_mode), which is what PPO's ratio needs.
+            logprobs=0 if sampling.logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+            step = []
+            for o in out.outputs:
+                lps = None
+                if sampling.logprobs and o.logprobs is not None:
+                    lps = [float(pos[tid].logprob) for tid, pos in zip(o.token_ids, o.logprobs)]
+                step.append(EngineOutput(o.index, o.text, list(o.token_ids), lps, o.finish_reason))
+            yield step
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def reload_weights(self, model_dir: Path) -> None:
+        """Load new weights of the same architecture in place and drop cached prefixes."""
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        await self.llm.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

@@ -1,0 +1,78 @@
+"""gRPC InferenceService: converts protobuf messages to domain objects and back, nothing more."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.inference.protocol import GenerationRequest, GenerationResult
+from services.inference.serving import InferenceServing
+from shared.events import Message
+from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
+
+
+def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateRequest) -> GenerationRequest:
+    s = msg.sampling
+
+    def opt(name: str):
+        return getattr(s, name) if s.HasField(name) else None
+
+    sampling = serving.sampling_defaults(
+        temperature=opt("temperature"), top_p=opt("top_p"), top_k=opt("top_k"), max_tokens=opt("max_tokens"),
+        seed=opt("seed"), stop=tuple(s.stop), n=s.n or 1, logprobs=s.logprobs)
+    return GenerationRequest(
+        messages=[Message(m.role, m.content) for m in msg.messages],
+        sampling=sampling,
+        source=msg.source or "user",
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
+    return common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens)
+
+
+def result_to_proto(r: GenerationResult) -> inference_pb2.GenerateResponse:
+    return inference_pb2.GenerateResponse(
+        request_id=r.request_id,
+        policy_version=r.policy_version,
+        model=r.model,
+        prompt_token_ids=r.prompt_token_ids,
+        completions=[
+            inference_pb2.Completion(response_id=c.response_id, index=c.index, text=c.text, token_ids=c.token_ids,
+                                     logprobs=c.logprobs or [], finish_reason=c.finish_reason)
+            for c in r.completions
+        ],
+        usage=usage(len(r.prompt_token_ids), r.completion_tokens),
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, serving: InferenceServing):
+        self.serving = serving
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        result = await self.serving.generate(request_from_proto(self.serving, request))
+        return result_to_proto(result)
+
+    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
+        req = request_from_proto(self.serving, request)
+        async with self.serving.stream(req) as stream:
+            first = True
+            async for d in stream:
+                chunk = inference_pb2.GenerateChunk(
+                    request_id=stream.request_id, policy_version=stream.policy_version, model=stream.model,
+                    index=d.index, response_id=d.response_id, text=d.text, token_ids=d.token_ids,
+                    logprobs=d.logprobs or [], finish_reason=d.finish_reason)
+                if first:
+                    chunk.prompt_token_ids.extend(stream.prompt_token_ids)
+                    first = False
+                yield chunk
+            result = stream.result()
+            yield inference_pb2.GenerateChunk(
+                request_id=stream.request_id, policy_version=stream.policy_version, model=stream.model,
+                usage=usage(len(result.prompt_token_ids), result.completion_tokens))
+
+    async def GetPolicy(self, request, context: grpc.aio.ServicerContext):
+        s = self.serving.status()
+        return inference_pb2.PolicyInfo(policy_version=s.policy_version, model=s.model, serving_since=s.serving_since,
+                                        max_model_len=s.max_model_len, swaps=s.swaps, refused_updates=s.refused_updates)

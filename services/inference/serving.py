@@ -1,0 +1,297 @@
+"""The inference service's logic: validate, template, generate, attribute, publish, hot-swap.
+
+Transport-free: the gRPC servicer converts to and from these calls, and tests can drive it
+directly. Every completion gets a response_id and the policy_version that produced it (the swap
+gate guarantees one version per request), and one CompletionEvent on rlhf.completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from services.inference import metrics
+from services.inference.config import InferenceConfig
+from services.inference.engine import VllmEngine
+from services.inference.protocol import (
+    ROLES,
+    CompletionResult,
+    Delta,
+    GenerationRequest,
+    GenerationResult,
+    PolicyStatus,
+    Sampling,
+)
+from services.inference.swap_gate import SwapGate
+from services.inference.weights import IncompatibleWeights, check_compatible
+from shared.errors import InvalidArgument, Unavailable
+from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
+from shared.kafka.producer import EventPublisher
+from shared.kafka.topics import COMPLETIONS
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore, ModelStoreError
+
+log = get_logger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+
+
+class GenerationStream:
+    """One admitted request: its identity up front, then its deltas as they are generated."""
+
+    def __init__(self, serving: "InferenceServing", req: GenerationRequest, prompt_token_ids: list[int],
+                 arrived_at: float):
+        self.serving = serving
+        self.request = req
+        self.request_id = f"req-{uuid.uuid4().hex}"
+        self.policy_version = serving.policy_version
+        self.model = serving.cfg.served_model_name
+        self.prompt_token_ids = prompt_token_ids
+        self.arrived_at = arrived_at
+        self.admitted_at = time.monotonic()
+        self.completions = [CompletionResult(response_id=f"resp-{uuid.uuid4().hex}", index=i,
+                                             logprobs=[] if req.sampling.logprobs else None)
+                            for i in range(req.sampling.n)]
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Delta]:
+        engine = self.serving.engine
+        done = 0
+        try:
+            async for step in engine.generate(self.request_id, self.prompt_token_ids, self.request.sampling):
+                now = time.monotonic()
+                for out in step:
+                    c = self.completions[out.index]
+                    if c.first_token_at is None and out.token_ids:
+                        c.first_token_at = now
+                        if out.index == 0:
+                            metrics.TTFT_SECONDS.observe(now - self.arrived_at)
+                    c.text += out.text
+                    c.token_ids += out.token_ids
+                    if c.logprobs is not None and out.logprobs is not None:
+                        c.logprobs += out.logprobs
+                    if out.finish_reason:
+                        c.finish_reason = "length" if out.finish_reason == "length" else "stop"
+                        done += 1
+                    yield Delta(out.index, c.response_id, out.text, out.token_ids, out.logprobs, c.finish_reason)
+        finally:
+            if done < len(self.completions):
+                # Client went away (or an error): free the engine's slots now.
+                await engine.abort(self.request_id)
+                metrics.REQUESTS.labels(self.request.source, "aborted").inc()
+        self._finish()
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.request_id, self.policy_version, self.model, self.prompt_token_ids,
+                                self.completions)
+
+    def _finish(self) -> None:
+        now = time.monotonic()
+        metrics.REQUESTS.labels(self.request.source, "ok").inc()
+        metrics.REQUEST_SECONDS.observe(now - self.arrived_at)
+        metrics.PROMPT_TOKENS.inc(len(self.prompt_token_ids))
+        metrics.COMPLETION_TOKENS.inc(sum(len(c.token_ids) for c in self.completions))
+        self.serving.publish_completions(self, now)
+
+
+class InferenceServing:
+    def __init__(self, cfg: InferenceConfig, engine: VllmEngine, store: ModelStore,
+                 publisher: EventPublisher | None):
+        self.cfg = cfg
+        self.engine = engine
+        self.store = store
+        self.publisher = publisher
+        self.gate = SwapGate()
+        self.tokenizer = None
+        self.policy_version = ""
+        self.policy_dir: Path | None = None
+        self.serving_since = 0.0
+        self.swaps = 0
+        self.refused_updates = 0
+        self.ready = False
+
+    # --- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Verify the policy version to serve, load it into the engine and its tokenizer."""
+        version = self.cfg.policy_version or self.store.current("policy")
+        if not version:
+            raise Unavailable(f"no policy version in the model store at {self.store.root}; run `rlhf bootstrap`")
+        await asyncio.to_thread(self.store.verify, version)
+        model_dir = self.store.path(version)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise Unavailable(f"{version}: the tokenizer has no chat template")
+        started = time.monotonic()
+        await self.engine.start(model_dir)
+        self._set_version(version, model_dir)
+        self.ready = True
+        log_event(log, "policy loaded", version=version, load_s=round(time.monotonic() - started, 2))
+
+    def _set_version(self, version: str, model_dir: Path) -> None:
+        if self.policy_version:
+            metrics.POLICY_VERSION.labels(self.policy_version).set(0)
+        metrics.POLICY_VERSION.labels(version).set(1)
+        self.policy_version = version
+        self.policy_dir = model_dir
+        self.serving_since = time.time()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def validate(self, req: GenerationRequest) -> list[int]:
+        """Check a request against the limits and return its chat-templated prompt token ids."""
+        if not self.ready:
+            raise Unavailable("the policy is still loading")
+        cfg, s = self.cfg, req.sampling
+        if not req.messages:
+            raise InvalidArgument("messages must not be empty", param="messages")
+        if len(req.messages) > cfg.max_messages:
+            raise InvalidArgument(f"at most {cfg.max_messages} messages per request", param="messages")
+        for i, m in enumerate(req.messages):
+            if m.role not in ROLES:
+                raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}",
+                                      param=f"messages[{i}].role")
+            if len(m.content) > cfg.max_message_chars:
+                raise InvalidArgument(f"messages[{i}].content is longer than {cfg.max_message_chars} characters",
+                                      param=f"messages[{i}].content")
+        if not any(m.content.strip() for m in req.messages if m.role == "user"):
+            raise InvalidArgument("messages need at least one non-empty user message", param="messages")
+        if req.source not in ("user", "trainer"):
+            raise InvalidArgument(f"source must be user or trainer, got {req.source!r}", param="source")
+        if not 1 <= s.n <= cfg.max_n:
+            raise InvalidArgument(f"n must be between 1 and {cfg.max_n}, got {s.n}", param="n")
+        if not 0 <= s.temperature <= 2:
+            raise InvalidArgument(f"temperature must be between 0 and 2, got {s.temperature}", param="temperature")
+        if not 0 < s.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {s.top_p}", param="top_p")
+        if s.top_k < 0:
+            raise InvalidArgument("top_k must not be negative", param="top_k")
+        if not 1 <= s.max_tokens <= cfg.max_tokens_limit:
+            raise InvalidArgument(f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {s.max_tokens}",
+                                  param="max_tokens")
+        if len(s.stop) > MAX_STOP_SEQUENCES or any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
+            raise InvalidArgument(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                                  f"{MAX_STOP_CHARS} characters", param="stop")
+        prompt_ids = self.tokenizer.apply_chat_template(
+            [asdict(m) for m in req.messages], add_generation_prompt=True, tokenize=True, return_dict=False)
+        if len(prompt_ids) + s.max_tokens > cfg.max_model_len:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt_ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
+                f"context length {cfg.max_model_len}", param="messages")
+        return list(prompt_ids)
+
+    def sampling_defaults(self, **given) -> Sampling:
+        """A Sampling with the server's defaults for every value not given (None)."""
+        values = {k: v for k, v in given.items() if v is not None}
+        values.setdefault("max_tokens", self.cfg.default_max_tokens)
+        return Sampling(**values)
+
+    @asynccontextmanager
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[GenerationStream]:
+        """Admit a validated request; the stream's policy_version is fixed for its whole life."""
+        arrived = time.monotonic()
+        prompt_ids = self.validate(req)
+        async with self.gate.admit():
+            metrics.IN_FLIGHT.inc()
+            try:
+                yield GenerationStream(self, req, prompt_ids, arrived)
+            finally:
+                metrics.IN_FLIGHT.dec()
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        async with self.stream(req) as stream:
+            async for _ in stream:
+                pass
+            return stream.result()
+
+    def publish_completions(self, stream: GenerationStream, finished_at: float) -> None:
+        if self.publisher is None:
+            return
+        req = stream.request
+        sampling = asdict(req.sampling)
+        sampling["stop"] = list(req.sampling.stop)
+        for c in stream.completions:
+            first = c.first_token_at or finished_at
+            event = CompletionEvent(
+                request_id=stream.request_id, response_id=c.response_id, index=c.index, n=req.sampling.n,
+                policy_version=stream.policy_version, model=stream.model, source=req.source,
+                messages=list(req.messages), prompt_token_ids=stream.prompt_token_ids,
+                completion_text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
+                finish_reason=c.finish_reason, sampling=sampling,
+                timings=Timings(queued_s=stream.admitted_at - stream.arrived_at,
+                                first_token_s=first - stream.arrived_at,
+                                total_s=finished_at - stream.arrived_at),
+                created_at=time.time(),
+            )
+            # Keyed by request: all completions of one prompt land on one partition, in order.
+            self.publisher.publish(COMPLETIONS, event, key=stream.request_id)
+
+    # --- hot-swap --------------------------------------------------------------------------------
+
+    async def apply_update(self, update: PolicyUpdateEvent) -> bool:
+        """Swap to an announced version if it verifies; otherwise refuse and keep serving.
+
+        Returns True when the served version changed.
+        """
+        if update.version == self.policy_version:
+            return False
+        try:
+            await asyncio.to_thread(self._check_update, update)
+        except (ModelStoreError, IncompatibleWeights, ValueError) as exc:
+            reason = type(exc).__name__
+            self.refused_updates += 1
+            metrics.SWAP_REFUSED.labels(reason).inc()
+            log_event(log, "refused policy update; still serving the old version", level=40,
+                      version=update.version, serving=self.policy_version, reason=reason, error=str(exc))
+            return False
+        new_dir = self.store.path(update.version)
+        closed_at = time.monotonic()
+        async with self.gate.exclusive():
+            drained_at = time.monotonic()
+            try:
+                await self.engine.reload_weights(new_dir)
+            except Exception as exc:
+                self.refused_updates += 1
+                metrics.SWAP_REFUSED.labels("reload_failed").inc()
+                log_event(log, "reload failed; restoring the served weights", level=40, version=update.version,
+                          error=f"{type(exc).__name__}: {exc}")
+                # The engine may hold part of the new tensors: reload the served version in full.
+                await self.engine.reload_weights(self.policy_dir)
+                return False
+            old = self.policy_version
+            self._set_version(update.version, new_dir)
+        pause = time.monotonic() - closed_at
+        self.swaps += 1
+        metrics.SWAPS.inc()
+        metrics.SWAP_PAUSE_SECONDS.observe(pause)
+        log_event(log, "hot-swapped policy", old=old, new=update.version, reason=update.reason,
+                  drain_ms=round((drained_at - closed_at) * 1e3, 1), pause_ms=round(pause * 1e3, 1))
+        return True
+
+    def _check_update(self, update: PolicyUpdateEvent) -> None:
+        """Verify every file's sha256, the announced manifest hash, and in-place compatibility."""
+        self.store.verify(update.version)
+        actual = self.store.manifest_sha256(update.version)
+        if actual != update.manifest_sha256:
+            raise ValueError(f"manifest sha256 {actual[:12]}… does not match the announced "
+                             f"{update.manifest_sha256[:12]}…")
+        assert self.policy_dir is not None
+        check_compatible(self.policy_dir, self.store.path(update.version))
+
+    def status(self) -> PolicyStatus:
+        return PolicyStatus(self.policy_version, self.cfg.served_model_name, self.serving_since,
+                            self.cfg.max_model_len, self.swaps, self.refused_updates)
+
+    async def close(self) -> None:
+        self.ready = False
+        self.engine.shutdown()

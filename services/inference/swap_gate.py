@@ -1,0 +1,58 @@
+"""Admission gate that lets a weight swap happen between requests, never inside one.
+
+Every generation holds an admission while it runs. A swap closes the gate (new requests wait),
+waits until the requests in flight have finished, swaps, and reopens. So each completion comes
+entirely from one policy version, the version recorded at its admission. The pause new requests
+see is the time the slowest request in flight still needed plus the swap itself; generations are
+bounded by max_tokens, so the drain always ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class SwapGate:
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._swap_lock = asyncio.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def swapping(self) -> bool:
+        return not self._open.is_set()
+
+    @asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Hold an admission for one request; waits while a swap is under way."""
+        while not self._open.is_set():
+            await self._open.wait()
+        # No await between the check and the increment: a swap cannot slip in between.
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Close the gate, wait for requests in flight to finish, and hold it closed."""
+        async with self._swap_lock:
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                yield
+            finally:
+                self._open.set()

@@ -1,0 +1,79 @@
+"""Payloads of the events on the loop's topics (see shared/kafka/topics.py for who writes them).
+
+Each is a plain dataclass registered with a type name and schema version; shared/kafka/envelope.py
+wraps it. Bump the schema version when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.kafka.envelope import event
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_s: float
+    """From the request's arrival to its admission into the engine (waiting behind a hot-swap)."""
+    first_token_s: float
+    """From arrival to the first generated token."""
+    total_s: float
+    """From arrival to the last token."""
+
+
+@event("completion", 1)
+@dataclass(frozen=True)
+class CompletionEvent:
+    """One completion served by the inference service (topic rlhf.completions, key request_id)."""
+
+    request_id: str
+    response_id: str
+    index: int
+    """Position among the n completions of the request."""
+    n: int
+    policy_version: str
+    model: str
+    source: str
+    """"user" for chat traffic, "trainer" for PPO rollouts."""
+    messages: list[Message]
+    prompt_token_ids: list[int]
+    completion_text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+    sampling: dict
+    """The sampling parameters actually used (temperature, top_p, top_k, max_tokens, seed, stop)."""
+    timings: Timings
+    created_at: float
+
+
+@event("policy-update", 1)
+@dataclass(frozen=True)
+class PolicyUpdateEvent:
+    """A policy version was published and should be served (topic rlhf.policy-updates)."""
+
+    version: str
+    """The model store version to serve, e.g. "policy-0002" (read from the receiver's own store)."""
+    manifest_sha256: str
+    """sha256 of the version's manifest.json: the receiver checks it read the same manifest."""
+    parent: str | None = None
+    reason: str = "publish"
+    """"publish" for a new version, "rollback" when an earlier version is made current again."""
+    metrics: dict = field(default_factory=dict)
+
+
+@event("reward-model", 1)
+@dataclass(frozen=True)
+class RewardModelEvent:
+    """A reward model version was published (topic rlhf.reward-models)."""
+
+    version: str
+    manifest_sha256: str
+    parent: str | None = None
+    metrics: dict = field(default_factory=dict)

@@ -1,0 +1,136 @@
+"""Consuming events: at-least-once group consumers and broadcast followers.
+
+``GroupConsumer`` commits offsets only after the handler has finished with every record of a
+batch; a handler error rewinds to the failed record and retries it after a pause, so a crash
+between work and commit replays the record (handlers must be idempotent) and nothing is skipped.
+Records that are not valid envelopes are counted, logged and skipped: one bad record must not
+stall a topic forever.
+
+``TopicFollower`` is for announcements every replica must see (policy updates): no group, all
+partitions, starting from the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from shared.config import KafkaConfig
+from shared.kafka import envelope
+from shared.kafka.client import consumer_kwargs
+from shared.kafka.metrics import BAD_RECORDS, EVENTS_CONSUMED, HANDLER_FAILURES
+from shared.logging import get_logger, log_event
+
+log = get_logger(__name__)
+
+Handler = Callable[[envelope.Envelope, Any], None]
+"""Called with the decoded envelope and the raw kafka-python record."""
+
+
+def _decode(record: Any) -> envelope.Envelope | None:
+    try:
+        return envelope.decode(record.value)
+    except envelope.EnvelopeError as exc:
+        BAD_RECORDS.labels(record.topic).inc()
+        log_event(log, "skipping bad record", level=30, topic=record.topic, partition=record.partition,
+                  offset=record.offset, error=str(exc))
+        return None
+
+
+class GroupConsumer:
+    """A consumer-group member that commits only after its handler has done the work."""
+
+    def __init__(self, cfg: KafkaConfig, service: str, group_id: str, topics: list[str],
+                 *, poll_timeout_ms: int = 500, max_records: int = 100, retry_pause_s: float = 1.0):
+        self.group_id = group_id
+        self.topics = topics
+        self.poll_timeout_ms = poll_timeout_ms
+        self.max_records = max_records
+        self.retry_pause_s = retry_pause_s
+        self._consumer = KafkaConsumer(*topics, **consumer_kwargs(cfg, service, group_id))
+
+    def run(self, handler: Handler, stop: threading.Event) -> None:
+        """Poll and handle until ``stop`` is set; then commit what is done and leave the group."""
+        try:
+            while not stop.is_set():
+                self.poll_once(handler)
+        finally:
+            self._consumer.close(autocommit=False)
+
+    def poll_once(self, handler: Handler) -> int:
+        """Handle one polled batch and commit it; returns how many records were handled."""
+        batches = self._consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
+        handled = 0
+        for tp, records in batches.items():
+            for record in records:
+                env = _decode(record)
+                if env is not None:
+                    try:
+                        handler(env, record)
+                    except Exception:
+                        HANDLER_FAILURES.labels(record.topic, self.group_id).inc()
+                        log.exception("handler failed; will retry offset %s of %s", record.offset, tp)
+                        # Commit what succeeded, rewind to the failure, pause before retrying.
+                        self._commit_safely()
+                        self._consumer.seek(tp, record.offset)
+                        time.sleep(self.retry_pause_s)
+                        return handled
+                    EVENTS_CONSUMED.labels(record.topic, self.group_id).inc()
+                handled += 1
+        if batches:
+            self._commit_safely()
+        return handled
+
+    def _commit_safely(self) -> None:
+        try:
+            self._consumer.commit()
+        except KafkaError as exc:
+            # A rebalance took our partitions: the new owner replays from the last commit.
+            log_event(log, "commit failed; records will be replayed", level=30, error=str(exc))
+
+
+class TopicFollower:
+    """Reads every partition of one topic from its current end onward, without a group."""
+
+    def __init__(self, cfg: KafkaConfig, service: str, topic: str, *, poll_timeout_ms: int = 500):
+        self.topic = topic
+        self.poll_timeout_ms = poll_timeout_ms
+        self._consumer = KafkaConsumer(**consumer_kwargs(cfg, service, group_id=None))
+        partitions = self._wait_for_partitions(topic)
+        self._assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._assigned)
+        self._consumer.seek_to_end(*self._assigned)
+        # Resolve positions now so that "from the end" means the end as of construction.
+        for tp in self._assigned:
+            self._consumer.position(tp)
+
+    def _wait_for_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            partitions = self._consumer.partitions_for_topic(topic)
+            if partitions:
+                return partitions
+            time.sleep(0.2)
+        raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
+
+    def run(self, handler: Handler, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                batches = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
+                for records in batches.values():
+                    for record in records:
+                        env = _decode(record)
+                        if env is None:
+                            continue
+                        try:
+                            handler(env, record)
+                        except Exception:
+                            log.exception("handler failed on %s offset %s", self.topic, record.offset)
+                        EVENTS_CONSUMED.labels(record.topic, "follower").inc()
+        finally:
+            self._consumer.close()

@@ -1,0 +1,410 @@
+"""The versioned model store: one immutable, checksummed directory per published model version.
+
+    root/
+      policy-0001/  manifest.json  model.safetensors  config.json  tokenizer.json ...
+      policy-0002/  ...
+      rm-0001/      ...
+      policy.current          {"version": "policy-0002"}
+      .tmp-3f2a.../           a publish in progress (or a crashed one); never listed
+
+A version is named ``<line>-<NNNN>``; a *line* is a family of versions (``policy``, ``rm``).
+``manifest.json`` lists the sha256 and size of every other file in the directory, so a reader can
+``verify`` a version before loading it, and a Kafka announcement can carry ``manifest_sha256`` so
+the receiver knows it read the manifest the publisher wrote.
+
+Publication is atomic: files are copied into a private temp directory inside ``root`` (same
+filesystem), fsynced, and renamed to the version name in one step, so a reader never sees a
+half-written version. Weights must be safetensors: pickle-based formats can run code when loaded.
+
+    store = ModelStore(Path("var/models"))
+    manifest = store.publish("policy", out_dir, parent="policy-0001", metrics={"reward": 0.4})
+    state = load_safetensors_state_dict(store.path(store.verify(manifest.version).version))
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+# Weight formats that are unpickled on load (and so can execute arbitrary code): never stored.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+_LINE_RE = re.compile(r"^[a-z]+$")
+_VERSION_RE = re.compile(r"^([a-z]+)-(\d{4,})$")
+
+
+class ModelStoreError(Exception):
+    """Base of every model store error."""
+
+
+class InvalidNameError(ModelStoreError, ValueError):
+    """A line or version name that does not match the naming scheme (or tries path traversal)."""
+
+
+class UnknownVersionError(ModelStoreError):
+    """The version is not in the store."""
+
+
+class PublishRefusedError(ModelStoreError):
+    """The source directory may not be published (pickle weights, no safetensors, bad metadata)."""
+
+
+class CorruptVersionError(ModelStoreError):
+    """A published version does not match its manifest; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of a version's ``manifest.json``."""
+
+    version: str
+    line: str
+    parent: str | None
+    created_at: float
+    """Unix time of publication."""
+    files: dict[str, FileDigest]
+    """Every file of the version except the manifest, by POSIX path relative to the version dir."""
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    """Free-form JSON metadata, e.g. the reward model version a policy was trained against."""
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> bytes:
+        doc = {
+            "version": self.version,
+            "line": self.line,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "files": {p: {"sha256": d.sha256, "bytes": d.bytes} for p, d in sorted(self.files.items())},
+            "metrics": self.metrics,
+            "extra": self.extra,
+            "format": self.format,
+        }
+        return json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        """Parse a manifest; raises ValueError (or KeyError/TypeError) when it is malformed."""
+        doc = json.loads(raw)
+        if doc.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
+        files = {}
+        for rel, digest in doc["files"].items():
+            _check_relative_path(rel)
+            files[rel] = FileDigest(sha256=str(digest["sha256"]), bytes=int(digest["bytes"]))
+        return cls(
+            version=doc["version"],
+            line=doc["line"],
+            parent=doc["parent"],
+            created_at=float(doc["created_at"]),
+            files=files,
+            metrics={str(k): float(v) for k, v in doc["metrics"].items()},
+            extra=dict(doc["extra"]),
+            format=doc["format"],
+        )
+
+
+class ModelStore:
+    """A model store rooted at ``root``; safe for concurrent readers and publishers (threads or processes)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def versions(self, line: str) -> list[str]:
+        """Published versions of ``line``, oldest first."""
+        return [f"{line}-{n:04d}" for n in self._numbers(line)]
+
+    def latest(self, line: str) -> str | None:
+        versions = self.versions(line)
+        return versions[-1] if versions else None
+
+    def path(self, version: str) -> Path:
+        """Directory of a published version."""
+        _parse_version(version)
+        path = self.root / version
+        if not path.is_dir():
+            raise UnknownVersionError(f"model version {version} is not in the store at {self.root}")
+        return path
+
+    def manifest(self, version: str) -> Manifest:
+        """The parsed manifest of ``version`` (not checked against the files: see ``verify``)."""
+        manifest_path = self.path(version) / MANIFEST_NAME
+        try:
+            manifest = Manifest.from_json(manifest_path.read_bytes())
+        except FileNotFoundError:
+            raise CorruptVersionError(f"{version}: {MANIFEST_NAME} is missing") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptVersionError(f"{version}: {MANIFEST_NAME} is malformed: {exc}") from None
+        if manifest.version != version or manifest.line != _parse_version(version)[0]:
+            raise CorruptVersionError(
+                f"{version}: {MANIFEST_NAME} describes {manifest.version} of line {manifest.line}"
+            )
+        return manifest
+
+    def manifest_sha256(self, version: str) -> str:
+        """sha256 of the manifest's bytes: identifies the exact contents of a version in one hash."""
+        return hashlib.sha256((self.path(version) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+    def verify(self, version: str) -> Manifest:
+        """Re-hash every file of ``version`` against its manifest; raises CorruptVersionError on any difference."""
+        manifest = self.manifest(version)
+        vdir = self.path(version)
+        on_disk = {rel for rel in _relative_files(vdir) if rel != MANIFEST_NAME}
+        unlisted = sorted(on_disk - manifest.files.keys())
+        if unlisted:
+            raise CorruptVersionError(f"{version}: file {unlisted[0]} is not listed in the manifest")
+        problem = _weight_format_problem(manifest.files)
+        if problem:
+            raise CorruptVersionError(f"{version}: {problem}")
+        for rel, expected in sorted(manifest.files.items()):
+            if rel not in on_disk:
+                raise CorruptVersionError(f"{version}: file {rel} is missing")
+            actual = _hash_file(vdir / rel)
+            if actual.bytes != expected.bytes:
+                raise CorruptVersionError(
+                    f"{version}: file {rel} has {actual.bytes} bytes, manifest says {expected.bytes}"
+                )
+            if actual.sha256 != expected.sha256:
+                raise CorruptVersionError(f"{version}: file {rel} does not match its sha256 in the manifest")
+        return manifest
+
+    def current(self, line: str) -> str | None:
+        """The version serving for ``line``: the pointer if set, else the latest version (None if no versions)."""
+        _check_line(line)
+        try:
+            raw = self._pointer_path(line).read_bytes()
+        except FileNotFoundError:
+            return self.latest(line)
+        try:
+            version = json.loads(raw)["version"]
+            if _parse_version(version)[0] != line:
+                raise ValueError(f"{version} is not a version of {line}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelStoreError(f"current pointer of {line} is malformed: {exc}") from None
+        return version
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def publish(
+        self,
+        line: str,
+        src_dir: Path,
+        *,
+        parent: str | None = None,
+        metrics: dict[str, float] | None = None,
+        extra: dict[str, Any] | None = None,
+        make_current: bool = True,
+    ) -> Manifest:
+        """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest."""
+        _check_line(line)
+        src_dir = Path(src_dir)
+        src_files = _relative_files(src_dir)
+        problem = _weight_format_problem(src_files) or (
+            f"{MANIFEST_NAME} is reserved for the store" if MANIFEST_NAME in src_files else None
+        )
+        if problem:
+            raise PublishRefusedError(f"refusing to publish {src_dir}: {problem}")
+        if parent is not None:
+            self.path(parent)
+        try:
+            metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+            extra = dict(extra or {})
+            json.dumps([metrics, extra], allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PublishRefusedError(f"metrics and extra must be finite JSON values: {exc}") from None
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            files = {rel: _copy_file(src_dir / rel, tmp / rel) for rel in src_files}
+            manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if make_current:
+            self._write_pointer(line, manifest.version)
+        return manifest
+
+    def set_current(self, line: str, version: str) -> None:
+        """Point ``line`` at ``version`` (e.g. to roll back); the version must exist and verify."""
+        _check_line(line)
+        if _parse_version(version)[0] != line:
+            raise InvalidNameError(f"{version} is not a version of line {line}")
+        self.verify(version)
+        self._write_pointer(line, version)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _numbers(self, line: str) -> list[int]:
+        _check_line(line)
+        if not self.root.is_dir():
+            return []
+        numbers = []
+        for entry in self.root.iterdir():
+            match = _VERSION_RE.match(entry.name)
+            if match and match.group(1) == line and entry.is_dir():
+                numbers.append(int(match.group(2)))
+        return sorted(numbers)
+
+    def _rename_into_place(
+        self,
+        tmp: Path,
+        line: str,
+        parent: str | None,
+        files: dict[str, FileDigest],
+        metrics: dict[str, float],
+        extra: dict[str, Any],
+    ) -> Manifest:
+        """Rename ``tmp`` to the next free version name, retrying when a concurrent publisher wins a number."""
+        number = max(self._numbers(line), default=0) + 1
+        while True:
+            version = f"{line}-{number:04d}"
+            manifest = Manifest(version, line, parent, time.time(), files, metrics, extra)
+            _write_synced(tmp / MANIFEST_NAME, manifest.to_json())
+            _fsync_tree(tmp)
+            try:
+                # rename(2) of a directory fails when the target is a non-empty directory, and every
+                # published version holds a manifest: so a taken number is never overwritten.
+                os.rename(tmp, self.root / version)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                number = max(number, *self._numbers(line)) + 1
+            else:
+                _fsync_dir(self.root)
+                return manifest
+
+    def _pointer_path(self, line: str) -> Path:
+        return self.root / f"{line}.current"
+
+    def _write_pointer(self, line: str, version: str) -> None:
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.current"
+        try:
+            _write_synced(tmp, json.dumps({"version": version}).encode() + b"\n")
+            os.replace(tmp, self._pointer_path(line))  # atomic: readers see the old or the new pointer
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+
+
+def load_safetensors_state_dict(version_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` files in ``version_dir`` (never unpickles anything)."""
+    paths = sorted(Path(version_dir).glob("*.safetensors"))
+    if not paths:
+        raise ModelStoreError(f"no *.safetensors file in {version_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        tensors = load_file(path)
+        duplicated = state.keys() & tensors.keys()
+        if duplicated:
+            raise ModelStoreError(f"{path.name} repeats tensors {sorted(duplicated)[:5]}")
+        state.update(tensors)
+    return state
+
+
+# --- file helpers ----------------------------------------------------------------------------
+
+
+def _check_line(line: str) -> None:
+    if not isinstance(line, str) or not _LINE_RE.match(line):
+        raise InvalidNameError(f"invalid model line {line!r}: expected lowercase letters only")
+
+
+def _parse_version(version: str) -> tuple[str, int]:
+    """(line, number) of a version name; rejects anything else, including path traversal."""
+    match = _VERSION_RE.match(version) if isinstance(version, str) else None
+    if not match:
+        raise InvalidNameError(f"invalid model version {version!r}: expected <line>-<NNNN>, e.g. policy-0001")
+    return match.group(1), int(match.group(2))
+
+
+def _check_relative_path(rel: str) -> None:
+    parts = rel.split("/")
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"file path {rel!r} is not a plain relative path")
+
+
+def _relative_files(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` (recursively), as sorted POSIX relative paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def _weight_format_problem(rel_paths: Collection[str]) -> str | None:
+    pickled = sorted(rel for rel in rel_paths if Path(rel).suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        return f"pickle-based weight files are not allowed (use safetensors): {', '.join(pickled)}"
+    if not any(rel.endswith(".safetensors") for rel in rel_paths):
+        return "no *.safetensors weight file"
+    return None
+
+
+def _hash_file(path: Path) -> FileDigest:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileDigest(digest.hexdigest(), size)
+
+
+def _copy_file(src: Path, dst: Path) -> FileDigest:
+    """Copy ``src`` to ``dst`` and fsync it, hashing the bytes on the way (one read of the source)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return FileDigest(digest.hexdigest(), size)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every directory under ``root`` so the new entries survive a crash (files are synced on write)."""
+    for dirpath, _, _ in os.walk(root):
+        _fsync_dir(Path(dirpath))

@@ -1,0 +1,255 @@
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from shared import model_store
+from shared.model_store import (
+    CorruptVersionError,
+    InvalidNameError,
+    ModelStore,
+    PublishRefusedError,
+    UnknownVersionError,
+    load_safetensors_state_dict,
+)
+
+
+def make_model_dir(path: Path, seed: int = 0) -> Path:
+    """A small publishable model directory: safetensors weights, a config and a nested file."""
+    path.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"w": torch.randn(4, 4, generator=gen), "b": torch.zeros(4)}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({"hidden": 4}))
+    (path / "sub").mkdir()
+    (path / "sub" / "notes.txt").write_text("nested file")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return ModelStore(tmp_path / "models")
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    return make_model_dir(tmp_path / "src")
+
+
+def test_publish_then_verify_roundtrip(store: ModelStore, src: Path) -> None:
+    manifest = store.publish("policy", src)
+
+    assert manifest.version == "policy-0001"
+    assert store.verify("policy-0001") == manifest
+    assert set(manifest.files) == {"model.safetensors", "config.json", "sub/notes.txt"}
+    on_disk = json.loads((store.path("policy-0001") / "manifest.json").read_text())
+    assert on_disk["format"] == 1 and on_disk["files"]["config.json"]["bytes"] == len('{"hidden": 4}')
+    state = load_safetensors_state_dict(store.path("policy-0001"))
+    assert set(state) == {"w", "b"}
+
+
+def test_versions_increment_and_sort_per_line(store: ModelStore, src: Path) -> None:
+    for _ in range(3):
+        store.publish("policy", src)
+    store.publish("rm", src)
+
+    assert store.versions("policy") == ["policy-0001", "policy-0002", "policy-0003"]
+    assert store.versions("rm") == ["rm-0001"]
+    assert store.latest("policy") == "policy-0003"
+    assert store.latest("critic") is None
+
+
+def test_parent_metrics_and_extra_recorded(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    manifest = store.publish(
+        "policy", src, parent="policy-0001", metrics={"reward": 0.25, "steps": 10}, extra={"rm_version": "rm-0003"}
+    )
+
+    reread = store.manifest(manifest.version)
+    assert reread.parent == "policy-0001"
+    assert reread.metrics == {"reward": 0.25, "steps": 10.0}
+    assert reread.extra == {"rm_version": "rm-0003"}
+    assert reread.created_at > 0
+
+
+def test_publish_refuses_unknown_parent(store: ModelStore, src: Path) -> None:
+    with pytest.raises(UnknownVersionError, match="policy-0009"):
+        store.publish("policy", src, parent="policy-0009")
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "opt.pth", "state.pkl", "sub/x.ckpt"])
+def test_publish_refuses_pickle_weights(store: ModelStore, src: Path, name: str) -> None:
+    (src / name).write_bytes(b"\x80\x04pickle")
+
+    with pytest.raises(PublishRefusedError, match="pickle"):
+        store.publish("policy", src)
+    assert store.versions("policy") == []
+
+
+def test_publish_refuses_dir_without_safetensors(store: ModelStore, tmp_path: Path) -> None:
+    src = tmp_path / "nosafe"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+
+    with pytest.raises(PublishRefusedError, match="safetensors"):
+        store.publish("policy", src)
+
+
+def test_tampered_byte_is_detected(store: ModelStore, src: Path) -> None:
+    version = store.publish("policy", src).version
+    weights = store.path(version) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptVersionError, match="model.safetensors.*sha256"):
+        store.verify(version)
+
+
+def test_extra_file_is_detected(store: ModelStore, src: Path) -> None:
+    version = store.publish("policy", src).version
+    (store.path(version) / "sub" / "intruder.txt").write_text("x")
+
+    with pytest.raises(CorruptVersionError, match="sub/intruder.txt is not listed"):
+        store.verify(version)
+
+
+def test_missing_file_is_detected(store: ModelStore, src: Path) -> None:
+    version = store.publish("policy", src).version
+    (store.path(version) / "config.json").unlink()
+
+    with pytest.raises(CorruptVersionError, match="config.json is missing"):
+        store.verify(version)
+
+
+def test_leftover_tmp_dir_is_ignored(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    leftover = store.root / ".tmp-crashed"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+
+    assert store.versions("policy") == ["policy-0001"]
+    assert store.publish("policy", src).version == "policy-0002"
+
+
+def test_failed_copy_never_becomes_visible(store: ModelStore, src: Path, monkeypatch) -> None:
+    real_copy = model_store._copy_file
+    copied = []
+
+    def copy_then_fail(src_file: Path, dst_file: Path):
+        if copied:
+            raise OSError("disk full")
+        copied.append(src_file)
+        return real_copy(src_file, dst_file)
+
+    monkeypatch.setattr(model_store, "_copy_file", copy_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        store.publish("policy", src)
+
+    assert copied, "the failure must happen after a file was already copied"
+    assert store.versions("policy") == []
+    assert store.current("policy") is None
+    assert [p.name for p in store.root.iterdir()] == []  # the temp dir was cleaned up too
+
+
+def test_current_pointer_and_rollback(store: ModelStore, src: Path) -> None:
+    assert store.current("policy") is None
+    store.publish("policy", src)
+    store.publish("policy", src)
+    assert store.current("policy") == "policy-0002"
+
+    store.publish("policy", src, make_current=False)
+    assert store.current("policy") == "policy-0002"
+
+    store.set_current("policy", "policy-0001")
+    assert store.current("policy") == "policy-0001"
+    assert json.loads((store.root / "policy.current").read_text()) == {"version": "policy-0001"}
+
+
+def test_current_falls_back_to_latest_without_pointer(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src, make_current=False)
+    store.publish("policy", src, make_current=False)
+
+    assert not (store.root / "policy.current").exists()
+    assert store.current("policy") == "policy-0002"
+
+
+def test_set_current_requires_existing_verified_version_of_the_line(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    store.publish("rm", src)
+
+    with pytest.raises(UnknownVersionError):
+        store.set_current("policy", "policy-0007")
+    with pytest.raises(InvalidNameError):
+        store.set_current("policy", "rm-0001")
+    (store.path("policy-0001") / "config.json").write_text("{}")
+    with pytest.raises(CorruptVersionError):
+        store.set_current("policy", "policy-0001")
+
+
+@pytest.mark.parametrize("bad", ["../etc", "policy-1", "policy-0001/..", "Policy-0001", "policy-0001 ", "/tmp/x", ""])
+def test_bad_version_names_are_rejected(store: ModelStore, bad: str) -> None:
+    for call in (store.path, store.manifest, store.verify, store.manifest_sha256):
+        with pytest.raises(InvalidNameError):
+            call(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "Policy", "po-licy", "../x", "rm1"])
+def test_bad_line_names_are_rejected(store: ModelStore, src: Path, bad: str) -> None:
+    with pytest.raises(InvalidNameError):
+        store.publish(bad, src)
+    with pytest.raises(InvalidNameError):
+        store.versions(bad)
+
+
+def test_manifest_sha256_matches_manifest_bytes(store: ModelStore, src: Path) -> None:
+    version = store.publish("policy", src).version
+    raw = (store.path(version) / "manifest.json").read_bytes()
+    assert store.manifest_sha256(version) == hashlib.sha256(raw).hexdigest()
+
+
+def test_concurrent_publishers_get_distinct_versions(store: ModelStore, tmp_path: Path) -> None:
+    sources = [make_model_dir(tmp_path / f"src{i}", seed=i) for i in range(2)]
+    published: list[str] = []
+    errors: list[BaseException] = []
+
+    def publish_five(src: Path) -> None:
+        try:
+            for _ in range(5):
+                published.append(store.publish("policy", src).version)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish_five, args=(s,)) for s in sources]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert errors == []
+    assert sorted(published) == [f"policy-{n:04d}" for n in range(1, 11)]
+    assert store.versions("policy") == sorted(published)
+    for version in published:
+        store.verify(version)
+
+
+def test_publisher_skips_a_number_taken_while_it_copied(store: ModelStore, src: Path, monkeypatch) -> None:
+    real_fsync_tree = model_store._fsync_tree
+    raced: list[str] = []
+
+    def competitor_publishes_first(root: Path) -> None:
+        real_fsync_tree(root)
+        if not raced:
+            raced.append("started")  # before publishing: the competitor's own publish comes back here
+            raced[0] = store.publish("policy", src).version
+
+    monkeypatch.setattr(model_store, "_fsync_tree", competitor_publishes_first)
+    manifest = store.publish("policy", src)
+
+    assert raced == ["policy-0001"]
+    assert manifest.version == "policy-0002"
+    assert store.verify("policy-0002") == manifest
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")] == []
