@@ -33,7 +33,7 @@ class InferenceConfig(ServiceConfig):
     """Context length: prompt plus completion tokens."""
     default_max_tokens: int = 256
     """Completion length when a request does not say."""
-    max_tokens_limit: int = 1024
+    max_tokens_limit: int = 768
     """Largest max_tokens a request may ask for."""
     max_n: int = 8
     """Most completions per request (rankings need up to 9 with K-way comparisons; see the feedback service)."""

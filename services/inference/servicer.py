@@ -31,7 +31,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
                             total_tokens=prompt_tokens + completion_tokens)
 
 
-def result_to_proto(r: GenerationResult) -> inference_pb2.GenerateResponse:
+def result_to_proto(serving: InferenceServing, r: GenerationResult) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(
         request_id=r.request_id,
         policy_version=r.policy_version,
@@ -39,7 +39,8 @@ def result_to_proto(r: GenerationResult) -> inference_pb2.GenerateResponse:
         prompt_token_ids=r.prompt_token_ids,
         completions=[
             inference_pb2.Completion(response_id=c.response_id, index=c.index, text=c.text, token_ids=c.token_ids,
-                                     logprobs=c.logprobs or [], finish_reason=c.finish_reason)
+                                     logprobs=c.logprobs or [], finish_reason=c.finish_reason,
+                                     tokens=serving.token_texts(c.token_ids) if c.logprobs is not None else [])
             for c in r.completions
         ],
         usage=usage(len(r.prompt_token_ids), r.completion_tokens),
@@ -52,7 +53,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         result = await self.serving.generate(request_from_proto(self.serving, request))
-        return result_to_proto(result)
+        return result_to_proto(self.serving, result)
 
     async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
         req = request_from_proto(self.serving, request)
@@ -62,7 +63,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 chunk = inference_pb2.GenerateChunk(
                     request_id=stream.request_id, policy_version=stream.policy_version, model=stream.model,
                     index=d.index, response_id=d.response_id, text=d.text, token_ids=d.token_ids,
-                    logprobs=d.logprobs or [], finish_reason=d.finish_reason)
+                    logprobs=d.logprobs or [], finish_reason=d.finish_reason,
+                    tokens=self.serving.token_texts(d.token_ids) if d.logprobs is not None else [])
                 if first:
                     chunk.prompt_token_ids.extend(stream.prompt_token_ids)
                     first = False

@@ -288,6 +288,10 @@ class InferenceServing:
         assert self.policy_dir is not None
         check_compatible(self.policy_dir, self.store.path(update.version))
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """The text of each token on its own (for OpenAI-style logprobs)."""
+        return [self.tokenizer.decode([t]) for t in token_ids]
+
     def status(self) -> PolicyStatus:
         return PolicyStatus(self.policy_version, self.cfg.served_model_name, self.serving_since,
                             self.cfg.max_model_len, self.swaps, self.refused_updates)

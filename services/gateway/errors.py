@@ -1,0 +1,84 @@
+"""Every gateway error becomes an OpenAI-shaped error response here, and only here.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "n", "code": null}}
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway import metrics
+from services.gateway.protocol import ErrorBody, ErrorResponse
+from shared.errors import GRPC_TO_HTTP, PARAM_METADATA_KEY, RlhfError
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def error_from_grpc(exc: grpc.aio.AioRpcError) -> tuple[int, ErrorBody]:
+    """The HTTP status and error body for a failed call to an upstream service."""
+    status, type_ = GRPC_TO_HTTP.get(exc.code(), (502, "server_error"))
+    param = None
+    for key, value in exc.trailing_metadata() or ():
+        if key == PARAM_METADATA_KEY:
+            param = value
+    message = exc.details() or exc.code().name
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        message = f"upstream service unavailable: {message}"
+    return status, ErrorBody(message=message, type=type_, param=param, code=exc.code().name.lower())
+
+
+def sse_error(status: int, body: ErrorBody) -> str:
+    """An error inside a stream whose 200 headers are already sent (as vLLM and OpenAI do)."""
+    return f"data: {json.dumps({'error': {**body.model_dump(), 'status': status}})}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object", None
+    return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
+
+
+def install_error_handlers(app) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(RlhfError)
+    async def on_domain(request: Request, exc: RlhfError):
+        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param)
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def on_grpc(request: Request, exc: grpc.aio.AioRpcError):
+        status, body = error_from_grpc(exc)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_response(status, body.message, body.type, body.param, body.code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        metrics.UNHANDLED.inc()
+        return error_response(500, "internal server error", "server_error")

@@ -1,0 +1,101 @@
+"""The `rlhf` command: run the loop, bootstrap models, run one service, regenerate stubs.
+
+    rlhf up                     # broker (embedded if none configured) + every service
+    rlhf bootstrap [--model D]  # publish the first policy (default small model, or a HF directory)
+    rlhf serve inference        # one service in the foreground
+    rlhf config [service]       # every environment variable, its default and meaning
+    rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import sys
+from pathlib import Path
+
+from shared.config import ConfigError, load_config
+from shared.logging import setup_logging
+
+SERVICES = {
+    "inference": "services.inference.config:InferenceConfig",
+    "gateway": "services.gateway.config:GatewayConfig",
+}
+
+
+def _config_class(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shared.launcher import UpConfig, run_up
+
+    setup_logging("up", load_config(UpConfig).log)
+    return run_up()
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from shared.config import ModelStoreConfig
+    from shared.default_model import ensure_default_policy
+    from shared.model_store import ModelStore
+
+    setup_logging("bootstrap")
+    store = ModelStore(load_config(ModelStoreConfig).root)
+    if args.model:
+        manifest = store.publish("policy", Path(args.model), extra={"kind": "imported", "source": str(args.model)})
+        print(f"published {manifest.version} from {args.model}")
+    else:
+        print(f"current policy: {ensure_default_policy(store)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    sys.argv = [f"services.{args.service}"]
+    runpy.run_module(f"services.{args.service}", run_name="__main__", alter_sys=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from shared.config import format_env_table
+
+    names = [args.service] if args.service else list(SERVICES)
+    for name in names:
+        print(f"## {name}\n\n{format_env_table(_config_class(SERVICES[name]))}\n")
+    return 0
+
+
+def cmd_protos(args: argparse.Namespace) -> int:
+    from shared.protogen import main
+
+    main()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF Flywheel: online RLHF serving loop")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole loop on this machine").set_defaults(func=cmd_up)
+    p = sub.add_parser("bootstrap", help="publish the first policy version if the store has none")
+    p.add_argument("--model", help="a Hugging Face model directory (safetensors) to publish instead of the default")
+    p.set_defaults(func=cmd_bootstrap)
+    p = sub.add_parser("serve", help="run one service in the foreground")
+    p.add_argument("service", choices=sorted(SERVICES))
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("config", help="list the environment variables of the services")
+    p.add_argument("service", nargs="?", choices=sorted(SERVICES))
+    p.set_defaults(func=cmd_config)
+    sub.add_parser("protos", help="regenerate the gRPC stubs").set_defaults(func=cmd_protos)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rlhf: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

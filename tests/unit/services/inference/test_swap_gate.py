@@ -1,0 +1,50 @@
+import asyncio
+
+from services.inference.swap_gate import SwapGate
+
+
+def test_swap_waits_for_requests_in_flight_and_holds_new_ones():
+    async def scenario():
+        gate = SwapGate()
+        order: list[str] = []
+        release_first = asyncio.Event()
+
+        async def request(name: str, hold: asyncio.Event | None = None):
+            async with gate.admit():
+                order.append(f"{name} start")
+                if hold:
+                    await hold.wait()
+                order.append(f"{name} end")
+
+        async def swap():
+            async with gate.exclusive():
+                order.append("swap")
+
+        first = asyncio.create_task(request("a", release_first))
+        await asyncio.sleep(0)
+        swapping = asyncio.create_task(swap())
+        await asyncio.sleep(0)
+        late = asyncio.create_task(request("b"))
+        await asyncio.sleep(0.01)
+        assert gate.swapping and gate.in_flight == 1
+        assert order == ["a start"], "neither the swap nor the late request may start while a runs"
+        release_first.set()
+        await asyncio.gather(first, swapping, late)
+        return order
+
+    assert asyncio.run(scenario()) == ["a start", "a end", "swap", "b start", "b end"]
+
+
+def test_swap_with_nothing_in_flight_is_immediate_and_gate_reopens_after_error():
+    async def scenario():
+        gate = SwapGate()
+        try:
+            async with gate.exclusive():
+                raise RuntimeError("reload failed")
+        except RuntimeError:
+            pass
+        assert not gate.swapping
+        async with gate.admit():
+            return gate.in_flight
+
+    assert asyncio.run(scenario()) == 1
