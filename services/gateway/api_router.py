@@ -66,17 +66,19 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
-def create_app(cfg: GatewayConfig, client: InferenceClient | None = None) -> FastAPI:
-    """The gateway's FastAPI app; ``client`` defaults to a channel to cfg.inference_address."""
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    """The gateway's FastAPI app, calling the inference service at cfg.inference_address."""
+    chat = ChatServing()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # gRPC aio channels belong to the loop that creates them: the server's.
+        client = InferenceClient(cfg.inference_address, cfg.request_timeout_s)
+        chat.attach(client)
         yield
-        await app.state.client.close()
+        await client.close()
 
     app = FastAPI(title="RLHF Flywheel gateway", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.client = client or InferenceClient(cfg.inference_address, cfg.request_timeout_s)
-    chat = ChatServing(app.state.client)
     install_error_handlers(app)
 
     @app.middleware("http")

@@ -68,9 +68,18 @@ def _usage(u: common_pb2.Usage) -> Usage:
 
 
 class ChatServing:
-    def __init__(self, client: InferenceClient):
-        self.client = client
+    def __init__(self) -> None:
+        self._client: InferenceClient | None = None
         self._model_name: str | None = None
+
+    def attach(self, client: InferenceClient) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> InferenceClient:
+        if self._client is None:
+            raise RuntimeError("ChatServing used before the app started")
+        return self._client
 
     async def policy(self) -> inference_pb2.PolicyInfo:
         info = await self.client.stub.GetPolicy(inference_pb2.GetPolicyRequest(), timeout=10)
