@@ -17,8 +17,9 @@ filesystem), fsynced, and renamed to the version name in one step, so a reader n
 half-written version. Weights must be safetensors: pickle-based formats can run code when loaded.
 
     store = ModelStore(Path("var/models"))
-    manifest = store.publish("policy", out_dir, parent="policy-0001", metrics={"reward": 0.4})
-    state = load_safetensors_state_dict(store.path(store.verify(manifest.version).version))
+    version = store.publish("policy", out_dir, parent="policy-0001", metrics={"reward": 0.4}).version
+    store.verify(version)                                   # on the reading side, before loading
+    state = load_safetensors_state_dict(store.path(version))
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -222,6 +223,8 @@ class ModelStore:
         """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest."""
         _check_line(line)
         src_dir = Path(src_dir)
+        if not src_dir.is_dir():
+            raise PublishRefusedError(f"refusing to publish {src_dir}: not a directory")
         src_files = _relative_files(src_dir)
         problem = _weight_format_problem(src_files) or (
             f"{MANIFEST_NAME} is reserved for the store" if MANIFEST_NAME in src_files else None
@@ -315,6 +318,9 @@ class ModelStore:
 
 def load_safetensors_state_dict(version_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of the ``*.safetensors`` files in ``version_dir`` (never unpickles anything)."""
+    # Imported here so services that only list, verify or publish versions need no torch.
+    from safetensors.torch import load_file
+
     paths = sorted(Path(version_dir).glob("*.safetensors"))
     if not paths:
         raise ModelStoreError(f"no *.safetensors file in {version_dir}")
