@@ -299,6 +299,8 @@ class KafkaConfig(ConfigBase):
             out.append("RLHF_KAFKA_TOPIC_PARTITIONS must be at least 1")
         if self.replication_factor < 1:
             out.append("RLHF_KAFKA_REPLICATION_FACTOR must be at least 1")
+        if self.delivery_timeout_s * 1000 <= self.request_timeout_ms + 10:
+            out.append("RLHF_KAFKA_DELIVERY_TIMEOUT_S must exceed RLHF_KAFKA_REQUEST_TIMEOUT_MS (plus linger)")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             out.append("RLHF_KAFKA_HEARTBEAT_INTERVAL_MS must be at most a third of RLHF_KAFKA_SESSION_TIMEOUT_MS")
         return out

@@ -31,7 +31,7 @@ def start_broker(port: int | None = None) -> Broker:
     broker = EmbeddedBroker(port=port).start()
     # Low group timeouts: a fresh consumer group gets its partitions in seconds, not tens of seconds.
     kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, delivery_timeout_s=5.0, request_timeout_ms=5000)
+                        heartbeat_interval_ms=1000, delivery_timeout_s=5.0, request_timeout_ms=3000)
     ensure_topics(kafka)
     return Broker(broker, kafka)
 

@@ -31,6 +31,10 @@ def configure_vllm_environment(cfg: InferenceConfig) -> None:
     """vLLM reads these from the environment of the engine process it spawns."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    if cfg.worker_in_engine_process and cfg.tensor_parallel_size == 1:
+        # AsyncLLM still runs its engine core in a process of its own; this only lets vLLM's CPU
+        # platform keep the model worker in that process ("uni" executor) instead of a third one.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # Our own /metrics replaces vLLM's periodic stats lines.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -39,6 +43,7 @@ class VllmEngine:
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
         self._llm = None
+        self._single_process = cfg.worker_in_engine_process and cfg.tensor_parallel_size == 1
 
     async def start(self, model_dir: Path) -> None:
         configure_vllm_environment(self.cfg)
@@ -57,6 +62,8 @@ class VllmEngine:
             load_format="safetensors",
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             tensor_parallel_size=self.cfg.tensor_parallel_size,
+            distributed_executor_backend="uni" if self._single_process else None,
+            enforce_eager=self.cfg.enforce_eager,
             disable_log_stats=True,
         )
         self._llm = AsyncLLM.from_engine_args(args)

@@ -15,18 +15,21 @@ def client_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
         "bootstrap_servers": cfg.servers,
         "client_id": f"{cfg.client_id}-{service}",
         "request_timeout_ms": cfg.request_timeout_ms,
+        # Constructing a client with the broker down fails after this long instead of 30 s.
+        "bootstrap_timeout_ms": cfg.request_timeout_ms,
     }
 
 
 def producer_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
     return {
         **client_kwargs(cfg, service),
-        # Every acknowledged record is on all in-sync replicas.
+        # Every acknowledged record is on all in-sync replicas. kafka-python's idempotent producer
+        # (its default) retries internally without duplicates or reordering.
         "acks": "all",
-        "retries": 5,
-        "retry_backoff_ms": 200,
-        # Keep order under retries.
-        "max_in_flight_requests_per_connection": 1,
+        "enable_idempotence": True,
+        # A record not acknowledged by then fails its future, so a caller's retry never races a
+        # copy still queued inside the producer.
+        "delivery_timeout_ms": int(cfg.delivery_timeout_s * 1000),
         "linger_ms": 2,
         # Fail fast to our own retry loop rather than blocking a caller for a minute.
         "max_block_ms": 5000,

@@ -97,7 +97,10 @@ class EventPublisher:
         if not flushed:
             log_event(log, "closing with unacknowledged events", level=40, count=left)
         if self._producer is not None:
-            self._producer.close(timeout=2)
+            try:
+                self._producer.close(timeout=2)
+            except Exception as exc:  # noqa: BLE001 - unsent records are already reported above
+                log_event(log, "producer close failed", level=30, error=str(exc))
 
     # --- background thread ---------------------------------------------------------------------
 
@@ -126,16 +129,14 @@ class EventPublisher:
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(**producer_kwargs(self.cfg, self.service))
-            self._producer.send(item.topic, key=item.key, value=item.value).get(timeout=self.cfg.delivery_timeout_s)
-        except (KafkaError, OSError, ValueError) as exc:
+            future = self._producer.send(item.topic, key=item.key, value=item.value)
+            # The producer fails the future itself at delivery_timeout; the margin only guards a hang.
+            future.get(timeout=self.cfg.delivery_timeout_s + 5)
+        except Exception as exc:  # noqa: BLE001 - this thread must outlive any client error
             PUBLISH_FAILURES.labels(item.topic).inc()
             if item.attempts == 1 or item.attempts % 20 == 0:
                 log_event(log, "publish failed; will retry", level=30, topic=item.topic,
                           attempts=item.attempts, error=f"{type(exc).__name__}: {exc}")
-            if self._producer is not None and not self._producer.bootstrap_connected():
-                # A producer that never reached the broker may hold stale metadata; start afresh.
-                self._producer.close(timeout=0)
-                self._producer = None
             return False
         EVENTS_PUBLISHED.labels(item.topic).inc()
         if item.attempts > 1:
@@ -155,7 +156,7 @@ class SyncPublisher:
         env = envelope.wrap(payload, self.service)
         try:
             self._producer.send(topic, key=key.encode() if key else None,
-                                value=envelope.encode(env)).get(timeout=self.cfg.delivery_timeout_s)
+                                value=envelope.encode(env)).get(timeout=self.cfg.delivery_timeout_s + 5)
         except KafkaError:
             PUBLISH_FAILURES.labels(topic).inc()
             raise
