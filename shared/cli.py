@@ -21,6 +21,7 @@ from shared.logging import setup_logging
 SERVICES = {
     "inference": "services.inference.config:InferenceConfig",
     "gateway": "services.gateway.config:GatewayConfig",
+    "feedback": "services.feedback.config:FeedbackConfig",
 }
 
 

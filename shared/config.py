@@ -317,6 +317,27 @@ class ModelStoreConfig(ConfigBase):
 
 
 @dataclass(frozen=True)
+class FeedbackTokenConfig(ConfigBase):
+    """The HMAC key behind feedback tokens: the gateway signs them, the feedback service verifies them."""
+
+    ENV_PREFIX: ClassVar[str] = "RLHF_FEEDBACK_TOKEN_"
+
+    secret: str = ""
+    """HMAC-SHA256 key (at least 16 characters). `rlhf up` makes a random one per run when unset, so
+    tokens then stay valid only until it stops; on Kubernetes it comes from a Secret."""
+    ttl_s: int = 7 * 24 * 3600
+    """How long after serving a response it may still be rated, in seconds."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.secret and len(self.secret) < 16:
+            out.append("RLHF_FEEDBACK_TOKEN_SECRET must be at least 16 characters")
+        if self.ttl_s < 1:
+            out.append("RLHF_FEEDBACK_TOKEN_TTL_S must be positive")
+        return out
+
+
+@dataclass(frozen=True)
 class ServiceConfig(ConfigBase):
     """Settings every service has; each service's config extends this."""
 

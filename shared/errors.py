@@ -37,6 +37,14 @@ class NotFound(RlhfError):
     openai_type = "invalid_request_error"
 
 
+class PermissionDenied(RlhfError):
+    """The caller may not do this (e.g. a forged or expired feedback token)."""
+
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+    openai_type = "invalid_request_error"
+
+
 class PayloadTooLarge(RlhfError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 413

@@ -77,3 +77,59 @@ class RewardModelEvent:
     manifest_sha256: str
     parent: str | None = None
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RatedResponse:
+    """One response a rating is about, as the server vouches for it (from its signed token)."""
+
+    response_id: str
+    policy_version: str
+    prompt_hash: str
+
+
+@event("feedback", 1)
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """An accepted rating (topic rlhf.feedback, key user_id).
+
+    A user's later rating of the same target (same kind, same responses) supersedes the earlier
+    one: it carries revision + 1 and ``supersedes`` = the earlier feedback_id. Readers keep only the
+    highest revision per (user_id, target). ``feedback_id`` is derived from the user and the
+    idempotency key, so a record written twice (a retry after a lost acknowledgement) has one id.
+    """
+
+    feedback_id: str
+    kind: str
+    """"thumb", "likert", "pairwise" or "ranking"."""
+    user_id: str
+    target: str
+    """Identity of what is rated: kind plus the sorted response ids."""
+    revision: int
+    supersedes: str | None
+    responses: list[RatedResponse]
+    """The rated responses in the rating's order: for a ranking best first, for pairwise (a, b)."""
+    thumb: str | None = None
+    """"up" or "down" (kind thumb)."""
+    score: int | None = None
+    """1 to 7 (kind likert)."""
+    preferred: str | None = None
+    """"a", "b" or "tie" (kind pairwise)."""
+    comment: str = ""
+    tags: list[str] = field(default_factory=list)
+    idempotency_key: str = ""
+    received_at: float = 0.0
+
+
+@event("feedback-rejected", 1)
+@dataclass(frozen=True)
+class RejectedFeedbackEvent:
+    """A refused rating and why (topic rlhf.feedback.dlq); never read by the learning services."""
+
+    reason: str
+    param: str | None
+    raw: str
+    """The submission as received (JSON text or the protobuf's text form), cut to 8 KiB."""
+    source: str
+    """"http" (refused by the gateway before parsing) or "grpc"."""
+    received_at: float

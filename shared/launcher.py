@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.feedback.config import FeedbackConfig
 from services.gateway.config import GatewayConfig
 from services.inference.config import InferenceConfig
 from shared.config import ConfigBase, KafkaConfig, LoggingConfig, ModelStoreConfig, load_config
@@ -100,14 +102,22 @@ class Stack:
             kafka = dataclasses.replace(kafka, bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(kafka)
         self._ensure_policy()
+        # One machine, one run: a fresh token key unless one is configured (tokens then expire with the run).
+        self.environ.setdefault("RLHF_FEEDBACK_TOKEN_SECRET", secrets.token_urlsafe(32))
         inference = load_config(InferenceConfig, self.environ)
+        feedback = load_config(FeedbackConfig, self.environ)
+        self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", f"{inference.host}:{inference.grpc_port}")
+        self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", f"{feedback.host}:{feedback.grpc_port}")
         gateway = load_config(GatewayConfig, self.environ)
         gateway_url = f"http://{gateway.host}:{gateway.port}"
         planned = [
             ServiceProcess("inference", "services.inference", grpc_serving(f"{inference.host}:{inference.grpc_port}"),
                            {"gRPC": f"{inference.host}:{inference.grpc_port}"}),
+            ServiceProcess("feedback", "services.feedback", grpc_serving(f"{feedback.host}:{feedback.grpc_port}"),
+                           {"gRPC": f"{feedback.host}:{feedback.grpc_port}"}),
             ServiceProcess("gateway", "services.gateway", http_ok(f"{gateway_url}/healthz"),
-                           {"chat page": f"{gateway_url}/", "OpenAI API": f"{gateway_url}/v1"}),
+                           {"chat page": f"{gateway_url}/", "OpenAI API": f"{gateway_url}/v1",
+                            "feedback": f"{gateway_url}/v1/feedback"}),
         ]
         for svc in planned:
             self._spawn(svc)

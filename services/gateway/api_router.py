@@ -15,8 +15,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_response, install_error_handlers
-from services.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, ModelList
-from services.gateway.serving import ChatServing, InferenceClient
+from services.gateway.feedback_serving import FeedbackClient, FeedbackForwarding
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    ModelList,
+)
+from services.gateway.serving import ChatServing, FeedbackTokens, InferenceClient
 
 STATIC = Path(__file__).parent / "static"
 
@@ -68,15 +76,20 @@ class BodySizeLimit:
 
 def create_app(cfg: GatewayConfig) -> FastAPI:
     """The gateway's FastAPI app, calling the inference service at cfg.inference_address."""
-    chat = ChatServing()
+    chat = ChatServing(FeedbackTokens(cfg.token))
+    feedback = FeedbackForwarding()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # gRPC aio channels belong to the loop that creates them: the server's.
         client = InferenceClient(cfg.inference_address, cfg.request_timeout_s)
         chat.attach(client)
+        feedback_client = FeedbackClient(cfg.feedback_address) if cfg.feedback_address else None
+        feedback.attach(feedback_client)
         yield
         await client.close()
+        if feedback_client:
+            await feedback_client.close()
 
     app = FastAPI(title="RLHF Flywheel gateway", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
@@ -103,6 +116,14 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await chat.complete(body)
+
+    @app.post("/v1/feedback", response_model=FeedbackResponse,
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": FeedbackRequest.model_json_schema()}}}},
+              responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def submit_feedback(request: Request):
+        # The raw body, not a parsed model: a body that does not parse still goes to the dead-letter topic.
+        return await feedback.submit(await request.body(), request.headers.get("idempotency-key"))
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():

@@ -104,6 +104,8 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
     response_id: str
     """Id of this completion: rate it through the feedback endpoint."""
+    feedback_token: str | None = None
+    """Signed proof that this response was served; send it with a rating of it."""
 
 
 class Usage(BaseModel):
@@ -136,6 +138,8 @@ class ChunkChoice(BaseModel):
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
     response_id: str
+    feedback_token: str | None = None
+    """On each choice's first chunk."""
 
 
 class ChatCompletionChunk(BaseModel):
@@ -146,6 +150,42 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     policy_version: str
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: one rating. Which fields apply depends on ``type``:
+
+    - thumb: ``response_id``, ``thumb`` ("up" | "down")
+    - likert: ``response_id``, ``score`` (1-7)
+    - pairwise: ``response_ids`` [a, b], ``preferred`` ("a" | "b" | "tie")
+    - ranking: ``response_ids`` (2-9, best first)
+
+    Always ``feedback_tokens`` (the token of every rated response) and ``user``; optionally
+    ``comment``, ``tags`` and ``idempotency_key`` (or the Idempotency-Key header). Values are
+    checked by the feedback service; here only the shape.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    user: str
+    feedback_tokens: list[str]
+    response_id: str | None = None
+    response_ids: list[str] | None = None
+    thumb: str | None = None
+    score: StrictInt | None = None
+    preferred: str | None = None
+    comment: str = ""
+    tags: list[str] = Field(default_factory=list)
+    idempotency_key: str = ""
+
+
+class FeedbackResponse(BaseModel):
+    object: Literal["feedback"] = "feedback"
+    feedback_id: str
+    revision: int
+    duplicate: bool
+    """True when nothing new was stored (a retry, or the same vote again)."""
 
 
 class ModelCard(BaseModel):

@@ -27,7 +27,9 @@ from services.gateway.protocol import (
     TokenLogprob,
     Usage,
 )
+from shared.config import FeedbackTokenConfig
 from shared.errors import NotFound
+from shared.feedback_token import TokenClaims, prompt_hash, sign
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 
@@ -67,8 +69,25 @@ def _usage(u: common_pb2.Usage) -> Usage:
     return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 
 
+class FeedbackTokens:
+    """Signs each served response's feedback token (HMAC over response_id, policy_version, prompt, expiry)."""
+
+    def __init__(self, cfg: FeedbackTokenConfig):
+        self.cfg = cfg
+
+    def for_request(self, req: ChatCompletionRequest):
+        """A signer for the responses to this request, or a no-op when feedback is off."""
+        if not self.cfg.secret:
+            return lambda response_id, policy_version: None
+        ph = prompt_hash((m.canonical_role(), m.text()) for m in req.messages)
+        expires = int(time.time()) + self.cfg.ttl_s
+        return lambda response_id, policy_version: sign(
+            self.cfg.secret, TokenClaims(response_id, policy_version, ph, expires))
+
+
 class ChatServing:
-    def __init__(self) -> None:
+    def __init__(self, tokens: FeedbackTokens) -> None:
+        self.tokens = tokens
         self._client: InferenceClient | None = None
         self._model_name: str | None = None
 
@@ -108,9 +127,11 @@ class ChatServing:
     async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         await self.check_model(req.model)
         r = await self.client.stub.Generate(to_generate_request(req), timeout=self.client.timeout_s)
+        token = self.tokens.for_request(req)
         choices = [
             Choice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
-                   logprobs=_logprobs(c.tokens, c.logprobs) if req.logprobs else None, response_id=c.response_id)
+                   logprobs=_logprobs(c.tokens, c.logprobs) if req.logprobs else None, response_id=c.response_id,
+                   feedback_token=token(c.response_id, r.policy_version))
             for c in r.completions
         ]
         return ChatCompletionResponse(id=f"chatcmpl-{r.request_id}", model=r.model, choices=choices,
@@ -133,6 +154,7 @@ class ChatServing:
         created = int(time.time())
         chat_id = f"chatcmpl-{first.request_id or uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        token = self.tokens.for_request(req)
         started: set[int] = set()
         chunk = first
         try:
@@ -143,12 +165,13 @@ class ChatServing:
                                                        usage=_usage(chunk.usage), policy_version=chunk.policy_version))
                 elif chunk.text or chunk.finish_reason or chunk.index not in started:
                     delta = DeltaMessage(content=chunk.text)
-                    if chunk.index not in started:
-                        delta.role = "assistant"
-                        started.add(chunk.index)
                     choice = ChunkChoice(index=chunk.index, delta=delta, finish_reason=chunk.finish_reason or None,
                                          logprobs=_logprobs(chunk.tokens, chunk.logprobs) if req.logprobs else None,
                                          response_id=chunk.response_id)
+                    if chunk.index not in started:
+                        delta.role = "assistant"
+                        choice.feedback_token = token(chunk.response_id, chunk.policy_version)
+                        started.add(chunk.index)
                     yield _sse(ChatCompletionChunk(id=chat_id, created=created, model=chunk.model, choices=[choice],
                                                    policy_version=chunk.policy_version))
                 try:

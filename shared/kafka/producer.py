@@ -165,3 +165,60 @@ class SyncPublisher:
 
     def close(self) -> None:
         self._producer.close(timeout=5)
+
+
+class AsyncPublisher:
+    """Publishes from asyncio code and awaits Kafka's acks=all acknowledgement.
+
+    ``publish`` appends to kafka-python's producer (which batches concurrent records into one
+    request) and resolves when the broker acknowledges; it raises when the record cannot be
+    delivered within the delivery timeout. No thread is held per call.
+    """
+
+    def __init__(self, cfg: KafkaConfig, service: str):
+        self.cfg = cfg
+        self.service = service
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+
+    def _get_producer(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = KafkaProducer(**producer_kwargs(self.cfg, self.service))
+            return self._producer
+
+    async def publish(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
+        import asyncio
+
+        env = envelope.wrap(payload, self.service)
+        value = envelope.encode(env)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def settle(result: Any = None, error: BaseException | None = None) -> None:
+            if not done.done():
+                done.set_exception(error) if error else done.set_result(result)
+
+        try:
+            # Creating the producer or fetching metadata may block (bounded by max_block_ms): off the loop.
+            future = await asyncio.to_thread(
+                lambda: self._get_producer().send(topic, key=key.encode() if key else None, value=value))
+        except Exception:
+            PUBLISH_FAILURES.labels(topic).inc()
+            raise
+        future.add_callback(lambda md: loop.call_soon_threadsafe(settle, md))
+        future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, None, exc))
+        try:
+            await asyncio.wait_for(done, self.cfg.delivery_timeout_s + 5)
+        except Exception:
+            PUBLISH_FAILURES.labels(topic).inc()
+            raise
+        EVENTS_PUBLISHED.labels(topic).inc()
+        return env
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                log_event(log, "producer close failed", level=30, error=str(exc))

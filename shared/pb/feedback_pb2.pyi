@@ -79,3 +79,17 @@ class SubmitFeedbackResponse(_message.Message):
     revision: int
     duplicate: bool
     def __init__(self, feedback_id: _Optional[str] = ..., revision: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class RejectFeedbackRequest(_message.Message):
+    __slots__ = ("raw", "reason", "param")
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    raw: str
+    reason: str
+    param: str
+    def __init__(self, raw: _Optional[str] = ..., reason: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
+
+class RejectFeedbackResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -39,13 +39,25 @@ class FeedbackServiceStub:
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
                 _registered_method=True)
+        self.RejectFeedback = channel.unary_unary(
+                '/rlhf.v1.FeedbackService/RejectFeedback',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SubmitFeedback(self, request, context):
-        """Record one rating. OK means it is acknowledged by Kafka (acks=all) on `rlhf.feedback`.
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectFeedback(self, request, context):
+        """Record a submission refused before it could be parsed (malformed JSON, wrong types) on the
+        dead-letter topic. Best effort: returns at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +70,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.SubmitFeedback,
                     request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'RejectFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectFeedback,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class FeedbackService:
             '/rlhf.v1.FeedbackService/SubmitFeedback',
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.FeedbackService/RejectFeedback',
+            rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

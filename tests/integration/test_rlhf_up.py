@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -40,14 +41,16 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         "RLHF_UP_BROKER_PORT": "0",
         "RLHF_GATEWAY_PORT": str(gateway_port),
         "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
-        "RLHF_GATEWAY_INFERENCE_ADDRESS": "",  # set below from the inference port
+        "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+        "RLHF_FEEDBACK_METRICS_PORT": "0",
         "RLHF_INFERENCE_METRICS_PORT": "0",
         "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
         "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
         "RLHF_INFERENCE_DEFAULT_MAX_TOKENS": "16",
     }
-    env["RLHF_GATEWAY_INFERENCE_ADDRESS"] = f"127.0.0.1:{env['RLHF_INFERENCE_GRPC_PORT']}"
-    env.pop("RLHF_KAFKA_BOOTSTRAP_SERVERS", None)
+    for inherited in ("RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_GATEWAY_INFERENCE_ADDRESS", "RLHF_GATEWAY_FEEDBACK_ADDRESS",
+                      "RLHF_FEEDBACK_TOKEN_SECRET"):
+        env.pop(inherited, None)
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -60,11 +63,18 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         assert resp.model_extra["policy_version"] == "policy-0001"
         assert resp.choices[0].model_extra["response_id"]
         assert (tmp_path / "models" / "policy-0001" / "manifest.json").is_file()
+        choice = resp.choices[0]
+        rating = httpx.post(f"http://127.0.0.1:{gateway_port}/v1/feedback", json={
+            "type": "thumb", "response_id": choice.model_extra["response_id"], "thumb": "up", "user": "u1",
+            "feedback_tokens": [choice.model_extra["feedback_token"]]}, timeout=30)
+        assert rating.status_code == 200, rating.text
+        assert rating.json()["revision"] == 1
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         rest = proc.stdout.read().decode(errors="replace")
-        assert "service stopped  service=gateway" in rest and "service stopped  service=inference" in rest
+        for name in ("gateway", "feedback", "inference"):
+            assert f"service stopped  service={name}" in rest
         with pytest.raises(ProcessLookupError):
             os.killpg(proc.pid, 0)  # no process of the group is left behind
     finally:

@@ -296,7 +296,14 @@ def test_gateway_reaches_the_inference_service(config):
     svc = one(docs, "Service", host)
     assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "inference"
     assert int(port) in {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"}
-    assert "RLHF_GATEWAY_FEEDBACK_ADDRESS" not in env  # off until GatewayConfig reads it
+    assert env["RLHF_FEEDBACK_TOKEN_SECRET"], "the gateway signs feedback tokens with the shared key"
+
+
+def test_gateway_without_feedback_gets_neither_address_nor_key():
+    docs = documents(render({"gateway": {"wireFeedback": False}}))
+    env = container_environ(docs, main_container(deployment(docs, "gateway")))
+    assert "RLHF_GATEWAY_FEEDBACK_ADDRESS" not in env and "RLHF_FEEDBACK_TOKEN_SECRET" not in env
+    load_config(config_class("gateway"), env)
 
 
 def test_gateway_feedback_address_when_wired():
@@ -307,10 +314,7 @@ def test_gateway_feedback_address_when_wired():
     svc = one(docs, "Service", host)
     assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "feedback"
     assert int(port) == svc["spec"]["ports"][0]["port"]
-    cls = config_class("gateway")
-    if "RLHF_GATEWAY_FEEDBACK_ADDRESS" not in {v.name for v in env_vars(cls)}:
-        pytest.skip("GatewayConfig does not read RLHF_GATEWAY_FEEDBACK_ADDRESS yet (keep gateway.wireFeedback off)")
-    load_config(cls, env)
+    assert load_config(config_class("gateway"), env).feedback_address == env["RLHF_GATEWAY_FEEDBACK_ADDRESS"]
 
 
 def test_every_chart_component_is_a_known_service():

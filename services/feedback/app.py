@@ -1,0 +1,53 @@
+"""Wiring of the feedback service: config -> Kafka publishers, ledger -> gRPC server.
+
+``FeedbackApp`` is what ``python -m services.feedback`` runs and what the tests start in-process.
+Health turns SERVING only after the ledger has read rlhf.feedback to its end, so that retries and
+vote changes from before a restart are recognised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from services.feedback.config import FeedbackConfig
+from services.feedback.ledger import FeedbackLedger, LedgerFollower
+from services.feedback.serving import FeedbackServing
+from services.feedback.servicer import FeedbackServicer
+from shared.grpc_server import GrpcServer
+from shared.kafka.producer import AsyncPublisher, EventPublisher
+from shared.pb import feedback_pb2_grpc
+
+
+class FeedbackApp:
+    def __init__(self, cfg: FeedbackConfig):
+        self.cfg = cfg
+        self.ledger = FeedbackLedger()
+        self.publisher = AsyncPublisher(cfg.kafka, "feedback")
+        self.dlq = EventPublisher(cfg.kafka, "feedback")
+        self.serving = FeedbackServing(cfg, self.publisher, self.dlq, self.ledger)
+        self.server = GrpcServer("FeedbackService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.serving), self.server.server)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        await self.server.start()
+        follower = await asyncio.to_thread(LedgerFollower, self.cfg.kafka, self.ledger)
+        self._thread = threading.Thread(target=follower.run, args=(self._stop,), name="feedback-ledger", daemon=True)
+        self._thread.start()
+        while not follower.caught_up.is_set():
+            await asyncio.sleep(0.05)
+        await self.server.set_serving()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        self._stop.set()
+        if self._thread:
+            await asyncio.to_thread(self._thread.join, 5)
+        await asyncio.to_thread(self.dlq.close, 10)
+        await asyncio.to_thread(self.publisher.close)

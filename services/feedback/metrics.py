@@ -1,0 +1,11 @@
+"""Prometheus metrics of the feedback service."""
+
+from prometheus_client import Counter, Histogram
+
+ACCEPTED = Counter("rlhf_feedback_accepted_total", "Ratings acknowledged by Kafka", ["kind"])
+DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Submissions that changed nothing (retries, same vote)")
+SUPERSEDED = Counter("rlhf_feedback_superseding_total", "Ratings that replaced a user's earlier vote")
+REJECTED = Counter("rlhf_feedback_rejected_total", "Refused submissions", ["reason"])
+UNAVAILABLE = Counter("rlhf_feedback_unavailable_total", "Submissions refused because Kafka did not acknowledge")
+ACK_SECONDS = Histogram("rlhf_feedback_ack_seconds", "From a valid submission to Kafka's acknowledgement",
+                        buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))

@@ -1,0 +1,42 @@
+"""Domain objects of the feedback service, independent of gRPC and Kafka."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KINDS = ("thumb", "likert", "pairwise", "ranking")
+TAGS = ("hallucination", "harmful", "ignores_instruction", "wrong_language", "unhelpful", "inappropriate")
+THUMBS = ("up", "down")
+PREFERENCES = ("a", "b", "tie")
+MIN_RANKED, MAX_RANKED = 2, 9
+MAX_TAGS = len(TAGS)
+MAX_ID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One rating as a client submitted it, before any check."""
+
+    kind: str
+    response_ids: list[str]
+    """The rated responses in the rating's order (ranking: best first; pairwise: a, b)."""
+    feedback_tokens: list[str]
+    user_id: str
+    thumb: str | None = None
+    score: int | None = None
+    preferred: str | None = None
+    comment: str = ""
+    tags: list[str] = field(default_factory=list)
+    idempotency_key: str = ""
+
+    @property
+    def target(self) -> str:
+        """What is being rated, independent of the verdict: a newer vote on it supersedes."""
+        return f"{self.kind}:{','.join(sorted(self.response_ids))}"
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    feedback_id: str
+    revision: int
+    duplicate: bool

@@ -1,0 +1,74 @@
+"""Signed feedback tokens: proof that a response was served, so that nobody rates an answer the
+service never gave, and the rated response's policy_version comes from the server, not the client.
+
+A token is ``base64url(claims JSON) + "." + base64url(HMAC-SHA256(secret, claims JSON))`` with the
+claims ``rid`` (response_id), ``pv`` (policy_version), ``ph`` (hash of the prompt's messages) and
+``exp`` (expiry, unix seconds). The gateway signs one per served completion; the feedback service
+verifies it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class InvalidToken(ValueError):
+    """A token that is malformed, forged, or expired; the message says which."""
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    response_id: str
+    policy_version: str
+    prompt_hash: str
+    expires_at: int
+
+
+def prompt_hash(messages: Iterable[tuple[str, str]]) -> str:
+    """A stable hash of a conversation given as (role, content) pairs: same prompt, same hash."""
+    canonical = json.dumps([[role, content] for role, content in messages], ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(secret: str, claims: TokenClaims) -> str:
+    body = json.dumps({"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash,
+                       "exp": claims.expires_at}, separators=(",", ":")).encode()
+    mac = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    return f"{_b64(body)}.{_b64(mac)}"
+
+
+def verify(secret: str, token: str, now: float | None = None) -> TokenClaims:
+    """The claims of a valid token; raises InvalidToken for anything else."""
+    if not isinstance(token, str) or token.count(".") != 1 or len(token) > 1024:
+        raise InvalidToken("malformed feedback token")
+    body_part, mac_part = token.split(".")
+    try:
+        body, mac = _unb64(body_part), _unb64(mac_part)
+    except (ValueError, TypeError):
+        raise InvalidToken("malformed feedback token") from None
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise InvalidToken("feedback token signature does not match (forged or from another server)")
+    try:
+        doc = json.loads(body)
+        claims = TokenClaims(str(doc["rid"]), str(doc["pv"]), str(doc["ph"]), int(doc["exp"]))
+    except (ValueError, KeyError, TypeError):
+        raise InvalidToken("malformed feedback token claims") from None
+    if claims.expires_at < (time.time() if now is None else now):
+        raise InvalidToken(f"feedback token for {claims.response_id} has expired")
+    return claims
