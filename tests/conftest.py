@@ -111,6 +111,34 @@ class LoopThread:
         self.thread.join(5)
 
 
+TEST_TOKEN_SECRET = "test-feedback-token-secret-0123456789"
+
+
+def start_feedback(loop: LoopThread, kafka: KafkaConfig, **overrides):
+    """A FeedbackApp (real gRPC server on loopback, real Kafka) running on ``loop``."""
+    from services.feedback.app import FeedbackApp
+    from services.feedback.config import FeedbackConfig
+    from shared.config import FeedbackTokenConfig, load_config
+
+    cfg = load_config(FeedbackConfig, {}, grpc_port=0, metrics_port=0, kafka=kafka,
+                      token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET), **overrides)
+
+    async def make():
+        app = FeedbackApp(cfg)
+        await app.start()
+        return app
+
+    return loop.run(make(), timeout=120)
+
+
+def gateway_config(inference_address: str, feedback_address: str = "", **overrides):
+    from services.gateway.config import GatewayConfig
+    from shared.config import FeedbackTokenConfig, load_config
+
+    return load_config(GatewayConfig, {}, inference_address=inference_address, feedback_address=feedback_address,
+                       token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET), **overrides)
+
+
 def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Path, **overrides):
     """An InferenceApp (real vLLM engine, real gRPC server on loopback) running on ``loop``."""
     from services.inference.app import InferenceApp

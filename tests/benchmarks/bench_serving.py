@@ -46,10 +46,12 @@ import psutil  # noqa: E402
 
 MODEL_NAME = "rlhf-policy"
 SERVERS = ("ours", "vllm", "naive")
+DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference)"
 LABELS = {
     "ours": "(a) ours: gateway -> gRPC -> inference (vLLM)",
     "vllm": "(b) vLLM OpenAI api_server",
     "naive": "(c) naive transformers generate",
+    "ours-grpc": DIAG_LABEL,
 }
 
 
@@ -104,7 +106,7 @@ class RequestResult:
         return None if self.t_first is None else self.t_first - self.t_send
 
 
-async def run_one(client, req: ChatRequest, client_no: int, keep_chunks: bool) -> RequestResult:
+async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool) -> RequestResult:
     r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
     r.t_send = time.monotonic()
     try:
@@ -141,16 +143,75 @@ async def run_one(client, req: ChatRequest, client_no: int, keep_chunks: bool) -
     return r
 
 
-def make_client(base_url: str, concurrency: int):
-    import httpx
-    import openai
+async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) -> RequestResult:
+    """The same request sent straight to the inference service's GenerateStream (no gateway)."""
+    from shared.pb import common_pb2, inference_pb2
 
-    limits = httpx.Limits(max_connections=max(concurrency * 2, 16), max_keepalive_connections=max(concurrency * 2, 16))
-    return openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600,
-                              http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=600))
+    r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
+    r.t_send = time.monotonic()
+    try:
+        call = stub.GenerateStream(inference_pb2.GenerateRequest(
+            messages=[common_pb2.ChatMessage(role="user", content=req.content)],
+            sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=req.max_tokens, n=1), source="user"),
+            timeout=600)
+        parts = []
+        async for chunk in call:
+            now = time.monotonic()
+            if keep_chunks:
+                r.chunk_times.append(now)
+            if chunk.HasField("usage"):
+                r.completion_tokens = chunk.usage.completion_tokens
+            elif chunk.text or chunk.finish_reason:
+                parts.append(chunk.text)
+                if r.t_first is None:
+                    r.t_first = now
+        r.t_end = time.monotonic()
+        r.text = "".join(parts)
+        r.ok = r.completion_tokens > 0
+        if not r.ok:
+            r.error = "no usage chunk"
+    except Exception as exc:  # noqa: BLE001
+        r.t_end = time.monotonic()
+        r.error = f"{type(exc).__name__}: {exc}"[:300]
+    return r
 
 
-async def closed_loop(base_url: str, requests: list[ChatRequest], concurrency: int, tag: str,
+class Target:
+    """Where a closed loop sends its requests: an OpenAI base URL, or grpc://host:port (inference)."""
+
+    def __init__(self, url: str, concurrency: int):
+        self.url = url
+        self.concurrency = concurrency
+
+    async def __aenter__(self):
+        if self.url.startswith("grpc://"):
+            import grpc
+
+            from shared.pb import inference_pb2_grpc
+
+            self._channel = grpc.aio.insecure_channel(self.url.removeprefix("grpc://"))
+            stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+            self.run = lambda req, no, keep: run_grpc(stub, req, no, keep)
+        else:
+            import httpx
+            import openai
+
+            n = max(self.concurrency * 2, 16)
+            self._client = openai.AsyncOpenAI(
+                base_url=self.url, api_key="unused", max_retries=0, timeout=600,
+                http_client=openai.DefaultAsyncHttpxClient(
+                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=600))
+            self.run = lambda req, no, keep: run_openai(self._client, req, no, keep)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.url.startswith("grpc://"):
+            await self._channel.close()
+        else:
+            await self._client.close()
+
+
+async def closed_loop(url: str, requests: list[ChatRequest], concurrency: int, tag: str,
                       keep_chunks: bool = False, stop: asyncio.Event | None = None,
                       time_budget_s: float | None = None) -> tuple[list[RequestResult], float]:
     """``concurrency`` clients send ``requests`` back to back; returns the results and the wall time.
@@ -158,7 +219,13 @@ async def closed_loop(base_url: str, requests: list[ChatRequest], concurrency: i
     With ``stop``, requests are cycled until it is set (hot-swap load). With ``time_budget_s``, no new
     request starts after that many seconds (requests in flight finish).
     """
-    client = make_client(base_url, concurrency)
+    async with Target(url, concurrency) as target:
+        return await _closed_loop(target, requests, concurrency, tag, keep_chunks, stop, time_budget_s)
+
+
+async def _closed_loop(target: Target, requests: list[ChatRequest], concurrency: int, tag: str,
+                       keep_chunks: bool, stop: asyncio.Event | None,
+                       time_budget_s: float | None) -> tuple[list[RequestResult], float]:
     results: list[RequestResult] = []
     cursor = 0
     started = time.monotonic()
@@ -181,7 +248,7 @@ async def closed_loop(base_url: str, requests: list[ChatRequest], concurrency: i
 
     async def worker(no: int) -> None:
         while (req := next_request()) is not None:
-            results.append(await run_one(client, req, no, keep_chunks))
+            results.append(await target.run(req, no, keep_chunks))
 
     async def progress() -> None:
         while True:
@@ -197,7 +264,6 @@ async def closed_loop(base_url: str, requests: list[ChatRequest], concurrency: i
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
     finally:
         ticker.cancel()
-        await client.close()
     return results, time.monotonic() - started
 
 
@@ -369,6 +435,7 @@ class Server:
     settings: dict
     metrics_url: str | None = None
     kafka: str | None = None
+    grpc_url: str | None = None
 
     def tree(self) -> list[psutil.Process]:
         return [p for m in self.procs for p in m.tree()]
@@ -405,7 +472,7 @@ def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs
             wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
             server = Server(name, f"http://127.0.0.1:{port}/v1", procs, 0.0, settings,
                             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                            kafka=f"127.0.0.1:{broker_port}")
+                            kafka=f"127.0.0.1:{broker_port}", grpc_url=f"grpc://127.0.0.1:{grpc_port}")
         elif name == "vllm":
             env = base_env() | vllm_env(s)
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -525,6 +592,9 @@ def current_version(base_url: str) -> str | None:
     return doc["data"][0].get("policy_version")
 
 
+WINDOW_AFTER_S = 2.0
+
+
 def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], before: dict, after: dict,
                   logged: list[dict]) -> dict:
     ok = [r for r in results if r.ok]
@@ -537,8 +607,9 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
                 first_new = t if first_new is None else min(first_new, t)
         s["first_new_chunk"] = first_new
         s["announce_to_first_new_response_s"] = None if first_new is None else first_new - s["announced"]
-    # Windows: from each announcement to 0.25 s after the first chunk from the new version.
-    windows = [(s["announced"], (s["first_new_chunk"] or s["announced"] + 5) + 0.25) for s in swaps]
+    # Swap windows: from each announcement to WINDOW_AFTER_S after the first chunk from the new
+    # version (the requests held by the swap are admitted together and need a moment to settle).
+    windows = [(s["announced"], (s["first_new_chunk"] or s["announced"] + 5) + WINDOW_AFTER_S) for s in swaps]
 
     def in_window(a: float, b: float) -> bool:
         return any(a < w1 and b > w0 for w0, w1 in windows)
@@ -566,6 +637,7 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
         "server_pauses_logged": logged,
         "server_pause_histogram_after": after.get("buckets"),
         "announce_to_first_new_response_s": [s["announce_to_first_new_response_s"] for s in swaps],
+        "swap_window": f"announcement -> first chunk of the new version + {WINDOW_AFTER_S} s",
         "client_max_gap_in_swap_windows_s": max(gaps_in, default=None),
         "client_max_gap_outside_s": max(gaps_out, default=None),
         "client_gap_p99_outside_s": pct(gaps_out, 99),
@@ -579,6 +651,31 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
 
 
 # --- main --------------------------------------------------------------------------------------
+
+
+def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, name: str, entry: dict,
+                  raw: dict, budget_s: float) -> None:
+    """One concurrency level: the figures into ``entry``, per-request results into ``raw``."""
+    log(f"--- {name}: concurrency {c}, {len(reqs)} requests")
+    cpu0 = cpu_by_process(server.tree())
+    client0 = time.process_time()
+    results, wall = asyncio.run(closed_loop(url, reqs, c, f"{name} c={c}", time_budget_s=budget_s))
+    client_cpu = time.process_time() - client0
+    cpu1 = cpu_by_process(server.tree())
+    m = summarise(results, wall, len(reqs))
+    entry["levels"][str(c)] = m
+    entry["process_cpu_s"][str(c)] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()
+                                      if v - cpu0.get(k, 0.0) >= 0.005}
+    entry["client_cpu_s"][str(c)] = round(client_cpu, 2)
+    raw[str(c)] = [
+        {"idx": r.idx, "client": r.client, "ok": r.ok, "error": r.error, "max_tokens": r.max_tokens,
+         "prompt_chars": r.prompt_chars, "t_send": round(r.t_send, 4), "latency_s": round(r.latency, 4),
+         "ttft_s": None if r.ttft is None else round(r.ttft, 4), "completion_tokens": r.completion_tokens,
+         "text": r.text} for r in results]
+    log(f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
+        f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
+        f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, errors {m['errors']}; "
+        f"server cpu s {entry['process_cpu_s'][str(c)]}, client cpu {client_cpu:.1f} s")
 
 
 def machine_info() -> dict:
@@ -618,7 +715,7 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 def print_table(report: dict) -> None:
     servers = report["servers"]
     levels = report["settings"]["concurrency"]
-    head = (f"{'server':<7}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
+    head = (f"{'server':<10}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
             f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/s a/b':>11}{'p99 a/b':>9}")
     print()
     print(head)
@@ -630,15 +727,16 @@ def print_table(report: dict) -> None:
                 continue
             ratio_tok = ratio_p99 = None
             b = servers.get("vllm", {}).get("levels", {}).get(str(c))
-            if name == "ours" and b:
+            if name in ("ours", "ours-grpc") and b:
                 ratio_tok = m["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
                 ratio_p99 = m["latency_p99_s"] / b["latency_p99_s"] if b["latency_p99_s"] else None
             capped = "*" if m["requests_done"] + m["errors"] < m["requests_planned"] else " "
-            print(f"{name:<7}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
+            print(f"{name:<10}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
                   f"{m['requests_per_s']:>8.2f}{fmt(m['latency_p50_s']):>9}{fmt(m['latency_p99_s']):>9}"
                   f"{fmt(m['ttft_p50_s'], '.3f'):>10}{fmt(m['ttft_p99_s'], '.3f'):>10}"
                   f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}")
-    print("(latencies in seconds; * = level stopped by its time budget before all requests were sent)")
+    print("(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
+          " ours-grpc = diagnostic: the same load sent straight to the inference service, no gateway)")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -651,9 +749,9 @@ def plot(report: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, srv in report["servers"].items():
         xs = [c for c in levels if str(c) in srv["levels"]]
-        ax1.plot(xs, [srv["levels"][str(c)]["tokens_per_s"] for c in xs], marker="o", label=LABELS[name])
-        ax2.plot(xs, [srv["levels"][str(c)]["latency_p99_s"] or float("nan") for c in xs], marker="o",
-                 label=LABELS[name])
+        style = dict(marker="o", label=LABELS[name], linestyle=":" if name == "ours-grpc" else "-")
+        ax1.plot(xs, [srv["levels"][str(c)]["tokens_per_s"] for c in xs], **style)
+        ax2.plot(xs, [srv["levels"][str(c)]["latency_p99_s"] or float("nan") for c in xs], **style)
     for ax, title, unit in ((ax1, "throughput", "completion tokens/s"), (ax2, "p99 latency", "seconds")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
@@ -701,6 +799,8 @@ def main() -> int:
                     help="no new request starts after this long in one level (slow servers)")
     ap.add_argument("--swaps", type=int, default=None, help="hot-swaps to measure (default 3; 1 with --quick)")
     ap.add_argument("--swap-concurrency", type=int, default=8)
+    ap.add_argument("--grpc-levels", default="8,64",
+                    help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--kv-cache-gib", type=int, default=1)
@@ -722,6 +822,7 @@ def main() -> int:
         counts = [12, 48, 192][: len(levels)]
     if len(counts) != len(levels):
         ap.error("--requests needs one count per concurrency level")
+    grpc_levels = [int(x) for x in args.grpc_levels.split(",") if x and int(x) in levels]
     swaps_n = args.swaps if args.swaps is not None else (1 if args.quick else 3)
     s = Settings(args.max_model_len, args.max_num_seqs, args.kv_cache_gib)
     max_tokens = tuple(int(x) for x in args.max_tokens.split(","))
@@ -787,27 +888,18 @@ def main() -> int:
                 if not all(r.ok for r in w):
                     raise RuntimeError(f"{name} warm-up failed: {[r.error for r in w if not r.ok]}")
                 for c in levels:
-                    reqs = workloads[c]
-                    log(f"--- {name}: concurrency {c}, {len(reqs)} requests")
-                    cpu0 = cpu_by_process(server.tree())
-                    client0 = time.process_time()
-                    results, wall = asyncio.run(closed_loop(server.base_url, reqs, c, f"{name} c={c}",
-                                                            time_budget_s=args.level_budget_s))
-                    client_cpu = time.process_time() - client0
-                    cpu1 = cpu_by_process(server.tree())
-                    m = summarise(results, wall, len(reqs))
-                    entry["levels"][str(c)] = m
-                    entry["process_cpu_s"][str(c)] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()}
-                    entry["client_cpu_s"][str(c)] = round(client_cpu, 2)
-                    raw[name][str(c)] = [
-                        {"idx": r.idx, "client": r.client, "ok": r.ok, "error": r.error,
-                         "max_tokens": r.max_tokens, "prompt_chars": r.prompt_chars,
-                         "latency_s": round(r.latency, 4), "ttft_s": None if r.ttft is None else round(r.ttft, 4),
-                         "completion_tokens": r.completion_tokens, "text": r.text} for r in results]
-                    log(f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
-                        f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
-                        f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, errors {m['errors']}; "
-                        f"server cpu {entry['process_cpu_s'][str(c)]}, client cpu {client_cpu:.1f} s")
+                    measure_level(server, server.base_url, workloads[c], c, name, entry, raw[name],
+                                  args.level_budget_s)
+                if name == "ours" and grpc_levels:
+                    # Diagnostic: the same load straight to the inference service's gRPC API, to
+                    # split the cost of the gateway hop from the inference service's own.
+                    diag = report["servers"]["ours-grpc"] = {
+                        "label": DIAG_LABEL, "startup_s": None, "settings": {"target": server.grpc_url},
+                        "levels": {}, "process_cpu_s": {}, "client_cpu_s": {}}
+                    raw["ours-grpc"] = {}
+                    for c in grpc_levels:
+                        measure_level(server, server.grpc_url, workloads[c], c, "ours-grpc", diag,
+                                      raw["ours-grpc"], args.level_budget_s)
                 if name == "ours" and swap_versions:
                     log(f"--- ours: hot-swap x{len(swap_versions)} under {args.swap_concurrency} streaming clients")
                     report["hot_swap"] = asyncio.run(hot_swap_run(server, store, swap_versions, swap_load,

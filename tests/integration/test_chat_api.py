@@ -14,38 +14,23 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.gateway.api_router import create_app
-from services.gateway.config import GatewayConfig
-from shared.config import load_config
 from shared.kafka.topics import COMPLETIONS
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.conftest import LoopThread, UvicornThread, consume_events, start_inference, transformers_greedy
+from tests.conftest import consume_events, transformers_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MODEL = "rlhf-policy"
-
-
-@pytest.fixture(scope="module")
-def stack(broker, policy_store):
-    loop = LoopThread()
-    app = start_inference(loop, broker.kafka, policy_store.root)
-    gateway = UvicornThread(create_app(load_config(GatewayConfig, {}, inference_address=app.address,
-                                                   max_body_bytes=64 * 1024)))
-    yield {"app": app, "gateway": gateway, "loop": loop, "store": policy_store, "kafka": broker.kafka}
-    gateway.stop()
-    loop.run(app.stop())
-    loop.close()
+from tests.integration.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack["gateway"].url + "/v1", api_key="unused", max_retries=0)
+    return stack.client()
 
 
 @pytest.fixture(scope="module")
 def grpc_stub(stack):
-    channel = grpc.insecure_channel(stack["app"].address)
+    channel = grpc.insecure_channel(stack.inference.address)
     yield inference_pb2_grpc.InferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
     channel.close()
 
@@ -73,6 +58,7 @@ def test_chat_completion_carries_response_id_and_policy_version(client):
     assert choice.finish_reason in ("stop", "length")
     assert resp.model_extra["policy_version"] == "policy-0001"
     assert choice.model_extra["response_id"].startswith("resp-")
+    assert choice.model_extra["feedback_token"], "every served response carries a signed feedback token"
     assert resp.model_extra["response_id"] == choice.model_extra["response_id"]
     assert 0 < resp.usage.completion_tokens <= 12
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
@@ -84,7 +70,7 @@ def test_greedy_tokens_equal_transformers_greedy(grpc_stub, stack):
         messages=[common_pb2.ChatMessage(role="user", content="How many centimeters are in 3 meters?")],
         sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=20)))
     completion = reply.completions[0]
-    expected = transformers_greedy(stack["store"].store.path("policy-0001"), list(reply.prompt_token_ids), 20)
+    expected = transformers_greedy(stack.store.store.path("policy-0001"), list(reply.prompt_token_ids), 20)
     assert list(completion.token_ids) == expected[: len(completion.token_ids)]
     assert len(completion.token_ids) == len(expected) or completion.finish_reason == "stop"
 
@@ -98,7 +84,7 @@ def test_logprobs_are_the_policy_log_probabilities_of_the_sampled_tokens(client,
     assert len(c.logprobs) == len(c.token_ids) == len(c.tokens) > 0
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(stack["store"].store.path("policy-0001"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(stack.store.store.path("policy-0001"), dtype=torch.float32)
     ids = torch.tensor([list(reply.prompt_token_ids) + list(c.token_ids)])
     with torch.no_grad():
         logits = model(ids).logits[0, len(reply.prompt_token_ids) - 1: -1]
@@ -149,7 +135,7 @@ def test_every_completion_is_published_to_kafka(client, stack):
     resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to three."}],
                                           n=2, max_tokens=8, temperature=0.7)
     ids = {c.model_extra["response_id"]: c for c in resp.choices}
-    events = consume_events(stack["kafka"], COMPLETIONS, lambda e: e.payload.response_id in ids, count=2)
+    events = consume_events(stack.kafka, COMPLETIONS, lambda e: e.payload.response_id in ids, count=2)
     assert {e.payload.response_id for e in events} == set(ids)
     for e in events:
         p = e.payload
@@ -186,8 +172,8 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("name, body, status, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_input_gets_an_openai_error_and_publishes_nothing(stack, name, body, status, param):
     before = published()
-    pending_before = stack["app"].publisher.pending
-    url = stack["gateway"].url + "/v1/chat/completions"
+    pending_before = stack.inference.publisher.pending
+    url = stack.url + "/v1/chat/completions"
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     for stream in (False, True):
         if stream and isinstance(body, dict):
@@ -197,8 +183,8 @@ def test_bad_input_gets_an_openai_error_and_publishes_nothing(stack, name, body,
         err = r.json()["error"]
         assert err["message"] and err["type"] == "invalid_request_error"
         assert err["param"] == param
-    assert stack["app"].publisher.flush(10)
-    assert published() == before and stack["app"].publisher.pending == pending_before
+    assert stack.inference.publisher.flush(10)
+    assert published() == before and stack.inference.publisher.pending == pending_before
 
 
 def test_openai_client_raises_its_own_error_types(client):
@@ -223,12 +209,12 @@ def test_grpc_bad_argument_is_invalid_argument_naming_the_field(grpc_stub):
 
 
 def test_healthz_and_metrics(stack):
-    url = stack["gateway"].url
+    url = stack.url
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}
     text = httpx.get(url + "/metrics").text
     assert "rlhf_gateway_requests_total" in text and "rlhf_inference_requests_total" in text
 
 
 def test_chat_page_is_served(stack):
-    r = httpx.get(stack["gateway"].url + "/")
+    r = httpx.get(stack.url + "/")
     assert r.status_code == 200 and "RLHF Flywheel" in r.text and "/v1/chat/completions" in r.text

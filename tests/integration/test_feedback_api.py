@@ -1,0 +1,216 @@
+"""POST /v1/feedback end to end with real parts: real chat responses and their signed tokens, the
+gateway, the feedback service over gRPC, and rlhf.feedback on the embedded broker."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, TopicPartition
+
+from services.gateway.api_router import create_app
+from shared.feedback_token import TokenClaims, prompt_hash, sign
+from shared.kafka.admin import ensure_topics
+from shared.kafka.embedded import EmbeddedBroker
+from shared.kafka.topics import FEEDBACK, FEEDBACK_DLQ
+from tests.conftest import (
+    TEST_TOKEN_SECRET,
+    UvicornThread,
+    consume_events,
+    gateway_config,
+    start_broker,
+    start_feedback,
+)
+from tests.integration.conftest import MODEL
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def chat(stack, prompt: str, n: int = 1):
+    resp = stack.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                  n=n, max_tokens=6)
+    return resp, [(c.model_extra["response_id"], c.model_extra["feedback_token"]) for c in resp.choices]
+
+
+def rate(url: str, body: dict | bytes, headers: dict | None = None) -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(url + "/v1/feedback", json=body, headers=headers, timeout=60)
+    return httpx.post(url + "/v1/feedback", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def feedback_events(stack, feedback_ids: set[str], count: int):
+    return consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.feedback_id in feedback_ids, count=count)
+
+
+def end_offsets(kafka, topic: str) -> dict:
+    consumer = KafkaConsumer(bootstrap_servers=kafka.servers)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        return consumer.end_offsets(parts)
+    finally:
+        consumer.close()
+
+
+def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack):
+    resp, served = chat(stack, "What is 3 plus 4?", n=4)
+    (a, ta), (b, tb), (c, tc), (d, td) = served
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    bodies = [
+        {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta]},
+        {"type": "likert", "response_id": b, "score": 6, "feedback_tokens": [tb], "comment": "clear",
+         "tags": ["hallucination"]},
+        {"type": "pairwise", "response_ids": [a, c], "preferred": "b", "feedback_tokens": [tc, ta]},
+        {"type": "ranking", "response_ids": [d, c, b, a], "feedback_tokens": [ta, tb, tc, td]},
+    ]
+    ids = {}
+    for body in bodies:
+        r = rate(stack.url, {**body, "user": user})
+        assert r.status_code == 200, r.text
+        assert r.json()["revision"] == 1 and r.json()["duplicate"] is False
+        ids[r.json()["feedback_id"]] = body
+    events = {e.payload.feedback_id: e.payload for e in feedback_events(stack, set(ids), count=4)}
+    assert set(events) == set(ids)
+    ph = prompt_hash([("user", "What is 3 plus 4?")])
+    for fid, body in ids.items():
+        ev = events[fid]
+        assert ev.kind == body["type"] and ev.user_id == user and ev.revision == 1 and ev.supersedes is None
+        expected_ids = body.get("response_ids") or [body["response_id"]]
+        assert [r.response_id for r in ev.responses] == expected_ids
+        assert {r.policy_version for r in ev.responses} == {resp.model_extra["policy_version"]}
+        assert {r.prompt_hash for r in ev.responses} == {ph}
+    by_kind = {e.kind: e for e in events.values()}
+    assert by_kind["thumb"].thumb == "up" and by_kind["likert"].score == 6
+    assert by_kind["likert"].comment == "clear" and by_kind["likert"].tags == ["hallucination"]
+    assert by_kind["pairwise"].preferred == "b"
+
+
+def test_forged_expired_unknown_and_cross_prompt_ratings_are_refused(stack):
+    before = end_offsets(stack.kafka, FEEDBACK)
+    _, [(a, ta)] = chat(stack, "Name a colour.")
+    _, [(b, tb)] = chat(stack, "Name an animal.")
+    forged = sign("not-the-server-key-0123456789", TokenClaims(a, "policy-0001", "x", int(time.time()) + 99))
+    expired = sign(TEST_TOKEN_SECRET, TokenClaims(a, "policy-0001", "x", int(time.time()) - 1))
+    cases = [
+        ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [forged]}, 403, "signature"),
+        ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [expired]}, 403, "expired"),
+        ({"type": "thumb", "response_id": "resp-never-served", "thumb": "up", "feedback_tokens": [ta]}, 403,
+         "no valid feedback token"),
+        ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": []}, 403, "no valid feedback token"),
+        ({"type": "pairwise", "response_ids": [a, b], "preferred": "a", "feedback_tokens": [ta, tb]}, 400,
+         "different prompts"),
+    ]
+    for body, status, message in cases:
+        r = rate(stack.url, {**body, "user": "mallory"})
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] in ("feedback_tokens", "response_ids")
+    assert end_offsets(stack.kafka, FEEDBACK) == before, "a refused rating reached rlhf.feedback"
+
+
+def test_policy_version_comes_from_the_token_not_the_client(stack):
+    _, [(a, ta)] = chat(stack, "Say hi.")
+    r = rate(stack.url, {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "u",
+                         "policy_version": "policy-9999"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "policy_version", "unknown fields are refused"
+
+
+def test_same_idempotency_key_counts_once(stack):
+    _, [(a, ta)] = chat(stack, "Count to two.")
+    body = {"type": "thumb", "response_id": a, "thumb": "down", "feedback_tokens": [ta], "user": "retrier"}
+    first = rate(stack.url, body, headers={"Idempotency-Key": "key-1"})
+    second = rate(stack.url, {**body, "thumb": "up"}, headers={"Idempotency-Key": "key-1"})
+    assert first.status_code == second.status_code == 200
+    assert second.json() == {**first.json(), "duplicate": True}
+    again = rate(stack.url, body)  # no key, but the same vote as the live one: nothing new
+    assert again.json()["duplicate"] is True and again.json()["feedback_id"] == first.json()["feedback_id"]
+    events = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "retrier", count=2, timeout=8)
+    assert len(events) == 1 and events[0].payload.thumb == "down"
+
+
+def test_changing_a_vote_supersedes_it(stack):
+    _, [(a, ta)] = chat(stack, "Tell a fact.")
+    body = {"type": "thumb", "response_id": a, "feedback_tokens": [ta], "user": "changer"}
+    up = rate(stack.url, {**body, "thumb": "up"}).json()
+    down = rate(stack.url, {**body, "thumb": "down"}).json()
+    assert (up["revision"], down["revision"]) == (1, 2) and up["feedback_id"] != down["feedback_id"]
+    events = sorted((e.payload for e in consume_events(
+        stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "changer", count=2)), key=lambda p: p.revision)
+    assert [(e.revision, e.thumb) for e in events] == [(1, "up"), (2, "down")]
+    assert events[1].supersedes == events[0].feedback_id and events[0].target == events[1].target
+
+
+def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
+    before = end_offsets(stack.kafka, FEEDBACK)
+    marker = uuid.uuid4().hex
+    _, [(a, ta)] = chat(stack, "Hello?")
+    r = rate(stack.url, {"type": "likert", "response_id": a, "score": 9, "feedback_tokens": [ta], "user": marker})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "score"
+    r = rate(stack.url, b'{"type": "thumb", "user": "' + marker.encode() + b'", ')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    dead = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: marker in e.payload.raw, count=2)
+    assert sorted(e.payload.param or "" for e in dead) == ["", "score"]
+    assert all(e.payload.reason for e in dead)
+    assert end_offsets(stack.kafka, FEEDBACK) == before
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=4), max_leaves=12)
+FIELDS = ["type", "user", "feedback_tokens", "response_id", "response_ids", "thumb", "score", "preferred", "comment",
+          "tags", "idempotency_key", "extra"]
+PAYLOADS = st.one_of(
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(lambda d: json.dumps(d).encode()),
+    st.fixed_dictionaries({"type": st.sampled_from(["thumb", "likert", "pairwise", "ranking", "x"]),
+                           "user": st.text(max_size=200), "feedback_tokens": st.lists(st.text(max_size=60), max_size=3),
+                           "response_id": st.text(max_size=40), "response_ids": st.lists(st.text(max_size=10)),
+                           "score": st.integers(-(2**40), 2**40), "thumb": st.text(max_size=6),
+                           "tags": st.lists(st.text(max_size=15), max_size=8)}).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=300),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=PAYLOADS)
+def test_malformed_payloads_never_get_a_5xx_nor_reach_the_topic(stack, payload):
+    before = end_offsets(stack.kafka, FEEDBACK)
+    r = rate(stack.url, payload)
+    assert 400 <= r.status_code < 500, (payload, r.status_code, r.text)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert end_offsets(stack.kafka, FEEDBACK) == before
+
+
+def test_broker_down_gives_no_2xx_and_ratings_flow_again_after_it_returns(stack, tmp_path):
+    own = start_broker()
+    feedback = start_feedback(stack.loop, own.kafka)
+    gateway = UvicornThread(create_app(gateway_config(stack.inference.address, feedback.address)))
+    try:
+        _, served = chat(stack, "Give me a number.", n=2)
+        (a, ta), (b, tb) = served
+        port = own.broker.port
+        own.broker.stop()
+        r = rate(gateway.url, {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "u"})
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] and "retry" in r.json()["error"]["message"]
+
+        own.broker = EmbeddedBroker(port=port).start()  # memory storage: everything must be created again
+        ensure_topics(own.kafka)
+        ok = None
+        for _ in range(30):  # the client retries, as the 503 told it to
+            ok = rate(gateway.url, {"type": "thumb", "response_id": b, "thumb": "down", "feedback_tokens": [tb],
+                                    "user": "u"})
+            if ok.status_code == 200:
+                break
+            time.sleep(1)
+        assert ok.status_code == 200, ok.text
+        events = consume_events(own.kafka, FEEDBACK, lambda e: True, count=2, timeout=10)
+        assert [e.payload.responses[0].response_id for e in events] == [b], "only the acknowledged rating exists"
+    finally:
+        gateway.stop()
+        stack.loop.run(feedback.stop())
+        own.broker.stop()

@@ -1,0 +1,132 @@
+"""The feedback service's rules on small tables: schema checks, token binding, idempotency, revisions."""
+
+import asyncio
+import time
+
+import pytest
+
+from services.feedback.ledger import FeedbackLedger
+from services.feedback.protocol import Submission
+from services.feedback.serving import KeyedLocks, bind_tokens, check, feedback_id, same_vote
+from shared.errors import InvalidArgument, PermissionDenied
+from shared.events import FeedbackEvent, RatedResponse
+from shared.feedback_token import TokenClaims, sign
+
+SECRET = "k" * 32
+
+
+def token(rid: str, ph: str = "p1", pv: str = "policy-0001", ttl: int = 60) -> str:
+    return sign(SECRET, TokenClaims(rid, pv, ph, int(time.time()) + ttl))
+
+
+def sub(kind="thumb", ids=("r1",), **over) -> Submission:
+    defaults = {"thumb": {"thumb": "up"}, "likert": {"score": 5}, "pairwise": {"preferred": "a"}}.get(kind, {})
+    fields = dict(feedback_tokens=[token(i) for i in ids], user_id="u1", **defaults)
+    fields.update(over)
+    return Submission(kind, list(ids), **fields)
+
+
+@pytest.mark.parametrize("s", [
+    sub(), sub("likert", score=1), sub("likert", score=7), sub("pairwise", ("r1", "r2"), preferred="tie"),
+    sub("ranking", ("r1", "r2")), sub("ranking", tuple(f"r{i}" for i in range(9))),
+    sub(comment="x" * 2000, tags=["hallucination", "harmful"]),
+])
+def test_valid_submissions_pass(s):
+    check(s, max_comment_chars=2000)
+
+
+@pytest.mark.parametrize("s, param", [
+    (sub(kind="vote"), "type"),
+    (sub(user_id=""), "user"),
+    (sub(thumb="sideways"), "thumb"),
+    (sub("likert", score=0), "score"),
+    (sub("likert", score=8), "score"),
+    (sub("likert", score=None), "score"),
+    (sub("pairwise", ("r1",), preferred="a"), "response_ids"),
+    (sub("pairwise", ("r1", "r2"), preferred="both"), "preferred"),
+    (sub("ranking", ("r1",)), "response_ids"),
+    (sub("ranking", tuple(f"r{i}" for i in range(10))), "response_ids"),
+    (sub("ranking", ("r1", "r1")), "response_ids"),
+    (sub(comment="x" * 2001), "comment"),
+    (sub(tags=["nice"]), "tags"),
+    (sub(tags=["harmful", "harmful"]), "tags"),
+    (sub(score=3), "score"),
+    (sub(idempotency_key="k" * 129), "idempotency_key"),
+])
+def test_invalid_submissions_name_the_field(s, param):
+    with pytest.raises(InvalidArgument) as err:
+        check(s, max_comment_chars=2000)
+    assert err.value.param == param
+
+
+def test_tokens_bind_the_server_facts_not_the_clients():
+    rated = bind_tokens(sub("pairwise", ("r1", "r2")), SECRET, time.time())
+    assert [(r.response_id, r.policy_version, r.prompt_hash) for r in rated] == [
+        ("r1", "policy-0001", "p1"), ("r2", "policy-0001", "p1")]
+
+
+def test_forged_missing_expired_and_cross_prompt_tokens_are_refused():
+    now = time.time()
+    with pytest.raises(PermissionDenied, match="signature"):
+        bind_tokens(sub(feedback_tokens=[sign("x" * 32, TokenClaims("r1", "p", "p1", int(now) + 60))]), SECRET, now)
+    with pytest.raises(PermissionDenied, match="no valid feedback token for response r1"):
+        bind_tokens(sub(feedback_tokens=[token("r9")]), SECRET, now)
+    with pytest.raises(PermissionDenied, match="expired"):
+        bind_tokens(sub(feedback_tokens=[token("r1", ttl=-5)]), SECRET, now)
+    cross = sub("pairwise", ("r1", "r2"), feedback_tokens=[token("r1", "p1"), token("r2", "p2")])
+    with pytest.raises(InvalidArgument, match="different prompts"):
+        bind_tokens(cross, SECRET, now)
+    extra = sub(feedback_tokens=[token("r1"), token("r2")])
+    with pytest.raises(InvalidArgument, match="not rated"):
+        bind_tokens(extra, SECRET, now)
+
+
+def event(revision=1, thumb="up", key="", fid=None) -> FeedbackEvent:
+    return FeedbackEvent(feedback_id=fid or f"f{revision}{thumb}{key}", kind="thumb", user_id="u1", target="thumb:r1",
+                         revision=revision, supersedes=None, responses=[RatedResponse("r1", "policy-0001", "p1")],
+                         thumb=thumb, idempotency_key=key)
+
+
+def test_ledger_keeps_the_highest_revision_and_ignores_replays():
+    ledger = FeedbackLedger()
+    ledger.apply(event(2, "down"))
+    ledger.apply(event(1, "up"))  # an older revision arriving late does not win
+    ledger.apply(event(2, "down"))  # a replay changes nothing
+    assert ledger.live("u1", "thumb:r1").thumb == "down" and len(ledger) == 2
+
+
+def test_ledger_remembers_idempotency_keys_per_user():
+    ledger = FeedbackLedger()
+    ledger.apply(event(1, key="k1", fid="abc"))
+    assert ledger.by_key("u1", "k1").feedback_id == "abc"
+    assert ledger.by_key("u2", "k1") is None
+
+
+def test_same_vote_compares_every_part_of_the_verdict():
+    ev = event(1, "up")
+    assert same_vote(ev, sub())
+    assert not same_vote(ev, sub(thumb="down"))
+    assert not same_vote(ev, sub(comment="now with a comment"))
+
+
+def test_feedback_id_is_deterministic_per_user_and_intent():
+    assert feedback_id("u1", "k") == feedback_id("u1", "k") != feedback_id("u2", "k")
+
+
+def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
+    async def scenario():
+        locks, order = KeyedLocks(), []
+
+        async def worker(name, key, pause):
+            async with locks.hold(key):
+                order.append(f"{name}+")
+                await asyncio.sleep(pause)
+                order.append(f"{name}-")
+
+        await asyncio.gather(worker("a", "k", 0.02), worker("b", "k", 0), worker("c", "other", 0))
+        return order, locks._locks
+
+    order, left = asyncio.run(scenario())
+    assert order.index("a-") < order.index("b+"), "b must wait for a on the same key"
+    assert order.index("c+") < order.index("a-"), "another key must not wait"
+    assert left == {}

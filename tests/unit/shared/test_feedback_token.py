@@ -1,0 +1,50 @@
+import time
+
+import pytest
+
+from shared.feedback_token import InvalidToken, TokenClaims, prompt_hash, sign, verify
+
+SECRET = "s" * 32
+
+
+def claims(**over) -> TokenClaims:
+    base = dict(response_id="resp-1", policy_version="policy-0001", prompt_hash="ph", expires_at=int(time.time()) + 60)
+    base.update(over)
+    return TokenClaims(**base)
+
+
+def test_roundtrip_returns_the_signed_claims():
+    assert verify(SECRET, sign(SECRET, claims())) == claims()
+
+
+def test_token_from_another_key_is_forged():
+    with pytest.raises(InvalidToken, match="signature does not match"):
+        verify(SECRET, sign("other-secret-key-xx", claims()))
+
+
+def test_changing_any_claim_breaks_the_signature():
+    token = sign(SECRET, claims())
+    body, mac = token.split(".")
+    tampered = sign(SECRET, claims(policy_version="policy-0009")).split(".")[0] + "." + mac
+    with pytest.raises(InvalidToken, match="signature"):
+        verify(SECRET, tampered)
+
+
+def test_expired_token_is_refused():
+    token = sign(SECRET, claims(expires_at=100))
+    with pytest.raises(InvalidToken, match="expired"):
+        verify(SECRET, token)
+    assert verify(SECRET, token, now=99).expires_at == 100
+
+
+@pytest.mark.parametrize("token", ["", "abc", "a.b.c", "!!!.???", "x" * 2000, None, 5])
+def test_malformed_tokens_are_refused_not_crashing(token):
+    with pytest.raises(InvalidToken):
+        verify(SECRET, token)
+
+
+def test_prompt_hash_depends_on_roles_and_contents_only():
+    a = prompt_hash([("user", "hi")])
+    assert a == prompt_hash([("user", "hi")])
+    assert a != prompt_hash([("system", "hi")]) and a != prompt_hash([("user", "hi ")])
+    assert prompt_hash([("user", "a"), ("user", "b")]) != prompt_hash([("user", "ab")])
