@@ -137,11 +137,32 @@ class EventPublisher:
             if item.attempts == 1 or item.attempts % 20 == 0:
                 log_event(log, "publish failed; will retry", level=30, topic=item.topic,
                           attempts=item.attempts, error=f"{type(exc).__name__}: {exc}")
+            discard_producer(self._producer)
+            self._producer = None
             return False
         EVENTS_PUBLISHED.labels(item.topic).inc()
         if item.attempts > 1:
             log_event(log, "published after retries", topic=item.topic, attempts=item.attempts)
         return True
+
+
+def discard_producer(producer: KafkaProducer | None) -> None:
+    """Drop a producer after a failed delivery and let the next attempt build a fresh one.
+
+    A kafka-python producer can enter a fatal state it never leaves (seen when a restarted broker
+    answered InitProducerId with an error). Safe against duplicates: the failed future means this
+    producer no longer holds the record.
+    """
+    if producer is None:
+        return
+
+    def close() -> None:
+        try:
+            producer.close(timeout=0)
+        except Exception:  # noqa: BLE001 - it is being thrown away
+            pass
+
+    threading.Thread(target=close, name="discard-producer", daemon=True).start()
 
 
 class SyncPublisher:
@@ -199,12 +220,14 @@ class AsyncPublisher:
             if not done.done():
                 done.set_exception(error) if error else done.set_result(result)
 
+        producer = None
         try:
             # Creating the producer or fetching metadata may block (bounded by max_block_ms): off the loop.
-            future = await asyncio.to_thread(
-                lambda: self._get_producer().send(topic, key=key.encode() if key else None, value=value))
+            producer = await asyncio.to_thread(self._get_producer)
+            future = await asyncio.to_thread(producer.send, topic, key=key.encode() if key else None, value=value)
         except Exception:
             PUBLISH_FAILURES.labels(topic).inc()
+            self._reset(producer)
             raise
         future.add_callback(lambda md: loop.call_soon_threadsafe(settle, md))
         future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, None, exc))
@@ -212,9 +235,17 @@ class AsyncPublisher:
             await asyncio.wait_for(done, self.cfg.delivery_timeout_s + 5)
         except Exception:
             PUBLISH_FAILURES.labels(topic).inc()
+            self._reset(producer)
             raise
         EVENTS_PUBLISHED.labels(topic).inc()
         return env
+
+    def _reset(self, failed: KafkaProducer | None) -> None:
+        """Discard the producer that failed, unless another call has replaced it already."""
+        with self._lock:
+            if failed is not None and self._producer is failed:
+                discard_producer(self._producer)
+                self._producer = None
 
     def close(self) -> None:
         if self._producer is not None:
