@@ -1,0 +1,33 @@
+"""The process entry of every gRPC service: config -> logging -> /metrics -> app -> SIGTERM -> drain.
+
+    if __name__ == "__main__":
+        run_service("feedback", FeedbackConfig, FeedbackApp)
+
+An app is any object with ``server`` (a shared.grpc_server.GrpcServer), ``async start()`` (ends
+with health SERVING) and ``async stop()`` (drains and releases everything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from shared.config import ServiceConfig, load_config
+from shared.logging import setup_logging
+from shared.metrics import start_metrics_server
+
+
+def run_service(name: str, config_cls: type[ServiceConfig], make_app: Callable[[Any], Any]) -> None:
+    cfg = load_config(config_cls)
+    setup_logging(name, cfg.log)
+    start_metrics_server(cfg.host, cfg.metrics_port)
+    asyncio.run(_serve(make_app, cfg))
+
+
+async def _serve(make_app: Callable[[Any], Any], cfg: ServiceConfig) -> None:
+    app = make_app(cfg)  # inside the loop: gRPC aio servers belong to the loop that makes them
+    app.server.install_signal_handlers()
+    await app.start()
+    await app.server.wait_for_stop_request()
+    await app.stop()
