@@ -33,8 +33,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self.serving = serving
 
     async def SubmitFeedback(self, request, context: grpc.aio.ServicerContext):
-        raw = text_format.MessageToString(request, as_one_line=True)
-        result = await self.serving.submit(submission_from_proto(request), raw)
+        result = await self.serving.submit(submission_from_proto(request),
+                                           lambda: text_format.MessageToString(request, as_one_line=True))
         return feedback_pb2.SubmitFeedbackResponse(feedback_id=result.feedback_id, revision=result.revision,
                                                    duplicate=result.duplicate)
 

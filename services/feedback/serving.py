@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from services.feedback import metrics
@@ -135,13 +135,14 @@ class FeedbackServing:
         self.ledger = ledger
         self._locks = KeyedLocks()
 
-    async def submit(self, sub: Submission, raw: str) -> SubmitResult:
+    async def submit(self, sub: Submission, raw: Callable[[], str]) -> SubmitResult:
+        """Store one rating; ``raw`` renders the submission as received, for a dead-letter copy."""
         now = time.time()
         try:
             check(sub, self.cfg.max_comment_chars)
             rated = bind_tokens(sub, self.cfg.token.secret, now)
         except RlhfError as exc:
-            self.reject(raw, exc.message, exc.param)
+            self.reject(raw(), exc.message, exc.param)
             raise
         target = sub.target
         async with self._locks.hold((sub.user_id, target)):

@@ -11,8 +11,10 @@ than misread it. Payloads are plain dataclasses registered with ``@event``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
+import types
 import typing
 import uuid
 from dataclasses import dataclass
@@ -100,10 +102,15 @@ def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
                     str(doc["producer"]), payload)
 
 
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    # get_type_hints is slow; every record of a topic is decoded, so resolve each class once.
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def from_dict(cls: type[E], data: dict[str, Any]) -> E:
     """Build a payload dataclass from JSON data, checking field names and basic types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints, fields = _schema(cls)
     unknown = set(data) - set(fields)
     if unknown:
         raise EnvelopeError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
@@ -122,7 +129,7 @@ def _check(owner: str, name: str, value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if hint is Any:
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]

@@ -193,26 +193,39 @@ class AsyncPublisher:
 
     ``publish`` appends to kafka-python's producer (which batches concurrent records into one
     request) and resolves when the broker acknowledges; it raises when the record cannot be
-    delivered within the delivery timeout. No thread is held per call.
+    delivered within the delivery timeout. No thread is held per call: once a producer knows a
+    topic's partitions, ``send`` does not block and runs on the loop; only a new producer's first
+    send per topic (which may wait for metadata) runs in a thread.
     """
 
     def __init__(self, cfg: KafkaConfig, service: str):
         self.cfg = cfg
         self.service = service
         self._producer: KafkaProducer | None = None
+        self._ready_topics: set[str] = set()
         self._lock = threading.Lock()
 
     def _get_producer(self) -> KafkaProducer:
         with self._lock:
             if self._producer is None:
                 self._producer = KafkaProducer(**producer_kwargs(self.cfg, self.service))
+                self._ready_topics = set()
             return self._producer
+
+    def _send_blocking(self, topic: str, key: bytes | None, value: bytes):
+        producer = self._get_producer()
+        future = producer.send(topic, key=key, value=value)
+        with self._lock:
+            if self._producer is producer:
+                self._ready_topics.add(topic)
+        return producer, future
 
     async def publish(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
         import asyncio
 
         env = envelope.wrap(payload, self.service)
         value = envelope.encode(env)
+        raw_key = key.encode() if key else None
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -220,11 +233,12 @@ class AsyncPublisher:
             if not done.done():
                 done.set_exception(error) if error else done.set_result(result)
 
-        producer = None
+        producer = self._producer
         try:
-            # Creating the producer or fetching metadata may block (bounded by max_block_ms): off the loop.
-            producer = await asyncio.to_thread(self._get_producer)
-            future = await asyncio.to_thread(producer.send, topic, key=key.encode() if key else None, value=value)
+            if producer is not None and topic in self._ready_topics:
+                future = producer.send(topic, key=raw_key, value=value)
+            else:
+                producer, future = await asyncio.to_thread(self._send_blocking, topic, raw_key, value)
         except Exception:
             PUBLISH_FAILURES.labels(topic).inc()
             self._reset(producer)
@@ -246,6 +260,7 @@ class AsyncPublisher:
             if failed is not None and self._producer is failed:
                 discard_producer(self._producer)
                 self._producer = None
+                self._ready_topics = set()
 
     def close(self) -> None:
         if self._producer is not None:
