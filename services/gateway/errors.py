@@ -60,11 +60,12 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return error_response(400, message, param=param)
+        return error_response(400, message, param=param, code="invalid_argument")
 
     @app.exception_handler(RlhfError)
     async def on_domain(request: Request, exc: RlhfError):
-        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param)
+        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param,
+                              code=exc.grpc_code.name.lower())
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def on_grpc(request: Request, exc: grpc.aio.AioRpcError):

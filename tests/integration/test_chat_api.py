@@ -183,6 +183,7 @@ def test_bad_input_gets_an_openai_error_and_publishes_nothing(stack, name, body,
         err = r.json()["error"]
         assert err["message"] and err["type"] == "invalid_request_error"
         assert err["param"] == param
+        assert err["code"], "a stable machine-readable code, not only the message"
     assert stack.inference.publisher.flush(10)
     assert published() == before and stack.inference.publisher.pending == pending_before
 
