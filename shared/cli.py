@@ -2,6 +2,7 @@
 
     rlhf up                     # broker (embedded if none configured) + every service
     rlhf bootstrap [--model D]  # publish the first policy (default small model, or a HF directory)
+    rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-way rankings
     rlhf serve inference        # one service in the foreground
     rlhf config [service]       # every environment variable, its default and meaning
     rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
@@ -22,6 +23,7 @@ SERVICES = {
     "inference": "services.inference.config:InferenceConfig",
     "gateway": "services.gateway.config:GatewayConfig",
     "feedback": "services.feedback.config:FeedbackConfig",
+    "reward": "services.reward.config:RewardConfig",
 }
 
 
@@ -49,6 +51,14 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"published {manifest.version} from {args.model}")
     else:
         print(f"current policy: {ensure_default_policy(store)}")
+    return 0
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from services.reward.offline import main as train_rm_main
+
+    setup_logging("reward")
+    train_rm_main(args.rest)
     return 0
 
 
@@ -81,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bootstrap", help="publish the first policy version if the store has none")
     p.add_argument("--model", help="a Hugging Face model directory (safetensors) to publish instead of the default")
     p.set_defaults(func=cmd_bootstrap)
+    p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.offline (--help)")
+    p.set_defaults(func=cmd_train_rm)
     p = sub.add_parser("serve", help="run one service in the foreground")
     p.add_argument("service", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_serve)
@@ -88,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("service", nargs="?", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_config)
     sub.add_parser("protos", help="regenerate the gRPC stubs").set_defaults(func=cmd_protos)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-rm"]:
+        # Its options (including --help) belong to services.reward.offline, not to this parser.
+        args = argparse.Namespace(func=cmd_train_rm, rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

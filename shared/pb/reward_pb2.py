@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"E\n\tScoreItem\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"3\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrm_version\x18\x02 \x01(\t\"\x17\n\x15GetRewardModelRequest2\x90\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12G\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x15.rlhf.v1.ModelVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"E\n\tScoreItem\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"F\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrm_version\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x03(\x08\"\x17\n\x15GetRewardModelRequest2\x90\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12G\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x15.rlhf.v1.ModelVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=126
   _globals['_SCOREREQUEST']._serialized_end=175
   _globals['_SCORERESPONSE']._serialized_start=177
-  _globals['_SCORERESPONSE']._serialized_end=228
-  _globals['_GETREWARDMODELREQUEST']._serialized_start=230
-  _globals['_GETREWARDMODELREQUEST']._serialized_end=253
-  _globals['_REWARDSERVICE']._serialized_start=256
-  _globals['_REWARDSERVICE']._serialized_end=400
+  _globals['_SCORERESPONSE']._serialized_end=247
+  _globals['_GETREWARDMODELREQUEST']._serialized_start=249
+  _globals['_GETREWARDMODELREQUEST']._serialized_end=272
+  _globals['_REWARDSERVICE']._serialized_start=275
+  _globals['_REWARDSERVICE']._serialized_end=419
 # @@protoc_insertion_point(module_scope)

@@ -22,12 +22,14 @@ class ScoreRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "rm_version")
+    __slots__ = ("scores", "rm_version", "truncated")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     RM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     rm_version: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rm_version: _Optional[str] = ...) -> None: ...
+    truncated: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., rm_version: _Optional[str] = ..., truncated: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GetRewardModelRequest(_message.Message):
     __slots__ = ()

@@ -52,13 +52,24 @@ class RewardServiceServicer:
 
     def Score(self, request, context):
         """Score a batch of (conversation, response) pairs with the current reward model.
+
+        Errors:
+        INVALID_ARGUMENT  no items; more than RLHF_REWARD_MAX_ITEMS (default 256) items; an item with
+        no messages, more than RLHF_REWARD_MAX_MESSAGES (256) messages, an unknown
+        role, no non-empty user message, a message longer than
+        RLHF_REWARD_MAX_MESSAGE_CHARS (32768) characters, an empty (or whitespace
+        only) response, or a response longer than RLHF_REWARD_MAX_RESPONSE_CHARS
+        (32768) characters. The message names the field, e.g. items[3].response;
+        the trailing metadata key rlhf-error-param carries it alone.
+        UNAVAILABLE       no reward model is loaded yet (health is NOT_SERVING until one is).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRewardModel(self, request, context):
-        """The reward model version serving scores now.
+        """The reward model version scoring now, its parent (the policy or RM it was trained from) and
+        its evaluation metrics (heldout_accuracy, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,1 @@
+"""Reward model: learns r(x, y) from users' ratings (InstructGPT's RM) and scores responses over gRPC."""

@@ -1,0 +1,81 @@
+"""Wiring of the reward service: config -> model store, Kafka -> scorer -> gRPC server.
+
+``RewardApp`` is what ``python -m services.reward`` runs and what the tests start in-process.
+Health reports NOT_SERVING until a reward model version has been verified and loaded. With Kafka
+configured (and follow_updates on) it follows rlhf.reward-models and hot-swaps to each announced
+version; a version that does not verify is refused and the old one keeps scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+from services.reward.config import RewardConfig
+from services.reward.scorer import RewardScorer
+from services.reward.servicer import RewardServicer
+from shared.events import RewardModelEvent
+from shared.grpc_server import GrpcServer
+from shared.kafka.consumer import TopicFollower
+from shared.kafka.topics import REWARD_MODELS
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore
+from shared.pb import reward_pb2_grpc
+
+log = get_logger(__name__)
+
+
+class RewardApp:
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        self.store = ModelStore(cfg.model_store.root)
+        self.scorer = RewardScorer(cfg, self.store)
+        self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
+        self._stop_follower = threading.Event()
+        self._follower_thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        """Listen (NOT_SERVING), load the reward model (training the first one if configured),
+        follow announcements, then report SERVING."""
+        if self.cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.torch_threads)
+        await self.server.start()
+        follower = None
+        if self.cfg.follow_updates and self.cfg.kafka.servers:
+            # Position on the topic before reading the store's current version: nothing is missed.
+            follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "reward", REWARD_MODELS)
+        if not self.cfg.rm_version and not self.store.versions("rm") and self.cfg.bootstrap_rankings:
+            await asyncio.to_thread(self._bootstrap)
+        await asyncio.to_thread(self.scorer.load, self.cfg.rm_version or None)
+        if follower is not None:
+            def on_update(env, record) -> None:
+                if isinstance(env.payload, RewardModelEvent):
+                    self.scorer.apply_update(env.payload)
+
+            self._follower_thread = threading.Thread(
+                target=follower.run, args=(on_update, self._stop_follower), name="reward-models", daemon=True)
+            self._follower_thread.start()
+        await self.server.set_serving()
+
+    def _bootstrap(self) -> None:
+        from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
+
+        log_event(log, "no reward model in the store: training the first one",
+                  rankings=str(self.cfg.bootstrap_rankings))
+        # Trained on sequences cut exactly as this service will cut the ones it scores.
+        settings = dataclasses.replace(OFFLINE_SETTINGS, limits=self.scorer.limits)
+        train_first_rm(self.store, self.cfg.bootstrap_rankings, settings=settings)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        self._stop_follower.set()
+        if self._follower_thread:
+            await asyncio.to_thread(self._follower_thread.join, 5)

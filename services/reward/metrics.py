@@ -1,0 +1,19 @@
+"""Prometheus metrics of the reward service."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("rlhf_reward_score_requests_total", "Score requests", ["outcome"])
+ITEMS = Counter("rlhf_reward_scored_items_total", "(conversation, response) items scored")
+TOKENS = Counter("rlhf_reward_scored_tokens_total", "Tokens read by the reward model (padding excluded)")
+TRUNCATED = Counter("rlhf_reward_truncated_items_total", "Items whose prompt or response was cut to the limits")
+FORWARD_BATCH = Histogram("rlhf_reward_forward_batch_size", "Sequences per forward pass",
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+REQUEST_SECONDS = Histogram("rlhf_reward_score_seconds", "Score request duration (validation to scores)",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SCORES = Histogram("rlhf_reward_score_value", "Rewards returned (normalised: reference responses average 0)",
+                   buckets=(-8, -4, -2, -1, -0.5, 0, 0.5, 1, 2, 4, 8))
+RM_VERSION = Gauge("rlhf_reward_model_info", "1 for the reward model version scoring now", ["version"])
+SWAPS = Counter("rlhf_reward_swaps_total", "Hot-swaps to a new reward model version")
+SWAP_REFUSED = Counter("rlhf_reward_swap_refused_total", "Reward model versions refused", ["reason"])
+LOAD_SECONDS = Histogram("rlhf_reward_load_seconds", "Verifying and loading a reward model version",
+                         buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))

@@ -1,0 +1,195 @@
+"""The reward service's logic: validate, tokenize, batch, score, hot-swap reward model versions.
+
+Transport-free: the gRPC servicer only converts to and from these calls, and the learner or the
+trainer can call ``score_sync`` in-process.
+
+Loading a version verifies the sha256 of every file against its manifest first (model_store); a
+corrupt or malformed checkpoint is refused, never half-loaded. A hot-swap loads the new version
+completely beside the old one and then replaces one reference: a request reads that reference
+once, so every score of a request comes from one version (the one it reports), requests in flight
+finish on the old model, and the old one is freed when the last of them ends.
+
+Sequences are built by encoding.py (the same code as training) and scored in forward passes of at
+most ``max_batch_size`` sequences, sorted by length so that padding stays small, under
+``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import torch
+
+from services.reward import metrics
+from services.reward.config import RewardConfig
+from services.reward.encoding import EncodingLimits, encode, pad_batch
+from services.reward.model import LoadedRewardModel, RewardModelError, load_version
+from services.reward.protocol import ROLES, RewardModelInfo, ScoreItem, ScoreResult
+from shared.errors import InvalidArgument, RlhfError, Unavailable
+from shared.events import RewardModelEvent
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore, ModelStoreError
+
+log = get_logger(__name__)
+
+
+class RewardScorer:
+    def __init__(self, cfg: RewardConfig, store: ModelStore):
+        self.cfg = cfg
+        self.store = store
+        self.limits = EncodingLimits(cfg.max_tokens, cfg.max_response_tokens)
+        self._current: LoadedRewardModel | None = None
+        self._load_lock = threading.Lock()
+        self._forward_lock = threading.Lock()
+        # A fast tokenizer flips shared state per call (split_special_tokens): one encoder at a time.
+        self._tokenize_lock = threading.Lock()
+        self.swaps = 0
+        self.refused_updates = 0
+
+    # --- versions ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def version(self) -> str:
+        return self._current.version if self._current else ""
+
+    def load(self, version: str | None = None) -> str:
+        """Verify and load ``version`` (default: the store's current rm) and score with it from now on.
+
+        Raises ModelStoreError (unknown or corrupt version), RewardModelError (not a loadable RM) or
+        Unavailable (no rm version at all); the version scoring so far, if any, stays in place.
+        """
+        version = version or self.store.current("rm")
+        if not version:
+            raise Unavailable(f"no reward model in the model store at {self.store.root}: train one with "
+                              "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)")
+        with self._load_lock:
+            if self._current and self._current.version == version:
+                return version
+            started = time.monotonic()
+            loaded = load_version(self.store, version)
+            self._check_limits(loaded)
+            loaded.model.eval()
+            old, self._current = self._current, loaded  # the swap: one reference assignment
+        seconds = time.monotonic() - started
+        metrics.LOAD_SECONDS.observe(seconds)
+        if old is not None:
+            metrics.RM_VERSION.labels(old.version).set(0)
+            self.swaps += 1
+            metrics.SWAPS.inc()
+        metrics.RM_VERSION.labels(version).set(1)
+        log_event(log, "reward model loaded", version=version, previous=old.version if old else "",
+                  offset=round(float(loaded.model.offset), 4), load_s=round(seconds, 2))
+        return version
+
+    def _check_limits(self, loaded: LoadedRewardModel) -> None:
+        context = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
+        if context is not None and self.limits.max_tokens > context:
+            raise RewardModelError(f"{loaded.version}: RLHF_REWARD_MAX_TOKENS={self.limits.max_tokens} exceeds the "
+                                   f"backbone's context length {context}")
+
+    def apply_update(self, event: RewardModelEvent) -> bool:
+        """Swap to an announced version if it verifies and matches the announced manifest; otherwise
+        refuse it and keep scoring with the current one. Returns True when the version changed."""
+        if event.version == self.version:
+            return False
+        try:
+            actual = self.store.manifest_sha256(event.version)
+            if actual != event.manifest_sha256:
+                raise ModelStoreError(f"{event.version}: manifest sha256 {actual[:12]}… is not the announced "
+                                      f"{event.manifest_sha256[:12]}…")
+            self.load(event.version)
+        except (ModelStoreError, RewardModelError, OSError, ValueError) as exc:
+            self.refused_updates += 1
+            metrics.SWAP_REFUSED.labels(type(exc).__name__).inc()
+            log_event(log, "refused reward model; still scoring with the old one", level=40, version=event.version,
+                      serving=self.version, reason=type(exc).__name__, error=str(exc))
+            return False
+        return True
+
+    def info(self) -> RewardModelInfo:
+        cur = self._current
+        if cur is None:
+            raise Unavailable("the reward model is still loading")
+        return RewardModelInfo(cur.version, cur.parent, cur.published_at, dict(cur.metrics or {}))
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def validate(self, items: list[ScoreItem]) -> None:
+        """Limits and shapes; raises InvalidArgument naming the field (e.g. ``items[3].response``)."""
+        cfg = self.cfg
+        if not items:
+            raise InvalidArgument("items must not be empty: send at least one (messages, response) item",
+                                  param="items")
+        if len(items) > cfg.max_items:
+            raise InvalidArgument(f"at most {cfg.max_items} items per request, got {len(items)}", param="items")
+        for i, item in enumerate(items):
+            where = f"items[{i}]"
+            if not item.messages:
+                raise InvalidArgument(f"{where}.messages must not be empty", param=f"{where}.messages")
+            if len(item.messages) > cfg.max_messages:
+                raise InvalidArgument(f"{where}.messages has {len(item.messages)} messages; at most "
+                                      f"{cfg.max_messages}", param=f"{where}.messages")
+            for j, m in enumerate(item.messages):
+                if m.role not in ROLES:
+                    raise InvalidArgument(f"{where}.messages[{j}].role must be one of {', '.join(ROLES)}, got "
+                                          f"{m.role!r}", param=f"{where}.messages[{j}].role")
+                if len(m.content) > cfg.max_message_chars:
+                    raise InvalidArgument(f"{where}.messages[{j}].content is longer than {cfg.max_message_chars} "
+                                          "characters", param=f"{where}.messages[{j}].content")
+            if not any(m.role == "user" and m.content.strip() for m in item.messages):
+                raise InvalidArgument(f"{where}.messages need at least one non-empty user message",
+                                      param=f"{where}.messages")
+            if not item.response.strip():
+                raise InvalidArgument(f"{where}.response must not be empty", param=f"{where}.response")
+            if len(item.response) > cfg.max_response_chars:
+                raise InvalidArgument(f"{where}.response is longer than {cfg.max_response_chars} characters",
+                                      param=f"{where}.response")
+
+    def score_sync(self, items: list[ScoreItem]) -> ScoreResult:
+        """Validate and score ``items`` with the version current at the call (blocking)."""
+        started = time.monotonic()
+        loaded = self._current  # read once: the whole request uses this version
+        try:
+            if loaded is None:
+                raise Unavailable("the reward model is still loading")
+            self.validate(items)
+            result = self._score(loaded, items)
+        except RlhfError as exc:
+            metrics.REQUESTS.labels("invalid" if isinstance(exc, InvalidArgument) else "unavailable").inc()
+            raise
+        metrics.REQUESTS.labels("ok").inc()
+        metrics.REQUEST_SECONDS.observe(time.monotonic() - started)
+        return result
+
+    async def score(self, items: list[ScoreItem]) -> ScoreResult:
+        """``score_sync`` in a worker thread, so the event loop keeps serving other calls."""
+        return await asyncio.to_thread(self.score_sync, items)
+
+    def _score(self, loaded: LoadedRewardModel, items: list[ScoreItem]) -> ScoreResult:
+        tok = loaded.tokenizer
+        with self._tokenize_lock:
+            encoded = [encode(tok, it.messages, it.response, self.limits) for it in items]
+        pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        scores = [0.0] * len(items)
+        for start in range(0, len(order), self.cfg.max_batch_size):
+            chunk = order[start:start + self.cfg.max_batch_size]
+            ids, mask = pad_batch([encoded[i].input_ids for i in chunk], int(pad_id))
+            with self._forward_lock, torch.no_grad():
+                out = loaded.model(ids, mask).tolist()
+            metrics.FORWARD_BATCH.observe(len(chunk))
+            for i, s in zip(chunk, out):
+                scores[i] = float(s)
+        truncated = [e.truncated for e in encoded]
+        metrics.ITEMS.inc(len(items))
+        metrics.TOKENS.inc(sum(len(e.input_ids) for e in encoded))
+        metrics.TRUNCATED.inc(sum(truncated))
+        for s in scores:
+            metrics.SCORES.observe(s)
+        return ScoreResult(scores, loaded.version, truncated)
