@@ -51,6 +51,9 @@ class CompletionEvent:
     """The sampling parameters actually used (temperature, top_p, top_k, max_tokens, seed, stop)."""
     timings: Timings
     created_at: float
+    policy_versions: list[str] = field(default_factory=list)
+    """Every version that produced tokens, in order; more than one only for a completion in flight
+    during an "immediate" hot-swap (learners that need one version per sample skip those)."""
 
 
 @event("policy-update", 1)

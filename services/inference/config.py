@@ -27,6 +27,12 @@ class InferenceConfig(ServiceConfig):
     """Model name reported to clients (OpenAI's `model`)."""
     follow_updates: bool = True
     """Consume rlhf.policy-updates and hot-swap to each announced version."""
+    swap_mode: str = "drain"
+    """How a hot-swap treats requests in flight. `drain`: new requests wait while those in flight
+    finish on the old weights, so every completion comes from exactly one version (the pause is
+    the longest remaining generation). `immediate`: the swap happens between two engine steps;
+    requests in flight are recomputed and finish on the new weights (the pause is about the reload
+    time) and their completions say they straddled two versions."""
     dtype: str = "float32"
     """Weights dtype in the engine: float32 (exact, CPU default), bfloat16 or float16 (GPUs)."""
     max_model_len: int = 1024
@@ -64,6 +70,8 @@ class InferenceConfig(ServiceConfig):
     def problems(self) -> list[str]:
         out = super().problems()
         p = self.ENV_PREFIX
+        if self.swap_mode not in {"drain", "immediate"}:
+            out.append(f"{p}SWAP_MODE={self.swap_mode!r}: expected drain or immediate")
         if self.dtype not in {"float32", "bfloat16", "float16"}:
             out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:

@@ -104,10 +104,22 @@ class VllmEngine:
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
-    async def reload_weights(self, model_dir: Path) -> None:
-        """Load new weights of the same architecture in place and drop cached prefixes."""
-        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-        await self.llm.reset_prefix_cache()
+    async def reload_weights(self, model_dir: Path, *, with_requests_running: bool = False) -> None:
+        """Load new weights of the same architecture in place and drop cached prefixes.
+
+        With requests running, the engine is paused between two steps (requests kept), and the
+        running requests are preempted so that their KV cache is recomputed with the new weights
+        rather than mixing old keys and values with new weights.
+        """
+        if with_requests_running:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+            if not await self.llm.reset_prefix_cache(reset_running_requests=with_requests_running):
+                raise RuntimeError("vLLM could not reset its prefix cache after the reload")
+        finally:
+            if with_requests_running:
+                await self.llm.resume_generation()
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -47,6 +47,8 @@ class GenerationResult:
     model: str
     prompt_token_ids: list[int]
     completions: list[CompletionResult]
+    policy_versions: list[str] = field(default_factory=list)
+    """Every version that produced tokens (one, unless an immediate swap happened meanwhile)."""
 
     @property
     def completion_tokens(self) -> int:

@@ -40,7 +40,8 @@ def result_to_proto(serving: InferenceServing, r: GenerationResult) -> inference
         completions=[
             inference_pb2.Completion(response_id=c.response_id, index=c.index, text=c.text, token_ids=c.token_ids,
                                      logprobs=c.logprobs or [], finish_reason=c.finish_reason,
-                                     tokens=serving.token_texts(c.token_ids) if c.logprobs is not None else [])
+                                     tokens=serving.token_texts(c.token_ids) if c.logprobs is not None else [],
+                                     policy_versions=r.policy_versions)
             for c in r.completions
         ],
         usage=usage(len(r.prompt_token_ids), r.completion_tokens),

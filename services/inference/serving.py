@@ -1,8 +1,9 @@
 """The inference service's logic: validate, template, generate, attribute, publish, hot-swap.
 
 Transport-free: the gRPC servicer converts to and from these calls, and tests can drive it
-directly. Every completion gets a response_id and the policy_version that produced it (the swap
-gate guarantees one version per request), and one CompletionEvent on rlhf.completions.
+directly. Every completion gets a response_id and the policy_version that produced it (with the
+default swap_mode "drain" the swap gate guarantees one version per request), and one
+CompletionEvent on rlhf.completions.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class GenerationStream:
         self.request = req
         self.request_id = f"req-{uuid.uuid4().hex}"
         self.policy_version = serving.policy_version
+        self.swaps_at_admission = serving.swaps
         self.model = serving.cfg.served_model_name
         self.prompt_token_ids = prompt_token_ids
         self.arrived_at = arrived_at
@@ -89,9 +91,14 @@ class GenerationStream:
                 metrics.REQUESTS.labels(self.request.source, "aborted").inc()
         self._finish()
 
+    def policy_versions(self) -> list[str]:
+        """The versions that produced tokens of this request: more than one only if an immediate
+        swap happened while it ran."""
+        return [self.policy_version, *self.serving.versions_since(self.swaps_at_admission)]
+
     def result(self) -> GenerationResult:
         return GenerationResult(self.request_id, self.policy_version, self.model, self.prompt_token_ids,
-                                self.completions)
+                                self.completions, self.policy_versions())
 
     def _finish(self) -> None:
         now = time.monotonic()
@@ -115,6 +122,8 @@ class InferenceServing:
         self.policy_dir: Path | None = None
         self.serving_since = 0.0
         self.swaps = 0
+        self.swap_log: list[tuple[int, str]] = []
+        """(swap number, version swapped to), the most recent swaps."""
         self.refused_updates = 0
         self.ready = False
 
@@ -227,7 +236,7 @@ class InferenceServing:
                 policy_version=stream.policy_version, model=stream.model, source=req.source,
                 messages=list(req.messages), prompt_token_ids=stream.prompt_token_ids,
                 completion_text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                finish_reason=c.finish_reason, sampling=sampling,
+                finish_reason=c.finish_reason, sampling=sampling, policy_versions=stream.policy_versions(),
                 timings=Timings(queued_s=stream.admitted_at - stream.arrived_at,
                                 first_token_s=first - stream.arrived_at,
                                 total_s=finished_at - stream.arrived_at),
@@ -255,26 +264,30 @@ class InferenceServing:
                       version=update.version, serving=self.policy_version, reason=reason, error=str(exc))
             return False
         new_dir = self.store.path(update.version)
+        drain = self.cfg.swap_mode == "drain"
         closed_at = time.monotonic()
-        async with self.gate.exclusive():
+        async with self.gate.exclusive(drain=drain):
             drained_at = time.monotonic()
+            running = self.gate.in_flight > 0
             try:
-                await self.engine.reload_weights(new_dir)
+                await self.engine.reload_weights(new_dir, with_requests_running=running)
             except Exception as exc:
                 self.refused_updates += 1
                 metrics.SWAP_REFUSED.labels("reload_failed").inc()
                 log_event(log, "reload failed; restoring the served weights", level=40, version=update.version,
                           error=f"{type(exc).__name__}: {exc}")
                 # The engine may hold part of the new tensors: reload the served version in full.
-                await self.engine.reload_weights(self.policy_dir)
+                await self.engine.reload_weights(self.policy_dir, with_requests_running=running)
                 return False
             old = self.policy_version
             self._set_version(update.version, new_dir)
+            self.swaps += 1
+            self.swap_log = [*self.swap_log[-99:], (self.swaps, update.version)]
         pause = time.monotonic() - closed_at
-        self.swaps += 1
         metrics.SWAPS.inc()
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
         log_event(log, "hot-swapped policy", old=old, new=update.version, reason=update.reason,
+                  mode=self.cfg.swap_mode, in_flight=self.gate.in_flight,
                   drain_ms=round((drained_at - closed_at) * 1e3, 1), pause_ms=round(pause * 1e3, 1))
         return True
 
@@ -287,6 +300,9 @@ class InferenceServing:
                              f"{update.manifest_sha256[:12]}…")
         assert self.policy_dir is not None
         check_compatible(self.policy_dir, self.store.path(update.version))
+
+    def versions_since(self, swaps_seen: int) -> list[str]:
+        return [version for n, version in self.swap_log if n > swaps_seen]
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """The text of each token on its own (for OpenAI-style logprobs)."""

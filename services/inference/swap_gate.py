@@ -47,12 +47,14 @@ class SwapGate:
                 self._idle.set()
 
     @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """Close the gate, wait for requests in flight to finish, and hold it closed."""
+    async def exclusive(self, drain: bool = True) -> AsyncIterator[None]:
+        """Close the gate (new requests wait) and hold it closed; with ``drain``, first wait for
+        the requests in flight to finish."""
         async with self._swap_lock:
             self._open.clear()
             try:
-                await self._idle.wait()
+                if drain:
+                    await self._idle.wait()
                 yield
             finally:
                 self._open.set()

@@ -38,7 +38,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
-    __slots__ = ("response_id", "index", "text", "token_ids", "logprobs", "finish_reason", "tokens")
+    __slots__ = ("response_id", "index", "text", "token_ids", "logprobs", "finish_reason", "tokens", "policy_versions")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class Completion(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     response_id: str
     index: int
     text: str
@@ -53,7 +54,8 @@ class Completion(_message.Message):
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     finish_reason: str
     tokens: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+    policy_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, response_id: _Optional[str] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ..., policy_versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "policy_version", "model", "prompt_token_ids", "completions", "usage")

@@ -4,7 +4,7 @@ broker outage: real broker, real engine, real gRPC on loopback."""
 from __future__ import annotations
 
 import asyncio
-import shutil
+import dataclasses
 
 import grpc
 import pytest
@@ -100,6 +100,40 @@ def test_request_in_flight_finishes_on_the_weights_it_started_with(env):
     reference = transformers_greedy(store.path(serving_version), list(first_chunk.prompt_token_ids), 200)
     assert tokens == reference[: len(tokens)], "tokens after the swap came from the new weights"
     assert greedy(stub).policy_version == target
+
+
+def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_second(env):
+    """swap_mode immediate: the swap happens between two engine steps; the request in flight is
+    recomputed on the new weights, and its completion lists both versions."""
+    stub, app, store = env["stub"], env["app"], env["store"]
+    old = app.serving.policy_version
+    new = env["first"] if old == env["second"] else env["second"]
+    pause_sum = lambda: REGISTRY.get_sample_value("rlhf_inference_swap_pause_seconds_sum") or 0.0
+    app.serving.cfg = dataclasses.replace(app.serving.cfg, swap_mode="immediate")
+    try:
+        stream = stub.GenerateStream(inference_pb2.GenerateRequest(
+            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)))
+        first_chunk = next(stream)
+        paused_before = pause_sum()
+        swapped = asyncio.run_coroutine_threadsafe(
+            app.serving.apply_update(PolicyUpdateEvent(version=new, manifest_sha256=store.manifest_sha256(new))),
+            env["loop"].loop)
+        assert swapped.result(30) is True
+        chunks = [first_chunk, *stream]
+    finally:
+        app.serving.cfg = dataclasses.replace(app.serving.cfg, swap_mode="drain")
+    assert pause_sum() - paused_before < 1.0, "an immediate swap must not hold requests for a second"
+    tokens = [t for c in chunks for t in c.token_ids]
+    prompt = list(first_chunk.prompt_token_ids)
+    old_path = transformers_greedy(store.path(old), prompt, len(tokens))
+    split = next((i for i, (a, b) in enumerate(zip(tokens, old_path)) if a != b), len(tokens))
+    if split < len(tokens):  # the rest must be exactly the new weights' continuation
+        assert tokens[split:] == transformers_greedy(store.path(new), prompt + tokens[:split], len(tokens) - split)
+    rid = first_chunk.response_id
+    events = consume_events(env["broker"].kafka, COMPLETIONS, lambda e: e.payload.response_id == rid, count=1)
+    versions = events[0].payload.policy_versions
+    assert versions[0] == old and (versions == [old, new] or split == len(tokens) == 200)
+    assert greedy(stub).policy_version == new
 
 
 def test_corrupt_update_is_refused_and_serving_continues(env):
