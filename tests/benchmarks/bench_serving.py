@@ -13,7 +13,7 @@ Per server and concurrency: tokens/s, requests/s, p50/p99 latency and time to fi
 `ours` only, the serving pause of a hot-swap under load: new policy versions are announced on Kafka
 while 8 clients stream. Prints a table, writes JSON (+ a PNG plot next to it).
 
-    .venv/bin/python tests/benchmarks/bench_serving.py            # full run, ~10-15 min on 2 cores
+    .venv/bin/python tests/benchmarks/bench_serving.py            # full run, ~10 min on 2 quiet cores
     .venv/bin/python tests/benchmarks/bench_serving.py --quick    # smoke run, ~4 min
 """
 
@@ -46,7 +46,7 @@ import psutil  # noqa: E402
 
 MODEL_NAME = "rlhf-policy"
 SERVERS = ("ours", "vllm", "naive")
-DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference)"
+DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference, gRPC client)"
 LABELS = {
     "ours": "(a) ours: gateway -> gRPC -> inference (vLLM)",
     "vllm": "(b) vLLM OpenAI api_server",
@@ -96,6 +96,7 @@ class RequestResult:
     text: str = ""
     policy_versions: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)
+    content_chunks: int = 0
 
     @property
     def latency(self) -> float:
@@ -128,6 +129,7 @@ async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool
                 content = choice.delta.content if choice.delta else None
                 if content:
                     parts.append(content)
+                    r.content_chunks += 1
                     if r.t_first is None:
                         r.t_first = now
                 if choice.finish_reason and r.t_first is None:
@@ -163,6 +165,7 @@ async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) ->
                 r.completion_tokens = chunk.usage.completion_tokens
             elif chunk.text or chunk.finish_reason:
                 parts.append(chunk.text)
+                r.content_chunks += bool(chunk.text)
                 if r.t_first is None:
                     r.t_first = now
         r.t_end = time.monotonic()
@@ -174,6 +177,55 @@ async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) ->
         r.t_end = time.monotonic()
         r.error = f"{type(exc).__name__}: {exc}"[:300]
     return r
+
+
+async def run_raw(http, req: ChatRequest, client_no: int, keep_chunks: bool) -> RequestResult:
+    """The same streamed request with httpx and minimal SSE handling (--client raw: a lighter client
+    than openai's, so that less of the machine's CPU goes to the load generator)."""
+    r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
+    r.t_send = time.monotonic()
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": req.content}], "max_tokens": req.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        parts = []
+        async with http.stream("POST", "/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                now = time.monotonic()
+                chunk = json.loads(line[6:])
+                if keep_chunks:
+                    r.chunk_times.append(now)
+                    pv = chunk.get("policy_version")
+                    if pv and (not r.policy_versions or r.policy_versions[-1] != pv):
+                        r.policy_versions.append(pv)
+                if chunk.get("usage"):
+                    r.completion_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("error"):
+                    raise RuntimeError(str(chunk["error"])[:200])
+                for choice in chunk.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        parts.append(content)
+                        r.content_chunks += 1
+                        if r.t_first is None:
+                            r.t_first = now
+                    if choice.get("finish_reason") and r.t_first is None:
+                        r.t_first = now
+        r.t_end = time.monotonic()
+        r.text = "".join(parts)
+        r.ok = r.completion_tokens > 0
+        if not r.ok:
+            r.error = "no usage chunk"
+    except Exception as exc:  # noqa: BLE001
+        r.t_end = time.monotonic()
+        r.error = f"{type(exc).__name__}: {exc}"[:300]
+    return r
+
+
+CLIENT = "openai"  # --client: openai (AsyncOpenAI) or raw (httpx + minimal SSE parsing)
 
 
 class Target:
@@ -192,6 +244,13 @@ class Target:
             self._channel = grpc.aio.insecure_channel(self.url.removeprefix("grpc://"))
             stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
             self.run = lambda req, no, keep: run_grpc(stub, req, no, keep)
+        elif CLIENT == "raw":
+            import httpx
+
+            n = max(self.concurrency * 2, 16)
+            self._client = httpx.AsyncClient(base_url=self.url, timeout=600,
+                                             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self.run = lambda req, no, keep: run_raw(self._client, req, no, keep)
         else:
             import httpx
             import openai
@@ -207,6 +266,8 @@ class Target:
     async def __aexit__(self, *exc) -> None:
         if self.url.startswith("grpc://"):
             await self._channel.close()
+        elif CLIENT == "raw":
+            await self._client.aclose()
         else:
             await self._client.close()
 
@@ -291,6 +352,7 @@ def summarise(results: list[RequestResult], wall: float, planned: int) -> dict:
         "ttft_p50_s": pct(ttft, 50),
         "ttft_p99_s": pct(ttft, 99),
         "tokens_per_request_mean": tokens / len(ok) if ok else None,
+        "tokens_per_content_chunk": tokens / max(1, sum(r.content_chunks for r in ok)) if ok else None,
     }
 
 
@@ -374,9 +436,11 @@ def cpu_by_process(procs: list[psutil.Process]) -> dict[str, float]:
 def process_label(p: psutil.Process) -> str:
     cmd = " ".join(p.cmdline())
     name = p.name()
-    for key, label in (("services.inference", "inference"), ("services.gateway", "gateway"),
-                       ("shared.cli", "rlhf-up"), ("tansu", "kafka-broker"), ("naive_server", "naive-server"),
-                       ("vllm.entrypoints", "vllm-api-server")):
+    service = re.search(r"-m services\.(\w+)", cmd)
+    if service:
+        return service.group(1)  # inference, gateway, and whatever else `rlhf up` starts
+    for key, label in (("shared.cli", "rlhf-up"), ("tansu", "kafka-broker"), ("naive_server", "naive-server"),
+                       ("vllm.entrypoints", "vllm-api-server"), ("resource_tracker", "mp-resource-tracker")):
         if key in cmd:
             return label
     if "EngineCore" in name or "EngineCore" in cmd:
@@ -420,9 +484,34 @@ def vllm_env(s: Settings) -> dict[str, str]:
     }
 
 
+PROFILE_MATCH = "services.gateway,services.inference,vllm.entrypoints.openai.api_server,naive_server"
+PROFILE_DIR: Path | None = None  # set by --profile: sample the servers' Python stacks into this dir
+
+
+@contextmanager
+def profile_recording():
+    """With --profile, the injected samplers count CPU time only while this block runs."""
+    if PROFILE_DIR is None:
+        yield
+        return
+    flag = PROFILE_DIR / "recording"
+    flag.touch()
+    time.sleep(0.3)  # samplers look for the flag every 0.2 s
+    try:
+        yield
+    finally:
+        flag.unlink(missing_ok=True)
+        time.sleep(0.3)
+
+
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "VLLM_"))}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "VLLM_", "BENCH_PROFILE_"))}
+    paths = [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    if PROFILE_DIR is not None:
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        paths.insert(0, str(Path(__file__).with_name("profiling")))
+        env |= {"BENCH_PROFILE_DIR": str(PROFILE_DIR), "BENCH_PROFILE_MATCH": PROFILE_MATCH}
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -440,9 +529,15 @@ class Server:
     def tree(self) -> list[psutil.Process]:
         return [p for m in self.procs for p in m.tree()]
 
+    def check_alive(self) -> None:
+        for m in self.procs:
+            if not m.alive():
+                raise RuntimeError(f"{m.name} exited with code {m.proc.returncode} (log: {m.log_path})")
+
 
 @contextmanager
-def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs: Path):
+def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs: Path,
+                 extra_env: dict[str, str] | None = None, log_name: str | None = None):
     procs: list[ManagedProcess] = []
     started = time.monotonic()
     try:
@@ -462,13 +557,13 @@ def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs
                 "RLHF_INFERENCE_KV_CACHE_GIB": str(s.kv_cache_gib),
                 "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
                 "RLHF_INFERENCE_SEED": str(s.seed),
-            }
+            } | (extra_env or {})
             cmd = [sys.executable, "-m", "shared.cli", "up"]
             settings = {"command": " ".join(cmd), "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
                         "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
                         "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
                                   "disable_log_stats, max_num_batched_tokens=vLLM default (2048 on CPU)"}
-            procs.append(ManagedProcess(name, cmd, env, logs / "ours.log"))
+            procs.append(ManagedProcess(name, cmd, env, logs / f"{log_name or name}.log"))
             wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
             server = Server(name, f"http://127.0.0.1:{port}/v1", procs, 0.0, settings,
                             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
@@ -535,7 +630,7 @@ def swap_log_lines(log_path: Path, since_offset: int) -> list[dict]:
         if "hot-swapped policy" in line:
             fields = dict(re.findall(r"(\w+)=(\S+)", line))
             out.append({k: float(fields[k]) if k.endswith("_ms") else fields[k]
-                        for k in ("old", "new", "drain_ms", "pause_ms") if k in fields})
+                        for k in ("old", "new", "mode", "in_flight", "drain_ms", "pause_ms") if k in fields})
     return out
 
 
@@ -634,6 +729,9 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
         "server_pause_sum_s": sum_new,
         "server_pause_count": n_new,
         "server_pause_max_s": max(pauses_logged, default=None),
+        "server_reload_max_s": max(((x["pause_ms"] - x["drain_ms"]) / 1e3 for x in logged
+                                    if "pause_ms" in x and "drain_ms" in x), default=None),
+        "server_drain_max_s": max((x["drain_ms"] / 1e3 for x in logged if "drain_ms" in x), default=None),
         "server_pauses_logged": logged,
         "server_pause_histogram_after": after.get("buckets"),
         "announce_to_first_new_response_s": [s["announce_to_first_new_response_s"] for s in swaps],
@@ -653,29 +751,121 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
 # --- main --------------------------------------------------------------------------------------
 
 
+class CpuMeter:
+    """CPU used on the machine by processes other than this benchmark and the server under test.
+
+    The machine may be shared (other people's test runs): a level measured while something else
+    burns CPU is not comparable, so levels are started in a quiet moment and retried when disturbed.
+    """
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.me = psutil.Process()
+
+    def _ours(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system + sum(cpu_by_process(self.server.tree()).values())
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+    def snapshot(self) -> tuple[float, float, float]:
+        return time.monotonic(), self._busy(), self._ours()
+
+    def external_cores(self, since: tuple[float, float, float]) -> float:
+        t, busy, ours = self.snapshot()
+        return max(0.0, (busy - since[1]) - (ours - since[2])) / max(t - since[0], 1e-6)
+
+    def wait_quiet(self, threshold: float, max_wait_s: float) -> float:
+        """Wait until the rest of the machine used < ``threshold`` cores for 2 s (at most ``max_wait_s``)."""
+        deadline = time.monotonic() + max_wait_s
+        warned = False
+        while True:
+            snap = self.snapshot()
+            time.sleep(2.0)
+            ext = self.external_cores(snap)
+            if ext < threshold or time.monotonic() > deadline:
+                return ext
+            if not warned:
+                log(f"    other processes use {ext:.2f} cores; waiting for a quiet moment (<= {max_wait_s:.0f} s)")
+                warned = True
+
+
+def external_load_note() -> str:
+    busy = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_percent"]):
+        try:
+            if p.info["pid"] != me and (p.info["cpu_percent"] or 0) > 5:
+                busy.append(f"{p.info['name']}({p.info['pid']})")
+        except psutil.Error:
+            pass
+    return ", ".join(busy[:6])
+
+
+def measure_swaps(server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: dict,
+                  mode: str) -> dict:
+    log(f"--- ours: hot-swap x{len(versions)}, mode {mode}, under {args.swap_concurrency} streaming clients")
+    meter = CpuMeter(server)
+    meter.wait_quiet(quiet["threshold"], quiet["max_wait_s"])
+    snap = meter.snapshot()
+    hs = asyncio.run(hot_swap_run(server, store, versions, load, args.swap_concurrency, settle_s=4.0))
+    hs["mode"] = mode
+    hs["external_load_cores"] = round(meter.external_cores(snap), 3)
+    return hs
+
+
 def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, name: str, entry: dict,
-                  raw: dict, budget_s: float) -> None:
-    """One concurrency level: the figures into ``entry``, per-request results into ``raw``."""
-    log(f"--- {name}: concurrency {c}, {len(reqs)} requests")
-    cpu0 = cpu_by_process(server.tree())
-    client0 = time.process_time()
-    results, wall = asyncio.run(closed_loop(url, reqs, c, f"{name} c={c}", time_budget_s=budget_s))
-    client_cpu = time.process_time() - client0
-    cpu1 = cpu_by_process(server.tree())
-    m = summarise(results, wall, len(reqs))
+                  raw: dict, budget_s: float, quiet: dict) -> None:
+    """One concurrency level: the figures into ``entry``, per-request results into ``raw``.
+
+    Retried (up to quiet["retries"] times) when other processes used more than quiet["max_external"]
+    cores during the run; the least disturbed attempt is kept.
+    """
+    meter = CpuMeter(server)
+    attempts = []
+    for attempt in range(1 + quiet["retries"]):
+        server.check_alive()
+        before = meter.wait_quiet(quiet["threshold"], quiet["max_wait_s"])
+        log(f"--- {name}: concurrency {c}, {len(reqs)} requests"
+            + (f" (attempt {attempt + 1})" if attempt else "") + f"; external load before {before:.2f} cores")
+        cpu0 = cpu_by_process(server.tree())
+        client0 = time.process_time()
+        snap = meter.snapshot()
+        with profile_recording():
+            results, wall = asyncio.run(closed_loop(url, reqs, c, f"{name} c={c}", time_budget_s=budget_s))
+        server.check_alive()
+        external = meter.external_cores(snap)
+        client_cpu = time.process_time() - client0
+        cpu1 = cpu_by_process(server.tree())
+        m = summarise(results, wall, len(reqs))
+        m["external_load_cores"] = round(external, 3)
+        m["attempt"] = attempt + 1
+        cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) >= 0.005}
+        attempts.append((external, m, cpu, client_cpu, results))
+        log(f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
+            f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
+            f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, {fmt(m['tokens_per_content_chunk'])} tok/chunk, "
+            f"errors {m['errors']}; server cpu s {cpu}, "
+            f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores")
+        if external <= quiet["max_external"]:
+            break
+        log(f"    disturbed by other processes ({external_load_note() or 'gone by now'})")
+    external, m, cpu, client_cpu, results = min(attempts, key=lambda a: a[0])
+    m["attempts_external_load_cores"] = [round(a[0], 3) for a in attempts]
+    tokens = max(m["completion_tokens"], 1)
+    m["cpu_ms_per_token"] = {k: round(v * 1e3 / tokens, 3) for k, v in cpu.items()}
+    m["client_cpu_ms_per_token"] = round(client_cpu * 1e3 / tokens, 3)
     entry["levels"][str(c)] = m
-    entry["process_cpu_s"][str(c)] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()
-                                      if v - cpu0.get(k, 0.0) >= 0.005}
+    entry["process_cpu_s"][str(c)] = cpu
     entry["client_cpu_s"][str(c)] = round(client_cpu, 2)
     raw[str(c)] = [
         {"idx": r.idx, "client": r.client, "ok": r.ok, "error": r.error, "max_tokens": r.max_tokens,
          "prompt_chars": r.prompt_chars, "t_send": round(r.t_send, 4), "latency_s": round(r.latency, 4),
          "ttft_s": None if r.ttft is None else round(r.ttft, 4), "completion_tokens": r.completion_tokens,
-         "text": r.text} for r in results]
-    log(f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
-        f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
-        f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, errors {m['errors']}; "
-        f"server cpu s {entry['process_cpu_s'][str(c)]}, client cpu {client_cpu:.1f} s")
+         "content_chunks": r.content_chunks, "text": r.text} for r in results]
 
 
 def machine_info() -> dict:
@@ -716,7 +906,8 @@ def print_table(report: dict) -> None:
     servers = report["servers"]
     levels = report["settings"]["concurrency"]
     head = (f"{'server':<10}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
-            f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/s a/b':>11}{'p99 a/b':>9}")
+            f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/chk':>8}{'tok/s a/b':>11}{'p99 a/b':>9}{'fe ms/tok':>10}"
+            f"{'cl ms/tok':>10}{'ext':>6}")
     print()
     print(head)
     print("-" * len(head))
@@ -727,16 +918,28 @@ def print_table(report: dict) -> None:
                 continue
             ratio_tok = ratio_p99 = None
             b = servers.get("vllm", {}).get("levels", {}).get(str(c))
-            if name in ("ours", "ours-grpc") and b:
+            if name == "ours" and b:
                 ratio_tok = m["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
                 ratio_p99 = m["latency_p99_s"] / b["latency_p99_s"] if b["latency_p99_s"] else None
             capped = "*" if m["requests_done"] + m["errors"] < m["requests_planned"] else " "
+            tokens = max(m["completion_tokens"], 1)
+            cpu = servers[name].get("process_cpu_s", {}).get(str(c), {})
+            frontend = sum(v for k, v in cpu.items() if k != "vllm-engine-core") * 1e3 / tokens
+            client = servers[name].get("client_cpu_s", {}).get(str(c), 0.0) * 1e3 / tokens
             print(f"{name:<10}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
                   f"{m['requests_per_s']:>8.2f}{fmt(m['latency_p50_s']):>9}{fmt(m['latency_p99_s']):>9}"
                   f"{fmt(m['ttft_p50_s'], '.3f'):>10}{fmt(m['ttft_p99_s'], '.3f'):>10}"
-                  f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}")
+                  f"{fmt(m.get('tokens_per_content_chunk')):>8}"
+                  f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}{frontend:>10.2f}{client:>10.2f}"
+                  f"{fmt(m.get('external_load_cores')):>6}")
     print("(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
-          " ours-grpc = diagnostic: the same load sent straight to the inference service, no gateway)")
+          " ours-grpc = diagnostic: the same load sent straight to the inference service's gRPC API (no gateway,\n"
+          "   and a gRPC client, which is lighter than the HTTP one: compare its server CPU, not its ratios);\n"
+          " tok/chk = completion tokens per streamed content chunk;\n"
+          " fe ms/tok = CPU ms per completion token of the server's processes other than vLLM's engine core\n"
+          "   (ours: gateway + inference + broker + feedback; vllm: its API server; naive: everything);\n"
+          " cl ms/tok = the same for the load generator (this process, same machine);\n"
+          " ext = CPU cores used by other processes on the machine during the level)")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -746,7 +949,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     levels = report["settings"]["concurrency"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
     for name, srv in report["servers"].items():
         xs = [c for c in levels if str(c) in srv["levels"]]
         style = dict(marker="o", label=LABELS[name], linestyle=":" if name == "ours-grpc" else "-")
@@ -760,9 +963,11 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax2.set_yscale("log")
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"Serving the default policy on {report['machine']['cpu_count']} CPU cores")
-    fig.tight_layout()
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Serving the default policy on {report['machine']['cpu_count']} CPU cores "
+                 f"({report['settings']['client'].split(',')[0]} clients, closed loop)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -799,14 +1004,28 @@ def main() -> int:
                     help="no new request starts after this long in one level (slow servers)")
     ap.add_argument("--swaps", type=int, default=None, help="hot-swaps to measure (default 3; 1 with --quick)")
     ap.add_argument("--swap-concurrency", type=int, default=8)
+    ap.add_argument("--swap-modes", default="drain,immediate",
+                    help="RLHF_INFERENCE_SWAP_MODE values to measure the hot-swap with; immediate restarts (a)")
     ap.add_argument("--grpc-levels", default="8,64",
                     help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)")
+    ap.add_argument("--quiet-threshold", type=float, default=0.15,
+                    help="start a level when other processes use fewer cores than this (shared machines)")
+    ap.add_argument("--quiet-max-wait-s", type=float, default=90.0)
+    ap.add_argument("--max-external", type=float, default=0.25,
+                    help="retry a level when other processes used more cores than this during it")
+    ap.add_argument("--retries", type=int, default=2, help="retries of a disturbed level (least disturbed kept)")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--kv-cache-gib", type=int, default=1)
     ap.add_argument("--max-tokens", default="16,128", help="min,max of max_tokens per request")
     ap.add_argument("--prompt-lines", default="1,12", help="min,max corpus lines per prompt")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--client", choices=("openai", "raw"), default="openai",
+                    help="load generator: openai.AsyncOpenAI (default) or raw httpx with minimal SSE parsing "
+                         "(uses less of the machine's CPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the servers' Python stacks (tests/benchmarks/profiling) and print where their "
+                         "time goes; slows them a little, so compare numbers only between profiled runs")
     args = ap.parse_args()
 
     servers = [s for s in args.servers.split(",") if s]
@@ -823,18 +1042,26 @@ def main() -> int:
     if len(counts) != len(levels):
         ap.error("--requests needs one count per concurrency level")
     grpc_levels = [int(x) for x in args.grpc_levels.split(",") if x and int(x) in levels]
+    quiet = {"threshold": args.quiet_threshold, "max_wait_s": args.quiet_max_wait_s,
+             "max_external": args.max_external, "retries": args.retries}
+    swap_modes = [m for m in args.swap_modes.split(",") if m]
     swaps_n = args.swaps if args.swaps is not None else (1 if args.quick else 3)
     s = Settings(args.max_model_len, args.max_num_seqs, args.kv_cache_gib)
     max_tokens = tuple(int(x) for x in args.max_tokens.split(","))
     prompt_lines = tuple(int(x) for x in args.prompt_lines.split(","))
 
-    # A SIGTERM must run the finally blocks that stop the servers, as Ctrl-C does.
+    # Ctrl-C and SIGTERM must run the finally blocks that stop the servers (SIGINT is set explicitly:
+    # a shell without job control starts background commands with it ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     out_path: Path = args.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logs = out_path.parent / f"{out_path.stem}-logs"
     shutil.rmtree(logs, ignore_errors=True)
+    global PROFILE_DIR, CLIENT
+    PROFILE_DIR = logs / "profiles" if args.profile else None
+    CLIENT = args.client
     lines = [ln.strip() for ln in (REPO / "shared" / "data" / "corpus.txt").read_text().splitlines() if ln.strip()]
     workloads = {c: make_workload(n, args.seed + c, lines, prompt_lines, max_tokens) for c, n in zip(levels, counts)}
     warmup = make_workload(4, args.seed - 1, lines, prompt_lines, max_tokens)
@@ -849,12 +1076,15 @@ def main() -> int:
             "concurrency": levels, "requests_per_level": dict(zip(map(str, levels), counts)),
             "level_budget_s": args.level_budget_s, "max_tokens_range": max_tokens,
             "prompt_lines_range": prompt_lines, "temperature": 0, "stream": True, "include_usage": True,
-            "client": "openai.AsyncOpenAI, closed loop (each client sends its next request when the previous "
-                      "ends), in the benchmark process on the same machine",
+            "client": ("openai.AsyncOpenAI" if args.client == "openai" else "httpx + minimal SSE parsing")
+                      + ", closed loop (each client sends its next request when the previous ends), "
+                        "in the benchmark process on the same machine",
             "warmup_requests": len(warmup), "seed": args.seed, "common": asdict(s),
-            "served_model_name": MODEL_NAME, "quick": args.quick,
+            "served_model_name": MODEL_NAME, "quick": args.quick, "shared_machine_guard": quiet,
+            "profiled": args.profile,
         },
         "servers": {},
+        "hot_swap": {},
     }
     raw: dict[str, dict[str, list]] = {}
     try:
@@ -889,7 +1119,7 @@ def main() -> int:
                     raise RuntimeError(f"{name} warm-up failed: {[r.error for r in w if not r.ok]}")
                 for c in levels:
                     measure_level(server, server.base_url, workloads[c], c, name, entry, raw[name],
-                                  args.level_budget_s)
+                                  args.level_budget_s, quiet)
                 if name == "ours" and grpc_levels:
                     # Diagnostic: the same load straight to the inference service's gRPC API, to
                     # split the cost of the gateway hop from the inference service's own.
@@ -899,12 +1129,19 @@ def main() -> int:
                     raw["ours-grpc"] = {}
                     for c in grpc_levels:
                         measure_level(server, server.grpc_url, workloads[c], c, "ours-grpc", diag,
-                                      raw["ours-grpc"], args.level_budget_s)
-                if name == "ours" and swap_versions:
-                    log(f"--- ours: hot-swap x{len(swap_versions)} under {args.swap_concurrency} streaming clients")
-                    report["hot_swap"] = asyncio.run(hot_swap_run(server, store, swap_versions, swap_load,
-                                                                  args.swap_concurrency, settle_s=4.0))
+                                      raw["ours-grpc"], args.level_budget_s, quiet)
+                if name == "ours" and swap_versions and "drain" in swap_modes:
+                    report["hot_swap"]["drain"] = measure_swaps(server, store, swap_versions, swap_load, args,
+                                                                quiet, "drain (default)")
             log(f"=== {name}: stopped")
+            if name == "ours" and swap_versions and "immediate" in swap_modes:
+                log("=== (a) ours again, with RLHF_INFERENCE_SWAP_MODE=immediate, for the hot-swap only")
+                with start_server(name, model_dir, store_root, s, logs, log_name="ours-immediate",
+                                  extra_env={"RLHF_INFERENCE_SWAP_MODE": "immediate"}) as server:
+                    w, _ = asyncio.run(closed_loop(server.base_url, warmup, 2, f"{name} warm-up"))
+                    report["hot_swap"]["immediate"] = measure_swaps(server, store, swap_versions, swap_load, args,
+                                                                    quiet, "immediate")
+                log("=== ours (immediate): stopped")
     except KeyboardInterrupt:
         log("interrupted: servers stopped")
         return 130
@@ -920,8 +1157,14 @@ def main() -> int:
     plot(report, png)
 
     print_table(report)
-    print_hot_swap(report.get("hot_swap"))
+    print_hot_swap(report.get("hot_swap", {}))
     print_targets(report)
+    if PROFILE_DIR is not None:
+        from profile_report import report as profile_summary
+
+        text = profile_summary(PROFILE_DIR)
+        (logs / "profile-summary.txt").write_text(text + "\n")
+        print("\nWhere the servers' Python threads spent their time (sampling profile):\n" + text)
     print(f"\nJSON: {out_path}\nplot: {png}\nserver logs: {logs}")
     return 0
 
@@ -935,22 +1178,26 @@ def targets(report: dict) -> dict:
         p99 = a["latency_p99_s"] / b["latency_p99_s"]
         out["throughput_64"] = {"ratio": tok, "target": ">= 0.85", "pass": tok >= 0.85}
         out["p99_64"] = {"ratio": p99, "target": "<= 1.2", "pass": p99 <= 1.2}
-    hs = report.get("hot_swap")
-    if hs:
+    for mode, hs in report.get("hot_swap", {}).items():
         worst = hs["server_pause_max_s"] if hs["server_pause_max_s"] is not None else hs["server_pause_mean_s"]
-        out["hot_swap_pause"] = {"max_s": worst, "target": "< 1 s", "pass": worst is not None and worst < 1.0}
+        out[f"hot_swap_pause_{mode}"] = {"max_s": worst, "target": "< 1 s", "pass": worst is not None and worst < 1.0}
     return out
 
 
-def print_hot_swap(hs: dict | None) -> None:
-    if not hs:
-        return
-    print(f"\nHot-swap on (a), {hs['swaps_announced']} swaps under {hs['load']['requests_done']} streamed requests "
-          f"({hs['load']['tokens_per_s']:.0f} tok/s):")
-    logged = ", ".join(f"{x.get('pause_ms', 0):.0f} ms (drain {x.get('drain_ms', 0):.0f})"
-                       for x in hs["server_pauses_logged"])
+def print_hot_swap(modes: dict) -> None:
+    for hs in modes.values():
+        print_one_hot_swap(hs)
+
+
+def print_one_hot_swap(hs: dict) -> None:
+    print(f"\nHot-swap on (a), RLHF_INFERENCE_SWAP_MODE={hs.get('mode')}: {hs['swaps_announced']} swaps under "
+          f"{hs['load']['requests_done']} streamed requests ({hs['load']['tokens_per_s']:.0f} tok/s):")
+    logged = ", ".join(f"{x.get('pause_ms', 0):.0f} ms (drain {x.get('drain_ms', 0):.0f}, "
+                       f"{x.get('in_flight', '?')} in flight)" for x in hs["server_pauses_logged"])
     print(f"  server pause (rlhf_inference_swap_pause_seconds): mean {fmt(hs['server_pause_mean_s'], '.3f')} s, "
           f"max {fmt(hs['server_pause_max_s'], '.3f')} s over {hs['server_pause_count']:.0f} swaps [{logged}]")
+    print(f"  of which draining requests in flight: max {fmt(hs['server_drain_max_s'], '.3f')} s; "
+          f"reloading weights: max {fmt(hs['server_reload_max_s'], '.3f')} s")
     firsts = ", ".join(fmt(x) for x in hs["announce_to_first_new_response_s"])
     print(f"  announce -> first chunk from the new version: {firsts} s")
     print(f"  largest gap between a client's events (send/chunk): in swap windows "
@@ -959,7 +1206,9 @@ def print_hot_swap(hs: dict | None) -> None:
     ti, to = hs["ttft_in_swap_windows"], hs["ttft_outside"]
     print(f"  TTFT of requests in swap windows: n={ti['n']} p50 {fmt(ti['p50_s'], '.3f')} max {fmt(ti['max_s'], '.3f')} s; "
           f"outside: p50 {fmt(to['p50_s'], '.3f')} p99 {fmt(to['p99_s'], '.3f')} s")
-    print(f"  requests mixing policy versions: {len(hs['requests_mixing_versions'])}; errors: {hs['load']['errors']}")
+    print(f"  streams whose chunks named two versions: {len(hs['requests_mixing_versions'])} (a stream's chunks carry "
+          f"the version it started on); errors: {hs['load']['errors']}; "
+          f"other processes used {fmt(hs.get('external_load_cores'))} cores meanwhile")
 
 
 def print_targets(report: dict) -> None:
@@ -970,9 +1219,11 @@ def print_targets(report: dict) -> None:
               f"{'PASS' if t['throughput_64']['pass'] else 'FAIL'}")
         print(f"  (a) p99 latency at 64 <= 1.2 x (b): {t['p99_64']['ratio']:.2f}x  "
               f"{'PASS' if t['p99_64']['pass'] else 'FAIL'}")
-    if "hot_swap_pause" in t:
-        print(f"  hot-swap pause < 1 s: {fmt(t['hot_swap_pause']['max_s'], '.3f')} s  "
-              f"{'PASS' if t['hot_swap_pause']['pass'] else 'FAIL'}")
+    for key, v in t.items():
+        if key.startswith("hot_swap_pause_"):
+            mode = key.removeprefix("hot_swap_pause_")
+            print(f"  hot-swap pause < 1 s ({mode}{' = default' if mode == 'drain' else ''}): "
+                  f"{fmt(v['max_s'], '.3f')} s  {'PASS' if v['pass'] else 'FAIL'}")
     for name, a in report.get("output_agreement_with_vllm", {}).items():
         print(f"  {name}: {a['identical_text']}/{a['compared']} greedy completions identical to vLLM's")
 
