@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-import httpx  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from shared.config import KafkaConfig  # noqa: E402
@@ -103,16 +102,22 @@ class Services:
 
 
 async def run_http(svc: Services, prefix: str, n: int, concurrency: int) -> list[tuple[float, bool]]:
+    # aiohttp, not httpx: httpx's connection pool costs several times more CPU per request at high
+    # concurrency, and the load generator shares the 2 cores with the servers it measures.
+    import aiohttp
+
     url = f"http://127.0.0.1:{svc.gateway_port}/v1/feedback"
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
         async def one(i: int) -> tuple[float, bool]:
             rid = f"{prefix}-r{i}"
             body = {"type": "thumb", "response_id": rid, "thumb": "up", "user": f"{prefix}-u{i}",
                     "feedback_tokens": [token(rid)]}
             t = time.perf_counter()
-            r = await client.post(url, json=body)
-            return time.perf_counter() - t, r.status_code == 200
+            async with client.post(url, json=body) as r:
+                await r.read()
+                ok = r.status == 200
+            return time.perf_counter() - t, ok
         return await closed_loop(one, n, concurrency)
 
 
