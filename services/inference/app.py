@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from services.inference.config import InferenceConfig
 from services.inference.engine import VllmEngine
@@ -31,8 +30,7 @@ class InferenceApp:
         self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
         self.server = GrpcServer("InferenceService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
-        self._stop_follower = threading.Event()
-        self._follower_thread: threading.Thread | None = None
+        self.follower: TopicFollower | None = None
 
     @property
     def address(self) -> str:
@@ -41,29 +39,25 @@ class InferenceApp:
     async def start(self) -> None:
         """Listen (NOT_SERVING), load the policy, follow updates, then report SERVING."""
         await self.server.start()
-        follower = None
         if self.cfg.follow_updates and self.cfg.kafka.servers:
             # Position on the update topic before reading the store's current version, so that an
             # update published in between is not missed.
-            follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY_UPDATES)
+            self.follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY_UPDATES)
         await self.serving.start()
-        if follower is not None:
+        if self.follower is not None:
             loop = asyncio.get_running_loop()
 
             def on_update(env, record) -> None:
                 if isinstance(env.payload, PolicyUpdateEvent):
                     asyncio.run_coroutine_threadsafe(self.serving.apply_update(env.payload), loop).result()
 
-            self._follower_thread = threading.Thread(
-                target=follower.run, args=(on_update, self._stop_follower), name="policy-updates", daemon=True)
-            self._follower_thread.start()
+            self.follower.start_thread(on_update, "policy-updates")
         await self.server.set_serving()
 
     async def stop(self) -> None:
         await self.server.stop()
-        self._stop_follower.set()
-        if self._follower_thread:
-            await asyncio.to_thread(self._follower_thread.join, 5)
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop_thread)
         if self.publisher:
             await asyncio.to_thread(self.publisher.close, 10)
         await self.serving.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 
 from services.reward.config import RewardConfig
 from services.reward.scorer import RewardScorer
@@ -33,8 +32,7 @@ class RewardApp:
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
-        self._stop_follower = threading.Event()
-        self._follower_thread: threading.Thread | None = None
+        self.follower: TopicFollower | None = None
 
     @property
     def address(self) -> str:
@@ -48,21 +46,18 @@ class RewardApp:
 
             torch.set_num_threads(self.cfg.torch_threads)
         await self.server.start()
-        follower = None
         if self.cfg.follow_updates and self.cfg.kafka.servers:
             # Position on the topic before reading the store's current version: nothing is missed.
-            follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "reward", REWARD_MODELS)
+            self.follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "reward", REWARD_MODELS)
         if not self.cfg.rm_version and not self.store.versions("rm") and self.cfg.bootstrap_rankings:
             await asyncio.to_thread(self._bootstrap)
         await asyncio.to_thread(self.scorer.load, self.cfg.rm_version or None)
-        if follower is not None:
+        if self.follower is not None:
             def on_update(env, record) -> None:
                 if isinstance(env.payload, RewardModelEvent):
                     self.scorer.apply_update(env.payload)
 
-            self._follower_thread = threading.Thread(
-                target=follower.run, args=(on_update, self._stop_follower), name="reward-models", daemon=True)
-            self._follower_thread.start()
+            self.follower.start_thread(on_update, "reward-models")
         await self.server.set_serving()
 
     def _bootstrap(self) -> None:
@@ -76,6 +71,5 @@ class RewardApp:
 
     async def stop(self) -> None:
         await self.server.stop()
-        self._stop_follower.set()
-        if self._follower_thread:
-            await asyncio.to_thread(self._follower_thread.join, 5)
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop_thread)

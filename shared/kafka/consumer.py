@@ -118,6 +118,18 @@ class TopicFollower:
             time.sleep(0.2)
         raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
 
+    def start_thread(self, handler: Handler, name: str) -> None:
+        """Run the follower in a daemon thread until ``stop_thread``."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.run, args=(handler, self._stop), name=name, daemon=True)
+        self._thread.start()
+
+    def stop_thread(self, timeout_s: float = 5.0) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join(timeout_s)
+            self._thread = None
+
     def run(self, handler: Handler, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
