@@ -107,6 +107,20 @@ class RequestResult:
         return None if self.t_first is None else self.t_first - self.t_send
 
 
+def finish(r: "RequestResult", parts: list[str]) -> None:
+    """Close a streamed request: ok only if the server reported usage (the last chunk arrived)."""
+    r.t_end = time.monotonic()
+    r.text = "".join(parts)
+    r.ok = r.completion_tokens > 0
+    if not r.ok:
+        r.error = "no usage chunk"
+
+
+def fail(r: "RequestResult", exc: Exception) -> None:
+    r.t_end = time.monotonic()
+    r.error = f"{type(exc).__name__}: {exc}"[:300]
+
+
 async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool) -> RequestResult:
     r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
     r.t_send = time.monotonic()
@@ -134,14 +148,9 @@ async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool
                         r.t_first = now
                 if choice.finish_reason and r.t_first is None:
                     r.t_first = now  # nothing but the end-of-sequence token was generated
-        r.t_end = time.monotonic()
-        r.text = "".join(parts)
-        r.ok = r.completion_tokens > 0
-        if not r.ok:
-            r.error = "no usage chunk"
+        finish(r, parts)
     except Exception as exc:  # noqa: BLE001 - counted and reported per level
-        r.t_end = time.monotonic()
-        r.error = f"{type(exc).__name__}: {exc}"[:300]
+        fail(r, exc)
     return r
 
 
@@ -168,14 +177,9 @@ async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) ->
                 r.content_chunks += bool(chunk.text)
                 if r.t_first is None:
                     r.t_first = now
-        r.t_end = time.monotonic()
-        r.text = "".join(parts)
-        r.ok = r.completion_tokens > 0
-        if not r.ok:
-            r.error = "no usage chunk"
+        finish(r, parts)
     except Exception as exc:  # noqa: BLE001
-        r.t_end = time.monotonic()
-        r.error = f"{type(exc).__name__}: {exc}"[:300]
+        fail(r, exc)
     return r
 
 
@@ -214,14 +218,9 @@ async def run_raw(http, req: ChatRequest, client_no: int, keep_chunks: bool) -> 
                             r.t_first = now
                     if choice.get("finish_reason") and r.t_first is None:
                         r.t_first = now
-        r.t_end = time.monotonic()
-        r.text = "".join(parts)
-        r.ok = r.completion_tokens > 0
-        if not r.ok:
-            r.error = "no usage chunk"
+        finish(r, parts)
     except Exception as exc:  # noqa: BLE001
-        r.t_end = time.monotonic()
-        r.error = f"{type(exc).__name__}: {exc}"[:300]
+        fail(r, exc)
     return r
 
 
