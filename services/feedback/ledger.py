@@ -14,7 +14,7 @@ from services.feedback.protocol import SubmitResult
 from shared.config import KafkaConfig
 from shared.events import FeedbackEvent
 from shared.kafka.client import consumer_kwargs
-from shared.kafka.envelope import EnvelopeError, decode
+from shared.kafka.consumer import decode_or_skip
 from shared.kafka.topics import FEEDBACK
 from shared.logging import get_logger, log_event
 
@@ -80,11 +80,9 @@ class LedgerFollower:
             while not stop.is_set():
                 for records in self._consumer.poll(timeout_ms=300).values():
                     for record in records:
-                        try:
-                            env = decode(record.value, expect=FeedbackEvent)
-                        except EnvelopeError:
-                            continue
-                        self.ledger.apply(env.payload)
+                        env = decode_or_skip(record, expect=FeedbackEvent)
+                        if env is not None:
+                            self.ledger.apply(env.payload)
                 if not self.caught_up.is_set() and all(
                         self._consumer.position(tp) >= self._end[tp] for tp in self._parts):
                     self.caught_up.set()

@@ -32,9 +32,11 @@ Handler = Callable[[envelope.Envelope, Any], None]
 """Called with the decoded envelope and the raw kafka-python record."""
 
 
-def _decode(record: Any) -> envelope.Envelope | None:
+def decode_or_skip(record: Any, expect: type | None = None) -> envelope.Envelope | None:
+    """The record's envelope, or None for a record that is not one (counted and logged, so that a
+    bad record never stalls or crashes a reader)."""
     try:
-        return envelope.decode(record.value)
+        return envelope.decode(record.value, expect=expect)
     except envelope.EnvelopeError as exc:
         BAD_RECORDS.labels(record.topic).inc()
         log_event(log, "skipping bad record", level=30, topic=record.topic, partition=record.partition,
@@ -68,7 +70,7 @@ class GroupConsumer:
         handled = 0
         for tp, records in batches.items():
             for record in records:
-                env = _decode(record)
+                env = decode_or_skip(record)
                 if env is not None:
                     try:
                         handler(env, record)
@@ -136,7 +138,7 @@ class TopicFollower:
                 batches = self._consumer.poll(timeout_ms=self.poll_timeout_ms)
                 for records in batches.values():
                     for record in records:
-                        env = _decode(record)
+                        env = decode_or_skip(record)
                         if env is None:
                             continue
                         try:
