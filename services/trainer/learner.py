@@ -1,0 +1,511 @@
+"""PPOLearner: one PPO update of the policy (and value model) from a batch of scored rollouts.
+
+    learner = PPOLearner(policy_dir, reference_dir, rm_dir, PPOConfig(), policy_version="policy-0001")
+    stats = learner.step(rollouts)           # rollouts: list[Rollout], scored by the reward model
+    learner.save_policy(out_dir)             # then publish out_dir to the model store
+    learner.mark_published("policy-0002")    # rollouts sampled by policy-0002 are now on-policy
+
+One ``step``:
+
+1. collate the rollouts (rollout.py) and, without gradients, compute per response token the
+   reference (SFT) logprobs, the old logprobs and the old values;
+2. rewards: ``-beta * KL_t`` at every token, the RM score at the last one (``ppo.per_token_rewards``);
+3. GAE advantages and returns; advantages whitened over the batch;
+4. ``epochs`` passes of shuffled minibatches: clipped surrogate + clipped value loss - entropy bonus
+   (+ gamma_ptx * LM loss on pretraining text), gradient-norm clipping, one Adam step each;
+5. the adaptive KL controller (if on) sees the batch's mean KL.
+
+**Old logprobs and stale rollouts.** PPO's ratio is pi_new / pi_old where pi_old sampled the data.
+The learner knows which weights it holds (``weights_version``: the published version it was loaded
+from or last published, or a local label like ``policy-0003@step7`` after updates). A rollout whose
+``policy_version`` equals ``weights_version`` is on-policy: its old logprobs are recomputed by the
+learner (exactly the numbers the new logprobs are compared with at the first minibatch). Any other
+rollout was sampled by an older policy: its ``behaviour_logprobs`` (from vLLM, required then) are
+used as pi_old, so the clipped ratio corrects for the staleness (the service drops rollouts older
+than its configured staleness). The KL penalty uses the same old logprobs: it is the KL of the
+policy that produced the response, as in InstructGPT.
+
+**Data parallelism.** See distributed.py: with torch.distributed initialised every process calls
+``step`` with the same rollouts and the update equals one process's on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore
+
+from . import distributed
+from .models import (
+    PolicyHead,
+    ValueHead,
+    frozen_copy,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    load_value_model,
+    save_policy,
+    verified_dir,
+    weights_dtype,
+)
+from .ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    per_token_rewards,
+    gae_advantages,
+)
+from .ppo_config import PPOConfig
+from .rollout import InvalidRollout, Rollout, RolloutBatch, collate, cut_at_eos
+
+log = get_logger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one ``PPOLearner.step`` did (means over the batch unless said otherwise)."""
+
+    step: int
+    """Number of this step (1 for the first)."""
+    samples: int
+    """Rollouts in the batch."""
+    tokens: int
+    """Response tokens in the batch (after cutting at EOS)."""
+    seconds: float
+    """Wall-clock time of the step."""
+    mean_score: float
+    """Mean reward model score (after clipping and the missing-EOS penalty)."""
+    mean_kl: float
+    """Mean over samples of the summed per-token KL(old policy || reference), in nats."""
+    mean_non_score_reward: float
+    """Mean over samples of the summed -beta * KL_t."""
+    entropy: float
+    """Mean token entropy of the policy during the updates, in nats."""
+    policy_loss: float
+    value_loss: float
+    ptx_loss: float
+    """Mean LM loss on the pretraining text (nan when PPO-ptx is off)."""
+    clipfrac: float
+    """Fraction of tokens where the policy ratio was clipped."""
+    value_clipfrac: float
+    approx_kl: float
+    """Mean k3 estimate of KL(old || new) over the updates."""
+    kl_coef: float
+    """Beta used for this batch's rewards."""
+    next_kl_coef: float
+    """Beta after the controller's update (for the next batch)."""
+    policy_grad_norm: float
+    """Mean gradient norm of the policy before clipping."""
+    value_grad_norm: float
+    mean_response_length: float
+    stale_samples: int
+    """Rollouts sampled by other weights than the learner's (their behaviour logprobs were used)."""
+    return_mean: float
+    value_mean: float
+    minibatch_updates: int
+    """Optimiser steps taken."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict[str, float]:
+        out = asdict(self)
+        out["samples_per_s"] = self.samples_per_s
+        out["tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+@dataclass
+class LearnerState:
+    """Everything needed to resume training: tensors (for safetensors) and JSON-able metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    """``policy.*``, ``value.*`` weights and ``policy_optim.*`` / ``value_optim.*`` Adam moments."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Counters, the KL coefficient, weights_version and the optimisers' param_groups."""
+
+
+@dataclass
+class _Prepared:
+    """Per-token quantities of a whole batch, computed before the updates (all (B, R))."""
+
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PPOLearner:
+    """Holds the policy, the frozen reference, the value model and their optimisers; see the module docstring."""
+
+    def __init__(self, policy_dir: Path, reference_dir: Path, rm_dir: Path, config: PPOConfig, *,
+                 policy_version: str = "policy"):
+        """Load from directories the caller has verified (``from_store`` verifies them itself).
+
+        ``policy_version``: the model-store version ``policy_dir`` holds (rollouts it sampled are on-policy).
+        """
+        problems = config.problems()
+        if problems:
+            raise ValueError("invalid PPOConfig: " + "; ".join(problems))
+        self.config = config
+        self.ctx = distributed.context()
+        torch.manual_seed(config.seed)
+        self.tokenizer = load_tokenizer(policy_dir)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
+        self.publish_dtype = weights_dtype(policy_dir)
+
+        policy = load_policy(policy_dir)
+        same = Path(reference_dir).resolve() == Path(policy_dir).resolve()
+        reference = frozen_copy(policy) if same else load_reference(reference_dir)
+        self.policy = PolicyHead(policy, config.temperature)
+        self.reference = PolicyHead(reference, config.temperature)
+        self.value = load_value_model(rm_dir)
+        self._policy_ddp = distributed.wrap(self.policy, self.ctx)
+        self._value_ddp = distributed.wrap(self.value, self.ctx)
+        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr, eps=config.adam_eps)
+        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.effective_value_lr,
+                                                eps=config.adam_eps)
+        if config.adaptive_kl:
+            self.kl_controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
+                config.kl_coef, config.target_kl, config.kl_horizon)
+        else:
+            self.kl_controller = FixedKLController(config.kl_coef)
+        self.base_version = policy_version
+        self.weights_version = policy_version
+        """The version label of the weights the learner holds (see the module docstring)."""
+        self.steps_done = 0
+        self.samples_seen = 0
+        self._ptx_tokens: torch.Tensor | None = None
+
+    @classmethod
+    def from_store(cls, store: ModelStore, policy_version: str, reference_version: str, rm_version: str,
+                   config: PPOConfig) -> PPOLearner:
+        """Verify the three versions' sha256 manifests, then load them."""
+        return cls(verified_dir(store, policy_version), verified_dir(store, reference_version),
+                   verified_dir(store, rm_version), config, policy_version=policy_version)
+
+    # --- the update ----------------------------------------------------------------------------
+
+    def step(self, rollouts: Sequence[Rollout]) -> StepStats:
+        """One PPO update from ``rollouts`` (every data-parallel process passes the same list)."""
+        started = time.monotonic()
+        cfg = self.config
+        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
+        stale = self._stale_rows(rollouts, batch)
+        mask = batch.response_mask
+        scores = self._scores(batch)
+
+        old_logprobs, ref_logprobs, old_values = self._no_grad_pass(batch, stale)
+        kl_coef = self.kl_controller.value
+        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        non_score = (-kl_coef * kl).sum(-1)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask) * mask
+        prepared = _Prepared(old_logprobs, old_values, advantages, returns)
+
+        sums: dict[str, float] = {}
+        updates = 0
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.steps_done)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(batch.size, generator=generator)
+            for start in range(0, batch.size, cfg.minibatch_size):
+                minibatch = order[start:start + cfg.minibatch_size]
+                for key, value in self._update(batch, prepared, minibatch, generator).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                updates += 1
+        means = {k: v / updates for k, v in sums.items()}
+        means = self._mean_over_processes(means)
+
+        mean_kl = float(kl.sum(-1).mean())
+        self.kl_controller.update(mean_kl, batch.size)
+        self.steps_done += 1
+        self.samples_seen += batch.size
+        self.weights_version = f"{self.base_version}@step{self.steps_done}"
+        stats = StepStats(
+            step=self.steps_done, samples=batch.size, tokens=int(mask.sum()),
+            seconds=time.monotonic() - started, mean_score=float(scores.mean()), mean_kl=mean_kl,
+            mean_non_score_reward=float(non_score.mean()), entropy=means["entropy"],
+            policy_loss=means["policy_loss"], value_loss=means["value_loss"],
+            ptx_loss=means.get("ptx_loss", math.nan), clipfrac=means["clipfrac"],
+            value_clipfrac=means["value_clipfrac"], approx_kl=means["approx_kl"], kl_coef=kl_coef,
+            next_kl_coef=self.kl_controller.value, policy_grad_norm=means["policy_grad_norm"],
+            value_grad_norm=means["value_grad_norm"], mean_response_length=float(mask.sum(-1).mean()),
+            stale_samples=int(stale.sum()), return_mean=float(masked_mean(returns, mask)),
+            value_mean=float(masked_mean(old_values, mask)), minibatch_updates=updates,
+        )
+        log_event(log, "ppo step", step=stats.step, samples=stats.samples, tokens=stats.tokens,
+                  score=round(stats.mean_score, 4), kl=round(stats.mean_kl, 4), kl_coef=round(kl_coef, 5),
+                  clipfrac=round(stats.clipfrac, 3), seconds=round(stats.seconds, 2),
+                  samples_per_s=round(stats.samples_per_s, 2))
+        return stats
+
+    def _scores(self, batch: RolloutBatch) -> torch.Tensor:
+        scores = batch.scores.clone()
+        if self.config.missing_eos_penalty:
+            scores = scores - self.config.missing_eos_penalty * (~batch.ended_with_eos).float()
+        if self.config.score_clip is not None:
+            scores = scores.clamp(-self.config.score_clip, self.config.score_clip)
+        return scores
+
+    def _stale_rows(self, rollouts: Sequence[Rollout], batch: RolloutBatch) -> torch.Tensor:
+        stale = torch.tensor([r.policy_version != self.weights_version for r in rollouts])
+        missing = (stale & ~batch.has_behaviour_logprobs).nonzero().flatten().tolist()
+        if missing:
+            i = missing[0]
+            raise InvalidRollout(
+                f"rollout {i}: sampled by {rollouts[i].policy_version}, the learner holds {self.weights_version}: "
+                "behaviour_logprobs are needed for an off-policy rollout", param="behaviour_logprobs")
+        return stale
+
+    @torch.no_grad()
+    def _no_grad_pass(self, batch: RolloutBatch, stale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(old logprobs, reference logprobs, old values), each (B, R); rows sharded across processes."""
+        rows = distributed.shard_rows(batch.size, self.ctx)
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": []}
+        step = self.config.forward_batch_size
+        width = batch.response_mask.shape[1]
+        for start in range(0, len(rows), step):
+            sub, _ = _trimmed(batch, rows[start:start + step])
+            args = (sub.input_ids, sub.attention_mask, sub.response_positions)
+            parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
+            parts["ref"].append(_pad_cols(self.reference(*args, sub.response_ids)[0], width))
+            parts["values"].append(_pad_cols(self.value(*args), width))
+        out = []
+        for key in ("logprobs", "ref", "values"):
+            local = torch.cat(parts[key]) if parts[key] else torch.zeros((0, width))
+            out.append(distributed.all_gather_rows(local, batch.size, self.ctx) * batch.response_mask)
+        current, ref, values = out
+        old = torch.where(stale.unsqueeze(1), batch.behaviour_logprobs, current) * batch.response_mask
+        return old, ref, values
+
+    def _update(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
+                generator: torch.Generator) -> dict[str, float]:
+        """One optimiser step on ``minibatch`` (global row indices); returns this process's diagnostics."""
+        cfg, ctx = self.config, self.ctx
+        local_rows = minibatch[ctx.rank::ctx.world_size]
+        weight = 1.0
+        if len(local_rows) == 0:  # fewer rows than processes: compute a row with zero weight (DDP needs a backward)
+            local_rows, weight = minibatch[:1], 0.0
+        sub, width = _trimmed(batch, local_rows.tolist())
+        mask = sub.response_mask
+        # Sum over this process's tokens / tokens of the whole minibatch, times world (see distributed.py).
+        scale = weight * float(mask.sum()) * ctx.world_size / float(batch.response_mask[minibatch].sum())
+
+        ptx_ids = ptx_scale = None
+        if cfg.ptx_coef > 0:
+            ptx_all = self._ptx_batch(generator)
+            ptx_local = ptx_all[ctx.rank::ctx.world_size]
+            ptx_scale = ctx.world_size * len(ptx_local) / len(ptx_all)
+            if len(ptx_local) == 0:
+                ptx_local, ptx_scale = ptx_all[:1], 0.0
+            ptx_ids = ptx_local
+
+        logprobs, entropy, ptx_nll = self._policy_ddp(
+            sub.input_ids, sub.attention_mask, sub.response_positions, sub.response_ids,
+            ptx_ids, None if ptx_ids is None else torch.ones_like(ptx_ids))
+        values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions)
+        rows = local_rows
+        policy_loss, clipfrac, approx_kl = clipped_policy_loss(
+            logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range)
+        value_loss, value_clipfrac = clipped_value_loss(
+            values, prepared.old_values[rows, :width], prepared.returns[rows, :width], mask, cfg.clip_range_value)
+        entropy_mean = masked_mean(entropy, mask)
+        loss = scale * (policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean)
+        stats = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
+                 "entropy": float(entropy_mean.detach()), "clipfrac": float(clipfrac),
+                 "value_clipfrac": float(value_clipfrac), "approx_kl": float(approx_kl)}
+        if ptx_nll is not None:
+            ptx_loss = ptx_nll.mean()
+            loss = loss + cfg.ptx_coef * ptx_scale * ptx_loss
+            stats["ptx_loss"] = float(ptx_loss.detach())
+
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["policy_grad_norm"] = _clip(self.policy.parameters(), cfg.max_grad_norm)
+        stats["value_grad_norm"] = _clip(self.value.parameters(), cfg.max_grad_norm)
+        self.policy_optimizer.step()
+        self.value_optimizer.step()
+        return stats
+
+    # --- PPO-ptx data ------------------------------------------------------------------------
+
+    def _ptx_batch(self, generator: torch.Generator) -> torch.Tensor:
+        """(ptx_batch_size, ptx_seq_len) windows of the tokenized pretraining file, drawn with ``generator``."""
+        if self._ptx_tokens is None:
+            text = Path(self.config.ptx_file).read_text(encoding="utf-8")
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)  # fast path, no length warning
+            ids = (backend.encode(text, add_special_tokens=False).ids if backend is not None
+                   else self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+            if len(ids) <= self.config.ptx_seq_len:
+                raise ValueError(f"{self.config.ptx_file}: {len(ids)} tokens, fewer than ptx_seq_len "
+                                 f"{self.config.ptx_seq_len}")
+            self._ptx_tokens = torch.tensor(ids, dtype=torch.long)
+        n, length = len(self._ptx_tokens), self.config.ptx_seq_len
+        starts = torch.randint(0, n - length + 1, (self.config.ptx_batch_size,), generator=generator)
+        return torch.stack([self._ptx_tokens[s:s + length] for s in starts.tolist()])
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.ctx.enabled:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return {k: float(v) / self.ctx.world_size for k, v in zip(keys, tensor)}
+
+    # --- evaluation helpers -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def kl_to_reference(self, rollouts: Sequence[Rollout]) -> float:
+        """Mean over rollouts of the summed per-token KL (k1) of the learner's current policy to the
+        reference, on the rollouts' responses (for the publish gate)."""
+        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
+        fresh = torch.zeros(batch.size, dtype=torch.bool)
+        current, ref, _ = self._no_grad_pass(batch, fresh)
+        return float((kl_penalty(current, ref, "k1") * batch.response_mask).sum(-1).mean())
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
+                 temperature: float = 1.0, seed: int | None = None) -> list[list[int]]:
+        """Responses of the current policy (transformers ``generate``, cut after EOS), one per prompt."""
+        lm = self.policy.lm
+        if seed is not None:
+            torch.manual_seed(seed)
+        width = max(len(p) for p in prompt_token_ids)
+        ids = torch.full((len(prompt_token_ids), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompt_token_ids):  # left padding: generation continues every row
+            ids[i, width - len(prompt):] = torch.tensor(list(prompt))
+            attention[i, width - len(prompt):] = 1
+        was_training = lm.training
+        lm.eval()
+        try:
+            out = lm.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                              do_sample=not greedy, temperature=temperature if not greedy else None,
+                              top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
+                              pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
+        finally:
+            lm.train(was_training)
+        return [cut_at_eos([t for t in row.tolist()], self.eos_token_id) for row in out[:, width:]]
+
+    # --- publishing and checkpoints -----------------------------------------------------------
+
+    def mark_published(self, version: str) -> None:
+        """The current weights were published as ``version``: rollouts it samples are on-policy."""
+        self.base_version = version
+        self.weights_version = version
+
+    def policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's weights (transformers names), detached copies."""
+        return {k: v.detach().clone() for k, v in self.policy.lm.state_dict().items()}
+
+    def save_policy(self, out_dir: Path) -> Path:
+        """Write the policy as a Hugging Face directory the inference service can hot-swap (models.save_policy)."""
+        return save_policy(self.policy.lm, self.tokenizer, out_dir, dtype=self.publish_dtype)
+
+    def state_dict(self) -> LearnerState:
+        """Policy, value model, both optimisers and the counters, as tensors + JSON (no pickle)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, module in (("policy", self.policy.lm), ("value", self.value)):
+            for name, tensor in module.state_dict().items():
+                tensors[f"{prefix}.{name}"] = tensor.detach().contiguous().clone()
+        meta: dict[str, Any] = {
+            "format": 1, "steps_done": self.steps_done, "samples_seen": self.samples_seen,
+            "kl_coef": self.kl_controller.value, "weights_version": self.weights_version,
+            "base_version": self.base_version,
+        }
+        for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
+            state = optimizer.state_dict()
+            for index, slots in state["state"].items():
+                for slot, value in slots.items():
+                    tensors[f"{prefix}.{index}.{slot}"] = torch.as_tensor(value).detach().contiguous().clone()
+            meta[f"{prefix}.param_groups"] = _jsonable(state["param_groups"])
+        return LearnerState(tensors, meta)
+
+    def load_state_dict(self, state: LearnerState) -> None:
+        """Restore what ``state_dict`` returned (the same model architecture and PPOConfig optimiser layout)."""
+        if state.meta.get("format") != 1:
+            raise ValueError(f"unsupported learner state format {state.meta.get('format')!r}")
+        for prefix, module in (("policy", self.policy.lm), ("value", self.value)):
+            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.tensors.items()
+                                    if k.startswith(prefix + ".")}, strict=True)
+        for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
+            slots: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in state.tensors.items():
+                if key.startswith(prefix + "."):
+                    index, slot = key[len(prefix) + 1:].split(".", 1)
+                    slots.setdefault(int(index), {})[slot] = value.clone()
+            groups = state.meta[f"{prefix}.param_groups"]
+            for group in groups:
+                if "betas" in group:
+                    group["betas"] = tuple(group["betas"])
+            optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        self.steps_done = int(state.meta["steps_done"])
+        self.samples_seen = int(state.meta["samples_seen"])
+        self.kl_controller.value = float(state.meta["kl_coef"])
+        self.weights_version = str(state.meta["weights_version"])
+        self.base_version = str(state.meta["base_version"])
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _trimmed(batch: RolloutBatch, rows: Sequence[int]) -> tuple[RolloutBatch, int]:
+    """The sub-batch of ``rows`` without the padding columns none of them needs; and its response width."""
+    sub = batch.select(list(rows))
+    seq = int(sub.attention_mask.sum(-1).max())
+    width = int(sub.response_mask.sum(-1).max())
+    return RolloutBatch(
+        input_ids=sub.input_ids[:, :seq], attention_mask=sub.attention_mask[:, :seq],
+        response_ids=sub.response_ids[:, :width], response_positions=sub.response_positions[:, :width],
+        response_mask=sub.response_mask[:, :width], scores=sub.scores,
+        behaviour_logprobs=sub.behaviour_logprobs[:, :width],
+        has_behaviour_logprobs=sub.has_behaviour_logprobs, ended_with_eos=sub.ended_with_eos,
+    ), width
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad (rows, w) with zeros to (rows, width)."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+def _clip(parameters: Callable | Any, max_norm: float) -> float:
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
