@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\x0f\n\rStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x13\n\x11PublishNowRequest\")\n\x0fRollbackRequest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\"\xab\x01\n\rTrainerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x1b\n\x13\x62\x61se_policy_version\x18\x03 \x01(\t\x12-\n\x0elast_published\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x01\"Z\n\rPublishResult\x12\x11\n\tpublished\x18\x01 \x01(\x08\x12&\n\x07version\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xbc\x02\n\x0eTrainerService\x12\x38\n\x06Status\x12\x16.rlhf.v1.StatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12@\n\nPublishNow\x12\x1a.rlhf.v1.PublishNowRequest\x1a\x16.rlhf.v1.PublishResult\x12<\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x16.rlhf.v1.PublishResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\x0f\n\rStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\"\x13\n\x11PublishNowRequest\")\n\x0fRollbackRequest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\"\xf2\x03\n\rTrainerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12\x1b\n\x13\x62\x61se_policy_version\x18\x03 \x01(\t\x12-\n\x0elast_published\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x13\n\x0bmean_reward\x18\x05 \x01(\x01\x12\n\n\x02kl\x18\x06 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x07 \x01(\x01\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\x12 \n\x18reference_policy_version\x18\n \x01(\t\x12\x12\n\nrm_version\x18\x0b \x01(\t\x12\x17\n\x0f\x63heckpoint_step\x18\x0c \x01(\x04\x12\x14\n\x0clive_prompts\x18\r \x01(\r\x12\x45\n\x10\x64ropped_rollouts\x18\x0e \x03(\x0b\x32+.rlhf.v1.TrainerStatus.DroppedRolloutsEntry\x12)\n\tlast_gate\x18\x0f \x01(\x0b\x32\x16.rlhf.v1.PublishResult\x12\x17\n\x0f\x62\x61seline_reward\x18\x10 \x01(\x01\x1a\x36\n\x14\x44roppedRolloutsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xa5\x01\n\rPublishResult\x12\x11\n\tpublished\x18\x01 \x01(\x08\x12&\n\x07version\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.ModelVersion\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eheldout_reward\x18\x04 \x01(\x01\x12\n\n\x02kl\x18\x05 \x01(\x01\x12\x17\n\x0f\x62\x61seline_reward\x18\x06 \x01(\x01\x12\x0c\n\x04step\x18\x07 \x01(\x04\x32\xbc\x02\n\x0eTrainerService\x12\x38\n\x06Status\x12\x16.rlhf.v1.StatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12@\n\nPublishNow\x12\x1a.rlhf.v1.PublishNowRequest\x1a\x16.rlhf.v1.PublishResult\x12<\n\x08Rollback\x12\x18.rlhf.v1.RollbackRequest\x1a\x16.rlhf.v1.PublishResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAINERSTATUS_DROPPEDROLLOUTSENTRY']._loaded_options = None
+  _globals['_TRAINERSTATUS_DROPPEDROLLOUTSENTRY']._serialized_options = b'8\001'
   _globals['_STATUSREQUEST']._serialized_start=56
   _globals['_STATUSREQUEST']._serialized_end=71
   _globals['_PAUSEREQUEST']._serialized_start=73
@@ -43,9 +45,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLLBACKREQUEST']._serialized_start=127
   _globals['_ROLLBACKREQUEST']._serialized_end=168
   _globals['_TRAINERSTATUS']._serialized_start=171
-  _globals['_TRAINERSTATUS']._serialized_end=342
-  _globals['_PUBLISHRESULT']._serialized_start=344
-  _globals['_PUBLISHRESULT']._serialized_end=434
-  _globals['_TRAINERSERVICE']._serialized_start=437
-  _globals['_TRAINERSERVICE']._serialized_end=753
+  _globals['_TRAINERSTATUS']._serialized_end=669
+  _globals['_TRAINERSTATUS_DROPPEDROLLOUTSENTRY']._serialized_start=615
+  _globals['_TRAINERSTATUS_DROPPEDROLLOUTSENTRY']._serialized_end=669
+  _globals['_PUBLISHRESULT']._serialized_start=672
+  _globals['_PUBLISHRESULT']._serialized_end=837
+  _globals['_TRAINERSERVICE']._serialized_start=840
+  _globals['_TRAINERSERVICE']._serialized_end=1156
 # @@protoc_insertion_point(module_scope)

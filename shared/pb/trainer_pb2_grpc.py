@@ -65,32 +65,40 @@ class TrainerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Where training stands.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pause(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop training after the iteration in progress (if any); Status, PublishNow and Rollback keep working.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Resume(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Continue training.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PublishNow(self, request, context):
-        """Evaluate the current candidate and publish it if it passes the gate.
+        """Evaluate the current candidate on the held-out prompts and publish it if it passes the gate.
+        Waits for the iteration in progress. A refusal is not an error: published=false and the reason.
+        Errors: UNAVAILABLE when the reward service cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Republish an earlier published version as the current policy.
+        """Make an earlier published version the current policy again and announce it (reason
+        "rollback"); the trainer continues from that version's weights.
+        Errors: INVALID_ARGUMENT for a malformed version name (param policy_version), NOT_FOUND for a
+        version not in the store, FAILED_PRECONDITION when its files do not match its manifest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,118 @@
+"""Configuration of the PPO trainer service (environment variables RLHF_TRAINER_*; PPO's own
+hyperparameters are RLHF_PPO_*, see services/trainer/ppo_config.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from services.trainer.ppo_config import PPOConfig
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig
+
+DEFAULT_PROMPT_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainerConfig(ServiceConfig):
+    ENV_PREFIX: ClassVar[str] = "RLHF_TRAINER_"
+
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    """Kafka settings (RLHF_KAFKA_*): user prompts in from rlhf.completions, announcements out on
+    rlhf.policy-updates."""
+    model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+    """Where policy and reward model versions live (RLHF_MODEL_STORE_*); the trainer publishes here."""
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    """PPO hyperparameters (RLHF_PPO_*)."""
+    grpc_port: int = 50054
+    """Port of the TrainerService gRPC server (status, pause/resume, publish now, rollback)."""
+    metrics_port: int = 9104
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    inference_address: str = "127.0.0.1:50051"
+    """host:port of the inference service: rollouts are sampled from the served policy there."""
+    reward_address: str = "127.0.0.1:50053"
+    """host:port of the reward service: rollouts and held-out answers are scored there."""
+    rpc_timeout_s: float = 120.0
+    """Deadline of one Generate or Score call; a failed call is retried on the next iteration."""
+    prompt_file: Path = DEFAULT_PROMPT_FILE
+    """JSONL prompts mixed with live user prompts, one {"messages": [...]} or {"prompt": "..."} per line.
+    The first `heldout_prompts` of them are held out for the publish gate and never trained on."""
+    live_prompt_fraction: float = 0.5
+    """Share of each batch's prompts taken from live user prompts (rlhf.completions, source "user");
+    the file fills the rest, and all of it while no live prompt has arrived. 0 = file only."""
+    live_prompt_buffer: int = 1024
+    """Most distinct live prompts kept (the most recently seen win)."""
+    consumer_group: str = "rlhf-trainer"
+    """Kafka consumer group reading rlhf.completions."""
+    rollouts_per_iteration: int = 16
+    """Prompts sampled per PPO iteration (one completion each); one learner step per iteration."""
+    max_tokens: int = 48
+    """Most tokens per sampled completion."""
+    top_p: float = 1.0
+    """Nucleus mass of rollout sampling. Below 1 the sampling distribution is not the policy's, so
+    the behaviour log-probabilities are only approximate; keep 1 unless you accept that."""
+    max_staleness: int = 1
+    """How many published versions older than the trainer's last published one a rollout may come
+    from (inference swaps with a delay). Older rollouts are dropped. PPO's ratio always uses the
+    behaviour log-probabilities recorded at sampling, so a kept stale rollout is still corrected."""
+    publish_every: int = 10
+    """Evaluate the candidate and publish it if it passes the gate every this many iterations; 0 = only
+    on PublishNow."""
+    heldout_prompts: int = 16
+    """Held-out prompts of the publish gate (taken from the start of prompt_file)."""
+    heldout_max_tokens: int = 48
+    """Most tokens per held-out answer (generated greedily by the candidate itself)."""
+    kl_bound: float = 10.0
+    """Publish only if the candidate's KL to the reference policy (mean per held-out answer, nats) is
+    at most this: a policy drifting far from SFT is likely gaming the reward model."""
+    reward_tolerance: float = 0.0
+    """Publish only if the held-out reward is at least the last published version's minus this."""
+    checkpoint_dir: Path = Path("var/trainer/checkpoints")
+    """Where checkpoints go (policy, value model, optimiser, counters); the trainer resumes from the
+    newest complete one at start."""
+    checkpoint_every: int = 5
+    """Checkpoint every this many iterations (and after every publish and on shutdown)."""
+    checkpoints_kept: int = 3
+    """Complete checkpoints kept on disk."""
+    start_paused: bool = False
+    """Start paused (Status/Publish/Rollback work; no training until Resume)."""
+    idle_sleep_s: float = 2.0
+    """Pause between attempts when an iteration could not run (no prompts, a dependency down)."""
+    reference_version: str = ""
+    """Reference (SFT) policy of the KL penalty and the gate; empty: the policy current when the
+    trainer first started (then kept in the checkpoint)."""
+    torch_threads: int = 0
+    """Intra-op threads of training; 0 keeps torch's default (one per core)."""
+    seed: int = 0
+    """Seed of prompt mixing and rollout sampling."""
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        p = self.ENV_PREFIX
+        for name in ("inference_address", "reward_address"):
+            if ":" not in getattr(self, name):
+                out.append(f"{p}{name.upper()}={getattr(self, name)!r}: expected host:port")
+        if not Path(self.prompt_file).is_file():
+            out.append(f"{p}PROMPT_FILE={self.prompt_file}: no such file")
+        if not 0.0 <= self.live_prompt_fraction <= 1.0:
+            out.append(f"{p}LIVE_PROMPT_FRACTION must be in [0, 1]")
+        for name in ("live_prompt_buffer", "rollouts_per_iteration", "max_tokens", "heldout_max_tokens",
+                     "checkpoint_every", "checkpoints_kept"):
+            if getattr(self, name) < 1:
+                out.append(f"{p}{name.upper()} must be at least 1")
+        for name in ("max_staleness", "publish_every", "heldout_prompts", "torch_threads"):
+            if getattr(self, name) < 0:
+                out.append(f"{p}{name.upper()} must not be negative")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"{p}TOP_P must be in (0, 1]")
+        if self.kl_bound < 0 or self.reward_tolerance < 0:
+            out.append(f"{p}KL_BOUND and {p}REWARD_TOLERANCE must not be negative")
+        if self.rpc_timeout_s <= 0 or self.idle_sleep_s < 0:
+            out.append(f"{p}RPC_TIMEOUT_S must be positive and {p}IDLE_SLEEP_S not negative")
+        if self.ppo.temperature != 1.0:
+            # The inference service returns log-probabilities of the raw policy (temperature 1); the
+            # learner's would be of the tempered one, so PPO's ratio would be wrong from step one.
+            out.append("RLHF_PPO_TEMPERATURE must be 1.0: the inference service's behaviour "
+                       "log-probabilities are those of the untempered policy")
+        return out
