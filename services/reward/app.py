@@ -3,7 +3,9 @@
 ``RewardApp`` is what ``python -m services.reward`` runs and what the tests start in-process.
 Health reports NOT_SERVING until a reward model version has been verified and loaded. With Kafka
 configured (and follow_updates on) it follows rlhf.reward-models and hot-swaps to each announced
-version; a version that does not verify is refused and the old one keeps scoring.
+version; a version that does not verify is refused and the old one keeps scoring. With Kafka and
+RLHF_REWARD_LEARNER on (the default) it also runs the continual learner on its own thread
+(learner.py): live ratings -> gated new RM versions, which the scorer here loads at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from services.reward.servicer import RewardServicer
 from shared.events import RewardModelEvent
 from shared.grpc_server import GrpcServer
 from shared.kafka.consumer import TopicFollower
+from shared.kafka.producer import EventPublisher
 from shared.kafka.topics import REWARD_MODELS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -33,6 +36,9 @@ class RewardApp:
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
         self.follower: TopicFollower | None = None
+        self.learner = None  # a learner.ContinualLearner when RLHF_REWARD_LEARNER is on and Kafka is set
+        self._learner_thread = None
+        self._publisher: EventPublisher | None = None
 
     @property
     def address(self) -> str:
@@ -58,7 +64,29 @@ class RewardApp:
                     self.scorer.apply_update(env.payload)
 
             self.follower.start_thread(on_update, "reward-models")
+        if self.cfg.learner and self.cfg.kafka.servers:
+            await asyncio.to_thread(self._start_learner)
+        elif self.cfg.learner:
+            log_event(log, "continual learner off: no Kafka (RLHF_KAFKA_BOOTSTRAP_SERVERS) to read ratings from")
         await self.server.set_serving()
+
+    def _start_learner(self) -> None:
+        from services.reward.learner import ContinualLearner, LearnerThread
+        from services.reward.learner_feed import LearnerFeed
+        from services.reward.learner_state import LearnerState
+
+        state = LearnerState(self.cfg.state_dir / "learner.sqlite3")
+        self._publisher = EventPublisher(self.cfg.kafka, "reward")
+
+        def announce(event: RewardModelEvent) -> None:
+            self._publisher.publish(REWARD_MODELS, event, key="rm")
+
+        # The scorer beside the learner swaps at once; other replicas follow the announcement.
+        self.learner = ContinualLearner(self.cfg, self.store, state, announce=announce,
+                                        on_published=lambda version: self.scorer.load(version))
+        self._learner_thread = LearnerThread(self.learner, LearnerFeed(self.cfg.kafka, state.offsets()))
+        self._learner_thread.start()
+        log_event(log, "continual learner started", state=str(state.path), **state.counts())
 
     def _bootstrap(self) -> None:
         from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
@@ -71,5 +99,10 @@ class RewardApp:
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._learner_thread is not None:
+            await asyncio.to_thread(self._learner_thread.stop)
+            self.learner.state.close()
+        if self._publisher is not None:
+            await asyncio.to_thread(self._publisher.close)
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop_thread)

@@ -47,6 +47,37 @@ class RewardConfig(ServiceConfig):
     """Longest response, in characters."""
     torch_threads: int = 0
     """Intra-op threads of the forward passes; 0 keeps torch's default (one per core)."""
+    learner: bool = True
+    """Run the continual learner in this process (needs Kafka): it reads rlhf.feedback and
+    rlhf.completions, retrains the RM and publishes gated versions (services/reward/learner.py).
+    Exactly one reward replica may run it."""
+    state_dir: Path = Path("var/reward-learner")
+    """Where the learner keeps its SQLite state (votes, completion texts, what was trained, topic
+    offsets); a persistent volume in Kubernetes. Lost state is rebuilt from the topics."""
+    learn_every_comparisons: int = 32
+    """Train a candidate once this many new comparisons (groups or lone thumbs) have arrived..."""
+    learn_every_s: float = 300.0
+    """...or once this many seconds have passed since the last round and at least one has."""
+    gate_tolerance: float = 0.02
+    """Publish a candidate only if its held-out pairwise accuracy is at least the current RM's
+    accuracy on the same held-out comparisons minus this."""
+    heldout_fraction: float = 0.2
+    """Fraction of prompts (by prompt hash, so stable across rounds) whose comparisons are held
+    out for the gate and never trained on."""
+    replay_ratio: float = 1.0
+    """Older (already trained) comparisons mixed into a round per new one, so the RM does not forget."""
+    pending_timeout_s: float = 600.0
+    """How long a vote waits for the completions it rates before it is counted and dropped."""
+    learner_epochs: int = 2
+    """Passes over a round's training comparisons (new + replayed)."""
+    learner_lr: float = 5e-5
+    """AdamW learning rate of a round (warm start from the current RM)."""
+    learner_batch_size: int = 8
+    """Comparisons per optimiser step."""
+    reference_responses: int = 256
+    """Normalisation: the most recent this many stored completions score 0 on average."""
+    completion_retention_s: float = 7 * 24 * 3600.0
+    """Completions nobody rated are forgotten after this long."""
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -61,4 +92,18 @@ class RewardConfig(ServiceConfig):
             out.append(f"{p}MAX_MESSAGES, {p}MAX_MESSAGE_CHARS and {p}MAX_RESPONSE_CHARS must be positive")
         if self.torch_threads < 0:
             out.append(f"{p}TORCH_THREADS must not be negative")
+        if self.learn_every_comparisons < 1 or self.learn_every_s <= 0:
+            out.append(f"{p}LEARN_EVERY_COMPARISONS must be at least 1 and {p}LEARN_EVERY_S positive")
+        if not 0 <= self.gate_tolerance <= 1:
+            out.append(f"{p}GATE_TOLERANCE must be in [0, 1]")
+        if not 0 < self.heldout_fraction < 1:
+            out.append(f"{p}HELDOUT_FRACTION must be in (0, 1): the gate needs held-out comparisons")
+        if self.replay_ratio < 0:
+            out.append(f"{p}REPLAY_RATIO must not be negative")
+        if self.pending_timeout_s <= 0 or self.completion_retention_s <= 0:
+            out.append(f"{p}PENDING_TIMEOUT_S and {p}COMPLETION_RETENTION_S must be positive")
+        if self.learner_epochs < 1 or self.learner_batch_size < 1 or self.learner_lr <= 0:
+            out.append(f"{p}LEARNER_EPOCHS and {p}LEARNER_BATCH_SIZE must be at least 1, {p}LEARNER_LR positive")
+        if self.reference_responses < 1:
+            out.append(f"{p}REFERENCE_RESPONSES must be at least 1")
         return out

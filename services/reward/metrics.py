@@ -17,3 +17,23 @@ SWAPS = Counter("rlhf_reward_swaps_total", "Hot-swaps to a new reward model vers
 SWAP_REFUSED = Counter("rlhf_reward_swap_refused_total", "Reward model versions refused", ["reason"])
 LOAD_SECONDS = Histogram("rlhf_reward_load_seconds", "Verifying and loading a reward model version",
                          buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+
+# --- the continual learner (learner.py) ---------------------------------------------------------
+LEARNER_EVENTS = Counter("rlhf_reward_learner_events_total", "Events the learner stored", ["kind"])
+COMPARISONS_TRAINED = Counter("rlhf_reward_learner_comparisons_trained_total",
+                              "New comparisons (groups and lone thumbs) in published reward models")
+COMPARISONS_REPLAYED = Counter("rlhf_reward_learner_comparisons_replayed_total",
+                               "Older comparisons mixed into training rounds from the replay buffer")
+VOTES_PENDING = Gauge("rlhf_reward_learner_votes_pending", "Live votes waiting for their completions")
+VOTES_DROPPED = Counter("rlhf_reward_learner_votes_dropped_total",
+                        "Votes dropped because a rated completion never arrived within the pending timeout")
+ROUNDS = Counter("rlhf_reward_learner_rounds_total", "Training rounds by outcome", ["outcome"])
+HELDOUT_ACCURACY = Gauge("rlhf_reward_learner_heldout_accuracy",
+                         "Held-out pairwise accuracy of the last round", ["model"])
+TRAIN_LOSS = Gauge("rlhf_reward_learner_train_loss", "Mean batch loss of the last training epoch")
+ROUND_SECONDS = Histogram("rlhf_reward_learner_round_seconds", "One training round (load, train, gate, publish)",
+                          buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+RATING_TO_RM_SECONDS = Histogram("rlhf_reward_learner_rating_to_rm_seconds",
+                                 "From a rating's arrival (feedback received_at) to the first published RM trained on it",
+                                 buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+CONSUMER_LAG = Gauge("rlhf_reward_learner_consumer_lag", "Records on the topic not yet read by the learner", ["topic"])

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 from services.reward.comparisons import ComparisonGroup, Sample, TrainingExamples, ranking_pairs
 from services.reward.encoding import EncodingLimits
 from services.reward.model import RewardModel
-from services.reward.training import RewardTrainer, TrainSettings
+from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import Message
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
@@ -158,7 +157,6 @@ def train_first_rm(store: ModelStore, rankings_jsonl: Path, base_policy_version:
         "heldout_pairs": sum(len(g.pairs) for g in held), "epochs": n_epochs, "offset": offset,
         "train_seconds": round(time.monotonic() - started, 2),
     }
-    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     model.info.update({"base_policy": base, "trained_on": rankings_jsonl.name,
                        "trained_max_tokens": settings.limits.max_tokens,
                        "trained_max_response_tokens": settings.limits.max_response_tokens})
@@ -166,10 +164,9 @@ def train_first_rm(store: ModelStore, rankings_jsonl: Path, base_policy_version:
              "rankings_sha256": hashlib.sha256(rankings_jsonl.read_bytes()).hexdigest(),
              "offset_reference": model.info["offset_reference"], "lr": settings.lr,
              "batch_size": settings.batch_size, "seed": settings.seed}
-    with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
-        model.save(Path(tmp), tokenizer)
-        manifest = store.publish("rm", Path(tmp), parent=base, metrics=metrics, extra=extra,
-                                 make_current=make_current)
+    manifest = publish_reward_model(store, model, tokenizer, parent=base, metrics=metrics, extra=extra,
+                                    make_current=make_current)
+    metrics = dict(manifest.metrics)
     log_event(log, "published reward model", version=manifest.version, parent=base,
               heldout_accuracy=round(acc, 3) if not math.isnan(acc) else "n/a",
               before=round(acc_before, 3) if not math.isnan(acc_before) else "n/a",

@@ -210,6 +210,19 @@ class RewardTrainer:
         return offset
 
 
+def publish_reward_model(store: Any, model: RewardModel, tokenizer: Any, *, parent: str | None,
+                         metrics: dict[str, float], extra: dict[str, Any], make_current: bool = True) -> Any:
+    """Save ``model`` (safetensors + reward_head.json + tokenizer) and publish it as the next ``rm``
+    version; returns its Manifest. NaN metrics (e.g. no held-out slice) are left out."""
+    import tempfile
+    from pathlib import Path
+
+    metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
+        model.save(Path(tmp), tokenizer)
+        return store.publish("rm", Path(tmp), parent=parent, metrics=metrics, extra=extra, make_current=make_current)
+
+
 def _pad_id(tokenizer: Any) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
