@@ -1,0 +1,148 @@
+"""Wiring of the trainer service: config -> prompts, clients, learner, checkpoints -> training
+thread + gRPC control server.
+
+``TrainerApp`` is what ``python -m services.trainer`` runs and what the tests start in-process.
+
+Start: listen (health NOT_SERVING) -> follow user prompts on rlhf.completions (consumer group) ->
+wait until the store holds a policy and a reward model -> resume from the newest complete
+checkpoint, or start from the current policy -> health SERVING -> the training thread runs
+``TrainingLoop.run`` (paused if configured). Stop: stop answering, let the iteration in progress
+finish, write a final checkpoint, leave the consumer group, close the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+
+from services.trainer.checkpoint import CheckpointStore
+from services.trainer.config import TrainerConfig
+from services.trainer.learner import PPOLearner
+from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
+from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED
+from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout
+from services.trainer.publishing import KafkaAnnouncer, PolicyPublisher
+from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
+from services.trainer.servicer import TrainerServicer
+from shared.events import CompletionEvent
+from shared.grpc_server import GrpcServer
+from shared.kafka.consumer import GroupConsumer
+from shared.kafka.producer import SyncPublisher
+from shared.kafka.topics import COMPLETIONS
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore
+from shared.pb import trainer_pb2_grpc
+
+log = get_logger(__name__)
+
+
+class TrainerApp:
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+        self.store = ModelStore(cfg.model_store.root)
+        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, keep=cfg.checkpoints_kept)
+        self.live = LivePromptBuffer(cfg.live_prompt_buffer)
+        self.loop: TrainingLoop | None = None
+        self.server = GrpcServer("TrainerService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(lambda: self.loop), self.server.server)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._channels: list[grpc.Channel] = []
+        self._consumer: GroupConsumer | None = None
+        self._publisher: SyncPublisher | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        if self.cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.torch_threads)
+        await self.server.start()
+        if self.cfg.live_prompt_fraction > 0:
+            self._consumer = await asyncio.to_thread(
+                GroupConsumer, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS])
+            self._start_thread(self._consumer.run, "trainer-prompts", self._on_completion, self._stop)
+        self._publisher = await asyncio.to_thread(SyncPublisher, self.cfg.kafka, "trainer")
+        self.loop = await asyncio.to_thread(self._build_loop)
+        self._start_thread(self.loop.run, "trainer-loop", self._stop)
+        await self.server.set_serving()
+
+    def _on_completion(self, env, record) -> None:
+        if isinstance(env.payload, CompletionEvent) and self.live.offer_completion(env.payload):
+            LIVE_PROMPTS.inc()
+            LIVE_PROMPTS_BUFFERED.set(len(self.live))
+
+    def _build_loop(self) -> TrainingLoop:
+        cfg = self.cfg
+        heldout, train = split_heldout(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
+        inference = grpc.insecure_channel(cfg.inference_address)
+        reward = grpc.insecure_channel(cfg.reward_address)
+        self._channels += [inference, reward]
+        scorer = GrpcRewardScorer(reward, cfg.rpc_timeout_s)
+        collector = RolloutCollector(GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer,
+                                     max_tokens=cfg.max_tokens, top_p=cfg.top_p)
+        publisher = PolicyPublisher(self.store, KafkaAnnouncer(self._publisher), scorer, heldout,
+                                    max_tokens=cfg.heldout_max_tokens)
+        mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
+        settings = LoopSettings(
+            rollouts_per_iteration=cfg.rollouts_per_iteration, max_staleness=cfg.max_staleness,
+            publish_every=cfg.publish_every, checkpoint_every=cfg.checkpoint_every, kl_bound=cfg.kl_bound,
+            reward_tolerance=cfg.reward_tolerance, idle_sleep_s=cfg.idle_sleep_s, seed=cfg.seed)
+        learner, state = self._load_or_start()
+        return TrainingLoop(learner, state, mixer, collector, publisher, self.checkpoints, settings,
+                            self._load_learner, self.live, paused=cfg.start_paused)
+
+    def _load_learner(self, policy_version: str, state: LoopState) -> PPOLearner:
+        return PPOLearner.from_store(self.store, policy_version, state.reference_version, state.value_rm_version,
+                                     self.cfg.ppo)
+
+    def _load_or_start(self) -> tuple[PPOLearner, LoopState]:
+        removed = self.checkpoints.remove_leftovers()
+        if removed:
+            log_event(log, "removed interrupted checkpoint saves", count=removed)
+        loaded = self.checkpoints.load_latest()
+        if loaded is not None:
+            learner, state = restore(loaded, self._load_learner)
+            log_event(log, "resumed from checkpoint", step=state.step, path=str(loaded.path),
+                      base=state.lineage[-1], weights=learner.weights_version)
+            return learner, state
+        policy, rm = self._wait_for_models()
+        reference = self.cfg.reference_version or policy
+        state = LoopState(lineage=[policy], reference_version=reference, value_rm_version=rm)
+        learner = self._load_learner(policy, state)
+        log_event(log, "starting from the current policy", policy=policy, reference=reference, rm=rm)
+        return learner, state
+
+    def _wait_for_models(self) -> tuple[str, str]:
+        """The current policy and reward model; waits (logging) until both exist in the store."""
+        while not self._stop.is_set():
+            policy, rm = self.store.current("policy"), self.store.current("rm")
+            if policy and rm:
+                return policy, rm
+            log_event(log, "waiting for a policy and a reward model in the store", policy=policy, rm=rm,
+                      root=str(self.store.root))
+            self._stop.wait(5.0)
+        raise RuntimeError("stopped while waiting for models")
+
+    def _start_thread(self, target, name: str, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        self._stop.set()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 600)
+        if self.loop is not None:
+            await asyncio.to_thread(self.loop.checkpoint_if_changed)
+        if self._publisher is not None:
+            await asyncio.to_thread(self._publisher.close)
+        for channel in self._channels:
+            channel.close()
+        log_event(log, "trainer stopped", step=self.loop.state.step if self.loop else 0)

@@ -1,0 +1,406 @@
+"""The trainer's work, without any network of its own: sample -> score -> PPO step -> gate -> publish.
+
+    loop = TrainingLoop(learner, state, mixer, collector, publisher, checkpoints, settings, load_learner)
+    thread = threading.Thread(target=loop.run, args=(stop_event,))    # what the app does
+    loop.pause(); loop.resume(); loop.status()
+    loop.publish_now()              # evaluate + gate + publish, between two iterations
+    loop.rollback("policy-0002")    # serve an earlier version again and train on from it
+
+One iteration: draw prompts (live/file mix), sample one response each from the served policy and
+score it (``RolloutCollector``), drop stale or unusable samples, one ``learner.step``. Every
+``publish_every`` iterations the candidate is evaluated and, if the gate passes, published and
+announced. Checkpoints every ``checkpoint_every`` iterations, after each publish or rollback, and
+on stop. A failed iteration (a dependency down, a bad batch) is logged, counted and retried after
+``idle_sleep_s``; the thread never dies of it.
+
+``LoopState`` is everything besides the learner that a restart must remember (lineage, reference,
+last published version, the gate's baseline, an announcement still owed); it is JSON and goes into
+each checkpoint next to the learner's tensors.
+
+Crash consistency of a publish: store.publish (atomic) -> checkpoint recording the version and
+the announcement owed -> announce -> the owed announcement is cleared. A trainer killed after the
+checkpoint announces on its next start; one killed before it has a version in the store that is
+current but unannounced and not in its lineage (it then trains on from the same weights and the
+next publish supersedes it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+
+from services.trainer import metrics
+from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint
+from services.trainer.learner import LearnerState
+from services.trainer.prompts import LivePromptBuffer, PromptMixer
+from services.trainer.publishing import Evaluation, PolicyPublisher, gate
+from services.trainer.rollouts import RolloutCollector
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shared.logging import get_logger, log_event
+from shared.model_store import CorruptVersionError, InvalidNameError, ModelStoreError, UnknownVersionError
+
+log = get_logger(__name__)
+
+LINEAGE_KEPT = 32
+"""Versions of the lineage remembered (more than any sensible max_staleness)."""
+
+
+@dataclass
+class LoopState:
+    """What a restarted trainer must remember besides the learner (JSON, saved in checkpoints)."""
+
+    lineage: list[str]
+    """Versions the weights descend from, oldest first; the last is the one being improved."""
+    reference_version: str
+    value_rm_version: str
+    """The RM version the value model was initialised from."""
+    step: int = 0
+    """PPO iterations done (across restarts and rollbacks)."""
+    last_published: dict | None = None
+    """{version, parent, published_at, metrics, reason} of the last publish or rollback."""
+    baseline: dict | None = None
+    """{reward, rm_version, answers}: the held-out evaluation of the version the weights were last
+    published as (or rolled back to); None until measured."""
+    pending_announcement: dict | None = None
+    """{version, reason} of a publish or rollback not yet acknowledged by Kafka."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    last_gate: dict | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> LoopState:
+        return cls(**doc)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    rollouts_per_iteration: int
+    max_staleness: int
+    publish_every: int
+    checkpoint_every: int
+    kl_bound: float
+    reward_tolerance: float
+    idle_sleep_s: float = 2.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """A publish gate decision, a publication or a rollback (the PublishResult of the API)."""
+
+    published: bool
+    reason: str
+    step: int
+    version: str = ""
+    parent: str = ""
+    published_at: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    heldout_reward: float = 0.0
+    kl: float = 0.0
+    baseline_reward: float = 0.0
+
+
+@dataclass(frozen=True)
+class StatusSnapshot:
+    step: int
+    paused: bool
+    state: str
+    detail: str
+    base_policy_version: str
+    reference_policy_version: str
+    last_published: dict | None
+    mean_reward: float
+    kl: float
+    entropy: float
+    rm_version: str
+    checkpoint_step: int
+    live_prompts: int
+    dropped_rollouts: dict[str, int]
+    last_gate: GateResult | None
+    baseline_reward: float
+
+
+def checkpoint_payload(learner: Any, state: LoopState) -> dict[str, Any]:
+    ls = learner.state_dict()
+    return {"learner": {"tensors": ls.tensors, "meta": ls.meta}, "loop": state.to_json()}
+
+
+def restore(loaded: LoadedCheckpoint, load_learner: Callable[[str, LoopState], Any]) -> tuple[Any, LoopState]:
+    """(learner, state) from a checkpoint: the learner is built from the lineage's newest version
+    (for its architecture and tokenizer), then its trained weights and optimisers are loaded."""
+    state = LoopState.from_json(loaded.state["loop"])
+    learner = load_learner(state.lineage[-1], state)
+    learner.load_state_dict(LearnerState(tensors=loaded.state["learner"]["tensors"],
+                                         meta=loaded.state["learner"]["meta"]))
+    return learner, state
+
+
+class TrainingLoop:
+    def __init__(self, learner: Any, state: LoopState, mixer: PromptMixer, collector: RolloutCollector,
+                 publisher: PolicyPublisher, checkpoints: CheckpointStore, settings: LoopSettings,
+                 load_learner: Callable[[str, LoopState], Any], live: LivePromptBuffer | None = None,
+                 *, paused: bool = False):
+        self.learner = learner
+        self.state = state
+        self.mixer = mixer
+        self.collector = collector
+        self.publisher = publisher
+        self.checkpoints = checkpoints
+        self.settings = settings
+        self.load_learner = load_learner
+        self.live = live if live is not None else mixer.live
+        self._lock = threading.RLock()          # held for any use of the learner or the state
+        self._running = threading.Event()
+        if not paused:
+            self._running.set()
+        metrics.PAUSED.set(1 if paused else 0)
+        self._phase = "starting"
+        self._detail = ""
+        self._figures = {"mean_reward": 0.0, "kl": 0.0, "entropy": 0.0, "rm_version": ""}
+        self._checkpoint_step = max(checkpoints.steps(), default=0)
+        self._set_policy_info()
+
+    # --- control ---------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self._running.clear()
+        metrics.PAUSED.set(1)
+        log_event(log, "training paused", step=self.state.step)
+
+    def resume(self) -> None:
+        self._running.set()
+        metrics.PAUSED.set(0)
+        log_event(log, "training resumed", step=self.state.step)
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def status(self) -> StatusSnapshot:
+        s = self.state
+        gate_doc = s.last_gate
+        return StatusSnapshot(
+            step=s.step, paused=self.paused, state="paused" if self.paused and self._phase != "starting" else self._phase,
+            detail=self._detail, base_policy_version=s.lineage[-1], reference_policy_version=s.reference_version,
+            last_published=dict(s.last_published) if s.last_published else None,
+            mean_reward=self._figures["mean_reward"], kl=self._figures["kl"], entropy=self._figures["entropy"],
+            rm_version=self._figures["rm_version"], checkpoint_step=self._checkpoint_step,
+            live_prompts=len(self.live), dropped_rollouts=dict(s.dropped),
+            last_gate=GateResult(**gate_doc) if gate_doc else None,
+            baseline_reward=float(s.baseline["reward"]) if s.baseline else 0.0)
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Train until ``stop`` is set (the iteration in progress finishes first)."""
+        log_event(log, "training loop started", step=self.state.step, base=self.state.lineage[-1],
+                  paused=self.paused)
+        while not stop.is_set():
+            if not self._running.wait(0.2):
+                continue
+            try:
+                did_work = self.run_iteration()
+            except Exception as exc:  # noqa: BLE001 - a dependency down or a bad batch must not kill training
+                kind = type(exc).__name__
+                metrics.ITERATION_FAILURES.labels(kind).inc()
+                self._phase, self._detail = "waiting", f"{kind}: {exc}"
+                log.warning("iteration failed; retrying in %.1f s: %s: %s", self.settings.idle_sleep_s, kind, exc,
+                            exc_info=not _is_expected(exc))
+                did_work = False
+            if not did_work:
+                stop.wait(self.settings.idle_sleep_s)
+
+    def run_iteration(self) -> bool:
+        """One iteration; False when nothing could be trained on (no prompts, every sample dropped)."""
+        with self._lock:
+            self._send_pending_announcement()
+            if self.state.baseline is None:
+                self._phase, self._detail = "evaluating", "measuring the baseline held-out reward"
+                self._measure_baseline()
+            self._phase, self._detail = "training", ""
+            started = time.monotonic()
+            prompts, n_live = self.mixer.sample(self.settings.rollouts_per_iteration)
+            if not prompts:
+                self._phase, self._detail = "waiting", "no prompts yet (live only, none received)"
+                return False
+            result = self.collector.collect(prompts, self.state.lineage, self.settings.max_staleness,
+                                            seed=self.settings.seed * 100_003 + self.state.step * 997)
+            sampled_at = time.monotonic()
+            metrics.ITERATION_SECONDS.labels("rollouts").observe(sampled_at - started)
+            for reason, count in result.dropped.items():
+                self.state.dropped[reason] = self.state.dropped.get(reason, 0) + count
+                metrics.ROLLOUTS_DROPPED.labels(reason).inc(count)
+            if not result.rollouts:
+                self._phase = "waiting"
+                self._detail = f"every sampled rollout was dropped: {dict(result.dropped)}"
+                log_event(log, "no usable rollouts", level=30, dropped=dict(result.dropped))
+                return False
+            stats = self.learner.step(result.rollouts)
+            metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - sampled_at)
+            self.state.step += 1
+            self._figures = {"mean_reward": stats.mean_score, "kl": stats.mean_kl, "entropy": stats.entropy,
+                             "rm_version": result.rm_version}
+            metrics.ITERATIONS.inc()
+            metrics.ROLLOUTS.inc(len(result.rollouts))
+            metrics.STEP.set(self.state.step)
+            metrics.MEAN_REWARD.set(stats.mean_score)
+            metrics.KL.set(stats.mean_kl)
+            metrics.ENTROPY.set(stats.entropy)
+            metrics.LIVE_PROMPTS_BUFFERED.set(len(self.live))
+            log_event(log, "iteration", step=self.state.step, rollouts=len(result.rollouts), live=n_live,
+                      dropped=sum(result.dropped.values()), reward=round(stats.mean_score, 4),
+                      kl=round(stats.mean_kl, 4), entropy=round(stats.entropy, 4),
+                      seconds=round(time.monotonic() - started, 2))
+            published = False
+            if self.settings.publish_every and self.state.step % self.settings.publish_every == 0:
+                published = self._evaluate_and_publish().published  # checkpoints when it publishes
+            if not published and self.state.step % self.settings.checkpoint_every == 0:
+                self.checkpoint()
+            return True
+
+    # --- publish, rollback, checkpoint -------------------------------------------------------
+
+    def publish_now(self) -> GateResult:
+        """Evaluate the candidate and publish it if it passes the gate (waits for the iteration in progress)."""
+        with self._lock:
+            try:
+                if self.state.baseline is None:
+                    self._measure_baseline()
+                if self.learner.weights_version == self.state.lineage[-1]:
+                    return GateResult(published=False, step=self.state.step,
+                                      reason=f"no update since {self.state.lineage[-1]}: nothing to publish")
+                return self._evaluate_and_publish()
+            except grpc.RpcError as exc:
+                raise Unavailable(f"reward service: {exc.code().name}: {exc.details()}") from exc
+
+    def rollback(self, version: str) -> GateResult:
+        """Serve ``version`` again and continue training from its weights (a fresh optimiser)."""
+        with self._lock:
+            try:
+                manifest = self.publisher.rollback(version)  # verifies the files against the manifest
+            except InvalidNameError as exc:
+                raise InvalidArgument(str(exc), param="policy_version") from exc
+            except UnknownVersionError as exc:
+                raise NotFound(str(exc), param="policy_version") from exc
+            except (CorruptVersionError, ModelStoreError) as exc:
+                raise FailedPrecondition(f"cannot roll back: {exc}", param="policy_version") from exc
+            self.learner = self.load_learner(version, self.state)
+            self.state.lineage = [version]
+            self.state.baseline = None  # measured again, on the rolled-back weights, before the next step
+            self.state.last_published = {"version": version, "parent": manifest.parent or "",
+                                         "published_at": manifest.created_at, "metrics": dict(manifest.metrics),
+                                         "reason": "rollback"}
+            self.state.pending_announcement = {"version": version, "reason": "rollback"}
+            result = GateResult(published=True, reason=f"rolled back to {version}", step=self.state.step,
+                                version=version, parent=manifest.parent or "", published_at=manifest.created_at,
+                                metrics=dict(manifest.metrics))
+            self.state.last_gate = asdict(result)
+            metrics.ROLLBACKS.inc()
+            self._set_policy_info()
+            self.checkpoint()
+            self._send_pending_announcement()
+            log_event(log, "rolled back", version=version, step=self.state.step)
+            return result
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            self.checkpoints.save(self.state.step, checkpoint_payload(self.learner, self.state))
+            self._checkpoint_step = self.state.step
+            metrics.CHECKPOINTS.inc()
+            log_event(log, "checkpoint saved", step=self.state.step)
+
+    def checkpoint_if_changed(self) -> None:
+        """On shutdown: save unless the newest checkpoint already holds this step."""
+        with self._lock:
+            if self._checkpoint_step != self.state.step or not self.checkpoints.steps():
+                self.checkpoint()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _measure_baseline(self) -> None:
+        """Evaluate the weights as published (no step since): the bar for the next candidate."""
+        ev = self.publisher.evaluate(self.learner)
+        self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
+        log_event(log, "baseline measured", version=self.state.lineage[-1], heldout_reward=round(ev.heldout_reward, 4),
+                  rm_version=ev.rm_version)
+
+    def _baseline_reward(self, rm_version: str) -> float | None:
+        b = self.state.baseline
+        if b is None:
+            return None
+        if b["rm_version"] != rm_version:
+            # Scores of different reward models are not comparable: re-score the baseline's answers.
+            reward, scored_by = self.publisher.rescore(b["answers"])
+            self.state.baseline = {**b, "reward": reward, "rm_version": scored_by}
+            log_event(log, "baseline re-scored", rm_version=scored_by, heldout_reward=round(reward, 4))
+        return float(self.state.baseline["reward"])
+
+    def _evaluate_and_publish(self) -> GateResult:
+        self._phase, self._detail = "evaluating", "held-out evaluation of the candidate"
+        ev: Evaluation = self.publisher.evaluate(self.learner)
+        baseline = self._baseline_reward(ev.rm_version)
+        decision = gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+        metrics.HELDOUT_REWARD.set(ev.heldout_reward)
+        metrics.HELDOUT_KL.set(ev.kl)
+        common = {"step": self.state.step, "heldout_reward": ev.heldout_reward, "kl": ev.kl,
+                  "baseline_reward": baseline if baseline is not None else 0.0}
+        if not decision.ok:
+            result = GateResult(published=False, reason=decision.reason, **common)
+            self.state.last_gate = asdict(result)
+            metrics.GATE_REFUSED.labels("kl" if "KL" in decision.reason else "reward").inc()
+            log_event(log, "candidate refused", level=30, reason=decision.reason, step=self.state.step)
+            self._phase, self._detail = "training", ""
+            return result
+        parent = self.state.lineage[-1]
+        manifest = self.publisher.publish(
+            self.learner, parent=parent, evaluation=ev, baseline_reward=baseline,
+            extra={"reference_version": self.state.reference_version, "trainer_step": self.state.step,
+                   "value_rm_version": self.state.value_rm_version},
+            metrics={"trainer_step": float(self.state.step), "train_mean_reward": self._figures["mean_reward"],
+                     "train_kl": self._figures["kl"]})
+        self.learner.mark_published(manifest.version)
+        self.state.lineage = (self.state.lineage + [manifest.version])[-LINEAGE_KEPT:]
+        self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
+        self.state.last_published = {"version": manifest.version, "parent": parent, "published_at": manifest.created_at,
+                                     "metrics": dict(manifest.metrics), "reason": "publish"}
+        self.state.pending_announcement = {"version": manifest.version, "reason": "publish"}
+        result = GateResult(published=True, reason=decision.reason, version=manifest.version, parent=parent,
+                            published_at=manifest.created_at, metrics=dict(manifest.metrics), **common)
+        self.state.last_gate = asdict(result)
+        metrics.PUBLISHED.inc()
+        self._set_policy_info()
+        self.checkpoint()                      # remembers the announcement owed before making it
+        self._send_pending_announcement()
+        self._phase, self._detail = "training", ""
+        return result
+
+    def _send_pending_announcement(self) -> None:
+        """Announce the owed publish or rollback; while Kafka is down, log and retry next iteration
+        (the version is already current in the store, so training need not wait)."""
+        pending = self.state.pending_announcement
+        if pending is None:
+            return
+        try:
+            self.publisher.announce(pending["version"], pending["reason"])
+        except Exception as exc:  # noqa: BLE001 - any producer error: retried
+            metrics.ITERATION_FAILURES.labels("announce").inc()
+            log_event(log, "announcement failed; will retry", level=30, version=pending["version"],
+                      error=f"{type(exc).__name__}: {exc}")
+            return
+        self.state.pending_announcement = None
+
+    def _set_policy_info(self) -> None:
+        metrics.POLICY_INFO.clear()
+        metrics.POLICY_INFO.labels(self.state.lineage[-1]).set(1)
+
+
+def _is_expected(exc: Exception) -> bool:
+    """Errors of dependencies (no traceback needed in the log)."""
+    return isinstance(exc, (grpc.RpcError, ConnectionError, TimeoutError))

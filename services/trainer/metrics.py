@@ -1,0 +1,25 @@
+"""Prometheus metrics of the trainer service."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ITERATIONS = Counter("rlhf_trainer_iterations_total", "PPO iterations done (one learner step each)")
+ROLLOUTS = Counter("rlhf_trainer_rollouts_total", "Rollouts trained on")
+ROLLOUTS_DROPPED = Counter("rlhf_trainer_rollouts_dropped_total", "Sampled rollouts not trained on", ["reason"])
+LIVE_PROMPTS = Counter("rlhf_trainer_live_prompts_total", "New distinct user prompts taken from rlhf.completions")
+LIVE_PROMPTS_BUFFERED = Gauge("rlhf_trainer_live_prompts_buffered", "Distinct live user prompts in the buffer")
+STEP = Gauge("rlhf_trainer_step", "PPO iterations done since the first start (restored from checkpoints)")
+MEAN_REWARD = Gauge("rlhf_trainer_mean_reward", "Mean RM score of the last iteration's rollouts")
+KL = Gauge("rlhf_trainer_kl", "Mean KL to the reference per response in the last iteration (nats)")
+ENTROPY = Gauge("rlhf_trainer_entropy", "Mean policy entropy per token in the last iteration")
+HELDOUT_REWARD = Gauge("rlhf_trainer_heldout_reward", "Held-out reward of the last evaluated candidate")
+HELDOUT_KL = Gauge("rlhf_trainer_heldout_kl", "KL to the reference of the last evaluated candidate")
+PAUSED = Gauge("rlhf_trainer_paused", "1 while training is paused")
+PUBLISHED = Counter("rlhf_trainer_published_total", "Policy versions published")
+GATE_REFUSED = Counter("rlhf_trainer_gate_refused_total", "Candidates the publish gate refused", ["reason"])
+ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "Rollbacks to an earlier version")
+ITERATION_FAILURES = Counter("rlhf_trainer_iteration_failures_total", "Iterations that failed and were retried",
+                             ["kind"])
+CHECKPOINTS = Counter("rlhf_trainer_checkpoints_total", "Checkpoints written")
+ITERATION_SECONDS = Histogram("rlhf_trainer_iteration_seconds", "One iteration: sampling, scoring and the PPO step",
+                              ["phase"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+POLICY_INFO = Gauge("rlhf_trainer_policy_info", "1 for the published version the trainer builds on", ["version"])

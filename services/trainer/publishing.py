@@ -1,0 +1,190 @@
+"""The publish gate and publication: a candidate reaches users only if it stays near the reference
+policy and does not score worse than the version it would replace.
+
+    publisher = PolicyPublisher(store, announcer, scorer, heldout_prompts, kl_bound=10.0, reward_tolerance=0.0)
+    evaluation = publisher.evaluate(learner)                     # held-out reward and KL to the reference
+    decision = gate(evaluation, baseline_reward, kl_bound, reward_tolerance)
+    if decision.ok:
+        manifest = publisher.publish(learner, parent="policy-0002", evaluation=evaluation, ...)
+
+**Evaluation** (``evaluate``): on the held-out prompts (never trained on) the candidate answers
+greedily, and the reward service scores those answers: their mean is the *held-out reward*. For the
+KL it also samples one answer per prompt (temperature 1, fixed seed) and the learner sums
+``log pi(token) - log pi_ref(token)`` over each; the mean is an unbiased estimate of
+KL(pi || pi_ref) per answer (greedy answers would not be samples of pi). An empty answer (EOS
+first), which the reward service cannot score, counts as the worst scored answer of the same
+evaluation, so answering nothing never raises the mean.
+
+**The gate** (``gate``): KL <= kl_bound and held-out reward >= baseline - reward_tolerance, where
+the baseline is the held-out reward of the last published version (its answers re-scored when
+the reward model changed since). A policy that games the reward model typically drifts far from
+the reference (the KL bound) or gets worse on prompts it was not trained on (the reward bound).
+
+**Publication** (``publish``): the learner writes the policy (safetensors) to a temp directory; the
+model store copies it, hashes every file into the manifest (parent version, RM version used, the
+metrics) and renames it into place atomically, then points ``policy.current`` at it; only then is
+it announced on rlhf.policy-updates, where inference replicas verify and hot-swap it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.trainer.prompts import Prompt
+from services.trainer.rollout import Rollout
+from services.trainer.rollouts import Scorer
+from shared.events import PolicyUpdateEvent
+from shared.kafka.producer import SyncPublisher
+from shared.kafka.topics import POLICY_UPDATES
+from shared.logging import get_logger, log_event
+from shared.model_store import Manifest, ModelStore
+
+log = get_logger(__name__)
+
+EVAL_SEED = 1234
+"""Seed of the held-out KL samples: the same draws for every candidate."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    heldout_reward: float
+    """Mean RM score of the candidate's greedy answers to the held-out prompts."""
+    kl: float
+    """Mean summed per-token KL(pi || pi_ref) of sampled held-out answers, nats per answer."""
+    rm_version: str
+    answers: list[str] = field(default_factory=list)
+    """The greedy answers (kept so that a later RM version can re-score the baseline)."""
+    empty_answers: int = 0
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    ok: bool
+    reason: str
+
+
+class Announcer(Protocol):
+    def announce(self, event: PolicyUpdateEvent) -> None:
+        """Deliver ``event`` on rlhf.policy-updates or raise."""
+
+
+class KafkaAnnouncer:
+    """Announces on rlhf.policy-updates and waits for the acks=all acknowledgement."""
+
+    def __init__(self, publisher: SyncPublisher):
+        self.publisher = publisher
+
+    def announce(self, event: PolicyUpdateEvent) -> None:
+        # One key: announcements of one line stay in order (the topic has one partition anyway).
+        self.publisher.publish_and_wait(POLICY_UPDATES, event, key="policy")
+
+
+# --- pure rules -------------------------------------------------------------------------------
+
+
+def gate(evaluation: Evaluation, baseline_reward: float | None, kl_bound: float,
+         reward_tolerance: float) -> GateDecision:
+    """Whether a candidate may be published; the reason names the figures either way."""
+    r, kl = evaluation.heldout_reward, evaluation.kl
+    if not (math.isfinite(r) and math.isfinite(kl)):
+        return GateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})")
+    if kl > kl_bound:
+        return GateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}")
+    if baseline_reward is not None and r < baseline_reward - reward_tolerance:
+        return GateDecision(False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}")
+    bar = "no baseline" if baseline_reward is None else f"baseline {baseline_reward:.4f}"
+    return GateDecision(True, f"held-out reward {r:.4f} ({bar}), KL {kl:.4f} <= {kl_bound:.4f}")
+
+
+def fill_empty_scores(scores: Sequence[float | None]) -> list[float]:
+    """Scores with each unscored (empty) answer set to the worst scored one (0 when none was scored)."""
+    scored = [s for s in scores if s is not None]
+    worst = min(scored) if scored else 0.0
+    return [worst if s is None else float(s) for s in scores]
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+# --- evaluation and publication ---------------------------------------------------------------
+
+
+class PolicyPublisher:
+    def __init__(self, store: ModelStore, announcer: Announcer, scorer: Scorer, heldout: Sequence[Prompt], *,
+                 max_tokens: int):
+        if not heldout:
+            raise ValueError("the publish gate needs at least one held-out prompt")
+        self.store = store
+        self.announcer = announcer
+        self.scorer = scorer
+        self.heldout = list(heldout)
+        self.max_tokens = max_tokens
+
+    def prompt_ids(self, learner: Any) -> list[list[int]]:
+        return [list(learner.tokenizer.apply_chat_template([asdict(m) for m in p], add_generation_prompt=True,
+                                                           tokenize=True, return_dict=False))
+                for p in self.heldout]
+
+    def score_answers(self, answers: Sequence[str]) -> tuple[list[float], str, int]:
+        """(scores, RM version, empty answers) of greedy answers to the held-out prompts."""
+        idx = [i for i, a in enumerate(answers) if a.strip()]
+        scores: list[float | None] = [None] * len(answers)
+        rm_version = ""
+        if idx:
+            got, rm_version = self.scorer.score([(self.heldout[i], answers[i]) for i in idx])
+            for i, s in zip(idx, got, strict=True):
+                scores[i] = s
+        return fill_empty_scores(scores), rm_version, len(answers) - len(idx)
+
+    def evaluate(self, learner: Any) -> Evaluation:
+        """Held-out reward (greedy answers, scored by the reward service) and KL (sampled answers)."""
+        prompts = self.prompt_ids(learner)
+        greedy = learner.generate(prompts, self.max_tokens, greedy=True)
+        answers = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
+        scores, rm_version, empty = self.score_answers(answers)
+        sampled = learner.generate(prompts, self.max_tokens, greedy=False, seed=EVAL_SEED)
+        probes = [Rollout(messages=list(p), prompt_token_ids=ids, response_token_ids=resp, behaviour_logprobs=None,
+                          policy_version=learner.weights_version, finish_reason="stop", score=0.0)
+                  for p, ids, resp in zip(self.heldout, prompts, sampled) if resp]
+        kl = learner.kl_to_reference(probes) if probes else 0.0
+        return Evaluation(mean(scores), float(kl), rm_version, answers, empty)
+
+    def rescore(self, answers: Sequence[str]) -> tuple[float, str]:
+        """Mean score of earlier held-out answers under the current reward model (baseline refresh)."""
+        scores, rm_version, _ = self.score_answers(answers)
+        return mean(scores), rm_version
+
+    def publish(self, learner: Any, *, parent: str, evaluation: Evaluation, baseline_reward: float | None,
+                extra: dict[str, Any], metrics: dict[str, float] | None = None) -> Manifest:
+        """Write the candidate to the store (atomic, sha256 manifest), make it current, announce it."""
+        all_metrics = {"heldout_reward": evaluation.heldout_reward, "kl_to_reference": evaluation.kl,
+                       **({"baseline_reward": baseline_reward} if baseline_reward is not None else {}),
+                       **(metrics or {})}
+        all_metrics = {k: float(v) for k, v in all_metrics.items() if v is not None and math.isfinite(v)}
+        with tempfile.TemporaryDirectory(prefix="candidate-") as tmp:
+            out = Path(tmp) / "policy"
+            learner.save_policy(out)
+            manifest = self.store.publish("policy", out, parent=parent, metrics=all_metrics,
+                                          extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra})
+        log_event(log, "published policy", version=manifest.version, parent=parent,
+                  heldout_reward=round(evaluation.heldout_reward, 4), kl=round(evaluation.kl, 4))
+        return manifest
+
+    def announce(self, version: str, reason: str) -> PolicyUpdateEvent:
+        manifest = self.store.manifest(version)
+        event = PolicyUpdateEvent(version=version, manifest_sha256=self.store.manifest_sha256(version),
+                                  parent=manifest.parent, reason=reason, metrics=dict(manifest.metrics))
+        self.announcer.announce(event)
+        log_event(log, "announced policy", version=version, reason=reason)
+        return event
+
+    def rollback(self, version: str) -> Manifest:
+        """Point policy.current at an earlier version (verified first); the caller announces it."""
+        self.store.set_current("policy", version)
+        return self.store.manifest(version)

@@ -1,0 +1,194 @@
+"""Rollouts: prompts -> responses sampled by the served policy (inference service) -> RM scores
+(reward service) -> ``Rollout``s the learner trains on; stale or unusable samples dropped.
+
+    collector = RolloutCollector(GrpcPolicySampler(channel), GrpcRewardScorer(channel), max_tokens=48)
+    result = collector.collect(prompts, lineage=["policy-0001", "policy-0002"], max_staleness=1)
+    result.rollouts, result.dropped          # {"stale": 2, "empty": 1, ...}
+
+Each sample carries the policy version that produced it (from the inference response) and the
+log-probability of every token under that version, so when a rollout comes from an older version
+than the learner's weights, PPO's ratio is taken against those recorded behaviour logprobs.
+
+Staleness is counted along the trainer's *lineage*: the versions it has built on, oldest first
+(the version it started from, then each version it published; a rollback restarts the lineage at
+the rolled-back version). A rollout from ``lineage[-1 - k]`` is ``k`` versions stale; one from a
+version not in the lineage (someone else's, or one rolled back away from) is never used.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.trainer.prompts import Prompt
+from services.trainer.rollout import Rollout
+from shared.events import Message
+from shared.logging import get_logger
+from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion from the inference service."""
+
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    policy_version: str
+    policy_versions: list[str]
+    response_id: str
+
+
+class PolicySampler(Protocol):
+    def sample(self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float,
+               seed: int | None = None) -> list[Sample]:
+        """One completion per prompt, in order, with token ids and behaviour logprobs."""
+
+
+class Scorer(Protocol):
+    def score(self, pairs: Sequence[tuple[Prompt, str]]) -> tuple[list[float], str]:
+        """(RM score per (conversation, response), the RM version that scored them all)."""
+
+
+# --- pure rules -------------------------------------------------------------------------------
+
+
+def staleness(version: str, lineage: Sequence[str]) -> int | None:
+    """How many versions behind the newest of ``lineage`` ``version`` is; None if not in it."""
+    for k, known in enumerate(reversed(lineage)):
+        if known == version:
+            return k
+    return None
+
+
+def drop_reason(sample: Sample, lineage: Sequence[str], max_staleness: int) -> str | None:
+    """Why ``sample`` must not be trained on, or None when it may be."""
+    if len(sample.policy_versions) > 1:
+        return "straddled"  # generated across a hot-swap: no single behaviour policy
+    age = staleness(sample.policy_version, lineage)
+    if age is None:
+        return "unknown_version"
+    if age > max_staleness:
+        return "stale"
+    if not sample.token_ids:
+        return "empty"
+    if len(sample.logprobs) != len(sample.token_ids):
+        return "no_logprobs"
+    if not sample.text.strip():
+        return "empty"  # the reward service cannot score an empty answer (e.g. EOS only)
+    return None
+
+
+# --- collection -------------------------------------------------------------------------------
+
+
+@dataclass
+class CollectResult:
+    rollouts: list[Rollout]
+    dropped: Counter
+    """Samples not used, by reason (stale, unknown_version, straddled, empty, no_logprobs)."""
+    rm_version: str
+    sampled: int
+
+
+class RolloutCollector:
+    def __init__(self, sampler: PolicySampler, scorer: Scorer, *, max_tokens: int, top_p: float = 1.0):
+        self.sampler = sampler
+        self.scorer = scorer
+        self.max_tokens = max_tokens
+        self.top_p = top_p
+
+    def collect(self, prompts: Sequence[Prompt], lineage: Sequence[str], max_staleness: int,
+                seed: int | None = None) -> CollectResult:
+        samples = self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
+        dropped: Counter = Counter()
+        kept: list[Sample] = []
+        for s in samples:
+            reason = drop_reason(s, lineage, max_staleness)
+            if reason:
+                dropped[reason] += 1
+            else:
+                kept.append(s)
+        if not kept:
+            return CollectResult([], dropped, "", len(samples))
+        scores, rm_version = self.scorer.score([(s.prompt, s.text) for s in kept])
+        rollouts = [
+            Rollout(messages=list(s.prompt), prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids,
+                    behaviour_logprobs=s.logprobs, policy_version=s.policy_version, finish_reason=s.finish_reason,
+                    score=float(score), rm_version=rm_version, extra={"response_id": s.response_id})
+            for s, score in zip(kept, scores, strict=True)
+        ]
+        return CollectResult(rollouts, dropped, rm_version, len(samples))
+
+
+# --- gRPC clients of the inference and reward services ----------------------------------------
+
+
+def chat_messages(prompt: Sequence[Message]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt]
+
+
+class GrpcPolicySampler:
+    """Samples from the inference service; all prompts of a batch in flight at once, so vLLM batches them."""
+
+    def __init__(self, channel, timeout_s: float):
+        self.stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self.timeout_s = timeout_s
+
+    def sample(self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float,
+               seed: int | None = None) -> list[Sample]:
+        futures: list[Future] = []
+        for i, prompt in enumerate(prompts):
+            # Temperature 1: the returned logprobs are the untempered policy's (TrainerConfig checks PPO's).
+            sampling = inference_pb2.SamplingParams(temperature=1.0, top_p=top_p, max_tokens=max_tokens,
+                                                    n=1, logprobs=True)
+            if seed is not None:
+                sampling.seed = seed + i
+            req = inference_pb2.GenerateRequest(messages=chat_messages(prompt), sampling=sampling, source="trainer")
+            futures.append(self.stub.Generate.future(req, timeout=self.timeout_s))
+        out = []
+        for prompt, fut in zip(prompts, futures):
+            resp = fut.result()
+            c = resp.completions[0]
+            out.append(Sample(prompt=prompt, prompt_token_ids=list(resp.prompt_token_ids), token_ids=list(c.token_ids),
+                              logprobs=list(c.logprobs), text=c.text, finish_reason=c.finish_reason,
+                              policy_version=resp.policy_version,
+                              policy_versions=list(c.policy_versions) or [resp.policy_version],
+                              response_id=c.response_id))
+        return out
+
+    def served_version(self) -> str:
+        return self.stub.GetPolicy(inference_pb2.GetPolicyRequest(), timeout=self.timeout_s).policy_version
+
+
+class GrpcRewardScorer:
+    """Scores with the reward service, in requests of at most ``max_items``."""
+
+    def __init__(self, channel, timeout_s: float, max_items: int = 256):
+        self.stub = reward_pb2_grpc.RewardServiceStub(channel)
+        self.timeout_s = timeout_s
+        self.max_items = max_items
+
+    def score(self, pairs: Sequence[tuple[Prompt, str]]) -> tuple[list[float], str]:
+        scores: list[float] = []
+        versions: set[str] = set()
+        for start in range(0, len(pairs), self.max_items):
+            chunk = pairs[start:start + self.max_items]
+            req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(messages=chat_messages(p), response=r)
+                                                 for p, r in chunk])
+            resp = self.stub.Score(req, timeout=self.timeout_s)
+            scores += list(resp.scores)
+            versions.add(resp.rm_version)
+        if len(versions) > 1:
+            # The RM was swapped between two chunks: scores on different scales must not be mixed.
+            raise RuntimeError(f"reward model changed while scoring ({sorted(versions)}); retry")
+        return scores, versions.pop() if versions else ""
+
