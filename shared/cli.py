@@ -80,7 +80,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_protos(args: argparse.Namespace) -> int:
     from shared.protogen import main
 
-    main()
+    main([])  # sys.argv is the rlhf command line here, not protogen's
     return 0
 
 

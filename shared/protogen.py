@@ -52,8 +52,10 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
     return written
 
 
-def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else OUT_DIR
+def main(argv: list[str] | None = None) -> None:
+    """``python -m shared.protogen [OUT_DIR]``; ``rlhf protos`` calls it with no arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else OUT_DIR
     for path in generate(out):
         print(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
