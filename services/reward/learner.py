@@ -297,7 +297,7 @@ class ContinualLearner:
                 "heldout_loss": heldout_loss, "train_loss": train_loss, "new_comparisons": len(new),
                 "replayed_comparisons": len(replayed), "heldout_comparisons": len(held_groups),
                 "heldout_pairs": heldout_pairs, "trained_comparisons_total": len(trained) + len(new),
-                "epochs": self.settings.epochs})
+                "epochs": self.settings.epochs, "round_seconds": round(time.monotonic() - started, 2)})
             metrics.HELDOUT_ACCURACY.labels("current").set(candidate_acc)
         else:
             log_event(log, "candidate reward model refused by the gate; keeping the current one", level=30,
