@@ -1,8 +1,12 @@
 """`rlhf up`: run the whole loop on one machine, each service in its own process.
 
-Starts the embedded broker when no Kafka is configured, creates the topics, publishes the default
-policy when the model store has none, then starts the services in dependency order, waiting for
-each to report healthy before the next. Ctrl-C or SIGTERM stops them in reverse order.
+Starts the embedded broker when no Kafka is configured, creates the topics, makes sure the model
+store holds a policy and a reward model (see ``Stack._ensure_models``), then starts the services in
+dependency order (inference, reward, feedback, trainer, gateway), waiting for each to report healthy
+before the next. Ctrl-C or SIGTERM stops them in reverse order.
+
+Everything shares this machine's cores: unless configured otherwise, the reward and trainer services
+get one torch thread each, so that PyTorch's thread pools do not fight vLLM's for the same cores.
 """
 
 from __future__ import annotations
@@ -27,12 +31,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.feedback.config import FeedbackConfig
 from services.gateway.config import GatewayConfig
 from services.inference.config import InferenceConfig
+from services.reward.config import RewardConfig
+from services.trainer.config import TrainerConfig
 from shared.config import ConfigBase, KafkaConfig, LoggingConfig, ModelStoreConfig, load_config
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
+
+
+ALL_SERVICES = ("inference", "reward", "feedback", "trainer", "gateway")
+SERVICE_NEEDS = {"gateway": ("inference",), "trainer": ("inference", "reward")}
+# Torch threads of the services that are not vLLM, when `rlhf up` runs them on one machine.
+SHARED_MACHINE_TORCH_THREADS = {"RLHF_REWARD_TORCH_THREADS": "1", "RLHF_TRAINER_TORCH_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,20 @@ class UpConfig(ConfigBase):
     """How long a service may take to report healthy (model load included)."""
     stop_timeout_s: float = 30.0
     """How long a service may take to stop after SIGTERM before it is killed."""
+    services: tuple[str, ...] = ALL_SERVICES
+    """Which services to start (started in the order of the default list, whatever the order given).
+    The gateway needs inference; the trainer needs inference and reward."""
+
+    def problems(self) -> list[str]:
+        out = []
+        unknown = [s for s in self.services if s not in ALL_SERVICES]
+        if unknown:
+            out.append(f"RLHF_UP_SERVICES: unknown services {unknown} (known: {', '.join(ALL_SERVICES)})")
+        for service, needs in SERVICE_NEEDS.items():
+            missing = [n for n in needs if service in self.services and n not in self.services]
+            if missing:
+                out.append(f"RLHF_UP_SERVICES: {service} needs {', '.join(missing)}")
+        return out
 
 
 @dataclass
@@ -101,32 +127,61 @@ class Stack:
             self.environ["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap_servers
             kafka = dataclasses.replace(kafka, bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(kafka)
-        self._ensure_policy()
+        self._ensure_models()
+        for name, value in SHARED_MACHINE_TORCH_THREADS.items():
+            self.environ.setdefault(name, value)
         # One machine, one run: a fresh token key unless one is configured (tokens then expire with the run).
         self.environ.setdefault("RLHF_FEEDBACK_TOKEN_SECRET", secrets.token_urlsafe(32))
+        wanted = set(self.cfg.services)
         inference = load_config(InferenceConfig, self.environ)
-        feedback = load_config(FeedbackConfig, self.environ)
-        self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", f"{inference.host}:{inference.grpc_port}")
-        self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", f"{feedback.host}:{feedback.grpc_port}")
-        gateway = load_config(GatewayConfig, self.environ)
-        gateway_url = f"http://{gateway.host}:{gateway.port}"
-        planned = [
-            ServiceProcess("inference", "services.inference", grpc_serving(f"{inference.host}:{inference.grpc_port}"),
-                           {"gRPC": f"{inference.host}:{inference.grpc_port}"}),
-            ServiceProcess("feedback", "services.feedback", grpc_serving(f"{feedback.host}:{feedback.grpc_port}"),
-                           {"gRPC": f"{feedback.host}:{feedback.grpc_port}"}),
-            ServiceProcess("gateway", "services.gateway", http_ok(f"{gateway_url}/healthz"),
-                           {"chat page": f"{gateway_url}/", "OpenAI API": f"{gateway_url}/v1",
-                            "feedback": f"{gateway_url}/v1/feedback"}),
-        ]
+        inference_address = f"{inference.host}:{inference.grpc_port}"
+        planned: list[ServiceProcess] = []
+        if "inference" in wanted:
+            planned.append(ServiceProcess("inference", "services.inference", grpc_serving(inference_address),
+                                          {"gRPC": inference_address}))
+        if "reward" in wanted:
+            reward = load_config(RewardConfig, self.environ)
+            reward_address = f"{reward.host}:{reward.grpc_port}"
+            self.environ.setdefault("RLHF_TRAINER_REWARD_ADDRESS", reward_address)
+            planned.append(ServiceProcess("reward", "services.reward", grpc_serving(reward_address),
+                                          {"gRPC": reward_address}))
+        if "feedback" in wanted:
+            feedback = load_config(FeedbackConfig, self.environ)
+            feedback_address = f"{feedback.host}:{feedback.grpc_port}"
+            self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", feedback_address)
+            planned.append(ServiceProcess("feedback", "services.feedback", grpc_serving(feedback_address),
+                                          {"gRPC": feedback_address}))
+        if "trainer" in wanted:
+            self.environ.setdefault("RLHF_TRAINER_INFERENCE_ADDRESS", inference_address)
+            trainer = load_config(TrainerConfig, self.environ)
+            trainer_address = f"{trainer.host}:{trainer.grpc_port}"
+            planned.append(ServiceProcess("trainer", "services.trainer", grpc_serving(trainer_address),
+                                          {"gRPC": trainer_address}))
+        if "gateway" in wanted:
+            self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", inference_address)
+            gateway = load_config(GatewayConfig, self.environ)
+            gateway_url = f"http://{gateway.host}:{gateway.port}"
+            planned.append(ServiceProcess("gateway", "services.gateway", http_ok(f"{gateway_url}/healthz"),
+                                          {"chat page": f"{gateway_url}/", "OpenAI API": f"{gateway_url}/v1",
+                                           "feedback": f"{gateway_url}/v1/feedback"}))
         for svc in planned:
             self._spawn(svc)
 
-    def _ensure_policy(self) -> None:
+    def _ensure_models(self) -> None:
+        """A policy and, when the reward service runs, a reward model: the default small model and
+        the first RM trained on the shipped example rankings, unless the store has them already
+        (``rlhf bootstrap`` makes better ones: pretraining, SFT and the RM on the demo task)."""
         from shared.default_model import ensure_default_policy
         from shared.model_store import ModelStore
 
-        ensure_default_policy(ModelStore(self.cfg.model_store.root))
+        store = ModelStore(self.cfg.model_store.root)
+        ensure_default_policy(store)
+        if "reward" in self.cfg.services and not store.versions("rm"):
+            from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
+
+            log_event(log, "no reward model in the store: training the first one on the example rankings",
+                      rankings=str(EXAMPLE_RANKINGS))
+            train_first_rm(store, EXAMPLE_RANKINGS)
 
     def _spawn(self, svc: ServiceProcess) -> None:
         started = time.monotonic()
