@@ -61,7 +61,6 @@ from .ppo import (
     FixedKLController,
     clipped_policy_loss,
     clipped_value_loss,
-    kl_penalty,
     masked_mean,
     masked_whiten,
     per_token_rewards,
@@ -209,21 +208,8 @@ class PPOLearner:
         """One PPO update from ``rollouts`` (every data-parallel process passes the same list)."""
         started = time.monotonic()
         cfg = self.config
-        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
-        stale = self._stale_rows(rollouts, batch)
+        batch, prepared, facts = self._prepare(rollouts)
         mask = batch.response_mask
-        scores = self._scores(batch)
-
-        old_logprobs, ref_logprobs, old_values = self._no_grad_pass(batch, stale)
-        kl_coef = self.kl_controller.value
-        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-        non_score = (-kl_coef * kl).sum(-1)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-        advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and mask.sum() > 1:
-            advantages = masked_whiten(advantages, mask) * mask
-        prepared = _Prepared(old_logprobs, old_values, advantages, returns)
 
         sums: dict[str, float] = {}
         updates = 0
@@ -238,6 +224,7 @@ class PPOLearner:
         means = {k: v / updates for k, v in sums.items()}
         means = self._mean_over_processes(means)
 
+        kl, kl_coef, scores, stale = facts["kl"], facts["kl_coef"], facts["scores"], facts["stale"]
         mean_kl = float(kl.sum(-1).mean())
         self.kl_controller.update(mean_kl, batch.size)
         self.steps_done += 1
@@ -246,20 +233,39 @@ class PPOLearner:
         stats = StepStats(
             step=self.steps_done, samples=batch.size, tokens=int(mask.sum()),
             seconds=time.monotonic() - started, mean_score=float(scores.mean()), mean_kl=mean_kl,
-            mean_non_score_reward=float(non_score.mean()), entropy=means["entropy"],
+            mean_non_score_reward=float(facts["non_score"].mean()), entropy=means["entropy"],
             policy_loss=means["policy_loss"], value_loss=means["value_loss"],
             ptx_loss=means.get("ptx_loss", math.nan), clipfrac=means["clipfrac"],
             value_clipfrac=means["value_clipfrac"], approx_kl=means["approx_kl"], kl_coef=kl_coef,
             next_kl_coef=self.kl_controller.value, policy_grad_norm=means["policy_grad_norm"],
             value_grad_norm=means["value_grad_norm"], mean_response_length=float(mask.sum(-1).mean()),
-            stale_samples=int(stale.sum()), return_mean=float(masked_mean(returns, mask)),
-            value_mean=float(masked_mean(old_values, mask)), minibatch_updates=updates,
+            stale_samples=int(stale.sum()), return_mean=float(masked_mean(prepared.returns, mask)),
+            value_mean=float(masked_mean(prepared.old_values, mask)), minibatch_updates=updates,
         )
         log_event(log, "ppo step", step=stats.step, samples=stats.samples, tokens=stats.tokens,
                   score=round(stats.mean_score, 4), kl=round(stats.mean_kl, 4), kl_coef=round(kl_coef, 5),
                   clipfrac=round(stats.clipfrac, 3), seconds=round(stats.seconds, 2),
                   samples_per_s=round(stats.samples_per_s, 2))
         return stats
+
+    def _prepare(self, rollouts: Sequence[Rollout]) -> tuple[RolloutBatch, _Prepared, dict[str, Any]]:
+        """Collate, then (no gradients) old logprobs, reference logprobs, values, rewards, GAE, whitening."""
+        cfg = self.config
+        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
+        stale = self._stale_rows(rollouts, batch)
+        mask = batch.response_mask
+        scores = self._scores(batch)
+        old_logprobs, ref_logprobs, old_values = self._no_grad_pass(batch, stale)
+        kl_coef = self.kl_controller.value
+        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        if cfg.whiten_rewards and mask.sum() > 1:
+            rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and mask.sum() > 1:
+            advantages = masked_whiten(advantages, mask) * mask
+        facts = {"scores": scores, "kl": kl, "kl_coef": kl_coef, "stale": stale,
+                 "non_score": (-kl_coef * kl).sum(-1)}
+        return batch, _Prepared(old_logprobs, old_values, advantages, returns), facts
 
     def _scores(self, batch: RolloutBatch) -> torch.Tensor:
         scores = batch.scores.clone()
@@ -304,30 +310,47 @@ class PPOLearner:
     def _update(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
                 generator: torch.Generator) -> dict[str, float]:
         """One optimiser step on ``minibatch`` (global row indices); returns this process's diagnostics."""
+        cfg = self.config
+        ptx_ids = self._ptx_batch(generator) if cfg.ptx_coef > 0 else None
+        loss, stats = self._minibatch_loss(batch, prepared, minibatch, ptx_ids, cfg.ptx_coef)
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        self.value_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["policy_grad_norm"] = _clip(self.policy.parameters(), cfg.max_grad_norm)
+        stats["value_grad_norm"] = _clip(self.value.parameters(), cfg.max_grad_norm)
+        self.policy_optimizer.step()
+        self.value_optimizer.step()
+        return stats
+
+    def _minibatch_loss(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
+                        ptx_ids: torch.Tensor | None, ptx_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This process's share of the total loss of ``minibatch``:
+
+            policy_loss + vf_coef * value_loss - ent_coef * entropy  (+ ptx_coef * LM loss on ``ptx_ids``)
+
+        each term a token mean over the whole minibatch once data-parallel gradients are averaged.
+        """
         cfg, ctx = self.config, self.ctx
-        local_rows = minibatch[ctx.rank::ctx.world_size]
+        rows = minibatch[ctx.rank::ctx.world_size]
         weight = 1.0
-        if len(local_rows) == 0:  # fewer rows than processes: compute a row with zero weight (DDP needs a backward)
-            local_rows, weight = minibatch[:1], 0.0
-        sub, width = _trimmed(batch, local_rows.tolist())
+        if len(rows) == 0:  # fewer rows than processes: compute a row with zero weight (DDP needs a backward)
+            rows, weight = minibatch[:1], 0.0
+        sub, width = _trimmed(batch, rows.tolist())
         mask = sub.response_mask
         # Sum over this process's tokens / tokens of the whole minibatch, times world (see distributed.py).
         scale = weight * float(mask.sum()) * ctx.world_size / float(batch.response_mask[minibatch].sum())
 
-        ptx_ids = ptx_scale = None
-        if cfg.ptx_coef > 0:
-            ptx_all = self._ptx_batch(generator)
-            ptx_local = ptx_all[ctx.rank::ctx.world_size]
-            ptx_scale = ctx.world_size * len(ptx_local) / len(ptx_all)
+        ptx_local, ptx_scale = None, 0.0
+        if ptx_ids is not None:
+            ptx_local = ptx_ids[ctx.rank::ctx.world_size]
+            ptx_scale = ctx.world_size * len(ptx_local) / len(ptx_ids)
             if len(ptx_local) == 0:
-                ptx_local, ptx_scale = ptx_all[:1], 0.0
-            ptx_ids = ptx_local
+                ptx_local, ptx_scale = ptx_ids[:1], 0.0
 
         logprobs, entropy, ptx_nll = self._policy_ddp(
             sub.input_ids, sub.attention_mask, sub.response_positions, sub.response_ids,
-            ptx_ids, None if ptx_ids is None else torch.ones_like(ptx_ids))
+            ptx_local, None if ptx_local is None else torch.ones_like(ptx_local))
         values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions)
-        rows = local_rows
         policy_loss, clipfrac, approx_kl = clipped_policy_loss(
             logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range)
         value_loss, value_clipfrac = clipped_value_loss(
@@ -339,17 +362,9 @@ class PPOLearner:
                  "value_clipfrac": float(value_clipfrac), "approx_kl": float(approx_kl)}
         if ptx_nll is not None:
             ptx_loss = ptx_nll.mean()
-            loss = loss + cfg.ptx_coef * ptx_scale * ptx_loss
+            loss = loss + ptx_coef * ptx_scale * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
-
-        self.policy_optimizer.zero_grad(set_to_none=True)
-        self.value_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["policy_grad_norm"] = _clip(self.policy.parameters(), cfg.max_grad_norm)
-        stats["value_grad_norm"] = _clip(self.value.parameters(), cfg.max_grad_norm)
-        self.policy_optimizer.step()
-        self.value_optimizer.step()
-        return stats
+        return loss, stats
 
     # --- PPO-ptx data ------------------------------------------------------------------------
 
@@ -380,12 +395,21 @@ class PPOLearner:
 
     @torch.no_grad()
     def kl_to_reference(self, rollouts: Sequence[Rollout]) -> float:
-        """Mean over rollouts of the summed per-token KL (k1) of the learner's current policy to the
-        reference, on the rollouts' responses (for the publish gate)."""
+        """Mean over rollouts of sum_t KL(pi(.|prefix_t) || pi_ref(.|prefix_t)): the exact KL over the whole
+        vocabulary at every response token of the given responses (never negative, unlike a sampled
+        estimate on responses the current policy did not sample). For the publish gate."""
         batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
-        fresh = torch.zeros(batch.size, dtype=torch.bool)
-        current, ref, _ = self._no_grad_pass(batch, fresh)
-        return float((kl_penalty(current, ref, "k1") * batch.response_mask).sum(-1).mean())
+        rows = distributed.shard_rows(batch.size, self.ctx)
+        sums = []
+        for start in range(0, len(rows), self.config.forward_batch_size):
+            sub, _ = _trimmed(batch, rows[start:start + self.config.forward_batch_size])
+            args = (sub.input_ids, sub.attention_mask, sub.response_positions)
+            logp = torch.log_softmax(self.policy.response_logits(*args).float(), -1)
+            ref_logp = torch.log_softmax(self.reference.response_logits(*args).float(), -1)
+            per_token = (logp.exp() * (logp - ref_logp)).sum(-1)
+            sums.append((per_token * sub.response_mask).sum(-1, keepdim=True))
+        local = torch.cat(sums) if sums else torch.zeros((0, 1))
+        return float(distributed.all_gather_rows(local, batch.size, self.ctx).mean())
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,

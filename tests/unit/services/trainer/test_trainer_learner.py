@@ -1,0 +1,205 @@
+"""PPOLearner on the default model: on-policy ratios, stale rollouts, PPO-ptx mixing, the KL controller,
+checkpoints through safetensors + JSON, publishing, and learning a trivially learnable score."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from services.inference.weights import check_compatible
+from services.trainer.learner import LearnerState, PPOLearner
+from services.trainer.ppo_config import PPOConfig
+from services.trainer.rollout import InvalidRollout, Rollout
+from shared.model_store import CorruptVersionError
+
+QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)]
+
+
+def make_learner(trainer_store, **overrides) -> PPOLearner:
+    cfg = dataclasses.replace(PPOConfig(lr=1e-3, minibatch_size=8, epochs=1), **overrides)
+    s = trainer_store
+    return PPOLearner.from_store(s.store, s.policy, s.policy, s.rm, cfg)
+
+
+def prompts(learner: PPOLearner, n: int = 8) -> list[list[int]]:
+    return [learner.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False) for q in QUESTIONS[:n]]
+
+
+def low_half_score(response: list[int]) -> float:
+    """A score the policy can learn fast: the fraction of response tokens with an id in the lower half of the vocabulary."""
+    return sum(t < 1024 for t in response) / len(response)
+
+
+def sample(learner: PPOLearner, n: int = 8, max_new_tokens: int = 8, seed: int = 0, score=low_half_score):
+    ps = prompts(learner, n)
+    responses = learner.generate(ps, max_new_tokens, greedy=False, seed=seed)
+    return [Rollout([], p, r, None, learner.weights_version, "stop", score(r)) for p, r in zip(ps, responses)]
+
+
+def params(learner: PPOLearner) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in learner.policy_state().items()}
+
+
+def test_first_update_on_policy_has_ratio_one_and_zero_kl(trainer_store, one_thread):
+    learner = make_learner(trainer_store, kl_coef=0.1)
+    rollouts = sample(learner)
+    before = params(learner)
+    stats = learner.step(rollouts)
+    # One epoch, one minibatch: the new policy equals the old one when the ratio is taken.
+    assert stats.minibatch_updates == 1
+    assert stats.clipfrac == 0.0
+    assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)
+    assert stats.mean_kl == pytest.approx(0.0, abs=1e-6)     # the reference is the same weights
+    assert stats.samples == 8 and stats.tokens == sum(len(r.response_token_ids) for r in rollouts)
+    assert stats.stale_samples == 0
+    assert math.isnan(stats.ptx_loss)
+    after = params(learner)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert learner.weights_version == f"{trainer_store.policy}@step1"
+    assert learner.kl_to_reference(rollouts) > 0          # it moved away from the reference
+
+
+def test_stale_rollouts_need_behaviour_logprobs_and_use_them_as_old_policy(trainer_store, one_thread):
+    learner = make_learner(trainer_store)
+    rollouts = sample(learner)
+    stale = [dataclasses.replace(r, policy_version="policy-0000") for r in rollouts]
+    with pytest.raises(InvalidRollout, match="behaviour_logprobs"):
+        learner.step(stale)
+    # Behaviour logprobs 3 nats below the learner's: ratios exp(3) on every token, far outside the clip range.
+    batch, prepared, _ = learner._prepare(rollouts)
+    true_old = prepared.old_logprobs
+    shifted = [dataclasses.replace(r, behaviour_logprobs=(true_old[i, :len(r.response_token_ids)] - 3.0).tolist())
+               for i, r in enumerate(stale)]
+    _, prepared_stale, _ = learner._prepare(shifted)
+    torch.testing.assert_close(prepared_stale.old_logprobs, (true_old - 3.0) * batch.response_mask)
+    stats = learner.step(shifted)
+    assert stats.stale_samples == 8
+    assert stats.approx_kl > 1.0 and stats.clipfrac > 0.2
+
+
+def test_ptx_loss_is_mixed_in_with_its_coefficient(trainer_store, one_thread):
+    learner = make_learner(trainer_store, ptx_coef=0.5)
+    batch, prepared, _ = learner._prepare(sample(learner))
+    minibatch = torch.arange(batch.size)
+    ptx_ids = learner._ptx_batch(torch.Generator().manual_seed(0))
+    assert ptx_ids.shape == (4, 64)
+
+    def grads(loss):
+        return torch.autograd.grad(loss, list(learner.policy.parameters()), allow_unused=True)
+
+    ppo_loss, _ = learner._minibatch_loss(batch, prepared, minibatch, None, 0.0)
+    mixed_loss, stats = learner._minibatch_loss(batch, prepared, minibatch, ptx_ids, 0.5)
+    lm_loss = learner.policy.lm(input_ids=ptx_ids, labels=ptx_ids).loss
+    assert stats["ptx_loss"] == pytest.approx(lm_loss.item(), rel=1e-5)
+    assert mixed_loss.item() == pytest.approx(ppo_loss.item() + 0.5 * lm_loss.item(), rel=1e-5)
+    for g_mixed, g_ppo, g_lm in zip(grads(mixed_loss), grads(ppo_loss), grads(lm_loss)):
+        g_ppo = torch.zeros_like(g_mixed) if g_ppo is None else g_ppo
+        torch.testing.assert_close(g_mixed, g_ppo + 0.5 * g_lm, atol=1e-6, rtol=1e-4)
+
+
+def test_ptx_alone_lowers_the_pretraining_loss(trainer_store, one_thread):
+    learner = make_learner(trainer_store, ptx_coef=10.0, ptx_batch_size=8, epochs=2, lr=3e-3)
+    zero = sample(learner, score=lambda r: 0.0)
+    losses = []
+    for _ in range(4):
+        rollouts = [dataclasses.replace(r, policy_version=learner.weights_version) for r in zero]
+        losses.append(learner.step(rollouts).ptx_loss)
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_adaptive_kl_controller_is_updated_after_each_step(trainer_store, one_thread):
+    learner = make_learner(trainer_store, adaptive_kl=True, kl_coef=0.2, target_kl=1.0, kl_horizon=100)
+    stats = learner.step(sample(learner))
+    # KL 0 (the reference is the initial policy): error clipped at -0.2 -> beta * (1 - 0.2 * 8 / 100)
+    assert stats.kl_coef == 0.2
+    assert stats.next_kl_coef == pytest.approx(0.2 * (1 - 0.2 * 8 / 100))
+    assert learner.kl_controller.value == stats.next_kl_coef
+
+
+def test_checkpoint_round_trip_through_safetensors_and_json_continues_identically(trainer_store, tmp_path, one_thread):
+    cfg = dict(epochs=2, minibatch_size=4)
+    a = make_learner(trainer_store, **cfg)
+    first = sample(a, seed=1)
+    a.step(first)
+    state = a.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.tensors.values())
+    save_file(state.tensors, str(tmp_path / "state.safetensors"))
+    (tmp_path / "state.json").write_text(json.dumps(state.meta))
+
+    b = make_learner(trainer_store, **cfg)
+    b.load_state_dict(LearnerState(load_file(str(tmp_path / "state.safetensors")),
+                                   json.loads((tmp_path / "state.json").read_text())))
+    assert (b.steps_done, b.samples_seen, b.weights_version) == (1, 8, a.weights_version)
+    label = a.weights_version
+    second = [dataclasses.replace(r, policy_version=label) for r in sample(a, seed=2)]
+    a.step(second)
+    b.step(second)
+    pa, pb = params(a), params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    for (name, va), vb in zip(a.value.state_dict().items(), b.value.state_dict().values()):
+        assert torch.equal(va, vb), name
+
+    # Without the optimiser state (fresh Adam moments) the same step gives other weights.
+    c = make_learner(trainer_store, **cfg)
+    c.policy.lm.load_state_dict({k[len("policy."):]: v for k, v in state.tensors.items() if k.startswith("policy.")})
+    c.mark_published(label)
+    c.step(second)
+    assert any(not torch.equal(pa[k], v) for k, v in params(c).items())
+
+
+def test_save_policy_publishes_a_hot_swappable_version_and_marks_it(trainer_store, tmp_path, one_thread):
+    learner = make_learner(trainer_store)
+    learner.step(sample(learner))
+    out = learner.save_policy(tmp_path / "out")
+    check_compatible(trainer_store.path(trainer_store.policy), out)
+    manifest = trainer_store.store.publish("policy", out, parent=trainer_store.policy, make_current=False)
+    learner.mark_published(manifest.version)
+    assert learner.weights_version == manifest.version
+    on_policy = sample(learner)
+    assert all(r.policy_version == manifest.version for r in on_policy)
+    assert learner.step(on_policy).stale_samples == 0
+
+
+def test_from_store_refuses_a_corrupt_version(trainer_store, tmp_path):
+    import shutil
+
+    from shared.model_store import MANIFEST_NAME, ModelStore
+
+    def copy(version):
+        return shutil.copytree(trainer_store.path(version), tmp_path / version,
+                               ignore=shutil.ignore_patterns(MANIFEST_NAME))
+
+    store = ModelStore(tmp_path / "models")
+    version = store.publish("policy", copy(trainer_store.policy)).version
+    rm = store.publish("rm", copy(trainer_store.rm)).version
+    weights = store.path(version) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError, match="sha256"):
+        PPOLearner.from_store(store, version, version, rm, PPOConfig())
+
+
+def test_generate_cuts_after_eos(trainer_store, one_thread):
+    learner = make_learner(trainer_store)
+    out = learner.generate(prompts(learner, 4), 12, greedy=False, seed=3)
+    eos = learner.tokenizer.eos_token_id
+    for response in out:
+        assert 1 <= len(response) <= 12
+        assert eos not in response[:-1]
+
+
+@pytest.mark.slow
+def test_learns_a_trivially_learnable_score(trainer_store, one_thread):
+    learner = make_learner(trainer_store, lr=3e-3, epochs=2, minibatch_size=8, kl_coef=0.01)
+    scores = []
+    for step in range(10):
+        scores.append(learner.step(sample(learner, n=16, seed=step)).mean_score)
+    early, late = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
+    assert late > early + 0.08, scores

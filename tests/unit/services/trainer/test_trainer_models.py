@@ -1,0 +1,115 @@
+"""Policy, reference and value models (services/trainer/models.py) on the default model and an RM made from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from services.inference.weights import check_compatible, tensor_signature
+from services.reward.model import RewardModel
+from services.trainer.models import (
+    PolicyHead,
+    frozen_copy,
+    load_policy,
+    load_tokenizer,
+    load_value_model,
+    save_policy,
+    weights_dtype,
+)
+from services.trainer.rollout import Rollout, collate
+
+
+def _batch(tokenizer, prompts, responses):
+    rollouts = [Rollout([], p, r, None, "v", "stop", 0.0) for p, r in zip(prompts, responses)]
+    return collate(rollouts, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+PROMPTS = [[0, 4, 10, 11, 12], [0, 4, 13]]
+RESPONSES = [[20, 21, 22, 6], [30, 31, 32, 33, 34, 6]]  # 6 = <|end|>, the EOS of the default tokenizer
+
+
+def test_policy_head_logprobs_equal_the_full_model_on_right_padded_batches(trainer_store, one_thread):
+    policy_dir = trainer_store.path(trainer_store.policy)
+    tokenizer = load_tokenizer(policy_dir)
+    assert tokenizer.eos_token_id == 6
+    lm = load_policy(policy_dir)
+    batch = _batch(tokenizer, PROMPTS, RESPONSES)
+    with torch.no_grad():
+        logprobs, entropy, _ = PolicyHead(lm)(batch.input_ids, batch.attention_mask, batch.response_positions,
+                                              batch.response_ids)
+        for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+            ids = torch.tensor([prompt + response])
+            full = torch.log_softmax(lm(input_ids=ids).logits[0], -1)     # each sequence alone, unpadded
+            expected = [full[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(response)]
+            assert logprobs[b, :len(response)].tolist() == pytest.approx(expected, abs=1e-4)
+            dist = torch.distributions.Categorical(logits=full[len(prompt) - 1: len(prompt) - 1 + len(response)])
+            assert entropy[b, :len(response)].tolist() == pytest.approx(dist.entropy().tolist(), abs=1e-4)
+        # Temperature divides the logits.
+        hot, _, _ = PolicyHead(lm, temperature=2.0)(batch.input_ids, batch.attention_mask,
+                                                    batch.response_positions, batch.response_ids)
+        assert not torch.allclose(hot[0, :4], logprobs[0, :4])
+
+
+def test_policy_head_ptx_nll_is_the_causal_lm_loss(trainer_store, one_thread):
+    lm = load_policy(trainer_store.path(trainer_store.policy))
+    ids = torch.tensor([[0, 40, 41, 42, 43, 44], [0, 50, 51, 52, 53, 54]])
+    batch = _batch(load_tokenizer(trainer_store.path(trainer_store.policy)), PROMPTS, RESPONSES)
+    with torch.no_grad():
+        _, _, nll = PolicyHead(lm)(batch.input_ids, batch.attention_mask, batch.response_positions,
+                                   batch.response_ids, ids, torch.ones_like(ids))
+        expected = lm(input_ids=ids, labels=ids).loss
+    assert nll.shape == (2, 5)
+    assert nll.mean().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_value_head_at_each_position_is_the_reward_model_on_that_prefix(trainer_store, one_thread):
+    rm_dir = trainer_store.path(trainer_store.rm)
+    tokenizer = load_tokenizer(rm_dir)
+    value = load_value_model(rm_dir)
+    rm = RewardModel.load(rm_dir)
+    with torch.no_grad():
+        rm.offset.fill_(0.25)
+        value.offset.fill_(0.25)
+        batch = _batch(tokenizer, PROMPTS, RESPONSES)
+        values = value(batch.input_ids, batch.attention_mask, batch.response_positions)
+        for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+            # V(state before response token j) reads the state after prompt + response[:j]: the RM's score of that prefix.
+            for j in range(len(response)):
+                prefix = torch.tensor([prompt + response[:j]])
+                expected = rm(prefix, torch.ones_like(prefix)).item()
+                assert values[b, j].item() == pytest.approx(expected, abs=1e-4)
+    # The value model is trainable and does not share tensors with the loaded RM.
+    assert all(p.requires_grad for p in value.parameters())
+
+
+def test_frozen_copy_has_no_gradients_and_own_storage(trainer_store):
+    lm = load_policy(trainer_store.path(trainer_store.policy))
+    ref = frozen_copy(lm)
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+    with torch.no_grad():
+        next(lm.parameters()).add_(1.0)
+    assert not torch.equal(next(lm.parameters()), next(ref.parameters()))
+
+
+def test_saved_policy_is_hot_swappable_in_place_of_its_source(trainer_store, tmp_path):
+    src = trainer_store.path(trainer_store.policy)
+    lm = load_policy(src)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(0.5)
+    out = save_policy(lm, load_tokenizer(src), tmp_path / "new", dtype=weights_dtype(src))
+    check_compatible(src, out)                       # what the inference service checks before a swap
+    assert tensor_signature(src) == tensor_signature(out)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 6
+    reloaded = load_policy(out)
+    assert torch.equal(reloaded.lm_head.weight, lm.lm_head.weight)
+    assert not any(p.suffix in {".bin", ".pt", ".pkl"} for p in out.iterdir())
+
+
+def test_saved_policy_is_cast_back_to_the_published_dtype(trainer_store, tmp_path):
+    src = trainer_store.path(trainer_store.policy)
+    lm = load_policy(src)
+    out = save_policy(lm, load_tokenizer(src), tmp_path / "bf16", dtype=torch.bfloat16)
+    assert weights_dtype(out) == torch.bfloat16
+    assert next(lm.parameters()).dtype == torch.float32     # the training copy is untouched
