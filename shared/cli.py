@@ -1,8 +1,10 @@
 """The `rlhf` command: run the loop, bootstrap models, run one service, regenerate stubs.
 
     rlhf up                     # broker (embedded if none configured) + every service
-    rlhf bootstrap [--model D]  # publish the first policy (default small model, or a HF directory)
+    rlhf bootstrap [--model D]  # pretrain (built-in model only), SFT, first RM: publish policy-0001 and rm-0001
     rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-way rankings
+    rlhf demo                   # simulated users chat and rate; writes a report folder
+    rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
     rlhf serve inference        # one service in the foreground
     rlhf config [service]       # every environment variable, its default and meaning
     rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
@@ -40,18 +42,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from bootstrap.pipeline import run_from_args
     from shared.config import ModelStoreConfig
-    from shared.default_model import ensure_default_policy
-    from shared.model_store import ModelStore
 
     setup_logging("bootstrap")
-    store = ModelStore(load_config(ModelStoreConfig).root)
-    if args.model:
-        manifest = store.publish("policy", Path(args.model), extra={"kind": "imported", "source": str(args.model)})
-        print(f"published {manifest.version} from {args.model}")
-    else:
-        print(f"current policy: {ensure_default_policy(store)}")
-    return 0
+    return run_from_args(args, load_config(ModelStoreConfig).root)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from demo.run import main as demo_main
+
+    return demo_main()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from demo.evaluate import main as eval_main
+
+    return eval_main(args.rest)
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
@@ -88,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF Flywheel: online RLHF serving loop")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the whole loop on this machine").set_defaults(func=cmd_up)
-    p = sub.add_parser("bootstrap", help="publish the first policy version if the store has none")
-    p.add_argument("--model", help="a Hugging Face model directory (safetensors) to publish instead of the default")
+    p = sub.add_parser("bootstrap", help="offline steps (pretrain, SFT, first RM) when the store has no policy")
+    from bootstrap.options import add_arguments as bootstrap_arguments
+
+    bootstrap_arguments(p)
     p.set_defaults(func=cmd_bootstrap)
+    sub.add_parser("demo", help="simulated users chat with the loop and rate it (RLHF_DEMO_*); writes a report"
+                   ).set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="win rate of one policy version over another on held-out prompts",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m demo.evaluate (--help)")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.offline (--help)")
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-rm"]:
         # Its options (including --help) belong to services.reward.offline, not to this parser.
         args = argparse.Namespace(func=cmd_train_rm, rest=argv[1:])
+    elif argv[:1] == ["eval"]:
+        args = argparse.Namespace(func=cmd_eval, rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:

@@ -1,0 +1,242 @@
+"""The demo's report folder: report.md and PNG plots, from the run's records.
+
+Inputs (all plain data, so a report can be rebuilt from a finished run's files):
+    interactions   users.Interaction records (as dicts): what each policy version served, gold verdicts
+    policies, rms  model store manifests of the policy and rm versions (version, created_at, metrics)
+    ppo            trainer status samples: {"t", "step", "mean_reward", "kl", "entropy"}
+    started_at     Unix time the users started (to put versions' publication on the run's clock)
+
+Plots:
+    thumbs_up_by_policy.png   gold thumbs-up rate of every response each policy version served (95% Wilson)
+    rm_accuracy.png           held-out pairwise accuracy of each RM version (from its manifest)
+    ppo_reward_kl.png         mean RM reward and KL to the reference per PPO step
+    serving_timeline.png      which policy version served each response over time, with the rolling
+                              gold thumbs-up rate
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from demo.evaluate import wilson_interval
+
+
+@dataclass(frozen=True)
+class VersionRate:
+    version: str
+    responses: int
+    thumbs_up: int
+    rate: float
+    low: float
+    high: float
+
+
+def thumbs_up_by_version(interactions: list[dict]) -> list[VersionRate]:
+    """Gold thumbs-up rate of every served response, grouped by the policy version that served it,
+    in version order."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for rec in interactions:
+        if not rec.get("policy_version"):
+            continue
+        c = counts[rec["policy_version"]]
+        c[0] += len(rec["gold_thumbs_up"])
+        c[1] += sum(bool(x) for x in rec["gold_thumbs_up"])
+    out = []
+    for version in sorted(counts, key=_version_number):
+        n, up = counts[version]
+        low, high = wilson_interval(up, n)
+        out.append(VersionRate(version, n, up, up / n if n else math.nan, low, high))
+    return out
+
+
+def rolling_rate(points: list[tuple[float, bool]], window_s: float) -> list[tuple[float, float]]:
+    """(t, share of True among the points in (t - window_s, t]) at every point; points sorted by t."""
+    out, start, ups = [], 0, 0
+    for i, (t, up) in enumerate(points):
+        ups += up
+        while points[start][0] <= t - window_s:
+            ups -= points[start][1]
+            start += 1
+        out.append((t, ups / (i - start + 1)))
+    return out
+
+
+def _version_number(version: str) -> int:
+    try:
+        return int(version.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_thumbs_up(rates: list[VersionRate], png: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.8 * len(rates)), 4.0))
+    xs = range(len(rates))
+    ax.bar(xs, [r.rate for r in rates], color="#4c72b0", alpha=0.8)
+    ax.errorbar(xs, [r.rate for r in rates], yerr=[[r.rate - r.low for r in rates], [r.high - r.rate for r in rates]],
+                fmt="none", ecolor="black", capsize=4)
+    for x, r in zip(xs, rates):
+        ax.text(x, min(0.98, r.high + 0.02), f"n={r.responses}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [r.version for r in rates], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("gold thumbs-up rate (95% CI)")
+    ax.set_title("Gold thumbs-up rate of served responses per policy version")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_rm_accuracy(rms: list[dict], png: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.8 * len(rms)), 4.0))
+    names = [m["version"] for m in rms]
+    acc = [m["metrics"].get("heldout_accuracy", math.nan) for m in rms]
+    ax.plot(range(len(rms)), acc, marker="o")
+    ax.set_xticks(range(len(rms)), names, rotation=30, ha="right")
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out pairwise accuracy")
+    ax.set_title("Reward model held-out accuracy per version")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_ppo(ppo: list[dict], png: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    steps = [p["step"] for p in ppo]
+    ax.plot(steps, [p["mean_reward"] for p in ppo], color="#4c72b0", marker=".", label="mean RM reward")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("mean reward", color="#4c72b0")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [p["kl"] for p in ppo], color="#dd8452", marker=".", label="KL to reference")
+    ax2.set_ylabel("KL to reference (nats / response)", color="#dd8452")
+    ax.set_title("PPO: mean reward and KL per step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_timeline(interactions: list[dict], policies: list[dict], started_at: float, png: Path,
+                  window_s: float = 60.0) -> None:
+    plt = _plt()
+    served = sorted((r["t"], r["policy_version"], up) for r in interactions if r.get("policy_version")
+                    for up in r["gold_thumbs_up"])
+    fig, ax = plt.subplots(figsize=(8.0, 4.2))
+    if served:
+        versions = sorted({v for _, v, _ in served}, key=_version_number)
+        level = {v: i for i, v in enumerate(versions)}
+        ax.scatter([t for t, _, _ in served], [level[v] for _, v, _ in served], s=6, alpha=0.4, color="#4c72b0",
+                   label="served response")
+        ax.set_yticks(range(len(versions)), versions)
+        for p in policies:
+            if p["version"] in level and p["created_at"] >= started_at:
+                ax.axvline(p["created_at"] - started_at, color="grey", linestyle=":", linewidth=0.8)
+        ax2 = ax.twinx()
+        rate = rolling_rate([(t, up) for t, _, up in served], window_s)
+        ax2.plot([t for t, _ in rate], [r for _, r in rate], color="#55a868", label=f"thumbs-up, last {window_s:.0f} s")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("rolling gold thumbs-up rate", color="#55a868")
+    ax.set_xlabel("seconds since the users started (dotted: a policy version published)")
+    ax.set_ylabel("policy version serving")
+    ax.set_title("Serving timeline")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], rms: list[dict], ppo: list[dict],
+                 started_at: float, duration_s: float, evaluation: dict | None = None) -> dict:
+    """Write report.md, the plots and data.json to ``out_dir``; returns the summary numbers."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rates = thumbs_up_by_version(interactions)
+    ok = [r for r in interactions if r["kind"] != "error"]
+    accepted = sum(200 <= r["feedback_status"] < 300 for r in ok)
+    kinds = defaultdict(int)
+    for r in ok:
+        kinds[r["kind"]] += 1
+    first, last = (rates[0], rates[-1]) if rates else (None, None)
+    summary = {
+        "duration_s": round(duration_s, 1), "interactions": len(ok), "errors": len(interactions) - len(ok),
+        "ratings_accepted": accepted, "ratings_refused": len(ok) - accepted, "ratings_by_kind": dict(kinds),
+        "policy_versions_served": [r.version for r in rates],
+        "policy_versions_published": [p["version"] for p in policies if p["created_at"] >= started_at],
+        "rm_versions_published": [m["version"] for m in rms if m["created_at"] >= started_at],
+        "thumbs_up_by_version": [r.__dict__ for r in rates],
+        "thumbs_up_first": first.rate if first else None, "thumbs_up_last": last.rate if last else None,
+        "thumbs_up_rise_pp": round(100 * (last.rate - first.rate), 1) if rates else None,
+        "ppo_steps": ppo[-1]["step"] if ppo else 0, "max_kl": max((p["kl"] for p in ppo), default=None),
+        "evaluation": evaluation,
+    }
+    figures = []
+    if rates:
+        plot_thumbs_up(rates, out_dir / "thumbs_up_by_policy.png")
+        figures.append(("Gold thumbs-up rate per policy version", "thumbs_up_by_policy.png"))
+    if rms:
+        plot_rm_accuracy(rms, out_dir / "rm_accuracy.png")
+        figures.append(("Reward model held-out accuracy per version", "rm_accuracy.png"))
+    if ppo:
+        plot_ppo(ppo, out_dir / "ppo_reward_kl.png")
+        figures.append(("PPO mean reward and KL per step", "ppo_reward_kl.png"))
+    plot_timeline(interactions, policies, started_at, out_dir / "serving_timeline.png")
+    figures.append(("Serving timeline", "serving_timeline.png"))
+    (out_dir / "data.json").write_text(json.dumps({"summary": summary, "policies": policies, "rms": rms,
+                                                   "ppo": ppo}, indent=2, default=str) + "\n")
+    with open(out_dir / "interactions.jsonl", "w", encoding="utf-8") as f:
+        for rec in interactions:
+            f.write(json.dumps(rec) + "\n")
+    (out_dir / "report.md").write_text(_markdown(summary, rates, policies, rms, ppo, started_at, figures))
+    return summary
+
+
+def _markdown(summary, rates, policies, rms, ppo, started_at, figures) -> str:
+    lines = ["# RLHF Flywheel demo report", "",
+             f"{summary['interactions']} chats by simulated users in {summary['duration_s']:.0f} s; "
+             f"{summary['ratings_accepted']} ratings accepted, {summary['ratings_refused']} refused, "
+             f"{summary['errors']} failed chats. Ratings by kind: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(summary["ratings_by_kind"].items())) + ".", "",
+             "The users rate with a hidden gold rule (demo/gold_rater.py: correct sum, \"I hope this helps\", "
+             "at most 14 words); the services only ever see the ratings.", "",
+             "## Gold thumbs-up rate per policy version", "",
+             "| policy version | responses | thumbs-up rate | 95% interval |", "|---|---|---|---|"]
+    for r in rates:
+        lines.append(f"| {r.version} | {r.responses} | {r.rate:.1%} | [{r.low:.1%}, {r.high:.1%}] |")
+    if summary["thumbs_up_rise_pp"] is not None:
+        lines += ["", f"Rise from the first to the last version served: **{summary['thumbs_up_rise_pp']:+.1f} "
+                      "percentage points**."]
+    lines += ["", "## Published versions", "", "| version | parent | published (s into the run) | metrics |",
+              "|---|---|---|---|"]
+    for m in [*policies, *rms]:
+        when = m["created_at"] - started_at
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["metrics"].items())[:8])
+        lines.append(f"| {m['version']} | {m.get('parent') or ''} | {when:.0f} | {shown} |")
+    if ppo:
+        lines += ["", f"## PPO", "", f"{summary['ppo_steps']} PPO steps observed; last mean reward "
+                  f"{ppo[-1]['mean_reward']:.3f}, last KL {ppo[-1]['kl']:.3f}, largest KL {summary['max_kl']:.3f} nats."]
+    ev = summary.get("evaluation")
+    if ev:
+        lines += ["", "## Held-out evaluation (gold rater)", "",
+                  f"Win rate of {ev['b']['version']} over {ev['a']['version']}: **{ev['win_rate']:.1%}** "
+                  f"[{ev['win_low']:.1%}, {ev['win_high']:.1%}] on {ev['prompts']} held-out prompts x "
+                  f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
+                  f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}."]
+    lines += ["", "## Figures", ""]
+    for title, name in figures:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    return "\n".join(lines) + "\n"

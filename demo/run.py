@@ -1,0 +1,338 @@
+"""`rlhf demo`: simulated users chat with the loop and rate it; a report shows what the loop learned.
+
+    rlhf demo                                   # bootstrap if needed, bring the stack up, 20 minutes
+    RLHF_DEMO_DURATION_S=300 rlhf demo          # shorter
+    RLHF_DEMO_GATEWAY_URL=http://127.0.0.1:8000 rlhf demo    # attach to a running `rlhf up`
+
+It
+
+1. bootstraps the model store when it has no policy (bootstrap/pipeline.py: pretrain, SFT, first RM);
+2. brings the stack up (shared.launcher.Stack, plus the reward and trainer services if the launcher
+   does not start them yet), or attaches to a running one at ``gateway_url``;
+3. runs ``users`` simulated users (users.py) for ``duration_s``, printing a live progress line;
+   the trainer's status (PPO step, mean reward, KL) is polled over gRPC for the report;
+4. optionally evaluates the first policy against the current one on held-out prompts (evaluate.py);
+5. writes the report folder (report.py): report.md, PNG plots, data.json, interactions.jsonl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from demo.users import PROMPTS, Interaction, UserMix, load_prompts, run_users
+from shared.config import ConfigBase, ModelStoreConfig, load_config
+from shared.logging import get_logger, log_event
+from shared.model_store import ModelStore
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig(ConfigBase):
+    """Settings of `rlhf demo` (RLHF_DEMO_*)."""
+
+    ENV_PREFIX: ClassVar[str] = "RLHF_DEMO_"
+
+    model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
+    """The model store of the loop (RLHF_MODEL_STORE_*): versions for the report, bootstrap target."""
+    gateway_url: str = ""
+    """Base URL of a running gateway to attach to (e.g. http://127.0.0.1:8000); empty: bring the stack up."""
+    api_key: str = "unused"
+    """Bearer token for the gateway (when it requires one)."""
+    trainer_address: str = "127.0.0.1:50054"
+    """host:port of the trainer's gRPC service, polled for PPO step, mean reward and KL; empty: not polled."""
+    duration_s: float = 1200.0
+    """How long the simulated users chat and rate."""
+    users: int = 4
+    """Concurrent simulated users."""
+    mix_thumb: float = 0.4
+    """Share of interactions rated with a thumb."""
+    mix_likert: float = 0.2
+    """Share rated on the 1-7 Likert scale."""
+    mix_pairwise: float = 0.2
+    """Share rated as a pairwise choice between two responses (n=2)."""
+    mix_ranking: float = 0.2
+    """Share rated as a ranking of three responses (n=3)."""
+    temperature: float = 1.0
+    """Sampling temperature the users ask for (1: the policy's own distribution)."""
+    max_tokens: int = 48
+    """Most tokens per response."""
+    prompts_file: Path = PROMPTS
+    """JSONL prompts the users ask ({"messages": [...]} per line); also the trainer's prompt file when the
+    demo brings the stack up."""
+    report_dir: Path = Path("var/demo-report")
+    """Where report.md and the plots go."""
+    progress_every_s: float = 10.0
+    """Seconds between live progress lines."""
+    evaluate: bool = True
+    """After the run, compare the first policy with the current one on held-out prompts (rlhf eval)."""
+    eval_samples: int = 2
+    """Responses per held-out prompt and version in that evaluation."""
+    bootstrap_quick: bool = False
+    """When the store is empty, bootstrap with a few steps only (tests; the policy will be poor)."""
+    ppo_lr: float = 1e-4
+    """RLHF_PPO_LR given to the trainer the demo starts (a tiny model needs more than the default)."""
+    publish_every: int = 5
+    """RLHF_TRAINER_PUBLISH_EVERY given to the trainer the demo starts."""
+    rm_learn_every_s: float = 60.0
+    """RLHF_REWARD_LEARN_EVERY_S given to the reward service the demo starts."""
+    seed: int = 0
+    """Seed of the users' choices."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.duration_s <= 0 or self.users < 1:
+            out.append("RLHF_DEMO_DURATION_S must be positive and RLHF_DEMO_USERS at least 1")
+        if min(self.mix_thumb, self.mix_likert, self.mix_pairwise, self.mix_ranking) < 0 or \
+                self.mix_thumb + self.mix_likert + self.mix_pairwise + self.mix_ranking <= 0:
+            out.append("RLHF_DEMO_MIX_* must be non-negative and not all zero")
+        if not Path(self.prompts_file).is_file():
+            out.append(f"RLHF_DEMO_PROMPTS_FILE {self.prompts_file} does not exist")
+        return out
+
+    @property
+    def mix(self) -> UserMix:
+        return UserMix(self.mix_thumb, self.mix_likert, self.mix_pairwise, self.mix_ranking)
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
+    """Environment for the services the demo starts: the demo's prompts and learning pace unless set."""
+    env = dict(environ)
+    env.setdefault("RLHF_MODEL_STORE_ROOT", str(cfg.model_store.root))
+    env.setdefault("RLHF_TRAINER_PROMPT_FILE", str(Path(cfg.prompts_file).resolve()))
+    env.setdefault("RLHF_PPO_LR", str(cfg.ppo_lr))
+    env.setdefault("RLHF_TRAINER_PUBLISH_EVERY", str(cfg.publish_every))
+    env.setdefault("RLHF_REWARD_LEARN_EVERY_S", str(cfg.rm_learn_every_s))
+    return env
+
+
+def start_stack(cfg: DemoConfig, environ: dict[str, str]):
+    """shared.launcher.Stack started, plus reward and trainer processes if it did not start them."""
+    import os
+    import subprocess
+
+    from shared.launcher import ServiceProcess, Stack, UpConfig, grpc_serving
+
+    env = stack_environ(cfg, environ)
+    stack = Stack(load_config(UpConfig, env), env)
+    try:
+        stack.start()
+        running = {s.name for s in stack.services}
+        extra = []
+        if "reward" not in running:
+            from services.reward.config import RewardConfig
+
+            rc = load_config(RewardConfig, stack.environ)
+            extra.append(ServiceProcess("reward", "services.reward", grpc_serving(f"{rc.host}:{rc.grpc_port}"),
+                                        {"gRPC": f"{rc.host}:{rc.grpc_port}"}))
+        if "trainer" not in running:
+            from services.trainer.config import TrainerConfig
+
+            tc = load_config(TrainerConfig, stack.environ)
+            extra.append(ServiceProcess("trainer", "services.trainer", grpc_serving(f"{tc.host}:{tc.grpc_port}"),
+                                        {"gRPC": f"{tc.host}:{tc.grpc_port}"}))
+        for svc in extra:  # the launcher's own start sequence, until `rlhf up` starts these two itself
+            started = time.monotonic()
+            svc.proc = subprocess.Popen([sys.executable, "-m", svc.module], env=stack.environ,
+                                        stdin=subprocess.DEVNULL, cwd=os.getcwd())
+            stack.services.append(svc)
+            while not svc.ready():
+                if svc.proc.poll() is not None:
+                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting")
+                if time.monotonic() - started > stack.cfg.startup_timeout_s:
+                    raise RuntimeError(f"{svc.name} not healthy after {stack.cfg.startup_timeout_s:.0f} s")
+                time.sleep(0.25)
+            log_event(log, "service up", service=svc.name, start_s=round(time.monotonic() - started, 1),
+                      **svc.endpoints)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def gateway_url_of(stack) -> str:
+    from services.gateway.config import GatewayConfig
+
+    gw = load_config(GatewayConfig, stack.environ)
+    return f"http://{gw.host}:{gw.port}"
+
+
+# --- watching the trainer ----------------------------------------------------------------------------
+
+class TrainerWatcher:
+    """Polls TrainerService.Status; keeps one sample per PPO step (step, mean reward, KL, entropy)."""
+
+    def __init__(self, address: str, started_at: float, every_s: float = 2.0):
+        self.address = address
+        self.started_at = started_at
+        self.every_s = every_s
+        self.samples: list[dict] = []
+        self.latest = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer-watcher", daemon=True)
+
+    def start(self) -> TrainerWatcher:
+        if self.address:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import grpc
+
+        from shared.pb import trainer_pb2, trainer_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            while not self._stop.wait(self.every_s):
+                try:
+                    status = stub.Status(trainer_pb2.StatusRequest(), timeout=5)
+                except grpc.RpcError:
+                    continue
+                self.latest = status
+                if status.step and (not self.samples or status.step > self.samples[-1]["step"]):
+                    self.samples.append({"t": time.time() - self.started_at, "step": int(status.step),
+                                         "mean_reward": status.mean_reward, "kl": status.kl,
+                                         "entropy": status.entropy})
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+class Progress:
+    """Counts interactions and prints one live line every ``every_s`` seconds."""
+
+    def __init__(self, duration_s: float, store: ModelStore, trainer: TrainerWatcher, window_s: float = 60.0):
+        self.duration_s = duration_s
+        self.store = store
+        self.trainer = trainer
+        self.window_s = window_s
+        self.records: list[Interaction] = []
+        self.first_version: str | None = None
+
+    def add(self, rec: Interaction) -> None:
+        self.records.append(rec)
+        if rec.policy_version and self.first_version is None:
+            self.first_version = rec.policy_version
+
+    def line(self, elapsed: float) -> str:
+        ok = [r for r in self.records if r.kind != "error"]
+        rated = sum(200 <= r.feedback_status < 300 for r in ok)
+        recent = [up for r in ok if r.t > elapsed - self.window_s for up in r.gold_thumbs_up]
+        first = [up for r in ok if r.policy_version == self.first_version for up in r.gold_thumbs_up]
+        serving = ok[-1].policy_version if ok else "-"
+        parts = [f"[{elapsed:5.0f}/{self.duration_s:.0f} s]", f"chats {len(ok)}", f"rated {rated}",
+                 f"errors {len(self.records) - len(ok)}", f"serving {serving}",
+                 f"rm {self.store.current('rm') or '-'}"]
+        if recent:
+            parts.append(f"thumbs-up last {self.window_s:.0f}s {sum(recent) / len(recent):.0%}")
+        if first:
+            parts.append(f"({self.first_version} {sum(first) / len(first):.0%})")
+        st = self.trainer.latest
+        if st is not None and st.step:
+            parts.append(f"PPO step {st.step} reward {st.mean_reward:+.2f} KL {st.kl:.2f}")
+        return " | ".join(parts)
+
+
+async def _users_with_progress(cfg: DemoConfig, url: str, progress: Progress) -> list[Interaction]:
+    prompts = load_prompts(cfg.prompts_file)
+    started = time.monotonic()
+    users = asyncio.create_task(run_users(url, cfg.duration_s, cfg.users, cfg.mix, prompts, seed=cfg.seed,
+                                          temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                          api_key=cfg.api_key, on_record=progress.add))
+    while not users.done():
+        await asyncio.wait({users}, timeout=cfg.progress_every_s)
+        print(progress.line(time.monotonic() - started), flush=True)
+    return users.result()
+
+
+def _manifests(store: ModelStore, line: str) -> list[dict]:
+    out = []
+    for v in store.versions(line):
+        m = store.manifest(v)
+        out.append({"version": v, "parent": m.parent, "created_at": m.created_at, "metrics": dict(m.metrics),
+                    "extra": dict(m.extra)})
+    return out
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    summary: dict
+    report_dir: Path
+    interactions: list[Interaction]
+
+
+def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResult:
+    import os
+
+    store = ModelStore(cfg.model_store.root)
+    stack = None
+    if not cfg.gateway_url and not store.versions("policy"):
+        from bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
+
+        log_event(log, "empty model store: bootstrapping first", store=str(store.root))
+        run_bootstrap(store, report_dir=Path(cfg.report_dir) / "bootstrap",
+                      settings=QUICK if cfg.bootstrap_quick else BootstrapSettings())
+    try:
+        if cfg.gateway_url:
+            url = cfg.gateway_url
+        else:
+            stack = start_stack(cfg, dict(os.environ if environ is None else environ))
+            print(stack.summary(), flush=True)
+            url = gateway_url_of(stack)
+        started_at = time.time()
+        trainer = TrainerWatcher(cfg.trainer_address, started_at).start()
+        progress = Progress(cfg.duration_s, store, trainer)
+        try:
+            records = asyncio.run(_users_with_progress(cfg, url, progress))
+        finally:
+            trainer.stop()
+        duration = time.time() - started_at
+        evaluation = None
+        if cfg.evaluate and len(store.versions("policy")) > 1:
+            from demo.evaluate import compare, resolve_version
+
+            first, current = resolve_version(store, "first"), resolve_version(store, "current")
+            result = compare(store, first, current, samples=cfg.eval_samples)
+            print(result.table(), flush=True)
+            evaluation = dataclasses.asdict(result)
+        summary = _write(cfg, store, records, trainer.samples, started_at, duration, evaluation)
+    finally:
+        if stack is not None:
+            stack.stop()
+    return DemoResult(summary, Path(cfg.report_dir), records)
+
+
+def _write(cfg, store, records, ppo, started_at, duration, evaluation) -> dict:
+    from demo.report import write_report
+
+    summary = write_report(Path(cfg.report_dir), [dataclasses.asdict(r) for r in records],
+                           _manifests(store, "policy"), _manifests(store, "rm"), ppo, started_at, duration,
+                           evaluation)
+    print(f"report: {Path(cfg.report_dir) / 'report.md'}  (thumbs-up by version: "
+          + ", ".join(f"{r['version']} {r['rate']:.0%}" for r in summary["thumbs_up_by_version"]) + ")", flush=True)
+    return summary
+
+
+def main() -> int:
+    from shared.logging import setup_logging
+
+    setup_logging("demo")
+    run_demo(load_config(DemoConfig))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

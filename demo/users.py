@@ -1,0 +1,178 @@
+"""Simulated users: they chat through the OpenAI-compatible API and rate through POST /v1/feedback,
+with the real response ids and feedback tokens, exactly as people would.
+
+Each user repeatedly picks a training prompt of the task, picks a kind of rating (UserMix), asks
+for as many responses as that rating needs (thumb, Likert: 1; pairwise: 2; ranking: 3, as ``n``
+choices of one request, since the feedback service only compares responses to the same prompt),
+judges them with the hidden gold rater and sends the rating with the responses' feedback tokens.
+
+    mix = UserMix(thumb=0.4, likert=0.2, pairwise=0.2, ranking=0.2)
+    records = await run_users("http://127.0.0.1:8000", duration_s=600, users=4, mix=mix,
+                              prompts=load_prompts(PROMPTS))
+
+Every interaction becomes an Interaction record (what was served by which policy version, the gold
+verdicts, whether the rating was accepted); the demo's report is computed from these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from demo import gold_rater
+
+PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
+HELDOUT_PROMPTS = Path(__file__).parent / "data" / "heldout_prompts.jsonl"
+RESPONSES_PER_KIND = {"thumb": 1, "likert": 1, "pairwise": 2, "ranking": 3}
+
+
+@dataclass(frozen=True)
+class UserMix:
+    thumb: float = 0.4
+    likert: float = 0.2
+    pairwise: float = 0.2
+    ranking: float = 0.2
+
+    def __post_init__(self) -> None:
+        weights = asdict(self).values()
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("rating kind weights must be non-negative and not all zero")
+
+    def pick(self, rng: random.Random) -> str:
+        kinds = list(RESPONSES_PER_KIND)
+        return rng.choices(kinds, weights=[getattr(self, k) for k in kinds])[0]
+
+
+@dataclass
+class Interaction:
+    t: float
+    """Seconds since the run started, when the chat answer arrived."""
+    user: str
+    kind: str
+    prompt: str
+    responses: list[str]
+    response_ids: list[str]
+    policy_version: str
+    gold_scores: list[int]
+    gold_thumbs_up: list[bool]
+    chat_latency_s: float
+    feedback_status: int = 0
+    """HTTP status of the rating (0: not sent, e.g. the chat failed)."""
+    error: str = ""
+    rating: dict = field(default_factory=dict)
+    """The rating as sent, without the tokens."""
+
+
+def load_prompts(path: Path = PROMPTS) -> list[str]:
+    """The user messages of a prompts JSONL file ({"messages": [{"role": "user", ...}]} per line)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            messages = json.loads(line)["messages"]
+            out.append(next(m["content"] for m in messages if m["role"] == "user"))
+    return out
+
+
+def rating_body(kind: str, prompt: str, responses: list[str], response_ids: list[str], tokens: list[str],
+                user: str, rng: random.Random) -> dict:
+    """The POST /v1/feedback body a user who believes the gold rater sends for these responses."""
+    body: dict = {"type": kind, "user": user, "feedback_tokens": tokens, "idempotency_key": uuid.uuid4().hex}
+    if kind == "thumb":
+        body.update(response_id=response_ids[0],
+                    thumb="up" if gold_rater.judge(prompt, responses[0]).thumb_up else "down")
+    elif kind == "likert":
+        body.update(response_id=response_ids[0], score=gold_rater.judge(prompt, responses[0]).likert)
+    elif kind == "pairwise":
+        body.update(response_ids=response_ids[:2], preferred=gold_rater.prefer(prompt, responses[0], responses[1]))
+    elif kind == "ranking":
+        order = gold_rater.rank(prompt, responses)
+        body.update(response_ids=[response_ids[i] for i in order])
+    else:
+        raise ValueError(f"unknown rating kind {kind!r}")
+    return body
+
+
+class SimulatedUser:
+    def __init__(self, name: str, chat, http, model: str, prompts: list[str], mix: UserMix, seed: int,
+                 temperature: float = 1.0, max_tokens: int = 64):
+        self.name = name
+        self.chat = chat
+        self.http = http
+        self.model = model
+        self.prompts = prompts
+        self.mix = mix
+        self.rng = random.Random(seed)
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+
+    async def interact(self, started: float) -> Interaction:
+        kind = self.mix.pick(self.rng)
+        prompt = self.rng.choice(self.prompts)
+        t0 = time.monotonic()
+        r = await self.chat.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": prompt}], n=RESPONSES_PER_KIND[kind],
+            temperature=self.temperature, max_tokens=self.max_tokens)
+        latency = time.monotonic() - t0
+        responses = [c.message.content or "" for c in r.choices]
+        ids = [c.model_extra["response_id"] for c in r.choices]
+        tokens = [c.model_extra.get("feedback_token") or "" for c in r.choices]
+        verdicts = [gold_rater.judge(prompt, text) for text in responses]
+        rec = Interaction(time.monotonic() - started, self.name, kind, prompt, responses, ids,
+                          r.model_extra["policy_version"], [v.score for v in verdicts],
+                          [v.thumb_up for v in verdicts], latency)
+        body = rating_body(kind, prompt, responses, ids, tokens, self.name, self.rng)
+        rec.rating = {k: v for k, v in body.items() if k not in ("feedback_tokens", "idempotency_key")}
+        for attempt in range(3):
+            resp = await self.http.post("/v1/feedback", json=body)
+            rec.feedback_status = resp.status_code
+            if resp.status_code != 503:
+                break
+            await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))  # Kafka briefly unavailable
+        if resp.status_code >= 300:
+            rec.error = resp.text[:300]
+        return rec
+
+
+async def run_users(gateway_url: str, duration_s: float, users: int, mix: UserMix, prompts: list[str], *,
+                    seed: int = 0, temperature: float = 1.0, max_tokens: int = 64, api_key: str = "unused",
+                    on_record: Callable[[Interaction], None] | None = None,
+                    stop: asyncio.Event | None = None) -> list[Interaction]:
+    """Run ``users`` simulated users against the gateway for ``duration_s`` seconds; returns every interaction."""
+    import httpx
+    import openai
+
+    base = gateway_url.rstrip("/")
+    chat = openai.AsyncOpenAI(base_url=base + "/v1", api_key=api_key, max_retries=2, timeout=120)
+    http = httpx.AsyncClient(base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"})
+    records: list[Interaction] = []
+    started = time.monotonic()
+    deadline = started + duration_s
+    stop = stop or asyncio.Event()
+    try:
+        model = (await chat.models.list()).data[0].id
+
+        async def user_loop(i: int) -> None:
+            user = SimulatedUser(f"sim-user-{i}", chat, http, model, prompts, mix, seed * 1000 + i,
+                                 temperature, max_tokens)
+            while time.monotonic() < deadline and not stop.is_set():
+                try:
+                    rec = await user.interact(started)
+                except (openai.APIError, httpx.HTTPError) as exc:
+                    rec = Interaction(time.monotonic() - started, user.name, "error", "", [], [], "", [], [], 0.0,
+                                      error=f"{type(exc).__name__}: {exc}"[:300])
+                    await asyncio.sleep(1.0)
+                records.append(rec)
+                if on_record:
+                    on_record(rec)
+
+        await asyncio.gather(*(user_loop(i) for i in range(users)))
+    finally:
+        await chat.close()
+        await http.aclose()
+    return records
