@@ -181,6 +181,11 @@ class ContinualLearner:
         untrained comparison counts as unseen, so the first check retrains on them)."""
         self._last_round = clock()
         self.rounds: list[RoundResult] = []
+        self._changed = True
+        """Something was ingested since the last ``maybe_run_round`` (else its answer can only change
+        through the clock: pending timeouts, the T trigger)."""
+        self._idle = False
+        """The last check found nothing pending and nothing unseen: no point re-reading the state."""
 
     # --- 1. ingest -------------------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class ContinualLearner:
         # Only chat traffic is rated: PPO rollouts (source "trainer") never get a feedback token.
         completions = [e for e in events if isinstance(e, CompletionEvent) and e.source == "user"]
         self.state.ingest(feedback, completions, offsets, self.clock())
+        self._changed = True
         if feedback:
             metrics.LEARNER_EVENTS.labels("feedback").inc(len(feedback))
         if completions:
@@ -238,14 +244,22 @@ class ContinualLearner:
 
     # --- 4. when ----------------------------------------------------------------------------------
 
-    def due(self, comps: Comparisons) -> bool:
+    def unseen(self, comps: Comparisons) -> int:
+        """Training comparisons that no round has been given yet."""
         trained = self.state.trained_keys()
-        unseen = sum(1 for c in comps.train if c.key not in trained and c.key not in self._seen)
-        return round_due(unseen, self.clock() - self._last_round, self.cfg.learn_every_comparisons,
+        return sum(1 for c in comps.train if c.key not in trained and c.key not in self._seen)
+
+    def due(self, comps: Comparisons) -> bool:
+        return round_due(self.unseen(comps), self.clock() - self._last_round, self.cfg.learn_every_comparisons,
                          self.cfg.learn_every_s)
 
     def maybe_run_round(self) -> RoundResult | None:
+        """Run a round if one is due (called about once a second by the learner thread)."""
+        if self._idle and not self._changed:
+            return None
+        self._changed = False
         comps = self.comparisons()
+        self._idle = comps.pending == 0 and self.unseen(comps) == 0
         if not self.due(comps):
             return None
         return self.run_round(comps)

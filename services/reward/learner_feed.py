@@ -42,9 +42,16 @@ class LearnerFeed:
         for topic in self.topics:
             self._parts += [TopicPartition(topic, p) for p in sorted(self._wait_for_partitions(topic))]
         self._consumer.assign(self._parts)
+        ends = self._consumer.end_offsets(self._parts)
         resumed = 0
         for tp in self._parts:
             offset = stored_offsets.get((tp.topic, tp.partition))
+            if offset is not None and offset > ends[tp]:
+                # The topic is shorter than what we read of it: it was recreated (e.g. the embedded,
+                # memory-only broker restarted). Its records are all new to us.
+                log_event(log, "topic is behind the stored offset (recreated?): reading it from the start",
+                          level=30, topic=tp.topic, partition=tp.partition, stored=offset, end=ends[tp])
+                offset = None
             if offset is None:
                 self._consumer.seek_to_beginning(tp)
             else:

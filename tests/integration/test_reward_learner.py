@@ -22,6 +22,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from services.reward.learner import is_heldout
 from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm
@@ -221,6 +222,12 @@ def test_rankings_through_feedback_give_a_better_rm_and_the_scorer_swaps_under_l
     assert (learnt if world.preferred_first else 1 - learnt) >= 0.75
     # Scoring never failed while the versions swapped, and calls saw both versions.
     assert load.failures == [] and {"rm-0001", "rm-0002"} <= set(load.versions), (load.failures[:3], set(load.versions))
+    # The learner's metrics: every new comparison timed from its rating to rm-0002, nothing left unread.
+    assert REGISTRY.get_sample_value("rlhf_reward_learner_rating_to_rm_seconds_count") >= 24
+    assert REGISTRY.get_sample_value("rlhf_reward_learner_heldout_accuracy", {"model": "current"}) == \
+        pytest.approx(m["heldout_accuracy"])
+    wait_until(lambda: REGISTRY.get_sample_value("rlhf_reward_learner_consumer_lag", {"topic": "rlhf.feedback"}) == 0,
+               10, "learner lag on rlhf.feedback")
     [announced] = consume_events(world.broker.kafka, REWARD_MODELS,
                                  lambda e: isinstance(e.payload, RewardModelEvent) and e.payload.version == "rm-0002", 1)
     assert announced.payload.manifest_sha256 == world.store.manifest_sha256("rm-0002")

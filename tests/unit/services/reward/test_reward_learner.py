@@ -251,3 +251,21 @@ def test_after_a_restart_nothing_is_lost_and_nothing_retrained(tiny_store, tmp_p
     result = second.run_round(comps)
     assert result.new == 4 and result.base == "rm-0001"  # the 10 trained before are replay, not new
     state.close()
+
+
+def test_the_time_trigger_trains_on_fewer_than_n_new_comparisons(tiny_store, tmp_path):
+    held, train = held_and_train_prompts()
+    state = LearnerState(tmp_path / "learner" / "learner.sqlite3")
+    clock = Clock()
+    learner = ContinualLearner(learner_config(tiny_store, tmp_path, learn_every_s=60), tiny_store, state, clock=clock)
+    completions, votes = task(held[:3] + train[:3])  # 3 new: below learn_every_comparisons=8
+    learner.ingest(completions + votes, {})
+    assert learner.maybe_run_round() is None
+    clock.t += 30
+    assert learner.maybe_run_round() is None
+    clock.t += 31
+    result = learner.maybe_run_round()
+    assert result is not None and result.new == 3
+    clock.t += 600  # time alone never triggers a round: something new must have arrived
+    assert learner.maybe_run_round() is None
+    state.close()
