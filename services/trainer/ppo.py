@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-KL_ESTIMATORS = ("k1", "k3")
+from .ppo_config import KL_ESTIMATORS
 
 
 # --- masked statistics (TRL semantics) --------------------------------------------------------

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import shared
 from shared.config import ConfigBase
-from shared.default_model import DEFAULT_CORPUS
 
-from .ppo import KL_ESTIMATORS
+# Light on purpose (no torch, no transformers): `rlhf config` and the service's config import this.
+DEFAULT_PTX_FILE = Path(shared.__file__).parent / "data" / "corpus.txt"
+"""The pretraining corpus the project ships (shared/data/corpus.txt, also the default model's tokenizer corpus)."""
+KL_ESTIMATORS = ("k1", "k3")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class PPOConfig(ConfigBase):
     logprobs are those of the distribution that sampled."""
     ptx_coef: float = 0.0
     """gamma_ptx of PPO-ptx: weight of a language-modelling loss on ptx_file mixed into every update; 0 = off."""
-    ptx_file: Path = DEFAULT_CORPUS
+    ptx_file: Path = DEFAULT_PTX_FILE
     """Pretraining text for PPO-ptx (plain UTF-8); default: the corpus the project ships."""
     ptx_batch_size: int = 4
     """Pretraining sequences per optimiser step (split across data-parallel processes)."""
