@@ -80,7 +80,8 @@ class TrainerApp:
     def _build_loop(self) -> TrainingLoop:
         cfg = self.cfg
         heldout, train = split_heldout(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
-        inference = grpc.insecure_channel(cfg.inference_address)
+        # round_robin: with a headless inference Service, rollouts spread over every replica.
+        inference = grpc.insecure_channel(cfg.inference_address, options=[("grpc.lb_policy_name", "round_robin")])
         reward = grpc.insecure_channel(cfg.reward_address)
         self._channels += [inference, reward]
         scorer = GrpcRewardScorer(reward, cfg.rpc_timeout_s)
