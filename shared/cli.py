@@ -26,6 +26,7 @@ SERVICES = {
     "gateway": "services.gateway.config:GatewayConfig",
     "feedback": "services.feedback.config:FeedbackConfig",
     "reward": "services.reward.config:RewardConfig",
+    "trainer": "services.trainer.config:TrainerConfig",
 }
 
 
