@@ -9,9 +9,10 @@ policy and does not score worse than the version it would replace.
 
 **Evaluation** (``evaluate``): on the held-out prompts (never trained on) the candidate answers
 greedily, and the reward service scores those answers: their mean is the *held-out reward*. For the
-KL it also samples one answer per prompt (temperature 1, fixed seed) and the learner sums
-``log pi(token) - log pi_ref(token)`` over each; the mean is an unbiased estimate of
-KL(pi || pi_ref) per answer (greedy answers would not be samples of pi). An empty answer (EOS
+KL it also samples one answer per prompt (temperature 1, fixed seed) and the learner sums the exact
+per-token KL(pi(.|prefix) || pi_ref(.|prefix)) over the vocabulary along each; since the answers
+are samples of pi, the mean estimates the sequence-level KL(pi || pi_ref) per answer, and is never
+negative (greedy answers would not be samples of pi). An empty answer (EOS
 first), which the reward service cannot score, counts as the worst scored answer of the same
 evaluation, so answering nothing never raises the mean.
 
@@ -55,7 +56,7 @@ class Evaluation:
     heldout_reward: float
     """Mean RM score of the candidate's greedy answers to the held-out prompts."""
     kl: float
-    """Mean summed per-token KL(pi || pi_ref) of sampled held-out answers, nats per answer."""
+    """Mean over sampled held-out answers of the summed per-token KL(pi || pi_ref), nats per answer."""
     rm_version: str
     answers: list[str] = field(default_factory=list)
     """The greedy answers (kept so that a later RM version can re-score the baseline)."""
