@@ -207,10 +207,17 @@ def rating_to_rm(svc: Services, store: ModelStore, trials: int, every: int) -> d
                         "heldout_accuracy": m.get("heldout_accuracy"),
                         "heldout_accuracy_before": m.get("heldout_accuracy_before")})
         log(f"trial {trial + 1}: {version}, last rating -> published {published - acked[-1]:.1f} s")
+    # The learner observes its histogram just after the version lands in the store.
+    wait_for(lambda: svc.metric("rlhf_reward_learner_rating_to_rm_seconds_count") >= trials * every,
+             "the learner's rating -> RM histogram", timeout=30)
     count = svc.metric("rlhf_reward_learner_rating_to_rm_seconds_count")
     total = svc.metric("rlhf_reward_learner_rating_to_rm_seconds_sum")
     return {"trials": results, "learner_histogram_mean_s": total / count if count else None,
             "learner_histogram_count": count}
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def main() -> None:
@@ -244,10 +251,11 @@ def main() -> None:
     print(f"batched / one at a time: {score['speedup']:.1f}x")
     print(f"\nRating -> published RM (learn every {args.every} comparisons)")
     print(f"{'version':<10}{'first->rm s':>13}{'last->rm s':>12}{'round s':>9}{'acc before':>12}{'acc after':>11}")
+    nan = float("nan")
     for t in learn["trials"]:
         print(f"{t['version']:<10}{t['first_rating_to_rm_s']:>13.1f}{t['last_rating_to_rm_s']:>12.1f}"
-              f"{t['round_s'] or float('nan'):>9.1f}{t['heldout_accuracy_before'] or float('nan'):>12.3f}"
-              f"{t['heldout_accuracy'] or float('nan'):>11.3f}")
+              f"{_or(t['round_s'], nan):>9.1f}{_or(t['heldout_accuracy_before'], nan):>12.3f}"
+              f"{_or(t['heldout_accuracy'], nan):>11.3f}")
     if learn["learner_histogram_mean_s"] is not None:
         print(f"learner's own rating->RM histogram: mean {learn['learner_histogram_mean_s']:.1f} s over "
               f"{learn['learner_histogram_count']:.0f} comparisons")
