@@ -269,3 +269,17 @@ def test_the_time_trigger_trains_on_fewer_than_n_new_comparisons(tiny_store, tmp
     clock.t += 600  # time alone never triggers a round: something new must have arrived
     assert learner.maybe_run_round() is None
     state.close()
+
+
+def test_votes_that_give_no_example_are_shown_not_trained(learner):
+    from dataclasses import replace
+
+    from prometheus_client import REGISTRY
+
+    _, train = held_and_train_prompts()
+    completions, votes = task(train[:2])
+    tie = replace(votes[0], kind="pairwise", target="pairwise:" + votes[0].target.split(":")[1], preferred="tie")
+    learner.ingest(completions + [tie, votes[1]], {})
+    comps = learner.comparisons()
+    assert len(comps.train) == 1 and comps.pending == 0
+    assert REGISTRY.get_sample_value("rlhf_reward_learner_votes_unused", {"reason": "pairwise_tie"}) == 1
