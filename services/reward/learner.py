@@ -35,6 +35,13 @@ The loop (``ContinualLearner``, no Kafka in it; learner_feed.py brings the recor
 
 Trained comparisons are recorded with the first version trained on them; the time from each one's
 rating to that version's publication is rlhf_reward_learner_rating_to_rm_seconds.
+
+Details worth knowing: held-out lone thumbs are neither trained on nor scored by the gate (pairwise
+accuracy needs pairs). A round that fails (e.g. the current RM no longer verifies) is logged and
+its comparisons wait for the next arrival, so a persistent fault does not spin. A round blocks
+reading for its duration; at this project's sizes that is seconds (see tests/benchmarks/bench_reward.py).
+Each check re-reads the live votes from SQLite (skipped while nothing changed): fine for 10^4-10^5
+votes; beyond that the comparisons would be kept incrementally.
 """
 
 from __future__ import annotations
