@@ -1,0 +1,197 @@
+"""TrainingLoop with a real learner on the default model and a real model store; sampling and
+scoring run in process here (the integration test drives the real inference and reward services):
+train -> gate -> atomic publish -> announcement (retried while it fails), refusal beyond the KL
+bound, resume from a checkpoint, rollback, pause."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+from services.trainer.checkpoint import CheckpointStore
+from services.trainer.learner import PPOLearner
+from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
+from services.trainer.ppo_config import PPOConfig
+from services.trainer.prompts import LivePromptBuffer, PromptMixer
+from services.trainer.publishing import PolicyPublisher
+from services.trainer.rollouts import RolloutCollector, Sample
+from shared.errors import InvalidArgument, NotFound
+from shared.events import Message
+from shared.model_store import ModelStore
+
+PROMPTS = [(Message("user", f"What is {a} plus {a}?"),) for a in range(1, 13)]
+HELDOUT, TRAIN = PROMPTS[:3], PROMPTS[3:]
+
+
+@pytest.fixture()
+def store(trainer_store, tmp_path):
+    """A store of this test's own with copies of the session's policy-0001 and rm-0001."""
+    store = ModelStore(tmp_path / "models")
+    for line, version in (("policy", trainer_store.policy), ("rm", trainer_store.rm)):
+        src = tmp_path / f"src-{line}"
+        shutil.copytree(trainer_store.path(version), src, ignore=shutil.ignore_patterns("manifest.json"))
+        store.publish(line, src)
+    return store
+
+
+class LearnerSampler:
+    """Samples with the learner's own policy (what vLLM does with the served version) and reports the
+    version the inference service would: the one the test says is served."""
+
+    def __init__(self, get_learner, served: list[str]):
+        self.get_learner = get_learner
+        self.served = served
+
+    def sample(self, prompts, *, max_tokens, top_p, seed=None):
+        learner = self.get_learner()
+        ids = [learner.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in p],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+               for p in prompts]
+        out = learner.generate(ids, max_tokens, greedy=False, seed=seed)
+        # Behaviour logprobs: the sampler's own; a constant stands in (only their use is checked here).
+        return [Sample(prompt=p, prompt_token_ids=list(i), token_ids=o, logprobs=[-1.0] * len(o),
+                       text=learner.tokenizer.decode(o, skip_special_tokens=True) or "x", finish_reason="stop",
+                       policy_version=self.served[-1], policy_versions=[self.served[-1]], response_id=f"r{n}")
+                for n, (p, i, o) in enumerate(zip(prompts, ids, out))]
+
+
+class LengthScorer:
+    """A stand-in reward model: longer answers score higher."""
+
+    def score(self, pairs):
+        return [len(r) / 10.0 for _, r in pairs], "rm-0001"
+
+
+class RecordingAnnouncer:
+    def __init__(self, failures: int = 0):
+        self.events = []
+        self.failures = failures
+
+    def announce(self, event):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("broker down")
+        self.events.append(event)
+
+
+def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1, lr=1e-3, paused=False):
+    cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
+    policy, rm = store.current("policy"), store.current("rm")
+    state = LoopState(lineage=[policy], reference_version=policy, value_rm_version=rm)
+
+    def load_learner(version, st):
+        return PPOLearner.from_store(store, version, st.reference_version, st.value_rm_version, cfg)
+
+    holder = {}
+    served = [policy]
+    sampler = LearnerSampler(lambda: holder["loop"].learner, served)
+    publisher = PolicyPublisher(store, announcer or RecordingAnnouncer(), LengthScorer(), HELDOUT, max_tokens=8)
+    settings = LoopSettings(rollouts_per_iteration=4, max_staleness=1, publish_every=publish_every,
+                            checkpoint_every=1, kl_bound=kl_bound, reward_tolerance=1e6, idle_sleep_s=0.05)
+    loop = TrainingLoop(load_learner(policy, state), state, PromptMixer(LivePromptBuffer(8), TRAIN, 0.0),
+                        RolloutCollector(sampler, LengthScorer(), max_tokens=8), publisher,
+                        CheckpointStore(tmp_path / "ckpt"), settings, load_learner, paused=paused)
+    holder["loop"] = loop
+    return loop, served, load_learner
+
+
+def test_an_iteration_trains_publishes_checkpoints_and_announces(store, tmp_path, one_thread):
+    announcer = RecordingAnnouncer()
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer)
+    assert loop.run_iteration()
+    status = loop.status()
+    assert status.step == 1 and status.last_gate.published and status.last_published["version"] == "policy-0002"
+    manifest = store.verify("policy-0002")
+    assert store.current("policy") == "policy-0002" and manifest.parent == "policy-0001"
+    assert manifest.extra["rm_version"] == "rm-0001" and manifest.extra["trainer_step"] == 1
+    assert {"heldout_reward", "kl_to_reference", "baseline_reward"} <= manifest.metrics.keys()
+    [event] = announcer.events
+    assert event.version == "policy-0002" and event.reason == "publish" and event.parent == "policy-0001"
+    assert event.manifest_sha256 == store.manifest_sha256("policy-0002")
+    assert loop.state.lineage == ["policy-0001", "policy-0002"] and loop.learner.weights_version == "policy-0002"
+    assert loop.checkpoints.steps() == [1] and loop.state.pending_announcement is None
+
+
+def test_a_failed_announcement_is_owed_and_sent_on_the_next_iteration(store, tmp_path, one_thread):
+    announcer = RecordingAnnouncer(failures=1)
+    loop, served, _ = make_loop(store, tmp_path, announcer=announcer, publish_every=0)
+    loop.run_iteration()
+    result = loop.publish_now()
+    assert result.published and announcer.events == []
+    assert loop.state.pending_announcement == {"version": result.version, "reason": "publish"}
+    # The checkpoint written at publication remembers the debt: a restart would pay it too.
+    assert CheckpointStore(tmp_path / "ckpt").load_latest().state["loop"]["pending_announcement"]
+    served.append(result.version)
+    loop.run_iteration()
+    assert [e.version for e in announcer.events] == [result.version] and loop.state.pending_announcement is None
+
+
+def test_a_candidate_beyond_the_kl_bound_is_refused_and_nothing_is_written(store, tmp_path, one_thread):
+    announcer = RecordingAnnouncer()
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, kl_bound=0.0, lr=1e-2)
+    loop.run_iteration()
+    gate = loop.status().last_gate
+    assert not gate.published and "exceeds the bound" in gate.reason and gate.kl > 0
+    assert store.versions("policy") == ["policy-0001"] and announcer.events == []
+    assert loop.publish_now().published is False
+
+
+def test_publish_now_without_an_update_publishes_nothing(store, tmp_path, one_thread):
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0)
+    result = loop.publish_now()
+    assert not result.published and "no update" in result.reason and store.versions("policy") == ["policy-0001"]
+
+
+def test_resume_from_a_checkpoint_restores_weights_counters_and_lineage(store, tmp_path, one_thread):
+    loop, served, load_learner = make_loop(store, tmp_path)
+    loop.run_iteration()                 # publishes policy-0002
+    served.append(loop.state.lineage[-1])
+    loop.run_iteration()                 # a second publish: checkpoint at step 2
+    loaded = CheckpointStore(tmp_path / "ckpt").load_latest()
+    learner, state = restore(loaded, load_learner)
+    assert state.step == 2 and state.lineage == loop.state.lineage and state.baseline == loop.state.baseline
+    assert learner.weights_version == loop.learner.weights_version
+    for (name, a), b in zip(loop.learner.policy_state().items(), learner.policy_state().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rollback_serves_an_earlier_version_and_restarts_the_lineage(store, tmp_path, one_thread):
+    announcer = RecordingAnnouncer()
+    loop, served, _ = make_loop(store, tmp_path, announcer=announcer)
+    loop.run_iteration()
+    published = loop.state.lineage[-1]
+    with pytest.raises(NotFound):
+        loop.rollback("policy-0042")
+    with pytest.raises(InvalidArgument):
+        loop.rollback("rm-0001")
+    result = loop.rollback("policy-0001")
+    assert result.published and store.current("policy") == "policy-0001"
+    assert announcer.events[-1].version == "policy-0001" and announcer.events[-1].reason == "rollback"
+    assert loop.state.lineage == ["policy-0001"] and loop.learner.weights_version == "policy-0001"
+    assert loop.state.baseline is None
+    # Rollouts still sampled by the version rolled back away from are never trained on.
+    served.append(published)
+    assert not loop.run_iteration() and loop.state.dropped["unknown_version"] == 4
+
+
+def test_a_paused_loop_does_not_train_until_resumed(store, tmp_path, one_thread):
+    loop, _, _ = make_loop(store, tmp_path, paused=True, publish_every=0)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        stop.wait(1.0)
+        assert loop.status().step == 0 and loop.status().paused
+        loop.resume()
+        deadline = threading.Event()
+        for _ in range(600):
+            if loop.status().step >= 1:
+                break
+            deadline.wait(0.1)
+        assert loop.status().step >= 1 and not loop.status().paused
+    finally:
+        stop.set()
+        thread.join(60)
