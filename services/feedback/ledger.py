@@ -8,13 +8,14 @@ from __future__ import annotations
 import threading
 import time
 
-from kafka import KafkaConsumer, TopicPartition
+import confluent_kafka
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from services.feedback.protocol import SubmitResult
 from shared.config import KafkaConfig
 from shared.events import FeedbackEvent
-from shared.kafka.client import consumer_kwargs
-from shared.kafka.consumer import decode_or_skip
+from shared.kafka.client import rdkafka_consumer_config
+from shared.kafka.consumer import decode_value_or_skip
 from shared.kafka.topics import FEEDBACK
 from shared.logging import get_logger, log_event
 
@@ -56,35 +57,54 @@ class FeedbackLedger:
 
 
 class LedgerFollower:
-    """Reads rlhf.feedback from the beginning into a ledger, then keeps tailing it."""
+    """Reads rlhf.feedback from the beginning into a ledger, then keeps tailing it.
 
-    def __init__(self, cfg: KafkaConfig, ledger: FeedbackLedger):
+    It reads every rating the service writes, so it runs on librdkafka (confluent-kafka): fetching
+    and checking records in C leaves the GIL to the request path.
+    """
+
+    def __init__(self, cfg: KafkaConfig, ledger: FeedbackLedger, *, metadata_timeout_s: float = 30.0):
         self.ledger = ledger
         self.caught_up = threading.Event()
-        self._consumer = KafkaConsumer(**consumer_kwargs(cfg, "feedback-ledger", group_id=None))
-        partitions = self._consumer.partitions_for_topic(FEEDBACK)
-        deadline = time.monotonic() + 30
-        while not partitions and time.monotonic() < deadline:
+        self._consumer = confluent_kafka.Consumer(rdkafka_consumer_config(cfg, "feedback-ledger"))
+        try:
+            partitions = self._wait_for_partitions(metadata_timeout_s)
+            self._end = {p: self._consumer.get_watermark_offsets(TopicPartition(FEEDBACK, p),
+                                                                 timeout=metadata_timeout_s)[1]
+                         for p in partitions}
+        except Exception:
+            self._consumer.close()
+            raise
+        self._next = {p: 0 for p in partitions}
+        self._consumer.assign([TopicPartition(FEEDBACK, p, OFFSET_BEGINNING) for p in partitions])
+
+    def _wait_for_partitions(self, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                topic = self._consumer.list_topics(FEEDBACK, timeout=max(0.5, deadline - time.monotonic())).topics[FEEDBACK]
+                if topic.error is None and topic.partitions:
+                    return sorted(topic.partitions)
+            except confluent_kafka.KafkaException:
+                pass  # broker not reachable yet
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"topic {FEEDBACK} does not exist (or the broker is unreachable)")
             time.sleep(0.2)
-            partitions = self._consumer.partitions_for_topic(FEEDBACK)
-        if not partitions:
-            raise RuntimeError(f"topic {FEEDBACK} does not exist")
-        self._parts = [TopicPartition(FEEDBACK, p) for p in sorted(partitions)]
-        self._consumer.assign(self._parts)
-        self._consumer.seek_to_beginning(*self._parts)
-        self._end = self._consumer.end_offsets(self._parts)
 
     def run(self, stop: threading.Event) -> None:
         started = time.monotonic()
         try:
             while not stop.is_set():
-                for records in self._consumer.poll(timeout_ms=300).values():
-                    for record in records:
-                        env = decode_or_skip(record, expect=FeedbackEvent)
-                        if env is not None:
-                            self.ledger.apply(env.payload)
-                if not self.caught_up.is_set() and all(
-                        self._consumer.position(tp) >= self._end[tp] for tp in self._parts):
+                for msg in self._consumer.consume(num_messages=1000, timeout=0.3):
+                    if msg.error() is not None:
+                        log_event(log, "feedback ledger read error", level=30, error=msg.error().str())
+                        continue
+                    self._next[msg.partition()] = msg.offset() + 1
+                    env = decode_value_or_skip(msg.value(), FEEDBACK, msg.partition(), msg.offset(),
+                                               expect=FeedbackEvent)
+                    if env is not None:
+                        self.ledger.apply(env.payload)
+                if not self.caught_up.is_set() and all(self._next[p] >= end for p, end in self._end.items()):
                     self.caught_up.set()
                     log_event(log, "feedback ledger rebuilt", events=len(self.ledger),
                               seconds=round(time.monotonic() - started, 2))

@@ -1,4 +1,6 @@
-"""Construction of kafka-python clients from KafkaConfig, in one place."""
+"""Construction of Kafka clients from KafkaConfig, in one place: kafka-python for most clients,
+confluent-kafka (librdkafka, C) where one process moves thousands of records a second (the
+feedback service's acks=all publisher and its ledger reader)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,53 @@ def producer_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
         "linger_ms": 2,
         # Fail fast to our own retry loop rather than blocking a caller for a minute.
         "max_block_ms": 5000,
+    }
+
+
+# Small: a record waits at most this long for others to share its produce request. Concurrent
+# ratings still batch (they arrive while the previous request is in flight), and a lone rating's
+# acknowledgement is not held back.
+LINGER_MS = 1
+
+
+def rdkafka_producer_config(cfg: KafkaConfig, service: str) -> dict[str, Any]:
+    """librdkafka settings with the same guarantees as ``producer_kwargs``."""
+    if not cfg.servers:
+        raise ValueError("RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, "
+                         "which starts the embedded broker")
+    return {
+        "bootstrap.servers": ",".join(cfg.servers),
+        "client.id": f"{cfg.client_id}-{service}",
+        "acks": "all",
+        # Retries without duplicates or reordering; librdkafka caps in-flight requests at 5 for it.
+        "enable.idempotence": True,
+        "request.timeout.ms": cfg.request_timeout_ms,
+        # A record not acknowledged by then fails its delivery report (and so the caller), after
+        # which the producer no longer holds it: a caller's retry never races a queued copy.
+        "message.timeout.ms": int(cfg.delivery_timeout_s * 1000),
+        "linger.ms": LINGER_MS,
+        # Keyed records land on the partition the Java client and kafka-python would choose, so one
+        # user's votes stay on one partition whichever client wrote them.
+        "partitioner": "murmur2_random",
+        # Broker-down reconnect attempts back off to 1 s instead of flooding the log and the CPU.
+        "reconnect.backoff.max.ms": 1000,
+    }
+
+
+def rdkafka_consumer_config(cfg: KafkaConfig, service: str) -> dict[str, Any]:
+    """librdkafka settings for a reader that assigns partitions itself (no group offsets)."""
+    if not cfg.servers:
+        raise ValueError("RLHF_KAFKA_BOOTSTRAP_SERVERS is empty")
+    return {
+        "bootstrap.servers": ",".join(cfg.servers),
+        "client.id": f"{cfg.client_id}-{service}",
+        # librdkafka requires a group id even for assign(); nothing is committed under it.
+        "group.id": f"{cfg.client_id}-{service}-unused",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "socket.timeout.ms": max(cfg.request_timeout_ms, 10),
+        "reconnect.backoff.max.ms": 1000,
     }
 
 

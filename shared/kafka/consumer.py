@@ -33,14 +33,20 @@ Handler = Callable[[envelope.Envelope, Any], None]
 
 
 def decode_or_skip(record: Any, expect: type | None = None) -> envelope.Envelope | None:
-    """The record's envelope, or None for a record that is not one (counted and logged, so that a
-    bad record never stalls or crashes a reader)."""
+    """The kafka-python record's envelope, or None for a record that is not one (counted and
+    logged, so that a bad record never stalls or crashes a reader)."""
+    return decode_value_or_skip(record.value, record.topic, record.partition, record.offset, expect)
+
+
+def decode_value_or_skip(value: bytes | None, topic: str, partition: int, offset: int,
+                         expect: type | None = None) -> envelope.Envelope | None:
+    """``decode_or_skip`` for a record given by its parts (any client library's record)."""
     try:
-        return envelope.decode(record.value, expect=expect)
+        return envelope.decode(value if value is not None else b"", expect=expect)
     except envelope.EnvelopeError as exc:
-        BAD_RECORDS.labels(record.topic).inc()
-        log_event(log, "skipping bad record", level=30, topic=record.topic, partition=record.partition,
-                  offset=record.offset, error=str(exc))
+        BAD_RECORDS.labels(topic).inc()
+        log_event(log, "skipping bad record", level=30, topic=topic, partition=partition,
+                  offset=offset, error=str(exc))
         return None
 
 

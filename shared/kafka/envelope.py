@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import math
 import time
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
+
+import orjson
 
 
 class EnvelopeError(ValueError):
@@ -64,33 +67,33 @@ def wrap(payload: Any, producer: str) -> Envelope:
 
 
 def encode(envelope: Envelope) -> bytes:
-    return json.dumps(
-        {
-            "type": envelope.type,
-            "schema_version": envelope.schema_version,
-            "event_id": envelope.event_id,
-            "produced_at": envelope.produced_at,
-            "producer": envelope.producer,
-            "payload": dataclasses.asdict(envelope.payload),
-        },
-        separators=(",", ":"),
-        allow_nan=False,
-    ).encode()
+    """The record bytes of an envelope; raises ValueError for NaN or infinite floats (invalid JSON)."""
+    return orjson.dumps({
+        "type": envelope.type,
+        "schema_version": envelope.schema_version,
+        "event_id": envelope.event_id,
+        "produced_at": _finite(envelope.produced_at),
+        "producer": envelope.producer,
+        "payload": _writer(type(envelope.payload))(envelope.payload),
+    }, option=orjson.OPT_NON_STR_KEYS)  # as json.dumps: {1: x} is written as {"1": x}
 
 
 def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
     """Parse and validate one record; ``expect`` restricts it to one payload class."""
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8, and NaN, which JSON does not have
         raise EnvelopeError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise EnvelopeError("envelope must be a JSON object")
-    missing = {"type", "schema_version", "event_id", "produced_at", "producer", "payload"} - doc.keys()
+    missing = _ENVELOPE_KEYS - doc.keys()
     if missing:
         raise EnvelopeError(f"envelope lacks {sorted(missing)}")
     key = (doc["type"], doc["schema_version"])
-    cls = _REGISTRY.get(key)
+    try:
+        cls = _REGISTRY.get(key)
+    except TypeError:  # an unhashable type or version (a JSON list or object)
+        cls = None
     if cls is None:
         raise EnvelopeError(f"unknown event type/schema version {key}")
     if expect is not None and cls is not expect:
@@ -98,56 +101,138 @@ def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
     if not isinstance(doc["payload"], dict):
         raise EnvelopeError("payload must be a JSON object")
     payload = from_dict(cls, doc["payload"])
-    return Envelope(doc["type"], doc["schema_version"], str(doc["event_id"]), float(doc["produced_at"]),
+    try:
+        produced_at = float(doc["produced_at"])
+    except (TypeError, ValueError):
+        raise EnvelopeError("produced_at must be a number") from None
+    return Envelope(doc["type"], doc["schema_version"], str(doc["event_id"]), produced_at,
                     str(doc["producer"]), payload)
 
 
-@functools.cache
-def _schema(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
-    # get_type_hints is slow; every record of a topic is decoded, so resolve each class once.
-    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+_ENVELOPE_KEYS = frozenset({"type", "schema_version", "event_id", "produced_at", "producer", "payload"})
 
 
 def from_dict(cls: type[E], data: dict[str, Any]) -> E:
     """Build a payload dataclass from JSON data, checking field names and basic types."""
-    hints, fields = _schema(cls)
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise EnvelopeError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    names, fields = _reader(cls)
+    if not names.issuperset(data):
+        raise EnvelopeError(f"{cls.__name__}: unknown fields {sorted(set(data) - names)}")
     kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise EnvelopeError(f"{cls.__name__}: missing field {name!r}")
-            continue
-        kwargs[name] = _check(cls.__name__, name, data[name], hints[name])
+    for name, required, read in fields:
+        if name in data:
+            kwargs[name] = read(data[name])
+        elif required:
+            raise EnvelopeError(f"{cls.__name__}: missing field {name!r}")
     return cls(**kwargs)
 
 
-def _check(owner: str, name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+# Every record of a topic is encoded once and decoded by every reader, so the per-field work is
+# resolved once per class (type hints, unions, nested dataclasses) into small functions.
+
+Convert = Callable[[Any], Any]
+
+
+@functools.cache
+def _reader(cls: type) -> tuple[frozenset[str], list[tuple[str, bool, Convert]]]:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        fields.append((f.name, required, _read_as(f"{cls.__name__}.{f.name}", hints[f.name])))
+    return frozenset(f.name for f in dataclasses.fields(cls)), fields
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _read_as(where: str, hint: Any) -> Convert:
+    """A function that checks one JSON value against ``hint`` (and builds nested dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
-        return value
+        return _identity
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check(owner, name, value, inner[0])
+        inner = _read_as(where, [a for a in args if a is not type(None)][0])
+        if type(None) not in args:
+            return inner
+        return lambda value: None if value is None else inner(value)
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise EnvelopeError(f"{owner}.{name}: expected a list")
-        return [_check(owner, name, v, args[0]) for v in value] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise EnvelopeError(f"{owner}.{name}: expected an object")
-        return value
+        item = _read_as(where, args[0]) if args else None
+
+        def read_list(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise EnvelopeError(f"{where}: expected a list")
+            return [item(v) for v in value] if item is not None else value
+        return read_list
+    if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
+        nested = dataclasses.is_dataclass(hint)
+
+        def read_object(value: Any) -> Any:
+            if not isinstance(value, dict):
+                raise EnvelopeError(f"{where}: expected an object")
+            return from_dict(hint, value) if nested else value
+        return read_object
+    if hint in (int, float, str, bool):
+        def read_scalar(value: Any) -> Any:
+            if type(value) is hint:
+                return value
+            if hint is float and type(value) is int:
+                return float(value)
+            raise EnvelopeError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+        return read_scalar
+    return _identity
+
+
+@functools.cache
+def _writer(cls: type) -> Convert:
+    """A function turning a payload dataclass into JSON-ready data, refusing NaN and infinities."""
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _write_as(hints[f.name])) for f in dataclasses.fields(cls)]
+    plain = [name for name, write in fields if write is _identity]
+    converted = [(name, write) for name, write in fields if write is not _identity]
+
+    def write(obj: Any) -> dict[str, Any]:
+        out = {name: getattr(obj, name) for name in plain}
+        for name, convert in converted:
+            value = getattr(obj, name)
+            out[name] = None if value is None else convert(value)
+        return out
+    return write
+
+
+def _write_as(hint: Any) -> Convert:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _write_as([a for a in args if a is not type(None)][0])
+    if origin in (list, tuple):
+        item = _write_as(args[0]) if args else _checked_any
+        return (lambda value: list(value)) if item is _identity else (lambda value: [item(v) for v in value])
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise EnvelopeError(f"{owner}.{name}: expected an object")
-        return from_dict(hint, value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise EnvelopeError(f"{owner}.{name}: expected {hint.__name__}, got {type(value).__name__}")
+        return _writer(hint)
+    if hint is float:
+        return _finite
+    if hint in (int, str, bool):
+        return _identity
+    return _checked_any  # dict, Any, ...: whatever is inside may hold a float
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value} is not valid JSON")
+        if type(value) is not float:  # numpy.float64 and other subclasses, which orjson refuses
+            return float(value)
+    return value
+
+
+def _checked_any(value: Any) -> Any:
+    """JSON-ready copy of free-form data (dicts, lists), refusing NaN and infinities anywhere."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _checked_any(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_checked_any(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _writer(type(value))(value)
     return value
