@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 from google.protobuf import text_format
 
 from services.feedback.protocol import Submission
 from services.feedback.serving import FeedbackServing
+from shared.errors import RlhfError
 from shared.pb import feedback_pb2, feedback_pb2_grpc
 
 _THUMB = {feedback_pb2.THUMB_UP: "up", feedback_pb2.THUMB_DOWN: "down"}
@@ -28,15 +31,35 @@ def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission
     return Submission(kind, [], **common)
 
 
+def _text(msg: feedback_pb2.SubmitFeedbackRequest) -> str:
+    """The submission as received, for a dead-letter copy."""
+    return text_format.MessageToString(msg, as_one_line=True)
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, serving: FeedbackServing):
         self.serving = serving
 
     async def SubmitFeedback(self, request, context: grpc.aio.ServicerContext):
-        result = await self.serving.submit(submission_from_proto(request),
-                                           lambda: text_format.MessageToString(request, as_one_line=True))
+        result = await self.serving.submit(submission_from_proto(request), functools.partial(_text, request))
         return feedback_pb2.SubmitFeedbackResponse(feedback_id=result.feedback_id, revision=result.revision,
                                                    duplicate=result.duplicate)
+
+    async def SubmitFeedbackBatch(self, request, context: grpc.aio.ServicerContext):
+        outcomes = await self.serving.submit_many([
+            (submission_from_proto(item), functools.partial(_text, item)) for item in request.submissions])
+        reply = feedback_pb2.SubmitFeedbackBatchResponse()
+        for outcome in outcomes:
+            result = reply.results.add()
+            if isinstance(outcome, RlhfError):
+                result.error.code = outcome.grpc_code.value[0]
+                result.error.message = outcome.message
+                result.error.param = outcome.param or ""
+            else:
+                result.accepted.feedback_id = outcome.feedback_id
+                result.accepted.revision = outcome.revision
+                result.accepted.duplicate = outcome.duplicate
+        return reply
 
     async def RejectFeedback(self, request, context: grpc.aio.ServicerContext):
         self.serving.reject(request.raw, request.reason or "refused", request.param or None, source="http")

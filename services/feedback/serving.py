@@ -38,6 +38,7 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 RAW_LIMIT = 8192
+MAX_BATCH = 1000
 
 
 class KeyedLocks:
@@ -174,6 +175,23 @@ class FeedbackServing:
         if live is not None:
             metrics.SUPERSEDED.inc()
         return SubmitResult(event.feedback_id, revision, duplicate=False)
+
+    async def submit_many(self, items: list[tuple[Submission, Callable[[], str]]]) -> list[SubmitResult | RlhfError]:
+        """``submit`` for each item, concurrently (their Kafka writes share produce requests); each
+        item's outcome is its result or the RlhfError it was refused with."""
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument(f"a batch holds at most {MAX_BATCH} submissions, got {len(items)}",
+                                  param="submissions")
+        return await asyncio.gather(*(self._outcome(sub, raw) for sub, raw in items))
+
+    async def _outcome(self, sub: Submission, raw: Callable[[], str]) -> SubmitResult | RlhfError:
+        try:
+            return await self.submit(sub, raw)
+        except RlhfError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - one item's bug must not fail the others
+            log.exception("unexpected error on a batched submission")
+            return RlhfError(f"internal error: {type(exc).__name__}")  # status INTERNAL
 
     def reject(self, raw: str, reason: str, param: str | None, source: str = "grpc") -> None:
         """Put a refused submission on the dead-letter topic (best effort, never blocks)."""

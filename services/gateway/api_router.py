@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import metrics
 from services.gateway.config import GatewayConfig
-from services.gateway.errors import error_response, install_error_handlers
+from services.gateway.errors import error_response, install_error_handlers, response_for
 from services.gateway.feedback_serving import FeedbackClient, FeedbackForwarding
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -74,6 +74,88 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class AuthAndMetrics:
+    """Bearer-token check on /v1/ routes and request metrics (pure ASGI middleware).
+
+    Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every
+    request through an extra task group and memory streams, which cost more CPU than a whole
+    rating's route did.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
+        self.app = app
+        self.api_keys = api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path.startswith("/v1/") else "other"
+        started = time.perf_counter()
+        if self.api_keys and path.startswith("/v1/") and not _authorised(scope, self.api_keys):
+            response = error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
+                                      code="invalid_api_key")
+            await response(scope, receive, send)
+            self._observe(route, 401, started)
+            return
+        status = 500
+
+        async def send_and_observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._observe(route, status, started)  # to the last byte, for streams too
+
+        try:
+            await self.app(scope, receive, send_and_observe)
+        except Exception:
+            self._observe(route, 500, started)
+            raise
+
+    @staticmethod
+    def _observe(route: str, status: int, started: float) -> None:
+        metrics.REQUESTS.labels(route, str(status)).inc()
+        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
+class FeedbackRoute:
+    """POST /v1/feedback served in plain ASGI, in front of FastAPI's routing (pure ASGI middleware).
+
+    A rating is small and ratings come in thousands a second: FastAPI's router, dependency solving,
+    exception middlewares and response classes cost more CPU than the rating's own work. The route
+    is still declared on the FastAPI app, for the OpenAPI schema; this serves it first. Errors get
+    the same responses as everywhere else (errors.response_for).
+    """
+
+    def __init__(self, app: ASGIApp, feedback: FeedbackForwarding):
+        self.app = app
+        self.feedback = feedback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/feedback" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
+        try:
+            reply = await self.feedback.submit(bytes(body), key.decode("latin-1") if key is not None else None)
+        except Exception as exc:  # noqa: BLE001 - every error becomes its response, as in the app
+            return await response_for(exc, scope["path"])(scope, receive, send)
+        content = reply.model_dump_json().encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+
 def create_app(cfg: GatewayConfig) -> FastAPI:
     """The gateway's FastAPI app, calling the inference service at cfg.inference_address."""
     chat = ChatServing(FeedbackTokens(cfg.token))
@@ -94,20 +176,6 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app = FastAPI(title="RLHF Flywheel gateway", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        route = request.url.path
-        started = time.perf_counter()
-        if cfg.api_keys and route.startswith("/v1/") and not _authorised(request, cfg.api_keys):
-            response = error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                      code="invalid_api_key")
-        else:
-            response = await call_next(request)
-        metrics.REQUESTS.labels(route if route.startswith("/v1/") else "other", str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(route if route.startswith("/v1/") else "other").observe(
-            time.perf_counter() - started)
-        return response
-
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def chat_completions(body: ChatCompletionRequest):
@@ -122,8 +190,10 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                   "schema": FeedbackRequest.model_json_schema()}}}},
               responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def submit_feedback(request: Request):
+        # Served by FeedbackRoute before FastAPI routes anything; declared here for the API schema.
         # The raw body, not a parsed model: a body that does not parse still goes to the dead-letter topic.
-        return await feedback.submit(await request.body(), request.headers.get("idempotency-key"))
+        reply = await feedback.submit(await request.body(), request.headers.get("idempotency-key"))
+        return Response(reply.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
@@ -142,11 +212,15 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def chat_page():
         return HTMLResponse((STATIC / "chat.html").read_text())
 
+    # Added last, so it runs first: the size limit applies before authentication and metrics, both
+    # before the feedback route.
+    app.add_middleware(FeedbackRoute, feedback=feedback)
+    app.add_middleware(AuthAndMetrics, api_keys=cfg.api_keys)
     app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
     return app
 
 
-def _authorised(request: Request, keys: tuple[str, ...]) -> bool:
-    header = request.headers.get("authorization", "")
+def _authorised(scope: Scope, keys: tuple[str, ...]) -> bool:
+    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in keys)

@@ -21,6 +21,22 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
+class UpstreamRefusal(RlhfError):
+    """An upstream service's refusal reported inside its reply (an item of a batch) rather than as
+    the call's status; answered exactly as that status would have been."""
+
+    def __init__(self, grpc_code: int, message: str, param: str | None):
+        code = _STATUS_BY_NUMBER.get(grpc_code, grpc.StatusCode.UNKNOWN)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            message = f"upstream service unavailable: {message}"
+        super().__init__(message, param=param)
+        self.grpc_code = code
+        self.http_status, self.openai_type = GRPC_TO_HTTP.get(code, (502, "server_error"))
+
+
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
@@ -64,14 +80,11 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RlhfError)
     async def on_domain(request: Request, exc: RlhfError):
-        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param,
-                              code=exc.grpc_code.name.lower())
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(grpc.aio.AioRpcError)
     async def on_grpc(request: Request, exc: grpc.aio.AioRpcError):
-        status, body = error_from_grpc(exc)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return error_response(status, body.message, body.type, body.param, body.code, headers)
+        return response_for(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
@@ -80,6 +93,20 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        metrics.UNHANDLED.inc()
-        return error_response(500, "internal server error", "server_error")
+        return response_for(exc, request.url.path)
+
+
+def response_for(exc: Exception, path: str) -> JSONResponse:
+    """The response for an error raised while serving ``path`` (for routes that bypass FastAPI's
+    exception handlers, and for those handlers themselves)."""
+    if isinstance(exc, RlhfError):
+        headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param,
+                              code=exc.grpc_code.name.lower(), headers=headers)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        status, body = error_from_grpc(exc)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_response(status, body.message, body.type, body.param, body.code, headers)
+    log.error("unhandled error on %s", path, exc_info=exc)
+    metrics.UNHANDLED.inc()
+    return error_response(500, "internal server error", "server_error")

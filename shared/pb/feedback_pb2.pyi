@@ -80,6 +80,36 @@ class SubmitFeedbackResponse(_message.Message):
     duplicate: bool
     def __init__(self, feedback_id: _Optional[str] = ..., revision: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
+class SubmitFeedbackBatchRequest(_message.Message):
+    __slots__ = ("submissions",)
+    SUBMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    submissions: _containers.RepeatedCompositeFieldContainer[SubmitFeedbackRequest]
+    def __init__(self, submissions: _Optional[_Iterable[_Union[SubmitFeedbackRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitFeedbackResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitFeedbackResult, _Mapping]]] = ...) -> None: ...
+
+class SubmitFeedbackResult(_message.Message):
+    __slots__ = ("accepted", "error")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    accepted: SubmitFeedbackResponse
+    error: FeedbackError
+    def __init__(self, accepted: _Optional[_Union[SubmitFeedbackResponse, _Mapping]] = ..., error: _Optional[_Union[FeedbackError, _Mapping]] = ...) -> None: ...
+
+class FeedbackError(_message.Message):
+    __slots__ = ("code", "message", "param")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    param: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
+
 class RejectFeedbackRequest(_message.Message):
     __slots__ = ("raw", "reason", "param")
     RAW_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class FeedbackServiceStub:
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
                 _registered_method=True)
+        self.SubmitFeedbackBatch = channel.unary_unary(
+                '/rlhf.v1.FeedbackService/SubmitFeedbackBatch',
+                request_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.FromString,
+                _registered_method=True)
         self.RejectFeedback = channel.unary_unary(
                 '/rlhf.v1.FeedbackService/RejectFeedback',
                 request_serializer=rlhf_dot_v1_dot_feedback__pb2.RejectFeedbackRequest.SerializeToString,
@@ -51,6 +56,16 @@ class FeedbackServiceServicer:
 
     def SubmitFeedback(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitFeedbackBatch(self, request, context):
+        """Several submissions in one call, each judged and stored exactly as SubmitFeedback would:
+        results[i] answers submissions[i], accepted or with the status SubmitFeedback would have failed
+        with. The gateway sends the ratings that arrive while an earlier call is in flight this way,
+        because a call per rating costs more CPU than the rating's own work. At most 1,000 submissions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -70,6 +85,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.SubmitFeedback,
                     request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.SerializeToString,
+            ),
+            'SubmitFeedbackBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedbackBatch,
+                    request_deserializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.SerializeToString,
             ),
             'RejectFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.RejectFeedback,
@@ -104,6 +124,33 @@ class FeedbackService:
             '/rlhf.v1.FeedbackService/SubmitFeedback',
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackRequest.SerializeToString,
             rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedbackBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.FeedbackService/SubmitFeedbackBatch',
+            rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchRequest.SerializeToString,
+            rlhf_dot_v1_dot_feedback__pb2.SubmitFeedbackBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

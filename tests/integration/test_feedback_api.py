@@ -144,6 +144,56 @@ def test_changing_a_vote_supersedes_it(stack):
     assert events[1].supersedes == events[0].feedback_id and events[0].target == events[1].target
 
 
+def test_concurrent_ratings_share_calls_yet_each_gets_its_own_verdict(stack):
+    """Ratings sent at once travel to the feedback service in shared batch calls; every one is still
+    judged alone: the valid ones are stored once each, a forged or malformed one is refused by name."""
+    import asyncio
+
+    _, served = chat(stack, "List some numbers.", n=8)
+    marker = uuid.uuid4().hex[:8]
+    forged = sign("not-the-server-key-0123456789", TokenClaims(served[0][0], "policy-0001", "x", int(time.time()) + 99))
+    bodies, expected = [], []
+    for k, (rid, tok) in enumerate(served):
+        bodies.append({"type": "thumb", "response_id": rid, "thumb": "up", "feedback_tokens": [tok],
+                       "user": f"{marker}-ok{k}"})
+        expected.append((200, None))
+        bodies.append({"type": "thumb", "response_id": rid, "thumb": "up", "feedback_tokens": [forged],
+                       "user": f"{marker}-forged{k}"})
+        expected.append((403, "feedback_tokens"))
+        bodies.append({"type": "likert", "response_id": rid, "score": 0, "feedback_tokens": [tok],
+                       "user": f"{marker}-bad{k}"})
+        expected.append((400, "score"))
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/feedback", json=b) for b in bodies))
+
+    replies = asyncio.run(send_all())
+    assert [(r.status_code, r.json().get("error", {}).get("param")) for r in replies] == expected
+    accepted = {r.json()["feedback_id"] for r in replies if r.status_code == 200}
+    assert len(accepted) == len(served)
+    events = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id.startswith(marker),
+                            count=len(served) + 1, timeout=8)
+    assert sorted(e.payload.feedback_id for e in events) == sorted(accepted), "exactly the accepted ones, once"
+
+
+def test_api_keys_guard_the_feedback_route(stack):
+    gateway = UvicornThread(create_app(gateway_config(stack.inference.address, stack.feedback.address,
+                                                      api_keys=("key-0123456789",))))
+    try:
+        _, [(a, ta)] = chat(stack, "Once more?")
+        body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "keyed"}
+        refused = rate(gateway.url, body)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        ok = rate(gateway.url, body, headers={"Authorization": "Bearer key-0123456789"})
+        assert ok.status_code == 200, ok.text
+        metrics = httpx.get(gateway.url + "/metrics").text
+        assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="401"}' in metrics
+        assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="200"}' in metrics
+    finally:
+        gateway.stop()
+
+
 def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
     before = end_offsets(stack.kafka, FEEDBACK)
     marker = uuid.uuid4().hex
