@@ -1,37 +1,50 @@
 """Ratings per second through the feedback path, side by side in one run.
 
     .venv/bin/python tests/benchmarks/bench_feedback.py [--ratings 4000] [--concurrency 8,64]
+    .venv/bin/python tests/benchmarks/bench_feedback.py --baseline HEAD~3   # before vs after
 
-Three ways of storing the same thumbs-up ratings with acks=all, each against the same embedded
-broker, in one run (ratios hold on a noisy machine, absolute figures do not):
+Ways of storing the same thumbs-up ratings with acks=all, in one run (ratios hold on a noisy
+machine, absolute figures do not):
 
-  http   POST /v1/feedback on the gateway -> gRPC -> feedback service -> Kafka (the product path)
-  grpc   SubmitFeedback straight to the feedback service (no HTTP hop)
-  kafka  kafka-python producer, acks=all, the same event bytes (the floor: no checks at all)
+  http     POST /v1/feedback on the gateway -> gRPC -> feedback service -> Kafka (the product path)
+  grpc     SubmitFeedback straight to the feedback service (no HTTP hop)
+  kafka    raw kafka-python producer, acks=all + idempotence, the same event bytes (no checks at all)
+  rdkafka  raw confluent-kafka (librdkafka) producer, same settings as the feedback service's
+
+With ``--baseline REF`` the http and grpc paths run twice: on the code at git REF (checked out
+into a temporary worktree) and on the working tree, each version with its own fresh broker.
 
 Every rating is a new vote (its own user and response), with a feedback token signed by this
-script playing the gateway's part. After each run the topic is read back: accepted must equal the
-records on rlhf.feedback, with no id twice. Prints a table, writes JSON and a PNG next to it.
+script playing the gateway's part; bodies and tokens are made before the clock starts. After each
+run the topic is read back: accepted must equal the records on rlhf.feedback, with no id twice.
+Each row also gives the CPU that every process spent per rating during the run (feedback service,
+gateway, broker, this load generator) and what the rest of the machine used meanwhile, as the
+load averages cannot tell those apart. Prints a table, writes JSON and a PNG next to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
+import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import confluent_kafka  # noqa: E402
 import grpc  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
@@ -40,7 +53,7 @@ from shared.events import FeedbackEvent, RatedResponse  # noqa: E402
 from shared.feedback_token import TokenClaims, sign  # noqa: E402
 from shared.kafka import envelope  # noqa: E402
 from shared.kafka.admin import ensure_topics  # noqa: E402
-from shared.kafka.client import producer_kwargs  # noqa: E402
+from shared.kafka.client import producer_kwargs, rdkafka_producer_config  # noqa: E402
 from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from shared.kafka.envelope import decode  # noqa: E402
 from shared.kafka.topics import FEEDBACK  # noqa: E402
@@ -48,6 +61,8 @@ from shared.launcher import grpc_serving  # noqa: E402
 from shared.pb import feedback_pb2, feedback_pb2_grpc  # noqa: E402
 
 SECRET = "bench-feedback-token-secret-0123456789"
+TICK = os.sysconf("SC_CLK_TCK")
+TARGET_PER_S, TARGET_P99_MS = 2000, 50
 
 
 def log(msg: str) -> None:
@@ -71,29 +86,52 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class Services:
-    """Broker, feedback service and gateway as separate processes, as `rlhf up` runs them."""
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
-    def __init__(self) -> None:
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent not idle since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK  # minus idle and iowait
+
+
+class Stack:
+    """Broker, feedback service and gateway as separate processes, as `rlhf up` runs them, with the
+    services' code taken from ``code`` (the working tree, or a baseline worktree)."""
+
+    def __init__(self, code: Path, label: str) -> None:
+        self.label = label
         self.broker = EmbeddedBroker().start()
         self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(self.kafka)
         self.feedback_port, self.gateway_port = free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
+        env = {**os.environ, "PYTHONPATH": str(code), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
                "RLHF_FEEDBACK_TOKEN_SECRET": SECRET, "RLHF_LOG_LEVEL": "WARNING",
                "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port), "RLHF_FEEDBACK_METRICS_PORT": "0",
                "RLHF_GATEWAY_PORT": str(self.gateway_port),
                "RLHF_GATEWAY_FEEDBACK_ADDRESS": f"127.0.0.1:{self.feedback_port}"}
-        self.procs = [subprocess.Popen([sys.executable, "-m", m], env=env, cwd=REPO, start_new_session=True)
-                      for m in ("services.feedback", "services.gateway")]
-        wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), "feedback service")
-        wait_for(lambda: port_open(self.gateway_port), "gateway")
+        self.feedback = subprocess.Popen([sys.executable, "-m", "services.feedback"], env=env, cwd=code,
+                                         start_new_session=True)
+        self.gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, cwd=code,
+                                        start_new_session=True)
+        wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), f"{label} feedback service")
+        wait_for(lambda: port_open(self.gateway_port), f"{label} gateway")
+
+    def cpu(self) -> dict[str, float]:
+        return {"feedback": process_cpu_s(self.feedback.pid), "gateway": process_cpu_s(self.gateway.pid),
+                "broker": process_cpu_s(self.broker._proc.pid),  # noqa: SLF001 - the broker's own process
+                "loadgen": resource.getrusage(resource.RUSAGE_SELF).ru_utime
+                + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
+                "machine": machine_busy_s()}
 
     def stop(self) -> None:
-        for p in self.procs:
+        for p in (self.gateway, self.feedback):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs:
+        for p in (self.gateway, self.feedback):
             try:
                 p.wait(20)
             except subprocess.TimeoutExpired:
@@ -101,73 +139,122 @@ class Services:
         self.broker.stop()
 
 
-async def run_http(svc: Services, prefix: str, n: int, concurrency: int) -> list[tuple[float, bool]]:
+@dataclasses.dataclass
+class Run:
+    results: list[tuple[float, bool]]
+    """(latency in seconds, accepted) per rating."""
+    wall_s: float
+    cpu_s: dict[str, float]
+    """CPU seconds per process during the load (request preparation excluded)."""
+    loadavg: tuple[float, float, float]
+
+
+# --- load generators: each prepares its requests, then returns an async ``one(i)`` -------------
+
+async def run_http(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     # aiohttp, not httpx: httpx's connection pool costs several times more CPU per request at high
     # concurrency, and the load generator shares the 2 cores with the servers it measures.
     import aiohttp
 
-    url = f"http://127.0.0.1:{svc.gateway_port}/v1/feedback"
+    url = f"http://127.0.0.1:{stack.gateway_port}/v1/feedback"
+    headers = {"Content-Type": "application/json"}
+    bodies = [json.dumps({"type": "thumb", "response_id": f"{prefix}-r{i}", "thumb": "up", "user": f"{prefix}-u{i}",
+                          "feedback_tokens": [token(f"{prefix}-r{i}")]}).encode() for i in range(n)]
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
         async def one(i: int) -> tuple[float, bool]:
-            rid = f"{prefix}-r{i}"
-            body = {"type": "thumb", "response_id": rid, "thumb": "up", "user": f"{prefix}-u{i}",
-                    "feedback_tokens": [token(rid)]}
             t = time.perf_counter()
-            async with client.post(url, json=body) as r:
+            async with client.post(url, data=bodies[i], headers=headers) as r:
                 await r.read()
                 ok = r.status == 200
             return time.perf_counter() - t, ok
-        return await closed_loop(one, n, concurrency)
+        return await closed_loop(stack, one, n, concurrency)
 
 
-async def run_grpc(svc: Services, prefix: str, n: int, concurrency: int) -> list[tuple[float, bool]]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.feedback_port}") as channel:
+async def run_grpc(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
+    requests = [feedback_pb2.SubmitFeedbackRequest(
+        thumb=feedback_pb2.ThumbRating(response_id=f"{prefix}-r{i}", thumb=feedback_pb2.THUMB_UP),
+        feedback_tokens=[token(f"{prefix}-r{i}")], user_id=f"{prefix}-u{i}") for i in range(n)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.feedback_port}") as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
         async def one(i: int) -> tuple[float, bool]:
-            rid = f"{prefix}-r{i}"
-            req = feedback_pb2.SubmitFeedbackRequest(
-                thumb=feedback_pb2.ThumbRating(response_id=rid, thumb=feedback_pb2.THUMB_UP),
-                feedback_tokens=[token(rid)], user_id=f"{prefix}-u{i}")
             t = time.perf_counter()
             try:
-                await stub.SubmitFeedback(req, timeout=60)
+                await stub.SubmitFeedback(requests[i], timeout=60)
                 ok = True
             except grpc.aio.AioRpcError:
                 ok = False
             return time.perf_counter() - t, ok
-        return await closed_loop(one, n, concurrency)
+        return await closed_loop(stack, one, n, concurrency)
 
 
-async def run_kafka(svc: Services, prefix: str, n: int, concurrency: int) -> list[tuple[float, bool]]:
-    producer = KafkaProducer(**producer_kwargs(svc.kafka, "bench"))
+def raw_records(prefix: str, n: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) of n feedback events, encoded as the feedback service encodes them."""
+    out = []
+    for i in range(n):
+        rid = f"{prefix}-r{i}"
+        ev = FeedbackEvent(feedback_id=f"{prefix}-f{i}", kind="thumb", user_id=f"{prefix}-u{i}",
+                           target=f"thumb:{rid}", revision=1, supersedes=None,
+                           responses=[RatedResponse(rid, "policy-0001", "ph-bench")], thumb="up",
+                           received_at=time.time())
+        out.append((ev.user_id.encode(), envelope.encode(envelope.wrap(ev, "bench"))))
+    return out
+
+
+async def run_kafka(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
+    records = raw_records(prefix, n)
+    producer = KafkaProducer(**producer_kwargs(stack.kafka, "bench"))
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> tuple[float, bool]:
-        rid = f"{prefix}-r{i}"
-        ev = FeedbackEvent(feedback_id=f"{prefix}-f{i}", kind="thumb", user_id=f"{prefix}-u{i}", target=f"thumb:{rid}",
-                           revision=1, supersedes=None, responses=[RatedResponse(rid, "policy-0001", "ph-bench")],
-                           thumb="up", received_at=time.time())
-        value = envelope.encode(envelope.wrap(ev, "bench"))
         done = loop.create_future()
         t = time.perf_counter()
-        fut = producer.send(FEEDBACK, key=ev.user_id.encode(), value=value)
+        fut = producer.send(FEEDBACK, key=records[i][0], value=records[i][1])
         fut.add_callback(lambda _: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(True)))
         fut.add_errback(lambda _: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(False)))
         ok = await done
         return time.perf_counter() - t, ok
 
     try:
-        return await closed_loop(one, n, concurrency)
+        return await closed_loop(stack, one, n, concurrency)
     finally:
         producer.close(timeout=10)
 
 
-async def closed_loop(one, n: int, concurrency: int) -> list[tuple[float, bool]]:
+async def run_rdkafka(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
+    records = raw_records(prefix, n)
+    producer = confluent_kafka.Producer(rdkafka_producer_config(stack.kafka, "bench"))
+    loop = asyncio.get_running_loop()
+    polling = True
+
+    def serve_reports() -> None:
+        while polling:
+            producer.poll(0.05)
+
+    poller = loop.run_in_executor(None, serve_reports)
+
+    async def one(i: int) -> tuple[float, bool]:
+        done = loop.create_future()
+        t = time.perf_counter()
+        producer.produce(FEEDBACK, records[i][1], records[i][0],
+                         on_delivery=lambda err, _: loop.call_soon_threadsafe(done.set_result, err is None))
+        ok = await done
+        return time.perf_counter() - t, ok
+
+    try:
+        return await closed_loop(stack, one, n, concurrency)
+    finally:
+        polling = False
+        await poller
+        producer.flush(10)
+
+
+async def closed_loop(stack: Stack, one, n: int, concurrency: int) -> Run:
     """``concurrency`` clients, each sending its next rating as soon as the last is answered."""
     results: list[tuple[float, bool]] = []
     next_i = 0
+    loadavg, cpu_before = os.getloadavg(), stack.cpu()
     started = time.perf_counter()
 
     async def client() -> None:
@@ -179,7 +266,11 @@ async def closed_loop(one, n: int, concurrency: int) -> list[tuple[float, bool]]
                 log(f"  {len(results)}/{n} done, {len(results) / (time.perf_counter() - started):.0f}/s")
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return results
+    wall = time.perf_counter() - started
+    cpu_after = stack.cpu()
+    cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
+    cpu["other"] = max(0.0, cpu.pop("machine") - sum(cpu.values()))
+    return Run(results, wall, cpu, loadavg)
 
 
 def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
@@ -201,54 +292,106 @@ def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
     return count, len(ids)
 
 
-def summarise(path: str, concurrency: int, results, wall: float, on_topic: tuple[int, int]) -> dict:
-    lat = sorted(t for t, ok in results if ok)
+def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int) -> dict:
+    prefix = f"{version}-{path}{concurrency}"
+    log(f"{version} {path} at {concurrency} concurrent: warm-up, then {n} ratings")
+    asyncio.run(runner(stack, prefix + "w", 200, concurrency))
+    run = asyncio.run(runner(stack, prefix, n, concurrency))
+    return summarise(version, path, concurrency, run, records_on_topic(stack.kafka, prefix))
+
+
+def summarise(version: str, path: str, concurrency: int, run: Run, on_topic: tuple[int, int]) -> dict:
+    lat = sorted(t for t, ok in run.results if ok)
     accepted = len(lat)
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
-    return {"path": path, "concurrency": concurrency, "sent": len(results), "accepted": accepted,
-            "errors": len(results) - accepted, "ratings_per_s": accepted / wall, "p50_ms": q[49] * 1e3,
-            "p99_ms": q[98] * 1e3, "records_on_topic": on_topic[0], "distinct_ids_on_topic": on_topic[1],
-            "lost": accepted - on_topic[1], "wall_s": wall}
+    return {"version": version, "path": path, "concurrency": concurrency, "sent": len(run.results),
+            "accepted": accepted, "errors": len(run.results) - accepted, "ratings_per_s": accepted / run.wall_s,
+            "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3, "records_on_topic": on_topic[0],
+            "distinct_ids_on_topic": on_topic[1], "lost": accepted - on_topic[1], "wall_s": run.wall_s,
+            "cpu_s": run.cpu_s,
+            "cpu_ms_per_rating": {k: v * 1e3 / max(1, len(run.results)) for k, v in run.cpu_s.items()},
+            "loadavg_at_start": run.loadavg}
+
+
+def baseline_worktree(ref: str) -> Path:
+    where = Path(tempfile.mkdtemp(prefix="bench-feedback-baseline-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), ref], check=True,
+                   capture_output=True)
+    # Generated stubs are checked in; nothing to build.
+    return where
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", type=int, default=4000, help="ratings per path and concurrency level")
     ap.add_argument("--concurrency", default="8,64")
+    ap.add_argument("--paths", default="http,grpc,kafka,rdkafka")
+    ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    svc = Services()
+    paths = args.paths.split(",")
+    runners = {"http": run_http, "grpc": run_grpc, "kafka": run_kafka, "rdkafka": run_rdkafka}
+    versions = [("now", REPO)]
+    worktree = None
+    if args.baseline:
+        worktree = baseline_worktree(args.baseline)
+        versions.insert(0, ("before", worktree))
     rows = []
     try:
-        for concurrency in levels:
-            for path, runner in (("http", run_http), ("grpc", run_grpc), ("kafka", run_kafka)):
-                prefix = f"{path}{concurrency}"
-                log(f"{path} at {concurrency} concurrent: warm-up, then {args.ratings} ratings")
-                asyncio.run(runner(svc, prefix + "w", 100, concurrency))
-                t = time.perf_counter()
-                results = asyncio.run(runner(svc, prefix, args.ratings, concurrency))
-                wall = time.perf_counter() - t
-                rows.append(summarise(path, concurrency, results, wall, records_on_topic(svc.kafka, prefix)))
+        for version, code in versions:
+            stack = Stack(code, version)
+            try:
+                for concurrency in levels:
+                    for path in paths:
+                        if version == "before" and path not in ("http", "grpc"):
+                            continue  # the raw producers do not depend on the code version
+                        rows.append(measure(stack, version, path, runners[path], args.ratings, concurrency))
+            finally:
+                stack.stop()
     finally:
-        svc.stop()
+        if worktree is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
+            shutil.rmtree(worktree, ignore_errors=True)
 
-    header = f"{'path':<6}{'conc':>5}{'ratings/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'accepted':>10}{'on topic':>10}{'lost':>6}{'errors':>8}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r['path']:<6}{r['concurrency']:>5}{r['ratings_per_s']:>11.0f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['accepted']:>10}{r['distinct_ids_on_topic']:>10}{r['lost']:>6}{r['errors']:>8}")
-    best_http = max((r for r in rows if r["path"] == "http"), key=lambda r: r["ratings_per_s"])
-    print(f"\nTarget >= 2000 ratings/s with p99 < 50 ms through HTTP, zero lost: best HTTP row "
-          f"{best_http['ratings_per_s']:.0f}/s, p99 {best_http['p99_ms']:.1f} ms, "
-          f"lost {sum(r['lost'] for r in rows)} -> "
-          f"{'PASS' if best_http['ratings_per_s'] >= 2000 and best_http['p99_ms'] < 50 else 'FAIL'}")
+    print_table(rows, args.baseline)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                               "ratings_per_level": args.ratings, "rows": rows}, indent=2))
+                               "baseline": args.baseline, "ratings_per_level": args.ratings, "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def print_table(rows: list[dict], baseline: str) -> None:
+    procs = ("feedback", "gateway", "broker", "loadgen", "other")
+    header = (f"{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
+              f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: " + " ".join(f"{p:>8}" for p in procs)
+              + f" | {'load1':>5}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        per = r["cpu_ms_per_rating"]
+        print(f"{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
+              f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
+              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['loadavg_at_start'][0]:>5.2f}")
+    if baseline:
+        print(f"\nnow / before ({baseline}), same run:")
+        for r in rows:
+            if r["version"] != "now":
+                continue
+            b = next((x for x in rows if x["version"] == "before" and x["path"] == r["path"]
+                      and x["concurrency"] == r["concurrency"]), None)
+            if b:
+                print(f"  {r['path']:<5} at {r['concurrency']:>3}: ratings/s x{r['ratings_per_s'] / b['ratings_per_s']:.2f}, "
+                      f"p99 x{r['p99_ms'] / b['p99_ms']:.2f}")
+    http = [r for r in rows if r["path"] == "http" and r["version"] == "now"]
+    if http:
+        best = max(http, key=lambda r: r["ratings_per_s"])
+        lost = sum(r["lost"] for r in rows)
+        ok = best["ratings_per_s"] >= TARGET_PER_S and best["p99_ms"] < TARGET_P99_MS and lost == 0
+        print(f"\nTarget >= {TARGET_PER_S} ratings/s with p99 < {TARGET_P99_MS} ms through HTTP, zero lost: best HTTP "
+              f"row {best['ratings_per_s']:.0f}/s at {best['concurrency']} concurrent, p99 {best['p99_ms']:.1f} ms, "
+              f"lost {lost} -> {'PASS' if ok else 'FAIL'}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -256,22 +399,24 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    paths = ["http", "grpc", "kafka"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bars = sorted({(r["version"], r["path"]) for r in rows}, key=lambda vp: (vp[1], vp[0] != "before"))
+    names = [f"{p}\n{v}" for v, p in bars]
     levels = sorted({r["concurrency"] for r in rows})
     width = 0.8 / len(levels)
     for k, c in enumerate(levels):
-        by = {r["path"]: r for r in rows if r["concurrency"] == c}
-        xs = [i + k * width for i in range(len(paths))]
-        ax1.bar(xs, [by[p]["ratings_per_s"] for p in paths], width, label=f"{c} concurrent")
-        ax2.bar(xs, [by[p]["p99_ms"] for p in paths], width, label=f"{c} concurrent")
+        by = {(r["version"], r["path"]): r for r in rows if r["concurrency"] == c}
+        xs = [i + k * width for i in range(len(bars))]
+        ax1.bar(xs, [by[b]["ratings_per_s"] if b in by else 0 for b in bars], width, label=f"{c} concurrent")
+        ax2.bar(xs, [by[b]["p99_ms"] if b in by else 0 for b in bars], width, label=f"{c} concurrent")
     for ax, title in ((ax1, "ratings/s (acks=all)"), (ax2, "p99 latency (ms)")):
-        ax.set_xticks([i + width * (len(levels) - 1) / 2 for i in range(len(paths))], paths)
+        ax.set_xticks([i + width * (len(levels) - 1) / 2 for i in range(len(bars))], names, fontsize=8)
         ax.set_title(title)
         ax.legend()
-    ax1.axhline(2000, color="grey", ls="--", lw=1)
-    ax2.axhline(50, color="grey", ls="--", lw=1)
-    fig.suptitle("Feedback path: HTTP gateway vs gRPC vs raw Kafka producer")
+    ax1.axhline(TARGET_PER_S, color="grey", ls="--", lw=1)
+    ax2.axhline(TARGET_P99_MS, color="grey", ls="--", lw=1)
+    ax2.set_yscale("log")
+    fig.suptitle("Feedback path: HTTP gateway vs gRPC vs raw Kafka producers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
