@@ -1,0 +1,233 @@
+"""The trainer service end to end with real parts: an embedded broker of its own, a real vLLM
+inference service, a real reward service (rm-0001 trained offline on the shipped rankings), the
+trainer's gRPC server on loopback. One user prompt becomes a published policy version that
+inference then serves; a candidate beyond the KL bound is not published; a stopped trainer resumes
+from its checkpoint; rollback serves an earlier version again."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import grpc
+import pytest
+
+from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm
+from services.trainer.ppo_config import PPOConfig
+from shared.config import ModelStoreConfig, load_config
+from shared.events import CompletionEvent, PolicyUpdateEvent
+from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
+from shared.model_store import ModelStore
+from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from tests.conftest import LoopThread, consume_events, start_broker, start_inference, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+USER_QUESTION = "What is 321 plus 654?"   # not in the trainer's prompt file (numbers there are below 100)
+
+
+@pytest.fixture(scope="module")
+def own_broker():
+    """A broker of this module's own: its policy announcements must not reach other tests' engines."""
+    b = start_broker()
+    yield b
+    b.broker.stop()
+
+
+@pytest.fixture(scope="module")
+def store(policy_store, tmp_path_factory):
+    """A store of our own: a copy of the default policy-0001, then rm-0001 trained from it."""
+    store = ModelStore(tmp_path_factory.mktemp("trainer-models"))
+    copy = tmp_path_factory.mktemp("trainer-policy-copy") / "policy"
+    shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.json"))
+    store.publish("policy", copy, extra={"copied_from": policy_store.first})
+    train_first_rm(store, EXAMPLE_RANKINGS, epochs=1, settings=OFFLINE_SETTINGS)
+    return store
+
+
+@pytest.fixture(scope="module")
+def services(own_broker, store):
+    from services.reward.app import RewardApp
+    from services.reward.config import RewardConfig
+
+    loop = LoopThread()
+    inference = start_inference(loop, own_broker.kafka, store.root)
+    # Scoring only: the reward service's own continual learner is not under test here.
+    no_learner = {"learner": False} if "learner" in RewardConfig.__dataclass_fields__ else {}
+    reward_cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, kafka=own_broker.kafka,
+                             model_store=ModelStoreConfig(root=store.root), torch_threads=1, **no_learner)
+
+    async def make_reward():
+        app = RewardApp(reward_cfg)
+        await app.start()
+        return app
+
+    reward = loop.run(make_reward(), timeout=120)
+    yield loop, inference, reward
+    loop.run(reward.stop())
+    loop.run(inference.stop())
+    loop.close()
+
+
+class Trainer:
+    """A TrainerApp on the services' loop, with a gRPC stub to it."""
+
+    def __init__(self, loop: LoopThread, cfg):
+        from services.trainer.app import TrainerApp
+
+        self.loop = loop
+
+        async def make():
+            app = TrainerApp(cfg)
+            await app.start()
+            return app
+
+        self.app = loop.run(make(), timeout=300)
+        self.channel = grpc.insecure_channel(self.app.address)
+        self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
+
+    def status(self) -> trainer_pb2.TrainerStatus:
+        return self.stub.Status(trainer_pb2.StatusRequest(), timeout=10)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.loop.run(self.app.stop(), timeout=300)
+
+
+def trainer_config(own_broker, store, services, checkpoint_dir, **overrides):
+    from services.trainer.config import TrainerConfig
+
+    _, inference, reward = services
+    settings = dict(
+        grpc_port=0, metrics_port=0, kafka=own_broker.kafka, model_store=ModelStoreConfig(root=store.root),
+        inference_address=inference.address, reward_address=reward.address, checkpoint_dir=checkpoint_dir,
+        rollouts_per_iteration=4, max_tokens=16, heldout_prompts=4, heldout_max_tokens=16, publish_every=1,
+        checkpoint_every=1, idle_sleep_s=0.5, torch_threads=1, kl_bound=1e6, reward_tolerance=1e6,
+        ppo=PPOConfig(epochs=2, minibatch_size=4, lr=1e-3, forward_batch_size=4),
+        consumer_group=f"trainer-test-{time.monotonic_ns()}")
+    settings.update(overrides)
+    return load_config(TrainerConfig, {}, **settings)
+
+
+def generate(inference_address: str, question: str) -> inference_pb2.GenerateResponse:
+    with grpc.insecure_channel(inference_address) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        return stub.Generate(inference_pb2.GenerateRequest(
+            messages=[common_pb2.ChatMessage(role="user", content=question)],
+            sampling=inference_pb2.SamplingParams(max_tokens=8), source="user"), timeout=60)
+
+
+def served_version(inference_address: str) -> str:
+    with grpc.insecure_channel(inference_address) as channel:
+        return inference_pb2_grpc.InferenceServiceStub(channel).GetPolicy(
+            inference_pb2.GetPolicyRequest(), timeout=10).policy_version
+
+
+def test_a_user_prompt_becomes_a_published_version_that_inference_serves(own_broker, store, services, tmp_path):
+    loop, inference, _ = services
+    first = store.current("policy")
+    assert generate(inference.address, USER_QUESTION).policy_version == first
+
+    # Live prompts as much as there are: the one user question above is in every batch.
+    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", live_prompt_fraction=1.0,
+                                           start_paused=True))
+    try:
+        # Paused until the consumer group has read the user's completion off rlhf.completions.
+        wait_until(lambda: trainer.status().live_prompts == 1, 60, "the user prompt did not reach the trainer")
+        trainer.stub.Resume(trainer_pb2.ResumeRequest(), timeout=10)
+        wait_until(lambda: trainer.status().last_published.version != "", 240, "nothing was published")
+        status = trainer.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
+    finally:
+        trainer.stop()
+    # An iteration in progress at Pause finishes (and may publish once more) before stop returns.
+    final = trainer.app.loop.state
+    iterations, published = final.step, final.last_published["version"]
+    assert status.paused and status.live_prompts == 1 and status.reference_policy_version == first
+    assert final.lineage[0] == first and final.lineage[-1] == published and len(final.lineage) >= 2
+    assert store.manifest(final.lineage[1]).parent == first
+    # Trained on rollouts of the user's prompt, sampled through inference as "trainer" traffic.
+    completions = [e.payload for e in consume_events(own_broker.kafka, COMPLETIONS,
+                                                     lambda e: isinstance(e.payload, CompletionEvent),
+                                                     count=10_000, timeout=8)]
+    rollouts = [c for c in completions if c.source == "trainer"]
+    assert len(rollouts) >= 4, [(c.source, c.messages) for c in completions]
+    seen = [(c.messages[-1].content, len(c.token_ids), len(c.logprobs or [])) for c in rollouts]
+    assert all(n_tokens == n_logprobs > 0 for _, n_tokens, n_logprobs in seen), seen
+    # One distinct live prompt: one of each batch of 4 is live (never repeated), the file fills the rest.
+    assert 1 <= sum(q == USER_QUESTION for q, _, _ in seen) <= iterations, seen
+
+    # In the store: verified, current, with its parent, the RM that scored it and the gate's figures.
+    manifest = store.verify(published)
+    assert store.current("policy") == published and manifest.parent == final.lineage[-2]
+    assert manifest.extra["rm_version"] == "rm-0001" and manifest.extra["reference_version"] == first
+    assert {"heldout_reward", "kl_to_reference", "baseline_reward"} <= manifest.metrics.keys()
+
+    # Announced, with the manifest's hash; inference verifies it, swaps, and the next answer says so.
+    events = consume_events(own_broker.kafka, POLICY_UPDATES,
+                            lambda e: isinstance(e.payload, PolicyUpdateEvent) and e.payload.version == published,
+                            count=1, timeout=20)
+    assert events and events[0].payload.manifest_sha256 == store.manifest_sha256(published)
+    wait_until(lambda: served_version(inference.address) == published, 120, "inference did not swap")
+    assert generate(inference.address, USER_QUESTION).policy_version == published
+
+
+def test_a_candidate_beyond_the_kl_bound_is_not_published(own_broker, store, services, tmp_path):
+    loop, _, _ = services
+    versions = store.versions("policy")
+    current = store.current("policy")
+    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", kl_bound=0.0,
+                                           live_prompt_fraction=0.0))
+    try:
+        wait_until(lambda: trainer.status().last_gate.step >= 1, 240, "no gate decision")
+        status = trainer.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
+    finally:
+        trainer.stop()
+    gate = status.last_gate
+    assert not gate.published and "exceeds the bound" in gate.reason and gate.kl > 0.0, gate
+    assert not status.last_published.version
+    assert store.versions("policy") == versions and store.current("policy") == current
+
+
+def test_a_stopped_trainer_resumes_from_its_checkpoint(own_broker, store, services, tmp_path):
+    loop, _, _ = services
+    ckpt = tmp_path / "ckpt"
+    cfg = trainer_config(own_broker, store, services, ckpt, publish_every=0, live_prompt_fraction=0.0)
+    trainer = Trainer(loop, cfg)
+    try:
+        wait_until(lambda: trainer.status().step >= 2, 240, "did not train two iterations")
+    finally:
+        trainer.stop()                      # the iteration in progress finishes, then a last checkpoint
+    from services.trainer.checkpoint import CheckpointStore
+
+    saved = CheckpointStore(ckpt).steps()[-1]
+    assert saved >= 2
+
+    again = Trainer(loop, trainer_config(own_broker, store, services, ckpt, publish_every=0,
+                                         live_prompt_fraction=0.0, start_paused=True))
+    try:
+        status = again.status()
+        assert status.step == saved and status.paused and status.checkpoint_step == saved
+        again.stub.Resume(trainer_pb2.ResumeRequest(), timeout=10)
+        wait_until(lambda: again.status().step > saved, 120, "did not continue after resuming")
+    finally:
+        again.stop()
+
+
+def test_rollback_serves_an_earlier_version_again(own_broker, store, services, tmp_path):
+    loop, inference, _ = services
+    first = store.versions("policy")[0]
+    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", start_paused=True,
+                                           live_prompt_fraction=0.0))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            trainer.stub.Rollback(trainer_pb2.RollbackRequest(policy_version="policy-9999"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            trainer.stub.Rollback(trainer_pb2.RollbackRequest(policy_version="../etc"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        result = trainer.stub.Rollback(trainer_pb2.RollbackRequest(policy_version=first), timeout=120)
+        assert result.published and result.version.version == first
+        assert store.current("policy") == first and trainer.status().base_policy_version == first
+        wait_until(lambda: served_version(inference.address) == first, 120, "inference did not roll back")
+    finally:
+        trainer.stop()
