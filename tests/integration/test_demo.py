@@ -1,0 +1,100 @@
+"""A shortened `rlhf demo` proves the loop closes end to end with real parts: the offline bootstrap
+(a few steps of each stage), the whole stack as `rlhf up` starts it (embedded broker, vLLM
+inference, reward, feedback, trainer, gateway; separate processes on loopback), simulated users
+chatting through the OpenAI API and rating through /v1/feedback with the real tokens. Ratings flow
+in, at least one new RM version and one new policy version are published, and chat responses
+afterwards carry the new policy version. Learning quality is not asserted here: that is
+tests/benchmarks/bench_demo.py."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import pytest
+
+from shared.kafka.embedded import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def demo_environ(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_",))}
+    env.update({
+        "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
+        "RLHF_UP_BROKER_PORT": "0",
+        "RLHF_GATEWAY_PORT": str(free_port()),
+        "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
+        "RLHF_INFERENCE_METRICS_PORT": "0",
+        "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
+        "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+        "RLHF_FEEDBACK_METRICS_PORT": "0",
+        "RLHF_REWARD_GRPC_PORT": str(free_port()),
+        "RLHF_REWARD_METRICS_PORT": "0",
+        "RLHF_REWARD_STATE_DIR": str(tmp_path / "reward-state"),
+        # learn soon and accept the first retrained RM: this test is about the loop closing
+        "RLHF_REWARD_LEARN_EVERY_COMPARISONS": "16",
+        "RLHF_REWARD_LEARN_EVERY_S": "30",
+        "RLHF_REWARD_GATE_TOLERANCE": "1.0",
+        "RLHF_TRAINER_GRPC_PORT": str(free_port()),
+        "RLHF_TRAINER_METRICS_PORT": "0",
+        "RLHF_TRAINER_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+        "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "8",
+        "RLHF_TRAINER_PUBLISH_EVERY": "2",
+        "RLHF_TRAINER_HELDOUT_PROMPTS": "4",
+        "RLHF_TRAINER_REWARD_TOLERANCE": "1000",
+        "RLHF_DEMO_DURATION_S": "600",
+        "RLHF_DEMO_UNTIL_NEW_VERSIONS": "1",
+        "RLHF_DEMO_USERS": "2",
+        "RLHF_DEMO_MAX_TOKENS": "24",
+        "RLHF_DEMO_PROGRESS_EVERY_S": "5",
+        "RLHF_DEMO_EVALUATE": "0",
+        "RLHF_DEMO_BOOTSTRAP_QUICK": "1",
+        "RLHF_DEMO_REPORT_DIR": str(tmp_path / "report"),
+    })
+    return env
+
+
+@pytest.mark.timeout(1800)
+def test_shortened_demo_closes_the_loop(tmp_path):
+    from bootstrap.pipeline import QUICK, run_bootstrap
+    from demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
+    from shared.config import load_config
+    from shared.model_store import ModelStore
+
+    env = demo_environ(tmp_path)
+    cfg = load_config(DemoConfig, env)
+    store = ModelStore(tmp_path / "models")
+    run_bootstrap(store, report_dir=tmp_path / "bootstrap", settings=QUICK)
+    assert store.versions("policy") == ["policy-0001"] and store.versions("rm") == ["rm-0001"]
+
+    stack = start_stack(cfg, env)
+    try:
+        url = gateway_url_of(stack)
+        attach = load_config(DemoConfig, {**env, "RLHF_DEMO_GATEWAY_URL": url,
+                                          "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack)})
+        result = run_demo(attach)
+        summary = result.summary
+
+        # ratings flowed in through the real endpoint, of every kind
+        assert summary["ratings_accepted"] >= 16, summary
+        assert set(summary["ratings_by_kind"]) == {"thumb", "likert", "pairwise", "ranking"}
+        assert summary["ratings_refused"] <= summary["ratings_accepted"] // 10, summary
+        # the reward learner and the trainer published new versions during the run
+        assert summary["rm_versions_published"], "no new reward model version was published"
+        assert summary["policy_versions_published"], "no new policy version was published"
+        new_policy = store.current("policy")
+        assert new_policy != "policy-0001" and new_policy in summary["policy_versions_published"]
+        assert any(r.policy_version != "policy-0001" for r in result.interactions)
+
+        # a chat now is served by the new policy version, through the same public API
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=8,
+                                              messages=[{"role": "user", "content": "What is 2 plus 3?"}])
+        assert resp.model_extra["policy_version"] == store.current("policy") != "policy-0001"
+
+        for name in ("report.md", "thumbs_up_by_policy.png", "rm_accuracy.png", "serving_timeline.png"):
+            assert (tmp_path / "report" / name).stat().st_size > 0, name
+        assert (tmp_path / "report" / "ppo_reward_kl.png").exists(), "the trainer's PPO steps were not observed"
+    finally:
+        stack.stop()
