@@ -187,7 +187,7 @@ class TrainingLoop:
         s = self.state
         gate_doc = s.last_gate
         return StatusSnapshot(
-            step=s.step, paused=self.paused, state="paused" if self.paused and self._phase != "starting" else self._phase,
+            step=s.step, paused=self.paused, state="paused" if self.paused else self._phase,
             detail=self._detail, base_policy_version=s.lineage[-1], reference_policy_version=s.reference_version,
             last_published=dict(s.last_published) if s.last_published else None,
             mean_reward=self._figures["mean_reward"], kl=self._figures["kl"], entropy=self._figures["entropy"],
@@ -202,6 +202,7 @@ class TrainingLoop:
         """Train until ``stop`` is set (the iteration in progress finishes first)."""
         log_event(log, "training loop started", step=self.state.step, base=self.state.lineage[-1],
                   paused=self.paused)
+        self._phase = "training"
         while not stop.is_set():
             if not self._running.wait(0.2):
                 continue
