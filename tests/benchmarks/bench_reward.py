@@ -263,7 +263,35 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
                                "args": vars(args), "score": score, "rating_to_rm": learn}, indent=2))
-    print(f"\nwrote {out}")
+    plot(score, learn, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(score: dict, learn: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4))
+    modes = ["batch1", "batch32"]
+    labels = ["one at a time", "batched (32)"]
+    ax1.bar(labels, [score[m]["items_per_s"] for m in modes], color=["#999", "#2a7"])
+    ax1.set_title("Score throughput (items/s)")
+    x = range(len(modes))
+    ax2.bar([i - 0.2 for i in x], [score[m]["p50_ms"] for m in modes], 0.4, label="p50")
+    ax2.bar([i + 0.2 for i in x], [score[m]["p99_ms"] for m in modes], 0.4, label="p99")
+    ax2.set_xticks(list(x), labels)
+    ax2.set_title("Score latency per request (ms)")
+    ax2.legend()
+    trials = learn["trials"]
+    ax3.bar([t["version"] for t in trials], [t["first_rating_to_rm_s"] for t in trials], color="#47a",
+            label="first rating of the batch")
+    ax3.bar([t["version"] for t in trials], [_or(t["round_s"], 0.0) for t in trials], color="#a74",
+            label="of which: training round")
+    ax3.set_title("Rating -> published RM (s)")
+    ax3.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
