@@ -248,12 +248,26 @@ class _RdProducer:
 
 class _LoopDeliveries:
     """Hands delivery reports from the librdkafka thread to one event loop, one wake-up per batch
-    of reports instead of one per record."""
+    of reports instead of one per record, and fails records whose report never came by ``deadline_s``
+    (librdkafka reports every record by its delivery timeout; this only guards against a hang)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline_s: float):
         self.loop = loop
+        self.deadline_s = deadline_s
         self._ready: list[tuple[asyncio.Future, Any]] = []
         self._lock = threading.Lock()
+        # (deadline, future) in deadline order, since every record gets the same allowance.
+        self._pending: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
+        self._sweeping = False
+
+    def expect(self) -> asyncio.Future:
+        """A future for one record's delivery report: None when acknowledged, else the error."""
+        done = self.loop.create_future()
+        self._pending.append((self.loop.time() + self.deadline_s, done))
+        if not self._sweeping:
+            self._sweeping = True
+            self.loop.call_later(1.0, self._sweep)
+        return done
 
     def put(self, done: asyncio.Future, err: Any) -> None:
         with self._lock:
@@ -271,6 +285,16 @@ class _LoopDeliveries:
         for done, err in ready:
             if not done.done():
                 done.set_result(err)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        while self._pending and (self._pending[0][1].done() or self._pending[0][0] <= now):
+            _, done = self._pending.popleft()
+            if not done.done():
+                done.set_result("no delivery report within the delivery timeout")
+        self._sweeping = bool(self._pending)
+        if self._sweeping:
+            self.loop.call_later(1.0, self._sweep)
 
 
 class AsyncPublisher:
@@ -304,8 +328,8 @@ class AsyncPublisher:
         loop = asyncio.get_running_loop()
         deliveries = self._deliveries.get(loop)
         if deliveries is None:
-            deliveries = self._deliveries.setdefault(loop, _LoopDeliveries(loop))
-        done = loop.create_future()
+            deliveries = self._deliveries.setdefault(loop, _LoopDeliveries(loop, self.cfg.delivery_timeout_s + 5))
+        done = deliveries.expect()
         current = self._current()
         try:
             current.producer.produce(topic, value, key.encode() if key else None,
@@ -314,11 +338,7 @@ class AsyncPublisher:
             PUBLISH_FAILURES.labels(topic).inc()
             self._reset(current)
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from None
-        try:
-            # librdkafka reports every record by the delivery timeout; the margin only guards a hang.
-            err = await asyncio.wait_for(done, self.cfg.delivery_timeout_s + 5)
-        except asyncio.TimeoutError:
-            err = "no delivery report"
+        err = await done
         if err is not None:
             PUBLISH_FAILURES.labels(topic).inc()
             self._reset(current)

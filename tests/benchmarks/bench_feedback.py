@@ -107,10 +107,10 @@ class Stack:
         self.broker = EmbeddedBroker().start()
         self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(self.kafka)
-        self.feedback_port, self.gateway_port = free_port(), free_port()
+        self.feedback_port, self.gateway_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(code), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
                "RLHF_FEEDBACK_TOKEN_SECRET": SECRET, "RLHF_LOG_LEVEL": "WARNING",
-               "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port), "RLHF_FEEDBACK_METRICS_PORT": "0",
+               "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port), "RLHF_FEEDBACK_METRICS_PORT": str(self.metrics_port),
                "RLHF_GATEWAY_PORT": str(self.gateway_port),
                "RLHF_GATEWAY_FEEDBACK_ADDRESS": f"127.0.0.1:{self.feedback_port}"}
         self.feedback = subprocess.Popen([sys.executable, "-m", "services.feedback"], env=env, cwd=code,
@@ -126,6 +126,20 @@ class Stack:
                 "loadgen": resource.getrusage(resource.RUSAGE_SELF).ru_utime
                 + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
                 "machine": machine_busy_s()}
+
+    def batches(self) -> tuple[float, float]:
+        """(SubmitFeedbackBatch calls, submissions in them) so far, from the feedback service's
+        metrics; zeros for a version without the batch call."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line.startswith(("rlhf_feedback_batch_size_count ", "rlhf_feedback_batch_size_sum ")):
+                name, value = line.split()
+                values[name] = float(value)
+        return values.get("rlhf_feedback_batch_size_count", 0.0), values.get("rlhf_feedback_batch_size_sum", 0.0)
 
     def stop(self) -> None:
         for p in (self.gateway, self.feedback):
@@ -147,6 +161,8 @@ class Run:
     cpu_s: dict[str, float]
     """CPU seconds per process during the load (request preparation excluded)."""
     loadavg: tuple[float, float, float]
+    mean_batch: float | None
+    """Mean submissions per SubmitFeedbackBatch call during the load (None: no batch calls)."""
 
 
 # --- load generators: each prepares its requests, then returns an async ``one(i)`` -------------
@@ -254,7 +270,7 @@ async def closed_loop(stack: Stack, one, n: int, concurrency: int) -> Run:
     """``concurrency`` clients, each sending its next rating as soon as the last is answered."""
     results: list[tuple[float, bool]] = []
     next_i = 0
-    loadavg, cpu_before = os.getloadavg(), stack.cpu()
+    loadavg, cpu_before, batches_before = os.getloadavg(), stack.cpu(), stack.batches()
     started = time.perf_counter()
 
     async def client() -> None:
@@ -270,7 +286,8 @@ async def closed_loop(stack: Stack, one, n: int, concurrency: int) -> Run:
     cpu_after = stack.cpu()
     cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
     cpu["other"] = max(0.0, cpu.pop("machine") - sum(cpu.values()))
-    return Run(results, wall, cpu, loadavg)
+    calls, items = (after - before for after, before in zip(stack.batches(), batches_before))
+    return Run(results, wall, cpu, loadavg, items / calls if calls else None)
 
 
 def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
@@ -310,7 +327,7 @@ def summarise(version: str, path: str, concurrency: int, run: Run, on_topic: tup
             "distinct_ids_on_topic": on_topic[1], "lost": accepted - on_topic[1], "wall_s": run.wall_s,
             "cpu_s": run.cpu_s,
             "cpu_ms_per_rating": {k: v * 1e3 / max(1, len(run.results)) for k, v in run.cpu_s.items()},
-            "loadavg_at_start": run.loadavg}
+            "loadavg_at_start": run.loadavg, "mean_batch": run.mean_batch}
 
 
 def baseline_worktree(ref: str) -> Path:
@@ -367,13 +384,14 @@ def print_table(rows: list[dict], baseline: str) -> None:
     procs = ("feedback", "gateway", "broker", "loadgen", "other")
     header = (f"{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
               f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: " + " ".join(f"{p:>8}" for p in procs)
-              + f" | {'load1':>5}")
+              + f" | {'load1':>5}{'batch':>6}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         per = r["cpu_ms_per_rating"]
         print(f"{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
               f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
-              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['loadavg_at_start'][0]:>5.2f}")
+              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['loadavg_at_start'][0]:>5.2f}"
+              + (f"{r['mean_batch']:>6.1f}" if r["mean_batch"] else f"{'-':>6}"))
     if baseline:
         print(f"\nnow / before ({baseline}), same run:")
         for r in rows:

@@ -110,3 +110,18 @@ def test_broker_down_fails_within_the_delivery_timeout_and_publishing_recovers()
     finally:
         publisher.close()
         own.broker.stop()
+
+
+def test_a_record_without_a_delivery_report_fails_after_its_deadline_instead_of_hanging():
+    from shared.kafka.producer import _LoopDeliveries
+
+    async def scenario():
+        deliveries = _LoopDeliveries(asyncio.get_running_loop(), deadline_s=0.2)
+        reported, silent = deliveries.expect(), deliveries.expect()
+        deliveries.put(reported, None)
+        started = time.monotonic()
+        return await reported, await asyncio.wait_for(silent, 5), time.monotonic() - started
+
+    ok, err, waited = asyncio.run(scenario())
+    assert ok is None
+    assert "no delivery report" in err and waited < 2.5

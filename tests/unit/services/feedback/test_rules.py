@@ -130,3 +130,25 @@ def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
     assert order.index("a-") < order.index("b+"), "b must wait for a on the same key"
     assert order.index("c+") < order.index("a-"), "another key must not wait"
     assert left == {}
+
+
+def test_keyed_locks_forget_a_waiter_that_was_cancelled():
+    async def scenario():
+        locks = KeyedLocks()
+        release = asyncio.Event()
+
+        async def holder():
+            async with locks.hold("k"):
+                await release.wait()
+
+        first = asyncio.ensure_future(holder())
+        await asyncio.sleep(0)
+        waiter = asyncio.ensure_future(holder())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        release.set()
+        await first
+        return locks._locks, locks._users
+
+    assert asyncio.run(scenario()) == ({}, {})
