@@ -180,9 +180,8 @@ class PPOLearner:
         self.value = load_value_model(rm_dir)
         self._policy_ddp = distributed.wrap(self.policy, self.ctx)
         self._value_ddp = distributed.wrap(self.value, self.ctx)
-        self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=config.lr, eps=config.adam_eps)
-        self.value_optimizer = torch.optim.Adam(self.value.parameters(), lr=config.effective_value_lr,
-                                                eps=config.adam_eps)
+        self.policy_optimizer = _adam(self.policy.parameters(), config.lr, config.adam_eps)
+        self.value_optimizer = _adam(self.value.parameters(), config.effective_value_lr, config.adam_eps)
         if config.adaptive_kl:
             self.kl_controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
                 config.kl_coef, config.target_kl, config.kl_horizon)
@@ -288,7 +287,13 @@ class PPOLearner:
     @torch.no_grad()
     def _no_grad_pass(self, batch: RolloutBatch, stale: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(old logprobs, reference logprobs, old values), each (B, R); rows sharded across processes."""
+        """(old logprobs, reference logprobs, old values), each (B, R); rows sharded across processes.
+
+        Old logprobs: the behaviour logprobs for stale rollouts (and for every rollout that has them
+        when ``recompute_logprobs`` is off), else the learner's own.
+        """
+        use_behaviour = stale | (batch.has_behaviour_logprobs & (not self.config.recompute_logprobs))
+        need_current = not bool(use_behaviour.all())
         rows = distributed.shard_rows(batch.size, self.ctx)
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": []}
         step = self.config.forward_batch_size
@@ -296,16 +301,19 @@ class PPOLearner:
         for start in range(0, len(rows), step):
             sub, _ = _trimmed(batch, rows[start:start + step])
             args = (sub.input_ids, sub.attention_mask, sub.response_positions)
-            parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
+            if need_current:
+                parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
             parts["ref"].append(_pad_cols(self.reference(*args, sub.response_ids)[0], width))
             parts["values"].append(_pad_cols(self.value(*args), width))
-        out = []
-        for key in ("logprobs", "ref", "values"):
-            local = torch.cat(parts[key]) if parts[key] else torch.zeros((0, width))
-            out.append(distributed.all_gather_rows(local, batch.size, self.ctx) * batch.response_mask)
-        current, ref, values = out
-        old = torch.where(stale.unsqueeze(1), batch.behaviour_logprobs, current) * batch.response_mask
-        return old, ref, values
+        out = {}
+        for key, chunks in parts.items():
+            if key == "logprobs" and not need_current:
+                out[key] = batch.behaviour_logprobs
+                continue
+            local = torch.cat(chunks) if chunks else torch.zeros((0, width))
+            out[key] = distributed.all_gather_rows(local, batch.size, self.ctx) * batch.response_mask
+        old = torch.where(use_behaviour.unsqueeze(1), batch.behaviour_logprobs, out["logprobs"]) * batch.response_mask
+        return old, out["ref"], out["values"]
 
     def _update(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
                 generator: torch.Generator) -> dict[str, float]:
@@ -349,7 +357,7 @@ class PPOLearner:
 
         logprobs, entropy, ptx_nll = self._policy_ddp(
             sub.input_ids, sub.attention_mask, sub.response_positions, sub.response_ids,
-            ptx_local, None if ptx_local is None else torch.ones_like(ptx_local))
+            ptx_local, None if ptx_local is None else torch.ones_like(ptx_local), cfg.ent_coef > 0)
         values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions)
         policy_loss, clipfrac, approx_kl = clipped_policy_loss(
             logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range)
@@ -413,8 +421,11 @@ class PPOLearner:
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
-                 temperature: float = 1.0, seed: int | None = None) -> list[list[int]]:
-        """Responses of the current policy (transformers ``generate``, cut after EOS), one per prompt."""
+                 temperature: float = 1.0, seed: int | None = None, return_logprobs: bool = False
+                 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+        """Responses of the current policy (transformers ``generate``, no top-k/top-p, cut after EOS), one
+        per prompt; with ``return_logprobs`` also each sampled token's logprob under the sampling
+        distribution (logits / temperature), usable as Rollout.behaviour_logprobs."""
         lm = self.policy.lm
         if seed is not None:
             torch.manual_seed(seed)
@@ -430,10 +441,17 @@ class PPOLearner:
             out = lm.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                               do_sample=not greedy, temperature=temperature if not greedy else None,
                               top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                              pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True)
+                              pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
+                              return_dict_in_generate=True, output_scores=return_logprobs)
         finally:
             lm.train(was_training)
-        return [cut_at_eos([t for t in row.tolist()], self.eos_token_id) for row in out[:, width:]]
+        generated = out.sequences[:, width:]
+        responses = [cut_at_eos(row.tolist(), self.eos_token_id) for row in generated]
+        if not return_logprobs:
+            return responses
+        scores = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # processed scores: logits / T
+        token_logprobs = torch.gather(scores, -1, generated[:, :scores.shape[1]].unsqueeze(-1)).squeeze(-1)
+        return responses, [token_logprobs[i, :len(r)].tolist() for i, r in enumerate(responses)]
 
     # --- publishing and checkpoints -----------------------------------------------------------
 
@@ -514,6 +532,16 @@ def _trimmed(batch: RolloutBatch, rows: Sequence[int]) -> tuple[RolloutBatch, in
 def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad (rows, w) with zeros to (rows, width)."""
     return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+def _adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
+    """Adam with the fused kernel (one pass over all parameters; several times faster than the per-tensor
+    loop on small models), the multi-tensor one where fused is unavailable."""
+    params = list(parameters)
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
 def _clip(parameters: Callable | Any, max_norm: float) -> float:

@@ -26,7 +26,7 @@ from torch import nn
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
 from services.reward.model import RewardModel, _quiet_transformers
 
-from .ppo import entropy_from_logits, logprobs_from_logits
+from .ppo import logprobs_from_logits
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -60,16 +60,20 @@ class PolicyHead(nn.Module):
         labels: torch.Tensor,
         ptx_ids: torch.Tensor | None = None,
         ptx_mask: torch.Tensor | None = None,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns ``(logprobs, entropy, ptx_nll)``: (B, R), (B, R), and when ``ptx_ids`` (P, T) is given
         the next-token negative log-likelihood (P, T - 1) of that text (at temperature 1).
 
-        The pretraining pass lives in the same forward so that a data-parallel wrapper sees one forward
-        per backward.
+        ``entropy_grad=False`` computes the entropy without a graph (a diagnostic when there is no
+        entropy bonus). The pretraining pass lives in the same forward so that a data-parallel
+        wrapper sees one forward per backward.
         """
         logits = self.response_logits(input_ids, attention_mask, positions)
-        logprobs = logprobs_from_logits(logits, labels)
-        entropy = entropy_from_logits(logits)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.gather(logp, -1, labels.long().unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp.exp() * logp).sum(-1)
         ptx_nll = None
         if ptx_ids is not None:
             ptx_logits = self.lm(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False).logits

@@ -77,6 +77,11 @@ class PPOConfig(ConfigBase):
     """Pretraining sequences per optimiser step (split across data-parallel processes)."""
     ptx_seq_len: int = 64
     """Tokens per pretraining sequence."""
+    recompute_logprobs: bool = True
+    """Recompute the old logprobs of on-policy rollouts with the learner's weights (exact). False: use the
+    sampler's ``behaviour_logprobs`` when a rollout has them, saving one forward pass per batch (as TRL's PPO
+    does with generate's scores); vLLM's numbers differ slightly from transformers', so the first ratio is
+    then not exactly 1."""
     forward_batch_size: int = 16
     """Most samples per no-grad forward pass when computing reference logprobs and values (memory bound only)."""
     seed: int = 0

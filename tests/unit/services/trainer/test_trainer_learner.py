@@ -203,3 +203,17 @@ def test_learns_a_trivially_learnable_score(trainer_store, one_thread):
         scores.append(learner.step(sample(learner, n=16, seed=step)).mean_score)
     early, late = sum(scores[:2]) / 2, sum(scores[-3:]) / 3
     assert late > early + 0.08, scores
+
+
+def test_generated_logprobs_match_the_learner_and_can_replace_the_recomputation(trainer_store, one_thread):
+    learner = make_learner(trainer_store, recompute_logprobs=False)
+    ps = prompts(learner, 6)
+    responses, logprobs = learner.generate(ps, 10, greedy=False, seed=5, return_logprobs=True)
+    rollouts = [Rollout([], p, r, lp, learner.weights_version, "stop", 0.0) for p, r, lp in zip(ps, responses, logprobs)]
+    batch, prepared, _ = learner._prepare(rollouts)
+    # recompute_logprobs=False: the sampler's numbers are pi_old as they are ...
+    torch.testing.assert_close(prepared.old_logprobs, batch.behaviour_logprobs * batch.response_mask)
+    # ... and they agree with the learner's own forward pass (generation with a KV cache vs one pass).
+    exact = make_learner(trainer_store)
+    _, recomputed, _ = exact._prepare(rollouts)
+    torch.testing.assert_close(recomputed.old_logprobs, prepared.old_logprobs, atol=1e-4, rtol=1e-4)
