@@ -2,12 +2,18 @@
 inference service, a real reward service (rm-0001 trained offline on the shipped rankings), the
 trainer's gRPC server on loopback. One user prompt becomes a published policy version that
 inference then serves; a candidate beyond the KL bound is not published; a stopped trainer resumes
-from its checkpoint; rollback serves an earlier version again."""
+from its checkpoint, and so does a SIGKILLed trainer process (ignoring what the kill left half
+written); rollback serves an earlier version again."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +25,7 @@ from shared.events import CompletionEvent, PolicyUpdateEvent
 from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.kafka.embedded import free_port
 from tests.conftest import LoopThread, consume_events, start_broker, start_inference, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -231,3 +238,75 @@ def test_rollback_serves_an_earlier_version_again(own_broker, store, services, t
         wait_until(lambda: served_version(inference.address) == first, 120, "inference did not roll back")
     finally:
         trainer.stop()
+
+
+def trainer_process(own_broker, store, services, ckpt, log_path, **env_overrides) -> tuple[subprocess.Popen, str]:
+    """`python -m services.trainer` as its own process (so it can be SIGKILLed), configured by env vars."""
+    _, inference, reward = services
+    port = free_port()
+    k = own_broker.kafka
+    env = {**os.environ,
+           "RLHF_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers, "RLHF_KAFKA_SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
+           "RLHF_KAFKA_HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
+           "RLHF_KAFKA_DELIVERY_TIMEOUT_S": str(k.delivery_timeout_s),
+           "RLHF_KAFKA_REQUEST_TIMEOUT_MS": str(k.request_timeout_ms),
+           "RLHF_MODEL_STORE_ROOT": str(store.root), "RLHF_TRAINER_GRPC_PORT": str(port),
+           "RLHF_TRAINER_METRICS_PORT": "0", "RLHF_TRAINER_INFERENCE_ADDRESS": inference.address,
+           "RLHF_TRAINER_REWARD_ADDRESS": reward.address, "RLHF_TRAINER_CHECKPOINT_DIR": str(ckpt),
+           "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "4", "RLHF_TRAINER_MAX_TOKENS": "16",
+           "RLHF_TRAINER_HELDOUT_PROMPTS": "4", "RLHF_TRAINER_HELDOUT_MAX_TOKENS": "16",
+           "RLHF_TRAINER_PUBLISH_EVERY": "0", "RLHF_TRAINER_CHECKPOINT_EVERY": "1",
+           "RLHF_TRAINER_LIVE_PROMPT_FRACTION": "0", "RLHF_TRAINER_TORCH_THREADS": "1",
+           "RLHF_TRAINER_IDLE_SLEEP_S": "0.5", "RLHF_TRAINER_GRACE_PERIOD_S": "5",
+           "RLHF_PPO_EPOCHS": "1", "RLHF_PPO_MINIBATCH_SIZE": "4", "RLHF_PPO_LR": "0.001", **env_overrides}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[2])
+    log.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+def status_of(address: str) -> trainer_pb2.TrainerStatus | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return trainer_pb2_grpc.TrainerServiceStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
+    except grpc.RpcError:
+        return None  # not listening yet, or still loading (UNAVAILABLE)
+
+
+def test_a_killed_trainer_resumes_from_its_last_complete_checkpoint(own_broker, store, services, tmp_path):
+    from services.trainer.checkpoint import CheckpointStore
+
+    ckpt, log_path = tmp_path / "ckpt", tmp_path / "trainer.log"
+    proc, address = trainer_process(own_broker, store, services, ckpt, log_path)
+    try:
+        wait_until(lambda: (s := status_of(address)) is not None and s.checkpoint_step >= 2, 300,
+                   f"no second checkpoint; log: {log_path}", interval=0.5)
+    finally:
+        proc.kill()                                 # SIGKILL: no drain, no last checkpoint
+        proc.wait(30)
+    checkpoints = CheckpointStore(ckpt)
+    saved = checkpoints.load_latest().step
+    assert saved >= 2
+    # What a kill during a save leaves behind: a temp directory, or (had the rename been reached
+    # without a manifest) a newer checkpoint directory without one. Neither may be loaded.
+    (ckpt / ".tmp-killed").mkdir()
+    shutil.copytree(checkpoints.path(saved), checkpoints.path(saved + 1))
+    (checkpoints.path(saved + 1) / "manifest.json").unlink()
+
+    proc, address = trainer_process(own_broker, store, services, ckpt, log_path, RLHF_TRAINER_START_PAUSED="1")
+    try:
+        wait_until(lambda: status_of(address) is not None, 300, f"did not restart; log: {log_path}", interval=0.5)
+        status = status_of(address)
+        assert status.step == saved and status.paused, status
+        assert not (ckpt / ".tmp-killed").exists()
+        with grpc.insecure_channel(address) as channel:
+            trainer_pb2_grpc.TrainerServiceStub(channel).Resume(trainer_pb2.ResumeRequest(), timeout=10)
+        wait_until(lambda: status_of(address).step > saved, 120, "did not continue", interval=0.5)
+        proc.send_signal(signal.SIGTERM)            # drains and stops cleanly
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert "skipping unusable checkpoint" in log_path.read_text()

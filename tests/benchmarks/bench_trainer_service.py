@@ -1,0 +1,209 @@
+"""Trainer service speed: where one PPO iteration's time goes, and why rollouts are sampled through
+the inference service's vLLM rather than by the trainer's own transformers model. Side by side in
+one run:
+
+    .venv/bin/python tests/benchmarks/bench_trainer_service.py [--batches 8,32] [--max-tokens 48] [--trials 2]
+
+For each batch size (rollouts per iteration), with the trainer's real parts on the default policy
+(an embedded broker, the inference service with its vLLM engine, the reward service with rm-0001
+trained offline on the shipped rankings, all in this process on loopback):
+
+  sample vLLM     the batch's prompts through the inference service (GrpcPolicySampler: all in
+                  flight at once, token ids + behaviour logprobs back), temperature 1
+  sample HF       the same prompts sampled by the learner's transformers model (learner.generate,
+                  left-padded batch, KV cache), temperature 1: the alternative to (a)
+  score           the responses scored by the reward service (GrpcRewardScorer, one request)
+  ppo step        PPOLearner.step on the rollouts (PPOConfig defaults: 4 epochs, minibatch 8)
+  gate eval       the publish gate's held-out evaluation (16 prompts: greedy answers scored, KL on samples)
+  publish         save_policy + atomic store.publish (sha256 manifest) + announcement acknowledged by Kafka
+
+Reports the median over --trials of wall seconds per phase and completion tokens/s of both samplers,
+prints a table and writes bench-results/trainer_service.json and trainer_service.png. The machine
+is shared: torch runs one thread, as the trainer does under `rlhf up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm  # noqa: E402
+from services.trainer.learner import PPOLearner  # noqa: E402
+from services.trainer.ppo_config import PPOConfig  # noqa: E402
+from services.trainer.prompts import read_prompt_file, split_heldout  # noqa: E402
+from services.trainer.publishing import KafkaAnnouncer, PolicyPublisher  # noqa: E402
+from services.trainer.rollout import Rollout  # noqa: E402
+from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer  # noqa: E402
+from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
+from shared.config import ModelStoreConfig, load_config  # noqa: E402
+from shared.default_model import ensure_default_policy  # noqa: E402
+from shared.kafka.producer import SyncPublisher  # noqa: E402
+from shared.model_store import ModelStore  # noqa: E402
+from tests.conftest import LoopThread, start_broker, start_inference  # noqa: E402
+
+PHASES = ("sample_vllm", "sample_hf", "score", "ppo_step", "gate_eval", "publish")
+
+
+def log(msg: str) -> None:
+    print(f"[bench-trainer {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def timed(fn):
+    started = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="8,32", help="rollouts per iteration, comma-separated")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "trainer_service.json")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(1)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
+    broker = start_broker()
+    loop = LoopThread()
+    try:
+        store = ModelStore(work / "models")
+        policy = ensure_default_policy(store)
+        log("training rm-0001 (1 epoch) ...")
+        rm = train_first_rm(store, EXAMPLE_RANKINGS, epochs=1, settings=OFFLINE_SETTINGS).version
+        log("starting inference (vLLM) and reward services ...")
+        inference = start_inference(loop, broker.kafka, store.root, follow_updates=False)
+        from services.reward.app import RewardApp
+        from services.reward.config import RewardConfig
+
+        no_learner = {"learner": False} if "learner" in RewardConfig.__dataclass_fields__ else {}
+        reward_cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, kafka=broker.kafka,
+                                 model_store=ModelStoreConfig(root=store.root), torch_threads=1, **no_learner)
+
+        async def make_reward():
+            app = RewardApp(reward_cfg)
+            await app.start()
+            return app
+
+        reward = loop.run(make_reward(), timeout=300)
+        import grpc
+
+        sampler = GrpcPolicySampler(grpc.insecure_channel(inference.address), 300)
+        scorer = GrpcRewardScorer(grpc.insecure_channel(reward.address), 300)
+        learner = PPOLearner.from_store(store, policy, policy, rm, PPOConfig())
+        heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
+        publisher = PolicyPublisher(store, KafkaAnnouncer(SyncPublisher(broker.kafka, "bench")), scorer, heldout,
+                                    max_tokens=args.max_tokens)
+        sampler.sample(train[:2], max_tokens=4, top_p=1.0)  # warm-up
+
+        results = []
+        for size in batches:
+            trials: dict[str, list[float]] = {p: [] for p in PHASES}
+            tokens_vllm, tokens_hf = [], []
+            for trial in range(args.trials):
+                prompts = train[trial * size:(trial + 1) * size]
+                samples, t = timed(lambda: sampler.sample(prompts, max_tokens=args.max_tokens, top_p=1.0))
+                trials["sample_vllm"].append(t)
+                tokens_vllm.append(sum(len(s.token_ids) for s in samples))
+                ids = [s.prompt_token_ids for s in samples]
+                hf, t = timed(lambda: learner.generate(ids, args.max_tokens, greedy=False, seed=trial))
+                trials["sample_hf"].append(t)
+                tokens_hf.append(sum(len(o) for o in hf))
+                usable = [s for s in samples if s.text.strip()]
+                (scores, rm_version), t = timed(lambda: scorer.score([(s.prompt, s.text) for s in usable]))
+                trials["score"].append(t)
+                rollouts = [Rollout(messages=list(s.prompt), prompt_token_ids=s.prompt_token_ids,
+                                    response_token_ids=s.token_ids, behaviour_logprobs=s.logprobs,
+                                    policy_version=s.policy_version, finish_reason=s.finish_reason, score=sc,
+                                    rm_version=rm_version) for s, sc in zip(usable, scores)]
+                _, t = timed(lambda: learner.step(rollouts))
+                trials["ppo_step"].append(t)
+                evaluation, t = timed(lambda: publisher.evaluate(learner))
+                trials["gate_eval"].append(t)
+
+                def publish():
+                    manifest = publisher.publish(learner, parent=policy, evaluation=evaluation, baseline_reward=None,
+                                                 extra={"kind": "bench"})
+                    publisher.announce(manifest.version, "publish")
+
+                _, t = timed(publish)
+                trials["publish"].append(t)
+                log(f"batch {size} trial {trial + 1}: " + ", ".join(f"{p} {trials[p][-1]:.2f}s" for p in PHASES))
+            median = {p: statistics.median(v) for p, v in trials.items()}
+            row = {"batch": size, "seconds": median, "trials": trials,
+                   "tokens_per_s_vllm": statistics.median(tokens_vllm) / median["sample_vllm"],
+                   "tokens_per_s_hf": statistics.median(tokens_hf) / median["sample_hf"],
+                   "iteration_s": median["sample_vllm"] + median["score"] + median["ppo_step"]}
+            results.append(row)
+
+        print()
+        header = f"{'batch':>5} | " + " | ".join(f"{p:>11}" for p in PHASES) + " | iteration | vLLM tok/s | HF tok/s | vLLM/HF"
+        print(header)
+        print("-" * len(header))
+        for r in results:
+            s = r["seconds"]
+            print(f"{r['batch']:>5} | " + " | ".join(f"{s[p]:>10.2f}s" for p in PHASES)
+                  + f" | {r['iteration_s']:>8.2f}s | {r['tokens_per_s_vllm']:>10.1f} | {r['tokens_per_s_hf']:>8.1f}"
+                  + f" | {r['tokens_per_s_vllm'] / r['tokens_per_s_hf']:>6.2f}x")
+        print("(iteration = sample vLLM + score + ppo step; gate eval and publish run every RLHF_TRAINER_PUBLISH_EVERY)")
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                           "python": platform.python_version(), "torch": torch.__version__},
+               "settings": {"max_tokens": args.max_tokens, "trials": args.trials, "ppo": "PPOConfig defaults",
+                            "heldout_prompts": 16},
+               "results": results}
+        args.out.write_text(json.dumps(doc, indent=2))
+        plot(results, args.out.with_suffix(".png"))
+        log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        loop.run(reward.stop())
+        loop.run(inference.stop())
+    finally:
+        loop.close()
+        broker.broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        xs = [j + i * width for j in range(len(PHASES))]
+        ax1.bar(xs, [r["seconds"][p] for p in PHASES], width, label=f"batch {r['batch']}")
+    ax1.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(PHASES))], PHASES, rotation=20)
+    ax1.set_ylabel("seconds (median)")
+    ax1.set_title("one trainer iteration, by phase")
+    ax1.legend()
+    labels = [str(r["batch"]) for r in results]
+    xs = range(len(results))
+    ax2.bar([x - 0.2 for x in xs], [r["tokens_per_s_vllm"] for r in results], 0.4, label="vLLM via inference gRPC")
+    ax2.bar([x + 0.2 for x in xs], [r["tokens_per_s_hf"] for r in results], 0.4, label="transformers generate")
+    ax2.set_xticks(list(xs), labels)
+    ax2.set_xlabel("rollouts per iteration")
+    ax2.set_ylabel("completion tokens/s")
+    ax2.set_title("sampling rollouts")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
