@@ -7,6 +7,7 @@ written); rollback serves an earlier version again."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -220,7 +221,9 @@ def test_a_stopped_trainer_resumes_from_its_checkpoint(own_broker, store, servic
         again.stop()
 
 
-def test_rollback_serves_an_earlier_version_again(own_broker, store, services, tmp_path):
+def test_rollback_serves_an_earlier_version_again(own_broker, store, services, tmp_path, capsys):
+    from services.trainer import control
+
     loop, inference, _ = services
     first = store.versions("policy")[0]
     trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", start_paused=True,
@@ -235,6 +238,10 @@ def test_rollback_serves_an_earlier_version_again(own_broker, store, services, t
         result = trainer.stub.Rollback(trainer_pb2.RollbackRequest(policy_version=first), timeout=120)
         assert result.published and result.version.version == first
         assert store.current("policy") == first and trainer.status().base_policy_version == first
+        capsys.readouterr()
+        assert control.main(["status", "--address", trainer.app.address]) == 0      # the shell client
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["basePolicyVersion"] == first and shown["lastGate"]["reason"] == f"rolled back to {first}"
         wait_until(lambda: served_version(inference.address) == first, 120, "inference did not roll back")
     finally:
         trainer.stop()

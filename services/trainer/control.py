@@ -1,0 +1,50 @@
+"""Control a running trainer from a shell: status, pause, resume, publish now, rollback.
+
+    python -m services.trainer.control status
+    python -m services.trainer.control rollback policy-0002 --address 127.0.0.1:50054
+
+Prints the answer as JSON; exits 1 with the gRPC status on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from shared.pb import trainer_pb2, trainer_pb2_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.trainer.control", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["status", "pause", "resume", "publish", "rollback"])
+    parser.add_argument("version", nargs="?", help="the policy version to roll back to (rollback only)")
+    parser.add_argument("--address", default="127.0.0.1:50054", help="host:port of the trainer (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds (publish and rollback may take long)")
+    args = parser.parse_args(argv)
+    if (args.command == "rollback") != bool(args.version):
+        parser.error("a version is needed for rollback, and only for it")
+    with grpc.insecure_channel(args.address) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        calls = {
+            "status": lambda: stub.Status(trainer_pb2.StatusRequest(), timeout=args.timeout),
+            "pause": lambda: stub.Pause(trainer_pb2.PauseRequest(), timeout=args.timeout),
+            "resume": lambda: stub.Resume(trainer_pb2.ResumeRequest(), timeout=args.timeout),
+            "publish": lambda: stub.PublishNow(trainer_pb2.PublishNowRequest(), timeout=args.timeout),
+            "rollback": lambda: stub.Rollback(trainer_pb2.RollbackRequest(policy_version=args.version),
+                                              timeout=args.timeout),
+        }
+        try:
+            reply = calls[args.command]()
+        except grpc.RpcError as exc:
+            print(f"{args.command} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
