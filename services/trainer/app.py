@@ -43,7 +43,8 @@ class TrainerApp:
         self.cfg = cfg
         self.store = ModelStore(cfg.model_store.root)
         self.checkpoints = CheckpointStore(cfg.checkpoint_dir, keep=cfg.checkpoints_kept)
-        self.live = LivePromptBuffer(cfg.live_prompt_buffer)
+        self.heldout, self.train_prompts = split_heldout(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
+        self.live = LivePromptBuffer(cfg.live_prompt_buffer, exclude=self.heldout)
         self.loop: TrainingLoop | None = None
         self.server = GrpcServer("TrainerService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(lambda: self.loop), self.server.server)
@@ -79,7 +80,7 @@ class TrainerApp:
 
     def _build_loop(self) -> TrainingLoop:
         cfg = self.cfg
-        heldout, train = split_heldout(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
+        heldout, train = self.heldout, self.train_prompts
         # round_robin: with a headless inference Service, rollouts spread over every replica.
         inference = grpc.insecure_channel(cfg.inference_address, options=[("grpc.lb_policy_name", "round_robin")])
         reward = grpc.insecure_channel(cfg.reward_address)

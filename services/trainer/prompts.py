@@ -18,7 +18,7 @@ import collections
 import json
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from shared.events import CompletionEvent, Message
@@ -80,10 +80,12 @@ def split_heldout(prompts: Sequence[Prompt], count: int) -> tuple[list[Prompt], 
 class LivePromptBuffer:
     """The most recent ``capacity`` distinct user prompts seen on rlhf.completions (thread-safe)."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, exclude: Iterable[Prompt] = ()):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
+        self.exclude = frozenset(exclude)
+        """Prompts never taken (the held-out prompts: a user asking one must not leak it into training)."""
         self._prompts: collections.OrderedDict[Prompt, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.offered = 0
@@ -105,6 +107,8 @@ class LivePromptBuffer:
 
     def add(self, prompt: Prompt) -> bool:
         if not any(m.role == "user" and m.content.strip() for m in prompt) or prompt[-1].role == "assistant":
+            return False
+        if prompt in self.exclude:
             return False
         with self._lock:
             if prompt in self._prompts:

@@ -122,3 +122,8 @@ def test_mixer_with_live_only_waits_for_live_prompts():
     assert mixer.sample(3) == ([user("q")] * 3, 3)
     with pytest.raises(ValueError, match="no file prompts"):
         PromptMixer(buf, [], live_fraction=0.5)
+
+
+def test_live_buffer_never_takes_held_out_prompts():
+    buf = LivePromptBuffer(capacity=10, exclude=[user("held out")])
+    assert not buf.add(user("held out")) and buf.add(user("fine")) and buf.snapshot() == [user("fine")]
