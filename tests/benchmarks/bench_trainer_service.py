@@ -1,6 +1,6 @@
-"""Trainer service speed: where one PPO iteration's time goes, and why rollouts are sampled through
-the inference service's vLLM rather than by the trainer's own transformers model. Side by side in
-one run:
+"""Trainer service speed: where one PPO iteration's time goes, and what sampling rollouts through the
+inference service's vLLM (the served version, its behaviour logprobs, continuous batching with user
+traffic) costs against sampling with the trainer's own transformers model. Side by side in one run:
 
     .venv/bin/python tests/benchmarks/bench_trainer_service.py [--batches 8,32] [--max-tokens 48] [--trials 2]
 
@@ -20,6 +20,12 @@ trained offline on the shipped rankings, all in this process on loopback):
 Reports the median over --trials of wall seconds per phase and completion tokens/s of both samplers,
 prints a table and writes bench-results/trainer_service.json and trainer_service.png. The machine
 is shared: torch runs one thread, as the trainer does under `rlhf up`.
+
+Measured on 2 shared CPU cores with the 0.95 M-parameter default model (48 tokens max): vLLM through
+gRPC 109 / 316 completion tokens/s at 8 / 32 rollouts against 672 / 1803 for transformers in process:
+for a model this small vLLM's per-step overhead dominates; an iteration is 4.3 s / 7.7 s, most of it
+sampling. The gap closes with model size and on GPUs; the service samples through inference anyway
+because only that gives the served version's own tokens and behaviour logprobs.
 """
 
 from __future__ import annotations
