@@ -150,6 +150,23 @@ imagePullSecrets:
   mountPath: /home/rlhf
 {{- end }}
 
+{{/* Intra-op threads of torch (RLHF_<SERVICE>_TORCH_THREADS) for a component's values: its
+torchThreads when set, else its CPU request rounded up ("500m" -> 1, "2" -> 2, "2.5" -> 3), else 0
+(torch's default). torch's default is one thread per core of the node, not of the pod, so on a
+large node an unset value oversubscribes the CPUs the pod was scheduled for. */}}
+{{- define "rlhf-loop.torchThreads" -}}
+{{- $threads := int (default 0 .torchThreads) }}
+{{- if not $threads }}
+{{- $cpu := toString (dig "requests" "cpu" "" (default dict .resources)) }}
+{{- if hasSuffix "m" $cpu }}
+{{- $threads = int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000)) }}
+{{- else if $cpu }}
+{{- $threads = int (ceil (float64 $cpu)) }}
+{{- end }}
+{{- end }}
+{{- max $threads 0 }}
+{{- end }}
+
 {{/* ---------------------------------------------------------------------------------------
 One service: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy.
 
@@ -163,7 +180,10 @@ Arguments (a dict):
               "model-store")
   modelStore  "" (not mounted), "ro" or "rw"
   env         its own environment variables: a YAML list (string), may be empty
-  singleton   true: at most one replica, strategy Recreate, no autoscaling (trainer)
+  singleton   true: at most one replica, strategy Recreate, no autoscaling (trainer; reward with
+              its continual learner)
+  volumes     optional: more pod volumes, a YAML list (string)
+  mounts      optional: their mounts in the main container, a YAML list (string)
 An init container waits for the Kafka topics (services reading "kafka", kafka.waitForTopics) and
 for a published policy (<name>.waitForPolicy) before the service starts.
 --------------------------------------------------------------------------------------------- */}}
@@ -350,6 +370,9 @@ spec:
               mountPath: {{ $root.Values.modelStore.mountPath }}
               readOnly: {{ eq .modelStore "ro" }}
             {{- end }}
+            {{- with .mounts }}
+            {{- . | nindent 12 }}
+            {{- end }}
       volumes:
         {{- include "rlhf-loop.scratchVolumes" . | nindent 8 }}
         {{- if $waitFor }}
@@ -368,6 +391,9 @@ spec:
           persistentVolumeClaim:
             claimName: {{ include "rlhf-loop.modelStoreClaim" $root }}
             readOnly: {{ eq .modelStore "ro" }}
+        {{- end }}
+        {{- with .volumes }}
+        {{- . | nindent 8 }}
         {{- end }}
       {{- with $v.nodeSelector }}
       nodeSelector:

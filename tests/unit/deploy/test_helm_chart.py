@@ -61,8 +61,8 @@ CRD_GROUPS = {
     "monitoring.coreos.com": "the Prometheus Operator's ServiceMonitor CRD is not in the Kubernetes API schemas",
 }
 
-# The chart's services and their config classes (imported by name: feedback, reward and trainer
-# land in later issues; their tests skip until the class exists).
+# The chart's services and their config classes (imported by name: a service's tests skip while
+# its config class does not exist).
 SERVICES = {
     "gateway": ("services.gateway.config", "GatewayConfig"),
     "inference": ("services.inference.config", "InferenceConfig"),
@@ -354,6 +354,113 @@ def test_trainer_is_a_single_replica_recreated(config):
     assert not find(docs_of(config), "HorizontalPodAutoscaler", component_name("trainer"))
 
 
+def _volume(dep: dict[str, Any], name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(pod volume, main container mount) named ``name``; None where absent."""
+    volumes = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    mounts = [m for m in main_container(dep).get("volumeMounts", []) if m["name"] == name]
+    assert len(volumes) <= 1 and len(mounts) <= 1
+    return (volumes or [None])[0], (mounts or [None])[0]
+
+
+LEARNER_CLAIM = f"{RELEASE}-reward-learner-state"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reward_learner_is_a_singleton_with_persistent_state(config):
+    """The continual learner runs in the reward process: one replica, Recreate, and its SQLite state
+    on a ReadWriteOnce claim mounted where RLHF_REWARD_STATE_DIR points (the root filesystem is
+    read-only)."""
+    docs = docs_of(config)
+    dep = deployment(docs, "reward")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert not find(docs, "HorizontalPodAutoscaler", component_name("reward"))
+    env = container_environ(docs, main_container(dep))
+    cfg = load_config(config_class("reward"), env)
+    assert cfg.learner is True and env["RLHF_REWARD_LEARNER"] == "true"
+    volume, mount = _volume(dep, "learner-state")
+    assert mount is not None and not mount.get("readOnly", False)
+    assert cfg.state_dir == Path(mount["mountPath"]) and cfg.state_dir.is_absolute()
+    assert volume == {"name": "learner-state", "persistentVolumeClaim": {"claimName": LEARNER_CLAIM}}
+    pvc = one(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert "annotations" not in pvc["metadata"]  # rebuildable state: removed with the release
+
+
+def test_reward_learner_state_on_an_empty_dir_without_persistence():
+    docs = documents(render({"reward": {"learner": {"persistence": {"enabled": False}}}}))
+    dep = deployment(docs, "reward")
+    volume, mount = _volume(dep, "learner-state")
+    assert volume == {"name": "learner-state", "emptyDir": {}}
+    assert mount is not None and not mount.get("readOnly", False)
+    env = container_environ(docs, main_container(dep))
+    assert load_config(config_class("reward"), env).state_dir == Path(mount["mountPath"])
+    assert not find(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}  # still the only learner
+
+
+def test_reward_learner_state_claim_settings():
+    docs = documents(render({"reward": {"learner": {"stateMountPath": "/state", "persistence": {
+        "size": "10Gi", "storageClassName": "local-ssd"}}}}))
+    pvc = one(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
+    assert pvc["spec"]["storageClassName"] == "local-ssd"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    dep = deployment(docs, "reward")
+    env = container_environ(docs, main_container(dep))
+    assert env["RLHF_REWARD_STATE_DIR"] == _volume(dep, "learner-state")[1]["mountPath"] == "/state"
+
+
+def test_reward_without_learner_scales_and_keeps_no_state():
+    docs = documents(render({"reward": {"learner": {"enabled": False}, "replicas": 3}}))
+    dep = deployment(docs, "reward")
+    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = container_environ(docs, main_container(dep))
+    assert env["RLHF_REWARD_LEARNER"] == "false" and "RLHF_REWARD_STATE_DIR" not in env
+    assert load_config(config_class("reward"), env).learner is False
+    assert _volume(dep, "learner-state") == (None, None)
+    assert not find(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
+
+
+@pytest.mark.parametrize("cpu,threads,expected", [
+    ("500m", 0, "1"), ("1500m", 0, "2"), ("2", 0, "2"), (2.5, 0, "3"), ("0", 0, "0"), ("4", 6, "6"),
+])
+def test_torch_threads_follow_the_cpu_request(cpu, threads, expected):
+    """torch's default is one thread per core of the node; the chart sizes the pool to the pod."""
+    component = {"resources": {"requests": {"cpu": cpu}}, "torchThreads": threads}
+    docs = documents(render({"reward": component, "trainer": component}))
+    for service, prefix in (("reward", "RLHF_REWARD_"), ("trainer", "RLHF_TRAINER_")):
+        env = container_environ(docs, main_container(deployment(docs, service)))
+        assert env[f"{prefix}TORCH_THREADS"] == expected, service
+        assert load_config(config_class(service), env).torch_threads == int(expected)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_default_torch_threads_are_the_cpu_requests(config):
+    docs = docs_of(config)
+    for service, prefix in (("reward", "RLHF_REWARD_"), ("trainer", "RLHF_TRAINER_")):
+        container = main_container(deployment(docs, service))
+        cpu = float(str(container["resources"]["requests"]["cpu"]))
+        assert container_environ(docs, container)[f"{prefix}TORCH_THREADS"] == str(int(cpu)), service
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_trainer_reaches_inference_and_reward_and_checkpoints_on_the_store(config):
+    docs = docs_of(config)
+    container = main_container(deployment(docs, "trainer"))
+    env = container_environ(docs, container)
+    cfg = load_config(config_class("trainer"), env)
+    for component, address in (("inference", cfg.inference_address), ("reward", cfg.reward_address)):
+        host, _, port = address.rpartition(":")
+        svc = one(docs, "Service", host)
+        assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        assert int(port) in {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"}
+    (store,) = [m for m in container["volumeMounts"] if m["name"] == "model-store"]
+    assert cfg.checkpoint_dir.is_relative_to(store["mountPath"]) and store["readOnly"] is False
+    assert cfg.checkpoint_dir != Path(store["mountPath"])
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_inference_and_gateway_autoscale(config):
     docs = docs_of(config)
@@ -450,7 +557,7 @@ def test_pods_run_as_non_root_without_service_links(config):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_model_store_is_shared_read_write_only_by_learners(config):
     docs = docs_of(config)
-    (pvc,) = find(docs, "PersistentVolumeClaim")
+    pvc = one(docs, "PersistentVolumeClaim", f"{RELEASE}-model-store")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     expected = {"inference": True, "trainer": False, "reward": False}
@@ -479,6 +586,27 @@ def test_network_policies_expose_only_the_gateway(config):
             assert "from" not in main[0]  # reachable from outside the release
         else:
             assert main[0]["from"] == [{"podSelector": {"matchLabels": release}}], service
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_learners_may_reach_kafka(config):
+    """The reward learner reads rlhf.feedback and rlhf.completions and writes rlhf.reward-models; the
+    trainer reads rlhf.completions and writes rlhf.policy-updates: the release-wide egress policy must
+    select their pods and allow the brokers."""
+    docs = docs_of(config)
+    egress = one(docs, "NetworkPolicy", f"{RELEASE}-egress")["spec"]
+    bootstrap = one(docs, "ConfigMap", f"{RELEASE}-env-kafka")["data"]["RLHF_KAFKA_BOOTSTRAP_SERVERS"]
+    kafka_ports = {int(s.rpartition(":")[2]) for s in bootstrap.split(",")}
+    kafka_rules = [r for r in egress["egress"] if {p["port"] for p in r.get("ports", [])} == kafka_ports]
+    assert len(kafka_rules) == 1
+    if config != "external-kafka":
+        (peer,) = kafka_rules[0]["to"]
+        assert peer["podSelector"]["matchLabels"]["strimzi.io/kind"] == "Kafka"
+    for service in ("reward", "trainer"):
+        labels = deployment(docs, service)["spec"]["template"]["metadata"]["labels"]
+        assert egress["podSelector"]["matchLabels"].items() <= labels.items(), service
+        env = container_environ(docs, main_container(deployment(docs, service)))
+        assert env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == bootstrap, service
 
 
 def test_existing_secret_is_referenced_not_created():
@@ -518,6 +646,10 @@ BAD_VALUES = {  # values -> where the schema must point
     "unknown top-level key": ({"inferense": {"replicas": 2}}, "'inferense' not allowed"),
     "unknown nested key": ({"inference": {"replica": 2}}, "'replica' not allowed"),
     "two trainers": ({"trainer": {"replicas": 2}}, "/trainer/replicas"),
+    "relative learner state path": ({"reward": {"learner": {"stateMountPath": "var/reward-learner"}}},
+                                    "/reward/learner/stateMountPath"),
+    "unknown learner key": ({"reward": {"learner": {"persistance": {"enabled": True}}}}, "'persistance' not allowed"),
+    "negative torch threads": ({"trainer": {"torchThreads": -1}}, "/trainer/torchThreads"),
     "trainer autoscaling": ({"trainer": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}},
                             "'autoscaling' not allowed"),
     "internal service exposed": ({"inference": {"service": {"type": "LoadBalancer"}}}, "/inference/service/type"),
@@ -548,6 +680,7 @@ TEMPLATE_FAILURES = {
     "min ISR above replication": ({"kafka": {"topics": {"minInsyncReplicas": 4}}}, "minInsyncReplicas"),
     "replication above brokers": ({"kafka": {"topics": {"replicationFactor": 5}}}, "nodePool.replicas"),
     "gateway without inference": ({"inference": {"enabled": False}}, "inference.enabled"),
+    "two reward learners": ({"reward": {"replicas": 2}}, "reward.replicas is 2 but reward.learner.enabled is true"),
 }
 
 
@@ -738,32 +871,70 @@ def test_dockerfile_parser():
 # --- Grafana dashboard -----------------------------------------------------------------------------------
 
 
-def exported_series() -> set[str]:
-    """Every series name the services' metric objects export (counters: _total, histograms: _bucket...)."""
+METRIC_MODULES = ("services.inference.metrics", "services.gateway.metrics", "shared.kafka.metrics",
+                  "services.reward.metrics", "services.trainer.metrics")
+
+
+def exported_metrics(modules=METRIC_MODULES) -> dict[str, set[str]]:
+    """Base name -> the series names it exports (counters: _total, histograms: _bucket...)."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    names = set()
-    for module in ("services.inference.metrics", "services.gateway.metrics", "shared.kafka.metrics"):
+    metrics = {}
+    for module in modules:
         for obj in vars(importlib.import_module(module)).values():
             if isinstance(obj, MetricWrapperBase):
                 base, kind = obj._name, obj._type
-                names |= {"counter": {f"{base}_total"}, "gauge": {base},
-                          "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}.get(kind, {base})
-    return names
+                metrics[base] = {"counter": {f"{base}_total"}, "gauge": {base},
+                                 "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}.get(kind, {base})
+    return metrics
+
+
+def exported_series() -> set[str]:
+    return set().union(*exported_metrics().values())
+
+
+def dashboard_series() -> set[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    return {m for e in exprs for m in re.findall(r"\brlhf_[a-z_]+\b", e)}
 
 
 def test_dashboard_queries_metrics_the_services_export():
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    used = {m for e in exprs for m in re.findall(r"\brlhf_[a-z_]+\b", e)}
-    unknown = used - exported_series()
+    unknown = dashboard_series() - exported_series()
     assert not unknown, f"the dashboard queries metrics nobody exports: {sorted(unknown)}"
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("requests/s", "p50", "p99", "first token", "tokens/s", "in flight", "policy version", "swap",
-                  "outbox", "publish failures"):
+                  "outbox", "publish failures", "reward model version", "learner", "held-out accuracy",
+                  "consumer lag", "rating to reward model", "trainer mean reward", "kl", "entropy", "step",
+                  "published policy versions", "drops"):
         assert topic in titles, f"no panel about {topic}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_dashboard_shows_every_reward_learner_and_trainer_metric():
+    used = dashboard_series()
+    metrics = exported_metrics(("services.reward.metrics", "services.trainer.metrics"))
+    wanted = {b: s for b, s in metrics.items() if b.startswith(("rlhf_reward_learner_", "rlhf_trainer_"))}
+    assert len(wanted) >= 20
+    missing = sorted(b for b, series in wanted.items() if not series & used)
+    assert not missing, f"no panel shows {missing}"
+
+
+def test_dashboard_panels_do_not_overlap():
+    dash = json.loads(DASHBOARD.read_text())
+    cells: dict[tuple[int, int], str] = {}
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f'{p["title"]!r} overlaps {cells[(x, y)]!r}'
+                cells[(x, y)] = p["title"]
+    for p in dash["panels"]:
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
 
 
 # --- the services' wait-for init container -------------------------------------------------------------
