@@ -160,9 +160,19 @@ def _build(cls: type[C], environ: Mapping[str, str], overrides: Mapping[str, Any
     return cls(**kwargs)
 
 
+def _section_prefixes(cls: type[ConfigBase]) -> set[str]:
+    """The prefixes of ``cls`` and of every config section nested in it (RLHF_PPO_ in the trainer's)."""
+    prefixes = {cls.ENV_PREFIX} if cls.ENV_PREFIX != ConfigBase.ENV_PREFIX else set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            prefixes |= _section_prefixes(hints[f.name])
+    return prefixes
+
+
 def _unknown_vars(cls: type[ConfigBase], environ: Mapping[str, str]) -> list[str]:
     known = {v.name for v in env_vars(cls)}
-    prefixes = {cls.ENV_PREFIX} if cls.ENV_PREFIX != ConfigBase.ENV_PREFIX else set()
+    prefixes = _section_prefixes(cls)
     return [
         f"{name}: unknown setting (known: {', '.join(sorted(k for k in known if k.startswith(p)))})"
         for p in prefixes

@@ -863,6 +863,18 @@ def test_dockerfile(name):
         assert 'pip install ".[gpu]"' in run
 
 
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfile_copies_every_installed_package(name):
+    # A package pyproject installs but the image lacks fails only at run time (rlhf bootstrap -> ModuleNotFoundError).
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {args.split()[0] for ins, args in parse_dockerfile((DOCKER / name).read_text()) if ins == "COPY"}
+    allowed = set((DOCKER / f"{name}.dockerignore").read_text().splitlines())
+    for pattern in packages:
+        top = pattern.rstrip("*")
+        assert top in copied, f"{name} does not COPY {top}/"
+        assert f"!{top}/" in allowed, f"{name}.dockerignore keeps {top}/ out of the build context"
+
+
 def test_dockerfile_parser():
     parsed = parse_dockerfile("# syntax=docker/dockerfile:1\nFROM a AS b\n# c\nRUN x \\\n  # inner\n  && y\nUSER 1:1\n")
     assert parsed == [("FROM", "a AS b"), ("RUN", "x && y"), ("USER", "1:1")]

@@ -67,6 +67,13 @@ def test_misspelled_variable_with_service_prefix_is_refused():
         load_config(_Demo, {"DEMO_PROT": "80"})
 
 
+def test_misspelled_variable_of_a_nested_section_is_refused():
+    # A typo in a section's variable (RLHF_KAFKA_*, RLHF_PPO_* in the trainer) would otherwise be ignored silently.
+    with pytest.raises(ConfigError, match="RLHF_KAFKA_BOOTSTRAP_SERVER: unknown setting"):
+        load_config(_Demo, {"RLHF_KAFKA_BOOTSTRAP_SERVER": "localhost:9092"})
+    assert load_config(_Demo, {"RLHF_KAFKA_BOOTSTRAP_SERVERS": "localhost:9092"}).kafka.servers
+
+
 def test_overrides_win_over_environment():
     assert load_config(_Demo, {"DEMO_PORT": "80"}, port=81).port == 81
 
