@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-generations", type=int, default=4, help="GRPO group size (completions per prompt)")
     p.add_argument("--eval-prompts", type=int, default=80, help="held-out demo prompts for the reward before/after")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the contenders this many times, interleaved (ours, trl, ours, trl...); speeds are the "
+                        "median over rounds, the reward gain is the last round's (every round trains the same way)")
     p.add_argument("--store", type=Path, default=REPO / "bench-results" / "trainer" / "models",
                    help="model store with the SFT policy and RM (made by `rlhf bootstrap`'s pipeline if empty)")
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "trainer")
@@ -142,6 +145,17 @@ def run_contender(name: str, python: Path, spec_path: Path, out_dir: Path) -> di
     result = json.loads((out_dir / "result.json").read_text())
     result["process_s"] = time.monotonic() - started
     return result
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The last run, with wall and CPU seconds replaced by their medians over the runs (same work each run)."""
+    import statistics
+
+    out = dict(runs[-1])
+    for key in ("wall_s", "cpu_s", "generate_s"):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["rounds"] = [{k: r[k] for k in ("wall_s", "cpu_s", "generate_s", "samples")} for r in runs]
+    return out
 
 
 def evaluate(policy_dirs: dict[str, Path], store_root: str, rm: str, prompts: list[list[dict]], max_new_tokens: int,
@@ -272,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"policy {policy}, rm {rm}; {args.steps} batches of {args.batch_size}, minibatch {args.minibatch_size}, "
           f"{args.epochs} epochs, {args.response_length} tokens, lr {args.lr}, beta {args.kl_coef}", flush=True)
 
-    results = {}
-    for name in contenders:
-        print(f"[{name}]", flush=True)
-        results[name] = run_contender(name, pythons[name], spec_path, args.out / name)
+    rounds: dict[str, list[dict]] = {name: [] for name in contenders}
+    for round_no in range(args.rounds):
+        for name in contenders:
+            print(f"[{name}{f' round {round_no + 1}/{args.rounds}' if args.rounds > 1 else ''}]", flush=True)
+            rounds[name].append(run_contender(name, pythons[name], spec_path, args.out / name))
+    results = {name: median_run(runs) for name, runs in rounds.items()}
 
     from shared.model_store import ModelStore
 

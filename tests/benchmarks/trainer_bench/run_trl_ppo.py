@@ -7,7 +7,8 @@ Same policy, the same reward model (our RM behind the interface TRL's ``get_rewa
 ``base_model_prefix`` backbone and a ``score`` head; TRL reads it at the last non-padding token,
 the EOS, like our reward service), and like ours a value model initialised from that RM. Same
 batch (``per_device_train_batch_size`` x ``num_mini_batches``), minibatch, PPO epochs, KL
-coefficient (k1), learning rate, response length and sampling.
+coefficient (k1), learning rate, response length and sampling. TRL takes its old logprobs from
+``generate``'s scores (like our "ours-fast"), not from a second forward pass.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main(spec_path: str, out_dir: str) -> None:
                                                        tokenize=True, return_dict=False)}
             for i in range(spec.steps * spec.batch_size)]
     args = PPOConfig(
-        output_dir=str(out / "trl-output"), per_device_train_batch_size=spec.minibatch_size,
+        # TRL 1.12: batch = per_device_train_batch_size x gradient_accumulation_steps, split into
+        # num_mini_batches minibatches, one optimiser step each (a micro batch holds the whole minibatch).
+        output_dir=str(out / "trl-output"), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=1, num_mini_batches=spec.batch_size // spec.minibatch_size,
         num_ppo_epochs=spec.epochs, total_episodes=spec.steps * spec.batch_size,
         local_rollout_forward_batch_size=spec.batch_size, response_length=spec.response_length, stop_token="eos",
