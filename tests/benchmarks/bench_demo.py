@@ -70,6 +70,13 @@ def main() -> int:
                                 "cpu_s": round(time.process_time() - c0, 1), "steps_s": boot.summary["seconds"],
                                 "rm_heldout_accuracy": boot.summary["rm"].get("heldout_accuracy"),
                                 "load_average_1m": os.getloadavg()[0]}
+    elif (report_dir / "bootstrap" / "summary.json").is_file():
+        # the store was bootstrapped earlier (e.g. `rlhf bootstrap --report-dir bench-results/demo-report/bootstrap`)
+        boot_summary = json.loads((report_dir / "bootstrap" / "summary.json").read_text())
+        results["bootstrap"] = {"wall_s": boot_summary["seconds"]["total"], "cpu_s": boot_summary.get("cpu_seconds"),
+                                "steps_s": boot_summary["seconds"],
+                                "rm_heldout_accuracy": boot_summary["rm"].get("heldout_accuracy"),
+                                "reused": True}
     store = ModelStore(args.store)
     torch.set_num_threads(1)
 
