@@ -50,12 +50,11 @@ class LearnerSampler:
         ids = [learner.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in p],
                                                      add_generation_prompt=True, tokenize=True, return_dict=False)
                for p in prompts]
-        out = learner.generate(ids, max_tokens, greedy=False, seed=seed)
-        # Behaviour logprobs: the sampler's own; a constant stands in (only their use is checked here).
-        return [Sample(prompt=p, prompt_token_ids=list(i), token_ids=o, logprobs=[-1.0] * len(o),
+        out, logprobs = learner.generate(ids, max_tokens, greedy=False, seed=seed, return_logprobs=True)
+        return [Sample(prompt=p, prompt_token_ids=list(i), token_ids=o, logprobs=lp,
                        text=learner.tokenizer.decode(o, skip_special_tokens=True) or "x", finish_reason="stop",
                        policy_version=self.served[-1], policy_versions=[self.served[-1]], response_id=f"r{n}")
-                for n, (p, i, o) in enumerate(zip(prompts, ids, out))]
+                for n, (p, i, o, lp) in enumerate(zip(prompts, ids, out, logprobs))]
 
 
 class LengthScorer:
