@@ -199,20 +199,32 @@ def _read_as(where: str, hint: Any) -> Convert:
     return _identity
 
 
+# Writers check what JSON cannot hold (NaN, infinities) and convert what orjson refuses (numpy
+# floats), and otherwise hand the objects to orjson as they are: it writes dataclasses, lists and
+# strings natively. A writer returns its input itself when nothing needed converting, so the common
+# record is checked without being copied.
+
 @functools.cache
 def _writer(cls: type) -> Convert:
-    """A function turning a payload dataclass into JSON-ready data, refusing NaN and infinities."""
+    """A function making a payload dataclass JSON-ready (itself, or a dict when a field changed)."""
     hints = typing.get_type_hints(cls)
-    fields = [(f.name, _write_as(hints[f.name])) for f in dataclasses.fields(cls)]
-    plain = [name for name, write in fields if write is _identity]
-    converted = [(name, write) for name, write in fields if write is not _identity]
+    names = [f.name for f in dataclasses.fields(cls)]
+    checked = [(f.name, w) for f in dataclasses.fields(cls) if (w := _write_as(hints[f.name])) is not _identity]
+    if not checked:
+        return _identity
 
-    def write(obj: Any) -> dict[str, Any]:
-        out = {name: getattr(obj, name) for name in plain}
-        for name, convert in converted:
+    def write(obj: Any) -> Any:
+        out = None
+        for name, convert in checked:
             value = getattr(obj, name)
-            out[name] = None if value is None else convert(value)
-        return out
+            if value is None:
+                continue
+            new = convert(value)
+            if new is not value:
+                if out is None:
+                    out = {n: getattr(obj, n) for n in names}
+                out[name] = new
+        return obj if out is None else out
     return write
 
 
@@ -222,7 +234,7 @@ def _write_as(hint: Any) -> Convert:
         return _write_as([a for a in args if a is not type(None)][0])
     if origin in (list, tuple):
         item = _write_as(args[0]) if args else _checked_any
-        return (lambda value: list(value)) if item is _identity else (lambda value: [item(v) for v in value])
+        return _identity if item is _identity else functools.partial(_write_list, item)
     if dataclasses.is_dataclass(hint):
         return _writer(hint)
     if hint is float:
@@ -230,6 +242,17 @@ def _write_as(hint: Any) -> Convert:
     if hint in (int, str, bool):
         return _identity
     return _checked_any  # dict, Any, ...: whatever is inside may hold a float
+
+
+def _write_list(item: Convert, value: Any) -> Any:
+    out = None
+    for i, v in enumerate(value):
+        new = item(v)
+        if new is not v:
+            if out is None:
+                out = list(value)
+            out[i] = new
+    return value if out is None else out
 
 
 def _finite(value: Any) -> Any:
@@ -242,13 +265,20 @@ def _finite(value: Any) -> Any:
 
 
 def _checked_any(value: Any) -> Any:
-    """JSON-ready copy of free-form data (dicts, lists), refusing NaN and infinities anywhere."""
+    """Free-form data (dicts, lists) made JSON-ready, refusing NaN and infinities anywhere."""
     if isinstance(value, float):
         return _finite(value)
     if isinstance(value, dict):
-        return {k: _checked_any(v) for k, v in value.items()}
+        out = None
+        for k, v in value.items():
+            new = _checked_any(v)
+            if new is not v:
+                if out is None:
+                    out = dict(value)
+                out[k] = new
+        return value if out is None else out
     if isinstance(value, (list, tuple)):
-        return [_checked_any(v) for v in value]
+        return _write_list(_checked_any, value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _writer(type(value))(value)
     return value
