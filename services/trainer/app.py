@@ -69,7 +69,20 @@ class TrainerApp:
                 GroupConsumer, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS])
             self._start_thread(self._consumer.run, "trainer-prompts", self._on_completion, self._stop)
         self._publisher = await asyncio.to_thread(SyncPublisher, self.cfg.kafka, "trainer")
-        self.loop = await asyncio.to_thread(self._build_loop)
+        # Loading may wait a long time for a reward model to appear: a SIGTERM meanwhile ends start
+        # early (health stays NOT_SERVING) instead of being ignored until the models arrive.
+        build = asyncio.ensure_future(asyncio.to_thread(self._build_loop))
+        stop_requested = asyncio.ensure_future(self.server.wait_for_stop_request())
+        await asyncio.wait({build, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not build.done():
+            self._stop.set()
+            try:
+                await build
+            except RuntimeError:
+                log_event(log, "stopped before the models were loaded")
+                return
+        stop_requested.cancel()
+        self.loop = build.result()
         self._start_thread(self.loop.run, "trainer-loop", self._stop)
         await self.server.set_serving()
 

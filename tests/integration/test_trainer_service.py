@@ -7,6 +7,7 @@ written); rollback serves an earlier version again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -317,3 +318,42 @@ def test_a_killed_trainer_resumes_from_its_last_complete_checkpoint(own_broker, 
             proc.kill()
             proc.wait(30)
     assert "skipping unusable checkpoint" in log_path.read_text()
+
+
+def test_without_a_reward_model_the_trainer_waits_not_serving_and_stops_on_request(own_broker, tmp_path):
+    from grpc_health.v1 import health_pb2
+
+    from services.trainer.app import TrainerApp
+    from services.trainer.config import TrainerConfig
+
+    cfg = load_config(TrainerConfig, {}, grpc_port=0, metrics_port=0, kafka=own_broker.kafka,
+                      model_store=ModelStoreConfig(root=tmp_path / "empty-store"), checkpoint_dir=tmp_path / "ckpt",
+                      live_prompt_fraction=0.0)
+    loop = LoopThread()
+    try:
+        async def make():
+            return TrainerApp(cfg)  # on the loop: a grpc.aio server belongs to the loop that makes it
+
+        app = loop.run(make())
+        starting = asyncio.run_coroutine_threadsafe(app.start(), loop.loop)
+        wait_until(lambda: app.server.port > 0 and health_of(app.address) is not None, 30, "not listening")
+        assert health_of(app.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(app.address) as channel, pytest.raises(grpc.RpcError) as err:
+            trainer_pb2_grpc.TrainerServiceStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        loop.loop.call_soon_threadsafe(app.server.request_stop)     # what SIGTERM does
+        starting.result(30)                                         # start gives up waiting for models
+        loop.run(app.stop(), timeout=60)
+        assert app.loop is None
+    finally:
+        loop.close()
+
+
+def health_of(address: str):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError:
+        return None
