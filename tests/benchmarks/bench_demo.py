@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--skip-bootstrap", action="store_true", help="reuse the store's policy-0001 and rm-0001")
     ap.add_argument("--ptx", type=float, default=0.0, help="RLHF_PPO_PTX_COEF (0: plain PPO)")
     ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--ppo-lr", type=float, default=None, help="RLHF_DEMO_PPO_LR (default: the demo's)")
+    ap.add_argument("--kl-coef", type=float, default=None, help="RLHF_DEMO_KL_COEF (default: the demo's)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "demo.json")
     args = ap.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> int:
 
     setup_logging("bench-demo")
     report_dir = args.out.parent / "demo-report"
-    results: dict = {"duration_s": args.duration, "users": args.users, "ptx_coef": args.ptx}
+    results: dict = {"duration_s": args.duration, "users": args.users, "ptx_coef": args.ptx,
+                     "ppo_lr": args.ppo_lr, "kl_coef": args.kl_coef}
     if not args.skip_bootstrap:
         shutil.rmtree(args.store, ignore_errors=True)
         store = ModelStore(args.store)
@@ -91,6 +94,10 @@ def main() -> int:
                 "RLHF_PPO_PTX_COEF": str(args.ptx),
                 "RLHF_DEMO_DURATION_S": str(args.duration), "RLHF_DEMO_USERS": str(args.users),
                 "RLHF_DEMO_EVALUATE": "0", "RLHF_DEMO_REPORT_DIR": str(report_dir)})
+    if args.ppo_lr is not None:
+        env["RLHF_DEMO_PPO_LR"] = str(args.ppo_lr)
+    if args.kl_coef is not None:
+        env["RLHF_DEMO_KL_COEF"] = str(args.kl_coef)
     for d in ("demo-reward-state", "demo-checkpoints"):
         shutil.rmtree(args.store.parent / d, ignore_errors=True)
     cfg = load_config(DemoConfig, env)
