@@ -236,7 +236,9 @@ def _markdown(summary, rates, policies, rms, ppo, started_at, figures) -> str:
                   f"[{ev['win_low']:.1%}, {ev['win_high']:.1%}] on {ev['prompts']} held-out prompts x "
                   f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
                   f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}."]
-    lines += ["", "## Figures", ""]
+    lines += ["", "RM held-out accuracy: rm-0001 is measured on held-out offline rankings, later versions on "
+              "the reward learner's held-out slice of live comparisons (harder: similar responses), so the "
+              "first point is not directly comparable with the rest.", "", "## Figures", ""]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines) + "\n"
