@@ -94,8 +94,7 @@ def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Pa
 
     torch.set_num_threads(settings.torch_threads)
     started, cpu_started = time.monotonic(), time.process_time()
-    report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = _writable_report_dir(Path(report_dir))
     summary: dict = {"corpus": str(corpus), "demonstrations": str(demonstrations), "rankings": str(rankings),
                      "hf_model": str(hf_model) if hf_model else None, "seconds": {}}
     with tempfile.TemporaryDirectory(prefix="rlhf-bootstrap-") as tmp:
@@ -164,6 +163,19 @@ def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Pa
     log_event(log, "bootstrap done", policy=policy, rm=rm.version, seconds=summary["seconds"]["total"],
               cpu_seconds=summary["cpu_seconds"], report=str(report_dir))
     return BootstrapResult(policy, rm.version, summary, report_dir)
+
+
+def _writable_report_dir(wanted: Path) -> Path:
+    """``wanted``, or a fresh temporary directory when it cannot be created (a read-only root
+    filesystem, as in the Helm chart's bootstrap Job): the curves are a by-product, not worth failing for."""
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted
+    except OSError as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="rlhf-bootstrap-report-"))
+        log_event(log, "cannot write the bootstrap report where asked; writing it to a temporary directory",
+                  level=logging.WARNING, wanted=str(wanted), error=str(exc), report=str(fallback))
+        return fallback
 
 
 def _copy_hf_model(src: Path, dst: Path) -> None:
