@@ -165,7 +165,7 @@ class PPOLearner:
             raise ValueError("invalid PPOConfig: " + "; ".join(problems))
         self.config = config
         self.ctx = distributed.context()
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # sampling in generate(); the updates draw from their own seeded generator
         self.tokenizer = load_tokenizer(policy_dir)
         self.eos_token_id = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id

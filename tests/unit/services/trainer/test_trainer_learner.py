@@ -217,3 +217,28 @@ def test_generated_logprobs_match_the_learner_and_can_replace_the_recomputation(
     exact = make_learner(trainer_store)
     _, recomputed, _ = exact._prepare(rollouts)
     torch.testing.assert_close(recomputed.old_logprobs, prepared.old_logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_score_shaping_clip_and_missing_eos_penalty(trainer_store, one_thread):
+    learner = make_learner(trainer_store, score_clip=2.0, missing_eos_penalty=1.5)
+    eos = learner.tokenizer.eos_token_id
+    p = prompts(learner, 1)[0]
+    rollouts = [Rollout([], p, [40, 41, eos], None, learner.weights_version, "stop", 5.0),     # clipped to 2
+                Rollout([], p, [40, 41, 42], None, learner.weights_version, "length", 0.5),  # no EOS: 0.5 - 1.5
+                Rollout([], p, [40, eos], None, learner.weights_version, "stop", -0.5)]
+    batch, _, facts = learner._prepare(rollouts)
+    assert facts["scores"].tolist() == pytest.approx([2.0, -1.0, -0.5])
+    assert batch.ended_with_eos.tolist() == [True, False, True]
+
+
+def test_single_process_distributed_helpers_are_identity():
+    from services.trainer import distributed
+
+    ctx = distributed.context()
+    assert (ctx.rank, ctx.world_size, ctx.enabled) == (0, 1, False)
+    rows = torch.arange(10).reshape(5, 2)
+    assert distributed.shard_rows(5, ctx) == [0, 1, 2, 3, 4]
+    assert torch.equal(distributed.all_gather_rows(rows, 5, ctx), rows)
+    assert distributed.shard_rows(5, distributed.DistContext(1, 2)) == [1, 3]
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module, ctx) is module and distributed.unwrap(module) is module
