@@ -40,6 +40,7 @@ class FeedbackApp:
         follower = await asyncio.to_thread(LedgerFollower, self.cfg.kafka, self.ledger)
         self._thread = threading.Thread(target=follower.run, args=(self._stop,), name="feedback-ledger", daemon=True)
         self._thread.start()
+        await asyncio.to_thread(self.publisher.warm_up)
         while not follower.caught_up.is_set():
             await asyncio.sleep(0.05)
         await self.server.set_serving()

@@ -71,7 +71,9 @@ class LedgerFollower:
     def __init__(self, cfg: KafkaConfig, ledger: FeedbackLedger, *, metadata_timeout_s: float = 30.0):
         self.ledger = ledger
         self.caught_up = threading.Event()
-        self._consumer = confluent_kafka.Consumer(rdkafka_consumer_config(cfg, "feedback-ledger"))
+        # librdkafka's own log lines through our logging rather than its format on stderr.
+        self._consumer = confluent_kafka.Consumer(rdkafka_consumer_config(cfg, "feedback-ledger"),
+                                                  logger=get_logger("rdkafka"))
         try:
             partitions = self._wait_for_partitions(metadata_timeout_s)
             self._end = {p: self._consumer.get_watermark_offsets(TopicPartition(FEEDBACK, p),

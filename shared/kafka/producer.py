@@ -322,6 +322,17 @@ class AsyncPublisher:
                 self._producer = _RdProducer(self.cfg, self.service)
             return self._producer
 
+    def warm_up(self, timeout_s: float = 10.0) -> bool:
+        """Connect and fetch the cluster's metadata now (blocking), so that the first publish does
+        not wait for it (about 0.3 s with idempotence); False when no broker answered in time."""
+        try:
+            self._current().producer.list_topics(timeout=timeout_s)
+            return True
+        except confluent_kafka.KafkaException as exc:
+            log_event(log, "Kafka producer warm-up failed; the first publish will connect", level=30,
+                      error=str(exc))
+            return False
+
     async def publish(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
         env = envelope.wrap(payload, self.service)
         value = envelope.encode(env)

@@ -125,3 +125,18 @@ def test_a_record_without_a_delivery_report_fails_after_its_deadline_instead_of_
     ok, err, waited = asyncio.run(scenario())
     assert ok is None
     assert "no delivery report" in err and waited < 2.5
+
+
+def test_warm_up_connects_before_the_first_publish_and_reports_an_absent_broker(broker):
+    publisher = AsyncPublisher(broker.kafka, "test")
+    try:
+        assert publisher.warm_up(timeout_s=10)
+        asyncio.run(publisher.publish(FEEDBACK, rating("warm-u", 1), key="warm-u"))
+    finally:
+        publisher.close()
+    nowhere = dataclasses.replace(broker.kafka, bootstrap_servers="127.0.0.1:1")
+    absent = AsyncPublisher(nowhere, "test")
+    try:
+        assert absent.warm_up(timeout_s=1) is False
+    finally:
+        absent.close(timeout_s=0)
