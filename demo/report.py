@@ -83,14 +83,16 @@ def _plt():
 
 def plot_thumbs_up(rates: list[VersionRate], png: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.8 * len(rates)), 4.0))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 1.0 + 0.8 * len(rates))), 4.0))
     xs = range(len(rates))
     ax.bar(xs, [r.rate for r in rates], color="#4c72b0", alpha=0.8)
     ax.errorbar(xs, [r.rate for r in rates], yerr=[[r.rate - r.low for r in rates], [r.high - r.rate for r in rates]],
                 fmt="none", ecolor="black", capsize=4)
-    for x, r in zip(xs, rates):
-        ax.text(x, min(0.98, r.high + 0.02), f"n={r.responses}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [r.version for r in rates], rotation=30, ha="right")
+    if len(rates) <= 12:
+        for x, r in zip(xs, rates):
+            ax.text(x, min(0.98, r.high + 0.02), f"n={r.responses}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [r.version for r in rates], rotation=30 if len(rates) <= 12 else 90, ha="right",
+                  fontsize=8 if len(rates) > 12 else None)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("gold thumbs-up rate (95% CI)")
     ax.set_title("Gold thumbs-up rate of served responses per policy version")
@@ -101,11 +103,11 @@ def plot_thumbs_up(rates: list[VersionRate], png: Path) -> None:
 
 def plot_rm_accuracy(rms: list[dict], png: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.8 * len(rms)), 4.0))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 1.0 + 0.8 * len(rms))), 4.0))
     names = [m["version"] for m in rms]
     acc = [m["metrics"].get("heldout_accuracy", math.nan) for m in rms]
     ax.plot(range(len(rms)), acc, marker="o")
-    ax.set_xticks(range(len(rms)), names, rotation=30, ha="right")
+    ax.set_xticks(range(len(rms)), names, rotation=30 if len(rms) <= 12 else 90, ha="right")
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out pairwise accuracy")
@@ -173,7 +175,7 @@ def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], 
         kinds[r["kind"]] += 1
     first, last = (rates[0], rates[-1]) if rates else (None, None)
     summary = {
-        "duration_s": round(duration_s, 1), "interactions": len(ok), "errors": len(interactions) - len(ok),
+        "started_at": started_at, "duration_s": round(duration_s, 1), "interactions": len(ok), "errors": len(interactions) - len(ok),
         "ratings_accepted": accepted, "ratings_refused": len(ok) - accepted, "ratings_by_kind": dict(kinds),
         "policy_versions_served": [r.version for r in rates],
         "policy_versions_published": [p["version"] for p in policies if p["created_at"] >= started_at],
