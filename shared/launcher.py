@@ -65,12 +65,19 @@ class UpConfig(ConfigBase):
     """How long a service may take to report healthy (model load included)."""
     stop_timeout_s: float = 30.0
     """How long a service may take to stop after SIGTERM before it is killed."""
+    bootstrap: str = "full"
+    """What to do when the model store has no policy: "full" runs `rlhf bootstrap` (pretraining, SFT
+    and the first RM on the built-in task: minutes, with progress bars), "quick" publishes the
+    randomly initialised default model and an RM trained on the example rankings (seconds; for
+    tests and smoke runs)."""
     services: tuple[str, ...] = ALL_SERVICES
     """Which services to start (started in the order of the default list, whatever the order given).
     The gateway needs inference; the trainer needs inference and reward."""
 
     def problems(self) -> list[str]:
         out = []
+        if self.bootstrap not in ("full", "quick"):
+            out.append(f"RLHF_UP_BOOTSTRAP={self.bootstrap!r}: expected full or quick")
         unknown = [s for s in self.services if s not in ALL_SERVICES]
         if unknown:
             out.append(f"RLHF_UP_SERVICES: unknown services {unknown} (known: {', '.join(ALL_SERVICES)})")
@@ -168,13 +175,19 @@ class Stack:
             self._spawn(svc)
 
     def _ensure_models(self) -> None:
-        """A policy and, when the reward service runs, a reward model: the default small model and
-        the first RM trained on the shipped example rankings, unless the store has them already
-        (``rlhf bootstrap`` makes better ones: pretraining, SFT and the RM on the demo task)."""
+        """A policy and, when the reward service runs, a reward model, unless the store has them:
+        ``rlhf bootstrap`` (RLHF_UP_BOOTSTRAP=full) or the quick stand-ins (quick)."""
         from shared.default_model import ensure_default_policy
         from shared.model_store import ModelStore
 
         store = ModelStore(self.cfg.model_store.root)
+        if not store.versions("policy") and self.cfg.bootstrap == "full":
+            from bootstrap.pipeline import run_bootstrap
+
+            log_event(log, "empty model store: running rlhf bootstrap (pretrain, SFT, first RM; a few minutes)",
+                      store=str(store.root))
+            run_bootstrap(store)
+            return
         ensure_default_policy(store)
         if "reward" in self.cfg.services and not store.versions("rm"):
             from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm

@@ -43,6 +43,8 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         **os.environ,
         "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
         "RLHF_UP_BROKER_PORT": "0",
+        # The random default model and an RM on the example rankings: seconds, not bootstrap's minutes.
+        "RLHF_UP_BOOTSTRAP": "quick",
         "RLHF_GATEWAY_PORT": str(gateway_port),
         "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
         "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
