@@ -13,7 +13,6 @@ Lag (rlhf_reward_learner_consumer_lag{topic}) = end offsets - positions, refresh
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaConsumer, TopicPartition
@@ -21,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from services.reward import metrics
 from shared.config import KafkaConfig
 from shared.kafka.client import consumer_kwargs
-from shared.kafka.consumer import decode_or_skip
+from shared.kafka.consumer import decode_or_skip, wait_for_partitions
 from shared.kafka.topics import COMPLETIONS, FEEDBACK
 from shared.logging import get_logger, log_event
 
@@ -40,7 +39,7 @@ class LearnerFeed:
         self._consumer = KafkaConsumer(**consumer_kwargs(cfg, "reward-learner", group_id=None))
         self._parts: list[TopicPartition] = []
         for topic in self.topics:
-            self._parts += [TopicPartition(topic, p) for p in sorted(self._wait_for_partitions(topic))]
+            self._parts += [TopicPartition(topic, p) for p in sorted(wait_for_partitions(self._consumer, topic))]
         self._consumer.assign(self._parts)
         ends = self._consumer.end_offsets(self._parts)
         resumed = 0
@@ -59,15 +58,6 @@ class LearnerFeed:
                 resumed += 1
         log_event(log, "learner feed assigned", partitions=len(self._parts), resumed=resumed,
                   from_beginning=len(self._parts) - resumed)
-
-    def _wait_for_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            partitions = self._consumer.partitions_for_topic(topic)
-            if partitions:
-                return partitions
-            time.sleep(0.2)
-        raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
 
     def poll(self, ingest: Ingest) -> int:
         """Read one batch and hand its payloads with the offsets after them to ``ingest``; returns

@@ -102,6 +102,18 @@ class GroupConsumer:
             log_event(log, "commit failed; records will be replayed", level=30, error=str(exc))
 
 
+def wait_for_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 30.0) -> set[int]:
+    """The partition numbers of ``topic``, once the consumer's metadata knows them (a fresh client
+    may not yet); RuntimeError if the topic has none after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return partitions
+        time.sleep(0.2)
+    raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
+
+
 class TopicFollower:
     """Reads every partition of one topic from its current end onward, without a group."""
 
@@ -109,22 +121,13 @@ class TopicFollower:
         self.topic = topic
         self.poll_timeout_ms = poll_timeout_ms
         self._consumer = KafkaConsumer(**consumer_kwargs(cfg, service, group_id=None))
-        partitions = self._wait_for_partitions(topic)
+        partitions = wait_for_partitions(self._consumer, topic)
         self._assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
         self._consumer.assign(self._assigned)
         self._consumer.seek_to_end(*self._assigned)
         # Resolve positions now so that "from the end" means the end as of construction.
         for tp in self._assigned:
             self._consumer.position(tp)
-
-    def _wait_for_partitions(self, topic: str, timeout_s: float = 30.0) -> set[int]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            partitions = self._consumer.partitions_for_topic(topic)
-            if partitions:
-                return partitions
-            time.sleep(0.2)
-        raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
 
     def start_thread(self, handler: Handler, name: str) -> None:
         """Run the follower in a daemon thread until ``stop_thread``."""
