@@ -28,6 +28,12 @@ SERVICES = {
     "reward": "services.reward.config:RewardConfig",
     "trainer": "services.trainer.config:TrainerConfig",
 }
+# Settings that are not a service's: `rlhf up` itself and the demo's simulated users (loaded by name,
+# so that nothing here imports the demo package and its hidden rater).
+OTHER_CONFIGS = {
+    "up": "shared.launcher:UpConfig",
+    "demo": "demo.run:DemoConfig",
+}
 
 
 def _config_class(spec: str):
@@ -79,9 +85,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from shared.config import format_env_table
 
-    names = [args.service] if args.service else list(SERVICES)
+    configs = {**SERVICES, **OTHER_CONFIGS}
+    names = [args.service] if args.service else list(configs)
     for name in names:
-        print(f"## {name}\n\n{format_env_table(_config_class(SERVICES[name]))}\n")
+        print(f"## {name}\n\n{format_env_table(_config_class(configs[name]))}\n")
     return 0
 
 
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("service", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("config", help="list the environment variables of the services")
-    p.add_argument("service", nargs="?", choices=sorted(SERVICES))
+    p.add_argument("service", nargs="?", choices=sorted({**SERVICES, **OTHER_CONFIGS}))
     p.set_defaults(func=cmd_config)
     sub.add_parser("protos", help="regenerate the gRPC stubs").set_defaults(func=cmd_protos)
     argv = sys.argv[1:] if argv is None else argv
