@@ -60,12 +60,24 @@ def setup_logging(service: str, config: LoggingConfig | None = None) -> None:
     config = config or LoggingConfig()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(service, as_json=config.format == "json"))
+    # On the handler, not only as logger levels: a library's logging.config.dictConfig resets the
+    # levels of existing loggers (httpx's per-request lines then drowned the demo's progress line).
+    handler.addFilter(_quiet_chatty_libraries)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
-    # Chatty libraries: keep their warnings, drop their per-request info lines.
-    for noisy in ("kafka", "uvicorn.access", "httpx"):
+    for noisy in CHATTY_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+CHATTY_LIBRARIES = ("kafka", "uvicorn.access", "httpx")
+"""Libraries whose per-request info lines are dropped; their warnings and errors are kept."""
+
+
+def _quiet_chatty_libraries(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+        return True
+    return not any(record.name == lib or record.name.startswith(lib + ".") for lib in CHATTY_LIBRARIES)
 
 
 def get_logger(name: str) -> logging.Logger:
