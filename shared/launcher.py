@@ -147,23 +147,16 @@ class Stack:
             planned.append(ServiceProcess("inference", "services.inference", grpc_serving(inference_address),
                                           {"gRPC": inference_address}))
         if "reward" in wanted:
-            reward = load_config(RewardConfig, self.environ)
-            reward_address = f"{reward.host}:{reward.grpc_port}"
-            self.environ.setdefault("RLHF_TRAINER_REWARD_ADDRESS", reward_address)
-            planned.append(ServiceProcess("reward", "services.reward", grpc_serving(reward_address),
-                                          {"gRPC": reward_address}))
+            reward = self._grpc_service("reward", RewardConfig)
+            self.environ.setdefault("RLHF_TRAINER_REWARD_ADDRESS", reward.endpoints["gRPC"])
+            planned.append(reward)
         if "feedback" in wanted:
-            feedback = load_config(FeedbackConfig, self.environ)
-            feedback_address = f"{feedback.host}:{feedback.grpc_port}"
-            self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", feedback_address)
-            planned.append(ServiceProcess("feedback", "services.feedback", grpc_serving(feedback_address),
-                                          {"gRPC": feedback_address}))
+            feedback = self._grpc_service("feedback", FeedbackConfig)
+            self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", feedback.endpoints["gRPC"])
+            planned.append(feedback)
         if "trainer" in wanted:
             self.environ.setdefault("RLHF_TRAINER_INFERENCE_ADDRESS", inference_address)
-            trainer = load_config(TrainerConfig, self.environ)
-            trainer_address = f"{trainer.host}:{trainer.grpc_port}"
-            planned.append(ServiceProcess("trainer", "services.trainer", grpc_serving(trainer_address),
-                                          {"gRPC": trainer_address}))
+            planned.append(self._grpc_service("trainer", TrainerConfig))
         if "gateway" in wanted:
             self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", inference_address)
             gateway = load_config(GatewayConfig, self.environ)
@@ -173,6 +166,12 @@ class Stack:
                                            "feedback": f"{gateway_url}/v1/feedback"}))
         for svc in planned:
             self._spawn(svc)
+
+    def _grpc_service(self, name: str, config_cls: type) -> ServiceProcess:
+        """A gRPC service process, ready when its health check says SERVING, at its configured address."""
+        cfg = load_config(config_cls, self.environ)
+        address = f"{cfg.host}:{cfg.grpc_port}"
+        return ServiceProcess(name, f"services.{name}", grpc_serving(address), {"gRPC": address})
 
     def _ensure_models(self) -> None:
         """A policy and, when the reward service runs, a reward model, unless the store has them:
