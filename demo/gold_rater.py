@@ -12,7 +12,7 @@ a tiny model can control:
     thumb up  = correct and polite and concise
     Likert    = 1 + score * 6 / 4, rounded                    (1..7)
 
-Pairwise choices and rankings order responses by score (ties: "tie", or kept in the order given).
+Pairwise choices and rankings order responses by score (ties: "tie", or equal ranks).
 Anything that is not one of the task's questions, or an empty answer, scores 0.
 """
 
@@ -64,6 +64,14 @@ def prefer(prompt: str, response_a: str, response_b: str) -> str:
     """Pairwise choice: "a", "b" or "tie" by gold score."""
     sa, sb = judge(prompt, response_a).score, judge(prompt, response_b).score
     return "a" if sa > sb else "b" if sb > sa else "tie"
+
+
+def tie_ranks(scores_best_first: list[int]) -> list[int]:
+    """Ranks for scores listed best first, equal scores sharing a rank: [4, 3, 3] -> [1, 2, 2]."""
+    ranks: list[int] = []
+    for i, s in enumerate(scores_best_first):
+        ranks.append(ranks[-1] if i and s == scores_best_first[i - 1] else i + 1)
+    return ranks
 
 
 def rank(prompt: str, responses: list[str]) -> list[int]:

@@ -91,8 +91,10 @@ def rating_body(kind: str, prompt: str, responses: list[str], response_ids: list
     elif kind == "pairwise":
         body.update(response_ids=response_ids[:2], preferred=gold_rater.prefer(prompt, responses[0], responses[1]))
     elif kind == "ranking":
+        # Equally good answers are ranked as ties (equal ranks), as a careful labeller would.
         order = gold_rater.rank(prompt, responses)
-        body.update(response_ids=[response_ids[i] for i in order])
+        body.update(response_ids=[response_ids[i] for i in order],
+                    ranks=gold_rater.tie_ranks([gold_rater.judge(prompt, responses[i]).score for i in order]))
     else:
         raise ValueError(f"unknown rating kind {kind!r}")
     return body

@@ -118,6 +118,9 @@ class FeedbackEvent:
     """1 to 7 (kind likert)."""
     preferred: str | None = None
     """"a", "b" or "tie" (kind pairwise)."""
+    ranks: list[int] | None = None
+    """Kind ranking, when it has ties: the rank of each response in ``responses`` (1 = best, equal
+    ranks equally good, non-decreasing). None: strictly best first."""
     comment: str = ""
     tags: list[str] = field(default_factory=list)
     idempotency_key: str = ""

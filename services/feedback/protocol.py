@@ -25,6 +25,8 @@ class Submission:
     thumb: str | None = None
     score: int | None = None
     preferred: str | None = None
+    ranks: list[int] | None = None
+    """Ranking with ties: the rank of each response (1 = best; equal = tie). None: strictly best first."""
     comment: str = ""
     tags: list[str] = field(default_factory=list)
     idempotency_key: str = ""

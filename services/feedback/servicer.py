@@ -27,7 +27,8 @@ def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission
         p = msg.pairwise
         return Submission("pairwise", [p.response_id_a, p.response_id_b], preferred=p.preferred, **common)
     if kind == "ranking":
-        return Submission("ranking", list(msg.ranking.response_ids), **common)
+        return Submission("ranking", list(msg.ranking.response_ids), ranks=list(msg.ranking.ranks) or None,
+                          **common)
     return Submission(kind, [], **common)
 
 

@@ -105,8 +105,11 @@ def check(sub: Submission, max_comment_chars: int) -> None:
         raise InvalidArgument(f"score must be an integer from 1 to 7, got {sub.score!r}", param="score")
     if sub.kind == "pairwise" and sub.preferred not in PREFERENCES:
         raise InvalidArgument(f"preferred must be 'a', 'b' or 'tie', got {sub.preferred!r}", param="preferred")
-    for name, value in (("thumb", sub.thumb), ("score", sub.score), ("preferred", sub.preferred)):
-        owner = {"thumb": "thumb", "score": "likert", "preferred": "pairwise"}[name]
+    if sub.kind == "ranking" and sub.ranks is not None:
+        check_ranks(sub.ranks, len(ids))
+    for name, value in (("thumb", sub.thumb), ("score", sub.score), ("preferred", sub.preferred),
+                        ("ranks", sub.ranks)):
+        owner = {"thumb": "thumb", "score": "likert", "preferred": "pairwise", "ranks": "ranking"}[name]
         if value is not None and sub.kind != owner:
             raise InvalidArgument(f"{name} belongs to {owner} ratings, not {sub.kind}", param=name)
     if len(sub.comment) > max_comment_chars:
@@ -116,6 +119,17 @@ def check(sub: Submission, max_comment_chars: int) -> None:
     unknown = [t for t in sub.tags if t not in TAGS]
     if unknown:
         raise InvalidArgument(f"unknown tag {unknown[0]!r}; known tags: {', '.join(TAGS)}", param="tags")
+
+
+def check_ranks(ranks: list[int], n: int) -> None:
+    """Ties in a ranking: one rank per response, positive, non-decreasing (best first)."""
+    if len(ranks) != n:
+        raise InvalidArgument(f"ranks needs one rank per response id ({n}), got {len(ranks)}", param="ranks")
+    if any(type(r) is not int or r < 1 for r in ranks):
+        raise InvalidArgument("ranks must be positive integers (1 = best)", param="ranks")
+    if any(b < a for a, b in zip(ranks, ranks[1:])):
+        raise InvalidArgument(f"ranks must not decrease (response_ids are listed best first), got {ranks}",
+                              param="ranks")
 
 
 def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]:
@@ -141,7 +155,8 @@ def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]
 
 def same_vote(ev: FeedbackEvent, sub: Submission) -> bool:
     return ([r.response_id for r in ev.responses] == sub.response_ids and ev.thumb == sub.thumb
-            and ev.score == sub.score and ev.preferred == sub.preferred and ev.comment == sub.comment
+            and ev.score == sub.score and ev.preferred == sub.preferred and ev.ranks == sub.ranks
+            and ev.comment == sub.comment
             and ev.tags == sub.tags)
 
 
@@ -181,7 +196,8 @@ class FeedbackServing:
             event = FeedbackEvent(
                 feedback_id=feedback_id(sub.user_id, intent), kind=sub.kind, user_id=sub.user_id, target=target,
                 revision=revision, supersedes=live.feedback_id if live else None, responses=rated,
-                thumb=sub.thumb, score=sub.score, preferred=sub.preferred, comment=sub.comment, tags=sub.tags,
+                thumb=sub.thumb, score=sub.score, preferred=sub.preferred, ranks=sub.ranks, comment=sub.comment,
+                tags=sub.tags,
                 idempotency_key=sub.idempotency_key, received_at=now)
             started = time.perf_counter()
             try:
@@ -225,4 +241,6 @@ class FeedbackServing:
 
 def raw_digest(sub: Submission) -> str:
     text = f"{sub.response_ids}|{sub.thumb}|{sub.score}|{sub.preferred}|{sub.comment}|{sub.tags}"
+    if sub.ranks is not None:  # appended only when present: digests of rankings without ties stay as they were
+        text += f"|{sub.ranks}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]

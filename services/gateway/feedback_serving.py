@@ -118,6 +118,8 @@ def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> f
         feedback_tokens=req.feedback_tokens, user_id=req.user, comment=req.comment, tags=req.tags,
         idempotency_key=req.idempotency_key or idempotency_header or "")
     ids = req.response_ids or []
+    if req.ranks is not None and req.type != "ranking":
+        raise InvalidArgument(f"ranks belongs to ranking ratings, not {req.type}", param="ranks")
     if req.type == "thumb":
         # An unknown thumb value maps to THUMB_UNSPECIFIED, which the service refuses by name.
         msg.thumb.CopyFrom(feedback_pb2.ThumbRating(response_id=req.response_id or "",
@@ -133,7 +135,10 @@ def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> f
         msg.pairwise.CopyFrom(feedback_pb2.PairwiseChoice(response_id_a=ids[0], response_id_b=ids[1],
                                                           preferred=req.preferred or ""))
     elif req.type == "ranking":
-        msg.ranking.CopyFrom(feedback_pb2.Ranking(response_ids=ids))
+        ranks = req.ranks or []
+        if any(not 1 <= r <= 1000 for r in ranks):  # uint32 on the wire; the service checks the rest
+            raise InvalidArgument("ranks must be positive integers (1 = best)", param="ranks")
+        msg.ranking.CopyFrom(feedback_pb2.Ranking(response_ids=ids, ranks=ranks))
     else:
         raise InvalidArgument(f"type must be thumb, likert, pairwise or ranking, got {req.type!r}", param="type")
     return msg

@@ -158,7 +158,8 @@ class FeedbackRequest(BaseModel):
     - thumb: ``response_id``, ``thumb`` ("up" | "down")
     - likert: ``response_id``, ``score`` (1-7)
     - pairwise: ``response_ids`` [a, b], ``preferred`` ("a" | "b" | "tie")
-    - ranking: ``response_ids`` (2-9, best first)
+    - ranking: ``response_ids`` (2-9, best first), optionally ``ranks`` for ties: the rank of each
+      (1 = best, equal ranks equally good, non-decreasing), e.g. [1, 2, 2]
 
     Always ``feedback_tokens`` (the token of every rated response) and ``user``; optionally
     ``comment``, ``tags`` and ``idempotency_key`` (or the Idempotency-Key header). Values are
@@ -175,6 +176,7 @@ class FeedbackRequest(BaseModel):
     thumb: str | None = None
     score: StrictInt | None = None
     preferred: str | None = None
+    ranks: list[StrictInt] | None = None
     comment: str = ""
     tags: list[str] = Field(default_factory=list)
     idempotency_key: str = ""

@@ -4,7 +4,8 @@ Only the latest revision of each rating counts (``latest_revisions``): a user wh
 replaces it. Then each kind becomes comparison groups (one group = one batch element of the loss,
 its pairs averaged, see losses.py) or pointwise examples:
 
-ranking   one group: all C(K,2) pairs of the K responses, best first.
+ranking   one group: all C(K,2) pairs of the K responses, best first; with ties (``ranks``) only
+          the pairs of different ranks (all tied: no pair, skipped as "ranking_all_tied").
 pairwise  one group with one pair; a tie gives no pair and is skipped (the Bradley-Terry loss has
           no term for "equally good", and InstructGPT drops ties too).
 thumb     per user and prompt (same prompt_hash): every up-rated response beats every down-rated
@@ -18,6 +19,10 @@ likert    per user and prompt: a higher score beats a lower one, all those pairs
 Thumbs and Likert scores are never compared with each other, nor across users (scales differ).
 ``join_texts`` then replaces response ids by the conversation and response text the RM reads,
 from the completion events; a group with an unknown response is held back (counted as skipped).
+A pair of two responses with the same text is dropped there ("identical_responses"): it can only
+be a tie ranked one way by chance, and no reward model can learn it; a sampled policy often
+answers the same prompt twice word for word, so these pairs would otherwise swamp the others
+(counted in ``skipped["identical_response_pairs"]``, in pairs, not ratings).
 """
 
 from __future__ import annotations
@@ -93,8 +98,12 @@ def latest_revisions(events: Iterable[FeedbackEvent]) -> list[FeedbackEvent]:
     return list(best.values())
 
 
-def ranking_pairs(k: int) -> tuple[tuple[int, int], ...]:
-    return tuple((i, j) for i in range(k) for j in range(i + 1, k))
+def ranking_pairs(k: int, ranks: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
+    """(winner, loser) positions of a ranking listed best first: every pair, or with ``ranks``
+    (ties) every pair of different ranks."""
+    if ranks is None:
+        return tuple((i, j) for i in range(k) for j in range(i + 1, k))
+    return pairs_from_values([-r for r in ranks])
 
 
 def pairs_from_values(values: Sequence[float]) -> tuple[tuple[int, int], ...]:
@@ -117,10 +126,14 @@ def examples_from_feedback(events: Iterable[FeedbackEvent]) -> TrainingExamples:
     for ev in latest_revisions(events):
         ids = [r.response_id for r in ev.responses]
         if ev.kind == "ranking":
-            if len(ids) < 2 or len(set(ids)) != len(ids):
+            if len(ids) < 2 or len(set(ids)) != len(ids) or (ev.ranks is not None and len(ev.ranks) != len(ids)):
                 out.skipped["malformed"] += 1
                 continue
-            out.groups.append(ComparisonGroup(tuple(ids), ranking_pairs(len(ids)), "ranking", ev.user_id))
+            pairs = ranking_pairs(len(ids), ev.ranks)
+            if not pairs:
+                out.skipped["ranking_all_tied"] += 1
+                continue
+            out.groups.append(ComparisonGroup(tuple(ids), pairs, "ranking", ev.user_id))
         elif ev.kind == "pairwise":
             if len(ids) != 2 or ids[0] == ids[1] or ev.preferred not in ("a", "b", "tie"):
                 out.skipped["malformed"] += 1
@@ -157,6 +170,18 @@ def examples_from_feedback(events: Iterable[FeedbackEvent]) -> TrainingExamples:
     return out
 
 
+def without_identical_pairs(group: ComparisonGroup) -> ComparisonGroup | None:
+    """``group`` without its pairs of two Samples with the same conversation and response text
+    (None when no pair is left)."""
+    def text(s: Sample) -> tuple:
+        return (tuple((m.role, m.content) for m in s.messages), s.response)
+
+    pairs = tuple((w, lo) for w, lo in group.pairs if text(group.responses[w]) != text(group.responses[lo]))
+    if len(pairs) == len(group.pairs):
+        return group
+    return ComparisonGroup(group.responses, pairs, group.source, group.user_id) if pairs else None
+
+
 def join_texts(examples: TrainingExamples, completions: Mapping[str, Any]) -> TrainingExamples:
     """Replace response ids by Samples from ``completions`` (response_id -> CompletionEvent-like
     object with ``messages``, ``completion_text`` and ``policy_version``).
@@ -178,7 +203,11 @@ def join_texts(examples: TrainingExamples, completions: Mapping[str, Any]) -> Tr
         if any(s is None for s in samples):
             out.skipped["missing_completion"] += 1
             continue
-        out.groups.append(ComparisonGroup(tuple(samples), g.pairs, g.source, g.user_id))
+        group = without_identical_pairs(ComparisonGroup(tuple(samples), g.pairs, g.source, g.user_id))
+        if dropped := len(g.pairs) - (len(group.pairs) if group else 0):
+            out.skipped["identical_response_pairs"] += dropped
+        if group is not None:
+            out.groups.append(group)
     for p in examples.pointwise:
         s = sample(p.response)
         if s is None:

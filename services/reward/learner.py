@@ -237,7 +237,8 @@ class ContinualLearner:
 
         events = [v.event for v in ready]
         joined = join_texts(examples_from_feedback(events), texts)
-        for reason in ("pairwise_tie", "likert_without_contrast", "malformed", "unknown_kind"):
+        for reason in ("pairwise_tie", "ranking_all_tied", "likert_without_contrast", "identical_response_pairs",
+                       "malformed", "unknown_kind"):
             metrics.VOTES_UNUSED.labels(reason).set(joined.skipped.get(reason, 0))
         prompt_of = {r.response_id: r.prompt_hash or r.response_id for ev in events for r in ev.responses}
         rated_at = {(ev.user_id, r.response_id): ev.received_at for ev in events for r in ev.responses}

@@ -26,7 +26,8 @@ COMPARISONS_REPLAYED = Counter("rlhf_reward_learner_comparisons_replayed_total",
                                "Older comparisons mixed into training rounds from the replay buffer")
 VOTES_PENDING = Gauge("rlhf_reward_learner_votes_pending", "Live votes waiting for their completions")
 VOTES_UNUSED = Gauge("rlhf_reward_learner_votes_unused", "Live votes that give no training example, by reason "
-                     "(pairwise ties, Likert scores without contrast, malformed)", ["reason"])
+                     "(pairwise ties, all-tied rankings, Likert scores without contrast, malformed; "
+                     "identical_response_pairs counts pairs of word-for-word equal answers)", ["reason"])
 VOTES_DROPPED = Counter("rlhf_reward_learner_votes_dropped_total",
                         "Votes dropped because a rated completion never arrived within the pending timeout")
 ROUNDS = Counter("rlhf_reward_learner_rounds_total", "Training rounds by outcome", ["outcome"])

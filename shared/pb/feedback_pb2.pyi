@@ -43,10 +43,12 @@ class PairwiseChoice(_message.Message):
     def __init__(self, response_id_a: _Optional[str] = ..., response_id_b: _Optional[str] = ..., preferred: _Optional[str] = ...) -> None: ...
 
 class Ranking(_message.Message):
-    __slots__ = ("response_ids",)
+    __slots__ = ("response_ids", "ranks")
     RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
     response_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, response_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, response_ids: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitFeedbackRequest(_message.Message):
     __slots__ = ("thumb", "likert", "pairwise", "ranking", "feedback_tokens", "comment", "tags", "idempotency_key", "user_id")

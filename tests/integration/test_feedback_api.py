@@ -66,6 +66,7 @@ def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack)
          "tags": ["hallucination"]},
         {"type": "pairwise", "response_ids": [a, c], "preferred": "b", "feedback_tokens": [tc, ta]},
         {"type": "ranking", "response_ids": [d, c, b, a], "feedback_tokens": [ta, tb, tc, td]},
+        {"type": "ranking", "response_ids": [a, b, c], "ranks": [1, 2, 2], "feedback_tokens": [ta, tb, tc]},
     ]
     ids = {}
     for body in bodies:
@@ -73,7 +74,7 @@ def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack)
         assert r.status_code == 200, r.text
         assert r.json()["revision"] == 1 and r.json()["duplicate"] is False
         ids[r.json()["feedback_id"]] = body
-    events = {e.payload.feedback_id: e.payload for e in feedback_events(stack, set(ids), count=4)}
+    events = {e.payload.feedback_id: e.payload for e in feedback_events(stack, set(ids), count=5)}
     assert set(events) == set(ids)
     ph = prompt_hash([("user", "What is 3 plus 4?")])
     for fid, body in ids.items():
@@ -83,6 +84,8 @@ def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack)
         assert [r.response_id for r in ev.responses] == expected_ids
         assert {r.policy_version for r in ev.responses} == {resp.model_extra["policy_version"]}
         assert {r.prompt_hash for r in ev.responses} == {ph}
+    for fid, body in ids.items():
+        assert events[fid].ranks == body.get("ranks")  # None unless the ranking has ties
     by_kind = {e.kind: e for e in events.values()}
     assert by_kind["thumb"].thumb == "up" and by_kind["likert"].score == 6
     assert by_kind["likert"].comment == "clear" and by_kind["likert"].tags == ["hallucination"]
@@ -202,8 +205,12 @@ def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
     assert r.status_code == 400 and r.json()["error"]["param"] == "score"
     r = rate(stack.url, b'{"type": "thumb", "user": "' + marker.encode() + b'", ')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    dead = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: marker in e.payload.raw, count=2)
-    assert sorted(e.payload.param or "" for e in dead) == ["", "score"]
+    _, [(b, tb), (c, tc)] = chat(stack, "Hello again?", n=2)
+    r = rate(stack.url, {"type": "ranking", "response_ids": [b, c], "ranks": [2, 1], "feedback_tokens": [tb, tc],
+                         "user": marker})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ranks", r.text
+    dead = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: marker in e.payload.raw, count=3)
+    assert sorted(e.payload.param or "" for e in dead) == ["", "ranks", "score"]
     assert all(e.payload.reason for e in dead)
     assert end_offsets(stack.kafka, FEEDBACK) == before
 
@@ -211,8 +218,8 @@ def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=4), max_leaves=12)
-FIELDS = ["type", "user", "feedback_tokens", "response_id", "response_ids", "thumb", "score", "preferred", "comment",
-          "tags", "idempotency_key", "extra"]
+FIELDS = ["type", "user", "feedback_tokens", "response_id", "response_ids", "thumb", "score", "preferred", "ranks",
+          "comment", "tags", "idempotency_key", "extra"]
 PAYLOADS = st.one_of(
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(lambda d: json.dumps(d).encode()),
@@ -220,6 +227,7 @@ PAYLOADS = st.one_of(
                            "user": st.text(max_size=200), "feedback_tokens": st.lists(st.text(max_size=60), max_size=3),
                            "response_id": st.text(max_size=40), "response_ids": st.lists(st.text(max_size=10)),
                            "score": st.integers(-(2**40), 2**40), "thumb": st.text(max_size=6),
+                           "ranks": st.lists(st.integers(-(2**40), 2**40), max_size=4),
                            "tags": st.lists(st.text(max_size=15), max_size=8)}).map(lambda d: json.dumps(d).encode()),
     st.binary(max_size=300),
 )

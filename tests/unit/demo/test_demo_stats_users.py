@@ -80,8 +80,18 @@ def test_rating_bodies_follow_the_gold_rater_and_the_feedback_schema(kind):
     FeedbackRequest.model_validate(body)  # the gateway's own schema accepts it
     assert body["feedback_tokens"] == [f"tok-{i}" for i in ids] and body["user"] == "sim-user-0"
     expected = {"thumb": {"thumb": "down"}, "likert": {"score": 3}, "pairwise": {"preferred": "b"},
-                "ranking": {"response_ids": ["resp-1", "resp-2", "resp-0"]}}[kind]
+                "ranking": {"response_ids": ["resp-1", "resp-2", "resp-0"], "ranks": [1, 2, 3]}}[kind]
     assert {k: body[k] for k in expected} == expected
+
+
+def test_a_ranking_of_equally_good_answers_sends_them_as_ties():
+    from services.gateway.protocol import FeedbackRequest
+
+    responses = ["2 plus 2 is 4.", "2 plus 2 is 4. I hope this helps.", "2 plus 2 is 4. I hope this helps."]
+    body = rating_body("ranking", "What is 2 plus 2?", responses, ["r0", "r1", "r2"], ["t0", "t1", "t2"], "u",
+                       random.Random(0))
+    FeedbackRequest.model_validate(body)
+    assert body["response_ids"] == ["r1", "r2", "r0"] and body["ranks"] == [1, 1, 3]
 
 
 def test_user_mix_follows_its_weights():

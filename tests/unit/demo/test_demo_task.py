@@ -111,3 +111,9 @@ def test_rankings_are_strict_gold_orders_in_the_offline_rm_format():
         doc = json.loads(line)
         scores = [gold_rater.judge(doc["prompt"][0]["content"], doc["responses"][i]).score for i in doc["ranking"]]
         assert all(a > b for a, b in zip(scores, scores[1:]))
+
+
+@pytest.mark.parametrize("scores, ranks", [([4, 3, 3], [1, 2, 2]), ([4, 4, 1], [1, 1, 3]), ([2, 1, 0], [1, 2, 3]),
+                                           ([3, 3, 3], [1, 1, 1])])
+def test_tie_ranks_share_a_rank_between_equal_scores(scores, ranks):
+    assert gold_rater.tie_ranks(scores) == ranks

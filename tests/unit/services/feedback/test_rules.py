@@ -29,6 +29,8 @@ def sub(kind="thumb", ids=("r1",), **over) -> Submission:
 @pytest.mark.parametrize("s", [
     sub(), sub("likert", score=1), sub("likert", score=7), sub("pairwise", ("r1", "r2"), preferred="tie"),
     sub("ranking", ("r1", "r2")), sub("ranking", tuple(f"r{i}" for i in range(9))),
+    sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2, 2]), sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 1]),
+    sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 3]),
     sub(comment="x" * 2000, tags=["hallucination", "harmful"]),
 ])
 def test_valid_submissions_pass(s):
@@ -47,6 +49,10 @@ def test_valid_submissions_pass(s):
     (sub("ranking", ("r1",)), "response_ids"),
     (sub("ranking", tuple(f"r{i}" for i in range(10))), "response_ids"),
     (sub("ranking", ("r1", "r1")), "response_ids"),
+    (sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2]), "ranks"),           # one rank per response
+    (sub("ranking", ("r1", "r2"), ranks=[2, 1]), "ranks"),                 # listed best first
+    (sub("ranking", ("r1", "r2"), ranks=[0, 1]), "ranks"),                 # 1 = best
+    (sub(ranks=[1]), "ranks"),                                             # only rankings have ranks
     (sub(comment="x" * 2001), "comment"),
     (sub(tags=["nice"]), "tags"),
     (sub(tags=["harmful", "harmful"]), "tags"),
@@ -107,6 +113,7 @@ def test_same_vote_compares_every_part_of_the_verdict():
     assert same_vote(ev, sub())
     assert not same_vote(ev, sub(thumb="down"))
     assert not same_vote(ev, sub(comment="now with a comment"))
+    assert not same_vote(ev, sub(ranks=[1]))
 
 
 def test_feedback_id_is_deterministic_per_user_and_intent():

@@ -54,6 +54,33 @@ def test_a_ranking_is_one_group_with_all_k_choose_2_pairs():
     assert pairs_by_id(g) == {("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")}
 
 
+@pytest.mark.parametrize("ranks, expected", [
+    ([1, 2, 2], {("a", "b"), ("a", "c")}),
+    ([1, 1, 3], {("a", "c"), ("b", "c")}),
+    ([1, 2, 3], {("a", "b"), ("a", "c"), ("b", "c")}),
+])
+def test_a_ranking_with_ties_compares_only_different_ranks(ranks, expected):
+    [g] = examples_from_feedback([fb("ranking", ["a", "b", "c"], ranks=ranks)]).groups
+    assert pairs_by_id(g) == expected
+
+
+def test_a_ranking_of_all_ties_gives_no_group_and_is_counted():
+    ex = examples_from_feedback([fb("ranking", ["a", "b", "c"], ranks=[1, 1, 1])])
+    assert ex.groups == [] and ex.skipped["ranking_all_tied"] == 1
+
+
+def test_pairs_of_word_for_word_equal_answers_are_dropped_when_texts_are_joined():
+    # A ranking of [same, same, other]: the "same" > "same" pair carries no preference.
+    ex = examples_from_feedback([fb("ranking", ["a", "b", "c"]), fb("pairwise", ["d", "e"], preferred="a")])
+    texts = {"a": "7. I hope this helps.", "b": "7. I hope this helps.", "c": "8.", "d": "7.", "e": "7."}
+    completions = {rid: completion(rid, text) for rid, text in texts.items()}
+    joined = join_texts(ex, completions)
+    [g] = joined.groups  # the pairwise vote between two equal answers is gone entirely
+    assert {(g.responses[w].response, g.responses[lo].response) for w, lo in g.pairs} == {
+        ("7. I hope this helps.", "8."), ("7. I hope this helps.", "8.")}
+    assert len(g.pairs) == 2 and joined.skipped["identical_response_pairs"] == 2
+
+
 @pytest.mark.parametrize("preferred, expected", [("a", {("x", "y")}), ("b", {("y", "x")})])
 def test_pairwise_gives_one_pair(preferred, expected):
     [g] = examples_from_feedback([fb("pairwise", ["x", "y"], preferred=preferred)]).groups
@@ -121,13 +148,14 @@ def test_a_changed_vote_replaces_the_old_one_before_pairing():
     assert {(p.response, p.label) for p in ex.pointwise} == {("r1", 1.0), ("r2", 1.0)}
 
 
-def test_join_texts_attaches_conversations_and_holds_back_unknown_responses():
-    def completion(rid, text):
-        return CompletionEvent(request_id="q", response_id=rid, index=0, n=1, policy_version="policy-0001",
-                               model="m", source="user", messages=[Message("user", "What is 2 plus 2?")],
-                               prompt_token_ids=[], completion_text=text, token_ids=[], logprobs=None,
-                               finish_reason="stop", sampling={}, timings=Timings(0, 0, 0), created_at=0)
+def completion(rid, text):
+    return CompletionEvent(request_id="q", response_id=rid, index=0, n=1, policy_version="policy-0001",
+                           model="m", source="user", messages=[Message("user", "What is 2 plus 2?")],
+                           prompt_token_ids=[], completion_text=text, token_ids=[], logprobs=None,
+                           finish_reason="stop", sampling={}, timings=Timings(0, 0, 0), created_at=0)
 
+
+def test_join_texts_attaches_conversations_and_holds_back_unknown_responses():
     ex = examples_from_feedback([fb("ranking", ["a", "b"]), fb("ranking", ["a", "zz"]), thumb("b", "down", prompt="p9")])
     joined = join_texts(ex, {"a": completion("a", "4"), "b": completion("b", "5")})
     [g] = joined.groups
