@@ -8,6 +8,7 @@ vote changes from before a restart are recognised.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 from services.feedback.config import FeedbackConfig
@@ -23,7 +24,7 @@ class FeedbackApp:
     def __init__(self, cfg: FeedbackConfig):
         self.cfg = cfg
         self.ledger = FeedbackLedger()
-        self.publisher = AsyncPublisher(cfg.kafka, "feedback")
+        self.publisher = AsyncPublisher(cfg.kafka, "feedback", linger_ms=cfg.publish_linger_ms)
         self.dlq = EventPublisher(cfg.kafka, "feedback")
         self.serving = FeedbackServing(cfg, self.publisher, self.dlq, self.ledger)
         self.server = GrpcServer("FeedbackService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
@@ -43,6 +44,11 @@ class FeedbackApp:
         await asyncio.to_thread(self.publisher.warm_up)
         while not follower.caught_up.is_set():
             await asyncio.sleep(0.05)
+        # What exists now (modules, the rebuilt ledger) lives as long as the process: frozen out of
+        # the garbage collector's sight, a full collection walks only what came since. Unfrozen, each
+        # one stalled every rating in flight for ~50 ms (the p99 of the feedback path).
+        gc.collect()
+        gc.freeze()
         await self.server.set_serving()
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import confluent_kafka
 import orjson
@@ -23,13 +24,39 @@ from shared.logging import get_logger, log_event
 log = get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class LiveVote:
+    """What accepting a new rating needs of a user's live vote on a target.
+
+    Kept small on purpose: the ledger holds one per vote for the life of the process, and holding
+    the whole FeedbackEvent (its list, RatedResponse objects, dicts) made every full garbage
+    collection walk several objects per vote, stalling the service for tens of milliseconds once it
+    held some 100,000 votes. Tuples of strings and numbers are not even tracked by the collector.
+    """
+
+    feedback_id: str
+    revision: int
+    response_ids: tuple[str, ...]
+    thumb: str | None
+    score: int | None
+    preferred: str | None
+    ranks: tuple[int, ...] | None
+    comment: str
+    tags: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ev: FeedbackEvent) -> "LiveVote":
+        return cls(ev.feedback_id, ev.revision, tuple(r.response_id for r in ev.responses), ev.thumb, ev.score,
+                   ev.preferred, tuple(ev.ranks) if ev.ranks is not None else None, ev.comment, tuple(ev.tags))
+
+
 class FeedbackLedger:
     """Thread-safe: applied from the tailing thread and from the service after its own writes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen_ids: set[str] = set()
-        self._live: dict[tuple[str, str], FeedbackEvent] = {}
+        self._live: dict[tuple[str, str], LiveVote] = {}
         self._by_key: dict[tuple[str, str], SubmitResult] = {}
 
     def apply(self, ev: FeedbackEvent) -> None:
@@ -42,7 +69,7 @@ class FeedbackLedger:
                 self._by_key[(ev.user_id, ev.idempotency_key)] = SubmitResult(ev.feedback_id, ev.revision, True)
             current = self._live.get((ev.user_id, ev.target))
             if current is None or ev.revision > current.revision:
-                self._live[(ev.user_id, ev.target)] = ev
+                self._live[(ev.user_id, ev.target)] = LiveVote.of(ev)
 
     def has(self, feedback_id: str) -> bool:
         with self._lock:
@@ -52,7 +79,7 @@ class FeedbackLedger:
         with self._lock:
             return self._by_key.get((user_id, key))
 
-    def live(self, user_id: str, target: str) -> FeedbackEvent | None:
+    def live(self, user_id: str, target: str) -> LiveVote | None:
         with self._lock:
             return self._live.get((user_id, target))
 

@@ -37,7 +37,7 @@ class Submission:
         return f"{self.kind}:{','.join(sorted(self.response_ids))}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SubmitResult:
     feedback_id: str
     revision: int

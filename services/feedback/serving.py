@@ -7,13 +7,14 @@ Transport-free: the gRPC servicer only converts to and from these calls.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import time
 from collections.abc import Callable
 
 from services.feedback import metrics
 from services.feedback.config import FeedbackConfig
-from services.feedback.ledger import FeedbackLedger
+from services.feedback.ledger import FeedbackLedger, LiveVote
 from services.feedback.protocol import (
     KINDS,
     MAX_ID_CHARS,
@@ -40,11 +41,47 @@ MAX_BATCH = 1000
 
 
 class KeyedLocks:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+    """One lock per key, dropped when nobody holds or waits for it.
+
+    ``try_acquire`` takes a free key at once, without awaiting, so a batch can take the keys of all
+    its ratings in one pass instead of running a task per rating; ``hold`` waits for a busy one.
+    """
 
     def __init__(self) -> None:
-        self._locks: dict[object, asyncio.Lock] = {}
-        self._users: dict[object, int] = {}
+        # A key is held while it is in here; its deque holds the waiters, first come first served.
+        self._waiters: dict[object, collections.deque[asyncio.Future]] = {}
+
+    def __len__(self) -> int:
+        """Keys held now."""
+        return len(self._waiters)
+
+    def try_acquire(self, key: object) -> bool:
+        if key in self._waiters:
+            return False
+        self._waiters[key] = collections.deque()
+        return True
+
+    async def acquire(self, key: object) -> None:
+        if self.try_acquire(key):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[key].append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # the key was handed over just as this waiter was cancelled: pass it on
+            raise
+
+    def release(self, key: object) -> None:
+        """Hand the key to its next waiter, or drop it."""
+        waiters = self._waiters[key]
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled waiter is skipped
+                waiter.set_result(None)
+                return
+        del self._waiters[key]
 
     def hold(self, key: object) -> "_Held":
         """``async with locks.hold(key):`` runs the block alone among holders of the same key."""
@@ -61,26 +98,10 @@ class _Held:
         self.key = key
 
     async def __aenter__(self) -> None:
-        locks = self.locks
-        lock = locks._locks.get(self.key)
-        if lock is None:
-            lock = locks._locks[self.key] = asyncio.Lock()
-        locks._users[self.key] = locks._users.get(self.key, 0) + 1
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._leave()
-            raise
+        await self.locks.acquire(self.key)
 
     async def __aexit__(self, *exc: object) -> None:
-        self.locks._locks[self.key].release()
-        self._leave()
-
-    def _leave(self) -> None:
-        locks = self.locks
-        locks._users[self.key] -= 1
-        if not locks._users[self.key]:
-            del locks._users[self.key], locks._locks[self.key]
+        self.locks.release(self.key)
 
 
 def check(sub: Submission, max_comment_chars: int) -> None:
@@ -153,11 +174,11 @@ def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]
     return rated
 
 
-def same_vote(ev: FeedbackEvent, sub: Submission) -> bool:
-    return ([r.response_id for r in ev.responses] == sub.response_ids and ev.thumb == sub.thumb
-            and ev.score == sub.score and ev.preferred == sub.preferred and ev.ranks == sub.ranks
-            and ev.comment == sub.comment
-            and ev.tags == sub.tags)
+def same_vote(live: LiveVote, sub: Submission) -> bool:
+    return (live.response_ids == tuple(sub.response_ids) and live.thumb == sub.thumb and live.score == sub.score
+            and live.preferred == sub.preferred
+            and live.ranks == (tuple(sub.ranks) if sub.ranks is not None else None)
+            and live.comment == sub.comment and live.tags == tuple(sub.tags))
 
 
 def feedback_id(user_id: str, intent: str) -> str:
@@ -176,67 +197,152 @@ class FeedbackServing:
     async def submit(self, sub: Submission, raw: Callable[[], str]) -> SubmitResult:
         """Store one rating; ``raw`` renders the submission as received, for a dead-letter copy."""
         now = time.time()
-        try:
-            check(sub, self.cfg.max_comment_chars)
-            rated = bind_tokens(sub, self.cfg.token.secret, now)
-        except RlhfError as exc:
-            self.reject(raw(), exc.message, exc.param)
-            raise
-        target = sub.target
-        async with self._locks.hold((sub.user_id, target)):
-            if sub.idempotency_key and (seen := self.ledger.by_key(sub.user_id, sub.idempotency_key)):
-                metrics.DUPLICATES.inc()
-                return seen
-            live = self.ledger.live(sub.user_id, target)
-            if live is not None and same_vote(live, sub):
-                metrics.DUPLICATES.inc()
-                return SubmitResult(live.feedback_id, live.revision, duplicate=True)
-            revision = live.revision + 1 if live else 1
-            intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
-            event = FeedbackEvent(
-                feedback_id=feedback_id(sub.user_id, intent), kind=sub.kind, user_id=sub.user_id, target=target,
-                revision=revision, supersedes=live.feedback_id if live else None, responses=rated,
-                thumb=sub.thumb, score=sub.score, preferred=sub.preferred, ranks=sub.ranks, comment=sub.comment,
-                tags=sub.tags,
-                idempotency_key=sub.idempotency_key, received_at=now)
+        rated = self._validated(sub, raw, now)
+        async with self._locks.hold((sub.user_id, sub.target)):
+            decided = self._decide(sub, rated, now)
+            if isinstance(decided, SubmitResult):
+                return decided
             started = time.perf_counter()
             try:
                 # Keyed by user: one user's votes stay in order on one partition.
-                await self.publisher.publish(FEEDBACK, event, key=sub.user_id)
+                await self.publisher.publish(FEEDBACK, decided, key=sub.user_id)
             except Exception as exc:
-                metrics.UNAVAILABLE.inc()
-                log.warning("rating not acknowledged by Kafka: %s: %s", type(exc).__name__, exc)
-                raise Unavailable("the rating could not be stored (Kafka did not acknowledge it); retry later") from None
+                raise _unavailable(exc) from None
             metrics.ACK_SECONDS.observe(time.perf_counter() - started)
-            self.ledger.apply(event)
-        metrics.ACCEPTED.labels(sub.kind).inc()
-        if live is not None:
-            metrics.SUPERSEDED.inc()
-        return SubmitResult(event.feedback_id, revision, duplicate=False)
+            return self._stored(decided)
 
     async def submit_many(self, items: list[tuple[Submission, Callable[[], str]]]) -> list[SubmitResult | RlhfError]:
-        """``submit`` for each item, concurrently (their Kafka writes share produce requests); each
-        item's outcome is its result or the RlhfError it was refused with."""
+        """``submit`` for each item; each item's outcome is its result or the RlhfError it was
+        refused with.
+
+        The ratings whose (user, target) is free are judged in one pass, written to Kafka together
+        and awaited together (no task per rating: at thousands of ratings a second the tasks cost
+        more than the ratings' own checks); then each rating whose (user, target) was busy (an
+        earlier vote on it still waiting for Kafka) waits for it and goes through ``submit``.
+        """
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"a batch holds at most {MAX_BATCH} submissions, got {len(items)}",
                                   param="submissions")
         metrics.BATCH_SIZE.observe(len(items))
-        return await asyncio.gather(*(self._outcome(sub, raw) for sub, raw in items))
+        outcomes: list[SubmitResult | RlhfError | None] = [None] * len(items)
+        staged: list[tuple[int, tuple[str, str], FeedbackEvent]] = []
+        busy: list[int] = []
+        now = time.time()
+        for i, (sub, raw) in enumerate(items):
+            try:
+                rated = self._validated(sub, raw, now)
+            except RlhfError as exc:
+                outcomes[i] = exc
+                continue
+            except Exception as exc:  # noqa: BLE001 - one item's bug must not fail the others
+                outcomes[i] = _internal(exc)
+                continue
+            key = (sub.user_id, sub.target)
+            if not self._locks.try_acquire(key):
+                busy.append(i)
+                continue
+            try:
+                decided = self._decide(sub, rated, now)
+            except Exception as exc:  # noqa: BLE001
+                self._locks.release(key)
+                outcomes[i] = _internal(exc)
+                continue
+            if isinstance(decided, SubmitResult):
+                self._locks.release(key)
+                outcomes[i] = decided
+            else:
+                staged.append((i, key, decided))
+        # Awaited here, not in a task: its finally must run (releasing the keys) even if this call is
+        # cancelled right now. The busy ratings go after it, as some may wait for these very keys.
+        await self._store(staged, outcomes)
+        if busy:
+            await asyncio.gather(*(self._outcome_into(outcomes, i, *items[i]) for i in busy))
+        return outcomes  # type: ignore[return-value] - every slot is filled by now
 
-    async def _outcome(self, sub: Submission, raw: Callable[[], str]) -> SubmitResult | RlhfError:
+    async def _store(self, staged: list[tuple[int, tuple[str, str], FeedbackEvent]],
+                     outcomes: list[SubmitResult | RlhfError | None]) -> None:
+        """Write the staged events to Kafka together; each key is released once its event is
+        acknowledged and in the ledger (or failed)."""
+        if not staged:
+            return
+        started = time.perf_counter()
         try:
-            return await self.submit(sub, raw)
+            # Keyed by user: one user's votes stay in order on one partition.
+            try:
+                results = await self.publisher.publish_many([(FEEDBACK, ev, ev.user_id) for _, _, ev in staged])
+            except Exception as exc:  # noqa: BLE001 - not expected (failures are per record), but never a crash
+                results = [exc] * len(staged)
+            waited = time.perf_counter() - started
+            for (i, _, ev), result in zip(staged, results, strict=True):
+                if isinstance(result, Exception):
+                    outcomes[i] = _unavailable(result)
+                else:
+                    metrics.ACK_SECONDS.observe(waited)
+                    outcomes[i] = self._stored(ev)
+        finally:
+            for _, key, _ in staged:
+                self._locks.release(key)
+
+    async def _outcome_into(self, outcomes: list, i: int, sub: Submission, raw: Callable[[], str]) -> None:
+        try:
+            outcomes[i] = await self.submit(sub, raw)
         except RlhfError as exc:
-            return exc
+            outcomes[i] = exc
         except Exception as exc:  # noqa: BLE001 - one item's bug must not fail the others
-            log.exception("unexpected error on a batched submission")
-            return RlhfError(f"internal error: {type(exc).__name__}")  # status INTERNAL
+            outcomes[i] = _internal(exc)
+
+    def _validated(self, sub: Submission, raw: Callable[[], str], now: float) -> list[RatedResponse]:
+        """Checks and token binding; a refusal also goes to the dead-letter topic."""
+        try:
+            check(sub, self.cfg.max_comment_chars)
+            return bind_tokens(sub, self.cfg.token.secret, now)
+        except RlhfError as exc:
+            self.reject(raw(), exc.message, exc.param)
+            raise
+
+    def _decide(self, sub: Submission, rated: list[RatedResponse], now: float) -> SubmitResult | FeedbackEvent:
+        """With the (user, target) key held: the earlier result of a retry or an unchanged vote, or
+        the event to write."""
+        if sub.idempotency_key and (seen := self.ledger.by_key(sub.user_id, sub.idempotency_key)):
+            metrics.DUPLICATES.inc()
+            return seen
+        target = sub.target
+        live = self.ledger.live(sub.user_id, target)
+        if live is not None and same_vote(live, sub):
+            metrics.DUPLICATES.inc()
+            return SubmitResult(live.feedback_id, live.revision, duplicate=True)
+        revision = live.revision + 1 if live else 1
+        intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
+        return FeedbackEvent(
+            feedback_id=feedback_id(sub.user_id, intent), kind=sub.kind, user_id=sub.user_id, target=target,
+            revision=revision, supersedes=live.feedback_id if live else None, responses=rated,
+            thumb=sub.thumb, score=sub.score, preferred=sub.preferred, ranks=sub.ranks, comment=sub.comment,
+            tags=sub.tags, idempotency_key=sub.idempotency_key, received_at=now)
+
+    def _stored(self, event: FeedbackEvent) -> SubmitResult:
+        """Once Kafka acknowledged ``event``."""
+        self.ledger.apply(event)
+        metrics.ACCEPTED.labels(event.kind).inc()
+        if event.supersedes is not None:
+            metrics.SUPERSEDED.inc()
+        return SubmitResult(event.feedback_id, event.revision, duplicate=False)
 
     def reject(self, raw: str, reason: str, param: str | None, source: str = "grpc") -> None:
         """Put a refused submission on the dead-letter topic (best effort, never blocks)."""
         metrics.REJECTED.labels(param or "unparsable").inc()
         self.dlq.publish(FEEDBACK_DLQ, RejectedFeedbackEvent(reason=reason, param=param, raw=raw[:RAW_LIMIT],
                                                              source=source, received_at=time.time()))
+
+
+def _internal(exc: Exception) -> RlhfError:
+    log.exception("unexpected error on a batched submission", exc_info=exc)
+    return RlhfError(f"internal error: {type(exc).__name__}")  # status INTERNAL
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    metrics.UNAVAILABLE.inc()
+    log.warning("rating not acknowledged by Kafka: %s: %s", type(exc).__name__, exc)
+    return Unavailable("the rating could not be stored (Kafka did not acknowledge it); retry later")
 
 
 def raw_digest(sub: Submission) -> str:

@@ -44,7 +44,7 @@ def producer_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
 LINGER_MS = 5
 
 
-def rdkafka_producer_config(cfg: KafkaConfig, service: str) -> dict[str, Any]:
+def rdkafka_producer_config(cfg: KafkaConfig, service: str, *, linger_ms: float = LINGER_MS) -> dict[str, Any]:
     """librdkafka settings with the same guarantees as ``producer_kwargs``."""
     if not cfg.servers:
         raise ValueError("RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, "
@@ -59,7 +59,7 @@ def rdkafka_producer_config(cfg: KafkaConfig, service: str) -> dict[str, Any]:
         # A record not acknowledged by then fails its delivery report (and so the caller), after
         # which the producer no longer holds it: a caller's retry never races a queued copy.
         "message.timeout.ms": int(cfg.delivery_timeout_s * 1000),
-        "linger.ms": LINGER_MS,
+        "linger.ms": linger_ms,
         # Keyed records land on the partition the Java client and kafka-python would choose, so one
         # user's votes stay on one partition whichever client wrote them.
         "partitioner": "murmur2_random",

@@ -25,7 +25,7 @@ from kafka.errors import KafkaError
 
 from shared.config import KafkaConfig
 from shared.kafka import envelope
-from shared.kafka.client import producer_kwargs, rdkafka_producer_config
+from shared.kafka.client import LINGER_MS, producer_kwargs, rdkafka_producer_config
 from shared.kafka.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED, OUTBOX_SIZE, PUBLISH_FAILURES
 from shared.logging import get_logger, log_event
 
@@ -206,11 +206,11 @@ class _RdProducer:
     call ``poll`` for the delivery reports, which this thread does, so that no event loop blocks.
     """
 
-    def __init__(self, cfg: KafkaConfig, service: str):
+    def __init__(self, cfg: KafkaConfig, service: str, linger_ms: float):
         self.fatal = False
         self._service = service
         self._brokers_down_logged = False
-        conf = rdkafka_producer_config(cfg, service)
+        conf = rdkafka_producer_config(cfg, service, linger_ms=linger_ms)
         conf["error_cb"] = self._on_error
         conf["logger"] = _RDKAFKA_LOG
         self.producer = confluent_kafka.Producer(conf)
@@ -307,9 +307,11 @@ class AsyncPublisher:
     later records (records it still holds are delivered or failed in the background).
     """
 
-    def __init__(self, cfg: KafkaConfig, service: str):
+    def __init__(self, cfg: KafkaConfig, service: str, *, linger_ms: float = LINGER_MS):
         self.cfg = cfg
         self.service = service
+        self.linger_ms = linger_ms
+        """How long librdkafka holds a record for others to share its produce request."""
         self._producer: _RdProducer | None = None
         self._deliveries: dict[asyncio.AbstractEventLoop, _LoopDeliveries] = {}
         self._lock = threading.Lock()
@@ -319,7 +321,7 @@ class AsyncPublisher:
             if self._producer is None or self._producer.fatal:
                 if self._producer is not None:
                     self._discard_locked()
-                self._producer = _RdProducer(self.cfg, self.service)
+                self._producer = _RdProducer(self.cfg, self.service, self.linger_ms)
             return self._producer
 
     def warm_up(self, timeout_s: float = 10.0) -> bool:
@@ -334,28 +336,49 @@ class AsyncPublisher:
             return False
 
     async def publish(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
-        env = envelope.wrap(payload, self.service)
-        value = envelope.encode(env)
+        result = (await self.publish_many([(topic, payload, key)]))[0]
+        if isinstance(result, PublishFailed):
+            raise result
+        return result
+
+    async def publish_many(self, records: list[tuple[str, Any, str | None]]) -> list[envelope.Envelope | PublishFailed]:
+        """``publish`` for several (topic, payload, key) records handed to librdkafka at once and
+        awaited together, without a task per record; each outcome is the record's envelope once
+        Kafka acknowledged it, or the PublishFailed it failed with."""
         loop = asyncio.get_running_loop()
         deliveries = self._deliveries.get(loop)
         if deliveries is None:
             deliveries = self._deliveries.setdefault(loop, _LoopDeliveries(loop, self.cfg.delivery_timeout_s + 5))
-        done = deliveries.expect()
         current = self._current()
-        try:
-            current.producer.produce(topic, value, key.encode() if key else None,
-                                     on_delivery=lambda err, _msg: deliveries.put(done, err))
-        except (BufferError, confluent_kafka.KafkaException) as exc:
-            PUBLISH_FAILURES.labels(topic).inc()
+        produce = current.producer.produce
+        envs: list[envelope.Envelope] = []
+        waits: list[asyncio.Future] = []
+        refused = None
+        for topic, payload, key in records:
+            env = envelope.wrap(payload, self.service)
+            done = deliveries.expect()
+            envs.append(env)
+            waits.append(done)
+            if refused is None:
+                try:
+                    produce(topic, envelope.encode(env), key.encode() if key else None,
+                            on_delivery=lambda err, _msg, done=done: deliveries.put(done, err))
+                    continue
+                except (BufferError, confluent_kafka.KafkaException) as exc:
+                    refused = f"{type(exc).__name__}: {exc}"  # and the records after it are not handed over
+            done.set_result(refused)
+        errors = await asyncio.gather(*waits)
+        out: list[envelope.Envelope | PublishFailed] = []
+        for (topic, _, _), env, err in zip(records, envs, errors, strict=True):
+            if err is None:
+                EVENTS_PUBLISHED.labels(topic).inc()
+                out.append(env)
+            else:
+                PUBLISH_FAILURES.labels(topic).inc()
+                out.append(PublishFailed(f"{topic}: {err}"))
+        if any(err is not None for err in errors):
             self._reset(current)
-            raise PublishFailed(f"{type(exc).__name__}: {exc}") from None
-        err = await done
-        if err is not None:
-            PUBLISH_FAILURES.labels(topic).inc()
-            self._reset(current)
-            raise PublishFailed(f"{topic}: {err}")
-        EVENTS_PUBLISHED.labels(topic).inc()
-        return env
+        return out
 
     def _reset(self, failed: _RdProducer) -> None:
         """Replace the producer that failed, unless another call has replaced it already."""

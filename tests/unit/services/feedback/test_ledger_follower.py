@@ -8,7 +8,7 @@ import time
 import pytest
 from kafka import KafkaProducer
 
-from services.feedback.ledger import FeedbackLedger, LedgerFollower
+from services.feedback.ledger import FeedbackLedger, LedgerFollower, LiveVote
 from shared.events import FeedbackEvent, RatedResponse
 from shared.kafka import envelope
 from shared.kafka.metrics import BAD_RECORDS
@@ -41,7 +41,7 @@ def test_the_ledger_holds_every_valid_rating_and_skips_bad_records():
     try:
         assert follower.caught_up.wait(20), "the follower did not reach the end of the topic"
         assert ledger.has("f-mine") and ledger.has("f-theirs") and len(ledger) == 2
-        assert ledger.live("u2", "thumb:r-f-theirs") == theirs
+        assert ledger.live("u2", "thumb:r-f-theirs") == LiveVote.of(theirs)
         assert BAD_RECORDS.labels(FEEDBACK)._value.get() - bad_before == 2
     finally:
         stop.set()

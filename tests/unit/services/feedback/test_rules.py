@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from services.feedback.ledger import FeedbackLedger
+from services.feedback.ledger import FeedbackLedger, LiveVote
 from services.feedback.protocol import Submission
 from services.feedback.serving import KeyedLocks, bind_tokens, check, feedback_id, same_vote
 from shared.errors import InvalidArgument, PermissionDenied
@@ -98,7 +98,7 @@ def test_ledger_keeps_the_highest_revision_and_ignores_replays():
     ledger.apply(event(2, "down"))
     ledger.apply(event(1, "up"))  # an older revision arriving late does not win
     ledger.apply(event(2, "down"))  # a replay changes nothing
-    assert ledger.live("u1", "thumb:r1").thumb == "down" and len(ledger) == 2
+    assert ledger.live("u1", "thumb:r1") == LiveVote.of(event(2, "down")) and len(ledger) == 2
 
 
 def test_ledger_remembers_idempotency_keys_per_user():
@@ -109,11 +109,14 @@ def test_ledger_remembers_idempotency_keys_per_user():
 
 
 def test_same_vote_compares_every_part_of_the_verdict():
-    ev = event(1, "up")
+    ev = LiveVote.of(event(1, "up"))
     assert same_vote(ev, sub())
     assert not same_vote(ev, sub(thumb="down"))
     assert not same_vote(ev, sub(comment="now with a comment"))
     assert not same_vote(ev, sub(ranks=[1]))
+    tied = sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2, 2])
+    tied_vote = LiveVote("f", 1, ("r1", "r2", "r3"), None, None, None, (1, 2, 2), "", ())
+    assert same_vote(tied_vote, tied) and not same_vote(tied_vote, sub("ranking", ("r1", "r2", "r3")))
 
 
 def test_feedback_id_is_deterministic_per_user_and_intent():
@@ -131,12 +134,12 @@ def test_keyed_locks_serialise_one_key_and_forget_it_afterwards():
                 order.append(f"{name}-")
 
         await asyncio.gather(worker("a", "k", 0.02), worker("b", "k", 0), worker("c", "other", 0))
-        return order, locks._locks
+        return order, len(locks)
 
-    order, left = asyncio.run(scenario())
+    order, held = asyncio.run(scenario())
     assert order.index("a-") < order.index("b+"), "b must wait for a on the same key"
     assert order.index("c+") < order.index("a-"), "another key must not wait"
-    assert left == {}
+    assert held == 0
 
 
 def test_keyed_locks_forget_a_waiter_that_was_cancelled():
@@ -156,6 +159,43 @@ def test_keyed_locks_forget_a_waiter_that_was_cancelled():
         await asyncio.gather(waiter, return_exceptions=True)
         release.set()
         await first
-        return locks._locks, locks._users
+        return len(locks)
 
-    assert asyncio.run(scenario()) == ({}, {})
+    assert asyncio.run(scenario()) == 0
+
+
+def test_keyed_locks_try_acquire_takes_only_a_free_key_and_release_hands_it_to_the_next_waiter():
+    async def scenario():
+        locks, order = KeyedLocks(), []
+        assert locks.try_acquire("k") and not locks.try_acquire("k") and locks.try_acquire("other")
+
+        async def waiter(name):
+            async with locks.hold("k"):
+                order.append(name)
+
+        waiters = [asyncio.ensure_future(waiter(n)) for n in ("w1", "w2")]
+        await asyncio.sleep(0.01)
+        assert order == [], "the key is held: nobody may enter"
+        locks.release("k")
+        await asyncio.gather(*waiters)
+        locks.release("other")
+        return order, len(locks)
+
+    assert asyncio.run(scenario()) == (["w1", "w2"], 0)
+
+
+def test_keyed_locks_a_waiter_cancelled_as_the_key_is_handed_to_it_passes_it_on():
+    async def scenario():
+        locks = KeyedLocks()
+        assert locks.try_acquire("k")
+        first = asyncio.ensure_future(locks.acquire("k"))
+        second = asyncio.ensure_future(locks.acquire("k"))
+        await asyncio.sleep(0)
+        locks.release("k")  # handed to first ...
+        first.cancel()      # ... which is cancelled before it runs: second must get the key
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(second, 1)
+        locks.release("k")
+        return len(locks)
+
+    assert asyncio.run(scenario()) == 0
