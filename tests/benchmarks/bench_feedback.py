@@ -23,6 +23,12 @@ run the topic is read back: accepted must equal the records on rlhf.feedback, wi
 Each row also gives the CPU that every process spent per rating during the run (feedback service,
 gateway, broker, this load generator) and what the rest of the machine used meanwhile, as the
 load averages cannot tell those apart. Prints a table, writes JSON and a PNG next to it.
+
+On a shared machine (as bench_serving): each run starts in a quiet moment (the rest of the machine
+under --quiet-threshold cores, waiting at most --quiet-max-wait-s) and is run again, up to
+--retries times, when the rest of the machine used more than --max-external cores during it; the
+least disturbed run is kept, its `ext` column says how disturbed it was, and the ratings of every
+run are read back for the `lost` check.
 """
 
 from __future__ import annotations
@@ -357,16 +363,59 @@ def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
     return count, len(ids)
 
 
-def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int) -> dict:
-    prefix = f"{version}-{path}{concurrency}"
-    log(f"{version} {path} at {concurrency} concurrent: warm-up, then {n} ratings")
+@dataclasses.dataclass(frozen=True)
+class Quiet:
+    """Shared-machine guard, as in bench_serving: other processes' CPU decides the figures on 2 cores."""
+
+    threshold: float
+    """Start a run once the rest of the machine used fewer cores than this for 2 s ..."""
+    max_wait_s: float
+    """... or after this long."""
+    max_external: float
+    """Run again when the rest of the machine used more cores than this during the run ..."""
+    retries: int
+    """... at most this many times; the least disturbed run is kept (every run's lost count is checked)."""
+
+
+def wait_quiet(stack: Stack, quiet: Quiet) -> float:
+    """Wait for a quiet moment; returns the cores the rest of the machine used in the last 2 s."""
+    deadline = time.monotonic() + quiet.max_wait_s
+    warned = False
+    while True:
+        before, started = stack.cpu(), time.monotonic()
+        time.sleep(2.0)
+        after = stack.cpu()
+        ours = sum(after[k] - before[k] for k in after if k != "machine")
+        external = max(0.0, after["machine"] - before["machine"] - ours) / (time.monotonic() - started)
+        if external < quiet.threshold or time.monotonic() > deadline:
+            return external
+        if not warned:
+            log(f"  other processes use {external:.2f} cores; waiting for a quiet moment (<= {quiet.max_wait_s:.0f} s)")
+            warned = True
+
+
+def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: Quiet) -> dict:
     def call(prefix: str, n: int) -> Run:
         return asyncio.run(runner(stack, prefix, n, concurrency)) if asyncio.iscoroutinefunction(runner) \
             else runner(stack, prefix, n, concurrency)
 
-    call(prefix + "w", 200)
-    run = call(prefix, n)
-    return summarise(version, path, concurrency, run, records_on_topic(stack.kafka, prefix))
+    attempts = []
+    for attempt in range(1 + quiet.retries):
+        prefix = f"{version}-{path}{concurrency}" + (f"-a{attempt + 1}" if attempt else "")
+        before = wait_quiet(stack, quiet)
+        log(f"{version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
+            + (f" (attempt {attempt + 1})" if attempt else "") + f"; other processes {before:.2f} cores")
+        call(prefix + "w", 200)
+        row = summarise(version, path, concurrency, call(prefix, n), records_on_topic(stack.kafka, prefix))
+        attempts.append(row)
+        if row["external_cores"] <= quiet.max_external:
+            break
+        log(f"  disturbed: other processes used {row['external_cores']:.2f} cores during the run")
+    best = min(attempts, key=lambda r: r["external_cores"])
+    best["attempts_external_cores"] = [round(r["external_cores"], 3) for r in attempts]
+    # Every attempt's ratings were read back: a loss in a discarded attempt still counts.
+    best["lost_all_attempts"] = sum(r["lost"] for r in attempts)
+    return best
 
 
 def summarise(version: str, path: str, concurrency: int, run: Run, on_topic: tuple[int, int]) -> dict:
@@ -376,7 +425,8 @@ def summarise(version: str, path: str, concurrency: int, run: Run, on_topic: tup
             "distinct_ids_on_topic": on_topic[1], "lost": run.accepted - on_topic[1], "wall_s": run.wall_s,
             "cpu_s": run.cpu_s,
             "cpu_ms_per_rating": {k: v * 1e3 / max(1, run.sent) for k, v in run.cpu_s.items()},
-            "loadavg_at_start": run.loadavg, "mean_batch": run.mean_batch}
+            "loadavg_at_start": run.loadavg, "mean_batch": run.mean_batch,
+            "external_cores": run.cpu_s["other"] / run.wall_s}
 
 
 def baseline_worktree(ref: str) -> Path:
@@ -390,12 +440,19 @@ def baseline_worktree(ref: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", type=int, default=4000, help="ratings per path and concurrency level")
-    ap.add_argument("--concurrency", default="8,64")
+    ap.add_argument("--concurrency", default="8,32,64")
     ap.add_argument("--paths", default="http-wrk,http,grpc,kafka,rdkafka" if shutil.which("wrk")
                     else "http,grpc,kafka,rdkafka")
     ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
+    ap.add_argument("--quiet-threshold", type=float, default=0.15,
+                    help="start a run when other processes use fewer cores than this (shared machines)")
+    ap.add_argument("--quiet-max-wait-s", type=float, default=45.0)
+    ap.add_argument("--max-external", type=float, default=0.25,
+                    help="run again when other processes used more cores than this during the run")
+    ap.add_argument("--retries", type=int, default=2, help="runs again of a disturbed run (least disturbed kept)")
     args = ap.parse_args()
+    quiet = Quiet(args.quiet_threshold, args.quiet_max_wait_s, args.max_external, args.retries)
     levels = [int(c) for c in args.concurrency.split(",")]
     paths = args.paths.split(",")
     runners = {"http": run_http, "http-wrk": run_wrk, "grpc": run_grpc, "kafka": run_kafka, "rdkafka": run_rdkafka}
@@ -413,7 +470,7 @@ def main() -> None:
                     for path in paths:
                         if version == "before" and path not in ("http", "http-wrk", "grpc"):
                             continue  # the raw producers do not depend on the code version
-                        rows.append(measure(stack, version, path, runners[path], args.ratings, concurrency))
+                        rows.append(measure(stack, version, path, runners[path], args.ratings, concurrency, quiet))
             finally:
                 stack.stop()
     finally:
@@ -425,7 +482,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                               "baseline": args.baseline, "ratings_per_level": args.ratings, "rows": rows}, indent=2))
+                               "baseline": args.baseline, "ratings_per_level": args.ratings,
+                               "shared_machine_guard": dataclasses.asdict(quiet), "rows": rows}, indent=2))
     plot(rows, out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -434,13 +492,13 @@ def print_table(rows: list[dict], baseline: str) -> None:
     procs = ("feedback", "gateway", "broker", "loadgen", "other")
     header = (f"{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
               f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: " + " ".join(f"{p:>8}" for p in procs)
-              + f" | {'load1':>5}{'batch':>6}")
+              + f" | {'ext':>5}{'batch':>6}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         per = r["cpu_ms_per_rating"]
         print(f"{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
               f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
-              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['loadavg_at_start'][0]:>5.2f}"
+              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['external_cores']:>5.2f}"
               + (f"{r['mean_batch']:>6.1f}" if r["mean_batch"] else f"{'-':>6}"))
     if baseline:
         print(f"\nnow / before ({baseline}), same run:")
@@ -454,9 +512,10 @@ def print_table(rows: list[dict], baseline: str) -> None:
                       f"p99 x{r['p99_ms'] / b['p99_ms']:.2f}")
     http = [r for r in rows if r["path"] in ("http", "http-wrk") and r["version"] == "now"]
     if http:
-        best = max(http, key=lambda r: r["ratings_per_s"])
-        lost = sum(r["lost"] for r in rows)
-        ok = best["ratings_per_s"] >= TARGET_PER_S and best["p99_ms"] < TARGET_P99_MS and lost == 0
+        meeting = [r for r in http if r["ratings_per_s"] >= TARGET_PER_S and r["p99_ms"] < TARGET_P99_MS]
+        best = max(meeting or http, key=lambda r: r["ratings_per_s"])
+        lost = sum(r["lost_all_attempts"] for r in rows)
+        ok = bool(meeting) and lost == 0
         print(f"\nTarget >= {TARGET_PER_S} ratings/s with p99 < {TARGET_P99_MS} ms through HTTP, zero lost: best HTTP "
               f"row {best['ratings_per_s']:.0f}/s ({best['path']} at {best['concurrency']} concurrent), "
               f"p99 {best['p99_ms']:.1f} ms, "
