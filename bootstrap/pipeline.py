@@ -46,8 +46,11 @@ class BootstrapSettings:
     """Step 0 (built-in model only)."""
     sft: SFTSettings = field(default_factory=SFTSettings)
     """Step 1."""
-    rm_epochs: int = 4
-    """Step 2: passes over the rankings (services/reward/offline.py's trainer)."""
+    rm_epochs: int = 7
+    """Step 2: passes over the rankings (services/reward/offline.py's trainer). Telling a right sum
+    from a wrong one is what the tiny RM learns last: on held-out problems it picked the right sum
+    in 59% of (right, wrong) pairs after 4 passes over the old rankings file, 79% after 4 passes
+    over the current one and 91% after 7 (130 s on 2 quiet cores)."""
     rm_heldout_fraction: float = 0.2
     """Step 2: share of rankings held out for the RM's accuracy."""
     spec: DefaultModelSpec = field(default_factory=DefaultModelSpec)

@@ -9,7 +9,8 @@ writes
     bootstrap/data/demonstrations.jsonl  SFT data: {"messages": [...], "response": "..."}; only about
                                          45% are answers the gold rater likes (task.DEMONSTRATION_MIX)
     bootstrap/data/rankings.jsonl        the first RM's K-way rankings (services/reward/offline.py format),
-                                         ranked by the gold rater, as labellers would
+                                         ranked by the gold rater, as labellers would, plus pairs that
+                                         contrast a right sum with a wrong one in the same style
 
 Only training problems appear in the demonstrations and rankings.
 """
@@ -27,6 +28,11 @@ from demo.task import STYLES, Problem, respond, sample_style, split_problems
 SEED = 11
 DEMOS_PER_PROBLEM = 4
 RANKINGS_PER_PROBLEM = 2
+SUM_CONTRASTS_PER_PROBLEM = 3
+"""(right sum, wrong sum) pairs per problem, both polite and short, among the rankings: with the
+mixed-style rankings alone the first RM learned the style and little of the sums (it picked the right
+sum in 59% of held-out pairs), so PPO had nothing to push the digits with. Collecting comparisons where
+the model is weakest is what a labelling team would do too."""
 DEMO_DATA = Path(__file__).parent / "data"
 BOOTSTRAP_DATA = Path(__file__).parent.parent / "bootstrap" / "data"
 
@@ -51,7 +57,7 @@ def demonstration_rows(problems: list[Problem], rng: random.Random) -> list[dict
 
 def ranking_rows(problems: list[Problem], rng: random.Random) -> list[dict]:
     """K-way rankings (K = 2..4) of answers in distinct styles, keeping only distinct gold scores
-    so that every ranked pair is a real preference."""
+    so that every ranked pair is a real preference; then SUM_CONTRASTS_PER_PROBLEM (right, wrong) pairs."""
     rows = []
     for p in problems:
         for _ in range(RANKINGS_PER_PROBLEM):
@@ -64,6 +70,11 @@ def ranking_rows(problems: list[Problem], rng: random.Random) -> list[dict]:
                     responses.append(r)
             if len(responses) < 2:
                 continue
+            rows.append({"prompt": p.messages(), "responses": responses,
+                         "ranking": gold_rater.rank(p.prompt, responses)})
+    for p in problems:
+        for _ in range(SUM_CONTRASTS_PER_PROBLEM):
+            responses = [respond(p, "good", rng), respond(p, "wrong", rng)]
             rows.append({"prompt": p.messages(), "responses": responses,
                          "ranking": gold_rater.rank(p.prompt, responses)})
     rng.shuffle(rows)
