@@ -14,7 +14,6 @@ Only the response tokens (EOS included) are trained on:
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from bootstrap.common import IGNORE, causal_lm_loss, warmup_cosine_lr
 from services.reward.encoding import encode_response, render_prompt
 from shared.events import Message
+from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
@@ -92,18 +92,7 @@ def parse_demonstration(doc: object) -> Demonstration:
 
 def read_demonstrations(path: Path) -> list[Demonstration]:
     """Every demonstration of a JSONL file; blank lines skipped; a bad line raises naming file:line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(parse_demonstration(json.loads(line)))
-            except ValueError as exc:
-                raise DemonstrationsFileError(f"{path}:{n}: {exc}") from None
-    if not out:
-        raise DemonstrationsFileError(f"{path}: no demonstrations")
-    return out
+    return read_jsonl(path, parse_demonstration, DemonstrationsFileError, "demonstrations")
 
 
 def response_labels(prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]]:

@@ -41,6 +41,7 @@ from services.reward.encoding import EncodingLimits
 from services.reward.model import RewardModel
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import Message
+from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 
@@ -88,18 +89,7 @@ def parse_ranking(doc: object) -> ComparisonGroup:
 
 def read_rankings(path: Path) -> list[ComparisonGroup]:
     """Every ranking of a JSONL file; blank lines are skipped, any bad line raises RankingsFileError."""
-    groups = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                groups.append(parse_ranking(json.loads(line)))
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                raise RankingsFileError(f"{path}:{n}: {exc}") from None
-    if not groups:
-        raise RankingsFileError(f"{path}: no rankings")
-    return groups
+    return read_jsonl(path, parse_ranking, RankingsFileError, "rankings")
 
 
 def split_heldout(groups: list[ComparisonGroup], fraction: float, seed: int

@@ -15,13 +15,13 @@ weigh it more, and the buffer keeps only the most recent ``capacity`` distinct p
 from __future__ import annotations
 
 import collections
-import json
 import random
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from shared.events import CompletionEvent, Message
+from shared.jsonl import read_jsonl
 
 Prompt = tuple[Message, ...]
 """A conversation up to (not including) the assistant's reply."""
@@ -55,18 +55,7 @@ def parse_prompt(doc: object) -> Prompt:
 
 def read_prompt_file(path: Path) -> list[Prompt]:
     """Every prompt of a JSONL file, in file order, duplicates removed; raises PromptFileError."""
-    prompts: dict[Prompt, None] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.setdefault(parse_prompt(json.loads(line)))
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                raise PromptFileError(f"{path}:{number}: {exc}") from None
-    if not prompts:
-        raise PromptFileError(f"{path}: no prompts")
-    return list(prompts)
+    return list(dict.fromkeys(read_jsonl(path, parse_prompt, PromptFileError, "prompts")))
 
 
 def split_heldout(prompts: Sequence[Prompt], count: int) -> tuple[list[Prompt], list[Prompt]]:
