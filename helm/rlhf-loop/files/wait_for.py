@@ -1,10 +1,11 @@
 """Init container of the chart's services: wait until what the service needs at start exists.
 
-    python wait_for.py [--policy STORE_ROOT] [--topics TOPIC,TOPIC,...] [--interval SECONDS]
+    python wait_for.py [--policy STORE_ROOT] [--reward-model STORE_ROOT] [--topics TOPIC,...] [--interval SECONDS]
 
 --policy: the model store has a current policy (STORE_ROOT/policy.current, written by
-`rlhf bootstrap` or the trainer). --topics: the Kafka topics exist (created by the chart's topic
-Job, which runs after install); the brokers come from RLHF_KAFKA_BOOTSTRAP_SERVERS. Waiting here
+`rlhf bootstrap` or the trainer). --reward-model: it has a current reward model (STORE_ROOT/rm.current,
+written by `rlhf bootstrap` after the policy, or the reward learner). --topics: the Kafka topics
+exist (created by the chart's topic Job, which runs after install); the brokers come from RLHF_KAFKA_BOOTSTRAP_SERVERS. Waiting here
 keeps the service out of a crash loop (and its startup probe budget untouched) on a fresh install.
 It waits as long as it takes: the pod stays in Init and says what it is waiting for.
 """
@@ -17,9 +18,9 @@ import sys
 import time
 
 
-def missing_policy(store_root: str) -> list[str]:
-    marker = os.path.join(store_root, "policy.current")
-    return [] if os.path.exists(marker) else [f"{marker} (no policy published yet)"]
+def missing_current(store_root: str, line: str, what: str) -> list[str]:
+    marker = os.path.join(store_root, f"{line}.current")
+    return [] if os.path.exists(marker) else [f"{marker} (no {what} published yet)"]
 
 
 def missing_topics(topics: list[str], servers: list[str]) -> list[str]:
@@ -39,6 +40,7 @@ def missing_topics(topics: list[str], servers: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", metavar="STORE_ROOT")
+    parser.add_argument("--reward-model", metavar="STORE_ROOT")
     parser.add_argument("--topics", default="")
     parser.add_argument("--interval", type=float, default=5.0)
     args = parser.parse_args(argv)
@@ -48,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print("[wait-for] --topics needs RLHF_KAFKA_BOOTSTRAP_SERVERS", flush=True)
         return 2
     while True:
-        missing = (missing_policy(args.policy) if args.policy else []) + (missing_topics(topics, servers) if topics else [])
+        missing = ((missing_current(args.policy, "policy", "policy") if args.policy else [])
+                   + (missing_current(args.reward_model, "rm", "reward model") if args.reward_model else [])
+                   + (missing_topics(topics, servers) if topics else []))
         if not missing:
             print("[wait-for] ready", flush=True)
             return 0

@@ -185,7 +185,8 @@ Arguments (a dict):
   volumes     optional: more pod volumes, a YAML list (string)
   mounts      optional: their mounts in the main container, a YAML list (string)
 An init container waits for the Kafka topics (services reading "kafka", kafka.waitForTopics) and
-for a published policy (<name>.waitForPolicy) before the service starts.
+for a published policy (<name>.waitForPolicy) and reward model (<name>.waitForRewardModel) before
+the service starts.
 --------------------------------------------------------------------------------------------- */}}
 {{- define "rlhf-loop.component" -}}
 {{- $root := .root }}
@@ -198,8 +199,9 @@ for a published policy (<name>.waitForPolicy) before the service starts.
 {{- $hasMetricsPort := and $grpc (gt (int $v.metricsPort) 0) }}
 {{- $autoscaling := and (not .singleton) $v.autoscaling (($v.autoscaling | default dict).enabled) }}
 {{- $waitPolicy := and .modelStore $v.waitForPolicy }}
+{{- $waitRewardModel := and .modelStore $v.waitForRewardModel }}
 {{- $waitTopics := and (has "kafka" .configs) $root.Values.kafka.waitForTopics }}
-{{- $waitFor := or $waitPolicy $waitTopics }}
+{{- $waitFor := or $waitPolicy $waitRewardModel $waitTopics }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -253,6 +255,10 @@ spec:
             - /etc/rlhf/scripts/wait_for.py
             {{- if $waitPolicy }}
             - --policy
+            - {{ $root.Values.modelStore.mountPath }}
+            {{- end }}
+            {{- if $waitRewardModel }}
+            - --reward-model
             - {{ $root.Values.modelStore.mountPath }}
             {{- end }}
             {{- if $waitTopics }}

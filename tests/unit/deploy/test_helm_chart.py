@@ -953,11 +953,11 @@ def test_dashboard_panels_do_not_overlap():
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_services_wait_for_topics_and_policy_before_starting(config):
+def test_services_wait_for_topics_policy_and_reward_model_before_starting(config):
     docs = docs_of(config)
-    expected = {"gateway": (False, False), "inference": (True, True), "feedback": (False, True),
-                "reward": (False, True), "trainer": (True, True)}  # (policy, topics)
-    for service, (policy, topics) in expected.items():
+    expected = {"gateway": (False, False, False), "inference": (True, False, True), "feedback": (False, False, True),
+                "reward": (False, True, True), "trainer": (True, False, True)}  # (policy, reward model, topics)
+    for service, (policy, reward_model, topics) in expected.items():
         inits = deployment(docs, service)["spec"]["template"]["spec"].get("initContainers", [])
         if not (policy or topics):
             assert not inits, service
@@ -966,6 +966,7 @@ def test_services_wait_for_topics_and_policy_before_starting(config):
         args = init["command"]
         assert args[:2] == ["python", "/etc/rlhf/scripts/wait_for.py"]
         assert ("--policy" in args) is policy, service
+        assert ("--reward-model" in args) is reward_model, service
         if topics:
             assert set(args[args.index("--topics") + 1].split(",")) == set(kafka_topics.ALL_TOPICS)
     scripts = one(docs, "ConfigMap", f"{RELEASE}-scripts")
@@ -979,12 +980,15 @@ def _load_wait_for():
     return module
 
 
-def test_wait_for_policy(tmp_path):
+def test_wait_for_policy_and_reward_model(tmp_path):
     wait_for = _load_wait_for()
-    assert wait_for.missing_policy(str(tmp_path))
+    assert wait_for.missing_current(str(tmp_path), "policy", "policy")
     (tmp_path / "policy.current").write_text('{"version": "policy-0001"}')
-    assert wait_for.missing_policy(str(tmp_path)) == []
+    assert wait_for.missing_current(str(tmp_path), "policy", "policy") == []
     assert wait_for.main(["--policy", str(tmp_path), "--interval", "0"]) == 0
+    assert "no reward model published yet" in wait_for.missing_current(str(tmp_path), "rm", "reward model")[0]
+    (tmp_path / "rm.current").write_text('{"version": "rm-0001"}')
+    assert wait_for.main(["--policy", str(tmp_path), "--reward-model", str(tmp_path), "--interval", "0"]) == 0
 
 
 @pytest.mark.integration
