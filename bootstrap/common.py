@@ -1,7 +1,10 @@
-"""Small pieces the offline steps share: the loss maths, the learning-rate schedule, loss curves.
+"""Small pieces the offline steps share: loading the model, one optimiser step, the loss maths, the
+learning-rate schedule, loss curves.
 
+    tokenizer, model = load_causal_lm(model_dir)
     loss = causal_lm_loss(logits, labels)            # mean over labels != IGNORE (shifted by one)
     lr   = warmup_cosine_lr(step, total, warmup, peak)
+    optimiser_step(model, optimizer, loss, lr)       # returns the loss as a float
     write_loss_curve(out_dir / "sft_loss.png", {"train": [(step, loss), ...]}, "SFT")
 """
 
@@ -16,6 +19,27 @@ import torch.nn.functional as F
 
 IGNORE = -100
 """Label of a position that is not trained on (prompt tokens in SFT, padding everywhere)."""
+
+
+def load_causal_lm(model_dir: Path):
+    """(tokenizer, float32 causal LM) of a Hugging Face directory, weights from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    return tokenizer, model
+
+
+def optimiser_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
+                   max_grad_norm: float = 1.0) -> float:
+    """Set the learning rate, backpropagate ``loss``, clip the gradient norm, step; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return loss.item()
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bootstrap.common import causal_lm_loss, counted_tokens, perplexity, warmup_cosine_lr
+from bootstrap.common import (causal_lm_loss, counted_tokens, load_causal_lm, optimiser_step, perplexity,
+                              warmup_cosine_lr)
 from shared.default_model import DOC_END
 from shared.logging import get_logger, log_event
 
@@ -124,11 +125,9 @@ def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = Pretrai
              eval_points: int = 4) -> PretrainResult:
     """Train the causal LM in ``model_dir`` on ``corpus`` and save it back there (safetensors)."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    tokenizer, model = load_causal_lm(model_dir)
     train_lines, held_lines = read_corpus(corpus, settings.heldout_fraction, settings.seed)
     train_blocks = corpus_blocks(tokenizer, train_lines, settings.seq_len)
     held_blocks = corpus_blocks(tokenizer, held_lines, settings.seq_len)
@@ -149,15 +148,10 @@ def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = Pretrai
             order, cursor = torch.randperm(len(train_blocks), generator=gen), 0
         ids = train_blocks[order[cursor:cursor + settings.batch_size]]
         cursor += settings.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step - 1, settings.steps, settings.warmup, settings.lr)
         model.train()
         loss = causal_lm_loss(model(input_ids=ids).logits, ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append((step, loss.item()))
+        lr = warmup_cosine_lr(step - 1, settings.steps, settings.warmup, settings.lr)
+        losses.append((step, optimiser_step(model, optimizer, loss, lr)))
         bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
         if step in eval_at:
             heldout.append((step, blocks_perplexity(model, held_blocks)))

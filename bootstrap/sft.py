@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bootstrap.common import IGNORE, causal_lm_loss, warmup_cosine_lr
+from bootstrap.common import IGNORE, causal_lm_loss, load_causal_lm, optimiser_step, warmup_cosine_lr
 from services.reward.encoding import encode_response, render_prompt
 from shared.events import Message
 from shared.jsonl import read_jsonl
@@ -132,11 +132,9 @@ def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
 def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTSettings()) -> SFTResult:
     """Fine-tune the causal LM in ``model_dir`` on the demonstrations and save it back there."""
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    tokenizer, model = load_causal_lm(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     demos = read_demonstrations(demonstrations_path)
     examples = [encode_demonstration(tokenizer, d) for d in demos]
@@ -162,16 +160,11 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
         rng.shuffle(train)
         for start in range(0, len(train), settings.batch_size):
             ids, mask, labels = collate(train[start:start + settings.batch_size], pad_id)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(step, total, settings.warmup, settings.lr)
             model.train()
             loss = causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            lr = warmup_cosine_lr(step, total, settings.warmup, settings.lr)
             step += 1
-            losses.append((step, loss.item()))
+            losses.append((step, optimiser_step(model, optimizer, loss, lr)))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
         if held:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from bootstrap.common import IGNORE, causal_lm_loss, counted_tokens, perplexity, smooth, warmup_cosine_lr
+from bootstrap.common import (IGNORE, causal_lm_loss, counted_tokens, optimiser_step, perplexity, smooth,
+                              warmup_cosine_lr)
 from bootstrap.pretrain import pack_documents, split_corpus
 from bootstrap.sft import DemonstrationsFileError, collate, read_demonstrations, response_labels
 
@@ -90,3 +91,15 @@ def test_demonstrations_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps(good) + "\n")
     [d] = read_demonstrations(path)
     assert d.response == "2" and d.messages[0].role == "user"
+
+
+def test_optimiser_step_sets_the_rate_clips_the_gradient_and_returns_the_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=123.0)
+    loss = (model(torch.full((1, 4), 100.0)) - 1e4).pow(2).mean()  # a huge gradient
+    out = optimiser_step(model, optimizer, loss, lr=0.5, max_grad_norm=1.0)
+    assert out == pytest.approx(loss.item()) and optimizer.param_groups[0]["lr"] == 0.5
+    # plain SGD: the step is lr * the clipped gradient, whose norm is 1
+    assert torch.linalg.vector_norm(model.weight.detach() - before).item() == pytest.approx(0.5, rel=1e-5)
