@@ -120,6 +120,8 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     env.setdefault("RLHF_PPO_KL_COEF", str(cfg.kl_coef))
     env.setdefault("RLHF_TRAINER_PUBLISH_EVERY", str(cfg.publish_every))
     env.setdefault("RLHF_REWARD_LEARN_EVERY_S", str(cfg.rm_learn_every_s))
+    # The services' log lines go to files, so that the demo's progress line stands alone.
+    env.setdefault("RLHF_UP_LOG_DIR", str(Path(cfg.report_dir) / "service-logs"))
     return env
 
 

@@ -73,6 +73,10 @@ class UpConfig(ConfigBase):
     services: tuple[str, ...] = ALL_SERVICES
     """Which services to start (started in the order of the default list, whatever the order given).
     The gateway needs inference; the trainer needs inference and reward."""
+    log_dir: str = ""
+    """Write each service's output to <log_dir>/<service>.log (appended) instead of this terminal;
+    empty: the terminal. `rlhf demo` points it into its report folder, so that its progress line is
+    not buried under the services' log lines."""
 
     def problems(self) -> list[str]:
         out = []
@@ -95,6 +99,8 @@ class ServiceProcess:
     ready: Callable[[], bool]
     endpoints: dict[str, str]
     proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    """Where its output goes (None: the launcher's terminal)."""
 
 
 def grpc_serving(address: str) -> Callable[[], bool]:
@@ -197,16 +203,29 @@ class Stack:
 
     def _spawn(self, svc: ServiceProcess) -> None:
         started = time.monotonic()
-        svc.proc = subprocess.Popen([sys.executable, "-m", svc.module], env=self.environ, stdin=subprocess.DEVNULL)
+        output = None
+        if self.cfg.log_dir:
+            svc.log_path = Path(self.cfg.log_dir) / f"{svc.name}.log"
+            svc.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = open(svc.log_path, "ab")  # noqa: SIM115 - the child holds it; ours closes right after
+        try:
+            svc.proc = subprocess.Popen([sys.executable, "-m", svc.module], env=self.environ,
+                                        stdin=subprocess.DEVNULL, stdout=output,
+                                        stderr=subprocess.STDOUT if output else None)
+        finally:
+            if output:
+                output.close()
         self.services.append(svc)
         deadline = started + self.cfg.startup_timeout_s
+        see = f" (its output: {svc.log_path})" if svc.log_path else ""
         while not svc.ready():
             if svc.proc.poll() is not None:
-                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting")
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting{see}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{svc.name} not healthy after {self.cfg.startup_timeout_s:.0f} s")
+                raise RuntimeError(f"{svc.name} not healthy after {self.cfg.startup_timeout_s:.0f} s{see}")
             time.sleep(0.25)
-        log_event(log, "service up", service=svc.name, start_s=round(time.monotonic() - started, 1), **svc.endpoints)
+        log_event(log, "service up", service=svc.name, start_s=round(time.monotonic() - started, 1), **svc.endpoints,
+                  **({"log": str(svc.log_path)} if svc.log_path else {}))
 
     def wait(self, stop: threading.Event) -> str | None:
         """Block until ``stop`` is set or a service dies; returns the dead service's name."""

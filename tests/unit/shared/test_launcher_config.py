@@ -1,5 +1,7 @@
 """`rlhf up` settings: which services, and what to do with an empty model store, are checked at start."""
 
+import os
+
 import pytest
 
 from shared.config import ConfigError, load_config
@@ -25,3 +27,16 @@ def test_unknown_service_and_bootstrap_mode_are_refused():
         load_config(UpConfig, {"RLHF_UP_SERVICES": "inference,reward,trainers"})
     with pytest.raises(ConfigError, match="RLHF_UP_BOOTSTRAP='fast': expected full or quick"):
         load_config(UpConfig, {"RLHF_UP_BOOTSTRAP": "fast"})
+
+
+def test_with_a_log_dir_a_services_output_goes_to_its_file_and_a_failure_names_it(tmp_path):
+    from shared.launcher import ServiceProcess, Stack
+
+    stack = Stack(load_config(UpConfig, {"RLHF_UP_LOG_DIR": str(tmp_path / "logs")}), {"PATH": os.environ["PATH"]})
+    # `python -m this` prints the Zen of Python and exits: a service that dies while starting.
+    svc = ServiceProcess("zen", "this", ready=lambda: False, endpoints={})
+    with pytest.raises(RuntimeError) as err:
+        stack._spawn(svc)
+    log_file = tmp_path / "logs" / "zen.log"
+    assert str(log_file) in str(err.value) and "exited with code 0" in str(err.value)
+    assert "Beautiful is better than ugly." in log_file.read_text()
