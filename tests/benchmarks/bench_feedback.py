@@ -15,7 +15,8 @@ machine, absolute figures do not):
   rdkafka  raw confluent-kafka (librdkafka) producer, same settings as the feedback service's
 
 With ``--baseline REF`` the http, http-wrk and grpc paths run twice: on the code at git REF (checked out
-into a temporary worktree) and on the working tree, each version with its own fresh broker.
+into a temporary worktree) and on the working tree, each version with its own fresh broker, level by
+level with one version right after the other.
 
 Every rating is a new vote (its own user and response), with a feedback token signed by this
 script playing the gateway's part; bodies and tokens are made before the clock starts. After each
@@ -462,18 +463,22 @@ def main() -> None:
         worktree = baseline_worktree(args.baseline)
         versions.insert(0, ("before", worktree))
     rows = []
+    stacks: dict[str, Stack] = {}
     try:
         for version, code in versions:
-            stack = Stack(code, version)
-            try:
-                for concurrency in levels:
-                    for path in paths:
-                        if version == "before" and path not in ("http", "http-wrk", "grpc"):
-                            continue  # the raw producers do not depend on the code version
-                        rows.append(measure(stack, version, path, runners[path], args.ratings, concurrency, quiet))
-            finally:
-                stack.stop()
+            stacks[version] = Stack(code, version)
+        # Level by level, one version right after the other: on a shared machine before and after
+        # then meet the same moment's load, not loads minutes apart. (The idle stack costs little.)
+        for concurrency in levels:
+            for path in paths:
+                for version, _ in versions:
+                    if version == "before" and path not in ("http", "http-wrk", "grpc"):
+                        continue  # the raw producers do not depend on the code version
+                    rows.append(measure(stacks[version], version, path, runners[path], args.ratings, concurrency,
+                                        quiet))
     finally:
+        for stack in stacks.values():
+            stack.stop()
         if worktree is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
             shutil.rmtree(worktree, ignore_errors=True)
