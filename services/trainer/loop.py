@@ -38,7 +38,7 @@ from services.trainer import metrics
 from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint
 from services.trainer.learner import LearnerState
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
-from services.trainer.publishing import Evaluation, PolicyPublisher, gate
+from services.trainer.publishing import Evaluation, GateDecision, PolicyPublisher, gate
 from services.trainer.rollouts import RolloutCollector
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logging import get_logger, log_event
@@ -47,6 +47,8 @@ from shared.model_store import CorruptVersionError, InvalidNameError, ModelStore
 log = get_logger(__name__)
 
 LINEAGE_KEPT = 32
+SAME_RM_ATTEMPTS = 3
+"""Candidate evaluations tried before giving up on scoring it and the baseline with one reward model."""
 """Versions of the lineage remembered (more than any sensible max_staleness)."""
 
 
@@ -345,9 +347,18 @@ class TrainingLoop:
 
     def _evaluate_and_publish(self) -> GateResult:
         self._phase, self._detail = "evaluating", "held-out evaluation of the candidate"
-        ev: Evaluation = self.publisher.evaluate(self.learner)
-        baseline = self._baseline_reward(ev.rm_version)
-        decision = gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+        # The candidate and the baseline must be scored by the same reward model. The RM can be
+        # replaced between the candidate's scoring and the baseline's re-scoring (the reward learner
+        # publishes every few seconds in a busy loop): then evaluate again, a bounded number of times.
+        for _ in range(SAME_RM_ATTEMPTS):
+            ev: Evaluation = self.publisher.evaluate(self.learner)
+            baseline = self._baseline_reward(ev.rm_version)
+            if baseline is None or self.state.baseline["rm_version"] == ev.rm_version:
+                decision = gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+                break
+        else:
+            decision = GateDecision(False, f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
+                                           "(candidate and baseline never scored by the same version)")
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
         common = {"step": self.state.step, "heldout_reward": ev.heldout_reward, "kl": ev.kl,

@@ -76,7 +76,22 @@ class RecordingAnnouncer:
         self.events.append(event)
 
 
-def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1, lr=1e-3, paused=False):
+class SwitchingScorer:
+    """A reward model replaced while the loop works: call k is scored by version ``schedule(k)``,
+    each version on its own scale (100 points above the last)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+        self.calls = []
+
+    def score(self, pairs):
+        n = self.schedule(len(self.calls))
+        self.calls.append(f"rm-{n:04d}")
+        return [len(r) / 10.0 + 100.0 * n for _, r in pairs], self.calls[-1]
+
+
+def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1, lr=1e-3, paused=False,
+              gate_scorer=None, reward_tolerance=1e6):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
     state = LoopState(lineage=[policy], reference_version=policy, value_rm_version=rm)
@@ -87,9 +102,10 @@ def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1,
     holder = {}
     served = [policy]
     sampler = LearnerSampler(lambda: holder["loop"].learner, served)
-    publisher = PolicyPublisher(store, announcer or RecordingAnnouncer(), LengthScorer(), HELDOUT, max_tokens=8)
+    publisher = PolicyPublisher(store, announcer or RecordingAnnouncer(), gate_scorer or LengthScorer(), HELDOUT,
+                                max_tokens=8)
     settings = LoopSettings(rollouts_per_iteration=4, max_staleness=1, publish_every=publish_every,
-                            checkpoint_every=1, kl_bound=kl_bound, reward_tolerance=1e6, idle_sleep_s=0.05)
+                            checkpoint_every=1, kl_bound=kl_bound, reward_tolerance=reward_tolerance, idle_sleep_s=0.05)
     loop = TrainingLoop(load_learner(policy, state), state, PromptMixer(LivePromptBuffer(8), TRAIN, 0.0),
                         RolloutCollector(sampler, LengthScorer(), max_tokens=8), publisher,
                         CheckpointStore(tmp_path / "ckpt"), settings, load_learner, paused=paused)
@@ -136,6 +152,24 @@ def test_a_candidate_beyond_the_kl_bound_is_refused_and_nothing_is_written(store
     assert not gate.published and "exceeds the bound" in gate.reason and gate.kl > 0
     assert store.versions("policy") == ["policy-0001"] and announcer.events == []
     assert loop.publish_now().published is False
+
+
+def test_the_gate_compares_candidate_and_baseline_under_one_reward_model(store, tmp_path, one_thread):
+    # Every call a new RM 100 points above the last: comparing across versions would wave any
+    # candidate through (or refuse it). A tolerance of 0.5 makes the comparison count.
+    always = SwitchingScorer(lambda k: k + 1)
+    loop, _, _ = make_loop(store, tmp_path, gate_scorer=always, reward_tolerance=0.5)
+    loop.run_iteration()
+    gate = loop.status().last_gate
+    assert not gate.published and "reward model changed during each of 3 evaluations" in gate.reason
+    assert store.versions("policy") == ["policy-0001"] and len(always.calls) == 7  # baseline + 3 x (candidate, re-score)
+    # Calls: baseline (rm-0001), candidate (rm-0002), baseline re-scored (rm-0003), candidate again (rm-0003).
+    once = SwitchingScorer(lambda k: min(k + 1, 3))
+    loop, _, _ = make_loop(store, tmp_path / "again", gate_scorer=once)
+    loop.run_iteration()
+    assert once.calls == ["rm-0001", "rm-0002", "rm-0003", "rm-0003"]
+    assert loop.status().last_gate.published
+    assert store.verify(loop.state.lineage[-1]).extra["rm_version"] == "rm-0003"
 
 
 def test_publish_now_without_an_update_publishes_nothing(store, tmp_path, one_thread):
