@@ -69,6 +69,7 @@ from shared.kafka.envelope import decode  # noqa: E402
 from shared.kafka.topics import FEEDBACK  # noqa: E402
 from shared.launcher import grpc_serving  # noqa: E402
 from shared.pb import feedback_pb2, feedback_pb2_grpc  # noqa: E402
+from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
 
 SECRET = "bench-feedback-token-secret-0123456789"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -364,38 +365,16 @@ def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
     return count, len(ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class Quiet:
-    """Shared-machine guard, as in bench_serving: other processes' CPU decides the figures on 2 cores."""
-
-    threshold: float
-    """Start a run once the rest of the machine used fewer cores than this for 2 s ..."""
-    max_wait_s: float
-    """... or after this long."""
-    max_external: float
-    """Run again when the rest of the machine used more cores than this during the run ..."""
-    retries: int
-    """... at most this many times; the least disturbed run is kept (every run's lost count is checked)."""
+def external_cores(stack: Stack, seconds: float) -> float:
+    """Cores the rest of the machine (not the stack, not this process) used over the next ``seconds``."""
+    before, started = stack.cpu(), time.monotonic()
+    time.sleep(seconds)
+    after = stack.cpu()
+    ours = sum(after[k] - before[k] for k in after if k != "machine")
+    return max(0.0, after["machine"] - before["machine"] - ours) / (time.monotonic() - started)
 
 
-def wait_quiet(stack: Stack, quiet: Quiet) -> float:
-    """Wait for a quiet moment; returns the cores the rest of the machine used in the last 2 s."""
-    deadline = time.monotonic() + quiet.max_wait_s
-    warned = False
-    while True:
-        before, started = stack.cpu(), time.monotonic()
-        time.sleep(2.0)
-        after = stack.cpu()
-        ours = sum(after[k] - before[k] for k in after if k != "machine")
-        external = max(0.0, after["machine"] - before["machine"] - ours) / (time.monotonic() - started)
-        if external < quiet.threshold or time.monotonic() > deadline:
-            return external
-        if not warned:
-            log(f"  other processes use {external:.2f} cores; waiting for a quiet moment (<= {quiet.max_wait_s:.0f} s)")
-            warned = True
-
-
-def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: Quiet) -> dict:
+def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: QuietGuard) -> dict:
     def call(prefix: str, n: int) -> Run:
         return asyncio.run(runner(stack, prefix, n, concurrency)) if asyncio.iscoroutinefunction(runner) \
             else runner(stack, prefix, n, concurrency)
@@ -403,7 +382,7 @@ def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: 
     attempts = []
     for attempt in range(1 + quiet.retries):
         prefix = f"{version}-{path}{concurrency}" + (f"-a{attempt + 1}" if attempt else "")
-        before = wait_quiet(stack, quiet)
+        before = quiet.wait(lambda seconds: external_cores(stack, seconds), log)
         log(f"{version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
             + (f" (attempt {attempt + 1})" if attempt else "") + f"; other processes {before:.2f} cores")
         call(prefix + "w", 200)
@@ -446,14 +425,9 @@ def main() -> None:
                     else "http,grpc,kafka,rdkafka")
     ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
-    ap.add_argument("--quiet-threshold", type=float, default=0.15,
-                    help="start a run when other processes use fewer cores than this (shared machines)")
-    ap.add_argument("--quiet-max-wait-s", type=float, default=45.0)
-    ap.add_argument("--max-external", type=float, default=0.25,
-                    help="run again when other processes used more cores than this during the run")
-    ap.add_argument("--retries", type=int, default=2, help="runs again of a disturbed run (least disturbed kept)")
+    QuietGuard.add_arguments(ap, "run", max_wait_s=45.0)
     args = ap.parse_args()
-    quiet = Quiet(args.quiet_threshold, args.quiet_max_wait_s, args.max_external, args.retries)
+    quiet = QuietGuard.from_args(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     paths = args.paths.split(",")
     runners = {"http": run_http, "http-wrk": run_wrk, "grpc": run_grpc, "kafka": run_kafka, "rdkafka": run_rdkafka}

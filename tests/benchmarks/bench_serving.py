@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
 
 MODEL_NAME = "rlhf-policy"
 SERVERS = ("ours", "vllm", "naive")
@@ -777,19 +778,11 @@ class CpuMeter:
         t, busy, ours = self.snapshot()
         return max(0.0, (busy - since[1]) - (ours - since[2])) / max(t - since[0], 1e-6)
 
-    def wait_quiet(self, threshold: float, max_wait_s: float) -> float:
-        """Wait until the rest of the machine used < ``threshold`` cores for 2 s (at most ``max_wait_s``)."""
-        deadline = time.monotonic() + max_wait_s
-        warned = False
-        while True:
-            snap = self.snapshot()
-            time.sleep(2.0)
-            ext = self.external_cores(snap)
-            if ext < threshold or time.monotonic() > deadline:
-                return ext
-            if not warned:
-                log(f"    other processes use {ext:.2f} cores; waiting for a quiet moment (<= {max_wait_s:.0f} s)")
-                warned = True
+    def external_over(self, seconds: float) -> float:
+        """Cores the rest of the machine used over the next ``seconds`` (QuietGuard.wait's probe)."""
+        snap = self.snapshot()
+        time.sleep(seconds)
+        return self.external_cores(snap)
 
 
 def external_load_note() -> str:
@@ -804,11 +797,11 @@ def external_load_note() -> str:
     return ", ".join(busy[:6])
 
 
-def measure_swaps(server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: dict,
+def measure_swaps(server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: QuietGuard,
                   mode: str) -> dict:
     log(f"--- ours: hot-swap x{len(versions)}, mode {mode}, under {args.swap_concurrency} streaming clients")
     meter = CpuMeter(server)
-    meter.wait_quiet(quiet["threshold"], quiet["max_wait_s"])
+    quiet.wait(meter.external_over, log)
     snap = meter.snapshot()
     hs = asyncio.run(hot_swap_run(server, store, versions, load, args.swap_concurrency, settle_s=4.0))
     hs["mode"] = mode
@@ -817,17 +810,17 @@ def measure_swaps(server: Server, store, versions: list[str], load: list[ChatReq
 
 
 def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, name: str, entry: dict,
-                  raw: dict, budget_s: float, quiet: dict) -> None:
+                  raw: dict, budget_s: float, quiet: QuietGuard) -> None:
     """One concurrency level: the figures into ``entry``, per-request results into ``raw``.
 
-    Retried (up to quiet["retries"] times) when other processes used more than quiet["max_external"]
+    Retried (up to quiet.retries times) when other processes used more than quiet.max_external
     cores during the run; the least disturbed attempt is kept.
     """
     meter = CpuMeter(server)
     attempts = []
-    for attempt in range(1 + quiet["retries"]):
+    for attempt in range(1 + quiet.retries):
         server.check_alive()
-        before = meter.wait_quiet(quiet["threshold"], quiet["max_wait_s"])
+        before = quiet.wait(meter.external_over, log)
         log(f"--- {name}: concurrency {c}, {len(reqs)} requests"
             + (f" (attempt {attempt + 1})" if attempt else "") + f"; external load before {before:.2f} cores")
         cpu0 = cpu_by_process(server.tree())
@@ -849,7 +842,7 @@ def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, nam
             f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, {fmt(m['tokens_per_content_chunk'])} tok/chunk, "
             f"errors {m['errors']}; server cpu s {cpu}, "
             f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores")
-        if external <= quiet["max_external"]:
+        if external <= quiet.max_external:
             break
         log(f"    disturbed by other processes ({external_load_note() or 'gone by now'})")
     external, m, cpu, client_cpu, results = min(attempts, key=lambda a: a[0])
@@ -1007,12 +1000,7 @@ def main() -> int:
                     help="RLHF_INFERENCE_SWAP_MODE values to measure the hot-swap with; immediate restarts (a)")
     ap.add_argument("--grpc-levels", default="8,64",
                     help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)")
-    ap.add_argument("--quiet-threshold", type=float, default=0.15,
-                    help="start a level when other processes use fewer cores than this (shared machines)")
-    ap.add_argument("--quiet-max-wait-s", type=float, default=90.0)
-    ap.add_argument("--max-external", type=float, default=0.25,
-                    help="retry a level when other processes used more cores than this during it")
-    ap.add_argument("--retries", type=int, default=2, help="retries of a disturbed level (least disturbed kept)")
+    QuietGuard.add_arguments(ap, "level", max_wait_s=90.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--kv-cache-gib", type=int, default=1)
@@ -1041,8 +1029,7 @@ def main() -> int:
     if len(counts) != len(levels):
         ap.error("--requests needs one count per concurrency level")
     grpc_levels = [int(x) for x in args.grpc_levels.split(",") if x and int(x) in levels]
-    quiet = {"threshold": args.quiet_threshold, "max_wait_s": args.quiet_max_wait_s,
-             "max_external": args.max_external, "retries": args.retries}
+    quiet = QuietGuard.from_args(args)
     swap_modes = [m for m in args.swap_modes.split(",") if m]
     swaps_n = args.swaps if args.swaps is not None else (1 if args.quick else 3)
     s = Settings(args.max_model_len, args.max_num_seqs, args.kv_cache_gib)
@@ -1079,7 +1066,7 @@ def main() -> int:
                       + ", closed loop (each client sends its next request when the previous ends), "
                         "in the benchmark process on the same machine",
             "warmup_requests": len(warmup), "seed": args.seed, "common": asdict(s),
-            "served_model_name": MODEL_NAME, "quick": args.quick, "shared_machine_guard": quiet,
+            "served_model_name": MODEL_NAME, "quick": args.quick, "shared_machine_guard": asdict(quiet),
             "profiled": args.profile,
         },
         "servers": {},
