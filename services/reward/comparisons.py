@@ -170,13 +170,16 @@ def examples_from_feedback(events: Iterable[FeedbackEvent]) -> TrainingExamples:
     return out
 
 
+def sample_key(s: Sample) -> tuple:
+    """What the RM reads of a sample: the conversation and the response text (not the ids)."""
+    return (tuple((m.role, m.content) for m in s.messages), s.response)
+
+
 def without_identical_pairs(group: ComparisonGroup) -> ComparisonGroup | None:
     """``group`` without its pairs of two Samples with the same conversation and response text
     (None when no pair is left)."""
-    def text(s: Sample) -> tuple:
-        return (tuple((m.role, m.content) for m in s.messages), s.response)
-
-    pairs = tuple((w, lo) for w, lo in group.pairs if text(group.responses[w]) != text(group.responses[lo]))
+    pairs = tuple((w, lo) for w, lo in group.pairs
+                  if sample_key(group.responses[w]) != sample_key(group.responses[lo]))
     if len(pairs) == len(group.pairs):
         return group
     return ComparisonGroup(group.responses, pairs, group.source, group.user_id) if pairs else None

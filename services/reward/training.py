@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample, TrainingExamples
+from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample, TrainingExamples, sample_key
 from services.reward.encoding import EncodingLimits, encode, pad_batch
 from services.reward.losses import normalisation_offset, pairwise_accuracy, preference_batch_loss
 from services.reward.model import RewardModel
@@ -74,10 +74,6 @@ class EpochStats:
 Progress = Callable[[EpochStats], None]
 
 
-def _sample_key(s: Sample) -> tuple:
-    return (tuple((m.role, m.content) for m in s.messages), s.response)
-
-
 class RewardTrainer:
     def __init__(self, model: RewardModel, tokenizer: Any, settings: TrainSettings = TrainSettings()):
         self.model = model
@@ -94,7 +90,7 @@ class RewardTrainer:
     # --- scoring helpers ------------------------------------------------------------------------
 
     def token_ids(self, s: Sample) -> list[int]:
-        key = _sample_key(s)
+        key = sample_key(s)
         ids = self._ids.get(key)
         if ids is None:
             ids = self._ids[key] = encode(self.tokenizer, s.messages, s.response, self.settings.limits).input_ids
@@ -123,7 +119,7 @@ class RewardTrainer:
         samples: list[Sample] = []
 
         def slot(s: Sample) -> int:
-            key = _sample_key(s)
+            key = sample_key(s)
             if key not in index:
                 index[key] = len(samples)
                 samples.append(s)
@@ -204,7 +200,7 @@ class RewardTrainer:
         if not reference:
             raise ValueError("no reference responses to normalise on")
         self.model.eval()
-        distinct = list({_sample_key(s): s for s in reference}.values())
+        distinct = list({sample_key(s): s for s in reference}.values())
         offset = normalisation_offset(self.scores(distinct, raw=True))
         self.model.set_offset(offset, f"{description} ({len(distinct)} responses)")
         return offset
