@@ -158,14 +158,17 @@ def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Pat
 
 
 class UvicornThread:
-    """A uvicorn server for an ASGI app on a free loopback port, in a thread."""
+    """A uvicorn server for the gateway's ASGI app on a free loopback port, in a thread."""
 
     def __init__(self, app) -> None:
         import uvicorn
 
         self.port = free_port()
+        from services.gateway.http_protocol import CoalescingHttpToolsProtocol
+
+        # The gateway's HTTP protocol, as `python -m services.gateway` runs it.
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    access_log=False, lifespan="on"))
+                                                    access_log=False, lifespan="on", http=CoalescingHttpToolsProtocol))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, 30, "uvicorn did not start")

@@ -8,6 +8,7 @@ import uvicorn
 
 from services.gateway.api_router import create_app
 from services.gateway.config import GatewayConfig
+from services.gateway.http_protocol import CoalescingHttpToolsProtocol
 from shared.config import load_config
 from shared.logging import setup_logging
 
@@ -22,7 +23,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=int(cfg.grace_period_s))
+                http=CoalescingHttpToolsProtocol, timeout_graceful_shutdown=int(cfg.grace_period_s))
 
 
 if __name__ == "__main__":

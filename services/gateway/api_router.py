@@ -29,12 +29,58 @@ from services.gateway.serving import ChatServing, FeedbackTokens, InferenceClien
 STATIC = Path(__file__).parent / "static"
 
 
-class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413 (pure ASGI middleware).
+class BodyTooLarge(Exception):
+    """A request body past the gateway's limit."""
 
-    The body is read up to the limit before the app sees it: a declared Content-Length over the
-    limit is refused at once, a chunked body as soon as it passes the limit.
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None when the client went away first.
+
+    Raises BodyTooLarge past ``limit`` bytes: at once for a declared Content-Length over it, for a
+    chunked body as soon as it passes it (the rest is never read).
     """
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return None
+    body = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: the body came in one message
+        if len(body) > limit:
+            raise BodyTooLarge
+        return body
+    chunks = bytearray(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks += message.get("body", b"")
+        if len(chunks) > limit:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            return bytes(chunks)
+
+
+def too_large(limit: int) -> JSONResponse:
+    metrics.REQUESTS.labels("other", "413").inc()
+    return error_response(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def refuse_unauthorised(scope: Scope, api_keys: tuple[str, ...]) -> JSONResponse | None:
+    """The 401 for a /v1/ request without a valid key (when keys are configured); else None."""
+    if api_keys and scope["path"].startswith("/v1/") and not _authorised(scope, api_keys):
+        return error_response(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
+    return None
+
+
+def observe(route: str, status: int, started: float) -> None:
+    metrics.REQUESTS.labels(route, str(status)).inc()
+    metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+
+
+class BodySizeLimit:
+    """Refuse bodies over ``limit`` bytes with 413 (pure ASGI middleware), before the app sees them."""
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app = app
@@ -43,35 +89,22 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                return await self._refuse(scope, receive, send)
-            if not message.get("more_body", False):
-                break
+        try:
+            body = await read_body(scope, receive, self.limit)
+        except BodyTooLarge:
+            return await too_large(self.limit)(scope, receive, send)
+        if body is None:
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # then wait for the disconnect, as streaming responses expect
 
         await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics.REQUESTS.labels("other", "413").inc()
-        response = error_response(413, f"the request body is larger than {self.limit} bytes",
-                                  code="request_too_large")
-        await response(scope, receive, send)
 
 
 class AuthAndMetrics:
@@ -92,11 +125,10 @@ class AuthAndMetrics:
         path = scope["path"]
         route = path if path.startswith("/v1/") else "other"
         started = time.perf_counter()
-        if self.api_keys and path.startswith("/v1/") and not _authorised(scope, self.api_keys):
-            response = error_response(401, "missing or invalid API key (Authorization: Bearer ...)",
-                                      code="invalid_api_key")
-            await response(scope, receive, send)
-            self._observe(route, 401, started)
+        refusal = refuse_unauthorised(scope, self.api_keys)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            observe(route, 401, started)
             return
         status = 500
 
@@ -106,58 +138,64 @@ class AuthAndMetrics:
                 status = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._observe(route, status, started)  # to the last byte, for streams too
+                observe(route, status, started)  # to the last byte, for streams too
 
         try:
             await self.app(scope, receive, send_and_observe)
         except Exception:
-            self._observe(route, 500, started)
+            observe(route, 500, started)
             raise
 
-    @staticmethod
-    def _observe(route: str, status: int, started: float) -> None:
-        metrics.REQUESTS.labels(route, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
+class Gateway:
+    """The gateway's ASGI app: POST /v1/feedback served here, everything else by the FastAPI app.
 
-class FeedbackRoute:
-    """POST /v1/feedback served in plain ASGI, in front of FastAPI's routing (pure ASGI middleware).
-
-    A rating is small and ratings come in thousands a second: FastAPI's router, dependency solving,
-    exception middlewares and response classes cost more CPU than the rating's own work. The route
-    is still declared on the FastAPI app, for the OpenAPI schema; this serves it first. Errors get
-    the same responses as everywhere else (errors.response_for).
+    A rating is small and ratings come in thousands a second: FastAPI's routing, its exception and
+    size/auth/metrics middlewares cost more CPU than the rating's own work. This path does the same
+    steps in the same order (413 for an oversized body, 401 without a valid key, the request
+    metrics) with the same helpers, and the same error responses (errors.response_for). The route
+    is still declared on the FastAPI app, for the OpenAPI schema.
     """
 
-    def __init__(self, app: ASGIApp, feedback: FeedbackForwarding):
-        self.app = app
+    def __init__(self, api: FastAPI, feedback: FeedbackForwarding, cfg: GatewayConfig):
+        self.api = api
+        """The FastAPI app: every other route, the lifespan, and the OpenAPI schema."""
         self.feedback = feedback
+        self.limit = cfg.max_body_bytes
+        self.api_keys = cfg.api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/feedback" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+            return await self.api(scope, receive, send)
+        started = time.perf_counter()
+        try:
+            body = await read_body(scope, receive, self.limit)
+        except BodyTooLarge:
+            return await too_large(self.limit)(scope, receive, send)
+        if body is None:
+            return
+        refusal = refuse_unauthorised(scope, self.api_keys)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return observe("/v1/feedback", 401, started)
         key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
         try:
-            reply = await self.feedback.submit(bytes(body), key.decode("latin-1") if key is not None else None)
+            reply = await self.feedback.submit(body, key.decode("latin-1") if key is not None else None)
         except Exception as exc:  # noqa: BLE001 - every error becomes its response, as in the app
-            return await response_for(exc, scope["path"])(scope, receive, send)
+            response = response_for(exc, "/v1/feedback")
+            await response(scope, receive, send)
+            return observe("/v1/feedback", response.status_code, started)
         content = reply.model_dump_json().encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
+        observe("/v1/feedback", 200, started)
 
 
-def create_app(cfg: GatewayConfig) -> FastAPI:
-    """The gateway's FastAPI app, calling the inference service at cfg.inference_address."""
+def create_app(cfg: GatewayConfig) -> Gateway:
+    """The gateway's ASGI app, calling the inference service at cfg.inference_address and the
+    feedback service at cfg.feedback_address."""
     chat = ChatServing(FeedbackTokens(cfg.token))
     feedback = FeedbackForwarding()
 
@@ -190,7 +228,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                   "schema": FeedbackRequest.model_json_schema()}}}},
               responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
     async def submit_feedback(request: Request):
-        # Served by FeedbackRoute before FastAPI routes anything; declared here for the API schema.
+        # Served by Gateway before FastAPI routes anything; declared here for the API schema.
         # The raw body, not a parsed model: a body that does not parse still goes to the dead-letter topic.
         reply = await feedback.submit(await request.body(), request.headers.get("idempotency-key"))
         return Response(reply.model_dump_json(), media_type="application/json")
@@ -212,12 +250,10 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def chat_page():
         return HTMLResponse((STATIC / "chat.html").read_text())
 
-    # Added last, so it runs first: the size limit applies before authentication and metrics, both
-    # before the feedback route.
-    app.add_middleware(FeedbackRoute, feedback=feedback)
+    # Added last, so it runs first: the size limit applies before authentication and metrics.
     app.add_middleware(AuthAndMetrics, api_keys=cfg.api_keys)
     app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
-    return app
+    return Gateway(app, feedback, cfg)
 
 
 def _authorised(scope: Scope, keys: tuple[str, ...]) -> bool:
