@@ -10,6 +10,8 @@ verifies it.
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -44,14 +46,27 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    # binascii directly: base64.urlsafe_b64decode does the same in Python, at twice the cost.
+    return binascii.a2b_base64(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4))
+
+
+@functools.lru_cache(maxsize=4)
+def _keyed_mac(secret: str) -> hmac.HMAC:
+    """An HMAC-SHA256 state with the key already absorbed; ``.copy()`` per token skips the key
+    set-up, which was most of a token check's cost (verify runs for every rating)."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
+
+
+def _mac(secret: str, body: bytes) -> bytes:
+    mac = _keyed_mac(secret).copy()
+    mac.update(body)
+    return mac.digest()
 
 
 def sign(secret: str, claims: TokenClaims) -> str:
     body = json.dumps({"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash,
                        "exp": claims.expires_at}, separators=(",", ":")).encode()
-    mac = hmac.digest(secret.encode(), body, "sha256")
-    return f"{_b64(body)}.{_b64(mac)}"
+    return f"{_b64(body)}.{_b64(_mac(secret, body))}"
 
 
 def verify(secret: str, token: str, now: float | None = None) -> TokenClaims:
@@ -61,10 +76,9 @@ def verify(secret: str, token: str, now: float | None = None) -> TokenClaims:
     body_part, mac_part = token.split(".")
     try:
         body, mac = _unb64(body_part), _unb64(mac_part)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
         raise InvalidToken("malformed feedback token") from None
-    expected = hmac.digest(secret.encode(), body, "sha256")  # one C call: ~1/3 cheaper than hmac.new
-    if not hmac.compare_digest(mac, expected):
+    if not hmac.compare_digest(mac, _mac(secret, body)):
         raise InvalidToken("feedback token signature does not match (forged or from another server)")
     try:
         doc = orjson.loads(body)  # orjson.JSONDecodeError is a ValueError

@@ -38,6 +38,7 @@ log = get_logger(__name__)
 
 RAW_LIMIT = 8192
 MAX_BATCH = 1000
+_ACCEPTED = {kind: metrics.ACCEPTED.labels(kind) for kind in KINDS}  # labels() per rating cost more than inc()
 
 
 class KeyedLocks:
@@ -104,6 +105,11 @@ class _Held:
         self.locks.release(self.key)
 
 
+# How many response ids each kind rates (at least, at most), and which kind each verdict field belongs to.
+_RATED_COUNT = {"thumb": (1, 1), "likert": (1, 1), "pairwise": (2, 2), "ranking": (MIN_RANKED, MAX_RANKED)}
+_FIELD_OWNER = {"thumb": "thumb", "score": "likert", "preferred": "pairwise", "ranks": "ranking"}
+
+
 def check(sub: Submission, max_comment_chars: int) -> None:
     """Schema and range checks; raises InvalidArgument naming the field."""
     if sub.kind not in KINDS:
@@ -113,7 +119,7 @@ def check(sub: Submission, max_comment_chars: int) -> None:
     if len(sub.idempotency_key) > MAX_ID_CHARS:
         raise InvalidArgument(f"idempotency_key is longer than {MAX_ID_CHARS} characters", param="idempotency_key")
     ids = sub.response_ids
-    expected = {"thumb": (1, 1), "likert": (1, 1), "pairwise": (2, 2), "ranking": (MIN_RANKED, MAX_RANKED)}[sub.kind]
+    expected = _RATED_COUNT[sub.kind]
     param = "response_id" if sub.kind in ("thumb", "likert") else "response_ids"
     if not expected[0] <= len(ids) <= expected[1] or any(not i or len(i) > MAX_ID_CHARS for i in ids):
         n = str(expected[0]) if expected[0] == expected[1] else f"{expected[0]} to {expected[1]}"
@@ -130,7 +136,7 @@ def check(sub: Submission, max_comment_chars: int) -> None:
         check_ranks(sub.ranks, len(ids))
     for name, value in (("thumb", sub.thumb), ("score", sub.score), ("preferred", sub.preferred),
                         ("ranks", sub.ranks)):
-        owner = {"thumb": "thumb", "score": "likert", "preferred": "pairwise", "ranks": "ranking"}[name]
+        owner = _FIELD_OWNER[name]
         if value is not None and sub.kind != owner:
             raise InvalidArgument(f"{name} belongs to {owner} ratings, not {sub.kind}", param=name)
     if len(sub.comment) > max_comment_chars:
@@ -322,7 +328,7 @@ class FeedbackServing:
     def _stored(self, event: FeedbackEvent) -> SubmitResult:
         """Once Kafka acknowledged ``event``."""
         self.ledger.apply(event)
-        metrics.ACCEPTED.labels(event.kind).inc()
+        _ACCEPTED[event.kind].inc()
         if event.supersedes is not None:
             metrics.SUPERSEDED.inc()
         return SubmitResult(event.feedback_id, event.revision, duplicate=False)

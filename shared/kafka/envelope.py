@@ -18,7 +18,6 @@ import random
 import time
 import types
 import typing
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -75,7 +74,13 @@ def new_event_id() -> str:
     than uuid.uuid4(): that reads os.urandom per call, a system call that cost more than the rest of
     wrapping an event. Ids only need to be unique, not unpredictable.
     """
-    return uuid.UUID(int=_ids.getrandbits(128), version=4).hex
+    return "%032x" % (_ids.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+
+
+# What uuid.UUID(int=n, version=4) does to n, without building the UUID object (3x the cost):
+# version 4 in bits 76-79, variant 10 (RFC 4122) in bits 62-63.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 _ids = random.Random(os.urandom(32))

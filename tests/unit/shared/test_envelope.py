@@ -72,3 +72,16 @@ def test_unregistered_payload_cannot_be_wrapped_and_types_register_once():
 def test_nan_is_refused_rather_than_written_as_invalid_json():
     with pytest.raises(ValueError):
         encode(wrap(_completion(logprobs=[float("nan")]), "inference"))
+
+
+def test_event_ids_are_unique_uuid4_hex():
+    import uuid
+
+    from shared.kafka.envelope import new_event_id
+
+    ids = [new_event_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:500]:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.hex == text and len(text) == 32
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122

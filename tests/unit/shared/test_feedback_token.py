@@ -48,3 +48,19 @@ def test_prompt_hash_depends_on_roles_and_contents_only():
     assert a == prompt_hash([("user", "hi")])
     assert a != prompt_hash([("system", "hi")]) and a != prompt_hash([("user", "hi ")])
     assert prompt_hash([("user", "a"), ("user", "b")]) != prompt_hash([("user", "ab")])
+
+
+def test_signature_is_standard_hmac_sha256_of_the_claims():
+    # The keyed state is reused across tokens: it must still be plain HMAC-SHA256 with this key,
+    # and a second key must not pick up the first key's state.
+    import base64
+    import hashlib
+    import hmac
+
+    for secret in (SECRET, "another-key-" * 8):  # the second one is longer than a SHA-256 block
+        token = sign(secret, claims())
+        body_part, mac_part = token.split(".")
+        body = base64.urlsafe_b64decode(body_part + "=" * (-len(body_part) % 4))
+        mac = base64.urlsafe_b64decode(mac_part + "=" * (-len(mac_part) % 4))
+        assert mac == hmac.new(secret.encode(), body, hashlib.sha256).digest()
+        assert verify(secret, token).response_id == "resp-1"
