@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_feedback.py [--ratings 4000] [--concurrency 8,64]
     .venv/bin/python tests/benchmarks/bench_feedback.py --baseline HEAD~3   # before vs after
+    .venv/bin/python tests/benchmarks/bench_feedback.py --baseline HEAD~3 --rounds 3   # medians of 3 rounds
 
 Ways of storing the same thumbs-up ratings with acks=all, in one run (ratios hold on a noisy
 machine, absolute figures do not):
@@ -44,6 +45,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import statistics
 import subprocess
 import sys
@@ -374,19 +376,22 @@ def external_cores(stack: Stack, seconds: float) -> float:
     return max(0.0, after["machine"] - before["machine"] - ours) / (time.monotonic() - started)
 
 
-def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: QuietGuard) -> dict:
+def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: QuietGuard,
+            round_no: int = 1) -> dict:
     def call(prefix: str, n: int) -> Run:
         return asyncio.run(runner(stack, prefix, n, concurrency)) if asyncio.iscoroutinefunction(runner) \
             else runner(stack, prefix, n, concurrency)
 
     attempts = []
     for attempt in range(1 + quiet.retries):
-        prefix = f"{version}-{path}{concurrency}" + (f"-a{attempt + 1}" if attempt else "")
+        # Unique per round and attempt: a rating sent twice would be a duplicate, not a new vote.
+        prefix = f"{version}-{path}{concurrency}-r{round_no}" + (f"-a{attempt + 1}" if attempt else "")
         before = quiet.wait(lambda seconds: external_cores(stack, seconds), log)
-        log(f"{version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
+        log(f"round {round_no}: {version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
             + (f" (attempt {attempt + 1})" if attempt else "") + f"; other processes {before:.2f} cores")
         call(prefix + "w", 200)
         row = summarise(version, path, concurrency, call(prefix, n), records_on_topic(stack.kafka, prefix))
+        row["round"] = round_no
         attempts.append(row)
         if row["external_cores"] <= quiet.max_external:
             break
@@ -425,6 +430,9 @@ def main() -> None:
                     else "http,grpc,kafka,rdkafka")
     ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every level this many times (versions alternating); the verdict and the "
+                         "plot use each row's median over the rounds")
     QuietGuard.add_arguments(ap, "run", max_wait_s=45.0)
     args = ap.parse_args()
     quiet = QuietGuard.from_args(args)
@@ -443,13 +451,14 @@ def main() -> None:
             stacks[version] = Stack(code, version)
         # Level by level, one version right after the other: on a shared machine before and after
         # then meet the same moment's load, not loads minutes apart. (The idle stack costs little.)
-        for concurrency in levels:
-            for path in paths:
-                for version, _ in versions:
-                    if version == "before" and path not in ("http", "http-wrk", "grpc"):
-                        continue  # the raw producers do not depend on the code version
-                    rows.append(measure(stacks[version], version, path, runners[path], args.ratings, concurrency,
-                                        quiet))
+        for round_no in range(1, args.rounds + 1):
+            for concurrency in levels:
+                for path in paths:
+                    for version, _ in versions:
+                        if version == "before" and path not in ("http", "http-wrk", "grpc"):
+                            continue  # the raw producers do not depend on the code version
+                        rows.append(measure(stacks[version], version, path, runners[path], args.ratings,
+                                            concurrency, quiet, round_no))
     finally:
         for stack in stacks.values():
             stack.stop()
@@ -462,25 +471,51 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
                                "baseline": args.baseline, "ratings_per_level": args.ratings,
-                               "shared_machine_guard": dataclasses.asdict(quiet), "rows": rows}, indent=2))
-    plot(rows, out.with_suffix(".png"))
+                               "shared_machine_guard": dataclasses.asdict(quiet), "rounds": args.rounds,
+                               "rows": rows, "medians": medians(rows)}, indent=2))
+    plot(medians(rows), out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (version, path, concurrency): the median ratings/s, p50 and p99 over its rounds,
+    with the rounds' ranges, and the losses of every round and attempt."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["version"], r["path"], r["concurrency"]), []).append(r)
+    out = []
+    for (version, path, concurrency), rs in groups.items():
+        m = {"version": version, "path": path, "concurrency": concurrency, "rounds": len(rs),
+             "lost_all_attempts": sum(r["lost_all_attempts"] for r in rs)}
+        for key in ("ratings_per_s", "p50_ms", "p99_ms"):
+            values = [r[key] for r in rs]
+            m[key], m[key + "_range"] = statistics.median(values), (min(values), max(values))
+        out.append(m)
+    return out
 
 
 def print_table(rows: list[dict], baseline: str) -> None:
     procs = ("feedback", "gateway", "broker", "loadgen", "other")
-    header = (f"{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
+    header = (f"{'rnd':<4}{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
               f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: " + " ".join(f"{p:>8}" for p in procs)
               + f" | {'ext':>5}{'batch':>6}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         per = r["cpu_ms_per_rating"]
-        print(f"{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
+        print(f"{r['round']:<4}{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
               f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
               f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['external_cores']:>5.2f}"
               + (f"{r['mean_batch']:>6.1f}" if r["mean_batch"] else f"{'-':>6}"))
+    rounds = max(r["round"] for r in rows)
+    rows = medians(rows)
+    if rounds > 1:
+        print(f"\nmedians over {rounds} rounds (range):")
+        for r in rows:
+            print(f"  {r['version']:<7}{r['path']:<9}at {r['concurrency']:>3}: {r['ratings_per_s']:>6.0f}/s "
+                  f"({r['ratings_per_s_range'][0]:.0f}-{r['ratings_per_s_range'][1]:.0f}), "
+                  f"p99 {r['p99_ms']:.1f} ms ({r['p99_ms_range'][0]:.1f}-{r['p99_ms_range'][1]:.1f})")
     if baseline:
-        print(f"\nnow / before ({baseline}), same run:")
+        print(f"\nnow / before ({baseline}), same run" + (", medians:" if rounds > 1 else ":"))
         for r in rows:
             if r["version"] != "now":
                 continue
@@ -496,7 +531,8 @@ def print_table(rows: list[dict], baseline: str) -> None:
         lost = sum(r["lost_all_attempts"] for r in rows)
         ok = bool(meeting) and lost == 0
         print(f"\nTarget >= {TARGET_PER_S} ratings/s with p99 < {TARGET_P99_MS} ms through HTTP, zero lost: best HTTP "
-              f"row {best['ratings_per_s']:.0f}/s ({best['path']} at {best['concurrency']} concurrent), "
+              + ("row (medians over rounds)" if rounds > 1 else "row")
+              + f" {best['ratings_per_s']:.0f}/s ({best['path']} at {best['concurrency']} concurrent), "
               f"p99 {best['p99_ms']:.1f} ms, "
               f"lost {lost} -> {'PASS' if ok else 'FAIL'}")
 
