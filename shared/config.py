@@ -282,8 +282,13 @@ class KafkaConfig(ConfigBase):
     """Comma-separated host:port list. Empty: `rlhf up` and the tests start the embedded broker."""
     client_id: str = "rlhf"
     """Prefix of the Kafka client id; the service name is appended."""
-    topic_partitions: int = 3
-    """Partitions per topic when this project creates the topics (embedded broker, `rlhf up`)."""
+    topic_partitions: int = 1
+    """Partitions per topic when this project creates the topics (`rlhf up`; the Helm chart sets its
+    own per topic). 1 suits the embedded broker: one in-memory tansu process, and one consumer per
+    group in a one-machine loop, so more partitions buy no parallelism, while each partition in a
+    produce request costs the broker time: with 3, a rating's acks=all acknowledgement took 30%
+    longer at the median and twice as long at p99 (tests/benchmarks/README.md). Set more for an
+    external cluster whose consumer groups have several members."""
     replication_factor: int = 1
     """Replication factor when this project creates the topics."""
     request_timeout_ms: int = 10000

@@ -30,8 +30,11 @@ class Broker:
 def start_broker(port: int | None = None) -> Broker:
     broker = EmbeddedBroker(port=port).start()
     # Low group timeouts: a fresh consumer group gets its partitions in seconds, not tens of seconds.
+    # 3 partitions, not `rlhf up`'s 1: the tests cover keyed ordering and readers of several
+    # partitions, as on an external cluster.
     kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, delivery_timeout_s=5.0, request_timeout_ms=3000)
+                        heartbeat_interval_ms=1000, delivery_timeout_s=5.0, request_timeout_ms=3000,
+                        topic_partitions=3)
     ensure_topics(kafka)
     return Broker(broker, kafka)
 

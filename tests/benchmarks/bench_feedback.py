@@ -115,10 +115,11 @@ class Stack:
     """Broker, feedback service and gateway as separate processes, as `rlhf up` runs them, with the
     services' code taken from ``code`` (the working tree, or a baseline worktree)."""
 
-    def __init__(self, code: Path, label: str) -> None:
+    def __init__(self, code: Path, label: str, partitions: int | None = None) -> None:
         self.label = label
         self.broker = EmbeddedBroker().start()
-        self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers)
+        self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers,
+                                 **({"topic_partitions": partitions} if partitions else {}))
         ensure_topics(self.kafka)
         self.feedback_port, self.gateway_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(code), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
@@ -430,6 +431,8 @@ def main() -> None:
                     else "http,grpc,kafka,rdkafka")
     ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
+    ap.add_argument("--partitions", type=int, default=None,
+                    help="partitions per topic on the benchmark's broker (default: as `rlhf up` creates them)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every level this many times (versions alternating); the verdict and the "
                          "plot use each row's median over the rounds")
@@ -448,7 +451,7 @@ def main() -> None:
     stacks: dict[str, Stack] = {}
     try:
         for version, code in versions:
-            stacks[version] = Stack(code, version)
+            stacks[version] = Stack(code, version, args.partitions)
         # Level by level, one version right after the other: on a shared machine before and after
         # then meet the same moment's load, not loads minutes apart. (The idle stack costs little.)
         for round_no in range(1, args.rounds + 1):
