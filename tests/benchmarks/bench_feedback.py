@@ -450,11 +450,16 @@ def main() -> None:
     rows = []
     stacks: dict[str, Stack] = {}
     try:
-        for version, code in versions:
-            stacks[version] = Stack(code, version, args.partitions)
         # Level by level, one version right after the other: on a shared machine before and after
         # then meet the same moment's load, not loads minutes apart. (The idle stack costs little.)
         for round_no in range(1, args.rounds + 1):
+            # Fresh stacks each round: the embedded broker keeps every record in memory and slows
+            # down as they pile up, which would penalise later rounds.
+            for stack in stacks.values():
+                stack.stop()
+            stacks = {}
+            for version, code in versions:
+                stacks[version] = Stack(code, version, args.partitions)
             for concurrency in levels:
                 for path in paths:
                     for version, _ in versions:
