@@ -62,9 +62,16 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
             return bytes(chunks)
 
 
-def too_large(limit: int) -> JSONResponse:
-    metrics.REQUESTS.labels("other", "413").inc()
-    return error_response(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+async def body_or_refusal(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+    """The request body; None when the request is over already: the client went away, or the body
+    was over ``limit`` and has been answered with 413."""
+    try:
+        return await read_body(scope, receive, limit)
+    except BodyTooLarge:
+        metrics.REQUESTS.labels("other", "413").inc()
+        response = error_response(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        await response(scope, receive, send)
+        return None
 
 
 def refuse_unauthorised(scope: Scope, api_keys: tuple[str, ...]) -> JSONResponse | None:
@@ -89,10 +96,7 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        try:
-            body = await read_body(scope, receive, self.limit)
-        except BodyTooLarge:
-            return await too_large(self.limit)(scope, receive, send)
+        body = await body_or_refusal(scope, receive, send, self.limit)
         if body is None:
             return
         replayed = False
@@ -168,10 +172,7 @@ class Gateway:
         if scope["type"] != "http" or scope["path"] != "/v1/feedback" or scope["method"] != "POST":
             return await self.api(scope, receive, send)
         started = time.perf_counter()
-        try:
-            body = await read_body(scope, receive, self.limit)
-        except BodyTooLarge:
-            return await too_large(self.limit)(scope, receive, send)
+        body = await body_or_refusal(scope, receive, send, self.limit)
         if body is None:
             return
         refusal = refuse_unauthorised(scope, self.api_keys)

@@ -119,7 +119,7 @@ class Stack:
         self.label = label
         self.broker = EmbeddedBroker().start()
         self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers,
-                                 **({"topic_partitions": partitions} if partitions else {}))
+                                 topic_partitions=partitions or KafkaConfig.topic_partitions)
         ensure_topics(self.kafka)
         self.feedback_port, self.gateway_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {**os.environ, "PYTHONPATH": str(code), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,

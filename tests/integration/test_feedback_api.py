@@ -215,6 +215,21 @@ def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
     assert end_offsets(stack.kafka, FEEDBACK) == before
 
 
+def test_oversized_ratings_get_413_and_go_nowhere(stack):
+    # The conftest gateway takes bodies up to 64 KiB; POST /v1/feedback enforces it before FastAPI.
+    before = end_offsets(stack.kafka, FEEDBACK)
+    _, [(a, ta)] = chat(stack, "Hello?")
+    body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "big",
+            "comment": "x" * 70_000}
+    declared = rate(stack.url, body)
+    chunked = httpx.post(stack.url + "/v1/feedback", content=iter([json.dumps(body).encode()[:40_000]] * 2),
+                         headers={"Content-Type": "application/json"}, timeout=60)  # no Content-Length
+    for r in (declared, chunked):
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert end_offsets(stack.kafka, FEEDBACK) == before
+    assert rate(stack.url, {**body, "comment": "fits"}).status_code == 200  # the same rating, small enough
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                        max_size=4), max_leaves=12)
