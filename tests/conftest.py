@@ -51,7 +51,7 @@ def broker() -> Iterator[Broker]:
 def policy_store(tmp_path_factory) -> "PolicyStore":
     """A model store holding the default model as policy-0001 (current) and, as policy-0002 (not
     current), the same architecture with other random weights: a second policy to swap to."""
-    from shared.default_model import ensure_default_policy
+    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
 
     root = tmp_path_factory.mktemp("models")

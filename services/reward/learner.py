@@ -65,9 +65,9 @@ from services.reward.comparisons import (
     join_texts,
 )
 from services.reward.config import RewardConfig
-from services.reward.encoding import EncodingLimits
+from shared.models.encoding import EncodingLimits
 from services.reward.learner_state import LearnerState, StoredVote
-from services.reward.model import RewardModel, load_version
+from shared.models.reward_model import RewardModel, load_version
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import CompletionEvent, FeedbackEvent, RewardModelEvent
 from shared.logging import get_logger, log_event

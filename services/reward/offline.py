@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.reward.comparisons import ComparisonGroup, Sample, TrainingExamples, ranking_pairs
-from services.reward.encoding import EncodingLimits
-from services.reward.model import RewardModel
+from shared.models.encoding import EncodingLimits
+from shared.models.reward_model import RewardModel
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import Message
 from shared.jsonl import read_jsonl

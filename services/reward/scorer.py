@@ -24,8 +24,8 @@ import torch
 
 from services.reward import metrics
 from services.reward.config import RewardConfig
-from services.reward.encoding import EncodingLimits, encode, pad_batch
-from services.reward.model import LoadedRewardModel, RewardModelError, load_version
+from shared.models.encoding import EncodingLimits, encode, pad_batch
+from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
 from services.reward.protocol import ROLES, RewardModelInfo, ScoreItem, ScoreResult
 from shared.errors import InvalidArgument, RlhfError, Unavailable
 from shared.events import RewardModelEvent

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample, TrainingExamples, sample_key
-from services.reward.encoding import EncodingLimits, encode, pad_batch
+from shared.models.encoding import EncodingLimits, encode, pad_batch
 from services.reward.losses import normalisation_offset, pairwise_accuracy, preference_batch_loss
-from services.reward.model import RewardModel
+from shared.models.reward_model import RewardModel
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)

@@ -3,7 +3,7 @@
     policy     the causal LM being trained (transformers AutoModelForCausalLM), float32
     reference  a frozen copy of the SFT policy: the per-token KL penalty is measured against it
     value      InstructGPT's value function: the reward model (backbone + scalar head, see
-               services/reward/model.py) read at every token instead of the last one only
+               shared/models/reward_model.py) read at every token instead of the last one only
 
 ``PolicyHead`` and ``ValueHead`` are the nn.Modules the learner calls (and wraps in
 DistributedDataParallel): one forward pass returns response-aligned per-token quantities (see
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
-from services.reward.model import RewardModel, _quiet_transformers
+from shared.models.reward_model import RewardModel, _quiet_transformers
 
 from .ppo import logprobs_from_logits
 
@@ -144,7 +144,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def load_value_model(rm_dir: Path) -> ValueHead:
-    """A value function initialised from the reward model in ``rm_dir`` (services/reward/model.py format)."""
+    """A value function initialised from the reward model in ``rm_dir`` (shared/models/reward_model.py format)."""
     return ValueHead(RewardModel.load(rm_dir)).train()
 
 

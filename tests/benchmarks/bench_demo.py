@@ -52,9 +52,9 @@ def main() -> int:
 
     import torch
 
-    from bootstrap.pipeline import run_bootstrap
-    from demo.evaluate import compare
-    from demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
+    from flywheel.bootstrap.pipeline import run_bootstrap
+    from flywheel.demo.evaluate import compare
+    from flywheel.demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
     from shared.config import load_config
     from shared.kafka.embedded import free_port
     from shared.logging import setup_logging

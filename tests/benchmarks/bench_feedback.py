@@ -69,7 +69,7 @@ from shared.kafka.client import producer_kwargs, rdkafka_producer_config  # noqa
 from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from shared.kafka.envelope import decode  # noqa: E402
 from shared.kafka.topics import FEEDBACK  # noqa: E402
-from shared.launcher import grpc_serving  # noqa: E402
+from flywheel.launcher import grpc_serving  # noqa: E402
 from shared.pb import feedback_pb2, feedback_pb2_grpc  # noqa: E402
 from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
 

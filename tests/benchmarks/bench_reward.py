@@ -44,14 +44,14 @@ import grpc  # noqa: E402
 from services.reward.learner import is_heldout  # noqa: E402
 from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm  # noqa: E402
 from shared.config import KafkaConfig  # noqa: E402
-from shared.default_model import ensure_default_policy  # noqa: E402
+from shared.models.default_model import ensure_default_policy  # noqa: E402
 from shared.events import CompletionEvent, Message, Timings  # noqa: E402
 from shared.feedback_token import TokenClaims, prompt_hash, sign  # noqa: E402
 from shared.kafka.admin import ensure_topics  # noqa: E402
 from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from shared.kafka.producer import EventPublisher  # noqa: E402
 from shared.kafka.topics import COMPLETIONS  # noqa: E402
-from shared.launcher import grpc_serving  # noqa: E402
+from flywheel.launcher import grpc_serving  # noqa: E402
 from shared.model_store import ModelStore  # noqa: E402
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
 

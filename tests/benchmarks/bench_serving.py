@@ -439,7 +439,7 @@ def process_label(p: psutil.Process) -> str:
     service = re.search(r"-m services\.(\w+)", cmd)
     if service:
         return service.group(1)  # inference, gateway, and whatever else `rlhf up` starts
-    for key, label in (("shared.cli", "rlhf-up"), ("tansu", "kafka-broker"), ("naive_server", "naive-server"),
+    for key, label in (("flywheel.cli", "rlhf-up"), ("tansu", "kafka-broker"), ("naive_server", "naive-server"),
                        ("vllm.entrypoints", "vllm-api-server"), ("resource_tracker", "mp-resource-tracker")):
         if key in cmd:
             return label
@@ -558,7 +558,7 @@ def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs
                 "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
                 "RLHF_INFERENCE_SEED": str(s.seed),
             } | (extra_env or {})
-            cmd = [sys.executable, "-m", "shared.cli", "up"]
+            cmd = [sys.executable, "-m", "flywheel.cli", "up"]
             settings = {"command": " ".join(cmd), "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
                         "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
                         "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
@@ -1074,7 +1074,7 @@ def main() -> int:
     }
     raw: dict[str, dict[str, list]] = {}
     try:
-        from shared.default_model import ensure_default_policy
+        from shared.models.default_model import ensure_default_policy
         from shared.model_store import ModelStore
 
         store = ModelStore(store_root)

@@ -13,7 +13,7 @@ models before its clock starts):
 
 All use the same policy version (the SFT model of `rlhf bootstrap`), the same reward model
 version (the value model of both PPOs starts from it too), the same training prompts (the demo
-task's, demo/data/prompts.jsonl), batch size, minibatch size, epochs per batch (GRPO:
+task's, flywheel/demo/data/prompts.jsonl), batch size, minibatch size, epochs per batch (GRPO:
 num_iterations), response length, learning rate, KL coefficient (GRPO: beta) and sampling
 (temperature 1, no top-k/top-p). Rollouts are generated with transformers ``generate`` everywhere
 (the trainer service samples with vLLM instead; that speed belongs to the serving benchmark).
@@ -94,7 +94,7 @@ def ensure_models(store_root: Path, quick: bool) -> tuple[str, str]:
 
     store = ModelStore(store_root)
     if not (store.current("policy") and store.current("rm")):
-        from bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
+        from flywheel.bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
 
         print(f"no policy/RM in {store_root}: running the bootstrap pipeline{' (quick)' if quick else ''}", flush=True)
         run_bootstrap(store, report_dir=store_root.parent / "bootstrap", settings=QUICK if quick else BootstrapSettings())
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     policy, rm = ensure_models(args.store, args.quick)
     pythons = {c: ensure_trl_venv(args.venvs, TRL_VERSIONS[c]) if c in TRL_VERSIONS else Path(sys.executable)
                for c in contenders}
-    spec = BenchSpec(store=str(args.store), policy=policy, rm=rm, prompts=load_prompts(REPO / "demo/data/prompts.jsonl"),
+    spec = BenchSpec(store=str(args.store), policy=policy, rm=rm, prompts=load_prompts(REPO / "flywheel/demo/data/prompts.jsonl"),
                      batch_size=args.batch_size, minibatch_size=args.minibatch_size, epochs=args.epochs,
                      response_length=args.response_length, steps=args.steps, lr=args.lr, kl_coef=args.kl_coef,
                      seed=args.seed, num_generations=args.num_generations)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from shared.model_store import ModelStore
 
-    heldout = load_prompts(REPO / "demo/data/heldout_prompts.jsonl")[: args.eval_prompts]
+    heldout = load_prompts(REPO / "flywheel/demo/data/heldout_prompts.jsonl")[: args.eval_prompts]
     policy_dirs = {"initial": ModelStore(args.store).path(policy)}
     policy_dirs.update({name: Path(r["policy_dir"]) for name, r in results.items()})
     print("[evaluation]", flush=True)

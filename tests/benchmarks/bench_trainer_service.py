@@ -54,7 +54,7 @@ from services.trainer.rollout import Rollout  # noqa: E402
 from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer  # noqa: E402
 from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
 from shared.config import ModelStoreConfig, load_config  # noqa: E402
-from shared.default_model import ensure_default_policy  # noqa: E402
+from shared.models.default_model import ensure_default_policy  # noqa: E402
 from shared.kafka.producer import SyncPublisher  # noqa: E402
 from shared.model_store import ModelStore  # noqa: E402
 from tests.conftest import LoopThread, start_broker, start_inference  # noqa: E402

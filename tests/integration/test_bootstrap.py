@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from bootstrap.pipeline import QUICK, run_bootstrap
+from flywheel.bootstrap.pipeline import QUICK, run_bootstrap
 from shared.model_store import ModelStore
 
 pytestmark = [pytest.mark.slow]
@@ -28,7 +28,7 @@ def one_thread():
 def test_bootstrap_publishes_the_sft_policy_and_the_first_rm(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from services.reward.model import load_version
+    from shared.models.reward_model import load_version
 
     store = ModelStore(tmp_path / "models")
     result = run_bootstrap(store, report_dir=tmp_path / "report", settings=QUICK)
@@ -58,7 +58,7 @@ def test_bootstrap_publishes_the_sft_policy_and_the_first_rm(tmp_path):
 
 
 def test_a_given_hf_model_skips_pretraining(tmp_path):
-    from shared.default_model import DefaultModelSpec, create_default_model
+    from shared.models.default_model import DefaultModelSpec, create_default_model
 
     hf_dir = tmp_path / "my-model"
     create_default_model(hf_dir, DefaultModelSpec(seed=5))
@@ -70,7 +70,7 @@ def test_a_given_hf_model_skips_pretraining(tmp_path):
 
 
 def test_pickle_weights_are_refused(tmp_path):
-    from bootstrap.pipeline import _copy_hf_model
+    from flywheel.bootstrap.pipeline import _copy_hf_model
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -58,8 +58,8 @@ def demo_environ(tmp_path) -> dict[str, str]:
 
 @pytest.mark.timeout(1800)
 def test_shortened_demo_closes_the_loop(tmp_path):
-    from bootstrap.pipeline import QUICK, run_bootstrap
-    from demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
+    from flywheel.bootstrap.pipeline import QUICK, run_bootstrap
+    from flywheel.demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
     from shared.config import load_config
     from shared.model_store import ModelStore
 

@@ -164,7 +164,7 @@ def test_update_with_a_different_manifest_hash_is_refused(env):
 
 
 def test_update_with_another_architecture_is_refused(env, tmp_path):
-    from shared.default_model import DefaultModelSpec, create_default_model
+    from shared.models.default_model import DefaultModelSpec, create_default_model
 
     stub, store = env["stub"], env["store"]
     create_default_model(tmp_path / "wide", DefaultModelSpec(hidden_size=256, num_heads=4, num_kv_heads=4))

@@ -66,7 +66,7 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
                       "RLHF_FEEDBACK_TOKEN_SECRET", "RLHF_TRAINER_INFERENCE_ADDRESS", "RLHF_TRAINER_REWARD_ADDRESS",
                       "RLHF_UP_SERVICES"):
         env.pop(inherited, None)
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         banner = read_until(proc, "Press Ctrl-C to stop.", timeout=600)

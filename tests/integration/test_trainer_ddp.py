@@ -63,8 +63,8 @@ def ddp_data(tmp_path_factory) -> Path:
     """A model store (default policy + an RM made from it) and 7 fixed rollouts, as a JSON spec."""
     from transformers import AutoTokenizer
 
-    from services.reward.model import RewardModel
-    from shared.default_model import ensure_default_policy
+    from shared.models.reward_model import RewardModel
+    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
 
     root = tmp_path_factory.mktemp("ddp")

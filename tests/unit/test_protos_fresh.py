@@ -2,7 +2,7 @@
 
 import filecmp
 
-from shared.protogen import OUT_DIR, generate
+from flywheel.protogen import OUT_DIR, generate
 
 
 def test_generated_stubs_are_up_to_date(tmp_path):

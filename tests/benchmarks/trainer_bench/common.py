@@ -4,7 +4,7 @@ venvs (which see the project's site-packages through a .pth file and the repo th
 so it imports nothing TRL-specific.
 
 Every contender scores responses the same way: the response *text* (decoded, special tokens
-dropped) is encoded with the reward service's own encoding (services/reward/encoding.py) and
+dropped) is encoded with the reward service's own encoding (shared/models/encoding.py) and
 scored by the same reward model version, as the reward service would over gRPC.
 """
 
@@ -74,8 +74,8 @@ class RMScorer:
     """The reward model version of the spec, scoring (messages, response text) pairs."""
 
     def __init__(self, store_root: str, rm_version: str):
-        from services.reward.encoding import EncodingLimits
-        from services.reward.model import load_version
+        from shared.models.encoding import EncodingLimits
+        from shared.models.reward_model import load_version
         from shared.model_store import ModelStore
 
         loaded = load_version(ModelStore(Path(store_root)), rm_version)  # verifies the sha256 manifest
@@ -86,7 +86,7 @@ class RMScorer:
 
     @torch.no_grad()
     def score(self, conversations: list[list[dict]], responses: list[str]) -> list[float]:
-        from services.reward.encoding import encode, pad_batch
+        from shared.models.encoding import encode, pad_batch
         from shared.events import Message
 
         started = time.monotonic()

@@ -32,7 +32,7 @@ def main(spec_path: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from services.reward.model import RewardModel
+    from shared.models.reward_model import RewardModel
     from shared.model_store import ModelStore
 
     class ScalarHeadAdapter(nn.Module):

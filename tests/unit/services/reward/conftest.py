@@ -18,7 +18,7 @@ def make_tiny_policy(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shared.default_model import train_tokenizer
+    from shared.models.default_model import train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir.parent / f"{out_dir.name}-corpus.txt"

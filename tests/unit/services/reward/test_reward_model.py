@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample
-from services.reward.encoding import EncodingLimits, encode, pad_batch, truncate
+from shared.models.encoding import EncodingLimits, encode, pad_batch, truncate
 from services.reward.losses import kwise_ranking_loss
-from services.reward.model import HEAD_NAME, WEIGHTS_NAME, RewardModel, RewardModelError, load_version
+from shared.models.reward_model import HEAD_NAME, WEIGHTS_NAME, RewardModel, RewardModelError, load_version
 from services.reward.training import RewardTrainer, TrainSettings
 from shared.events import Message
 from shared.model_store import PICKLE_SUFFIXES, CorruptVersionError

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from services.reward.config import RewardConfig
-from services.reward.encoding import EncodingLimits
-from services.reward.model import WEIGHTS_NAME, RewardModel
+from shared.models.encoding import EncodingLimits
+from shared.models.reward_model import WEIGHTS_NAME, RewardModel
 from services.reward.offline import RankingsFileError, parse_ranking, read_rankings, split_heldout, train_first_rm
 from services.reward.protocol import ScoreItem
 from services.reward.scorer import RewardScorer

@@ -25,7 +25,7 @@ class TrainerStore:
 def publish_random_rm(store, policy_version: str, seed: int = 0) -> str:
     from transformers import AutoTokenizer
 
-    from services.reward.model import RewardModel
+    from shared.models.reward_model import RewardModel
 
     policy_dir = store.path(policy_version)
     model = RewardModel.from_policy_dir(policy_dir, seed=seed)
@@ -36,7 +36,7 @@ def publish_random_rm(store, policy_version: str, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def trainer_store(tmp_path_factory) -> TrainerStore:
-    from shared.default_model import ensure_default_policy
+    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
 
     store = ModelStore(tmp_path_factory.mktemp("trainer-models"))

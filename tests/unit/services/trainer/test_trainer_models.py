@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.inference.weights import check_compatible, tensor_signature
-from services.reward.model import RewardModel
+from shared.models.reward_model import RewardModel
 from services.trainer.models import (
     PolicyHead,
     frozen_copy,

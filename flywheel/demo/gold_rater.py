@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from demo.task import parse_prompt
+from flywheel.demo.task import parse_prompt
 
 MAX_CONCISE_WORDS = 14
 COURTESY_RE = re.compile(r"\bi hope this helps\b", re.IGNORECASE)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from demo import gold_rater
+from flywheel.demo import gold_rater
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 HELDOUT_PROMPTS = Path(__file__).parent / "data" / "heldout_prompts.jsonl"

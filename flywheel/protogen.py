@@ -1,6 +1,6 @@
 """Generate the Python gRPC stubs of protos/rlhf/v1/*.proto into shared/pb/.
 
-    rlhf protos            # or: python -m shared.protogen
+    rlhf protos            # or: python -m flywheel.protogen
 
 protoc writes absolute imports (``from rlhf.v1 import common_pb2``); they are rewritten to relative
 ones so that the stubs live inside the ``shared.pb`` package. The output is deterministic, and
@@ -53,7 +53,7 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m shared.protogen [OUT_DIR]``; ``rlhf protos`` calls it with no arguments."""
+    """``python -m flywheel.protogen [OUT_DIR]``; ``rlhf protos`` calls it with no arguments."""
     argv = sys.argv[1:] if argv is None else argv
     out = Path(argv[0]) if argv else OUT_DIR
     for path in generate(out):

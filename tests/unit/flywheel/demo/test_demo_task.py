@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from demo import gold_rater
-from demo.make_data import main as make_data
-from demo.task import (DEMONSTRATION_MIX, QUESTIONS, STYLES, Problem, all_problems, parse_prompt, respond,
+from flywheel.demo import gold_rater
+from flywheel.demo.make_data import main as make_data
+from flywheel.demo.task import (DEMONSTRATION_MIX, QUESTIONS, STYLES, Problem, all_problems, parse_prompt, respond,
                        split_problems)
 
 
@@ -74,18 +74,18 @@ def test_wrong_answers_are_never_the_sum():
 
 
 def test_shipped_data_is_what_the_generator_writes(tmp_path):
-    from demo.make_data import BOOTSTRAP_DATA, DEMO_DATA
+    from flywheel.demo.make_data import BOOTSTRAP_DATA, DEMO_DATA
 
     make_data(["--demo-data", str(tmp_path / "demo"), "--bootstrap-data", str(tmp_path / "bootstrap")])
     for shipped, fresh in ((DEMO_DATA / "prompts.jsonl", tmp_path / "demo" / "prompts.jsonl"),
                            (DEMO_DATA / "heldout_prompts.jsonl", tmp_path / "demo" / "heldout_prompts.jsonl"),
                            (BOOTSTRAP_DATA / "demonstrations.jsonl", tmp_path / "bootstrap" / "demonstrations.jsonl"),
                            (BOOTSTRAP_DATA / "rankings.jsonl", tmp_path / "bootstrap" / "rankings.jsonl")):
-        assert shipped.read_bytes() == fresh.read_bytes(), f"{shipped} is stale: run python -m demo.make_data"
+        assert shipped.read_bytes() == fresh.read_bytes(), f"{shipped} is stale: run python -m flywheel.demo.make_data"
 
 
 def test_shipped_data_keeps_heldout_prompts_out_and_leaves_room_to_improve():
-    from demo.make_data import BOOTSTRAP_DATA, DEMO_DATA
+    from flywheel.demo.make_data import BOOTSTRAP_DATA, DEMO_DATA
 
     def prompts(path, key):
         return {json.loads(ln)[key][0]["content"] for ln in path.read_text().splitlines()}
@@ -102,7 +102,7 @@ def test_shipped_data_keeps_heldout_prompts_out_and_leaves_room_to_improve():
 
 
 def test_rankings_are_strict_gold_orders_in_the_offline_rm_format():
-    from demo.make_data import BOOTSTRAP_DATA
+    from flywheel.demo.make_data import BOOTSTRAP_DATA
     from services.reward.offline import read_rankings
 
     groups = read_rankings(BOOTSTRAP_DATA / "rankings.jsonl")

@@ -1,5 +1,5 @@
 """Command-line options of `rlhf bootstrap`, kept free of heavy imports (torch, transformers) so that
-the `rlhf` parser stays fast; bootstrap/pipeline.py runs them."""
+the `rlhf` parser stays fast; flywheel/bootstrap/pipeline.py runs them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data"
 DEMONSTRATIONS = DATA / "demonstrations.jsonl"
 RANKINGS = DATA / "rankings.jsonl"
-DEFAULT_CORPUS = Path(__file__).parent.parent / "shared" / "data" / "corpus.txt"
-"""shared.default_model.DEFAULT_CORPUS (not imported from there: that module imports torch)."""
+DEFAULT_CORPUS = Path(__file__).parents[2] / "shared" / "data" / "corpus.txt"
+"""shared.models.default_model.DEFAULT_CORPUS (not imported from there: that module imports torch)."""
 
 
 def add_arguments(parser) -> None:

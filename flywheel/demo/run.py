@@ -6,8 +6,8 @@
 
 It
 
-1. bootstraps the model store when it has no policy (bootstrap/pipeline.py: pretrain, SFT, first RM);
-2. brings the stack up (shared.launcher.Stack: broker, inference, reward, feedback, trainer, gateway),
+1. bootstraps the model store when it has no policy (flywheel/bootstrap/pipeline.py: pretrain, SFT, first RM);
+2. brings the stack up (flywheel.launcher.Stack: broker, inference, reward, feedback, trainer, gateway),
    or attaches to a running one at ``gateway_url``;
 3. runs ``users`` simulated users (users.py) for ``duration_s``, printing a live progress line;
    the trainer's status (PPO step, mean reward, KL) is polled over gRPC for the report;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from demo.users import PROMPTS, Interaction, UserMix, load_prompts, run_users
+from flywheel.demo.users import PROMPTS, Interaction, UserMix, load_prompts, run_users
 from shared.config import ConfigBase, ModelStoreConfig, load_config
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -126,8 +126,8 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
 
 
 def start_stack(cfg: DemoConfig, environ: dict[str, str]):
-    """shared.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started."""
-    from shared.launcher import Stack, UpConfig
+    """flywheel.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started."""
+    from flywheel.launcher import Stack, UpConfig
 
     env = stack_environ(cfg, environ)
     stack = Stack(load_config(UpConfig, env), env)
@@ -280,7 +280,7 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
     store = ModelStore(cfg.model_store.root)
     stack = None
     if not cfg.gateway_url and not store.versions("policy"):
-        from bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
+        from flywheel.bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
 
         log_event(log, "empty model store: bootstrapping first", store=str(store.root))
         run_bootstrap(store, report_dir=Path(cfg.report_dir) / "bootstrap",
@@ -302,7 +302,7 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
         duration = time.time() - started_at
         evaluation = None
         if cfg.evaluate and len(store.versions("policy")) > 1:
-            from demo.evaluate import compare, resolve_version
+            from flywheel.demo.evaluate import compare, resolve_version
 
             first, current = resolve_version(store, "first"), resolve_version(store, "current")
             result = compare(store, first, current, samples=cfg.eval_samples)
@@ -316,7 +316,7 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
 
 
 def _write(cfg, store, records, ppo, started_at, duration, evaluation) -> dict:
-    from demo.report import write_report
+    from flywheel.demo.report import write_report
 
     summary = write_report(Path(cfg.report_dir), [dataclasses.asdict(r) for r in records],
                            _manifests(store, "policy"), _manifests(store, "rm"), ppo, started_at, duration,

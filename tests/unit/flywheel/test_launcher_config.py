@@ -5,7 +5,7 @@ import os
 import pytest
 
 from shared.config import ConfigError, load_config
-from shared.launcher import ALL_SERVICES, UpConfig
+from flywheel.launcher import ALL_SERVICES, UpConfig
 
 
 def test_defaults_start_every_service_and_run_the_full_bootstrap():
@@ -30,7 +30,7 @@ def test_unknown_service_and_bootstrap_mode_are_refused():
 
 
 def test_with_a_log_dir_a_services_output_goes_to_its_file_and_a_failure_names_it(tmp_path):
-    from shared.launcher import ServiceProcess, Stack
+    from flywheel.launcher import ServiceProcess, Stack
 
     stack = Stack(load_config(UpConfig, {"RLHF_UP_LOG_DIR": str(tmp_path / "logs")}), {"PATH": os.environ["PATH"]})
     # `python -m this` prints the Zen of Python and exits: a service that dies while starting.

@@ -6,7 +6,7 @@ A demonstrations file is JSONL, one demonstration per line:
 
 Each becomes the token sequence the policy is served with: the chat template with the generation
 prompt (exactly what inference renders), then the response and the EOS token (``<|end|>``). This
-is services/reward/encoding.py's encoding, so the policy, the RM and the trainer read one format.
+is shared/models/encoding.py's encoding, so the policy, the RM and the trainer read one format.
 Only the response tokens (EOS included) are trained on:
 
     labels = [IGNORE] * len(prompt) + response_ids          loss = causal_lm_loss(logits, labels)
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bootstrap.common import IGNORE, causal_lm_loss, load_causal_lm, optimiser_step, warmup_cosine_lr
-from services.reward.encoding import encode_response, render_prompt
+from flywheel.bootstrap.common import IGNORE, causal_lm_loss, load_causal_lm, optimiser_step, warmup_cosine_lr
+from shared.models.encoding import encode_response, render_prompt
 from shared.events import Message
 from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event

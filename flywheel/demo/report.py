@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from demo.evaluate import wilson_interval
+from flywheel.demo.evaluate import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def _markdown(summary, rates, policies, rms, ppo, started_at, figures) -> str:
              f"{summary['ratings_accepted']} ratings accepted, {summary['ratings_refused']} refused, "
              f"{summary['errors']} failed chats. Ratings by kind: "
              + ", ".join(f"{k} {v}" for k, v in sorted(summary["ratings_by_kind"].items())) + ".", "",
-             "The users rate with a hidden gold rule (demo/gold_rater.py: correct sum, \"I hope this helps\", "
+             "The users rate with a hidden gold rule (flywheel/demo/gold_rater.py: correct sum, \"I hope this helps\", "
              "at most 14 words); the services only ever see the ratings.", "",
              "## Gold thumbs-up rate per policy version", "",
              "| policy version | responses | thumbs-up rate | 95% interval |", "|---|---|---|---|"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bootstrap.pipeline import _writable_report_dir
+from flywheel.bootstrap.pipeline import _writable_report_dir
 
 
 def test_report_dir_falls_back_to_a_temporary_one_when_it_cannot_be_created(tmp_path):

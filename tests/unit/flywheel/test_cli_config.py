@@ -1,6 +1,6 @@
 """`rlhf config` documents every setting: each service's, `rlhf up`'s and the demo's."""
 
-from shared.cli import OTHER_CONFIGS, SERVICES, main
+from flywheel.cli import OTHER_CONFIGS, SERVICES, main
 
 
 def test_config_lists_every_section_with_its_variables(capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from shared.default_model import (
+from shared.models.default_model import (
     DEFAULT_CORPUS,
     END,
     SPECIAL_TOKENS,

@@ -182,12 +182,12 @@ class Stack:
     def _ensure_models(self) -> None:
         """A policy and, when the reward service runs, a reward model, unless the store has them:
         ``rlhf bootstrap`` (RLHF_UP_BOOTSTRAP=full) or the quick stand-ins (quick)."""
-        from shared.default_model import ensure_default_policy
+        from shared.models.default_model import ensure_default_policy
         from shared.model_store import ModelStore
 
         store = ModelStore(self.cfg.model_store.root)
         if not store.versions("policy") and self.cfg.bootstrap == "full":
-            from bootstrap.pipeline import run_bootstrap
+            from flywheel.bootstrap.pipeline import run_bootstrap
 
             log_event(log, "empty model store: running rlhf bootstrap (pretrain, SFT, first RM; a few minutes)",
                       store=str(store.root))

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from demo.evaluate import mean_interval, wilson_interval, win_outcome
-from demo.report import rolling_rate, thumbs_up_by_version, write_report
-from demo.users import RESPONSES_PER_KIND, UserMix, rating_body
+from flywheel.demo.evaluate import mean_interval, wilson_interval, win_outcome
+from flywheel.demo.report import rolling_rate, thumbs_up_by_version, write_report
+from flywheel.demo.users import RESPONSES_PER_KIND, UserMix, rating_body
 
 
 def test_wilson_interval_known_values():

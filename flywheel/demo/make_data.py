@@ -1,14 +1,14 @@
 """Generate the built-in task's shipped data files (seeded: byte-for-byte reproducible).
 
-    python -m demo.make_data
+    python -m flywheel.demo.make_data
 
 writes
 
-    demo/data/prompts.jsonl              the training prompts the simulated users ask (and PPO may use)
-    demo/data/heldout_prompts.jsonl      the held-out prompts of ``rlhf eval``
-    bootstrap/data/demonstrations.jsonl  SFT data: {"messages": [...], "response": "..."}; only about
+    flywheel/demo/data/prompts.jsonl              the training prompts the simulated users ask (and PPO may use)
+    flywheel/demo/data/heldout_prompts.jsonl      the held-out prompts of ``rlhf eval``
+    flywheel/bootstrap/data/demonstrations.jsonl  SFT data: {"messages": [...], "response": "..."}; only about
                                          45% are answers the gold rater likes (task.DEMONSTRATION_MIX)
-    bootstrap/data/rankings.jsonl        the first RM's K-way rankings (services/reward/offline.py format),
+    flywheel/bootstrap/data/rankings.jsonl        the first RM's K-way rankings (services/reward/offline.py format),
                                          ranked by the gold rater, as labellers would, plus pairs that
                                          contrast a right sum with a wrong one in the same style
 
@@ -22,8 +22,8 @@ import json
 import random
 from pathlib import Path
 
-from demo import gold_rater
-from demo.task import STYLES, Problem, respond, sample_style, split_problems
+from flywheel.demo import gold_rater
+from flywheel.demo.task import STYLES, Problem, respond, sample_style, split_problems
 
 SEED = 11
 DEMOS_PER_PROBLEM = 4

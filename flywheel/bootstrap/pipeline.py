@@ -10,10 +10,10 @@ the KL reference of PPO) and the RM as the next ``rm`` version, and writes each 
 (PNG + JSON) and a summary.json to ``report_dir``. Defaults are the files the project ships:
 
     shared/data/corpus.txt               pretraining text (its tokenizer is trained on it too)
-    bootstrap/data/demonstrations.jsonl  the built-in arithmetic task's demonstrations (demo/make_data.py)
-    bootstrap/data/rankings.jsonl        its rankings
+    flywheel/bootstrap/data/demonstrations.jsonl  the built-in arithmetic task's demonstrations (flywheel/demo/make_data.py)
+    flywheel/bootstrap/data/rankings.jsonl        its rankings
 
-    python -m bootstrap.pipeline [--model HF_DIR] [--demonstrations F] [--rankings F] [--quick]
+    python -m flywheel.bootstrap.pipeline [--model HF_DIR] [--demonstrations F] [--rankings F] [--quick]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bootstrap.common import write_loss_curve
-from bootstrap.options import DEMONSTRATIONS, RANKINGS, add_arguments
-from bootstrap.pretrain import PretrainSettings, pretrain
-from bootstrap.sft import SFTSettings, sft
-from shared.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
+from flywheel.bootstrap.common import write_loss_curve
+from flywheel.bootstrap.options import DEMONSTRATIONS, RANKINGS, add_arguments
+from flywheel.bootstrap.pretrain import PretrainSettings, pretrain
+from flywheel.bootstrap.sft import SFTSettings, sft
+from shared.models.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_from_args(args, default_root: Path) -> int:
-    from shared.default_model import ensure_default_policy
+    from shared.models.default_model import ensure_default_policy
 
     store = ModelStore(args.store or default_root)
     if args.publish_only:

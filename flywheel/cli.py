@@ -31,8 +31,8 @@ SERVICES = {
 # Settings that are not a service's: `rlhf up` itself and the demo's simulated users (loaded by name,
 # so that nothing here imports the demo package and its hidden rater).
 OTHER_CONFIGS = {
-    "up": "shared.launcher:UpConfig",
-    "demo": "demo.run:DemoConfig",
+    "up": "flywheel.launcher:UpConfig",
+    "demo": "flywheel.demo.run:DemoConfig",
 }
 
 
@@ -42,14 +42,14 @@ def _config_class(spec: str):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from shared.launcher import UpConfig, run_up
+    from flywheel.launcher import UpConfig, run_up
 
     setup_logging("up", load_config(UpConfig).log)
     return run_up()
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from bootstrap.pipeline import run_from_args
+    from flywheel.bootstrap.pipeline import run_from_args
     from shared.config import ModelStoreConfig
 
     setup_logging("bootstrap")
@@ -57,13 +57,13 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from demo.run import main as demo_main
+    from flywheel.demo.run import main as demo_main
 
     return demo_main()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from demo.evaluate import main as eval_main
+    from flywheel.demo.evaluate import main as eval_main
 
     return eval_main(args.rest)
 
@@ -93,7 +93,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_protos(args: argparse.Namespace) -> int:
-    from shared.protogen import main
+    from flywheel.protogen import main
 
     main([])  # sys.argv is the rlhf command line here, not protogen's
     return 0
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run the whole loop on this machine").set_defaults(func=cmd_up)
     p = sub.add_parser("bootstrap", help="offline steps (pretrain, SFT, first RM) when the store has no policy")
-    from bootstrap.options import add_arguments as bootstrap_arguments
+    from flywheel.bootstrap.options import add_arguments as bootstrap_arguments
 
     bootstrap_arguments(p)
     p.set_defaults(func=cmd_bootstrap)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                    ).set_defaults(func=cmd_demo)
     p = sub.add_parser("eval", help="win rate of one policy version over another on held-out prompts",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m demo.evaluate (--help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m flywheel.demo.evaluate (--help)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)",
                        add_help=False)

@@ -9,7 +9,7 @@ held-out ones (never asked by the demo's users nor in the offline data):
     win rate of B over A = mean outcome, with a 95% normal-approximation interval
 
 It also reports each version's gold thumbs-up rate (Wilson interval) and the alignment tax:
-perplexity on the held-out lines of the pretraining corpus (bootstrap/pretrain.py's split), so
+perplexity on the held-out lines of the pretraining corpus (flywheel/bootstrap/pretrain.py's split), so
 PPO and PPO-ptx runs can be compared on it.
 
     rlhf eval                         # policy-0001 vs the current policy
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from demo import gold_rater
-from demo.task import Problem, parse_prompt, split_problems
-from shared.default_model import DEFAULT_CORPUS
+from flywheel.demo import gold_rater
+from flywheel.demo.task import Problem, parse_prompt, split_problems
+from shared.models.default_model import DEFAULT_CORPUS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 
@@ -74,7 +74,7 @@ def sample_responses(model_dir: Path, prompts: list[str], samples: int, max_new_
     """``samples`` responses to each user prompt from the causal LM in ``model_dir`` (transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.reward.encoding import render_prompt
+    from shared.models.encoding import render_prompt
     from shared.events import Message
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -163,7 +163,7 @@ def version_report(version: str, problems: list[Problem], responses: list[list[s
 
 def compare(store: ModelStore, version_a: str, version_b: str, *, samples: int = 2, max_prompts: int | None = None,
             corpus: Path = DEFAULT_CORPUS, seed: int = 0, perplexity_lines: int | None = None) -> Comparison:
-    from bootstrap.pretrain import heldout_perplexity
+    from flywheel.bootstrap.pretrain import heldout_perplexity
 
     _, held = split_problems()
     problems = held[:max_prompts] if max_prompts else held

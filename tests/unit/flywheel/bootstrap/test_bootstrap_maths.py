@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from bootstrap.common import (IGNORE, causal_lm_loss, counted_tokens, optimiser_step, perplexity, smooth,
+from flywheel.bootstrap.common import (IGNORE, causal_lm_loss, counted_tokens, optimiser_step, perplexity, smooth,
                               warmup_cosine_lr)
-from bootstrap.pretrain import pack_documents, split_corpus
-from bootstrap.sft import DemonstrationsFileError, collate, read_demonstrations, response_labels
+from flywheel.bootstrap.pretrain import pack_documents, split_corpus
+from flywheel.bootstrap.sft import DemonstrationsFileError, collate, read_demonstrations, response_labels
 
 
 def test_causal_lm_loss_is_the_mean_shifted_cross_entropy_over_counted_labels():

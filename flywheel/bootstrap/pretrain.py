@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bootstrap.common import (causal_lm_loss, counted_tokens, load_causal_lm, optimiser_step, perplexity,
+from flywheel.bootstrap.common import (causal_lm_loss, counted_tokens, load_causal_lm, optimiser_step, perplexity,
                               warmup_cosine_lr)
-from shared.default_model import DOC_END
+from shared.models.default_model import DOC_END
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)

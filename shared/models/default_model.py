@@ -28,7 +28,7 @@ from shared.model_store import PICKLE_SUFFIXES, ModelStore
 
 log = get_logger(__name__)
 
-DEFAULT_CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+DEFAULT_CORPUS = Path(__file__).parents[1] / "data" / "corpus.txt"
 
 BOS, DOC_END, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"

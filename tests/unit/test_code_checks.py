@@ -1,0 +1,41 @@
+"""The static checks, run as part of `./rlhf test` so that CI fails on a violation:
+
+- the import contracts of pyproject.toml ([tool.importlinter]): the library under the services, the
+  composition root on top, no service importing another, no transport in the maths;
+- ruff (lint and format) and mypy, configured in pyproject.toml.
+
+Each test runs the tool the way a developer would (`lint-imports`, `ruff check`, ...) from the repo
+root and shows its output when it fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1].parent
+BIN = Path(sys.executable).parent
+
+
+def run_tool(name: str, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    exe = BIN / name
+    if not exe.exists():
+        found = shutil.which(name)
+        if found is None:
+            pytest.fail(f"{name} is not installed: it is in the dev extra of pyproject.toml (./rlhf installs it)")
+        exe = Path(found)
+    return subprocess.run([str(exe), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+
+
+def assert_clean(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"{' '.join(result.args)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_import_contracts_hold():
+    result = run_tool("lint-imports", "--no-cache")
+    assert_clean(result)
+    assert "0 broken" in result.stdout
