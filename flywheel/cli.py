@@ -1,13 +1,13 @@
 """The `rlhf` command: run the loop, bootstrap models, run one service, regenerate stubs.
 
-    rlhf up                     # broker (embedded if none configured) + every service
-    rlhf bootstrap [--model D]  # pretrain (built-in model only), SFT, first RM: publish policy-0001 and rm-0001
-    rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-way rankings
-    rlhf demo                   # simulated users chat and rate; writes a report folder
-    rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
-    rlhf serve inference        # one service in the foreground
-    rlhf config [service]       # every environment variable, its default and meaning
-    rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
+rlhf up                     # broker (embedded if none configured) + every service
+rlhf bootstrap [--model D]  # pretrain (built-in model only), SFT, first RM: publish policy-0001 and rm-0001
+rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-way rankings
+rlhf demo                   # simulated users chat and rate; writes a report folder
+rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
+rlhf serve inference        # one service in the foreground
+rlhf config [service]       # every environment variable, its default and meaning
+rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import importlib
 import runpy
 import sys
-from pathlib import Path
 
 from shared.config import ConfigError, load_config
 from shared.logging import setup_logging
@@ -108,14 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bootstrap_arguments(p)
     p.set_defaults(func=cmd_bootstrap)
-    sub.add_parser("demo", help="simulated users chat with the loop and rate it (RLHF_DEMO_*); writes a report"
-                   ).set_defaults(func=cmd_demo)
-    p = sub.add_parser("eval", help="win rate of one policy version over another on held-out prompts",
-                       add_help=False)
+    sub.add_parser(
+        "demo", help="simulated users chat with the loop and rate it (RLHF_DEMO_*); writes a report"
+    ).set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="win rate of one policy version over another on held-out prompts", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m flywheel.demo.evaluate (--help)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)",
-                       add_help=False)
+    p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.offline (--help)")
     p.set_defaults(func=cmd_train_rm)
     p = sub.add_parser("serve", help="run one service in the foreground")

@@ -111,6 +111,7 @@ def grpc_serving(address: str) -> Callable[[], bool]:
             except grpc.RpcError:
                 return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     return check
 
 
@@ -121,6 +122,7 @@ def http_ok(url: str) -> Callable[[], bool]:
                 return r.status == 200
         except OSError:
             return False
+
     return check
 
 
@@ -150,8 +152,11 @@ class Stack:
         inference_address = f"{inference.host}:{inference.grpc_port}"
         planned: list[ServiceProcess] = []
         if "inference" in wanted:
-            planned.append(ServiceProcess("inference", "services.inference", grpc_serving(inference_address),
-                                          {"gRPC": inference_address}))
+            planned.append(
+                ServiceProcess(
+                    "inference", "services.inference", grpc_serving(inference_address), {"gRPC": inference_address}
+                )
+            )
         if "reward" in wanted:
             reward = self._grpc_service("reward", RewardConfig)
             self.environ.setdefault("RLHF_TRAINER_REWARD_ADDRESS", reward.endpoints["gRPC"])
@@ -167,9 +172,18 @@ class Stack:
             self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", inference_address)
             gateway = load_config(GatewayConfig, self.environ)
             gateway_url = f"http://{gateway.host}:{gateway.port}"
-            planned.append(ServiceProcess("gateway", "services.gateway", http_ok(f"{gateway_url}/healthz"),
-                                          {"chat page": f"{gateway_url}/", "OpenAI API": f"{gateway_url}/v1",
-                                           "feedback": f"{gateway_url}/v1/feedback"}))
+            planned.append(
+                ServiceProcess(
+                    "gateway",
+                    "services.gateway",
+                    http_ok(f"{gateway_url}/healthz"),
+                    {
+                        "chat page": f"{gateway_url}/",
+                        "OpenAI API": f"{gateway_url}/v1",
+                        "feedback": f"{gateway_url}/v1/feedback",
+                    },
+                )
+            )
         for svc in planned:
             self._spawn(svc)
 
@@ -182,23 +196,29 @@ class Stack:
     def _ensure_models(self) -> None:
         """A policy and, when the reward service runs, a reward model, unless the store has them:
         ``rlhf bootstrap`` (RLHF_UP_BOOTSTRAP=full) or the quick stand-ins (quick)."""
-        from shared.models.default_model import ensure_default_policy
         from shared.model_store import ModelStore
+        from shared.models.default_model import ensure_default_policy
 
         store = ModelStore(self.cfg.model_store.root)
         if not store.versions("policy") and self.cfg.bootstrap == "full":
             from flywheel.bootstrap.pipeline import run_bootstrap
 
-            log_event(log, "empty model store: running rlhf bootstrap (pretrain, SFT, first RM; a few minutes)",
-                      store=str(store.root))
+            log_event(
+                log,
+                "empty model store: running rlhf bootstrap (pretrain, SFT, first RM; a few minutes)",
+                store=str(store.root),
+            )
             run_bootstrap(store)
             return
         ensure_default_policy(store)
         if "reward" in self.cfg.services and not store.versions("rm"):
             from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
 
-            log_event(log, "no reward model in the store: training the first one on the example rankings",
-                      rankings=str(EXAMPLE_RANKINGS))
+            log_event(
+                log,
+                "no reward model in the store: training the first one on the example rankings",
+                rankings=str(EXAMPLE_RANKINGS),
+            )
             train_first_rm(store, EXAMPLE_RANKINGS)
 
     def _spawn(self, svc: ServiceProcess) -> None:
@@ -209,9 +229,13 @@ class Stack:
             svc.log_path.parent.mkdir(parents=True, exist_ok=True)
             output = open(svc.log_path, "ab")  # noqa: SIM115 - the child holds it; ours closes right after
         try:
-            svc.proc = subprocess.Popen([sys.executable, "-m", svc.module], env=self.environ,
-                                        stdin=subprocess.DEVNULL, stdout=output,
-                                        stderr=subprocess.STDOUT if output else None)
+            svc.proc = subprocess.Popen(
+                [sys.executable, "-m", svc.module],
+                env=self.environ,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+            )
         finally:
             if output:
                 output.close()
@@ -224,8 +248,14 @@ class Stack:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{svc.name} not healthy after {self.cfg.startup_timeout_s:.0f} s{see}")
             time.sleep(0.25)
-        log_event(log, "service up", service=svc.name, start_s=round(time.monotonic() - started, 1), **svc.endpoints,
-                  **({"log": str(svc.log_path)} if svc.log_path else {}))
+        log_event(
+            log,
+            "service up",
+            service=svc.name,
+            start_s=round(time.monotonic() - started, 1),
+            **svc.endpoints,
+            **({"log": str(svc.log_path)} if svc.log_path else {}),
+        )
 
     def wait(self, stop: threading.Event) -> str | None:
         """Block until ``stop`` is set or a service dies; returns the dead service's name."""
@@ -257,8 +287,10 @@ class Stack:
             for label, where in svc.endpoints.items():
                 lines.append(f"  {svc.name:<10} {label:<10} {where}")
         if self.broker:
-            lines.append(f"  {'kafka':<10} {'embedded':<10} {self.broker.bootstrap_servers} "
-                         "(tansu, memory only: records vanish when it stops)")
+            lines.append(
+                f"  {'kafka':<10} {'embedded':<10} {self.broker.bootstrap_servers} "
+                "(tansu, memory only: records vanish when it stops)"
+            )
         else:
             lines.append(f"  {'kafka':<10} {'external':<10} {self.cfg.kafka.bootstrap_servers}")
         lines.append(f"  {'models':<10} {'store':<10} {Path(self.cfg.model_store.root).resolve()}")

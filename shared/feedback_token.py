@@ -36,8 +36,7 @@ class TokenClaims:
 
 def prompt_hash(messages: Iterable[tuple[str, str]]) -> str:
     """A stable hash of a conversation given as (role, content) pairs: same prompt, same hash."""
-    canonical = json.dumps([[role, content] for role, content in messages], ensure_ascii=False,
-                           separators=(",", ":"))
+    canonical = json.dumps([[role, content] for role, content in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -64,8 +63,10 @@ def _mac(secret: str, body: bytes) -> bytes:
 
 
 def sign(secret: str, claims: TokenClaims) -> str:
-    body = json.dumps({"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash,
-                       "exp": claims.expires_at}, separators=(",", ":")).encode()
+    body = json.dumps(
+        {"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash, "exp": claims.expires_at},
+        separators=(",", ":"),
+    ).encode()
     return f"{_b64(body)}.{_b64(_mac(secret, body))}"
 
 

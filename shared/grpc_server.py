@@ -1,11 +1,11 @@
 """gRPC server glue every service uses: error mapping, honest health, graceful SIGTERM.
 
-    server = GrpcServer("inference", host, port, grace_period_s=10)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server.server)
-    await server.start()          # health: NOT_SERVING
-    ...load the model...
-    server.set_serving()          # health: SERVING
-    await server.wait()           # until SIGTERM/SIGINT, then drain and stop
+server = GrpcServer("inference", host, port, grace_period_s=10)
+inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server.server)
+await server.start()          # health: NOT_SERVING
+...load the model...
+server.set_serving()          # health: SERVING
+await server.wait()           # until SIGTERM/SIGINT, then drain and stop
 """
 
 from __future__ import annotations
@@ -74,12 +74,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RlhfError, method: str)
 class GrpcServer:
     """A grpc.aio server with health checking, the error interceptor and signal handling."""
 
-    def __init__(self, service_name: str, host: str, port: int, *, grace_period_s: float = 10.0,
-                 max_message_mb: int = 64):
+    def __init__(
+        self, service_name: str, host: str, port: int, *, grace_period_s: float = 10.0, max_message_mb: int = 64
+    ):
         self.service_name = service_name
         self.grace_period_s = grace_period_s
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max_message_mb << 20)]
+        opts = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+        ]
         self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=opts)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

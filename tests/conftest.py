@@ -32,9 +32,14 @@ def start_broker(port: int | None = None) -> Broker:
     # Low group timeouts: a fresh consumer group gets its partitions in seconds, not tens of seconds.
     # 3 partitions, not `rlhf up`'s 1: the tests cover keyed ordering and readers of several
     # partitions, as on an external cluster.
-    kafka = KafkaConfig(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=6000,
-                        heartbeat_interval_ms=1000, delivery_timeout_s=5.0, request_timeout_ms=3000,
-                        topic_partitions=3)
+    kafka = KafkaConfig(
+        bootstrap_servers=broker.bootstrap_servers,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        delivery_timeout_s=5.0,
+        request_timeout_ms=3000,
+        topic_partitions=3,
+    )
     ensure_topics(kafka)
     return Broker(broker, kafka)
 
@@ -48,11 +53,11 @@ def broker() -> Iterator[Broker]:
 
 
 @pytest.fixture(scope="session")
-def policy_store(tmp_path_factory) -> "PolicyStore":
+def policy_store(tmp_path_factory) -> PolicyStore:
     """A model store holding the default model as policy-0001 (current) and, as policy-0002 (not
     current), the same architecture with other random weights: a second policy to swap to."""
-    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
+    from shared.models.default_model import ensure_default_policy
 
     root = tmp_path_factory.mktemp("models")
     store = ModelStore(root)
@@ -80,8 +85,9 @@ def publish_reinitialised(store, base_version: str, seed: int, make_current: boo
     shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
     torch.manual_seed(seed)
     LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(tmp)
-    manifest = store.publish("policy", tmp, parent=base_version, extra={"kind": "test-reinit", "seed": seed},
-                             make_current=make_current)
+    manifest = store.publish(
+        "policy", tmp, parent=base_version, extra={"kind": "test-reinit", "seed": seed}, make_current=make_current
+    )
     shutil.rmtree(tmp)
     return manifest.version
 
@@ -93,9 +99,13 @@ def transformers_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: 
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=model.config.pad_token_id)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 class LoopThread:
@@ -123,8 +133,15 @@ def start_feedback(loop: LoopThread, kafka: KafkaConfig, **overrides):
     from services.feedback.config import FeedbackConfig
     from shared.config import FeedbackTokenConfig, load_config
 
-    cfg = load_config(FeedbackConfig, {}, grpc_port=0, metrics_port=0, kafka=kafka,
-                      token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET), **overrides)
+    cfg = load_config(
+        FeedbackConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        kafka=kafka,
+        token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET),
+        **overrides,
+    )
 
     async def make():
         app = FeedbackApp(cfg)
@@ -138,8 +155,14 @@ def gateway_config(inference_address: str, feedback_address: str = "", **overrid
     from services.gateway.config import GatewayConfig
     from shared.config import FeedbackTokenConfig, load_config
 
-    return load_config(GatewayConfig, {}, inference_address=inference_address, feedback_address=feedback_address,
-                       token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET), **overrides)
+    return load_config(
+        GatewayConfig,
+        {},
+        inference_address=inference_address,
+        feedback_address=feedback_address,
+        token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET),
+        **overrides,
+    )
 
 
 def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Path, **overrides):
@@ -148,9 +171,19 @@ def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Pat
     from services.inference.config import InferenceConfig
     from shared.config import ModelStoreConfig, load_config
 
-    cfg = load_config(InferenceConfig, {}, grpc_port=0, metrics_port=0, kv_cache_gib=TEST_KV_CACHE_GIB,
-                      kafka=kafka or KafkaConfig(), model_store=ModelStoreConfig(root=store_root),
-                      max_model_len=512, default_max_tokens=32, max_tokens_limit=256, **overrides)
+    cfg = load_config(
+        InferenceConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        kv_cache_gib=TEST_KV_CACHE_GIB,
+        kafka=kafka or KafkaConfig(),
+        model_store=ModelStoreConfig(root=store_root),
+        max_model_len=512,
+        default_max_tokens=32,
+        max_tokens_limit=256,
+        **overrides,
+    )
 
     async def make():
         app = InferenceApp(cfg)
@@ -170,8 +203,17 @@ class UvicornThread:
         from services.gateway.http_protocol import CoalescingHttpToolsProtocol
 
         # The gateway's HTTP protocol, as `python -m services.gateway` runs it.
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
-                                                    access_log=False, lifespan="on", http=CoalescingHttpToolsProtocol))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                http=CoalescingHttpToolsProtocol,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started, 30, "uvicorn did not start")
@@ -193,15 +235,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, message: str, inte
         time.sleep(interval)
 
 
-def consume_events(kafka: KafkaConfig, topic: str, want: Callable[[object], bool], count: int,
-                   timeout: float = 30.0) -> list:
+def consume_events(
+    kafka: KafkaConfig, topic: str, want: Callable[[object], bool], count: int, timeout: float = 30.0
+) -> list:
     """Read ``topic`` from the beginning until ``count`` envelopes match ``want``."""
     from kafka import KafkaConsumer, TopicPartition
 
     from shared.kafka.envelope import decode
 
-    consumer = KafkaConsumer(bootstrap_servers=kafka.servers, enable_auto_commit=False, group_id=None,
-                             auto_offset_reset="earliest")
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.servers, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
+    )
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(parts)

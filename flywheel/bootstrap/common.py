@@ -30,8 +30,9 @@ def load_causal_lm(model_dir: Path):
     return tokenizer, model
 
 
-def optimiser_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
-                   max_grad_norm: float = 1.0) -> float:
+def optimiser_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, max_grad_norm: float = 1.0
+) -> float:
     """Set the learning rate, backpropagate ``loss``, clip the gradient norm, step; returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -83,8 +84,13 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def write_loss_curve(png: Path, series: dict[str, list[tuple[float, float]]], title: str,
-                     xlabel: str = "optimiser step", ylabel: str = "loss") -> None:
+def write_loss_curve(
+    png: Path,
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    xlabel: str = "optimiser step",
+    ylabel: str = "loss",
+) -> None:
     """A PNG of (x, y) series and a JSON file beside it with the same numbers."""
     import matplotlib
 

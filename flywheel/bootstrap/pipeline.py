@@ -32,12 +32,11 @@ from flywheel.bootstrap.common import write_loss_curve
 from flywheel.bootstrap.options import DEMONSTRATIONS, RANKINGS, add_arguments
 from flywheel.bootstrap.pretrain import PretrainSettings, pretrain
 from flywheel.bootstrap.sft import SFTSettings, sft
-from shared.models.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
+from shared.models.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
 
 log = get_logger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -82,37 +81,61 @@ class _EpochRecorder(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", None) or {}
         if record.getMessage() == "reward model epoch" and "loss" in fields:
-            self.epochs.append((int(str(fields["epoch"]).split("/")[0]), float(fields["loss"]),
-                                float(fields.get("train_accuracy", math.nan))))
+            self.epochs.append(
+                (
+                    int(str(fields["epoch"]).split("/")[0]),
+                    float(fields["loss"]),
+                    float(fields.get("train_accuracy", math.nan)),
+                )
+            )
 
 
-def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Path = DEFAULT_CORPUS,
-                  demonstrations: Path = DEMONSTRATIONS, rankings: Path = RANKINGS,
-                  report_dir: Path = Path("var/bootstrap"),
-                  settings: BootstrapSettings = BootstrapSettings()) -> BootstrapResult:
+def run_bootstrap(
+    store: ModelStore,
+    *,
+    hf_model: Path | None = None,
+    corpus: Path = DEFAULT_CORPUS,
+    demonstrations: Path = DEMONSTRATIONS,
+    rankings: Path = RANKINGS,
+    report_dir: Path = Path("var/bootstrap"),
+    settings: BootstrapSettings = BootstrapSettings(),
+) -> BootstrapResult:
     """Run steps 0-2 and publish the SFT policy and the first RM; returns their versions."""
-    from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
-
     import torch
+
+    from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
 
     torch.set_num_threads(settings.torch_threads)
     started, cpu_started = time.monotonic(), time.process_time()
     report_dir = _writable_report_dir(Path(report_dir))
-    summary: dict = {"corpus": str(corpus), "demonstrations": str(demonstrations), "rankings": str(rankings),
-                     "hf_model": str(hf_model) if hf_model else None, "seconds": {}}
+    summary: dict = {
+        "corpus": str(corpus),
+        "demonstrations": str(demonstrations),
+        "rankings": str(rankings),
+        "hf_model": str(hf_model) if hf_model else None,
+        "seconds": {},
+    }
     with tempfile.TemporaryDirectory(prefix="rlhf-bootstrap-") as tmp:
         work = Path(tmp) / "model"
         if hf_model is None:
             t = time.monotonic()
             n_params = create_default_model(work, settings.spec, corpus)
             result0 = pretrain(work, corpus, settings.pretrain)
-            write_loss_curve(report_dir / "step0_pretrain_loss.png",
-                             {"train loss": result0.losses,
-                              "held-out loss (log perplexity)": [(s, math.log(p)) for s, p in result0.heldout]},
-                             "Step 0: pretraining on the corpus")
-            summary["pretrain"] = {"params": n_params, "final_loss": result0.losses[-1][1],
-                                   "heldout_perplexity_before": result0.heldout[0][1],
-                                   "heldout_perplexity": result0.heldout[-1][1], "tokens": result0.tokens_seen}
+            write_loss_curve(
+                report_dir / "step0_pretrain_loss.png",
+                {
+                    "train loss": result0.losses,
+                    "held-out loss (log perplexity)": [(s, math.log(p)) for s, p in result0.heldout],
+                },
+                "Step 0: pretraining on the corpus",
+            )
+            summary["pretrain"] = {
+                "params": n_params,
+                "final_loss": result0.losses[-1][1],
+                "heldout_perplexity_before": result0.heldout[0][1],
+                "heldout_perplexity": result0.heldout[-1][1],
+                "tokens": result0.tokens_seen,
+            }
             summary["seconds"]["step0_pretrain"] = round(time.monotonic() - t, 1)
         else:
             _copy_hf_model(Path(hf_model), work)
@@ -120,12 +143,16 @@ def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Pa
 
         t = time.monotonic()
         result1 = sft(work, demonstrations, settings.sft)
-        write_loss_curve(report_dir / "step1_sft_loss.png",
-                         {"train loss": result1.losses, "held-out loss": result1.validation},
-                         "Step 1: SFT on demonstrations (response tokens)")
-        summary["sft"] = {"final_loss": result1.losses[-1][1],
-                          "heldout_loss": result1.validation[-1][1] if result1.validation else None,
-                          "demonstrations": result1.demonstrations}
+        write_loss_curve(
+            report_dir / "step1_sft_loss.png",
+            {"train loss": result1.losses, "held-out loss": result1.validation},
+            "Step 1: SFT on demonstrations (response tokens)",
+        )
+        summary["sft"] = {
+            "final_loss": result1.losses[-1][1],
+            "heldout_loss": result1.validation[-1][1] if result1.validation else None,
+            "demonstrations": result1.demonstrations,
+        }
         summary["seconds"]["step1_sft"] = round(time.monotonic() - t, 1)
 
         metrics = {"sft_loss": result1.losses[-1][1]}
@@ -133,9 +160,13 @@ def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Pa
             metrics["sft_heldout_loss"] = result1.validation[-1][1]
         if "pretrain" in summary:
             metrics["pretrain_heldout_perplexity"] = summary["pretrain"]["heldout_perplexity"]
-        extra = {"kind": "sft", "kl_reference": True, "demonstrations_file": Path(demonstrations).name,
-                 "base": str(hf_model) if hf_model else "default-model-pretrained",
-                 "corpus_file": Path(corpus).name if hf_model is None else None}
+        extra = {
+            "kind": "sft",
+            "kl_reference": True,
+            "demonstrations_file": Path(demonstrations).name,
+            "base": str(hf_model) if hf_model else "default-model-pretrained",
+            "corpus_file": Path(corpus).name if hf_model is None else None,
+        }
         policy = store.publish("policy", work, metrics=metrics, extra=extra).version
         log_event(log, "published the SFT policy", version=policy)
 
@@ -146,25 +177,46 @@ def run_bootstrap(store: ModelStore, *, hf_model: Path | None = None, corpus: Pa
     if training_log.getEffectiveLevel() > logging.INFO:
         training_log.setLevel(logging.INFO)
     try:
-        rm = train_first_rm(store, rankings, base_policy_version=policy, epochs=settings.rm_epochs,
-                            settings=OFFLINE_SETTINGS, heldout_fraction=settings.rm_heldout_fraction)
+        rm = train_first_rm(
+            store,
+            rankings,
+            base_policy_version=policy,
+            epochs=settings.rm_epochs,
+            settings=OFFLINE_SETTINGS,
+            heldout_fraction=settings.rm_heldout_fraction,
+        )
     finally:
         training_log.removeHandler(recorder)
-    write_loss_curve(report_dir / "step2_rm_loss.png",
-                     {"train loss": [(e, loss) for e, loss, _ in recorder.epochs],
-                      "train pairwise accuracy": [(e, acc) for e, _, acc in recorder.epochs]},
-                     f"Step 2: first reward model (held-out accuracy {rm.metrics.get('heldout_accuracy', math.nan):.2f})",
-                     xlabel="epoch", ylabel="loss / accuracy")
+    write_loss_curve(
+        report_dir / "step2_rm_loss.png",
+        {
+            "train loss": [(e, loss) for e, loss, _ in recorder.epochs],
+            "train pairwise accuracy": [(e, acc) for e, _, acc in recorder.epochs],
+        },
+        f"Step 2: first reward model (held-out accuracy {rm.metrics.get('heldout_accuracy', math.nan):.2f})",
+        xlabel="epoch",
+        ylabel="loss / accuracy",
+    )
     summary["rm"] = dict(rm.metrics)
     summary["seconds"]["step2_rm"] = round(time.monotonic() - t, 1)
     summary["seconds"]["total"] = round(time.monotonic() - started, 1)
     # Wall time depends on what else runs on the machine; CPU time of this process much less so.
     summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-    summary.update(policy_version=policy, rm_version=rm.version,
-                   settings=json.loads(json.dumps(dataclasses.asdict(settings), default=str)))
+    summary.update(
+        policy_version=policy,
+        rm_version=rm.version,
+        settings=json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
+    )
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    log_event(log, "bootstrap done", policy=policy, rm=rm.version, seconds=summary["seconds"]["total"],
-              cpu_seconds=summary["cpu_seconds"], report=str(report_dir))
+    log_event(
+        log,
+        "bootstrap done",
+        policy=policy,
+        rm=rm.version,
+        seconds=summary["seconds"]["total"],
+        cpu_seconds=summary["cpu_seconds"],
+        report=str(report_dir),
+    )
     return BootstrapResult(policy, rm.version, summary, report_dir)
 
 
@@ -176,8 +228,14 @@ def _writable_report_dir(wanted: Path) -> Path:
         return wanted
     except OSError as exc:
         fallback = Path(tempfile.mkdtemp(prefix="rlhf-bootstrap-report-"))
-        log_event(log, "cannot write the bootstrap report where asked; writing it to a temporary directory",
-                  level=logging.WARNING, wanted=str(wanted), error=str(exc), report=str(fallback))
+        log_event(
+            log,
+            "cannot write the bootstrap report where asked; writing it to a temporary directory",
+            level=logging.WARNING,
+            wanted=str(wanted),
+            error=str(exc),
+            report=str(fallback),
+        )
         return fallback
 
 
@@ -218,14 +276,24 @@ def run_from_args(args, default_root: Path) -> int:
             print(f"current policy: {ensure_default_policy(store)}")
         return 0
     if store.versions("policy") and not args.force:
-        print(f"the model store {store.root} already has a policy ({store.current('policy')}); "
-              "nothing to do (--force publishes new versions anyway)")
+        print(
+            f"the model store {store.root} already has a policy ({store.current('policy')}); "
+            "nothing to do (--force publishes new versions anyway)"
+        )
         return 0
-    result = run_bootstrap(store, hf_model=args.model, corpus=args.corpus, demonstrations=args.demonstrations,
-                           rankings=args.rankings, report_dir=args.report_dir,
-                           settings=QUICK if args.quick else BootstrapSettings())
-    print(f"published {result.policy_version} (SFT policy, KL reference) and {result.rm_version} (first RM) "
-          f"in {result.summary['seconds']['total']:.0f} s; loss curves in {result.report_dir}")
+    result = run_bootstrap(
+        store,
+        hf_model=args.model,
+        corpus=args.corpus,
+        demonstrations=args.demonstrations,
+        rankings=args.rankings,
+        report_dir=args.report_dir,
+        settings=QUICK if args.quick else BootstrapSettings(),
+    )
+    print(
+        f"published {result.policy_version} (SFT policy, KL reference) and {result.rm_version} (first RM) "
+        f"in {result.summary['seconds']['total']:.0f} s; loss curves in {result.report_dir}"
+    )
     return 0
 
 

@@ -21,10 +21,16 @@ from pathlib import Path
 
 import torch
 
-from flywheel.bootstrap.common import (causal_lm_loss, counted_tokens, load_causal_lm, optimiser_step, perplexity,
-                              warmup_cosine_lr)
-from shared.models.default_model import DOC_END
+from flywheel.bootstrap.common import (
+    causal_lm_loss,
+    counted_tokens,
+    load_causal_lm,
+    optimiser_step,
+    perplexity,
+    warmup_cosine_lr,
+)
 from shared.logging import get_logger, log_event
+from shared.models.default_model import DOC_END
 
 log = get_logger(__name__)
 
@@ -70,12 +76,15 @@ def split_corpus(lines: list[str], heldout_fraction: float, seed: int = 0) -> tu
     lines = [ln.strip() for ln in lines if ln.strip()]
     rng = random.Random(seed)
     held_idx = set(rng.sample(range(len(lines)), max(1, round(heldout_fraction * len(lines)))))
-    return ([ln for i, ln in enumerate(lines) if i not in held_idx],
-            [ln for i, ln in enumerate(lines) if i in held_idx])
+    return (
+        [ln for i, ln in enumerate(lines) if i not in held_idx],
+        [ln for i, ln in enumerate(lines) if i in held_idx],
+    )
 
 
-def read_corpus(path: Path, heldout_fraction: float = PretrainSettings.heldout_fraction, seed: int = 0
-                ) -> tuple[list[str], list[str]]:
+def read_corpus(
+    path: Path, heldout_fraction: float = PretrainSettings.heldout_fraction, seed: int = 0
+) -> tuple[list[str], list[str]]:
     return split_corpus(Path(path).read_text(encoding="utf-8").splitlines(), heldout_fraction, seed)
 
 
@@ -101,16 +110,21 @@ def blocks_perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> floa
     model.eval()
     nll, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size]
+        ids = blocks[start : start + batch_size]
         logits = model(input_ids=ids).logits
         nll += float(causal_lm_loss(logits, ids, reduction="sum"))
         count += counted_tokens(ids)
     return perplexity(nll, count)
 
 
-def heldout_perplexity(model_dir: Path, corpus: Path, seq_len: int = PretrainSettings.seq_len,
-                       heldout_fraction: float = PretrainSettings.heldout_fraction, seed: int = 0,
-                       max_lines: int | None = None) -> float:
+def heldout_perplexity(
+    model_dir: Path,
+    corpus: Path,
+    seq_len: int = PretrainSettings.seq_len,
+    heldout_fraction: float = PretrainSettings.heldout_fraction,
+    seed: int = 0,
+    max_lines: int | None = None,
+) -> float:
     """Perplexity of the causal LM in ``model_dir`` on the held-out lines of ``corpus``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,8 +135,9 @@ def heldout_perplexity(model_dir: Path, corpus: Path, seq_len: int = PretrainSet
     return blocks_perplexity(model, corpus_blocks(tokenizer, held, seq_len))
 
 
-def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = PretrainSettings(),
-             eval_points: int = 4) -> PretrainResult:
+def pretrain(
+    model_dir: Path, corpus: Path, settings: PretrainSettings = PretrainSettings(), eval_points: int = 4
+) -> PretrainResult:
     """Train the causal LM in ``model_dir`` on ``corpus`` and save it back there (safetensors)."""
     from tqdm import tqdm
 
@@ -131,11 +146,19 @@ def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = Pretrai
     train_lines, held_lines = read_corpus(corpus, settings.heldout_fraction, settings.seed)
     train_blocks = corpus_blocks(tokenizer, train_lines, settings.seq_len)
     held_blocks = corpus_blocks(tokenizer, held_lines, settings.seq_len)
-    log_event(log, "pretraining", corpus=str(corpus), train_blocks=len(train_blocks), heldout_blocks=len(held_blocks),
-              seq_len=settings.seq_len, steps=settings.steps,
-              epochs=round(settings.steps * settings.batch_size / len(train_blocks), 1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.95))
+    log_event(
+        log,
+        "pretraining",
+        corpus=str(corpus),
+        train_blocks=len(train_blocks),
+        heldout_blocks=len(held_blocks),
+        seq_len=settings.seq_len,
+        steps=settings.steps,
+        epochs=round(settings.steps * settings.batch_size / len(train_blocks), 1),
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95)
+    )
     gen = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(train_blocks), generator=gen)
     cursor = 0
@@ -146,7 +169,7 @@ def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = Pretrai
     for step in bar:
         if cursor + settings.batch_size > len(order):
             order, cursor = torch.randperm(len(train_blocks), generator=gen), 0
-        ids = train_blocks[order[cursor:cursor + settings.batch_size]]
+        ids = train_blocks[order[cursor : cursor + settings.batch_size]]
         cursor += settings.batch_size
         model.train()
         loss = causal_lm_loss(model(input_ids=ids).logits, ids)
@@ -161,9 +184,16 @@ def pretrain(model_dir: Path, corpus: Path, settings: PretrainSettings = Pretrai
     model.save_pretrained(model_dir)
     seconds = time.monotonic() - started
     tokens = settings.steps * settings.batch_size * settings.seq_len
-    log_event(log, "pretrained", loss=round(losses[-1][1], 4), heldout_ppl_before=round(heldout[0][1], 2),
-              heldout_ppl=round(heldout[-1][1], 2), tokens=tokens, tokens_per_s=round(tokens / seconds),
-              seconds=round(seconds, 1))
+    log_event(
+        log,
+        "pretrained",
+        loss=round(losses[-1][1], 4),
+        heldout_ppl_before=round(heldout[0][1], 2),
+        heldout_ppl=round(heldout[-1][1], 2),
+        tokens=tokens,
+        tokens_per_s=round(tokens / seconds),
+        seconds=round(seconds, 1),
+    )
     if not math.isfinite(heldout[-1][1]):
         raise RuntimeError("pretraining diverged: held-out perplexity is not finite")
     return PretrainResult(losses, heldout, tokens, seconds)

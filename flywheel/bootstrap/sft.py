@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from flywheel.bootstrap.common import IGNORE, causal_lm_loss, load_causal_lm, optimiser_step, warmup_cosine_lr
-from shared.models.encoding import encode_response, render_prompt
 from shared.events import Message
 from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
+from shared.models.encoding import encode_response, render_prompt
 
 log = get_logger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -107,9 +107,9 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
     for i, (x, y) in enumerate(examples):
-        ids[i, :len(x)] = torch.tensor(x)
-        mask[i, :len(x)] = 1
-        labels[i, :len(y)] = torch.tensor(y)
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+        labels[i, : len(y)] = torch.tensor(y)
     return ids, mask, labels
 
 
@@ -122,7 +122,7 @@ def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        ids, mask, labels = collate(examples[start:start + batch_size], pad_id)
+        ids, mask, labels = collate(examples[start : start + batch_size], pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits
         total += float(causal_lm_loss(logits, labels, reduction="sum"))
         count += int((labels[:, 1:] != IGNORE).sum())
@@ -140,8 +140,13 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     examples = [encode_demonstration(tokenizer, d) for d in demos]
     too_long = [e for e in examples if len(e[0]) > settings.max_tokens]
     if too_long:
-        log_event(log, "skipping demonstrations longer than max_tokens", level=30, count=len(too_long),
-                  max_tokens=settings.max_tokens)
+        log_event(
+            log,
+            "skipping demonstrations longer than max_tokens",
+            level=30,
+            count=len(too_long),
+            max_tokens=settings.max_tokens,
+        )
         examples = [e for e in examples if len(e[0]) <= settings.max_tokens]
     rng = random.Random(settings.seed)
     rng.shuffle(examples)
@@ -149,8 +154,15 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     held, train = examples[:n_held], examples[n_held:]
     steps_per_epoch = -(-len(train) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    log_event(log, "supervised fine-tuning", demonstrations=len(demos), train=len(train), heldout=len(held),
-              epochs=settings.epochs, steps=total)
+    log_event(
+        log,
+        "supervised fine-tuning",
+        demonstrations=len(demos),
+        train=len(train),
+        heldout=len(held),
+        epochs=settings.epochs,
+        steps=total,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     validation = [(0, mean_loss(model, held, pad_id))] if held else []
     losses: list[tuple[int, float]] = []
@@ -159,7 +171,7 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     for _ in range(settings.epochs):
         rng.shuffle(train)
         for start in range(0, len(train), settings.batch_size):
-            ids, mask, labels = collate(train[start:start + settings.batch_size], pad_id)
+            ids, mask, labels = collate(train[start : start + settings.batch_size], pad_id)
             model.train()
             loss = causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
             lr = warmup_cosine_lr(step, total, settings.warmup, settings.lr)
@@ -173,7 +185,13 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     bar.close()
     model.save_pretrained(model_dir)
     seconds = time.monotonic() - started
-    log_event(log, "fine-tuned", loss=round(losses[-1][1], 4),
-              val_loss=round(validation[-1][1], 4) if validation else "n/a", steps=step,
-              steps_per_s=round(step / seconds, 2), seconds=round(seconds, 1))
+    log_event(
+        log,
+        "fine-tuned",
+        loss=round(losses[-1][1], 4),
+        val_loss=round(validation[-1][1], 4) if validation else "n/a",
+        steps=step,
+        steps_per_s=round(step / seconds, 2),
+        seconds=round(seconds, 1),
+    )
     return SFTResult(losses, validation, len(demos), seconds)

@@ -29,15 +29,16 @@ import torch
 
 from flywheel.demo import gold_rater
 from flywheel.demo.task import Problem, parse_prompt, split_problems
-from shared.models.default_model import DEFAULT_CORPUS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
+from shared.models.default_model import DEFAULT_CORPUS
 
 log = get_logger(__name__)
 Z95 = 1.959964
 
 
 # --- statistics (pure) ----------------------------------------------------------------------------
+
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion; (nan, nan) without trials."""
@@ -68,14 +69,22 @@ def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, fl
 
 # --- sampling --------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def sample_responses(model_dir: Path, prompts: list[str], samples: int, max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+def sample_responses(
+    model_dir: Path,
+    prompts: list[str],
+    samples: int,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[list[str]]:
     """``samples`` responses to each user prompt from the causal LM in ``model_dir`` (transformers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shared.models.encoding import render_prompt
     from shared.events import Message
+    from shared.models.encoding import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
@@ -84,22 +93,31 @@ def sample_responses(model_dir: Path, prompts: list[str], samples: int, max_new_
     jobs = [(i, render_prompt(tokenizer, [Message("user", p)])) for i, p in enumerate(prompts) for _ in range(samples)]
     out: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         longest = max(len(ids) for _, ids in chunk)
         ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, (_, p) in enumerate(chunk):  # left padding: generation continues every row at the end
-            ids[row, longest - len(p):] = torch.tensor(p)
-            mask[row, longest - len(p):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad)
+            ids[row, longest - len(p) :] = torch.tensor(p)
+            mask[row, longest - len(p) :] = 1
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
         for row, (i, _) in enumerate(chunk):
             out[i].append(tokenizer.decode(gen[row, longest:], skip_special_tokens=True).strip())
     return out
 
 
 # --- the comparison --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VersionReport:
@@ -131,38 +149,62 @@ class Comparison:
 
     def table(self) -> str:
         rows = [("", self.a.version, self.b.version)]
-        for label, key, fmt in (("gold thumbs-up rate", "thumbs_up_rate", "{:.1%}"),
-                                ("  95% interval", None, None),
-                                ("mean gold score (0-4)", "mean_gold_score", "{:.2f}"),
-                                ("correct", "correct_rate", "{:.1%}"), ("polite", "polite_rate", "{:.1%}"),
-                                ("concise", "concise_rate", "{:.1%}"),
-                                ("held-out corpus perplexity", "heldout_perplexity", "{:.2f}"),
-                                ("responses judged", "responses", "{}")):
+        for label, key, fmt in (
+            ("gold thumbs-up rate", "thumbs_up_rate", "{:.1%}"),
+            ("  95% interval", None, None),
+            ("mean gold score (0-4)", "mean_gold_score", "{:.2f}"),
+            ("correct", "correct_rate", "{:.1%}"),
+            ("polite", "polite_rate", "{:.1%}"),
+            ("concise", "concise_rate", "{:.1%}"),
+            ("held-out corpus perplexity", "heldout_perplexity", "{:.2f}"),
+            ("responses judged", "responses", "{}"),
+        ):
             if key is None:
                 rows.append((label, *(f"[{v.thumbs_up_low:.1%}, {v.thumbs_up_high:.1%}]" for v in (self.a, self.b))))
             else:
                 rows.append((label, *(fmt.format(getattr(v, key)) for v in (self.a, self.b))))
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
-        lines.append(f"win rate of {self.b.version} over {self.a.version}: {self.win_rate:.1%} "
-                     f"[{self.win_low:.1%}, {self.win_high:.1%}] ({self.wins} wins, {self.ties} ties, "
-                     f"{self.losses} losses; {self.prompts} held-out prompts x {self.samples_per_prompt} samples)")
+        lines.append(
+            f"win rate of {self.b.version} over {self.a.version}: {self.win_rate:.1%} "
+            f"[{self.win_low:.1%}, {self.win_high:.1%}] ({self.wins} wins, {self.ties} ties, "
+            f"{self.losses} losses; {self.prompts} held-out prompts x {self.samples_per_prompt} samples)"
+        )
         return "\n".join(lines)
 
 
-def version_report(version: str, problems: list[Problem], responses: list[list[str]], perplexity: float
-                   ) -> VersionReport:
+def version_report(
+    version: str, problems: list[Problem], responses: list[list[str]], perplexity: float
+) -> VersionReport:
     verdicts = [gold_rater.judge(p.prompt, r) for p, rs in zip(problems, responses) for r in rs]
     n = len(verdicts)
     up = sum(v.thumb_up for v in verdicts)
     low, high = wilson_interval(up, n)
-    return VersionReport(version, up / n, low, high, sum(v.score for v in verdicts) / n,
-                         sum(v.correct for v in verdicts) / n, sum(v.polite for v in verdicts) / n,
-                         sum(v.concise for v in verdicts) / n, perplexity, n)
+    return VersionReport(
+        version,
+        up / n,
+        low,
+        high,
+        sum(v.score for v in verdicts) / n,
+        sum(v.correct for v in verdicts) / n,
+        sum(v.polite for v in verdicts) / n,
+        sum(v.concise for v in verdicts) / n,
+        perplexity,
+        n,
+    )
 
 
-def compare(store: ModelStore, version_a: str, version_b: str, *, samples: int = 2, max_prompts: int | None = None,
-            corpus: Path = DEFAULT_CORPUS, seed: int = 0, perplexity_lines: int | None = None) -> Comparison:
+def compare(
+    store: ModelStore,
+    version_a: str,
+    version_b: str,
+    *,
+    samples: int = 2,
+    max_prompts: int | None = None,
+    corpus: Path = DEFAULT_CORPUS,
+    seed: int = 0,
+    perplexity_lines: int | None = None,
+) -> Comparison:
     from flywheel.bootstrap.pretrain import heldout_perplexity
 
     _, held = split_problems()
@@ -177,17 +219,34 @@ def compare(store: ModelStore, version_a: str, version_b: str, *, samples: int =
         ppl = heldout_perplexity(model_dir, corpus, max_lines=perplexity_lines)
         reports.append(version_report(version, problems, responses, ppl))
         sampled.append(responses)
-        log_event(log, "evaluated policy version", version=version, responses=len(prompts) * samples,
-                  thumbs_up_rate=round(reports[-1].thumbs_up_rate, 3), perplexity=round(ppl, 2),
-                  seconds=round(time.monotonic() - started, 1))
+        log_event(
+            log,
+            "evaluated policy version",
+            version=version,
+            responses=len(prompts) * samples,
+            thumbs_up_rate=round(reports[-1].thumbs_up_rate, 3),
+            perplexity=round(ppl, 2),
+            seconds=round(time.monotonic() - started, 1),
+        )
     outcomes = []
     for p, ra, rb in zip(problems, *sampled):
         for a, b in zip(ra, rb):
             outcomes.append(win_outcome(gold_rater.judge(p.prompt, a).score, gold_rater.judge(p.prompt, b).score))
     rate, low, high = mean_interval(outcomes)
     examples = [{"prompt": p.prompt, "a": ra[0], "b": rb[0]} for p, ra, rb in list(zip(problems, *sampled))[:8]]
-    return Comparison(reports[0], reports[1], rate, low, high, outcomes.count(1.0), outcomes.count(0.5),
-                      outcomes.count(0.0), len(problems), samples, examples)
+    return Comparison(
+        reports[0],
+        reports[1],
+        rate,
+        low,
+        high,
+        outcomes.count(1.0),
+        outcomes.count(0.5),
+        outcomes.count(0.0),
+        len(problems),
+        samples,
+        examples,
+    )
 
 
 def heldout_prompts_are_task_prompts() -> bool:
@@ -196,7 +255,7 @@ def heldout_prompts_are_task_prompts() -> bool:
 
 
 def resolve_version(store: ModelStore, name: str) -> str:
-    """"current", "first", "latest" or a version name -> a policy version in the store."""
+    """ "current", "first", "latest" or a version name -> a policy version in the store."""
     versions = store.versions("policy")
     if not versions:
         raise ValueError(f"no policy version in the model store at {store.root}; run `rlhf bootstrap`")
@@ -228,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("eval")
     store = ModelStore(args.store or load_config(ModelStoreConfig).root)
     a, b = resolve_version(store, args.a), resolve_version(store, args.b)
-    result = compare(store, a, b, samples=args.samples, max_prompts=args.max_prompts, corpus=args.corpus,
-                     seed=args.seed)
+    result = compare(
+        store, a, b, samples=args.samples, max_prompts=args.max_prompts, corpus=args.corpus, seed=args.seed
+    )
     print(result.table())
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -70,13 +70,15 @@ def ranking_rows(problems: list[Problem], rng: random.Random) -> list[dict]:
                     responses.append(r)
             if len(responses) < 2:
                 continue
-            rows.append({"prompt": p.messages(), "responses": responses,
-                         "ranking": gold_rater.rank(p.prompt, responses)})
+            rows.append(
+                {"prompt": p.messages(), "responses": responses, "ranking": gold_rater.rank(p.prompt, responses)}
+            )
     for p in problems:
         for _ in range(SUM_CONTRASTS_PER_PROBLEM):
             responses = [respond(p, "good", rng), respond(p, "wrong", rng)]
-            rows.append({"prompt": p.messages(), "responses": responses,
-                         "ranking": gold_rater.rank(p.prompt, responses)})
+            rows.append(
+                {"prompt": p.messages(), "responses": responses, "ranking": gold_rater.rank(p.prompt, responses)}
+            )
     rng.shuffle(rows)
     return rows
 

@@ -86,13 +86,24 @@ def plot_thumbs_up(rates: list[VersionRate], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 1.0 + 0.8 * len(rates))), 4.0))
     xs = range(len(rates))
     ax.bar(xs, [r.rate for r in rates], color="#4c72b0", alpha=0.8)
-    ax.errorbar(xs, [r.rate for r in rates], yerr=[[r.rate - r.low for r in rates], [r.high - r.rate for r in rates]],
-                fmt="none", ecolor="black", capsize=4)
+    ax.errorbar(
+        xs,
+        [r.rate for r in rates],
+        yerr=[[r.rate - r.low for r in rates], [r.high - r.rate for r in rates]],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
     if len(rates) <= 12:
         for x, r in zip(xs, rates):
             ax.text(x, min(0.98, r.high + 0.02), f"n={r.responses}", ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [r.version for r in rates], rotation=30 if len(rates) <= 12 else 90, ha="right",
-                  fontsize=8 if len(rates) > 12 else None)
+    ax.set_xticks(
+        list(xs),
+        [r.version for r in rates],
+        rotation=30 if len(rates) <= 12 else 90,
+        ha="right",
+        fontsize=8 if len(rates) > 12 else None,
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("gold thumbs-up rate (95% CI)")
     ax.set_title("Gold thumbs-up rate of served responses per policy version")
@@ -134,17 +145,25 @@ def plot_ppo(ppo: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def plot_timeline(interactions: list[dict], policies: list[dict], started_at: float, png: Path,
-                  window_s: float = 60.0) -> None:
+def plot_timeline(
+    interactions: list[dict], policies: list[dict], started_at: float, png: Path, window_s: float = 60.0
+) -> None:
     plt = _plt()
-    served = sorted((r["t"], r["policy_version"], up) for r in interactions if r.get("policy_version")
-                    for up in r["gold_thumbs_up"])
+    served = sorted(
+        (r["t"], r["policy_version"], up) for r in interactions if r.get("policy_version") for up in r["gold_thumbs_up"]
+    )
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     if served:
         versions = sorted({v for _, v, _ in served}, key=_version_number)
         level = {v: i for i, v in enumerate(versions)}
-        ax.scatter([t for t, _, _ in served], [level[v] for _, v, _ in served], s=6, alpha=0.4, color="#4c72b0",
-                   label="served response")
+        ax.scatter(
+            [t for t, _, _ in served],
+            [level[v] for _, v, _ in served],
+            s=6,
+            alpha=0.4,
+            color="#4c72b0",
+            label="served response",
+        )
         ax.set_yticks(range(len(versions)), versions)
         for p in policies:
             if p["version"] in level and p["created_at"] >= started_at:
@@ -162,8 +181,16 @@ def plot_timeline(interactions: list[dict], policies: list[dict], started_at: fl
     plt.close(fig)
 
 
-def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], rms: list[dict], ppo: list[dict],
-                 started_at: float, duration_s: float, evaluation: dict | None = None) -> dict:
+def write_report(
+    out_dir: Path,
+    interactions: list[dict],
+    policies: list[dict],
+    rms: list[dict],
+    ppo: list[dict],
+    started_at: float,
+    duration_s: float,
+    evaluation: dict | None = None,
+) -> dict:
     """Write report.md, the plots and data.json to ``out_dir``; returns the summary numbers."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,15 +202,22 @@ def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], 
         kinds[r["kind"]] += 1
     first, last = (rates[0], rates[-1]) if rates else (None, None)
     summary = {
-        "started_at": started_at, "duration_s": round(duration_s, 1), "interactions": len(ok), "errors": len(interactions) - len(ok),
-        "ratings_accepted": accepted, "ratings_refused": len(ok) - accepted, "ratings_by_kind": dict(kinds),
+        "started_at": started_at,
+        "duration_s": round(duration_s, 1),
+        "interactions": len(ok),
+        "errors": len(interactions) - len(ok),
+        "ratings_accepted": accepted,
+        "ratings_refused": len(ok) - accepted,
+        "ratings_by_kind": dict(kinds),
         "policy_versions_served": [r.version for r in rates],
         "policy_versions_published": [p["version"] for p in policies if p["created_at"] >= started_at],
         "rm_versions_published": [m["version"] for m in rms if m["created_at"] >= started_at],
         "thumbs_up_by_version": [r.__dict__ for r in rates],
-        "thumbs_up_first": first.rate if first else None, "thumbs_up_last": last.rate if last else None,
+        "thumbs_up_first": first.rate if first else None,
+        "thumbs_up_last": last.rate if last else None,
         "thumbs_up_rise_pp": round(100 * (last.rate - first.rate), 1) if rates else None,
-        "ppo_steps": ppo[-1]["step"] if ppo else 0, "max_kl": max((p["kl"] for p in ppo), default=None),
+        "ppo_steps": ppo[-1]["step"] if ppo else 0,
+        "max_kl": max((p["kl"] for p in ppo), default=None),
         "evaluation": evaluation,
     }
     figures = []
@@ -198,8 +232,9 @@ def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], 
         figures.append(("PPO mean reward and KL per step", "ppo_reward_kl.png"))
     plot_timeline(interactions, policies, started_at, out_dir / "serving_timeline.png")
     figures.append(("Serving timeline", "serving_timeline.png"))
-    (out_dir / "data.json").write_text(json.dumps({"summary": summary, "policies": policies, "rms": rms,
-                                                   "ppo": ppo}, indent=2, default=str) + "\n")
+    (out_dir / "data.json").write_text(
+        json.dumps({"summary": summary, "policies": policies, "rms": rms, "ppo": ppo}, indent=2, default=str) + "\n"
+    )
     with open(out_dir / "interactions.jsonl", "w", encoding="utf-8") as f:
         for rec in interactions:
             f.write(json.dumps(rec) + "\n")
@@ -208,39 +243,70 @@ def write_report(out_dir: Path, interactions: list[dict], policies: list[dict], 
 
 
 def _markdown(summary, rates, policies, rms, ppo, started_at, figures) -> str:
-    lines = ["# RLHF Flywheel demo report", "",
-             f"{summary['interactions']} chats by simulated users in {summary['duration_s']:.0f} s; "
-             f"{summary['ratings_accepted']} ratings accepted, {summary['ratings_refused']} refused, "
-             f"{summary['errors']} failed chats. Ratings by kind: "
-             + ", ".join(f"{k} {v}" for k, v in sorted(summary["ratings_by_kind"].items())) + ".", "",
-             "The users rate with a hidden gold rule (flywheel/demo/gold_rater.py: correct sum, \"I hope this helps\", "
-             "at most 14 words); the services only ever see the ratings.", "",
-             "## Gold thumbs-up rate per policy version", "",
-             "| policy version | responses | thumbs-up rate | 95% interval |", "|---|---|---|---|"]
+    lines = [
+        "# RLHF Flywheel demo report",
+        "",
+        f"{summary['interactions']} chats by simulated users in {summary['duration_s']:.0f} s; "
+        f"{summary['ratings_accepted']} ratings accepted, {summary['ratings_refused']} refused, "
+        f"{summary['errors']} failed chats. Ratings by kind: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(summary["ratings_by_kind"].items()))
+        + ".",
+        "",
+        'The users rate with a hidden gold rule (flywheel/demo/gold_rater.py: correct sum, "I hope this helps", '
+        "at most 14 words); the services only ever see the ratings.",
+        "",
+        "## Gold thumbs-up rate per policy version",
+        "",
+        "| policy version | responses | thumbs-up rate | 95% interval |",
+        "|---|---|---|---|",
+    ]
     for r in rates:
         lines.append(f"| {r.version} | {r.responses} | {r.rate:.1%} | [{r.low:.1%}, {r.high:.1%}] |")
     if summary["thumbs_up_rise_pp"] is not None:
-        lines += ["", f"Rise from the first to the last version served: **{summary['thumbs_up_rise_pp']:+.1f} "
-                      "percentage points**."]
-    lines += ["", "## Published versions", "", "| version | parent | published (s into the run) | metrics |",
-              "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Rise from the first to the last version served: **{summary['thumbs_up_rise_pp']:+.1f} "
+            "percentage points**.",
+        ]
+    lines += [
+        "",
+        "## Published versions",
+        "",
+        "| version | parent | published (s into the run) | metrics |",
+        "|---|---|---|---|",
+    ]
     for m in [*policies, *rms]:
         when = m["created_at"] - started_at
         shown = ", ".join(f"{k}={v:.3g}" for k, v in sorted(m["metrics"].items())[:8])
         lines.append(f"| {m['version']} | {m.get('parent') or ''} | {when:.0f} | {shown} |")
     if ppo:
-        lines += ["", f"## PPO", "", f"{summary['ppo_steps']} PPO steps observed; last mean reward "
-                  f"{ppo[-1]['mean_reward']:.3f}, last KL {ppo[-1]['kl']:.3f}, largest KL {summary['max_kl']:.3f} nats."]
+        lines += [
+            "",
+            "## PPO",
+            "",
+            f"{summary['ppo_steps']} PPO steps observed; last mean reward "
+            f"{ppo[-1]['mean_reward']:.3f}, last KL {ppo[-1]['kl']:.3f}, largest KL {summary['max_kl']:.3f} nats.",
+        ]
     ev = summary.get("evaluation")
     if ev:
-        lines += ["", "## Held-out evaluation (gold rater)", "",
-                  f"Win rate of {ev['b']['version']} over {ev['a']['version']}: **{ev['win_rate']:.1%}** "
-                  f"[{ev['win_low']:.1%}, {ev['win_high']:.1%}] on {ev['prompts']} held-out prompts x "
-                  f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
-                  f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}."]
-    lines += ["", "RM held-out accuracy: rm-0001 is measured on held-out offline rankings, later versions on "
-              "the reward learner's held-out slice of live comparisons (harder: similar responses), so the "
-              "first point is not directly comparable with the rest.", "", "## Figures", ""]
+        lines += [
+            "",
+            "## Held-out evaluation (gold rater)",
+            "",
+            f"Win rate of {ev['b']['version']} over {ev['a']['version']}: **{ev['win_rate']:.1%}** "
+            f"[{ev['win_low']:.1%}, {ev['win_high']:.1%}] on {ev['prompts']} held-out prompts x "
+            f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
+            f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}.",
+        ]
+    lines += [
+        "",
+        "RM held-out accuracy: rm-0001 is measured on held-out offline rankings, later versions on "
+        "the reward learner's held-out slice of live comparisons (harder: similar responses), so the "
+        "first point is not directly comparable with the rest.",
+        "",
+        "## Figures",
+        "",
+    ]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     return "\n".join(lines) + "\n"

@@ -97,8 +97,10 @@ class DemoConfig(ConfigBase):
         out = []
         if self.duration_s <= 0 or self.users < 1:
             out.append("RLHF_DEMO_DURATION_S must be positive and RLHF_DEMO_USERS at least 1")
-        if min(self.mix_thumb, self.mix_likert, self.mix_pairwise, self.mix_ranking) < 0 or \
-                self.mix_thumb + self.mix_likert + self.mix_pairwise + self.mix_ranking <= 0:
+        if (
+            min(self.mix_thumb, self.mix_likert, self.mix_pairwise, self.mix_ranking) < 0
+            or self.mix_thumb + self.mix_likert + self.mix_pairwise + self.mix_ranking <= 0
+        ):
             out.append("RLHF_DEMO_MIX_* must be non-negative and not all zero")
         if not Path(self.prompts_file).is_file():
             out.append(f"RLHF_DEMO_PROMPTS_FILE {self.prompts_file} does not exist")
@@ -110,6 +112,7 @@ class DemoConfig(ConfigBase):
 
 
 # --- the stack -----------------------------------------------------------------------------------
+
 
 def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     """Environment for the services the demo starts: the demo's prompts and learning pace unless set."""
@@ -155,6 +158,7 @@ def gateway_url_of(stack) -> str:
 
 # --- watching the trainer ----------------------------------------------------------------------------
 
+
 class TrainerWatcher:
     """Polls TrainerService.Status; keeps one sample per PPO step (step, mean reward, KL, entropy)."""
 
@@ -191,12 +195,19 @@ class TrainerWatcher:
                     continue
                 self.latest = status
                 if status.step and (not self.samples or status.step > self.samples[-1]["step"]):
-                    self.samples.append({"t": time.time() - self.started_at, "step": int(status.step),
-                                         "mean_reward": status.mean_reward, "kl": status.kl,
-                                         "entropy": status.entropy})
+                    self.samples.append(
+                        {
+                            "t": time.time() - self.started_at,
+                            "step": int(status.step),
+                            "mean_reward": status.mean_reward,
+                            "kl": status.kl,
+                            "entropy": status.entropy,
+                        }
+                    )
 
 
 # --- progress ------------------------------------------------------------------------------------
+
 
 class Progress:
     """Counts interactions and prints one live line every ``every_s`` seconds."""
@@ -220,9 +231,14 @@ class Progress:
         recent = [up for r in ok if r.t > elapsed - self.window_s for up in r.gold_thumbs_up]
         first = [up for r in ok if r.policy_version == self.first_version for up in r.gold_thumbs_up]
         serving = ok[-1].policy_version if ok else "-"
-        parts = [f"[{elapsed:5.0f}/{self.duration_s:.0f} s]", f"chats {len(ok)}", f"rated {rated}",
-                 f"errors {len(self.records) - len(ok)}", f"serving {serving}",
-                 f"rm {self.store.current('rm') or '-'}"]
+        parts = [
+            f"[{elapsed:5.0f}/{self.duration_s:.0f} s]",
+            f"chats {len(ok)}",
+            f"rated {rated}",
+            f"errors {len(self.records) - len(ok)}",
+            f"serving {serving}",
+            f"rm {self.store.current('rm') or '-'}",
+        ]
         if recent:
             parts.append(f"thumbs-up last {self.window_s:.0f}s {sum(recent) / len(recent):.0%}")
         if first:
@@ -245,15 +261,26 @@ async def _users_with_progress(cfg: DemoConfig, url: str, progress: Progress) ->
     before = {line: set(progress.store.versions(line)) for line in ("rm", "policy")}
     stop = asyncio.Event()
     started = time.monotonic()
-    users = asyncio.create_task(run_users(url, cfg.duration_s, cfg.users, cfg.mix, prompts, seed=cfg.seed,
-                                          temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                          api_key=cfg.api_key, on_record=progress.add, stop=stop))
+    users = asyncio.create_task(
+        run_users(
+            url,
+            cfg.duration_s,
+            cfg.users,
+            cfg.mix,
+            prompts,
+            seed=cfg.seed,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            api_key=cfg.api_key,
+            on_record=progress.add,
+            stop=stop,
+        )
+    )
     while not users.done():
         await asyncio.wait({users}, timeout=cfg.progress_every_s)
         print(progress.line(time.monotonic() - started), flush=True)
         if cfg.until_new_versions and not stop.is_set() and loop_closed(progress.store, before, progress.records):
-            print("the loop has closed: new RM and policy versions published and serving; stopping early",
-                  flush=True)
+            print("the loop has closed: new RM and policy versions published and serving; stopping early", flush=True)
             stop.set()
     return users.result()
 
@@ -262,8 +289,15 @@ def _manifests(store: ModelStore, line: str) -> list[dict]:
     out = []
     for v in store.versions(line):
         m = store.manifest(v)
-        out.append({"version": v, "parent": m.parent, "created_at": m.created_at, "metrics": dict(m.metrics),
-                    "extra": dict(m.extra)})
+        out.append(
+            {
+                "version": v,
+                "parent": m.parent,
+                "created_at": m.created_at,
+                "metrics": dict(m.metrics),
+                "extra": dict(m.extra),
+            }
+        )
     return out
 
 
@@ -283,8 +317,11 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
         from flywheel.bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
 
         log_event(log, "empty model store: bootstrapping first", store=str(store.root))
-        run_bootstrap(store, report_dir=Path(cfg.report_dir) / "bootstrap",
-                      settings=QUICK if cfg.bootstrap_quick else BootstrapSettings())
+        run_bootstrap(
+            store,
+            report_dir=Path(cfg.report_dir) / "bootstrap",
+            settings=QUICK if cfg.bootstrap_quick else BootstrapSettings(),
+        )
     try:
         if cfg.gateway_url:
             url, trainer_address = cfg.gateway_url, cfg.trainer_address
@@ -318,11 +355,22 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
 def _write(cfg, store, records, ppo, started_at, duration, evaluation) -> dict:
     from flywheel.demo.report import write_report
 
-    summary = write_report(Path(cfg.report_dir), [dataclasses.asdict(r) for r in records],
-                           _manifests(store, "policy"), _manifests(store, "rm"), ppo, started_at, duration,
-                           evaluation)
-    print(f"report: {Path(cfg.report_dir) / 'report.md'}  (thumbs-up by version: "
-          + ", ".join(f"{r['version']} {r['rate']:.0%}" for r in summary["thumbs_up_by_version"]) + ")", flush=True)
+    summary = write_report(
+        Path(cfg.report_dir),
+        [dataclasses.asdict(r) for r in records],
+        _manifests(store, "policy"),
+        _manifests(store, "rm"),
+        ppo,
+        started_at,
+        duration,
+        evaluation,
+    )
+    print(
+        f"report: {Path(cfg.report_dir) / 'report.md'}  (thumbs-up by version: "
+        + ", ".join(f"{r['version']} {r['rate']:.0%}" for r in summary["thumbs_up_by_version"])
+        + ")",
+        flush=True,
+    )
     return summary
 
 

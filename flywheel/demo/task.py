@@ -25,8 +25,12 @@ import random
 import re
 from dataclasses import dataclass
 
-QUESTIONS = ("What is {a} plus {b}?", "How much is {a} plus {b}?", "Can you tell me {a} plus {b}?",
-             "What do you get when you add {a} and {b}?")
+QUESTIONS = (
+    "What is {a} plus {b}?",
+    "How much is {a} plus {b}?",
+    "Can you tell me {a} plus {b}?",
+    "What do you get when you add {a} and {b}?",
+)
 DIGITS = range(10)
 HELDOUT_FRACTION = 0.2
 SPLIT_SEED = 6
@@ -36,13 +40,14 @@ DEMONSTRATION_MIX = {"good": 0.45, "curt": 0.25, "wrong": 0.15, "rambling": 0.15
 """Share of each answer style among the demonstrations: only 45% are what the gold rater wants."""
 COURTESY = "I hope this helps."
 RAMBLE_OPENERS = ("Let me think about that.", "That is a great question.", "Good question.")
-RAMBLE_FILLERS = ("Numbers are fun to add, and adding is one of the first things we learn at school.",
-                  "People add numbers every day, for example when they count money or apples.",
-                  "Adding two numbers means putting them together and counting them all.")
+RAMBLE_FILLERS = (
+    "Numbers are fun to add, and adding is one of the first things we learn at school.",
+    "People add numbers every day, for example when they count money or apples.",
+    "Adding two numbers means putting them together and counting them all.",
+)
 
 _QUESTION_RES = tuple(
-    re.compile("^" + re.escape(q).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)") + "$")
-    for q in QUESTIONS
+    re.compile("^" + re.escape(q).replace(r"\{a\}", r"(\d+)").replace(r"\{b\}", r"(\d+)") + "$") for q in QUESTIONS
 )
 
 
@@ -69,8 +74,9 @@ def all_problems() -> list[Problem]:
     return [Problem(a, b, p) for a in DIGITS for b in DIGITS for p in range(len(QUESTIONS))]
 
 
-def split_problems(seed: int = SPLIT_SEED, heldout_fraction: float = HELDOUT_FRACTION
-                   ) -> tuple[list[Problem], list[Problem]]:
+def split_problems(
+    seed: int = SPLIT_SEED, heldout_fraction: float = HELDOUT_FRACTION
+) -> tuple[list[Problem], list[Problem]]:
     """(train, held out): a seeded shuffle of every problem; the same split everywhere."""
     problems = all_problems()
     random.Random(seed).shuffle(problems)

@@ -79,13 +79,21 @@ def load_prompts(path: Path = PROMPTS) -> list[str]:
     return out
 
 
-def rating_body(kind: str, prompt: str, responses: list[str], response_ids: list[str], tokens: list[str],
-                user: str, rng: random.Random) -> dict:
+def rating_body(
+    kind: str,
+    prompt: str,
+    responses: list[str],
+    response_ids: list[str],
+    tokens: list[str],
+    user: str,
+    rng: random.Random,
+) -> dict:
     """The POST /v1/feedback body a user who believes the gold rater sends for these responses."""
     body: dict = {"type": kind, "user": user, "feedback_tokens": tokens, "idempotency_key": uuid.uuid4().hex}
     if kind == "thumb":
-        body.update(response_id=response_ids[0],
-                    thumb="up" if gold_rater.judge(prompt, responses[0]).thumb_up else "down")
+        body.update(
+            response_id=response_ids[0], thumb="up" if gold_rater.judge(prompt, responses[0]).thumb_up else "down"
+        )
     elif kind == "likert":
         body.update(response_id=response_ids[0], score=gold_rater.judge(prompt, responses[0]).likert)
     elif kind == "pairwise":
@@ -93,16 +101,28 @@ def rating_body(kind: str, prompt: str, responses: list[str], response_ids: list
     elif kind == "ranking":
         # Equally good answers are ranked as ties (equal ranks), as a careful labeller would.
         order = gold_rater.rank(prompt, responses)
-        body.update(response_ids=[response_ids[i] for i in order],
-                    ranks=gold_rater.tie_ranks([gold_rater.judge(prompt, responses[i]).score for i in order]))
+        body.update(
+            response_ids=[response_ids[i] for i in order],
+            ranks=gold_rater.tie_ranks([gold_rater.judge(prompt, responses[i]).score for i in order]),
+        )
     else:
         raise ValueError(f"unknown rating kind {kind!r}")
     return body
 
 
 class SimulatedUser:
-    def __init__(self, name: str, chat, http, model: str, prompts: list[str], mix: UserMix, seed: int,
-                 temperature: float = 1.0, max_tokens: int = 64):
+    def __init__(
+        self,
+        name: str,
+        chat,
+        http,
+        model: str,
+        prompts: list[str],
+        mix: UserMix,
+        seed: int,
+        temperature: float = 1.0,
+        max_tokens: int = 64,
+    ):
         self.name = name
         self.chat = chat
         self.http = http
@@ -118,19 +138,32 @@ class SimulatedUser:
         prompt = self.rng.choice(self.prompts)
         t0 = time.monotonic()
         r = await self.chat.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}], n=RESPONSES_PER_KIND[kind],
-            temperature=self.temperature, max_tokens=self.max_tokens)
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            n=RESPONSES_PER_KIND[kind],
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
         latency = time.monotonic() - t0
         responses = [c.message.content or "" for c in r.choices]
         ids = [c.model_extra["response_id"] for c in r.choices]
         tokens = [c.model_extra.get("feedback_token") or "" for c in r.choices]
         verdicts = [gold_rater.judge(prompt, text) for text in responses]
-        rec = Interaction(time.monotonic() - started, self.name, kind, prompt, responses, ids,
-                          r.model_extra["policy_version"], [v.score for v in verdicts],
-                          [v.thumb_up for v in verdicts], latency)
+        rec = Interaction(
+            time.monotonic() - started,
+            self.name,
+            kind,
+            prompt,
+            responses,
+            ids,
+            r.model_extra["policy_version"],
+            [v.score for v in verdicts],
+            [v.thumb_up for v in verdicts],
+            latency,
+        )
         body = rating_body(kind, prompt, responses, ids, tokens, self.name, self.rng)
         rec.rating = {k: v for k, v in body.items() if k not in ("feedback_tokens", "idempotency_key")}
-        for attempt in range(3):
+        for _attempt in range(3):
             resp = await self.http.post("/v1/feedback", json=body)
             rec.feedback_status = resp.status_code
             if resp.status_code != 503:
@@ -141,10 +174,20 @@ class SimulatedUser:
         return rec
 
 
-async def run_users(gateway_url: str, duration_s: float, users: int, mix: UserMix, prompts: list[str], *,
-                    seed: int = 0, temperature: float = 1.0, max_tokens: int = 64, api_key: str = "unused",
-                    on_record: Callable[[Interaction], None] | None = None,
-                    stop: asyncio.Event | None = None) -> list[Interaction]:
+async def run_users(
+    gateway_url: str,
+    duration_s: float,
+    users: int,
+    mix: UserMix,
+    prompts: list[str],
+    *,
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_tokens: int = 64,
+    api_key: str = "unused",
+    on_record: Callable[[Interaction], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> list[Interaction]:
     """Run ``users`` simulated users against the gateway for ``duration_s`` seconds; returns every interaction."""
     import httpx
     import openai
@@ -160,14 +203,26 @@ async def run_users(gateway_url: str, duration_s: float, users: int, mix: UserMi
         model = (await chat.models.list()).data[0].id
 
         async def user_loop(i: int) -> None:
-            user = SimulatedUser(f"sim-user-{i}", chat, http, model, prompts, mix, seed * 1000 + i,
-                                 temperature, max_tokens)
+            user = SimulatedUser(
+                f"sim-user-{i}", chat, http, model, prompts, mix, seed * 1000 + i, temperature, max_tokens
+            )
             while time.monotonic() < deadline and not stop.is_set():
                 try:
                     rec = await user.interact(started)
                 except (openai.APIError, httpx.HTTPError) as exc:
-                    rec = Interaction(time.monotonic() - started, user.name, "error", "", [], [], "", [], [], 0.0,
-                                      error=f"{type(exc).__name__}: {exc}"[:300])
+                    rec = Interaction(
+                        time.monotonic() - started,
+                        user.name,
+                        "error",
+                        "",
+                        [],
+                        [],
+                        "",
+                        [],
+                        [],
+                        0.0,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
                     await asyncio.sleep(1.0)
                 records.append(rec)
                 if on_record:

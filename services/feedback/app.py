@@ -13,8 +13,8 @@ import threading
 
 from services.feedback.config import FeedbackConfig
 from services.feedback.ledger import FeedbackLedger, LedgerFollower
-from services.feedback.serving import FeedbackServing
 from services.feedback.servicer import FeedbackServicer
+from services.feedback.serving import FeedbackServing
 from shared.grpc_server import GrpcServer
 from shared.kafka.producer import AsyncPublisher, EventPublisher
 from shared.pb import feedback_pb2_grpc

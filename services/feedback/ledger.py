@@ -45,9 +45,18 @@ class LiveVote:
     tags: tuple[str, ...]
 
     @classmethod
-    def of(cls, ev: FeedbackEvent) -> "LiveVote":
-        return cls(ev.feedback_id, ev.revision, tuple(r.response_id for r in ev.responses), ev.thumb, ev.score,
-                   ev.preferred, tuple(ev.ranks) if ev.ranks is not None else None, ev.comment, tuple(ev.tags))
+    def of(cls, ev: FeedbackEvent) -> LiveVote:
+        return cls(
+            ev.feedback_id,
+            ev.revision,
+            tuple(r.response_id for r in ev.responses),
+            ev.thumb,
+            ev.score,
+            ev.preferred,
+            tuple(ev.ranks) if ev.ranks is not None else None,
+            ev.comment,
+            tuple(ev.tags),
+        )
 
 
 class FeedbackLedger:
@@ -99,13 +108,15 @@ class LedgerFollower:
         self.ledger = ledger
         self.caught_up = threading.Event()
         # librdkafka's own log lines through our logging rather than its format on stderr.
-        self._consumer = confluent_kafka.Consumer(rdkafka_consumer_config(cfg, "feedback-ledger"),
-                                                  logger=get_logger("rdkafka"))
+        self._consumer = confluent_kafka.Consumer(
+            rdkafka_consumer_config(cfg, "feedback-ledger"), logger=get_logger("rdkafka")
+        )
         try:
             partitions = self._wait_for_partitions(metadata_timeout_s)
-            self._end = {p: self._consumer.get_watermark_offsets(TopicPartition(FEEDBACK, p),
-                                                                 timeout=metadata_timeout_s)[1]
-                         for p in partitions}
+            self._end = {
+                p: self._consumer.get_watermark_offsets(TopicPartition(FEEDBACK, p), timeout=metadata_timeout_s)[1]
+                for p in partitions
+            }
         except Exception:
             self._consumer.close()
             raise
@@ -116,7 +127,9 @@ class LedgerFollower:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                topic = self._consumer.list_topics(FEEDBACK, timeout=max(0.5, deadline - time.monotonic())).topics[FEEDBACK]
+                topic = self._consumer.list_topics(FEEDBACK, timeout=max(0.5, deadline - time.monotonic())).topics[
+                    FEEDBACK
+                ]
                 if topic.error is None and topic.partitions:
                     return sorted(topic.partitions)
             except confluent_kafka.KafkaException:
@@ -146,13 +159,18 @@ class LedgerFollower:
                     self._next[msg.partition()] = msg.offset() + 1
                     if self._applied_already(msg.value()):
                         continue
-                    env = decode_value_or_skip(msg.value(), FEEDBACK, msg.partition(), msg.offset(),
-                                               expect=FeedbackEvent)
+                    env = decode_value_or_skip(
+                        msg.value(), FEEDBACK, msg.partition(), msg.offset(), expect=FeedbackEvent
+                    )
                     if env is not None:
                         self.ledger.apply(env.payload)
                 if not self.caught_up.is_set() and all(self._next[p] >= end for p, end in self._end.items()):
                     self.caught_up.set()
-                    log_event(log, "feedback ledger rebuilt", events=len(self.ledger),
-                              seconds=round(time.monotonic() - started, 2))
+                    log_event(
+                        log,
+                        "feedback ledger rebuilt",
+                        events=len(self.ledger),
+                        seconds=round(time.monotonic() - started, 2),
+                    )
         finally:
             self._consumer.close()

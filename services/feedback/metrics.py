@@ -7,7 +7,13 @@ DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Submissions that changed
 SUPERSEDED = Counter("rlhf_feedback_superseding_total", "Ratings that replaced a user's earlier vote")
 REJECTED = Counter("rlhf_feedback_rejected_total", "Refused submissions", ["reason"])
 UNAVAILABLE = Counter("rlhf_feedback_unavailable_total", "Submissions refused because Kafka did not acknowledge")
-ACK_SECONDS = Histogram("rlhf_feedback_ack_seconds", "From a valid submission to Kafka's acknowledgement",
-                        buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
-BATCH_SIZE = Histogram("rlhf_feedback_batch_size", "Submissions per SubmitFeedbackBatch call",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000))
+ACK_SECONDS = Histogram(
+    "rlhf_feedback_ack_seconds",
+    "From a valid submission to Kafka's acknowledgement",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+BATCH_SIZE = Histogram(
+    "rlhf_feedback_batch_size",
+    "Submissions per SubmitFeedbackBatch call",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)

@@ -17,8 +17,13 @@ _THUMB = {feedback_pb2.THUMB_UP: "up", feedback_pb2.THUMB_DOWN: "down"}
 
 def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission:
     kind = msg.WhichOneof("rating") or ""
-    common = dict(feedback_tokens=list(msg.feedback_tokens), user_id=msg.user_id, comment=msg.comment,
-                  tags=list(msg.tags), idempotency_key=msg.idempotency_key)
+    common = dict(
+        feedback_tokens=list(msg.feedback_tokens),
+        user_id=msg.user_id,
+        comment=msg.comment,
+        tags=list(msg.tags),
+        idempotency_key=msg.idempotency_key,
+    )
     if kind == "thumb":
         return Submission("thumb", [msg.thumb.response_id], thumb=_THUMB.get(msg.thumb.thumb, ""), **common)
     if kind == "likert":
@@ -27,8 +32,7 @@ def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission
         p = msg.pairwise
         return Submission("pairwise", [p.response_id_a, p.response_id_b], preferred=p.preferred, **common)
     if kind == "ranking":
-        return Submission("ranking", list(msg.ranking.response_ids), ranks=list(msg.ranking.ranks) or None,
-                          **common)
+        return Submission("ranking", list(msg.ranking.response_ids), ranks=list(msg.ranking.ranks) or None, **common)
     return Submission(kind, [], **common)
 
 
@@ -43,12 +47,14 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
     async def SubmitFeedback(self, request, context: grpc.aio.ServicerContext):
         result = await self.serving.submit(submission_from_proto(request), functools.partial(_text, request))
-        return feedback_pb2.SubmitFeedbackResponse(feedback_id=result.feedback_id, revision=result.revision,
-                                                   duplicate=result.duplicate)
+        return feedback_pb2.SubmitFeedbackResponse(
+            feedback_id=result.feedback_id, revision=result.revision, duplicate=result.duplicate
+        )
 
     async def SubmitFeedbackBatch(self, request, context: grpc.aio.ServicerContext):
-        outcomes = await self.serving.submit_many([
-            (submission_from_proto(item), functools.partial(_text, item)) for item in request.submissions])
+        outcomes = await self.serving.submit_many(
+            [(submission_from_proto(item), functools.partial(_text, item)) for item in request.submissions]
+        )
         reply = feedback_pb2.SubmitFeedbackBatchResponse()
         for outcome in outcomes:
             result = reply.results.add()

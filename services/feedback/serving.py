@@ -84,7 +84,7 @@ class KeyedLocks:
                 return
         del self._waiters[key]
 
-    def hold(self, key: object) -> "_Held":
+    def hold(self, key: object) -> _Held:
         """``async with locks.hold(key):`` runs the block alone among holders of the same key."""
         return _Held(self, key)
 
@@ -92,7 +92,7 @@ class KeyedLocks:
 class _Held:
     # A class rather than @asynccontextmanager: this runs for every rating, and a generator-based
     # context manager costs several times more.
-    __slots__ = ("locks", "key")
+    __slots__ = ("key", "locks")
 
     def __init__(self, locks: KeyedLocks, key: object):
         self.locks = locks
@@ -134,8 +134,7 @@ def check(sub: Submission, max_comment_chars: int) -> None:
         raise InvalidArgument(f"preferred must be 'a', 'b' or 'tie', got {sub.preferred!r}", param="preferred")
     if sub.kind == "ranking" and sub.ranks is not None:
         check_ranks(sub.ranks, len(ids))
-    for name, value in (("thumb", sub.thumb), ("score", sub.score), ("preferred", sub.preferred),
-                        ("ranks", sub.ranks)):
+    for name, value in (("thumb", sub.thumb), ("score", sub.score), ("preferred", sub.preferred), ("ranks", sub.ranks)):
         owner = _FIELD_OWNER[name]
         if value is not None and sub.kind != owner:
             raise InvalidArgument(f"{name} belongs to {owner} ratings, not {sub.kind}", param=name)
@@ -155,8 +154,9 @@ def check_ranks(ranks: list[int], n: int) -> None:
     if any(type(r) is not int or r < 1 for r in ranks):
         raise InvalidArgument("ranks must be positive integers (1 = best)", param="ranks")
     if any(b < a for a, b in zip(ranks, ranks[1:])):
-        raise InvalidArgument(f"ranks must not decrease (response_ids are listed best first), got {ranks}",
-                              param="ranks")
+        raise InvalidArgument(
+            f"ranks must not decrease (response_ids are listed best first), got {ranks}", param="ranks"
+        )
 
 
 def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]:
@@ -170,8 +170,10 @@ def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]
         claims[c.response_id] = c
     missing = [i for i in sub.response_ids if i not in claims]
     if missing:
-        raise PermissionDenied(f"no valid feedback token for response {missing[0]} (it was not served here, "
-                               "or its token was not sent)", param="feedback_tokens")
+        raise PermissionDenied(
+            f"no valid feedback token for response {missing[0]} (it was not served here, or its token was not sent)",
+            param="feedback_tokens",
+        )
     if len(claims) != len(sub.response_ids):
         raise InvalidArgument("feedback_tokens has tokens for responses that are not rated", param="feedback_tokens")
     rated = [RatedResponse(i, claims[i].policy_version, claims[i].prompt_hash) for i in sub.response_ids]
@@ -181,10 +183,15 @@ def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]
 
 
 def same_vote(live: LiveVote, sub: Submission) -> bool:
-    return (live.response_ids == tuple(sub.response_ids) and live.thumb == sub.thumb and live.score == sub.score
-            and live.preferred == sub.preferred
-            and live.ranks == (tuple(sub.ranks) if sub.ranks is not None else None)
-            and live.comment == sub.comment and live.tags == tuple(sub.tags))
+    return (
+        live.response_ids == tuple(sub.response_ids)
+        and live.thumb == sub.thumb
+        and live.score == sub.score
+        and live.preferred == sub.preferred
+        and live.ranks == (tuple(sub.ranks) if sub.ranks is not None else None)
+        and live.comment == sub.comment
+        and live.tags == tuple(sub.tags)
+    )
 
 
 def feedback_id(user_id: str, intent: str) -> str:
@@ -212,7 +219,7 @@ class FeedbackServing:
             try:
                 # Keyed by user: one user's votes stay in order on one partition.
                 await self.publisher.publish(FEEDBACK, decided, key=sub.user_id)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any Kafka failure: the rating is not stored, say so (503)
                 raise _unavailable(exc) from None
             metrics.ACK_SECONDS.observe(time.perf_counter() - started)
             return self._stored(decided)
@@ -227,8 +234,9 @@ class FeedbackServing:
         earlier vote on it still waiting for Kafka) waits for it and goes through ``submit``.
         """
         if len(items) > MAX_BATCH:
-            raise InvalidArgument(f"a batch holds at most {MAX_BATCH} submissions, got {len(items)}",
-                                  param="submissions")
+            raise InvalidArgument(
+                f"a batch holds at most {MAX_BATCH} submissions, got {len(items)}", param="submissions"
+            )
         metrics.BATCH_SIZE.observe(len(items))
         outcomes: list[SubmitResult | RlhfError | None] = [None] * len(items)
         staged: list[tuple[int, tuple[str, str], FeedbackEvent]] = []
@@ -265,8 +273,9 @@ class FeedbackServing:
             await asyncio.gather(*(self._outcome_into(outcomes, i, *items[i]) for i in busy))
         return outcomes  # type: ignore[return-value] - every slot is filled by now
 
-    async def _store(self, staged: list[tuple[int, tuple[str, str], FeedbackEvent]],
-                     outcomes: list[SubmitResult | RlhfError | None]) -> None:
+    async def _store(
+        self, staged: list[tuple[int, tuple[str, str], FeedbackEvent]], outcomes: list[SubmitResult | RlhfError | None]
+    ) -> None:
         """Write the staged events to Kafka together; each key is released once its event is
         acknowledged and in the ledger (or failed)."""
         if not staged:
@@ -320,10 +329,22 @@ class FeedbackServing:
         revision = live.revision + 1 if live else 1
         intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
         return FeedbackEvent(
-            feedback_id=feedback_id(sub.user_id, intent), kind=sub.kind, user_id=sub.user_id, target=target,
-            revision=revision, supersedes=live.feedback_id if live else None, responses=rated,
-            thumb=sub.thumb, score=sub.score, preferred=sub.preferred, ranks=sub.ranks, comment=sub.comment,
-            tags=sub.tags, idempotency_key=sub.idempotency_key, received_at=now)
+            feedback_id=feedback_id(sub.user_id, intent),
+            kind=sub.kind,
+            user_id=sub.user_id,
+            target=target,
+            revision=revision,
+            supersedes=live.feedback_id if live else None,
+            responses=rated,
+            thumb=sub.thumb,
+            score=sub.score,
+            preferred=sub.preferred,
+            ranks=sub.ranks,
+            comment=sub.comment,
+            tags=sub.tags,
+            idempotency_key=sub.idempotency_key,
+            received_at=now,
+        )
 
     def _stored(self, event: FeedbackEvent) -> SubmitResult:
         """Once Kafka acknowledged ``event``."""
@@ -336,8 +357,12 @@ class FeedbackServing:
     def reject(self, raw: str, reason: str, param: str | None, source: str = "grpc") -> None:
         """Put a refused submission on the dead-letter topic (best effort, never blocks)."""
         metrics.REJECTED.labels(param or "unparsable").inc()
-        self.dlq.publish(FEEDBACK_DLQ, RejectedFeedbackEvent(reason=reason, param=param, raw=raw[:RAW_LIMIT],
-                                                             source=source, received_at=time.time()))
+        self.dlq.publish(
+            FEEDBACK_DLQ,
+            RejectedFeedbackEvent(
+                reason=reason, param=param, raw=raw[:RAW_LIMIT], source=source, received_at=time.time()
+            ),
+        )
 
 
 def _internal(exc: Exception) -> RlhfError:

@@ -22,8 +22,15 @@ def main() -> None:
     # /v1/feedback at 48-64 clients; 6-8 ms after freezing).
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False,
-                http=CoalescingHttpToolsProtocol, timeout_graceful_shutdown=int(cfg.grace_period_s))
+    uvicorn.run(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_config=None,
+        access_log=False,
+        http=CoalescingHttpToolsProtocol,
+        timeout_graceful_shutdown=int(cfg.grace_period_s),
+    )
 
 
 if __name__ == "__main__":

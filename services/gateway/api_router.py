@@ -187,9 +187,13 @@ class Gateway:
             await response(scope, receive, send)
             return observe("/v1/feedback", response.status_code, started)
         content = reply.model_dump_json().encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(content)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": content})
         observe("/v1/feedback", 200, started)
 
@@ -215,19 +219,27 @@ def create_app(cfg: GatewayConfig) -> Gateway:
     app = FastAPI(title="RLHF Flywheel gateway", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
     async def chat_completions(body: ChatCompletionRequest):
         if body.stream:
             events = await chat.stream(body)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            )
         return await chat.complete(body)
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse,
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": FeedbackRequest.model_json_schema()}}}},
-              responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    @app.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        openapi_extra={
+            "requestBody": {"content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}
+        },
+        responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    )
     async def submit_feedback(request: Request):
         # Served by Gateway before FastAPI routes anything; declared here for the API schema.
         # The raw body, not a parsed model: a body that does not parse still goes to the dead-letter topic.

@@ -36,8 +36,10 @@ class GatewayConfig(ServiceConfig):
         if ":" not in self.inference_address:
             out.append(f"RLHF_GATEWAY_INFERENCE_ADDRESS={self.inference_address!r}: expected host:port")
         if self.feedback_address and not self.token.secret:
-            out.append("RLHF_FEEDBACK_TOKEN_SECRET must be set when RLHF_GATEWAY_FEEDBACK_ADDRESS is "
-                       "(responses carry signed feedback tokens)")
+            out.append(
+                "RLHF_FEEDBACK_TOKEN_SECRET must be set when RLHF_GATEWAY_FEEDBACK_ADDRESS is "
+                "(responses carry signed feedback tokens)"
+            )
         if self.max_body_bytes < 1024:
             out.append("RLHF_GATEWAY_MAX_BODY_BYTES must be at least 1024")
         return out

@@ -1,6 +1,6 @@
 """Every gateway error becomes an OpenAI-shaped error response here, and only here.
 
-    {"error": {"message": "...", "type": "invalid_request_error", "param": "n", "code": null}}
+{"error": {"message": "...", "type": "invalid_request_error", "param": "n", "code": null}}
 """
 
 from __future__ import annotations
@@ -37,8 +37,14 @@ class UpstreamRefusal(RlhfError):
 _STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -101,8 +107,9 @@ def response_for(exc: Exception, path: str) -> JSONResponse:
     exception handlers, and for those handlers themselves)."""
     if isinstance(exc, RlhfError):
         headers = {"Retry-After": "1"} if exc.http_status == 503 else None
-        return error_response(exc.http_status, exc.message, exc.openai_type, exc.param,
-                              code=exc.grpc_code.name.lower(), headers=headers)
+        return error_response(
+            exc.http_status, exc.message, exc.openai_type, exc.param, code=exc.grpc_code.name.lower(), headers=headers
+        )
     if isinstance(exc, grpc.aio.AioRpcError):
         status, body = error_from_grpc(exc)
         headers = {"Retry-After": "1"} if status == 503 else None

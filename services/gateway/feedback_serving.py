@@ -30,8 +30,14 @@ class FeedbackBatcher:
     rating still gets its own result: the service judges and stores every item on its own.
     """
 
-    def __init__(self, stub: feedback_pb2_grpc.FeedbackServiceStub, timeout_s: float, *,
-                 max_batch: int = 256, max_in_flight: int = 4):
+    def __init__(
+        self,
+        stub: feedback_pb2_grpc.FeedbackServiceStub,
+        timeout_s: float,
+        *,
+        max_batch: int = 256,
+        max_in_flight: int = 4,
+    ):
         self.stub = stub
         self.timeout_s = timeout_s
         self.max_batch = max_batch
@@ -58,7 +64,7 @@ class FeedbackBatcher:
     def _send_waiting(self) -> None:
         self._scheduled = False
         while self._waiting and self._in_flight < self.max_in_flight:
-            batch, self._waiting = self._waiting[:self.max_batch], self._waiting[self.max_batch:]
+            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
             self._in_flight += 1
             call = asyncio.ensure_future(self._call(batch))
             self._calls.add(call)
@@ -83,7 +89,8 @@ class FeedbackBatcher:
         if self._batch_rpc:
             try:
                 reply = await self.stub.SubmitFeedbackBatch(
-                    feedback_pb2.SubmitFeedbackBatchRequest(submissions=msgs), timeout=self.timeout_s)
+                    feedback_pb2.SubmitFeedbackBatchRequest(submissions=msgs), timeout=self.timeout_s
+                )
                 return list(reply.results)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -97,8 +104,9 @@ class FeedbackBatcher:
             reply = await self.stub.SubmitFeedback(msg, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             param = dict(exc.trailing_metadata() or ()).get(PARAM_METADATA_KEY, "")
-            return feedback_pb2.SubmitFeedbackResult(error=feedback_pb2.FeedbackError(
-                code=exc.code().value[0], message=exc.details() or "", param=param))
+            return feedback_pb2.SubmitFeedbackResult(
+                error=feedback_pb2.FeedbackError(code=exc.code().value[0], message=exc.details() or "", param=param)
+            )
         return feedback_pb2.SubmitFeedbackResult(accepted=reply)
 
 
@@ -115,15 +123,20 @@ class FeedbackClient:
 
 def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> feedback_pb2.SubmitFeedbackRequest:
     msg = feedback_pb2.SubmitFeedbackRequest(
-        feedback_tokens=req.feedback_tokens, user_id=req.user, comment=req.comment, tags=req.tags,
-        idempotency_key=req.idempotency_key or idempotency_header or "")
+        feedback_tokens=req.feedback_tokens,
+        user_id=req.user,
+        comment=req.comment,
+        tags=req.tags,
+        idempotency_key=req.idempotency_key or idempotency_header or "",
+    )
     ids = req.response_ids or []
     if req.ranks is not None and req.type != "ranking":
         raise InvalidArgument(f"ranks belongs to ranking ratings, not {req.type}", param="ranks")
     if req.type == "thumb":
         # An unknown thumb value maps to THUMB_UNSPECIFIED, which the service refuses by name.
-        msg.thumb.CopyFrom(feedback_pb2.ThumbRating(response_id=req.response_id or "",
-                                                     thumb=_THUMBS.get(req.thumb or "", 0)))
+        msg.thumb.CopyFrom(
+            feedback_pb2.ThumbRating(response_id=req.response_id or "", thumb=_THUMBS.get(req.thumb or "", 0))
+        )
     elif req.type == "likert":
         score = req.score if req.score is not None else 0
         if not 0 <= score <= 1000:
@@ -132,8 +145,9 @@ def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> f
     elif req.type == "pairwise":
         if len(ids) != 2:
             raise InvalidArgument(f"a pairwise rating compares 2 response ids, got {len(ids)}", param="response_ids")
-        msg.pairwise.CopyFrom(feedback_pb2.PairwiseChoice(response_id_a=ids[0], response_id_b=ids[1],
-                                                          preferred=req.preferred or ""))
+        msg.pairwise.CopyFrom(
+            feedback_pb2.PairwiseChoice(response_id_a=ids[0], response_id_b=ids[1], preferred=req.preferred or "")
+        )
     elif req.type == "ranking":
         ranks = req.ranks or []
         if any(not 1 <= r <= 1000 for r in ranks):  # uint32 on the wire; the service checks the rest
@@ -180,7 +194,11 @@ class FeedbackForwarding:
     async def _reject(self, body: bytes, reason: str, param: str | None) -> None:
         """Hand a refused body to the feedback service's dead-letter topic; the client's 400 does not wait on it."""
         try:
-            await self._client.stub.RejectFeedback(feedback_pb2.RejectFeedbackRequest(
-                raw=body[:RAW_LIMIT].decode(errors="replace"), reason=reason, param=param or ""), timeout=2)
+            await self._client.stub.RejectFeedback(
+                feedback_pb2.RejectFeedbackRequest(
+                    raw=body[:RAW_LIMIT].decode(errors="replace"), reason=reason, param=param or ""
+                ),
+                timeout=2,
+            )
         except grpc.aio.AioRpcError:
             pass  # the dead-letter copy is best effort; the refusal itself stands

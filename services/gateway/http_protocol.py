@@ -23,7 +23,7 @@ class CoalescingTransport:
     is pending first, so nothing written before them is lost.
     """
 
-    __slots__ = ("_transport", "_loop", "_pending")
+    __slots__ = ("_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport

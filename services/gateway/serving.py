@@ -49,8 +49,13 @@ class InferenceClient:
 def to_generate_request(req: ChatCompletionRequest) -> inference_pb2.GenerateRequest:
     sampling = inference_pb2.SamplingParams(n=req.n or 1, logprobs=req.logprobs, stop=req.stop_list())
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    for name, value in (("temperature", req.temperature), ("top_p", req.top_p), ("top_k", req.top_k),
-                        ("max_tokens", max_tokens), ("seed", req.seed)):
+    for name, value in (
+        ("temperature", req.temperature),
+        ("top_p", req.top_p),
+        ("top_k", req.top_k),
+        ("max_tokens", max_tokens),
+        ("seed", req.seed),
+    ):
         if value is not None:
             setattr(sampling, name, value)
     return inference_pb2.GenerateRequest(
@@ -61,8 +66,9 @@ def to_generate_request(req: ChatCompletionRequest) -> inference_pb2.GenerateReq
 
 
 def _logprobs(tokens, logprobs) -> ChoiceLogprobs:
-    return ChoiceLogprobs(content=[TokenLogprob(token=t, logprob=lp, bytes=list(t.encode()))
-                                   for t, lp in zip(tokens, logprobs)])
+    return ChoiceLogprobs(
+        content=[TokenLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in zip(tokens, logprobs)]
+    )
 
 
 def _usage(u: common_pb2.Usage) -> Usage:
@@ -82,7 +88,8 @@ class FeedbackTokens:
         ph = prompt_hash((m.canonical_role(), m.text()) for m in req.messages)
         expires = int(time.time()) + self.cfg.ttl_s
         return lambda response_id, policy_version: sign(
-            self.cfg.secret, TokenClaims(response_id, policy_version, ph, expires))
+            self.cfg.secret, TokenClaims(response_id, policy_version, ph, expires)
+        )
 
 
 class ChatServing:
@@ -107,15 +114,15 @@ class ChatServing:
 
     async def models(self) -> ModelList:
         info = await self.policy()
-        return ModelList(data=[ModelCard(id=info.model, created=int(info.serving_since),
-                                         policy_version=info.policy_version)])
+        return ModelList(
+            data=[ModelCard(id=info.model, created=int(info.serving_since), policy_version=info.policy_version)]
+        )
 
     async def check_model(self, name: str) -> None:
         if self._model_name is None:
             await self.policy()
         if name != self._model_name:
-            raise NotFound(f"the model {name!r} does not exist; this server serves {self._model_name!r}",
-                           param="model")
+            raise NotFound(f"the model {name!r} does not exist; this server serves {self._model_name!r}", param="model")
 
     async def healthy(self) -> bool:
         try:
@@ -129,14 +136,24 @@ class ChatServing:
         r = await self.client.stub.Generate(to_generate_request(req), timeout=self.client.timeout_s)
         token = self.tokens.for_request(req)
         choices = [
-            Choice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
-                   logprobs=_logprobs(c.tokens, c.logprobs) if req.logprobs else None, response_id=c.response_id,
-                   feedback_token=token(c.response_id, r.policy_version))
+            Choice(
+                index=c.index,
+                message=ChatMessageOut(content=c.text),
+                finish_reason=c.finish_reason,
+                logprobs=_logprobs(c.tokens, c.logprobs) if req.logprobs else None,
+                response_id=c.response_id,
+                feedback_token=token(c.response_id, r.policy_version),
+            )
             for c in r.completions
         ]
-        return ChatCompletionResponse(id=f"chatcmpl-{r.request_id}", model=r.model, choices=choices,
-                                      usage=_usage(r.usage), policy_version=r.policy_version,
-                                      response_id=choices[0].response_id)
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{r.request_id}",
+            model=r.model,
+            choices=choices,
+            usage=_usage(r.usage),
+            policy_version=r.policy_version,
+            response_id=choices[0].response_id,
+        )
 
     async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         """Server-sent events for a streamed completion.
@@ -161,19 +178,38 @@ class ChatServing:
             while True:
                 if chunk.HasField("usage"):
                     if include_usage:
-                        yield _sse(ChatCompletionChunk(id=chat_id, created=created, model=chunk.model, choices=[],
-                                                       usage=_usage(chunk.usage), policy_version=chunk.policy_version))
+                        yield _sse(
+                            ChatCompletionChunk(
+                                id=chat_id,
+                                created=created,
+                                model=chunk.model,
+                                choices=[],
+                                usage=_usage(chunk.usage),
+                                policy_version=chunk.policy_version,
+                            )
+                        )
                 elif chunk.text or chunk.finish_reason or chunk.index not in started:
                     delta = DeltaMessage(content=chunk.text)
-                    choice = ChunkChoice(index=chunk.index, delta=delta, finish_reason=chunk.finish_reason or None,
-                                         logprobs=_logprobs(chunk.tokens, chunk.logprobs) if req.logprobs else None,
-                                         response_id=chunk.response_id)
+                    choice = ChunkChoice(
+                        index=chunk.index,
+                        delta=delta,
+                        finish_reason=chunk.finish_reason or None,
+                        logprobs=_logprobs(chunk.tokens, chunk.logprobs) if req.logprobs else None,
+                        response_id=chunk.response_id,
+                    )
                     if chunk.index not in started:
                         delta.role = "assistant"
                         choice.feedback_token = token(chunk.response_id, chunk.policy_version)
                         started.add(chunk.index)
-                    yield _sse(ChatCompletionChunk(id=chat_id, created=created, model=chunk.model, choices=[choice],
-                                                   policy_version=chunk.policy_version))
+                    yield _sse(
+                        ChatCompletionChunk(
+                            id=chat_id,
+                            created=created,
+                            model=chunk.model,
+                            choices=[choice],
+                            policy_version=chunk.policy_version,
+                        )
+                    )
                 try:
                     chunk = await iterator.__anext__()
                 except StopAsyncIteration:

@@ -9,14 +9,14 @@ import asyncio
 
 from services.inference.config import InferenceConfig
 from services.inference.engine import VllmEngine
-from services.inference.serving import InferenceServing
 from services.inference.servicer import InferenceServicer
+from services.inference.serving import InferenceServing
 from shared.events import PolicyUpdateEvent
 from shared.grpc_server import GrpcServer
 from shared.kafka.consumer import TopicFollower
 from shared.kafka.producer import EventPublisher
 from shared.kafka.topics import POLICY_UPDATES
-from shared.logging import get_logger, log_event
+from shared.logging import get_logger
 from shared.model_store import ModelStore
 from shared.pb import inference_pb2_grpc
 

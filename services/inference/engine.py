@@ -74,7 +74,9 @@ class VllmEngine:
             raise RuntimeError("engine not started")
         return self._llm
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling) -> AsyncIterator[list[EngineOutput]]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[EngineOutput]]:
         """Yield, per engine step, the new output of each completion that advanced."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind

@@ -6,13 +6,19 @@ REQUESTS = Counter("rlhf_inference_requests_total", "Generation requests", ["sou
 COMPLETION_TOKENS = Counter("rlhf_inference_completion_tokens_total", "Tokens generated")
 PROMPT_TOKENS = Counter("rlhf_inference_prompt_tokens_total", "Prompt tokens processed")
 IN_FLIGHT = Gauge("rlhf_inference_in_flight_requests", "Requests being generated")
-REQUEST_SECONDS = Histogram("rlhf_inference_request_seconds", "Arrival to last token",
-                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-TTFT_SECONDS = Histogram("rlhf_inference_time_to_first_token_seconds", "Arrival to first token",
-                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+REQUEST_SECONDS = Histogram(
+    "rlhf_inference_request_seconds", "Arrival to last token", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+)
+TTFT_SECONDS = Histogram(
+    "rlhf_inference_time_to_first_token_seconds",
+    "Arrival to first token",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 POLICY_VERSION = Gauge("rlhf_inference_policy_info", "1 for the policy version being served", ["version"])
 SWAPS = Counter("rlhf_inference_swaps_total", "Hot-swaps to a new policy version")
 SWAP_REFUSED = Counter("rlhf_inference_swap_refused_total", "Policy updates refused", ["reason"])
-SWAP_PAUSE_SECONDS = Histogram("rlhf_inference_swap_pause_seconds",
-                               "Time new requests were held during a swap (drain + reload)",
-                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SWAP_PAUSE_SECONDS = Histogram(
+    "rlhf_inference_swap_pause_seconds",
+    "Time new requests were held during a swap (drain + reload)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)

@@ -17,8 +17,15 @@ def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateReq
         return getattr(s, name) if s.HasField(name) else None
 
     sampling = serving.sampling_defaults(
-        temperature=opt("temperature"), top_p=opt("top_p"), top_k=opt("top_k"), max_tokens=opt("max_tokens"),
-        seed=opt("seed"), stop=tuple(s.stop), n=s.n or 1, logprobs=s.logprobs)
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        max_tokens=opt("max_tokens"),
+        seed=opt("seed"),
+        stop=tuple(s.stop),
+        n=s.n or 1,
+        logprobs=s.logprobs,
+    )
     return GenerationRequest(
         messages=[Message(m.role, m.content) for m in msg.messages],
         sampling=sampling,
@@ -27,8 +34,9 @@ def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateReq
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> common_pb2.Usage:
-    return common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens)
+    return common_pb2.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 def result_to_proto(serving: InferenceServing, r: GenerationResult) -> inference_pb2.GenerateResponse:
@@ -38,10 +46,16 @@ def result_to_proto(serving: InferenceServing, r: GenerationResult) -> inference
         model=r.model,
         prompt_token_ids=r.prompt_token_ids,
         completions=[
-            inference_pb2.Completion(response_id=c.response_id, index=c.index, text=c.text, token_ids=c.token_ids,
-                                     logprobs=c.logprobs or [], finish_reason=c.finish_reason,
-                                     tokens=serving.token_texts(c.token_ids) if c.logprobs is not None else [],
-                                     policy_versions=r.policy_versions)
+            inference_pb2.Completion(
+                response_id=c.response_id,
+                index=c.index,
+                text=c.text,
+                token_ids=c.token_ids,
+                logprobs=c.logprobs or [],
+                finish_reason=c.finish_reason,
+                tokens=serving.token_texts(c.token_ids) if c.logprobs is not None else [],
+                policy_versions=r.policy_versions,
+            )
             for c in r.completions
         ],
         usage=usage(len(r.prompt_token_ids), r.completion_tokens),
@@ -62,20 +76,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             first = True
             async for d in stream:
                 chunk = inference_pb2.GenerateChunk(
-                    request_id=stream.request_id, policy_version=stream.policy_version, model=stream.model,
-                    index=d.index, response_id=d.response_id, text=d.text, token_ids=d.token_ids,
-                    logprobs=d.logprobs or [], finish_reason=d.finish_reason,
-                    tokens=self.serving.token_texts(d.token_ids) if d.logprobs is not None else [])
+                    request_id=stream.request_id,
+                    policy_version=stream.policy_version,
+                    model=stream.model,
+                    index=d.index,
+                    response_id=d.response_id,
+                    text=d.text,
+                    token_ids=d.token_ids,
+                    logprobs=d.logprobs or [],
+                    finish_reason=d.finish_reason,
+                    tokens=self.serving.token_texts(d.token_ids) if d.logprobs is not None else [],
+                )
                 if first:
                     chunk.prompt_token_ids.extend(stream.prompt_token_ids)
                     first = False
                 yield chunk
             result = stream.result()
             yield inference_pb2.GenerateChunk(
-                request_id=stream.request_id, policy_version=stream.policy_version, model=stream.model,
-                usage=usage(len(result.prompt_token_ids), result.completion_tokens))
+                request_id=stream.request_id,
+                policy_version=stream.policy_version,
+                model=stream.model,
+                usage=usage(len(result.prompt_token_ids), result.completion_tokens),
+            )
 
     async def GetPolicy(self, request, context: grpc.aio.ServicerContext):
         s = self.serving.status()
-        return inference_pb2.PolicyInfo(policy_version=s.policy_version, model=s.model, serving_since=s.serving_since,
-                                        max_model_len=s.max_model_len, swaps=s.swaps, refused_updates=s.refused_updates)
+        return inference_pb2.PolicyInfo(
+            policy_version=s.policy_version,
+            model=s.model,
+            serving_since=s.serving_since,
+            max_model_len=s.max_model_len,
+            swaps=s.swaps,
+            refused_updates=s.refused_updates,
+        )

@@ -46,8 +46,9 @@ MAX_STOP_CHARS = 64
 class GenerationStream:
     """One admitted request: its identity up front, then its deltas as they are generated."""
 
-    def __init__(self, serving: "InferenceServing", req: GenerationRequest, prompt_token_ids: list[int],
-                 arrived_at: float):
+    def __init__(
+        self, serving: InferenceServing, req: GenerationRequest, prompt_token_ids: list[int], arrived_at: float
+    ):
         self.serving = serving
         self.request = req
         self.request_id = f"req-{uuid.uuid4().hex}"
@@ -57,9 +58,12 @@ class GenerationStream:
         self.prompt_token_ids = prompt_token_ids
         self.arrived_at = arrived_at
         self.admitted_at = time.monotonic()
-        self.completions = [CompletionResult(response_id=f"resp-{uuid.uuid4().hex}", index=i,
-                                             logprobs=[] if req.sampling.logprobs else None)
-                            for i in range(req.sampling.n)]
+        self.completions = [
+            CompletionResult(
+                response_id=f"resp-{uuid.uuid4().hex}", index=i, logprobs=[] if req.sampling.logprobs else None
+            )
+            for i in range(req.sampling.n)
+        ]
 
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self._run()
@@ -97,8 +101,14 @@ class GenerationStream:
         return [self.policy_version, *self.serving.versions_since(self.swaps_at_admission)]
 
     def result(self) -> GenerationResult:
-        return GenerationResult(self.request_id, self.policy_version, self.model, self.prompt_token_ids,
-                                self.completions, self.policy_versions())
+        return GenerationResult(
+            self.request_id,
+            self.policy_version,
+            self.model,
+            self.prompt_token_ids,
+            self.completions,
+            self.policy_versions(),
+        )
 
     def _finish(self) -> None:
         now = time.monotonic()
@@ -110,8 +120,7 @@ class GenerationStream:
 
 
 class InferenceServing:
-    def __init__(self, cfg: InferenceConfig, engine: VllmEngine, store: ModelStore,
-                 publisher: EventPublisher | None):
+    def __init__(self, cfg: InferenceConfig, engine: VllmEngine, store: ModelStore, publisher: EventPublisher | None):
         self.cfg = cfg
         self.engine = engine
         self.store = store
@@ -168,11 +177,14 @@ class InferenceServing:
             raise InvalidArgument(f"at most {cfg.max_messages} messages per request", param="messages")
         for i, m in enumerate(req.messages):
             if m.role not in ROLES:
-                raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}",
-                                      param=f"messages[{i}].role")
+                raise InvalidArgument(
+                    f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}", param=f"messages[{i}].role"
+                )
             if len(m.content) > cfg.max_message_chars:
-                raise InvalidArgument(f"messages[{i}].content is longer than {cfg.max_message_chars} characters",
-                                      param=f"messages[{i}].content")
+                raise InvalidArgument(
+                    f"messages[{i}].content is longer than {cfg.max_message_chars} characters",
+                    param=f"messages[{i}].content",
+                )
         if not any(m.content.strip() for m in req.messages if m.role == "user"):
             raise InvalidArgument("messages need at least one non-empty user message", param="messages")
         if req.source not in ("user", "trainer"):
@@ -186,17 +198,23 @@ class InferenceServing:
         if s.top_k < 0:
             raise InvalidArgument("top_k must not be negative", param="top_k")
         if not 1 <= s.max_tokens <= cfg.max_tokens_limit:
-            raise InvalidArgument(f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {s.max_tokens}",
-                                  param="max_tokens")
+            raise InvalidArgument(
+                f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {s.max_tokens}", param="max_tokens"
+            )
         if len(s.stop) > MAX_STOP_SEQUENCES or any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
-            raise InvalidArgument(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most "
-                                  f"{MAX_STOP_CHARS} characters", param="stop")
+            raise InvalidArgument(
+                f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                param="stop",
+            )
         prompt_ids = self.tokenizer.apply_chat_template(
-            [asdict(m) for m in req.messages], add_generation_prompt=True, tokenize=True, return_dict=False)
+            [asdict(m) for m in req.messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         if len(prompt_ids) + s.max_tokens > cfg.max_model_len:
             raise InvalidArgument(
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
-                f"context length {cfg.max_model_len}", param="messages")
+                f"context length {cfg.max_model_len}",
+                param="messages",
+            )
         return list(prompt_ids)
 
     def sampling_defaults(self, **given) -> Sampling:
@@ -232,14 +250,26 @@ class InferenceServing:
         for c in stream.completions:
             first = c.first_token_at or finished_at
             event = CompletionEvent(
-                request_id=stream.request_id, response_id=c.response_id, index=c.index, n=req.sampling.n,
-                policy_version=stream.policy_version, model=stream.model, source=req.source,
-                messages=list(req.messages), prompt_token_ids=stream.prompt_token_ids,
-                completion_text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                finish_reason=c.finish_reason, sampling=sampling, policy_versions=stream.policy_versions(),
-                timings=Timings(queued_s=stream.admitted_at - stream.arrived_at,
-                                first_token_s=first - stream.arrived_at,
-                                total_s=finished_at - stream.arrived_at),
+                request_id=stream.request_id,
+                response_id=c.response_id,
+                index=c.index,
+                n=req.sampling.n,
+                policy_version=stream.policy_version,
+                model=stream.model,
+                source=req.source,
+                messages=list(req.messages),
+                prompt_token_ids=stream.prompt_token_ids,
+                completion_text=c.text,
+                token_ids=c.token_ids,
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+                sampling=sampling,
+                policy_versions=stream.policy_versions(),
+                timings=Timings(
+                    queued_s=stream.admitted_at - stream.arrived_at,
+                    first_token_s=first - stream.arrived_at,
+                    total_s=finished_at - stream.arrived_at,
+                ),
                 created_at=time.time(),
             )
             # Keyed by request: all completions of one prompt land on one partition, in order.
@@ -260,8 +290,15 @@ class InferenceServing:
             reason = type(exc).__name__
             self.refused_updates += 1
             metrics.SWAP_REFUSED.labels(reason).inc()
-            log_event(log, "refused policy update; still serving the old version", level=40,
-                      version=update.version, serving=self.policy_version, reason=reason, error=str(exc))
+            log_event(
+                log,
+                "refused policy update; still serving the old version",
+                level=40,
+                version=update.version,
+                serving=self.policy_version,
+                reason=reason,
+                error=str(exc),
+            )
             return False
         new_dir = self.store.path(update.version)
         drain = self.cfg.swap_mode == "drain"
@@ -271,11 +308,16 @@ class InferenceServing:
             running = self.gate.in_flight > 0
             try:
                 await self.engine.reload_weights(new_dir, with_requests_running=running)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any engine failure: restore the served weights
                 self.refused_updates += 1
                 metrics.SWAP_REFUSED.labels("reload_failed").inc()
-                log_event(log, "reload failed; restoring the served weights", level=40, version=update.version,
-                          error=f"{type(exc).__name__}: {exc}")
+                log_event(
+                    log,
+                    "reload failed; restoring the served weights",
+                    level=40,
+                    version=update.version,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 # The engine may hold part of the new tensors: reload the served version in full.
                 await self.engine.reload_weights(self.policy_dir, with_requests_running=running)
                 return False
@@ -286,9 +328,17 @@ class InferenceServing:
         pause = time.monotonic() - closed_at
         metrics.SWAPS.inc()
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
-        log_event(log, "hot-swapped policy", old=old, new=update.version, reason=update.reason,
-                  mode=self.cfg.swap_mode, in_flight=self.gate.in_flight,
-                  drain_ms=round((drained_at - closed_at) * 1e3, 1), pause_ms=round(pause * 1e3, 1))
+        log_event(
+            log,
+            "hot-swapped policy",
+            old=old,
+            new=update.version,
+            reason=update.reason,
+            mode=self.cfg.swap_mode,
+            in_flight=self.gate.in_flight,
+            drain_ms=round((drained_at - closed_at) * 1e3, 1),
+            pause_ms=round(pause * 1e3, 1),
+        )
         return True
 
     def _check_update(self, update: PolicyUpdateEvent) -> None:
@@ -296,8 +346,9 @@ class InferenceServing:
         self.store.verify(update.version)
         actual = self.store.manifest_sha256(update.version)
         if actual != update.manifest_sha256:
-            raise ValueError(f"manifest sha256 {actual[:12]}… does not match the announced "
-                             f"{update.manifest_sha256[:12]}…")
+            raise ValueError(
+                f"manifest sha256 {actual[:12]}… does not match the announced {update.manifest_sha256[:12]}…"
+            )
         assert self.policy_dir is not None
         check_compatible(self.policy_dir, self.store.path(update.version))
 
@@ -309,8 +360,14 @@ class InferenceServing:
         return [self.tokenizer.decode([t]) for t in token_ids]
 
     def status(self) -> PolicyStatus:
-        return PolicyStatus(self.policy_version, self.cfg.served_model_name, self.serving_since,
-                            self.cfg.max_model_len, self.swaps, self.refused_updates)
+        return PolicyStatus(
+            self.policy_version,
+            self.cfg.served_model_name,
+            self.serving_since,
+            self.cfg.max_model_len,
+            self.swaps,
+            self.refused_updates,
+        )
 
     async def close(self) -> None:
         self.ready = False

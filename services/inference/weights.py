@@ -13,9 +13,20 @@ from pathlib import Path
 from safetensors import safe_open
 
 # Fields of config.json that decide tensor shapes or the forward pass.
-_ARCH_FIELDS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "max_position_embeddings", "rope_theta", "tie_word_embeddings")
+_ARCH_FIELDS = (
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rope_theta",
+    "tie_word_embeddings",
+)
 
 
 class IncompatibleWeights(ValueError):
@@ -30,7 +41,7 @@ def tensor_signature(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise IncompatibleWeights(f"{model_dir.name}: no safetensors files")
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
                 sl = f.get_slice(name)
                 sig[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
     return sig
@@ -46,7 +57,8 @@ def check_compatible(served_dir: Path, new_dir: Path) -> None:
     for key in _ARCH_FIELDS:
         if served_cfg.get(key) != new_cfg.get(key):
             raise IncompatibleWeights(
-                f"{new_dir.name}: config {key}={new_cfg.get(key)!r} differs from served {served_cfg.get(key)!r}")
+                f"{new_dir.name}: config {key}={new_cfg.get(key)!r} differs from served {served_cfg.get(key)!r}"
+            )
     served, new = tensor_signature(served_dir), tensor_signature(new_dir)
     if served.keys() != new.keys():
         diff = sorted(served.keys() ^ new.keys())[:3]

@@ -59,6 +59,7 @@ class RewardApp:
             await asyncio.to_thread(self._bootstrap)
         await asyncio.to_thread(self.scorer.load, self.cfg.rm_version or None)
         if self.follower is not None:
+
             def on_update(env, record) -> None:
                 if isinstance(env.payload, RewardModelEvent):
                     self.scorer.apply_update(env.payload)
@@ -82,8 +83,9 @@ class RewardApp:
             self._publisher.publish(REWARD_MODELS, event, key="rm")
 
         # The scorer beside the learner swaps at once; other replicas follow the announcement.
-        self.learner = ContinualLearner(self.cfg, self.store, state, announce=announce,
-                                        on_published=lambda version: self.scorer.load(version))
+        self.learner = ContinualLearner(
+            self.cfg, self.store, state, announce=announce, on_published=lambda version: self.scorer.load(version)
+        )
         self._learner_thread = LearnerThread(self.learner, LearnerFeed(self.cfg.kafka, state.offsets()))
         self._learner_thread.start()
         log_event(log, "continual learner started", state=str(state.path), **state.counts())
@@ -91,8 +93,9 @@ class RewardApp:
     def _bootstrap(self) -> None:
         from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
 
-        log_event(log, "no reward model in the store: training the first one",
-                  rankings=str(self.cfg.bootstrap_rankings))
+        log_event(
+            log, "no reward model in the store: training the first one", rankings=str(self.cfg.bootstrap_rankings)
+        )
         # Trained on sequences cut exactly as this service will cut the ones it scores.
         settings = dataclasses.replace(OFFLINE_SETTINGS, limits=self.scorer.limits)
         train_first_rm(self.store, self.cfg.bootstrap_rankings, settings=settings)

@@ -158,8 +158,9 @@ def examples_from_feedback(events: Iterable[FeedbackEvent]) -> TrainingExamples:
             # Keep only the responses that take part in a pair; renumber the pairs accordingly.
             keep = sorted(in_pairs)
             pos = {old: new for new, old in enumerate(keep)}
-            out.groups.append(ComparisonGroup(tuple(ids[i] for i in keep),
-                                              tuple((pos[w], pos[lo]) for w, lo in pairs), kind, user))
+            out.groups.append(
+                ComparisonGroup(tuple(ids[i] for i in keep), tuple((pos[w], pos[lo]) for w, lo in pairs), kind, user)
+            )
         for i, rid in enumerate(ids):
             if i in in_pairs:
                 continue
@@ -178,8 +179,7 @@ def sample_key(s: Sample) -> tuple:
 def without_identical_pairs(group: ComparisonGroup) -> ComparisonGroup | None:
     """``group`` without its pairs of two Samples with the same conversation and response text
     (None when no pair is left)."""
-    pairs = tuple((w, lo) for w, lo in group.pairs
-                  if sample_key(group.responses[w]) != sample_key(group.responses[lo]))
+    pairs = tuple((w, lo) for w, lo in group.pairs if sample_key(group.responses[w]) != sample_key(group.responses[lo]))
     if len(pairs) == len(group.pairs):
         return group
     return ComparisonGroup(group.responses, pairs, group.source, group.user_id) if pairs else None
@@ -198,8 +198,12 @@ def join_texts(examples: TrainingExamples, completions: Mapping[str, Any]) -> Tr
         c = completions.get(rid)
         if c is None:
             return None
-        return Sample(tuple(Message(m.role, m.content) for m in c.messages), c.completion_text, rid,
-                      getattr(c, "policy_version", ""))
+        return Sample(
+            tuple(Message(m.role, m.content) for m in c.messages),
+            c.completion_text,
+            rid,
+            getattr(c, "policy_version", ""),
+        )
 
     for g in examples.groups:
         samples = [sample(r) for r in g.responses]

@@ -65,13 +65,13 @@ from services.reward.comparisons import (
     join_texts,
 )
 from services.reward.config import RewardConfig
-from shared.models.encoding import EncodingLimits
 from services.reward.learner_state import LearnerState, StoredVote
-from shared.models.reward_model import RewardModel, load_version
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import CompletionEvent, FeedbackEvent, RewardModelEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
+from shared.models.encoding import EncodingLimits
+from shared.models.reward_model import RewardModel, load_version
 
 log = get_logger(__name__)
 
@@ -80,18 +80,24 @@ Example = ComparisonGroup | PointwiseExample
 
 # --- small pure functions ------------------------------------------------------------------------
 
+
 def is_heldout(prompt_key: str, fraction: float) -> bool:
     """Stable split by prompt: sha256 of the key read as a number in [0, 1), below ``fraction``."""
     h = int.from_bytes(hashlib.sha256(prompt_key.encode()).digest()[:8], "big")
-    return h / 2 ** 64 < fraction
+    return h / 2**64 < fraction
 
 
 def comparison_key(example: Example) -> str:
     """Identity of a comparison: who compared which responses how. A changed vote or a new thumb
     joining a group gives a new key (new information); the same comparison rebuilt gives the same."""
     if isinstance(example, ComparisonGroup):
-        doc = ["group", example.source, example.user_id, [_rid(r) for r in example.responses],
-               [list(p) for p in example.pairs]]
+        doc = [
+            "group",
+            example.source,
+            example.user_id,
+            [_rid(r) for r in example.responses],
+            [list(p) for p in example.pairs],
+        ]
     else:
         doc = ["thumb", example.user_id, _rid(example.response), example.label]
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:32]
@@ -115,8 +121,9 @@ def gate(candidate_accuracy: float, current_accuracy: float, tolerance: float) -
         return GateDecision(True, "no current reward model to compare with")
     if candidate_accuracy >= current_accuracy - tolerance:
         return GateDecision(True, f"held-out accuracy {candidate_accuracy:.3f} >= {current_accuracy:.3f} - {tolerance}")
-    return GateDecision(False, f"held-out accuracy dropped: {candidate_accuracy:.3f} < {current_accuracy:.3f} - "
-                               f"{tolerance}")
+    return GateDecision(
+        False, f"held-out accuracy dropped: {candidate_accuracy:.3f} < {current_accuracy:.3f} - {tolerance}"
+    )
 
 
 def replay_sample(old: Sequence[Example], n_new: int, ratio: float, rng: random.Random) -> list[Example]:
@@ -131,6 +138,7 @@ def round_due(unseen: int, seconds_since_last: float, every_n: int, every_s: flo
 
 
 # --- the learner ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LiveComparison:
@@ -171,9 +179,15 @@ class RoundResult:
 class ContinualLearner:
     """Turns stored ratings into gated RM versions. Not thread-safe: one thread drives it."""
 
-    def __init__(self, cfg: RewardConfig, store: ModelStore, state: LearnerState,
-                 announce: Callable[[RewardModelEvent], None] | None = None,
-                 on_published: Callable[[str], None] | None = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        cfg: RewardConfig,
+        store: ModelStore,
+        state: LearnerState,
+        announce: Callable[[RewardModelEvent], None] | None = None,
+        on_published: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.cfg = cfg
         self.store = store
         self.state = state
@@ -181,8 +195,13 @@ class ContinualLearner:
         self.on_published = on_published
         self.clock = clock
         self.limits = EncodingLimits(cfg.max_tokens, cfg.max_response_tokens)
-        self.settings = TrainSettings(epochs=cfg.learner_epochs, lr=cfg.learner_lr, batch_size=cfg.learner_batch_size,
-                                      max_forward_batch=cfg.max_batch_size, limits=self.limits)
+        self.settings = TrainSettings(
+            epochs=cfg.learner_epochs,
+            lr=cfg.learner_lr,
+            batch_size=cfg.learner_batch_size,
+            max_forward_batch=cfg.max_batch_size,
+            limits=self.limits,
+        )
         self._seen: set[str] = set()
         """Comparison keys some round has already been given (in memory: after a restart every
         untrained comparison counts as unseen, so the first check retrains on them)."""
@@ -230,15 +249,27 @@ class ContinualLearner:
             metrics.VOTES_DROPPED.inc(len(expired))
             for v in expired:
                 missing = [r.response_id for r in v.event.responses if r.response_id not in texts]
-                log_event(log, "dropping a vote whose completion never arrived", level=30,
-                          feedback_id=v.event.feedback_id, kind=v.event.kind, missing=",".join(missing),
-                          waited_s=round(now - v.arrived_at, 1))
+                log_event(
+                    log,
+                    "dropping a vote whose completion never arrived",
+                    level=30,
+                    feedback_id=v.event.feedback_id,
+                    kind=v.event.kind,
+                    missing=",".join(missing),
+                    waited_s=round(now - v.arrived_at, 1),
+                )
         metrics.VOTES_PENDING.set(pending)
 
         events = [v.event for v in ready]
         joined = join_texts(examples_from_feedback(events), texts)
-        for reason in ("pairwise_tie", "ranking_all_tied", "likert_without_contrast", "identical_response_pairs",
-                       "malformed", "unknown_kind"):
+        for reason in (
+            "pairwise_tie",
+            "ranking_all_tied",
+            "likert_without_contrast",
+            "identical_response_pairs",
+            "malformed",
+            "unknown_kind",
+        ):
             metrics.VOTES_UNUSED.labels(reason).set(joined.skipped.get(reason, 0))
         prompt_of = {r.response_id: r.prompt_hash or r.response_id for ev in events for r in ev.responses}
         rated_at = {(ev.user_id, r.response_id): ev.received_at for ev in events for r in ev.responses}
@@ -246,8 +277,9 @@ class ContinualLearner:
         for ex in [*joined.groups, *joined.pointwise]:
             responses = ex.responses if isinstance(ex, ComparisonGroup) else (ex.response,)
             when = max(rated_at.get((ex.user_id, s.response_id), 0.0) for s in responses)
-            held = is_heldout(prompt_of.get(responses[0].response_id, responses[0].response_id),
-                              self.cfg.heldout_fraction)
+            held = is_heldout(
+                prompt_of.get(responses[0].response_id, responses[0].response_id), self.cfg.heldout_fraction
+            )
             lc = LiveComparison(comparison_key(ex), ex, held, when)
             (out.heldout if held else out.train).append(lc)
         return out
@@ -260,8 +292,12 @@ class ContinualLearner:
         return sum(1 for c in comps.train if c.key not in trained and c.key not in self._seen)
 
     def due(self, comps: Comparisons) -> bool:
-        return round_due(self.unseen(comps), self.clock() - self._last_round, self.cfg.learn_every_comparisons,
-                         self.cfg.learn_every_s)
+        return round_due(
+            self.unseen(comps),
+            self.clock() - self._last_round,
+            self.cfg.learn_every_comparisons,
+            self.cfg.learn_every_s,
+        )
 
     def maybe_run_round(self) -> RoundResult | None:
         """Run a round if one is due (called about once a second by the learner thread)."""
@@ -276,8 +312,9 @@ class ContinualLearner:
 
     # --- 5. train, gate, publish ------------------------------------------------------------------
 
-    def run_round(self, comps: Comparisons | None = None, *, tamper: Callable[[RewardModel], None] | None = None
-                  ) -> RoundResult:
+    def run_round(
+        self, comps: Comparisons | None = None, *, tamper: Callable[[RewardModel], None] | None = None
+    ) -> RoundResult:
         """Train one candidate on the new (+ replayed) comparisons and publish it if it passes the gate.
 
         ``tamper`` (tests only) damages the candidate after training, before the gate: the way to
@@ -302,9 +339,18 @@ class ContinualLearner:
         current_acc, _ = trainer.evaluate(held_groups)
         examples = TrainingExamples(
             groups=[c.example for c in [*new, *replayed] if isinstance(c.example, ComparisonGroup)],
-            pointwise=[c.example for c in [*new, *replayed] if isinstance(c.example, PointwiseExample)])
-        log_event(log, "reward model round", base=base, new=len(new), replayed=len(replayed),
-                  heldout_comparisons=len(held_groups), heldout_pairs=heldout_pairs, pending=comps.pending)
+            pointwise=[c.example for c in [*new, *replayed] if isinstance(c.example, PointwiseExample)],
+        )
+        log_event(
+            log,
+            "reward model round",
+            base=base,
+            new=len(new),
+            replayed=len(replayed),
+            heldout_comparisons=len(held_groups),
+            heldout_pairs=heldout_pairs,
+            pending=comps.pending,
+        )
         history = trainer.fit(examples)
         if tamper is not None:
             tamper(model)
@@ -316,21 +362,52 @@ class ContinualLearner:
 
         version = None
         if decision.publish:
-            version = self._publish(base, model, tokenizer, new, replayed, comps, {
-                "heldout_accuracy": candidate_acc, "heldout_accuracy_before": current_acc,
-                "heldout_loss": heldout_loss, "train_loss": train_loss, "new_comparisons": len(new),
-                "replayed_comparisons": len(replayed), "heldout_comparisons": len(held_groups),
-                "heldout_pairs": heldout_pairs, "trained_comparisons_total": len(trained) + len(new),
-                "epochs": self.settings.epochs, "round_seconds": round(time.monotonic() - started, 2)})
+            version = self._publish(
+                base,
+                model,
+                tokenizer,
+                new,
+                replayed,
+                comps,
+                {
+                    "heldout_accuracy": candidate_acc,
+                    "heldout_accuracy_before": current_acc,
+                    "heldout_loss": heldout_loss,
+                    "train_loss": train_loss,
+                    "new_comparisons": len(new),
+                    "replayed_comparisons": len(replayed),
+                    "heldout_comparisons": len(held_groups),
+                    "heldout_pairs": heldout_pairs,
+                    "trained_comparisons_total": len(trained) + len(new),
+                    "epochs": self.settings.epochs,
+                    "round_seconds": round(time.monotonic() - started, 2),
+                },
+            )
             metrics.HELDOUT_ACCURACY.labels("current").set(candidate_acc)
         else:
-            log_event(log, "candidate reward model refused by the gate; keeping the current one", level=30,
-                      base=base, reason=decision.reason)
+            log_event(
+                log,
+                "candidate reward model refused by the gate; keeping the current one",
+                level=30,
+                base=base,
+                reason=decision.reason,
+            )
         seconds = time.monotonic() - started
         metrics.ROUNDS.labels("published" if version else "refused").inc()
         metrics.ROUND_SECONDS.observe(seconds)
-        result = RoundResult("published" if version else "refused", decision.reason, version, base, current_acc,
-                             candidate_acc, train_loss, len(new), len(replayed), heldout_pairs, seconds)
+        result = RoundResult(
+            "published" if version else "refused",
+            decision.reason,
+            version,
+            base,
+            current_acc,
+            candidate_acc,
+            train_loss,
+            len(new),
+            len(replayed),
+            heldout_pairs,
+            seconds,
+        )
         self.rounds.append(result)
         return result
 
@@ -347,26 +424,43 @@ class ContinualLearner:
         if not policy:
             raise ValueError(f"no reward model and no policy in the model store at {self.store.root}")
         self.store.verify(policy)
-        return (policy, RewardModel.from_policy_dir(self.store.path(policy)),
-                AutoTokenizer.from_pretrained(str(self.store.path(policy))))
+        return (
+            policy,
+            RewardModel.from_policy_dir(self.store.path(policy)),
+            AutoTokenizer.from_pretrained(str(self.store.path(policy))),
+        )
 
     def _publish(self, base, model, tokenizer, new, replayed, comps, round_metrics) -> str:
         trainer = RewardTrainer(model, tokenizer, self.settings)
-        reference = [Sample(c.messages, c.completion_text, c.response_id, c.policy_version)
-                     for c in self.state.recent_completions(self.cfg.reference_responses)]
+        reference = [
+            Sample(c.messages, c.completion_text, c.response_id, c.policy_version)
+            for c in self.state.recent_completions(self.cfg.reference_responses)
+        ]
         offset = trainer.normalise(reference, "the most recent completions served to users")
-        model.info.update({"trained_max_tokens": self.limits.max_tokens,
-                           "trained_max_response_tokens": self.limits.max_response_tokens})
+        model.info.update(
+            {
+                "trained_max_tokens": self.limits.max_tokens,
+                "trained_max_response_tokens": self.limits.max_response_tokens,
+            }
+        )
         sources: dict[str, int] = {}
         for c in new:
             kind = c.example.source if isinstance(c.example, ComparisonGroup) else "lone-thumb"
             sources[kind] = sources.get(kind, 0) + 1
-        extra = {"kind": "live-ratings", "base": base, "new_by_source": sources, "lr": self.settings.lr,
-                 "batch_size": self.settings.batch_size, "replay_ratio": self.cfg.replay_ratio,
-                 "heldout_fraction": self.cfg.heldout_fraction, "gate_tolerance": self.cfg.gate_tolerance,
-                 "offset_reference": model.info.get("offset_reference", "")}
-        manifest = publish_reward_model(self.store, model, tokenizer, parent=base,
-                                        metrics={**round_metrics, "offset": offset}, extra=extra)
+        extra = {
+            "kind": "live-ratings",
+            "base": base,
+            "new_by_source": sources,
+            "lr": self.settings.lr,
+            "batch_size": self.settings.batch_size,
+            "replay_ratio": self.cfg.replay_ratio,
+            "heldout_fraction": self.cfg.heldout_fraction,
+            "gate_tolerance": self.cfg.gate_tolerance,
+            "offset_reference": model.info.get("offset_reference", ""),
+        }
+        manifest = publish_reward_model(
+            self.store, model, tokenizer, parent=base, metrics={**round_metrics, "offset": offset}, extra=extra
+        )
         now = self.clock()
         self.state.mark_trained([c.key for c in new], manifest.version, now)
         metrics.COMPARISONS_TRAINED.inc(len(new))
@@ -374,14 +468,24 @@ class ContinualLearner:
         for c in new:
             if c.rated_at > 0:
                 metrics.RATING_TO_RM_SECONDS.observe(max(0.0, now - c.rated_at))
-        log_event(log, "published reward model", version=manifest.version, parent=base,
-                  heldout_accuracy=round(round_metrics["heldout_accuracy"], 3),
-                  before=_round(round_metrics["heldout_accuracy_before"]), new=len(new), replayed=len(replayed))
+        log_event(
+            log,
+            "published reward model",
+            version=manifest.version,
+            parent=base,
+            heldout_accuracy=round(round_metrics["heldout_accuracy"], 3),
+            before=_round(round_metrics["heldout_accuracy_before"]),
+            new=len(new),
+            replayed=len(replayed),
+        )
         if self.on_published is not None:
             self.on_published(manifest.version)
         if self.announce is not None:
-            self.announce(RewardModelEvent(manifest.version, self.store.manifest_sha256(manifest.version), base,
-                                           dict(manifest.metrics)))
+            self.announce(
+                RewardModelEvent(
+                    manifest.version, self.store.manifest_sha256(manifest.version), base, dict(manifest.metrics)
+                )
+            )
         return manifest.version
 
     def housekeeping(self) -> None:
@@ -396,6 +500,7 @@ def _round(x: float) -> float | str:
 
 
 # --- the thread that drives it -------------------------------------------------------------------
+
 
 class LearnerThread:
     """Polls the topics into the learner and runs rounds when due, until stopped.
@@ -439,7 +544,7 @@ class LearnerThread:
                     if now - last_housekeeping >= 3600:
                         last_housekeeping = now
                         self.learner.housekeeping()
-                except Exception:  # noqa: BLE001 - the learner must outlive any one bad round
+                except Exception:
                     self.failures += 1
                     log.exception("learner step failed; retrying after a pause")
                     self._stop.wait(5.0)

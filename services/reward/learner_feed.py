@@ -30,9 +30,15 @@ Ingest = Callable[[Sequence[object], dict[tuple[str, int], int]], None]
 
 
 class LearnerFeed:
-    def __init__(self, cfg: KafkaConfig, stored_offsets: dict[tuple[str, int], int],
-                 topics: Sequence[str] = (FEEDBACK, COMPLETIONS), *, poll_timeout_ms: int = 500,
-                 max_records: int = 1000):
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        stored_offsets: dict[tuple[str, int], int],
+        topics: Sequence[str] = (FEEDBACK, COMPLETIONS),
+        *,
+        poll_timeout_ms: int = 500,
+        max_records: int = 1000,
+    ):
         self.topics = tuple(topics)
         self.poll_timeout_ms = poll_timeout_ms
         self.max_records = max_records
@@ -48,16 +54,28 @@ class LearnerFeed:
             if offset is not None and offset > ends[tp]:
                 # The topic is shorter than what we read of it: it was recreated (e.g. the embedded,
                 # memory-only broker restarted). Its records are all new to us.
-                log_event(log, "topic is behind the stored offset (recreated?): reading it from the start",
-                          level=30, topic=tp.topic, partition=tp.partition, stored=offset, end=ends[tp])
+                log_event(
+                    log,
+                    "topic is behind the stored offset (recreated?): reading it from the start",
+                    level=30,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored=offset,
+                    end=ends[tp],
+                )
                 offset = None
             if offset is None:
                 self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek(tp, offset)
                 resumed += 1
-        log_event(log, "learner feed assigned", partitions=len(self._parts), resumed=resumed,
-                  from_beginning=len(self._parts) - resumed)
+        log_event(
+            log,
+            "learner feed assigned",
+            partitions=len(self._parts),
+            resumed=resumed,
+            from_beginning=len(self._parts) - resumed,
+        )
 
     def poll(self, ingest: Ingest) -> int:
         """Read one batch and hand its payloads with the offsets after them to ``ingest``; returns

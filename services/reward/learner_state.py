@@ -83,8 +83,13 @@ class LearnerState:
 
     # --- writing: one transaction per polled batch ------------------------------------------------
 
-    def ingest(self, feedback: Iterable[FeedbackEvent], completions: Iterable[CompletionEvent],
-               offsets: dict[tuple[str, int], int], now: float) -> None:
+    def ingest(
+        self,
+        feedback: Iterable[FeedbackEvent],
+        completions: Iterable[CompletionEvent],
+        offsets: dict[tuple[str, int], int],
+        now: float,
+    ) -> None:
         """Store a batch of events and the offsets after them, atomically."""
         with self._lock:
             db = self._db
@@ -98,18 +103,34 @@ class LearnerState:
                         "received_at = excluded.received_at, arrived_at = excluded.arrived_at, "
                         "event = excluded.event, dropped_at = NULL "
                         "WHERE (excluded.revision, excluded.received_at) > (votes.revision, votes.received_at)",
-                        (ev.user_id, ev.target, ev.feedback_id, ev.revision, ev.received_at, now,
-                         json.dumps(dataclasses.asdict(ev))))
+                        (
+                            ev.user_id,
+                            ev.target,
+                            ev.feedback_id,
+                            ev.revision,
+                            ev.received_at,
+                            now,
+                            json.dumps(dataclasses.asdict(ev)),
+                        ),
+                    )
                 for c in completions:
                     db.execute(
                         "INSERT OR IGNORE INTO completions (response_id, policy_version, messages, completion_text, "
                         "created_at, arrived_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (c.response_id, c.policy_version, json.dumps([dataclasses.asdict(m) for m in c.messages]),
-                         c.completion_text, c.created_at, now))
+                        (
+                            c.response_id,
+                            c.policy_version,
+                            json.dumps([dataclasses.asdict(m) for m in c.messages]),
+                            c.completion_text,
+                            c.created_at,
+                            now,
+                        ),
+                    )
                 db.executemany(
                     "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
                     "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                    [(t, p, o) for (t, p), o in offsets.items()])
+                    [(t, p, o) for (t, p), o in offsets.items()],
+                )
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -118,21 +139,32 @@ class LearnerState:
     def mark_dropped(self, keys: Sequence[tuple[str, str]], now: float) -> None:
         """Leave these votes (user_id, target) out from now on (their completions never came)."""
         with self._lock:
-            self._db.executemany("UPDATE votes SET dropped_at = ? WHERE user_id = ? AND target = ?",
-                                 [(now, u, t) for u, t in keys])
+            self._db.executemany(
+                "UPDATE votes SET dropped_at = ? WHERE user_id = ? AND target = ?", [(now, u, t) for u, t in keys]
+            )
 
     def mark_trained(self, keys: Iterable[str], version: str, now: float) -> None:
         with self._lock:
-            self._db.executemany("INSERT OR IGNORE INTO trained (key, version, trained_at) VALUES (?, ?, ?)",
-                                 [(k, version, now) for k in keys])
+            self._db.executemany(
+                "INSERT OR IGNORE INTO trained (key, version, trained_at) VALUES (?, ?, ?)",
+                [(k, version, now) for k in keys],
+            )
 
     def prune_completions(self, older_than: float) -> int:
         """Forget completions that arrived before ``older_than`` and that no live vote is about."""
         with self._lock:
-            rated = {r["response_id"] for (ev,) in self._db.execute("SELECT event FROM votes WHERE dropped_at IS NULL")
-                     for r in json.loads(ev)["responses"]}
-            old = [rid for (rid,) in self._db.execute("SELECT response_id FROM completions WHERE arrived_at < ?",
-                                                      (older_than,)) if rid not in rated]
+            rated = {
+                r["response_id"]
+                for (ev,) in self._db.execute("SELECT event FROM votes WHERE dropped_at IS NULL")
+                for r in json.loads(ev)["responses"]
+            }
+            old = [
+                rid
+                for (rid,) in self._db.execute(
+                    "SELECT response_id FROM completions WHERE arrived_at < ?", (older_than,)
+                )
+                if rid not in rated
+            ]
             self._db.executemany("DELETE FROM completions WHERE response_id = ?", [(r,) for r in old])
             return len(old)
 
@@ -145,8 +177,9 @@ class LearnerState:
     def live_votes(self) -> list[StoredVote]:
         """Every live vote not dropped, oldest arrival first."""
         with self._lock:
-            rows = self._db.execute("SELECT event, arrived_at FROM votes WHERE dropped_at IS NULL "
-                                    "ORDER BY arrived_at, rowid").fetchall()
+            rows = self._db.execute(
+                "SELECT event, arrived_at FROM votes WHERE dropped_at IS NULL ORDER BY arrived_at, rowid"
+            ).fetchall()
         return [StoredVote(from_dict(FeedbackEvent, json.loads(ev)), arrived) for ev, arrived in rows]
 
     def completions(self, response_ids: Iterable[str]) -> dict[str, StoredCompletion]:
@@ -154,18 +187,24 @@ class LearnerState:
         out: dict[str, StoredCompletion] = {}
         with self._lock:
             for start in range(0, len(ids), 500):  # SQLite caps the number of ? parameters
-                chunk = ids[start:start + 500]
+                chunk = ids[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(f"SELECT response_id, policy_version, messages, completion_text "
-                                            f"FROM completions WHERE response_id IN ({marks})", chunk):
+                for row in self._db.execute(
+                    f"SELECT response_id, policy_version, messages, completion_text "
+                    f"FROM completions WHERE response_id IN ({marks})",
+                    chunk,
+                ):
                     out[row[0]] = _completion(row)
         return out
 
     def recent_completions(self, limit: int) -> list[StoredCompletion]:
         """The ``limit`` most recently arrived completions (the RM's normalisation reference)."""
         with self._lock:
-            rows = self._db.execute("SELECT response_id, policy_version, messages, completion_text FROM completions "
-                                    "ORDER BY arrived_at DESC, rowid DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT response_id, policy_version, messages, completion_text FROM completions "
+                "ORDER BY arrived_at DESC, rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [_completion(r) for r in rows]
 
     def trained_keys(self) -> dict[str, str]:
@@ -175,11 +214,13 @@ class LearnerState:
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            one = lambda sql: self._db.execute(sql).fetchone()[0]  # noqa: E731
-            return {"votes": one("SELECT COUNT(*) FROM votes WHERE dropped_at IS NULL"),
-                    "dropped_votes": one("SELECT COUNT(*) FROM votes WHERE dropped_at IS NOT NULL"),
-                    "completions": one("SELECT COUNT(*) FROM completions"),
-                    "trained_comparisons": one("SELECT COUNT(*) FROM trained")}
+            one = lambda sql: self._db.execute(sql).fetchone()[0]
+            return {
+                "votes": one("SELECT COUNT(*) FROM votes WHERE dropped_at IS NULL"),
+                "dropped_votes": one("SELECT COUNT(*) FROM votes WHERE dropped_at IS NOT NULL"),
+                "completions": one("SELECT COUNT(*) FROM completions"),
+                "trained_comparisons": one("SELECT COUNT(*) FROM trained"),
+            }
 
 
 def _completion(row: Any) -> StoredCompletion:

@@ -43,13 +43,15 @@ def kwise_ranking_loss(rewards_best_first: torch.Tensor) -> torch.Tensor:
     """InstructGPT's loss for one ranking: the mean of −log σ(r_w − r_l) over its C(K,2) pairs."""
     k = rewards_best_first.shape[0]
     if rewards_best_first.dim() != 1 or k < 2:
-        raise ValueError(f"a ranking needs a 1-d tensor of at least 2 rewards, got shape "
-                         f"{tuple(rewards_best_first.shape)}")
+        raise ValueError(
+            f"a ranking needs a 1-d tensor of at least 2 rewards, got shape {tuple(rewards_best_first.shape)}"
+        )
     return group_loss(rewards_best_first, ranking_pairs(k))
 
 
-def batched_group_loss(rewards: torch.Tensor, groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]]
-                       ) -> torch.Tensor:
+def batched_group_loss(
+    rewards: torch.Tensor, groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]]
+) -> torch.Tensor:
     """Mean over groups of each group's mean pairwise term.
 
     ``rewards`` holds the scores of every response in the batch; each group is (the indices of its
@@ -84,10 +86,12 @@ def pointwise_thumb_loss(r: torch.Tensor, label: torch.Tensor | float) -> torch.
     return F.binary_cross_entropy_with_logits(r, label)
 
 
-def preference_batch_loss(rewards: torch.Tensor,
-                          groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]],
-                          pointwise: Sequence[tuple[int, float]] = (),
-                          pointwise_weight: float = 1.0) -> torch.Tensor:
+def preference_batch_loss(
+    rewards: torch.Tensor,
+    groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]],
+    pointwise: Sequence[tuple[int, float]] = (),
+    pointwise_weight: float = 1.0,
+) -> torch.Tensor:
     """The learner's loss over one batch of ratings: every rating is one batch element.
 
     A comparison group contributes the mean of its pairwise terms (as in ``batched_group_loss``), a
@@ -100,7 +104,7 @@ def preference_batch_loss(rewards: torch.Tensor,
         idx = torch.tensor(list(members), dtype=torch.long, device=rewards.device)
         terms.append(group_loss(rewards[idx], pairs))
     for i, label in pointwise:
-        terms.append(pointwise_weight * pointwise_thumb_loss(rewards[i:i + 1], label))
+        terms.append(pointwise_weight * pointwise_thumb_loss(rewards[i : i + 1], label))
     if not terms:
         raise ValueError("an empty batch")
     return torch.stack(terms).mean()
@@ -114,8 +118,9 @@ def normalisation_offset(reference_rewards: torch.Tensor | Sequence[float]) -> f
     return float(t.mean())
 
 
-def pairwise_accuracy(rewards: torch.Tensor, groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]]
-                      ) -> tuple[int, int]:
+def pairwise_accuracy(
+    rewards: torch.Tensor, groups: Sequence[tuple[Sequence[int], Sequence[tuple[int, int]]]]
+) -> tuple[int, int]:
     """(pairs whose winner scores strictly higher, all pairs) over the groups; as in batched_group_loss."""
     right = total = 0
     for members, pairs in groups:

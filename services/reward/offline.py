@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.reward.comparisons import ComparisonGroup, Sample, TrainingExamples, ranking_pairs
-from shared.models.encoding import EncodingLimits
-from shared.models.reward_model import RewardModel
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import Message
 from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
+from shared.models.encoding import EncodingLimits
+from shared.models.reward_model import RewardModel
 
 log = get_logger(__name__)
 
@@ -92,8 +92,9 @@ def read_rankings(path: Path) -> list[ComparisonGroup]:
     return read_jsonl(path, parse_ranking, RankingsFileError, "rankings")
 
 
-def split_heldout(groups: list[ComparisonGroup], fraction: float, seed: int
-                  ) -> tuple[list[ComparisonGroup], list[ComparisonGroup]]:
+def split_heldout(
+    groups: list[ComparisonGroup], fraction: float, seed: int
+) -> tuple[list[ComparisonGroup], list[ComparisonGroup]]:
     """(train, held out): a seeded shuffle; at least one of each when there are two or more rankings."""
     if not 0 <= fraction < 1:
         raise ValueError("heldout_fraction must be in [0, 1)")
@@ -113,9 +114,16 @@ class OfflineResult:
         return self.manifest.version
 
 
-def train_first_rm(store: ModelStore, rankings_jsonl: Path, base_policy_version: str | None = None, *,
-                   epochs: int | None = None, settings: TrainSettings = OFFLINE_SETTINGS,
-                   heldout_fraction: float = 0.2, make_current: bool = True) -> OfflineResult:
+def train_first_rm(
+    store: ModelStore,
+    rankings_jsonl: Path,
+    base_policy_version: str | None = None,
+    *,
+    epochs: int | None = None,
+    settings: TrainSettings = OFFLINE_SETTINGS,
+    heldout_fraction: float = 0.2,
+    make_current: bool = True,
+) -> OfflineResult:
     """Train an RM on ``rankings_jsonl`` from a policy version's backbone and publish it (rm-NNNN)."""
     from transformers import AutoTokenizer
 
@@ -133,34 +141,65 @@ def train_first_rm(store: ModelStore, rankings_jsonl: Path, base_policy_version:
     trainer = RewardTrainer(model, tokenizer, settings)
     acc_before, _ = trainer.evaluate(held)
     n_epochs = settings.epochs if epochs is None else epochs
-    log_event(log, "training the first reward model", base=base, rankings=len(groups), train=len(train),
-              heldout=len(held), pairs=sum(len(g.pairs) for g in train), epochs=n_epochs)
+    log_event(
+        log,
+        "training the first reward model",
+        base=base,
+        rankings=len(groups),
+        train=len(train),
+        heldout=len(held),
+        pairs=sum(len(g.pairs) for g in train),
+        epochs=n_epochs,
+    )
     history = trainer.fit(TrainingExamples(groups=train), epochs=n_epochs)
     acc, held_loss = trainer.evaluate(held)
     train_acc, _ = trainer.evaluate(train)
     reference = [s for g in groups for s in g.responses]
     offset = trainer.normalise(reference, f"every distinct response of {rankings_jsonl.name}")
     metrics = {
-        "heldout_accuracy": acc, "heldout_accuracy_before": acc_before, "heldout_loss": held_loss,
-        "train_loss": history[-1].loss if history else math.nan, "train_accuracy": train_acc,
-        "train_rankings": len(train), "heldout_rankings": len(held),
-        "heldout_pairs": sum(len(g.pairs) for g in held), "epochs": n_epochs, "offset": offset,
+        "heldout_accuracy": acc,
+        "heldout_accuracy_before": acc_before,
+        "heldout_loss": held_loss,
+        "train_loss": history[-1].loss if history else math.nan,
+        "train_accuracy": train_acc,
+        "train_rankings": len(train),
+        "heldout_rankings": len(held),
+        "heldout_pairs": sum(len(g.pairs) for g in held),
+        "epochs": n_epochs,
+        "offset": offset,
         "train_seconds": round(time.monotonic() - started, 2),
     }
-    model.info.update({"base_policy": base, "trained_on": rankings_jsonl.name,
-                       "trained_max_tokens": settings.limits.max_tokens,
-                       "trained_max_response_tokens": settings.limits.max_response_tokens})
-    extra = {"kind": "offline-rankings", "base_policy": base, "rankings_file": rankings_jsonl.name,
-             "rankings_sha256": hashlib.sha256(rankings_jsonl.read_bytes()).hexdigest(),
-             "offset_reference": model.info["offset_reference"], "lr": settings.lr,
-             "batch_size": settings.batch_size, "seed": settings.seed}
-    manifest = publish_reward_model(store, model, tokenizer, parent=base, metrics=metrics, extra=extra,
-                                    make_current=make_current)
+    model.info.update(
+        {
+            "base_policy": base,
+            "trained_on": rankings_jsonl.name,
+            "trained_max_tokens": settings.limits.max_tokens,
+            "trained_max_response_tokens": settings.limits.max_response_tokens,
+        }
+    )
+    extra = {
+        "kind": "offline-rankings",
+        "base_policy": base,
+        "rankings_file": rankings_jsonl.name,
+        "rankings_sha256": hashlib.sha256(rankings_jsonl.read_bytes()).hexdigest(),
+        "offset_reference": model.info["offset_reference"],
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+    }
+    manifest = publish_reward_model(
+        store, model, tokenizer, parent=base, metrics=metrics, extra=extra, make_current=make_current
+    )
     metrics = dict(manifest.metrics)
-    log_event(log, "published reward model", version=manifest.version, parent=base,
-              heldout_accuracy=round(acc, 3) if not math.isnan(acc) else "n/a",
-              before=round(acc_before, 3) if not math.isnan(acc_before) else "n/a",
-              seconds=round(time.monotonic() - started, 1))
+    log_event(
+        log,
+        "published reward model",
+        version=manifest.version,
+        parent=base,
+        heldout_accuracy=round(acc, 3) if not math.isnan(acc) else "n/a",
+        before=round(acc_before, 3) if not math.isnan(acc_before) else "n/a",
+        seconds=round(time.monotonic() - started, 1),
+    )
     return OfflineResult(manifest, metrics)
 
 
@@ -180,10 +219,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("reward")
     root = args.store or load_config(ModelStoreConfig).root
-    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=OFFLINE_SETTINGS.batch_size,
-                             limits=EncodingLimits(args.max_tokens, args.max_response_tokens))
-    result = train_first_rm(ModelStore(root), args.rankings, args.base_policy, settings=settings,
-                            heldout_fraction=args.heldout_fraction)
+    settings = TrainSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=OFFLINE_SETTINGS.batch_size,
+        limits=EncodingLimits(args.max_tokens, args.max_response_tokens),
+    )
+    result = train_first_rm(
+        ModelStore(root), args.rankings, args.base_policy, settings=settings, heldout_fraction=args.heldout_fraction
+    )
     print(json.dumps({"version": result.version, "metrics": result.metrics}, indent=2))
 
 

@@ -24,13 +24,13 @@ import torch
 
 from services.reward import metrics
 from services.reward.config import RewardConfig
-from shared.models.encoding import EncodingLimits, encode, pad_batch
-from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
 from services.reward.protocol import ROLES, RewardModelInfo, ScoreItem, ScoreResult
 from shared.errors import InvalidArgument, RlhfError, Unavailable
 from shared.events import RewardModelEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore, ModelStoreError
+from shared.models.encoding import EncodingLimits, encode, pad_batch
+from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
 
 log = get_logger(__name__)
 
@@ -66,8 +66,10 @@ class RewardScorer:
         """
         version = version or self.store.current("rm")
         if not version:
-            raise Unavailable(f"no reward model in the model store at {self.store.root}: train one with "
-                              "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)")
+            raise Unavailable(
+                f"no reward model in the model store at {self.store.root}: train one with "
+                "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)"
+            )
         with self._load_lock:
             if self._current and self._current.version == version:
                 return version
@@ -83,15 +85,23 @@ class RewardScorer:
             self.swaps += 1
             metrics.SWAPS.inc()
         metrics.RM_VERSION.labels(version).set(1)
-        log_event(log, "reward model loaded", version=version, previous=old.version if old else "",
-                  offset=round(float(loaded.model.offset), 4), load_s=round(seconds, 2))
+        log_event(
+            log,
+            "reward model loaded",
+            version=version,
+            previous=old.version if old else "",
+            offset=round(float(loaded.model.offset), 4),
+            load_s=round(seconds, 2),
+        )
         return version
 
     def _check_limits(self, loaded: LoadedRewardModel) -> None:
         context = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
         if context is not None and self.limits.max_tokens > context:
-            raise RewardModelError(f"{loaded.version}: RLHF_REWARD_MAX_TOKENS={self.limits.max_tokens} exceeds the "
-                                   f"backbone's context length {context}")
+            raise RewardModelError(
+                f"{loaded.version}: RLHF_REWARD_MAX_TOKENS={self.limits.max_tokens} exceeds the "
+                f"backbone's context length {context}"
+            )
 
     def apply_update(self, event: RewardModelEvent) -> bool:
         """Swap to an announced version if it verifies and matches the announced manifest; otherwise
@@ -101,14 +111,23 @@ class RewardScorer:
         try:
             actual = self.store.manifest_sha256(event.version)
             if actual != event.manifest_sha256:
-                raise ModelStoreError(f"{event.version}: manifest sha256 {actual[:12]}… is not the announced "
-                                      f"{event.manifest_sha256[:12]}…")
+                raise ModelStoreError(
+                    f"{event.version}: manifest sha256 {actual[:12]}… is not the announced "
+                    f"{event.manifest_sha256[:12]}…"
+                )
             self.load(event.version)
         except (ModelStoreError, RewardModelError, OSError, ValueError) as exc:
             self.refused_updates += 1
             metrics.SWAP_REFUSED.labels(type(exc).__name__).inc()
-            log_event(log, "refused reward model; still scoring with the old one", level=40, version=event.version,
-                      serving=self.version, reason=type(exc).__name__, error=str(exc))
+            log_event(
+                log,
+                "refused reward model; still scoring with the old one",
+                level=40,
+                version=event.version,
+                serving=self.version,
+                reason=type(exc).__name__,
+                error=str(exc),
+            )
             return False
         return True
 
@@ -124,8 +143,7 @@ class RewardScorer:
         """Limits and shapes; raises InvalidArgument naming the field (e.g. ``items[3].response``)."""
         cfg = self.cfg
         if not items:
-            raise InvalidArgument("items must not be empty: send at least one (messages, response) item",
-                                  param="items")
+            raise InvalidArgument("items must not be empty: send at least one (messages, response) item", param="items")
         if len(items) > cfg.max_items:
             raise InvalidArgument(f"at most {cfg.max_items} items per request, got {len(items)}", param="items")
         for i, item in enumerate(items):
@@ -133,23 +151,31 @@ class RewardScorer:
             if not item.messages:
                 raise InvalidArgument(f"{where}.messages must not be empty", param=f"{where}.messages")
             if len(item.messages) > cfg.max_messages:
-                raise InvalidArgument(f"{where}.messages has {len(item.messages)} messages; at most "
-                                      f"{cfg.max_messages}", param=f"{where}.messages")
+                raise InvalidArgument(
+                    f"{where}.messages has {len(item.messages)} messages; at most {cfg.max_messages}",
+                    param=f"{where}.messages",
+                )
             for j, m in enumerate(item.messages):
                 if m.role not in ROLES:
-                    raise InvalidArgument(f"{where}.messages[{j}].role must be one of {', '.join(ROLES)}, got "
-                                          f"{m.role!r}", param=f"{where}.messages[{j}].role")
+                    raise InvalidArgument(
+                        f"{where}.messages[{j}].role must be one of {', '.join(ROLES)}, got {m.role!r}",
+                        param=f"{where}.messages[{j}].role",
+                    )
                 if len(m.content) > cfg.max_message_chars:
-                    raise InvalidArgument(f"{where}.messages[{j}].content is longer than {cfg.max_message_chars} "
-                                          "characters", param=f"{where}.messages[{j}].content")
+                    raise InvalidArgument(
+                        f"{where}.messages[{j}].content is longer than {cfg.max_message_chars} characters",
+                        param=f"{where}.messages[{j}].content",
+                    )
             if not any(m.role == "user" and m.content.strip() for m in item.messages):
-                raise InvalidArgument(f"{where}.messages need at least one non-empty user message",
-                                      param=f"{where}.messages")
+                raise InvalidArgument(
+                    f"{where}.messages need at least one non-empty user message", param=f"{where}.messages"
+                )
             if not item.response.strip():
                 raise InvalidArgument(f"{where}.response must not be empty", param=f"{where}.response")
             if len(item.response) > cfg.max_response_chars:
-                raise InvalidArgument(f"{where}.response is longer than {cfg.max_response_chars} characters",
-                                      param=f"{where}.response")
+                raise InvalidArgument(
+                    f"{where}.response is longer than {cfg.max_response_chars} characters", param=f"{where}.response"
+                )
 
     def score_sync(self, items: list[ScoreItem]) -> ScoreResult:
         """Validate and score ``items`` with the version current at the call (blocking)."""
@@ -179,7 +205,7 @@ class RewardScorer:
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         scores = [0.0] * len(items)
         for start in range(0, len(order), self.cfg.max_batch_size):
-            chunk = order[start:start + self.cfg.max_batch_size]
+            chunk = order[start : start + self.cfg.max_batch_size]
             ids, mask = pad_batch([encoded[i].input_ids for i in chunk], int(pad_id))
             with self._forward_lock, torch.no_grad():
                 out = loaded.model(ids, mask).tolist()

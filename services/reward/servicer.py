@@ -20,10 +20,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request, context: grpc.aio.ServicerContext):
         result = await self.scorer.score(items_from_proto(request))
-        return reward_pb2.ScoreResponse(scores=result.scores, rm_version=result.rm_version,
-                                        truncated=result.truncated)
+        return reward_pb2.ScoreResponse(scores=result.scores, rm_version=result.rm_version, truncated=result.truncated)
 
     async def GetRewardModel(self, request, context: grpc.aio.ServicerContext):
         info = self.scorer.info()
-        return common_pb2.ModelVersion(version=info.version, parent=info.parent or "",
-                                       published_at=info.published_at, metrics=info.metrics)
+        return common_pb2.ModelVersion(
+            version=info.version, parent=info.parent or "", published_at=info.published_at, metrics=info.metrics
+        )

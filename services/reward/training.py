@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample, TrainingExamples, sample_key
-from shared.models.encoding import EncodingLimits, encode, pad_batch
 from services.reward.losses import normalisation_offset, pairwise_accuracy, preference_batch_loss
-from shared.models.reward_model import RewardModel
 from shared.logging import get_logger, log_event
+from shared.models.encoding import EncodingLimits, encode, pad_batch
+from shared.models.reward_model import RewardModel
 
 log = get_logger(__name__)
 
@@ -104,7 +104,7 @@ class RewardTrainer:
         out: list[torch.Tensor | None] = [None] * len(seqs)
         step = self.settings.max_forward_batch
         for start in range(0, len(order), step):
-            chunk = order[start:start + step]
+            chunk = order[start : start + step]
             ids, mask = pad_batch([seqs[i] for i in chunk], self.pad_id)
             r = self.model.raw_scores(ids, mask) if raw else self.model(ids, mask)
             for j, i in enumerate(chunk):
@@ -142,15 +142,17 @@ class RewardTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           self.settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.settings.max_grad_norm
+            )
         self.optimizer.step()
         self.steps += 1
         right, total = pairwise_accuracy(rewards.detach(), groups)
         return float(loss.detach()), right, total
 
-    def fit(self, examples: TrainingExamples, epochs: int | None = None,
-            progress: Progress | None = None) -> list[EpochStats]:
+    def fit(
+        self, examples: TrainingExamples, epochs: int | None = None, progress: Progress | None = None
+    ) -> list[EpochStats]:
         """Train for ``epochs`` (default: settings.epochs) shuffled passes; logs one line per epoch."""
         items: list[ComparisonGroup | PointwiseExample] = [*examples.groups, *examples.pointwise]
         if not items:
@@ -164,17 +166,24 @@ class RewardTrainer:
             rng.shuffle(items)
             losses, right, total = [], 0, 0
             for start in range(0, len(items), bs):
-                loss, r, t = self.step(items[start:start + bs])
+                loss, r, t = self.step(items[start : start + bs])
                 losses.append(loss)
                 right += r
                 total += t
             seconds = time.monotonic() - started
-            stats = EpochStats(epoch, sum(losses) / len(losses), right / total if total else math.nan, total,
-                               seconds)
+            stats = EpochStats(epoch, sum(losses) / len(losses), right / total if total else math.nan, total, seconds)
             history.append(stats)
-            log_event(log, "reward model epoch", epoch=f"{epoch}/{n_epochs}", loss=round(stats.loss, 4),
-                      train_accuracy=round(stats.accuracy, 3), ratings=len(items), pairs=total,
-                      pairs_per_s=round(total / max(seconds, 1e-9), 1), seconds=round(seconds, 2))
+            log_event(
+                log,
+                "reward model epoch",
+                epoch=f"{epoch}/{n_epochs}",
+                loss=round(stats.loss, 4),
+                train_accuracy=round(stats.accuracy, 3),
+                ratings=len(items),
+                pairs=total,
+                pairs_per_s=round(total / max(seconds, 1e-9), 1),
+                seconds=round(seconds, 2),
+            )
             if progress:
                 progress(stats)
         self.model.eval()
@@ -206,8 +215,16 @@ class RewardTrainer:
         return offset
 
 
-def publish_reward_model(store: Any, model: RewardModel, tokenizer: Any, *, parent: str | None,
-                         metrics: dict[str, float], extra: dict[str, Any], make_current: bool = True) -> Any:
+def publish_reward_model(
+    store: Any,
+    model: RewardModel,
+    tokenizer: Any,
+    *,
+    parent: str | None,
+    metrics: dict[str, float],
+    extra: dict[str, Any],
+    make_current: bool = True,
+) -> Any:
     """Save ``model`` (safetensors + reward_head.json + tokenizer) and publish it as the next ``rm``
     version; returns its Manifest. NaN metrics (e.g. no held-out slice) are left out."""
     import tempfile

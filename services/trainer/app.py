@@ -66,7 +66,8 @@ class TrainerApp:
         await self.server.start()
         if self.cfg.live_prompt_fraction > 0:
             self._consumer = await asyncio.to_thread(
-                GroupConsumer, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS])
+                GroupConsumer, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS]
+            )
             self._start_thread(self._consumer.run, "trainer-prompts", self._on_completion, self._stop)
         self._publisher = await asyncio.to_thread(SyncPublisher, self.cfg.kafka, "trainer")
         # Loading may wait a long time for a reward model to appear: a SIGTERM meanwhile ends start
@@ -99,22 +100,41 @@ class TrainerApp:
         reward = grpc.insecure_channel(cfg.reward_address)
         self._channels += [inference, reward]
         scorer = GrpcRewardScorer(reward, cfg.rpc_timeout_s)
-        collector = RolloutCollector(GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer,
-                                     max_tokens=cfg.max_tokens, top_p=cfg.top_p)
-        publisher = PolicyPublisher(self.store, KafkaAnnouncer(self._publisher), scorer, heldout,
-                                    max_tokens=cfg.heldout_max_tokens)
+        collector = RolloutCollector(
+            GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer, max_tokens=cfg.max_tokens, top_p=cfg.top_p
+        )
+        publisher = PolicyPublisher(
+            self.store, KafkaAnnouncer(self._publisher), scorer, heldout, max_tokens=cfg.heldout_max_tokens
+        )
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(
-            rollouts_per_iteration=cfg.rollouts_per_iteration, max_staleness=cfg.max_staleness,
-            publish_every=cfg.publish_every, checkpoint_every=cfg.checkpoint_every, kl_bound=cfg.kl_bound,
-            reward_tolerance=cfg.reward_tolerance, idle_sleep_s=cfg.idle_sleep_s, seed=cfg.seed)
+            rollouts_per_iteration=cfg.rollouts_per_iteration,
+            max_staleness=cfg.max_staleness,
+            publish_every=cfg.publish_every,
+            checkpoint_every=cfg.checkpoint_every,
+            kl_bound=cfg.kl_bound,
+            reward_tolerance=cfg.reward_tolerance,
+            idle_sleep_s=cfg.idle_sleep_s,
+            seed=cfg.seed,
+        )
         learner, state = self._load_or_start()
-        return TrainingLoop(learner, state, mixer, collector, publisher, self.checkpoints, settings,
-                            self._load_learner, self.live, paused=cfg.start_paused)
+        return TrainingLoop(
+            learner,
+            state,
+            mixer,
+            collector,
+            publisher,
+            self.checkpoints,
+            settings,
+            self._load_learner,
+            self.live,
+            paused=cfg.start_paused,
+        )
 
     def _load_learner(self, policy_version: str, state: LoopState) -> PPOLearner:
-        return PPOLearner.from_store(self.store, policy_version, state.reference_version, state.value_rm_version,
-                                     self.cfg.ppo)
+        return PPOLearner.from_store(
+            self.store, policy_version, state.reference_version, state.value_rm_version, self.cfg.ppo
+        )
 
     def _load_or_start(self) -> tuple[PPOLearner, LoopState]:
         removed = self.checkpoints.remove_leftovers()
@@ -123,8 +143,14 @@ class TrainerApp:
         loaded = self.checkpoints.load_latest()
         if loaded is not None:
             learner, state = restore(loaded, self._load_learner)
-            log_event(log, "resumed from checkpoint", step=state.step, path=str(loaded.path),
-                      base=state.lineage[-1], weights=learner.weights_version)
+            log_event(
+                log,
+                "resumed from checkpoint",
+                step=state.step,
+                path=str(loaded.path),
+                base=state.lineage[-1],
+                weights=learner.weights_version,
+            )
             return learner, state
         policy, rm = self._wait_for_models()
         reference = self.cfg.reference_version or policy
@@ -139,8 +165,13 @@ class TrainerApp:
             policy, rm = self.store.current("policy"), self.store.current("rm")
             if policy and rm:
                 return policy, rm
-            log_event(log, "waiting for a policy and a reward model in the store", policy=policy, rm=rm,
-                      root=str(self.store.root))
+            log_event(
+                log,
+                "waiting for a policy and a reward model in the store",
+                policy=policy,
+                rm=rm,
+                root=str(self.store.root),
+            )
             self._stop.wait(5.0)
         raise RuntimeError("stopped while waiting for models")
 

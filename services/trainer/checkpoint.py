@@ -142,8 +142,11 @@ class CheckpointStore:
         try:
             save_file(tensors, str(tmp / TENSORS_FILE))
             _write_synced(tmp / STATE_FILE, json.dumps({"step": step, "state": skeleton}, allow_nan=False).encode())
-            manifest = {"format": FORMAT, "step": step,
-                        "files": {name: _sha256(tmp / name) for name in (TENSORS_FILE, STATE_FILE)}}
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "files": {name: _sha256(tmp / name) for name in (TENSORS_FILE, STATE_FILE)},
+            }
             _fsync(tmp / TENSORS_FILE)
             _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
             _fsync_dir(tmp)
@@ -211,7 +214,7 @@ class CheckpointStore:
         for step in reversed(self.steps()):
             if (self.path(step) / MANIFEST_FILE).is_file():
                 complete.append(step)
-        for step in complete[self.keep:]:
+        for step in complete[self.keep :]:
             shutil.rmtree(self.path(step), ignore_errors=True)
 
 

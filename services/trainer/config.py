@@ -97,8 +97,14 @@ class TrainerConfig(ServiceConfig):
             out.append(f"{p}PROMPT_FILE={self.prompt_file}: no such file")
         if not 0.0 <= self.live_prompt_fraction <= 1.0:
             out.append(f"{p}LIVE_PROMPT_FRACTION must be in [0, 1]")
-        for name in ("live_prompt_buffer", "rollouts_per_iteration", "max_tokens", "heldout_max_tokens",
-                     "checkpoint_every", "checkpoints_kept"):
+        for name in (
+            "live_prompt_buffer",
+            "rollouts_per_iteration",
+            "max_tokens",
+            "heldout_max_tokens",
+            "checkpoint_every",
+            "checkpoints_kept",
+        ):
             if getattr(self, name) < 1:
                 out.append(f"{p}{name.upper()} must be at least 1")
         for name in ("max_staleness", "publish_every", "heldout_prompts", "torch_threads"):
@@ -113,6 +119,8 @@ class TrainerConfig(ServiceConfig):
         if self.ppo.temperature != 1.0:
             # The inference service returns log-probabilities of the raw policy (temperature 1); the
             # learner's would be of the tempered one, so PPO's ratio would be wrong from step one.
-            out.append("RLHF_PPO_TEMPERATURE must be 1.0: the inference service's behaviour "
-                       "log-probabilities are those of the untempered policy")
+            out.append(
+                "RLHF_PPO_TEMPERATURE must be 1.0: the inference service's behaviour "
+                "log-probabilities are those of the untempered policy"
+            )
         return out

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
             "pause": lambda: stub.Pause(trainer_pb2.PauseRequest(), timeout=args.timeout),
             "resume": lambda: stub.Resume(trainer_pb2.ResumeRequest(), timeout=args.timeout),
             "publish": lambda: stub.PublishNow(trainer_pb2.PublishNowRequest(), timeout=args.timeout),
-            "rollback": lambda: stub.Rollback(trainer_pb2.RollbackRequest(policy_version=args.version),
-                                              timeout=args.timeout),
+            "rollback": lambda: stub.Rollback(
+                trainer_pb2.RollbackRequest(policy_version=args.version), timeout=args.timeout
+            ),
         }
         try:
             reply = calls[args.command]()

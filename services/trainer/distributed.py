@@ -65,7 +65,11 @@ def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel) else module
+    return (
+        module.module
+        if hasattr(module, "module") and isinstance(module, nn.parallel.DistributedDataParallel)
+        else module
+    )
 
 
 def shard_rows(n_rows: int, ctx: DistContext) -> list[int]:

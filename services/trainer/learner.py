@@ -46,7 +46,6 @@ from shared.model_store import ModelStore
 from . import distributed
 from .models import (
     PolicyHead,
-    ValueHead,
     frozen_copy,
     load_policy,
     load_reference,
@@ -61,10 +60,10 @@ from .ppo import (
     FixedKLController,
     clipped_policy_loss,
     clipped_value_loss,
+    gae_advantages,
     masked_mean,
     masked_whiten,
     per_token_rewards,
-    gae_advantages,
 )
 from .ppo_config import PPOConfig
 from .rollout import InvalidRollout, Rollout, RolloutBatch, collate, cut_at_eos
@@ -154,8 +153,9 @@ class _Prepared:
 class PPOLearner:
     """Holds the policy, the frozen reference, the value model and their optimisers; see the module docstring."""
 
-    def __init__(self, policy_dir: Path, reference_dir: Path, rm_dir: Path, config: PPOConfig, *,
-                 policy_version: str = "policy"):
+    def __init__(
+        self, policy_dir: Path, reference_dir: Path, rm_dir: Path, config: PPOConfig, *, policy_version: str = "policy"
+    ):
         """Load from directories the caller has verified (``from_store`` verifies them itself).
 
         ``policy_version``: the model-store version ``policy_dir`` holds (rollouts it sampled are on-policy).
@@ -184,7 +184,8 @@ class PPOLearner:
         self.value_optimizer = _adam(self.value.parameters(), config.effective_value_lr, config.adam_eps)
         if config.adaptive_kl:
             self.kl_controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
-                config.kl_coef, config.target_kl, config.kl_horizon)
+                config.kl_coef, config.target_kl, config.kl_horizon
+            )
         else:
             self.kl_controller = FixedKLController(config.kl_coef)
         self.base_version = policy_version
@@ -195,11 +196,17 @@ class PPOLearner:
         self._ptx_tokens: torch.Tensor | None = None
 
     @classmethod
-    def from_store(cls, store: ModelStore, policy_version: str, reference_version: str, rm_version: str,
-                   config: PPOConfig) -> PPOLearner:
+    def from_store(
+        cls, store: ModelStore, policy_version: str, reference_version: str, rm_version: str, config: PPOConfig
+    ) -> PPOLearner:
         """Verify the three versions' sha256 manifests, then load them."""
-        return cls(verified_dir(store, policy_version), verified_dir(store, reference_version),
-                   verified_dir(store, rm_version), config, policy_version=policy_version)
+        return cls(
+            verified_dir(store, policy_version),
+            verified_dir(store, reference_version),
+            verified_dir(store, rm_version),
+            config,
+            policy_version=policy_version,
+        )
 
     # --- the update ----------------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class PPOLearner:
         for _ in range(cfg.epochs):
             order = torch.randperm(batch.size, generator=generator)
             for start in range(0, batch.size, cfg.minibatch_size):
-                minibatch = order[start:start + cfg.minibatch_size]
+                minibatch = order[start : start + cfg.minibatch_size]
                 for key, value in self._update(batch, prepared, minibatch, generator).items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
@@ -230,21 +237,43 @@ class PPOLearner:
         self.samples_seen += batch.size
         self.weights_version = f"{self.base_version}@step{self.steps_done}"
         stats = StepStats(
-            step=self.steps_done, samples=batch.size, tokens=int(mask.sum()),
-            seconds=time.monotonic() - started, mean_score=float(scores.mean()), mean_kl=mean_kl,
-            mean_non_score_reward=float(facts["non_score"].mean()), entropy=means["entropy"],
-            policy_loss=means["policy_loss"], value_loss=means["value_loss"],
-            ptx_loss=means.get("ptx_loss", math.nan), clipfrac=means["clipfrac"],
-            value_clipfrac=means["value_clipfrac"], approx_kl=means["approx_kl"], kl_coef=kl_coef,
-            next_kl_coef=self.kl_controller.value, policy_grad_norm=means["policy_grad_norm"],
-            value_grad_norm=means["value_grad_norm"], mean_response_length=float(mask.sum(-1).mean()),
-            stale_samples=int(stale.sum()), return_mean=float(masked_mean(prepared.returns, mask)),
-            value_mean=float(masked_mean(prepared.old_values, mask)), minibatch_updates=updates,
+            step=self.steps_done,
+            samples=batch.size,
+            tokens=int(mask.sum()),
+            seconds=time.monotonic() - started,
+            mean_score=float(scores.mean()),
+            mean_kl=mean_kl,
+            mean_non_score_reward=float(facts["non_score"].mean()),
+            entropy=means["entropy"],
+            policy_loss=means["policy_loss"],
+            value_loss=means["value_loss"],
+            ptx_loss=means.get("ptx_loss", math.nan),
+            clipfrac=means["clipfrac"],
+            value_clipfrac=means["value_clipfrac"],
+            approx_kl=means["approx_kl"],
+            kl_coef=kl_coef,
+            next_kl_coef=self.kl_controller.value,
+            policy_grad_norm=means["policy_grad_norm"],
+            value_grad_norm=means["value_grad_norm"],
+            mean_response_length=float(mask.sum(-1).mean()),
+            stale_samples=int(stale.sum()),
+            return_mean=float(masked_mean(prepared.returns, mask)),
+            value_mean=float(masked_mean(prepared.old_values, mask)),
+            minibatch_updates=updates,
         )
-        log_event(log, "ppo step", step=stats.step, samples=stats.samples, tokens=stats.tokens,
-                  score=round(stats.mean_score, 4), kl=round(stats.mean_kl, 4), kl_coef=round(kl_coef, 5),
-                  clipfrac=round(stats.clipfrac, 3), seconds=round(stats.seconds, 2),
-                  samples_per_s=round(stats.samples_per_s, 2))
+        log_event(
+            log,
+            "ppo step",
+            step=stats.step,
+            samples=stats.samples,
+            tokens=stats.tokens,
+            score=round(stats.mean_score, 4),
+            kl=round(stats.mean_kl, 4),
+            kl_coef=round(kl_coef, 5),
+            clipfrac=round(stats.clipfrac, 3),
+            seconds=round(stats.seconds, 2),
+            samples_per_s=round(stats.samples_per_s, 2),
+        )
         return stats
 
     def _prepare(self, rollouts: Sequence[Rollout]) -> tuple[RolloutBatch, _Prepared, dict[str, Any]]:
@@ -262,8 +291,7 @@ class PPOLearner:
         advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages and mask.sum() > 1:
             advantages = masked_whiten(advantages, mask) * mask
-        facts = {"scores": scores, "kl": kl, "kl_coef": kl_coef, "stale": stale,
-                 "non_score": (-kl_coef * kl).sum(-1)}
+        facts = {"scores": scores, "kl": kl, "kl_coef": kl_coef, "stale": stale, "non_score": (-kl_coef * kl).sum(-1)}
         return batch, _Prepared(old_logprobs, old_values, advantages, returns), facts
 
     def _scores(self, batch: RolloutBatch) -> torch.Tensor:
@@ -281,12 +309,15 @@ class PPOLearner:
             i = missing[0]
             raise InvalidRollout(
                 f"rollout {i}: sampled by {rollouts[i].policy_version}, the learner holds {self.weights_version}: "
-                "behaviour_logprobs are needed for an off-policy rollout", param="behaviour_logprobs")
+                "behaviour_logprobs are needed for an off-policy rollout",
+                param="behaviour_logprobs",
+            )
         return stale
 
     @torch.no_grad()
-    def _no_grad_pass(self, batch: RolloutBatch, stale: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _no_grad_pass(
+        self, batch: RolloutBatch, stale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(old logprobs, reference logprobs, old values), each (B, R); rows sharded across processes.
 
         Old logprobs: the behaviour logprobs for stale rollouts (and for every rollout that has them
@@ -299,7 +330,7 @@ class PPOLearner:
         step = self.config.forward_batch_size
         width = batch.response_mask.shape[1]
         for start in range(0, len(rows), step):
-            sub, _ = _trimmed(batch, rows[start:start + step])
+            sub, _ = _trimmed(batch, rows[start : start + step])
             args = (sub.input_ids, sub.attention_mask, sub.response_positions)
             if need_current:
                 parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
@@ -315,8 +346,9 @@ class PPOLearner:
         old = torch.where(use_behaviour.unsqueeze(1), batch.behaviour_logprobs, out["logprobs"]) * batch.response_mask
         return old, out["ref"], out["values"]
 
-    def _update(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
-                generator: torch.Generator) -> dict[str, float]:
+    def _update(
+        self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, float]:
         """One optimiser step on ``minibatch`` (global row indices); returns this process's diagnostics."""
         cfg = self.config
         ptx_ids = self._ptx_batch(generator) if cfg.ptx_coef > 0 else None
@@ -330,8 +362,14 @@ class PPOLearner:
         self.value_optimizer.step()
         return stats
 
-    def _minibatch_loss(self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor,
-                        ptx_ids: torch.Tensor | None, ptx_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def _minibatch_loss(
+        self,
+        batch: RolloutBatch,
+        prepared: _Prepared,
+        minibatch: torch.Tensor,
+        ptx_ids: torch.Tensor | None,
+        ptx_coef: float,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """This process's share of the total loss of ``minibatch``:
 
             policy_loss + vf_coef * value_loss - ent_coef * entropy  (+ ptx_coef * LM loss on ``ptx_ids``)
@@ -339,7 +377,7 @@ class PPOLearner:
         each term a token mean over the whole minibatch once data-parallel gradients are averaged.
         """
         cfg, ctx = self.config, self.ctx
-        rows = minibatch[ctx.rank::ctx.world_size]
+        rows = minibatch[ctx.rank :: ctx.world_size]
         weight = 1.0
         if len(rows) == 0:  # fewer rows than processes: compute a row with zero weight (DDP needs a backward)
             rows, weight = minibatch[:1], 0.0
@@ -350,24 +388,37 @@ class PPOLearner:
 
         ptx_local, ptx_scale = None, 0.0
         if ptx_ids is not None:
-            ptx_local = ptx_ids[ctx.rank::ctx.world_size]
+            ptx_local = ptx_ids[ctx.rank :: ctx.world_size]
             ptx_scale = ctx.world_size * len(ptx_local) / len(ptx_ids)
             if len(ptx_local) == 0:
                 ptx_local, ptx_scale = ptx_ids[:1], 0.0
 
         logprobs, entropy, ptx_nll = self._policy_ddp(
-            sub.input_ids, sub.attention_mask, sub.response_positions, sub.response_ids,
-            ptx_local, None if ptx_local is None else torch.ones_like(ptx_local), cfg.ent_coef > 0)
+            sub.input_ids,
+            sub.attention_mask,
+            sub.response_positions,
+            sub.response_ids,
+            ptx_local,
+            None if ptx_local is None else torch.ones_like(ptx_local),
+            cfg.ent_coef > 0,
+        )
         values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions)
         policy_loss, clipfrac, approx_kl = clipped_policy_loss(
-            logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range)
+            logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range
+        )
         value_loss, value_clipfrac = clipped_value_loss(
-            values, prepared.old_values[rows, :width], prepared.returns[rows, :width], mask, cfg.clip_range_value)
+            values, prepared.old_values[rows, :width], prepared.returns[rows, :width], mask, cfg.clip_range_value
+        )
         entropy_mean = masked_mean(entropy, mask)
         loss = scale * (policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy_mean)
-        stats = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()),
-                 "entropy": float(entropy_mean.detach()), "clipfrac": float(clipfrac),
-                 "value_clipfrac": float(value_clipfrac), "approx_kl": float(approx_kl)}
+        stats = {
+            "policy_loss": float(policy_loss.detach()),
+            "value_loss": float(value_loss.detach()),
+            "entropy": float(entropy_mean.detach()),
+            "clipfrac": float(clipfrac),
+            "value_clipfrac": float(value_clipfrac),
+            "approx_kl": float(approx_kl),
+        }
         if ptx_nll is not None:
             ptx_loss = ptx_nll.mean()
             loss = loss + ptx_coef * ptx_scale * ptx_loss
@@ -381,15 +432,19 @@ class PPOLearner:
         if self._ptx_tokens is None:
             text = Path(self.config.ptx_file).read_text(encoding="utf-8")
             backend = getattr(self.tokenizer, "backend_tokenizer", None)  # fast path, no length warning
-            ids = (backend.encode(text, add_special_tokens=False).ids if backend is not None
-                   else self.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+            ids = (
+                backend.encode(text, add_special_tokens=False).ids
+                if backend is not None
+                else self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
+            )
             if len(ids) <= self.config.ptx_seq_len:
-                raise ValueError(f"{self.config.ptx_file}: {len(ids)} tokens, fewer than ptx_seq_len "
-                                 f"{self.config.ptx_seq_len}")
+                raise ValueError(
+                    f"{self.config.ptx_file}: {len(ids)} tokens, fewer than ptx_seq_len {self.config.ptx_seq_len}"
+                )
             self._ptx_tokens = torch.tensor(ids, dtype=torch.long)
         n, length = len(self._ptx_tokens), self.config.ptx_seq_len
         starts = torch.randint(0, n - length + 1, (self.config.ptx_batch_size,), generator=generator)
-        return torch.stack([self._ptx_tokens[s:s + length] for s in starts.tolist()])
+        return torch.stack([self._ptx_tokens[s : s + length] for s in starts.tolist()])
 
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         if not self.ctx.enabled:
@@ -410,7 +465,7 @@ class PPOLearner:
         rows = distributed.shard_rows(batch.size, self.ctx)
         sums = []
         for start in range(0, len(rows), self.config.forward_batch_size):
-            sub, _ = _trimmed(batch, rows[start:start + self.config.forward_batch_size])
+            sub, _ = _trimmed(batch, rows[start : start + self.config.forward_batch_size])
             args = (sub.input_ids, sub.attention_mask, sub.response_positions)
             logp = torch.log_softmax(self.policy.response_logits(*args).float(), -1)
             ref_logp = torch.log_softmax(self.reference.response_logits(*args).float(), -1)
@@ -420,9 +475,16 @@ class PPOLearner:
         return float(distributed.all_gather_rows(local, batch.size, self.ctx).mean())
 
     @torch.no_grad()
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = True,
-                 temperature: float = 1.0, seed: int | None = None, return_logprobs: bool = False
-                 ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        return_logprobs: bool = False,
+    ) -> list[list[int]] | tuple[list[list[int]], list[list[float]]]:
         """Responses of the current policy (transformers ``generate``, no top-k/top-p, cut after EOS), one
         per prompt; with ``return_logprobs`` also each sampled token's logprob under the sampling
         distribution (logits / temperature), usable as Rollout.behaviour_logprobs."""
@@ -433,16 +495,25 @@ class PPOLearner:
         ids = torch.full((len(prompt_token_ids), width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(ids)
         for i, prompt in enumerate(prompt_token_ids):  # left padding: generation continues every row
-            ids[i, width - len(prompt):] = torch.tensor(list(prompt))
-            attention[i, width - len(prompt):] = 1
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+            attention[i, width - len(prompt) :] = 1
         was_training = lm.training
         lm.eval()
         try:
-            out = lm.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                              do_sample=not greedy, temperature=temperature if not greedy else None,
-                              top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                              pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, use_cache=True,
-                              return_dict_in_generate=True, output_scores=return_logprobs)
+            out = lm.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=temperature if not greedy else None,
+                top_k=0 if not greedy else None,
+                top_p=1.0 if not greedy else None,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_id,
+                use_cache=True,
+                return_dict_in_generate=True,
+                output_scores=return_logprobs,
+            )
         finally:
             lm.train(was_training)
         generated = out.sequences[:, width:]
@@ -450,8 +521,8 @@ class PPOLearner:
         if not return_logprobs:
             return responses
         scores = torch.log_softmax(torch.stack(out.scores, 1).float(), -1)  # processed scores: logits / T
-        token_logprobs = torch.gather(scores, -1, generated[:, :scores.shape[1]].unsqueeze(-1)).squeeze(-1)
-        return responses, [token_logprobs[i, :len(r)].tolist() for i, r in enumerate(responses)]
+        token_logprobs = torch.gather(scores, -1, generated[:, : scores.shape[1]].unsqueeze(-1)).squeeze(-1)
+        return responses, [token_logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]
 
     # --- publishing and checkpoints -----------------------------------------------------------
 
@@ -475,8 +546,11 @@ class PPOLearner:
             for name, tensor in module.state_dict().items():
                 tensors[f"{prefix}.{name}"] = tensor.detach().contiguous().clone()
         meta: dict[str, Any] = {
-            "format": 1, "steps_done": self.steps_done, "samples_seen": self.samples_seen,
-            "kl_coef": self.kl_controller.value, "weights_version": self.weights_version,
+            "format": 1,
+            "steps_done": self.steps_done,
+            "samples_seen": self.samples_seen,
+            "kl_coef": self.kl_controller.value,
+            "weights_version": self.weights_version,
             "base_version": self.base_version,
         }
         for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
@@ -492,13 +566,14 @@ class PPOLearner:
         if state.meta.get("format") != 1:
             raise ValueError(f"unsupported learner state format {state.meta.get('format')!r}")
         for prefix, module in (("policy", self.policy.lm), ("value", self.value)):
-            module.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.tensors.items()
-                                    if k.startswith(prefix + ".")}, strict=True)
+            module.load_state_dict(
+                {k[len(prefix) + 1 :]: v for k, v in state.tensors.items() if k.startswith(prefix + ".")}, strict=True
+            )
         for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
             slots: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in state.tensors.items():
                 if key.startswith(prefix + "."):
-                    index, slot = key[len(prefix) + 1:].split(".", 1)
+                    index, slot = key[len(prefix) + 1 :].split(".", 1)
                     slots.setdefault(int(index), {})[slot] = value.clone()
             groups = state.meta[f"{prefix}.param_groups"]
             for group in groups:
@@ -521,11 +596,15 @@ def _trimmed(batch: RolloutBatch, rows: Sequence[int]) -> tuple[RolloutBatch, in
     seq = int(sub.attention_mask.sum(-1).max())
     width = int(sub.response_mask.sum(-1).max())
     return RolloutBatch(
-        input_ids=sub.input_ids[:, :seq], attention_mask=sub.attention_mask[:, :seq],
-        response_ids=sub.response_ids[:, :width], response_positions=sub.response_positions[:, :width],
-        response_mask=sub.response_mask[:, :width], scores=sub.scores,
+        input_ids=sub.input_ids[:, :seq],
+        attention_mask=sub.attention_mask[:, :seq],
+        response_ids=sub.response_ids[:, :width],
+        response_positions=sub.response_positions[:, :width],
+        response_mask=sub.response_mask[:, :width],
+        scores=sub.scores,
         behaviour_logprobs=sub.behaviour_logprobs[:, :width],
-        has_behaviour_logprobs=sub.has_behaviour_logprobs, ended_with_eos=sub.ended_with_eos,
+        has_behaviour_logprobs=sub.has_behaviour_logprobs,
+        ended_with_eos=sub.ended_with_eos,
     ), width
 
 

@@ -139,16 +139,27 @@ def restore(loaded: LoadedCheckpoint, load_learner: Callable[[str, LoopState], A
     (for its architecture and tokenizer), then its trained weights and optimisers are loaded."""
     state = LoopState.from_json(loaded.state["loop"])
     learner = load_learner(state.lineage[-1], state)
-    learner.load_state_dict(LearnerState(tensors=loaded.state["learner"]["tensors"],
-                                         meta=loaded.state["learner"]["meta"]))
+    learner.load_state_dict(
+        LearnerState(tensors=loaded.state["learner"]["tensors"], meta=loaded.state["learner"]["meta"])
+    )
     return learner, state
 
 
 class TrainingLoop:
-    def __init__(self, learner: Any, state: LoopState, mixer: PromptMixer, collector: RolloutCollector,
-                 publisher: PolicyPublisher, checkpoints: CheckpointStore, settings: LoopSettings,
-                 load_learner: Callable[[str, LoopState], Any], live: LivePromptBuffer | None = None,
-                 *, paused: bool = False):
+    def __init__(
+        self,
+        learner: Any,
+        state: LoopState,
+        mixer: PromptMixer,
+        collector: RolloutCollector,
+        publisher: PolicyPublisher,
+        checkpoints: CheckpointStore,
+        settings: LoopSettings,
+        load_learner: Callable[[str, LoopState], Any],
+        live: LivePromptBuffer | None = None,
+        *,
+        paused: bool = False,
+    ):
         self.learner = learner
         self.state = state
         self.mixer = mixer
@@ -158,7 +169,7 @@ class TrainingLoop:
         self.settings = settings
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
-        self._lock = threading.RLock()          # held for any use of the learner or the state
+        self._lock = threading.RLock()  # held for any use of the learner or the state
         self._running = threading.Event()
         if not paused:
             self._running.set()
@@ -189,33 +200,46 @@ class TrainingLoop:
         s = self.state
         gate_doc = s.last_gate
         return StatusSnapshot(
-            step=s.step, paused=self.paused, state="paused" if self.paused else self._phase,
-            detail=self._detail, base_policy_version=s.lineage[-1], reference_policy_version=s.reference_version,
+            step=s.step,
+            paused=self.paused,
+            state="paused" if self.paused else self._phase,
+            detail=self._detail,
+            base_policy_version=s.lineage[-1],
+            reference_policy_version=s.reference_version,
             last_published=dict(s.last_published) if s.last_published else None,
-            mean_reward=self._figures["mean_reward"], kl=self._figures["kl"], entropy=self._figures["entropy"],
-            rm_version=self._figures["rm_version"], checkpoint_step=self._checkpoint_step,
-            live_prompts=len(self.live), dropped_rollouts=dict(s.dropped),
+            mean_reward=self._figures["mean_reward"],
+            kl=self._figures["kl"],
+            entropy=self._figures["entropy"],
+            rm_version=self._figures["rm_version"],
+            checkpoint_step=self._checkpoint_step,
+            live_prompts=len(self.live),
+            dropped_rollouts=dict(s.dropped),
             last_gate=GateResult(**gate_doc) if gate_doc else None,
-            baseline_reward=float(s.baseline["reward"]) if s.baseline else 0.0)
+            baseline_reward=float(s.baseline["reward"]) if s.baseline else 0.0,
+        )
 
     # --- the thread ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Train until ``stop`` is set (the iteration in progress finishes first)."""
-        log_event(log, "training loop started", step=self.state.step, base=self.state.lineage[-1],
-                  paused=self.paused)
+        log_event(log, "training loop started", step=self.state.step, base=self.state.lineage[-1], paused=self.paused)
         self._phase = "training"
         while not stop.is_set():
             if not self._running.wait(0.2):
                 continue
             try:
                 did_work = self.run_iteration()
-            except Exception as exc:  # noqa: BLE001 - a dependency down or a bad batch must not kill training
+            except Exception as exc:
                 kind = type(exc).__name__
                 metrics.ITERATION_FAILURES.labels(kind).inc()
                 self._phase, self._detail = "waiting", f"{kind}: {exc}"
-                log.warning("iteration failed; retrying in %.1f s: %s: %s", self.settings.idle_sleep_s, kind, exc,
-                            exc_info=not _is_expected(exc))
+                log.warning(
+                    "iteration failed; retrying in %.1f s: %s: %s",
+                    self.settings.idle_sleep_s,
+                    kind,
+                    exc,
+                    exc_info=not _is_expected(exc),
+                )
                 did_work = False
             if not did_work:
                 stop.wait(self.settings.idle_sleep_s)
@@ -233,8 +257,12 @@ class TrainingLoop:
             if not prompts:
                 self._phase, self._detail = "waiting", "no prompts yet (live only, none received)"
                 return False
-            result = self.collector.collect(prompts, self.state.lineage, self.settings.max_staleness,
-                                            seed=self.settings.seed * 100_003 + self.state.step * 997)
+            result = self.collector.collect(
+                prompts,
+                self.state.lineage,
+                self.settings.max_staleness,
+                seed=self.settings.seed * 100_003 + self.state.step * 997,
+            )
             sampled_at = time.monotonic()
             metrics.ITERATION_SECONDS.labels("rollouts").observe(sampled_at - started)
             for reason, count in result.dropped.items():
@@ -248,8 +276,12 @@ class TrainingLoop:
             stats = self.learner.step(result.rollouts)
             metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - sampled_at)
             self.state.step += 1
-            self._figures = {"mean_reward": stats.mean_score, "kl": stats.mean_kl, "entropy": stats.entropy,
-                             "rm_version": result.rm_version}
+            self._figures = {
+                "mean_reward": stats.mean_score,
+                "kl": stats.mean_kl,
+                "entropy": stats.entropy,
+                "rm_version": result.rm_version,
+            }
             metrics.ITERATIONS.inc()
             metrics.ROLLOUTS.inc(len(result.rollouts))
             metrics.STEP.set(self.state.step)
@@ -257,10 +289,18 @@ class TrainingLoop:
             metrics.KL.set(stats.mean_kl)
             metrics.ENTROPY.set(stats.entropy)
             metrics.LIVE_PROMPTS_BUFFERED.set(len(self.live))
-            log_event(log, "iteration", step=self.state.step, rollouts=len(result.rollouts), live=n_live,
-                      dropped=sum(result.dropped.values()), reward=round(stats.mean_score, 4),
-                      kl=round(stats.mean_kl, 4), entropy=round(stats.entropy, 4),
-                      seconds=round(time.monotonic() - started, 2))
+            log_event(
+                log,
+                "iteration",
+                step=self.state.step,
+                rollouts=len(result.rollouts),
+                live=n_live,
+                dropped=sum(result.dropped.values()),
+                reward=round(stats.mean_score, 4),
+                kl=round(stats.mean_kl, 4),
+                entropy=round(stats.entropy, 4),
+                seconds=round(time.monotonic() - started, 2),
+            )
             published = False
             if self.settings.publish_every and self.state.step % self.settings.publish_every == 0:
                 published = self._evaluate_and_publish().published  # checkpoints when it publishes
@@ -277,8 +317,11 @@ class TrainingLoop:
                 if self.state.baseline is None:
                     self._measure_baseline()
                 if self.learner.weights_version == self.state.lineage[-1]:
-                    return GateResult(published=False, step=self.state.step,
-                                      reason=f"no update since {self.state.lineage[-1]}: nothing to publish")
+                    return GateResult(
+                        published=False,
+                        step=self.state.step,
+                        reason=f"no update since {self.state.lineage[-1]}: nothing to publish",
+                    )
                 return self._evaluate_and_publish()
             except grpc.RpcError as exc:
                 raise Unavailable(f"reward service: {exc.code().name}: {exc.details()}") from exc
@@ -297,13 +340,23 @@ class TrainingLoop:
             self.learner = self.load_learner(version, self.state)
             self.state.lineage = [version]
             self.state.baseline = None  # measured again, on the rolled-back weights, before the next step
-            self.state.last_published = {"version": version, "parent": manifest.parent or "",
-                                         "published_at": manifest.created_at, "metrics": dict(manifest.metrics),
-                                         "reason": "rollback"}
+            self.state.last_published = {
+                "version": version,
+                "parent": manifest.parent or "",
+                "published_at": manifest.created_at,
+                "metrics": dict(manifest.metrics),
+                "reason": "rollback",
+            }
             self.state.pending_announcement = {"version": version, "reason": "rollback"}
-            result = GateResult(published=True, reason=f"rolled back to {version}", step=self.state.step,
-                                version=version, parent=manifest.parent or "", published_at=manifest.created_at,
-                                metrics=dict(manifest.metrics))
+            result = GateResult(
+                published=True,
+                reason=f"rolled back to {version}",
+                step=self.state.step,
+                version=version,
+                parent=manifest.parent or "",
+                published_at=manifest.created_at,
+                metrics=dict(manifest.metrics),
+            )
             self.state.last_gate = asdict(result)
             metrics.ROLLBACKS.inc()
             self._set_policy_info()
@@ -331,8 +384,13 @@ class TrainingLoop:
         """Evaluate the weights as published (no step since): the bar for the next candidate."""
         ev = self.publisher.evaluate(self.learner)
         self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
-        log_event(log, "baseline measured", version=self.state.lineage[-1], heldout_reward=round(ev.heldout_reward, 4),
-                  rm_version=ev.rm_version)
+        log_event(
+            log,
+            "baseline measured",
+            version=self.state.lineage[-1],
+            heldout_reward=round(ev.heldout_reward, 4),
+            rm_version=ev.rm_version,
+        )
 
     def _baseline_reward(self, rm_version: str) -> float | None:
         b = self.state.baseline
@@ -357,12 +415,19 @@ class TrainingLoop:
                 decision = gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
                 break
         else:
-            decision = GateDecision(False, f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
-                                           "(candidate and baseline never scored by the same version)")
+            decision = GateDecision(
+                False,
+                f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
+                "(candidate and baseline never scored by the same version)",
+            )
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
-        common = {"step": self.state.step, "heldout_reward": ev.heldout_reward, "kl": ev.kl,
-                  "baseline_reward": baseline if baseline is not None else 0.0}
+        common = {
+            "step": self.state.step,
+            "heldout_reward": ev.heldout_reward,
+            "kl": ev.kl,
+            "baseline_reward": baseline if baseline is not None else 0.0,
+        }
         if not decision.ok:
             result = GateResult(published=False, reason=decision.reason, **common)
             self.state.last_gate = asdict(result)
@@ -372,23 +437,45 @@ class TrainingLoop:
             return result
         parent = self.state.lineage[-1]
         manifest = self.publisher.publish(
-            self.learner, parent=parent, evaluation=ev, baseline_reward=baseline,
-            extra={"reference_version": self.state.reference_version, "trainer_step": self.state.step,
-                   "value_rm_version": self.state.value_rm_version},
-            metrics={"trainer_step": float(self.state.step), "train_mean_reward": self._figures["mean_reward"],
-                     "train_kl": self._figures["kl"]})
+            self.learner,
+            parent=parent,
+            evaluation=ev,
+            baseline_reward=baseline,
+            extra={
+                "reference_version": self.state.reference_version,
+                "trainer_step": self.state.step,
+                "value_rm_version": self.state.value_rm_version,
+            },
+            metrics={
+                "trainer_step": float(self.state.step),
+                "train_mean_reward": self._figures["mean_reward"],
+                "train_kl": self._figures["kl"],
+            },
+        )
         self.learner.mark_published(manifest.version)
         self.state.lineage = (self.state.lineage + [manifest.version])[-LINEAGE_KEPT:]
         self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
-        self.state.last_published = {"version": manifest.version, "parent": parent, "published_at": manifest.created_at,
-                                     "metrics": dict(manifest.metrics), "reason": "publish"}
+        self.state.last_published = {
+            "version": manifest.version,
+            "parent": parent,
+            "published_at": manifest.created_at,
+            "metrics": dict(manifest.metrics),
+            "reason": "publish",
+        }
         self.state.pending_announcement = {"version": manifest.version, "reason": "publish"}
-        result = GateResult(published=True, reason=decision.reason, version=manifest.version, parent=parent,
-                            published_at=manifest.created_at, metrics=dict(manifest.metrics), **common)
+        result = GateResult(
+            published=True,
+            reason=decision.reason,
+            version=manifest.version,
+            parent=parent,
+            published_at=manifest.created_at,
+            metrics=dict(manifest.metrics),
+            **common,
+        )
         self.state.last_gate = asdict(result)
         metrics.PUBLISHED.inc()
         self._set_policy_info()
-        self.checkpoint()                      # remembers the announcement owed before making it
+        self.checkpoint()  # remembers the announcement owed before making it
         self._send_pending_announcement()
         self._phase, self._detail = "training", ""
         return result
@@ -403,8 +490,13 @@ class TrainingLoop:
             self.publisher.announce(pending["version"], pending["reason"])
         except Exception as exc:  # noqa: BLE001 - any producer error: retried
             metrics.ITERATION_FAILURES.labels("announce").inc()
-            log_event(log, "announcement failed; will retry", level=30, version=pending["version"],
-                      error=f"{type(exc).__name__}: {exc}")
+            log_event(
+                log,
+                "announcement failed; will retry",
+                level=30,
+                version=pending["version"],
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return
         self.state.pending_announcement = None
 

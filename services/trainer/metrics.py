@@ -17,9 +17,14 @@ PAUSED = Gauge("rlhf_trainer_paused", "1 while training is paused")
 PUBLISHED = Counter("rlhf_trainer_published_total", "Policy versions published")
 GATE_REFUSED = Counter("rlhf_trainer_gate_refused_total", "Candidates the publish gate refused", ["reason"])
 ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "Rollbacks to an earlier version")
-ITERATION_FAILURES = Counter("rlhf_trainer_iteration_failures_total", "Iterations that failed and were retried",
-                             ["kind"])
+ITERATION_FAILURES = Counter(
+    "rlhf_trainer_iteration_failures_total", "Iterations that failed and were retried", ["kind"]
+)
 CHECKPOINTS = Counter("rlhf_trainer_checkpoints_total", "Checkpoints written")
-ITERATION_SECONDS = Histogram("rlhf_trainer_iteration_seconds", "One iteration: sampling, scoring and the PPO step",
-                              ["phase"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+ITERATION_SECONDS = Histogram(
+    "rlhf_trainer_iteration_seconds",
+    "One iteration: sampling, scoring and the PPO step",
+    ["phase"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
 POLICY_INFO = Gauge("rlhf_trainer_policy_info", "1 for the published version the trainer builds on", ["version"])

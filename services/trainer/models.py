@@ -44,11 +44,13 @@ class PolicyHead(nn.Module):
         self.lm = causal_lm
         self.temperature = float(temperature)
 
-    def response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        positions: torch.Tensor) -> torch.Tensor:
+    def response_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """(B, R, V) logits at ``positions`` (B, R) of the sequences, temperature applied."""
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
+        hidden = self.lm.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         gathered = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self.lm.get_output_embeddings()(gathered) / self.temperature
 
@@ -95,8 +97,7 @@ class ValueHead(nn.Module):
         self.score_head = reward_model.score_head
         self.register_buffer("offset", reward_model.offset.detach().clone())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, R) values at ``positions`` (B, R)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

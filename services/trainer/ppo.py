@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .ppo_config import KL_ESTIMATORS
 
-
 # --- masked statistics (TRL semantics) --------------------------------------------------------
 
 

@@ -91,8 +91,7 @@ class LivePromptBuffer:
             self.offered += 1
         if event.source != "user" or not event.messages:
             return False
-        return self.add(tuple(Message(m.role, m.content) if not isinstance(m, Message) else m
-                              for m in event.messages))
+        return self.add(tuple(Message(m.role, m.content) if not isinstance(m, Message) else m for m in event.messages))
 
     def add(self, prompt: Prompt) -> bool:
         if not any(m.role == "user" and m.content.strip() for m in prompt) or prompt[-1].role == "assistant":
@@ -128,8 +127,7 @@ def live_count(batch_size: int, live_fraction: float, live_available: int) -> in
 class PromptMixer:
     """Draws batches of prompts: ``live_fraction`` from the live buffer, the rest from the file prompts."""
 
-    def __init__(self, live: LivePromptBuffer, file_prompts: Sequence[Prompt], live_fraction: float,
-                 seed: int = 0):
+    def __init__(self, live: LivePromptBuffer, file_prompts: Sequence[Prompt], live_fraction: float, seed: int = 0):
         if not 0.0 <= live_fraction <= 1.0:
             raise ValueError("live_fraction must be in [0, 1]")
         if not file_prompts and live_fraction < 1.0:

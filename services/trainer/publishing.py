@@ -88,8 +88,9 @@ class KafkaAnnouncer:
 # --- pure rules -------------------------------------------------------------------------------
 
 
-def gate(evaluation: Evaluation, baseline_reward: float | None, kl_bound: float,
-         reward_tolerance: float) -> GateDecision:
+def gate(
+    evaluation: Evaluation, baseline_reward: float | None, kl_bound: float, reward_tolerance: float
+) -> GateDecision:
     """Whether a candidate may be published; the reason names the figures either way."""
     r, kl = evaluation.heldout_reward, evaluation.kl
     if not (math.isfinite(r) and math.isfinite(kl)):
@@ -117,8 +118,9 @@ def mean(values: Sequence[float]) -> float:
 
 
 class PolicyPublisher:
-    def __init__(self, store: ModelStore, announcer: Announcer, scorer: Scorer, heldout: Sequence[Prompt], *,
-                 max_tokens: int):
+    def __init__(
+        self, store: ModelStore, announcer: Announcer, scorer: Scorer, heldout: Sequence[Prompt], *, max_tokens: int
+    ):
         if not heldout:
             raise ValueError("the publish gate needs at least one held-out prompt")
         self.store = store
@@ -128,9 +130,14 @@ class PolicyPublisher:
         self.max_tokens = max_tokens
 
     def prompt_ids(self, learner: Any) -> list[list[int]]:
-        return [list(learner.tokenizer.apply_chat_template([asdict(m) for m in p], add_generation_prompt=True,
-                                                           tokenize=True, return_dict=False))
-                for p in self.heldout]
+        return [
+            list(
+                learner.tokenizer.apply_chat_template(
+                    [asdict(m) for m in p], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for p in self.heldout
+        ]
 
     def score_answers(self, answers: Sequence[str]) -> tuple[list[float], str, int]:
         """(scores, RM version, empty answers) of greedy answers to the held-out prompts."""
@@ -150,9 +157,19 @@ class PolicyPublisher:
         answers = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
         scores, rm_version, empty = self.score_answers(answers)
         sampled = learner.generate(prompts, self.max_tokens, greedy=False, seed=EVAL_SEED)
-        probes = [Rollout(messages=list(p), prompt_token_ids=ids, response_token_ids=resp, behaviour_logprobs=None,
-                          policy_version=learner.weights_version, finish_reason="stop", score=0.0)
-                  for p, ids, resp in zip(self.heldout, prompts, sampled) if resp]
+        probes = [
+            Rollout(
+                messages=list(p),
+                prompt_token_ids=ids,
+                response_token_ids=resp,
+                behaviour_logprobs=None,
+                policy_version=learner.weights_version,
+                finish_reason="stop",
+                score=0.0,
+            )
+            for p, ids, resp in zip(self.heldout, prompts, sampled)
+            if resp
+        ]
         kl = learner.kl_to_reference(probes) if probes else 0.0
         return Evaluation(mean(scores), float(kl), rm_version, answers, empty)
 
@@ -161,26 +178,53 @@ class PolicyPublisher:
         scores, rm_version, _ = self.score_answers(answers)
         return mean(scores), rm_version
 
-    def publish(self, learner: Any, *, parent: str, evaluation: Evaluation, baseline_reward: float | None,
-                extra: dict[str, Any], metrics: dict[str, float] | None = None) -> Manifest:
+    def publish(
+        self,
+        learner: Any,
+        *,
+        parent: str,
+        evaluation: Evaluation,
+        baseline_reward: float | None,
+        extra: dict[str, Any],
+        metrics: dict[str, float] | None = None,
+    ) -> Manifest:
         """Write the candidate to the store (atomic, sha256 manifest), make it current, announce it."""
-        all_metrics = {"heldout_reward": evaluation.heldout_reward, "kl_to_reference": evaluation.kl,
-                       **({"baseline_reward": baseline_reward} if baseline_reward is not None else {}),
-                       **(metrics or {})}
+        all_metrics = {
+            "heldout_reward": evaluation.heldout_reward,
+            "kl_to_reference": evaluation.kl,
+            **({"baseline_reward": baseline_reward} if baseline_reward is not None else {}),
+            **(metrics or {}),
+        }
         all_metrics = {k: float(v) for k, v in all_metrics.items() if v is not None and math.isfinite(v)}
         with tempfile.TemporaryDirectory(prefix="candidate-") as tmp:
             out = Path(tmp) / "policy"
             learner.save_policy(out)
-            manifest = self.store.publish("policy", out, parent=parent, metrics=all_metrics,
-                                          extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra})
-        log_event(log, "published policy", version=manifest.version, parent=parent,
-                  heldout_reward=round(evaluation.heldout_reward, 4), kl=round(evaluation.kl, 4))
+            manifest = self.store.publish(
+                "policy",
+                out,
+                parent=parent,
+                metrics=all_metrics,
+                extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra},
+            )
+        log_event(
+            log,
+            "published policy",
+            version=manifest.version,
+            parent=parent,
+            heldout_reward=round(evaluation.heldout_reward, 4),
+            kl=round(evaluation.kl, 4),
+        )
         return manifest
 
     def announce(self, version: str, reason: str) -> PolicyUpdateEvent:
         manifest = self.store.manifest(version)
-        event = PolicyUpdateEvent(version=version, manifest_sha256=self.store.manifest_sha256(version),
-                                  parent=manifest.parent, reason=reason, metrics=dict(manifest.metrics))
+        event = PolicyUpdateEvent(
+            version=version,
+            manifest_sha256=self.store.manifest_sha256(version),
+            parent=manifest.parent,
+            reason=reason,
+            metrics=dict(manifest.metrics),
+        )
         self.announcer.announce(event)
         log_event(log, "announced policy", version=version, reason=reason)
         return event

@@ -104,8 +104,10 @@ def collate(rollouts: Sequence[Rollout], pad_token_id: int, eos_token_id: int | 
         if not response:
             raise InvalidRollout(f"rollout {i}: response_token_ids is empty")
         if r.behaviour_logprobs is not None and len(r.behaviour_logprobs) < len(response):
-            raise InvalidRollout(f"rollout {i}: behaviour_logprobs has {len(r.behaviour_logprobs)} values for "
-                                 f"{len(response)} response tokens")
+            raise InvalidRollout(
+                f"rollout {i}: behaviour_logprobs has {len(r.behaviour_logprobs)} values for "
+                f"{len(response)} response tokens"
+            )
         if not isinstance(r.score, (int, float)) or r.score != r.score or abs(r.score) == float("inf"):
             raise InvalidRollout(f"rollout {i}: score {r.score!r} is not a finite number")
         prompts.append(list(r.prompt_token_ids))

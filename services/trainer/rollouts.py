@@ -48,8 +48,9 @@ class Sample:
 
 
 class PolicySampler(Protocol):
-    def sample(self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float,
-               seed: int | None = None) -> list[Sample]:
+    def sample(
+        self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
+    ) -> list[Sample]:
         """One completion per prompt, in order, with token ids and behaviour logprobs."""
 
 
@@ -106,8 +107,9 @@ class RolloutCollector:
         self.max_tokens = max_tokens
         self.top_p = top_p
 
-    def collect(self, prompts: Sequence[Prompt], lineage: Sequence[str], max_staleness: int,
-                seed: int | None = None) -> CollectResult:
+    def collect(
+        self, prompts: Sequence[Prompt], lineage: Sequence[str], max_staleness: int, seed: int | None = None
+    ) -> CollectResult:
         samples = self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
         dropped: Counter = Counter()
         kept: list[Sample] = []
@@ -121,9 +123,17 @@ class RolloutCollector:
             return CollectResult([], dropped, "", len(samples))
         scores, rm_version = self.scorer.score([(s.prompt, s.text) for s in kept])
         rollouts = [
-            Rollout(messages=list(s.prompt), prompt_token_ids=s.prompt_token_ids, response_token_ids=s.token_ids,
-                    behaviour_logprobs=s.logprobs, policy_version=s.policy_version, finish_reason=s.finish_reason,
-                    score=float(score), rm_version=rm_version, extra={"response_id": s.response_id})
+            Rollout(
+                messages=list(s.prompt),
+                prompt_token_ids=s.prompt_token_ids,
+                response_token_ids=s.token_ids,
+                behaviour_logprobs=s.logprobs,
+                policy_version=s.policy_version,
+                finish_reason=s.finish_reason,
+                score=float(score),
+                rm_version=rm_version,
+                extra={"response_id": s.response_id},
+            )
             for s, score in zip(kept, scores, strict=True)
         ]
         return CollectResult(rollouts, dropped, rm_version, len(samples))
@@ -143,13 +153,15 @@ class GrpcPolicySampler:
         self.stub = inference_pb2_grpc.InferenceServiceStub(channel)
         self.timeout_s = timeout_s
 
-    def sample(self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float,
-               seed: int | None = None) -> list[Sample]:
+    def sample(
+        self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
+    ) -> list[Sample]:
         futures: list[Future] = []
         for i, prompt in enumerate(prompts):
             # Temperature 1: the returned logprobs are the untempered policy's (TrainerConfig checks PPO's).
-            sampling = inference_pb2.SamplingParams(temperature=1.0, top_p=top_p, max_tokens=max_tokens,
-                                                    n=1, logprobs=True)
+            sampling = inference_pb2.SamplingParams(
+                temperature=1.0, top_p=top_p, max_tokens=max_tokens, n=1, logprobs=True
+            )
             if seed is not None:
                 sampling.seed = seed + i
             req = inference_pb2.GenerateRequest(messages=chat_messages(prompt), sampling=sampling, source="trainer")
@@ -158,11 +170,19 @@ class GrpcPolicySampler:
         for prompt, fut in zip(prompts, futures):
             resp = fut.result()
             c = resp.completions[0]
-            out.append(Sample(prompt=prompt, prompt_token_ids=list(resp.prompt_token_ids), token_ids=list(c.token_ids),
-                              logprobs=list(c.logprobs), text=c.text, finish_reason=c.finish_reason,
-                              policy_version=resp.policy_version,
-                              policy_versions=list(c.policy_versions) or [resp.policy_version],
-                              response_id=c.response_id))
+            out.append(
+                Sample(
+                    prompt=prompt,
+                    prompt_token_ids=list(resp.prompt_token_ids),
+                    token_ids=list(c.token_ids),
+                    logprobs=list(c.logprobs),
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    policy_version=resp.policy_version,
+                    policy_versions=list(c.policy_versions) or [resp.policy_version],
+                    response_id=c.response_id,
+                )
+            )
         return out
 
     def served_version(self) -> str:
@@ -181,9 +201,10 @@ class GrpcRewardScorer:
         scores: list[float] = []
         versions: set[str] = set()
         for start in range(0, len(pairs), self.max_items):
-            chunk = pairs[start:start + self.max_items]
-            req = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(messages=chat_messages(p), response=r)
-                                                 for p, r in chunk])
+            chunk = pairs[start : start + self.max_items]
+            req = reward_pb2.ScoreRequest(
+                items=[reward_pb2.ScoreItem(messages=chat_messages(p), response=r) for p, r in chunk]
+            )
             resp = self.stub.Score(req, timeout=self.timeout_s)
             scores += list(resp.scores)
             versions.add(resp.rm_version)
@@ -191,4 +212,3 @@ class GrpcRewardScorer:
             # The RM was swapped between two chunks: scores on different scales must not be mixed.
             raise RuntimeError(f"reward model changed while scoring ({sorted(versions)}); retry")
         return scores, versions.pop() if versions else ""
-

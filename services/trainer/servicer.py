@@ -13,24 +13,44 @@ from shared.pb import common_pb2, trainer_pb2, trainer_pb2_grpc
 
 
 def gate_to_proto(r: GateResult) -> trainer_pb2.PublishResult:
-    version = common_pb2.ModelVersion(version=r.version, parent=r.parent, published_at=r.published_at,
-                                      metrics=r.metrics)
-    return trainer_pb2.PublishResult(published=r.published, version=version, reason=r.reason,
-                                     heldout_reward=r.heldout_reward, kl=r.kl, baseline_reward=r.baseline_reward,
-                                     step=r.step)
+    version = common_pb2.ModelVersion(
+        version=r.version, parent=r.parent, published_at=r.published_at, metrics=r.metrics
+    )
+    return trainer_pb2.PublishResult(
+        published=r.published,
+        version=version,
+        reason=r.reason,
+        heldout_reward=r.heldout_reward,
+        kl=r.kl,
+        baseline_reward=r.baseline_reward,
+        step=r.step,
+    )
 
 
 def status_to_proto(s: StatusSnapshot) -> trainer_pb2.TrainerStatus:
     msg = trainer_pb2.TrainerStatus(
-        step=s.step, paused=s.paused, base_policy_version=s.base_policy_version, mean_reward=s.mean_reward,
-        kl=s.kl, entropy=s.entropy, state=s.state, detail=s.detail,
-        reference_policy_version=s.reference_policy_version, rm_version=s.rm_version,
-        checkpoint_step=s.checkpoint_step, live_prompts=s.live_prompts, dropped_rollouts=s.dropped_rollouts,
-        baseline_reward=s.baseline_reward)
+        step=s.step,
+        paused=s.paused,
+        base_policy_version=s.base_policy_version,
+        mean_reward=s.mean_reward,
+        kl=s.kl,
+        entropy=s.entropy,
+        state=s.state,
+        detail=s.detail,
+        reference_policy_version=s.reference_policy_version,
+        rm_version=s.rm_version,
+        checkpoint_step=s.checkpoint_step,
+        live_prompts=s.live_prompts,
+        dropped_rollouts=s.dropped_rollouts,
+        baseline_reward=s.baseline_reward,
+    )
     if s.last_published:
         p = s.last_published
-        msg.last_published.CopyFrom(common_pb2.ModelVersion(version=p["version"], parent=p.get("parent") or "",
-                                                            published_at=p["published_at"], metrics=p["metrics"]))
+        msg.last_published.CopyFrom(
+            common_pb2.ModelVersion(
+                version=p["version"], parent=p.get("parent") or "", published_at=p["published_at"], metrics=p["metrics"]
+            )
+        )
     if s.last_gate:
         msg.last_gate.CopyFrom(gate_to_proto(s.last_gate))
     return msg

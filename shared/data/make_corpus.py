@@ -21,27 +21,93 @@ SEED = 1234
 TARGET_BYTES = 500_000
 
 OPENERS = [
-    "Thank you for asking.", "Sure, here is the answer.", "Of course, I am happy to help.", "Good question.",
-    "Let me think about that.", "Here is what I found.", "That is a great question.", "Happy to explain.",
-    "No problem at all.", "Certainly.", "Great question, thanks.", "Let me explain.",
+    "Thank you for asking.",
+    "Sure, here is the answer.",
+    "Of course, I am happy to help.",
+    "Good question.",
+    "Let me think about that.",
+    "Here is what I found.",
+    "That is a great question.",
+    "Happy to explain.",
+    "No problem at all.",
+    "Certainly.",
+    "Great question, thanks.",
+    "Let me explain.",
 ]
 CLOSERS = [
-    "I hope this helps.", "Please let me know if you have another question.", "Have a nice day.",
-    "Glad I could help.", "Feel free to ask me anything else.", "You are welcome.",
+    "I hope this helps.",
+    "Please let me know if you have another question.",
+    "Have a nice day.",
+    "Glad I could help.",
+    "Feel free to ask me anything else.",
+    "You are welcome.",
 ]
 GREETINGS = [
-    "Hello! How can I help you today?", "Hi there! What would you like to know?",
-    "Good morning! What can I do for you?", "Good evening! How may I help?", "Thanks for your patience.",
-    "I am sorry, I do not know the answer to that.", "I am not sure, but I will try my best.",
-    "Could you say that again, please?", "Could you explain what you mean?", "Take care and see you soon.",
-    "Goodbye, and thank you for the conversation.", "Nice to meet you.", "How are you today? I am fine, thank you.",
+    "Hello! How can I help you today?",
+    "Hi there! What would you like to know?",
+    "Good morning! What can I do for you?",
+    "Good evening! How may I help?",
+    "Thanks for your patience.",
+    "I am sorry, I do not know the answer to that.",
+    "I am not sure, but I will try my best.",
+    "Could you say that again, please?",
+    "Could you explain what you mean?",
+    "Take care and see you soon.",
+    "Goodbye, and thank you for the conversation.",
+    "Nice to meet you.",
+    "How are you today? I am fine, thank you.",
 ]
 
 NAMES = [
-    "Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo", "Maria",
-    "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Sam", "Tina", "Umar", "Vera", "William", "Xenia", "Yusuf",
-    "Zoe", "Alice", "Bruno", "Chloe", "Daniel", "Elena", "Felix", "Hannah", "Isaac", "Julia", "Lucas", "Mia",
-    "Nina", "Oscar", "Paula", "Ruby", "Simon", "Thomas", "Victor", "Wendy", "Aisha", "Carlos", "Priya", "Kenji",
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Emma",
+    "Frank",
+    "Grace",
+    "Henry",
+    "Iris",
+    "Jack",
+    "Kate",
+    "Leo",
+    "Maria",
+    "Noah",
+    "Olivia",
+    "Peter",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tina",
+    "Umar",
+    "Vera",
+    "William",
+    "Xenia",
+    "Yusuf",
+    "Zoe",
+    "Alice",
+    "Bruno",
+    "Chloe",
+    "Daniel",
+    "Elena",
+    "Felix",
+    "Hannah",
+    "Isaac",
+    "Julia",
+    "Lucas",
+    "Mia",
+    "Nina",
+    "Oscar",
+    "Paula",
+    "Ruby",
+    "Simon",
+    "Thomas",
+    "Victor",
+    "Wendy",
+    "Aisha",
+    "Carlos",
+    "Priya",
+    "Kenji",
 ]
 # (singular, plural, where it lives, what it eats)
 ANIMALS = [
@@ -88,84 +154,267 @@ ANIMALS = [
 ]
 # (job, what the person does)
 JOBS = [
-    ("baker", "bakes bread and cakes"), ("teacher", "helps students learn"), ("doctor", "helps sick people"),
-    ("nurse", "takes care of patients"), ("farmer", "grows food and raises animals"),
-    ("pilot", "flies airplanes"), ("driver", "drives a bus or a truck"), ("cook", "prepares meals"),
-    ("firefighter", "puts out fires"), ("police officer", "keeps people safe"),
-    ("mail carrier", "delivers letters and packages"), ("carpenter", "builds things from wood"),
-    ("plumber", "fixes pipes and sinks"), ("painter", "paints walls and pictures"),
-    ("gardener", "takes care of plants"), ("librarian", "looks after books in a library"),
-    ("dentist", "takes care of teeth"), ("mechanic", "repairs cars"), ("tailor", "makes and fixes clothes"),
-    ("fisher", "catches fish"), ("musician", "plays music"), ("writer", "writes stories and books"),
-    ("scientist", "studies how the world works"), ("engineer", "designs machines and bridges"),
-    ("shopkeeper", "sells things in a shop"), ("waiter", "brings food to guests"),
-    ("photographer", "takes pictures"), ("vet", "takes care of sick animals"), ("builder", "builds houses"),
+    ("baker", "bakes bread and cakes"),
+    ("teacher", "helps students learn"),
+    ("doctor", "helps sick people"),
+    ("nurse", "takes care of patients"),
+    ("farmer", "grows food and raises animals"),
+    ("pilot", "flies airplanes"),
+    ("driver", "drives a bus or a truck"),
+    ("cook", "prepares meals"),
+    ("firefighter", "puts out fires"),
+    ("police officer", "keeps people safe"),
+    ("mail carrier", "delivers letters and packages"),
+    ("carpenter", "builds things from wood"),
+    ("plumber", "fixes pipes and sinks"),
+    ("painter", "paints walls and pictures"),
+    ("gardener", "takes care of plants"),
+    ("librarian", "looks after books in a library"),
+    ("dentist", "takes care of teeth"),
+    ("mechanic", "repairs cars"),
+    ("tailor", "makes and fixes clothes"),
+    ("fisher", "catches fish"),
+    ("musician", "plays music"),
+    ("writer", "writes stories and books"),
+    ("scientist", "studies how the world works"),
+    ("engineer", "designs machines and bridges"),
+    ("shopkeeper", "sells things in a shop"),
+    ("waiter", "brings food to guests"),
+    ("photographer", "takes pictures"),
+    ("vet", "takes care of sick animals"),
+    ("builder", "builds houses"),
     ("cashier", "takes payments at a store"),
 ]
 # (capital, country)
 CAPITALS = [
-    ("Paris", "France"), ("Berlin", "Germany"), ("Madrid", "Spain"), ("Rome", "Italy"), ("London", "England"),
-    ("Lisbon", "Portugal"), ("Vienna", "Austria"), ("Dublin", "Ireland"), ("Oslo", "Norway"),
-    ("Stockholm", "Sweden"), ("Helsinki", "Finland"), ("Warsaw", "Poland"), ("Athens", "Greece"),
-    ("Cairo", "Egypt"), ("Tokyo", "Japan"), ("Beijing", "China"), ("Ottawa", "Canada"),
-    ("Canberra", "Australia"), ("Nairobi", "Kenya"), ("Lima", "Peru"), ("Brussels", "Belgium"),
-    ("Amsterdam", "the Netherlands"), ("Copenhagen", "Denmark"), ("Prague", "the Czech Republic"),
-    ("Budapest", "Hungary"), ("Seoul", "South Korea"), ("Bangkok", "Thailand"), ("Mexico City", "Mexico"),
+    ("Paris", "France"),
+    ("Berlin", "Germany"),
+    ("Madrid", "Spain"),
+    ("Rome", "Italy"),
+    ("London", "England"),
+    ("Lisbon", "Portugal"),
+    ("Vienna", "Austria"),
+    ("Dublin", "Ireland"),
+    ("Oslo", "Norway"),
+    ("Stockholm", "Sweden"),
+    ("Helsinki", "Finland"),
+    ("Warsaw", "Poland"),
+    ("Athens", "Greece"),
+    ("Cairo", "Egypt"),
+    ("Tokyo", "Japan"),
+    ("Beijing", "China"),
+    ("Ottawa", "Canada"),
+    ("Canberra", "Australia"),
+    ("Nairobi", "Kenya"),
+    ("Lima", "Peru"),
+    ("Brussels", "Belgium"),
+    ("Amsterdam", "the Netherlands"),
+    ("Copenhagen", "Denmark"),
+    ("Prague", "the Czech Republic"),
+    ("Budapest", "Hungary"),
+    ("Seoul", "South Korea"),
+    ("Bangkok", "Thailand"),
+    ("Mexico City", "Mexico"),
 ]
 OPPOSITES = [
-    ("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-    ("open", "closed"), ("full", "empty"), ("early", "late"), ("old", "new"), ("young", "old"),
-    ("long", "short"), ("wet", "dry"), ("hard", "soft"), ("loud", "quiet"), ("easy", "difficult"),
-    ("clean", "dirty"), ("rich", "poor"), ("strong", "weak"), ("heavy", "light"), ("inside", "outside"),
-    ("left", "right"), ("day", "night"), ("high", "low"), ("near", "far"), ("begin", "end"),
-    ("push", "pull"), ("buy", "sell"), ("win", "lose"), ("question", "answer"), ("first", "last"),
+    ("hot", "cold"),
+    ("up", "down"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("old", "new"),
+    ("young", "old"),
+    ("long", "short"),
+    ("wet", "dry"),
+    ("hard", "soft"),
+    ("loud", "quiet"),
+    ("easy", "difficult"),
+    ("clean", "dirty"),
+    ("rich", "poor"),
+    ("strong", "weak"),
+    ("heavy", "light"),
+    ("inside", "outside"),
+    ("left", "right"),
+    ("day", "night"),
+    ("high", "low"),
+    ("near", "far"),
+    ("begin", "end"),
+    ("push", "pull"),
+    ("buy", "sell"),
+    ("win", "lose"),
+    ("question", "answer"),
+    ("first", "last"),
 ]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray", "pink"]
 THINGS = [
-    "cup", "book", "pencil", "bag", "hat", "umbrella", "ball", "lamp", "phone", "key", "blanket", "bottle",
-    "box", "plate", "basket", "jacket", "scarf", "notebook", "backpack", "bicycle", "kite", "candle",
-    "clock", "mirror", "pillow", "towel", "shoe", "sweater", "glove", "toothbrush",
+    "cup",
+    "book",
+    "pencil",
+    "bag",
+    "hat",
+    "umbrella",
+    "ball",
+    "lamp",
+    "phone",
+    "key",
+    "blanket",
+    "bottle",
+    "box",
+    "plate",
+    "basket",
+    "jacket",
+    "scarf",
+    "notebook",
+    "backpack",
+    "bicycle",
+    "kite",
+    "candle",
+    "clock",
+    "mirror",
+    "pillow",
+    "towel",
+    "shoe",
+    "sweater",
+    "glove",
+    "toothbrush",
 ]
 FURNITURE = ["table", "chair", "sofa", "bed", "shelf", "desk", "cupboard", "floor", "windowsill", "counter"]
 PREPOSITIONS = ["on", "under", "next to", "behind", "near"]
 FOODS = [
-    "apples", "bread", "rice", "soup", "cheese", "carrots", "pasta", "eggs", "oranges", "tomatoes", "potatoes",
-    "bananas", "grapes", "pears", "peaches", "cherries", "beans", "peas", "onions", "lettuce", "cucumbers",
-    "pancakes", "noodles", "sandwiches", "cookies", "yogurt", "butter", "honey", "strawberries", "lemons",
-    "mushrooms", "nuts", "salad", "pizza", "dumplings", "porridge", "muffins", "plums", "melons", "spinach",
+    "apples",
+    "bread",
+    "rice",
+    "soup",
+    "cheese",
+    "carrots",
+    "pasta",
+    "eggs",
+    "oranges",
+    "tomatoes",
+    "potatoes",
+    "bananas",
+    "grapes",
+    "pears",
+    "peaches",
+    "cherries",
+    "beans",
+    "peas",
+    "onions",
+    "lettuce",
+    "cucumbers",
+    "pancakes",
+    "noodles",
+    "sandwiches",
+    "cookies",
+    "yogurt",
+    "butter",
+    "honey",
+    "strawberries",
+    "lemons",
+    "mushrooms",
+    "nuts",
+    "salad",
+    "pizza",
+    "dumplings",
+    "porridge",
+    "muffins",
+    "plums",
+    "melons",
+    "spinach",
 ]
 DRINKS = ["tea", "coffee", "water", "milk", "orange juice", "apple juice", "hot chocolate", "lemonade"]
 VEHICLES = ["bus", "train", "bike", "car", "tram", "subway", "ferry", "taxi"]
 HOBBIES = [
-    "play football", "play tennis", "swim", "go hiking", "play chess", "draw", "knit", "cook", "dance",
-    "play the guitar", "play the violin", "read comics", "go fishing", "grow vegetables", "build model ships",
-    "take photographs", "play basketball", "ride horses", "go skating", "sing in a choir",
+    "play football",
+    "play tennis",
+    "swim",
+    "go hiking",
+    "play chess",
+    "draw",
+    "knit",
+    "cook",
+    "dance",
+    "play the guitar",
+    "play the violin",
+    "read comics",
+    "go fishing",
+    "grow vegetables",
+    "build model ships",
+    "take photographs",
+    "play basketball",
+    "ride horses",
+    "go skating",
+    "sing in a choir",
 ]
 SUBJECTS_AT_SCHOOL = [
-    "math", "history", "science", "music", "art", "geography", "reading", "writing", "biology",
-    "chemistry", "physics", "sports",
+    "math",
+    "history",
+    "science",
+    "music",
+    "art",
+    "geography",
+    "reading",
+    "writing",
+    "biology",
+    "chemistry",
+    "physics",
+    "sports",
 ]
 FEELINGS = [
-    ("happy", "the sun is shining"), ("tired", "it was a long day"), ("excited", "the trip starts tomorrow"),
-    ("nervous", "there is a test today"), ("proud", "the project is finished"), ("sad", "a friend moved away"),
-    ("hungry", "it is almost lunchtime"), ("calm", "the house is quiet"), ("surprised", "a letter arrived"),
-    ("thankful", "a neighbor helped with the groceries"), ("bored", "it is raining all day"),
+    ("happy", "the sun is shining"),
+    ("tired", "it was a long day"),
+    ("excited", "the trip starts tomorrow"),
+    ("nervous", "there is a test today"),
+    ("proud", "the project is finished"),
+    ("sad", "a friend moved away"),
+    ("hungry", "it is almost lunchtime"),
+    ("calm", "the house is quiet"),
+    ("surprised", "a letter arrived"),
+    ("thankful", "a neighbor helped with the groceries"),
+    ("bored", "it is raining all day"),
     ("curious", "there is a new book on the shelf"),
 ]
 # (body part, what we do with it)
 BODY = [
-    ("eyes", "see"), ("ears", "hear"), ("nose", "smell"), ("tongue", "taste"), ("hands", "hold things"),
-    ("feet", "walk"), ("legs", "run and jump"), ("teeth", "chew food"), ("lungs", "breathe"),
-    ("heart", "pump blood"), ("brain", "think"), ("fingers", "touch and write"),
+    ("eyes", "see"),
+    ("ears", "hear"),
+    ("nose", "smell"),
+    ("tongue", "taste"),
+    ("hands", "hold things"),
+    ("feet", "walk"),
+    ("legs", "run and jump"),
+    ("teeth", "chew food"),
+    ("lungs", "breathe"),
+    ("heart", "pump blood"),
+    ("brain", "think"),
+    ("fingers", "touch and write"),
 ]
 # (tool, what it is for)
 TOOLS = [
-    ("knife", "cut food"), ("spoon", "eat soup"), ("fork", "eat salad"), ("broom", "sweep the floor"),
-    ("hammer", "hit nails"), ("saw", "cut wood"), ("ladder", "reach high places"), ("kettle", "boil water"),
-    ("oven", "bake bread"), ("fridge", "keep food cold"), ("umbrella", "stay dry in the rain"),
-    ("clock", "tell the time"), ("map", "find the way"), ("ruler", "measure short lengths"),
-    ("scale", "weigh things"), ("thermometer", "measure temperature"), ("calendar", "see the date"),
-    ("needle", "sew clothes"), ("shovel", "dig holes"), ("brush", "paint walls"),
+    ("knife", "cut food"),
+    ("spoon", "eat soup"),
+    ("fork", "eat salad"),
+    ("broom", "sweep the floor"),
+    ("hammer", "hit nails"),
+    ("saw", "cut wood"),
+    ("ladder", "reach high places"),
+    ("kettle", "boil water"),
+    ("oven", "bake bread"),
+    ("fridge", "keep food cold"),
+    ("umbrella", "stay dry in the rain"),
+    ("clock", "tell the time"),
+    ("map", "find the way"),
+    ("ruler", "measure short lengths"),
+    ("scale", "weigh things"),
+    ("thermometer", "measure temperature"),
+    ("calendar", "see the date"),
+    ("needle", "sew clothes"),
+    ("shovel", "dig holes"),
+    ("brush", "paint walls"),
 ]
 FACTS = [
     ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
@@ -201,34 +450,97 @@ FACTS = [
 ]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ]
 SEASONS = ["spring", "summer", "autumn", "winter"]
 WEATHER = [
-    "It is sunny today, so we can go outside.", "It is raining, so take an umbrella.",
-    "The wind is cold this morning.", "Snow covers the roofs in winter.",
-    "The sky is clear and full of stars tonight.", "It is warm in summer and cold in winter.",
-    "Clouds are moving in from the west.", "After the rain, the streets are wet.",
-    "The morning fog will lift by noon.", "Spring brings flowers and longer days.",
-    "A thunderstorm is coming, so stay indoors.", "The leaves turn red and gold in autumn.",
+    "It is sunny today, so we can go outside.",
+    "It is raining, so take an umbrella.",
+    "The wind is cold this morning.",
+    "Snow covers the roofs in winter.",
+    "The sky is clear and full of stars tonight.",
+    "It is warm in summer and cold in winter.",
+    "Clouds are moving in from the west.",
+    "After the rain, the streets are wet.",
+    "The morning fog will lift by noon.",
+    "Spring brings flowers and longer days.",
+    "A thunderstorm is coming, so stay indoors.",
+    "The leaves turn red and gold in autumn.",
 ]
 PLACES = [
-    "in the kitchen", "at home", "in the garden", "at the library", "near the river", "in the living room",
-    "at school", "in the park", "at the office", "on the porch", "by the window", "in the small town",
-    "at the beach", "in the forest", "at the market", "at the museum", "on the balcony", "at the station",
+    "in the kitchen",
+    "at home",
+    "in the garden",
+    "at the library",
+    "near the river",
+    "in the living room",
+    "at school",
+    "in the park",
+    "at the office",
+    "on the porch",
+    "by the window",
+    "in the small town",
+    "at the beach",
+    "in the forest",
+    "at the market",
+    "at the museum",
+    "on the balcony",
+    "at the station",
 ]
 TIMES = [
-    "every morning", "after lunch", "in the evening", "on Sundays", "before dinner", "at night",
-    "on weekends", "every day", "in the afternoon", "once a week", "early in the morning", "on rainy days",
+    "every morning",
+    "after lunch",
+    "in the evening",
+    "on Sundays",
+    "before dinner",
+    "at night",
+    "on weekends",
+    "every day",
+    "in the afternoon",
+    "once a week",
+    "early in the morning",
+    "on rainy days",
 ]
 ACTIONS = [
-    "reads a book", "drinks a cup of tea", "makes breakfast", "waters the plants", "walks to the park",
-    "cleans the kitchen", "writes a letter", "plays the piano", "feeds the cat", "rides a bike",
-    "listens to music", "bakes fresh bread", "paints a picture", "calls a friend", "sings a song",
-    "takes a short nap", "washes the dishes", "goes for a run", "looks out of the window",
-    "buys apples at the market", "opens the mail", "fixes the old chair", "folds the laundry",
-    "visits the museum", "studies for a test", "plants tomatoes", "repairs a bicycle", "sorts old photos",
+    "reads a book",
+    "drinks a cup of tea",
+    "makes breakfast",
+    "waters the plants",
+    "walks to the park",
+    "cleans the kitchen",
+    "writes a letter",
+    "plays the piano",
+    "feeds the cat",
+    "rides a bike",
+    "listens to music",
+    "bakes fresh bread",
+    "paints a picture",
+    "calls a friend",
+    "sings a song",
+    "takes a short nap",
+    "washes the dishes",
+    "goes for a run",
+    "looks out of the window",
+    "buys apples at the market",
+    "opens the mail",
+    "fixes the old chair",
+    "folds the laundry",
+    "visits the museum",
+    "studies for a test",
+    "plants tomatoes",
+    "repairs a bicycle",
+    "sorts old photos",
 ]
 OBJECTS = ["pencils", "books", "apples", "coins", "cups", "chairs", "stamps", "cookies", "marbles", "shells"]
 # (larger unit: plural, singular; smaller unit: plural; smaller units per larger unit)
@@ -282,8 +594,7 @@ def word_problem(rng: random.Random) -> str:
         )
     gives = rng.randint(1, have)
     return (
-        f"{name} has {have} {thing} and gives away {gives}. How many {thing} are left? "
-        f"{have - gives} {thing} are left."
+        f"{name} has {have} {thing} and gives away {gives}. How many {thing} are left? {have - gives} {thing} are left."
     )
 
 
@@ -328,12 +639,14 @@ def calendar(rng: random.Random) -> str:
 
 def animal(rng: random.Random) -> str:
     one, many, home, eats = rng.choice(ANIMALS)
-    return rng.choice([
-        f"Where does {_a(one)} live? {_a(one).capitalize()} lives {home}.",
-        f"What does {_a(one)} eat? {_a(one).capitalize()} eats {eats}.",
-        f"I saw {rng.randint(2, 9)} {many} {rng.choice(PLACES)} yesterday.",
-        f"{rng.choice(NAMES)} drew a picture of {_a(rng.choice(COLORS) + ' ' + one)}.",
-    ])
+    return rng.choice(
+        [
+            f"Where does {_a(one)} live? {_a(one).capitalize()} lives {home}.",
+            f"What does {_a(one)} eat? {_a(one).capitalize()} eats {eats}.",
+            f"I saw {rng.randint(2, 9)} {many} {rng.choice(PLACES)} yesterday.",
+            f"{rng.choice(NAMES)} drew a picture of {_a(rng.choice(COLORS) + ' ' + one)}.",
+        ]
+    )
 
 
 def job(rng: random.Random) -> str:
@@ -345,11 +658,13 @@ def job(rng: random.Random) -> str:
 
 def geography(rng: random.Random) -> str:
     capital, country = rng.choice(CAPITALS)
-    return rng.choice([
-        f"What is the capital of {country}? The capital of {country} is {capital}.",
-        f"{capital} is the capital of {country}.",
-        f"{rng.choice(NAMES)} took the {rng.choice(VEHICLES)} to {capital} last {rng.choice(SEASONS)}.",
-    ])
+    return rng.choice(
+        [
+            f"What is the capital of {country}? The capital of {country} is {capital}.",
+            f"{capital} is the capital of {country}.",
+            f"{rng.choice(NAMES)} took the {rng.choice(VEHICLES)} to {capital} last {rng.choice(SEASONS)}.",
+        ]
+    )
 
 
 def opposite(rng: random.Random) -> str:
@@ -360,11 +675,13 @@ def opposite(rng: random.Random) -> str:
 def household(rng: random.Random) -> str:
     thing, color = rng.choice(THINGS), rng.choice(COLORS)
     place = f"{rng.choice(PREPOSITIONS)} the {rng.choice(FURNITURE)}"
-    return rng.choice([
-        f"Where is my {thing}? Your {thing} is {place}.",
-        f"The {color} {thing} is {place}.",
-        f"{rng.choice(NAMES)} put {_a(color + ' ' + thing)} {place}.",
-    ])
+    return rng.choice(
+        [
+            f"Where is my {thing}? Your {thing} is {place}.",
+            f"The {color} {thing} is {place}.",
+            f"{rng.choice(NAMES)} put {_a(color + ' ' + thing)} {place}.",
+        ]
+    )
 
 
 def tool(rng: random.Random) -> str:
@@ -387,28 +704,32 @@ def spelling(rng: random.Random) -> str:
 def person(rng: random.Random) -> str:
     name, other = rng.sample(NAMES, 2)
     feeling, reason = rng.choice(FEELINGS)
-    return rng.choice([
-        f"{name} feels {feeling} because {reason}.",
-        f"On {rng.choice(DAYS)}s, {name} likes to {rng.choice(HOBBIES)}.",
-        f"{name} is good at {rng.choice(SUBJECTS_AT_SCHOOL)} and helps {other} with homework.",
-        f"{name} takes the {rng.choice(VEHICLES)} to work {rng.choice(TIMES)}.",
-        f"{name} and {other} {rng.choice(HOBBIES)} together {rng.choice(TIMES)}.",
-        f"{name} {rng.choice(ACTIONS)} {rng.choice(PLACES)} {rng.choice(TIMES)}.",
-        f"In {rng.choice(MONTHS)}, {name} visited {other} for {rng.randint(2, 14)} days.",
-    ])
+    return rng.choice(
+        [
+            f"{name} feels {feeling} because {reason}.",
+            f"On {rng.choice(DAYS)}s, {name} likes to {rng.choice(HOBBIES)}.",
+            f"{name} is good at {rng.choice(SUBJECTS_AT_SCHOOL)} and helps {other} with homework.",
+            f"{name} takes the {rng.choice(VEHICLES)} to work {rng.choice(TIMES)}.",
+            f"{name} and {other} {rng.choice(HOBBIES)} together {rng.choice(TIMES)}.",
+            f"{name} {rng.choice(ACTIONS)} {rng.choice(PLACES)} {rng.choice(TIMES)}.",
+            f"In {rng.choice(MONTHS)}, {name} visited {other} for {rng.randint(2, 14)} days.",
+        ]
+    )
 
 
 def food(rng: random.Random) -> str:
     a, b = rng.sample(FOODS, 2)
     drink = rng.choice(DRINKS)
-    return rng.choice([
-        f"For lunch we had {a} and {b}.",
-        f"Do you like {a}? Yes, I like {a}, but I like {b} more.",
-        f"Please buy some {a} and {b} at the store.",
-        f"There are {a} on the table and {b} in the basket.",
-        f"{rng.choice(NAMES)} drinks {drink} with breakfast every morning.",
-        f"Would you like some {drink}? Yes, please, and some {a} too.",
-    ])
+    return rng.choice(
+        [
+            f"For lunch we had {a} and {b}.",
+            f"Do you like {a}? Yes, I like {a}, but I like {b} more.",
+            f"Please buy some {a} and {b} at the store.",
+            f"There are {a} on the table and {b} in the basket.",
+            f"{rng.choice(NAMES)} drinks {drink} with breakfast every morning.",
+            f"Would you like some {drink}? Yes, please, and some {a} too.",
+        ]
+    )
 
 
 def fact(rng: random.Random) -> str:
@@ -428,9 +749,24 @@ def small_talk(rng: random.Random) -> str:
 
 
 GENERATORS: list[tuple[Callable[[random.Random], str], int]] = [
-    (arithmetic, 6), (word_problem, 2), (conversion, 4), (number_fact, 2), (calendar, 1), (animal, 3),
-    (job, 2), (geography, 2), (opposite, 1), (household, 2), (tool, 1), (body, 1), (spelling, 1),
-    (person, 4), (food, 2), (fact, 2), (chat, 4), (small_talk, 1),
+    (arithmetic, 6),
+    (word_problem, 2),
+    (conversion, 4),
+    (number_fact, 2),
+    (calendar, 1),
+    (animal, 3),
+    (job, 2),
+    (geography, 2),
+    (opposite, 1),
+    (household, 2),
+    (tool, 1),
+    (body, 1),
+    (spelling, 1),
+    (person, 4),
+    (food, 2),
+    (fact, 2),
+    (chat, 4),
+    (small_talk, 1),
 ]
 
 

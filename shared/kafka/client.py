@@ -11,8 +11,9 @@ from shared.config import KafkaConfig
 
 def client_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
     if not cfg.servers:
-        raise ValueError("RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, "
-                         "which starts the embedded broker")
+        raise ValueError(
+            "RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, which starts the embedded broker"
+        )
     return {
         "bootstrap_servers": cfg.servers,
         "client_id": f"{cfg.client_id}-{service}",
@@ -47,8 +48,9 @@ LINGER_MS = 5
 def rdkafka_producer_config(cfg: KafkaConfig, service: str, *, linger_ms: float = LINGER_MS) -> dict[str, Any]:
     """librdkafka settings with the same guarantees as ``producer_kwargs``."""
     if not cfg.servers:
-        raise ValueError("RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, "
-                         "which starts the embedded broker")
+        raise ValueError(
+            "RLHF_KAFKA_BOOTSTRAP_SERVERS is empty: set it, or run through `rlhf up`, which starts the embedded broker"
+        )
     return {
         "bootstrap.servers": ",".join(cfg.servers),
         "client.id": f"{cfg.client_id}-{service}",

@@ -38,23 +38,32 @@ def decode_or_skip(record: Any, expect: type | None = None) -> envelope.Envelope
     return decode_value_or_skip(record.value, record.topic, record.partition, record.offset, expect)
 
 
-def decode_value_or_skip(value: bytes | None, topic: str, partition: int, offset: int,
-                         expect: type | None = None) -> envelope.Envelope | None:
+def decode_value_or_skip(
+    value: bytes | None, topic: str, partition: int, offset: int, expect: type | None = None
+) -> envelope.Envelope | None:
     """``decode_or_skip`` for a record given by its parts (any client library's record)."""
     try:
         return envelope.decode(value if value is not None else b"", expect=expect)
     except envelope.EnvelopeError as exc:
         BAD_RECORDS.labels(topic).inc()
-        log_event(log, "skipping bad record", level=30, topic=topic, partition=partition,
-                  offset=offset, error=str(exc))
+        log_event(log, "skipping bad record", level=30, topic=topic, partition=partition, offset=offset, error=str(exc))
         return None
 
 
 class GroupConsumer:
     """A consumer-group member that commits only after its handler has done the work."""
 
-    def __init__(self, cfg: KafkaConfig, service: str, group_id: str, topics: list[str],
-                 *, poll_timeout_ms: int = 500, max_records: int = 100, retry_pause_s: float = 1.0):
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        service: str,
+        group_id: str,
+        topics: list[str],
+        *,
+        poll_timeout_ms: int = 500,
+        max_records: int = 100,
+        retry_pause_s: float = 1.0,
+    ):
         self.group_id = group_id
         self.topics = topics
         self.poll_timeout_ms = poll_timeout_ms

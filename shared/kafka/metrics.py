@@ -3,12 +3,17 @@
 from prometheus_client import Counter, Gauge
 
 EVENTS_PUBLISHED = Counter("rlhf_kafka_events_published_total", "Events acknowledged by Kafka (acks=all)", ["topic"])
-PUBLISH_FAILURES = Counter("rlhf_kafka_publish_failures_total",
-                           "Failed publish attempts (each is retried while the process lives)", ["topic"])
+PUBLISH_FAILURES = Counter(
+    "rlhf_kafka_publish_failures_total", "Failed publish attempts (each is retried while the process lives)", ["topic"]
+)
 OUTBOX_SIZE = Gauge("rlhf_kafka_outbox_events", "Events waiting to be acknowledged by Kafka")
-EVENTS_DROPPED = Counter("rlhf_kafka_events_dropped_total",
-                         "Events dropped because the outbox was full (logged as errors)", ["topic"])
+EVENTS_DROPPED = Counter(
+    "rlhf_kafka_events_dropped_total", "Events dropped because the outbox was full (logged as errors)", ["topic"]
+)
 EVENTS_CONSUMED = Counter("rlhf_kafka_events_consumed_total", "Events handled by consumers", ["topic", "group"])
 BAD_RECORDS = Counter("rlhf_kafka_bad_records_total", "Records that are not valid envelopes (skipped)", ["topic"])
-HANDLER_FAILURES = Counter("rlhf_kafka_handler_failures_total",
-                           "Handler errors (the record is retried, offsets not committed)", ["topic", "group"])
+HANDLER_FAILURES = Counter(
+    "rlhf_kafka_handler_failures_total",
+    "Handler errors (the record is retried, offsets not committed)",
+    ["topic", "group"],
+)

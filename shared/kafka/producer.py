@@ -45,8 +45,7 @@ class _Pending:
 class EventPublisher:
     """Publishes envelopes to Kafka from a background thread, retrying until acknowledged."""
 
-    def __init__(self, cfg: KafkaConfig, service: str, *, capacity: int = 100_000,
-                 max_backoff_s: float = 5.0):
+    def __init__(self, cfg: KafkaConfig, service: str, *, capacity: int = 100_000, max_backoff_s: float = 5.0):
         self.cfg = cfg
         self.service = service
         self.capacity = capacity
@@ -70,8 +69,9 @@ class EventPublisher:
             if len(self._outbox) >= self.capacity:
                 dropped = self._outbox.popleft()
                 EVENTS_DROPPED.labels(dropped.topic).inc()
-                log_event(log, "outbox full: dropped oldest event", level=40, topic=dropped.topic,
-                          capacity=self.capacity)
+                log_event(
+                    log, "outbox full: dropped oldest event", level=40, topic=dropped.topic, capacity=self.capacity
+                )
             self._outbox.append(item)
             OUTBOX_SIZE.set(len(self._outbox))
             self._cond.notify()
@@ -142,8 +142,14 @@ class EventPublisher:
         except Exception as exc:  # noqa: BLE001 - this thread must outlive any client error
             PUBLISH_FAILURES.labels(item.topic).inc()
             if item.attempts == 1 or item.attempts % 20 == 0:
-                log_event(log, "publish failed; will retry", level=30, topic=item.topic,
-                          attempts=item.attempts, error=f"{type(exc).__name__}: {exc}")
+                log_event(
+                    log,
+                    "publish failed; will retry",
+                    level=30,
+                    topic=item.topic,
+                    attempts=item.attempts,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             discard_producer(self._producer)
             self._producer = None
             return False
@@ -183,8 +189,9 @@ class SyncPublisher:
     def publish_and_wait(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
         env = envelope.wrap(payload, self.service)
         try:
-            self._producer.send(topic, key=key.encode() if key else None,
-                                value=envelope.encode(env)).get(timeout=self.cfg.delivery_timeout_s + 5)
+            self._producer.send(topic, key=key.encode() if key else None, value=envelope.encode(env)).get(
+                timeout=self.cfg.delivery_timeout_s + 5
+            )
         except KafkaError:
             PUBLISH_FAILURES.labels(topic).inc()
             raise
@@ -231,8 +238,9 @@ class _RdProducer:
         elif err.code() == confluent_kafka.KafkaError._ALL_BROKERS_DOWN:
             if not self._brokers_down_logged:
                 self._brokers_down_logged = True
-                log_event(log, "no Kafka broker reachable; records wait until the delivery timeout",
-                          level=30, error=err.str())
+                log_event(
+                    log, "no Kafka broker reachable; records wait until the delivery timeout", level=30, error=err.str()
+                )
         else:
             log_event(log, "Kafka producer error (librdkafka retries it)", level=20, error=err.str())
 
@@ -331,8 +339,7 @@ class AsyncPublisher:
             self._current().producer.list_topics(timeout=timeout_s)
             return True
         except confluent_kafka.KafkaException as exc:
-            log_event(log, "Kafka producer warm-up failed; the first publish will connect", level=30,
-                      error=str(exc))
+            log_event(log, "Kafka producer warm-up failed; the first publish will connect", level=30, error=str(exc))
             return False
 
     async def publish(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
@@ -361,8 +368,12 @@ class AsyncPublisher:
             waits.append(done)
             if refused is None:
                 try:
-                    produce(topic, envelope.encode(env), key.encode() if key else None,
-                            on_delivery=lambda err, _msg, done=done: deliveries.put(done, err))
+                    produce(
+                        topic,
+                        envelope.encode(env),
+                        key.encode() if key else None,
+                        on_delivery=lambda err, _msg, done=done: deliveries.put(done, err),
+                    )
                     continue
                 except (BufferError, confluent_kafka.KafkaException) as exc:
                     refused = f"{type(exc).__name__}: {exc}"  # and the records after it are not handed over
@@ -389,8 +400,9 @@ class AsyncPublisher:
     def _discard_locked(self) -> None:
         old, self._producer = self._producer, None
         if old is not None:
-            threading.Thread(target=old.close, args=(self.cfg.delivery_timeout_s + 1,),
-                             name="discard-producer", daemon=True).start()
+            threading.Thread(
+                target=old.close, args=(self.cfg.delivery_timeout_s + 1,), name="discard-producer", daemon=True
+            ).start()
 
     def close(self, timeout_s: float = 5.0) -> None:
         with self._lock:

@@ -155,7 +155,11 @@ def create_default_model(
         raise RuntimeError(f"save_pretrained wrote pickle files {pickled}; the model store would refuse them")
     n_params = sum(p.numel() for p in model.parameters())
     log_event(
-        log, "created default model", dir=str(out_dir), params=n_params, vocab=len(tokenizer),
+        log,
+        "created default model",
+        dir=str(out_dir),
+        params=n_params,
+        vocab=len(tokenizer),
         seconds=round(time.monotonic() - started, 2),
     )
     return n_params

@@ -37,8 +37,9 @@ class EncodingLimits:
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_response_tokens < self.max_tokens:
-            raise ValueError(f"need 2 <= max_response_tokens ({self.max_response_tokens}) < max_tokens "
-                             f"({self.max_tokens})")
+            raise ValueError(
+                f"need 2 <= max_response_tokens ({self.max_response_tokens}) < max_tokens ({self.max_tokens})"
+            )
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     ``role: content`` lines, then ``assistant:``.
     """
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([asdict(m) for m in messages], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [asdict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids)
     text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant: "
     return list(tokenizer.encode(text, add_special_tokens=True))
@@ -72,8 +74,13 @@ def encode_response(tokenizer: Any, response: str) -> list[int]:
     return ids
 
 
-def truncate(prompt_ids: list[int], response_ids: list[int], limits: EncodingLimits,
-             bos_token_id: int | None = None, eos_token_id: int | None = None) -> Encoded:
+def truncate(
+    prompt_ids: list[int],
+    response_ids: list[int],
+    limits: EncodingLimits,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+) -> Encoded:
     """Apply the truncation rule of this module's docstring to already tokenized parts."""
     truncated = False
     if len(response_ids) > limits.max_response_tokens:
@@ -87,16 +94,21 @@ def truncate(prompt_ids: list[int], response_ids: list[int], limits: EncodingLim
         truncated = True
         keep_bos = bos_token_id is not None and prompt_ids and prompt_ids[0] == bos_token_id
         if keep_bos:
-            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (budget - 1):]
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - (budget - 1) :]
         else:
-            prompt_ids = prompt_ids[len(prompt_ids) - budget:]
+            prompt_ids = prompt_ids[len(prompt_ids) - budget :]
     return Encoded(list(prompt_ids) + list(response_ids), len(prompt_ids), truncated)
 
 
 def encode(tokenizer: Any, messages: Sequence[Message], response: str, limits: EncodingLimits) -> Encoded:
     """The RM's input for one (conversation, response) pair, truncated to ``limits``."""
-    return truncate(render_prompt(tokenizer, messages), encode_response(tokenizer, response), limits,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return truncate(
+        render_prompt(tokenizer, messages),
+        encode_response(tokenizer, response),
+        limits,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 def pad_batch(sequences: Sequence[list[int]], pad_token_id: int):

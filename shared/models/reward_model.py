@@ -61,8 +61,9 @@ class RewardModel(nn.Module):
         """Small random head, zero bias: N(0, 1/(hidden+1)) as in OpenAI's lm-human-preferences."""
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            self.score_head.weight.copy_(torch.randn(self.score_head.weight.shape, generator=gen)
-                                         / (self.hidden_size + 1) ** 0.5)
+            self.score_head.weight.copy_(
+                torch.randn(self.score_head.weight.shape, generator=gen) / (self.hidden_size + 1) ** 0.5
+            )
             self.score_head.bias.zero_()
 
     def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,9 @@ class RewardModel(nn.Module):
         from transformers import AutoModel
 
         with _quiet_transformers():
-            backbone, info = AutoModel.from_pretrained(str(policy_dir), dtype=torch.float32,
-                                                       output_loading_info=True, use_safetensors=True)
+            backbone, info = AutoModel.from_pretrained(
+                str(policy_dir), dtype=torch.float32, output_loading_info=True, use_safetensors=True
+            )
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])[:5]
             raise RewardModelError(f"{policy_dir}: backbone weights missing from the checkpoint: {missing}")
@@ -152,21 +154,30 @@ class RewardModel(nn.Module):
             backbone = AutoModel.from_config(config, dtype=torch.float32)
         model = cls(backbone, _hidden_size(config))
         if model.hidden_size != head.get("hidden_size"):
-            raise RewardModelError(f"{model_dir.name}: {HEAD_NAME} says hidden size {head.get('hidden_size')}, "
-                                   f"the config {model.hidden_size}")
+            raise RewardModelError(
+                f"{model_dir.name}: {HEAD_NAME} says hidden size {head.get('hidden_size')}, "
+                f"the config {model.hidden_size}"
+            )
         expected = model.state_dict()
         missing = sorted(expected.keys() - state.keys())
         unexpected = sorted(state.keys() - expected.keys())
         if missing or unexpected:
-            raise RewardModelError(f"{model_dir.name}: {WEIGHTS_NAME} does not match the config: missing "
-                                   f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise RewardModelError(
+                f"{model_dir.name}: {WEIGHTS_NAME} does not match the config: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for name, tensor in state.items():
             if tensor.shape != expected[name].shape:
-                raise RewardModelError(f"{model_dir.name}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                       f"expected {tuple(expected[name].shape)}")
+                raise RewardModelError(
+                    f"{model_dir.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[name].shape)}"
+                )
         model.load_state_dict(state, strict=True)
-        model.info = {k: v for k, v in head.items()
-                      if k not in {"format", "pooling", "padding_side", "hidden_size", "backbone_class", "offset"}}
+        model.info = {
+            k: v
+            for k, v in head.items()
+            if k not in {"format", "pooling", "padding_side", "hidden_size", "backbone_class", "offset"}
+        }
         return model.eval()
 
 
@@ -210,8 +221,10 @@ def read_head_info(model_dir: Path) -> dict[str, Any]:
     if not isinstance(head, dict) or head.get("format") != HEAD_FORMAT:
         raise RewardModelError(f"{Path(model_dir).name}: unsupported {HEAD_NAME} format")
     if head.get("pooling") != "last_token" or head.get("padding_side") != "right":
-        raise RewardModelError(f"{Path(model_dir).name}: {HEAD_NAME} asks for pooling {head.get('pooling')!r} / "
-                               f"padding {head.get('padding_side')!r}; only last_token / right exist")
+        raise RewardModelError(
+            f"{Path(model_dir).name}: {HEAD_NAME} asks for pooling {head.get('pooling')!r} / "
+            f"padding {head.get('padding_side')!r}; only last_token / right exist"
+        )
     return head
 
 

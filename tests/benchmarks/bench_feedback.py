@@ -46,7 +46,6 @@ import shutil
 import signal
 import socket
 import statistics
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,9 @@ sys.path.insert(0, str(REPO))
 import confluent_kafka  # noqa: E402
 import grpc  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
 
+from flywheel.launcher import grpc_serving  # noqa: E402
 from shared.config import KafkaConfig  # noqa: E402
 from shared.events import FeedbackEvent, RatedResponse  # noqa: E402
 from shared.feedback_token import TokenClaims, sign  # noqa: E402
@@ -69,9 +70,7 @@ from shared.kafka.client import producer_kwargs, rdkafka_producer_config  # noqa
 from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from shared.kafka.envelope import decode  # noqa: E402
 from shared.kafka.topics import FEEDBACK  # noqa: E402
-from flywheel.launcher import grpc_serving  # noqa: E402
 from shared.pb import feedback_pb2, feedback_pb2_grpc  # noqa: E402
-from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
 
 SECRET = "bench-feedback-token-secret-0123456789"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -118,30 +117,45 @@ class Stack:
     def __init__(self, code: Path, label: str, partitions: int | None = None) -> None:
         self.label = label
         self.broker = EmbeddedBroker().start()
-        self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers,
-                                 topic_partitions=partitions or KafkaConfig.topic_partitions)
+        self.kafka = KafkaConfig(
+            bootstrap_servers=self.broker.bootstrap_servers, topic_partitions=partitions or KafkaConfig.topic_partitions
+        )
         ensure_topics(self.kafka)
         self.feedback_port, self.gateway_port, self.metrics_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": str(code), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
-               "RLHF_FEEDBACK_TOKEN_SECRET": SECRET, "RLHF_LOG_LEVEL": "WARNING",
-               "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port), "RLHF_FEEDBACK_METRICS_PORT": str(self.metrics_port),
-               "RLHF_GATEWAY_PORT": str(self.gateway_port),
-               "RLHF_GATEWAY_FEEDBACK_ADDRESS": f"127.0.0.1:{self.feedback_port}"}
-        self.feedback = subprocess.Popen([sys.executable, "-m", "services.feedback"], env=env, cwd=code,
-                                         start_new_session=True)
-        self.gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, cwd=code,
-                                        start_new_session=True)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(code),
+            "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
+            "RLHF_FEEDBACK_TOKEN_SECRET": SECRET,
+            "RLHF_LOG_LEVEL": "WARNING",
+            "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port),
+            "RLHF_FEEDBACK_METRICS_PORT": str(self.metrics_port),
+            "RLHF_GATEWAY_PORT": str(self.gateway_port),
+            "RLHF_GATEWAY_FEEDBACK_ADDRESS": f"127.0.0.1:{self.feedback_port}",
+        }
+        self.feedback = subprocess.Popen(
+            [sys.executable, "-m", "services.feedback"], env=env, cwd=code, start_new_session=True
+        )
+        self.gateway = subprocess.Popen(
+            [sys.executable, "-m", "services.gateway"], env=env, cwd=code, start_new_session=True
+        )
         wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), f"{label} feedback service")
         wait_for(lambda: port_open(self.gateway_port), f"{label} gateway")
 
     def cpu(self) -> dict[str, float]:
-        return {"feedback": process_cpu_s(self.feedback.pid), "gateway": process_cpu_s(self.gateway.pid),
-                "broker": process_cpu_s(self.broker._proc.pid),  # noqa: SLF001 - the broker's own process
-                # This process, plus wrk once it has exited (the services are children too, but
-                # count here only after they exit, which is after the last window).
-                "loadgen": sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF,
-                               resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime")),
-                "machine": machine_busy_s()}
+        return {
+            "feedback": process_cpu_s(self.feedback.pid),
+            "gateway": process_cpu_s(self.gateway.pid),
+            "broker": process_cpu_s(self.broker._proc.pid),
+            # This process, plus wrk once it has exited (the services are children too, but
+            # count here only after they exit, which is after the last window).
+            "loadgen": sum(
+                getattr(resource.getrusage(who), f)
+                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for f in ("ru_utime", "ru_stime")
+            ),
+            "machine": machine_busy_s(),
+        }
 
     def batches(self) -> tuple[float, float]:
         """(SubmitFeedbackBatch calls, submissions in them) so far, from the feedback service's
@@ -187,6 +201,7 @@ class Run:
 
 # --- load generators: each prepares its requests, then returns an async ``one(i)`` -------------
 
+
 async def run_http(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     # aiohttp, not httpx: httpx's connection pool costs several times more CPU per request at high
     # concurrency, and the load generator shares the 2 cores with the servers it measures.
@@ -194,23 +209,40 @@ async def run_http(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
 
     url = f"http://127.0.0.1:{stack.gateway_port}/v1/feedback"
     headers = {"Content-Type": "application/json"}
-    bodies = [json.dumps({"type": "thumb", "response_id": f"{prefix}-r{i}", "thumb": "up", "user": f"{prefix}-u{i}",
-                          "feedback_tokens": [token(f"{prefix}-r{i}")]}).encode() for i in range(n)]
+    bodies = [
+        json.dumps(
+            {
+                "type": "thumb",
+                "response_id": f"{prefix}-r{i}",
+                "thumb": "up",
+                "user": f"{prefix}-u{i}",
+                "feedback_tokens": [token(f"{prefix}-r{i}")],
+            }
+        ).encode()
+        for i in range(n)
+    ]
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
+
         async def one(i: int) -> tuple[float, bool]:
             t = time.perf_counter()
             async with client.post(url, data=bodies[i], headers=headers) as r:
                 await r.read()
                 ok = r.status == 200
             return time.perf_counter() - t, ok
+
         return await closed_loop(stack, one, n, concurrency)
 
 
 async def run_grpc(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
-    requests = [feedback_pb2.SubmitFeedbackRequest(
-        thumb=feedback_pb2.ThumbRating(response_id=f"{prefix}-r{i}", thumb=feedback_pb2.THUMB_UP),
-        feedback_tokens=[token(f"{prefix}-r{i}")], user_id=f"{prefix}-u{i}") for i in range(n)]
+    requests = [
+        feedback_pb2.SubmitFeedbackRequest(
+            thumb=feedback_pb2.ThumbRating(response_id=f"{prefix}-r{i}", thumb=feedback_pb2.THUMB_UP),
+            feedback_tokens=[token(f"{prefix}-r{i}")],
+            user_id=f"{prefix}-u{i}",
+        )
+        for i in range(n)
+    ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.feedback_port}") as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
@@ -222,6 +254,7 @@ async def run_grpc(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
             except grpc.aio.AioRpcError:
                 ok = False
             return time.perf_counter() - t, ok
+
         return await closed_loop(stack, one, n, concurrency)
 
 
@@ -230,10 +263,17 @@ def raw_records(prefix: str, n: int) -> list[tuple[bytes, bytes]]:
     out = []
     for i in range(n):
         rid = f"{prefix}-r{i}"
-        ev = FeedbackEvent(feedback_id=f"{prefix}-f{i}", kind="thumb", user_id=f"{prefix}-u{i}",
-                           target=f"thumb:{rid}", revision=1, supersedes=None,
-                           responses=[RatedResponse(rid, "policy-0001", "ph-bench")], thumb="up",
-                           received_at=time.time())
+        ev = FeedbackEvent(
+            feedback_id=f"{prefix}-f{i}",
+            kind="thumb",
+            user_id=f"{prefix}-u{i}",
+            target=f"thumb:{rid}",
+            revision=1,
+            supersedes=None,
+            responses=[RatedResponse(rid, "policy-0001", "ph-bench")],
+            thumb="up",
+            received_at=time.time(),
+        )
         out.append((ev.user_id.encode(), envelope.encode(envelope.wrap(ev, "bench"))))
     return out
 
@@ -273,8 +313,12 @@ async def run_rdkafka(stack: Stack, prefix: str, n: int, concurrency: int) -> Ru
     async def one(i: int) -> tuple[float, bool]:
         done = loop.create_future()
         t = time.perf_counter()
-        producer.produce(FEEDBACK, records[i][1], records[i][0],
-                         on_delivery=lambda err, _: loop.call_soon_threadsafe(done.set_result, err is None))
+        producer.produce(
+            FEEDBACK,
+            records[i][1],
+            records[i][0],
+            on_delivery=lambda err, _: loop.call_soon_threadsafe(done.set_result, err is None),
+        )
         ok = await done
         return time.perf_counter() - t, ok
 
@@ -324,14 +368,37 @@ def run_wrk(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     ``concurrency`` connections in a closed loop; wrk stops at the last answer (wrk/feedback.lua)."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for i in range(n):
-            f.write(json.dumps({"type": "thumb", "response_id": f"{prefix}-r{i}", "thumb": "up",
-                                "user": f"{prefix}-u{i}", "feedback_tokens": [token(f"{prefix}-r{i}")]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "type": "thumb",
+                        "response_id": f"{prefix}-r{i}",
+                        "thumb": "up",
+                        "user": f"{prefix}-u{i}",
+                        "feedback_tokens": [token(f"{prefix}-r{i}")],
+                    }
+                )
+                + "\n"
+            )
     try:
         loadavg, cpu_before, batches_before = os.getloadavg(), stack.cpu(), stack.batches()
-        wrk = subprocess.Popen(["wrk", "-t1", f"-c{concurrency}", "-d600s", "--timeout", "60s",
-                                "-s", str(Path(__file__).parent / "wrk" / "feedback.lua"),
-                                f"http://127.0.0.1:{stack.gateway_port}", "--", f.name],
-                               stdout=subprocess.PIPE, text=True)
+        wrk = subprocess.Popen(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                "-d600s",
+                "--timeout",
+                "60s",
+                "-s",
+                str(Path(__file__).parent / "wrk" / "feedback.lua"),
+                f"http://127.0.0.1:{stack.gateway_port}",
+                "--",
+                f.name,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         out = []
         for line in wrk.stdout:
             out.append(line)
@@ -345,8 +412,16 @@ def run_wrk(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     result = json.loads(out.rsplit("RESULT ", 1)[1])
     if result["socket_errors"]:
         log(f"  wrk reports {result['socket_errors']} socket errors")
-    return Run(result["sent"], result["accepted"], result["p50_us"] / 1e6, result["p99_us"] / 1e6,
-               result["duration_us"] / 1e6, cpu, loadavg, mean_batch)
+    return Run(
+        result["sent"],
+        result["accepted"],
+        result["p50_us"] / 1e6,
+        result["p99_us"] / 1e6,
+        result["duration_us"] / 1e6,
+        cpu,
+        loadavg,
+        mean_batch,
+    )
 
 
 def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
@@ -377,19 +452,26 @@ def external_cores(stack: Stack, seconds: float) -> float:
     return max(0.0, after["machine"] - before["machine"] - ours) / (time.monotonic() - started)
 
 
-def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: QuietGuard,
-            round_no: int = 1) -> dict:
+def measure(
+    stack: Stack, version: str, path: str, runner, n: int, concurrency: int, quiet: QuietGuard, round_no: int = 1
+) -> dict:
     def call(prefix: str, n: int) -> Run:
-        return asyncio.run(runner(stack, prefix, n, concurrency)) if asyncio.iscoroutinefunction(runner) \
+        return (
+            asyncio.run(runner(stack, prefix, n, concurrency))
+            if asyncio.iscoroutinefunction(runner)
             else runner(stack, prefix, n, concurrency)
+        )
 
     attempts = []
     for attempt in range(1 + quiet.retries):
         # Unique per round and attempt: a rating sent twice would be a duplicate, not a new vote.
         prefix = f"{version}-{path}{concurrency}-r{round_no}" + (f"-a{attempt + 1}" if attempt else "")
         before = quiet.wait(lambda seconds: external_cores(stack, seconds), log)
-        log(f"round {round_no}: {version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
-            + (f" (attempt {attempt + 1})" if attempt else "") + f"; other processes {before:.2f} cores")
+        log(
+            f"round {round_no}: {version} {path} at {concurrency} concurrent: warm-up, then {n} ratings"
+            + (f" (attempt {attempt + 1})" if attempt else "")
+            + f"; other processes {before:.2f} cores"
+        )
         call(prefix + "w", 200)
         row = summarise(version, path, concurrency, call(prefix, n), records_on_topic(stack.kafka, prefix))
         row["round"] = round_no
@@ -405,20 +487,33 @@ def measure(stack: Stack, version: str, path: str, runner, n: int, concurrency: 
 
 
 def summarise(version: str, path: str, concurrency: int, run: Run, on_topic: tuple[int, int]) -> dict:
-    return {"version": version, "path": path, "concurrency": concurrency, "sent": run.sent,
-            "accepted": run.accepted, "errors": run.sent - run.accepted, "ratings_per_s": run.accepted / run.wall_s,
-            "p50_ms": run.p50_s * 1e3, "p99_ms": run.p99_s * 1e3, "records_on_topic": on_topic[0],
-            "distinct_ids_on_topic": on_topic[1], "lost": run.accepted - on_topic[1], "wall_s": run.wall_s,
-            "cpu_s": run.cpu_s,
-            "cpu_ms_per_rating": {k: v * 1e3 / max(1, run.sent) for k, v in run.cpu_s.items()},
-            "loadavg_at_start": run.loadavg, "mean_batch": run.mean_batch,
-            "external_cores": run.cpu_s["other"] / run.wall_s}
+    return {
+        "version": version,
+        "path": path,
+        "concurrency": concurrency,
+        "sent": run.sent,
+        "accepted": run.accepted,
+        "errors": run.sent - run.accepted,
+        "ratings_per_s": run.accepted / run.wall_s,
+        "p50_ms": run.p50_s * 1e3,
+        "p99_ms": run.p99_s * 1e3,
+        "records_on_topic": on_topic[0],
+        "distinct_ids_on_topic": on_topic[1],
+        "lost": run.accepted - on_topic[1],
+        "wall_s": run.wall_s,
+        "cpu_s": run.cpu_s,
+        "cpu_ms_per_rating": {k: v * 1e3 / max(1, run.sent) for k, v in run.cpu_s.items()},
+        "loadavg_at_start": run.loadavg,
+        "mean_batch": run.mean_batch,
+        "external_cores": run.cpu_s["other"] / run.wall_s,
+    }
 
 
 def baseline_worktree(ref: str) -> Path:
     where = Path(tempfile.mkdtemp(prefix="bench-feedback-baseline-"))
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), ref], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(where), ref], check=True, capture_output=True
+    )
     # Generated stubs are checked in; nothing to build.
     return where
 
@@ -427,15 +522,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", type=int, default=4000, help="ratings per path and concurrency level")
     ap.add_argument("--concurrency", default="8,32,64")
-    ap.add_argument("--paths", default="http-wrk,http,grpc,kafka,rdkafka" if shutil.which("wrk")
-                    else "http,grpc,kafka,rdkafka")
+    ap.add_argument(
+        "--paths", default="http-wrk,http,grpc,kafka,rdkafka" if shutil.which("wrk") else "http,grpc,kafka,rdkafka"
+    )
     ap.add_argument("--baseline", default="", help="git ref to measure http and grpc on as well (before vs after)")
     ap.add_argument("--out", default=str(REPO / "bench-results" / "feedback.json"))
-    ap.add_argument("--partitions", type=int, default=None,
-                    help="partitions per topic on the benchmark's broker (default: as `rlhf up` creates them)")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run every level this many times (versions alternating); the verdict and the "
-                         "plot use each row's median over the rounds")
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="partitions per topic on the benchmark's broker (default: as `rlhf up` creates them)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every level this many times (versions alternating); the verdict and the "
+        "plot use each row's median over the rounds",
+    )
     QuietGuard.add_arguments(ap, "run", max_wait_s=45.0)
     args = ap.parse_args()
     quiet = QuietGuard.from_args(args)
@@ -465,8 +569,18 @@ def main() -> None:
                     for version, _ in versions:
                         if version == "before" and path not in ("http", "http-wrk", "grpc"):
                             continue  # the raw producers do not depend on the code version
-                        rows.append(measure(stacks[version], version, path, runners[path], args.ratings,
-                                            concurrency, quiet, round_no))
+                        rows.append(
+                            measure(
+                                stacks[version],
+                                version,
+                                path,
+                                runners[path],
+                                args.ratings,
+                                concurrency,
+                                quiet,
+                                round_no,
+                            )
+                        )
     finally:
         for stack in stacks.values():
             stack.stop()
@@ -477,10 +591,20 @@ def main() -> None:
     print_table(rows, args.baseline)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                               "baseline": args.baseline, "ratings_per_level": args.ratings,
-                               "shared_machine_guard": dataclasses.asdict(quiet), "rounds": args.rounds,
-                               "rows": rows, "medians": medians(rows)}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                "baseline": args.baseline,
+                "ratings_per_level": args.ratings,
+                "shared_machine_guard": dataclasses.asdict(quiet),
+                "rounds": args.rounds,
+                "rows": rows,
+                "medians": medians(rows),
+            },
+            indent=2,
+        )
+    )
     plot(medians(rows), out.with_suffix(".png"))
     log(f"wrote {out} and {out.with_suffix('.png')}")
 
@@ -493,8 +617,13 @@ def medians(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["version"], r["path"], r["concurrency"]), []).append(r)
     out = []
     for (version, path, concurrency), rs in groups.items():
-        m = {"version": version, "path": path, "concurrency": concurrency, "rounds": len(rs),
-             "lost_all_attempts": sum(r["lost_all_attempts"] for r in rs)}
+        m = {
+            "version": version,
+            "path": path,
+            "concurrency": concurrency,
+            "rounds": len(rs),
+            "lost_all_attempts": sum(r["lost_all_attempts"] for r in rs),
+        }
         for key in ("ratings_per_s", "p50_ms", "p99_ms"):
             values = [r[key] for r in rs]
             m[key], m[key + "_range"] = statistics.median(values), (min(values), max(values))
@@ -504,49 +633,69 @@ def medians(rows: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict], baseline: str) -> None:
     procs = ("feedback", "gateway", "broker", "loadgen", "other")
-    header = (f"{'rnd':<4}{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
-              f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: " + " ".join(f"{p:>8}" for p in procs)
-              + f" | {'ext':>5}{'batch':>6}")
+    header = (
+        f"{'rnd':<4}{'version':<8}{'path':<8}{'conc':>5}{'ratings/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'accepted':>9}"
+        f"{'on topic':>9}{'lost':>5}{'err':>5} | CPU ms per rating: "
+        + " ".join(f"{p:>8}" for p in procs)
+        + f" | {'ext':>5}{'batch':>6}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         per = r["cpu_ms_per_rating"]
-        print(f"{r['round']:<4}{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
-              f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
-              f"{'':19}" + " ".join(f"{per[p]:>8.3f}" for p in procs) + f" | {r['external_cores']:>5.2f}"
-              + (f"{r['mean_batch']:>6.1f}" if r["mean_batch"] else f"{'-':>6}"))
+        print(
+            f"{r['round']:<4}{r['version']:<8}{r['path']:<8}{r['concurrency']:>5}{r['ratings_per_s']:>10.0f}{r['p50_ms']:>8.1f}"
+            f"{r['p99_ms']:>8.1f}{r['accepted']:>9}{r['distinct_ids_on_topic']:>9}{r['lost']:>5}{r['errors']:>5} | "
+            f"{'':19}"
+            + " ".join(f"{per[p]:>8.3f}" for p in procs)
+            + f" | {r['external_cores']:>5.2f}"
+            + (f"{r['mean_batch']:>6.1f}" if r["mean_batch"] else f"{'-':>6}")
+        )
     rounds = max(r["round"] for r in rows)
     rows = medians(rows)
     if rounds > 1:
         print(f"\nmedians over {rounds} rounds (range):")
         for r in rows:
-            print(f"  {r['version']:<7}{r['path']:<9}at {r['concurrency']:>3}: {r['ratings_per_s']:>6.0f}/s "
-                  f"({r['ratings_per_s_range'][0]:.0f}-{r['ratings_per_s_range'][1]:.0f}), "
-                  f"p99 {r['p99_ms']:.1f} ms ({r['p99_ms_range'][0]:.1f}-{r['p99_ms_range'][1]:.1f})")
+            print(
+                f"  {r['version']:<7}{r['path']:<9}at {r['concurrency']:>3}: {r['ratings_per_s']:>6.0f}/s "
+                f"({r['ratings_per_s_range'][0]:.0f}-{r['ratings_per_s_range'][1]:.0f}), "
+                f"p99 {r['p99_ms']:.1f} ms ({r['p99_ms_range'][0]:.1f}-{r['p99_ms_range'][1]:.1f})"
+            )
     if baseline:
         print(f"\nnow / before ({baseline}), same run" + (", medians:" if rounds > 1 else ":"))
         for r in rows:
             if r["version"] != "now":
                 continue
-            b = next((x for x in rows if x["version"] == "before" and x["path"] == r["path"]
-                      and x["concurrency"] == r["concurrency"]), None)
+            b = next(
+                (
+                    x
+                    for x in rows
+                    if x["version"] == "before" and x["path"] == r["path"] and x["concurrency"] == r["concurrency"]
+                ),
+                None,
+            )
             if b:
-                print(f"  {r['path']:<5} at {r['concurrency']:>3}: ratings/s x{r['ratings_per_s'] / b['ratings_per_s']:.2f}, "
-                      f"p99 x{r['p99_ms'] / b['p99_ms']:.2f}")
+                print(
+                    f"  {r['path']:<5} at {r['concurrency']:>3}: ratings/s x{r['ratings_per_s'] / b['ratings_per_s']:.2f}, "
+                    f"p99 x{r['p99_ms'] / b['p99_ms']:.2f}"
+                )
     http = [r for r in rows if r["path"] in ("http", "http-wrk") and r["version"] == "now"]
     if http:
         meeting = [r for r in http if r["ratings_per_s"] >= TARGET_PER_S and r["p99_ms"] < TARGET_P99_MS]
         best = max(meeting or http, key=lambda r: r["ratings_per_s"])
         lost = sum(r["lost_all_attempts"] for r in rows)
         ok = bool(meeting) and lost == 0
-        print(f"\nTarget >= {TARGET_PER_S} ratings/s with p99 < {TARGET_P99_MS} ms through HTTP, zero lost: best HTTP "
-              + ("row (medians over rounds)" if rounds > 1 else "row")
-              + f" {best['ratings_per_s']:.0f}/s ({best['path']} at {best['concurrency']} concurrent), "
-              f"p99 {best['p99_ms']:.1f} ms, "
-              f"lost {lost} -> {'PASS' if ok else 'FAIL'}")
+        print(
+            f"\nTarget >= {TARGET_PER_S} ratings/s with p99 < {TARGET_P99_MS} ms through HTTP, zero lost: best HTTP "
+            + ("row (medians over rounds)" if rounds > 1 else "row")
+            + f" {best['ratings_per_s']:.0f}/s ({best['path']} at {best['concurrency']} concurrent), "
+            f"p99 {best['p99_ms']:.1f} ms, "
+            f"lost {lost} -> {'PASS' if ok else 'FAIL'}"
+        )
 
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,18 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
+from flywheel.launcher import grpc_serving  # noqa: E402
 from services.reward.learner import is_heldout  # noqa: E402
 from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm  # noqa: E402
 from shared.config import KafkaConfig  # noqa: E402
-from shared.models.default_model import ensure_default_policy  # noqa: E402
 from shared.events import CompletionEvent, Message, Timings  # noqa: E402
 from shared.feedback_token import TokenClaims, prompt_hash, sign  # noqa: E402
 from shared.kafka.admin import ensure_topics  # noqa: E402
 from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
 from shared.kafka.producer import EventPublisher  # noqa: E402
 from shared.kafka.topics import COMPLETIONS  # noqa: E402
-from flywheel.launcher import grpc_serving  # noqa: E402
 from shared.model_store import ModelStore  # noqa: E402
+from shared.models.default_model import ensure_default_policy  # noqa: E402
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
 
 SECRET = "bench-reward-token-secret-0123456789"
@@ -90,16 +89,29 @@ class Services:
         self.kafka = KafkaConfig(bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(self.kafka)
         self.feedback_port, self.reward_port, self.metrics_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
-               "RLHF_LOG_LEVEL": "WARNING", "RLHF_MODEL_STORE_ROOT": str(store_root),
-               "RLHF_FEEDBACK_TOKEN_SECRET": SECRET, "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port),
-               "RLHF_FEEDBACK_METRICS_PORT": "0", "RLHF_REWARD_GRPC_PORT": str(self.reward_port),
-               "RLHF_REWARD_METRICS_PORT": str(self.metrics_port), "RLHF_REWARD_STATE_DIR": str(state_dir),
-               "RLHF_REWARD_LEARN_EVERY_COMPARISONS": str(every), "RLHF_REWARD_LEARN_EVERY_S": "3600",
-               "RLHF_REWARD_HELDOUT_FRACTION": str(HELDOUT_FRACTION), "RLHF_REWARD_LEARNER_LR": "1e-3",
-               "RLHF_REWARD_LEARNER_EPOCHS": "3", "RLHF_REWARD_MAX_BATCH_SIZE": "32"}
-        self.procs = [subprocess.Popen([sys.executable, "-m", m], env=env, cwd=REPO, start_new_session=True)
-                      for m in ("services.feedback", "services.reward")]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
+            "RLHF_LOG_LEVEL": "WARNING",
+            "RLHF_MODEL_STORE_ROOT": str(store_root),
+            "RLHF_FEEDBACK_TOKEN_SECRET": SECRET,
+            "RLHF_FEEDBACK_GRPC_PORT": str(self.feedback_port),
+            "RLHF_FEEDBACK_METRICS_PORT": "0",
+            "RLHF_REWARD_GRPC_PORT": str(self.reward_port),
+            "RLHF_REWARD_METRICS_PORT": str(self.metrics_port),
+            "RLHF_REWARD_STATE_DIR": str(state_dir),
+            "RLHF_REWARD_LEARN_EVERY_COMPARISONS": str(every),
+            "RLHF_REWARD_LEARN_EVERY_S": "3600",
+            "RLHF_REWARD_HELDOUT_FRACTION": str(HELDOUT_FRACTION),
+            "RLHF_REWARD_LEARNER_LR": "1e-3",
+            "RLHF_REWARD_LEARNER_EPOCHS": "3",
+            "RLHF_REWARD_MAX_BATCH_SIZE": "32",
+        }
+        self.procs = [
+            subprocess.Popen([sys.executable, "-m", m], env=env, cwd=REPO, start_new_session=True)
+            for m in ("services.feedback", "services.reward")
+        ]
         wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), "feedback service", interval=0.3)
         wait_for(grpc_serving(f"127.0.0.1:{self.reward_port}"), "reward service", interval=0.3)
         self.inference = EventPublisher(self.kafka, "inference")
@@ -124,9 +136,15 @@ class Services:
 
 # --- 1 and 2: scoring ------------------------------------------------------------------------------
 
+
 def scoring(svc: Services, n_items: int) -> dict:
-    items = [reward_pb2.ScoreItem(messages=[common_pb2.ChatMessage(role="user", content=question(a))],
-                                  response=answer(a) + (" Happy to help!" if a % 2 else "")) for a in range(n_items)]
+    items = [
+        reward_pb2.ScoreItem(
+            messages=[common_pb2.ChatMessage(role="user", content=question(a))],
+            response=answer(a) + (" Happy to help!" if a % 2 else ""),
+        )
+        for a in range(n_items)
+    ]
     out = {}
     with grpc.insecure_channel(f"127.0.0.1:{svc.reward_port}") as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
@@ -136,19 +154,25 @@ def scoring(svc: Services, n_items: int) -> dict:
             started = time.perf_counter()
             for i in range(0, n_items, batch):
                 t = time.perf_counter()
-                resp = stub.Score(reward_pb2.ScoreRequest(items=items[i:i + batch]), timeout=60)
+                resp = stub.Score(reward_pb2.ScoreRequest(items=items[i : i + batch]), timeout=60)
                 latencies.append(time.perf_counter() - t)
-                assert len(resp.scores) == len(items[i:i + batch])
+                assert len(resp.scores) == len(items[i : i + batch])
             seconds = time.perf_counter() - started
-            out[f"batch{batch}"] = {"items": n_items, "requests": len(latencies), "seconds": seconds,
-                                    "items_per_s": n_items / seconds, "p50_ms": 1000 * percentile(latencies, 50),
-                                    "p99_ms": 1000 * percentile(latencies, 99)}
+            out[f"batch{batch}"] = {
+                "items": n_items,
+                "requests": len(latencies),
+                "seconds": seconds,
+                "items_per_s": n_items / seconds,
+                "p50_ms": 1000 * percentile(latencies, 50),
+                "p99_ms": 1000 * percentile(latencies, 99),
+            }
             log(f"batch {batch}: {n_items / seconds:.1f} items/s, p50 {1000 * percentile(latencies, 50):.1f} ms")
     out["speedup"] = out["batch32"]["items_per_s"] / out["batch1"]["items_per_s"]
     return out
 
 
 # --- 3: rating -> published RM ---------------------------------------------------------------------
+
 
 class Rater:
     def __init__(self, svc: Services):
@@ -172,20 +196,40 @@ class Rater:
         for a in prompts:
             ids = (f"b{a}-friendly", f"b{a}-plain")
             for rid, text in zip(ids, (answer(a) + " Happy to help!", answer(a))):
-                self.svc.inference.publish(COMPLETIONS, CompletionEvent(
-                    request_id=rid, response_id=rid, index=0, n=1, policy_version="policy-0001", model="rlhf-policy",
-                    source="user", messages=[Message("user", question(a))], prompt_token_ids=[], completion_text=text,
-                    token_ids=[], logprobs=None, finish_reason="stop", sampling={}, timings=Timings(0, 0, 0),
-                    created_at=time.time()), key=rid)
+                self.svc.inference.publish(
+                    COMPLETIONS,
+                    CompletionEvent(
+                        request_id=rid,
+                        response_id=rid,
+                        index=0,
+                        n=1,
+                        policy_version="policy-0001",
+                        model="rlhf-policy",
+                        source="user",
+                        messages=[Message("user", question(a))],
+                        prompt_token_ids=[],
+                        completion_text=text,
+                        token_ids=[],
+                        logprobs=None,
+                        finish_reason="stop",
+                        sampling={},
+                        timings=Timings(0, 0, 0),
+                        created_at=time.time(),
+                    ),
+                    key=rid,
+                )
             served[a] = ids
         assert self.svc.inference.flush(30)
         acked = []
         for a, ids in served.items():
             ph = prompt_hash([("user", question(a))])
             tokens = [sign(SECRET, TokenClaims(r, "policy-0001", ph, int(time.time()) + 3600)) for r in ids]
-            self.stub.SubmitFeedback(feedback_pb2.SubmitFeedbackRequest(
-                ranking=feedback_pb2.Ranking(response_ids=list(ids)), feedback_tokens=tokens, user_id="bench"),
-                timeout=30)
+            self.stub.SubmitFeedback(
+                feedback_pb2.SubmitFeedbackRequest(
+                    ranking=feedback_pb2.Ranking(response_ids=list(ids)), feedback_tokens=tokens, user_id="bench"
+                ),
+                timeout=30,
+            )
             acked.append(time.time())
         return acked
 
@@ -202,18 +246,31 @@ def rating_to_rm(svc: Services, store: ModelStore, trials: int, every: int) -> d
         published = time.time()
         [version] = sorted(set(store.versions("rm")) - before)
         m = store.manifest(version).metrics
-        results.append({"version": version, "ratings": every, "first_rating_to_rm_s": published - acked[0],
-                        "last_rating_to_rm_s": published - acked[-1], "round_s": m.get("round_seconds"),
-                        "heldout_accuracy": m.get("heldout_accuracy"),
-                        "heldout_accuracy_before": m.get("heldout_accuracy_before")})
+        results.append(
+            {
+                "version": version,
+                "ratings": every,
+                "first_rating_to_rm_s": published - acked[0],
+                "last_rating_to_rm_s": published - acked[-1],
+                "round_s": m.get("round_seconds"),
+                "heldout_accuracy": m.get("heldout_accuracy"),
+                "heldout_accuracy_before": m.get("heldout_accuracy_before"),
+            }
+        )
         log(f"trial {trial + 1}: {version}, last rating -> published {published - acked[-1]:.1f} s")
     # The learner observes its histogram just after the version lands in the store.
-    wait_for(lambda: svc.metric("rlhf_reward_learner_rating_to_rm_seconds_count") >= trials * every,
-             "the learner's rating -> RM histogram", timeout=30)
+    wait_for(
+        lambda: svc.metric("rlhf_reward_learner_rating_to_rm_seconds_count") >= trials * every,
+        "the learner's rating -> RM histogram",
+        timeout=30,
+    )
     count = svc.metric("rlhf_reward_learner_rating_to_rm_seconds_count")
     total = svc.metric("rlhf_reward_learner_rating_to_rm_seconds_sum")
-    return {"trials": results, "learner_histogram_mean_s": total / count if count else None,
-            "learner_histogram_count": count}
+    return {
+        "trials": results,
+        "learner_histogram_mean_s": total / count if count else None,
+        "learner_histogram_count": count,
+    }
 
 
 def _or(value, default):
@@ -253,22 +310,36 @@ def main() -> None:
     print(f"{'version':<10}{'first->rm s':>13}{'last->rm s':>12}{'round s':>9}{'acc before':>12}{'acc after':>11}")
     nan = float("nan")
     for t in learn["trials"]:
-        print(f"{t['version']:<10}{t['first_rating_to_rm_s']:>13.1f}{t['last_rating_to_rm_s']:>12.1f}"
-              f"{_or(t['round_s'], nan):>9.1f}{_or(t['heldout_accuracy_before'], nan):>12.3f}"
-              f"{_or(t['heldout_accuracy'], nan):>11.3f}")
+        print(
+            f"{t['version']:<10}{t['first_rating_to_rm_s']:>13.1f}{t['last_rating_to_rm_s']:>12.1f}"
+            f"{_or(t['round_s'], nan):>9.1f}{_or(t['heldout_accuracy_before'], nan):>12.3f}"
+            f"{_or(t['heldout_accuracy'], nan):>11.3f}"
+        )
     if learn["learner_histogram_mean_s"] is not None:
-        print(f"learner's own rating->RM histogram: mean {learn['learner_histogram_mean_s']:.1f} s over "
-              f"{learn['learner_histogram_count']:.0f} comparisons")
+        print(
+            f"learner's own rating->RM histogram: mean {learn['learner_histogram_mean_s']:.1f} s over "
+            f"{learn['learner_histogram_count']:.0f} comparisons"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
-                               "args": vars(args), "score": score, "rating_to_rm": learn}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                "args": vars(args),
+                "score": score,
+                "rating_to_rm": learn,
+            },
+            indent=2,
+        )
+    )
     plot(score, learn, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 
 def plot(score: dict, learn: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -284,10 +355,18 @@ def plot(score: dict, learn: dict, path: Path) -> None:
     ax2.set_title("Score latency per request (ms)")
     ax2.legend()
     trials = learn["trials"]
-    ax3.bar([t["version"] for t in trials], [t["first_rating_to_rm_s"] for t in trials], color="#47a",
-            label="first rating of the batch")
-    ax3.bar([t["version"] for t in trials], [_or(t["round_s"], 0.0) for t in trials], color="#a74",
-            label="of which: training round")
+    ax3.bar(
+        [t["version"] for t in trials],
+        [t["first_rating_to_rm_s"] for t in trials],
+        color="#47a",
+        label="first rating of the batch",
+    )
+    ax3.bar(
+        [t["version"] for t in trials],
+        [_or(t["round_s"], 0.0) for t in trials],
+        color="#a74",
+        label="of which: training round",
+    )
     ax3.set_title("Rating -> published RM (s)")
     ax3.legend()
     fig.tight_layout()

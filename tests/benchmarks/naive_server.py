@@ -48,8 +48,9 @@ class QueueStreamer:
 
 
 def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "code": status}}, status_code=status
+    )
 
 
 def create_app(model_dir: str, served_model_name: str, max_model_len: int) -> FastAPI:
@@ -101,18 +102,28 @@ def create_app(model_dir: str, served_model_name: str, max_model_len: int) -> Fa
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": 0,
-                                            "owned_by": "naive"}]}
+        return {
+            "object": "list",
+            "data": [{"id": served_model_name, "object": "model", "created": 0, "owned_by": "naive"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await request.json()
         if body.get("model") != served_model_name:
             return error(404, f"model {body.get('model')!r} does not exist")
-        messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-                     else "".join(p.get("text", "") for p in m["content"])} for m in body.get("messages", [])]
-        prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
+        messages = [
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else "".join(p.get("text", "") for p in m["content"]),
+            }
+            for m in body.get("messages", [])
+        ]
+        prompt_ids = list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
         if len(prompt_ids) + max_tokens > max_model_len:
             return error(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens exceeds {max_model_len}")
@@ -125,18 +136,36 @@ def create_app(model_dir: str, served_model_name: str, max_model_len: int) -> Fa
             async for ids in tokens(prompt_ids, body):
                 out += ids
             finish = "stop" if out and out[-1] in eos_ids else "length"
-            return {"id": cid, "object": "chat.completion", "created": created, "model": served_model_name,
-                    "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
-                                 "message": {"role": "assistant",
-                                             "content": tokenizer.decode(out, skip_special_tokens=True)}}],
-                    "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
-                              "total_tokens": len(prompt_ids) + len(out)}}
+            return {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": served_model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": finish,
+                        "logprobs": None,
+                        "message": {"role": "assistant", "content": tokenizer.decode(out, skip_special_tokens=True)},
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": len(out),
+                    "total_tokens": len(prompt_ids) + len(out),
+                },
+            }
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
-                   "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            doc = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": served_model_name,
+                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             if usage:
                 doc["usage"] = usage
             return f"data: {json.dumps(doc)}\n\n"
@@ -150,7 +179,7 @@ def create_app(model_dir: str, served_model_name: str, max_model_len: int) -> Fa
                 text = tokenizer.decode(out, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                     continue
-                delta = {"content": text[len(sent):]}
+                delta = {"content": text[len(sent) :]}
                 sent = text
                 if first:
                     delta["role"] = "assistant"
@@ -159,8 +188,14 @@ def create_app(model_dir: str, served_model_name: str, max_model_len: int) -> Fa
             finish = "stop" if out and out[-1] in eos_ids else "length"
             yield chunk({} if not first else {"role": "assistant", "content": ""}, finish)
             if include_usage:
-                yield chunk({}, usage={"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
-                                       "total_tokens": len(prompt_ids) + len(out)})
+                yield chunk(
+                    {},
+                    usage={
+                        "prompt_tokens": len(prompt_ids),
+                        "completion_tokens": len(out),
+                        "total_tokens": len(prompt_ids) + len(out),
+                    },
+                )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

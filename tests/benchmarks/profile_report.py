@@ -15,9 +15,11 @@ import json
 import re
 from pathlib import Path
 
-INTERESTING = re.compile(r"/(services|shared)/|grpc|pydantic|starlette|fastapi|uvicorn|protobuf|kafka|anyio|"
-                         r"vllm/entrypoints|vllm/v1/engine|vllm/renderers|transformers/tokenization|jinja2|"
-                         r"naive_server|json/")
+INTERESTING = re.compile(
+    r"/(services|shared)/|grpc|pydantic|starlette|fastapi|uvicorn|protobuf|kafka|anyio|"
+    r"vllm/entrypoints|vllm/v1/engine|vllm/renderers|transformers/tokenization|jinja2|"
+    r"naive_server|json/"
+)
 
 
 def short(where: str) -> str:
@@ -35,8 +37,10 @@ def short(where: str) -> str:
 def summarise(doc: dict, top: int) -> list[str]:
     wall = doc.get("recorded_wall_s") or 0.0
     total = sum(t["cpu_s"] for t in doc["threads"].values())
-    lines = [f"== {doc['process']} (pid {doc['pid']}): {total:.1f} s CPU in Python threads over {wall:.0f} s "
-             f"recorded ({total / wall if wall else 0:.2f} cores)"]
+    lines = [
+        f"== {doc['process']} (pid {doc['pid']}): {total:.1f} s CPU in Python threads over {wall:.0f} s "
+        f"recorded ({total / wall if wall else 0:.2f} cores)"
+    ]
     for tname, t in sorted(doc["threads"].items(), key=lambda kv: -kv[1]["cpu_s"]):
         cpu = t["cpu_s"]
         if cpu < max(0.05 * total, 0.2):

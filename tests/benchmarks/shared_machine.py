@@ -32,13 +32,22 @@ class QuietGuard:
     @staticmethod
     def add_arguments(ap: argparse.ArgumentParser, unit: str, max_wait_s: float) -> None:
         """--quiet-threshold, --quiet-max-wait-s, --max-external, --retries (``unit``: "run", "level")."""
-        ap.add_argument("--quiet-threshold", type=float, default=0.15,
-                        help=f"start a {unit} when other processes use fewer cores than this (shared machines)")
+        ap.add_argument(
+            "--quiet-threshold",
+            type=float,
+            default=0.15,
+            help=f"start a {unit} when other processes use fewer cores than this (shared machines)",
+        )
         ap.add_argument("--quiet-max-wait-s", type=float, default=max_wait_s)
-        ap.add_argument("--max-external", type=float, default=0.25,
-                        help=f"run a {unit} again when other processes used more cores than this during it")
-        ap.add_argument("--retries", type=int, default=2,
-                        help=f"runs again of a disturbed {unit} (least disturbed kept)")
+        ap.add_argument(
+            "--max-external",
+            type=float,
+            default=0.25,
+            help=f"run a {unit} again when other processes used more cores than this during it",
+        )
+        ap.add_argument(
+            "--retries", type=int, default=2, help=f"runs again of a disturbed {unit} (least disturbed kept)"
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> QuietGuard:
@@ -54,6 +63,8 @@ class QuietGuard:
             if external < self.threshold or time.monotonic() > deadline:
                 return external
             if not warned:
-                log(f"  other processes use {external:.2f} cores; waiting for a quiet moment "
-                    f"(<= {self.max_wait_s:.0f} s)")
+                log(
+                    f"  other processes use {external:.2f} cores; waiting for a quiet moment "
+                    f"(<= {self.max_wait_s:.0f} s)"
+                )
                 warned = True

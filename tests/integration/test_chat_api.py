@@ -17,10 +17,9 @@ from prometheus_client import REGISTRY
 from shared.kafka.topics import COMPLETIONS
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import consume_events, transformers_greedy
+from tests.integration.conftest import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-from tests.integration.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,9 @@ def test_models_lists_the_served_policy(client):
 
 
 def test_chat_completion_carries_response_id_and_policy_version(client):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 plus 3?"}],
-                                          max_tokens=12, temperature=0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2 plus 3?"}], max_tokens=12, temperature=0
+    )
     choice = resp.choices[0]
     assert isinstance(choice.message.content, str) and choice.message.content
     assert choice.finish_reason in ("stop", "length")
@@ -66,9 +66,12 @@ def test_chat_completion_carries_response_id_and_policy_version(client):
 
 def test_greedy_tokens_equal_transformers_greedy(grpc_stub, stack):
     stub, _ = grpc_stub
-    reply = stub.Generate(inference_pb2.GenerateRequest(
-        messages=[common_pb2.ChatMessage(role="user", content="How many centimeters are in 3 meters?")],
-        sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=20)))
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(
+            messages=[common_pb2.ChatMessage(role="user", content="How many centimeters are in 3 meters?")],
+            sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=20),
+        )
+    )
     completion = reply.completions[0]
     expected = transformers_greedy(stack.store.store.path("policy-0001"), list(reply.prompt_token_ids), 20)
     assert list(completion.token_ids) == expected[: len(completion.token_ids)]
@@ -77,9 +80,12 @@ def test_greedy_tokens_equal_transformers_greedy(grpc_stub, stack):
 
 def test_logprobs_are_the_policy_log_probabilities_of_the_sampled_tokens(client, grpc_stub, stack):
     stub, _ = grpc_stub
-    reply = stub.Generate(inference_pb2.GenerateRequest(
-        messages=[common_pb2.ChatMessage(role="user", content="Say thanks.")],
-        sampling=inference_pb2.SamplingParams(temperature=1.0, seed=7, max_tokens=10, logprobs=True)))
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(
+            messages=[common_pb2.ChatMessage(role="user", content="Say thanks.")],
+            sampling=inference_pb2.SamplingParams(temperature=1.0, seed=7, max_tokens=10, logprobs=True),
+        )
+    )
     c = reply.completions[0]
     assert len(c.logprobs) == len(c.token_ids) == len(c.tokens) > 0
     from transformers import AutoModelForCausalLM
@@ -87,12 +93,13 @@ def test_logprobs_are_the_policy_log_probabilities_of_the_sampled_tokens(client,
     model = AutoModelForCausalLM.from_pretrained(stack.store.store.path("policy-0001"), dtype=torch.float32)
     ids = torch.tensor([list(reply.prompt_token_ids) + list(c.token_ids)])
     with torch.no_grad():
-        logits = model(ids).logits[0, len(reply.prompt_token_ids) - 1: -1]
+        logits = model(ids).logits[0, len(reply.prompt_token_ids) - 1 : -1]
     ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(list(c.token_ids))[:, None])[:, 0]
     assert torch.allclose(torch.tensor(list(c.logprobs)), ref, atol=1e-3)
 
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say thanks."}],
-                                          max_tokens=5, logprobs=True)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say thanks."}], max_tokens=5, logprobs=True
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert all(t.logprob <= 0 and math.isfinite(t.logprob) for t in content)
@@ -101,8 +108,14 @@ def test_logprobs_are_the_policy_log_probabilities_of_the_sampled_tokens(client,
 def test_streaming_gives_the_same_text_as_non_streaming(client):
     messages = [{"role": "user", "content": "What is 7 plus 5?"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, finish, usage, versions, ids = "", None, None, set(), set()
     for chunk in stream:
         versions.add(chunk.model_extra["policy_version"])
@@ -119,21 +132,24 @@ def test_streaming_gives_the_same_text_as_non_streaming(client):
 
 
 def test_n_completions_have_distinct_response_ids_and_are_streamed_apart(client):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], n=3,
-                                          max_tokens=8, temperature=1.0)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], n=3, max_tokens=8, temperature=1.0
+    )
     assert [c.index for c in resp.choices] == [0, 1, 2]
     assert len({c.model_extra["response_id"] for c in resp.choices}) == 3
     texts: dict[int, str] = {}
-    for chunk in client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
-                                                max_tokens=8, stream=True):
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=8, stream=True
+    ):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert sorted(texts) == [0, 1]
 
 
 def test_every_completion_is_published_to_kafka(client, stack):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count to three."}],
-                                          n=2, max_tokens=8, temperature=0.7)
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to three."}], n=2, max_tokens=8, temperature=0.7
+    )
     ids = {c.model_extra["response_id"]: c for c in resp.choices}
     events = consume_events(stack.kafka, COMPLETIONS, lambda e: e.payload.response_id in ids, count=2)
     assert {e.payload.response_id for e in events} == set(ids)
@@ -149,21 +165,37 @@ def test_every_completion_is_published_to_kafka(client, stack):
 
 BAD_REQUESTS = [
     ("malformed JSON", b'{"model": "rlhf-policy", "messages": [', 400, None),
-    ("body not an object", b'[1, 2]', 400, None),
+    ("body not an object", b"[1, 2]", 400, None),
     ("missing messages", {"model": MODEL}, 400, "messages"),
     ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("wrong type", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
-     "temperature"),
+    (
+        "wrong type",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
     ("unknown role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("blank user message", {"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400, "messages"),
-    ("too many tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
-     400, "max_tokens"),
+    (
+        "too many tokens",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+        400,
+        "max_tokens",
+    ),
     ("n too large", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 50}, 400, "n"),
     ("negative n", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": -1}, 400, "n"),
-    ("temperature out of range", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                  "temperature": 7}, 400, "temperature"),
-    ("top_logprobs unsupported", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                  "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),
+    (
+        "temperature out of range",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+        400,
+        "temperature",
+    ),
+    (
+        "top_logprobs unsupported",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3},
+        400,
+        "top_logprobs",
+    ),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, 413, None),
 ]
@@ -199,9 +231,12 @@ def test_openai_client_raises_its_own_error_types(client):
 def test_grpc_bad_argument_is_invalid_argument_naming_the_field(grpc_stub):
     stub, _ = grpc_stub
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(inference_pb2.GenerateRequest(
-            messages=[common_pb2.ChatMessage(role="user", content="hi")],
-            sampling=inference_pb2.SamplingParams(n=99)))
+        stub.Generate(
+            inference_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role="user", content="hi")],
+                sampling=inference_pb2.SamplingParams(n=99),
+            )
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "n must be between 1 and" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:

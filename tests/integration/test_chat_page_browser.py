@@ -30,8 +30,16 @@ if not CHROMIUM:  # pragma: no cover - depends on the environment
     pytest.skip("no Chromium browser: neither /usr/bin/chromium nor `chromium` on PATH", allow_module_level=True)
 
 # Without the background-networking flags Chromium keeps calling home, which a closed network punishes.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 WAIT_MS = 30_000
 """Upper bound of any wait on the page; answers normally take well under a second."""
 REFUSED = re.compile(r"^Failed to load resource: the server responded with a status of 400\b")
@@ -57,8 +65,10 @@ class ChatPage:
         self.chat_requests: list[str] = []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
         self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
-        self.page.on("request", lambda r: self.chat_requests.append(r.post_data or "")
-                     if r.url.endswith("/v1/chat/completions") else None)
+        self.page.on(
+            "request",
+            lambda r: self.chat_requests.append(r.post_data or "") if r.url.endswith("/v1/chat/completions") else None,
+        )
         self.page.goto(url + "/")
         expect(self.page.locator("#status")).to_contain_text("serving")
 
@@ -98,15 +108,20 @@ def open_chat(browser, stack) -> Iterator[Callable[..., ChatPage]]:
 
 
 def feedback_events(stack, want: Callable[[FeedbackEvent], bool], count: int) -> list[FeedbackEvent]:
-    envelopes = consume_events(stack.kafka, FEEDBACK,
-                               lambda e: isinstance(e.payload, FeedbackEvent) and want(e.payload), count)
+    envelopes = consume_events(
+        stack.kafka, FEEDBACK, lambda e: isinstance(e.payload, FeedbackEvent) and want(e.payload), count
+    )
     assert len(envelopes) == count, f"expected {count} feedback events on {FEEDBACK}, found {len(envelopes)}"
     return sorted((e.payload for e in envelopes), key=lambda ev: ev.revision)
 
 
 def completion_of(stack, response_id: str) -> CompletionEvent:
-    [env] = consume_events(stack.kafka, COMPLETIONS, lambda e: isinstance(e.payload, CompletionEvent)
-                           and e.payload.response_id == response_id, 1)
+    [env] = consume_events(
+        stack.kafka,
+        COMPLETIONS,
+        lambda e: isinstance(e.payload, CompletionEvent) and e.payload.response_id == response_id,
+        1,
+    )
     return env.payload
 
 
@@ -132,7 +147,7 @@ def test_thumbs_reach_kafka_and_a_changed_vote_supersedes_the_first(stack, open_
     expect(up).to_have_attribute("aria-pressed", "true")
     expect(down).to_have_attribute("aria-pressed", "false")
 
-    mine = lambda ev: ev.kind == "thumb" and ev.user_id == user and ev.responses[0].response_id == rid  # noqa: E731
+    mine = lambda ev: ev.kind == "thumb" and ev.user_id == user and ev.responses[0].response_id == rid
     [first] = feedback_events(stack, mine, 1)
     assert (first.thumb, first.revision, first.supersedes) == ("up", 1, None)
     assert [r.response_id for r in first.responses] == [rid]
@@ -247,8 +262,12 @@ def test_a_refused_rating_shows_the_reason_and_is_not_shown_as_chosen(stack, ope
     expect(status).to_have_attribute("data-state", "error")
     expect(status).to_contain_text("user must be 1 to 128 characters")
     expect(chat.by("thumb-up")).to_have_attribute("aria-pressed", "false")
-    refused = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: isinstance(e.payload, RejectedFeedbackEvent)
-                             and long_user in e.payload.raw, 1)
+    refused = consume_events(
+        stack.kafka,
+        FEEDBACK_DLQ,
+        lambda e: isinstance(e.payload, RejectedFeedbackEvent) and long_user in e.payload.raw,
+        1,
+    )
     assert refused and refused[0].payload.param == "user"
     assert httpx.get(stack.url + "/healthz").status_code == 200
     chat.assert_no_errors(allowed=REFUSED)

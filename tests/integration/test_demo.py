@@ -20,39 +20,41 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def demo_environ(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_",))}
-    env.update({
-        "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
-        "RLHF_UP_BROKER_PORT": "0",
-        "RLHF_GATEWAY_PORT": str(free_port()),
-        "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
-        "RLHF_INFERENCE_METRICS_PORT": "0",
-        "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
-        "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
-        "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
-        "RLHF_FEEDBACK_METRICS_PORT": "0",
-        "RLHF_REWARD_GRPC_PORT": str(free_port()),
-        "RLHF_REWARD_METRICS_PORT": "0",
-        "RLHF_REWARD_STATE_DIR": str(tmp_path / "reward-state"),
-        # learn soon and accept the first retrained RM: this test is about the loop closing
-        "RLHF_REWARD_LEARN_EVERY_COMPARISONS": "16",
-        "RLHF_REWARD_LEARN_EVERY_S": "30",
-        "RLHF_REWARD_GATE_TOLERANCE": "1.0",
-        "RLHF_TRAINER_GRPC_PORT": str(free_port()),
-        "RLHF_TRAINER_METRICS_PORT": "0",
-        "RLHF_TRAINER_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
-        "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "8",
-        "RLHF_TRAINER_PUBLISH_EVERY": "2",
-        "RLHF_TRAINER_HELDOUT_PROMPTS": "4",
-        "RLHF_TRAINER_REWARD_TOLERANCE": "1000",
-        "RLHF_DEMO_DURATION_S": "600",
-        "RLHF_DEMO_UNTIL_NEW_VERSIONS": "1",
-        "RLHF_DEMO_USERS": "2",
-        "RLHF_DEMO_MAX_TOKENS": "24",
-        "RLHF_DEMO_PROGRESS_EVERY_S": "5",
-        "RLHF_DEMO_EVALUATE": "0",
-        "RLHF_DEMO_BOOTSTRAP_QUICK": "1",
-        "RLHF_DEMO_REPORT_DIR": str(tmp_path / "report"),
-    })
+    env.update(
+        {
+            "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
+            "RLHF_UP_BROKER_PORT": "0",
+            "RLHF_GATEWAY_PORT": str(free_port()),
+            "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
+            "RLHF_INFERENCE_METRICS_PORT": "0",
+            "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
+            "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
+            "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+            "RLHF_FEEDBACK_METRICS_PORT": "0",
+            "RLHF_REWARD_GRPC_PORT": str(free_port()),
+            "RLHF_REWARD_METRICS_PORT": "0",
+            "RLHF_REWARD_STATE_DIR": str(tmp_path / "reward-state"),
+            # learn soon and accept the first retrained RM: this test is about the loop closing
+            "RLHF_REWARD_LEARN_EVERY_COMPARISONS": "16",
+            "RLHF_REWARD_LEARN_EVERY_S": "30",
+            "RLHF_REWARD_GATE_TOLERANCE": "1.0",
+            "RLHF_TRAINER_GRPC_PORT": str(free_port()),
+            "RLHF_TRAINER_METRICS_PORT": "0",
+            "RLHF_TRAINER_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
+            "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "8",
+            "RLHF_TRAINER_PUBLISH_EVERY": "2",
+            "RLHF_TRAINER_HELDOUT_PROMPTS": "4",
+            "RLHF_TRAINER_REWARD_TOLERANCE": "1000",
+            "RLHF_DEMO_DURATION_S": "600",
+            "RLHF_DEMO_UNTIL_NEW_VERSIONS": "1",
+            "RLHF_DEMO_USERS": "2",
+            "RLHF_DEMO_MAX_TOKENS": "24",
+            "RLHF_DEMO_PROGRESS_EVERY_S": "5",
+            "RLHF_DEMO_EVALUATE": "0",
+            "RLHF_DEMO_BOOTSTRAP_QUICK": "1",
+            "RLHF_DEMO_REPORT_DIR": str(tmp_path / "report"),
+        }
+    )
     return env
 
 
@@ -72,8 +74,9 @@ def test_shortened_demo_closes_the_loop(tmp_path):
     stack = start_stack(cfg, env)
     try:
         url = gateway_url_of(stack)
-        attach = load_config(DemoConfig, {**env, "RLHF_DEMO_GATEWAY_URL": url,
-                                          "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack)})
+        attach = load_config(
+            DemoConfig, {**env, "RLHF_DEMO_GATEWAY_URL": url, "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack)}
+        )
         result = run_demo(attach)
         summary = result.summary
 
@@ -91,8 +94,11 @@ def test_shortened_demo_closes_the_loop(tmp_path):
         # a chat now is served by a new policy version, through the same public API (the trainer keeps
         # publishing while the stack runs, so it is whichever new version inference holds right now)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        resp = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=8,
-                                              messages=[{"role": "user", "content": "What is 2 plus 3?"}])
+        resp = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+        )
         version = resp.model_extra["policy_version"]
         assert version != "policy-0001" and version in store.versions("policy")
 

@@ -32,8 +32,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def chat(stack, prompt: str, n: int = 1):
-    resp = stack.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                  n=n, max_tokens=6)
+    resp = stack.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], n=n, max_tokens=6
+    )
     return resp, [(c.model_extra["response_id"], c.model_extra["feedback_token"]) for c in resp.choices]
 
 
@@ -62,8 +63,14 @@ def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack)
     user = f"user-{uuid.uuid4().hex[:8]}"
     bodies = [
         {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta]},
-        {"type": "likert", "response_id": b, "score": 6, "feedback_tokens": [tb], "comment": "clear",
-         "tags": ["hallucination"]},
+        {
+            "type": "likert",
+            "response_id": b,
+            "score": 6,
+            "feedback_tokens": [tb],
+            "comment": "clear",
+            "tags": ["hallucination"],
+        },
         {"type": "pairwise", "response_ids": [a, c], "preferred": "b", "feedback_tokens": [tc, ta]},
         {"type": "ranking", "response_ids": [d, c, b, a], "feedback_tokens": [ta, tb, tc, td]},
         {"type": "ranking", "response_ids": [a, b, c], "ranks": [1, 2, 2], "feedback_tokens": [ta, tb, tc]},
@@ -101,11 +108,17 @@ def test_forged_expired_unknown_and_cross_prompt_ratings_are_refused(stack):
     cases = [
         ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [forged]}, 403, "signature"),
         ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [expired]}, 403, "expired"),
-        ({"type": "thumb", "response_id": "resp-never-served", "thumb": "up", "feedback_tokens": [ta]}, 403,
-         "no valid feedback token"),
+        (
+            {"type": "thumb", "response_id": "resp-never-served", "thumb": "up", "feedback_tokens": [ta]},
+            403,
+            "no valid feedback token",
+        ),
         ({"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": []}, 403, "no valid feedback token"),
-        ({"type": "pairwise", "response_ids": [a, b], "preferred": "a", "feedback_tokens": [ta, tb]}, 400,
-         "different prompts"),
+        (
+            {"type": "pairwise", "response_ids": [a, b], "preferred": "a", "feedback_tokens": [ta, tb]},
+            400,
+            "different prompts",
+        ),
     ]
     for body, status, message in cases:
         r = rate(stack.url, {**body, "user": "mallory"})
@@ -117,8 +130,17 @@ def test_forged_expired_unknown_and_cross_prompt_ratings_are_refused(stack):
 
 def test_policy_version_comes_from_the_token_not_the_client(stack):
     _, [(a, ta)] = chat(stack, "Say hi.")
-    r = rate(stack.url, {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "u",
-                         "policy_version": "policy-9999"})
+    r = rate(
+        stack.url,
+        {
+            "type": "thumb",
+            "response_id": a,
+            "thumb": "up",
+            "feedback_tokens": [ta],
+            "user": "u",
+            "policy_version": "policy-9999",
+        },
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "policy_version", "unknown fields are refused"
 
 
@@ -141,8 +163,10 @@ def test_changing_a_vote_supersedes_it(stack):
     up = rate(stack.url, {**body, "thumb": "up"}).json()
     down = rate(stack.url, {**body, "thumb": "down"}).json()
     assert (up["revision"], down["revision"]) == (1, 2) and up["feedback_id"] != down["feedback_id"]
-    events = sorted((e.payload for e in consume_events(
-        stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "changer", count=2)), key=lambda p: p.revision)
+    events = sorted(
+        (e.payload for e in consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "changer", count=2)),
+        key=lambda p: p.revision,
+    )
     assert [(e.revision, e.thumb) for e in events] == [(1, "up"), (2, "down")]
     assert events[1].supersedes == events[0].feedback_id and events[0].target == events[1].target
 
@@ -157,14 +181,23 @@ def test_concurrent_ratings_share_calls_yet_each_gets_its_own_verdict(stack):
     forged = sign("not-the-server-key-0123456789", TokenClaims(served[0][0], "policy-0001", "x", int(time.time()) + 99))
     bodies, expected = [], []
     for k, (rid, tok) in enumerate(served):
-        bodies.append({"type": "thumb", "response_id": rid, "thumb": "up", "feedback_tokens": [tok],
-                       "user": f"{marker}-ok{k}"})
+        bodies.append(
+            {"type": "thumb", "response_id": rid, "thumb": "up", "feedback_tokens": [tok], "user": f"{marker}-ok{k}"}
+        )
         expected.append((200, None))
-        bodies.append({"type": "thumb", "response_id": rid, "thumb": "up", "feedback_tokens": [forged],
-                       "user": f"{marker}-forged{k}"})
+        bodies.append(
+            {
+                "type": "thumb",
+                "response_id": rid,
+                "thumb": "up",
+                "feedback_tokens": [forged],
+                "user": f"{marker}-forged{k}",
+            }
+        )
         expected.append((403, "feedback_tokens"))
-        bodies.append({"type": "likert", "response_id": rid, "score": 0, "feedback_tokens": [tok],
-                       "user": f"{marker}-bad{k}"})
+        bodies.append(
+            {"type": "likert", "response_id": rid, "score": 0, "feedback_tokens": [tok], "user": f"{marker}-bad{k}"}
+        )
         expected.append((400, "score"))
 
     async def send_all():
@@ -175,14 +208,16 @@ def test_concurrent_ratings_share_calls_yet_each_gets_its_own_verdict(stack):
     assert [(r.status_code, r.json().get("error", {}).get("param")) for r in replies] == expected
     accepted = {r.json()["feedback_id"] for r in replies if r.status_code == 200}
     assert len(accepted) == len(served)
-    events = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id.startswith(marker),
-                            count=len(served) + 1, timeout=8)
+    events = consume_events(
+        stack.kafka, FEEDBACK, lambda e: e.payload.user_id.startswith(marker), count=len(served) + 1, timeout=8
+    )
     assert sorted(e.payload.feedback_id for e in events) == sorted(accepted), "exactly the accepted ones, once"
 
 
 def test_api_keys_guard_the_feedback_route(stack):
-    gateway = UvicornThread(create_app(gateway_config(stack.inference.address, stack.feedback.address,
-                                                      api_keys=("key-0123456789",))))
+    gateway = UvicornThread(
+        create_app(gateway_config(stack.inference.address, stack.feedback.address, api_keys=("key-0123456789",)))
+    )
     try:
         _, [(a, ta)] = chat(stack, "Once more?")
         body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "keyed"}
@@ -206,8 +241,10 @@ def test_refused_input_goes_to_the_dead_letter_topic_only(stack):
     r = rate(stack.url, b'{"type": "thumb", "user": "' + marker.encode() + b'", ')
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     _, [(b, tb), (c, tc)] = chat(stack, "Hello again?", n=2)
-    r = rate(stack.url, {"type": "ranking", "response_ids": [b, c], "ranks": [2, 1], "feedback_tokens": [tb, tc],
-                         "user": marker})
+    r = rate(
+        stack.url,
+        {"type": "ranking", "response_ids": [b, c], "ranks": [2, 1], "feedback_tokens": [tb, tc], "user": marker},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "ranks", r.text
     dead = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: marker in e.payload.raw, count=3)
     assert sorted(e.payload.param or "" for e in dead) == ["", "ranks", "score"]
@@ -219,31 +256,63 @@ def test_oversized_ratings_get_413_and_go_nowhere(stack):
     # The conftest gateway takes bodies up to 64 KiB; POST /v1/feedback enforces it before FastAPI.
     before = end_offsets(stack.kafka, FEEDBACK)
     _, [(a, ta)] = chat(stack, "Hello?")
-    body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "big",
-            "comment": "x" * 70_000}
+    body = {
+        "type": "thumb",
+        "response_id": a,
+        "thumb": "up",
+        "feedback_tokens": [ta],
+        "user": "big",
+        "comment": "x" * 70_000,
+    }
     declared = rate(stack.url, body)
-    chunked = httpx.post(stack.url + "/v1/feedback", content=iter([json.dumps(body).encode()[:40_000]] * 2),
-                         headers={"Content-Type": "application/json"}, timeout=60)  # no Content-Length
+    chunked = httpx.post(
+        stack.url + "/v1/feedback",
+        content=iter([json.dumps(body).encode()[:40_000]] * 2),
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )  # no Content-Length
     for r in (declared, chunked):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
     assert end_offsets(stack.kafka, FEEDBACK) == before
     assert rate(stack.url, {**body, "comment": "fits"}).status_code == 200  # the same rating, small enough
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                       max_size=4), max_leaves=12)
-FIELDS = ["type", "user", "feedback_tokens", "response_id", "response_ids", "thumb", "score", "preferred", "ranks",
-          "comment", "tags", "idempotency_key", "extra"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = [
+    "type",
+    "user",
+    "feedback_tokens",
+    "response_id",
+    "response_ids",
+    "thumb",
+    "score",
+    "preferred",
+    "ranks",
+    "comment",
+    "tags",
+    "idempotency_key",
+    "extra",
+]
 PAYLOADS = st.one_of(
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8).map(lambda d: json.dumps(d).encode()),
-    st.fixed_dictionaries({"type": st.sampled_from(["thumb", "likert", "pairwise", "ranking", "x"]),
-                           "user": st.text(max_size=200), "feedback_tokens": st.lists(st.text(max_size=60), max_size=3),
-                           "response_id": st.text(max_size=40), "response_ids": st.lists(st.text(max_size=10)),
-                           "score": st.integers(-(2**40), 2**40), "thumb": st.text(max_size=6),
-                           "ranks": st.lists(st.integers(-(2**40), 2**40), max_size=4),
-                           "tags": st.lists(st.text(max_size=15), max_size=8)}).map(lambda d: json.dumps(d).encode()),
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["thumb", "likert", "pairwise", "ranking", "x"]),
+            "user": st.text(max_size=200),
+            "feedback_tokens": st.lists(st.text(max_size=60), max_size=3),
+            "response_id": st.text(max_size=40),
+            "response_ids": st.lists(st.text(max_size=10)),
+            "score": st.integers(-(2**40), 2**40),
+            "thumb": st.text(max_size=6),
+            "ranks": st.lists(st.integers(-(2**40), 2**40), max_size=4),
+            "tags": st.lists(st.text(max_size=15), max_size=8),
+        }
+    ).map(lambda d: json.dumps(d).encode()),
     st.binary(max_size=300),
 )
 
@@ -275,8 +344,9 @@ def test_broker_down_gives_no_2xx_and_ratings_flow_again_after_it_returns(stack,
         ensure_topics(own.kafka)
         ok = None
         for _ in range(30):  # the client retries, as the 503 told it to
-            ok = rate(gateway.url, {"type": "thumb", "response_id": b, "thumb": "down", "feedback_tokens": [tb],
-                                    "user": "u"})
+            ok = rate(
+                gateway.url, {"type": "thumb", "response_id": b, "thumb": "down", "feedback_tokens": [tb], "user": "u"}
+            )
             if ok.status_code == 200:
                 break
             time.sleep(1)

@@ -37,8 +37,15 @@ def env(policy_store):
     loop = LoopThread()
     app = start_inference(loop, own.kafka, policy_store.root)
     channel = grpc.insecure_channel(app.address)
-    yield {"app": app, "loop": loop, "broker": own, "stub": inference_pb2_grpc.InferenceServiceStub(channel),
-           "store": policy_store.store, "first": policy_store.first, "second": policy_store.second}
+    yield {
+        "app": app,
+        "loop": loop,
+        "broker": own,
+        "stub": inference_pb2_grpc.InferenceServiceStub(channel),
+        "store": policy_store.store,
+        "first": policy_store.first,
+        "second": policy_store.second,
+    }
     channel.close()
     loop.run(app.stop())
     loop.close()
@@ -46,15 +53,21 @@ def env(policy_store):
 
 
 def greedy(stub, max_tokens=24):
-    return stub.Generate(inference_pb2.GenerateRequest(
-        messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=max_tokens)))
+    return stub.Generate(
+        inference_pb2.GenerateRequest(
+            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=max_tokens)
+        )
+    )
 
 
 def announce(env, version: str, sha: str | None = None) -> None:
     publisher = SyncPublisher(env["broker"].kafka, "test")
     store = env["store"]
-    publisher.publish_and_wait(POLICY_UPDATES, PolicyUpdateEvent(
-        version=version, manifest_sha256=sha or store.manifest_sha256(version)), key="policy")
+    publisher.publish_and_wait(
+        POLICY_UPDATES,
+        PolicyUpdateEvent(version=version, manifest_sha256=sha or store.manifest_sha256(version)),
+        key="policy",
+    )
     publisher.close()
 
 
@@ -70,8 +83,11 @@ def test_announced_version_is_swapped_in_and_reproduces_transformers_exactly(env
     assert list(before.completions[0].token_ids) == old_reference[: len(before.completions[0].token_ids)]
 
     announce(env, env["second"])
-    wait_until(lambda: stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version == env["second"], 30,
-               "the update was not applied")
+    wait_until(
+        lambda: stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version == env["second"],
+        30,
+        "the update was not applied",
+    )
 
     after = greedy(stub)
     assert after.policy_version == env["second"]
@@ -87,12 +103,16 @@ def test_request_in_flight_finishes_on_the_weights_it_started_with(env):
     stub, app, store = env["stub"], env["app"], env["store"]
     serving_version = app.serving.policy_version
     target = env["first"] if serving_version == env["second"] else env["second"]
-    stream = stub.GenerateStream(inference_pb2.GenerateRequest(
-        messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)))
+    stream = stub.GenerateStream(
+        inference_pb2.GenerateRequest(
+            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)
+        )
+    )
     first_chunk = next(stream)
     swap = asyncio.run_coroutine_threadsafe(
         app.serving.apply_update(PolicyUpdateEvent(version=target, manifest_sha256=store.manifest_sha256(target))),
-        env["loop"].loop)
+        env["loop"].loop,
+    )
     chunks = [first_chunk, *stream]
     assert swap.result(60) is True
     tokens = [t for c in chunks for t in c.token_ids]
@@ -111,13 +131,17 @@ def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_s
     pause_sum = lambda: REGISTRY.get_sample_value("rlhf_inference_swap_pause_seconds_sum") or 0.0
     app.serving.cfg = dataclasses.replace(app.serving.cfg, swap_mode="immediate")
     try:
-        stream = stub.GenerateStream(inference_pb2.GenerateRequest(
-            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)))
+        stream = stub.GenerateStream(
+            inference_pb2.GenerateRequest(
+                messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)
+            )
+        )
         first_chunk = next(stream)
         paused_before = pause_sum()
         swapped = asyncio.run_coroutine_threadsafe(
             app.serving.apply_update(PolicyUpdateEvent(version=new, manifest_sha256=store.manifest_sha256(new))),
-            env["loop"].loop)
+            env["loop"].loop,
+        )
         assert swapped.result(30) is True
         chunks = [first_chunk, *stream]
     finally:
@@ -158,7 +182,9 @@ def test_update_with_a_different_manifest_hash_is_refused(env):
     stub, store = env["stub"], env["store"]
     other = publish_reinitialised(store, env["first"], seed=4)
     serving = stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version
-    result = env["loop"].run(env["app"].serving.apply_update(PolicyUpdateEvent(version=other, manifest_sha256="0" * 64)))
+    result = env["loop"].run(
+        env["app"].serving.apply_update(PolicyUpdateEvent(version=other, manifest_sha256="0" * 64))
+    )
     assert result is False
     assert stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version == serving
 
@@ -171,15 +197,17 @@ def test_update_with_another_architecture_is_refused(env, tmp_path):
     wide = store.publish("policy", tmp_path / "wide", make_current=False).version
     before = refused("IncompatibleWeights")
     serving = stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version
-    ok = env["loop"].run(env["app"].serving.apply_update(
-        PolicyUpdateEvent(version=wide, manifest_sha256=store.manifest_sha256(wide))))
+    ok = env["loop"].run(
+        env["app"].serving.apply_update(PolicyUpdateEvent(version=wide, manifest_sha256=store.manifest_sha256(wide)))
+    )
     assert ok is False and refused("IncompatibleWeights") == before + 1
     assert greedy(stub).policy_version == serving
 
 
 def test_unknown_version_is_refused(env):
-    ok = env["loop"].run(env["app"].serving.apply_update(
-        PolicyUpdateEvent(version="policy-9999", manifest_sha256="0" * 64)))
+    ok = env["loop"].run(
+        env["app"].serving.apply_update(PolicyUpdateEvent(version="policy-9999", manifest_sha256="0" * 64))
+    )
     assert ok is False
 
 

@@ -68,8 +68,9 @@ class World:
         self.feedback = start_feedback(self.loop, self.broker.kafka)
         self.store = ModelStore(tmp_path_factory.mktemp("learner-models"))
         copy = tmp_path_factory.mktemp("learner-policy") / "policy"
-        shutil.copytree(policy_store.store.path(policy_store.first), copy,
-                        ignore=shutil.ignore_patterns("manifest.json"))
+        shutil.copytree(
+            policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.json")
+        )
         self.store.publish("policy", copy)
         train_first_rm(self.store, EXAMPLE_RANKINGS, epochs=3, settings=OFFLINE_SETTINGS)
         self.state_dir = tmp_path_factory.mktemp("learner-state")
@@ -83,10 +84,20 @@ class World:
         from services.reward.app import RewardApp
         from services.reward.config import RewardConfig
 
-        values = dict(grpc_port=0, metrics_port=0, kafka=self.broker.kafka, state_dir=self.state_dir,
-                      model_store=ModelStoreConfig(root=self.store.root), learn_every_comparisons=24,
-                      learn_every_s=3600, heldout_fraction=HELDOUT_FRACTION, learner_epochs=4, learner_lr=1e-3,
-                      gate_tolerance=0.02, torch_threads=1)
+        values = dict(
+            grpc_port=0,
+            metrics_port=0,
+            kafka=self.broker.kafka,
+            state_dir=self.state_dir,
+            model_store=ModelStoreConfig(root=self.store.root),
+            learn_every_comparisons=24,
+            learn_every_s=3600,
+            heldout_fraction=HELDOUT_FRACTION,
+            learner_epochs=4,
+            learner_lr=1e-3,
+            gate_tolerance=0.02,
+            torch_threads=1,
+        )
         values.update(overrides)
         cfg = load_config(RewardConfig, {}, **values)
 
@@ -117,11 +128,28 @@ class World:
         """Put the two completions for prompt ``a`` on rlhf.completions; (id with suffix, id without)."""
         ids = (f"{tag}-{a}-friendly", f"{tag}-{a}-plain")
         for rid, text in zip(ids, (answer(a) + SUFFIX, answer(a))):
-            self.inference.publish(COMPLETIONS, CompletionEvent(
-                request_id=f"req-{rid}", response_id=rid, index=0, n=1, policy_version="policy-0001",
-                model="rlhf-policy", source="user", messages=[Message("user", question(a))], prompt_token_ids=[],
-                completion_text=text, token_ids=[], logprobs=None, finish_reason="stop", sampling={},
-                timings=Timings(0, 0, 0), created_at=time.time()), key=f"req-{rid}")
+            self.inference.publish(
+                COMPLETIONS,
+                CompletionEvent(
+                    request_id=f"req-{rid}",
+                    response_id=rid,
+                    index=0,
+                    n=1,
+                    policy_version="policy-0001",
+                    model="rlhf-policy",
+                    source="user",
+                    messages=[Message("user", question(a))],
+                    prompt_token_ids=[],
+                    completion_text=text,
+                    token_ids=[],
+                    logprobs=None,
+                    finish_reason="stop",
+                    sampling={},
+                    timings=Timings(0, 0, 0),
+                    created_at=time.time(),
+                ),
+                key=f"req-{rid}",
+            )
         return ids
 
     def rank(self, a: int, ids: tuple[str, str], user: str, reverse: bool = False) -> None:
@@ -130,8 +158,12 @@ class World:
         order = list(ids) if first_is_preferred else list(reversed(ids))
         ph = prompt_hash([("user", question(a))])
         tokens = [sign(TEST_TOKEN_SECRET, TokenClaims(rid, "policy-0001", ph, int(time.time()) + 3600)) for rid in ids]
-        resp = self.feedback_stub.SubmitFeedback(feedback_pb2.SubmitFeedbackRequest(
-            ranking=feedback_pb2.Ranking(response_ids=order), feedback_tokens=tokens, user_id=user), timeout=30)
+        resp = self.feedback_stub.SubmitFeedback(
+            feedback_pb2.SubmitFeedbackRequest(
+                ranking=feedback_pb2.Ranking(response_ids=order), feedback_tokens=tokens, user_id=user
+            ),
+            timeout=30,
+        )
         assert resp.revision == 1 and not resp.duplicate
 
     def rate(self, prompts: list[int], tag: str, user: str, reverse: bool = False) -> None:
@@ -145,8 +177,10 @@ class World:
 
 
 def score_items(prompts, text):
-    return [reward_pb2.ScoreItem(messages=[common_pb2.ChatMessage(role="user", content=question(a))],
-                                 response=text(a)) for a in prompts]
+    return [
+        reward_pb2.ScoreItem(messages=[common_pb2.ChatMessage(role="user", content=question(a))], response=text(a))
+        for a in prompts
+    ]
 
 
 class ScoreLoad:
@@ -190,8 +224,9 @@ def world(tmp_path_factory, policy_store):
 def rm_prefers_friendly(world, prompts) -> float:
     """Fraction of ``prompts`` on which the serving RM scores the friendly answer above the plain one."""
     stub = world.reward_stub()
-    friendly = stub.Score(reward_pb2.ScoreRequest(items=score_items(prompts, lambda a: answer(a) + SUFFIX)),
-                          timeout=60).scores
+    friendly = stub.Score(
+        reward_pb2.ScoreRequest(items=score_items(prompts, lambda a: answer(a) + SUFFIX)), timeout=60
+    ).scores
     plain = stub.Score(reward_pb2.ScoreRequest(items=score_items(prompts, answer)), timeout=60).scores
     return statistics.mean(float(f > p) for f, p in zip(friendly, plain))
 
@@ -224,12 +259,20 @@ def test_rankings_through_feedback_give_a_better_rm_and_the_scorer_swaps_under_l
     assert load.failures == [] and {"rm-0001", "rm-0002"} <= set(load.versions), (load.failures[:3], set(load.versions))
     # The learner's metrics: every new comparison timed from its rating to rm-0002, nothing left unread.
     assert REGISTRY.get_sample_value("rlhf_reward_learner_rating_to_rm_seconds_count") >= 24
-    assert REGISTRY.get_sample_value("rlhf_reward_learner_heldout_accuracy", {"model": "current"}) == \
-        pytest.approx(m["heldout_accuracy"])
-    wait_until(lambda: REGISTRY.get_sample_value("rlhf_reward_learner_consumer_lag", {"topic": "rlhf.feedback"}) == 0,
-               10, "learner lag on rlhf.feedback")
-    [announced] = consume_events(world.broker.kafka, REWARD_MODELS,
-                                 lambda e: isinstance(e.payload, RewardModelEvent) and e.payload.version == "rm-0002", 1)
+    assert REGISTRY.get_sample_value("rlhf_reward_learner_heldout_accuracy", {"model": "current"}) == pytest.approx(
+        m["heldout_accuracy"]
+    )
+    wait_until(
+        lambda: REGISTRY.get_sample_value("rlhf_reward_learner_consumer_lag", {"topic": "rlhf.feedback"}) == 0,
+        10,
+        "learner lag on rlhf.feedback",
+    )
+    [announced] = consume_events(
+        world.broker.kafka,
+        REWARD_MODELS,
+        lambda e: isinstance(e.payload, RewardModelEvent) and e.payload.version == "rm-0002",
+        1,
+    )
     assert announced.payload.manifest_sha256 == world.store.manifest_sha256("rm-0002")
 
 
@@ -240,8 +283,9 @@ def test_a_restarted_learner_loses_no_comparison(world):
     world.rate(TRAIN[24:48], "b", "bob")
     # From here a round replays a quarter as many older comparisons as it has new ones.
     world.start_reward(replay_ratio=0.25)
-    wait_until(lambda: any(r.version == "rm-0003" for r in world.reward.learner.rounds), 180,
-               "no rm-0003 after the restart")
+    wait_until(
+        lambda: any(r.version == "rm-0003" for r in world.reward.learner.rounds), 180, "no rm-0003 after the restart"
+    )
     m = world.store.verify("rm-0003").metrics
     # Exactly the 24 new ones are new (nothing replayed from the topics twice), all 48 are trained.
     assert m["new_comparisons"] == 24 and m["trained_comparisons_total"] == trained_before + 24 == 48, m

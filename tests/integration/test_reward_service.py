@@ -42,8 +42,16 @@ def reward_app(rm_store):
     from services.reward.config import RewardConfig
 
     store, _ = rm_store
-    cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, model_store=ModelStoreConfig(root=store.root),
-                      max_items=64, max_batch_size=16, max_response_chars=2000)
+    cfg = load_config(
+        RewardConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        model_store=ModelStoreConfig(root=store.root),
+        max_items=64,
+        max_batch_size=16,
+        max_response_chars=2000,
+    )
     loop = LoopThread()
 
     async def make():
@@ -99,21 +107,27 @@ def test_score_a_batch_of_40_over_grpc(stub):
 
 def test_concurrent_requests_get_the_scores_they_would_get_alone(stub):
     stub, _ = stub
-    requests = [[item(f"What is {a} plus {a}?", f"{a} plus {a} is {2 * a}."), item("Hello?", EVASIVE[a % 3])]
-                for a in range(1, 7)]
+    requests = [
+        [item(f"What is {a} plus {a}?", f"{a} plus {a} is {2 * a}."), item("Hello?", EVASIVE[a % 3])]
+        for a in range(1, 7)
+    ]
     alone = [list(stub.Score(reward_pb2.ScoreRequest(items=r), timeout=30).scores) for r in requests]
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda r: list(stub.Score(reward_pb2.ScoreRequest(items=r), timeout=30).scores),
-                                 requests))
+        together = list(
+            pool.map(lambda r: list(stub.Score(reward_pb2.ScoreRequest(items=r), timeout=30).scores), requests)
+        )
     assert together == [pytest.approx(a, abs=1e-5) for a in alone]
 
 
-@pytest.mark.parametrize("request_items, param, words", [
-    ([], "items", "items must not be empty"),
-    ([item("What is 1 plus 1?", "x" * 2001)], "items[0].response", "longer than 2000 characters"),
-    ([item("What is 1 plus 1?", "2"), item("What is 1 plus 1?", "")], "items[1].response", "must not be empty"),
-    ([item("What is 1 plus 1?", "2")] * 65, "items", "at most 64 items"),
-])
+@pytest.mark.parametrize(
+    "request_items, param, words",
+    [
+        ([], "items", "items must not be empty"),
+        ([item("What is 1 plus 1?", "x" * 2001)], "items[0].response", "longer than 2000 characters"),
+        ([item("What is 1 plus 1?", "2"), item("What is 1 plus 1?", "")], "items[1].response", "must not be empty"),
+        ([item("What is 1 plus 1?", "2")] * 65, "items", "at most 64 items"),
+    ],
+)
 def test_empty_or_oversized_requests_are_invalid_argument(stub, request_items, param, words):
     stub, _ = stub
     with pytest.raises(grpc.RpcError) as err:

@@ -16,9 +16,8 @@ import httpx
 import openai
 import pytest
 
-from shared.pb import common_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-
 from shared.kafka.embedded import free_port
+from shared.pb import common_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,12 +61,23 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
         "RLHF_INFERENCE_DEFAULT_MAX_TOKENS": "16",
     }
-    for inherited in ("RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_GATEWAY_INFERENCE_ADDRESS", "RLHF_GATEWAY_FEEDBACK_ADDRESS",
-                      "RLHF_FEEDBACK_TOKEN_SECRET", "RLHF_TRAINER_INFERENCE_ADDRESS", "RLHF_TRAINER_REWARD_ADDRESS",
-                      "RLHF_UP_SERVICES"):
+    for inherited in (
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS",
+        "RLHF_GATEWAY_INFERENCE_ADDRESS",
+        "RLHF_GATEWAY_FEEDBACK_ADDRESS",
+        "RLHF_FEEDBACK_TOKEN_SECRET",
+        "RLHF_TRAINER_INFERENCE_ADDRESS",
+        "RLHF_TRAINER_REWARD_ADDRESS",
+        "RLHF_UP_SERVICES",
+    ):
         env.pop(inherited, None)
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flywheel.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         banner = read_until(proc, "Press Ctrl-C to stop.", timeout=600)
         assert f"http://127.0.0.1:{gateway_port}/v1" in banner
@@ -79,17 +89,33 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         assert resp.choices[0].model_extra["response_id"]
         assert (tmp_path / "models" / "policy-0001" / "manifest.json").is_file()
         choice = resp.choices[0]
-        rating = httpx.post(f"http://127.0.0.1:{gateway_port}/v1/feedback", json={
-            "type": "thumb", "response_id": choice.model_extra["response_id"], "thumb": "up", "user": "u1",
-            "feedback_tokens": [choice.model_extra["feedback_token"]]}, timeout=30)
+        rating = httpx.post(
+            f"http://127.0.0.1:{gateway_port}/v1/feedback",
+            json={
+                "type": "thumb",
+                "response_id": choice.model_extra["response_id"],
+                "thumb": "up",
+                "user": "u1",
+                "feedback_tokens": [choice.model_extra["feedback_token"]],
+            },
+            timeout=30,
+        )
         assert rating.status_code == 200, rating.text
         assert rating.json()["revision"] == 1
 
         # The reward service scores with the first RM the launcher trained; the trainer reports its state.
         with grpc.insecure_channel(f"127.0.0.1:{reward_port}") as channel:
-            scored = reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(items=[
-                reward_pb2.ScoreItem(messages=[common_pb2.ChatMessage(role="user", content="Hi!")],
-                                     response=choice.message.content or "x")]), timeout=30)
+            scored = reward_pb2_grpc.RewardServiceStub(channel).Score(
+                reward_pb2.ScoreRequest(
+                    items=[
+                        reward_pb2.ScoreItem(
+                            messages=[common_pb2.ChatMessage(role="user", content="Hi!")],
+                            response=choice.message.content or "x",
+                        )
+                    ]
+                ),
+                timeout=30,
+            )
         assert scored.rm_version == "rm-0001" and len(scored.scores) == 1
         assert (tmp_path / "models" / "rm-0001" / "manifest.json").is_file()
         with grpc.insecure_channel(f"127.0.0.1:{trainer_port}") as channel:

@@ -25,8 +25,18 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = {"lr": 1e-3, "epochs": 2, "minibatch_size": 3, "kl_coef": 0.1, "ptx_coef": 0.5, "ptx_batch_size": 3,
-          "ptx_seq_len": 16, "ent_coef": 0.01, "forward_batch_size": 2, "seed": 7}
+CONFIG = {
+    "lr": 1e-3,
+    "epochs": 2,
+    "minibatch_size": 3,
+    "kl_coef": 0.1,
+    "ptx_coef": 0.5,
+    "ptx_batch_size": 3,
+    "ptx_seq_len": 16,
+    "ent_coef": 0.01,
+    "forward_batch_size": 2,
+    "seed": 7,
+}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -47,11 +57,18 @@ def _worker(args: argparse.Namespace) -> None:
     base = [Rollout(**r) for r in spec["rollouts"]]
     for step in range(2):
         # Every rollout but the stale one was sampled by the weights the learner holds now.
-        rollouts = [r if r.behaviour_logprobs is not None else
-                    Rollout(**{**r.__dict__, "policy_version": learner.weights_version}) for r in base]
+        rollouts = [
+            r
+            if r.behaviour_logprobs is not None
+            else Rollout(**{**r.__dict__, "policy_version": learner.weights_version})
+            for r in base
+        ]
         stats = learner.step(rollouts)
-        print(f"rank {ctx.rank}/{ctx.world_size} step {step}: loss {stats.policy_loss:.5f} "
-              f"ptx {stats.ptx_loss:.4f} updates {stats.minibatch_updates}", flush=True)
+        print(
+            f"rank {ctx.rank}/{ctx.world_size} step {step}: loss {stats.policy_loss:.5f} "
+            f"ptx {stats.ptx_loss:.4f} updates {stats.minibatch_updates}",
+            flush=True,
+        )
     tensors = {f"policy.{k}": v for k, v in learner.policy_state().items()}
     tensors.update({f"value.{k}": v.detach().clone() for k, v in learner.value.state_dict().items()})
     save_file(tensors, str(Path(args.out) / f"rank{ctx.rank}-of-{ctx.world_size}.safetensors"))
@@ -63,9 +80,9 @@ def ddp_data(tmp_path_factory) -> Path:
     """A model store (default policy + an RM made from it) and 7 fixed rollouts, as a JSON spec."""
     from transformers import AutoTokenizer
 
-    from shared.models.reward_model import RewardModel
-    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
+    from shared.models.default_model import ensure_default_policy
+    from shared.models.reward_model import RewardModel
 
     root = tmp_path_factory.mktemp("ddp")
     store = ModelStore(root / "models")
@@ -78,29 +95,45 @@ def ddp_data(tmp_path_factory) -> Path:
     rng = random.Random(0)
     rollouts = []
     for i in range(7):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i} plus {i * 3}?" + " Why?" * i}],
-                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} plus {i * 3}?" + " Why?" * i}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
         length = rng.randint(2, 12)
         response = [rng.randint(7, len(tokenizer) - 1) for _ in range(length)]
         if i % 2 == 0:
             response[-1] = tokenizer.eos_token_id
         stale = i == 4
-        rollouts.append({
-            "messages": [], "prompt_token_ids": list(prompt), "response_token_ids": response,
-            "behaviour_logprobs": [-rng.uniform(6.0, 9.0) for _ in response] if stale else None,
-            "policy_version": "policy-0000" if stale else policy, "finish_reason": "stop" if i % 2 == 0 else "length",
-            "score": rng.uniform(-1, 1),
-        })
+        rollouts.append(
+            {
+                "messages": [],
+                "prompt_token_ids": list(prompt),
+                "response_token_ids": response,
+                "behaviour_logprobs": [-rng.uniform(6.0, 9.0) for _ in response] if stale else None,
+                "policy_version": "policy-0000" if stale else policy,
+                "finish_reason": "stop" if i % 2 == 0 else "length",
+                "score": rng.uniform(-1, 1),
+            }
+        )
     data = root / "spec.json"
-    data.write_text(json.dumps({"store": str(store.root), "policy": policy, "rm": rm, "config": CONFIG,
-                                "rollouts": rollouts}))
+    data.write_text(
+        json.dumps({"store": str(store.root), "policy": policy, "rm": rm, "config": CONFIG, "rollouts": rollouts})
+    )
     return data
 
 
 def _run(cmd: list[str], out: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd + ["--worker", "--data", str(out.parent / "spec.json"), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd + ["--worker", "--data", str(out.parent / "spec.json"), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
 
@@ -126,7 +159,9 @@ def test_two_gloo_processes_make_the_same_update_as_one(ddp_data):
     assert single.keys() == rank0.keys() == rank1.keys()
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), f"{name}: the two processes diverged"
-        torch.testing.assert_close(rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=f"{name} differs from 1 process")
+        torch.testing.assert_close(
+            rank0[name], single[name], atol=2e-5, rtol=1e-4, msg=f"{name} differs from 1 process"
+        )
     # The update is real: the weights moved far more than the tolerance.
     moved = max((single[f"policy.{k}"] - v).abs().max().item() for k, v in initial.items())
     assert moved > 1e-3

@@ -24,15 +24,15 @@ from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_fi
 from services.trainer.ppo_config import PPOConfig
 from shared.config import ModelStoreConfig, load_config
 from shared.events import CompletionEvent, PolicyUpdateEvent
+from shared.kafka.embedded import free_port
 from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from shared.kafka.embedded import free_port
 from tests.conftest import LoopThread, consume_events, start_broker, start_inference, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-USER_QUESTION = "What is 321 plus 654?"   # not in the trainer's prompt file (numbers there are below 100)
+USER_QUESTION = "What is 321 plus 654?"  # not in the trainer's prompt file (numbers there are below 100)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,16 @@ def services(own_broker, store):
     inference = start_inference(loop, own_broker.kafka, store.root)
     # Scoring only: the reward service's own continual learner is not under test here.
     no_learner = {"learner": False} if "learner" in RewardConfig.__dataclass_fields__ else {}
-    reward_cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, kafka=own_broker.kafka,
-                             model_store=ModelStoreConfig(root=store.root), torch_threads=1, **no_learner)
+    reward_cfg = load_config(
+        RewardConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        kafka=own_broker.kafka,
+        model_store=ModelStoreConfig(root=store.root),
+        torch_threads=1,
+        **no_learner,
+    )
 
     async def make_reward():
         app = RewardApp(reward_cfg)
@@ -108,12 +116,26 @@ def trainer_config(own_broker, store, services, checkpoint_dir, **overrides):
 
     _, inference, reward = services
     settings = dict(
-        grpc_port=0, metrics_port=0, kafka=own_broker.kafka, model_store=ModelStoreConfig(root=store.root),
-        inference_address=inference.address, reward_address=reward.address, checkpoint_dir=checkpoint_dir,
-        rollouts_per_iteration=4, max_tokens=16, heldout_prompts=4, heldout_max_tokens=16, publish_every=1,
-        checkpoint_every=1, idle_sleep_s=0.5, torch_threads=1, kl_bound=1e6, reward_tolerance=1e6,
+        grpc_port=0,
+        metrics_port=0,
+        kafka=own_broker.kafka,
+        model_store=ModelStoreConfig(root=store.root),
+        inference_address=inference.address,
+        reward_address=reward.address,
+        checkpoint_dir=checkpoint_dir,
+        rollouts_per_iteration=4,
+        max_tokens=16,
+        heldout_prompts=4,
+        heldout_max_tokens=16,
+        publish_every=1,
+        checkpoint_every=1,
+        idle_sleep_s=0.5,
+        torch_threads=1,
+        kl_bound=1e6,
+        reward_tolerance=1e6,
         ppo=PPOConfig(epochs=2, minibatch_size=4, lr=1e-3, forward_batch_size=4),
-        consumer_group=f"trainer-test-{time.monotonic_ns()}")
+        consumer_group=f"trainer-test-{time.monotonic_ns()}",
+    )
     settings.update(overrides)
     return load_config(TrainerConfig, {}, **settings)
 
@@ -121,15 +143,23 @@ def trainer_config(own_broker, store, services, checkpoint_dir, **overrides):
 def generate(inference_address: str, question: str) -> inference_pb2.GenerateResponse:
     with grpc.insecure_channel(inference_address) as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        return stub.Generate(inference_pb2.GenerateRequest(
-            messages=[common_pb2.ChatMessage(role="user", content=question)],
-            sampling=inference_pb2.SamplingParams(max_tokens=8), source="user"), timeout=60)
+        return stub.Generate(
+            inference_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role="user", content=question)],
+                sampling=inference_pb2.SamplingParams(max_tokens=8),
+                source="user",
+            ),
+            timeout=60,
+        )
 
 
 def served_version(inference_address: str) -> str:
     with grpc.insecure_channel(inference_address) as channel:
-        return inference_pb2_grpc.InferenceServiceStub(channel).GetPolicy(
-            inference_pb2.GetPolicyRequest(), timeout=10).policy_version
+        return (
+            inference_pb2_grpc.InferenceServiceStub(channel)
+            .GetPolicy(inference_pb2.GetPolicyRequest(), timeout=10)
+            .policy_version
+        )
 
 
 def test_a_user_prompt_becomes_a_published_version_that_inference_serves(own_broker, store, services, tmp_path):
@@ -138,8 +168,10 @@ def test_a_user_prompt_becomes_a_published_version_that_inference_serves(own_bro
     assert generate(inference.address, USER_QUESTION).policy_version == first
 
     # Live prompts as much as there are: the one user question above is in every batch.
-    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", live_prompt_fraction=1.0,
-                                           start_paused=True))
+    trainer = Trainer(
+        loop,
+        trainer_config(own_broker, store, services, tmp_path / "ckpt", live_prompt_fraction=1.0, start_paused=True),
+    )
     try:
         # Paused until the consumer group has read the user's completion off rlhf.completions.
         wait_until(lambda: trainer.status().live_prompts == 1, 60, "the user prompt did not reach the trainer")
@@ -155,9 +187,12 @@ def test_a_user_prompt_becomes_a_published_version_that_inference_serves(own_bro
     assert final.lineage[0] == first and final.lineage[-1] == published and len(final.lineage) >= 2
     assert store.manifest(final.lineage[1]).parent == first
     # Trained on rollouts of the user's prompt, sampled through inference as "trainer" traffic.
-    completions = [e.payload for e in consume_events(own_broker.kafka, COMPLETIONS,
-                                                     lambda e: isinstance(e.payload, CompletionEvent),
-                                                     count=10_000, timeout=8)]
+    completions = [
+        e.payload
+        for e in consume_events(
+            own_broker.kafka, COMPLETIONS, lambda e: isinstance(e.payload, CompletionEvent), count=10_000, timeout=8
+        )
+    ]
     rollouts = [c for c in completions if c.source == "trainer"]
     assert len(rollouts) >= 4, [(c.source, c.messages) for c in completions]
     seen = [(c.messages[-1].content, len(c.token_ids), len(c.logprobs or [])) for c in rollouts]
@@ -172,9 +207,13 @@ def test_a_user_prompt_becomes_a_published_version_that_inference_serves(own_bro
     assert {"heldout_reward", "kl_to_reference", "baseline_reward"} <= manifest.metrics.keys()
 
     # Announced, with the manifest's hash; inference verifies it, swaps, and the next answer says so.
-    events = consume_events(own_broker.kafka, POLICY_UPDATES,
-                            lambda e: isinstance(e.payload, PolicyUpdateEvent) and e.payload.version == published,
-                            count=1, timeout=20)
+    events = consume_events(
+        own_broker.kafka,
+        POLICY_UPDATES,
+        lambda e: isinstance(e.payload, PolicyUpdateEvent) and e.payload.version == published,
+        count=1,
+        timeout=20,
+    )
     assert events and events[0].payload.manifest_sha256 == store.manifest_sha256(published)
     wait_until(lambda: served_version(inference.address) == published, 120, "inference did not swap")
     assert generate(inference.address, USER_QUESTION).policy_version == published
@@ -184,8 +223,9 @@ def test_a_candidate_beyond_the_kl_bound_is_not_published(own_broker, store, ser
     loop, _, _ = services
     versions = store.versions("policy")
     current = store.current("policy")
-    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", kl_bound=0.0,
-                                           live_prompt_fraction=0.0))
+    trainer = Trainer(
+        loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", kl_bound=0.0, live_prompt_fraction=0.0)
+    )
     try:
         wait_until(lambda: trainer.status().last_gate.step >= 1, 240, "no gate decision")
         status = trainer.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
@@ -205,14 +245,16 @@ def test_a_stopped_trainer_resumes_from_its_checkpoint(own_broker, store, servic
     try:
         wait_until(lambda: trainer.status().step >= 2, 240, "did not train two iterations")
     finally:
-        trainer.stop()                      # the iteration in progress finishes, then a last checkpoint
+        trainer.stop()  # the iteration in progress finishes, then a last checkpoint
     from services.trainer.checkpoint import CheckpointStore
 
     saved = CheckpointStore(ckpt).steps()[-1]
     assert saved >= 2
 
-    again = Trainer(loop, trainer_config(own_broker, store, services, ckpt, publish_every=0,
-                                         live_prompt_fraction=0.0, start_paused=True))
+    again = Trainer(
+        loop,
+        trainer_config(own_broker, store, services, ckpt, publish_every=0, live_prompt_fraction=0.0, start_paused=True),
+    )
     try:
         status = again.status()
         assert status.step == saved and status.paused and status.checkpoint_step == saved
@@ -227,8 +269,10 @@ def test_rollback_serves_an_earlier_version_again(own_broker, store, services, t
 
     loop, inference, _ = services
     first = store.versions("policy")[0]
-    trainer = Trainer(loop, trainer_config(own_broker, store, services, tmp_path / "ckpt", start_paused=True,
-                                           live_prompt_fraction=0.0))
+    trainer = Trainer(
+        loop,
+        trainer_config(own_broker, store, services, tmp_path / "ckpt", start_paused=True, live_prompt_fraction=0.0),
+    )
     try:
         with pytest.raises(grpc.RpcError) as err:
             trainer.stub.Rollback(trainer_pb2.RollbackRequest(policy_version="policy-9999"), timeout=30)
@@ -240,7 +284,7 @@ def test_rollback_serves_an_earlier_version_again(own_broker, store, services, t
         assert result.published and result.version.version == first
         assert store.current("policy") == first and trainer.status().base_policy_version == first
         capsys.readouterr()
-        assert control.main(["status", "--address", trainer.app.address]) == 0      # the shell client
+        assert control.main(["status", "--address", trainer.app.address]) == 0  # the shell client
         shown = json.loads(capsys.readouterr().out)
         assert shown["basePolicyVersion"] == first and shown["lastGate"]["reason"] == f"rolled back to {first}"
         wait_until(lambda: served_version(inference.address) == first, 120, "inference did not roll back")
@@ -253,23 +297,42 @@ def trainer_process(own_broker, store, services, ckpt, log_path, **env_overrides
     _, inference, reward = services
     port = free_port()
     k = own_broker.kafka
-    env = {**os.environ,
-           "RLHF_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers, "RLHF_KAFKA_SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
-           "RLHF_KAFKA_HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
-           "RLHF_KAFKA_DELIVERY_TIMEOUT_S": str(k.delivery_timeout_s),
-           "RLHF_KAFKA_REQUEST_TIMEOUT_MS": str(k.request_timeout_ms),
-           "RLHF_MODEL_STORE_ROOT": str(store.root), "RLHF_TRAINER_GRPC_PORT": str(port),
-           "RLHF_TRAINER_METRICS_PORT": "0", "RLHF_TRAINER_INFERENCE_ADDRESS": inference.address,
-           "RLHF_TRAINER_REWARD_ADDRESS": reward.address, "RLHF_TRAINER_CHECKPOINT_DIR": str(ckpt),
-           "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "4", "RLHF_TRAINER_MAX_TOKENS": "16",
-           "RLHF_TRAINER_HELDOUT_PROMPTS": "4", "RLHF_TRAINER_HELDOUT_MAX_TOKENS": "16",
-           "RLHF_TRAINER_PUBLISH_EVERY": "0", "RLHF_TRAINER_CHECKPOINT_EVERY": "1",
-           "RLHF_TRAINER_LIVE_PROMPT_FRACTION": "0", "RLHF_TRAINER_TORCH_THREADS": "1",
-           "RLHF_TRAINER_IDLE_SLEEP_S": "0.5", "RLHF_TRAINER_GRACE_PERIOD_S": "5",
-           "RLHF_PPO_EPOCHS": "1", "RLHF_PPO_MINIBATCH_SIZE": "4", "RLHF_PPO_LR": "0.001", **env_overrides}
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS": k.bootstrap_servers,
+        "RLHF_KAFKA_SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
+        "RLHF_KAFKA_HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
+        "RLHF_KAFKA_DELIVERY_TIMEOUT_S": str(k.delivery_timeout_s),
+        "RLHF_KAFKA_REQUEST_TIMEOUT_MS": str(k.request_timeout_ms),
+        "RLHF_MODEL_STORE_ROOT": str(store.root),
+        "RLHF_TRAINER_GRPC_PORT": str(port),
+        "RLHF_TRAINER_METRICS_PORT": "0",
+        "RLHF_TRAINER_INFERENCE_ADDRESS": inference.address,
+        "RLHF_TRAINER_REWARD_ADDRESS": reward.address,
+        "RLHF_TRAINER_CHECKPOINT_DIR": str(ckpt),
+        "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "4",
+        "RLHF_TRAINER_MAX_TOKENS": "16",
+        "RLHF_TRAINER_HELDOUT_PROMPTS": "4",
+        "RLHF_TRAINER_HELDOUT_MAX_TOKENS": "16",
+        "RLHF_TRAINER_PUBLISH_EVERY": "0",
+        "RLHF_TRAINER_CHECKPOINT_EVERY": "1",
+        "RLHF_TRAINER_LIVE_PROMPT_FRACTION": "0",
+        "RLHF_TRAINER_TORCH_THREADS": "1",
+        "RLHF_TRAINER_IDLE_SLEEP_S": "0.5",
+        "RLHF_TRAINER_GRACE_PERIOD_S": "5",
+        "RLHF_PPO_EPOCHS": "1",
+        "RLHF_PPO_MINIBATCH_SIZE": "4",
+        "RLHF_PPO_LR": "0.001",
+        **env_overrides,
+    }
+    log = open(log_path, "ab")  # noqa: SIM115 - the child process holds it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.trainer"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     log.close()
     return proc, f"127.0.0.1:{port}"
 
@@ -288,10 +351,14 @@ def test_a_killed_trainer_resumes_from_its_last_complete_checkpoint(own_broker, 
     ckpt, log_path = tmp_path / "ckpt", tmp_path / "trainer.log"
     proc, address = trainer_process(own_broker, store, services, ckpt, log_path)
     try:
-        wait_until(lambda: (s := status_of(address)) is not None and s.checkpoint_step >= 2, 300,
-                   f"no second checkpoint; log: {log_path}", interval=0.5)
+        wait_until(
+            lambda: (s := status_of(address)) is not None and s.checkpoint_step >= 2,
+            300,
+            f"no second checkpoint; log: {log_path}",
+            interval=0.5,
+        )
     finally:
-        proc.kill()                                 # SIGKILL: no drain, no last checkpoint
+        proc.kill()  # SIGKILL: no drain, no last checkpoint
         proc.wait(30)
     checkpoints = CheckpointStore(ckpt)
     saved = checkpoints.load_latest().step
@@ -311,7 +378,7 @@ def test_a_killed_trainer_resumes_from_its_last_complete_checkpoint(own_broker, 
         with grpc.insecure_channel(address) as channel:
             trainer_pb2_grpc.TrainerServiceStub(channel).Resume(trainer_pb2.ResumeRequest(), timeout=10)
         wait_until(lambda: status_of(address).step > saved, 120, "did not continue", interval=0.5)
-        proc.send_signal(signal.SIGTERM)            # drains and stops cleanly
+        proc.send_signal(signal.SIGTERM)  # drains and stops cleanly
         assert proc.wait(120) == 0
     finally:
         if proc.poll() is None:
@@ -326,11 +393,19 @@ def test_without_a_reward_model_the_trainer_waits_not_serving_and_stops_on_reque
     from services.trainer.app import TrainerApp
     from services.trainer.config import TrainerConfig
 
-    cfg = load_config(TrainerConfig, {}, grpc_port=0, metrics_port=0, kafka=own_broker.kafka,
-                      model_store=ModelStoreConfig(root=tmp_path / "empty-store"), checkpoint_dir=tmp_path / "ckpt",
-                      live_prompt_fraction=0.0)
+    cfg = load_config(
+        TrainerConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        kafka=own_broker.kafka,
+        model_store=ModelStoreConfig(root=tmp_path / "empty-store"),
+        checkpoint_dir=tmp_path / "ckpt",
+        live_prompt_fraction=0.0,
+    )
     loop = LoopThread()
     try:
+
         async def make():
             return TrainerApp(cfg)  # on the loop: a grpc.aio server belongs to the loop that makes it
 
@@ -341,8 +416,8 @@ def test_without_a_reward_model_the_trainer_waits_not_serving_and_stops_on_reque
         with grpc.insecure_channel(app.address) as channel, pytest.raises(grpc.RpcError) as err:
             trainer_pb2_grpc.TrainerServiceStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        loop.loop.call_soon_threadsafe(app.server.request_stop)     # what SIGTERM does
-        starting.result(30)                                         # start gives up waiting for models
+        loop.loop.call_soon_threadsafe(app.server.request_stop)  # what SIGTERM does
+        starting.result(30)  # start gives up waiting for models
         loop.run(app.stop(), timeout=60)
         assert app.loop is None
     finally:

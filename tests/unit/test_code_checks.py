@@ -39,3 +39,12 @@ def test_import_contracts_hold():
     result = run_tool("lint-imports", "--no-cache")
     assert_clean(result)
     assert "0 broken" in result.stdout
+
+
+def test_ruff_finds_no_lint():
+    assert_clean(run_tool("ruff", "check", "--no-cache", "."))
+
+
+def test_ruff_format_is_applied():
+    result = run_tool("ruff", "format", "--check", "--no-cache", ".")
+    assert result.returncode == 0, f"run `ruff format .`:\n{result.stdout}\n{result.stderr}"

@@ -75,8 +75,9 @@ def existing_partitions(admin: Any, names: list[str]) -> dict[str, int]:
 def current_configs(admin: Any, name: str, keys: list[str]) -> dict[str, str]:
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    result = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {k: None for k in keys})],
-                                    config_filter="all")
+    result = admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name, {k: None for k in keys})], config_filter="all"
+    )
     # {"topic": {name: {key: {"value": ..., "config_source": ..., ...}}}}
     entries = result.get("topic", {}).get(name, {})
     return {key: str(entry["value"]) for key, entry in entries.items() if entry.get("value") is not None}
@@ -95,8 +96,9 @@ def reconcile(admin: Any, plan: dict[str, Any]) -> list[str]:
     missing = {n: s for n, s in topics.items() if n not in have}
     for name, spec in sorted(missing.items()):
         try:
-            admin.create_topics({name: {"num_partitions": spec["partitions"], "replication_factor": rf,
-                                        "configs": spec["configs"]}})
+            admin.create_topics(
+                {name: {"num_partitions": spec["partitions"], "replication_factor": rf, "configs": spec["configs"]}}
+            )
             log("created", topic=name, partitions=spec["partitions"], replication_factor=rf, **spec["configs"])
         except TopicAlreadyExistsError:
             log("already exists (created concurrently)", topic=name)
@@ -122,8 +124,12 @@ def reconcile(admin: Any, plan: dict[str, Any]) -> list[str]:
                 log("updated configs", topic=name, **{k: f"{now.get(k)}->{v}" for k, v in changed.items()})
         replicas = _replication_factor(admin, name)
         if replicas is not None and replicas != rf:
-            log("warning: replication factor differs (reassign partitions to change it)",
-                topic=name, has=replicas, plan=rf)
+            log(
+                "warning: replication factor differs (reassign partitions to change it)",
+                topic=name,
+                has=replicas,
+                plan=rf,
+            )
     return problems
 
 

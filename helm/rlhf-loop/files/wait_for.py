@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print("[wait-for] --topics needs RLHF_KAFKA_BOOTSTRAP_SERVERS", flush=True)
         return 2
     while True:
-        missing = ((missing_current(args.policy, "policy", "policy") if args.policy else [])
-                   + (missing_current(args.reward_model, "rm", "reward model") if args.reward_model else [])
-                   + (missing_topics(topics, servers) if topics else []))
+        missing = (
+            (missing_current(args.policy, "policy", "policy") if args.policy else [])
+            + (missing_current(args.reward_model, "rm", "reward model") if args.reward_model else [])
+            + (missing_topics(topics, servers) if topics else [])
+        )
         if not missing:
             print("[wait-for] ready", flush=True)
             return 0

@@ -29,8 +29,11 @@ OUT = Path(__file__).with_name("example_rankings.jsonl")
 QUESTIONS = ["What is {a} plus {b}?", "How much is {a} plus {b}?", "Can you tell me {a} plus {b}?"]
 ANSWERS = ["{a} plus {b} is {s}.", "{a} plus {b} equals {s}.", "Sure, here is the answer. {a} plus {b} is {s}."]
 EVASIVE = [
-    "I am not sure, sorry.", "I do not know the answer to that.", "Could you ask me something else?",
-    "Numbers are hard, I cannot say.", "Let me think about that. I do not know.",
+    "I am not sure, sorry.",
+    "I do not know the answer to that.",
+    "Could you ask me something else?",
+    "Numbers are hard, I cannot say.",
+    "Let me think about that. I do not know.",
 ]
 SYSTEM = "You are a helpful assistant."
 

@@ -51,12 +51,17 @@ def _start() -> None:
     def dump() -> None:
         with lock:
             doc = {
-                "process": name, "pid": os.getpid(), "argv": argv, "interval_s": interval,
+                "process": name,
+                "pid": os.getpid(),
+                "argv": argv,
+                "interval_s": interval,
                 "recorded_wall_s": state["recorded_s"],
                 "threads": {
-                    t: {"cpu_s": cpu_total[t],
+                    t: {
+                        "cpu_s": cpu_total[t],
                         "self": self_cpu[t].most_common(80),
-                        "cumulative": cum_cpu[t].most_common(200)}
+                        "cumulative": cum_cpu[t].most_common(200),
+                    }
                     for t in cpu_total
                 },
             }

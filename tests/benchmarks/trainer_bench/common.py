@@ -74,9 +74,9 @@ class RMScorer:
     """The reward model version of the spec, scoring (messages, response text) pairs."""
 
     def __init__(self, store_root: str, rm_version: str):
+        from shared.model_store import ModelStore
         from shared.models.encoding import EncodingLimits
         from shared.models.reward_model import load_version
-        from shared.model_store import ModelStore
 
         loaded = load_version(ModelStore(Path(store_root)), rm_version)  # verifies the sha256 manifest
         self.model = loaded.model.eval()
@@ -86,12 +86,14 @@ class RMScorer:
 
     @torch.no_grad()
     def score(self, conversations: list[list[dict]], responses: list[str]) -> list[float]:
-        from shared.models.encoding import encode, pad_batch
         from shared.events import Message
+        from shared.models.encoding import encode, pad_batch
 
         started = time.monotonic()
-        seqs = [encode(self.tokenizer, [Message(**m) for m in conv], text, self.limits).input_ids
-                for conv, text in zip(conversations, responses)]
+        seqs = [
+            encode(self.tokenizer, [Message(**m) for m in conv], text, self.limits).input_ids
+            for conv, text in zip(conversations, responses)
+        ]
         ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)
         scores = self.model(ids, mask).tolist()
         self.seconds += time.monotonic() - started

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchSpec, GenerateTimer, RMScorer, RunResult, setup_threads  # noqa: E402
+from common import BenchSpec, GenerateTimer, RMScorer, RunResult, setup_threads
 
 
 def main(spec_path: str, out_dir: str, sampler_logprobs: bool = False) -> None:
@@ -31,9 +31,15 @@ def main(spec_path: str, out_dir: str, sampler_logprobs: bool = False) -> None:
     setup_threads()
     spec = BenchSpec.read(Path(spec_path))
     out = Path(out_dir)
-    config = PPOConfig(lr=spec.lr, epochs=spec.epochs, minibatch_size=spec.minibatch_size, kl_coef=spec.kl_coef,
-                       seed=spec.seed, forward_batch_size=spec.batch_size,
-                       recompute_logprobs=not sampler_logprobs)
+    config = PPOConfig(
+        lr=spec.lr,
+        epochs=spec.epochs,
+        minibatch_size=spec.minibatch_size,
+        kl_coef=spec.kl_coef,
+        seed=spec.seed,
+        forward_batch_size=spec.batch_size,
+        recompute_logprobs=not sampler_logprobs,
+    )
     learner = PPOLearner.from_store(ModelStore(Path(spec.store)), spec.policy, spec.policy, spec.rm, config)
     scorer = RMScorer(spec.store, spec.rm)
     tok = learner.tokenizer
@@ -44,21 +50,43 @@ def main(spec_path: str, out_dir: str, sampler_logprobs: bool = False) -> None:
     for step in range(spec.steps):
         convs = [spec.prompts[(cursor + i) % len(spec.prompts)] for i in range(spec.batch_size)]
         cursor += spec.batch_size
-        prompt_ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-                      for c in convs]
-        generated = learner.generate(prompt_ids, spec.response_length, greedy=False, seed=spec.seed + step,
-                                     return_logprobs=sampler_logprobs)
+        prompt_ids = [
+            tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in convs
+        ]
+        generated = learner.generate(
+            prompt_ids, spec.response_length, greedy=False, seed=spec.seed + step, return_logprobs=sampler_logprobs
+        )
         responses, logprobs = generated if sampler_logprobs else (generated, [None] * len(generated))
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         scores = scorer.score(convs, texts)
-        rollouts = [Rollout([Message(**m) for m in c], list(p), r, lp, learner.weights_version,
-                            "stop" if r and r[-1] == tok.eos_token_id else "length", s, spec.rm)
-                    for c, p, r, lp, s in zip(convs, prompt_ids, responses, logprobs, scores)]
+        rollouts = [
+            Rollout(
+                [Message(**m) for m in c],
+                list(p),
+                r,
+                lp,
+                learner.weights_version,
+                "stop" if r and r[-1] == tok.eos_token_id else "length",
+                s,
+                spec.rm,
+            )
+            for c, p, r, lp, s in zip(convs, prompt_ids, responses, logprobs, scores)
+        ]
         stats = learner.step(rollouts)
-        result.curve.append({"t": time.monotonic() - started, "step": step + 1, "reward": sum(scores) / len(scores),
-                             "kl": stats.mean_kl, "samples": (step + 1) * spec.batch_size})
-        print(f"{result.contender} step {step + 1}/{spec.steps}: reward {result.curve[-1]['reward']:+.3f} kl {stats.mean_kl:.3f} "
-              f"{stats.seconds:.1f}s update", flush=True)
+        result.curve.append(
+            {
+                "t": time.monotonic() - started,
+                "step": step + 1,
+                "reward": sum(scores) / len(scores),
+                "kl": stats.mean_kl,
+                "samples": (step + 1) * spec.batch_size,
+            }
+        )
+        print(
+            f"{result.contender} step {step + 1}/{spec.steps}: reward {result.curve[-1]['reward']:+.3f} kl {stats.mean_kl:.3f} "
+            f"{stats.seconds:.1f}s update",
+            flush=True,
+        )
     result.wall_s = time.monotonic() - started
     result.cpu_s = time.process_time() - cpu_started
     result.steps, result.samples = spec.steps, spec.steps * spec.batch_size

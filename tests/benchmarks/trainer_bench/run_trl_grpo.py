@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchSpec, GenerateTimer, RMScorer, RunResult, setup_threads  # noqa: E402
+from common import BenchSpec, GenerateTimer, RMScorer, RunResult, setup_threads
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -49,8 +49,14 @@ def main(spec_path: str, out_dir: str) -> None:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         scores = scorer.score(prompts, texts)
         samples = (len(result.curve) + 1) * len(scores)
-        result.curve.append({"t": time.monotonic() - started[0], "step": len(result.curve) + 1,
-                             "reward": sum(scores) / len(scores), "samples": samples})
+        result.curve.append(
+            {
+                "t": time.monotonic() - started[0],
+                "step": len(result.curve) + 1,
+                "reward": sum(scores) / len(scores),
+                "samples": samples,
+            }
+        )
         print(f"trl-grpo batch {len(result.curve)}: reward {result.curve[-1]['reward']:+.3f}", flush=True)
         return scores
 
@@ -58,16 +64,38 @@ def main(spec_path: str, out_dir: str) -> None:
     rows = [{"prompt": spec.prompts[i % len(spec.prompts)]} for i in range(n_prompts)]
     steps_per_generation = spec.batch_size // spec.minibatch_size
     args = GRPOConfig(
-        output_dir=str(out / "trl-output"), per_device_train_batch_size=spec.minibatch_size,
-        steps_per_generation=steps_per_generation, num_generations=spec.num_generations,
-        max_completion_length=spec.response_length, num_iterations=spec.epochs, beta=spec.kl_coef,
-        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0,
-        max_steps=spec.steps * steps_per_generation * spec.epochs, temperature=1.0, top_p=1.0, top_k=0,
-        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1, seed=spec.seed,
-        dataloader_num_workers=0, shuffle_dataset=False, log_completions=False, disable_tqdm=True,
+        output_dir=str(out / "trl-output"),
+        per_device_train_batch_size=spec.minibatch_size,
+        steps_per_generation=steps_per_generation,
+        num_generations=spec.num_generations,
+        max_completion_length=spec.response_length,
+        num_iterations=spec.epochs,
+        beta=spec.kl_coef,
+        learning_rate=spec.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=spec.steps * steps_per_generation * spec.epochs,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=spec.seed,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        log_completions=False,
+        disable_tqdm=True,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=rm_reward, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=rm_reward,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     started[0], cpu_started = time.monotonic(), time.process_time()
     trainer.train()
     result.wall_s = time.monotonic() - started[0]
@@ -75,7 +103,9 @@ def main(spec_path: str, out_dir: str) -> None:
     result.steps = len(result.curve)
     result.samples = sum(spec.batch_size for _ in result.curve)
     result.generate_s, result.rollout_tokens, result.score_s = timer.seconds, timer.tokens, scorer.seconds
-    result.notes.append(f"GRPO: {spec.num_generations} completions per prompt, group-normalised rewards, no value model")
+    result.notes.append(
+        f"GRPO: {spec.num_generations} completions per prompt, group-normalised rewards, no value model"
+    )
     policy_out = out / "policy"
     trainer.model.save_pretrained(policy_out)
     tokenizer.save_pretrained(policy_out)

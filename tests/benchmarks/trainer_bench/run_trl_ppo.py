@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchSpec, GenerateTimer, RunResult, setup_threads  # noqa: E402
+from common import BenchSpec, GenerateTimer, RunResult, setup_threads
 
 
 def main(spec_path: str, out_dir: str) -> None:
@@ -32,8 +32,8 @@ def main(spec_path: str, out_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from shared.models.reward_model import RewardModel
     from shared.model_store import ModelStore
+    from shared.models.reward_model import RewardModel
 
     class ScalarHeadAdapter(nn.Module):
         """Our RewardModel as TRL's get_reward wants it: ``getattr(m, m.base_model_prefix)`` and ``m.score(h)``."""
@@ -71,27 +71,62 @@ def main(spec_path: str, out_dir: str) -> None:
     class Curve(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "objective/scores" in logs:
-                result.curve.append({"t": time.monotonic() - started[0], "step": len(result.curve) + 1,
-                                     "reward": float(logs["objective/scores"]), "kl": float(logs.get("objective/kl", 0)),
-                                     "samples": (len(result.curve) + 1) * spec.batch_size})
+                result.curve.append(
+                    {
+                        "t": time.monotonic() - started[0],
+                        "step": len(result.curve) + 1,
+                        "reward": float(logs["objective/scores"]),
+                        "kl": float(logs.get("objective/kl", 0)),
+                        "samples": (len(result.curve) + 1) * spec.batch_size,
+                    }
+                )
                 print(f"trl-ppo step {len(result.curve)}: reward {result.curve[-1]['reward']:+.3f}", flush=True)
 
-    rows = [{"input_ids": tokenizer.apply_chat_template(spec.prompts[i % len(spec.prompts)], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False)}
-            for i in range(spec.steps * spec.batch_size)]
+    rows = [
+        {
+            "input_ids": tokenizer.apply_chat_template(
+                spec.prompts[i % len(spec.prompts)], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        }
+        for i in range(spec.steps * spec.batch_size)
+    ]
     args = PPOConfig(
         # TRL 1.12: batch = per_device_train_batch_size x gradient_accumulation_steps, split into
         # num_mini_batches minibatches, one optimiser step each (a micro batch holds the whole minibatch).
-        output_dir=str(out / "trl-output"), per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=1, num_mini_batches=spec.batch_size // spec.minibatch_size,
-        num_ppo_epochs=spec.epochs, total_episodes=spec.steps * spec.batch_size,
-        local_rollout_forward_batch_size=spec.batch_size, response_length=spec.response_length, stop_token="eos",
-        temperature=1.0, kl_coef=spec.kl_coef, kl_estimator="k1", learning_rate=spec.lr,
-        lr_scheduler_type="constant", num_sample_generations=0, use_cpu=True, bf16=False, report_to="none",
-        save_strategy="no", logging_steps=1, seed=spec.seed, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(out / "trl-output"),
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=1,
+        num_mini_batches=spec.batch_size // spec.minibatch_size,
+        num_ppo_epochs=spec.epochs,
+        total_episodes=spec.steps * spec.batch_size,
+        local_rollout_forward_batch_size=spec.batch_size,
+        response_length=spec.response_length,
+        stop_token="eos",
+        temperature=1.0,
+        kl_coef=spec.kl_coef,
+        kl_estimator="k1",
+        learning_rate=spec.lr,
+        lr_scheduler_type="constant",
+        num_sample_generations=0,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=spec.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
-                         value_model=value, train_dataset=Dataset.from_list(rows), callbacks=[Curve()])
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[Curve()],
+    )
     started[0], cpu_started = time.monotonic(), time.process_time()
     trainer.train()
     result.wall_s = time.monotonic() - started[0]

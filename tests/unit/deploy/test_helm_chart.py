@@ -165,8 +165,11 @@ def container_environ(docs, container: dict[str, Any]) -> dict[str, str]:
 
 
 def pod_specs(docs) -> list[tuple[str, dict[str, Any]]]:
-    return [(f'{d["kind"]}/{d["metadata"]["name"]}', d["spec"]["template"]["spec"])
-            for d in docs if d["kind"] in {"Deployment", "Job"}]
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in {"Deployment", "Job"}
+    ]
 
 
 # --- lint, API schemas ---------------------------------------------------------------------------
@@ -191,9 +194,9 @@ def test_manifests_validate_against_kubernetes_api(config):
             kube_validate.validate(doc, KUBE_VERSION, strict=True)
         except kube_validate.ValidationError as exc:
             path = ".".join(map(str, exc.path))
-            failures.append(f'{doc["kind"]}/{doc["metadata"]["name"]}: {path}: {exc.message[:300]}')
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {exc.message[:300]}")
         except kube_validate.SchemaNotFoundError as exc:
-            failures.append(f'{doc["kind"]}/{doc["metadata"]["name"]}: {exc.message}')
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
     assert not failures, "\n".join(failures)
     expected_crds = set() if config == "external-kafka" else {"Kafka", "KafkaNodePool"}
     assert skipped == expected_crds
@@ -214,8 +217,10 @@ _RANDOM_SECRET = re.compile(r'^(\s*feedback-token-secret: )"[A-Za-z0-9+/=]+"$', 
 def golden_text(config: str) -> str:
     """The render as one YAML stream, in template order; the random HMAC key masked."""
     values_file = CONFIGS[config] or "the default values"
-    parts = [f"# helm/rlhf-loop rendered with {values_file}; release {RELEASE}, namespace {NAMESPACE}.\n"
-             "# Regenerate: UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy\n"]
+    parts = [
+        f"# helm/rlhf-loop rendered with {values_file}; release {RELEASE}, namespace {NAMESPACE}.\n"
+        "# Regenerate: UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy\n"
+    ]
     for path, text in sorted(rendered(config).items()):
         text = text.strip("\n")
         if not text.strip():
@@ -237,11 +242,22 @@ def test_golden_render(config):
     assert path.exists(), f"{path} is missing: run UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy"
     expected = path.read_text()
     if actual != expected:
-        diff = list(difflib.unified_diff(expected.splitlines(), actual.splitlines(),
-                                         f"golden/{config}.yaml", f"render ({config})", lineterm="", n=2))
+        diff = list(
+            difflib.unified_diff(
+                expected.splitlines(),
+                actual.splitlines(),
+                f"golden/{config}.yaml",
+                f"render ({config})",
+                lineterm="",
+                n=2,
+            )
+        )
         shown = "\n".join(diff[:150]) + (f"\n... {len(diff) - 150} more diff lines" if len(diff) > 150 else "")
-        pytest.fail(f"the {config} render drifted from golden/{config}.yaml; if intended, regenerate with\n"
-                    f"    UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy\n\n{shown}", pytrace=False)
+        pytest.fail(
+            f"the {config} render drifted from golden/{config}.yaml; if intended, regenerate with\n"
+            f"    UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy\n\n{shown}",
+            pytrace=False,
+        )
 
 
 def test_secret_is_the_only_nondeterministic_part():
@@ -249,7 +265,7 @@ def test_secret_is_the_only_nondeterministic_part():
     b = render(values_of("default"))
     differing = sorted(p for p in a if a[p] != b[p])
     assert differing == [f"{CHART.name}/templates/secret.yaml"]
-    masked = lambda t: _RANDOM_SECRET.sub("", t)  # noqa: E731
+    masked = lambda t: _RANDOM_SECRET.sub("", t)
     assert masked(a[differing[0]]) == masked(b[differing[0]])
 
 
@@ -277,7 +293,9 @@ def test_env_and_ports_are_the_ones_the_config_reads(config, service):
     port_fields = [f.name for f in dataclasses.fields(cls) if f.name.endswith("port")]
     config_ports = {getattr(cfg, f) for f in port_fields if getattr(cfg, f)}
     container_ports = {p["containerPort"] for p in container["ports"]}
-    assert container_ports == config_ports, f"{service}: container ports {container_ports} != config ports {config_ports}"
+    assert container_ports == config_ports, (
+        f"{service}: container ports {container_ports} != config ports {config_ports}"
+    )
 
     by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
     if "grpc_port" in port_fields:
@@ -318,7 +336,9 @@ def test_gateway_feedback_address_when_wired():
 
 
 def test_every_chart_component_is_a_known_service():
-    components = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs_of("default"), "Deployment")}
+    components = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs_of("default"), "Deployment")
+    }
     assert components == set(SERVICES)
 
 
@@ -401,8 +421,18 @@ def test_reward_learner_state_on_an_empty_dir_without_persistence():
 
 
 def test_reward_learner_state_claim_settings():
-    docs = documents(render({"reward": {"learner": {"stateMountPath": "/state", "persistence": {
-        "size": "10Gi", "storageClassName": "local-ssd"}}}}))
+    docs = documents(
+        render(
+            {
+                "reward": {
+                    "learner": {
+                        "stateMountPath": "/state",
+                        "persistence": {"size": "10Gi", "storageClassName": "local-ssd"},
+                    }
+                }
+            }
+        )
+    )
     pvc = one(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
     assert pvc["spec"]["storageClassName"] == "local-ssd"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
@@ -423,9 +453,17 @@ def test_reward_without_learner_scales_and_keeps_no_state():
     assert not find(docs, "PersistentVolumeClaim", LEARNER_CLAIM)
 
 
-@pytest.mark.parametrize("cpu,threads,expected", [
-    ("500m", 0, "1"), ("1500m", 0, "2"), ("2", 0, "2"), (2.5, 0, "3"), ("0", 0, "0"), ("4", 6, "6"),
-])
+@pytest.mark.parametrize(
+    "cpu,threads,expected",
+    [
+        ("500m", 0, "1"),
+        ("1500m", 0, "2"),
+        ("2", 0, "2"),
+        (2.5, 0, "3"),
+        ("0", 0, "0"),
+        ("4", 6, "6"),
+    ],
+)
 def test_torch_threads_follow_the_cpu_request(cpu, threads, expected):
     """torch's default is one thread per core of the node; the chart sizes the pool to the pod."""
     component = {"resources": {"requests": {"cpu": cpu}}, "torchThreads": threads}
@@ -467,7 +505,11 @@ def test_inference_and_gateway_autoscale(config):
     for service in ("inference", "gateway"):
         hpa = one(docs, "HorizontalPodAutoscaler", component_name(service))
         assert hpa["apiVersion"] == "autoscaling/v2"
-        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": component_name(service)}
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": component_name(service),
+        }
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         # The HPA owns the replica count: the Deployment must not reset it on every upgrade.
         assert "replicas" not in deployment(docs, service)["spec"]
@@ -504,7 +546,7 @@ def test_default_runs_kafka_with_strimzi_in_kraft_mode():
     assert config["auto.create.topics.enable"] is False  # the topic Job creates them, partitions included
     assert config["min.insync.replicas"] <= config["default.replication.factor"] <= pool["spec"]["replicas"]
     bootstrap = one(docs, "ConfigMap", f"{RELEASE}-env-kafka")["data"]["RLHF_KAFKA_BOOTSTRAP_SERVERS"]
-    assert bootstrap == f'{kafka["metadata"]["name"]}-kafka-bootstrap.{NAMESPACE}.svc:{listener["port"]}'
+    assert bootstrap == f"{kafka['metadata']['name']}-kafka-bootstrap.{NAMESPACE}.svc:{listener['port']}"
     assert not any(d["kind"] == "Kafka" or "bitnami" in json.dumps(d) for d in docs if d["kind"] != "Kafka")
 
 
@@ -527,7 +569,9 @@ def test_topic_job_creates_exactly_the_loops_topics(config):
     job = one(docs, "Job", f"{RELEASE}-kafka-topics")
     for d in (cm, job):
         assert set(d["metadata"]["annotations"]["helm.sh/hook"].split(",")) == {"post-install", "pre-upgrade"}
-    assert int(cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert int(cm["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
     plan = json.loads(cm["data"]["topics.json"])
     assert set(plan["topics"]) == set(kafka_topics.ALL_TOPICS)
     for ordered in (kafka_topics.POLICY_UPDATES, kafka_topics.REWARD_MODELS):
@@ -626,8 +670,14 @@ def test_gateway_api_keys_come_from_the_secret():
 def test_ingress_and_service_monitor_are_optional():
     default = docs_of("default")
     assert not find(default, "Ingress") and not find(default, "ServiceMonitor")
-    docs = documents(render({"gateway": {"ingress": {"enabled": True, "className": "nginx"}},
-                             "metrics": {"serviceMonitor": {"enabled": True}}}))
+    docs = documents(
+        render(
+            {
+                "gateway": {"ingress": {"enabled": True, "className": "nginx"}},
+                "metrics": {"serviceMonitor": {"enabled": True}},
+            }
+        )
+    )
     (ingress,) = find(docs, "Ingress")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": component_name("gateway"), "port": {"name": "http"}}
@@ -646,24 +696,37 @@ BAD_VALUES = {  # values -> where the schema must point
     "unknown top-level key": ({"inferense": {"replicas": 2}}, "'inferense' not allowed"),
     "unknown nested key": ({"inference": {"replica": 2}}, "'replica' not allowed"),
     "two trainers": ({"trainer": {"replicas": 2}}, "/trainer/replicas"),
-    "relative learner state path": ({"reward": {"learner": {"stateMountPath": "var/reward-learner"}}},
-                                    "/reward/learner/stateMountPath"),
+    "relative learner state path": (
+        {"reward": {"learner": {"stateMountPath": "var/reward-learner"}}},
+        "/reward/learner/stateMountPath",
+    ),
     "unknown learner key": ({"reward": {"learner": {"persistance": {"enabled": True}}}}, "'persistance' not allowed"),
     "negative torch threads": ({"trainer": {"torchThreads": -1}}, "/trainer/torchThreads"),
-    "trainer autoscaling": ({"trainer": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}},
-                            "'autoscaling' not allowed"),
+    "trainer autoscaling": (
+        {"trainer": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}},
+        "'autoscaling' not allowed",
+    ),
     "internal service exposed": ({"inference": {"service": {"type": "LoadBalancer"}}}, "/inference/service/type"),
-    "ordered topic with partitions": ({"kafka": {"topics": {"items": {"rlhf.policy-updates": {"partitions": 3}}}}},
-                                      "/kafka/topics/items/rlhf.policy-updates/partitions"),
-    "unknown topic": ({"kafka": {"topics": {"items": {"rlhf.other": {"partitions": 1, "retentionMs": 1}}}}},
-                      "'rlhf.other' not allowed"),
+    "ordered topic with partitions": (
+        {"kafka": {"topics": {"items": {"rlhf.policy-updates": {"partitions": 3}}}}},
+        "/kafka/topics/items/rlhf.policy-updates/partitions",
+    ),
+    "unknown topic": (
+        {"kafka": {"topics": {"items": {"rlhf.other": {"partitions": 1, "retentionMs": 1}}}}},
+        "'rlhf.other' not allowed",
+    ),
     "env var without name": ({"inference": {"extraEnv": [{"value": "x"}]}}, "/inference/extraEnv/0"),
     "bad log level": ({"logging": {"level": "TRACE"}}, "/logging/level"),
-    "bad bootstrap servers": ({"externalKafka": {"bootstrapServers": "kafka-without-port"}}, "/externalKafka/bootstrapServers"),
+    "bad bootstrap servers": (
+        {"externalKafka": {"bootstrapServers": "kafka-without-port"}},
+        "/externalKafka/bootstrapServers",
+    ),
     "root pod": ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     "short api key": ({"secrets": {"gatewayApiKeys": ["short"]}}, "/secrets/gatewayApiKeys/0"),
-    "extra kafka env outside RLHF_KAFKA_": ({"kafka": {"extraClientEnv": {"RLHF_INFERENCE_DTYPE": "x"}}},
-                                            "'RLHF_INFERENCE_DTYPE' does not match"),
+    "extra kafka env outside RLHF_KAFKA_": (
+        {"kafka": {"extraClientEnv": {"RLHF_INFERENCE_DTYPE": "x"}}},
+        "'RLHF_INFERENCE_DTYPE' does not match",
+    ),
 }
 
 
@@ -697,8 +760,13 @@ def test_schema_topics_are_the_loops_topics():
 
 
 def test_services_can_be_disabled():
-    docs = documents(render({"feedback": {"enabled": False}, "reward": {"enabled": False}, "trainer": {"enabled": False}}))
-    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "Deployment")} == {"gateway", "inference"}
+    docs = documents(
+        render({"feedback": {"enabled": False}, "reward": {"enabled": False}, "trainer": {"enabled": False}})
+    )
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "Deployment")} == {
+        "gateway",
+        "inference",
+    }
 
 
 # --- the topic script ---------------------------------------------------------------------------------
@@ -722,15 +790,23 @@ class FakeAdmin:
         return list(self.topics)
 
     def describe_topics(self, names):
-        return [{"name": n, "error_code": 0,
-                 "partitions": [{"replica_nodes": list(range(self.topics[n]["rf"]))}] * self.topics[n]["partitions"]}
-                for n in names]
+        return [
+            {
+                "name": n,
+                "error_code": 0,
+                "partitions": [{"replica_nodes": list(range(self.topics[n]["rf"]))}] * self.topics[n]["partitions"],
+            }
+            for n in names
+        ]
 
     def create_topics(self, new):
         for name, spec in new.items():
             self.calls.append(f"create {name}")
-            self.topics[name] = {"partitions": spec["num_partitions"], "configs": dict(spec["configs"]),
-                                 "rf": spec["replication_factor"]}
+            self.topics[name] = {
+                "partitions": spec["num_partitions"],
+                "configs": dict(spec["configs"]),
+                "rf": spec["replication_factor"],
+            }
 
     def create_partitions(self, counts):
         for name, total in counts.items():
@@ -738,7 +814,9 @@ class FakeAdmin:
             self.topics[name]["partitions"] = total
 
     def describe_configs(self, resources, config_filter="modified"):
-        return {"topic": {r.name: {k: {"value": v} for k, v in self.topics[r.name]["configs"].items()} for r in resources}}
+        return {
+            "topic": {r.name: {k: {"value": v} for k, v in self.topics[r.name]["configs"].items()} for r in resources}
+        }
 
     def alter_configs(self, resources):
         for r in resources:
@@ -748,15 +826,23 @@ class FakeAdmin:
 
 def test_topic_script_reconciles_an_existing_cluster():
     script = _load_topic_script()
-    plan = {"replicationFactor": 3, "topics": {
-        "rlhf.completions": {"partitions": 6, "configs": {"retention.ms": "604800000"}},
-        "rlhf.feedback": {"partitions": 6, "configs": {"retention.ms": "1"}},
-        "rlhf.policy-updates": {"partitions": 1, "configs": {"retention.ms": "-1"}},
-    }}
-    admin = FakeAdmin({"rlhf.completions": (3, {"retention.ms": "604800000"}), "rlhf.feedback": (8, {"retention.ms": "5"})})
+    plan = {
+        "replicationFactor": 3,
+        "topics": {
+            "rlhf.completions": {"partitions": 6, "configs": {"retention.ms": "604800000"}},
+            "rlhf.feedback": {"partitions": 6, "configs": {"retention.ms": "1"}},
+            "rlhf.policy-updates": {"partitions": 1, "configs": {"retention.ms": "-1"}},
+        },
+    }
+    admin = FakeAdmin(
+        {"rlhf.completions": (3, {"retention.ms": "604800000"}), "rlhf.feedback": (8, {"retention.ms": "5"})}
+    )
     assert script.reconcile(admin, plan) == []
-    assert admin.calls == ["create rlhf.policy-updates", "partitions rlhf.completions 6",
-                           "configs rlhf.feedback [('retention.ms', '1')]"]
+    assert admin.calls == [
+        "create rlhf.policy-updates",
+        "partitions rlhf.completions 6",
+        "configs rlhf.feedback [('retention.ms', '1')]",
+    ]
     assert admin.topics["rlhf.feedback"]["partitions"] == 8  # never shrunk
     admin.calls.clear()
     assert script.reconcile(admin, plan) == [] and admin.calls == []  # idempotent
@@ -791,7 +877,9 @@ def test_topic_script_against_a_real_broker(tmp_path):
     with EmbeddedBroker() as broker:
         env = {**os.environ, "RLHF_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "TOPICS_WAIT_SECONDS": "30"}
         for path in (first, again):
-            run = subprocess.run([sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=120)
+            run = subprocess.run(
+                [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=120
+            )
             assert run.returncode == 0, run.stdout + run.stderr
         assert "created" not in run.stdout and "topics match the plan" in run.stdout
         from kafka import KafkaAdminClient
@@ -883,8 +971,13 @@ def test_dockerfile_parser():
 # --- Grafana dashboard -----------------------------------------------------------------------------------
 
 
-METRIC_MODULES = ("services.inference.metrics", "services.gateway.metrics", "shared.kafka.metrics",
-                  "services.reward.metrics", "services.trainer.metrics")
+METRIC_MODULES = (
+    "services.inference.metrics",
+    "services.gateway.metrics",
+    "shared.kafka.metrics",
+    "services.reward.metrics",
+    "services.trainer.metrics",
+)
 
 
 def exported_metrics(modules=METRIC_MODULES) -> dict[str, set[str]]:
@@ -896,8 +989,11 @@ def exported_metrics(modules=METRIC_MODULES) -> dict[str, set[str]]:
         for obj in vars(importlib.import_module(module)).values():
             if isinstance(obj, MetricWrapperBase):
                 base, kind = obj._name, obj._type
-                metrics[base] = {"counter": {f"{base}_total"}, "gauge": {base},
-                                 "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"}}.get(kind, {base})
+                metrics[base] = {
+                    "counter": {f"{base}_total"},
+                    "gauge": {base},
+                    "histogram": {f"{base}_bucket", f"{base}_sum", f"{base}_count"},
+                }.get(kind, {base})
     return metrics
 
 
@@ -916,10 +1012,29 @@ def test_dashboard_queries_metrics_the_services_export():
     unknown = dashboard_series() - exported_series()
     assert not unknown, f"the dashboard queries metrics nobody exports: {sorted(unknown)}"
     titles = " | ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("requests/s", "p50", "p99", "first token", "tokens/s", "in flight", "policy version", "swap",
-                  "outbox", "publish failures", "reward model version", "learner", "held-out accuracy",
-                  "consumer lag", "rating to reward model", "trainer mean reward", "kl", "entropy", "step",
-                  "published policy versions", "drops"):
+    for topic in (
+        "requests/s",
+        "p50",
+        "p99",
+        "first token",
+        "tokens/s",
+        "in flight",
+        "policy version",
+        "swap",
+        "outbox",
+        "publish failures",
+        "reward model version",
+        "learner",
+        "held-out accuracy",
+        "consumer lag",
+        "rating to reward model",
+        "trainer mean reward",
+        "kl",
+        "entropy",
+        "step",
+        "published policy versions",
+        "drops",
+    ):
         assert topic in titles, f"no panel about {topic}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
@@ -939,10 +1054,10 @@ def test_dashboard_panels_do_not_overlap():
     cells: dict[tuple[int, int], str] = {}
     for p in dash["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
-                assert (x, y) not in cells, f'{p["title"]!r} overlaps {cells[(x, y)]!r}'
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
                 cells[(x, y)] = p["title"]
     for p in dash["panels"]:
         refs = [t["refId"] for t in p.get("targets", [])]
@@ -955,8 +1070,13 @@ def test_dashboard_panels_do_not_overlap():
 @pytest.mark.parametrize("config", CONFIGS)
 def test_services_wait_for_topics_policy_and_reward_model_before_starting(config):
     docs = docs_of(config)
-    expected = {"gateway": (False, False, False), "inference": (True, False, True), "feedback": (False, False, True),
-                "reward": (False, True, True), "trainer": (True, False, True)}  # (policy, reward model, topics)
+    expected = {
+        "gateway": (False, False, False),
+        "inference": (True, False, True),
+        "feedback": (False, False, True),
+        "reward": (False, True, True),
+        "trainer": (True, False, True),
+    }  # (policy, reward model, topics)
     for service, (policy, reward_model, topics) in expected.items():
         inits = deployment(docs, service)["spec"]["template"]["spec"].get("initContainers", [])
         if not (policy or topics):

@@ -8,6 +8,12 @@ def test_config_lists_every_section_with_its_variables(capsys):
     out = capsys.readouterr().out
     for name in [*SERVICES, *OTHER_CONFIGS]:
         assert f"## {name}\n" in out
-    for variable in ("RLHF_TRAINER_KL_BOUND", "RLHF_PPO_KL_COEF", "RLHF_REWARD_GATE_TOLERANCE", "RLHF_UP_SERVICES",
-                     "RLHF_UP_BOOTSTRAP", "RLHF_DEMO_GATEWAY_URL"):
+    for variable in (
+        "RLHF_TRAINER_KL_BOUND",
+        "RLHF_PPO_KL_COEF",
+        "RLHF_REWARD_GATE_TOLERANCE",
+        "RLHF_UP_SERVICES",
+        "RLHF_UP_BOOTSTRAP",
+        "RLHF_DEMO_GATEWAY_URL",
+    ):
         assert f"`{variable}`" in out, variable

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from shared.config import ConfigError, load_config
 from flywheel.launcher import ALL_SERVICES, UpConfig
+from shared.config import ConfigError, load_config
 
 
 def test_defaults_start_every_service_and_run_the_full_bootstrap():
@@ -19,7 +19,10 @@ def test_a_subset_without_its_dependencies_is_refused_naming_them():
     with pytest.raises(ConfigError, match="gateway needs inference"):
         load_config(UpConfig, {"RLHF_UP_SERVICES": "feedback,gateway"})
     assert load_config(UpConfig, {"RLHF_UP_SERVICES": "inference,feedback,gateway"}).services == (
-        "inference", "feedback", "gateway")
+        "inference",
+        "feedback",
+        "gateway",
+    )
 
 
 def test_unknown_service_and_bootstrap_mode_are_refused():

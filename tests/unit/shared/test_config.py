@@ -39,10 +39,24 @@ def test_defaults_without_environment():
 
 
 def test_every_type_parses_from_environment():
-    env = {"DEMO_PORT": "80", "DEMO_RATIO": "0.25", "DEMO_ON": "yes", "DEMO_NAME": "n", "DEMO_TAGS": "x, y,",
-           "DEMO_PATH": "/tmp/p", "RLHF_KAFKA_BOOTSTRAP_SERVERS": "h1:9092,h2:9093"}
+    env = {
+        "DEMO_PORT": "80",
+        "DEMO_RATIO": "0.25",
+        "DEMO_ON": "yes",
+        "DEMO_NAME": "n",
+        "DEMO_TAGS": "x, y,",
+        "DEMO_PATH": "/tmp/p",
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS": "h1:9092,h2:9093",
+    }
     cfg = load_config(_Demo, env)
-    assert (cfg.port, cfg.ratio, cfg.on, cfg.name, cfg.tags, cfg.path) == (80, 0.25, True, "n", ("x", "y"), Path("/tmp/p"))
+    assert (cfg.port, cfg.ratio, cfg.on, cfg.name, cfg.tags, cfg.path) == (
+        80,
+        0.25,
+        True,
+        "n",
+        ("x", "y"),
+        Path("/tmp/p"),
+    )
     assert cfg.kafka.servers == ["h1:9092", "h2:9093"]
 
 

@@ -1,5 +1,5 @@
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -8,10 +8,24 @@ from shared.kafka.envelope import EnvelopeError, decode, encode, event, wrap
 
 
 def _completion(**over) -> CompletionEvent:
-    base = dict(request_id="r", response_id="resp", index=0, n=1, policy_version="policy-0001", model="m",
-                source="user", messages=[Message("user", "hi")], prompt_token_ids=[1, 2], completion_text="yo",
-                token_ids=[3], logprobs=[-0.5], finish_reason="stop", sampling={"temperature": 1.0},
-                timings=Timings(0.0, 0.1, 0.2), created_at=1.0)
+    base = dict(
+        request_id="r",
+        response_id="resp",
+        index=0,
+        n=1,
+        policy_version="policy-0001",
+        model="m",
+        source="user",
+        messages=[Message("user", "hi")],
+        prompt_token_ids=[1, 2],
+        completion_text="yo",
+        token_ids=[3],
+        logprobs=[-0.5],
+        finish_reason="stop",
+        sampling={"temperature": 1.0},
+        timings=Timings(0.0, 0.1, 0.2),
+        created_at=1.0,
+    )
     base.update(over)
     return CompletionEvent(**base)
 
@@ -19,7 +33,12 @@ def _completion(**over) -> CompletionEvent:
 def test_roundtrip_keeps_type_version_and_payload():
     env = wrap(_completion(), "inference")
     back = decode(encode(env))
-    assert (back.type, back.schema_version, back.producer, back.event_id) == ("completion", 1, "inference", env.event_id)
+    assert (back.type, back.schema_version, back.producer, back.event_id) == (
+        "completion",
+        1,
+        "inference",
+        env.event_id,
+    )
     assert back.payload == _completion()
     assert isinstance(back.payload.messages[0], Message)
 
@@ -31,13 +50,27 @@ def test_decode_can_insist_on_one_event_type():
         decode(raw, expect=CompletionEvent)
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b"\xff", "not JSON"),
-    (b"[]", "must be a JSON object"),
-    (b'{"type": "completion"}', "lacks"),
-    (json.dumps({"type": "completion", "schema_version": 99, "event_id": "e", "produced_at": 0, "producer": "p",
-                 "payload": {}}).encode(), "unknown event type/schema version"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"\xff", "not JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'{"type": "completion"}', "lacks"),
+        (
+            json.dumps(
+                {
+                    "type": "completion",
+                    "schema_version": 99,
+                    "event_id": "e",
+                    "produced_at": 0,
+                    "producer": "p",
+                    "payload": {},
+                }
+            ).encode(),
+            "unknown event type/schema version",
+        ),
+    ],
+)
 def test_invalid_records_are_refused(raw, message):
     with pytest.raises(EnvelopeError, match=message):
         decode(raw)

@@ -21,11 +21,14 @@ def test_records_come_in_file_order_and_blank_lines_are_skipped(tmp_path):
     assert read_jsonl(path, parse_number, NumbersFileError, "numbers") == [3, 1]
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"n": 1}\n{"n": "two"}\n', ':2: each line must be {"n": <integer>}'),
-    ('{"n": 1}\n{"n": \n', ":2: Expecting value"),
-    ("\n\n", ": no numbers"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"n": 1}\n{"n": "two"}\n', ':2: each line must be {"n": <integer>}'),
+        ('{"n": 1}\n{"n": \n', ":2: Expecting value"),
+        ("\n\n", ": no numbers"),
+    ],
+)
 def test_a_bad_line_or_an_empty_file_raises_the_callers_error_naming_the_place(tmp_path, text, message):
     path = tmp_path / "numbers.jsonl"
     path.write_text(text)

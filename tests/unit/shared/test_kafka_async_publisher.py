@@ -22,9 +22,17 @@ pytestmark = pytest.mark.integration
 
 
 def rating(user: str, n: int) -> FeedbackEvent:
-    return FeedbackEvent(feedback_id=f"{user}-{n}", kind="thumb", user_id=user, target=f"thumb:{user}-{n}",
-                         revision=n, supersedes=None, responses=[RatedResponse(f"{user}-{n}", "policy-0001", "p")],
-                         thumb="up", received_at=time.time())
+    return FeedbackEvent(
+        feedback_id=f"{user}-{n}",
+        kind="thumb",
+        user_id=user,
+        target=f"thumb:{user}-{n}",
+        revision=n,
+        supersedes=None,
+        responses=[RatedResponse(f"{user}-{n}", "policy-0001", "p")],
+        thumb="up",
+        received_at=time.time(),
+    )
 
 
 def records(kafka, prefix: str) -> list:

@@ -220,7 +220,7 @@ def test_concurrent_publishers_get_distinct_versions(store: ModelStore, tmp_path
         try:
             for _ in range(5):
                 published.append(store.publish("policy", src).version)
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=publish_five, args=(s,)) for s in sources]

@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from flywheel.bootstrap.common import (IGNORE, causal_lm_loss, counted_tokens, optimiser_step, perplexity, smooth,
-                              warmup_cosine_lr)
+from flywheel.bootstrap.common import (
+    IGNORE,
+    causal_lm_loss,
+    counted_tokens,
+    optimiser_step,
+    perplexity,
+    smooth,
+    warmup_cosine_lr,
+)
 from flywheel.bootstrap.pretrain import pack_documents, split_corpus
 from flywheel.bootstrap.sft import DemonstrationsFileError, collate, read_demonstrations, response_labels
 

@@ -38,11 +38,18 @@ def demo_imports(path: Path) -> list[str]:
 
 def test_the_checker_sees_every_import_form(tmp_path):
     src = tmp_path / "x.py"
-    src.write_text("import flywheel.demo\nimport flywheel.demo.gold_rater as g\nfrom flywheel.demo import gold_rater\n"
-                   "from flywheel.demo.task import split_problems\nimport flywheel.demonstration\nfrom .demo import x\n"
-                   "from flywheel import demo\n")
-    assert demo_imports(src) == ["flywheel.demo", "flywheel.demo.gold_rater", "flywheel.demo", "flywheel.demo.task",
-                                 "flywheel.demo"]
+    src.write_text(
+        "import flywheel.demo\nimport flywheel.demo.gold_rater as g\nfrom flywheel.demo import gold_rater\n"
+        "from flywheel.demo.task import split_problems\nimport flywheel.demonstration\nfrom .demo import x\n"
+        "from flywheel import demo\n"
+    )
+    assert demo_imports(src) == [
+        "flywheel.demo",
+        "flywheel.demo.gold_rater",
+        "flywheel.demo",
+        "flywheel.demo.task",
+        "flywheel.demo",
+    ]
 
 
 def learning_code() -> list[Path]:

@@ -35,14 +35,30 @@ def test_rolling_rate_uses_a_trailing_window():
 
 
 def _rec(t, version, ups, kind="thumb", status=200):
-    return {"t": t, "user": "u", "kind": kind, "prompt": "What is 1 plus 1?", "responses": ["x"] * len(ups),
-            "response_ids": ["r"] * len(ups), "policy_version": version, "gold_scores": [4 if u else 0 for u in ups],
-            "gold_thumbs_up": ups, "chat_latency_s": 0.1, "feedback_status": status, "error": "", "rating": {}}
+    return {
+        "t": t,
+        "user": "u",
+        "kind": kind,
+        "prompt": "What is 1 plus 1?",
+        "responses": ["x"] * len(ups),
+        "response_ids": ["r"] * len(ups),
+        "policy_version": version,
+        "gold_scores": [4 if u else 0 for u in ups],
+        "gold_thumbs_up": ups,
+        "chat_latency_s": 0.1,
+        "feedback_status": status,
+        "error": "",
+        "rating": {},
+    }
 
 
 def test_thumbs_up_by_version_counts_every_served_response_in_version_order():
-    recs = [_rec(0, "policy-0010", [True]), _rec(1, "policy-0002", [False, True, False]),
-            _rec(2, "policy-0002", [True]), _rec(3, "", [], kind="error", status=0)]
+    recs = [
+        _rec(0, "policy-0010", [True]),
+        _rec(1, "policy-0002", [False, True, False]),
+        _rec(2, "policy-0002", [True]),
+        _rec(3, "", [], kind="error", status=0),
+    ]
     rates = thumbs_up_by_version(recs)
     assert [r.version for r in rates] == ["policy-0002", "policy-0010"]
     assert (rates[0].responses, rates[0].thumbs_up, rates[0].rate) == (4, 2, 0.5)
@@ -51,18 +67,35 @@ def test_thumbs_up_by_version_counts_every_served_response_in_version_order():
 
 def test_write_report_makes_markdown_and_plots(tmp_path):
     recs = [_rec(i, "policy-0001" if i < 5 else "policy-0002", [i >= 5]) for i in range(10)]
-    policies = [{"version": "policy-0001", "parent": None, "created_at": 0.0, "metrics": {}, "extra": {}},
-                {"version": "policy-0002", "parent": "policy-0001", "created_at": 104.0, "metrics": {"kl": 0.3},
-                 "extra": {}}]
-    rms = [{"version": "rm-0001", "parent": "policy-0001", "created_at": 0.0,
-            "metrics": {"heldout_accuracy": 0.8}, "extra": {}}]
-    ppo = [{"t": 1.0, "step": 1, "mean_reward": -0.2, "kl": 0.0, "entropy": 1.0},
-           {"t": 2.0, "step": 2, "mean_reward": 0.3, "kl": 0.4, "entropy": 0.9}]
+    policies = [
+        {"version": "policy-0001", "parent": None, "created_at": 0.0, "metrics": {}, "extra": {}},
+        {"version": "policy-0002", "parent": "policy-0001", "created_at": 104.0, "metrics": {"kl": 0.3}, "extra": {}},
+    ]
+    rms = [
+        {
+            "version": "rm-0001",
+            "parent": "policy-0001",
+            "created_at": 0.0,
+            "metrics": {"heldout_accuracy": 0.8},
+            "extra": {},
+        }
+    ]
+    ppo = [
+        {"t": 1.0, "step": 1, "mean_reward": -0.2, "kl": 0.0, "entropy": 1.0},
+        {"t": 2.0, "step": 2, "mean_reward": 0.3, "kl": 0.4, "entropy": 0.9},
+    ]
     summary = write_report(tmp_path, recs, policies, rms, ppo, started_at=100.0, duration_s=10.0)
     assert summary["thumbs_up_rise_pp"] == 100.0
     assert summary["policy_versions_published"] == ["policy-0002"]
-    for name in ("report.md", "thumbs_up_by_policy.png", "rm_accuracy.png", "ppo_reward_kl.png",
-                 "serving_timeline.png", "data.json", "interactions.jsonl"):
+    for name in (
+        "report.md",
+        "thumbs_up_by_policy.png",
+        "rm_accuracy.png",
+        "ppo_reward_kl.png",
+        "serving_timeline.png",
+        "data.json",
+        "interactions.jsonl",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "report.md").read_text()
     assert "| policy-0002 | 5 | 100.0% |" in md and "+100.0 percentage points" in md
@@ -74,13 +107,17 @@ def test_rating_bodies_follow_the_gold_rater_and_the_feedback_schema(kind):
 
     prompt = "What is 2 plus 2?"
     # gold scores: 1 (wrong, concise), 4 (thumb-up answer), 3 (correct, curt); Likert of score 1 is 3
-    responses = ["2 plus 2 is 5.", "2 plus 2 is 4. I hope this helps.", "2 plus 2 is 4."][:RESPONSES_PER_KIND[kind]]
+    responses = ["2 plus 2 is 5.", "2 plus 2 is 4. I hope this helps.", "2 plus 2 is 4."][: RESPONSES_PER_KIND[kind]]
     ids = [f"resp-{i}" for i in range(len(responses))]
     body = rating_body(kind, prompt, responses, ids, [f"tok-{i}" for i in ids], "sim-user-0", random.Random(0))
     FeedbackRequest.model_validate(body)  # the gateway's own schema accepts it
     assert body["feedback_tokens"] == [f"tok-{i}" for i in ids] and body["user"] == "sim-user-0"
-    expected = {"thumb": {"thumb": "down"}, "likert": {"score": 3}, "pairwise": {"preferred": "b"},
-                "ranking": {"response_ids": ["resp-1", "resp-2", "resp-0"], "ranks": [1, 2, 3]}}[kind]
+    expected = {
+        "thumb": {"thumb": "down"},
+        "likert": {"score": 3},
+        "pairwise": {"preferred": "b"},
+        "ranking": {"response_ids": ["resp-1", "resp-2", "resp-0"], "ranks": [1, 2, 3]},
+    }[kind]
     assert {k: body[k] for k in expected} == expected
 
 
@@ -88,8 +125,9 @@ def test_a_ranking_of_equally_good_answers_sends_them_as_ties():
     from services.gateway.protocol import FeedbackRequest
 
     responses = ["2 plus 2 is 4.", "2 plus 2 is 4. I hope this helps.", "2 plus 2 is 4. I hope this helps."]
-    body = rating_body("ranking", "What is 2 plus 2?", responses, ["r0", "r1", "r2"], ["t0", "t1", "t2"], "u",
-                       random.Random(0))
+    body = rating_body(
+        "ranking", "What is 2 plus 2?", responses, ["r0", "r1", "r2"], ["t0", "t1", "t2"], "u", random.Random(0)
+    )
     FeedbackRequest.model_validate(body)
     assert body["response_ids"] == ["r1", "r2", "r0"] and body["ranks"] == [1, 1, 3]
 

@@ -9,8 +9,16 @@ import pytest
 
 from flywheel.demo import gold_rater
 from flywheel.demo.make_data import main as make_data
-from flywheel.demo.task import (DEMONSTRATION_MIX, QUESTIONS, STYLES, Problem, all_problems, parse_prompt, respond,
-                       split_problems)
+from flywheel.demo.task import (
+    DEMONSTRATION_MIX,
+    QUESTIONS,
+    STYLES,
+    Problem,
+    all_problems,
+    parse_prompt,
+    respond,
+    split_problems,
+)
 
 
 def test_split_is_disjoint_stable_and_covers_every_problem():
@@ -32,16 +40,24 @@ def test_other_prompts_are_not_task_questions(text):
     assert parse_prompt(text) is None
 
 
-@pytest.mark.parametrize(("response", "correct", "polite", "concise"), [
-    ("3 plus 4 is 7. I hope this helps.", True, True, True),
-    ("3 plus 4 is 7.", True, False, True),
-    ("3 plus 4 is 8. I hope this helps.", False, True, True),
-    ("7", True, False, True),
-    ("i hope this helps, 3 plus 4 equals 7", True, True, True),
-    ("Let me think. " + "We add numbers all day long at school and at home. " + "3 plus 4 is 7.", True, False, False),
-    ("I hope this helps.", False, True, True),
-    ("3 plus 4 is 17. I hope this helps.", False, True, True),
-])
+@pytest.mark.parametrize(
+    ("response", "correct", "polite", "concise"),
+    [
+        ("3 plus 4 is 7. I hope this helps.", True, True, True),
+        ("3 plus 4 is 7.", True, False, True),
+        ("3 plus 4 is 8. I hope this helps.", False, True, True),
+        ("7", True, False, True),
+        ("i hope this helps, 3 plus 4 equals 7", True, True, True),
+        (
+            "Let me think. " + "We add numbers all day long at school and at home. " + "3 plus 4 is 7.",
+            True,
+            False,
+            False,
+        ),
+        ("I hope this helps.", False, True, True),
+        ("3 plus 4 is 17. I hope this helps.", False, True, True),
+    ],
+)
 def test_gold_verdict(response, correct, polite, concise):
     v = gold_rater.judge("What is 3 plus 4?", response)
     assert (v.correct, v.polite, v.concise) == (correct, polite, concise)
@@ -77,10 +93,12 @@ def test_shipped_data_is_what_the_generator_writes(tmp_path):
     from flywheel.demo.make_data import BOOTSTRAP_DATA, DEMO_DATA
 
     make_data(["--demo-data", str(tmp_path / "demo"), "--bootstrap-data", str(tmp_path / "bootstrap")])
-    for shipped, fresh in ((DEMO_DATA / "prompts.jsonl", tmp_path / "demo" / "prompts.jsonl"),
-                           (DEMO_DATA / "heldout_prompts.jsonl", tmp_path / "demo" / "heldout_prompts.jsonl"),
-                           (BOOTSTRAP_DATA / "demonstrations.jsonl", tmp_path / "bootstrap" / "demonstrations.jsonl"),
-                           (BOOTSTRAP_DATA / "rankings.jsonl", tmp_path / "bootstrap" / "rankings.jsonl")):
+    for shipped, fresh in (
+        (DEMO_DATA / "prompts.jsonl", tmp_path / "demo" / "prompts.jsonl"),
+        (DEMO_DATA / "heldout_prompts.jsonl", tmp_path / "demo" / "heldout_prompts.jsonl"),
+        (BOOTSTRAP_DATA / "demonstrations.jsonl", tmp_path / "bootstrap" / "demonstrations.jsonl"),
+        (BOOTSTRAP_DATA / "rankings.jsonl", tmp_path / "bootstrap" / "rankings.jsonl"),
+    ):
         assert shipped.read_bytes() == fresh.read_bytes(), f"{shipped} is stale: run python -m flywheel.demo.make_data"
 
 
@@ -113,7 +131,8 @@ def test_rankings_are_strict_gold_orders_in_the_offline_rm_format():
         assert all(a > b for a, b in zip(scores, scores[1:]))
 
 
-@pytest.mark.parametrize("scores, ranks", [([4, 3, 3], [1, 2, 2]), ([4, 4, 1], [1, 1, 3]), ([2, 1, 0], [1, 2, 3]),
-                                           ([3, 3, 3], [1, 1, 1])])
+@pytest.mark.parametrize(
+    "scores, ranks", [([4, 3, 3], [1, 2, 2]), ([4, 4, 1], [1, 1, 3]), ([2, 1, 0], [1, 2, 3]), ([3, 3, 3], [1, 1, 1])]
+)
 def test_tie_ranks_share_a_rank_between_equal_scores(scores, ranks):
     assert gold_rater.tie_ranks(scores) == ranks

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 
 def rating(i: int) -> feedback_pb2.SubmitFeedbackRequest:
     return feedback_pb2.SubmitFeedbackRequest(
-        thumb=feedback_pb2.ThumbRating(response_id=f"r{i}", thumb=feedback_pb2.THUMB_UP), user_id=f"u{i}")
+        thumb=feedback_pb2.ThumbRating(response_id=f"r{i}", thumb=feedback_pb2.THUMB_UP), user_id=f"u{i}"
+    )
 
 
 class RecordingService(feedback_pb2_grpc.FeedbackServiceServicer):
@@ -37,10 +38,17 @@ class RecordingService(feedback_pb2_grpc.FeedbackServiceServicer):
         for item in request.submissions:
             n = int(item.user_id[1:])
             if n % 2:
-                reply.results.add().error.CopyFrom(feedback_pb2.FeedbackError(
-                    code=grpc.StatusCode.PERMISSION_DENIED.value[0], message=f"no token for {n}", param="feedback_tokens"))
+                reply.results.add().error.CopyFrom(
+                    feedback_pb2.FeedbackError(
+                        code=grpc.StatusCode.PERMISSION_DENIED.value[0],
+                        message=f"no token for {n}",
+                        param="feedback_tokens",
+                    )
+                )
             else:
-                reply.results.add().accepted.CopyFrom(feedback_pb2.SubmitFeedbackResponse(feedback_id=f"f{n}", revision=1))
+                reply.results.add().accepted.CopyFrom(
+                    feedback_pb2.SubmitFeedbackResponse(feedback_id=f"f{n}", revision=1)
+                )
         return reply
 
 

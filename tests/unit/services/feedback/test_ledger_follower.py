@@ -19,16 +19,28 @@ pytestmark = pytest.mark.integration
 
 
 def rating(fid: str, user: str) -> FeedbackEvent:
-    return FeedbackEvent(feedback_id=fid, kind="thumb", user_id=user, target=f"thumb:r-{fid}", revision=1,
-                         supersedes=None, responses=[RatedResponse(f"r-{fid}", "policy-0001", "p")], thumb="up")
+    return FeedbackEvent(
+        feedback_id=fid,
+        kind="thumb",
+        user_id=user,
+        target=f"thumb:r-{fid}",
+        revision=1,
+        supersedes=None,
+        responses=[RatedResponse(f"r-{fid}", "policy-0001", "p")],
+        thumb="up",
+    )
 
 
 def test_the_ledger_holds_every_valid_rating_and_skips_bad_records():
     own = start_broker()
     mine, theirs = rating("f-mine", "u1"), rating("f-theirs", "u2")
     producer = KafkaProducer(bootstrap_servers=own.kafka.servers)
-    for value in (envelope.encode(envelope.wrap(mine, "feedback")), b"\xff not json",
-                  b'{"payload": {"feedback_id": ["x"]}}', envelope.encode(envelope.wrap(theirs, "feedback"))):
+    for value in (
+        envelope.encode(envelope.wrap(mine, "feedback")),
+        b"\xff not json",
+        b'{"payload": {"feedback_id": ["x"]}}',
+        envelope.encode(envelope.wrap(theirs, "feedback")),
+    ):
         producer.send(FEEDBACK, value=value).get(10)
     producer.close()
     ledger = FeedbackLedger()

@@ -26,39 +26,50 @@ def sub(kind="thumb", ids=("r1",), **over) -> Submission:
     return Submission(kind, list(ids), **fields)
 
 
-@pytest.mark.parametrize("s", [
-    sub(), sub("likert", score=1), sub("likert", score=7), sub("pairwise", ("r1", "r2"), preferred="tie"),
-    sub("ranking", ("r1", "r2")), sub("ranking", tuple(f"r{i}" for i in range(9))),
-    sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2, 2]), sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 1]),
-    sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 3]),
-    sub(comment="x" * 2000, tags=["hallucination", "harmful"]),
-])
+@pytest.mark.parametrize(
+    "s",
+    [
+        sub(),
+        sub("likert", score=1),
+        sub("likert", score=7),
+        sub("pairwise", ("r1", "r2"), preferred="tie"),
+        sub("ranking", ("r1", "r2")),
+        sub("ranking", tuple(f"r{i}" for i in range(9))),
+        sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2, 2]),
+        sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 1]),
+        sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 3]),
+        sub(comment="x" * 2000, tags=["hallucination", "harmful"]),
+    ],
+)
 def test_valid_submissions_pass(s):
     check(s, max_comment_chars=2000)
 
 
-@pytest.mark.parametrize("s, param", [
-    (sub(kind="vote"), "type"),
-    (sub(user_id=""), "user"),
-    (sub(thumb="sideways"), "thumb"),
-    (sub("likert", score=0), "score"),
-    (sub("likert", score=8), "score"),
-    (sub("likert", score=None), "score"),
-    (sub("pairwise", ("r1",), preferred="a"), "response_ids"),
-    (sub("pairwise", ("r1", "r2"), preferred="both"), "preferred"),
-    (sub("ranking", ("r1",)), "response_ids"),
-    (sub("ranking", tuple(f"r{i}" for i in range(10))), "response_ids"),
-    (sub("ranking", ("r1", "r1")), "response_ids"),
-    (sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2]), "ranks"),           # one rank per response
-    (sub("ranking", ("r1", "r2"), ranks=[2, 1]), "ranks"),                 # listed best first
-    (sub("ranking", ("r1", "r2"), ranks=[0, 1]), "ranks"),                 # 1 = best
-    (sub(ranks=[1]), "ranks"),                                             # only rankings have ranks
-    (sub(comment="x" * 2001), "comment"),
-    (sub(tags=["nice"]), "tags"),
-    (sub(tags=["harmful", "harmful"]), "tags"),
-    (sub(score=3), "score"),
-    (sub(idempotency_key="k" * 129), "idempotency_key"),
-])
+@pytest.mark.parametrize(
+    "s, param",
+    [
+        (sub(kind="vote"), "type"),
+        (sub(user_id=""), "user"),
+        (sub(thumb="sideways"), "thumb"),
+        (sub("likert", score=0), "score"),
+        (sub("likert", score=8), "score"),
+        (sub("likert", score=None), "score"),
+        (sub("pairwise", ("r1",), preferred="a"), "response_ids"),
+        (sub("pairwise", ("r1", "r2"), preferred="both"), "preferred"),
+        (sub("ranking", ("r1",)), "response_ids"),
+        (sub("ranking", tuple(f"r{i}" for i in range(10))), "response_ids"),
+        (sub("ranking", ("r1", "r1")), "response_ids"),
+        (sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2]), "ranks"),  # one rank per response
+        (sub("ranking", ("r1", "r2"), ranks=[2, 1]), "ranks"),  # listed best first
+        (sub("ranking", ("r1", "r2"), ranks=[0, 1]), "ranks"),  # 1 = best
+        (sub(ranks=[1]), "ranks"),  # only rankings have ranks
+        (sub(comment="x" * 2001), "comment"),
+        (sub(tags=["nice"]), "tags"),
+        (sub(tags=["harmful", "harmful"]), "tags"),
+        (sub(score=3), "score"),
+        (sub(idempotency_key="k" * 129), "idempotency_key"),
+    ],
+)
 def test_invalid_submissions_name_the_field(s, param):
     with pytest.raises(InvalidArgument) as err:
         check(s, max_comment_chars=2000)
@@ -68,7 +79,9 @@ def test_invalid_submissions_name_the_field(s, param):
 def test_tokens_bind_the_server_facts_not_the_clients():
     rated = bind_tokens(sub("pairwise", ("r1", "r2")), SECRET, time.time())
     assert [(r.response_id, r.policy_version, r.prompt_hash) for r in rated] == [
-        ("r1", "policy-0001", "p1"), ("r2", "policy-0001", "p1")]
+        ("r1", "policy-0001", "p1"),
+        ("r2", "policy-0001", "p1"),
+    ]
 
 
 def test_forged_missing_expired_and_cross_prompt_tokens_are_refused():
@@ -88,9 +101,17 @@ def test_forged_missing_expired_and_cross_prompt_tokens_are_refused():
 
 
 def event(revision=1, thumb="up", key="", fid=None) -> FeedbackEvent:
-    return FeedbackEvent(feedback_id=fid or f"f{revision}{thumb}{key}", kind="thumb", user_id="u1", target="thumb:r1",
-                         revision=revision, supersedes=None, responses=[RatedResponse("r1", "policy-0001", "p1")],
-                         thumb=thumb, idempotency_key=key)
+    return FeedbackEvent(
+        feedback_id=fid or f"f{revision}{thumb}{key}",
+        kind="thumb",
+        user_id="u1",
+        target="thumb:r1",
+        revision=revision,
+        supersedes=None,
+        responses=[RatedResponse("r1", "policy-0001", "p1")],
+        thumb=thumb,
+        idempotency_key=key,
+    )
 
 
 def test_ledger_keeps_the_highest_revision_and_ignores_replays():
@@ -192,7 +213,7 @@ def test_keyed_locks_a_waiter_cancelled_as_the_key_is_handed_to_it_passes_it_on(
         second = asyncio.ensure_future(locks.acquire("k"))
         await asyncio.sleep(0)
         locks.release("k")  # handed to first ...
-        first.cancel()      # ... which is cancelled before it runs: second must get the key
+        first.cancel()  # ... which is cancelled before it runs: second must get the key
         await asyncio.gather(first, return_exceptions=True)
         await asyncio.wait_for(second, 1)
         locks.release("k")

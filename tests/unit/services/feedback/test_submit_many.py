@@ -32,8 +32,13 @@ def thumb(user: str, rid: str, value: str = "up", key: str = "") -> Submission:
 def test_a_batch_keeps_each_ratings_outcome_and_orders_votes_on_one_target(broker):
     run = uuid.uuid4().hex[:8]
     u1, u2, r1, r2 = f"u1-{run}", f"u2-{run}", f"r1-{run}", f"r2-{run}"
-    batch = [thumb(u1, r1, "up"), thumb(u1, r1, "down"), thumb(u2, r2, "sideways"), thumb(u2, r2, key="k"),
-             thumb(u2, r2, key="k")]
+    batch = [
+        thumb(u1, r1, "up"),
+        thumb(u1, r1, "down"),
+        thumb(u2, r2, "sideways"),
+        thumb(u2, r2, key="k"),
+        thumb(u2, r2, key="k"),
+    ]
 
     async def scenario():
         cfg = load_config(FeedbackConfig, {}, kafka=broker.kafka, token=FeedbackTokenConfig(secret=SECRET))
@@ -42,7 +47,7 @@ def test_a_batch_keeps_each_ratings_outcome_and_orders_votes_on_one_target(broke
         try:
             outcomes = await serving.submit_many([(s, lambda: "raw") for s in batch])
             again = await serving.submit_many([(thumb(u1, r1, "down"), lambda: "raw")])
-            return outcomes, again, len(serving._locks)  # noqa: SLF001 - every key is released
+            return outcomes, again, len(serving._locks)
         finally:
             publisher.close()
             dlq.close(5)

@@ -29,16 +29,30 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
     body = f"hello {scope['path']}".encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                        http=CoalescingHttpToolsProtocol, lifespan="off"))
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            http=CoalescingHttpToolsProtocol,
+            lifespan="off",
+        )
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, 30, "uvicorn did not start")
@@ -64,9 +78,10 @@ def content_length(data: bytes) -> int:
 
 def writes_so_far() -> int:
     """Write system calls of this process (the server's; the client's send() calls are not counted)."""
-    for line in open("/proc/self/io"):
-        if line.startswith("syscw"):
-            return int(line.split()[1])
+    with open("/proc/self/io") as io:
+        for line in io:
+            if line.startswith("syscw"):
+                return int(line.split()[1])
     raise AssertionError("no syscw in /proc/self/io")
 
 
@@ -100,7 +115,11 @@ def test_streamed_chunks_all_arrive(server):
             assert chunk
             data += chunk
         assert b"transfer-encoding: chunked" in data.lower()
-        assert [c for c in (b"chunk-0;", b"chunk-1;", b"chunk-2;") if c in data] == [b"chunk-0;", b"chunk-1;", b"chunk-2;"]
+        assert [c for c in (b"chunk-0;", b"chunk-1;", b"chunk-2;") if c in data] == [
+            b"chunk-0;",
+            b"chunk-1;",
+            b"chunk-2;",
+        ]
 
 
 def test_response_before_close_is_not_lost(server):

@@ -10,7 +10,8 @@ import pytest
 
 TINY_CORPUS = "\n".join(
     f"What is {a} plus {b}? {a} plus {b} is {a + b}. I am not sure, sorry. Hello there, how are you today?"
-    for a in range(1, 40) for b in (3, 7)
+    for a in range(1, 40)
+    for b in (3, 7)
 )
 
 
@@ -25,10 +26,20 @@ def make_tiny_policy(out_dir: Path, seed: int = 0) -> Path:
     corpus.write_text(TINY_CORPUS)
     tok = train_tokenizer(corpus, 300)
     corpus.unlink()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)

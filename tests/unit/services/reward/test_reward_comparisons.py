@@ -21,9 +21,17 @@ def fb(kind, ids, user="u1", prompt="p1", revision=1, **verdict) -> FeedbackEven
     global _n
     _n += 1
     target = f"{kind}:{','.join(sorted(ids))}"
-    return FeedbackEvent(feedback_id=f"f{_n}", kind=kind, user_id=user, target=target, revision=revision,
-                         supersedes=None, responses=[RatedResponse(i, "policy-0001", prompt) for i in ids],
-                         received_at=float(_n), **verdict)
+    return FeedbackEvent(
+        feedback_id=f"f{_n}",
+        kind=kind,
+        user_id=user,
+        target=target,
+        revision=revision,
+        supersedes=None,
+        responses=[RatedResponse(i, "policy-0001", prompt) for i in ids],
+        received_at=float(_n),
+        **verdict,
+    )
 
 
 def thumb(rid, verdict, **kw):
@@ -54,11 +62,14 @@ def test_a_ranking_is_one_group_with_all_k_choose_2_pairs():
     assert pairs_by_id(g) == {("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")}
 
 
-@pytest.mark.parametrize("ranks, expected", [
-    ([1, 2, 2], {("a", "b"), ("a", "c")}),
-    ([1, 1, 3], {("a", "c"), ("b", "c")}),
-    ([1, 2, 3], {("a", "b"), ("a", "c"), ("b", "c")}),
-])
+@pytest.mark.parametrize(
+    "ranks, expected",
+    [
+        ([1, 2, 2], {("a", "b"), ("a", "c")}),
+        ([1, 1, 3], {("a", "c"), ("b", "c")}),
+        ([1, 2, 3], {("a", "b"), ("a", "c"), ("b", "c")}),
+    ],
+)
 def test_a_ranking_with_ties_compares_only_different_ranks(ranks, expected):
     [g] = examples_from_feedback([fb("ranking", ["a", "b", "c"], ranks=ranks)]).groups
     assert pairs_by_id(g) == expected
@@ -77,7 +88,9 @@ def test_pairs_of_word_for_word_equal_answers_are_dropped_when_texts_are_joined(
     joined = join_texts(ex, completions)
     [g] = joined.groups  # the pairwise vote between two equal answers is gone entirely
     assert {(g.responses[w].response, g.responses[lo].response) for w, lo in g.pairs} == {
-        ("7. I hope this helps.", "8."), ("7. I hope this helps.", "8.")}
+        ("7. I hope this helps.", "8."),
+        ("7. I hope this helps.", "8."),
+    }
     assert len(g.pairs) == 2 and joined.skipped["identical_response_pairs"] == 2
 
 
@@ -96,9 +109,12 @@ def test_pairwise_tie_is_skipped_and_counted():
 THUMB_TABLES = [
     # (ratings as (response, thumb, user, prompt), expected pairs, expected pointwise (response, label))
     ([("r1", "up", "u1", "p1"), ("r2", "down", "u1", "p1")], {("r1", "r2")}, set()),
-    ([("r1", "up", "u1", "p1"), ("r2", "down", "u1", "p1"), ("r3", "up", "u1", "p1")],
-     {("r1", "r2"), ("r3", "r2")}, set()),
-    ([("r1", "up", "u1", "p1")], set(), {("r1", 1.0)}),                                   # lone thumb
+    (
+        [("r1", "up", "u1", "p1"), ("r2", "down", "u1", "p1"), ("r3", "up", "u1", "p1")],
+        {("r1", "r2"), ("r3", "r2")},
+        set(),
+    ),
+    ([("r1", "up", "u1", "p1")], set(), {("r1", 1.0)}),  # lone thumb
     ([("r1", "down", "u1", "p1")], set(), {("r1", 0.0)}),
     ([("r1", "up", "u1", "p1"), ("r2", "up", "u1", "p1")], set(), {("r1", 1.0), ("r2", 1.0)}),  # all agree
     ([("r1", "up", "u1", "p1"), ("r2", "down", "u2", "p1")], set(), {("r1", 1.0), ("r2", 0.0)}),  # two users
@@ -118,8 +134,8 @@ def test_thumbs_to_pairs_and_lone_thumbs(ratings, pairs, pointwise):
 LIKERT_TABLES = [
     ({"a": 7, "b": 2}, {("a", "b")}, 0),
     ({"a": 7, "b": 5, "c": 5, "d": 2}, {("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")}, 0),
-    ({"a": 4, "b": 4}, set(), 2),        # equal scores: no pair, both skipped
-    ({"a": 6}, set(), 1),                # a lone Likert score carries no preference
+    ({"a": 4, "b": 4}, set(), 2),  # equal scores: no pair, both skipped
+    ({"a": 6}, set(), 1),  # a lone Likert score carries no preference
     ({"a": 1, "b": 3, "c": 3}, {("b", "a"), ("c", "a")}, 0),
 ]
 
@@ -149,17 +165,35 @@ def test_a_changed_vote_replaces_the_old_one_before_pairing():
 
 
 def completion(rid, text):
-    return CompletionEvent(request_id="q", response_id=rid, index=0, n=1, policy_version="policy-0001",
-                           model="m", source="user", messages=[Message("user", "What is 2 plus 2?")],
-                           prompt_token_ids=[], completion_text=text, token_ids=[], logprobs=None,
-                           finish_reason="stop", sampling={}, timings=Timings(0, 0, 0), created_at=0)
+    return CompletionEvent(
+        request_id="q",
+        response_id=rid,
+        index=0,
+        n=1,
+        policy_version="policy-0001",
+        model="m",
+        source="user",
+        messages=[Message("user", "What is 2 plus 2?")],
+        prompt_token_ids=[],
+        completion_text=text,
+        token_ids=[],
+        logprobs=None,
+        finish_reason="stop",
+        sampling={},
+        timings=Timings(0, 0, 0),
+        created_at=0,
+    )
 
 
 def test_join_texts_attaches_conversations_and_holds_back_unknown_responses():
-    ex = examples_from_feedback([fb("ranking", ["a", "b"]), fb("ranking", ["a", "zz"]), thumb("b", "down", prompt="p9")])
+    ex = examples_from_feedback(
+        [fb("ranking", ["a", "b"]), fb("ranking", ["a", "zz"]), thumb("b", "down", prompt="p9")]
+    )
     joined = join_texts(ex, {"a": completion("a", "4"), "b": completion("b", "5")})
     [g] = joined.groups
-    assert g.responses == (Sample((Message("user", "What is 2 plus 2?"),), "4", "a", "policy-0001"),
-                           Sample((Message("user", "What is 2 plus 2?"),), "5", "b", "policy-0001"))
+    assert g.responses == (
+        Sample((Message("user", "What is 2 plus 2?"),), "4", "a", "policy-0001"),
+        Sample((Message("user", "What is 2 plus 2?"),), "5", "b", "policy-0001"),
+    )
     assert joined.pointwise == [PointwiseExample(g.responses[1], 0.0, "u1")]
     assert joined.skipped["missing_completion"] == 1

@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 
 # --- pure rules ------------------------------------------------------------------------------------
 
+
 def test_heldout_split_is_stable_and_close_to_the_fraction():
     keys = [f"prompt-{i}" for i in range(4000)]
     held = [is_heldout(k, 0.2) for k in keys]
@@ -49,13 +50,16 @@ def test_comparison_key_identifies_who_compared_what_how():
     assert comparison_key(PointwiseExample("r1", 1.0, "u1")) != comparison_key(PointwiseExample("r1", 0.0, "u1"))
 
 
-@pytest.mark.parametrize("candidate, current, tolerance, publish", [
-    (0.80, 0.70, 0.02, True),
-    (0.69, 0.70, 0.02, True),    # within the tolerance
-    (0.67, 0.70, 0.02, False),   # dropped by more than the tolerance
-    (0.70, math.nan, 0.02, True),  # nothing to compare with (the first RM)
-    (math.nan, 0.70, 0.02, False),  # no held-out slice: cannot judge, do not publish
-])
+@pytest.mark.parametrize(
+    "candidate, current, tolerance, publish",
+    [
+        (0.80, 0.70, 0.02, True),
+        (0.69, 0.70, 0.02, True),  # within the tolerance
+        (0.67, 0.70, 0.02, False),  # dropped by more than the tolerance
+        (0.70, math.nan, 0.02, True),  # nothing to compare with (the first RM)
+        (math.nan, 0.70, 0.02, False),  # no held-out slice: cannot judge, do not publish
+    ],
+)
 def test_gate(candidate, current, tolerance, publish):
     assert gate(candidate, current, tolerance).publish is publish
 
@@ -76,22 +80,44 @@ def test_round_due_every_n_or_every_t_with_something_new(unseen, since, due):
 # --- events of a learnable task ------------------------------------------------------------------
 
 ANSWER, EVASIVE = "{a} plus 3 is {s}.", "I am not sure, sorry."
-_ids = iter(range(10 ** 6))
+_ids = iter(range(10**6))
 
 
 def completion(rid: str, question: str, text: str, source: str = "user") -> CompletionEvent:
-    return CompletionEvent(request_id=f"q-{rid}", response_id=rid, index=0, n=1, policy_version="policy-0001",
-                           model="m", source=source, messages=[Message("user", question)], prompt_token_ids=[],
-                           completion_text=text, token_ids=[], logprobs=None, finish_reason="stop", sampling={},
-                           timings=Timings(0, 0, 0), created_at=0.0)
+    return CompletionEvent(
+        request_id=f"q-{rid}",
+        response_id=rid,
+        index=0,
+        n=1,
+        policy_version="policy-0001",
+        model="m",
+        source=source,
+        messages=[Message("user", question)],
+        prompt_token_ids=[],
+        completion_text=text,
+        token_ids=[],
+        logprobs=None,
+        finish_reason="stop",
+        sampling={},
+        timings=Timings(0, 0, 0),
+        created_at=0.0,
+    )
 
 
-def ranking(ids: list[str], question: str, user: str = "u1", revision: int = 1, received_at: float = 1.0
-            ) -> FeedbackEvent:
+def ranking(
+    ids: list[str], question: str, user: str = "u1", revision: int = 1, received_at: float = 1.0
+) -> FeedbackEvent:
     ph = prompt_hash([("user", question)])
-    return FeedbackEvent(feedback_id=f"f{next(_ids)}", kind="ranking", user_id=user,
-                         target="ranking:" + ",".join(sorted(ids)), revision=revision, supersedes=None,
-                         responses=[RatedResponse(i, "policy-0001", ph) for i in ids], received_at=received_at)
+    return FeedbackEvent(
+        feedback_id=f"f{next(_ids)}",
+        kind="ranking",
+        user_id=user,
+        target="ranking:" + ",".join(sorted(ids)),
+        revision=revision,
+        supersedes=None,
+        responses=[RatedResponse(i, "policy-0001", ph) for i in ids],
+        received_at=received_at,
+    )
 
 
 def task(prompts, user="u1", reverse=False, received_at=1.0):
@@ -114,10 +140,20 @@ class Clock:
 
 
 def learner_config(store, tmp_path, **overrides) -> RewardConfig:
-    values = dict(model_store=ModelStoreConfig(store.root), max_tokens=96, max_response_tokens=32,
-                  state_dir=tmp_path / "learner", learn_every_comparisons=8, learn_every_s=3600,
-                  heldout_fraction=0.3, learner_epochs=6, learner_lr=3e-3, learner_batch_size=4, gate_tolerance=0.0,
-                  pending_timeout_s=60)
+    values = dict(
+        model_store=ModelStoreConfig(store.root),
+        max_tokens=96,
+        max_response_tokens=32,
+        state_dir=tmp_path / "learner",
+        learn_every_comparisons=8,
+        learn_every_s=3600,
+        heldout_fraction=0.3,
+        learner_epochs=6,
+        learner_lr=3e-3,
+        learner_batch_size=4,
+        gate_tolerance=0.0,
+        pending_timeout_s=60,
+    )
     values.update(overrides)
     return load_config(RewardConfig, {}, **values)
 
@@ -126,14 +162,16 @@ def learner_config(store, tmp_path, **overrides) -> RewardConfig:
 def learner(tiny_store, tmp_path):
     state = LearnerState(tmp_path / "learner" / "learner.sqlite3")
     published: list[str] = []
-    learn = ContinualLearner(learner_config(tiny_store, tmp_path), tiny_store, state,
-                             on_published=published.append, clock=Clock())
+    learn = ContinualLearner(
+        learner_config(tiny_store, tmp_path), tiny_store, state, on_published=published.append, clock=Clock()
+    )
     learn.published = published
     yield learn
     state.close()
 
 
 # --- state ----------------------------------------------------------------------------------------
+
 
 def test_state_keeps_the_live_vote_and_survives_reopening(tmp_path):
     path = tmp_path / "s.sqlite3"
@@ -157,6 +195,7 @@ def test_only_user_completions_are_kept(learner):
 
 
 # --- rounds ---------------------------------------------------------------------------------------
+
 
 def held_and_train_prompts(fraction=0.3):
     held = [a for a in range(1, 200) if is_heldout(prompt_hash([("user", f"What is {a} plus 3?")]), fraction)]
@@ -219,14 +258,14 @@ def test_a_vote_without_its_completion_waits_then_is_dropped(learner):
     assert comps.pending == 2 and len(comps.train) == 0
     learner.clock.t += 30
     assert learner.comparisons().pending == 2  # still within the timeout
-    learner.ingest(completions[2:], {})        # the second prompt's completions arrive, the first's do not
+    learner.ingest(completions[2:], {})  # the second prompt's completions arrive, the first's do not
     comps = learner.comparisons()
     assert comps.pending == 1 and len(comps.train) == 1
-    learner.clock.t += 31                       # past pending_timeout_s=60
+    learner.clock.t += 31  # past pending_timeout_s=60
     comps = learner.comparisons()
     assert comps.pending == 0 and len(comps.train) == 1
     assert learner.state.counts()["dropped_votes"] == 1
-    learner.ingest(completions[1:2], {})        # too late: a dropped vote stays dropped
+    learner.ingest(completions[1:2], {})  # too late: a dropped vote stays dropped
     assert len(learner.comparisons().train) == 1
 
 

@@ -37,7 +37,7 @@ def test_kwise_loss_of_a_3_ranking_is_the_mean_of_its_3_pairwise_terms():
     expected = (NLS[2] + NLS[3] + NLS[1]) / 3
     assert expected == pytest.approx(0.1629257, abs=1e-6)
     assert kwise_ranking_loss(r).item() == pytest.approx(expected, abs=1e-7)
-    pairwise = [pairwise_logistic_loss(r[i:i + 1], r[j:j + 1]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    pairwise = [pairwise_logistic_loss(r[i : i + 1], r[j : j + 1]) for i, j in ((0, 1), (0, 2), (1, 2))]
     assert kwise_ranking_loss(r).item() == pytest.approx(torch.stack(pairwise).mean().item(), abs=1e-12)
 
 
@@ -90,15 +90,18 @@ def test_pairwise_accuracy_counts_strict_wins():
     assert pairwise_accuracy(rewards, groups) == (2, 4)  # a tie (1.0 vs 1.0) and 0 < 5 are wrong
 
 
-@pytest.mark.parametrize("call", [
-    lambda: pairwise_logistic_loss(t(), t()),
-    lambda: pairwise_logistic_loss(t(1.0, 2.0), t(1.0)),
-    lambda: kwise_ranking_loss(t(1.0)),
-    lambda: batched_kwise_ranking_loss([]),
-    lambda: group_loss(t(1.0, 2.0), []),
-    lambda: preference_batch_loss(t(1.0), []),
-    lambda: normalisation_offset([]),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: pairwise_logistic_loss(t(), t()),
+        lambda: pairwise_logistic_loss(t(1.0, 2.0), t(1.0)),
+        lambda: kwise_ranking_loss(t(1.0)),
+        lambda: batched_kwise_ranking_loss([]),
+        lambda: group_loss(t(1.0, 2.0), []),
+        lambda: preference_batch_loss(t(1.0), []),
+        lambda: normalisation_offset([]),
+    ],
+)
 def test_degenerate_inputs_are_refused(call):
     with pytest.raises(ValueError):
         call()

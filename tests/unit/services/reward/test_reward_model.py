@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample
-from shared.models.encoding import EncodingLimits, encode, pad_batch, truncate
 from services.reward.losses import kwise_ranking_loss
-from shared.models.reward_model import HEAD_NAME, WEIGHTS_NAME, RewardModel, RewardModelError, load_version
 from services.reward.training import RewardTrainer, TrainSettings
 from shared.events import Message
 from shared.model_store import PICKLE_SUFFIXES, CorruptVersionError
+from shared.models.encoding import EncodingLimits, encode, pad_batch, truncate
+from shared.models.reward_model import HEAD_NAME, WEIGHTS_NAME, RewardModel, RewardModelError, load_version
 
 Q = (Message("user", "What is 2 plus 3?"),)
 
@@ -49,8 +49,9 @@ def test_kwise_loss_sends_gradients_into_backbone_and_head_never_into_the_offset
 def test_frozen_backbone_trains_the_head_only(rm, tiny_tokenizer):
     before = {n: p.detach().clone() for n, p in rm.named_parameters()}
     offset_before = rm.offset.clone()
-    trainer = RewardTrainer(rm, tiny_tokenizer, TrainSettings(lr=1e-2, freeze_backbone=True,
-                                                              limits=EncodingLimits(64, 32)))
+    trainer = RewardTrainer(
+        rm, tiny_tokenizer, TrainSettings(lr=1e-2, freeze_backbone=True, limits=EncodingLimits(64, 32))
+    )
     group = ComparisonGroup((Sample(Q, "2 plus 3 is 5."), Sample(Q, "I am not sure.")), ((0, 1),), "offline")
     trainer.step([group, PointwiseExample(Sample(Q, "Hello there."), 1.0)])
     for name, p in rm.named_parameters():
@@ -123,11 +124,14 @@ def test_a_corrupt_checkpoint_is_refused_before_loading(rm, tiny_tokenizer, tiny
         load_version(tiny_store, version)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / HEAD_NAME).unlink(), "reward_head.json is missing"),
-    (lambda d: (d / HEAD_NAME).write_text('{"format": 1, "pooling": "mean", "padding_side": "right"}'), "pooling"),
-    (lambda d: (d / WEIGHTS_NAME).write_bytes(b"not safetensors"), "unreadable model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / HEAD_NAME).unlink(), "reward_head.json is missing"),
+        (lambda d: (d / HEAD_NAME).write_text('{"format": 1, "pooling": "mean", "padding_side": "right"}'), "pooling"),
+        (lambda d: (d / WEIGHTS_NAME).write_bytes(b"not safetensors"), "unreadable model.safetensors"),
+    ],
+)
 def test_a_directory_that_is_not_a_reward_model_is_refused(rm, tiny_tokenizer, tmp_path, damage, message):
     rm.save(tmp_path / "rm", tiny_tokenizer)
     damage(tmp_path / "rm")
@@ -145,20 +149,22 @@ def test_a_policy_checkpoint_is_not_a_reward_model(tiny_policy_dir):
 BOS, EOS = 0, 9
 
 
-@pytest.mark.parametrize("prompt, response, limits, expected, cut", [
-    # fits: unchanged
-    ([BOS, 1, 2], [5, 6, EOS], EncodingLimits(8, 4), [BOS, 1, 2, 5, 6, EOS], False),
-    # long response: first max_response_tokens - 1 tokens, then EOS
-    ([BOS, 1], [5, 6, 7, 8, 4, EOS], EncodingLimits(8, 4), [BOS, 1, 5, 6, 7, EOS], True),
-    # long prompt: BOS kept, then its last tokens; the response is whole
-    ([BOS, 1, 2, 3, 4, 5, 6], [7, EOS], EncodingLimits(5, 3), [BOS, 5, 6, 7, EOS], True),
-    # both
-    ([BOS, 1, 2, 3, 4, 5], [6, 7, 8, EOS], EncodingLimits(5, 3), [BOS, 5, 6, 7, EOS], True),
-    # a prompt without BOS keeps only its last tokens
-    ([1, 2, 3, 4], [7, EOS], EncodingLimits(4, 2), [3, 4, 7, EOS], True),
-])
-def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(prompt, response, limits,
-                                                                               expected, cut):
+@pytest.mark.parametrize(
+    "prompt, response, limits, expected, cut",
+    [
+        # fits: unchanged
+        ([BOS, 1, 2], [5, 6, EOS], EncodingLimits(8, 4), [BOS, 1, 2, 5, 6, EOS], False),
+        # long response: first max_response_tokens - 1 tokens, then EOS
+        ([BOS, 1], [5, 6, 7, 8, 4, EOS], EncodingLimits(8, 4), [BOS, 1, 5, 6, 7, EOS], True),
+        # long prompt: BOS kept, then its last tokens; the response is whole
+        ([BOS, 1, 2, 3, 4, 5, 6], [7, EOS], EncodingLimits(5, 3), [BOS, 5, 6, 7, EOS], True),
+        # both
+        ([BOS, 1, 2, 3, 4, 5], [6, 7, 8, EOS], EncodingLimits(5, 3), [BOS, 5, 6, 7, EOS], True),
+        # a prompt without BOS keeps only its last tokens
+        ([1, 2, 3, 4], [7, EOS], EncodingLimits(4, 2), [3, 4, 7, EOS], True),
+    ],
+)
+def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(prompt, response, limits, expected, cut):
     enc = truncate(prompt, response, limits, bos_token_id=BOS, eos_token_id=EOS)
     assert enc.input_ids == expected and enc.truncated is cut
     assert len(enc.input_ids) <= limits.max_tokens
@@ -167,11 +173,12 @@ def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(pr
 def test_encoding_uses_the_chat_template_and_ends_with_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     enc = encode(tok, Q, "2 plus 3 is 5.", EncodingLimits(64, 32))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert enc.input_ids[: enc.prompt_tokens] == list(prompt)
     assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
-    assert tok.decode(enc.input_ids[enc.prompt_tokens:-1]) == "2 plus 3 is 5."
+    assert tok.decode(enc.input_ids[enc.prompt_tokens : -1]) == "2 plus 3 is 5."
     # "<|end|>" typed into a response is text, not the end-of-turn token.
     sneaky = encode(tok, Q, "5<|end|>", EncodingLimits(64, 32)).input_ids
     assert sneaky.count(tok.eos_token_id) == 2  # the user turn's end and the final EOS only

@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from services.reward.config import RewardConfig
-from shared.models.encoding import EncodingLimits
-from shared.models.reward_model import WEIGHTS_NAME, RewardModel
 from services.reward.offline import RankingsFileError, parse_ranking, read_rankings, split_heldout, train_first_rm
 from services.reward.protocol import ScoreItem
 from services.reward.scorer import RewardScorer
@@ -17,6 +15,8 @@ from shared.config import ConfigError, ModelStoreConfig, load_config
 from shared.errors import InvalidArgument, Unavailable
 from shared.events import Message, RewardModelEvent
 from shared.model_store import CorruptVersionError
+from shared.models.encoding import EncodingLimits
+from shared.models.reward_model import WEIGHTS_NAME, RewardModel
 
 Q = [Message("user", "What is 2 plus 3?")]
 
@@ -31,8 +31,9 @@ def publish_rm(store, tokenizer, policy_dir, tmp_path, seed: int, offset: float 
 
 
 def make_scorer(store, **overrides) -> RewardScorer:
-    cfg = load_config(RewardConfig, {}, model_store=ModelStoreConfig(store.root), max_tokens=96,
-                      max_response_tokens=32, **overrides)
+    cfg = load_config(
+        RewardConfig, {}, model_store=ModelStoreConfig(store.root), max_tokens=96, max_response_tokens=32, **overrides
+    )
     return RewardScorer(cfg, store)
 
 
@@ -68,17 +69,20 @@ def test_long_inputs_are_truncated_not_refused(scorer):
     assert result.truncated == [True]
 
 
-@pytest.mark.parametrize("bad, param", [
-    ([], "items"),
-    (items(*["x"] * 9), "items"),
-    (items("5", ""), "items[1].response"),
-    (items("   "), "items[0].response"),
-    (items("x" * 201), "items[0].response"),
-    (items("5", messages=[]), "items[0].messages"),
-    (items("5", messages=[Message("robot", "hi")]), "items[0].messages[0].role"),
-    (items("5", messages=[Message("system", "be nice")]), "items[0].messages"),
-    (items("5", messages=[Message("user", "y" * 301)]), "items[0].messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "bad, param",
+    [
+        ([], "items"),
+        (items(*["x"] * 9), "items"),
+        (items("5", ""), "items[1].response"),
+        (items("   "), "items[0].response"),
+        (items("x" * 201), "items[0].response"),
+        (items("5", messages=[]), "items[0].messages"),
+        (items("5", messages=[Message("robot", "hi")]), "items[0].messages[0].role"),
+        (items("5", messages=[Message("system", "be nice")]), "items[0].messages"),
+        (items("5", messages=[Message("user", "y" * 301)]), "items[0].messages[0].content"),
+    ],
+)
 def test_empty_or_oversized_input_is_invalid_argument_naming_the_field(scorer, bad, param):
     with pytest.raises(InvalidArgument) as err:
         scorer.score_sync(bad)
@@ -95,7 +99,8 @@ def test_no_reward_model_means_unavailable(tiny_store):
 
 
 def test_hot_swap_loads_the_new_version_and_keeps_in_flight_requests_on_the_old(
-        scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path):
+    scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
     old = scorer._current
     before = scorer.score_sync(items("2 plus 3 is 5.")).scores
     v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2, offset=3.0)
@@ -109,7 +114,8 @@ def test_hot_swap_loads_the_new_version_and_keeps_in_flight_requests_on_the_old(
 
 
 def test_a_corrupt_version_is_refused_and_the_old_one_keeps_scoring(
-        scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path):
+    scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
     v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2)
     sha = tiny_store.manifest_sha256(v2)
     weights = tiny_store.path(v2) / WEIGHTS_NAME
@@ -124,8 +130,9 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_scoring(
         make_scorer(tiny_store).load(v2)
 
 
-def test_an_announcement_with_another_manifest_hash_is_refused(scorer, tiny_store, tiny_tokenizer,
-                                                               tiny_policy_dir, tmp_path):
+def test_an_announcement_with_another_manifest_hash_is_refused(
+    scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
     v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2)
     assert scorer.apply_update(RewardModelEvent(v2, "0" * 64)) is False
     assert scorer.version == "rm-0001"
@@ -150,14 +157,17 @@ def test_parse_ranking_orders_responses_best_first():
     assert g.pairs == ((0, 1), (0, 2), (1, 2))
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not json", "Expecting value"),
-    ('{"prompt": "", "responses": ["a", "b"], "ranking": [0, 1]}', "prompt"),
-    ('{"prompt": "q", "responses": ["a", ""], "ranking": [0, 1]}', "non-empty strings"),
-    ('{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}', "distinct"),
-    ('{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 2]}', "below 2"),
-    ('{"prompt": [{"role": "bot", "content": "q"}], "responses": ["a", "b"], "ranking": [0, 1]}', "role"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "Expecting value"),
+        ('{"prompt": "", "responses": ["a", "b"], "ranking": [0, 1]}', "prompt"),
+        ('{"prompt": "q", "responses": ["a", ""], "ranking": [0, 1]}', "non-empty strings"),
+        ('{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}', "distinct"),
+        ('{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 2]}', "below 2"),
+        ('{"prompt": [{"role": "bot", "content": "q"}], "responses": ["a", "b"], "ranking": [0, 1]}', "role"),
+    ],
+)
 def test_a_bad_rankings_line_is_reported_with_its_line_number(tmp_path, line, message):
     path = tmp_path / "r.jsonl"
     path.write_text('{"prompt": "q", "responses": ["a", "b"], "ranking": [1, 0]}\n\n' + line + "\n")
@@ -175,8 +185,14 @@ def test_heldout_split_is_seeded_and_disjoint():
 
 def test_train_first_rm_publishes_rm_0001_from_the_policy(tiny_store, tmp_path):
     path = tmp_path / "rankings.jsonl"
-    lines = [{"prompt": [{"role": "user", "content": f"What is {a} plus 3?"}],
-              "responses": ["I am not sure, sorry.", f"{a} plus 3 is {a + 3}."], "ranking": [1, 0]} for a in range(10)]
+    lines = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {a} plus 3?"}],
+            "responses": ["I am not sure, sorry.", f"{a} plus 3 is {a + 3}."],
+            "ranking": [1, 0],
+        }
+        for a in range(10)
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     settings = TrainSettings(epochs=2, lr=1e-3, limits=EncodingLimits(96, 32))
     result = train_first_rm(tiny_store, path, settings=settings, heldout_fraction=0.2)
@@ -188,7 +204,9 @@ def test_train_first_rm_publishes_rm_0001_from_the_policy(tiny_store, tmp_path):
     # Normalised: the file's responses average 0 under the published model.
     scorer = make_scorer(tiny_store)
     scorer.load()
-    everything = [ScoreItem(list(g.responses[0].messages), s.response) for g in read_rankings(path) for s in g.responses]
+    everything = [
+        ScoreItem(list(g.responses[0].messages), s.response) for g in read_rankings(path) for s in g.responses
+    ]
     assert sum(scorer.score_sync(everything).scores) / len(everything) == pytest.approx(0.0, abs=1e-4)
 
 
@@ -197,10 +215,23 @@ def test_the_app_trains_its_first_rm_when_the_store_has_none_then_serves(tiny_st
     from tests.conftest import LoopThread
 
     path = tmp_path / "rankings.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {a} plus 3?", "responses": ["no idea", f"{a + 3}"],
-                                        "ranking": [1, 0]}) + "\n" for a in range(6)))
-    cfg = load_config(RewardConfig, {}, grpc_port=0, metrics_port=0, model_store=ModelStoreConfig(tiny_store.root),
-                      max_tokens=96, max_response_tokens=32, bootstrap_rankings=path)
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {a} plus 3?", "responses": ["no idea", f"{a + 3}"], "ranking": [1, 0]})
+            + "\n"
+            for a in range(6)
+        )
+    )
+    cfg = load_config(
+        RewardConfig,
+        {},
+        grpc_port=0,
+        metrics_port=0,
+        model_store=ModelStoreConfig(tiny_store.root),
+        max_tokens=96,
+        max_response_tokens=32,
+        bootstrap_rankings=path,
+    )
     loop = LoopThread()
 
     async def make():  # gRPC aio servers belong to the loop that makes them

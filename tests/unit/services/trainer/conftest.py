@@ -36,8 +36,8 @@ def publish_random_rm(store, policy_version: str, seed: int = 0) -> str:
 
 @pytest.fixture(scope="session")
 def trainer_store(tmp_path_factory) -> TrainerStore:
-    from shared.models.default_model import ensure_default_policy
     from shared.model_store import ModelStore
+    from shared.models.default_model import ensure_default_policy
 
     store = ModelStore(tmp_path_factory.mktemp("trainer-models"))
     policy = ensure_default_policy(store)

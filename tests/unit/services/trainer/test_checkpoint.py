@@ -33,8 +33,13 @@ def trained_model_and_optimiser(seed: int = 0):
 
 def test_flatten_round_trip_keeps_types_keys_and_tensors():
     a = torch.arange(6.0).reshape(2, 3)
-    state = {"w": a, "tied": a, 3: {"step": torch.tensor(7.0), "betas": (0.9, 0.95)},
-             "lst": [1, 2.5, None, "x", True], "view": a[1]}
+    state = {
+        "w": a,
+        "tied": a,
+        3: {"step": torch.tensor(7.0), "betas": (0.9, 0.95)},
+        "lst": [1, 2.5, None, "x", True],
+        "view": a[1],
+    }
     tensors, skeleton = flatten_state(state)
     json.dumps(skeleton)  # the skeleton is plain JSON
     assert len(tensors) == 3  # "tied" is stored once; a view with another offset is its own tensor

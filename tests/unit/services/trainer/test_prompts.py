@@ -24,9 +24,23 @@ DEFAULT_FILE = "services/trainer/data/prompts.jsonl"
 def completion(question: str, source: str = "user", system: str | None = None) -> CompletionEvent:
     messages = ([Message("system", system)] if system else []) + [Message("user", question)]
     return CompletionEvent(
-        request_id="r", response_id="c", index=0, n=1, policy_version="policy-0001", model="m", source=source,
-        messages=messages, prompt_token_ids=[1, 2], completion_text="x", token_ids=[3], logprobs=None,
-        finish_reason="stop", sampling={}, timings=Timings(0, 0, 0), created_at=0.0)
+        request_id="r",
+        response_id="c",
+        index=0,
+        n=1,
+        policy_version="policy-0001",
+        model="m",
+        source=source,
+        messages=messages,
+        prompt_token_ids=[1, 2],
+        completion_text="x",
+        token_ids=[3],
+        logprobs=None,
+        finish_reason="stop",
+        sampling={},
+        timings=Timings(0, 0, 0),
+        created_at=0.0,
+    )
 
 
 def user(text: str) -> tuple[Message, ...]:
@@ -39,21 +53,29 @@ def test_the_shipped_prompt_file_parses_into_distinct_prompts():
     assert all(p[-1].role == "user" for p in prompts)
 
 
-@pytest.mark.parametrize("doc, expected", [
-    ({"prompt": "Hi"}, user("Hi")),
-    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
-     (Message("system", "Be brief."), Message("user", "Hi"))),
-])
+@pytest.mark.parametrize(
+    "doc, expected",
+    [
+        ({"prompt": "Hi"}, user("Hi")),
+        (
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+            (Message("system", "Be brief."), Message("user", "Hi")),
+        ),
+    ],
+)
 def test_parse_prompt_accepts_text_or_messages(doc, expected):
     assert parse_prompt(doc) == expected
 
 
-@pytest.mark.parametrize("doc, words", [
-    ({"text": "Hi"}, "expected"),
-    ({"messages": [{"role": "robot", "content": "Hi"}]}, r"messages\[0\]"),
-    ({"messages": [{"role": "user", "content": "  "}]}, "non-empty user"),
-    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "assistant"),
-])
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        ({"text": "Hi"}, "expected"),
+        ({"messages": [{"role": "robot", "content": "Hi"}]}, r"messages\[0\]"),
+        ({"messages": [{"role": "user", "content": "  "}]}, "non-empty user"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}, "assistant"),
+    ],
+)
 def test_parse_prompt_refuses_malformed_documents(doc, words):
     with pytest.raises(ValueError, match=words):
         parse_prompt(doc)
@@ -77,7 +99,7 @@ def test_heldout_split_is_stable_and_leaves_training_prompts():
 def test_live_buffer_takes_user_prompts_only_and_deduplicates():
     buf = LivePromptBuffer(capacity=10)
     assert buf.offer_completion(completion("What is 1 plus 2?"))
-    assert not buf.offer_completion(completion("What is 1 plus 2?"))          # the n-th completion, a redelivery
+    assert not buf.offer_completion(completion("What is 1 plus 2?"))  # the n-th completion, a redelivery
     assert not buf.offer_completion(completion("What is 5 plus 5?", source="trainer"))
     assert buf.offer_completion(completion("What is 1 plus 2?", system="Be brief."))  # another conversation
     assert len(buf) == 2 and buf.offered == 4 and buf.accepted == 2
@@ -87,14 +109,22 @@ def test_live_buffer_is_bounded_and_keeps_the_most_recently_seen():
     buf = LivePromptBuffer(capacity=3)
     for q in "abc":
         buf.add(user(q))
-    buf.add(user("a"))      # asked again: now the most recent
-    buf.add(user("d"))      # evicts b, the least recently seen
+    buf.add(user("a"))  # asked again: now the most recent
+    buf.add(user("d"))  # evicts b, the least recently seen
     assert buf.snapshot() == [user("c"), user("a"), user("d")]
 
 
-@pytest.mark.parametrize("size, fraction, available, expected", [
-    (8, 0.5, 100, 4), (8, 0.5, 2, 2), (8, 0.0, 100, 0), (8, 1.0, 100, 8), (3, 0.5, 100, 2), (8, 0.25, 0, 0),
-])
+@pytest.mark.parametrize(
+    "size, fraction, available, expected",
+    [
+        (8, 0.5, 100, 4),
+        (8, 0.5, 2, 2),
+        (8, 0.0, 100, 0),
+        (8, 1.0, 100, 8),
+        (3, 0.5, 100, 2),
+        (8, 0.25, 0, 0),
+    ],
+)
 def test_live_count(size, fraction, available, expected):
     assert live_count(size, fraction, available) == expected
 
@@ -110,7 +140,7 @@ def test_mixer_follows_the_ratio_and_falls_back_to_the_file():
     batch, n_live = mixer.sample(8)
     assert n_live == 6 and len(batch) == 8
     assert all(p[0].content.startswith("live") for p in batch[:6])
-    assert len(set(batch[:6])) == 6                                     # live drawn without replacement
+    assert len(set(batch[:6])) == 6  # live drawn without replacement
     assert all(p[0].content.startswith("file") for p in batch[6:])
 
 

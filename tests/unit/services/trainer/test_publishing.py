@@ -15,17 +15,20 @@ def ev(reward: float, kl: float) -> Evaluation:
     return Evaluation(heldout_reward=reward, kl=kl, rm_version="rm-0001")
 
 
-@pytest.mark.parametrize("reward, kl, baseline, ok, words", [
-    (1.0, 0.5, 0.9, True, "KL 0.5000 <= 2.0000"),
-    (1.0, 2.0, 0.9, True, "baseline 0.9000"),           # exactly at the bound passes
-    (1.0, 2.01, 0.9, False, "exceeds the bound"),
-    (0.8, 0.5, 0.9, False, "held-out reward fell"),
-    (0.85, 0.5, 0.9, True, ""),                          # within the tolerance of 0.05
-    (0.849, 0.5, 0.9, False, "fell"),
-    (0.1, 0.5, None, True, "no baseline"),               # the first candidate has nothing to beat
-    (math.nan, 0.5, 0.0, False, "not finite"),
-    (1.0, math.inf, 0.0, False, "not finite"),
-])
+@pytest.mark.parametrize(
+    "reward, kl, baseline, ok, words",
+    [
+        (1.0, 0.5, 0.9, True, "KL 0.5000 <= 2.0000"),
+        (1.0, 2.0, 0.9, True, "baseline 0.9000"),  # exactly at the bound passes
+        (1.0, 2.01, 0.9, False, "exceeds the bound"),
+        (0.8, 0.5, 0.9, False, "held-out reward fell"),
+        (0.85, 0.5, 0.9, True, ""),  # within the tolerance of 0.05
+        (0.849, 0.5, 0.9, False, "fell"),
+        (0.1, 0.5, None, True, "no baseline"),  # the first candidate has nothing to beat
+        (math.nan, 0.5, 0.0, False, "not finite"),
+        (1.0, math.inf, 0.0, False, "not finite"),
+    ],
+)
 def test_gate(reward, kl, baseline, ok, words):
     decision = gate(ev(reward, kl), baseline, kl_bound=2.0, reward_tolerance=0.05)
     assert decision.ok is ok and words in decision.reason

@@ -13,20 +13,29 @@ def test_defaults_are_valid_and_ports_match_the_chart():
     assert (cfg.grpc_port, cfg.metrics_port) == (50054, 9104)
     assert cfg.prompt_file.is_file() and cfg.ppo.temperature == 1.0
     names = {v.name for v in env_vars(TrainerConfig)}
-    assert {"RLHF_TRAINER_INFERENCE_ADDRESS", "RLHF_TRAINER_REWARD_ADDRESS", "RLHF_TRAINER_KL_BOUND",
-            "RLHF_PPO_LR", "RLHF_KAFKA_BOOTSTRAP_SERVERS", "RLHF_MODEL_STORE_ROOT"} <= names
+    assert {
+        "RLHF_TRAINER_INFERENCE_ADDRESS",
+        "RLHF_TRAINER_REWARD_ADDRESS",
+        "RLHF_TRAINER_KL_BOUND",
+        "RLHF_PPO_LR",
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS",
+        "RLHF_MODEL_STORE_ROOT",
+    } <= names
 
 
-@pytest.mark.parametrize("env, words", [
-    ({"RLHF_TRAINER_LIVE_PROMPT_FRACTION": "1.5"}, "LIVE_PROMPT_FRACTION"),
-    ({"RLHF_TRAINER_INFERENCE_ADDRESS": "nohost"}, "INFERENCE_ADDRESS"),
-    ({"RLHF_TRAINER_PROMPT_FILE": "/nonexistent.jsonl"}, "PROMPT_FILE"),
-    ({"RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "0"}, "ROLLOUTS_PER_ITERATION"),
-    ({"RLHF_TRAINER_MAX_STALENESS": "-1"}, "MAX_STALENESS"),
-    ({"RLHF_TRAINER_KL_BOUND": "-1"}, "KL_BOUND"),
-    ({"RLHF_PPO_TEMPERATURE": "0.7"}, "RLHF_PPO_TEMPERATURE must be 1.0"),
-    ({"RLHF_TRAINER_KL_BOUDN": "3"}, "unknown setting"),
-])
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"RLHF_TRAINER_LIVE_PROMPT_FRACTION": "1.5"}, "LIVE_PROMPT_FRACTION"),
+        ({"RLHF_TRAINER_INFERENCE_ADDRESS": "nohost"}, "INFERENCE_ADDRESS"),
+        ({"RLHF_TRAINER_PROMPT_FILE": "/nonexistent.jsonl"}, "PROMPT_FILE"),
+        ({"RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "0"}, "ROLLOUTS_PER_ITERATION"),
+        ({"RLHF_TRAINER_MAX_STALENESS": "-1"}, "MAX_STALENESS"),
+        ({"RLHF_TRAINER_KL_BOUND": "-1"}, "KL_BOUND"),
+        ({"RLHF_PPO_TEMPERATURE": "0.7"}, "RLHF_PPO_TEMPERATURE must be 1.0"),
+        ({"RLHF_TRAINER_KL_BOUDN": "3"}, "unknown setting"),
+    ],
+)
 def test_bad_values_are_named(env, words):
     with pytest.raises(ConfigError, match=words):
         load_config(TrainerConfig, env)

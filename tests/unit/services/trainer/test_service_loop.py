@@ -47,14 +47,30 @@ class LearnerSampler:
 
     def sample(self, prompts, *, max_tokens, top_p, seed=None):
         learner = self.get_learner()
-        ids = [learner.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in p],
-                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
-               for p in prompts]
+        ids = [
+            learner.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in p],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+            for p in prompts
+        ]
         out, logprobs = learner.generate(ids, max_tokens, greedy=False, seed=seed, return_logprobs=True)
-        return [Sample(prompt=p, prompt_token_ids=list(i), token_ids=o, logprobs=lp,
-                       text=learner.tokenizer.decode(o, skip_special_tokens=True) or "x", finish_reason="stop",
-                       policy_version=self.served[-1], policy_versions=[self.served[-1]], response_id=f"r{n}")
-                for n, (p, i, o, lp) in enumerate(zip(prompts, ids, out, logprobs))]
+        return [
+            Sample(
+                prompt=p,
+                prompt_token_ids=list(i),
+                token_ids=o,
+                logprobs=lp,
+                text=learner.tokenizer.decode(o, skip_special_tokens=True) or "x",
+                finish_reason="stop",
+                policy_version=self.served[-1],
+                policy_versions=[self.served[-1]],
+                response_id=f"r{n}",
+            )
+            for n, (p, i, o, lp) in enumerate(zip(prompts, ids, out, logprobs))
+        ]
 
 
 class LengthScorer:
@@ -90,8 +106,18 @@ class SwitchingScorer:
         return [len(r) / 10.0 + 100.0 * n for _, r in pairs], self.calls[-1]
 
 
-def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1, lr=1e-3, paused=False,
-              gate_scorer=None, reward_tolerance=1e6):
+def make_loop(
+    store,
+    tmp_path,
+    *,
+    announcer=None,
+    kl_bound=1e6,
+    publish_every=1,
+    lr=1e-3,
+    paused=False,
+    gate_scorer=None,
+    reward_tolerance=1e6,
+):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
     state = LoopState(lineage=[policy], reference_version=policy, value_rm_version=rm)
@@ -102,13 +128,29 @@ def make_loop(store, tmp_path, *, announcer=None, kl_bound=1e6, publish_every=1,
     holder = {}
     served = [policy]
     sampler = LearnerSampler(lambda: holder["loop"].learner, served)
-    publisher = PolicyPublisher(store, announcer or RecordingAnnouncer(), gate_scorer or LengthScorer(), HELDOUT,
-                                max_tokens=8)
-    settings = LoopSettings(rollouts_per_iteration=4, max_staleness=1, publish_every=publish_every,
-                            checkpoint_every=1, kl_bound=kl_bound, reward_tolerance=reward_tolerance, idle_sleep_s=0.05)
-    loop = TrainingLoop(load_learner(policy, state), state, PromptMixer(LivePromptBuffer(8), TRAIN, 0.0),
-                        RolloutCollector(sampler, LengthScorer(), max_tokens=8), publisher,
-                        CheckpointStore(tmp_path / "ckpt"), settings, load_learner, paused=paused)
+    publisher = PolicyPublisher(
+        store, announcer or RecordingAnnouncer(), gate_scorer or LengthScorer(), HELDOUT, max_tokens=8
+    )
+    settings = LoopSettings(
+        rollouts_per_iteration=4,
+        max_staleness=1,
+        publish_every=publish_every,
+        checkpoint_every=1,
+        kl_bound=kl_bound,
+        reward_tolerance=reward_tolerance,
+        idle_sleep_s=0.05,
+    )
+    loop = TrainingLoop(
+        load_learner(policy, state),
+        state,
+        PromptMixer(LivePromptBuffer(8), TRAIN, 0.0),
+        RolloutCollector(sampler, LengthScorer(), max_tokens=8),
+        publisher,
+        CheckpointStore(tmp_path / "ckpt"),
+        settings,
+        load_learner,
+        paused=paused,
+    )
     holder["loop"] = loop
     return loop, served, load_learner
 
@@ -162,7 +204,9 @@ def test_the_gate_compares_candidate_and_baseline_under_one_reward_model(store, 
     loop.run_iteration()
     gate = loop.status().last_gate
     assert not gate.published and "reward model changed during each of 3 evaluations" in gate.reason
-    assert store.versions("policy") == ["policy-0001"] and len(always.calls) == 7  # baseline + 3 x (candidate, re-score)
+    assert (
+        store.versions("policy") == ["policy-0001"] and len(always.calls) == 7
+    )  # baseline + 3 x (candidate, re-score)
     # Calls: baseline (rm-0001), candidate (rm-0002), baseline re-scored (rm-0003), candidate again (rm-0003).
     once = SwitchingScorer(lambda k: min(k + 1, 3))
     loop, _, _ = make_loop(store, tmp_path / "again", gate_scorer=once)
@@ -180,9 +224,9 @@ def test_publish_now_without_an_update_publishes_nothing(store, tmp_path, one_th
 
 def test_resume_from_a_checkpoint_restores_weights_counters_and_lineage(store, tmp_path, one_thread):
     loop, served, load_learner = make_loop(store, tmp_path)
-    loop.run_iteration()                 # publishes policy-0002
+    loop.run_iteration()  # publishes policy-0002
     served.append(loop.state.lineage[-1])
-    loop.run_iteration()                 # a second publish: checkpoint at step 2
+    loop.run_iteration()  # a second publish: checkpoint at step 2
     loaded = CheckpointStore(tmp_path / "ckpt").load_latest()
     learner, state = restore(loaded, load_learner)
     assert state.step == 2 and state.lineage == loop.state.lineage and state.baseline == loop.state.baseline

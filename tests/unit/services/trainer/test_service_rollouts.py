@@ -11,35 +11,60 @@ from shared.events import Message
 LINEAGE = ["policy-0001", "policy-0003", "policy-0004"]
 
 
-def sample(version: str = "policy-0004", *, text: str = "4 plus 4 is 8.", tokens=(11, 12, 6),
-           logprobs=(-0.1, -0.2, -0.3), versions=None, prompt_text: str = "What is 4 plus 4?") -> Sample:
-    return Sample(prompt=(Message("user", prompt_text),), prompt_token_ids=[0, 4, 9], token_ids=list(tokens),
-                  logprobs=list(logprobs), text=text, finish_reason="stop", policy_version=version,
-                  policy_versions=list(versions or [version]), response_id=f"resp-{prompt_text}")
+def sample(
+    version: str = "policy-0004",
+    *,
+    text: str = "4 plus 4 is 8.",
+    tokens=(11, 12, 6),
+    logprobs=(-0.1, -0.2, -0.3),
+    versions=None,
+    prompt_text: str = "What is 4 plus 4?",
+) -> Sample:
+    return Sample(
+        prompt=(Message("user", prompt_text),),
+        prompt_token_ids=[0, 4, 9],
+        token_ids=list(tokens),
+        logprobs=list(logprobs),
+        text=text,
+        finish_reason="stop",
+        policy_version=version,
+        policy_versions=list(versions or [version]),
+        response_id=f"resp-{prompt_text}",
+    )
 
 
-@pytest.mark.parametrize("version, expected", [
-    ("policy-0004", 0), ("policy-0003", 1), ("policy-0001", 2), ("policy-0002", None), ("policy-0005", None),
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        ("policy-0004", 0),
+        ("policy-0003", 1),
+        ("policy-0001", 2),
+        ("policy-0002", None),
+        ("policy-0005", None),
+    ],
+)
 def test_staleness_counts_versions_along_the_lineage(version, expected):
     assert staleness(version, LINEAGE) == expected
 
 
 def test_staleness_after_a_rollback_counts_from_the_restarted_lineage():
-    assert staleness("policy-0004", ["policy-0003"]) is None   # rolled back away from: never used
+    assert staleness("policy-0004", ["policy-0003"]) is None  # rolled back away from: never used
 
 
-@pytest.mark.parametrize("s, max_staleness, reason", [
-    (sample(), 0, None),
-    (sample("policy-0003"), 1, None),
-    (sample("policy-0003"), 0, "stale"),
-    (sample("policy-0001"), 1, "stale"),
-    (sample("policy-0002"), 5, "unknown_version"),
-    (sample(versions=["policy-0003", "policy-0004"]), 5, "straddled"),
-    (sample(logprobs=()), 1, "no_logprobs"),
-    (sample(tokens=()), 1, "empty"),
-    (sample(text="  "), 1, "empty"),
-])
+@pytest.mark.parametrize(
+    "s, max_staleness, reason",
+    [
+        (sample(), 0, None),
+        (sample("policy-0003"), 1, None),
+        (sample("policy-0003"), 0, "stale"),
+        (sample("policy-0001"), 1, "stale"),
+        (sample("policy-0002"), 5, "unknown_version"),
+        (sample(versions=["policy-0003", "policy-0004"]), 5, "straddled"),
+        (sample(logprobs=()), 1, "no_logprobs"),
+        (sample(tokens=()), 1, "empty"),
+        (sample(text="  "), 1, "empty"),
+    ],
+)
 def test_drop_reason(s, max_staleness, reason):
     assert drop_reason(s, LINEAGE, max_staleness) == reason
 
@@ -53,7 +78,7 @@ class ListSampler:
 
     def sample(self, prompts, *, max_tokens, top_p, seed=None):
         self.calls.append((len(prompts), max_tokens, top_p, seed))
-        return self.samples[:len(prompts)]
+        return self.samples[: len(prompts)]
 
 
 class LengthScorer:
@@ -68,8 +93,12 @@ class LengthScorer:
 
 
 def test_collect_keeps_fresh_samples_with_their_version_and_logprobs():
-    samples = [sample(prompt_text="a"), sample("policy-0003", text="xy", prompt_text="b"),
-               sample("policy-0001", prompt_text="c"), sample(text="", prompt_text="d")]
+    samples = [
+        sample(prompt_text="a"),
+        sample("policy-0003", text="xy", prompt_text="b"),
+        sample("policy-0001", prompt_text="c"),
+        sample(text="", prompt_text="d"),
+    ]
     sampler, scorer = ListSampler(samples), LengthScorer()
     collector = RolloutCollector(sampler, scorer, max_tokens=32, top_p=0.9)
     result = collector.collect([s.prompt for s in samples], LINEAGE, max_staleness=1, seed=5)
@@ -86,5 +115,6 @@ def test_collect_keeps_fresh_samples_with_their_version_and_logprobs():
 def test_collect_does_not_call_the_scorer_when_everything_is_dropped():
     scorer = LengthScorer()
     result = RolloutCollector(ListSampler([sample("policy-0002")]), scorer, max_tokens=8).collect(
-        [(Message("user", "q"),)], LINEAGE, max_staleness=3)
+        [(Message("user", "q"),)], LINEAGE, max_staleness=3
+    )
     assert result.rollouts == [] and dict(result.dropped) == {"unknown_version": 1} and scorer.calls == 0

@@ -27,8 +27,12 @@ def make_learner(trainer_store, **overrides) -> PPOLearner:
 
 
 def prompts(learner: PPOLearner, n: int = 8) -> list[list[int]]:
-    return [learner.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False) for q in QUESTIONS[:n]]
+    return [
+        learner.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for q in QUESTIONS[:n]
+    ]
 
 
 def low_half_score(response: list[int]) -> float:
@@ -55,14 +59,14 @@ def test_first_update_on_policy_has_ratio_one_and_zero_kl(trainer_store, one_thr
     assert stats.minibatch_updates == 1
     assert stats.clipfrac == 0.0
     assert stats.approx_kl == pytest.approx(0.0, abs=1e-6)
-    assert stats.mean_kl == pytest.approx(0.0, abs=1e-6)     # the reference is the same weights
+    assert stats.mean_kl == pytest.approx(0.0, abs=1e-6)  # the reference is the same weights
     assert stats.samples == 8 and stats.tokens == sum(len(r.response_token_ids) for r in rollouts)
     assert stats.stale_samples == 0
     assert math.isnan(stats.ptx_loss)
     after = params(learner)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert learner.weights_version == f"{trainer_store.policy}@step1"
-    assert learner.kl_to_reference(rollouts) > 0          # it moved away from the reference
+    assert learner.kl_to_reference(rollouts) > 0  # it moved away from the reference
 
 
 def test_stale_rollouts_need_behaviour_logprobs_and_use_them_as_old_policy(trainer_store, one_thread):
@@ -74,8 +78,10 @@ def test_stale_rollouts_need_behaviour_logprobs_and_use_them_as_old_policy(train
     # Behaviour logprobs 3 nats below the learner's: ratios exp(3) on every token, far outside the clip range.
     batch, prepared, _ = learner._prepare(rollouts)
     true_old = prepared.old_logprobs
-    shifted = [dataclasses.replace(r, behaviour_logprobs=(true_old[i, :len(r.response_token_ids)] - 3.0).tolist())
-               for i, r in enumerate(stale)]
+    shifted = [
+        dataclasses.replace(r, behaviour_logprobs=(true_old[i, : len(r.response_token_ids)] - 3.0).tolist())
+        for i, r in enumerate(stale)
+    ]
     _, prepared_stale, _ = learner._prepare(shifted)
     torch.testing.assert_close(prepared_stale.old_logprobs, (true_old - 3.0) * batch.response_mask)
     stats = learner.step(shifted)
@@ -133,8 +139,9 @@ def test_checkpoint_round_trip_through_safetensors_and_json_continues_identicall
     (tmp_path / "state.json").write_text(json.dumps(state.meta))
 
     b = make_learner(trainer_store, **cfg)
-    b.load_state_dict(LearnerState(load_file(str(tmp_path / "state.safetensors")),
-                                   json.loads((tmp_path / "state.json").read_text())))
+    b.load_state_dict(
+        LearnerState(load_file(str(tmp_path / "state.safetensors")), json.loads((tmp_path / "state.json").read_text()))
+    )
     assert (b.steps_done, b.samples_seen, b.weights_version) == (1, 8, a.weights_version)
     label = a.weights_version
     second = [dataclasses.replace(r, policy_version=label) for r in sample(a, seed=2)]
@@ -147,7 +154,7 @@ def test_checkpoint_round_trip_through_safetensors_and_json_continues_identicall
 
     # Without the optimiser state (fresh Adam moments) the same step gives other weights.
     c = make_learner(trainer_store, **cfg)
-    c.policy.lm.load_state_dict({k[len("policy."):]: v for k, v in state.tensors.items() if k.startswith("policy.")})
+    c.policy.lm.load_state_dict({k[len("policy.") :]: v for k, v in state.tensors.items() if k.startswith("policy.")})
     c.mark_published(label)
     c.step(second)
     assert any(not torch.equal(pa[k], v) for k, v in params(c).items())
@@ -172,8 +179,9 @@ def test_from_store_refuses_a_corrupt_version(trainer_store, tmp_path):
     from shared.model_store import MANIFEST_NAME, ModelStore
 
     def copy(version):
-        return shutil.copytree(trainer_store.path(version), tmp_path / version,
-                               ignore=shutil.ignore_patterns(MANIFEST_NAME))
+        return shutil.copytree(
+            trainer_store.path(version), tmp_path / version, ignore=shutil.ignore_patterns(MANIFEST_NAME)
+        )
 
     store = ModelStore(tmp_path / "models")
     version = store.publish("policy", copy(trainer_store.policy)).version
@@ -209,7 +217,9 @@ def test_generated_logprobs_match_the_learner_and_can_replace_the_recomputation(
     learner = make_learner(trainer_store, recompute_logprobs=False)
     ps = prompts(learner, 6)
     responses, logprobs = learner.generate(ps, 10, greedy=False, seed=5, return_logprobs=True)
-    rollouts = [Rollout([], p, r, lp, learner.weights_version, "stop", 0.0) for p, r, lp in zip(ps, responses, logprobs)]
+    rollouts = [
+        Rollout([], p, r, lp, learner.weights_version, "stop", 0.0) for p, r, lp in zip(ps, responses, logprobs)
+    ]
     batch, prepared, _ = learner._prepare(rollouts)
     # recompute_logprobs=False: the sampler's numbers are pi_old as they are ...
     torch.testing.assert_close(prepared.old_logprobs, batch.behaviour_logprobs * batch.response_mask)
@@ -223,9 +233,11 @@ def test_score_shaping_clip_and_missing_eos_penalty(trainer_store, one_thread):
     learner = make_learner(trainer_store, score_clip=2.0, missing_eos_penalty=1.5)
     eos = learner.tokenizer.eos_token_id
     p = prompts(learner, 1)[0]
-    rollouts = [Rollout([], p, [40, 41, eos], None, learner.weights_version, "stop", 5.0),     # clipped to 2
-                Rollout([], p, [40, 41, 42], None, learner.weights_version, "length", 0.5),  # no EOS: 0.5 - 1.5
-                Rollout([], p, [40, eos], None, learner.weights_version, "stop", -0.5)]
+    rollouts = [
+        Rollout([], p, [40, 41, eos], None, learner.weights_version, "stop", 5.0),  # clipped to 2
+        Rollout([], p, [40, 41, 42], None, learner.weights_version, "length", 0.5),  # no EOS: 0.5 - 1.5
+        Rollout([], p, [40, eos], None, learner.weights_version, "stop", -0.5),
+    ]
     batch, _, facts = learner._prepare(rollouts)
     assert facts["scores"].tolist() == pytest.approx([2.0, -1.0, -0.5])
     assert batch.ended_with_eos.tolist() == [True, False, True]

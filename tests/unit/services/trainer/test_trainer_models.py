@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from services.inference.weights import check_compatible, tensor_signature
-from shared.models.reward_model import RewardModel
 from services.trainer.models import (
     PolicyHead,
     frozen_copy,
@@ -19,6 +18,7 @@ from services.trainer.models import (
     weights_dtype,
 )
 from services.trainer.rollout import Rollout, collate
+from shared.models.reward_model import RewardModel
 
 
 def _batch(tokenizer, prompts, responses):
@@ -37,18 +37,20 @@ def test_policy_head_logprobs_equal_the_full_model_on_right_padded_batches(train
     lm = load_policy(policy_dir)
     batch = _batch(tokenizer, PROMPTS, RESPONSES)
     with torch.no_grad():
-        logprobs, entropy, _ = PolicyHead(lm)(batch.input_ids, batch.attention_mask, batch.response_positions,
-                                              batch.response_ids)
+        logprobs, entropy, _ = PolicyHead(lm)(
+            batch.input_ids, batch.attention_mask, batch.response_positions, batch.response_ids
+        )
         for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
             ids = torch.tensor([prompt + response])
-            full = torch.log_softmax(lm(input_ids=ids).logits[0], -1)     # each sequence alone, unpadded
+            full = torch.log_softmax(lm(input_ids=ids).logits[0], -1)  # each sequence alone, unpadded
             expected = [full[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(response)]
-            assert logprobs[b, :len(response)].tolist() == pytest.approx(expected, abs=1e-4)
-            dist = torch.distributions.Categorical(logits=full[len(prompt) - 1: len(prompt) - 1 + len(response)])
-            assert entropy[b, :len(response)].tolist() == pytest.approx(dist.entropy().tolist(), abs=1e-4)
+            assert logprobs[b, : len(response)].tolist() == pytest.approx(expected, abs=1e-4)
+            dist = torch.distributions.Categorical(logits=full[len(prompt) - 1 : len(prompt) - 1 + len(response)])
+            assert entropy[b, : len(response)].tolist() == pytest.approx(dist.entropy().tolist(), abs=1e-4)
         # Temperature divides the logits.
-        hot, _, _ = PolicyHead(lm, temperature=2.0)(batch.input_ids, batch.attention_mask,
-                                                    batch.response_positions, batch.response_ids)
+        hot, _, _ = PolicyHead(lm, temperature=2.0)(
+            batch.input_ids, batch.attention_mask, batch.response_positions, batch.response_ids
+        )
         assert not torch.allclose(hot[0, :4], logprobs[0, :4])
 
 
@@ -57,8 +59,14 @@ def test_policy_head_ptx_nll_is_the_causal_lm_loss(trainer_store, one_thread):
     ids = torch.tensor([[0, 40, 41, 42, 43, 44], [0, 50, 51, 52, 53, 54]])
     batch = _batch(load_tokenizer(trainer_store.path(trainer_store.policy)), PROMPTS, RESPONSES)
     with torch.no_grad():
-        _, _, nll = PolicyHead(lm)(batch.input_ids, batch.attention_mask, batch.response_positions,
-                                   batch.response_ids, ids, torch.ones_like(ids))
+        _, _, nll = PolicyHead(lm)(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.response_positions,
+            batch.response_ids,
+            ids,
+            torch.ones_like(ids),
+        )
         expected = lm(input_ids=ids, labels=ids).loss
     assert nll.shape == (2, 5)
     assert nll.mean().item() == pytest.approx(expected.item(), rel=1e-5)
@@ -99,7 +107,7 @@ def test_saved_policy_is_hot_swappable_in_place_of_its_source(trainer_store, tmp
     with torch.no_grad():
         lm.lm_head.weight.mul_(0.5)
     out = save_policy(lm, load_tokenizer(src), tmp_path / "new", dtype=weights_dtype(src))
-    check_compatible(src, out)                       # what the inference service checks before a swap
+    check_compatible(src, out)  # what the inference service checks before a swap
     assert tensor_signature(src) == tensor_signature(out)
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 6
     reloaded = load_policy(out)
@@ -112,4 +120,4 @@ def test_saved_policy_is_cast_back_to_the_published_dtype(trainer_store, tmp_pat
     lm = load_policy(src)
     out = save_policy(lm, load_tokenizer(src), tmp_path / "bf16", dtype=torch.bfloat16)
     assert weights_dtype(out) == torch.bfloat16
-    assert next(lm.parameters()).dtype == torch.float32     # the training copy is untouched
+    assert next(lm.parameters()).dtype == torch.float32  # the training copy is untouched

@@ -25,6 +25,7 @@ from services.trainer.ppo import (
     per_token_rewards,
 )
 
+
 def assert_close(actual: torch.Tensor, expected: list, atol: float = 1e-6) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
@@ -168,11 +169,11 @@ def _policy_grad(new: float, advantage: float, clip: float = 0.2) -> tuple[float
 @pytest.mark.parametrize(
     "ratio, advantage, loss, grad, clipped",
     [
-        (1.1, 1.0, -1.1, -1.1, 0.0),   # inside the trust region: d(-A*r)/dlogp = -A*r
-        (1.5, 1.0, -1.2, 0.0, 1.0),    # positive advantage, ratio above 1+eps: clipped, no gradient
-        (1.5, -1.0, 1.5, 1.5, 0.0),    # negative advantage, ratio above: the pessimistic unclipped term
-        (0.5, -1.0, 0.8, 0.0, 1.0),    # negative advantage, ratio below 1-eps: clipped
-        (0.5, 1.0, -0.5, -0.5, 0.0),   # positive advantage, ratio below: unclipped
+        (1.1, 1.0, -1.1, -1.1, 0.0),  # inside the trust region: d(-A*r)/dlogp = -A*r
+        (1.5, 1.0, -1.2, 0.0, 1.0),  # positive advantage, ratio above 1+eps: clipped, no gradient
+        (1.5, -1.0, 1.5, 1.5, 0.0),  # negative advantage, ratio above: the pessimistic unclipped term
+        (0.5, -1.0, 0.8, 0.0, 1.0),  # negative advantage, ratio below 1-eps: clipped
+        (0.5, 1.0, -0.5, -0.5, 0.0),  # positive advantage, ratio below: unclipped
     ],
 )
 def test_clipped_policy_loss_value_and_gradient(ratio, advantage, loss, grad, clipped):
@@ -194,15 +195,16 @@ def test_clipped_policy_loss_approx_kl_is_zero_on_policy_and_positive_off():
 @pytest.mark.parametrize(
     "new, loss, grad",
     [
-        (0.5, 0.5 * 0.64, 0.0),     # moved 0.5 from old 0 towards return 1: clipped at 0.2, the larger loss wins
-        (-0.5, 0.5 * 2.25, -1.5),   # moved away from the return: unclipped (larger) term, gradient V - R
-        (0.1, 0.5 * 0.81, -0.9),    # inside the clip range
+        (0.5, 0.5 * 0.64, 0.0),  # moved 0.5 from old 0 towards return 1: clipped at 0.2, the larger loss wins
+        (-0.5, 0.5 * 2.25, -1.5),  # moved away from the return: unclipped (larger) term, gradient V - R
+        (0.1, 0.5 * 0.81, -0.9),  # inside the clip range
     ],
 )
 def test_clipped_value_loss_value_and_gradient(new, loss, grad):
     values = torch.tensor([[new, 7.0]], requires_grad=True)
-    got, clipfrac = clipped_value_loss(values, torch.zeros(1, 2), torch.tensor([[1.0, -3.0]]),
-                                       torch.tensor([[1.0, 0.0]]), 0.2)
+    got, clipfrac = clipped_value_loss(
+        values, torch.zeros(1, 2), torch.tensor([[1.0, -3.0]]), torch.tensor([[1.0, 0.0]]), 0.2
+    )
     got.backward()
     assert got.item() == pytest.approx(loss)
     assert values.grad[0, 0].item() == pytest.approx(grad, abs=1e-6)
@@ -223,15 +225,15 @@ def test_lm_loss_is_the_masked_cross_entropy():
 
 def test_adaptive_kl_controller_follows_ziegler():
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
-    ctl.update(6.0, 256)                                   # on target: unchanged
+    ctl.update(6.0, 256)  # on target: unchanged
     assert ctl.value == pytest.approx(0.1)
-    ctl.update(12.0, 256)                                  # error 1.0 clipped to 0.2
+    ctl.update(12.0, 256)  # error 1.0 clipped to 0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
     before = ctl.value
-    ctl.update(6.6, 1000)                                  # error 0.1
+    ctl.update(6.6, 1000)  # error 0.1
     assert ctl.value == pytest.approx(before * (1 + 0.1 * 1000 / 10_000))
     before = ctl.value
-    ctl.update(0.0, 1000)                                  # far below: clipped at -0.2, beta shrinks
+    ctl.update(0.0, 1000)  # far below: clipped at -0.2, beta shrinks
     assert ctl.value == pytest.approx(before * (1 - 0.2 * 1000 / 10_000))
     ctl.update(float("nan"), 1000)
     assert ctl.value == pytest.approx(before * (1 - 0.2 * 1000 / 10_000))

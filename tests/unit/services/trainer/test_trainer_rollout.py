@@ -12,15 +12,26 @@ PAD, EOS = 0, 9
 
 
 def rollout(prompt, response, logprobs=None, score=1.0, version="policy-0001"):
-    return Rollout(messages=[], prompt_token_ids=prompt, response_token_ids=response, behaviour_logprobs=logprobs,
-                   policy_version=version, finish_reason="stop", score=score)
+    return Rollout(
+        messages=[],
+        prompt_token_ids=prompt,
+        response_token_ids=response,
+        behaviour_logprobs=logprobs,
+        policy_version=version,
+        finish_reason="stop",
+        score=score,
+    )
 
 
 def test_collate_pads_right_cuts_after_eos_and_points_at_the_predicting_positions():
-    batch = collate([
-        rollout([5, 6, 7], [11, 12, EOS, 13, 14], logprobs=[-1.0, -2.0, -3.0, -4.0, -5.0], score=0.5),
-        rollout([5], [21, 22], score=-1.0),                  # no EOS: cut at the length limit
-    ], PAD, EOS)
+    batch = collate(
+        [
+            rollout([5, 6, 7], [11, 12, EOS, 13, 14], logprobs=[-1.0, -2.0, -3.0, -4.0, -5.0], score=0.5),
+            rollout([5], [21, 22], score=-1.0),  # no EOS: cut at the length limit
+        ],
+        PAD,
+        EOS,
+    )
     assert batch.input_ids.tolist() == [[5, 6, 7, 11, 12, EOS], [5, 21, 22, PAD, PAD, PAD]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
     assert batch.response_ids.tolist() == [[11, 12, EOS], [21, 22, PAD]]
@@ -50,13 +61,16 @@ def test_cut_at_eos():
     assert cut_at_eos([1, EOS], None) == [1, EOS]
 
 
-@pytest.mark.parametrize("bad, field", [
-    (rollout([], [1]), "prompt_token_ids"),
-    (rollout([1], []), "response_token_ids"),
-    (rollout([1], [2, 3], logprobs=[-1.0]), "behaviour_logprobs"),
-    (rollout([1], [2], score=float("nan")), "score"),
-    (rollout([1], [2], score=float("inf")), "score"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (rollout([], [1]), "prompt_token_ids"),
+        (rollout([1], []), "response_token_ids"),
+        (rollout([1], [2, 3], logprobs=[-1.0]), "behaviour_logprobs"),
+        (rollout([1], [2], score=float("nan")), "score"),
+        (rollout([1], [2], score=float("inf")), "score"),
+    ],
+)
 def test_invalid_rollouts_are_refused_naming_the_field(bad, field):
     with pytest.raises(InvalidRollout, match=field) as info:
         collate([rollout([1], [2]), bad], PAD, EOS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from shared.model_store import PICKLE_SUFFIXES, ModelStore, load_safetensors_state_dict
 from shared.models.default_model import (
     DEFAULT_CORPUS,
     END,
@@ -13,7 +14,6 @@ from shared.models.default_model import (
     ensure_default_policy,
     train_tokenizer,
 )
-from shared.model_store import PICKLE_SUFFIXES, ModelStore, load_safetensors_state_dict
 
 # Small enough to build in a fraction of a second; head_dim 64 is still one vLLM's CPU backend runs.
 TINY = DefaultModelSpec(
