@@ -200,7 +200,7 @@ class UvicornThread:
         import uvicorn
 
         self.port = free_port()
-        from services.gateway.http_protocol import CoalescingHttpToolsProtocol
+        from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
 
         # The gateway's HTTP protocol, as `python -m services.gateway` runs it.
         self.server = uvicorn.Server(

@@ -1,1 +1,8 @@
-"""HTTP gateway: OpenAI-compatible chat API, feedback endpoints and a chat page."""
+"""HTTP gateway: OpenAI-compatible chat API, the feedback endpoint and a chat page.
+
+app.py builds the ASGI app (create_app). One folder per feature, each with schema.py (pydantic
+models), serving.py (the work, no HTTP) and its HTTP entry: chat/api_router.py (FastAPI routes),
+feedback/fast_path.py (POST /v1/feedback ahead of FastAPI). Shared by every route: middleware.py
+(413, 401, metrics), errors.py (every error response), ops_router.py (/healthz, /metrics).
+uvicorn_single_write.py is the HTTP protocol `python -m services.gateway` runs uvicorn with.
+"""

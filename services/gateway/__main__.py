@@ -6,9 +6,9 @@ import gc
 
 import uvicorn
 
-from services.gateway.api_router import create_app
+from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
-from services.gateway.http_protocol import CoalescingHttpToolsProtocol
+from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
 from shared.config import load_config
 from shared.logging import setup_logging
 

@@ -11,14 +11,26 @@ import grpc
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import metrics
-from services.gateway.protocol import ErrorBody, ErrorResponse
 from shared.errors import GRPC_TO_HTTP, PARAM_METADATA_KEY, RlhfError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+
+# The error body's models: the schema every route declares for its error statuses.
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class UpstreamRefusal(RlhfError):

@@ -32,7 +32,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(broker, policy_store):
-    from services.gateway.api_router import create_app
+    from services.gateway.app import create_app
 
     loop = LoopThread()
     inference = start_inference(loop, broker.kafka, policy_store.root)

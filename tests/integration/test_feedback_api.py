@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 
-from services.gateway.api_router import create_app
+from services.gateway.app import create_app
 from shared.feedback_token import TokenClaims, prompt_hash, sign
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker

@@ -103,7 +103,7 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
 
 @pytest.mark.parametrize("kind", list(RESPONSES_PER_KIND))
 def test_rating_bodies_follow_the_gold_rater_and_the_feedback_schema(kind):
-    from services.gateway.protocol import FeedbackRequest
+    from services.gateway.feedback.schema import FeedbackRequest
 
     prompt = "What is 2 plus 2?"
     # gold scores: 1 (wrong, concise), 4 (thumb-up answer), 3 (correct, curt); Likert of score 1 is 3
@@ -122,7 +122,7 @@ def test_rating_bodies_follow_the_gold_rater_and_the_feedback_schema(kind):
 
 
 def test_a_ranking_of_equally_good_answers_sends_them_as_ties():
-    from services.gateway.protocol import FeedbackRequest
+    from services.gateway.feedback.schema import FeedbackRequest
 
     responses = ["2 plus 2 is 4.", "2 plus 2 is 4. I hope this helps.", "2 plus 2 is 4. I hope this helps."]
     body = rating_body(

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from services.gateway.feedback_serving import FeedbackBatcher
+from services.gateway.feedback.batcher import FeedbackBatcher
 from shared.pb import feedback_pb2, feedback_pb2_grpc
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gateway.errors import error_from_grpc, sse_error
-from services.gateway.protocol import (
+from services.gateway.chat.schema import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -27,6 +26,7 @@ from services.gateway.protocol import (
     TokenLogprob,
     Usage,
 )
+from services.gateway.errors import error_from_grpc, sse_error
 from shared.config import FeedbackTokenConfig
 from shared.errors import NotFound
 from shared.feedback_token import TokenClaims, prompt_hash, sign

@@ -12,7 +12,7 @@ import time
 import pytest
 import uvicorn
 
-from services.gateway.http_protocol import CoalescingHttpToolsProtocol
+from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
 from tests.conftest import free_port, wait_until
 
 

@@ -1,4 +1,4 @@
-"""OpenAI chat-completions schema as the gateway accepts and returns it (pydantic models).
+"""OpenAI chat-completions and models schema as the gateway accepts and returns it (pydantic models).
 
 Requests: the fields the OpenAI Python client sends. Known fields are type-checked; unknown fields
 are ignored, as OpenAI-compatible servers do, so newer clients keep working. Limits (n, max_tokens,
@@ -152,42 +152,7 @@ class ChatCompletionChunk(BaseModel):
     policy_version: str
 
 
-class FeedbackRequest(BaseModel):
-    """POST /v1/feedback: one rating. Which fields apply depends on ``type``:
-
-    - thumb: ``response_id``, ``thumb`` ("up" | "down")
-    - likert: ``response_id``, ``score`` (1-7)
-    - pairwise: ``response_ids`` [a, b], ``preferred`` ("a" | "b" | "tie")
-    - ranking: ``response_ids`` (2-9, best first), optionally ``ranks`` for ties: the rank of each
-      (1 = best, equal ranks equally good, non-decreasing), e.g. [1, 2, 2]
-
-    Always ``feedback_tokens`` (the token of every rated response) and ``user``; optionally
-    ``comment``, ``tags`` and ``idempotency_key`` (or the Idempotency-Key header). Values are
-    checked by the feedback service; here only the shape.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: str
-    user: str
-    feedback_tokens: list[str]
-    response_id: str | None = None
-    response_ids: list[str] | None = None
-    thumb: str | None = None
-    score: StrictInt | None = None
-    preferred: str | None = None
-    ranks: list[StrictInt] | None = None
-    comment: str = ""
-    tags: list[str] = Field(default_factory=list)
-    idempotency_key: str = ""
-
-
-class FeedbackResponse(BaseModel):
-    object: Literal["feedback"] = "feedback"
-    feedback_id: str
-    revision: int
-    duplicate: bool
-    """True when nothing new was stored (a retry, or the same vote again)."""
+# --- GET /v1/models ------------------------------------------------------------------------------
 
 
 class ModelCard(BaseModel):
@@ -201,14 +166,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

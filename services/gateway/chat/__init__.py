@@ -1,0 +1,1 @@
+"""Chat completions and models (OpenAI schema) over the inference service, and the chat page."""

@@ -1,0 +1,25 @@
+"""HTTP routes for operators: GET /healthz (503 while the inference service is down) and GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.gateway.chat.serving import ChatServing
+
+
+def ops_router(chat: ChatServing) -> APIRouter:
+    """The health and metrics routes; ``chat`` reports the inference service's health."""
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz():
+        ok = await chat.healthy()
+        return JSONResponse({"status": "ok" if ok else "inference unavailable"}, status_code=200 if ok else 503)
+
+    @router.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
