@@ -286,9 +286,9 @@ class KafkaConfig(ConfigBase):
     """Partitions per topic when this project creates the topics (`rlhf up`; the Helm chart sets its
     own per topic). 1 suits the embedded broker: one in-memory tansu process, and one consumer per
     group in a one-machine loop, so more partitions buy no parallelism, while each partition in a
-    produce request costs the broker time: with 3, a rating's acks=all acknowledgement took about
-    25% longer at the median and up to twice as long at p99 (tests/benchmarks/README.md). Set more for an
-    external cluster whose consumer groups have several members."""
+    produce request costs the broker time: with 3, a rating's acks=all acknowledgement takes
+    measurably longer, most of all at p99 (see docs/benchmarks.md). Set more for an external
+    cluster whose consumer groups have several members."""
     replication_factor: int = 1
     """Replication factor when this project creates the topics."""
     request_timeout_ms: int = 10000

@@ -28,8 +28,8 @@ class FeedbackConfig(ServiceConfig):
     (librdkafka linger.ms). Longer: fewer, larger requests, less CPU in this service and the
     broker per rating; shorter: a rating is acknowledged sooner. Guarantees are the same either
     way (acks=all, idempotence, an answer only after Kafka's acknowledgement). The gateway's
-    batches hand ratings over in groups, so 1 ms cost no measurable CPU against 5 ms and took
-    3-5 ms off each acknowledgement (tests/benchmarks/README.md)."""
+    batches hand ratings over in groups, so the short default costs no measurable CPU against a
+    longer linger and acknowledges each rating sooner (see docs/benchmarks.md)."""
 
     def problems(self) -> list[str]:
         out = super().problems()

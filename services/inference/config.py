@@ -59,8 +59,8 @@ class InferenceConfig(ServiceConfig):
     """GPUs per engine (GPU builds only)."""
     worker_in_engine_process: bool = True
     """Run vLLM's model worker inside its engine-core process rather than spawning one more process
-    (each spawn re-imports torch and vLLM: ~15 s of start on 2 cores). Single device only; vLLM's CPU
-    thread binding (cpu_threads_bind) applies only when this is off."""
+    (each spawn re-imports torch and vLLM, which slows start; see docs/benchmarks.md). Single device
+    only; vLLM's CPU thread binding (cpu_threads_bind) applies only when this is off."""
     enforce_eager: bool = True
     """Run the model eagerly, skipping torch.compile and graph capture: on CPU this cuts engine start
     from minutes to seconds; set 0 on GPUs for the faster compiled path."""
