@@ -80,6 +80,8 @@ class RewardModelEvent:
     manifest_sha256: str
     parent: str | None = None
     metrics: dict = field(default_factory=dict)
+    reason: str = "publish"
+    """"publish" for a new version, "rollback" when an earlier version is made current again."""
 
 
 @dataclass(frozen=True)

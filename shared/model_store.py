@@ -5,6 +5,7 @@
       policy-0002/  ...
       rm-0001/      ...
       policy.current          {"version": "policy-0002"}
+      policy.announced        {"version": "policy-0002", "manifest_sha256": "..."}  (see version_line.py)
       .tmp-3f2a.../           a publish in progress (or a crashed one); never listed
 
 A version is named ``<line>-<NNNN>``; a *line* is a family of versions (``policy``, ``rm``).
@@ -46,8 +47,8 @@ MANIFEST_FORMAT = 1
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
-_LINE_RE = re.compile(r"^[a-z]+$")
-_VERSION_RE = re.compile(r"^([a-z]+)-(\d{4,})$")
+_LINE_RE = re.compile(r"^[a-z]+\Z")  # \Z, not $: no trailing newline; ASCII only
+_VERSION_RE = re.compile(r"^([a-z]+)-([0-9]{4,})\Z")
 
 
 class ModelStoreError(Exception):
@@ -306,10 +307,37 @@ class ModelStore:
         return self.root / f"{line}.current"
 
     def _write_pointer(self, line: str, version: str) -> None:
-        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.current"
+        self._write_line_file(line, "current", {"version": version})
+
+    def read_line_record(self, line: str, name: str) -> dict[str, Any] | None:
+        """The JSON record ``<line>.<name>`` beside the versions (e.g. ``policy.announced``), or None
+        when there is none; ModelStoreError when it is not a JSON object."""
+        _check_line(line)
+        _check_record_name(name)
         try:
-            _write_synced(tmp, json.dumps({"version": version}).encode() + b"\n")
-            os.replace(tmp, self._pointer_path(line))  # atomic: readers see the old or the new pointer
+            doc = json.loads((self.root / f"{line}.{name}").read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise ModelStoreError(f"{line}.{name} is malformed: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ModelStoreError(f"{line}.{name} is malformed: not a JSON object")
+        return doc
+
+    def write_line_record(self, line: str, name: str, doc: dict[str, Any]) -> None:
+        """Replace ``<line>.<name>`` atomically and durably (readers see the old or the new record)."""
+        _check_line(line)
+        _check_record_name(name)
+        if name == "current":
+            raise InvalidNameError("the current pointer is written by publish and set_current only")
+        self._write_line_file(line, name, doc)
+
+    def _write_line_file(self, line: str, name: str, doc: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.{name}"
+        try:
+            _write_synced(tmp, json.dumps(doc, allow_nan=False).encode() + b"\n")
+            os.replace(tmp, self.root / f"{line}.{name}")  # atomic: readers see the old or the new record
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -340,6 +368,16 @@ def load_safetensors_state_dict(version_dir: Path) -> dict[str, torch.Tensor]:
 def _check_line(line: str) -> None:
     if not isinstance(line, str) or not _LINE_RE.match(line):
         raise InvalidNameError(f"invalid model line {line!r}: expected lowercase letters only")
+
+
+def _check_record_name(name: str) -> None:
+    if not isinstance(name, str) or not _LINE_RE.match(name):
+        raise InvalidNameError(f"invalid line record name {name!r}: expected lowercase letters only")
+
+
+def version_number(version: str) -> int:
+    """The number of a version name (``policy-0012`` -> 12); InvalidNameError for anything else."""
+    return _parse_version(version)[1]
 
 
 def _parse_version(version: str) -> tuple[str, int]:

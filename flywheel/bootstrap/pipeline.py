@@ -35,6 +35,7 @@ from flywheel.bootstrap.sft import SFTSettings, sft
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
 from shared.models.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
+from shared.version_line import POLICY, VersionLine
 
 log = get_logger(__name__)
 
@@ -167,7 +168,7 @@ def run_bootstrap(
             "base": str(hf_model) if hf_model else "default-model-pretrained",
             "corpus_file": Path(corpus).name if hf_model is None else None,
         }
-        policy = store.publish("policy", work, metrics=metrics, extra=extra).version
+        policy = VersionLine(store, POLICY).publish(work, metrics=metrics, extra=extra).version
         log_event(log, "published the SFT policy", version=policy)
 
     t = time.monotonic()
@@ -270,7 +271,9 @@ def run_from_args(args, default_root: Path) -> int:
     store = ModelStore(args.store or default_root)
     if args.publish_only:
         if args.model:
-            manifest = store.publish("policy", Path(args.model), extra={"kind": "imported", "source": str(args.model)})
+            manifest = VersionLine(store, POLICY).publish(
+                Path(args.model), extra={"kind": "imported", "source": str(args.model)}
+            )
             print(f"published {manifest.version} from {args.model}")
         else:
             print(f"current policy: {ensure_default_policy(store)}")

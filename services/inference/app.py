@@ -11,14 +11,13 @@ from services.inference.config import InferenceConfig
 from services.inference.engine import VllmEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.serving import InferenceServing
-from shared.events import PolicyUpdateEvent
 from shared.grpc_server import GrpcServer
 from shared.kafka.consumer import TopicFollower
 from shared.kafka.producer import EventPublisher
-from shared.kafka.topics import POLICY_UPDATES
 from shared.logging import get_logger
 from shared.model_store import ModelStore
 from shared.pb import inference_pb2_grpc
+from shared.version_line import POLICY
 
 log = get_logger(__name__)
 
@@ -30,7 +29,6 @@ class InferenceApp:
         self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
         self.server = GrpcServer("InferenceService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
-        self.follower: TopicFollower | None = None
 
     @property
     def address(self) -> str:
@@ -39,25 +37,20 @@ class InferenceApp:
     async def start(self) -> None:
         """Listen (NOT_SERVING), load the policy, follow updates, then report SERVING."""
         await self.server.start()
-        if self.cfg.follow_updates and self.cfg.kafka.servers:
+        follow = self.cfg.follow_updates and bool(self.cfg.kafka.servers)
+        if follow:
             # Position on the update topic before reading the store's current version, so that an
             # update published in between is not missed.
-            self.follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY_UPDATES)
+            reader = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY.topic)
+            self.serving.versions.subscribe(reader)
         await self.serving.start()
-        if self.follower is not None:
-            loop = asyncio.get_running_loop()
-
-            def on_update(env, record) -> None:
-                if isinstance(env.payload, PolicyUpdateEvent):
-                    asyncio.run_coroutine_threadsafe(self.serving.apply_update(env.payload), loop).result()
-
-            self.follower.start_thread(on_update, "policy-updates")
+        if follow:
+            self.serving.versions.start()
         await self.server.set_serving()
 
     async def stop(self) -> None:
         await self.server.stop()
-        if self.follower is not None:
-            await asyncio.to_thread(self.follower.stop_thread)
+        await asyncio.to_thread(self.serving.versions.stop)
         if self.publisher:
             await asyncio.to_thread(self.publisher.close, 10)
         await self.serving.close()

@@ -29,13 +29,14 @@ from services.inference.protocol import (
     Sampling,
 )
 from services.inference.swap_gate import SwapGate
-from services.inference.weights import IncompatibleWeights, check_compatible
+from services.inference.weights import check_compatible
 from shared.errors import InvalidArgument, Unavailable
 from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
 from shared.kafka.producer import EventPublisher
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
-from shared.model_store import ModelStore, ModelStoreError
+from shared.model_store import ModelStore
+from shared.version_line import POLICY, VerifiedVersion, VersionFollower, VersionLine
 
 log = get_logger(__name__)
 
@@ -133,8 +134,18 @@ class InferenceServing:
         self.swaps = 0
         self.swap_log: list[tuple[int, str]] = []
         """(swap number, version swapped to), the most recent swaps."""
-        self.refused_updates = 0
+        self.reload_failures = 0
         self.ready = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.versions = VersionFollower(
+            VersionLine(store, POLICY),
+            serving=lambda: self.policy_version,
+            swap=self._swap_from_follower,
+            refused=metrics.SWAP_REFUSED,
+            check=self._check_compatible,
+        )
+        """The policy line as this replica follows it: announcements are verified there and the
+        verified versions come back to ``swap_to``."""
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -153,6 +164,7 @@ class InferenceServing:
         started = time.monotonic()
         await self.engine.start(model_dir)
         self._set_version(version, model_dir)
+        self._loop = asyncio.get_running_loop()
         self.ready = True
         log_event(log, "policy loaded", version=version, load_s=round(time.monotonic() - started, 2))
 
@@ -277,30 +289,35 @@ class InferenceServing:
 
     # --- hot-swap --------------------------------------------------------------------------------
 
+    @property
+    def refused_updates(self) -> int:
+        """Announced versions not swapped in: refused by verification, or whose reload failed."""
+        return self.versions.refusals + self.reload_failures
+
     async def apply_update(self, update: PolicyUpdateEvent) -> bool:
         """Swap to an announced version if it verifies; otherwise refuse and keep serving.
 
-        Returns True when the served version changed.
+        Returns True when the served version changed. (The follower thread does the same through
+        ``VersionFollower.accept``; this is the call for code already on the event loop.)
         """
-        if update.version == self.policy_version:
+        verified = await asyncio.to_thread(self.versions.verify, update)
+        return verified is not None and await self.swap_to(verified)
+
+    def _swap_from_follower(self, verified: VerifiedVersion) -> bool:
+        """The follower thread's swap: run ``swap_to`` on the serving loop and wait for it."""
+        assert self._loop is not None, "start() first"
+        return asyncio.run_coroutine_threadsafe(self.swap_to(verified), self._loop).result()
+
+    def _check_compatible(self, verified: VerifiedVersion) -> None:
+        """The new weights must fit the engine's model in place (raises IncompatibleWeights)."""
+        assert self.policy_dir is not None
+        check_compatible(self.policy_dir, verified.path)
+
+    async def swap_to(self, verified: VerifiedVersion) -> bool:
+        """Hot-swap the engine to a verified version (drain or immediate, by config)."""
+        if verified.version == self.policy_version:
             return False
-        try:
-            await asyncio.to_thread(self._check_update, update)
-        except (ModelStoreError, IncompatibleWeights, ValueError) as exc:
-            reason = type(exc).__name__
-            self.refused_updates += 1
-            metrics.SWAP_REFUSED.labels(reason).inc()
-            log_event(
-                log,
-                "refused policy update; still serving the old version",
-                level=40,
-                version=update.version,
-                serving=self.policy_version,
-                reason=reason,
-                error=str(exc),
-            )
-            return False
-        new_dir = self.store.path(update.version)
+        new_dir = verified.path
         drain = self.cfg.swap_mode == "drain"
         closed_at = time.monotonic()
         async with self.gate.exclusive(drain=drain):
@@ -309,22 +326,22 @@ class InferenceServing:
             try:
                 await self.engine.reload_weights(new_dir, with_requests_running=running)
             except Exception as exc:  # noqa: BLE001 - any engine failure: restore the served weights
-                self.refused_updates += 1
+                self.reload_failures += 1
                 metrics.SWAP_REFUSED.labels("reload_failed").inc()
                 log_event(
                     log,
                     "reload failed; restoring the served weights",
                     level=40,
-                    version=update.version,
+                    version=verified.version,
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 # The engine may hold part of the new tensors: reload the served version in full.
                 await self.engine.reload_weights(self.policy_dir, with_requests_running=running)
                 return False
             old = self.policy_version
-            self._set_version(update.version, new_dir)
+            self._set_version(verified.version, new_dir)
             self.swaps += 1
-            self.swap_log = [*self.swap_log[-99:], (self.swaps, update.version)]
+            self.swap_log = [*self.swap_log[-99:], (self.swaps, verified.version)]
         pause = time.monotonic() - closed_at
         metrics.SWAPS.inc()
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
@@ -332,25 +349,14 @@ class InferenceServing:
             log,
             "hot-swapped policy",
             old=old,
-            new=update.version,
-            reason=update.reason,
+            new=verified.version,
+            reason=verified.reason,
             mode=self.cfg.swap_mode,
             in_flight=self.gate.in_flight,
             drain_ms=round((drained_at - closed_at) * 1e3, 1),
             pause_ms=round(pause * 1e3, 1),
         )
         return True
-
-    def _check_update(self, update: PolicyUpdateEvent) -> None:
-        """Verify every file's sha256, the announced manifest hash, and in-place compatibility."""
-        self.store.verify(update.version)
-        actual = self.store.manifest_sha256(update.version)
-        if actual != update.manifest_sha256:
-            raise ValueError(
-                f"manifest sha256 {actual[:12]}… does not match the announced {update.manifest_sha256[:12]}…"
-            )
-        assert self.policy_dir is not None
-        check_compatible(self.policy_dir, self.store.path(update.version))
 
     def versions_since(self, swaps_seen: int) -> list[str]:
         return [version for n, version in self.swap_log if n > swaps_seen]

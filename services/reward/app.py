@@ -16,14 +16,13 @@ import dataclasses
 from services.reward.config import RewardConfig
 from services.reward.scorer import RewardScorer
 from services.reward.servicer import RewardServicer
-from shared.events import RewardModelEvent
 from shared.grpc_server import GrpcServer
 from shared.kafka.consumer import TopicFollower
-from shared.kafka.producer import EventPublisher
-from shared.kafka.topics import REWARD_MODELS
+from shared.kafka.producer import SyncPublisher
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import reward_pb2_grpc
+from shared.version_line import REWARD_MODEL, KafkaAnnouncer, VersionLine
 
 log = get_logger(__name__)
 
@@ -35,10 +34,9 @@ class RewardApp:
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
-        self.follower: TopicFollower | None = None
         self.learner = None  # a learner.ContinualLearner when RLHF_REWARD_LEARNER is on and Kafka is set
         self._learner_thread = None
-        self._publisher: EventPublisher | None = None
+        self._publisher: SyncPublisher | None = None
 
     @property
     def address(self) -> str:
@@ -52,19 +50,16 @@ class RewardApp:
 
             torch.set_num_threads(self.cfg.torch_threads)
         await self.server.start()
-        if self.cfg.follow_updates and self.cfg.kafka.servers:
+        follow = self.cfg.follow_updates and bool(self.cfg.kafka.servers)
+        if follow:
             # Position on the topic before reading the store's current version: nothing is missed.
-            self.follower = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "reward", REWARD_MODELS)
+            reader = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "reward", REWARD_MODEL.topic)
+            self.scorer.versions.subscribe(reader)
         if not self.cfg.rm_version and not self.store.versions("rm") and self.cfg.bootstrap_rankings:
             await asyncio.to_thread(self._bootstrap)
         await asyncio.to_thread(self.scorer.load, self.cfg.rm_version or None)
-        if self.follower is not None:
-
-            def on_update(env, record) -> None:
-                if isinstance(env.payload, RewardModelEvent):
-                    self.scorer.apply_update(env.payload)
-
-            self.follower.start_thread(on_update, "reward-models")
+        if follow:
+            self.scorer.versions.start()
         if self.cfg.learner and self.cfg.kafka.servers:
             await asyncio.to_thread(self._start_learner)
         elif self.cfg.learner:
@@ -77,15 +72,15 @@ class RewardApp:
         from services.reward.learner_state import LearnerState
 
         state = LearnerState(self.cfg.state_dir / "learner.sqlite3")
-        self._publisher = EventPublisher(self.cfg.kafka, "reward")
-
-        def announce(event: RewardModelEvent) -> None:
-            self._publisher.publish(REWARD_MODELS, event, key="rm")
-
+        self._publisher = SyncPublisher(self.cfg.kafka, "reward")
+        # The learner owns the rm line: it publishes, and announces once each version is stored.
+        line = VersionLine(self.store, REWARD_MODEL, KafkaAnnouncer(self._publisher, REWARD_MODEL))
         # The scorer beside the learner swaps at once; other replicas follow the announcement.
         self.learner = ContinualLearner(
-            self.cfg, self.store, state, announce=announce, on_published=lambda version: self.scorer.load(version)
+            self.cfg, self.store, state, line=line, on_published=lambda version: self.scorer.load(version)
         )
+        # A version published before a restart (or offline, by rlhf bootstrap) and never announced.
+        line.announce_pending()
         self._learner_thread = LearnerThread(self.learner, LearnerFeed(self.cfg.kafka, state.offsets()))
         self._learner_thread.start()
         log_event(log, "continual learner started", state=str(state.path), **state.counts())
@@ -107,5 +102,4 @@ class RewardApp:
             self.learner.state.close()
         if self._publisher is not None:
             await asyncio.to_thread(self._publisher.close)
-        if self.follower is not None:
-            await asyncio.to_thread(self.follower.stop_thread)
+        await asyncio.to_thread(self.scorer.versions.stop)

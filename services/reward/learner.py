@@ -67,11 +67,12 @@ from services.reward.comparisons import (
 from services.reward.config import RewardConfig
 from services.reward.learner_state import LearnerState, StoredVote
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
-from shared.events import CompletionEvent, FeedbackEvent, RewardModelEvent
+from shared.events import CompletionEvent, FeedbackEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.models.encoding import EncodingLimits
 from shared.models.reward_model import RewardModel, load_version
+from shared.version_line import REWARD_MODEL, VersionLine
 
 log = get_logger(__name__)
 
@@ -184,14 +185,15 @@ class ContinualLearner:
         cfg: RewardConfig,
         store: ModelStore,
         state: LearnerState,
-        announce: Callable[[RewardModelEvent], None] | None = None,
+        line: VersionLine | None = None,
         on_published: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.cfg = cfg
         self.store = store
         self.state = state
-        self.announce = announce
+        self.line = line if line is not None else VersionLine(store, REWARD_MODEL)
+        """The rm line it publishes to; with an announcer, each version is announced once stored."""
         self.on_published = on_published
         self.clock = clock
         self.limits = EncodingLimits(cfg.max_tokens, cfg.max_response_tokens)
@@ -459,7 +461,7 @@ class ContinualLearner:
             "offset_reference": model.info.get("offset_reference", ""),
         }
         manifest = publish_reward_model(
-            self.store, model, tokenizer, parent=base, metrics={**round_metrics, "offset": offset}, extra=extra
+            self.line, model, tokenizer, parent=base, metrics={**round_metrics, "offset": offset}, extra=extra
         )
         now = self.clock()
         self.state.mark_trained([c.key for c in new], manifest.version, now)
@@ -480,12 +482,9 @@ class ContinualLearner:
         )
         if self.on_published is not None:
             self.on_published(manifest.version)
-        if self.announce is not None:
-            self.announce(
-                RewardModelEvent(
-                    manifest.version, self.store.manifest_sha256(manifest.version), base, dict(manifest.metrics)
-                )
-            )
+        # Stored and recorded as trained: now tell the other replicas and the trainer. Owed until
+        # Kafka acknowledges it (the store remembers), so a crash here announces it on restart.
+        self.line.announce_pending()
         return manifest.version
 
     def housekeeping(self) -> None:
@@ -541,6 +540,7 @@ class LearnerThread:
                         last_check = now
                         self.feed.update_lag()
                         self.learner.maybe_run_round()
+                        self.learner.line.announce_pending()  # one a failed send (or a crash) left owed
                     if now - last_housekeeping >= 3600:
                         last_housekeeping = now
                         self.learner.housekeeping()

@@ -44,6 +44,7 @@ from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import EncodingLimits
 from shared.models.reward_model import RewardModel
+from shared.version_line import REWARD_MODEL, VersionLine
 
 log = get_logger(__name__)
 
@@ -187,8 +188,15 @@ def train_first_rm(
         "batch_size": settings.batch_size,
         "seed": settings.seed,
     }
+    # Published without an announcer (no Kafka here): the reward service announces it when it starts.
     manifest = publish_reward_model(
-        store, model, tokenizer, parent=base, metrics=metrics, extra=extra, make_current=make_current
+        VersionLine(store, REWARD_MODEL),
+        model,
+        tokenizer,
+        parent=base,
+        metrics=metrics,
+        extra=extra,
+        make_current=make_current,
     )
     metrics = dict(manifest.metrics)
     log_event(

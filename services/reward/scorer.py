@@ -28,9 +28,10 @@ from services.reward.protocol import ROLES, RewardModelInfo, ScoreItem, ScoreRes
 from shared.errors import InvalidArgument, RlhfError, Unavailable
 from shared.events import RewardModelEvent
 from shared.logging import get_logger, log_event
-from shared.model_store import ModelStore, ModelStoreError
+from shared.model_store import Manifest, ModelStore, ModelStoreError
 from shared.models.encoding import EncodingLimits, encode, pad_batch
 from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
+from shared.version_line import REWARD_MODEL, VerifiedVersion, VersionFollower, VersionLine
 
 log = get_logger(__name__)
 
@@ -46,7 +47,17 @@ class RewardScorer:
         # A fast tokenizer flips shared state per call (split_special_tokens): one encoder at a time.
         self._tokenize_lock = threading.Lock()
         self.swaps = 0
-        self.refused_updates = 0
+        self.versions = VersionFollower(
+            VersionLine(store, REWARD_MODEL),
+            serving=lambda: self.version,
+            swap=self.swap_to,
+            refused=metrics.SWAP_REFUSED,
+        )
+        """The rm line as this scorer follows it: announcements are verified there, then swapped in."""
+
+    @property
+    def refused_updates(self) -> int:
+        return self.versions.refusals
 
     # --- versions ------------------------------------------------------------------------------
 
@@ -64,7 +75,9 @@ class RewardScorer:
         Raises ModelStoreError (unknown or corrupt version), RewardModelError (not a loadable RM) or
         Unavailable (no rm version at all); the version scoring so far, if any, stays in place.
         """
-        version = version or self.store.current("rm")
+        return self._load(version or self.store.current("rm"))
+
+    def _load(self, version: str | None, manifest: Manifest | None = None) -> str:
         if not version:
             raise Unavailable(
                 f"no reward model in the model store at {self.store.root}: train one with "
@@ -74,7 +87,7 @@ class RewardScorer:
             if self._current and self._current.version == version:
                 return version
             started = time.monotonic()
-            loaded = load_version(self.store, version)
+            loaded = load_version(self.store, version, manifest)
             self._check_limits(loaded)
             loaded.model.eval()
             old, self._current = self._current, loaded  # the swap: one reference assignment
@@ -106,28 +119,17 @@ class RewardScorer:
     def apply_update(self, event: RewardModelEvent) -> bool:
         """Swap to an announced version if it verifies and matches the announced manifest; otherwise
         refuse it and keep scoring with the current one. Returns True when the version changed."""
-        if event.version == self.version:
+        return self.versions.accept(event)
+
+    def swap_to(self, verified: VerifiedVersion) -> bool:
+        """Load a version the follower verified and score with it from now on; a version that does
+        not load as a reward model is refused (counted) and the current one keeps scoring."""
+        if verified.version == self.version:
             return False
         try:
-            actual = self.store.manifest_sha256(event.version)
-            if actual != event.manifest_sha256:
-                raise ModelStoreError(
-                    f"{event.version}: manifest sha256 {actual[:12]}… is not the announced "
-                    f"{event.manifest_sha256[:12]}…"
-                )
-            self.load(event.version)
+            self._load(verified.version, verified.manifest)
         except (ModelStoreError, RewardModelError, OSError, ValueError) as exc:
-            self.refused_updates += 1
-            metrics.SWAP_REFUSED.labels(type(exc).__name__).inc()
-            log_event(
-                log,
-                "refused reward model; still scoring with the old one",
-                level=40,
-                version=event.version,
-                serving=self.version,
-                reason=type(exc).__name__,
-                error=str(exc),
-            )
+            self.versions.refuse(verified.version, type(exc).__name__, str(exc))
             return False
         return True
 

@@ -28,6 +28,7 @@ from services.reward.losses import normalisation_offset, pairwise_accuracy, pref
 from shared.logging import get_logger, log_event
 from shared.models.encoding import EncodingLimits, encode, pad_batch
 from shared.models.reward_model import RewardModel
+from shared.version_line import VersionLine
 
 log = get_logger(__name__)
 
@@ -216,7 +217,7 @@ class RewardTrainer:
 
 
 def publish_reward_model(
-    store: Any,
+    line: VersionLine,
     model: RewardModel,
     tokenizer: Any,
     *,
@@ -225,15 +226,16 @@ def publish_reward_model(
     extra: dict[str, Any],
     make_current: bool = True,
 ) -> Any:
-    """Save ``model`` (safetensors + reward_head.json + tokenizer) and publish it as the next ``rm``
-    version; returns its Manifest. NaN metrics (e.g. no held-out slice) are left out."""
+    """Save ``model`` (safetensors + reward_head.json + tokenizer) and publish it as the next version
+    of the rm ``line`` (its announcement is then owed); returns its Manifest. NaN metrics (e.g. no
+    held-out slice) are left out."""
     import tempfile
     from pathlib import Path
 
     metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     with tempfile.TemporaryDirectory(prefix="rlhf-rm-") as tmp:
         model.save(Path(tmp), tokenizer)
-        return store.publish("rm", Path(tmp), parent=parent, metrics=metrics, extra=extra, make_current=make_current)
+        return line.publish(Path(tmp), parent=parent, metrics=metrics, extra=extra, make_current=make_current)
 
 
 def _pad_id(tokenizer: Any) -> int:

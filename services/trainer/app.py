@@ -23,7 +23,7 @@ from services.trainer.learner import PPOLearner
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED
 from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout
-from services.trainer.publishing import KafkaAnnouncer, PolicyPublisher
+from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
 from services.trainer.servicer import TrainerServicer
 from shared.events import CompletionEvent
@@ -34,6 +34,7 @@ from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import trainer_pb2_grpc
+from shared.version_line import POLICY, KafkaAnnouncer
 
 log = get_logger(__name__)
 
@@ -104,7 +105,7 @@ class TrainerApp:
             GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer, max_tokens=cfg.max_tokens, top_p=cfg.top_p
         )
         publisher = PolicyPublisher(
-            self.store, KafkaAnnouncer(self._publisher), scorer, heldout, max_tokens=cfg.heldout_max_tokens
+            self.store, KafkaAnnouncer(self._publisher, POLICY), scorer, heldout, max_tokens=cfg.heldout_max_tokens
         )
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(

@@ -14,14 +14,16 @@ on stop. A failed iteration (a dependency down, a bad batch) is logged, counted 
 ``idle_sleep_s``; the thread never dies of it.
 
 ``LoopState`` is everything besides the learner that a restart must remember (lineage, reference,
-last published version, the gate's baseline, an announcement still owed); it is JSON and goes into
-each checkpoint next to the learner's tensors.
+last published version, the gate's baseline); it is JSON and goes into each checkpoint next to the
+learner's tensors. The announcement owed is not in it: the policy line keeps it in the model store
+(shared/version_line.py).
 
-Crash consistency of a publish: store.publish (atomic) -> checkpoint recording the version and
-the announcement owed -> announce -> the owed announcement is cleared. A trainer killed after the
-checkpoint announces on its next start; one killed before it has a version in the store that is
-current but unannounced and not in its lineage (it then trains on from the same weights and the
-next publish supersedes it).
+Crash consistency of a publish: the policy line publishes (atomic; current; announcement owed) ->
+checkpoint recording the version in the lineage -> announce. A trainer killed after the checkpoint
+announces on its next iteration. One killed before it finds a current version that its checkpoint
+does not know (its weights are lost): the version is withdrawn (``policy.current`` back to the
+lineage head, nothing announced) and training goes on from the checkpoint; the next publish
+supersedes it. A rollback follows the same order.
 """
 
 from __future__ import annotations
@@ -68,8 +70,6 @@ class LoopState:
     baseline: dict | None = None
     """{reward, rm_version, answers}: the held-out evaluation of the version the weights were last
     published as (or rolled back to); None until measured."""
-    pending_announcement: dict | None = None
-    """{version, reason} of a publish or rollback not yet acknowledged by Kafka."""
     dropped: dict[str, int] = field(default_factory=dict)
     last_gate: dict | None = None
 
@@ -78,6 +78,8 @@ class LoopState:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> LoopState:
+        # Checkpoints written before the policy line kept the owed announcement in the store.
+        doc = {k: v for k, v in doc.items() if k != "pending_announcement"}
         return cls(**doc)
 
 
@@ -347,7 +349,6 @@ class TrainingLoop:
                 "metrics": dict(manifest.metrics),
                 "reason": "rollback",
             }
-            self.state.pending_announcement = {"version": version, "reason": "rollback"}
             result = GateResult(
                 published=True,
                 reason=f"rolled back to {version}",
@@ -462,7 +463,6 @@ class TrainingLoop:
             "metrics": dict(manifest.metrics),
             "reason": "publish",
         }
-        self.state.pending_announcement = {"version": manifest.version, "reason": "publish"}
         result = GateResult(
             published=True,
             reason=decision.reason,
@@ -481,24 +481,27 @@ class TrainingLoop:
         return result
 
     def _send_pending_announcement(self) -> None:
-        """Announce the owed publish or rollback; while Kafka is down, log and retry next iteration
-        (the version is already current in the store, so training need not wait)."""
-        pending = self.state.pending_announcement
+        """Announce what the policy line owes (a publish or rollback Kafka has not acknowledged);
+        while Kafka is down it stays owed and is retried next iteration (the version is already
+        current in the store, so training need not wait). A current version the lineage does not
+        know was published by a run that stopped before its checkpoint recorded it: withdrawn."""
+        pending = self.publisher.pending_announcement()
         if pending is None:
             return
-        try:
-            self.publisher.announce(pending["version"], pending["reason"])
-        except Exception as exc:  # noqa: BLE001 - any producer error: retried
-            metrics.ITERATION_FAILURES.labels("announce").inc()
+        if pending.version not in self.state.lineage:
             log_event(
                 log,
-                "announcement failed; will retry",
+                "withdrawing a version the checkpoint does not know (the trainer stopped between publishing "
+                "and checkpointing it); serving stays on the lineage head",
                 level=30,
-                version=pending["version"],
-                error=f"{type(exc).__name__}: {exc}",
+                version=pending.version,
+                lineage_head=self.state.lineage[-1],
             )
-            return
-        self.state.pending_announcement = None
+            self.publisher.rollback(self.state.lineage[-1])
+            if self.publisher.pending_announcement() is None:
+                return
+        if self.publisher.announce_pending() is None:
+            metrics.ITERATION_FAILURES.labels("announce").inc()
 
     def _set_policy_info(self) -> None:
         metrics.POLICY_INFO.clear()

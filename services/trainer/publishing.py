@@ -22,9 +22,10 @@ the reward model changed since). A policy that games the reward model typically 
 the reference (the KL bound) or gets worse on prompts it was not trained on (the reward bound).
 
 **Publication** (``publish``): the learner writes the policy (safetensors) to a temp directory; the
-model store copies it, hashes every file into the manifest (parent version, RM version used, the
-metrics) and renames it into place atomically, then points ``policy.current`` at it; only then is
-it announced on rlhf.policy-updates, where inference replicas verify and hot-swap it.
+policy line (shared/version_line.py) copies it into the model store, hashes every file into the
+manifest (parent version, RM version used, the metrics), renames it into place atomically and
+makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
+gets Kafka's acknowledgement; inference replicas verify and hot-swap it.
 """
 
 from __future__ import annotations
@@ -34,16 +35,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from services.trainer.prompts import Prompt
 from services.trainer.rollout import Rollout
 from services.trainer.rollouts import Scorer
-from shared.events import PolicyUpdateEvent
-from shared.kafka.producer import SyncPublisher
-from shared.kafka.topics import POLICY_UPDATES
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
+from shared.version_line import POLICY, Announcer, PendingAnnouncement, VersionLine
 
 log = get_logger(__name__)
 
@@ -67,22 +66,6 @@ class Evaluation:
 class GateDecision:
     ok: bool
     reason: str
-
-
-class Announcer(Protocol):
-    def announce(self, event: PolicyUpdateEvent) -> None:
-        """Deliver ``event`` on rlhf.policy-updates or raise."""
-
-
-class KafkaAnnouncer:
-    """Announces on rlhf.policy-updates and waits for the acks=all acknowledgement."""
-
-    def __init__(self, publisher: SyncPublisher):
-        self.publisher = publisher
-
-    def announce(self, event: PolicyUpdateEvent) -> None:
-        # One key: announcements of one line stay in order (the topic has one partition anyway).
-        self.publisher.publish_and_wait(POLICY_UPDATES, event, key="policy")
 
 
 # --- pure rules -------------------------------------------------------------------------------
@@ -124,7 +107,8 @@ class PolicyPublisher:
         if not heldout:
             raise ValueError("the publish gate needs at least one held-out prompt")
         self.store = store
-        self.announcer = announcer
+        self.line = VersionLine(store, POLICY, announcer)
+        """The policy line: publication, rollback and the announcement owed."""
         self.scorer = scorer
         self.heldout = list(heldout)
         self.max_tokens = max_tokens
@@ -188,7 +172,8 @@ class PolicyPublisher:
         extra: dict[str, Any],
         metrics: dict[str, float] | None = None,
     ) -> Manifest:
-        """Write the candidate to the store (atomic, sha256 manifest), make it current, announce it."""
+        """Write the candidate to the store (atomic, sha256 manifest) and make it current; its
+        announcement is owed from then on (``announce_pending``)."""
         all_metrics = {
             "heldout_reward": evaluation.heldout_reward,
             "kl_to_reference": evaluation.kl,
@@ -199,8 +184,7 @@ class PolicyPublisher:
         with tempfile.TemporaryDirectory(prefix="candidate-") as tmp:
             out = Path(tmp) / "policy"
             learner.save_policy(out)
-            manifest = self.store.publish(
-                "policy",
+            manifest = self.line.publish(
                 out,
                 parent=parent,
                 metrics=all_metrics,
@@ -216,20 +200,14 @@ class PolicyPublisher:
         )
         return manifest
 
-    def announce(self, version: str, reason: str) -> PolicyUpdateEvent:
-        manifest = self.store.manifest(version)
-        event = PolicyUpdateEvent(
-            version=version,
-            manifest_sha256=self.store.manifest_sha256(version),
-            parent=manifest.parent,
-            reason=reason,
-            metrics=dict(manifest.metrics),
-        )
-        self.announcer.announce(event)
-        log_event(log, "announced policy", version=version, reason=reason)
-        return event
+    def pending_announcement(self) -> PendingAnnouncement | None:
+        return self.line.pending_announcement()
+
+    def announce_pending(self) -> Any | None:
+        """Announce the owed publish or rollback; the event sent, or None (nothing owed, or Kafka
+        did not acknowledge: still owed, retried on the next call)."""
+        return self.line.announce_pending()
 
     def rollback(self, version: str) -> Manifest:
-        """Point policy.current at an earlier version (verified first); the caller announces it."""
-        self.store.set_current("policy", version)
-        return self.store.manifest(version)
+        """Point policy.current at an earlier version (verified first); its announcement is owed."""
+        return self.line.set_current(version)

@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
+from shared.version_line import POLICY, VersionLine
 
 log = get_logger(__name__)
 
@@ -173,8 +174,8 @@ def ensure_default_policy(
         log_event(log, "no policy in the model store: creating the default model", store=str(store.root))
         with tempfile.TemporaryDirectory(prefix="rlhf-default-model-") as tmp:
             n_params = create_default_model(Path(tmp), spec, corpus_path)
-            manifest = store.publish(
-                "policy", Path(tmp), metrics={"params": n_params}, extra={"kind": "default-random-init"}
+            manifest = VersionLine(store, POLICY).publish(
+                Path(tmp), metrics={"params": n_params}, extra={"kind": "default-random-init"}
             )
         log_event(log, "published default policy", version=manifest.version, params=n_params)
     current = store.current("policy")

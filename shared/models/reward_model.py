@@ -193,14 +193,16 @@ class LoadedRewardModel:
     metrics: dict | None = None
 
 
-def load_version(store: Any, version: str) -> LoadedRewardModel:
+def load_version(store: Any, version: str, manifest: Any = None) -> LoadedRewardModel:
     """Verify every file's sha256 against the manifest, then load; raises on any problem.
 
     A corrupt version raises shared.model_store.CorruptVersionError before a byte of it is parsed.
+    ``manifest``: the version was verified just now (a follower did), do not hash it again.
     """
     from transformers import AutoTokenizer
 
-    manifest = store.verify(version)
+    if manifest is None:
+        manifest = store.verify(version)
     model_dir = store.path(version)
     model = RewardModel.load(model_dir)
     try:

@@ -50,13 +50,14 @@ from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
 from services.trainer.learner import PPOLearner  # noqa: E402
 from services.trainer.ppo_config import PPOConfig  # noqa: E402
 from services.trainer.prompts import read_prompt_file, split_heldout  # noqa: E402
-from services.trainer.publishing import KafkaAnnouncer, PolicyPublisher  # noqa: E402
+from services.trainer.publishing import PolicyPublisher  # noqa: E402
 from services.trainer.rollout import Rollout  # noqa: E402
 from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer  # noqa: E402
 from shared.config import ModelStoreConfig, load_config  # noqa: E402
 from shared.kafka.producer import SyncPublisher  # noqa: E402
 from shared.model_store import ModelStore  # noqa: E402
 from shared.models.default_model import ensure_default_policy  # noqa: E402
+from shared.version_line import POLICY, KafkaAnnouncer  # noqa: E402
 from tests.conftest import LoopThread, start_broker, start_inference  # noqa: E402
 
 PHASES = ("sample_vllm", "sample_hf", "score", "ppo_step", "gate_eval", "publish")
@@ -120,7 +121,11 @@ def main() -> None:
         learner = PPOLearner.from_store(store, policy, policy, rm, PPOConfig())
         heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
         publisher = PolicyPublisher(
-            store, KafkaAnnouncer(SyncPublisher(broker.kafka, "bench")), scorer, heldout, max_tokens=args.max_tokens
+            store,
+            KafkaAnnouncer(SyncPublisher(broker.kafka, "bench"), POLICY),
+            scorer,
+            heldout,
+            max_tokens=args.max_tokens,
         )
         sampler.sample(train[:2], max_tokens=4, top_p=1.0)  # warm-up
 
@@ -159,10 +164,10 @@ def main() -> None:
                 trials["gate_eval"].append(t)
 
                 def publish():
-                    manifest = publisher.publish(
+                    publisher.publish(
                         learner, parent=policy, evaluation=evaluation, baseline_reward=None, extra={"kind": "bench"}
                     )
-                    publisher.announce(manifest.version, "publish")
+                    publisher.announce_pending()
 
                 _, t = timed(publish)
                 trials["publish"].append(t)

@@ -33,6 +33,7 @@ from shared.kafka.producer import EventPublisher
 from shared.kafka.topics import COMPLETIONS, REWARD_MODELS
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
+from shared.version_line import REWARD_MODEL, PendingAnnouncement, VersionLine
 from tests.conftest import TEST_TOKEN_SECRET, LoopThread, consume_events, start_broker, start_feedback, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -303,3 +304,31 @@ def test_a_degraded_candidate_is_not_published(world):
     assert result.outcome == "refused" and result.candidate_accuracy < result.current_accuracy - 0.02, result
     assert world.store.versions("rm") == ["rm-0001", "rm-0002", "rm-0003"] and world.store.current("rm") == "rm-0003"
     assert world.reward.scorer.version == "rm-0003"
+
+
+class UnreachableKafka:
+    """The announcer of a process that dies before it announces: never reached."""
+
+    def announce(self, event):
+        raise AssertionError("the crashed process announced after all")
+
+
+def test_a_version_published_but_never_announced_is_announced_on_restart(world, tmp_path):
+    # What a reward service killed between publishing an rm version and announcing it leaves behind:
+    # the version current in the store, the rm line's last acknowledged announcement the one before.
+    world.stop_reward()
+    src = tmp_path / "rm"
+    shutil.copytree(world.store.path("rm-0003"), src, ignore=shutil.ignore_patterns("manifest.json"))
+    VersionLine(world.store, REWARD_MODEL, UnreachableKafka()).publish(src, parent="rm-0003")
+    assert VersionLine(world.store, REWARD_MODEL).pending_announcement() == PendingAnnouncement("rm-0004", "publish")
+    world.start_reward()
+    [announced] = consume_events(
+        world.broker.kafka,
+        REWARD_MODELS,
+        lambda e: isinstance(e.payload, RewardModelEvent) and e.payload.version == "rm-0004",
+        1,
+    )
+    assert announced.payload.manifest_sha256 == world.store.manifest_sha256("rm-0004")
+    assert announced.payload.parent == "rm-0003" and announced.payload.reason == "publish"
+    assert VersionLine(world.store, REWARD_MODEL).pending_announcement() is None
+    assert world.reward.scorer.version == "rm-0004"

@@ -21,6 +21,7 @@ from services.trainer.rollouts import RolloutCollector, Sample
 from shared.errors import InvalidArgument, NotFound
 from shared.events import Message
 from shared.model_store import ModelStore
+from shared.version_line import POLICY, REWARD_MODEL, PendingAnnouncement, VersionLine
 
 PROMPTS = [(Message("user", f"What is {a} plus {a}?"),) for a in range(1, 13)]
 HELDOUT, TRAIN = PROMPTS[:3], PROMPTS[3:]
@@ -28,12 +29,13 @@ HELDOUT, TRAIN = PROMPTS[:3], PROMPTS[3:]
 
 @pytest.fixture()
 def store(trainer_store, tmp_path):
-    """A store of this test's own with copies of the session's policy-0001 and rm-0001."""
+    """A store of this test's own with copies of the session's policy-0001 and rm-0001, published
+    as `rlhf bootstrap` does (offline: nothing owed to Kafka)."""
     store = ModelStore(tmp_path / "models")
-    for line, version in (("policy", trainer_store.policy), ("rm", trainer_store.rm)):
-        src = tmp_path / f"src-{line}"
+    for kind, version in ((POLICY, trainer_store.policy), (REWARD_MODEL, trainer_store.rm)):
+        src = tmp_path / f"src-{kind.name}"
         shutil.copytree(trainer_store.path(version), src, ignore=shutil.ignore_patterns("manifest.json"))
-        store.publish(line, src)
+        VersionLine(store, kind).publish(src)
     return store
 
 
@@ -169,7 +171,7 @@ def test_an_iteration_trains_publishes_checkpoints_and_announces(store, tmp_path
     assert event.version == "policy-0002" and event.reason == "publish" and event.parent == "policy-0001"
     assert event.manifest_sha256 == store.manifest_sha256("policy-0002")
     assert loop.state.lineage == ["policy-0001", "policy-0002"] and loop.learner.weights_version == "policy-0002"
-    assert loop.checkpoints.steps() == [1] and loop.state.pending_announcement is None
+    assert loop.checkpoints.steps() == [1] and loop.publisher.pending_announcement() is None
 
 
 def test_a_failed_announcement_is_owed_and_sent_on_the_next_iteration(store, tmp_path, one_thread):
@@ -178,12 +180,28 @@ def test_a_failed_announcement_is_owed_and_sent_on_the_next_iteration(store, tmp
     loop.run_iteration()
     result = loop.publish_now()
     assert result.published and announcer.events == []
-    assert loop.state.pending_announcement == {"version": result.version, "reason": "publish"}
-    # The checkpoint written at publication remembers the debt: a restart would pay it too.
-    assert CheckpointStore(tmp_path / "ckpt").load_latest().state["loop"]["pending_announcement"]
+    assert loop.publisher.pending_announcement() == PendingAnnouncement(result.version, "publish")
+    # The store remembers the debt (the policy line's current vs announced): a restart pays it too.
+    assert VersionLine(store, POLICY).pending_announcement() == PendingAnnouncement(result.version, "publish")
+    assert result.version in CheckpointStore(tmp_path / "ckpt").load_latest().state["loop"]["lineage"]
     served.append(result.version)
     loop.run_iteration()
-    assert [e.version for e in announcer.events] == [result.version] and loop.state.pending_announcement is None
+    assert [e.version for e in announcer.events] == [result.version] and loop.publisher.pending_announcement() is None
+
+
+def test_a_version_published_but_never_checkpointed_is_withdrawn_not_announced(store, tmp_path, one_thread):
+    # A trainer killed between publishing policy-0002 and the checkpoint that records it: on restart
+    # its checkpoint's lineage is [policy-0001] and policy-0002's weights are gone with the process.
+    orphan = tmp_path / "orphan"
+    shutil.copytree(store.path("policy-0001"), orphan, ignore=shutil.ignore_patterns("manifest.json"))
+    announcer = RecordingAnnouncer()
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, publish_every=0)
+    loop.publisher.line.publish(orphan, parent="policy-0001")
+    assert loop.publisher.pending_announcement() == PendingAnnouncement("policy-0002", "publish")
+    assert loop.run_iteration()
+    # Serving stays on the version the trainer builds on; the orphan is never announced.
+    assert store.current("policy") == "policy-0001" and announcer.events == []
+    assert loop.publisher.pending_announcement() is None and loop.state.lineage == ["policy-0001"]
 
 
 def test_a_candidate_beyond_the_kl_bound_is_refused_and_nothing_is_written(store, tmp_path, one_thread):
