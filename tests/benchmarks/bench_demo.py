@@ -25,12 +25,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 TARGET_RISE_PP = 20.0
 TARGET_WIN_RATE = 0.70

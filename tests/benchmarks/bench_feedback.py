@@ -17,7 +17,10 @@ machine, absolute figures do not):
 
 With ``--baseline REF`` the http, http-wrk and grpc paths run twice: on the code at git REF (checked out
 into a temporary worktree) and on the working tree, each version with its own fresh broker, level by
-level with one version right after the other.
+level with one version right after the other. Each version's services run with its directory as
+their working directory and PYTHONPATH, which come before the editable install's finder on sys.path,
+so the baseline's processes import the old commit's code; every stack checks and logs where its
+services import from (also in the JSON, `code`).
 
 Every rating is a new vote (its own user and response), with a feedback token signed by this
 script playing the gateway's part; bodies and tokens are made before the clock starts. After each
@@ -52,26 +55,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import confluent_kafka
+import grpc
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
+
+from flywheel.launcher import grpc_serving
+from shared.config import KafkaConfig
+from shared.events import FeedbackEvent, RatedResponse
+from shared.feedback_token import TokenClaims, sign
+from shared.kafka import envelope
+from shared.kafka.admin import ensure_topics
+from shared.kafka.client import producer_kwargs, rdkafka_producer_config
+from shared.kafka.embedded import EmbeddedBroker, free_port
+from shared.kafka.envelope import decode
+from shared.kafka.topics import FEEDBACK
+from shared.pb import feedback_pb2, feedback_pb2_grpc
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import confluent_kafka  # noqa: E402
-import grpc  # noqa: E402
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
-from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
-
-from flywheel.launcher import grpc_serving  # noqa: E402
-from shared.config import KafkaConfig  # noqa: E402
-from shared.events import FeedbackEvent, RatedResponse  # noqa: E402
-from shared.feedback_token import TokenClaims, sign  # noqa: E402
-from shared.kafka import envelope  # noqa: E402
-from shared.kafka.admin import ensure_topics  # noqa: E402
-from shared.kafka.client import producer_kwargs, rdkafka_producer_config  # noqa: E402
-from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
-from shared.kafka.envelope import decode  # noqa: E402
-from shared.kafka.topics import FEEDBACK  # noqa: E402
-from shared.pb import feedback_pb2, feedback_pb2_grpc  # noqa: E402
-
 SECRET = "bench-feedback-token-secret-0123456789"
 TICK = os.sysconf("SC_CLK_TCK")
 TARGET_PER_S, TARGET_P99_MS = 2000, 50
@@ -104,6 +105,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def code_origins(code: Path, env: dict[str, str]) -> dict[str, str]:
+    """The files the services' processes, started in ``code`` with ``env``, import their packages from;
+    an error if any lies outside ``code`` (e.g. the baseline picking up the working tree)."""
+    probe = "import importlib.util as u, sys; print(*(u.find_spec(m).origin for m in sys.argv[1:]), sep='\\n')"
+    modules = ("services.feedback", "services.gateway", "shared")
+    found = subprocess.run(
+        [sys.executable, "-c", probe, *modules], env=env, cwd=code, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    origins = dict(zip(modules, found))
+    outside = {m: f for m, f in origins.items() if not Path(f).resolve().is_relative_to(code.resolve())}
+    if len(origins) != len(modules) or outside:
+        raise RuntimeError(f"services started in {code} would import code from elsewhere: {outside or found}")
+    return origins
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores have spent not idle since boot."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -133,6 +149,8 @@ class Stack:
             "RLHF_GATEWAY_PORT": str(self.gateway_port),
             "RLHF_GATEWAY_FEEDBACK_ADDRESS": f"127.0.0.1:{self.feedback_port}",
         }
+        self.origins = code_origins(code, env)
+        log(f"{label}: services import " + ", ".join(f"{m} from {f}" for m, f in self.origins.items()))
         self.feedback = subprocess.Popen(
             [sys.executable, "-m", "services.feedback"], env=env, cwd=code, start_new_session=True
         )
@@ -553,6 +571,7 @@ def main() -> None:
         versions.insert(0, ("before", worktree))
     rows = []
     stacks: dict[str, Stack] = {}
+    origins: dict[str, dict[str, str]] = {}
     try:
         # Level by level, one version right after the other: on a shared machine before and after
         # then meet the same moment's load, not loads minutes apart. (The idle stack costs little.)
@@ -564,6 +583,7 @@ def main() -> None:
             stacks = {}
             for version, code in versions:
                 stacks[version] = Stack(code, version, args.partitions)
+                origins[version] = stacks[version].origins
             for concurrency in levels:
                 for path in paths:
                     for version, _ in versions:
@@ -596,6 +616,7 @@ def main() -> None:
             {
                 "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
                 "baseline": args.baseline,
+                "code": origins,
                 "ratings_per_level": args.ratings,
                 "shared_machine_guard": dataclasses.asdict(quiet),
                 "rounds": args.rounds,

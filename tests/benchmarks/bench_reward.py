@@ -35,25 +35,23 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+
+from flywheel.launcher import grpc_serving
+from services.reward.learner import is_heldout
+from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
+from shared.config import KafkaConfig
+from shared.events import CompletionEvent, Message, Timings
+from shared.feedback_token import TokenClaims, prompt_hash, sign
+from shared.kafka.admin import ensure_topics
+from shared.kafka.embedded import EmbeddedBroker, free_port
+from shared.kafka.producer import EventPublisher
+from shared.kafka.topics import COMPLETIONS
+from shared.model_store import ModelStore
+from shared.models.default_model import ensure_default_policy
+from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import grpc  # noqa: E402
-
-from flywheel.launcher import grpc_serving  # noqa: E402
-from services.reward.learner import is_heldout  # noqa: E402
-from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm  # noqa: E402
-from shared.config import KafkaConfig  # noqa: E402
-from shared.events import CompletionEvent, Message, Timings  # noqa: E402
-from shared.feedback_token import TokenClaims, prompt_hash, sign  # noqa: E402
-from shared.kafka.admin import ensure_topics  # noqa: E402
-from shared.kafka.embedded import EmbeddedBroker, free_port  # noqa: E402
-from shared.kafka.producer import EventPublisher  # noqa: E402
-from shared.kafka.topics import COMPLETIONS  # noqa: E402
-from shared.model_store import ModelStore  # noqa: E402
-from shared.models.default_model import ensure_default_policy  # noqa: E402
-from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc  # noqa: E402
-
 SECRET = "bench-reward-token-secret-0123456789"
 HELDOUT_FRACTION = 0.25
 
@@ -91,7 +89,6 @@ class Services:
         self.feedback_port, self.reward_port, self.metrics_port = free_port(), free_port(), free_port()
         env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
             "RLHF_KAFKA_BOOTSTRAP_SERVERS": self.broker.bootstrap_servers,
             "RLHF_LOG_LEVEL": "WARNING",
             "RLHF_MODEL_STORE_ROOT": str(store_root),

@@ -37,14 +37,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import psutil
+from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
+
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-from shared_machine import QuietGuard  # noqa: E402  (tests/benchmarks/shared_machine.py)
-
 MODEL_NAME = "rlhf-policy"
 SERVERS = ("ours", "vllm", "naive")
 DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference, gRPC client)"
@@ -555,12 +552,13 @@ def profile_recording():
 
 def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_", "VLLM_", "BENCH_PROFILE_"))}
-    paths = [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    paths = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     if PROFILE_DIR is not None:
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
         paths.insert(0, str(Path(__file__).with_name("profiling")))
         env |= {"BENCH_PROFILE_DIR": str(PROFILE_DIR), "BENCH_PROFILE_MATCH": PROFILE_MATCH}
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -710,6 +708,25 @@ def start_server(
 
 
 # --- hot-swap ----------------------------------------------------------------------------------
+
+
+def publish_random_weights(store, base_version: str, seed: int) -> str:
+    """Publish ``base_version``'s architecture and tokenizer with other random weights (not made
+    current): a version to hot-swap to."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    base = store.path(base_version)
+    tmp = Path(store.root) / f".bench-swap-{seed}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
+    torch.manual_seed(seed)
+    LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(tmp)
+    manifest = store.publish(
+        "policy", tmp, parent=base_version, extra={"kind": "bench-reinit", "seed": seed}, make_current=False
+    )
+    shutil.rmtree(tmp)
+    return manifest.version
 
 
 def scrape_swap_metrics(url: str) -> dict:
@@ -1281,11 +1298,9 @@ def main() -> int:
         report["settings"]["model"] = {"version": first, "dir": str(model_dir), "params": n_params}
         swap_versions: list[str] = []
         if "ours" in servers and swaps_n:
-            from tests.conftest import publish_reinitialised
-
             base = first
             for i in range(swaps_n):
-                base = publish_reinitialised(store, base, seed=100 + i)
+                base = publish_random_weights(store, base, seed=100 + i)
                 swap_versions.append(base)
         log(f"model store {store_root}: serving {first} ({n_params} parameters); swap targets {swap_versions}")
 

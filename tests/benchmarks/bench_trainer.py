@@ -27,9 +27,10 @@ equal or better reward gain.
 
 TRL runs in its own virtual environments (never in the project's .venv, whose torch/transformers it
 might move): ``bench-results/trl-venvs/trl-<version>``, made on first use by this script as
-``python -m venv`` + a .pth file pointing at the project's site-packages (so torch and transformers
-are shared, not downloaded again) + ``pip install trl==<version>`` (which adds accelerate, datasets,
-pandas, pyarrow there). Delete the directory to rebuild it.
+``python -m venv`` + a .pth file that adds the project's site-packages with its own .pth files (so
+torch, transformers and the editable install of this project are shared, not downloaded again) +
+``pip install trl==<version>`` (which adds accelerate, datasets, pandas, pyarrow there). Delete the
+directory to rebuild it.
 
 Prints a table, writes bench-results/trainer/bench_trainer.json and bench_trainer.png.
 """
@@ -42,13 +43,12 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1].parent
 HERE = Path(__file__).resolve().parent / "trainer_bench"
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
 
 TRL_VERSIONS = {"trl-grpo": "1.16.0", "trl-ppo": "1.12.0"}
 RUNNERS = {
@@ -121,16 +121,19 @@ def ensure_trl_venv(venvs: Path, version: str) -> Path:
     """The python of a venv with trl==version that shares the project's site-packages (see the module docstring)."""
     venv = venvs / f"trl-{version}"
     python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != sys.argv[1])", version]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    print(f"creating {venv} with trl=={version}", flush=True)
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    if not python.exists():
+        print(f"creating {venv}", flush=True)
+        subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(venv)], check=True)
+    # addsitedir, not a bare path line: it also runs the .pth files there, among them the one that
+    # installs the editable project's import finder (`import shared` in the runners). Written every
+    # time, so that venvs made with a bare path line get it too.
     site = next((venv / "lib").glob("python*/site-packages"))
-    project_site = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-    (site / "rlhf-main-venv.pth").write_text(project_site + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}"], check=True)
+    project_site = sysconfig.get_path("purelib")
+    (site / "rlhf-main-venv.pth").write_text(f"import site; site.addsitedir({project_site!r})\n")
+    probe = [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != sys.argv[1])", version]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        print(f"installing trl=={version} into {venv}", flush=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}"], check=True)
     return python
 
 
@@ -148,7 +151,6 @@ def run_contender(name: str, python: Path, spec_path: Path, out_dir: Path) -> di
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
@@ -192,7 +194,7 @@ def evaluate(
 ) -> dict[str, dict]:
     """Mean RM score of responses sampled (temperature 1) and greedy, for every policy on the same prompts."""
     import torch
-    from common import RMScorer
+    from trainer_bench.common import RMScorer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
@@ -329,7 +331,7 @@ def plot(results: dict[str, dict], rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import BenchSpec
+    from trainer_bench.common import BenchSpec
 
     args = parse_args(argv)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]

@@ -31,35 +31,35 @@ because only that gives the served version's own tokens and behaviour logprobs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import torch
+
+from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm
+from services.trainer.config import DEFAULT_PROMPT_FILE
+from services.trainer.learner import PPOLearner
+from services.trainer.ppo_config import PPOConfig
+from services.trainer.prompts import read_prompt_file, split_heldout
+from services.trainer.publishing import PolicyPublisher
+from services.trainer.rollout import Rollout
+from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer
+from shared.config import KafkaConfig, ModelStoreConfig, load_config
+from shared.kafka.admin import ensure_topics
+from shared.kafka.embedded import EmbeddedBroker
+from shared.kafka.producer import SyncPublisher
+from shared.model_store import ModelStore
+from shared.models.default_model import ensure_default_policy
+from shared.version_line import POLICY, KafkaAnnouncer
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm  # noqa: E402
-from services.trainer.config import DEFAULT_PROMPT_FILE  # noqa: E402
-from services.trainer.learner import PPOLearner  # noqa: E402
-from services.trainer.ppo_config import PPOConfig  # noqa: E402
-from services.trainer.prompts import read_prompt_file, split_heldout  # noqa: E402
-from services.trainer.publishing import PolicyPublisher  # noqa: E402
-from services.trainer.rollout import Rollout  # noqa: E402
-from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer  # noqa: E402
-from shared.config import ModelStoreConfig, load_config  # noqa: E402
-from shared.kafka.producer import SyncPublisher  # noqa: E402
-from shared.model_store import ModelStore  # noqa: E402
-from shared.models.default_model import ensure_default_policy  # noqa: E402
-from shared.version_line import POLICY, KafkaAnnouncer  # noqa: E402
-from tests.conftest import LoopThread, start_broker, start_inference  # noqa: E402
-
 PHASES = ("sample_vllm", "sample_hf", "score", "ppo_step", "gate_eval", "publish")
 
 
@@ -73,6 +73,33 @@ def timed(fn):
     return out, time.perf_counter() - started
 
 
+class LoopThread:
+    """An asyncio loop in a background thread: the services run on it, the benchmark calls them synchronously."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def start_app(loop: LoopThread, app_cls, cfg, timeout: float):
+    """A service app (its gRPC server on a free loopback port) started on ``loop``."""
+
+    async def make():
+        app = app_cls(cfg)
+        await app.start()
+        return app
+
+    return loop.run(make(), timeout=timeout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="8,32", help="rollouts per iteration, comma-separated")
@@ -84,7 +111,17 @@ def main() -> None:
     torch.set_num_threads(1)
 
     work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
-    broker = start_broker()
+    broker = EmbeddedBroker().start()
+    # Low group timeouts: a fresh consumer group gets its partitions in seconds, not tens of seconds.
+    kafka = KafkaConfig(
+        bootstrap_servers=broker.bootstrap_servers,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        delivery_timeout_s=5.0,
+        request_timeout_ms=3000,
+        topic_partitions=3,
+    )
+    ensure_topics(kafka)
     loop = LoopThread()
     try:
         store = ModelStore(work / "models")
@@ -92,9 +129,25 @@ def main() -> None:
         log("training rm-0001 (1 epoch) ...")
         rm = train_first_rm(store, EXAMPLE_RANKINGS, epochs=1, settings=OFFLINE_SETTINGS).version
         log("starting inference (vLLM) and reward services ...")
-        inference = start_inference(loop, broker.kafka, store.root, follow_updates=False)
+        from services.inference.app import InferenceApp
+        from services.inference.config import InferenceConfig
         from services.reward.app import RewardApp
         from services.reward.config import RewardConfig
+
+        inference_cfg = load_config(
+            InferenceConfig,
+            {},
+            grpc_port=0,
+            metrics_port=0,
+            kv_cache_gib=1,
+            kafka=kafka,
+            model_store=ModelStoreConfig(root=store.root),
+            max_model_len=512,
+            default_max_tokens=32,
+            max_tokens_limit=256,
+            follow_updates=False,
+        )
+        inference = start_app(loop, InferenceApp, inference_cfg, timeout=600)
 
         no_learner = {"learner": False} if "learner" in RewardConfig.__dataclass_fields__ else {}
         reward_cfg = load_config(
@@ -102,18 +155,12 @@ def main() -> None:
             {},
             grpc_port=0,
             metrics_port=0,
-            kafka=broker.kafka,
+            kafka=kafka,
             model_store=ModelStoreConfig(root=store.root),
             torch_threads=1,
             **no_learner,
         )
-
-        async def make_reward():
-            app = RewardApp(reward_cfg)
-            await app.start()
-            return app
-
-        reward = loop.run(make_reward(), timeout=300)
+        reward = start_app(loop, RewardApp, reward_cfg, timeout=300)
         import grpc
 
         sampler = GrpcPolicySampler(grpc.insecure_channel(inference.address), 300)
@@ -122,7 +169,7 @@ def main() -> None:
         heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
         publisher = PolicyPublisher(
             store,
-            KafkaAnnouncer(SyncPublisher(broker.kafka, "bench"), POLICY),
+            KafkaAnnouncer(SyncPublisher(kafka, "bench"), POLICY),
             scorer,
             heldout,
             max_tokens=args.max_tokens,
@@ -226,7 +273,7 @@ def main() -> None:
         loop.run(inference.stop())
     finally:
         loop.close()
-        broker.broker.stop()
+        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

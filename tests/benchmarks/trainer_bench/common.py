@@ -1,6 +1,6 @@
 """What every contender of bench_trainer.py shares: the run spec, the reward model scorer, a timer
 around ``generate``, and the result file. Imported both from the project's venv and from the TRL
-venvs (which see the project's site-packages through a .pth file and the repo through PYTHONPATH),
+venvs (which see the project's site-packages, its editable install included, through a .pth file),
 so it imports nothing TRL-specific.
 
 Every contender scores responses the same way: the response *text* (decoded, special tokens

@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import BenchSpec, GenerateTimer, RunResult, setup_threads
 
 
