@@ -81,8 +81,8 @@ class DemoConfig(ConfigBase):
     """RLHF_PPO_LR given to the trainer the demo starts (a tiny model needs more than the default)."""
     kl_coef: float = 0.2
     """RLHF_PPO_KL_COEF given to the trainer the demo starts. The RM judges style far better than sums:
-    with 0.05 and lr 1e-4 PPO learned the style in 6 minutes but let the sums drift (gold thumbs-up
-    45% -> 26%); a stronger pull to the SFT model keeps the digits it got right."""
+    with 0.05 and lr 1e-4 PPO learned the style quickly but let the sums drift, and the gold thumbs-up
+    rate fell (see docs/benchmarks.md); a stronger pull to the SFT model keeps the digits it got right."""
     publish_every: int = 5
     """RLHF_TRAINER_PUBLISH_EVERY given to the trainer the demo starts."""
     rm_learn_every_s: float = 60.0

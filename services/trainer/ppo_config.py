@@ -80,9 +80,10 @@ class PPOConfig(ConfigBase):
     recompute_logprobs: bool = False
     """True: recompute the old logprobs of on-policy rollouts with the learner's weights (the first ratio
     is exactly 1). False (default): use the sampler's ``behaviour_logprobs`` when a rollout has them, as
-    TRL's PPO does with generate's scores, saving one forward pass per batch (1.5x the samples/s in
-    tests/benchmarks/bench_trainer.py at the same reward gain). vLLM's logprobs equal transformers' within
-    1e-3 (tests/integration/test_chat_api.py), far inside the clip range. Stale rollouts always use them."""
+    TRL's PPO does with generate's scores, saving one forward pass per batch: more samples/s at the same
+    reward gain in tests/benchmarks/bench_trainer.py (see docs/benchmarks.md). vLLM's logprobs equal
+    transformers' within 1e-3 (tests/integration/test_chat_api.py), far inside the clip range. Stale
+    rollouts always use them."""
     forward_batch_size: int = 16
     """Most samples per no-grad forward pass when computing reference logprobs and values (memory bound only)."""
     seed: int = 0

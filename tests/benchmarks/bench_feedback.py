@@ -10,7 +10,8 @@ machine, absolute figures do not):
   http     POST /v1/feedback on the gateway -> gRPC -> feedback service -> Kafka (the product path),
            load from aiohttp in this process
   http-wrk the same path, load from wrk (C; `apt-get install wrk`), whose CPU per request is a
-           seventh of aiohttp's: on 2 cores the load generator's CPU is taken from the servers
+           fraction of aiohttp's (see docs/benchmarks.md): on 2 cores the load generator's CPU is
+           taken from the servers
   grpc     SubmitFeedback straight to the feedback service (no HTTP hop)
   kafka    raw kafka-python producer, acks=all + idempotence, the same event bytes (no checks at all)
   rdkafka  raw confluent-kafka (librdkafka) producer, same settings as the feedback service's

@@ -21,11 +21,10 @@ Reports the median over --trials of wall seconds per phase and completion tokens
 prints a table and writes bench-results/trainer_service.json and trainer_service.png. The machine
 is shared: torch runs one thread, as the trainer does under `rlhf up`.
 
-Measured on 2 shared CPU cores with the 0.95 M-parameter default model (48 tokens max): vLLM through
-gRPC 109 / 316 completion tokens/s at 8 / 32 rollouts against 672 / 1803 for transformers in process:
-for a model this small vLLM's per-step overhead dominates; an iteration is 4.3 s / 7.7 s, most of it
-sampling. The gap closes with model size and on GPUs; the service samples through inference anyway
-because only that gives the served version's own tokens and behaviour logprobs.
+With the tiny default model, transformers in process samples faster than vLLM through gRPC (vLLM's
+per-step overhead dominates at this size) and sampling takes most of an iteration; the figures are
+in docs/benchmarks.md. The gap closes with model size and on GPUs; the service samples through
+inference anyway because only that gives the served version's own tokens and behaviour logprobs.
 """
 
 from __future__ import annotations
