@@ -1,7 +1,6 @@
-"""Small pieces the offline steps share: loading the model, one optimiser step, the loss maths, the
-learning-rate schedule, loss curves.
+"""Small pieces the offline steps share: one optimiser step, the loss maths, the learning-rate
+schedule, loss curves (models are loaded by shared/models/loading.py).
 
-    tokenizer, model = load_causal_lm(model_dir)
     loss = causal_lm_loss(logits, labels)            # mean over labels != IGNORE (shifted by one)
     lr   = warmup_cosine_lr(step, total, warmup, peak)
     optimiser_step(model, optimizer, loss, lr)       # returns the loss as a float
@@ -19,15 +18,6 @@ import torch.nn.functional as F
 
 IGNORE = -100
 """Label of a position that is not trained on (prompt tokens in SFT, padding everywhere)."""
-
-
-def load_causal_lm(model_dir: Path):
-    """(tokenizer, float32 causal LM) of a Hugging Face directory, weights from safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
-    return tokenizer, model
 
 
 def optimiser_step(

@@ -72,25 +72,6 @@ class BootstrapResult:
     report_dir: Path
 
 
-class _EpochRecorder(logging.Handler):
-    """Collects the reward trainer's per-epoch log events: train_first_rm returns metrics, not the curve."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.epochs: list[tuple[int, float, float]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", None) or {}
-        if record.getMessage() == "reward model epoch" and "loss" in fields:
-            self.epochs.append(
-                (
-                    int(str(fields["epoch"]).split("/")[0]),
-                    float(fields["loss"]),
-                    float(fields.get("train_accuracy", math.nan)),
-                )
-            )
-
-
 def run_bootstrap(
     store: ModelStore,
     *,
@@ -172,27 +153,19 @@ def run_bootstrap(
         log_event(log, "published the SFT policy", version=policy)
 
     t = time.monotonic()
-    recorder = _EpochRecorder()
-    training_log = logging.getLogger("services.reward.training")
-    training_log.addHandler(recorder)
-    if training_log.getEffectiveLevel() > logging.INFO:
-        training_log.setLevel(logging.INFO)
-    try:
-        rm = train_first_rm(
-            store,
-            rankings,
-            base_policy_version=policy,
-            epochs=settings.rm_epochs,
-            settings=OFFLINE_SETTINGS,
-            heldout_fraction=settings.rm_heldout_fraction,
-        )
-    finally:
-        training_log.removeHandler(recorder)
+    rm = train_first_rm(
+        store,
+        rankings,
+        base_policy_version=policy,
+        epochs=settings.rm_epochs,
+        settings=OFFLINE_SETTINGS,
+        heldout_fraction=settings.rm_heldout_fraction,
+    )
     write_loss_curve(
         report_dir / "step2_rm_loss.png",
         {
-            "train loss": [(e, loss) for e, loss, _ in recorder.epochs],
-            "train pairwise accuracy": [(e, acc) for e, _, acc in recorder.epochs],
+            "train loss": [(e.epoch, e.loss) for e in rm.history],
+            "train pairwise accuracy": [(e.epoch, e.accuracy) for e in rm.history],
         },
         f"Step 2: first reward model (held-out accuracy {rm.metrics.get('heldout_accuracy', math.nan):.2f})",
         xlabel="epoch",

@@ -24,13 +24,13 @@ import torch
 from flywheel.bootstrap.common import (
     causal_lm_loss,
     counted_tokens,
-    load_causal_lm,
     optimiser_step,
     perplexity,
     warmup_cosine_lr,
 )
 from shared.logging import get_logger, log_event
 from shared.models.default_model import DOC_END
+from shared.models.loading import load_causal_lm, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -118,20 +118,17 @@ def blocks_perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> floa
 
 
 def heldout_perplexity(
-    model_dir: Path,
+    tokenizer,
+    model,
     corpus: Path,
     seq_len: int = PretrainSettings.seq_len,
     heldout_fraction: float = PretrainSettings.heldout_fraction,
     seed: int = 0,
     max_lines: int | None = None,
 ) -> float:
-    """Perplexity of the causal LM in ``model_dir`` on the held-out lines of ``corpus``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Perplexity of a causal LM (and its tokenizer) on the held-out lines of ``corpus``."""
     _, held = read_corpus(corpus, heldout_fraction, seed)
     held = held[:max_lines] if max_lines else held
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     return blocks_perplexity(model, corpus_blocks(tokenizer, held, seq_len))
 
 
@@ -142,7 +139,7 @@ def pretrain(
     from tqdm import tqdm
 
     started = time.monotonic()
-    tokenizer, model = load_causal_lm(model_dir)
+    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
     train_lines, held_lines = read_corpus(corpus, settings.heldout_fraction, settings.seed)
     train_blocks = corpus_blocks(tokenizer, train_lines, settings.seq_len)
     held_blocks = corpus_blocks(tokenizer, held_lines, settings.seq_len)

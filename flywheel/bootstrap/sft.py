@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from flywheel.bootstrap.common import IGNORE, causal_lm_loss, load_causal_lm, optimiser_step, warmup_cosine_lr
+from flywheel.bootstrap.common import IGNORE, causal_lm_loss, optimiser_step, warmup_cosine_lr
 from shared.events import Message
 from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
 from shared.models.encoding import encode_response, render_prompt
+from shared.models.loading import load_causal_lm, load_tokenizer
 
 log = get_logger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -134,7 +135,7 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     from tqdm import tqdm
 
     started = time.monotonic()
-    tokenizer, model = load_causal_lm(model_dir)
+    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     demos = read_demonstrations(demonstrations_path)
     examples = [encode_demonstration(tokenizer, d) for d in demos]

@@ -72,7 +72,8 @@ def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, fl
 
 @torch.no_grad()
 def sample_responses(
-    model_dir: Path,
+    tokenizer,
+    model,
     prompts: list[str],
     samples: int,
     max_new_tokens: int = 64,
@@ -80,14 +81,11 @@ def sample_responses(
     seed: int = 0,
     batch_size: int = 64,
 ) -> list[list[str]]:
-    """``samples`` responses to each user prompt from the causal LM in ``model_dir`` (transformers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """``samples`` responses to each user prompt from a causal LM and its tokenizer (transformers)."""
     from shared.events import Message
     from shared.models.encoding import render_prompt
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True).eval()
+    model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     jobs = [(i, render_prompt(tokenizer, [Message("user", p)])) for i, p in enumerate(prompts) for _ in range(samples)]
@@ -206,6 +204,7 @@ def compare(
     perplexity_lines: int | None = None,
 ) -> Comparison:
     from flywheel.bootstrap.pretrain import heldout_perplexity
+    from shared.models.loading import load_verified_policy
 
     _, held = split_problems()
     problems = held[:max_prompts] if max_prompts else held
@@ -213,10 +212,9 @@ def compare(
     reports, sampled = [], []
     for version in (version_a, version_b):
         started = time.monotonic()
-        store.verify(version)
-        model_dir = store.path(version)
-        responses = sample_responses(model_dir, prompts, samples, seed=seed)
-        ppl = heldout_perplexity(model_dir, corpus, max_lines=perplexity_lines)
+        tokenizer, model = load_verified_policy(store, version)
+        responses = sample_responses(tokenizer, model, prompts, samples, seed=seed)
+        ppl = heldout_perplexity(tokenizer, model, corpus, max_lines=perplexity_lines)
         reports.append(version_report(version, problems, responses, ppl))
         sampled.append(responses)
         log_event(

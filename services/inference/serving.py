@@ -36,6 +36,7 @@ from shared.kafka.producer import EventPublisher
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
+from shared.models.encoding import render_prompt
 from shared.version_line import POLICY, VerifiedVersion, VersionFollower, VersionLine
 
 log = get_logger(__name__)
@@ -156,9 +157,9 @@ class InferenceServing:
             raise Unavailable(f"no policy version in the model store at {self.store.root}; run `rlhf bootstrap`")
         await asyncio.to_thread(self.store.verify, version)
         model_dir = self.store.path(version)
-        from transformers import AutoTokenizer
+        from shared.models.loading import load_tokenizer
 
-        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
         if not getattr(self.tokenizer, "chat_template", None):
             raise Unavailable(f"{version}: the tokenizer has no chat template")
         started = time.monotonic()
@@ -218,16 +219,14 @@ class InferenceServing:
                 f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings of at most {MAX_STOP_CHARS} characters",
                 param="stop",
             )
-        prompt_ids = self.tokenizer.apply_chat_template(
-            [asdict(m) for m in req.messages], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        prompt_ids = render_prompt(self.tokenizer, req.messages)
         if len(prompt_ids) + s.max_tokens > cfg.max_model_len:
             raise InvalidArgument(
                 f"the prompt has {len(prompt_ids)} tokens; with max_tokens={s.max_tokens} that exceeds the "
                 f"context length {cfg.max_model_len}",
                 param="messages",
             )
-        return list(prompt_ids)
+        return prompt_ids
 
     def sampling_defaults(self, **given) -> Sampling:
         """A Sampling with the server's defaults for every value not given (None)."""

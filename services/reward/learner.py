@@ -71,6 +71,7 @@ from shared.events import CompletionEvent, FeedbackEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.models.encoding import EncodingLimits
+from shared.models.loading import load_tokenizer, verified_dir
 from shared.models.reward_model import RewardModel, load_version
 from shared.version_line import REWARD_MODEL, VersionLine
 
@@ -420,17 +421,11 @@ class ContinualLearner:
         if current:
             loaded = load_version(self.store, current)
             return current, loaded.model, loaded.tokenizer
-        from transformers import AutoTokenizer
-
         policy = self.store.current("policy")
         if not policy:
             raise ValueError(f"no reward model and no policy in the model store at {self.store.root}")
-        self.store.verify(policy)
-        return (
-            policy,
-            RewardModel.from_policy_dir(self.store.path(policy)),
-            AutoTokenizer.from_pretrained(str(self.store.path(policy))),
-        )
+        policy_dir = verified_dir(self.store, policy)
+        return policy, RewardModel.from_policy_dir(policy_dir), load_tokenizer(policy_dir)
 
     def _publish(self, base, model, tokenizer, new, replayed, comps, round_metrics) -> str:
         trainer = RewardTrainer(model, tokenizer, self.settings)

@@ -20,7 +20,8 @@ What ``train_first_rm`` does:
    average"): the reference responses are *every distinct (prompt, response) of the file*, train and
    held out, i.e. responses like the ones the policy is scored on, so rewards are centred on them;
 5. the RM is published as the next ``rm`` version with parent = the policy version and metrics
-   {heldout_accuracy, heldout_accuracy_before, heldout_loss, train_loss, train_accuracy, ...}.
+   {heldout_accuracy, heldout_accuracy_before, heldout_loss, train_loss, train_accuracy, ...};
+   the result carries those metrics and the per-epoch history (the loss curve).
 
     python -m services.reward.offline --rankings services/reward/data/example_rankings.jsonl
 """
@@ -37,12 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.reward.comparisons import ComparisonGroup, Sample, TrainingExamples, ranking_pairs
-from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
+from services.reward.training import EpochStats, RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import Message
 from shared.jsonl import read_jsonl
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import EncodingLimits
+from shared.models.loading import load_tokenizer, verified_dir
 from shared.models.reward_model import RewardModel
 from shared.version_line import REWARD_MODEL, VersionLine
 
@@ -109,6 +111,8 @@ def split_heldout(
 class OfflineResult:
     manifest: Manifest
     metrics: dict[str, float]
+    history: tuple[EpochStats, ...]
+    """One entry per training epoch (mean loss, pairwise accuracy on the training pairs, ...)."""
 
     @property
     def version(self) -> str:
@@ -126,19 +130,16 @@ def train_first_rm(
     make_current: bool = True,
 ) -> OfflineResult:
     """Train an RM on ``rankings_jsonl`` from a policy version's backbone and publish it (rm-NNNN)."""
-    from transformers import AutoTokenizer
-
     started = time.monotonic()
     rankings_jsonl = Path(rankings_jsonl)
     base = base_policy_version or store.current("policy")
     if not base:
         raise ValueError(f"no policy version in the model store at {store.root}; run `rlhf bootstrap`")
-    store.verify(base)
+    base_dir = verified_dir(store, base)
     groups = read_rankings(rankings_jsonl)
     train, held = split_heldout(groups, heldout_fraction, settings.seed)
-    base_dir = store.path(base)
     model = RewardModel.from_policy_dir(base_dir, seed=settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer = load_tokenizer(base_dir)
     trainer = RewardTrainer(model, tokenizer, settings)
     acc_before, _ = trainer.evaluate(held)
     n_epochs = settings.epochs if epochs is None else epochs
@@ -208,7 +209,7 @@ def train_first_rm(
         before=round(acc_before, 3) if not math.isnan(acc_before) else "n/a",
         seconds=round(time.monotonic() - started, 1),
     )
-    return OfflineResult(manifest, metrics)
+    return OfflineResult(manifest, metrics, tuple(history))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,19 +42,10 @@ import torch
 
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
+from shared.models.loading import load_tokenizer, verified_dir, weights_dtype
 
 from . import distributed
-from .models import (
-    PolicyHead,
-    frozen_copy,
-    load_policy,
-    load_reference,
-    load_tokenizer,
-    load_value_model,
-    save_policy,
-    verified_dir,
-    weights_dtype,
-)
+from .models import PolicyHead, frozen_copy, load_policy, load_reference, load_value_model, save_policy
 from .ppo import (
     AdaptiveKLController,
     FixedKLController,

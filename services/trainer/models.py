@@ -9,26 +9,24 @@
 DistributedDataParallel): one forward pass returns response-aligned per-token quantities (see
 rollout.py), computing the unembedding only where a response token is predicted.
 
-Loading from the store verifies every file's sha256 first (``ModelStore.verify``); nothing is ever
-unpickled (``use_safetensors=True``; the reward model loader reads safetensors only).
+Loading goes through shared/models/loading.py: a store version is verified (every file's sha256)
+before it is read, and weights come from safetensors only; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shared.model_store import PICKLE_SUFFIXES, ModelStore
-from shared.models.reward_model import RewardModel, _quiet_transformers
+from shared.model_store import PICKLE_SUFFIXES
+from shared.models.loading import load_causal_lm
+from shared.models.reward_model import RewardModel
 
 from .ppo import logprobs_from_logits
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 class PolicyHead(nn.Module):
@@ -108,26 +106,11 @@ class ValueHead(nn.Module):
 # --- loading ----------------------------------------------------------------------------------
 
 
-def verified_dir(store: ModelStore, version: str) -> Path:
-    """The directory of ``version`` after checking every file against its manifest (raises if corrupt)."""
-    store.verify(version)
-    return store.path(version)
-
-
-def load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
-
-
 def load_policy(model_dir: Path) -> nn.Module:
-    """The causal LM in ``model_dir`` in float32 for training (safetensors only)."""
-    from transformers import AutoModelForCausalLM
-
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
+    """The causal LM in ``model_dir`` in float32 for training (safetensors only, no KV cache)."""
+    model = load_causal_lm(model_dir, dtype=torch.float32, train=True, quiet=True)
     model.config.use_cache = False
-    return model.train()
+    return model
 
 
 def load_reference(model_dir: Path) -> nn.Module:
@@ -149,18 +132,6 @@ def load_value_model(rm_dir: Path) -> ValueHead:
     return ValueHead(RewardModel.load(rm_dir)).train()
 
 
-def weights_dtype(model_dir: Path) -> torch.dtype:
-    """The floating dtype of the tensors in ``model_dir``'s safetensors files (headers only)."""
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        for name, info in header.items():
-            if name != "__metadata__" and info.get("dtype") in _SAFETENSORS_DTYPES:
-                return _SAFETENSORS_DTYPES[info["dtype"]]
-    return torch.float32
-
-
 # --- saving -----------------------------------------------------------------------------------
 
 
@@ -168,8 +139,9 @@ def save_policy(policy: nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.d
     """Write ``policy`` as a Hugging Face directory (config.json, generation config, tokenizer,
     safetensors) that the inference service can hot-swap in place of the policy it was loaded from.
 
-    ``dtype``: cast the weights to it (the dtype of the published policy, see ``weights_dtype``), so
-    the tensor names, shapes and dtypes match what services/inference/weights.py checks.
+    ``dtype``: cast the weights to it (the dtype of the published policy, see
+    shared/models/loading.py's ``weights_dtype``), so the tensor names, shapes and dtypes match
+    what services/inference/weights.py checks.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

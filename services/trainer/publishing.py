@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from services.trainer.rollout import Rollout
 from services.trainer.rollouts import Scorer
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
+from shared.models.encoding import render_prompt
 from shared.version_line import POLICY, Announcer, PendingAnnouncement, VersionLine
 
 log = get_logger(__name__)
@@ -114,14 +115,7 @@ class PolicyPublisher:
         self.max_tokens = max_tokens
 
     def prompt_ids(self, learner: Any) -> list[list[int]]:
-        return [
-            list(
-                learner.tokenizer.apply_chat_template(
-                    [asdict(m) for m in p], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-            for p in self.heldout
-        ]
+        return [render_prompt(learner.tokenizer, p) for p in self.heldout]
 
     def score_answers(self, answers: Sequence[str]) -> tuple[list[float], str, int]:
         """(scores, RM version, empty answers) of greedy answers to the held-out prompts."""

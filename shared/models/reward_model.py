@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.models.loading import load_backbone, load_tokenizer, quiet_transformers
+
 WEIGHTS_NAME = "model.safetensors"
 HEAD_NAME = "reward_head.json"
 HEAD_FORMAT = 1
@@ -89,15 +91,9 @@ class RewardModel(nn.Module):
     @classmethod
     def from_policy_dir(cls, policy_dir: Path, seed: int = 0) -> RewardModel:
         """Backbone = the causal LM in ``policy_dir`` without its lm_head; a fresh head, offset 0."""
-        from transformers import AutoModel
-
-        with _quiet_transformers():
-            backbone, info = AutoModel.from_pretrained(
-                str(policy_dir), dtype=torch.float32, output_loading_info=True, use_safetensors=True
-            )
-        if info.get("missing_keys"):
-            missing = sorted(info["missing_keys"])[:5]
-            raise RewardModelError(f"{policy_dir}: backbone weights missing from the checkpoint: {missing}")
+        backbone, missing = load_backbone(policy_dir)
+        if missing:
+            raise RewardModelError(f"{policy_dir}: backbone weights missing from the checkpoint: {missing[:5]}")
         model = cls(backbone, _hidden_size(backbone.config))
         model.init_head(seed)
         model.info["backbone_source"] = Path(policy_dir).name
@@ -150,7 +146,7 @@ class RewardModel(nn.Module):
             config = AutoConfig.from_pretrained(str(model_dir))
         except (OSError, ValueError) as exc:
             raise RewardModelError(f"{model_dir.name}: unreadable config.json: {exc}") from None
-        with _quiet_transformers():
+        with quiet_transformers():
             backbone = AutoModel.from_config(config, dtype=torch.float32)
         model = cls(backbone, _hidden_size(config))
         if model.hidden_size != head.get("hidden_size"):
@@ -199,14 +195,12 @@ def load_version(store: Any, version: str, manifest: Any = None) -> LoadedReward
     A corrupt version raises shared.model_store.CorruptVersionError before a byte of it is parsed.
     ``manifest``: the version was verified just now (a follower did), do not hash it again.
     """
-    from transformers import AutoTokenizer
-
     if manifest is None:
         manifest = store.verify(version)
     model_dir = store.path(version)
     model = RewardModel.load(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as exc:
         raise RewardModelError(f"{version}: unreadable tokenizer: {exc}") from None
     return LoadedRewardModel(version, model, tokenizer, manifest.parent, manifest.created_at, dict(manifest.metrics))
@@ -236,23 +230,3 @@ def _hidden_size(config: Any) -> int:
         if getattr(text, name, None):
             return int(getattr(text, name))
     raise RewardModelError(f"cannot tell the hidden size of a {type(config).__name__}")
-
-
-class _quiet_transformers:
-    """Silence transformers' load report (the dropped lm_head is expected, not a problem)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._hf = hf_logging
-        self._level = hf_logging.get_verbosity()
-        self._bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc):
-        self._hf.set_verbosity(self._level)
-        if self._bar:
-            self._hf.enable_progress_bar()
-        return False

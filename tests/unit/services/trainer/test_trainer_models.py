@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from services.inference.weights import check_compatible, tensor_signature
-from services.trainer.models import (
-    PolicyHead,
-    frozen_copy,
-    load_policy,
-    load_tokenizer,
-    load_value_model,
-    save_policy,
-    weights_dtype,
-)
+from services.trainer.models import PolicyHead, frozen_copy, load_policy, load_value_model, save_policy
 from services.trainer.rollout import Rollout, collate
+from shared.models.loading import load_tokenizer, weights_dtype
 from shared.models.reward_model import RewardModel
 
 
