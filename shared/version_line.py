@@ -4,7 +4,7 @@ line; inference replicas follow the first, reward scorers the second.
 
 Publishing side (one publisher per line):
 
-    line = VersionLine(store, POLICY, KafkaAnnouncer(SyncPublisher(kafka, "trainer"), POLICY))
+    line = VersionLine(store, POLICY, KafkaAnnouncer(KafkaPublisher(kafka, "trainer"), POLICY))
     manifest = line.publish(out_dir, parent="policy-0002", metrics={...}, extra={...})  # atomic, current
     ...                                   # record what the publisher must remember (checkpoint, SQLite)
     line.announce_pending()               # then tell the followers (acks=all); False: still owed
@@ -109,7 +109,7 @@ class KafkaAnnouncer:
 
     def __init__(self, publisher: Any, kind: LineKind):
         self.publisher = publisher
-        """Anything with ``publish_and_wait(topic, payload, key=...)`` (shared.kafka.producer)."""
+        """Anything with ``publish_and_wait(topic, payload, key=...)`` (a shared.kafka.publishers.Publisher)."""
         self.kind = kind
 
     def announce(self, event: Any) -> None:
@@ -315,7 +315,7 @@ class VersionFollower:
     # --- the Kafka side ----------------------------------------------------------------------------
 
     def subscribe(self, reader: Any) -> None:
-        """Take the reader of the line's topic, positioned at its end (a shared.kafka TopicFollower
+        """Take the reader of the line's topic, positioned at its end (a shared.kafka.readers.TopicFollower
         of ``line.kind.topic``). Made before the service reads the store's current version, so that
         a version announced in between is not missed."""
         self._reader = reader

@@ -16,7 +16,7 @@ from services.feedback.ledger import FeedbackLedger, LedgerFollower
 from services.feedback.servicer import FeedbackServicer
 from services.feedback.serving import FeedbackServing
 from shared.grpc_server import GrpcServer
-from shared.kafka.producer import AsyncPublisher, EventPublisher
+from shared.kafka.publishers import KafkaPublisher, Outbox, RdKafkaPublisher
 from shared.pb import feedback_pb2_grpc
 
 
@@ -24,8 +24,8 @@ class FeedbackApp:
     def __init__(self, cfg: FeedbackConfig):
         self.cfg = cfg
         self.ledger = FeedbackLedger()
-        self.publisher = AsyncPublisher(cfg.kafka, "feedback", linger_ms=cfg.publish_linger_ms)
-        self.dlq = EventPublisher(cfg.kafka, "feedback")
+        self.publisher = RdKafkaPublisher(cfg.kafka, "feedback", linger_ms=cfg.publish_linger_ms)
+        self.dlq = Outbox(KafkaPublisher(cfg.kafka, "feedback"))
         self.serving = FeedbackServing(cfg, self.publisher, self.dlq, self.ledger)
         self.server = GrpcServer("FeedbackService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.serving), self.server.server)

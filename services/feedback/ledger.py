@@ -9,15 +9,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import confluent_kafka
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from services.feedback.protocol import SubmitResult
 from shared.config import KafkaConfig
 from shared.events import FeedbackEvent
-from shared.kafka.client import rdkafka_consumer_config
-from shared.kafka.consumer import decode_value_or_skip
+from shared.kafka.readers import RdKafkaAssignedReader, decode_or_skip
 from shared.kafka.topics import FEEDBACK
 from shared.logging import get_logger, log_event
 
@@ -100,43 +97,22 @@ class FeedbackLedger:
 class LedgerFollower:
     """Reads rlhf.feedback from the beginning into a ledger, then keeps tailing it.
 
-    It reads every rating the service writes, so it runs on librdkafka (confluent-kafka): fetching
-    and checking records in C leaves the GIL to the request path.
+    It reads every rating the service writes, so it reads with librdkafka (RdKafkaAssignedReader):
+    fetching and checking records in C leaves the GIL to the request path.
     """
 
     def __init__(self, cfg: KafkaConfig, ledger: FeedbackLedger, *, metadata_timeout_s: float = 30.0):
         self.ledger = ledger
         self.caught_up = threading.Event()
-        # librdkafka's own log lines through our logging rather than its format on stderr.
-        self._consumer = confluent_kafka.Consumer(
-            rdkafka_consumer_config(cfg, "feedback-ledger"), logger=get_logger("rdkafka")
+        self._reader = RdKafkaAssignedReader(
+            cfg, "feedback-ledger", [FEEDBACK], start="beginning", metadata_timeout_s=metadata_timeout_s
         )
         try:
-            partitions = self._wait_for_partitions(metadata_timeout_s)
-            self._end = {
-                p: self._consumer.get_watermark_offsets(TopicPartition(FEEDBACK, p), timeout=metadata_timeout_s)[1]
-                for p in partitions
-            }
+            self._end = self._reader.end_offsets()
         except Exception:
-            self._consumer.close()
+            self._reader.close()
             raise
-        self._next = {p: 0 for p in partitions}
-        self._consumer.assign([TopicPartition(FEEDBACK, p, OFFSET_BEGINNING) for p in partitions])
-
-    def _wait_for_partitions(self, timeout_s: float) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                topic = self._consumer.list_topics(FEEDBACK, timeout=max(0.5, deadline - time.monotonic())).topics[
-                    FEEDBACK
-                ]
-                if topic.error is None and topic.partitions:
-                    return sorted(topic.partitions)
-            except confluent_kafka.KafkaException:
-                pass  # broker not reachable yet
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"topic {FEEDBACK} does not exist (or the broker is unreachable)")
-            time.sleep(0.2)
+        self._next = dict.fromkeys(self._end, 0)
 
     def _applied_already(self, value: bytes | None) -> bool:
         """True for a record whose rating the ledger holds already, mostly this replica's own
@@ -152,16 +128,11 @@ class LedgerFollower:
         started = time.monotonic()
         try:
             while not stop.is_set():
-                for msg in self._consumer.consume(num_messages=1000, timeout=0.3):
-                    if msg.error() is not None:
-                        log_event(log, "feedback ledger read error", level=30, error=msg.error().str())
+                for record in self._reader.poll():
+                    self._next[(record.topic, record.partition)] = record.offset + 1
+                    if self._applied_already(record.value):
                         continue
-                    self._next[msg.partition()] = msg.offset() + 1
-                    if self._applied_already(msg.value()):
-                        continue
-                    env = decode_value_or_skip(
-                        msg.value(), FEEDBACK, msg.partition(), msg.offset(), expect=FeedbackEvent
-                    )
+                    env = decode_or_skip(record, expect=FeedbackEvent)
                     if env is not None:
                         self.ledger.apply(env.payload)
                 if not self.caught_up.is_set() and all(self._next[p] >= end for p, end in self._end.items()):
@@ -173,4 +144,4 @@ class LedgerFollower:
                         seconds=round(time.monotonic() - started, 2),
                     )
         finally:
-            self._consumer.close()
+            self._reader.close()

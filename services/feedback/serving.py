@@ -30,7 +30,7 @@ from services.feedback.protocol import (
 from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unavailable
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify
-from shared.kafka.producer import AsyncPublisher, EventPublisher
+from shared.kafka.publishers import Outbox, Publisher
 from shared.kafka.topics import FEEDBACK, FEEDBACK_DLQ
 from shared.logging import get_logger
 
@@ -200,7 +200,7 @@ def feedback_id(user_id: str, intent: str) -> str:
 
 
 class FeedbackServing:
-    def __init__(self, cfg: FeedbackConfig, publisher: AsyncPublisher, dlq: EventPublisher, ledger: FeedbackLedger):
+    def __init__(self, cfg: FeedbackConfig, publisher: Publisher, dlq: Outbox, ledger: FeedbackLedger):
         self.cfg = cfg
         self.publisher = publisher
         self.dlq = dlq

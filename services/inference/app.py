@@ -12,8 +12,8 @@ from services.inference.engine import VllmEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.serving import InferenceServing
 from shared.grpc_server import GrpcServer
-from shared.kafka.consumer import TopicFollower
-from shared.kafka.producer import EventPublisher
+from shared.kafka.publishers import KafkaPublisher, Outbox
+from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger
 from shared.model_store import ModelStore
 from shared.pb import inference_pb2_grpc
@@ -25,7 +25,7 @@ log = get_logger(__name__)
 class InferenceApp:
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
-        self.publisher = EventPublisher(cfg.kafka, "inference") if cfg.kafka.servers else None
+        self.publisher = Outbox(KafkaPublisher(cfg.kafka, "inference")) if cfg.kafka.servers else None
         self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
         self.server = GrpcServer("InferenceService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)

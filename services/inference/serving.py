@@ -32,7 +32,7 @@ from services.inference.swap_gate import SwapGate
 from services.inference.weights import check_compatible
 from shared.errors import InvalidArgument, Unavailable
 from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
-from shared.kafka.producer import EventPublisher
+from shared.kafka.publishers import Outbox
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -122,7 +122,7 @@ class GenerationStream:
 
 
 class InferenceServing:
-    def __init__(self, cfg: InferenceConfig, engine: VllmEngine, store: ModelStore, publisher: EventPublisher | None):
+    def __init__(self, cfg: InferenceConfig, engine: VllmEngine, store: ModelStore, publisher: Outbox | None):
         self.cfg = cfg
         self.engine = engine
         self.store = store

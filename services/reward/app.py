@@ -17,8 +17,8 @@ from services.reward.config import RewardConfig
 from services.reward.scorer import RewardScorer
 from services.reward.servicer import RewardServicer
 from shared.grpc_server import GrpcServer
-from shared.kafka.consumer import TopicFollower
-from shared.kafka.producer import SyncPublisher
+from shared.kafka.publishers import KafkaPublisher
+from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import reward_pb2_grpc
@@ -36,7 +36,7 @@ class RewardApp:
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
         self.learner = None  # a learner.ContinualLearner when RLHF_REWARD_LEARNER is on and Kafka is set
         self._learner_thread = None
-        self._publisher: SyncPublisher | None = None
+        self._publisher: KafkaPublisher | None = None
 
     @property
     def address(self) -> str:
@@ -72,7 +72,7 @@ class RewardApp:
         from services.reward.learner_state import LearnerState
 
         state = LearnerState(self.cfg.state_dir / "learner.sqlite3")
-        self._publisher = SyncPublisher(self.cfg.kafka, "reward")
+        self._publisher = KafkaPublisher(self.cfg.kafka, "reward").connect()
         # The learner owns the rm line: it publishes, and announces once each version is stored.
         line = VersionLine(self.store, REWARD_MODEL, KafkaAnnouncer(self._publisher, REWARD_MODEL))
         # The scorer beside the learner swaps at once; other replicas follow the announcement.

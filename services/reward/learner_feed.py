@@ -15,101 +15,67 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kafka import KafkaConsumer, TopicPartition
-
 from services.reward import metrics
 from shared.config import KafkaConfig
-from shared.kafka.client import consumer_kwargs
-from shared.kafka.consumer import decode_or_skip, wait_for_partitions
+from shared.kafka.readers import AssignedReader, Partition, decode_or_skip
 from shared.kafka.topics import COMPLETIONS, FEEDBACK
-from shared.logging import get_logger, log_event
+from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-Ingest = Callable[[Sequence[object], dict[tuple[str, int], int]], None]
+Ingest = Callable[[Sequence[object], dict[Partition, int]], None]
 
 
 class LearnerFeed:
     def __init__(
         self,
         cfg: KafkaConfig,
-        stored_offsets: dict[tuple[str, int], int],
+        stored_offsets: dict[Partition, int],
         topics: Sequence[str] = (FEEDBACK, COMPLETIONS),
         *,
         poll_timeout_ms: int = 500,
         max_records: int = 1000,
     ):
         self.topics = tuple(topics)
-        self.poll_timeout_ms = poll_timeout_ms
-        self.max_records = max_records
-        self._consumer = KafkaConsumer(**consumer_kwargs(cfg, "reward-learner", group_id=None))
-        self._parts: list[TopicPartition] = []
-        for topic in self.topics:
-            self._parts += [TopicPartition(topic, p) for p in sorted(wait_for_partitions(self._consumer, topic))]
-        self._consumer.assign(self._parts)
-        ends = self._consumer.end_offsets(self._parts)
-        resumed = 0
-        for tp in self._parts:
-            offset = stored_offsets.get((tp.topic, tp.partition))
-            if offset is not None and offset > ends[tp]:
-                # The topic is shorter than what we read of it: it was recreated (e.g. the embedded,
-                # memory-only broker restarted). Its records are all new to us.
-                log_event(
-                    log,
-                    "topic is behind the stored offset (recreated?): reading it from the start",
-                    level=30,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    stored=offset,
-                    end=ends[tp],
-                )
-                offset = None
-            if offset is None:
-                self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, offset)
-                resumed += 1
-        log_event(
-            log,
-            "learner feed assigned",
-            partitions=len(self._parts),
-            resumed=resumed,
-            from_beginning=len(self._parts) - resumed,
+        self._reader = AssignedReader(
+            cfg,
+            "reward-learner",
+            self.topics,
+            start=stored_offsets,
+            poll_timeout_ms=poll_timeout_ms,
+            max_records=max_records,
         )
 
     def poll(self, ingest: Ingest) -> int:
         """Read one batch and hand its payloads with the offsets after them to ``ingest``; returns
         the number of records read (bad ones included)."""
-        batches = self._consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
+        records = self._reader.poll()
+        if not records:
+            return 0
         payloads: list[object] = []
-        offsets: dict[tuple[str, int], int] = {}
-        count = 0
-        for tp, records in batches.items():
-            for record in records:
-                count += 1
-                env = decode_or_skip(record)
-                if env is not None:
-                    payloads.append(env.payload)
-                offsets[(tp.topic, tp.partition)] = record.offset + 1
-        if count:
-            try:
-                ingest(payloads, offsets)
-            except BaseException:
-                # Nothing of the batch was stored: read it again next time.
-                for tp, records in batches.items():
-                    if records:
-                        self._consumer.seek(tp, records[0].offset)
-                raise
-        return count
+        offsets: dict[Partition, int] = {}
+        first: dict[Partition, int] = {}
+        for record in records:
+            env = decode_or_skip(record)
+            if env is not None:
+                payloads.append(env.payload)
+            part = (record.topic, record.partition)
+            first.setdefault(part, record.offset)
+            offsets[part] = record.offset + 1
+        try:
+            ingest(payloads, offsets)
+        except BaseException:
+            # Nothing of the batch was stored: read it again next time.
+            for part, offset in first.items():
+                self._reader.seek(part, offset)
+            raise
+        return len(records)
 
     def update_lag(self) -> dict[str, int]:
-        ends = self._consumer.end_offsets(self._parts)
-        lag = {t: 0 for t in self.topics}
-        for tp in self._parts:
-            lag[tp.topic] += max(0, ends[tp] - self._consumer.position(tp))
+        lag = self._reader.lag()
         for topic, n in lag.items():
             metrics.CONSUMER_LAG.labels(topic).set(n)
         return lag
 
     def close(self) -> None:
-        self._consumer.close()
+        self._reader.close()

@@ -28,8 +28,8 @@ from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer, Rollo
 from services.trainer.servicer import TrainerServicer
 from shared.events import CompletionEvent
 from shared.grpc_server import GrpcServer
-from shared.kafka.consumer import GroupConsumer
-from shared.kafka.producer import SyncPublisher
+from shared.kafka.publishers import KafkaPublisher
+from shared.kafka.readers import GroupReader
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -52,8 +52,8 @@ class TrainerApp:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._channels: list[grpc.Channel] = []
-        self._consumer: GroupConsumer | None = None
-        self._publisher: SyncPublisher | None = None
+        self._consumer: GroupReader | None = None
+        self._publisher: KafkaPublisher | None = None
 
     @property
     def address(self) -> str:
@@ -67,10 +67,10 @@ class TrainerApp:
         await self.server.start()
         if self.cfg.live_prompt_fraction > 0:
             self._consumer = await asyncio.to_thread(
-                GroupConsumer, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS]
+                GroupReader, self.cfg.kafka, "trainer", self.cfg.consumer_group, [COMPLETIONS]
             )
             self._start_thread(self._consumer.run, "trainer-prompts", self._on_completion, self._stop)
-        self._publisher = await asyncio.to_thread(SyncPublisher, self.cfg.kafka, "trainer")
+        self._publisher = await asyncio.to_thread(KafkaPublisher(self.cfg.kafka, "trainer").connect)
         # Loading may wait a long time for a reward model to appear: a SIGTERM meanwhile ends start
         # early (health stays NOT_SERVING) instead of being ignored until the models arrive.
         build = asyncio.ensure_future(asyncio.to_thread(self._build_loop))

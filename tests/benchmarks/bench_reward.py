@@ -45,7 +45,7 @@ from shared.events import CompletionEvent, Message, Timings
 from shared.feedback_token import TokenClaims, prompt_hash, sign
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker, free_port
-from shared.kafka.producer import EventPublisher
+from shared.kafka.publishers import KafkaPublisher, Outbox
 from shared.kafka.topics import COMPLETIONS
 from shared.model_store import ModelStore
 from shared.models.default_model import ensure_default_policy
@@ -111,7 +111,7 @@ class Services:
         ]
         wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), "feedback service", interval=0.3)
         wait_for(grpc_serving(f"127.0.0.1:{self.reward_port}"), "reward service", interval=0.3)
-        self.inference = EventPublisher(self.kafka, "inference")
+        self.inference = Outbox(KafkaPublisher(self.kafka, "inference"))
 
     def metric(self, name: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()

@@ -770,10 +770,10 @@ async def hot_swap_run(
 ) -> dict:
     from shared.config import KafkaConfig
     from shared.events import PolicyUpdateEvent
-    from shared.kafka.producer import SyncPublisher
+    from shared.kafka.publishers import KafkaPublisher
     from shared.kafka.topics import POLICY_UPDATES
 
-    publisher = await asyncio.to_thread(SyncPublisher, KafkaConfig(bootstrap_servers=server.kafka), "bench")
+    publisher = await asyncio.to_thread(KafkaPublisher(KafkaConfig(bootstrap_servers=server.kafka), "bench").connect)
     log_path = server.procs[0].log_path
     log_offset = log_path.stat().st_size
     before = await asyncio.to_thread(scrape_swap_metrics, server.metrics_url)

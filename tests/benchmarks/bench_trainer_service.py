@@ -53,7 +53,7 @@ from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer
 from shared.config import KafkaConfig, ModelStoreConfig, load_config
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
-from shared.kafka.producer import SyncPublisher
+from shared.kafka.publishers import KafkaPublisher
 from shared.model_store import ModelStore
 from shared.models.default_model import ensure_default_policy
 from shared.version_line import POLICY, KafkaAnnouncer
@@ -168,7 +168,7 @@ def main() -> None:
         heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
         publisher = PolicyPublisher(
             store,
-            KafkaAnnouncer(SyncPublisher(kafka, "bench"), POLICY),
+            KafkaAnnouncer(KafkaPublisher(kafka, "bench"), POLICY),
             scorer,
             heldout,
             max_tokens=args.max_tokens,

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from shared.events import CompletionEvent, PolicyUpdateEvent
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
-from shared.kafka.producer import SyncPublisher
+from shared.kafka.publishers import KafkaPublisher
 from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.conftest import (
@@ -61,7 +61,7 @@ def greedy(stub, max_tokens=24):
 
 
 def announce(env, version: str, sha: str | None = None) -> None:
-    publisher = SyncPublisher(env["broker"].kafka, "test")
+    publisher = KafkaPublisher(env["broker"].kafka, "test")
     store = env["store"]
     publisher.publish_and_wait(
         POLICY_UPDATES,

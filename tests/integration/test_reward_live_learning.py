@@ -29,7 +29,7 @@ from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_fi
 from shared.config import ModelStoreConfig, load_config
 from shared.events import CompletionEvent, Message, RewardModelEvent, Timings
 from shared.feedback_token import TokenClaims, prompt_hash, sign
-from shared.kafka.producer import EventPublisher
+from shared.kafka.publishers import KafkaPublisher, Outbox
 from shared.kafka.topics import COMPLETIONS, REWARD_MODELS
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -75,7 +75,7 @@ class World:
         self.store.publish("policy", copy)
         train_first_rm(self.store, EXAMPLE_RANKINGS, epochs=3, settings=OFFLINE_SETTINGS)
         self.state_dir = tmp_path_factory.mktemp("learner-state")
-        self.inference = EventPublisher(self.broker.kafka, "inference")
+        self.inference = Outbox(KafkaPublisher(self.broker.kafka, "inference"))
         self.channel = grpc.insecure_channel(self.feedback.address)
         self.feedback_stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
         self.reward = None

@@ -1,4 +1,4 @@
-"""AsyncPublisher (librdkafka) against the real embedded broker: a returned publish is on the
+"""RdKafkaPublisher (librdkafka) against the real embedded broker: a returned publish is on the
 topic, concurrent records keep their per-key order and land where kafka-python would put them,
 and a broker outage fails publishes within the delivery timeout, after which publishing recovers."""
 
@@ -14,7 +14,7 @@ from shared.events import FeedbackEvent, RatedResponse
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.kafka.envelope import decode
-from shared.kafka.producer import AsyncPublisher, PublishFailed
+from shared.kafka.publishers import PublishFailed, RdKafkaPublisher
 from shared.kafka.topics import FEEDBACK
 from tests.conftest import start_broker
 
@@ -56,7 +56,7 @@ def records(kafka, prefix: str) -> list:
 
 
 def test_a_returned_publish_is_on_the_topic_with_its_key(broker):
-    publisher = AsyncPublisher(broker.kafka, "test")
+    publisher = RdKafkaPublisher(broker.kafka, "test")
     event = rating("solo-u", 1)
     try:
         env = asyncio.run(publisher.publish(FEEDBACK, event, key="solo-u"))
@@ -68,7 +68,7 @@ def test_a_returned_publish_is_on_the_topic_with_its_key(broker):
 
 
 def test_concurrent_publishes_all_land_once_in_per_key_order_on_kafka_pythons_partition(broker):
-    publisher = AsyncPublisher(broker.kafka, "test")
+    publisher = RdKafkaPublisher(broker.kafka, "test")
     users = [f"conc-u{i}" for i in range(8)]
 
     async def publish_user(user: str) -> None:
@@ -95,7 +95,7 @@ def test_concurrent_publishes_all_land_once_in_per_key_order_on_kafka_pythons_pa
 def test_broker_down_fails_within_the_delivery_timeout_and_publishing_recovers():
     own = start_broker()
     kafka = dataclasses.replace(own.kafka, delivery_timeout_s=3.0, request_timeout_ms=2000)
-    publisher = AsyncPublisher(kafka, "test")
+    publisher = RdKafkaPublisher(kafka, "test")
     try:
         asyncio.run(publisher.publish(FEEDBACK, rating("down-u", 1), key="down-u"))
         port = own.broker.port
@@ -121,7 +121,7 @@ def test_broker_down_fails_within_the_delivery_timeout_and_publishing_recovers()
 
 
 def test_a_record_without_a_delivery_report_fails_after_its_deadline_instead_of_hanging():
-    from shared.kafka.producer import _LoopDeliveries
+    from shared.kafka.publishers import _LoopDeliveries
 
     async def scenario():
         deliveries = _LoopDeliveries(asyncio.get_running_loop(), deadline_s=0.2)
@@ -136,14 +136,14 @@ def test_a_record_without_a_delivery_report_fails_after_its_deadline_instead_of_
 
 
 def test_warm_up_connects_before_the_first_publish_and_reports_an_absent_broker(broker):
-    publisher = AsyncPublisher(broker.kafka, "test")
+    publisher = RdKafkaPublisher(broker.kafka, "test")
     try:
         assert publisher.warm_up(timeout_s=10)
         asyncio.run(publisher.publish(FEEDBACK, rating("warm-u", 1), key="warm-u"))
     finally:
         publisher.close()
     nowhere = dataclasses.replace(broker.kafka, bootstrap_servers="127.0.0.1:1")
-    absent = AsyncPublisher(nowhere, "test")
+    absent = RdKafkaPublisher(nowhere, "test")
     try:
         assert absent.warm_up(timeout_s=1) is False
     finally:

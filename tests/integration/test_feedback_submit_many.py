@@ -15,7 +15,7 @@ from services.feedback.serving import FeedbackServing
 from shared.config import FeedbackTokenConfig, load_config
 from shared.errors import InvalidArgument, RlhfError
 from shared.feedback_token import TokenClaims, sign
-from shared.kafka.producer import AsyncPublisher, EventPublisher
+from shared.kafka.publishers import KafkaPublisher, Outbox, RdKafkaPublisher
 from shared.kafka.topics import FEEDBACK
 from tests.conftest import consume_events
 
@@ -42,7 +42,7 @@ def test_a_batch_keeps_each_ratings_outcome_and_orders_votes_on_one_target(broke
 
     async def scenario():
         cfg = load_config(FeedbackConfig, {}, kafka=broker.kafka, token=FeedbackTokenConfig(secret=SECRET))
-        publisher, dlq = AsyncPublisher(broker.kafka, "test"), EventPublisher(broker.kafka, "test")
+        publisher, dlq = RdKafkaPublisher(broker.kafka, "test"), Outbox(KafkaPublisher(broker.kafka, "test"))
         serving = FeedbackServing(cfg, publisher, dlq, FeedbackLedger())
         try:
             outcomes = await serving.submit_many([(s, lambda: "raw") for s in batch])
