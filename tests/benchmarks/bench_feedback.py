@@ -585,9 +585,13 @@ def main() -> None:
             for version, code in versions:
                 stacks[version] = Stack(code, version, args.partitions)
                 origins[version] = stacks[version].origins
+            # Which version goes first alternates by round: the second one in a round measured
+            # systematically slower (an A/A run of one commit against itself gave x0.78 ratings/s),
+            # so a fixed order would be read as a regression. Use an even number of rounds.
+            order = versions if round_no % 2 else versions[::-1]
             for concurrency in levels:
                 for path in paths:
-                    for version, _ in versions:
+                    for version, _ in order:
                         if version == "before" and path not in ("http", "http-wrk", "grpc"):
                             continue  # the raw producers do not depend on the code version
                         rows.append(
