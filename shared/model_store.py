@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.durable_files import CHUNK, fsync_dir, fsync_tree, sha256_file, write_synced
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,7 +48,6 @@ MANIFEST_FORMAT = 1
 # Weight formats that are unpickled on load (and so can execute arbitrary code): never stored.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TMP_PREFIX = ".tmp-"
-_CHUNK = 1 << 20
 _LINE_RE = re.compile(r"^[a-z]+\Z")  # \Z, not $: no trailing newline; ASCII only
 _VERSION_RE = re.compile(r"^([a-z]+)-([0-9]{4,})\Z")
 
@@ -289,8 +290,8 @@ class ModelStore:
         while True:
             version = f"{line}-{number:04d}"
             manifest = Manifest(version, line, parent, time.time(), files, metrics, extra)
-            _write_synced(tmp / MANIFEST_NAME, manifest.to_json())
-            _fsync_tree(tmp)
+            write_synced(tmp / MANIFEST_NAME, manifest.to_json())
+            fsync_tree(tmp)
             try:
                 # rename(2) of a directory fails when the target is a non-empty directory, and every
                 # published version holds a manifest: so a taken number is never overwritten.
@@ -300,7 +301,7 @@ class ModelStore:
                     raise
                 number = max(number, *self._numbers(line)) + 1
             else:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 return manifest
 
     def _pointer_path(self, line: str) -> Path:
@@ -336,12 +337,12 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.{name}"
         try:
-            _write_synced(tmp, json.dumps(doc, allow_nan=False).encode() + b"\n")
+            write_synced(tmp, json.dumps(doc, allow_nan=False).encode() + b"\n")
             os.replace(tmp, self.root / f"{line}.{name}")  # atomic: readers see the old or the new record
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
 
 def load_safetensors_state_dict(version_dir: Path) -> dict[str, torch.Tensor]:
@@ -409,13 +410,7 @@ def _weight_format_problem(rel_paths: Collection[str]) -> str | None:
 
 
 def _hash_file(path: Path) -> FileDigest:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return FileDigest(digest.hexdigest(), size)
+    return FileDigest(*sha256_file(path))
 
 
 def _copy_file(src: Path, dst: Path) -> FileDigest:
@@ -424,31 +419,10 @@ def _copy_file(src: Path, dst: Path) -> FileDigest:
     digest = hashlib.sha256()
     size = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
+        while chunk := fin.read(CHUNK):
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
         fout.flush()
         os.fsync(fout.fileno())
     return FileDigest(digest.hexdigest(), size)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every directory under ``root`` so the new entries survive a crash (files are synced on write)."""
-    for dirpath, _, _ in os.walk(root):
-        _fsync_dir(Path(dirpath))

@@ -101,7 +101,7 @@ def response_labels(prompt_ids: list[int], response_ids: list[int]) -> tuple[lis
     return list(prompt_ids) + list(response_ids), [IGNORE] * len(prompt_ids) + list(response_ids)
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+def collate_demonstrations(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded (input_ids, attention_mask, labels); padding is IGNORE in labels."""
     longest = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
@@ -123,7 +123,7 @@ def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        ids, mask, labels = collate(examples[start : start + batch_size], pad_id)
+        ids, mask, labels = collate_demonstrations(examples[start : start + batch_size], pad_id)
         logits = model(input_ids=ids, attention_mask=mask).logits
         total += float(causal_lm_loss(logits, labels, reduction="sum"))
         count += int((labels[:, 1:] != IGNORE).sum())
@@ -172,7 +172,7 @@ def sft(model_dir: Path, demonstrations_path: Path, settings: SFTSettings = SFTS
     for _ in range(settings.epochs):
         rng.shuffle(train)
         for start in range(0, len(train), settings.batch_size):
-            ids, mask, labels = collate(train[start : start + settings.batch_size], pad_id)
+            ids, mask, labels = collate_demonstrations(train[start : start + settings.batch_size], pad_id)
             model.train()
             loss = causal_lm_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
             lr = warmup_cosine_lr(step, total, settings.warmup, settings.lr)

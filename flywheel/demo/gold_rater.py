@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from flywheel.demo.task import parse_prompt
+from flywheel.demo.task import parse_problem
 
 MAX_CONCISE_WORDS = 14
 COURTESY_RE = re.compile(r"\bi hope this helps\b", re.IGNORECASE)
@@ -50,7 +50,7 @@ class Verdict:
 
 def judge(prompt: str, response: str) -> Verdict:
     """The gold verdict on ``response`` to the user prompt ``prompt``."""
-    problem = parse_prompt(prompt)
+    problem = parse_problem(prompt)
     if problem is None or not response.strip():
         return Verdict(False, False, False)
     numbers = _NUMBER_RE.findall(response)

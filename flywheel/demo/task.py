@@ -88,7 +88,7 @@ def _order(p: Problem) -> tuple[int, int, int]:
     return (p.a, p.b, p.phrasing)
 
 
-def parse_prompt(text: str) -> Problem | None:
+def parse_problem(text: str) -> Problem | None:
     """The problem a prompt asks, or None when it is not one of the task's questions."""
     text = text.strip()
     for phrasing, pattern in enumerate(_QUESTION_RES):

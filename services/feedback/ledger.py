@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from services.feedback.protocol import SubmitResult
+from services.feedback.domain import SubmitResult
 from shared.config import KafkaConfig
 from shared.events import FeedbackEvent
 from shared.kafka.readers import RdKafkaAssignedReader, decode_or_skip

@@ -7,7 +7,7 @@ import functools
 import grpc
 from google.protobuf import text_format
 
-from services.feedback.protocol import Submission
+from services.feedback.domain import Submission
 from services.feedback.serving import FeedbackServing
 from shared.errors import RlhfError
 from shared.pb import feedback_pb2, feedback_pb2_grpc

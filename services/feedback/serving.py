@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from services.feedback import metrics
 from services.feedback.config import FeedbackConfig
-from services.feedback.ledger import FeedbackLedger, LiveVote
-from services.feedback.protocol import (
+from services.feedback.domain import (
     KINDS,
     MAX_ID_CHARS,
     MAX_RANKED,
@@ -27,6 +26,7 @@ from services.feedback.protocol import (
     Submission,
     SubmitResult,
 )
+from services.feedback.ledger import FeedbackLedger, LiveVote
 from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unavailable
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.inference.config import InferenceConfig
-from services.inference.protocol import Sampling
+from services.inference.domain import Sampling
 
 
 @dataclass(frozen=True)

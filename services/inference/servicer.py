@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.inference.protocol import GenerationRequest, GenerationResult
+from services.inference.domain import GenerationRequest, GenerationResult
 from services.inference.serving import InferenceServing
 from shared.events import Message
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from services.inference import metrics
 from services.inference.config import InferenceConfig
-from services.inference.engine import VllmEngine
-from services.inference.protocol import (
+from services.inference.domain import (
     ROLES,
     CompletionResult,
     Delta,
@@ -28,6 +27,7 @@ from services.inference.protocol import (
     PolicyStatus,
     Sampling,
 )
+from services.inference.engine import VllmEngine
 from services.inference.swap_gate import SwapGate
 from services.inference.weights import check_compatible
 from shared.errors import InvalidArgument, Unavailable

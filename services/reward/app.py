@@ -34,7 +34,7 @@ class RewardApp:
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
-        self.learner = None  # a learner.ContinualLearner when RLHF_REWARD_LEARNER is on and Kafka is set
+        self.learner = None  # a retraining.RetrainingLoop when RLHF_REWARD_LEARNER is on and Kafka is set
         self._learner_thread = None
         self._publisher: KafkaPublisher | None = None
 
@@ -67,21 +67,21 @@ class RewardApp:
         await self.server.set_serving()
 
     def _start_learner(self) -> None:
-        from services.reward.learner import ContinualLearner, LearnerThread
-        from services.reward.learner_feed import LearnerFeed
-        from services.reward.learner_state import LearnerState
+        from services.reward.ratings_feed import RatingsFeed
+        from services.reward.retraining import RetrainingLoop, RetrainingThread
+        from services.reward.retraining_state import RetrainingState
 
-        state = LearnerState(self.cfg.state_dir / "learner.sqlite3")
+        state = RetrainingState(self.cfg.state_dir / "learner.sqlite3")
         self._publisher = KafkaPublisher(self.cfg.kafka, "reward").connect()
         # The learner owns the rm line: it publishes, and announces once each version is stored.
         line = VersionLine(self.store, REWARD_MODEL, KafkaAnnouncer(self._publisher, REWARD_MODEL))
         # The scorer beside the learner swaps at once; other replicas follow the announcement.
-        self.learner = ContinualLearner(
+        self.learner = RetrainingLoop(
             self.cfg, self.store, state, line=line, on_published=lambda version: self.scorer.load(version)
         )
         # A version published before a restart (or offline, by rlhf bootstrap) and never announced.
         line.announce_pending()
-        self._learner_thread = LearnerThread(self.learner, LearnerFeed(self.cfg.kafka, state.offsets()))
+        self._learner_thread = RetrainingThread(self.learner, RatingsFeed(self.cfg.kafka, state.offsets()))
         self._learner_thread.start()
         log_event(log, "continual learner started", state=str(state.path), **state.counts())
 

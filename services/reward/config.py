@@ -49,7 +49,7 @@ class RewardConfig(ServiceConfig):
     """Intra-op threads of the forward passes; 0 keeps torch's default (one per core)."""
     learner: bool = True
     """Run the continual learner in this process (needs Kafka): it reads rlhf.feedback and
-    rlhf.completions, retrains the RM and publishes gated versions (services/reward/learner.py).
+    rlhf.completions, retrains the RM and publishes gated versions (services/reward/retraining.py).
     Exactly one reward replica may run it."""
     state_dir: Path = Path("var/reward-learner")
     """Where the learner keeps its SQLite state (votes, completion texts, what was trained, topic

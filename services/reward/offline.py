@@ -95,7 +95,7 @@ def read_rankings(path: Path) -> list[ComparisonGroup]:
     return read_jsonl(path, parse_ranking, RankingsFileError, "rankings")
 
 
-def split_heldout(
+def split_heldout_rankings(
     groups: list[ComparisonGroup], fraction: float, seed: int
 ) -> tuple[list[ComparisonGroup], list[ComparisonGroup]]:
     """(train, held out): a seeded shuffle; at least one of each when there are two or more rankings."""
@@ -137,7 +137,7 @@ def train_first_rm(
         raise ValueError(f"no policy version in the model store at {store.root}; run `rlhf bootstrap`")
     base_dir = verified_dir(store, base)
     groups = read_rankings(rankings_jsonl)
-    train, held = split_heldout(groups, heldout_fraction, settings.seed)
+    train, held = split_heldout_rankings(groups, heldout_fraction, settings.seed)
     model = RewardModel.from_policy_dir(base_dir, seed=settings.seed)
     tokenizer = load_tokenizer(base_dir)
     trainer = RewardTrainer(model, tokenizer, settings)

@@ -24,12 +24,12 @@ import torch
 
 from services.reward import metrics
 from services.reward.config import RewardConfig
-from services.reward.protocol import ROLES, RewardModelInfo, ScoreItem, ScoreResult
+from services.reward.domain import ROLES, RewardModelInfo, ScoreItem, ScoreResult
 from shared.errors import InvalidArgument, RlhfError, Unavailable
 from shared.events import RewardModelEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore, ModelStoreError
-from shared.models.encoding import EncodingLimits, encode, pad_batch
+from shared.models.encoding import EncodingLimits, encode_rm_input, pad_batch
 from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
 from shared.version_line import REWARD_MODEL, VerifiedVersion, VersionFollower, VersionLine
 
@@ -202,7 +202,7 @@ class RewardScorer:
     def _score(self, loaded: LoadedRewardModel, items: list[ScoreItem]) -> ScoreResult:
         tok = loaded.tokenizer
         with self._tokenize_lock:
-            encoded = [encode(tok, it.messages, it.response, self.limits) for it in items]
+            encoded = [encode_rm_input(tok, it.messages, it.response, self.limits) for it in items]
         pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         scores = [0.0] * len(items)

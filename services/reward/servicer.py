@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from services.reward.protocol import ScoreItem
+from services.reward.domain import ScoreItem
 from services.reward.scorer import RewardScorer
 from shared.events import Message
 from shared.pb import common_pb2, reward_pb2, reward_pb2_grpc

@@ -26,7 +26,7 @@ import torch
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample, TrainingExamples, sample_key
 from services.reward.losses import normalisation_offset, pairwise_accuracy, preference_batch_loss
 from shared.logging import get_logger, log_event
-from shared.models.encoding import EncodingLimits, encode, pad_batch
+from shared.models.encoding import EncodingLimits, encode_rm_input, pad_batch
 from shared.models.reward_model import RewardModel
 from shared.version_line import VersionLine
 
@@ -94,7 +94,9 @@ class RewardTrainer:
         key = sample_key(s)
         ids = self._ids.get(key)
         if ids is None:
-            ids = self._ids[key] = encode(self.tokenizer, s.messages, s.response, self.settings.limits).input_ids
+            ids = self._ids[key] = encode_rm_input(
+                self.tokenizer, s.messages, s.response, self.settings.limits
+            ).input_ids
         return ids
 
     def scores(self, samples: Sequence[Sample], raw: bool = False) -> torch.Tensor:

@@ -22,9 +22,9 @@ from services.trainer.config import TrainerConfig
 from services.trainer.learner import PPOLearner
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED
-from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout
+from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout_prompts
 from services.trainer.publishing import PolicyPublisher
-from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
+from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
 from services.trainer.servicer import TrainerServicer
 from shared.events import CompletionEvent
 from shared.grpc_server import GrpcServer
@@ -44,7 +44,7 @@ class TrainerApp:
         self.cfg = cfg
         self.store = ModelStore(cfg.model_store.root)
         self.checkpoints = CheckpointStore(cfg.checkpoint_dir, keep=cfg.checkpoints_kept)
-        self.heldout, self.train_prompts = split_heldout(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
+        self.heldout, self.train_prompts = split_heldout_prompts(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
         self.live = LivePromptBuffer(cfg.live_prompt_buffer, exclude=self.heldout)
         self.loop: TrainingLoop | None = None
         self.server = GrpcServer("TrainerService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)

@@ -21,7 +21,6 @@ manifest or a bad hash is skipped (logged) and the one before it is used. Nothin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.durable_files import fsync_dir, fsync_path, sha256_file, write_synced
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
@@ -141,22 +141,22 @@ class CheckpointStore:
         tmp.mkdir()
         try:
             save_file(tensors, str(tmp / TENSORS_FILE))
-            _write_synced(tmp / STATE_FILE, json.dumps({"step": step, "state": skeleton}, allow_nan=False).encode())
+            write_synced(tmp / STATE_FILE, json.dumps({"step": step, "state": skeleton}, allow_nan=False).encode())
             manifest = {
                 "format": FORMAT,
                 "step": step,
-                "files": {name: _sha256(tmp / name) for name in (TENSORS_FILE, STATE_FILE)},
+                "files": {name: sha256_file(tmp / name)[0] for name in (TENSORS_FILE, STATE_FILE)},
             }
-            _fsync(tmp / TENSORS_FILE)
-            _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-            _fsync_dir(tmp)
+            fsync_path(tmp / TENSORS_FILE)
+            write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+            fsync_dir(tmp)
             final = self.path(step)
             if final.exists():  # a re-save of the same step: move the old one aside first
                 stale = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
                 os.rename(final, stale)
                 shutil.rmtree(stale, ignore_errors=True)
             os.rename(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -180,7 +180,7 @@ class CheckpointStore:
                 raise CheckpointError(f"{path.name}: {name} is not in the manifest")
             if not (path / name).is_file():
                 raise CheckpointError(f"{path.name}: {name} is missing")
-            if _sha256(path / name) != files[name]:
+            if sha256_file(path / name)[0] != files[name]:
                 raise CheckpointError(f"{path.name}: {name} does not match its sha256")
         return manifest
 
@@ -216,30 +216,3 @@ class CheckpointStore:
                 complete.append(step)
         for step in complete[self.keep :]:
             shutil.rmtree(self.path(step), ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)

@@ -51,7 +51,7 @@ def init_from_env(backend: str | None = None) -> DistContext:
     return context()
 
 
-def wrap(module: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap_for_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
     """``module`` in DistributedDataParallel when running data-parallel, else unchanged."""
     if not ctx.enabled:
         return module

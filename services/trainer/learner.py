@@ -7,7 +7,7 @@
 
 One ``step``:
 
-1. collate the rollouts (rollout.py) and, without gradients, compute per response token the
+1. collate the rollouts (rollout_batch.py) and, without gradients, compute per response token the
    reference (SFT) logprobs, the old logprobs and the old values;
 2. rewards: ``-beta * KL_t`` at every token, the RM score at the last one (``ppo.per_token_rewards``);
 3. GAE advantages and returns; advantages whitened over the batch;
@@ -57,7 +57,7 @@ from .ppo import (
     per_token_rewards,
 )
 from .ppo_config import PPOConfig
-from .rollout import InvalidRollout, Rollout, RolloutBatch, collate, cut_at_eos
+from .rollout_batch import InvalidRollout, Rollout, RolloutBatch, collate_rollouts, cut_at_eos
 
 log = get_logger(__name__)
 
@@ -169,8 +169,8 @@ class PPOLearner:
         self.policy = PolicyHead(policy, config.temperature)
         self.reference = PolicyHead(reference, config.temperature)
         self.value = load_value_model(rm_dir)
-        self._policy_ddp = distributed.wrap(self.policy, self.ctx)
-        self._value_ddp = distributed.wrap(self.value, self.ctx)
+        self._policy_ddp = distributed.wrap_for_ddp(self.policy, self.ctx)
+        self._value_ddp = distributed.wrap_for_ddp(self.value, self.ctx)
         self.policy_optimizer = _adam(self.policy.parameters(), config.lr, config.adam_eps)
         self.value_optimizer = _adam(self.value.parameters(), config.effective_value_lr, config.adam_eps)
         if config.adaptive_kl:
@@ -270,7 +270,7 @@ class PPOLearner:
     def _prepare(self, rollouts: Sequence[Rollout]) -> tuple[RolloutBatch, _Prepared, dict[str, Any]]:
         """Collate, then (no gradients) old logprobs, reference logprobs, values, rewards, GAE, whitening."""
         cfg = self.config
-        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
+        batch = collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id)
         stale = self._stale_rows(rollouts, batch)
         mask = batch.response_mask
         scores = self._scores(batch)
@@ -452,7 +452,7 @@ class PPOLearner:
         """Mean over rollouts of sum_t KL(pi(.|prefix_t) || pi_ref(.|prefix_t)): the exact KL over the whole
         vocabulary at every response token of the given responses (never negative, unlike a sampled
         estimate on responses the current policy did not sample). For the publish gate."""
-        batch = collate(rollouts, self.pad_token_id, self.eos_token_id)
+        batch = collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id)
         rows = distributed.shard_rows(batch.size, self.ctx)
         sums = []
         for start in range(0, len(rows), self.config.forward_batch_size):

@@ -40,8 +40,8 @@ from services.trainer import metrics
 from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint
 from services.trainer.learner import LearnerState
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
-from services.trainer.publishing import Evaluation, GateDecision, PolicyPublisher, gate
-from services.trainer.rollouts import RolloutCollector
+from services.trainer.publishing import Evaluation, PolicyGateDecision, PolicyPublisher, policy_gate
+from services.trainer.rollout_collector import RolloutCollector
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logging import get_logger, log_event
 from shared.model_store import CorruptVersionError, InvalidNameError, ModelStoreError, UnknownVersionError
@@ -413,10 +413,10 @@ class TrainingLoop:
             ev: Evaluation = self.publisher.evaluate(self.learner)
             baseline = self._baseline_reward(ev.rm_version)
             if baseline is None or self.state.baseline["rm_version"] == ev.rm_version:
-                decision = gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+                decision = policy_gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
                 break
         else:
-            decision = GateDecision(
+            decision = PolicyGateDecision(
                 False,
                 f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
                 "(candidate and baseline never scored by the same version)",

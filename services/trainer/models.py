@@ -7,7 +7,7 @@
 
 ``PolicyHead`` and ``ValueHead`` are the nn.Modules the learner calls (and wraps in
 DistributedDataParallel): one forward pass returns response-aligned per-token quantities (see
-rollout.py), computing the unembedding only where a response token is predicted.
+rollout_batch.py), computing the unembedding only where a response token is predicted.
 
 Loading goes through shared/models/loading.py: a store version is verified (every file's sha256)
 before it is read, and weights come from safetensors only; nothing is ever unpickled.

@@ -1,7 +1,7 @@
 """The maths of PPO for language models, as small pure tensor functions (no I/O, no models).
 
 Shapes: every per-token tensor is response-aligned, ``(batch, response_len)``: column ``j`` is the
-``j``-th generated token of a sample (see rollout.py's collation). ``mask`` is 1.0 on real response
+``j``-th generated token of a sample (see rollout_batch.py's collation). ``mask`` is 1.0 on real response
 tokens (up to and including the EOS that ended the response) and 0.0 on padding.
 
 Conventions follow TRL's ``masked_mean`` / ``masked_var`` / ``masked_whiten`` and cleanrl's

@@ -1,7 +1,7 @@
 """Where PPO prompts come from: live user prompts off rlhf.completions, mixed with a prompt file.
 
     file_prompts = read_prompt_file(Path("services/trainer/data/prompts.jsonl"))
-    heldout, train = split_heldout(file_prompts, 16)
+    heldout, train = split_heldout_prompts(file_prompts, 16)
     live = LivePromptBuffer(capacity=1024)
     live.offer_completion(event)                   # from rlhf.completions; only source "user" counts
     mixer = PromptMixer(live, train, live_fraction=0.5, seed=0)
@@ -58,7 +58,7 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     return list(dict.fromkeys(read_jsonl(path, parse_prompt, PromptFileError, "prompts")))
 
 
-def split_heldout(prompts: Sequence[Prompt], count: int) -> tuple[list[Prompt], list[Prompt]]:
+def split_heldout_prompts(prompts: Sequence[Prompt], count: int) -> tuple[list[Prompt], list[Prompt]]:
     """(held-out, training) prompts: the first ``count`` are held out, the same ones on every start,
     so the publish gate compares a candidate with its parent on identical prompts. At least one
     prompt stays for training."""

@@ -16,7 +16,7 @@ negative (greedy answers would not be samples of pi). An empty answer (EOS
 first), which the reward service cannot score, counts as the worst scored answer of the same
 evaluation, so answering nothing never raises the mean.
 
-**The gate** (``gate``): KL <= kl_bound and held-out reward >= baseline - reward_tolerance, where
+**The gate** (``policy_gate``): KL <= kl_bound and held-out reward >= baseline - reward_tolerance, where
 the baseline is the held-out reward of the last published version (its answers re-scored when
 the reward model changed since). A policy that games the reward model typically drifts far from
 the reference (the KL bound) or gets worse on prompts it was not trained on (the reward bound).
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.prompts import Prompt
-from services.trainer.rollout import Rollout
-from services.trainer.rollouts import Scorer
+from services.trainer.rollout_batch import Rollout
+from services.trainer.rollout_collector import Scorer
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import render_prompt
@@ -64,7 +64,7 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
-class GateDecision:
+class PolicyGateDecision:
     ok: bool
     reason: str
 
@@ -72,19 +72,21 @@ class GateDecision:
 # --- pure rules -------------------------------------------------------------------------------
 
 
-def gate(
+def policy_gate(
     evaluation: Evaluation, baseline_reward: float | None, kl_bound: float, reward_tolerance: float
-) -> GateDecision:
+) -> PolicyGateDecision:
     """Whether a candidate may be published; the reason names the figures either way."""
     r, kl = evaluation.heldout_reward, evaluation.kl
     if not (math.isfinite(r) and math.isfinite(kl)):
-        return GateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})")
+        return PolicyGateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})")
     if kl > kl_bound:
-        return GateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}")
+        return PolicyGateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}")
     if baseline_reward is not None and r < baseline_reward - reward_tolerance:
-        return GateDecision(False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}")
+        return PolicyGateDecision(
+            False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}"
+        )
     bar = "no baseline" if baseline_reward is None else f"baseline {baseline_reward:.4f}"
-    return GateDecision(True, f"held-out reward {r:.4f} ({bar}), KL {kl:.4f} <= {kl_bound:.4f}")
+    return PolicyGateDecision(True, f"held-out reward {r:.4f} ({bar}), KL {kl:.4f} <= {kl_bound:.4f}")
 
 
 def fill_empty_scores(scores: Sequence[float | None]) -> list[float]:

@@ -100,7 +100,7 @@ def truncate(
     return Encoded(list(prompt_ids) + list(response_ids), len(prompt_ids), truncated)
 
 
-def encode(tokenizer: Any, messages: Sequence[Message], response: str, limits: EncodingLimits) -> Encoded:
+def encode_rm_input(tokenizer: Any, messages: Sequence[Message], response: str, limits: EncodingLimits) -> Encoded:
     """The RM's input for one (conversation, response) pair, truncated to ``limits``."""
     return truncate(
         render_prompt(tokenizer, messages),

@@ -38,8 +38,8 @@ from pathlib import Path
 import grpc
 
 from flywheel.launcher import grpc_serving
-from services.reward.learner import is_heldout
 from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
+from services.reward.retraining import is_heldout
 from shared.config import KafkaConfig
 from shared.events import CompletionEvent, Message, Timings
 from shared.feedback_token import TokenClaims, prompt_hash, sign

@@ -46,10 +46,10 @@ from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_fi
 from services.trainer.config import DEFAULT_PROMPT_FILE
 from services.trainer.learner import PPOLearner
 from services.trainer.ppo_config import PPOConfig
-from services.trainer.prompts import read_prompt_file, split_heldout
+from services.trainer.prompts import read_prompt_file, split_heldout_prompts
 from services.trainer.publishing import PolicyPublisher
-from services.trainer.rollout import Rollout
-from services.trainer.rollouts import GrpcPolicySampler, GrpcRewardScorer
+from services.trainer.rollout_batch import Rollout
+from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer
 from shared.config import KafkaConfig, ModelStoreConfig, load_config
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
@@ -165,7 +165,7 @@ def main() -> None:
         sampler = GrpcPolicySampler(grpc.insecure_channel(inference.address), 300)
         scorer = GrpcRewardScorer(grpc.insecure_channel(reward.address), 300)
         learner = PPOLearner.from_store(store, policy, policy, rm, PPOConfig())
-        heldout, train = split_heldout(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
+        heldout, train = split_heldout_prompts(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
         publisher = PolicyPublisher(
             store,
             KafkaAnnouncer(KafkaPublisher(kafka, "bench"), POLICY),

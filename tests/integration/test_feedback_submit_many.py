@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from services.feedback.config import FeedbackConfig
+from services.feedback.domain import Submission, SubmitResult
 from services.feedback.ledger import FeedbackLedger
-from services.feedback.protocol import Submission, SubmitResult
 from services.feedback.serving import FeedbackServing
 from shared.config import FeedbackTokenConfig, load_config
 from shared.errors import InvalidArgument, RlhfError

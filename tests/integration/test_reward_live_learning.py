@@ -24,8 +24,8 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from services.reward.learner import is_heldout
 from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm
+from services.reward.retraining import is_heldout
 from shared.config import ModelStoreConfig, load_config
 from shared.events import CompletionEvent, Message, RewardModelEvent, Timings
 from shared.feedback_token import TokenClaims, prompt_hash, sign

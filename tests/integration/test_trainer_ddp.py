@@ -46,7 +46,7 @@ def _worker(args: argparse.Namespace) -> None:
     from services.trainer import distributed
     from services.trainer.learner import PPOLearner
     from services.trainer.ppo_config import PPOConfig
-    from services.trainer.rollout import Rollout
+    from services.trainer.rollout_batch import Rollout
     from shared.model_store import ModelStore
 
     torch.set_num_threads(1)

@@ -87,11 +87,11 @@ class RMScorer:
     @torch.no_grad()
     def score(self, conversations: list[list[dict]], responses: list[str]) -> list[float]:
         from shared.events import Message
-        from shared.models.encoding import encode, pad_batch
+        from shared.models.encoding import encode_rm_input, pad_batch
 
         started = time.monotonic()
         seqs = [
-            encode(self.tokenizer, [Message(**m) for m in conv], text, self.limits).input_ids
+            encode_rm_input(self.tokenizer, [Message(**m) for m in conv], text, self.limits).input_ids
             for conv, text in zip(conversations, responses)
         ]
         ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)

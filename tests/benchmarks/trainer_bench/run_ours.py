@@ -21,7 +21,7 @@ from common import BenchSpec, GenerateTimer, RMScorer, RunResult, setup_threads
 def main(spec_path: str, out_dir: str, sampler_logprobs: bool = False) -> None:
     from services.trainer.learner import PPOLearner
     from services.trainer.ppo_config import PPOConfig
-    from services.trainer.rollout import Rollout
+    from services.trainer.rollout_batch import Rollout
     from shared.events import Message
     from shared.model_store import ModelStore
 

@@ -237,7 +237,7 @@ def test_concurrent_publishers_get_distinct_versions(store: ModelStore, tmp_path
 
 
 def test_publisher_skips_a_number_taken_while_it_copied(store: ModelStore, src: Path, monkeypatch) -> None:
-    real_fsync_tree = model_store._fsync_tree
+    real_fsync_tree = model_store.fsync_tree
     raced: list[str] = []
 
     def competitor_publishes_first(root: Path) -> None:
@@ -246,7 +246,7 @@ def test_publisher_skips_a_number_taken_while_it_copied(store: ModelStore, src: 
             raced.append("started")  # before publishing: the competitor's own publish comes back here
             raced[0] = store.publish("policy", src).version
 
-    monkeypatch.setattr(model_store, "_fsync_tree", competitor_publishes_first)
+    monkeypatch.setattr(model_store, "fsync_tree", competitor_publishes_first)
     manifest = store.publish("policy", src)
 
     assert raced == ["policy-0001"]

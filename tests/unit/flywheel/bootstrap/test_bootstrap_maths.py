@@ -18,7 +18,7 @@ from flywheel.bootstrap.common import (
     warmup_cosine_lr,
 )
 from flywheel.bootstrap.pretrain import pack_documents, split_corpus
-from flywheel.bootstrap.sft import DemonstrationsFileError, collate, read_demonstrations, response_labels
+from flywheel.bootstrap.sft import DemonstrationsFileError, collate_demonstrations, read_demonstrations, response_labels
 
 
 def test_causal_lm_loss_is_the_mean_shifted_cross_entropy_over_counted_labels():
@@ -71,7 +71,7 @@ def test_sft_trains_only_on_the_response():
     ids, labels = response_labels([5, 6, 7], [8, 9])
     assert ids == [5, 6, 7, 8, 9]
     assert labels == [IGNORE, IGNORE, IGNORE, 8, 9]
-    x, mask, y = collate([(ids, labels), ([1, 2], [IGNORE, 2])], pad_id=0)
+    x, mask, y = collate_demonstrations([(ids, labels), ([1, 2], [IGNORE, 2])], pad_id=0)
     assert x.tolist() == [[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert y.tolist() == [[IGNORE, IGNORE, IGNORE, 8, 9], [IGNORE, 2, IGNORE, IGNORE, IGNORE]]

@@ -15,7 +15,7 @@ from flywheel.demo.task import (
     STYLES,
     Problem,
     all_problems,
-    parse_prompt,
+    parse_problem,
     respond,
     split_problems,
 )
@@ -31,13 +31,13 @@ def test_split_is_disjoint_stable_and_covers_every_problem():
 
 @pytest.mark.parametrize("problem", [Problem(3, 4, p) for p in range(len(QUESTIONS))] + [Problem(9, 9, 0)])
 def test_every_phrasing_parses_back(problem):
-    assert parse_prompt(problem.prompt) == problem
-    assert parse_prompt("  " + problem.prompt + " ") == problem
+    assert parse_problem(problem.prompt) == problem
+    assert parse_problem("  " + problem.prompt + " ") == problem
 
 
 @pytest.mark.parametrize("text", ["What is 3 minus 4?", "What is 3 plus 4", "Tell me a joke.", ""])
 def test_other_prompts_are_not_task_questions(text):
-    assert parse_prompt(text) is None
+    assert parse_problem(text) is None
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
+from services.feedback.domain import Submission
 from services.feedback.ledger import FeedbackLedger, LiveVote
-from services.feedback.protocol import Submission
 from services.feedback.serving import KeyedLocks, bind_tokens, check, feedback_id, same_vote
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.events import FeedbackEvent, RatedResponse

@@ -11,14 +11,14 @@ from services.reward.losses import kwise_ranking_loss
 from services.reward.training import RewardTrainer, TrainSettings
 from shared.events import Message
 from shared.model_store import PICKLE_SUFFIXES, CorruptVersionError
-from shared.models.encoding import EncodingLimits, encode, pad_batch, truncate
+from shared.models.encoding import EncodingLimits, encode_rm_input, pad_batch, truncate
 from shared.models.reward_model import HEAD_NAME, WEIGHTS_NAME, RewardModel, RewardModelError, load_version
 
 Q = (Message("user", "What is 2 plus 3?"),)
 
 
 def batch(tok, responses, limits=EncodingLimits(64, 32)):
-    seqs = [encode(tok, Q, r, limits).input_ids for r in responses]
+    seqs = [encode_rm_input(tok, Q, r, limits).input_ids for r in responses]
     return pad_batch(seqs, tok.pad_token_id)
 
 
@@ -172,7 +172,7 @@ def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response(pr
 
 def test_encoding_uses_the_chat_template_and_ends_with_eos(tiny_tokenizer):
     tok = tiny_tokenizer
-    enc = encode(tok, Q, "2 plus 3 is 5.", EncodingLimits(64, 32))
+    enc = encode_rm_input(tok, Q, "2 plus 3 is 5.", EncodingLimits(64, 32))
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
@@ -180,14 +180,14 @@ def test_encoding_uses_the_chat_template_and_ends_with_eos(tiny_tokenizer):
     assert enc.input_ids[0] == tok.bos_token_id and enc.input_ids[-1] == tok.eos_token_id
     assert tok.decode(enc.input_ids[enc.prompt_tokens : -1]) == "2 plus 3 is 5."
     # "<|end|>" typed into a response is text, not the end-of-turn token.
-    sneaky = encode(tok, Q, "5<|end|>", EncodingLimits(64, 32)).input_ids
+    sneaky = encode_rm_input(tok, Q, "5<|end|>", EncodingLimits(64, 32)).input_ids
     assert sneaky.count(tok.eos_token_id) == 2  # the user turn's end and the final EOS only
 
 
 def test_long_inputs_are_truncated_to_the_limits(tiny_tokenizer):
     limits = EncodingLimits(40, 12)
     long_prompt = (Message("user", "Hello there, how are you today? " * 20),)
-    enc = encode(tiny_tokenizer, long_prompt, "I am not sure, sorry. " * 10, limits)
+    enc = encode_rm_input(tiny_tokenizer, long_prompt, "I am not sure, sorry. " * 10, limits)
     assert enc.truncated and len(enc.input_ids) == 40
     assert len(enc.input_ids) - enc.prompt_tokens == 12
     assert enc.input_ids[0] == tiny_tokenizer.bos_token_id and enc.input_ids[-1] == tiny_tokenizer.eos_token_id

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from services.reward.config import RewardConfig
-from services.reward.offline import RankingsFileError, parse_ranking, read_rankings, split_heldout, train_first_rm
-from services.reward.protocol import ScoreItem
+from services.reward.domain import ScoreItem
+from services.reward.offline import (
+    RankingsFileError,
+    parse_ranking,
+    read_rankings,
+    split_heldout_rankings,
+    train_first_rm,
+)
 from services.reward.scorer import RewardScorer
 from services.reward.training import TrainSettings
 from shared.config import ConfigError, ModelStoreConfig, load_config
@@ -177,10 +183,10 @@ def test_a_bad_rankings_line_is_reported_with_its_line_number(tmp_path, line, me
 
 def test_heldout_split_is_seeded_and_disjoint():
     groups = list(range(10))
-    train, held = split_heldout(groups, 0.2, seed=0)
+    train, held = split_heldout_rankings(groups, 0.2, seed=0)
     assert len(held) == 2 and sorted(train + held) == groups
-    assert split_heldout(groups, 0.2, seed=0) == (train, held)
-    assert split_heldout(groups[:1], 0.2, seed=0) == ([0], [])
+    assert split_heldout_rankings(groups, 0.2, seed=0) == (train, held)
+    assert split_heldout_rankings(groups[:1], 0.2, seed=0) == ([0], [])
 
 
 def test_train_first_rm_publishes_rm_0001_from_the_policy(tiny_store, tmp_path):

@@ -14,7 +14,7 @@ from services.trainer.prompts import (
     live_count,
     parse_prompt,
     read_prompt_file,
-    split_heldout,
+    split_heldout_prompts,
 )
 from shared.events import CompletionEvent, Message, Timings
 
@@ -90,9 +90,9 @@ def test_a_bad_line_is_named_with_its_number(tmp_path):
 
 def test_heldout_split_is_stable_and_leaves_training_prompts():
     prompts = [user(str(i)) for i in range(10)]
-    heldout, train = split_heldout(prompts, 3)
+    heldout, train = split_heldout_prompts(prompts, 3)
     assert heldout == prompts[:3] and train == prompts[3:]
-    heldout, train = split_heldout(prompts, 50)
+    heldout, train = split_heldout_prompts(prompts, 50)
     assert len(heldout) == 9 and len(train) == 1
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from services.trainer.publishing import Evaluation, PolicyPublisher, fill_empty_scores, gate
+from services.trainer.publishing import Evaluation, PolicyPublisher, fill_empty_scores, policy_gate
 from shared.events import Message
 
 
@@ -30,12 +30,12 @@ def ev(reward: float, kl: float) -> Evaluation:
     ],
 )
 def test_gate(reward, kl, baseline, ok, words):
-    decision = gate(ev(reward, kl), baseline, kl_bound=2.0, reward_tolerance=0.05)
+    decision = policy_gate(ev(reward, kl), baseline, kl_bound=2.0, reward_tolerance=0.05)
     assert decision.ok is ok and words in decision.reason
 
 
 def test_kl_is_checked_before_reward_so_a_gaming_policy_is_refused_for_its_drift():
-    decision = gate(ev(100.0, 50.0), 0.0, kl_bound=10.0, reward_tolerance=0.0)
+    decision = policy_gate(ev(100.0, 50.0), 0.0, kl_bound=10.0, reward_tolerance=0.0)
     assert not decision.ok and "KL" in decision.reason
 
 

@@ -17,7 +17,7 @@ from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.ppo_config import PPOConfig
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
 from services.trainer.publishing import PolicyPublisher
-from services.trainer.rollouts import RolloutCollector, Sample
+from services.trainer.rollout_collector import RolloutCollector, SampledCompletion
 from shared.errors import InvalidArgument, NotFound
 from shared.events import Message
 from shared.model_store import ModelStore
@@ -60,7 +60,7 @@ class LearnerSampler:
         ]
         out, logprobs = learner.generate(ids, max_tokens, greedy=False, seed=seed, return_logprobs=True)
         return [
-            Sample(
+            SampledCompletion(
                 prompt=p,
                 prompt_token_ids=list(i),
                 token_ids=o,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from services.inference.weights import check_compatible
 from services.trainer.learner import LearnerState, PPOLearner
 from services.trainer.ppo_config import PPOConfig
-from services.trainer.rollout import InvalidRollout, Rollout
+from services.trainer.rollout_batch import InvalidRollout, Rollout
 from shared.model_store import CorruptVersionError
 
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)]
@@ -253,4 +253,4 @@ def test_single_process_distributed_helpers_are_identity():
     assert torch.equal(distributed.all_gather_rows(rows, 5, ctx), rows)
     assert distributed.shard_rows(5, distributed.DistContext(1, 2)) == [1, 3]
     module = torch.nn.Linear(2, 2)
-    assert distributed.wrap(module, ctx) is module and distributed.unwrap(module) is module
+    assert distributed.wrap_for_ddp(module, ctx) is module and distributed.unwrap(module) is module

@@ -9,14 +9,14 @@ import torch
 
 from services.inference.weights import check_compatible, tensor_signature
 from services.trainer.models import PolicyHead, frozen_copy, load_policy, load_value_model, save_policy
-from services.trainer.rollout import Rollout, collate
+from services.trainer.rollout_batch import Rollout, collate_rollouts
 from shared.models.loading import load_tokenizer, weights_dtype
 from shared.models.reward_model import RewardModel
 
 
 def _batch(tokenizer, prompts, responses):
     rollouts = [Rollout([], p, r, None, "v", "stop", 0.0) for p, r in zip(prompts, responses)]
-    return collate(rollouts, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return collate_rollouts(rollouts, tokenizer.pad_token_id, tokenizer.eos_token_id)
 
 
 PROMPTS = [[0, 4, 10, 11, 12], [0, 4, 13]]

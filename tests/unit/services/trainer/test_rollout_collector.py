@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.trainer.rollouts import RolloutCollector, Sample, drop_reason, staleness
+from services.trainer.rollout_collector import RolloutCollector, SampledCompletion, drop_reason, staleness
 from shared.events import Message
 
 LINEAGE = ["policy-0001", "policy-0003", "policy-0004"]
@@ -19,8 +19,8 @@ def sample(
     logprobs=(-0.1, -0.2, -0.3),
     versions=None,
     prompt_text: str = "What is 4 plus 4?",
-) -> Sample:
-    return Sample(
+) -> SampledCompletion:
+    return SampledCompletion(
         prompt=(Message("user", prompt_text),),
         prompt_token_ids=[0, 4, 9],
         token_ids=list(tokens),

@@ -66,7 +66,7 @@ class StoredVote:
     """Wall-clock time the learner first stored this revision (starts the pending timeout)."""
 
 
-class LearnerState:
+class RetrainingState:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

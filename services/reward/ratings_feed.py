@@ -1,7 +1,7 @@
 """Kafka side of the learner: read rlhf.feedback and rlhf.completions into it, exactly once.
 
 No consumer group: the learner assigns itself every partition of both topics and starts each at
-the offset stored in its own state (learner_state.py), or at the beginning of the topic when the
+the offset stored in its own state (retraining_state.py), or at the beginning of the topic when the
 state has none (first start, or a lost state file: the state is rebuilt from the topics, as far as
 their retention reaches). The offsets after a batch are written in the same SQLite transaction as
 the batch's records, which is stronger than "commit to Kafka after the work": a crash at any point
@@ -26,7 +26,7 @@ log = get_logger(__name__)
 Ingest = Callable[[Sequence[object], dict[Partition, int]], None]
 
 
-class LearnerFeed:
+class RatingsFeed:
     def __init__(
         self,
         cfg: KafkaConfig,

@@ -1,16 +1,19 @@
-"""The continual learner: live ratings -> comparisons -> a gated, versioned reward model.
+"""The retraining loop, the reward service's "continual learner": live ratings -> comparisons -> a
+gated, versioned reward model. (Its public names keep "learner": RLHF_REWARD_LEARNER*, the Helm
+values ``reward.learner.*`` and the metrics ``rlhf_reward_learner_*``; in the code "learner" is
+the trainer's PPO learner only.)
 
-Where it runs, and why: inside the reward service process, on its own thread (``LearnerThread``).
+Where it runs, and why: inside the reward service process, on its own thread (``RetrainingThread``).
 One process then owns the RM line of the model store: the learner publishes rm-NNNN and tells the
 scorer next to it to load it at once (other replicas and the PPO trainer follow the
 RewardModelEvent on rlhf.reward-models). It needs no extra deployment, and its CPU use is visible
 on the same pod. The price: only one reward replica may run the learner (RLHF_REWARD_LEARNER=false
 on the others), because two learners would publish competing versions.
 
-The loop (``ContinualLearner``, no Kafka in it; learner_feed.py brings the records):
+The loop (``RetrainingLoop``, no Kafka in it; ratings_feed.py brings the records):
 
 1. ``ingest``: every feedback event and user completion is written to the SQLite state
-   (learner_state.py) together with the topic offsets after it, in one transaction. Votes are
+   (retraining_state.py) together with the topic offsets after it, in one transaction. Votes are
    joined to completion texts by response_id when a round is prepared, so the order in which the
    two topics arrive does not matter.
 2. A vote whose completions have not all arrived is *pending*; after ``pending_timeout_s`` it is
@@ -27,7 +30,7 @@ The loop (``ContinualLearner``, no Kafka in it; learner_feed.py brings the recor
    with a fresh head when there is none), measure its held-out accuracy, train on the new
    comparisons plus ``replay_ratio`` times as many older ones drawn at random from everything
    trained before (the replay buffer is the state file itself: nothing is ever forgotten), measure
-   the candidate on the SAME held-out comparisons, and ``gate``: publish only when it did not drop
+   the candidate on the SAME held-out comparisons, and ``rm_gate``: publish only when it did not drop
    by more than ``gate_tolerance``. A published version is normalised first (InstructGPT: the
    reference responses score 0 on average; here the ``reference_responses`` most recent completions
    the policy served), then announced. A refused candidate is thrown away; its comparisons stay
@@ -65,7 +68,7 @@ from services.reward.comparisons import (
     join_texts,
 )
 from services.reward.config import RewardConfig
-from services.reward.learner_state import LearnerState, StoredVote
+from services.reward.retraining_state import RetrainingState, StoredVote
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import CompletionEvent, FeedbackEvent
 from shared.logging import get_logger, log_event
@@ -110,20 +113,22 @@ def _rid(response: object) -> str:
 
 
 @dataclass(frozen=True)
-class GateDecision:
+class RmGateDecision:
     publish: bool
     reason: str
 
 
-def gate(candidate_accuracy: float, current_accuracy: float, tolerance: float) -> GateDecision:
+def rm_gate(candidate_accuracy: float, current_accuracy: float, tolerance: float) -> RmGateDecision:
     """Publish only if the candidate's held-out accuracy >= the current RM's on the same slice - tolerance."""
     if math.isnan(candidate_accuracy):
-        return GateDecision(False, "no held-out comparisons to judge the candidate on")
+        return RmGateDecision(False, "no held-out comparisons to judge the candidate on")
     if math.isnan(current_accuracy):
-        return GateDecision(True, "no current reward model to compare with")
+        return RmGateDecision(True, "no current reward model to compare with")
     if candidate_accuracy >= current_accuracy - tolerance:
-        return GateDecision(True, f"held-out accuracy {candidate_accuracy:.3f} >= {current_accuracy:.3f} - {tolerance}")
-    return GateDecision(
+        return RmGateDecision(
+            True, f"held-out accuracy {candidate_accuracy:.3f} >= {current_accuracy:.3f} - {tolerance}"
+        )
+    return RmGateDecision(
         False, f"held-out accuracy dropped: {candidate_accuracy:.3f} < {current_accuracy:.3f} - {tolerance}"
     )
 
@@ -178,14 +183,14 @@ class RoundResult:
     seconds: float
 
 
-class ContinualLearner:
+class RetrainingLoop:
     """Turns stored ratings into gated RM versions. Not thread-safe: one thread drives it."""
 
     def __init__(
         self,
         cfg: RewardConfig,
         store: ModelStore,
-        state: LearnerState,
+        state: RetrainingState,
         line: VersionLine | None = None,
         on_published: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -359,7 +364,7 @@ class ContinualLearner:
             tamper(model)
         candidate_acc, heldout_loss = trainer.evaluate(held_groups)
         train_loss = history[-1].loss if history else math.nan
-        decision = gate(candidate_acc, current_acc, self.cfg.gate_tolerance)
+        decision = rm_gate(candidate_acc, current_acc, self.cfg.gate_tolerance)
         metrics.HELDOUT_ACCURACY.labels("candidate").set(candidate_acc)
         metrics.TRAIN_LOSS.set(train_loss)
 
@@ -496,15 +501,15 @@ def _round(x: float) -> float | str:
 # --- the thread that drives it -------------------------------------------------------------------
 
 
-class LearnerThread:
+class RetrainingThread:
     """Polls the topics into the learner and runs rounds when due, until stopped.
 
-    ``feed`` is a learner_feed.LearnerFeed (or anything with ``poll(ingest)`` and ``update_lag()``).
+    ``feed`` is a ratings_feed.RatingsFeed (or anything with ``poll(ingest)`` and ``update_lag()``).
     Training blocks polling for the length of a round; the records wait on the broker (the lag
     metric shows it) and are read right after.
     """
 
-    def __init__(self, learner: ContinualLearner, feed, check_every_s: float = 1.0):
+    def __init__(self, learner: RetrainingLoop, feed, check_every_s: float = 1.0):
         self.learner = learner
         self.feed = feed
         self.check_every_s = check_every_s

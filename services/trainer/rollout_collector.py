@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.trainer.prompts import Prompt
-from services.trainer.rollout import Rollout
+from services.trainer.rollout_batch import Rollout
 from shared.events import Message
 from shared.logging import get_logger
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, reward_pb2, reward_pb2_grpc
@@ -33,7 +33,7 @@ log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class Sample:
+class SampledCompletion:
     """One completion from the inference service."""
 
     prompt: Prompt
@@ -50,7 +50,7 @@ class Sample:
 class PolicySampler(Protocol):
     def sample(
         self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
-    ) -> list[Sample]:
+    ) -> list[SampledCompletion]:
         """One completion per prompt, in order, with token ids and behaviour logprobs."""
 
 
@@ -70,7 +70,7 @@ def staleness(version: str, lineage: Sequence[str]) -> int | None:
     return None
 
 
-def drop_reason(sample: Sample, lineage: Sequence[str], max_staleness: int) -> str | None:
+def drop_reason(sample: SampledCompletion, lineage: Sequence[str], max_staleness: int) -> str | None:
     """Why ``sample`` must not be trained on, or None when it may be."""
     if len(sample.policy_versions) > 1:
         return "straddled"  # generated across a hot-swap: no single behaviour policy
@@ -112,7 +112,7 @@ class RolloutCollector:
     ) -> CollectResult:
         samples = self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
         dropped: Counter = Counter()
-        kept: list[Sample] = []
+        kept: list[SampledCompletion] = []
         for s in samples:
             reason = drop_reason(s, lineage, max_staleness)
             if reason:
@@ -155,7 +155,7 @@ class GrpcPolicySampler:
 
     def sample(
         self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
-    ) -> list[Sample]:
+    ) -> list[SampledCompletion]:
         futures: list[Future] = []
         for i, prompt in enumerate(prompts):
             # Temperature 1: the returned logprobs are the untempered policy's (TrainerConfig checks PPO's).
@@ -171,7 +171,7 @@ class GrpcPolicySampler:
             resp = fut.result()
             c = resp.completions[0]
             out.append(
-                Sample(
+                SampledCompletion(
                     prompt=prompt,
                     prompt_token_ids=list(resp.prompt_token_ids),
                     token_ids=list(c.token_ids),

@@ -11,15 +11,15 @@ import torch
 
 from services.reward.comparisons import ComparisonGroup, PointwiseExample, Sample
 from services.reward.config import RewardConfig
-from services.reward.learner import (
-    ContinualLearner,
+from services.reward.retraining import (
+    RetrainingLoop,
     comparison_key,
-    gate,
     is_heldout,
     replay_sample,
+    rm_gate,
     round_due,
 )
-from services.reward.learner_state import LearnerState
+from services.reward.retraining_state import RetrainingState
 from shared.config import ModelStoreConfig, load_config
 from shared.events import CompletionEvent, FeedbackEvent, Message, RatedResponse, Timings
 from shared.feedback_token import prompt_hash
@@ -61,7 +61,7 @@ def test_comparison_key_identifies_who_compared_what_how():
     ],
 )
 def test_gate(candidate, current, tolerance, publish):
-    assert gate(candidate, current, tolerance).publish is publish
+    assert rm_gate(candidate, current, tolerance).publish is publish
 
 
 def test_replay_sample_takes_ratio_times_new_without_repeats():
@@ -160,9 +160,9 @@ def learner_config(store, tmp_path, **overrides) -> RewardConfig:
 
 @pytest.fixture()
 def learner(tiny_store, tmp_path):
-    state = LearnerState(tmp_path / "learner" / "learner.sqlite3")
+    state = RetrainingState(tmp_path / "learner" / "learner.sqlite3")
     published: list[str] = []
-    learn = ContinualLearner(
+    learn = RetrainingLoop(
         learner_config(tiny_store, tmp_path), tiny_store, state, on_published=published.append, clock=Clock()
     )
     learn.published = published
@@ -175,13 +175,13 @@ def learner(tiny_store, tmp_path):
 
 def test_state_keeps_the_live_vote_and_survives_reopening(tmp_path):
     path = tmp_path / "s.sqlite3"
-    state = LearnerState(path)
+    state = RetrainingState(path)
     first = ranking(["x", "y"], "What is 1 plus 3?", revision=1, received_at=1.0)
     second = ranking(["y", "x"], "What is 1 plus 3?", revision=2, received_at=2.0)
     state.ingest([second], [completion("x", "What is 1 plus 3?", "4")], {("rlhf.feedback", 0): 7}, now=10.0)
     state.ingest([first, second], [], {("rlhf.feedback", 0): 9}, now=11.0)  # an older revision, a redelivery
     state.close()
-    state = LearnerState(path)
+    state = RetrainingState(path)
     [vote] = state.live_votes()
     assert vote.event == second and vote.arrived_at == 10.0
     assert state.offsets() == {("rlhf.feedback", 0): 9}
@@ -273,8 +273,8 @@ def test_after_a_restart_nothing_is_lost_and_nothing_retrained(tiny_store, tmp_p
     held, train = held_and_train_prompts()
     path = tmp_path / "learner" / "learner.sqlite3"
     cfg = learner_config(tiny_store, tmp_path)
-    state = LearnerState(path)
-    first = ContinualLearner(cfg, tiny_store, state, clock=Clock())
+    state = RetrainingState(path)
+    first = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
     completions, votes = task(held[:4] + train[:10])
     first.ingest(completions + votes, {("rlhf.feedback", 0): 14})
     assert first.run_round().outcome == "published"
@@ -282,8 +282,8 @@ def test_after_a_restart_nothing_is_lost_and_nothing_retrained(tiny_store, tmp_p
     first.ingest(completions + votes, {("rlhf.feedback", 0): 18})
     state.close()
 
-    state = LearnerState(path)
-    second = ContinualLearner(cfg, tiny_store, state, clock=Clock())
+    state = RetrainingState(path)
+    second = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
     assert state.offsets() == {("rlhf.feedback", 0): 18}
     comps = second.comparisons()
     assert len(comps.train) == 14 and len(comps.heldout) == 4
@@ -294,9 +294,9 @@ def test_after_a_restart_nothing_is_lost_and_nothing_retrained(tiny_store, tmp_p
 
 def test_the_time_trigger_trains_on_fewer_than_n_new_comparisons(tiny_store, tmp_path):
     held, train = held_and_train_prompts()
-    state = LearnerState(tmp_path / "learner" / "learner.sqlite3")
+    state = RetrainingState(tmp_path / "learner" / "learner.sqlite3")
     clock = Clock()
-    learner = ContinualLearner(learner_config(tiny_store, tmp_path, learn_every_s=60), tiny_store, state, clock=clock)
+    learner = RetrainingLoop(learner_config(tiny_store, tmp_path, learn_every_s=60), tiny_store, state, clock=clock)
     completions, votes = task(held[:3] + train[:3])  # 3 new: below learn_every_comparisons=8
     learner.ingest(completions + votes, {})
     assert learner.maybe_run_round() is None

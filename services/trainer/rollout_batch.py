@@ -92,7 +92,7 @@ def cut_at_eos(response_token_ids: Sequence[int], eos_token_id: int | None) -> l
     return ids
 
 
-def collate(rollouts: Sequence[Rollout], pad_token_id: int, eos_token_id: int | None) -> RolloutBatch:
+def collate_rollouts(rollouts: Sequence[Rollout], pad_token_id: int, eos_token_id: int | None) -> RolloutBatch:
     """Pad ``rollouts`` into a RolloutBatch (see the module docstring); raises InvalidRollout."""
     if not rollouts:
         raise InvalidRollout("no rollouts to collate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.trainer.rollout import InvalidRollout, Rollout, collate, cut_at_eos
+from services.trainer.rollout_batch import InvalidRollout, Rollout, collate_rollouts, cut_at_eos
 from shared.errors import InvalidArgument
 
 PAD, EOS = 0, 9
@@ -24,7 +24,7 @@ def rollout(prompt, response, logprobs=None, score=1.0, version="policy-0001"):
 
 
 def test_collate_pads_right_cuts_after_eos_and_points_at_the_predicting_positions():
-    batch = collate(
+    batch = collate_rollouts(
         [
             rollout([5, 6, 7], [11, 12, EOS, 13, 14], logprobs=[-1.0, -2.0, -3.0, -4.0, -5.0], score=0.5),
             rollout([5], [21, 22], score=-1.0),  # no EOS: cut at the length limit
@@ -49,7 +49,7 @@ def test_collate_pads_right_cuts_after_eos_and_points_at_the_predicting_position
 
 
 def test_select_keeps_rows():
-    batch = collate([rollout([1], [2, EOS]), rollout([1, 2], [3]), rollout([4], [5, 6, EOS])], PAD, EOS)
+    batch = collate_rollouts([rollout([1], [2, EOS]), rollout([1, 2], [3]), rollout([4], [5, 6, EOS])], PAD, EOS)
     sub = batch.select([2, 0])
     assert sub.size == 2
     assert sub.response_ids.tolist() == [[5, 6, EOS], [2, EOS, PAD]]
@@ -73,17 +73,17 @@ def test_cut_at_eos():
 )
 def test_invalid_rollouts_are_refused_naming_the_field(bad, field):
     with pytest.raises(InvalidRollout, match=field) as info:
-        collate([rollout([1], [2]), bad], PAD, EOS)
+        collate_rollouts([rollout([1], [2]), bad], PAD, EOS)
     assert "rollout 1" in str(info.value)
     assert isinstance(info.value, InvalidArgument)  # -> gRPC INVALID_ARGUMENT through the interceptor
 
 
 def test_collate_refuses_an_empty_batch():
     with pytest.raises(InvalidRollout):
-        collate([], PAD, EOS)
+        collate_rollouts([], PAD, EOS)
 
 
 def test_response_of_only_eos_is_one_token():
-    batch = collate([rollout([1, 2], [EOS, 7])], PAD, EOS)
+    batch = collate_rollouts([rollout([1, 2], [EOS, 7])], PAD, EOS)
     assert batch.response_mask.tolist() == [[1.0]]
     assert batch.response_ids.dtype == torch.long
