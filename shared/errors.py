@@ -45,12 +45,6 @@ class PermissionDenied(RlhfError):
     openai_type = "invalid_request_error"
 
 
-class PayloadTooLarge(RlhfError):
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 413
-    openai_type = "invalid_request_error"
-
-
 class FailedPrecondition(RlhfError):
     """The request is valid but the system is not in a state to serve it."""
 
@@ -65,12 +59,6 @@ class Unavailable(RlhfError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
     openai_type = "server_error"
-
-
-class ResourceExhausted(RlhfError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
-    openai_type = "rate_limit_exceeded"
 
 
 # The status a gateway returns when an upstream gRPC call fails with a code.

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from flywheel.demo import gold_rater
-from flywheel.demo.task import Problem, parse_problem, split_problems
+from flywheel.demo.task import Problem, split_problems
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.models.default_model import DEFAULT_CORPUS
@@ -245,11 +245,6 @@ def compare(
         samples,
         examples,
     )
-
-
-def heldout_prompts_are_task_prompts() -> bool:
-    """Sanity check used by tests: every held-out prompt parses as a task question."""
-    return all(parse_problem(p.prompt) == p for p in split_problems()[1])
 
 
 def resolve_version(store: ModelStore, name: str) -> str:

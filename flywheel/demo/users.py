@@ -28,7 +28,6 @@ from pathlib import Path
 from flywheel.demo import gold_rater
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
-HELDOUT_PROMPTS = Path(__file__).parent / "data" / "heldout_prompts.jsonl"
 RESPONSES_PER_KIND = {"thumb": 1, "likert": 1, "pairwise": 2, "ranking": 3}
 
 

@@ -78,10 +78,6 @@ class TrainingExamples:
     skipped: Counter = field(default_factory=Counter)
     """Why ratings (or groups) gave no example: reason -> count."""
 
-    @property
-    def num_pairs(self) -> int:
-        return sum(len(g.pairs) for g in self.groups)
-
 
 def latest_revisions(events: Iterable[FeedbackEvent]) -> list[FeedbackEvent]:
     """The highest revision of each (user_id, target), in first-seen order of the targets.

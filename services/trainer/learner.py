@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +113,6 @@ class StepStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
-
-    def to_dict(self) -> dict[str, float]:
-        out = asdict(self)
-        out["samples_per_s"] = self.samples_per_s
-        out["tokens_per_s"] = self.tokens_per_s
-        return out
 
 
 @dataclass
