@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flywheel.bootstrap.common import write_loss_curve
 from flywheel.bootstrap.options import DEMONSTRATIONS, RANKINGS, add_arguments
@@ -85,8 +86,6 @@ def run_bootstrap(
     """Run steps 0-2 and publish the SFT policy and the first RM; returns their versions."""
     import torch
 
-    from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
-
     torch.set_num_threads(settings.torch_threads)
     started, cpu_started = time.monotonic(), time.process_time()
     report_dir = _writable_report_dir(Path(report_dir))
@@ -100,57 +99,107 @@ def run_bootstrap(
     with tempfile.TemporaryDirectory(prefix="rlhf-bootstrap-") as tmp:
         work = Path(tmp) / "model"
         if hf_model is None:
-            t = time.monotonic()
-            n_params = create_default_model(work, settings.spec, corpus)
-            result0 = pretrain(work, corpus, settings.pretrain)
-            write_loss_curve(
-                report_dir / "step0_pretrain_loss.png",
-                {
-                    "train loss": result0.losses,
-                    "held-out loss (log perplexity)": [(s, math.log(p)) for s, p in result0.heldout],
-                },
-                "Step 0: pretraining on the corpus",
-            )
-            summary["pretrain"] = {
-                "params": n_params,
-                "final_loss": result0.losses[-1][1],
-                "heldout_perplexity_before": result0.heldout[0][1],
-                "heldout_perplexity": result0.heldout[-1][1],
-                "tokens": result0.tokens_seen,
-            }
-            summary["seconds"]["step0_pretrain"] = round(time.monotonic() - t, 1)
+            summary["pretrain"] = _step0_pretrain(work, corpus, settings, report_dir, summary["seconds"])
         else:
             _copy_hf_model(Path(hf_model), work)
             log_event(log, "step 0 skipped: starting from a given model", model=str(hf_model))
-
-        t = time.monotonic()
-        result1 = sft(work, demonstrations, settings.sft)
-        write_loss_curve(
-            report_dir / "step1_sft_loss.png",
-            {"train loss": result1.losses, "held-out loss": result1.validation},
-            "Step 1: SFT on demonstrations (response tokens)",
+        summary["sft"] = _step1_sft(work, demonstrations, settings, report_dir, summary["seconds"])
+        policy = _publish_sft_policy(
+            store, work, summary, hf_model=hf_model, corpus=corpus, demonstrations=demonstrations
         )
-        summary["sft"] = {
-            "final_loss": result1.losses[-1][1],
-            "heldout_loss": result1.validation[-1][1] if result1.validation else None,
-            "demonstrations": result1.demonstrations,
-        }
-        summary["seconds"]["step1_sft"] = round(time.monotonic() - t, 1)
+    rm = _step2_first_rm(store, policy, rankings, settings, report_dir, summary["seconds"])
+    summary["rm"] = dict(rm.metrics)
+    summary["seconds"]["total"] = round(time.monotonic() - started, 1)
+    # Wall time depends on what else runs on the machine; CPU time of this process much less so.
+    summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
+    summary.update(
+        policy_version=policy,
+        rm_version=rm.version,
+        settings=json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
+    )
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    log_event(
+        log,
+        "bootstrap done",
+        policy=policy,
+        rm=rm.version,
+        seconds=summary["seconds"]["total"],
+        cpu_seconds=summary["cpu_seconds"],
+        report=str(report_dir),
+    )
+    return BootstrapResult(policy, rm.version, summary, report_dir)
 
-        metrics = {"sft_loss": result1.losses[-1][1]}
-        if result1.validation:
-            metrics["sft_heldout_loss"] = result1.validation[-1][1]
-        if "pretrain" in summary:
-            metrics["pretrain_heldout_perplexity"] = summary["pretrain"]["heldout_perplexity"]
-        extra = {
-            "kind": "sft",
-            "kl_reference": True,
-            "demonstrations_file": Path(demonstrations).name,
-            "base": str(hf_model) if hf_model else "default-model-pretrained",
-            "corpus_file": Path(corpus).name if hf_model is None else None,
-        }
-        policy = VersionLine(store, POLICY).publish(work, metrics=metrics, extra=extra).version
-        log_event(log, "published the SFT policy", version=policy)
+
+def _step0_pretrain(
+    work: Path, corpus: Path, settings: BootstrapSettings, report_dir: Path, seconds: dict
+) -> dict[str, Any]:
+    """Create the default model in ``work`` and pretrain it on ``corpus``; its loss curve and summary."""
+    t = time.monotonic()
+    n_params = create_default_model(work, settings.spec, corpus)
+    result = pretrain(work, corpus, settings.pretrain)
+    write_loss_curve(
+        report_dir / "step0_pretrain_loss.png",
+        {
+            "train loss": result.losses,
+            "held-out loss (log perplexity)": [(s, math.log(p)) for s, p in result.heldout],
+        },
+        "Step 0: pretraining on the corpus",
+    )
+    seconds["step0_pretrain"] = round(time.monotonic() - t, 1)
+    return {
+        "params": n_params,
+        "final_loss": result.losses[-1][1],
+        "heldout_perplexity_before": result.heldout[0][1],
+        "heldout_perplexity": result.heldout[-1][1],
+        "tokens": result.tokens_seen,
+    }
+
+
+def _step1_sft(
+    work: Path, demonstrations: Path, settings: BootstrapSettings, report_dir: Path, seconds: dict
+) -> dict[str, Any]:
+    """Fine-tune the model in ``work`` on the demonstrations; its loss curve and summary."""
+    t = time.monotonic()
+    result = sft(work, demonstrations, settings.sft)
+    write_loss_curve(
+        report_dir / "step1_sft_loss.png",
+        {"train loss": result.losses, "held-out loss": result.validation},
+        "Step 1: SFT on demonstrations (response tokens)",
+    )
+    seconds["step1_sft"] = round(time.monotonic() - t, 1)
+    return {
+        "final_loss": result.losses[-1][1],
+        "heldout_loss": result.validation[-1][1] if result.validation else None,
+        "demonstrations": result.demonstrations,
+    }
+
+
+def _publish_sft_policy(
+    store: ModelStore, work: Path, summary: dict, *, hf_model: Path | None, corpus: Path, demonstrations: Path
+) -> str:
+    """Publish the SFT policy (offline: nothing is announced) with its metrics; its version."""
+    metrics = {"sft_loss": summary["sft"]["final_loss"]}
+    if summary["sft"]["heldout_loss"] is not None:
+        metrics["sft_heldout_loss"] = summary["sft"]["heldout_loss"]
+    if "pretrain" in summary:
+        metrics["pretrain_heldout_perplexity"] = summary["pretrain"]["heldout_perplexity"]
+    extra = {
+        "kind": "sft",
+        "kl_reference": True,
+        "demonstrations_file": Path(demonstrations).name,
+        "base": str(hf_model) if hf_model else "default-model-pretrained",
+        "corpus_file": Path(corpus).name if hf_model is None else None,
+    }
+    policy = VersionLine(store, POLICY).publish(work, metrics=metrics, extra=extra).version
+    log_event(log, "published the SFT policy", version=policy)
+    return policy
+
+
+def _step2_first_rm(
+    store: ModelStore, policy: str, rankings: Path, settings: BootstrapSettings, report_dir: Path, seconds: dict
+) -> Any:
+    """Train and publish the first reward model on the SFT policy's backbone; its OfflineResult."""
+    from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
 
     t = time.monotonic()
     rm = train_first_rm(
@@ -171,27 +220,8 @@ def run_bootstrap(
         xlabel="epoch",
         ylabel="loss / accuracy",
     )
-    summary["rm"] = dict(rm.metrics)
-    summary["seconds"]["step2_rm"] = round(time.monotonic() - t, 1)
-    summary["seconds"]["total"] = round(time.monotonic() - started, 1)
-    # Wall time depends on what else runs on the machine; CPU time of this process much less so.
-    summary["cpu_seconds"] = round(time.process_time() - cpu_started, 1)
-    summary.update(
-        policy_version=policy,
-        rm_version=rm.version,
-        settings=json.loads(json.dumps(dataclasses.asdict(settings), default=str)),
-    )
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    log_event(
-        log,
-        "bootstrap done",
-        policy=policy,
-        rm=rm.version,
-        seconds=summary["seconds"]["total"],
-        cpu_seconds=summary["cpu_seconds"],
-        report=str(report_dir),
-    )
-    return BootstrapResult(policy, rm.version, summary, report_dir)
+    seconds["step2_rm"] = round(time.monotonic() - t, 1)
+    return rm
 
 
 def _writable_report_dir(wanted: Path) -> Path:

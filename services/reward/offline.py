@@ -171,25 +171,8 @@ def train_first_rm(
         "offset": offset,
         "train_seconds": round(time.monotonic() - started, 2),
     }
-    model.info.update(
-        {
-            "base_policy": base,
-            "trained_on": rankings_jsonl.name,
-            "trained_max_tokens": settings.limits.max_tokens,
-            "trained_max_response_tokens": settings.limits.max_response_tokens,
-        }
-    )
-    extra = {
-        "kind": "offline-rankings",
-        "base_policy": base,
-        "rankings_file": rankings_jsonl.name,
-        "rankings_sha256": hashlib.sha256(rankings_jsonl.read_bytes()).hexdigest(),
-        "offset_reference": model.info["offset_reference"],
-        "lr": settings.lr,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-    }
-    # Published without an announcer (no Kafka here): the reward service announces it when it starts.
+    extra = _record_provenance(model, base, rankings_jsonl, settings)
+    # Published offline (no announcer): nothing is owed; replicas that start later read the store's current.
     manifest = publish_reward_model(
         VersionLine(store, REWARD_MODEL),
         model,
@@ -210,6 +193,29 @@ def train_first_rm(
         seconds=round(time.monotonic() - started, 1),
     )
     return OfflineResult(manifest, metrics, tuple(history))
+
+
+def _record_provenance(model: RewardModel, base: str, rankings_jsonl: Path, settings: TrainSettings) -> dict:
+    """Write what the RM was trained on and with into its reward_head.json (``model.info``); the
+    manifest's ``extra`` with the same facts and the rankings file's sha256."""
+    model.info.update(
+        {
+            "base_policy": base,
+            "trained_on": rankings_jsonl.name,
+            "trained_max_tokens": settings.limits.max_tokens,
+            "trained_max_response_tokens": settings.limits.max_response_tokens,
+        }
+    )
+    return {
+        "kind": "offline-rankings",
+        "base_policy": base,
+        "rankings_file": rankings_jsonl.name,
+        "rankings_sha256": hashlib.sha256(rankings_jsonl.read_bytes()).hexdigest(),
+        "offset_reference": model.info["offset_reference"],
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,6 +166,28 @@ class Comparisons:
 
 
 @dataclass(frozen=True)
+class RoundPlan:
+    """The comparisons of one round (see ``RetrainingLoop._plan_round``)."""
+
+    new: list[LiveComparison]
+    replayed: list[LiveComparison]
+    heldout: list[ComparisonGroup]
+    trained_before: int
+    """Comparisons some published version was trained on before this round."""
+
+    @property
+    def heldout_pairs(self) -> int:
+        return sum(len(g.pairs) for g in self.heldout)
+
+    def examples(self) -> TrainingExamples:
+        chosen = [c.example for c in [*self.new, *self.replayed]]
+        return TrainingExamples(
+            groups=[e for e in chosen if isinstance(e, ComparisonGroup)],
+            pointwise=[e for e in chosen if isinstance(e, PointwiseExample)],
+        )
+
+
+@dataclass(frozen=True)
 class RoundResult:
     outcome: str
     """"published" or "refused"."""
@@ -330,39 +352,24 @@ class RetrainingLoop:
         """
         started = time.monotonic()
         comps = comps if comps is not None else self.comparisons()
-        trained = self.state.trained_keys()
-        new = [c for c in comps.train if c.key not in trained]
-        old = [c for c in comps.train if c.key in trained]
-        self._seen.update(c.key for c in new)
-        self._last_round = self.clock()
-        if not new:
-            raise ValueError("no new comparisons to train on")
-        rng = random.Random(len(trained) + len(new))
-        replayed = replay_sample(old, len(new), self.cfg.replay_ratio, rng)
-        held_groups = [c.example for c in comps.heldout if isinstance(c.example, ComparisonGroup)]
-        heldout_pairs = sum(len(g.pairs) for g in held_groups)
-
+        plan = self._plan_round(comps)
         base, model, tokenizer = self._load_base()
         trainer = RewardTrainer(model, tokenizer, self.settings)
-        current_acc, _ = trainer.evaluate(held_groups)
-        examples = TrainingExamples(
-            groups=[c.example for c in [*new, *replayed] if isinstance(c.example, ComparisonGroup)],
-            pointwise=[c.example for c in [*new, *replayed] if isinstance(c.example, PointwiseExample)],
-        )
+        current_acc, _ = trainer.evaluate(plan.heldout)
         log_event(
             log,
             "reward model round",
             base=base,
-            new=len(new),
-            replayed=len(replayed),
-            heldout_comparisons=len(held_groups),
-            heldout_pairs=heldout_pairs,
+            new=len(plan.new),
+            replayed=len(plan.replayed),
+            heldout_comparisons=len(plan.heldout),
+            heldout_pairs=plan.heldout_pairs,
             pending=comps.pending,
         )
-        history = trainer.fit(examples)
+        history = trainer.fit(plan.examples())
         if tamper is not None:
             tamper(model)
-        candidate_acc, heldout_loss = trainer.evaluate(held_groups)
+        candidate_acc, heldout_loss = trainer.evaluate(plan.heldout)
         train_loss = history[-1].loss if history else math.nan
         decision = rm_gate(candidate_acc, current_acc, self.cfg.gate_tolerance)
         metrics.HELDOUT_ACCURACY.labels("candidate").set(candidate_acc)
@@ -370,27 +377,20 @@ class RetrainingLoop:
 
         version = None
         if decision.publish:
-            version = self._publish(
-                base,
-                model,
-                tokenizer,
-                new,
-                replayed,
-                comps,
-                {
-                    "heldout_accuracy": candidate_acc,
-                    "heldout_accuracy_before": current_acc,
-                    "heldout_loss": heldout_loss,
-                    "train_loss": train_loss,
-                    "new_comparisons": len(new),
-                    "replayed_comparisons": len(replayed),
-                    "heldout_comparisons": len(held_groups),
-                    "heldout_pairs": heldout_pairs,
-                    "trained_comparisons_total": len(trained) + len(new),
-                    "epochs": self.settings.epochs,
-                    "round_seconds": round(time.monotonic() - started, 2),
-                },
-            )
+            round_metrics = {
+                "heldout_accuracy": candidate_acc,
+                "heldout_accuracy_before": current_acc,
+                "heldout_loss": heldout_loss,
+                "train_loss": train_loss,
+                "new_comparisons": len(plan.new),
+                "replayed_comparisons": len(plan.replayed),
+                "heldout_comparisons": len(plan.heldout),
+                "heldout_pairs": plan.heldout_pairs,
+                "trained_comparisons_total": plan.trained_before + len(plan.new),
+                "epochs": self.settings.epochs,
+                "round_seconds": round(time.monotonic() - started, 2),
+            }
+            version = self._publish(base, model, tokenizer, plan.new, plan.replayed, comps, round_metrics)
             metrics.HELDOUT_ACCURACY.labels("current").set(candidate_acc)
         else:
             log_event(
@@ -401,23 +401,30 @@ class RetrainingLoop:
                 reason=decision.reason,
             )
         seconds = time.monotonic() - started
-        metrics.ROUNDS.labels("published" if version else "refused").inc()
+        outcome = "published" if version else "refused"
+        metrics.ROUNDS.labels(outcome).inc()
         metrics.ROUND_SECONDS.observe(seconds)
         result = RoundResult(
-            "published" if version else "refused",
-            decision.reason,
-            version,
-            base,
-            current_acc,
-            candidate_acc,
-            train_loss,
-            len(new),
-            len(replayed),
-            heldout_pairs,
-            seconds,
-        )
+            outcome, decision.reason, version, base, current_acc, candidate_acc, train_loss,
+            len(plan.new), len(plan.replayed), plan.heldout_pairs, seconds,
+        )  # fmt: skip
         self.rounds.append(result)
         return result
+
+    def _plan_round(self, comps: Comparisons) -> RoundPlan:
+        """What a round trains on: the comparisons no version was trained on yet, ``replay_ratio``
+        times as many older ones drawn at random, and the held-out groups it is judged on."""
+        trained = self.state.trained_keys()
+        new = [c for c in comps.train if c.key not in trained]
+        old = [c for c in comps.train if c.key in trained]
+        self._seen.update(c.key for c in new)
+        self._last_round = self.clock()
+        if not new:
+            raise ValueError("no new comparisons to train on")
+        rng = random.Random(len(trained) + len(new))
+        replayed = replay_sample(old, len(new), self.cfg.replay_ratio, rng)
+        heldout = [c.example for c in comps.heldout if isinstance(c.example, ComparisonGroup)]
+        return RoundPlan(new, replayed, heldout, len(trained))
 
     def _load_base(self):
         """(version it started from, a trainable copy, tokenizer): the current RM, verified; or, for

@@ -406,21 +406,7 @@ class TrainingLoop:
 
     def _evaluate_and_publish(self) -> GateResult:
         self._phase, self._detail = "evaluating", "held-out evaluation of the candidate"
-        # The candidate and the baseline must be scored by the same reward model. The RM can be
-        # replaced between the candidate's scoring and the baseline's re-scoring (the reward learner
-        # publishes every few seconds in a busy loop): then evaluate again, a bounded number of times.
-        for _ in range(SAME_RM_ATTEMPTS):
-            ev: Evaluation = self.publisher.evaluate(self.learner)
-            baseline = self._baseline_reward(ev.rm_version)
-            if baseline is None or self.state.baseline["rm_version"] == ev.rm_version:
-                decision = policy_gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
-                break
-        else:
-            decision = PolicyGateDecision(
-                False,
-                f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
-                "(candidate and baseline never scored by the same version)",
-            )
+        ev, baseline, decision = self._evaluate_under_one_rm()
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
         common = {
@@ -475,10 +461,29 @@ class TrainingLoop:
         self.state.last_gate = asdict(result)
         metrics.PUBLISHED.inc()
         self._set_policy_info()
-        self.checkpoint()  # remembers the announcement owed before making it
+        self.checkpoint()  # the lineage holds the version before it is announced
         self._send_pending_announcement()
         self._phase, self._detail = "training", ""
         return result
+
+    def _evaluate_under_one_rm(self) -> tuple[Evaluation, float | None, PolicyGateDecision]:
+        """The candidate's evaluation, the baseline's held-out reward and the gate's decision, with
+        candidate and baseline scored by the same reward model.
+
+        The RM can be replaced between the candidate's scoring and the baseline's re-scoring (the
+        retraining loop publishes every few seconds in a busy loop): then evaluate again, a bounded
+        number of times."""
+        for _ in range(SAME_RM_ATTEMPTS):
+            ev = self.publisher.evaluate(self.learner)
+            baseline = self._baseline_reward(ev.rm_version)
+            if baseline is None or self.state.baseline["rm_version"] == ev.rm_version:
+                return ev, baseline, policy_gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+        refused = PolicyGateDecision(
+            False,
+            f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
+            "(candidate and baseline never scored by the same version)",
+        )
+        return ev, baseline, refused
 
     def _send_pending_announcement(self) -> None:
         """Announce what the policy line owes (a publish or rollback Kafka has not acknowledged);
