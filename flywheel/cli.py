@@ -5,6 +5,7 @@ rlhf bootstrap [--model D]  # pretrain (built-in model only), SFT, first RM: pub
 rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-way rankings
 rlhf demo                   # simulated users chat and rate; writes a report folder
 rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
+rlhf trainer status         # control a running trainer: status|pause|resume|publish|rollback V
 rlhf serve inference        # one service in the foreground
 rlhf config [service]       # every environment variable, its default and meaning
 rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
@@ -75,6 +76,12 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from services.trainer.control import main as control_main
+
+    return control_main(args.rest, prog="rlhf trainer")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     sys.argv = [f"services.{args.service}"]
     runpy.run_module(f"services.{args.service}", run_name="__main__", alter_sys=True)
@@ -98,6 +105,10 @@ def cmd_protos(args: argparse.Namespace) -> int:
     return 0
 
 
+PASS_THROUGH = {"train-rm": cmd_train_rm, "eval": cmd_eval, "trainer": cmd_trainer}
+"""Commands whose arguments go unparsed to the module that implements them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF Flywheel: online RLHF serving loop")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train-rm", help="train the first reward model from K-way rankings (JSONL)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.offline (--help)")
     p.set_defaults(func=cmd_train_rm)
+    p = sub.add_parser(
+        "trainer", help="control a running trainer: status, pause, resume, publish, rollback V", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.trainer.control (--help)")
+    p.set_defaults(func=cmd_trainer)
     p = sub.add_parser("serve", help="run one service in the foreground")
     p.add_argument("service", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_serve)
@@ -124,11 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_config)
     sub.add_parser("protos", help="regenerate the gRPC stubs").set_defaults(func=cmd_protos)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-rm"]:
-        # Its options (including --help) belong to services.reward.offline, not to this parser.
-        args = argparse.Namespace(func=cmd_train_rm, rest=argv[1:])
-    elif argv[:1] == ["eval"]:
-        args = argparse.Namespace(func=cmd_eval, rest=argv[1:])
+    if argv[:1] and argv[0] in PASS_THROUGH:
+        # Their options (--help included) belong to the module that parses them, not to this parser.
+        args = argparse.Namespace(func=PASS_THROUGH[argv[0]], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 """Control a running trainer from a shell: status, pause, resume, publish now, rollback.
 
-    python -m services.trainer.control status
-    python -m services.trainer.control rollback policy-0002 --address 127.0.0.1:50054
+    rlhf trainer status                       # or: python -m services.trainer.control status
+    rlhf trainer rollback policy-0002 --address 127.0.0.1:50054
 
 Prints the answer as JSON; exits 1 with the gRPC status on an error.
 """
@@ -18,8 +18,8 @@ from google.protobuf.json_format import MessageToDict
 from shared.pb import trainer_pb2, trainer_pb2_grpc
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.trainer.control", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m services.trainer.control") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["status", "pause", "resume", "publish", "rollback"])
     parser.add_argument("version", nargs="?", help="the policy version to roll back to (rollback only)")
     parser.add_argument("--address", default="127.0.0.1:50054", help="host:port of the trainer (default %(default)s)")
