@@ -1,5 +1,7 @@
 """A tiny causal LM (random Llama, hidden 16, one layer) with the default chat tokenizer, built once
-per module in well under a second: a stand-in policy for the reward model's unit tests."""
+per session in well under a second: a stand-in policy for the reward model's unit tests, here so
+that both tests/unit/services/reward/ and tests/unit/shared/models/ see it; `rm` is a fresh reward
+model on it."""
 
 from __future__ import annotations
 
@@ -66,6 +68,16 @@ def tiny_tokenizer(tiny_policy_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_policy_dir))
+
+
+@pytest.fixture()
+def rm(tiny_policy_dir):
+    import torch
+
+    from shared.models.reward_model import RewardModel
+
+    torch.manual_seed(0)
+    return RewardModel.from_policy_dir(tiny_policy_dir)
 
 
 def copy_dir(src: Path, dst: Path) -> Path:
