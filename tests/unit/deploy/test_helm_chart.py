@@ -28,8 +28,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -856,42 +854,6 @@ def test_topic_script_refuses_an_unordered_announcement_topic():
     assert "rlhf.policy-updates" in problem and "ordered" in problem
 
 
-@pytest.mark.integration
-def test_topic_script_against_a_real_broker(tmp_path):
-    """Runs the script as the Job does, against the embedded Kafka-protocol broker."""
-    from shared.kafka.embedded import EmbeddedBroker
-
-    cm = one(docs_of("default"), "ConfigMap", f"{RELEASE}-kafka-topics")
-    plan = json.loads(cm["data"]["topics.json"])
-    plan["replicationFactor"] = 1
-    for spec in plan["topics"].values():
-        spec["configs"].pop("min.insync.replicas")
-    first = tmp_path / "topics.json"
-    first.write_text(json.dumps(plan))
-    # The embedded broker has no DescribeConfigs/CreatePartitions: the re-run plans no configs.
-    for spec in plan["topics"].values():
-        spec["configs"] = {}
-    again = tmp_path / "again.json"
-    again.write_text(json.dumps(plan))
-    script = CHART / "files" / "create_topics.py"
-    with EmbeddedBroker() as broker:
-        env = {**os.environ, "RLHF_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "TOPICS_WAIT_SECONDS": "30"}
-        for path in (first, again):
-            run = subprocess.run(
-                [sys.executable, str(script), str(path)], env=env, capture_output=True, text=True, timeout=120
-            )
-            assert run.returncode == 0, run.stdout + run.stderr
-        assert "created" not in run.stdout and "topics match the plan" in run.stdout
-        from kafka import KafkaAdminClient
-
-        admin = KafkaAdminClient(bootstrap_servers=[broker.bootstrap_servers])
-        try:
-            partitions = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(list(plan["topics"]))}
-        finally:
-            admin.close()
-    assert partitions == {name: spec["partitions"] for name, spec in plan["topics"].items()}
-
-
 # --- Dockerfiles --------------------------------------------------------------------------------------
 
 
@@ -1109,21 +1071,3 @@ def test_wait_for_policy_and_reward_model(tmp_path):
     assert "no reward model published yet" in wait_for.missing_current(str(tmp_path), "rm", "reward model")[0]
     (tmp_path / "rm.current").write_text('{"version": "rm-0001"}')
     assert wait_for.main(["--policy", str(tmp_path), "--reward-model", str(tmp_path), "--interval", "0"]) == 0
-
-
-@pytest.mark.integration
-def test_wait_for_topics_against_a_real_broker():
-    from kafka import KafkaAdminClient
-
-    from shared.kafka.embedded import EmbeddedBroker
-
-    wait_for = _load_wait_for()
-    with EmbeddedBroker() as broker:
-        servers = [broker.bootstrap_servers]
-        assert wait_for.missing_topics(["rlhf.completions"], servers) == ["topic rlhf.completions"]
-        admin = KafkaAdminClient(bootstrap_servers=servers)
-        try:
-            admin.create_topics({"rlhf.completions": {"num_partitions": 1, "replication_factor": 1}})
-        finally:
-            admin.close()
-        assert wait_for.missing_topics(["rlhf.completions"], servers) == []
