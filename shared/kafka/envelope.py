@@ -124,7 +124,7 @@ def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
         raise EnvelopeError(f"expected {expect.EVENT_TYPE} event, got {doc['type']}")  # type: ignore[attr-defined]
     if not isinstance(doc["payload"], dict):
         raise EnvelopeError("payload must be a JSON object")
-    payload = from_dict(cls, doc["payload"])
+    payload: Any = from_dict(cls, doc["payload"])
     try:
         produced_at = float(doc["produced_at"])
     except (TypeError, ValueError):
@@ -142,7 +142,7 @@ def from_dict(cls: type[E], data: dict[str, Any]) -> E:
     names, fields = _reader(cls)
     if not names.issuperset(data):
         raise EnvelopeError(f"{cls.__name__}: unknown fields {sorted(set(data) - names)}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, required, read in fields:
         if name in data:
             kwargs[name] = read(data[name])
@@ -155,9 +155,19 @@ def from_dict(cls: type[E], data: dict[str, Any]) -> E:
 # resolved once per class (type hints, unions, nested dataclasses) into small functions.
 
 Convert = Callable[[Any], Any]
+R = TypeVar("R")
 
 
-@functools.cache
+def _per_class(fn: Callable[[type], R]) -> Callable[[type], R]:
+    """``functools.cache`` for a function of a class, keeping its signature for the type checker.
+
+    (mypy does not see a class object as Hashable, python/mypy#11470, so a ``type[X]`` argument to a
+    bare ``functools.cache`` wrapper is refused.)
+    """
+    return functools.cache(fn)
+
+
+@_per_class
 def _reader(cls: type) -> tuple[frozenset[str], list[tuple[str, bool, Convert]]]:
     hints = typing.get_type_hints(cls)
     fields = []
@@ -218,7 +228,7 @@ def _read_as(where: str, hint: Any) -> Convert:
 # record is checked without being copied.
 
 
-@functools.cache
+@_per_class
 def _writer(cls: type) -> Convert:
     """A function making a payload dataclass JSON-ready (itself, or a dict when a field changed)."""
     hints = typing.get_type_hints(cls)
@@ -250,7 +260,7 @@ def _write_as(hint: Any) -> Convert:
     if origin in (list, tuple):
         item = _write_as(args[0]) if args else _checked_any
         return _identity if item is _identity else functools.partial(_write_list, item)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _writer(hint)
     if hint is float:
         return _finite

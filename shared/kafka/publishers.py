@@ -28,7 +28,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,6 +80,9 @@ class _Envelopes:
     service: str
 
     def send_and_wait(self, topic: str, value: bytes, key: bytes | None) -> None:
+        raise NotImplementedError
+
+    async def publish_many(self, records: Sequence[Record]) -> list[envelope.Envelope | PublishFailed]:
         raise NotImplementedError
 
     def publish_and_wait(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
@@ -151,13 +154,13 @@ class KafkaPublisher(_Envelopes):
             if self._producer is producer:
                 self._producer = None
 
-        def close() -> None:
+        def close(discarded: KafkaProducer) -> None:
             try:
-                producer.close(timeout=0)
+                discarded.close(timeout=0)
             except Exception:  # noqa: BLE001 - it is being thrown away
                 pass
 
-        threading.Thread(target=close, name="discard-producer", daemon=True).start()
+        threading.Thread(target=close, args=(producer,), name="discard-producer", daemon=True).start()
 
     def close(self, timeout_s: float = 5.0) -> None:
         with self._lock:
@@ -242,6 +245,10 @@ class _LoopDeliveries:
             self._sweeping = True
             self.loop.call_later(1.0, self._sweep)
         return done
+
+    def reporter(self, done: asyncio.Future) -> Callable[[Any, Any], None]:
+        """The ``on_delivery`` callback of the record ``done`` waits for."""
+        return lambda err, _msg: self.put(done, err)
 
     def put(self, done: asyncio.Future, err: Any) -> None:
         with self._lock:
@@ -350,7 +357,7 @@ class RdKafkaPublisher(_Envelopes):
                         topic,
                         envelope.encode(env),
                         key.encode() if key else None,
-                        on_delivery=lambda err, _msg, done=done: deliveries.put(done, err),
+                        on_delivery=deliveries.reporter(done),
                     )
                     continue
                 except (BufferError, confluent_kafka.KafkaException) as exc:

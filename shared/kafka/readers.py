@@ -23,10 +23,11 @@ record must not stall or crash a reader.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import confluent_kafka
 from kafka import KafkaConsumer, TopicPartition
@@ -177,7 +178,9 @@ class AssignedReader:
         self._consumer = KafkaConsumer(**consumer_kwargs(cfg, service, group_id=None))
         self._parts: list[TopicPartition] = []
         for topic in self.topics:
-            numbers = _wait_for(lambda t=topic: self._consumer.partitions_for_topic(t), topic, metadata_timeout_s)
+            numbers = _wait_for(
+                functools.partial(self._consumer.partitions_for_topic, topic), topic, metadata_timeout_s
+            )
             self._parts += [TopicPartition(topic, p) for p in sorted(numbers)]
         self._consumer.assign(self._parts)
         if start == "end":
@@ -309,17 +312,23 @@ class RdKafkaAssignedReader:
     def poll(self) -> list[Record]:
         out = []
         for msg in self._consumer.consume(num_messages=self.max_records, timeout=self.poll_timeout_s):
-            if msg.error() is not None:
-                log_event(log, "read error", level=30, topics=",".join(self.topics), error=msg.error().str())
+            error = msg.error()
+            if error is not None:
+                log_event(log, "read error", level=30, topics=",".join(self.topics), error=error.str())
                 continue
-            out.append(Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()))
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None  # set on every record
+            out.append(Record(topic, partition, offset, msg.key(), msg.value()))
         return out
 
     def close(self) -> None:
         self._consumer.close()
 
 
-def _wait_for(get: Callable[[], Iterable[int] | None], topic: str, timeout_s: float) -> Iterable[int]:
+PartitionNumbers = TypeVar("PartitionNumbers", bound=Iterable[int])
+
+
+def _wait_for(get: Callable[[], PartitionNumbers | None], topic: str, timeout_s: float) -> PartitionNumbers:
     """``get()`` once it returns partitions (a fresh client may not know them yet); RuntimeError
     when the topic has none after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

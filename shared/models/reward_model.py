@@ -46,6 +46,9 @@ class RewardModelError(ValueError):
 
 
 class RewardModel(nn.Module):
+    offset: torch.Tensor
+    """The normalisation offset, a registered buffer (declared for the type checker)."""
+
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
@@ -105,7 +108,7 @@ class RewardModel(nn.Module):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        config = self.backbone.config
+        config: Any = self.backbone.config  # the backbone's transformers config (nn.Module does not declare it)
         config.architectures = [type(self.backbone).__name__]
         config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
