@@ -118,6 +118,8 @@ class LedgerFollower:
         """True for a record whose rating the ledger holds already, mostly this replica's own
         writes (applied when Kafka acknowledged them). Applying it again would change nothing, and
         the full envelope check costs most of this reader's CPU; any other record gets that check."""
+        if value is None:
+            return False
         try:
             feedback_id = orjson.loads(value)["payload"]["feedback_id"]
         except (orjson.JSONDecodeError, TypeError, KeyError):

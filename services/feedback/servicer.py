@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import grpc
 from google.protobuf import text_format
@@ -17,7 +18,7 @@ _THUMB = {feedback_pb2.THUMB_UP: "up", feedback_pb2.THUMB_DOWN: "down"}
 
 def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission:
     kind = msg.WhichOneof("rating") or ""
-    common = dict(
+    common: dict[str, Any] = dict(
         feedback_tokens=list(msg.feedback_tokens),
         user_id=msg.user_id,
         comment=msg.comment,

@@ -10,7 +10,8 @@ import asyncio
 import collections
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from services.feedback import metrics
 from services.feedback.config import FeedbackConfig
@@ -30,7 +31,8 @@ from services.feedback.ledger import FeedbackLedger, LiveVote
 from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unavailable
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify
-from shared.kafka.publishers import Outbox, Publisher
+from shared.kafka.envelope import Envelope
+from shared.kafka.publishers import Outbox, Publisher, PublishFailed
 from shared.kafka.topics import FEEDBACK, FEEDBACK_DLQ
 from shared.logging import get_logger
 
@@ -271,7 +273,7 @@ class FeedbackServing:
         await self._store(staged, outcomes)
         if busy:
             await asyncio.gather(*(self._outcome_into(outcomes, i, *items[i]) for i in busy))
-        return outcomes  # type: ignore[return-value] - every slot is filled by now
+        return cast("list[SubmitResult | RlhfError]", outcomes)  # every slot is filled by now
 
     async def _store(
         self, staged: list[tuple[int, tuple[str, str], FeedbackEvent]], outcomes: list[SubmitResult | RlhfError | None]
@@ -283,6 +285,7 @@ class FeedbackServing:
         started = time.perf_counter()
         try:
             # Keyed by user: one user's votes stay in order on one partition.
+            results: Sequence[Envelope | PublishFailed | Exception]
             try:
                 results = await self.publisher.publish_many([(FEEDBACK, ev, ev.user_id) for _, _, ev in staged])
             except Exception as exc:  # noqa: BLE001 - not expected (failures are per record), but never a crash

@@ -62,5 +62,7 @@ class CoalescingTransport:
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """``uvicorn.Config(http=CoalescingHttpToolsProtocol)``: httptools with coalesced writes."""
 
+    # Both ignores are deliberate: uvicorn narrows asyncio.Protocol's BaseTransport to Transport (with
+    # the same ignore), and CoalescingTransport is a duck-typed proxy of one, not a subclass.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]

@@ -11,9 +11,14 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from services.inference.config import InferenceConfig
 from services.inference.domain import Sampling
+
+if TYPE_CHECKING:  # vLLM is imported when the engine starts
+    from vllm.config.model import ModelDType
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def configure_vllm_environment(cfg: InferenceConfig) -> None:
 class VllmEngine:
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
-        self._llm = None
+        self._llm: AsyncLLM | None = None
         self._single_process = cfg.worker_in_engine_process and cfg.tensor_parallel_size == 1
 
     async def start(self, model_dir: Path) -> None:
@@ -54,7 +59,7 @@ class VllmEngine:
             model=str(model_dir),
             tokenizer=str(model_dir),
             served_model_name=self.cfg.served_model_name,
-            dtype=self.cfg.dtype,
+            dtype=cast("ModelDType", self.cfg.dtype),  # one of them: InferenceConfig.problems() checks it
             max_model_len=self.cfg.max_model_len,
             max_num_seqs=self.cfg.max_num_seqs,
             seed=self.cfg.seed,
@@ -69,7 +74,7 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(args)
 
     @property
-    def llm(self):
+    def llm(self) -> AsyncLLM:
         if self._llm is None:
             raise RuntimeError("engine not started")
         return self._llm
@@ -99,7 +104,9 @@ class VllmEngine:
             for o in out.outputs:
                 lps = None
                 if sampling.logprobs and o.logprobs is not None:
-                    lps = [float(pos[tid].logprob) for tid, pos in zip(o.token_ids, o.logprobs)]
+                    # vLLM types a position of FlatLogprobs Optional (the first prompt position has
+                    # none); every sampled position has its logprobs.
+                    lps = [float(pos[tid].logprob) for tid, pos in zip(o.token_ids, o.logprobs)]  # type: ignore[index]
                 step.append(EngineOutput(o.index, o.text, list(o.token_ids), lps, o.finish_reason))
             yield step
 

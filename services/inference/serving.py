@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from services.inference import metrics
 from services.inference.config import InferenceConfig
@@ -128,7 +129,7 @@ class InferenceServing:
         self.store = store
         self.publisher = publisher
         self.gate = SwapGate()
-        self.tokenizer = None
+        self.tokenizer: Any = None
         self.policy_version = ""
         self.policy_dir: Path | None = None
         self.serving_since = 0.0
@@ -335,6 +336,7 @@ class InferenceServing:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 # The engine may hold part of the new tensors: reload the served version in full.
+                assert self.policy_dir is not None  # set by start(), before any swap
                 await self.engine.reload_weights(self.policy_dir, with_requests_running=running)
                 return False
             old = self.policy_version

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import TYPE_CHECKING
 
 from services.reward.config import RewardConfig
 from services.reward.scorer import RewardScorer
@@ -24,6 +25,9 @@ from shared.model_store import ModelStore
 from shared.pb import reward_pb2_grpc
 from shared.version_line import REWARD_MODEL, KafkaAnnouncer, VersionLine
 
+if TYPE_CHECKING:  # imported when the learner starts (it brings the training stack)
+    from services.reward.retraining import RetrainingLoop, RetrainingThread
+
 log = get_logger(__name__)
 
 
@@ -34,8 +38,8 @@ class RewardApp:
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
-        self.learner = None  # a retraining.RetrainingLoop when RLHF_REWARD_LEARNER is on and Kafka is set
-        self._learner_thread = None
+        self.learner: RetrainingLoop | None = None  # when RLHF_REWARD_LEARNER is on and Kafka is set
+        self._learner_thread: RetrainingThread | None = None
         self._publisher: KafkaPublisher | None = None
 
     @property
@@ -91,6 +95,7 @@ class RewardApp:
         log_event(
             log, "no reward model in the store: training the first one", rankings=str(self.cfg.bootstrap_rankings)
         )
+        assert self.cfg.bootstrap_rankings is not None  # start() bootstraps only when it is set
         # Trained on sequences cut exactly as this service will cut the ones it scores.
         settings = dataclasses.replace(OFFLINE_SETTINGS, limits=self.scorer.limits)
         train_first_rm(self.store, self.cfg.bootstrap_rankings, settings=settings)
@@ -99,6 +104,7 @@ class RewardApp:
         await self.server.stop()
         if self._learner_thread is not None:
             await asyncio.to_thread(self._learner_thread.stop)
+            assert self.learner is not None  # started before its thread
             self.learner.state.close()
         if self._publisher is not None:
             await asyncio.to_thread(self._publisher.close)

@@ -139,7 +139,7 @@ def examples_from_feedback(events: Iterable[FeedbackEvent]) -> TrainingExamples:
                 pair = (0, 1) if ev.preferred == "a" else (1, 0)
                 out.groups.append(ComparisonGroup(tuple(ids), (pair,), "pairwise", ev.user_id))
         elif ev.kind in ("thumb", "likert"):
-            value = THUMB_LABELS.get(ev.thumb) if ev.kind == "thumb" else ev.score
+            value = THUMB_LABELS.get(ev.thumb or "") if ev.kind == "thumb" else ev.score
             if len(ids) != 1 or value is None:
                 out.skipped["malformed"] += 1
                 continue

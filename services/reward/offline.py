@@ -66,14 +66,14 @@ def parse_ranking(doc: object) -> ComparisonGroup:
         raise ValueError("expected a JSON object")
     prompt = doc.get("prompt")
     if isinstance(prompt, str):
-        messages = (Message("user", prompt),)
+        messages: tuple[Message, ...] = (Message("user", prompt),)
     elif isinstance(prompt, list) and prompt:
-        messages = []
+        parsed: list[Message] = []
         for m in prompt:
             if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
                 raise ValueError(f"prompt messages need a role in {ROLES} and string content, got {m!r}")
-            messages.append(Message(m["role"], m["content"]))
-        messages = tuple(messages)
+            parsed.append(Message(m["role"], m["content"]))
+        messages = tuple(parsed)
     else:
         raise ValueError("prompt must be a non-empty string or list of messages")
     if not any(m.role == "user" and m.content.strip() for m in messages):

@@ -57,6 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from services.reward import metrics
 from services.reward.comparisons import (
@@ -95,6 +96,7 @@ def is_heldout(prompt_key: str, fraction: float) -> bool:
 def comparison_key(example: Example) -> str:
     """Identity of a comparison: who compared which responses how. A changed vote or a new thumb
     joining a group gives a new key (new information); the same comparison rebuilt gives the same."""
+    doc: list[object]
     if isinstance(example, ComparisonGroup):
         doc = [
             "group",
@@ -133,7 +135,10 @@ def rm_gate(candidate_accuracy: float, current_accuracy: float, tolerance: float
     )
 
 
-def replay_sample(old: Sequence[Example], n_new: int, ratio: float, rng: random.Random) -> list[Example]:
+T = TypeVar("T")
+
+
+def replay_sample(old: Sequence[T], n_new: int, ratio: float, rng: random.Random) -> list[T]:
     """``round(ratio * n_new)`` older comparisons drawn uniformly without replacement (all if fewer)."""
     k = min(len(old), round(ratio * n_new))
     return rng.sample(list(old), k) if k > 0 else []
@@ -214,7 +219,7 @@ class RetrainingLoop:
         store: ModelStore,
         state: RetrainingState,
         line: VersionLine | None = None,
-        on_published: Callable[[str], None] | None = None,
+        on_published: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.cfg = cfg
@@ -304,7 +309,8 @@ class RetrainingLoop:
         prompt_of = {r.response_id: r.prompt_hash or r.response_id for ev in events for r in ev.responses}
         rated_at = {(ev.user_id, r.response_id): ev.received_at for ev in events for r in ev.responses}
         out = Comparisons(pending=pending)
-        for ex in [*joined.groups, *joined.pointwise]:
+        examples: list[Example] = [*joined.groups, *joined.pointwise]
+        for ex in examples:
             responses = ex.responses if isinstance(ex, ComparisonGroup) else (ex.response,)
             when = max(rated_at.get((ex.user_id, s.response_id), 0.0) for s in responses)
             held = is_heldout(

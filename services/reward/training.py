@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -112,7 +112,7 @@ class RewardTrainer:
             r = self.model.raw_scores(ids, mask) if raw else self.model(ids, mask)
             for j, i in enumerate(chunk):
                 out[i] = r[j]
-        return torch.stack(out)  # type: ignore[arg-type]
+        return torch.stack(cast("list[torch.Tensor]", out))  # every slot is filled by now
 
     # --- training --------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
             t = obj.detach().cpu()
             # safetensors refuses tensors sharing storage (tied embeddings): store each view once
             # by content identity, and clone so no two stored tensors alias.
-            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            ident = (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype)
             if ident in seen:
                 return {"__tensor__": seen[ident]}
             key = f"t{len(tensors)}"

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,7 +473,9 @@ class PPOLearner:
         """Responses of the current policy (transformers ``generate``, no top-k/top-p, cut after EOS), one
         per prompt; with ``return_logprobs`` also each sampled token's logprob under the sampling
         distribution (logits / temperature), usable as Rollout.behaviour_logprobs."""
-        lm = self.policy.lm
+        # Any: transformers types generate() for its own checker (self: a Protocol mypy does not
+        # match to a PreTrainedModel) and returns a union that return_dict_in_generate=True narrows.
+        lm: Any = self.policy.lm
         if seed is not None:
             torch.manual_seed(seed)
         width = max(len(p) for p in prompt_token_ids)
@@ -608,7 +610,7 @@ def _adam(parameters: Any, lr: float, eps: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
-def _clip(parameters: Callable | Any, max_norm: float) -> float:
+def _clip(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> float:
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0

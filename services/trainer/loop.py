@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 
@@ -131,6 +131,15 @@ class StatusSnapshot:
     baseline_reward: float
 
 
+class _Figures(TypedDict):
+    """The last PPO step's figures, for the status."""
+
+    mean_reward: float
+    kl: float
+    entropy: float
+    rm_version: str
+
+
 def checkpoint_payload(learner: Any, state: LoopState) -> dict[str, Any]:
     ls = learner.state_dict()
     return {"learner": {"tensors": ls.tensors, "meta": ls.meta}, "loop": state.to_json()}
@@ -178,7 +187,7 @@ class TrainingLoop:
         metrics.PAUSED.set(1 if paused else 0)
         self._phase = "starting"
         self._detail = ""
-        self._figures = {"mean_reward": 0.0, "kl": 0.0, "entropy": 0.0, "rm_version": ""}
+        self._figures: _Figures = {"mean_reward": 0.0, "kl": 0.0, "entropy": 0.0, "rm_version": ""}
         self._checkpoint_step = max(checkpoints.steps(), default=0)
         self._set_policy_info()
 
@@ -400,16 +409,16 @@ class TrainingLoop:
         if b["rm_version"] != rm_version:
             # Scores of different reward models are not comparable: re-score the baseline's answers.
             reward, scored_by = self.publisher.rescore(b["answers"])
-            self.state.baseline = {**b, "reward": reward, "rm_version": scored_by}
+            b = self.state.baseline = {**b, "reward": reward, "rm_version": scored_by}
             log_event(log, "baseline re-scored", rm_version=scored_by, heldout_reward=round(reward, 4))
-        return float(self.state.baseline["reward"])
+        return float(b["reward"])
 
     def _evaluate_and_publish(self) -> GateResult:
         self._phase, self._detail = "evaluating", "held-out evaluation of the candidate"
         ev, baseline, decision = self._evaluate_under_one_rm()
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
-        common = {
+        common: dict[str, Any] = {
             "step": self.state.step,
             "heldout_reward": ev.heldout_reward,
             "kl": ev.kl,
@@ -476,7 +485,9 @@ class TrainingLoop:
         for _ in range(SAME_RM_ATTEMPTS):
             ev = self.publisher.evaluate(self.learner)
             baseline = self._baseline_reward(ev.rm_version)
-            if baseline is None or self.state.baseline["rm_version"] == ev.rm_version:
+            if baseline is None or (
+                self.state.baseline is not None and self.state.baseline["rm_version"] == ev.rm_version
+            ):
                 return ev, baseline, policy_gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
         refused = PolicyGateDecision(
             False,

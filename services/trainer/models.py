@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from shared.models.reward_model import RewardModel
 
 from .ppo import logprobs_from_logits
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class PolicyHead(nn.Module):
     """A causal LM returning, per response token, its log-probability and the entropy of the distribution.
@@ -37,7 +40,7 @@ class PolicyHead(nn.Module):
     by the sampling temperature.
     """
 
-    def __init__(self, causal_lm: nn.Module, temperature: float = 1.0):
+    def __init__(self, causal_lm: PreTrainedModel, temperature: float = 1.0):
         super().__init__()
         self.lm = causal_lm
         self.temperature = float(temperature)
@@ -106,21 +109,24 @@ class ValueHead(nn.Module):
 # --- loading ----------------------------------------------------------------------------------
 
 
-def load_policy(model_dir: Path) -> nn.Module:
+def load_policy(model_dir: Path) -> PreTrainedModel:
     """The causal LM in ``model_dir`` in float32 for training (safetensors only, no KV cache)."""
     model = load_causal_lm(model_dir, dtype=torch.float32, train=True, quiet=True)
     model.config.use_cache = False
     return model
 
 
-def load_reference(model_dir: Path) -> nn.Module:
+def load_reference(model_dir: Path) -> PreTrainedModel:
     """A frozen copy of the causal LM in ``model_dir`` (eval mode, no gradients)."""
     model = load_policy(model_dir).eval()
     model.requires_grad_(False)
     return model
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
+Module = TypeVar("Module", bound=nn.Module)
+
+
+def frozen_copy(model: Module) -> Module:
     """A frozen deep copy (the reference when it is the same version as the initial policy)."""
     ref = copy.deepcopy(model).eval()
     ref.requires_grad_(False)
@@ -135,7 +141,7 @@ def load_value_model(rm_dir: Path) -> ValueHead:
 # --- saving -----------------------------------------------------------------------------------
 
 
-def save_policy(policy: nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+def save_policy(policy: PreTrainedModel, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``policy`` as a Hugging Face directory (config.json, generation config, tokenizer,
     safetensors) that the inference service can hot-swap in place of the policy it was loaded from.
 
@@ -147,7 +153,8 @@ def save_policy(policy: nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.d
     out_dir.mkdir(parents=True, exist_ok=True)
     model = policy
     if dtype is not None and next(policy.parameters()).dtype != dtype:
-        model = copy.deepcopy(policy).to(dtype)
+        # transformers wraps PreTrainedModel.to in functools.wraps, which mypy types as unbound.
+        model = copy.deepcopy(policy).to(dtype)  # type: ignore[arg-type]
     model.save_pretrained(out_dir)  # safetensors (the only format of transformers 5)
     tokenizer.save_pretrained(out_dir)
     pickled = [p.name for p in out_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES]

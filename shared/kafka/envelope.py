@@ -51,6 +51,7 @@ def event(type_name: str, schema_version: int):
         key = (type_name, schema_version)
         if key in _REGISTRY:
             raise RuntimeError(f"event {key} registered twice")
+        # Registration gives the class these two attributes; mypy cannot see a decorator add them.
         cls.EVENT_TYPE = type_name  # type: ignore[attr-defined]
         cls.SCHEMA_VERSION = schema_version  # type: ignore[attr-defined]
         _REGISTRY[key] = cls
@@ -121,6 +122,7 @@ def decode(raw: bytes, expect: type[E] | None = None) -> Envelope:
     if cls is None:
         raise EnvelopeError(f"unknown event type/schema version {key}")
     if expect is not None and cls is not expect:
+        # EVENT_TYPE: set by @event, which mypy cannot see.
         raise EnvelopeError(f"expected {expect.EVENT_TYPE} event, got {doc['type']}")  # type: ignore[attr-defined]
     if not isinstance(doc["payload"], dict):
         raise EnvelopeError("payload must be a JSON object")

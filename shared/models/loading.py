@@ -18,12 +18,15 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from shared.model_store import ModelStore
+
+if TYPE_CHECKING:  # transformers is imported where it is used: it takes seconds to import
+    from transformers import PreTrainedModel
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 """The floating dtypes a safetensors header names, as torch dtypes."""
@@ -64,7 +67,7 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_causal_lm(
     model_dir: Path, *, dtype: torch.dtype = torch.float32, train: bool = False, quiet: bool = False
-) -> nn.Module:
+) -> PreTrainedModel:
     """The causal LM in ``model_dir`` in ``dtype``, weights from safetensors only.
 
     ``train``: in train mode (dropout on) instead of eval mode. ``quiet``: without transformers'
@@ -91,7 +94,7 @@ def load_backbone(model_dir: Path, *, dtype: torch.dtype = torch.float32) -> tup
 
 def load_verified_policy(
     store: ModelStore, version: str, *, dtype: torch.dtype = torch.float32, train: bool = False
-) -> tuple[Any, nn.Module]:
+) -> tuple[Any, PreTrainedModel]:
     """(tokenizer, causal LM) of a policy version of the store, verified first (``verified_dir``)."""
     model_dir = verified_dir(store, version)
     return load_tokenizer(model_dir), load_causal_lm(model_dir, dtype=dtype, train=train)

@@ -91,7 +91,7 @@ def document_feedback_route(app: FastAPI) -> None:
             app.openapi_schema = jsonable_encoder(OpenAPI(**schema), by_alias=True, exclude_none=True)
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
 def _feedback_operation() -> tuple[dict[str, Any], dict[str, Any]]:

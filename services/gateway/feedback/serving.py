@@ -34,7 +34,9 @@ def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> f
     if req.type == "thumb":
         # An unknown thumb value maps to THUMB_UNSPECIFIED, which the service refuses by name.
         msg.thumb.CopyFrom(
-            feedback_pb2.ThumbRating(response_id=req.response_id or "", thumb=_THUMBS.get(req.thumb or "", 0))
+            feedback_pb2.ThumbRating(
+                response_id=req.response_id or "", thumb=_THUMBS.get(req.thumb or "", feedback_pb2.THUMB_UNSPECIFIED)
+            )
         )
     elif req.type == "likert":
         score = req.score if req.score is not None else 0
@@ -95,6 +97,7 @@ class FeedbackForwarding:
 
     async def _reject(self, body: bytes, reason: str, param: str | None) -> None:
         """Hand a refused body to the feedback service's dead-letter topic; the client's 400 does not wait on it."""
+        assert self._client is not None  # only submit() calls this, after checking
         try:
             await self._client.stub.RejectFeedback(
                 feedback_pb2.RejectFeedbackRequest(

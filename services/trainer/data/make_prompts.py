@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(SEED)
     seen: set[str] = set()
-    lines = []
+    lines: list[str] = []
     while len(lines) < args.lines:
         line = json.dumps(make_line(rng))
         if line not in seen:  # distinct prompts only
