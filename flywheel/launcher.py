@@ -12,6 +12,7 @@ get one torch thread each, so that PyTorch's thread pools do not fight vLLM's fo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -187,7 +188,7 @@ class Stack:
         for svc in planned:
             self._spawn(svc)
 
-    def _grpc_service(self, name: str, config_cls: type) -> ServiceProcess:
+    def _grpc_service(self, name: str, config_cls: type[Any]) -> ServiceProcess:
         """A gRPC service process, ready when its health check says SERVING, at its configured address."""
         cfg = load_config(config_cls, self.environ)
         address = f"{cfg.host}:{cfg.grpc_port}"
@@ -251,6 +252,7 @@ class Stack:
         log_event(
             log,
             "service up",
+            level=logging.INFO,  # named, so that mypy sees **endpoints cannot fill it
             service=svc.name,
             start_s=round(time.monotonic() - started, 1),
             **svc.endpoints,

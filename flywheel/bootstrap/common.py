@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -76,7 +77,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def write_loss_curve(
     png: Path,
-    series: dict[str, list[tuple[float, float]]],
+    series: Mapping[str, Sequence[tuple[float, float]]],
     title: str,
     xlabel: str = "optimiser step",
     ylabel: str = "loss",

@@ -149,7 +149,7 @@ class Comparison:
         rows = [("", self.a.version, self.b.version)]
         for label, key, fmt in (
             ("gold thumbs-up rate", "thumbs_up_rate", "{:.1%}"),
-            ("  95% interval", None, None),
+            ("  95% interval", None, ""),
             ("mean gold score (0-4)", "mean_gold_score", "{:.2f}"),
             ("correct", "correct_rate", "{:.1%}"),
             ("polite", "polite_rate", "{:.1%}"),
@@ -158,9 +158,10 @@ class Comparison:
             ("responses judged", "responses", "{}"),
         ):
             if key is None:
-                rows.append((label, *(f"[{v.thumbs_up_low:.1%}, {v.thumbs_up_high:.1%}]" for v in (self.a, self.b))))
+                a, b = (f"[{v.thumbs_up_low:.1%}, {v.thumbs_up_high:.1%}]" for v in (self.a, self.b))
             else:
-                rows.append((label, *(fmt.format(getattr(v, key)) for v in (self.a, self.b))))
+                a, b = (fmt.format(getattr(v, key)) for v in (self.a, self.b))
+            rows.append((label, a, b))
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
         lines.append(

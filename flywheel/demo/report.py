@@ -197,7 +197,7 @@ def write_report(
     rates = thumbs_up_by_version(interactions)
     ok = [r for r in interactions if r["kind"] != "error"]
     accepted = sum(200 <= r["feedback_status"] < 300 for r in ok)
-    kinds = defaultdict(int)
+    kinds: defaultdict[str, int] = defaultdict(int)
     for r in ok:
         kinds[r["kind"]] += 1
     first, last = (rates[0], rates[-1]) if rates else (None, None)
@@ -215,7 +215,7 @@ def write_report(
         "thumbs_up_by_version": [r.__dict__ for r in rates],
         "thumbs_up_first": first.rate if first else None,
         "thumbs_up_last": last.rate if last else None,
-        "thumbs_up_rise_pp": round(100 * (last.rate - first.rate), 1) if rates else None,
+        "thumbs_up_rise_pp": round(100 * (last.rate - first.rate), 1) if first and last else None,
         "ppo_steps": ppo[-1]["step"] if ppo else 0,
         "max_kl": max((p["kl"] for p in ppo), default=None),
         "evaluation": evaluation,
