@@ -18,7 +18,7 @@ import importlib
 import runpy
 import sys
 
-from shared.config import ConfigError, load_config
+from shared.config import ConfigBase, ConfigError, load_config
 from shared.logging import setup_logging
 
 SERVICES = {
@@ -36,7 +36,7 @@ OTHER_CONFIGS = {
 }
 
 
-def _config_class(spec: str):
+def _config_class(spec: str) -> type[ConfigBase]:
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 

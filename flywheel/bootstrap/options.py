@@ -3,6 +3,7 @@ the `rlhf` parser stays fast; flywheel/bootstrap/pipeline.py runs them."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
@@ -12,7 +13,7 @@ DEFAULT_CORPUS = Path(__file__).parents[2] / "shared" / "data" / "corpus.txt"
 """shared.models.default_model.DEFAULT_CORPUS (not imported from there: that module imports torch)."""
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         type=Path,

@@ -18,6 +18,7 @@ the KL reference of PPO) and the RM as the next ``rm`` version, and writes each 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(args, load_config(ModelStoreConfig).root)
 
 
-def run_from_args(args, default_root: Path) -> int:
+def run_from_args(args: argparse.Namespace, default_root: Path) -> int:
     from shared.models.default_model import ensure_default_policy
 
     store = ModelStore(args.store or default_root)

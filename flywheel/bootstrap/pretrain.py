@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,13 +100,13 @@ def pack_documents(docs: list[list[int]], separator: int, seq_len: int) -> torch
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def corpus_blocks(tokenizer, lines: list[str], seq_len: int) -> torch.Tensor:
+def corpus_blocks(tokenizer: Any, lines: list[str], seq_len: int) -> torch.Tensor:
     docs = tokenizer(lines, add_special_tokens=False)["input_ids"]
     return pack_documents(docs, tokenizer.convert_tokens_to_ids(DOC_END), seq_len)
 
 
 @torch.no_grad()
-def blocks_perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
+def blocks_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 32) -> float:
     """Perplexity of the model on packed blocks (every next-token prediction counted once)."""
     model.eval()
     nll, count = 0.0, 0
@@ -118,8 +119,8 @@ def blocks_perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> floa
 
 
 def heldout_perplexity(
-    tokenizer,
-    model,
+    tokenizer: Any,
+    model: torch.nn.Module,
     corpus: Path,
     seq_len: int = PretrainSettings.seq_len,
     heldout_fraction: float = PretrainSettings.heldout_fraction,

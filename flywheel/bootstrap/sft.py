@@ -18,6 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,12 +115,14 @@ def collate_demonstrations(examples: list[tuple[list[int], list[int]]], pad_id: 
     return ids, mask, labels
 
 
-def encode_demonstration(tokenizer, d: Demonstration) -> tuple[list[int], list[int]]:
+def encode_demonstration(tokenizer: Any, d: Demonstration) -> tuple[list[int], list[int]]:
     return response_labels(render_prompt(tokenizer, d.messages), encode_response(tokenizer, d.response))
 
 
 @torch.no_grad()
-def mean_loss(model, examples, pad_id: int, batch_size: int = 64) -> float:
+def mean_loss(
+    model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64
+) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):

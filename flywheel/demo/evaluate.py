@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,8 +73,8 @@ def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, fl
 
 @torch.no_grad()
 def sample_responses(
-    tokenizer,
-    model,
+    tokenizer: Any,
+    model: Any,  # a transformers causal LM: generate() is typed for transformers' own checker, not mypy
     prompts: list[str],
     samples: int,
     max_new_tokens: int = 64,

@@ -21,6 +21,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flywheel.demo.evaluate import wilson_interval
 
@@ -72,7 +73,7 @@ def _version_number(version: str) -> int:
         return 0
 
 
-def _plt():
+def _plt() -> Any:  # matplotlib.pyplot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +243,15 @@ def write_report(
     return summary
 
 
-def _markdown(summary, rates, policies, rms, ppo, started_at, figures) -> str:
+def _markdown(
+    summary: dict,
+    rates: list[VersionRate],
+    policies: list[dict],
+    rms: list[dict],
+    ppo: list[dict],
+    started_at: float,
+    figures: list[tuple[str, str]],
+) -> str:
     lines = [
         "# RLHF Flywheel demo report",
         "",

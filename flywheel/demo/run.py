@@ -23,12 +23,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from flywheel.demo.users import PROMPTS, Interaction, UserMix, load_prompts, run_users
 from shared.config import ConfigBase, ModelStoreConfig, load_config
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
+
+if TYPE_CHECKING:
+    from flywheel.launcher import Stack
 
 log = get_logger(__name__)
 
@@ -128,7 +131,7 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_stack(cfg: DemoConfig, environ: dict[str, str]):
+def start_stack(cfg: DemoConfig, environ: dict[str, str]) -> Stack:
     """flywheel.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started."""
     from flywheel.launcher import Stack, UpConfig
 
@@ -142,14 +145,14 @@ def start_stack(cfg: DemoConfig, environ: dict[str, str]):
     return stack
 
 
-def trainer_address_of(stack) -> str:
+def trainer_address_of(stack: Stack) -> str:
     from services.trainer.config import TrainerConfig
 
     tc = load_config(TrainerConfig, stack.environ)
     return f"{tc.host}:{tc.grpc_port}"
 
 
-def gateway_url_of(stack) -> str:
+def gateway_url_of(stack: Stack) -> str:
     from services.gateway.config import GatewayConfig
 
     gw = load_config(GatewayConfig, stack.environ)
@@ -352,7 +355,15 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
     return DemoResult(summary, Path(cfg.report_dir), records)
 
 
-def _write(cfg, store, records, ppo, started_at, duration, evaluation) -> dict:
+def _write(
+    cfg: DemoConfig,
+    store: ModelStore,
+    records: list[Interaction],
+    ppo: list[dict],
+    started_at: float,
+    duration: float,
+    evaluation: dict | None,
+) -> dict:
     from flywheel.demo.report import write_report
 
     summary = write_report(

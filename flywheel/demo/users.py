@@ -24,8 +24,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flywheel.demo import gold_rater
+
+if TYPE_CHECKING:
+    import httpx
+    import openai
+    import pydantic
 
 PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 RESPONSES_PER_KIND = {"thumb": 1, "likert": 1, "pairwise": 2, "ranking": 3}
@@ -109,12 +115,18 @@ def rating_body(
     return body
 
 
+def _extra(model: pydantic.BaseModel) -> dict[str, Any]:
+    """The fields the gateway adds to an OpenAI response (openai's models keep unknown fields)."""
+    assert model.model_extra is not None
+    return model.model_extra
+
+
 class SimulatedUser:
     def __init__(
         self,
         name: str,
-        chat,
-        http,
+        chat: openai.AsyncOpenAI,
+        http: httpx.AsyncClient,
         model: str,
         prompts: list[str],
         mix: UserMix,
@@ -145,8 +157,8 @@ class SimulatedUser:
         )
         latency = time.monotonic() - t0
         responses = [c.message.content or "" for c in r.choices]
-        ids = [c.model_extra["response_id"] for c in r.choices]
-        tokens = [c.model_extra.get("feedback_token") or "" for c in r.choices]
+        ids = [_extra(c)["response_id"] for c in r.choices]
+        tokens = [_extra(c).get("feedback_token") or "" for c in r.choices]
         verdicts = [gold_rater.judge(prompt, text) for text in responses]
         rec = Interaction(
             time.monotonic() - started,
@@ -155,7 +167,7 @@ class SimulatedUser:
             prompt,
             responses,
             ids,
-            r.model_extra["policy_version"],
+            _extra(r)["policy_version"],
             [v.score for v in verdicts],
             [v.thumb_up for v in verdicts],
             latency,

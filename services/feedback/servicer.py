@@ -46,13 +46,17 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
     def __init__(self, serving: FeedbackServing):
         self.serving = serving
 
-    async def SubmitFeedback(self, request, context: grpc.aio.ServicerContext):
+    async def SubmitFeedback(
+        self, request: feedback_pb2.SubmitFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackResponse:
         result = await self.serving.submit(submission_from_proto(request), functools.partial(_text, request))
         return feedback_pb2.SubmitFeedbackResponse(
             feedback_id=result.feedback_id, revision=result.revision, duplicate=result.duplicate
         )
 
-    async def SubmitFeedbackBatch(self, request, context: grpc.aio.ServicerContext):
+    async def SubmitFeedbackBatch(
+        self, request: feedback_pb2.SubmitFeedbackBatchRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.SubmitFeedbackBatchResponse:
         outcomes = await self.serving.submit_many(
             [(submission_from_proto(item), functools.partial(_text, item)) for item in request.submissions]
         )
@@ -69,6 +73,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
                 result.accepted.duplicate = outcome.duplicate
         return reply
 
-    async def RejectFeedback(self, request, context: grpc.aio.ServicerContext):
+    async def RejectFeedback(
+        self, request: feedback_pb2.RejectFeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.RejectFeedbackResponse:
         self.serving.reject(request.raw, request.reason or "refused", request.param or None, source="http")
         return feedback_pb2.RejectFeedbackResponse()

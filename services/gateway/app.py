@@ -10,6 +10,7 @@ Requests pass through, outermost first:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -32,7 +33,7 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
     feedback = FeedbackForwarding()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # gRPC aio channels belong to the loop that creates them: the server's.
         client = InferenceClient(cfg.inference_address, cfg.request_timeout_s)
         chat.attach(client)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import grpc
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -90,27 +90,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param
 
 
-def install_error_handlers(app) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(400, message, param=param, code="invalid_argument")
 
     @app.exception_handler(RlhfError)
-    async def on_domain(request: Request, exc: RlhfError):
+    async def on_domain(request: Request, exc: RlhfError) -> JSONResponse:
         return response_for(exc, request.url.path)
 
     @app.exception_handler(grpc.aio.AioRpcError)
-    async def on_grpc(request: Request, exc: grpc.aio.AioRpcError):
+    async def on_grpc(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
         return response_for(exc, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), type_)
 
     @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception):
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         return response_for(exc, request.url.path)
 
 

@@ -14,12 +14,12 @@ def ops_router(chat: ChatServing) -> APIRouter:
     router = APIRouter()
 
     @router.get("/healthz")
-    async def healthz():
+    async def healthz() -> JSONResponse:
         ok = await chat.healthy()
         return JSONResponse({"status": "ok" if ok else "inference unavailable"}, status_code=200 if ok else 503)
 
     @router.get("/metrics")
-    async def prometheus_metrics():
+    async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 import grpc
 
 from services.inference.domain import GenerationRequest, GenerationResult
@@ -13,7 +16,7 @@ from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
 def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateRequest) -> GenerationRequest:
     s = msg.sampling
 
-    def opt(name: str):
+    def opt(name: str) -> Any:
         return getattr(s, name) if s.HasField(name) else None
 
     sampling = serving.sampling_defaults(
@@ -66,11 +69,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, serving: InferenceServing):
         self.serving = serving
 
-    async def Generate(self, request, context: grpc.aio.ServicerContext):
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
         result = await self.serving.generate(request_from_proto(self.serving, request))
         return result_to_proto(self.serving, result)
 
-    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         req = request_from_proto(self.serving, request)
         async with self.serving.stream(req) as stream:
             first = True
@@ -99,7 +106,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 usage=usage(len(result.prompt_token_ids), result.completion_tokens),
             )
 
-    async def GetPolicy(self, request, context: grpc.aio.ServicerContext):
+    async def GetPolicy(
+        self, request: inference_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.PolicyInfo:
         s = self.serving.status()
         return inference_pb2.PolicyInfo(
             policy_version=s.policy_version,

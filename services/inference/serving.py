@@ -229,7 +229,7 @@ class InferenceServing:
             )
         return prompt_ids
 
-    def sampling_defaults(self, **given) -> Sampling:
+    def sampling_defaults(self, **given: Any) -> Sampling:
         """A Sampling with the server's defaults for every value not given (None)."""
         values = {k: v for k, v in given.items() if v is not None}
         values.setdefault("max_tokens", self.cfg.default_max_tokens)

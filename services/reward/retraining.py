@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from services.reward import metrics
 from services.reward.comparisons import (
@@ -78,6 +78,9 @@ from shared.models.encoding import EncodingLimits
 from shared.models.loading import load_tokenizer, verified_dir
 from shared.models.reward_model import RewardModel, load_version
 from shared.version_line import REWARD_MODEL, VersionLine
+
+if TYPE_CHECKING:
+    from services.reward.ratings_feed import Ingest
 
 log = get_logger(__name__)
 
@@ -432,7 +435,7 @@ class RetrainingLoop:
         heldout = [c.example for c in comps.heldout if isinstance(c.example, ComparisonGroup)]
         return RoundPlan(new, replayed, heldout, len(trained))
 
-    def _load_base(self):
+    def _load_base(self) -> tuple[str, RewardModel, Any]:
         """(version it started from, a trainable copy, tokenizer): the current RM, verified; or, for
         the very first RM, the current policy's backbone with a fresh head."""
         current = self.store.current("rm")
@@ -445,7 +448,16 @@ class RetrainingLoop:
         policy_dir = verified_dir(self.store, policy)
         return policy, RewardModel.from_policy_dir(policy_dir), load_tokenizer(policy_dir)
 
-    def _publish(self, base, model, tokenizer, new, replayed, comps, round_metrics) -> str:
+    def _publish(
+        self,
+        base: str,
+        model: RewardModel,
+        tokenizer: Any,
+        new: list[LiveComparison],
+        replayed: list[LiveComparison],
+        comps: Comparisons,
+        round_metrics: dict[str, float],
+    ) -> str:
         trainer = RewardTrainer(model, tokenizer, self.settings)
         reference = [
             Sample(c.messages, c.completion_text, c.response_id, c.policy_version)
@@ -514,6 +526,16 @@ def _round(x: float) -> float | str:
 # --- the thread that drives it -------------------------------------------------------------------
 
 
+class RatingsSource(Protocol):
+    """Where RetrainingThread reads ratings: a ratings_feed.RatingsFeed."""
+
+    def poll(self, ingest: Ingest) -> int: ...
+
+    def update_lag(self) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class RetrainingThread:
     """Polls the topics into the learner and runs rounds when due, until stopped.
 
@@ -522,7 +544,7 @@ class RetrainingThread:
     metric shows it) and are read right after.
     """
 
-    def __init__(self, learner: RetrainingLoop, feed, check_every_s: float = 1.0):
+    def __init__(self, learner: RetrainingLoop, feed: RatingsSource, check_every_s: float = 1.0):
         self.learner = learner
         self.feed = feed
         self.check_every_s = check_every_s

@@ -18,11 +18,15 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, scorer: RewardScorer):
         self.scorer = scorer
 
-    async def Score(self, request, context: grpc.aio.ServicerContext):
+    async def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
         result = await self.scorer.score(items_from_proto(request))
         return reward_pb2.ScoreResponse(scores=result.scores, rm_version=result.rm_version, truncated=result.truncated)
 
-    async def GetRewardModel(self, request, context: grpc.aio.ServicerContext):
+    async def GetRewardModel(
+        self, request: reward_pb2.GetRewardModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelVersion:
         info = self.scorer.info()
         return common_pb2.ModelVersion(
             version=info.version, parent=info.parent or "", published_at=info.published_at, metrics=info.metrics

@@ -116,7 +116,9 @@ class RewardTrainer:
 
     # --- training --------------------------------------------------------------------------------
 
-    def _batch_inputs(self, items: Sequence[ComparisonGroup | PointwiseExample]):
+    def _batch_inputs(
+        self, items: Sequence[ComparisonGroup | PointwiseExample]
+    ) -> tuple[list[Sample], list[tuple[list[int], list[tuple[int, int]]]], list[tuple[int, float]]]:
         """Distinct samples of a batch and, per rating, where its responses are among them."""
         index: dict[tuple, int] = {}
         samples: list[Sample] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import grpc
 
@@ -28,8 +29,9 @@ from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScor
 from services.trainer.servicer import TrainerServicer
 from shared.events import CompletionEvent
 from shared.grpc_server import GrpcServer
+from shared.kafka.envelope import Envelope
 from shared.kafka.publishers import KafkaPublisher
-from shared.kafka.readers import GroupReader
+from shared.kafka.readers import GroupReader, Record
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -88,7 +90,7 @@ class TrainerApp:
         self._start_thread(self.loop.run, "trainer-loop", self._stop)
         await self.server.set_serving()
 
-    def _on_completion(self, env, record) -> None:
+    def _on_completion(self, env: Envelope, record: Record) -> None:
         if isinstance(env.payload, CompletionEvent) and self.live.offer_completion(env.payload):
             LIVE_PROMPTS.inc()
             LIVE_PROMPTS_BUFFERED.set(len(self.live))
@@ -176,7 +178,7 @@ class TrainerApp:
             self._stop.wait(5.0)
         raise RuntimeError("stopped while waiting for models")
 
-    def _start_thread(self, target, name: str, *args) -> None:
+    def _start_thread(self, target: Callable[..., object], name: str, *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)

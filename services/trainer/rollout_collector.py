@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
+
 from services.trainer.prompts import Prompt
 from services.trainer.rollout_batch import Rollout
 from shared.events import Message
@@ -149,7 +151,7 @@ def chat_messages(prompt: Sequence[Message]) -> list[common_pb2.ChatMessage]:
 class GrpcPolicySampler:
     """Samples from the inference service; all prompts of a batch in flight at once, so vLLM batches them."""
 
-    def __init__(self, channel, timeout_s: float):
+    def __init__(self, channel: grpc.Channel, timeout_s: float):
         self.stub = inference_pb2_grpc.InferenceServiceStub(channel)
         self.timeout_s = timeout_s
 
@@ -192,7 +194,7 @@ class GrpcPolicySampler:
 class GrpcRewardScorer:
     """Scores with the reward service, in requests of at most ``max_items``."""
 
-    def __init__(self, channel, timeout_s: float, max_items: int = 256):
+    def __init__(self, channel: grpc.Channel, timeout_s: float, max_items: int = 256):
         self.stub = reward_pb2_grpc.RewardServiceStub(channel)
         self.timeout_s = timeout_s
         self.max_items = max_items

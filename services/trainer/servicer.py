@@ -66,21 +66,31 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise Unavailable("the trainer is still loading its models")
         return loop
 
-    async def Status(self, request, context: grpc.aio.ServicerContext):
+    async def Status(
+        self, request: trainer_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
         return status_to_proto(self._loop().status())
 
-    async def Pause(self, request, context: grpc.aio.ServicerContext):
+    async def Pause(
+        self, request: trainer_pb2.PauseRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
         loop = self._loop()
         loop.pause()
         return status_to_proto(loop.status())
 
-    async def Resume(self, request, context: grpc.aio.ServicerContext):
+    async def Resume(
+        self, request: trainer_pb2.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.TrainerStatus:
         loop = self._loop()
         loop.resume()
         return status_to_proto(loop.status())
 
-    async def PublishNow(self, request, context: grpc.aio.ServicerContext):
+    async def PublishNow(
+        self, request: trainer_pb2.PublishNowRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.PublishResult:
         return gate_to_proto(await asyncio.to_thread(self._loop().publish_now))
 
-    async def Rollback(self, request, context: grpc.aio.ServicerContext):
+    async def Rollback(
+        self, request: trainer_pb2.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.PublishResult:
         return gate_to_proto(await asyncio.to_thread(self._loop().rollback, request.policy_version))

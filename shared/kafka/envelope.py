@@ -44,7 +44,7 @@ E = TypeVar("E")
 _REGISTRY: dict[tuple[str, int], type] = {}
 
 
-def event(type_name: str, schema_version: int):
+def event(type_name: str, schema_version: int) -> Callable[[type[E]], type[E]]:
     """Class decorator: register a payload dataclass as event ``type_name`` at ``schema_version``."""
 
     def register(cls: type[E]) -> type[E]:

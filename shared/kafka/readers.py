@@ -27,7 +27,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import confluent_kafka
 from kafka import KafkaConsumer, TopicPartition
@@ -80,7 +80,7 @@ def decode_or_skip(record: Record, expect: type | None = None) -> envelope.Envel
         return None
 
 
-def _record(r) -> Record:
+def _record(r: Any) -> Record:  # a kafka-python ConsumerRecord (untyped)
     return Record(r.topic, r.partition, r.offset, r.key, r.value)
 
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.events import Message
+
+if TYPE_CHECKING:  # torch is imported by the one function that needs it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def encode_rm_input(tokenizer: Any, messages: Sequence[Message], response: str, 
     )
 
 
-def pad_batch(sequences: Sequence[list[int]], pad_token_id: int):
+def pad_batch(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` tensors (batch, longest)."""
     import torch
 

@@ -26,7 +26,7 @@ def chat_router(chat: ChatServing) -> APIRouter:
         response_model=ChatCompletionResponse,
         responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     )
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
         if body.stream:
             events = await chat.stream(body)
             return StreamingResponse(
@@ -35,11 +35,11 @@ def chat_router(chat: ChatServing) -> APIRouter:
         return await chat.complete(body)
 
     @router.get("/v1/models", response_model=ModelList)
-    async def list_models():
+    async def list_models() -> ModelList:
         return await chat.models()
 
     @router.get("/", response_class=HTMLResponse)
-    async def chat_page():
+    async def chat_page() -> HTMLResponse:
         return HTMLResponse((STATIC / "chat.html").read_text())
 
     return router

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,7 +66,7 @@ def to_generate_request(req: ChatCompletionRequest) -> inference_pb2.GenerateReq
     )
 
 
-def _logprobs(tokens, logprobs) -> ChoiceLogprobs:
+def _logprobs(tokens: Iterable[str], logprobs: Iterable[float]) -> ChoiceLogprobs:
     return ChoiceLogprobs(
         content=[TokenLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in zip(tokens, logprobs)]
     )
@@ -81,7 +82,7 @@ class FeedbackTokens:
     def __init__(self, cfg: FeedbackTokenConfig):
         self.cfg = cfg
 
-    def for_request(self, req: ChatCompletionRequest):
+    def for_request(self, req: ChatCompletionRequest) -> Callable[[str, str], str | None]:
         """A signer for the responses to this request, or a no-op when feedback is off."""
         if not self.cfg.secret:
             return lambda response_id, policy_version: None
@@ -167,7 +168,13 @@ class ChatServing:
         first = await iterator.__anext__()
         return self._events(req, call, iterator, first)
 
-    async def _events(self, req, call, iterator, first) -> AsyncIterator[str]:
+    async def _events(
+        self,
+        req: ChatCompletionRequest,
+        call: Any,  # the gRPC stream call (grpc is untyped)
+        iterator: AsyncIterator[inference_pb2.GenerateChunk],
+        first: inference_pb2.GenerateChunk,
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         chat_id = f"chatcmpl-{first.request_id or uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
