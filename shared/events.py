@@ -54,6 +54,11 @@ class CompletionEvent:
     policy_versions: list[str] = field(default_factory=list)
     """Every version that produced tokens, in order; more than one only for a completion in flight
     during an "immediate" hot-swap (learners that need one version per sample skip those)."""
+    principal: str = ""
+    """Who asked, as the gateway established it (an API key's name or a session); empty for the
+    trainer's rollouts. Never the client's own say-so."""
+    conversation_id: str = ""
+    """The conversation the request belongs to (sticky routing, per-conversation limits)."""
 
 
 @event("policy-update", 1)
