@@ -103,16 +103,20 @@ class RatedResponse:
 class FeedbackEvent:
     """An accepted rating (topic rlhf.feedback, key user_id).
 
-    A user's later rating of the same target (same kind, same responses) supersedes the earlier
-    one: it carries revision + 1 and ``supersedes`` = the earlier feedback_id. Readers keep only the
-    highest revision per (user_id, target). ``feedback_id`` is derived from the user and the
-    idempotency key, so a record written twice (a retry after a lost acknowledgement) has one id.
+    ``user_id`` is the principal that rated, as the gateway authenticated it (an API key's name or a
+    session), and every rated response was served to that principal (its signed token says so);
+    the client's own ``user`` field is only the ``label``. A principal's later rating of the same
+    target (same kind, same responses) supersedes the earlier one: it carries revision + 1 and
+    ``supersedes`` = the earlier feedback_id. Readers keep only the highest revision per (user_id,
+    target). ``feedback_id`` is derived from the principal and the idempotency key, so a record
+    written twice (a retry after a lost acknowledgement) has one id.
     """
 
     feedback_id: str
     kind: str
     """"thumb", "likert", "pairwise" or "ranking"."""
     user_id: str
+    """The principal that rated (never the client's say-so)."""
     target: str
     """Identity of what is rated: kind plus the sorted response ids."""
     revision: int
@@ -132,6 +136,8 @@ class FeedbackEvent:
     tags: list[str] = field(default_factory=list)
     idempotency_key: str = ""
     received_at: float = 0.0
+    label: str = ""
+    """The client's free-text ``user`` label, recorded under the principal; not an identity."""
 
 
 @event("feedback-rejected", 1)
@@ -146,3 +152,35 @@ class RejectedFeedbackEvent:
     source: str
     """"http" (refused by the gateway before parsing) or "grpc"."""
     received_at: float
+
+
+@event("rollout", 1)
+@dataclass(frozen=True)
+class RolloutEvent:
+    """A step of a policy version's rollout, with the routing it leaves behind (topic rlhf.rollout,
+    key "policy"). Each event carries the whole resulting state, so a follower needs only the latest."""
+
+    sequence: int
+    """1, 2, 3, ... per rollout controller: the order of the decisions (a replay is never newer)."""
+    version: str
+    """The version this step is about."""
+    stage: str
+    """"candidate" (queued), "canary", "promoted", "rolled_back" or "superseded"; or "paused",
+    "resumed", "mode" for operator steps that change no version."""
+    reason: str
+    stable: str
+    """The version every user outside the canary gets, after this step."""
+    canary: str
+    """The version in canary after this step ("" when none)."""
+    canary_share: float
+    """Share of principals/conversations routed to the canary (0 when none)."""
+    paused: bool
+    """Decisions frozen by an operator: the canary keeps its traffic, nothing is promoted or rolled back."""
+    mode: str
+    """"auto" (the live gate decides) or "manual" (only an operator does)."""
+    queued: str = ""
+    """The next candidate waiting for the canary slot ("" when none)."""
+    evidence: dict = field(default_factory=dict)
+    """What the decision was taken on (per signal: counts, means, the always-valid interval)."""
+    at: float = 0.0
+
