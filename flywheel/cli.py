@@ -6,6 +6,7 @@ rlhf train-rm [--rankings F]  # the first reward model from a JSONL file of K-wa
 rlhf demo                   # simulated users chat and rate; writes a report folder
 rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
 rlhf trainer status         # control a running trainer: status|pause|resume|publish|rollback V
+rlhf raters list            # the raters the reward model learns from: list [--quarantined] | release NAME
 rlhf serve inference        # one service in the foreground
 rlhf config [service]       # every environment variable, its default and meaning
 rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
@@ -82,6 +83,12 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     return control_main(args.rest, prog="rlhf trainer")
 
 
+def cmd_raters(args: argparse.Namespace) -> int:
+    from services.reward.control import main as raters_main
+
+    return raters_main(args.rest, prog="rlhf raters")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     sys.argv = [f"services.{args.service}"]
     runpy.run_module(f"services.{args.service}", run_name="__main__", alter_sys=True)
@@ -105,7 +112,7 @@ def cmd_protos(args: argparse.Namespace) -> int:
     return 0
 
 
-PASS_THROUGH = {"train-rm": cmd_train_rm, "eval": cmd_eval, "trainer": cmd_trainer}
+PASS_THROUGH = {"train-rm": cmd_train_rm, "eval": cmd_eval, "trainer": cmd_trainer, "raters": cmd_raters}
 """Commands whose arguments go unparsed to the module that implements them."""
 
 
@@ -132,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.trainer.control (--help)")
     p.set_defaults(func=cmd_trainer)
+    p = sub.add_parser(
+        "raters", help="list the raters the reward model learns from; release a quarantined one", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.control (--help)")
+    p.set_defaults(func=cmd_raters)
     p = sub.add_parser("serve", help="run one service in the foreground")
     p.add_argument("service", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_serve)

@@ -37,7 +37,9 @@ class RewardApp:
         self.store = ModelStore(cfg.model_store.root)
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(self.scorer), self.server.server)
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(
+            RewardServicer(self.scorer, learner=lambda: self.learner), self.server.server
+        )
         self.learner: RetrainingLoop | None = None  # when RLHF_REWARD_LEARNER is on and Kafka is set
         self._learner_thread: RetrainingThread | None = None
         self._publisher: KafkaPublisher | None = None

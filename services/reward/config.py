@@ -66,6 +66,20 @@ class RewardConfig(ServiceConfig):
     out for the gate and never trained on."""
     replay_ratio: float = 1.0
     """Older (already trained) comparisons mixed into a round per new one, so the RM does not forget."""
+    max_principal_share: float = 0.1
+    """Most of a round's new comparisons, and of its held-out slice, that one principal
+    (FeedbackEvent.user_id) may hold; its comparisons above the cap wait for later rounds, oldest
+    first. 1 turns the cap off (a closed set of trusted raters). See services/reward/raters.py."""
+    min_principal_cap: int = 8
+    """Comparisons a principal may always keep in a round (and in the held-out slice) whatever its
+    share: with fewer than 1 / MAX_PRINCIPAL_SHARE principals a share alone would keep nothing."""
+    quarantine_below: float = 0.4
+    """Quarantine a principal whose agreement is below this: with other raters on the pairs of
+    responses both ordered, or (with too few of those) with the reward model. Its ratings stay on
+    Kafka and in the state but are neither trained on nor held out, until an operator releases it
+    (`rlhf raters release NAME`). 0 turns quarantine off."""
+    quarantine_min_items: int = 20
+    """Pairs a principal's agreement must rest on before the quarantine rule judges it."""
     pending_timeout_s: float = 600.0
     """How long a vote waits for the completions it rates before it is counted and dropped."""
     learner_epochs: int = 2
@@ -100,6 +114,14 @@ class RewardConfig(ServiceConfig):
             out.append(f"{p}HELDOUT_FRACTION must be in (0, 1): the gate needs held-out comparisons")
         if self.replay_ratio < 0:
             out.append(f"{p}REPLAY_RATIO must not be negative")
+        if not 0 < self.max_principal_share <= 1:
+            out.append(f"{p}MAX_PRINCIPAL_SHARE must be in (0, 1] (1 turns the cap off)")
+        if self.min_principal_cap < 1:
+            out.append(f"{p}MIN_PRINCIPAL_CAP must be at least 1")
+        if not 0 <= self.quarantine_below <= 1:
+            out.append(f"{p}QUARANTINE_BELOW must be in [0, 1] (0 turns quarantine off)")
+        if self.quarantine_min_items < 1:
+            out.append(f"{p}QUARANTINE_MIN_ITEMS must be at least 1")
         if self.pending_timeout_s <= 0 or self.completion_retention_s <= 0:
             out.append(f"{p}PENDING_TIMEOUT_S and {p}COMPLETION_RETENTION_S must be positive")
         if self.learner_epochs < 1 or self.learner_batch_size < 1 or self.learner_lr <= 0:

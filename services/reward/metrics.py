@@ -66,3 +66,28 @@ RATING_TO_RM_SECONDS = Histogram(
     buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
 )
 CONSUMER_LAG = Gauge("rlhf_reward_learner_consumer_lag", "Records on the topic not yet read by the learner", ["topic"])
+
+# --- caps per principal and rater quality (raters.py) -------------------------------------------
+HELD_BACK = Gauge(
+    "rlhf_reward_learner_comparisons_held_back",
+    "Comparisons the last round left out, by reason (capped: over its principal's cap, waiting for a "
+    "later round; quarantined: a quarantined principal's) and slice (train, heldout)",
+    ["reason", "slice"],
+)
+LARGEST_SHARE = Gauge(
+    "rlhf_reward_learner_largest_principal_share",
+    "Largest share of one principal in the last round's new comparisons (train) or held-out slice",
+    ["slice"],
+)
+RATERS = Gauge(
+    "rlhf_reward_learner_raters", "Principals with ratings, by status (ok, quarantined, released)", ["status"]
+)
+QUARANTINES = Counter(
+    "rlhf_reward_learner_quarantines_total",
+    "Principals quarantined, by what judged them (peers: other raters; rm: the reward model)",
+    ["judge"],
+)
+RELEASES = Counter("rlhf_reward_learner_rater_releases_total", "Quarantined principals released by an operator")
+RM_VERDICTS = Counter(
+    "rlhf_reward_learner_rm_verdicts_total", "Comparisons the current RM scored to judge their raters"
+)

@@ -24,10 +24,17 @@ The loop (``RetrainingLoop``, no Kafka in it; ratings_feed.py brings the records
    thumb -> a pointwise logistic term). Each gets a stable key (``comparison_key``) and a side:
    held out or train, by a hash of its prompt (``is_heldout``), so a prompt never leaks from the
    held-out slice into training, and the slice stays the same across rounds and restarts.
-4. ``due``: a round runs once ``learn_every_comparisons`` comparisons arrived that no round has
-   seen, or ``learn_every_s`` passed since the last round and at least one has.
+4. ``select``: the rules of raters.py decide what a round may use: a quarantined principal's
+   comparisons are left out (of training, replay and the held-out slice), and each principal keeps
+   at most ``principal_cap`` of the round's new comparisons and of the held-out slice, oldest
+   first; the rest wait. ``due``: a round runs once ``learn_every_comparisons`` comparisons that
+   the rules admit arrived that no round has seen, or ``learn_every_s`` passed since the last
+   round and at least one has.
 5. ``run_round``: warm start from the current RM (verified from the store; the policy backbone
-   with a fresh head when there is none), measure its held-out accuracy, train on the new
+   with a fresh head when there is none), judge the raters (``_judge_raters``: the current RM
+   scores the comparisons it is about to learn from and, per principal, enough older ones to
+   judge it; peer agreement from all live comparisons; quarantine by raters.quarantine_reason),
+   select again, measure the current RM's held-out accuracy, train on the new
    comparisons plus ``replay_ratio`` times as many older ones drawn at random from everything
    trained before (the replay buffer is the state file itself: nothing is ever forgotten), measure
    the candidate on the SAME held-out comparisons, and ``rm_gate``: publish only when it did not drop
@@ -59,6 +66,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import torch
+
 from services.reward import metrics
 from services.reward.comparisons import (
     ComparisonGroup,
@@ -67,8 +76,22 @@ from services.reward.comparisons import (
     TrainingExamples,
     examples_from_feedback,
     join_texts,
+    sample_key,
 )
 from services.reward.config import RewardConfig
+from services.reward.domain import RaterList, RaterRecord
+from services.reward.raters import (
+    QUARANTINED,
+    RELEASED,
+    RaterScore,
+    cap_per_principal,
+    largest_share,
+    pair_orderings,
+    peer_agreements,
+    principal_cap,
+    quarantine_reason,
+    rm_group_agreement,
+)
 from services.reward.retraining_state import RetrainingState, StoredVote
 from services.reward.training import RewardTrainer, TrainSettings, publish_reward_model
 from shared.events import CompletionEvent, FeedbackEvent
@@ -164,6 +187,15 @@ class LiveComparison:
     rated_at: float
     """The latest received_at of the votes it comes from (when the feedback service accepted them)."""
 
+    @property
+    def principal(self) -> str:
+        return self.example.user_id
+
+    @property
+    def order(self) -> tuple[float, str]:
+        """Oldest first, then by key: the order in which a principal's comparisons pass its cap."""
+        return (self.rated_at, self.key)
+
 
 @dataclass
 class Comparisons:
@@ -171,6 +203,23 @@ class Comparisons:
     heldout: list[LiveComparison] = field(default_factory=list)
     pending: int = 0
     """Live votes still waiting for a completion."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the rules let into a round (``RetrainingLoop.select``)."""
+
+    new: list[LiveComparison]
+    """Not trained yet, not a quarantined principal's, within each principal's cap; oldest first."""
+    old: list[LiveComparison]
+    """Trained before and not a quarantined principal's: the replay pool."""
+    heldout: list[LiveComparison]
+    """Held-out comparison groups, not a quarantined principal's, within each principal's cap."""
+    trained_before: int
+    held_back: dict[str, int]
+    """Comparisons left out, by reason: capped, quarantined, heldout_capped, heldout_quarantined."""
+    cap: int
+    """The round's cap per principal on new comparisons."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +231,8 @@ class RoundPlan:
     heldout: list[ComparisonGroup]
     trained_before: int
     """Comparisons some published version was trained on before this round."""
+    held_back: dict[str, int] = field(default_factory=dict)
+    """What the rules left out (``Selection.held_back``)."""
 
     @property
     def heldout_pairs(self) -> int:
@@ -198,7 +249,7 @@ class RoundPlan:
 @dataclass(frozen=True)
 class RoundResult:
     outcome: str
-    """"published" or "refused"."""
+    """"published", "refused", or "skipped" (judging the raters left nothing new to train on)."""
     reason: str
     version: str | None
     """The published version (None when refused)."""
@@ -211,6 +262,18 @@ class RoundResult:
     replayed: int
     heldout_pairs: int
     seconds: float
+    held_back: dict[str, int] = field(default_factory=dict)
+    """Comparisons the rules left out of this round, by reason (``Selection.held_back``)."""
+    new_by_principal: dict[str, int] = field(default_factory=dict)
+    """The round's new comparisons per principal."""
+    heldout_by_principal: dict[str, int] = field(default_factory=dict)
+    """The held-out comparison groups per principal."""
+
+    @property
+    def largest_share(self) -> float:
+        """The largest share of one principal in the round's new comparisons (NaN for none)."""
+        total = sum(self.new_by_principal.values())
+        return max(self.new_by_principal.values()) / total if total else math.nan
 
 
 class RetrainingLoop:
@@ -250,6 +313,8 @@ class RetrainingLoop:
         through the clock: pending timeouts, the T trigger)."""
         self._idle = False
         """The last check found nothing pending and nothing unseen: no point re-reading the state."""
+        self.held_back: dict[str, int] = {}
+        """What the last round's rules left out, by reason (``Selection.held_back``)."""
 
     # --- 1. ingest -------------------------------------------------------------------------------
 
@@ -323,12 +388,35 @@ class RetrainingLoop:
             (out.heldout if held else out.train).append(lc)
         return out
 
-    # --- 4. when ----------------------------------------------------------------------------------
+    # --- 4. what the rules admit, and when -------------------------------------------------------
+
+    def select(self, comps: Comparisons, trained: dict[str, str] | None = None) -> Selection:
+        """The comparisons a round may use: quarantined principals' left out everywhere, each
+        principal capped (raters.principal_cap, oldest first) in the new ones and in the held-out
+        slice. Deterministic: the same state gives the same selection."""
+        trained = self.state.trained_keys() if trained is None else trained
+        out = {p for p, status in self.state.rater_statuses().items() if status == QUARANTINED}
+        held_back: dict[str, int] = {}
+
+        def admit(pool: list[LiveComparison], prefix: str) -> tuple[list[LiveComparison], int]:
+            kept = sorted((c for c in pool if c.principal not in out), key=lambda c: c.order)
+            held_back[prefix + "quarantined"] = len(pool) - len(kept)
+            counts: dict[str, int] = {}
+            for c in kept:
+                counts[c.principal] = counts.get(c.principal, 0) + 1
+            cap = principal_cap(counts, self.cfg.max_principal_share, self.cfg.min_principal_cap)
+            kept, waiting = cap_per_principal(kept, lambda c: c.principal, cap)
+            held_back[prefix + "capped"] = len(waiting)
+            return kept, cap
+
+        new, cap = admit([c for c in comps.train if c.key not in trained], "")
+        heldout, _ = admit([c for c in comps.heldout if isinstance(c.example, ComparisonGroup)], "heldout_")
+        old = [c for c in comps.train if c.key in trained and c.principal not in out]
+        return Selection(new, old, heldout, len(trained), held_back, cap)
 
     def unseen(self, comps: Comparisons) -> int:
-        """Training comparisons that no round has been given yet."""
-        trained = self.state.trained_keys()
-        return sum(1 for c in comps.train if c.key not in trained and c.key not in self._seen)
+        """Training comparisons the rules admit that no round has been given yet."""
+        return sum(1 for c in self.select(comps).new if c.key not in self._seen)
 
     def due(self, comps: Comparisons) -> bool:
         return round_due(
@@ -344,26 +432,36 @@ class RetrainingLoop:
             return None
         self._changed = False
         comps = self.comparisons()
-        self._idle = comps.pending == 0 and self.unseen(comps) == 0
-        if not self.due(comps):
+        unseen = self.unseen(comps)
+        self._idle = comps.pending == 0 and unseen == 0
+        if not round_due(
+            unseen, self.clock() - self._last_round, self.cfg.learn_every_comparisons, self.cfg.learn_every_s
+        ):
             return None
         return self.run_round(comps)
 
-    # --- 5. train, gate, publish ------------------------------------------------------------------
+    # --- 5. judge, train, gate, publish -------------------------------------------------------------
 
     def run_round(
         self, comps: Comparisons | None = None, *, tamper: Callable[[RewardModel], None] | None = None
     ) -> RoundResult:
-        """Train one candidate on the new (+ replayed) comparisons and publish it if it passes the gate.
+        """Judge the raters, then train one candidate on the new (+ replayed) comparisons the rules
+        admit and publish it if it passes the gate.
 
         ``tamper`` (tests only) damages the candidate after training, before the gate: the way to
         show that a degraded candidate is not published.
         """
         started = time.monotonic()
         comps = comps if comps is not None else self.comparisons()
-        plan = self._plan_round(comps)
         base, model, tokenizer = self._load_base()
         trainer = RewardTrainer(model, tokenizer, self.settings)
+        self._judge_raters(trainer, base, comps)
+        selection = self.select(comps)
+        self._show_selection(selection)
+        self._last_round = self.clock()
+        if not selection.new:
+            return self._skipped(base, selection, started)
+        plan = self._plan_round(selection)
         current_acc, _ = trainer.evaluate(plan.heldout)
         log_event(
             log,
@@ -374,6 +472,7 @@ class RetrainingLoop:
             heldout_comparisons=len(plan.heldout),
             heldout_pairs=plan.heldout_pairs,
             pending=comps.pending,
+            **{f"held_back_{k}": v for k, v in plan.held_back.items() if v},
         )
         history = trainer.fit(plan.examples())
         if tamper is not None:
@@ -383,6 +482,8 @@ class RetrainingLoop:
         decision = rm_gate(candidate_acc, current_acc, self.cfg.gate_tolerance)
         metrics.HELDOUT_ACCURACY.labels("candidate").set(candidate_acc)
         metrics.TRAIN_LOSS.set(train_loss)
+        new_by_principal = _by_principal(plan.new)
+        heldout_by_principal = _by_principal(selection.heldout)
 
         version = None
         if decision.publish:
@@ -398,6 +499,11 @@ class RetrainingLoop:
                 "trained_comparisons_total": plan.trained_before + len(plan.new),
                 "epochs": self.settings.epochs,
                 "round_seconds": round(time.monotonic() - started, 2),
+                "principals": len(new_by_principal),
+                "largest_principal_share": largest_share(c.principal for c in plan.new),
+                "heldout_largest_principal_share": largest_share(c.principal for c in selection.heldout),
+                "capped_comparisons": plan.held_back.get("capped", 0),
+                "quarantined_comparisons": plan.held_back.get("quarantined", 0),
             }
             version = self._publish(base, model, tokenizer, plan.new, plan.replayed, comps, round_metrics)
             metrics.HELDOUT_ACCURACY.labels("current").set(candidate_acc)
@@ -416,24 +522,141 @@ class RetrainingLoop:
         result = RoundResult(
             outcome, decision.reason, version, base, current_acc, candidate_acc, train_loss,
             len(plan.new), len(plan.replayed), plan.heldout_pairs, seconds,
+            dict(plan.held_back), new_by_principal, heldout_by_principal,
         )  # fmt: skip
         self.rounds.append(result)
         return result
 
-    def _plan_round(self, comps: Comparisons) -> RoundPlan:
-        """What a round trains on: the comparisons no version was trained on yet, ``replay_ratio``
-        times as many older ones drawn at random, and the held-out groups it is judged on."""
-        trained = self.state.trained_keys()
-        new = [c for c in comps.train if c.key not in trained]
-        old = [c for c in comps.train if c.key in trained]
+    def _skipped(self, base: str, selection: Selection, started: float) -> RoundResult:
+        reason = "nothing new to train on once the raters were judged"
+        log_event(log, "reward model round skipped", level=30, base=base, reason=reason, **selection.held_back)
+        metrics.ROUNDS.labels("skipped").inc()
+        result = RoundResult(
+            "skipped", reason, None, base, math.nan, math.nan, math.nan, 0, 0,
+            sum(len(c.example.pairs) for c in selection.heldout if isinstance(c.example, ComparisonGroup)),
+            time.monotonic() - started, dict(selection.held_back), {}, _by_principal(selection.heldout),
+        )  # fmt: skip
+        self.rounds.append(result)
+        return result
+
+    def _show_selection(self, selection: Selection) -> None:
+        self.held_back = dict(selection.held_back)
+        for key, n in selection.held_back.items():
+            side, _, reason = key.rpartition("_")
+            metrics.HELD_BACK.labels(reason, side or "train").set(n)
+        metrics.LARGEST_SHARE.labels("train").set(largest_share(c.principal for c in selection.new))
+        metrics.LARGEST_SHARE.labels("heldout").set(largest_share(c.principal for c in selection.heldout))
+
+    def _plan_round(self, selection: Selection) -> RoundPlan:
+        """What a round trains on: the admitted comparisons no version was trained on yet,
+        ``replay_ratio`` times as many older ones drawn at random, and the held-out groups it is
+        judged on."""
+        new = selection.new
         self._seen.update(c.key for c in new)
-        self._last_round = self.clock()
         if not new:
             raise ValueError("no new comparisons to train on")
-        rng = random.Random(len(trained) + len(new))
-        replayed = replay_sample(old, len(new), self.cfg.replay_ratio, rng)
-        heldout = [c.example for c in comps.heldout if isinstance(c.example, ComparisonGroup)]
-        return RoundPlan(new, replayed, heldout, len(trained))
+        rng = random.Random(selection.trained_before + len(new))
+        replayed = replay_sample(selection.old, len(new), self.cfg.replay_ratio, rng)
+        heldout = [c.example for c in selection.heldout if isinstance(c.example, ComparisonGroup)]
+        return RoundPlan(new, replayed, heldout, selection.trained_before, dict(selection.held_back))
+
+    # --- rater quality -----------------------------------------------------------------------------
+
+    def _judge_raters(self, trainer: RewardTrainer, base: str, comps: Comparisons) -> None:
+        """Score with the current RM what it has not judged yet (the comparisons this round would
+        use, and per principal enough older ones to reach ``quarantine_min_items`` pairs), compute
+        every principal's agreement scores, store them, and quarantine by raters.quarantine_reason."""
+        now = self.clock()
+        statuses = self.state.rater_statuses()
+        if base == self.store.current("rm"):  # a first RM (fresh head on the policy) judges nothing
+            self._rm_verdicts(trainer, base, comps, statuses)
+        groups = [c for c in [*comps.train, *comps.heldout] if isinstance(c.example, ComparisonGroup)]
+        peers = peer_agreements(
+            pair_orderings(c.example for c in groups if isinstance(c.example, ComparisonGroup)),
+            lambda p: statuses.get(p) != QUARANTINED,
+        )
+        rm_totals = self.state.rm_agreement_totals()
+        live = _by_principal([*comps.train, *comps.heldout])
+        scores: dict[str, tuple[RaterScore, int]] = {}
+        for p, n in live.items():
+            peer, peer_n = peers.get(p, (math.nan, 0))
+            agree, rm_n = rm_totals.get(p, (0.0, 0))
+            scores[p] = (RaterScore(peer, peer_n, agree / rm_n if rm_n else math.nan, rm_n), n)
+        self.state.update_raters(scores, now)
+        for p, (score, _) in scores.items():
+            if statuses.get(p) in (QUARANTINED, RELEASED):
+                continue
+            reason = quarantine_reason(score, self.cfg.quarantine_below, self.cfg.quarantine_min_items)
+            if reason and self.state.quarantine(p, reason, now):
+                judge = "peers" if score.peer_items >= self.cfg.quarantine_min_items else "rm"
+                metrics.QUARANTINES.labels(judge).inc()
+                log_event(log, "rater quarantined", level=30, principal=p, reason=reason)
+        for status, n in self.state.rater_counts().items():
+            metrics.RATERS.labels(status).set(n)
+
+    def _rm_verdicts(self, trainer: RewardTrainer, base: str, comps: Comparisons, statuses: dict[str, str]) -> None:
+        """Have the current RM order the pairs of the comparisons it has not judged yet: those the
+        round would use now, and per principal still being judged its oldest others until it has
+        ``quarantine_min_items`` scored pairs. Each comparison is scored once, by the RM current then."""
+        judged = self.state.rm_verdict_keys()
+        totals = self.state.rm_agreement_totals()
+        selection = self.select(comps)
+        todo: dict[str, LiveComparison] = {
+            c.key: c
+            for c in [*selection.new, *selection.heldout]
+            if c.key not in judged and isinstance(c.example, ComparisonGroup)
+        }
+        pairs = {p: n for p, (_, n) in totals.items()}
+        for c in todo.values():
+            pairs[c.principal] = pairs.get(c.principal, 0) + len(c.example.pairs)  # type: ignore[union-attr]
+        for c in sorted([*comps.train, *comps.heldout], key=lambda c: c.order):
+            p = c.principal
+            if (
+                isinstance(c.example, ComparisonGroup)
+                and c.key not in judged
+                and c.key not in todo
+                and p not in statuses
+                and pairs.get(p, 0) < self.cfg.quarantine_min_items
+            ):
+                todo[c.key] = c
+                pairs[p] = pairs.get(p, 0) + len(c.example.pairs)
+        if not todo:
+            return
+        groups = [c.example for c in todo.values() if isinstance(c.example, ComparisonGroup)]
+        distinct = {sample_key(s): s for g in groups for s in g.responses}
+        index = {k: i for i, k in enumerate(distinct)}
+        trainer.model.eval()
+        with torch.no_grad():
+            rewards = trainer.scores(list(distinct.values())).tolist()
+        rows = []
+        for c, g in zip(todo.values(), groups):
+            r = [rewards[index[sample_key(s)]] for s in g.responses]
+            rows.append((c.key, c.principal, base, rm_group_agreement(r, g.pairs), len(g.pairs)))
+        self.state.record_rm_verdicts(rows)
+        metrics.RM_VERDICTS.inc(len(rows))
+
+    def list_raters(self, quarantined_only: bool = False, limit: int = 100) -> RaterList:
+        """The raters the loop has judged (quarantined first, lowest agreement first), for operators.
+        Safe from another thread (SQLite behind the state's lock)."""
+        counts = self.state.rater_counts()
+        return RaterList(
+            self.state.raters(QUARANTINED if quarantined_only else None, limit),
+            sum(counts.values()),
+            counts[QUARANTINED],
+            dict(self.held_back),
+        )
+
+    def release_rater(self, principal: str) -> RaterRecord:
+        """An operator releases a quarantined principal: its ratings count again from the next round,
+        and the rule no longer judges it. Safe from another thread."""
+        record = self.state.release(principal, self.clock())
+        metrics.RELEASES.inc()
+        for status, n in self.state.rater_counts().items():
+            metrics.RATERS.labels(status).set(n)
+        self._changed = True
+        self._idle = False
+        log_event(log, "rater released by an operator", principal=principal)
+        return record
 
     def _load_base(self) -> tuple[str, RewardModel, Any]:
         """(version it started from, a trainable copy, tokenizer): the current RM, verified; or, for
@@ -521,6 +744,13 @@ class RetrainingLoop:
 
 def _round(x: float) -> float | str:
     return "n/a" if math.isnan(x) else round(x, 3)
+
+
+def _by_principal(comparisons: Sequence[LiveComparison]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in comparisons:
+        out[c.principal] = out.get(c.principal, 0) + 1
+    return out
 
 
 # --- the thread that drives it -------------------------------------------------------------------

@@ -10,6 +10,11 @@ completions  user-facing completions by response_id (messages, response text, po
              are not stored.
 trained      which comparisons (by comparison key, see learner.py) a published RM version was
              trained on, and when: the learner's "new" vs "replay" split and its latency metric.
+raters       per principal: its agreement scores (raters.py) and status: ok, quarantined (by the
+             rule, with the reason) or released (by an operator). Survives restarts, so a
+             quarantined principal stays out until an operator releases it.
+rm_verdicts  per comparison: how many of its pairs the RM current at the time ordered the rater's
+             way (scored once, by that version): the RM agreement of its principal.
 offsets      the next Kafka offset to read per (topic, partition), written in the SAME transaction
              as the records it covers. So the state is always exactly "everything before these
              offsets": a crash between two batches replays nothing twice and skips nothing, and a
@@ -23,12 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from services.reward.domain import RaterRecord
+from services.reward.raters import OK, QUARANTINED, RELEASED, RaterScore
+from shared.errors import FailedPrecondition, NotFound
 from shared.events import CompletionEvent, FeedbackEvent, Message
 from shared.kafka.envelope import from_dict
 
@@ -43,6 +52,15 @@ CREATE TABLE IF NOT EXISTS completions (
 CREATE INDEX IF NOT EXISTS completions_arrived ON completions (arrived_at);
 CREATE TABLE IF NOT EXISTS trained (
     key TEXT PRIMARY KEY, version TEXT NOT NULL, trained_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS raters (
+    principal TEXT PRIMARY KEY, status TEXT NOT NULL DEFAULT 'ok', reason TEXT NOT NULL DEFAULT '',
+    peer_agreement REAL, peer_items INTEGER NOT NULL DEFAULT 0, rm_agreement REAL,
+    rm_items INTEGER NOT NULL DEFAULT 0, comparisons INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL, status_at REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS rm_verdicts (
+    key TEXT PRIMARY KEY, principal TEXT NOT NULL, version TEXT NOT NULL, agree REAL NOT NULL,
+    pairs INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS rm_verdicts_principal ON rm_verdicts (principal);
 CREATE TABLE IF NOT EXISTS offsets (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
@@ -220,7 +238,115 @@ class RetrainingState:
                 "dropped_votes": one("SELECT COUNT(*) FROM votes WHERE dropped_at IS NOT NULL"),
                 "completions": one("SELECT COUNT(*) FROM completions"),
                 "trained_comparisons": one("SELECT COUNT(*) FROM trained"),
+                "quarantined_raters": one(f"SELECT COUNT(*) FROM raters WHERE status = '{QUARANTINED}'"),
             }
+
+    # --- raters ---------------------------------------------------------------------------------
+
+    def record_rm_verdicts(self, rows: Iterable[tuple[str, str, str, float, int]]) -> None:
+        """Store (comparison key, principal, rm version, pairs agreed, pairs); a key scored before keeps
+        its first verdict."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO rm_verdicts (key, principal, version, agree, pairs) VALUES (?, ?, ?, ?, ?)",
+                list(rows),
+            )
+
+    def rm_verdict_keys(self) -> set[str]:
+        with self._lock:
+            return {k for (k,) in self._db.execute("SELECT key FROM rm_verdicts")}
+
+    def rm_agreement_totals(self) -> dict[str, tuple[float, int]]:
+        """principal -> (pairs the RM ordered its way, pairs scored), over all its verdicts."""
+        with self._lock:
+            rows = self._db.execute("SELECT principal, SUM(agree), SUM(pairs) FROM rm_verdicts GROUP BY principal")
+            return {p: (float(a), int(n)) for p, a, n in rows}
+
+    def update_raters(self, scores: Mapping[str, tuple[RaterScore, int]], now: float) -> None:
+        """Store each principal's scores and number of live comparisons; its status is left as it is
+        (a new principal starts ok)."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO raters (principal, peer_agreement, peer_items, rm_agreement, rm_items, comparisons, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET "
+                "peer_agreement = excluded.peer_agreement, peer_items = excluded.peer_items, "
+                "rm_agreement = excluded.rm_agreement, rm_items = excluded.rm_items, "
+                "comparisons = excluded.comparisons, updated_at = excluded.updated_at",
+                [
+                    (p, _real(s.peer_agreement), s.peer_items, _real(s.rm_agreement), s.rm_items, n, now)
+                    for p, (s, n) in scores.items()
+                ],
+            )
+
+    def quarantine(self, principal: str, reason: str, now: float) -> bool:
+        """Quarantine a principal whose status is ok (never one an operator released); True if it was."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE raters SET status = ?, reason = ?, status_at = ? WHERE principal = ? AND status = ?",
+                (QUARANTINED, reason, now, principal, OK),
+            )
+            return cur.rowcount == 1
+
+    def release(self, principal: str, now: float) -> RaterRecord:
+        """An operator's release: the principal's ratings count again and the rule no longer judges it.
+        Raises NotFound for an unknown principal, FailedPrecondition for one not quarantined."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE raters SET status = ?, reason = ?, status_at = ? WHERE principal = ? AND status = ?",
+                (RELEASED, "released by an operator", now, principal, QUARANTINED),
+            )
+            if cur.rowcount != 1:
+                row = self._db.execute("SELECT status FROM raters WHERE principal = ?", (principal,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no rater {principal!r} is known to the retraining loop", param="principal")
+                raise FailedPrecondition(f"rater {principal!r} is {row[0]}, not quarantined", param="principal")
+        record = self.rater(principal)
+        assert record is not None  # updated just now
+        return record
+
+    def rater(self, principal: str) -> RaterRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_RATER_COLUMNS} FROM raters WHERE principal = ?", (principal,)).fetchone()
+        return _rater(row) if row else None
+
+    def raters(self, status: str | None = None, limit: int = 100) -> list[RaterRecord]:
+        """Raters (of one status, or all), quarantined first, then lowest agreement first."""
+        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_RATER_COLUMNS} FROM raters {where} ORDER BY status != '{QUARANTINED}', "
+                "COALESCE(peer_agreement, rm_agreement, 1.0), principal LIMIT ?",
+                [*args, limit],
+            ).fetchall()
+        return [_rater(r) for r in rows]
+
+    def rater_statuses(self) -> dict[str, str]:
+        """principal -> status, for every principal not ok (quarantined or released)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT principal, status FROM raters WHERE status != ?", (OK,)))
+
+    def rater_counts(self) -> dict[str, int]:
+        """status -> principals."""
+        with self._lock:
+            counts = dict(self._db.execute("SELECT status, COUNT(*) FROM raters GROUP BY status"))
+        return {s: int(counts.get(s, 0)) for s in (OK, QUARANTINED, RELEASED)}
+
+
+_RATER_COLUMNS = (
+    "principal, status, reason, peer_agreement, peer_items, rm_agreement, rm_items, comparisons, updated_at, status_at"
+)
+
+
+def _real(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _rater(row: Any) -> RaterRecord:
+    p, status, reason, peer, peer_n, rm, rm_n, n, updated, status_at = row
+    nan = math.nan
+    return RaterRecord(
+        p, status, reason, nan if peer is None else peer, peer_n, nan if rm is None else rm, rm_n, n, updated, status_at
+    )
 
 
 def _completion(row: Any) -> StoredCompletion:

@@ -22,7 +22,7 @@ from services.trainer.checkpoint import CheckpointStore
 from services.trainer.config import TrainerConfig
 from services.trainer.learner import PPOLearner
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
-from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED
+from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED, LIVE_PROMPTS_LARGEST_SHARE
 from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout_prompts
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
@@ -47,7 +47,12 @@ class TrainerApp:
         self.store = ModelStore(cfg.model_store.root)
         self.checkpoints = CheckpointStore(cfg.checkpoint_dir, keep=cfg.checkpoints_kept)
         self.heldout, self.train_prompts = split_heldout_prompts(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
-        self.live = LivePromptBuffer(cfg.live_prompt_buffer, exclude=self.heldout)
+        self.live = LivePromptBuffer(
+            cfg.live_prompt_buffer,
+            exclude=self.heldout,
+            max_principal_share=cfg.max_principal_share,
+            min_principal_prompts=cfg.min_principal_prompts,
+        )
         self.loop: TrainingLoop | None = None
         self.server = GrpcServer("TrainerService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(lambda: self.loop), self.server.server)
@@ -94,6 +99,7 @@ class TrainerApp:
         if isinstance(env.payload, CompletionEvent) and self.live.offer_completion(env.payload):
             LIVE_PROMPTS.inc()
             LIVE_PROMPTS_BUFFERED.set(len(self.live))
+            LIVE_PROMPTS_LARGEST_SHARE.set(self.live.largest_share())
 
     def _build_loop(self) -> TrainingLoop:
         cfg = self.cfg

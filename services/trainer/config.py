@@ -43,6 +43,11 @@ class TrainerConfig(ServiceConfig):
     the file fills the rest, and all of it while no live prompt has arrived. 0 = file only."""
     live_prompt_buffer: int = 1024
     """Most distinct live prompts kept (the most recently seen win)."""
+    max_principal_share: float = 0.1
+    """Most of the live prompt buffer one principal (CompletionEvent.principal) may hold; a principal
+    over it loses its own oldest prompt. 1 turns the cap off."""
+    min_principal_prompts: int = 32
+    """Live prompts a principal may always hold whatever its share (a nearly empty buffer, few users)."""
     consumer_group: str = "rlhf-trainer"
     """Kafka consumer group reading rlhf.completions."""
     rollouts_per_iteration: int = 16
@@ -97,8 +102,11 @@ class TrainerConfig(ServiceConfig):
             out.append(f"{p}PROMPT_FILE={self.prompt_file}: no such file")
         if not 0.0 <= self.live_prompt_fraction <= 1.0:
             out.append(f"{p}LIVE_PROMPT_FRACTION must be in [0, 1]")
+        if not 0.0 < self.max_principal_share <= 1.0:
+            out.append(f"{p}MAX_PRINCIPAL_SHARE must be in (0, 1] (1 turns the cap off)")
         for name in (
             "live_prompt_buffer",
+            "min_principal_prompts",
             "rollouts_per_iteration",
             "max_tokens",
             "heldout_max_tokens",

@@ -7,6 +7,15 @@ ROLLOUTS = Counter("rlhf_trainer_rollouts_total", "Rollouts trained on")
 ROLLOUTS_DROPPED = Counter("rlhf_trainer_rollouts_dropped_total", "Sampled rollouts not trained on", ["reason"])
 LIVE_PROMPTS = Counter("rlhf_trainer_live_prompts_total", "New distinct user prompts taken from rlhf.completions")
 LIVE_PROMPTS_BUFFERED = Gauge("rlhf_trainer_live_prompts_buffered", "Distinct live user prompts in the buffer")
+LIVE_PROMPTS_LEFT_OUT = Counter(
+    "rlhf_trainer_live_prompts_left_out_total",
+    "Live user prompts not buffered or evicted early, by reason (principal_cap: a principal's own oldest "
+    "prompt evicted to keep it within its share; heldout; duplicate: already buffered; invalid)",
+    ["reason"],
+)
+LIVE_PROMPTS_LARGEST_SHARE = Gauge(
+    "rlhf_trainer_live_prompts_largest_share", "Largest share of one principal in the live prompt buffer"
+)
 STEP = Gauge("rlhf_trainer_step", "PPO iterations done since the first start (restored from checkpoints)")
 MEAN_REWARD = Gauge("rlhf_trainer_mean_reward", "Mean RM score of the last iteration's rollouts")
 KL = Gauge("rlhf_trainer_kl", "Mean KL to the reference per response in the last iteration (nats)")

@@ -10,16 +10,23 @@
 A prompt is the conversation *before* the assistant's answer (a tuple of Message). Live prompts are
 deduplicated by content, so one user repeating a question (or Kafka redelivering an event) does not
 weigh it more, and the buffer keeps only the most recent ``capacity`` distinct prompts.
+
+No principal (``CompletionEvent.principal``, who asked) may fill the buffer: each holds at most
+``principal_prompt_cap`` of its prompts (a share of the buffer, never below a floor); a principal
+over its cap loses its own oldest prompt, not someone else's. Batches draw live prompts uniformly
+from the buffer, so a principal's share of the live half of a batch is its share of the buffer.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import random
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from services.trainer import metrics
 from shared.events import CompletionEvent, Message
 from shared.jsonl import read_jsonl
 
@@ -66,21 +73,47 @@ def split_heldout_prompts(prompts: Sequence[Prompt], count: int) -> tuple[list[P
     return list(prompts[:count]), list(prompts[count:])
 
 
-class LivePromptBuffer:
-    """The most recent ``capacity`` distinct user prompts seen on rlhf.completions (thread-safe)."""
+def principal_prompt_cap(buffered: int, max_share: float, floor: int) -> int:
+    """Most prompts one principal may hold in a buffer of ``buffered`` prompts:
 
-    def __init__(self, capacity: int, exclude: Iterable[Prompt] = ()):
+        cap = max(floor, floor_int(max_share * buffered))
+
+    so a principal holding more than ``floor`` holds at most ``max_share`` of the buffer; the floor
+    keeps the buffer useful while it is nearly empty or has few principals. max_share = 1: no cap."""
+    return max(floor, math.floor(max_share * buffered + 1e-9))
+
+
+class LivePromptBuffer:
+    """The most recent ``capacity`` distinct user prompts seen on rlhf.completions, each principal
+    within its cap (thread-safe)."""
+
+    def __init__(
+        self,
+        capacity: int,
+        exclude: Iterable[Prompt] = (),
+        max_principal_share: float = 1.0,
+        min_principal_prompts: int = 1,
+    ):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
+        if not 0 < max_principal_share <= 1 or min_principal_prompts < 1:
+            raise ValueError("max_principal_share must be in (0, 1] and min_principal_prompts at least 1")
         self.capacity = capacity
         self.exclude = frozenset(exclude)
         """Prompts never taken (the held-out prompts: a user asking one must not leak it into training)."""
-        self._prompts: collections.OrderedDict[Prompt, None] = collections.OrderedDict()
+        self.max_principal_share = max_principal_share
+        self.min_principal_prompts = min_principal_prompts
+        self._prompts: collections.OrderedDict[Prompt, str] = collections.OrderedDict()
+        """Prompt -> the principal who asked it first while it is buffered; least recently seen first."""
+        self._own: dict[str, collections.OrderedDict[Prompt, None]] = {}
+        """Principal -> its buffered prompts, least recently seen first (every prompt in exactly one)."""
         self._lock = threading.Lock()
         self.offered = 0
         """Completion events offered, of any source."""
         self.accepted = 0
         """User prompts that were new to the buffer."""
+        self.left_out: collections.Counter[str] = collections.Counter()
+        """Prompts not added or evicted early, by reason (see ``add``)."""
 
     def offer_completion(self, event: CompletionEvent) -> bool:
         """Take the prompt of a user's completion; False for trainer traffic, empty or known prompts.
@@ -91,22 +124,62 @@ class LivePromptBuffer:
             self.offered += 1
         if event.source != "user" or not event.messages:
             return False
-        return self.add(tuple(Message(m.role, m.content) if not isinstance(m, Message) else m for m in event.messages))
+        prompt = tuple(Message(m.role, m.content) if not isinstance(m, Message) else m for m in event.messages)
+        return self.add(prompt, event.principal)
 
-    def add(self, prompt: Prompt) -> bool:
+    def add(self, prompt: Prompt, principal: str = "") -> bool:
+        """Buffer ``prompt`` asked by ``principal``; True when it is new. Left out (counted in
+        ``left_out`` and rlhf_trainer_live_prompts_left_out_total): "invalid" (no user message, or
+        ends with the assistant), "heldout", "duplicate" (already buffered: it is only refreshed),
+        "principal_cap" (the principal's own oldest prompt, evicted to keep it within its cap)."""
         if not any(m.role == "user" and m.content.strip() for m in prompt) or prompt[-1].role == "assistant":
-            return False
+            return self._leave_out("invalid")
         if prompt in self.exclude:
-            return False
+            return self._leave_out("heldout")
         with self._lock:
             if prompt in self._prompts:
                 self._prompts.move_to_end(prompt)  # recently asked again: keep it longer
+                self._own[self._prompts[prompt]].move_to_end(prompt)
+                self.left_out["duplicate"] += 1
+                metrics.LIVE_PROMPTS_LEFT_OUT.labels("duplicate").inc()
                 return False
-            self._prompts[prompt] = None
-            if len(self._prompts) > self.capacity:
-                self._prompts.popitem(last=False)  # the least recently seen goes first
+            self._prompts[prompt] = principal
+            own = self._own.setdefault(principal, collections.OrderedDict())
+            own[prompt] = None
+            cap = principal_prompt_cap(
+                min(len(self._prompts), self.capacity), self.max_principal_share, self.min_principal_prompts
+            )
+            if len(own) > cap:  # over its cap: it loses its own oldest prompt, nobody else's
+                self._evict(next(iter(own)))
+                self.left_out["principal_cap"] += 1
+                metrics.LIVE_PROMPTS_LEFT_OUT.labels("principal_cap").inc()
+            elif len(self._prompts) > self.capacity:
+                self._evict(next(iter(self._prompts)))  # the least recently seen goes first
             self.accepted += 1
             return True
+
+    def _evict(self, prompt: Prompt) -> None:
+        principal = self._prompts.pop(prompt)
+        own = self._own[principal]
+        del own[prompt]
+        if not own:
+            del self._own[principal]
+
+    def _leave_out(self, reason: str) -> bool:
+        with self._lock:
+            self.left_out[reason] += 1
+        metrics.LIVE_PROMPTS_LEFT_OUT.labels(reason).inc()
+        return False
+
+    def by_principal(self) -> dict[str, int]:
+        """Buffered prompts per principal."""
+        with self._lock:
+            return {p: len(own) for p, own in self._own.items()}
+
+    def largest_share(self) -> float:
+        """The largest share of the buffer one principal holds (0 when empty)."""
+        with self._lock:
+            return max(map(len, self._own.values()), default=0) / max(1, len(self._prompts))
 
     def snapshot(self) -> list[Prompt]:
         with self._lock:

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"E\n\tScoreItem\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"F\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrm_version\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x03(\x08\"\x17\n\x15GetRewardModelRequest2\x90\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12G\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x15.rlhf.v1.ModelVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"E\n\tScoreItem\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x10\n\x08response\x18\x02 \x01(\t\"1\n\x0cScoreRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScoreItem\"F\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nrm_version\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x03(\x08\"\x17\n\x15GetRewardModelRequest\"<\n\x11ListRatersRequest\x12\x18\n\x10quarantined_only\x18\x01 \x01(\x08\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xca\x01\n\x05Rater\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0epeer_agreement\x18\x04 \x01(\x01\x12\x12\n\npeer_items\x18\x05 \x01(\x03\x12\x14\n\x0crm_agreement\x18\x06 \x01(\x01\x12\x10\n\x08rm_items\x18\x07 \x01(\x03\x12\x13\n\x0b\x63omparisons\x18\x08 \x01(\x03\x12\x12\n\nupdated_at\x18\t \x01(\x01\x12\x11\n\tstatus_at\x18\n \x01(\x01\"\xc7\x01\n\x12ListRatersResponse\x12\x1e\n\x06raters\x18\x01 \x03(\x0b\x32\x0e.rlhf.v1.Rater\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x13\n\x0bquarantined\x18\x03 \x01(\x03\x12<\n\theld_back\x18\x04 \x03(\x0b\x32).rlhf.v1.ListRatersResponse.HeldBackEntry\x1a/\n\rHeldBackEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"(\n\x13ReleaseRaterRequest\x12\x11\n\tprincipal\x18\x01 \x01(\t2\x95\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12G\n\x0eGetRewardModel\x12\x1e.rlhf.v1.GetRewardModelRequest\x1a\x15.rlhf.v1.ModelVersion\x12\x45\n\nListRaters\x12\x1a.rlhf.v1.ListRatersRequest\x1a\x1b.rlhf.v1.ListRatersResponse\x12<\n\x0cReleaseRater\x12\x1c.rlhf.v1.ReleaseRaterRequest\x1a\x0e.rlhf.v1.Raterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LISTRATERSRESPONSE_HELDBACKENTRY']._loaded_options = None
+  _globals['_LISTRATERSRESPONSE_HELDBACKENTRY']._serialized_options = b'8\001'
   _globals['_SCOREITEM']._serialized_start=55
   _globals['_SCOREITEM']._serialized_end=124
   _globals['_SCOREREQUEST']._serialized_start=126
@@ -40,6 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_end=247
   _globals['_GETREWARDMODELREQUEST']._serialized_start=249
   _globals['_GETREWARDMODELREQUEST']._serialized_end=272
-  _globals['_REWARDSERVICE']._serialized_start=275
-  _globals['_REWARDSERVICE']._serialized_end=419
+  _globals['_LISTRATERSREQUEST']._serialized_start=274
+  _globals['_LISTRATERSREQUEST']._serialized_end=334
+  _globals['_RATER']._serialized_start=337
+  _globals['_RATER']._serialized_end=539
+  _globals['_LISTRATERSRESPONSE']._serialized_start=542
+  _globals['_LISTRATERSRESPONSE']._serialized_end=741
+  _globals['_LISTRATERSRESPONSE_HELDBACKENTRY']._serialized_start=694
+  _globals['_LISTRATERSRESPONSE_HELDBACKENTRY']._serialized_end=741
+  _globals['_RELEASERATERREQUEST']._serialized_start=743
+  _globals['_RELEASERATERREQUEST']._serialized_end=783
+  _globals['_REWARDSERVICE']._serialized_start=786
+  _globals['_REWARDSERVICE']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

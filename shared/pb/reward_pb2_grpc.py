@@ -45,6 +45,16 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_common__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.ListRaters = channel.unary_unary(
+                '/rlhf.v1.RewardService/ListRaters',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRater = channel.unary_unary(
+                '/rlhf.v1.RewardService/ReleaseRater',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.Rater.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -75,6 +85,34 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRaters(self, request, context):
+        """Operators: the raters (principals) the retraining loop has judged, with their agreement
+        scores; quarantined ones first, then the lowest agreement first. See docs/security.md
+        "Limits per principal, caps and rater quality".
+
+        Errors:
+        INVALID_ARGUMENT     limit outside 0..1000.
+        FAILED_PRECONDITION  this replica does not run the retraining loop (RLHF_REWARD_LEARNER off
+        or no Kafka): ask the one that does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRater(self, request, context):
+        """Operators: release a quarantined principal. Its ratings count again from the next training
+        round, and the quarantine rule no longer judges it (an operator vouched for it).
+
+        Errors:
+        INVALID_ARGUMENT     no principal.
+        NOT_FOUND            the retraining loop knows no such principal.
+        FAILED_PRECONDITION  the principal is not quarantined; or this replica does not run the
+        retraining loop.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +125,16 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetRewardModel,
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_common__pb2.ModelVersion.SerializeToString,
+            ),
+            'ListRaters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRaters,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.SerializeToString,
+            ),
+            'ReleaseRater': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRater,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.Rater.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +191,60 @@ class RewardService:
             '/rlhf.v1.RewardService/GetRewardModel',
             rlhf_dot_v1_dot_reward__pb2.GetRewardModelRequest.SerializeToString,
             rlhf_dot_v1_dot_common__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRaters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/ListRaters',
+            rlhf_dot_v1_dot_reward__pb2.ListRatersRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.ListRatersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRater(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/ReleaseRater',
+            rlhf_dot_v1_dot_reward__pb2.ReleaseRaterRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.Rater.FromString,
             options,
             channel_credentials,
             insecure,

@@ -153,6 +153,7 @@ def learner_config(store, tmp_path, **overrides) -> RewardConfig:
         learner_batch_size=4,
         gate_tolerance=0.0,
         pending_timeout_s=60,
+        max_principal_share=1.0,  # one rater in most of these tests: no cap (the cap's own tests set it)
     )
     values.update(overrides)
     return load_config(RewardConfig, {}, **values)
@@ -322,3 +323,127 @@ def test_votes_that_give_no_example_are_shown_not_trained(learner):
     comps = learner.comparisons()
     assert len(comps.train) == 1 and comps.pending == 0
     assert REGISTRY.get_sample_value("rlhf_reward_learner_votes_unused", {"reason": "pairwise_tie"}) == 1
+
+
+# --- caps per principal and rater quality ----------------------------------------------------------
+
+
+def test_ten_thousand_ratings_from_one_principal_fill_at_most_its_share_of_a_round(tiny_store, tmp_path):
+    from prometheus_client import REGISTRY
+
+    held, train = held_and_train_prompts()
+    state = RetrainingState(tmp_path / "learner" / "learner.sqlite3")
+    cfg = learner_config(
+        tiny_store, tmp_path, max_principal_share=0.1, min_principal_cap=8, learner_epochs=1, learn_every_comparisons=32
+    )
+    learner = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
+    # 50 honest principals with two training comparisons each (and one held out), and mallory with
+    # 10,000 rankings of her own (about 30% held out by prompt), all before one round.
+    events: list = []
+    for i in range(50):
+        completions, votes = task([train[i % len(train)], train[(i + 1) % len(train)], held[i % len(held)]], f"user{i}")
+        events += completions + votes
+    completions, votes = task(range(1000, 11_000), "mallory")
+    events += completions + votes
+    learner.ingest(events, {})
+    comps = learner.comparisons()
+    flood = sum(1 for c in comps.train if c.principal == "mallory")
+    assert flood > 6000  # the rest of her 10,000 are held out by prompt
+    result = learner.run_round(comps)
+    # c <= 0.1 * (100 + c): mallory keeps 11 of her comparisons, 9.9% of the round.
+    assert result.new_by_principal["mallory"] == 11 and result.new == 111, result.new_by_principal
+    assert result.largest_share <= 0.1
+    assert result.held_back["capped"] == flood - 11
+    # The held-out slice is capped the same way, so the gate is not hers either: 50 honest groups,
+    # c <= 0.1 * (50 + c) gives 5, below the floor, so she keeps the floor's 8 of her ~3000.
+    assert result.heldout_by_principal["mallory"] == 8 and sum(result.heldout_by_principal.values()) == 58
+    assert result.outcome == "published"
+    m = tiny_store.verify(result.version).metrics
+    assert m["largest_principal_share"] <= 0.1 and m["capped_comparisons"] == flood - 11
+    assert (
+        REGISTRY.get_sample_value("rlhf_reward_learner_comparisons_held_back", {"reason": "capped", "slice": "train"})
+        == flood - 11
+    )
+    # Her backlog waits, oldest first, but cannot trigger rounds on its own: only what the cap admits
+    # counts towards learn_every_comparisons.
+    comps = learner.comparisons()
+    assert learner.unseen(comps) == 8  # alone now: the floor
+    assert not learner.due(comps)
+    waiting = [c for c in comps.train if c.principal == "mallory" and c.key not in learner.state.trained_keys()]
+    assert len(waiting) == flood - 11
+    assert [c.key for c in learner.select(comps).new] == [c.key for c in sorted(waiting, key=lambda c: c.order)[:8]]
+    state.close()
+
+
+def overlapping_raters(prompts, reverse_user="mallory"):
+    """Three honest principals and one who always ranks in reverse, on the same answers."""
+    events = []
+    for user in ("alice", "bob", "carol", reverse_user):
+        completions, votes = task(prompts, user, reverse=user == reverse_user)
+        events += completions + votes
+    return events
+
+
+def test_a_reverse_rater_is_quarantined_by_its_peers_and_stays_out_across_restarts(tiny_store, tmp_path):
+    from shared.errors import FailedPrecondition, NotFound
+
+    held, train = held_and_train_prompts()
+    path = tmp_path / "learner" / "learner.sqlite3"
+    cfg = learner_config(tiny_store, tmp_path, quarantine_below=0.4, quarantine_min_items=10)
+    state = RetrainingState(path)
+    learner = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
+    learner.ingest(overlapping_raters(held[:4] + train[:12]), {})
+    result = learner.run_round()
+    # Judged before training: mallory agrees with no peer on 16 overlapping items; the others with 2 of 3.
+    mallory = state.rater("mallory")
+    assert mallory.status == "quarantined" and mallory.peer_agreement == 0.0 and mallory.peer_items == 16
+    assert "other raters" in mallory.reason
+    assert {state.rater(u).status for u in ("alice", "bob", "carol")} == {"ok"}
+    assert state.rater("alice").peer_agreement == pytest.approx(2 / 3)
+    # Her comparisons are neither trained on nor in the held-out slice; they stay in the state.
+    assert "mallory" not in result.new_by_principal and "mallory" not in result.heldout_by_principal
+    assert result.held_back["quarantined"] == 12 and result.held_back["heldout_quarantined"] == 4
+    assert result.outcome == "published" and result.candidate_accuracy == 1.0
+    assert state.counts()["votes"] == 64
+    listed = learner.list_raters(quarantined_only=True)
+    assert [r.principal for r in listed.raters] == ["mallory"] and listed.quarantined == 1 and listed.total == 4
+    state.close()
+
+    # After a restart she is still out; an operator releases her and her ratings count again.
+    state = RetrainingState(path)
+    learner = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
+    assert state.rater("mallory").status == "quarantined"
+    assert all(c.principal != "mallory" for c in learner.select(learner.comparisons()).new)
+    with pytest.raises(NotFound):
+        learner.release_rater("nobody")
+    with pytest.raises(FailedPrecondition, match="ok, not quarantined"):
+        learner.release_rater("alice")
+    released = learner.release_rater("mallory")
+    assert released.status == "released" and released.status_at > 0
+    assert len([c for c in learner.select(learner.comparisons()).new if c.principal == "mallory"]) == 12
+    learner.run_round()  # a released principal is never quarantined again by the rule
+    assert state.rater("mallory").status == "released"
+    state.close()
+
+
+def test_a_lone_reverse_rater_is_judged_by_the_reward_model(tiny_store, tmp_path):
+    held, train = held_and_train_prompts()
+    state = RetrainingState(tmp_path / "learner" / "learner.sqlite3")
+    cfg = learner_config(tiny_store, tmp_path, quarantine_min_items=8)
+    learner = RetrainingLoop(cfg, tiny_store, state, clock=Clock())
+    completions, votes = task(held[:6] + train[:16], "alice")
+    learner.ingest(completions + votes, {})
+    assert learner.run_round().version == "rm-0001"
+    # On prompts nobody else rated: no peer can judge her, rm-0001 can (it learnt alice's preference).
+    completions, votes = task(train[16:28], "mallory", reverse=True)
+    learner.ingest(completions + votes, {})
+    result = learner.run_round()
+    mallory = state.rater("mallory")
+    assert mallory.status == "quarantined" and mallory.peer_items == 0 and mallory.rm_items >= 8
+    assert mallory.rm_agreement < 0.4 and "reward model" in mallory.reason
+    assert state.rater("alice").status == "ok" and state.rater("alice").rm_agreement > 0.6
+    # Nothing of hers was left to train on: the round is skipped, nothing published.
+    assert result.outcome == "skipped" and result.held_back["quarantined"] == 12
+    assert tiny_store.versions("rm") == ["rm-0001"]
+    assert not learner.due(learner.comparisons())
+    state.close()

@@ -27,6 +27,8 @@ def test_defaults_are_valid_and_ports_match_the_chart():
     "env, words",
     [
         ({"RLHF_TRAINER_LIVE_PROMPT_FRACTION": "1.5"}, "LIVE_PROMPT_FRACTION"),
+        ({"RLHF_TRAINER_MAX_PRINCIPAL_SHARE": "0"}, "RLHF_TRAINER_MAX_PRINCIPAL_SHARE"),
+        ({"RLHF_TRAINER_MIN_PRINCIPAL_PROMPTS": "0"}, "RLHF_TRAINER_MIN_PRINCIPAL_PROMPTS"),
         ({"RLHF_TRAINER_INFERENCE_ADDRESS": "nohost"}, "INFERENCE_ADDRESS"),
         ({"RLHF_TRAINER_PROMPT_FILE": "/nonexistent.jsonl"}, "PROMPT_FILE"),
         ({"RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "0"}, "ROLLOUTS_PER_ITERATION"),

@@ -13,6 +13,7 @@ from services.trainer.prompts import (
     PromptMixer,
     live_count,
     parse_prompt,
+    principal_prompt_cap,
     read_prompt_file,
     split_heldout_prompts,
 )
@@ -21,7 +22,7 @@ from shared.events import CompletionEvent, Message, Timings
 DEFAULT_FILE = "services/trainer/data/prompts.jsonl"
 
 
-def completion(question: str, source: str = "user", system: str | None = None) -> CompletionEvent:
+def completion(question: str, source: str = "user", system: str | None = None, principal: str = "") -> CompletionEvent:
     messages = ([Message("system", system)] if system else []) + [Message("user", question)]
     return CompletionEvent(
         request_id="r",
@@ -40,6 +41,7 @@ def completion(question: str, source: str = "user", system: str | None = None) -
         sampling={},
         timings=Timings(0, 0, 0),
         created_at=0.0,
+        principal=principal,
     )
 
 
@@ -157,3 +159,76 @@ def test_mixer_with_live_only_waits_for_live_prompts():
 def test_live_buffer_never_takes_held_out_prompts():
     buf = LivePromptBuffer(capacity=10, exclude=[user("held out")])
     assert not buf.add(user("held out")) and buf.add(user("fine")) and buf.snapshot() == [user("fine")]
+
+
+# --- the cap per principal ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "buffered, share, floor, expected",
+    [
+        (1000, 0.1, 32, 100),  # a share of the buffer...
+        (100, 0.1, 32, 32),  # ...never below the floor
+        (0, 0.1, 32, 32),
+        (1024, 1.0, 1, 1024),  # share 1: no cap
+        (30, 0.1, 1, 3),  # 0.1 * 30 is 3 (not 2.999...)
+    ],
+)
+def test_principal_prompt_cap(buffered, share, floor, expected):
+    assert principal_prompt_cap(buffered, share, floor) == expected
+
+
+def test_a_flooding_principal_holds_at_most_its_share_of_the_buffer_and_of_the_live_batches():
+    buf = LivePromptBuffer(capacity=200, max_principal_share=0.1, min_principal_prompts=5)
+    # mallory asks 5000 distinct questions first, then 40 honest users ask 4 each, then mallory again.
+    for i in range(5000):
+        buf.offer_completion(completion(f"flood {i}", principal="mallory"))
+    assert buf.by_principal() == {"mallory": 5} and len(buf) == 5  # an empty buffer: the floor
+    for u in range(40):
+        for i in range(4):
+            assert buf.offer_completion(completion(f"question {i} of user {u}", principal=f"user{u}"))
+    for i in range(5000, 6000):
+        buf.offer_completion(completion(f"flood {i}", principal="mallory"))
+    counts = buf.by_principal()
+    # She grows with the buffer while m <= floor(0.1 * (160 + m)): 17 of 177.
+    assert len(buf) == 177 and counts["mallory"] == 17
+    assert all(counts[f"user{u}"] == 4 for u in range(40))  # her flood evicted only her own prompts
+    assert buf.largest_share() <= 0.1 and buf.left_out["principal_cap"] == 6000 - 17
+    # Her newest prompts are the ones kept.
+    assert {p[0].content for p in buf.snapshot() if p[0].content.startswith("flood")} == {
+        f"flood {i}" for i in range(5983, 6000)
+    }
+    # The mixer draws live prompts uniformly from the buffer: about her share of every live half.
+    mixer = PromptMixer(buf, [user("file")], live_fraction=0.5, seed=3)
+    live = [p for _ in range(400) for p in mixer.sample(16)[0][:8]]
+    share = sum(p[0].content.startswith("flood") for p in live) / len(live)
+    assert 0.06 < share < 0.14
+
+
+def test_at_capacity_the_cap_evicts_the_flooder_not_the_others():
+    buf = LivePromptBuffer(capacity=50, max_principal_share=0.1, min_principal_prompts=2)
+    for u in range(45):
+        buf.add(user(f"q{u}"), f"user{u}")
+    for i in range(500):
+        buf.add(user(f"flood {i}"), "mallory")
+    assert len(buf) == 50 and buf.by_principal()["mallory"] == 5
+    assert sum(1 for p, n in buf.by_principal().items() if p != "mallory") == 45  # nobody else lost a prompt
+    # Honest users keep arriving at capacity: the least recently seen goes, as before.
+    buf.add(user("late"), "user99")
+    assert len(buf) == 50 and user("q0") not in buf.snapshot()
+
+
+def test_without_a_cap_one_principal_may_fill_the_buffer():
+    buf = LivePromptBuffer(capacity=10)
+    for i in range(20):
+        buf.add(user(f"q{i}"), "solo")
+    assert buf.by_principal() == {"solo": 10}
+
+
+def test_left_out_reasons_are_counted():
+    buf = LivePromptBuffer(capacity=10, exclude=[user("held out")])
+    buf.add(user("held out"))
+    buf.add(user("a"))
+    buf.add(user("a"))
+    buf.add((Message("user", "q"), Message("assistant", "a")))
+    assert buf.left_out == {"heldout": 1, "duplicate": 1, "invalid": 1}
