@@ -37,6 +37,14 @@ class NotFound(RlhfError):
     openai_type = "invalid_request_error"
 
 
+class Unauthenticated(RlhfError):
+    """The caller did not say who it is, or not credibly (no key, a wrong key, a bad session)."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    openai_type = "invalid_request_error"
+
+
 class PermissionDenied(RlhfError):
     """The caller may not do this (e.g. a forged or expired feedback token)."""
 
@@ -51,6 +59,19 @@ class FailedPrecondition(RlhfError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
     http_status = 409
     openai_type = "invalid_request_error"
+
+
+class ResourceExhausted(RlhfError):
+    """The caller is over a limit (e.g. its rate of requests); ``retry_after_s`` says when to retry."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+        """Seconds until a retry can succeed (HTTP Retry-After)."""
 
 
 class Unavailable(RlhfError):

@@ -1,10 +1,13 @@
-"""Signed feedback tokens: proof that a response was served, so that nobody rates an answer the
-service never gave, and the rated response's policy_version comes from the server, not the client.
+"""Signed feedback tokens: proof that a response was served, and to whom, so that nobody rates an
+answer the service never gave, nobody rates an answer served to someone else, and the rated
+response's policy_version comes from the server, not the client.
 
 A token is ``base64url(claims JSON) + "." + base64url(HMAC-SHA256(secret, claims JSON))`` with the
-claims ``rid`` (response_id), ``pv`` (policy_version), ``ph`` (hash of the prompt's messages) and
-``exp`` (expiry, unix seconds). The gateway signs one per served completion; the feedback service
-verifies it.
+claims ``rid`` (response_id), ``pv`` (policy_version), ``ph`` (hash of the prompt's messages),
+``exp`` (expiry, unix seconds), ``sub`` (the principal the response was served to, as the gateway
+authenticated it) and, when the request named one, ``cid`` (its conversation id). The gateway signs
+one per served completion; the feedback service verifies it and refuses a rating by any principal
+other than ``sub``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class TokenClaims:
     policy_version: str
     prompt_hash: str
     expires_at: int
+    principal: str = ""
+    """Who the response was served to (claim ``sub``); empty only in tokens from before principals
+    were bound, which the feedback service refuses."""
+    conversation_id: str = ""
+    """The conversation the request named (claim ``cid``), empty when it named none."""
 
 
 def prompt_hash(messages: Iterable[tuple[str, str]]) -> str:
@@ -63,10 +71,16 @@ def _mac(secret: str, body: bytes) -> bytes:
 
 
 def sign(secret: str, claims: TokenClaims) -> str:
-    body = json.dumps(
-        {"rid": claims.response_id, "pv": claims.policy_version, "ph": claims.prompt_hash, "exp": claims.expires_at},
-        separators=(",", ":"),
-    ).encode()
+    doc: dict[str, str | int] = {
+        "rid": claims.response_id,
+        "pv": claims.policy_version,
+        "ph": claims.prompt_hash,
+        "exp": claims.expires_at,
+        "sub": claims.principal,
+    }
+    if claims.conversation_id:
+        doc["cid"] = claims.conversation_id
+    body = json.dumps(doc, separators=(",", ":")).encode()
     return f"{_b64(body)}.{_b64(_mac(secret, body))}"
 
 
@@ -83,8 +97,15 @@ def verify(secret: str, token: str, now: float | None = None) -> TokenClaims:
         raise InvalidToken("feedback token signature does not match (forged or from another server)")
     try:
         doc = orjson.loads(body)  # orjson.JSONDecodeError is a ValueError
-        claims = TokenClaims(str(doc["rid"]), str(doc["pv"]), str(doc["ph"]), int(doc["exp"]))
-    except (ValueError, KeyError, TypeError):
+        claims = TokenClaims(
+            str(doc["rid"]),
+            str(doc["pv"]),
+            str(doc["ph"]),
+            int(doc["exp"]),
+            str(doc.get("sub", "")),
+            str(doc.get("cid", "")),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InvalidToken("malformed feedback token claims") from None
     if claims.expires_at < (time.time() if now is None else now):
         raise InvalidToken(f"feedback token for {claims.response_id} has expired")

@@ -27,6 +27,10 @@ class GenerationRequest:
     messages: list[Message]
     sampling: Sampling
     source: str = "user"
+    principal: str = ""
+    """Who asked, as the gateway authenticated them; empty for the trainer's rollouts."""
+    conversation_id: str = ""
+    """The conversation the request belongs to, when the client named one."""
 
 
 @dataclass

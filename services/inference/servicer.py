@@ -33,6 +33,8 @@ def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateReq
         messages=[Message(m.role, m.content) for m in msg.messages],
         sampling=sampling,
         source=msg.source or "user",
+        principal=msg.principal,
+        conversation_id=msg.conversation_id,
     )
 
 

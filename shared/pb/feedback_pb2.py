@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\"A\n\x0bThumbRating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x1d\n\x05thumb\x18\x02 \x01(\x0e\x32\x0e.rlhf.v1.Thumb\"2\n\x0cLikertRating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"Q\n\x0ePairwiseChoice\x12\x15\n\rresponse_id_a\x18\x01 \x01(\t\x12\x15\n\rresponse_id_b\x18\x02 \x01(\t\x12\x11\n\tpreferred\x18\x03 \x01(\t\".\n\x07Ranking\x12\x14\n\x0cresponse_ids\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x03(\r\"\xa5\x02\n\x15SubmitFeedbackRequest\x12%\n\x05thumb\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.ThumbRatingH\x00\x12\'\n\x06likert\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.LikertRatingH\x00\x12+\n\x08pairwise\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.PairwiseChoiceH\x00\x12#\n\x07ranking\x18\x04 \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_tokens\x18\x05 \x03(\t\x12\x0f\n\x07\x63omment\x18\x06 \x01(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0f\n\x07user_id\x18\t \x01(\tB\x08\n\x06rating\"R\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"Q\n\x1aSubmitFeedbackBatchRequest\x12\x33\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x1e.rlhf.v1.SubmitFeedbackRequest\"M\n\x1bSubmitFeedbackBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.rlhf.v1.SubmitFeedbackResult\"\x7f\n\x14SubmitFeedbackResult\x12\x33\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1f.rlhf.v1.SubmitFeedbackResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.rlhf.v1.FeedbackErrorH\x00\x42\t\n\x07outcome\"=\n\rFeedbackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"C\n\x15RejectFeedbackRequest\x12\x0b\n\x03raw\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"\x18\n\x16RejectFeedbackResponse*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02\x32\x99\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Q\n\x0eSubmitFeedback\x12\x1e.rlhf.v1.SubmitFeedbackRequest\x1a\x1f.rlhf.v1.SubmitFeedbackResponse\x12`\n\x13SubmitFeedbackBatch\x12#.rlhf.v1.SubmitFeedbackBatchRequest\x1a$.rlhf.v1.SubmitFeedbackBatchResponse\x12Q\n\x0eRejectFeedback\x12\x1e.rlhf.v1.RejectFeedbackRequest\x1a\x1f.rlhf.v1.RejectFeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\"A\n\x0bThumbRating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\x1d\n\x05thumb\x18\x02 \x01(\x0e\x32\x0e.rlhf.v1.Thumb\"2\n\x0cLikertRating\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\r\"Q\n\x0ePairwiseChoice\x12\x15\n\rresponse_id_a\x18\x01 \x01(\t\x12\x15\n\rresponse_id_b\x18\x02 \x01(\t\x12\x11\n\tpreferred\x18\x03 \x01(\t\".\n\x07Ranking\x12\x14\n\x0cresponse_ids\x18\x01 \x03(\t\x12\r\n\x05ranks\x18\x02 \x03(\r\"\xb8\x02\n\x15SubmitFeedbackRequest\x12%\n\x05thumb\x18\x01 \x01(\x0b\x32\x14.rlhf.v1.ThumbRatingH\x00\x12\'\n\x06likert\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.LikertRatingH\x00\x12+\n\x08pairwise\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.PairwiseChoiceH\x00\x12#\n\x07ranking\x18\x04 \x01(\x0b\x32\x10.rlhf.v1.RankingH\x00\x12\x17\n\x0f\x66\x65\x65\x64\x62\x61\x63k_tokens\x18\x05 \x03(\t\x12\x0f\n\x07\x63omment\x18\x06 \x01(\t\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0f\n\x07user_id\x18\t \x01(\t\x12\x11\n\tprincipal\x18\n \x01(\tB\x08\n\x06rating\"R\n\x16SubmitFeedbackResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\r\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"Q\n\x1aSubmitFeedbackBatchRequest\x12\x33\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x1e.rlhf.v1.SubmitFeedbackRequest\"M\n\x1bSubmitFeedbackBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.rlhf.v1.SubmitFeedbackResult\"\x7f\n\x14SubmitFeedbackResult\x12\x33\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1f.rlhf.v1.SubmitFeedbackResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.rlhf.v1.FeedbackErrorH\x00\x42\t\n\x07outcome\"=\n\rFeedbackError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"C\n\x15RejectFeedbackRequest\x12\x0b\n\x03raw\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t\"\x18\n\x16RejectFeedbackResponse*<\n\x05Thumb\x12\x15\n\x11THUMB_UNSPECIFIED\x10\x00\x12\x0c\n\x08THUMB_UP\x10\x01\x12\x0e\n\nTHUMB_DOWN\x10\x02\x32\x99\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12Q\n\x0eSubmitFeedback\x12\x1e.rlhf.v1.SubmitFeedbackRequest\x1a\x1f.rlhf.v1.SubmitFeedbackResponse\x12`\n\x13SubmitFeedbackBatch\x12#.rlhf.v1.SubmitFeedbackBatchRequest\x1a$.rlhf.v1.SubmitFeedbackBatchResponse\x12Q\n\x0eRejectFeedback\x12\x1e.rlhf.v1.RejectFeedbackRequest\x1a\x1f.rlhf.v1.RejectFeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.feedback_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_THUMB']._serialized_start=1114
-  _globals['_THUMB']._serialized_end=1174
+  _globals['_THUMB']._serialized_start=1133
+  _globals['_THUMB']._serialized_end=1193
   _globals['_THUMBRATING']._serialized_start=35
   _globals['_THUMBRATING']._serialized_end=100
   _globals['_LIKERTRATING']._serialized_start=102
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKING']._serialized_start=237
   _globals['_RANKING']._serialized_end=283
   _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=286
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=579
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=581
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=663
-  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_start=665
-  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_end=746
-  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_start=748
-  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_end=825
-  _globals['_SUBMITFEEDBACKRESULT']._serialized_start=827
-  _globals['_SUBMITFEEDBACKRESULT']._serialized_end=954
-  _globals['_FEEDBACKERROR']._serialized_start=956
-  _globals['_FEEDBACKERROR']._serialized_end=1017
-  _globals['_REJECTFEEDBACKREQUEST']._serialized_start=1019
-  _globals['_REJECTFEEDBACKREQUEST']._serialized_end=1086
-  _globals['_REJECTFEEDBACKRESPONSE']._serialized_start=1088
-  _globals['_REJECTFEEDBACKRESPONSE']._serialized_end=1112
-  _globals['_FEEDBACKSERVICE']._serialized_start=1177
-  _globals['_FEEDBACKSERVICE']._serialized_end=1458
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=598
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=600
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=682
+  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_start=684
+  _globals['_SUBMITFEEDBACKBATCHREQUEST']._serialized_end=765
+  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_start=767
+  _globals['_SUBMITFEEDBACKBATCHRESPONSE']._serialized_end=844
+  _globals['_SUBMITFEEDBACKRESULT']._serialized_start=846
+  _globals['_SUBMITFEEDBACKRESULT']._serialized_end=973
+  _globals['_FEEDBACKERROR']._serialized_start=975
+  _globals['_FEEDBACKERROR']._serialized_end=1036
+  _globals['_REJECTFEEDBACKREQUEST']._serialized_start=1038
+  _globals['_REJECTFEEDBACKREQUEST']._serialized_end=1105
+  _globals['_REJECTFEEDBACKRESPONSE']._serialized_start=1107
+  _globals['_REJECTFEEDBACKRESPONSE']._serialized_end=1131
+  _globals['_FEEDBACKSERVICE']._serialized_start=1196
+  _globals['_FEEDBACKSERVICE']._serialized_end=1477
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class Ranking(_message.Message):
     def __init__(self, response_ids: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitFeedbackRequest(_message.Message):
-    __slots__ = ("thumb", "likert", "pairwise", "ranking", "feedback_tokens", "comment", "tags", "idempotency_key", "user_id")
+    __slots__ = ("thumb", "likert", "pairwise", "ranking", "feedback_tokens", "comment", "tags", "idempotency_key", "user_id", "principal")
     THUMB_FIELD_NUMBER: _ClassVar[int]
     LIKERT_FIELD_NUMBER: _ClassVar[int]
     PAIRWISE_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class SubmitFeedbackRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     thumb: ThumbRating
     likert: LikertRating
     pairwise: PairwiseChoice
@@ -70,7 +71,8 @@ class SubmitFeedbackRequest(_message.Message):
     tags: _containers.RepeatedScalarFieldContainer[str]
     idempotency_key: str
     user_id: str
-    def __init__(self, thumb: _Optional[_Union[ThumbRating, _Mapping]] = ..., likert: _Optional[_Union[LikertRating, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseChoice, _Mapping]] = ..., ranking: _Optional[_Union[Ranking, _Mapping]] = ..., feedback_tokens: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., idempotency_key: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, thumb: _Optional[_Union[ThumbRating, _Mapping]] = ..., likert: _Optional[_Union[LikertRating, _Mapping]] = ..., pairwise: _Optional[_Union[PairwiseChoice, _Mapping]] = ..., ranking: _Optional[_Union[Ranking, _Mapping]] = ..., feedback_tokens: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., idempotency_key: _Optional[str] = ..., user_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class SubmitFeedbackResponse(_message.Message):
     __slots__ = ("feedback_id", "revision", "duplicate")
