@@ -23,12 +23,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hashlib
 import inspect
+import ipaddress
 import os
+import re
 import textwrap
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -305,10 +308,50 @@ class KafkaConfig(ConfigBase):
     """Consumer group session timeout; lower means faster rebalances after a crash."""
     heartbeat_interval_ms: int = 3000
     """Consumer group heartbeat interval (at most a third of the session timeout)."""
+    security_protocol: str = "PLAINTEXT"
+    """How clients talk to the brokers: PLAINTEXT (the embedded broker of `rlhf up`, loopback only),
+    SSL (TLS), SASL_SSL (TLS plus a user name and password: Strimzi's TLS listener with SCRAM) or
+    SASL_PLAINTEXT (a password without TLS: only on a private network)."""
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    """SASL mechanism with SASL_*: SCRAM-SHA-512 (Strimzi's `scram-sha-512`), SCRAM-SHA-256 or PLAIN
+    (PLAIN only with SASL_SSL: it sends the password itself)."""
+    sasl_username: str = ""
+    """SASL user name (Strimzi: the KafkaUser's name)."""
+    sasl_password: str = ""
+    """SASL password; prefer RLHF_KAFKA_SASL_PASSWORD_FILE (a mounted Secret)."""
+    sasl_password_file: Path | None = None
+    """File holding the SASL password (Strimzi: the key `password` of the KafkaUser's Secret)."""
+    ssl_ca_file: Path | None = None
+    """PEM file of the CA that signed the brokers' certificates (Strimzi: `ca.crt` of the Secret
+    <cluster>-cluster-ca-cert). Unset: the system's trusted CAs."""
+    ssl_cert_file: Path | None = None
+    """PEM client certificate, for brokers that authenticate clients by TLS (Strimzi `tls` users: `user.crt`)."""
+    ssl_key_file: Path | None = None
+    """PEM private key of RLHF_KAFKA_SSL_CERT_FILE (Strimzi `tls` users: `user.key`)."""
+    ssl_check_hostname: bool = True
+    """Check that the broker's certificate names the host connected to. Off only for a broker whose
+    certificate cannot name its address (a test broker)."""
 
     @property
     def servers(self) -> list[str]:
         return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    def sasl_password_value(self) -> str:
+        """The SASL password: RLHF_KAFKA_SASL_PASSWORD, or the file's content without the final newline.
+
+        Raises ConfigError naming RLHF_KAFKA_SASL_PASSWORD_FILE when the file cannot be read or is empty.
+        """
+        if self.sasl_password_file is None:
+            return self.sasl_password
+        return read_secret_file(self.sasl_password_file, "RLHF_KAFKA_SASL_PASSWORD_FILE")
 
     def problems(self) -> list[str]:
         out = []
@@ -324,6 +367,48 @@ class KafkaConfig(ConfigBase):
             out.append("RLHF_KAFKA_DELIVERY_TIMEOUT_S must exceed RLHF_KAFKA_REQUEST_TIMEOUT_MS (plus linger)")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             out.append("RLHF_KAFKA_HEARTBEAT_INTERVAL_MS must be at most a third of RLHF_KAFKA_SESSION_TIMEOUT_MS")
+        return out + self._security_problems()
+
+    def _security_problems(self) -> list[str]:
+        out = []
+        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        if self.security_protocol not in protocols:
+            out.append(
+                f"RLHF_KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}: expected one of {', '.join(protocols)}"
+            )
+            return out
+        if self.uses_sasl:
+            mechanisms = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+            if self.sasl_mechanism not in mechanisms:
+                out.append(
+                    f"RLHF_KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}: expected one of {', '.join(mechanisms)}"
+                )
+            if self.sasl_mechanism == "PLAIN" and not self.uses_tls:
+                out.append(
+                    "RLHF_KAFKA_SASL_MECHANISM=PLAIN sends the password in the clear: use RLHF_KAFKA_SECURITY_PROTOCOL=SASL_SSL"
+                )
+            if not self.sasl_username:
+                out.append(
+                    f"RLHF_KAFKA_SASL_USERNAME must be set with RLHF_KAFKA_SECURITY_PROTOCOL={self.security_protocol}"
+                )
+            if bool(self.sasl_password) == (self.sasl_password_file is not None):
+                out.append(
+                    f"set exactly one of RLHF_KAFKA_SASL_PASSWORD and RLHF_KAFKA_SASL_PASSWORD_FILE with "
+                    f"RLHF_KAFKA_SECURITY_PROTOCOL={self.security_protocol}"
+                )
+        elif self.sasl_username or self.sasl_password or self.sasl_password_file:
+            out.append(
+                f"RLHF_KAFKA_SASL_* are set but RLHF_KAFKA_SECURITY_PROTOCOL={self.security_protocol} uses no SASL "
+                "(SASL_SSL or SASL_PLAINTEXT do)"
+            )
+        tls_files = self.ssl_ca_file or self.ssl_cert_file or self.ssl_key_file
+        if tls_files and not self.uses_tls:
+            out.append(
+                f"RLHF_KAFKA_SSL_* files are set but RLHF_KAFKA_SECURITY_PROTOCOL={self.security_protocol} uses no TLS "
+                "(SSL or SASL_SSL do)"
+            )
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            out.append("RLHF_KAFKA_SSL_CERT_FILE and RLHF_KAFKA_SSL_KEY_FILE go together: set both or neither")
         return out
 
 
@@ -335,6 +420,102 @@ class ModelStoreConfig(ConfigBase):
 
     root: Path = Path("var/models")
     """Directory holding one sub-directory per published version (`policy-0001`, `rm-0001`, ...)."""
+
+
+@dataclass(frozen=True)
+class VersionTrustConfig(ConfigBase):
+    """Signing keys of the version lines (shared/signing.py, shared/version_line.py) and where a
+    replica keeps its private copies of the versions it verified.
+
+    Each publisher holds its line's private key (trainer: policy; reward service and offline tools:
+    rm); each follower holds the line's public keys (inference: policy; reward: rm). A private key
+    is a PEM file or a base64 value; public keys a file (PEM blocks or base64 lines; several for
+    rotation) and/or a comma-separated base64 value. Without a line's public keys its followers
+    accept unsigned versions: development only, refused off loopback unless RLHF_VERSIONS_ALLOW_UNSIGNED.
+    """
+
+    ENV_PREFIX: ClassVar[str] = "RLHF_VERSIONS_"
+
+    policy_signing_key_file: Path | None = None
+    """PEM file of the Ed25519 private key that signs policy versions (the trainer, `rlhf bootstrap`)."""
+    policy_signing_key: str = ""
+    """The same key as a base64 value (of the PEM or of the raw 32-byte seed), instead of the file."""
+    rm_signing_key_file: Path | None = None
+    """PEM file of the Ed25519 private key that signs reward model versions (the reward service's
+    retraining loop, `rlhf train-rm`, `rlhf bootstrap`)."""
+    rm_signing_key: str = ""
+    """The same key as a base64 value, instead of the file."""
+    policy_verify_key_file: Path | None = None
+    """File of the public keys trusted for policy versions (inference): PEM blocks or base64 lines."""
+    policy_verify_keys: str = ""
+    """Comma-separated base64 raw public keys trusted for policy versions (added to the file's)."""
+    rm_verify_key_file: Path | None = None
+    """File of the public keys trusted for reward model versions (reward scorers)."""
+    rm_verify_keys: str = ""
+    """Comma-separated base64 raw public keys trusted for reward model versions (added to the file's)."""
+    allow_unsigned: bool = False
+    """Let a service off loopback run without the keys of its line (followers then accept unsigned
+    versions and announcements). Never in production; on loopback it is implied when no key is set."""
+    copies_dir: Path | None = None
+    """Where a replica copies each version it verifies and loads it from (a directory only it writes;
+    an emptyDir on Kubernetes, room for two versions). Unset: <system temp dir>/rlhf-version-copies."""
+
+    def signer(self, line: str) -> Any:
+        """The line's SigningKey, or None when not configured (ConfigError when unreadable)."""
+        from shared.signing import KeyFormatError, SigningKey
+
+        file, value = getattr(self, f"{line}_signing_key_file"), getattr(self, f"{line}_signing_key")
+        try:
+            return SigningKey.load(file=file, value=value)
+        except KeyFormatError as exc:
+            raise ConfigError(f"{self._names(line, 'signing_key')}: {exc}") from None
+
+    def verify_keys(self, line: str) -> Any:
+        """The line's VerifyKeys, or None when not configured (ConfigError when unreadable)."""
+        from shared.signing import KeyFormatError, VerifyKeys
+
+        file, values = getattr(self, f"{line}_verify_key_file"), getattr(self, f"{line}_verify_keys")
+        try:
+            return VerifyKeys.load(file=file, values=values)
+        except KeyFormatError as exc:
+            raise ConfigError(f"{self._names(line, 'verify_key')}: {exc}") from None
+
+    def _names(self, line: str, what: str) -> str:
+        base = f"{self.ENV_PREFIX}{line.upper()}_{what.upper()}"
+        return f"{base}_FILE / {base}{'S' if what == 'verify_key' else ''}"
+
+    def problems(self) -> list[str]:
+        out = []
+        for line in ("policy", "rm"):
+            if getattr(self, f"{line}_signing_key_file") is not None and getattr(self, f"{line}_signing_key"):
+                out.append(f"{self._names(line, 'signing_key')}: set the file or the value, not both")
+                continue
+            for load in (self.signer, self.verify_keys):
+                try:
+                    load(line)
+                except ConfigError as exc:
+                    out.append(str(exc))
+        return out
+
+    def missing(self, host: str, *, signs: tuple[str, ...] = (), follows: tuple[str, ...] = ()) -> list[str]:
+        """Problems of a service on ``host`` that publishes the lines ``signs`` and follows ``follows``:
+        off loopback each needs its key unless RLHF_VERSIONS_ALLOW_UNSIGNED is set."""
+        if self.allow_unsigned or is_loopback(host):
+            return []
+        out = []
+        for line in signs:
+            if getattr(self, f"{line}_signing_key_file") is None and not getattr(self, f"{line}_signing_key"):
+                out.append(
+                    f"{self._names(line, 'signing_key')}: a service off loopback must sign the {line} versions "
+                    f"it publishes (or set {self.ENV_PREFIX}ALLOW_UNSIGNED=1, never in production)"
+                )
+        for line in follows:
+            if getattr(self, f"{line}_verify_key_file") is None and not getattr(self, f"{line}_verify_keys").strip():
+                out.append(
+                    f"{self._names(line, 'verify_key')}: a service off loopback must verify the {line} versions "
+                    f"it loads (or set {self.ENV_PREFIX}ALLOW_UNSIGNED=1, never in production)"
+                )
+        return out
 
 
 @dataclass(frozen=True)
@@ -358,23 +539,255 @@ class FeedbackTokenConfig(ConfigBase):
         return out
 
 
+def read_secret_file(path: Path, variable: str) -> str:
+    """The content of a mounted secret file, without surrounding whitespace (a final newline).
+
+    Raises ConfigError naming ``variable`` when the file cannot be read or holds nothing.
+    """
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{variable}={str(path)!r}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    if not value:
+        raise ConfigError(f"{variable}={str(path)!r}: the file is empty")
+    return value
+
+
+# --- service-to-service credentials ------------------------------------------------------------
+
+MIN_TOKEN_CHARS = 24
+"""Shortest bearer token accepted: `rlhf up` and the Helm chart make 43-character random ones."""
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+_CALLER = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+_ACCEPT_ENTRY = re.compile(r"([^:\s]+):([0-9a-f]{64})")
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a bearer token's UTF-8 bytes: what a service keeps and compares, never the token."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def credential_entry(name: str, token: str) -> str:
+    """The accepted-credential entry for caller ``name`` with ``token``: ``name:<sha256 hex>``."""
+    return f"{name}:{token_digest(token).hex()}"
+
+
+def token_problem(token: str, variable: str) -> str | None:
+    """Why ``token`` cannot be a bearer token (None when it can): at least MIN_TOKEN_CHARS printable
+    ASCII characters without spaces (it travels in a gRPC metadata value)."""
+    if not _TOKEN.fullmatch(token):
+        return f"{variable}: a token is printable ASCII without spaces"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"{variable}: a token has at least {MIN_TOKEN_CHARS} characters (got {len(token)})"
+    return None
+
+
+def parse_accepted(entries: Iterable[str], variable: str) -> tuple[dict[bytes, str], list[str]]:
+    """Accepted credentials from ``name:<sha256 hex of the token>`` entries.
+
+    Returns (digest -> caller name, problems). A name is lower-case letters, digits and ``_.-``,
+    starting with a letter; one name may have several entries (a credential being rotated); one
+    digest may not appear twice (two callers with one token could not be told apart). Blank entries
+    and ``#`` comments are skipped (the file form).
+    """
+    accepted: dict[bytes, str] = {}
+    problems: list[str] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        m = _ACCEPT_ENTRY.fullmatch(entry)
+        if not m:
+            shown = entry.split(":", 1)[0] + (":..." if ":" in entry else "")
+            problems.append(f"{variable}: {shown!r} is not name:<64 lower-case hex digits of the token's sha256>")
+            continue
+        name, digest = m.group(1), bytes.fromhex(m.group(2))
+        if not _CALLER.fullmatch(name):
+            problems.append(
+                f"{variable}: caller name {name!r} must be lower-case letters, digits, _ . - (a letter first)"
+            )
+        elif digest in accepted:
+            problems.append(f"{variable}: {name!r} has the same credential as {accepted[digest]!r}")
+        else:
+            accepted[digest] = name
+    return accepted, problems
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServiceAuthConfig(ConfigBase):
+    """Who this service is to the services it calls, whom it accepts, and its gRPC TLS.
+
+    Every gRPC call carries a bearer token (metadata `authorization: Bearer <token>`); a server
+    accepts the tokens whose SHA-256 is listed, each under a caller name, and each RPC allows named
+    callers only (see docs/security.md). Health checks stay open for probes.
+    """
+
+    ENV_PREFIX: ClassVar[str] = "RLHF_AUTH_"
+
+    token: str = ""
+    """This service's own bearer token, presented to the services it calls (the gateway's and the
+    trainer's; `rlhf up` generates them, on Kubernetes they come from a Secret)."""
+    token_file: Path | None = None
+    """File holding this service's own token instead of RLHF_AUTH_TOKEN (a mounted Secret)."""
+    accept: tuple[str, ...] = ()
+    """Credentials this service's gRPC server accepts: comma-separated `name:<sha256 hex of the token>`
+    (caller names: gateway, trainer, operator, monitoring). Empty, with RLHF_AUTH_ACCEPT_FILE unset:
+    every call is refused (health checks excepted)."""
+    accept_file: Path | None = None
+    """File of accepted credentials, one `name:<sha256 hex>` per line (`#` comments), added to RLHF_AUTH_ACCEPT."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) of this service's gRPC server (cert-manager's `tls.crt`); with
+    RLHF_AUTH_TLS_KEY_FILE the server speaks TLS only."""
+    tls_key_file: Path | None = None
+    """PEM private key of RLHF_AUTH_TLS_CERT_FILE (cert-manager's `tls.key`)."""
+    tls_ca_file: Path | None = None
+    """PEM CA certificate(s) that sign the services' certificates (cert-manager's `ca.crt`): set, this
+    service's clients speak TLS and verify the server against it; with RLHF_AUTH_TLS_CLIENT_AUTH the
+    server also checks client certificates against it."""
+    tls_client_auth: bool = False
+    """Mutual TLS: the server requires a client certificate signed by RLHF_AUTH_TLS_CA_FILE, and
+    this service's clients present RLHF_AUTH_TLS_CERT_FILE. The bearer token still names the caller."""
+    tls_server_name: str = ""
+    """Name the server certificates are checked against instead of each address's host (a
+    certificate issued for one name, reached at another address)."""
+    allow_plaintext: bool = False
+    """Allow gRPC without TLS off loopback (tokens readable on the wire): only where the network
+    itself is encrypted (a service mesh's mutual TLS). Loopback never needs it."""
+
+    @property
+    def tls_server(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    def own_token(self) -> str:
+        """This service's token ('' when it has none); reads RLHF_AUTH_TOKEN_FILE when set."""
+        if self.token_file is not None:
+            token = read_secret_file(self.token_file, "RLHF_AUTH_TOKEN_FILE")
+            problem = token_problem(token, "RLHF_AUTH_TOKEN_FILE")
+            if problem:
+                raise ConfigError(problem)
+            return token
+        return self.token
+
+    def accepted_callers(self) -> dict[bytes, str]:
+        """Digest -> caller name of every accepted credential (RLHF_AUTH_ACCEPT and the file).
+
+        Raises ConfigError naming the variable when an entry is malformed or the file unreadable.
+        """
+        accepted, problems = parse_accepted(self.accept, "RLHF_AUTH_ACCEPT")
+        if self.accept_file is not None:
+            lines = read_secret_file(self.accept_file, "RLHF_AUTH_ACCEPT_FILE").splitlines()
+            from_file, more = parse_accepted(lines, "RLHF_AUTH_ACCEPT_FILE")
+            problems += more
+            for digest, name in from_file.items():
+                if digest in accepted and accepted[digest] != name:
+                    problems.append(f"RLHF_AUTH_ACCEPT_FILE: {name!r} has the same credential as {accepted[digest]!r}")
+                accepted[digest] = name
+        if problems:
+            raise ConfigError("invalid accepted credentials:\n  " + "\n  ".join(problems))
+        return accepted
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.token and self.token_file is not None:
+            out.append("set one of RLHF_AUTH_TOKEN and RLHF_AUTH_TOKEN_FILE, not both")
+        elif self.token:
+            problem = token_problem(self.token, "RLHF_AUTH_TOKEN")
+            if problem:
+                out.append(problem)
+        out += parse_accepted(self.accept, "RLHF_AUTH_ACCEPT")[1]
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            out.append("RLHF_AUTH_TLS_CERT_FILE and RLHF_AUTH_TLS_KEY_FILE go together: set both or neither")
+        if self.tls_client_auth and (self.tls_ca_file is None or not self.tls_server):
+            out.append(
+                "RLHF_AUTH_TLS_CLIENT_AUTH needs RLHF_AUTH_TLS_CA_FILE (to check clients) and "
+                "RLHF_AUTH_TLS_CERT_FILE/KEY_FILE (to present as a client)"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class OperatorConfig(ConfigBase):
+    """The operator's credential and TLS settings for the control commands (`rlhf trainer`)."""
+
+    ENV_PREFIX: ClassVar[str] = "RLHF_OPERATOR_"
+
+    token: str = ""
+    """The operator's bearer token (the trainer's Pause/Resume/PublishNow/Rollback need it)."""
+    token_file: Path = Path("var/operator-token")
+    """File holding the operator token, read when RLHF_OPERATOR_TOKEN is unset and the file exists
+    (`rlhf up` writes it, mode 0600; on Kubernetes: the operator credential Secret's `token`)."""
+    tls_ca_file: Path | None = None
+    """PEM CA certificate the trainer's server certificate is checked against; set when the
+    services speak TLS (the release's `ca.crt`)."""
+    tls_cert_file: Path | None = None
+    """PEM client certificate, when the services require mutual TLS."""
+    tls_key_file: Path | None = None
+    """PEM private key of RLHF_OPERATOR_TLS_CERT_FILE."""
+    tls_server_name: str = ""
+    """Name the server certificate is checked against instead of the address's host (e.g. when
+    reaching the trainer through `kubectl port-forward` at 127.0.0.1)."""
+    allow_plaintext: bool = False
+    """Send the token without TLS to a host that is not loopback (only over an encrypted network)."""
+
+    def own_token(self) -> str:
+        """The operator token: RLHF_OPERATOR_TOKEN, else the file when it exists, else ''."""
+        if self.token:
+            return self.token
+        if self.token_file.exists():
+            return read_secret_file(self.token_file, "RLHF_OPERATOR_TOKEN_FILE")
+        return ""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.token:
+            problem = token_problem(self.token, "RLHF_OPERATOR_TOKEN")
+            if problem:
+                out.append(problem)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            out.append("RLHF_OPERATOR_TLS_CERT_FILE and RLHF_OPERATOR_TLS_KEY_FILE go together: set both or neither")
+        return out
+
+
 @dataclass(frozen=True)
 class ServiceConfig(ConfigBase):
     """Settings every service has; each service's config extends this."""
 
     log: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     """Logging settings (RLHF_LOG_*)."""
+    auth: ServiceAuthConfig = dataclasses.field(default_factory=ServiceAuthConfig)
+    """Service-to-service credentials and gRPC TLS (RLHF_AUTH_*)."""
     host: str = "127.0.0.1"
     """Interface the service's servers bind to; 0.0.0.0 in containers."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint; 0 disables it (tests), the service sets its default."""
     grace_period_s: float = 10.0
     """On SIGTERM: how long requests in flight may take to finish before the server stops."""
+    health_port: int = 0
+    """Port of a plaintext gRPC server that answers grpc.health.v1 only, beside a TLS gRPC server
+    (Kubernetes' grpc probes cannot speak TLS); 0: none, health is on the main port only."""
 
     def problems(self) -> list[str]:
         out = []
         if not 0 <= self.metrics_port <= 65535:
             out.append(f"{self.ENV_PREFIX}METRICS_PORT={self.metrics_port}: not a port number")
+        if not 0 <= self.health_port <= 65535:
+            out.append(f"{self.ENV_PREFIX}HEALTH_PORT={self.health_port}: not a port number")
         if self.grace_period_s < 0:
             out.append(f"{self.ENV_PREFIX}GRACE_PERIOD_S must not be negative")
+        serves_grpc = hasattr(self, "grpc_port")
+        if serves_grpc and not is_loopback(self.host) and not self.auth.tls_server and not self.auth.allow_plaintext:
+            out.append(
+                f"{self.ENV_PREFIX}HOST={self.host}: a gRPC server off loopback needs TLS (RLHF_AUTH_TLS_CERT_FILE "
+                "and RLHF_AUTH_TLS_KEY_FILE), or RLHF_AUTH_ALLOW_PLAINTEXT=1 where the network is encrypted"
+            )
         return out

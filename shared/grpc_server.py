@@ -1,6 +1,7 @@
-"""gRPC server glue every service uses: error mapping, honest health, graceful SIGTERM.
+"""gRPC server glue every service uses: caller authentication, error mapping, honest health, TLS,
+graceful SIGTERM.
 
-server = GrpcServer("inference", host, port, grace_period_s=10)
+server = GrpcServer("inference", host, port, auth=cfg.auth, access=INFERENCE_ACCESS, grace_period_s=10)
 inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server.server)
 await server.start()          # health: NOT_SERVING
 ...load the model...
@@ -11,17 +12,180 @@ await server.wait()           # until SIGTERM/SIGINT, then drain and stop
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import Counter
 
-from shared.errors import PARAM_METADATA_KEY, RlhfError
+from shared.config import ConfigError, ServiceAuthConfig, token_digest
+from shared.errors import PARAM_METADATA_KEY, PermissionDenied, RlhfError, Unauthenticated
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
+
+CALLS_REFUSED = Counter(
+    "rlhf_grpc_calls_refused_total",
+    "gRPC calls refused before reaching the service: reason missing_credential, unknown_credential "
+    "(UNAUTHENTICATED) or not_allowed (PERMISSION_DENIED)",
+    ["service", "reason"],
+)
+
+# --- callers and who may call what -------------------------------------------------------------
+
+GATEWAY = "gateway"
+"""The HTTP gateway: generates through inference, forwards ratings to feedback."""
+TRAINER = "trainer"
+"""The PPO trainer: samples through inference, scores through reward."""
+OPERATOR = "operator"
+"""A person (or their tooling) controlling the loop: the trainer's control RPCs."""
+MONITORING = "monitoring"
+"""Read-only observers: status and version RPCs."""
+
+AUTH_METADATA_KEY = "authorization"
+"""The metadata key carrying ``Bearer <token>``."""
+
+OPEN_METHODS = frozenset(
+    {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", "/grpc.health.v1.Health/List"}
+)
+"""Methods any caller may use without a credential: health, for probes and load balancers."""
+
+
+@dataclass(frozen=True)
+class RpcAccess:
+    """Which callers may use each RPC of one gRPC service; declared next to its servicer.
+
+    An RPC that is not listed is refused to everyone (PERMISSION_DENIED): a new RPC is closed until
+    someone decides who may call it.
+    """
+
+    service: str
+    """Full service name, e.g. ``rlhf.v1.TrainerService``."""
+    rpcs: Mapping[str, frozenset[str]]
+    """RPC name -> caller names allowed to call it."""
+
+    def methods(self) -> dict[str, frozenset[str]]:
+        """Full method path (``/rlhf.v1.TrainerService/Rollback``) -> allowed caller names."""
+        return {f"/{self.service}/{rpc}": callers for rpc, callers in self.rpcs.items()}
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the ``authorization: Bearer <token>`` metadata entry, or None when there is none.
+
+    The scheme is case-insensitive (RFC 7235); a value that is not ``Bearer <token>`` counts as none.
+    """
+    for key, value in metadata or ():
+        if key == AUTH_METADATA_KEY and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def refusal(
+    method: str, token: str | None, accepted: Mapping[bytes, str], allowed: Mapping[str, frozenset[str]]
+) -> tuple[str, str] | None:
+    """Why a call of ``method`` presenting ``token`` is refused: (reason, caller) or None to let it in.
+
+    Rule: open methods (health) pass; no token -> ``missing_credential``; a token whose SHA-256 is not
+    accepted -> ``unknown_credential``; a caller not in ``allowed[method]`` (an unlisted method allows
+    nobody) -> ``not_allowed``. The caller is '' until it is known.
+    """
+    if method in OPEN_METHODS:
+        return None
+    if token is None:
+        return "missing_credential", ""
+    caller = accepted.get(token_digest(token))
+    if caller is None:
+        return "unknown_credential", ""
+    if caller not in allowed.get(method, frozenset()):
+        return "not_allowed", caller
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse every call that does not carry an accepted credential of a caller allowed for its RPC.
+
+    Refused calls never reach the servicer and their request is never parsed; each is counted
+    (``rlhf_grpc_calls_refused_total{service,reason}``) and logged at most once a minute per
+    (method, reason, caller).
+    """
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, service_name: str, accepted: Mapping[bytes, str], access: Sequence[RpcAccess]):
+        self.service_name = service_name
+        self.accepted = dict(accepted)
+        self.allowed: dict[str, frozenset[str]] = {}
+        for a in access:
+            self.allowed.update(a.methods())
+        self._logged: dict[tuple[str, str, str], float] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        refused = refusal(method, bearer_token(handler_call_details.invocation_metadata), self.accepted, self.allowed)
+        if refused is None:
+            return await continuation(handler_call_details)
+        reason, caller = refused
+        CALLS_REFUSED.labels(self.service_name, reason).inc()
+        self._log(method, reason, caller)
+        if reason == "not_allowed":
+            code, message = PermissionDenied.grpc_code, f"caller {caller!r} may not call {method}"
+        elif reason == "missing_credential":
+            code, message = Unauthenticated.grpc_code, "no credential: send metadata 'authorization: Bearer <token>'"
+        else:
+            code, message = Unauthenticated.grpc_code, "unknown credential"
+        handler = await continuation(handler_call_details)
+        return _refusing_handler(handler, code, message)
+
+    def _log(self, method: str, reason: str, caller: str) -> None:
+        key = (method, reason, caller)
+        now = time.monotonic()
+        if now - self._logged.get(key, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
+            # Bounded: methods x reasons x caller names, all finite (unknown callers are '').
+            self._logged[key] = now
+            log_event(
+                log,
+                "gRPC call refused",
+                level=30,
+                service=self.service_name,
+                method=method,
+                reason=reason,
+                caller=caller,
+            )
+
+
+def _refusing_handler(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that aborts with ``code``; it reads no request."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # unreachable: abort raises; makes this an async generator
+
+    request_streaming = bool(handler and handler.request_streaming)
+    response_streaming = bool(handler and handler.response_streaming)
+    if request_streaming and response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    if request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary)
+    if response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -71,11 +235,87 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RlhfError, method: str)
     await context.abort(exc.grpc_code, exc.message)
 
 
+# --- TLS -------------------------------------------------------------------------------------------
+
+
+def _read_pem(path: Path, variable: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{variable}={str(path)!r}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{variable}={str(path)!r}: not a PEM file")
+    return data
+
+
+class _ReloadingCertificates:
+    """The server's certificate configuration, read again when a file changes (cert-manager renews
+    certificates in place): gRPC asks at every new TLS handshake; a stat of three files answers."""
+
+    def __init__(self, auth: ServiceAuthConfig):
+        assert auth.tls_cert_file is not None and auth.tls_key_file is not None
+        self.files = [(auth.tls_key_file, "RLHF_AUTH_TLS_KEY_FILE"), (auth.tls_cert_file, "RLHF_AUTH_TLS_CERT_FILE")]
+        self.ca = (auth.tls_ca_file, "RLHF_AUTH_TLS_CA_FILE") if auth.tls_client_auth else None
+        self._stamp = self._stamps()
+        self.initial = self._load()
+
+    def _stamps(self) -> tuple[float, ...]:
+        paths = [p for p, _ in self.files] + ([self.ca[0]] if self.ca and self.ca[0] else [])
+        try:
+            return tuple(os.stat(p).st_mtime for p in paths)
+        except OSError:
+            return ()
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        (key_path, key_var), (cert_path, cert_var) = self.files
+        root = _read_pem(self.ca[0], self.ca[1]) if self.ca and self.ca[0] else None
+        pair = (_read_pem(key_path, key_var), _read_pem(cert_path, cert_var))
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=root)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp = self._stamps()
+        if not stamp or stamp == self._stamp:
+            return None
+        try:
+            config = self._load()
+        except ConfigError as exc:  # half-written renewal: keep the old certificate, try at the next handshake
+            log_event(log, "TLS certificate reload failed; keeping the current one", level=30, error=str(exc))
+            return None
+        self._stamp = stamp
+        log_event(log, "TLS certificate reloaded")
+        return config
+
+
+def server_credentials(auth: ServiceAuthConfig) -> grpc.ServerCredentials:
+    """TLS credentials of a server configured with ``auth`` (its cert and key; client certificates
+    required and checked against the CA with RLHF_AUTH_TLS_CLIENT_AUTH), reloaded when renewed."""
+    certs = _ReloadingCertificates(auth)
+    return grpc.dynamic_ssl_server_credentials(certs.initial, certs, require_client_authentication=auth.tls_client_auth)
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
 class GrpcServer:
-    """A grpc.aio server with health checking, the error interceptor and signal handling."""
+    """A grpc.aio server with caller authentication, health checking, the error interceptor, TLS
+    and signal handling.
+
+    ``auth`` says which credentials are accepted (and the TLS files); ``access`` which callers may use
+    each RPC. Without accepted credentials every call but health is refused. ``health_port`` (not 0)
+    adds a plaintext server that answers only grpc.health.v1, for probes that cannot speak TLS.
+    """
 
     def __init__(
-        self, service_name: str, host: str, port: int, *, grace_period_s: float = 10.0, max_message_mb: int = 64
+        self,
+        service_name: str,
+        host: str,
+        port: int,
+        *,
+        auth: ServiceAuthConfig,
+        access: Sequence[RpcAccess],
+        grace_period_s: float = 10.0,
+        max_message_mb: int = 64,
+        health_port: int = 0,
     ):
         self.service_name = service_name
         self.grace_period_s = grace_period_s
@@ -83,20 +323,51 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_message_mb << 20),
             ("grpc.max_send_message_length", max_message_mb << 20),
         ]
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=opts)
+        accepted = auth.accepted_callers()
+        if not accepted:
+            log_event(
+                log,
+                "no accepted credentials (RLHF_AUTH_ACCEPT, RLHF_AUTH_ACCEPT_FILE): every call but health is refused",
+                level=30,
+                service=service_name,
+            )
+        interceptors = [AuthInterceptor(service_name, accepted, access), ErrorMappingInterceptor()]
+        self.server = grpc.aio.server(interceptors=interceptors, options=opts)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.tls = auth.tls_server
+        if self.tls:
+            self.port = self.server.add_secure_port(f"{host}:{port}", server_credentials(auth))
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.health_server: grpc.aio.Server | None = None
+        self.health_address = ""
+        if health_port:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            bound = self.health_server.add_insecure_port(f"{host}:{health_port}")
+            if bound == 0:
+                raise OSError(f"cannot bind the health server to {host}:{health_port}")
+            self.health_address = f"{host}:{bound}"
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         """Start listening; health reports NOT_SERVING until ``set_serving``."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log_event(log, "gRPC server listening", service=self.service_name, address=self.address)
+        if self.health_server is not None:
+            await self.health_server.start()
+        log_event(
+            log,
+            "gRPC server listening",
+            service=self.service_name,
+            address=self.address,
+            tls=self.tls,
+            health=self.health_address or None,
+        )
 
     async def set_serving(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -123,4 +394,6 @@ class GrpcServer:
         log_event(log, "draining", service=self.service_name, grace_s=self.grace_period_s)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_period_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         log_event(log, "stopped", service=self.service_name)

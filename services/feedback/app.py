@@ -11,6 +11,7 @@ import asyncio
 import gc
 import threading
 
+from services.feedback.access import FEEDBACK_ACCESS
 from services.feedback.config import FeedbackConfig
 from services.feedback.ledger import FeedbackLedger, LedgerFollower
 from services.feedback.servicer import FeedbackServicer
@@ -27,7 +28,15 @@ class FeedbackApp:
         self.publisher = RdKafkaPublisher(cfg.kafka, "feedback", linger_ms=cfg.publish_linger_ms)
         self.dlq = Outbox(KafkaPublisher(cfg.kafka, "feedback"))
         self.serving = FeedbackServing(cfg, self.publisher, self.dlq, self.ledger)
-        self.server = GrpcServer("FeedbackService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        self.server = GrpcServer(
+            "FeedbackService",
+            cfg.host,
+            cfg.grpc_port,
+            auth=cfg.auth,
+            access=[FEEDBACK_ACCESS],
+            grace_period_s=cfg.grace_period_s,
+            health_port=cfg.health_port,
+        )
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.serving), self.server.server)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

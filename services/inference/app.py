@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.inference.access import INFERENCE_ACCESS
 from services.inference.config import InferenceConfig
 from services.inference.engine import VllmEngine
 from services.inference.servicer import InferenceServicer
@@ -27,7 +28,15 @@ class InferenceApp:
         self.cfg = cfg
         self.publisher = Outbox(KafkaPublisher(cfg.kafka, "inference")) if cfg.kafka.servers else None
         self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
-        self.server = GrpcServer("InferenceService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        self.server = GrpcServer(
+            "InferenceService",
+            cfg.host,
+            cfg.grpc_port,
+            auth=cfg.auth,
+            access=[INFERENCE_ACCESS],
+            grace_period_s=cfg.grace_period_s,
+            health_port=cfg.health_port,
+        )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
 
     @property

@@ -3,7 +3,9 @@
     rlhf trainer status                       # or: python -m services.trainer.control status
     rlhf trainer rollback policy-0002 --address 127.0.0.1:50054
 
-Prints the answer as JSON; exits 1 with the gRPC status on an error.
+Calls carry the operator's credential (RLHF_OPERATOR_TOKEN, or the file RLHF_OPERATOR_TOKEN_FILE,
+default var/operator-token, which `rlhf up` writes) and use TLS when RLHF_OPERATOR_TLS_CA_FILE is set.
+Prints the answer as JSON; exits 1 with the gRPC status on an error, 2 on bad settings.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from shared.config import ConfigError, OperatorConfig, load_config
+from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.pb import trainer_pb2, trainer_pb2_grpc
 
 
@@ -24,10 +29,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m services.trainer.
     parser.add_argument("version", nargs="?", help="the policy version to roll back to (rollback only)")
     parser.add_argument("--address", default="127.0.0.1:50054", help="host:port of the trainer (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds (publish and rollback may take long)")
+    parser.add_argument(
+        "--token-file", type=Path, help="file holding the operator token (default: $RLHF_OPERATOR_TOKEN_FILE)"
+    )
     args = parser.parse_args(argv)
     if (args.command == "rollback") != bool(args.version):
         parser.error("a version is needed for rollback, and only for it")
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        overrides = {"token_file": args.token_file} if args.token_file else {}
+        creds = ClientCredentials.of_operator(load_config(OperatorConfig, **overrides))
+        channel = sync_channel(args.address, creds)
+    except ConfigError as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = trainer_pb2_grpc.TrainerServiceStub(channel)
         calls = {
             "status": lambda: stub.Status(trainer_pb2.StatusRequest(), timeout=args.timeout),
@@ -42,6 +57,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m services.trainer.
             reply = calls[args.command]()
         except grpc.RpcError as exc:
             print(f"{args.command} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED and not creds.token:
+                print(
+                    "no operator credential: set RLHF_OPERATOR_TOKEN or RLHF_OPERATOR_TOKEN_FILE "
+                    "(`rlhf up` writes var/operator-token)",
+                    file=sys.stderr,
+                )
             return 1
     print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
     return 0

@@ -9,6 +9,44 @@ from typing import Any
 from shared.config import KafkaConfig
 
 
+def security_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    """kafka-python's settings for RLHF_KAFKA_SECURITY_PROTOCOL and the TLS and SASL settings.
+
+    PLAINTEXT adds nothing; SSL adds the CA (and client certificate) files; SASL_* adds the mechanism,
+    user name and password (read from its file now).
+    """
+    out: dict[str, Any] = {"security_protocol": cfg.security_protocol}
+    if cfg.uses_tls:
+        out["ssl_check_hostname"] = cfg.ssl_check_hostname
+        if cfg.ssl_ca_file is not None:
+            out["ssl_cafile"] = str(cfg.ssl_ca_file)
+        if cfg.ssl_cert_file is not None and cfg.ssl_key_file is not None:
+            out["ssl_certfile"] = str(cfg.ssl_cert_file)
+            out["ssl_keyfile"] = str(cfg.ssl_key_file)
+    if cfg.uses_sasl:
+        out["sasl_mechanism"] = cfg.sasl_mechanism
+        out["sasl_plain_username"] = cfg.sasl_username
+        out["sasl_plain_password"] = cfg.sasl_password_value()
+    return out
+
+
+def rdkafka_security_config(cfg: KafkaConfig) -> dict[str, Any]:
+    """The same settings for librdkafka (confluent-kafka)."""
+    out: dict[str, Any] = {"security.protocol": cfg.security_protocol.lower()}
+    if cfg.uses_tls:
+        out["ssl.endpoint.identification.algorithm"] = "https" if cfg.ssl_check_hostname else "none"
+        if cfg.ssl_ca_file is not None:
+            out["ssl.ca.location"] = str(cfg.ssl_ca_file)
+        if cfg.ssl_cert_file is not None and cfg.ssl_key_file is not None:
+            out["ssl.certificate.location"] = str(cfg.ssl_cert_file)
+            out["ssl.key.location"] = str(cfg.ssl_key_file)
+    if cfg.uses_sasl:
+        out["sasl.mechanisms"] = cfg.sasl_mechanism
+        out["sasl.username"] = cfg.sasl_username
+        out["sasl.password"] = cfg.sasl_password_value()
+    return out
+
+
 def client_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
     if not cfg.servers:
         raise ValueError(
@@ -20,6 +58,7 @@ def client_kwargs(cfg: KafkaConfig, service: str) -> dict[str, Any]:
         "request_timeout_ms": cfg.request_timeout_ms,
         # Constructing a client with the broker down fails after this long instead of 30 s.
         "bootstrap_timeout_ms": cfg.request_timeout_ms,
+        **security_kwargs(cfg),
     }
 
 
@@ -67,6 +106,7 @@ def rdkafka_producer_config(cfg: KafkaConfig, service: str, *, linger_ms: float 
         "partitioner": "murmur2_random",
         # Broker-down reconnect attempts back off to 1 s instead of flooding the log and the CPU.
         "reconnect.backoff.max.ms": 1000,
+        **rdkafka_security_config(cfg),
     }
 
 
@@ -84,6 +124,7 @@ def rdkafka_consumer_config(cfg: KafkaConfig, service: str) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "socket.timeout.ms": max(cfg.request_timeout_ms, 10),
         "reconnect.backoff.max.ms": 1000,
+        **rdkafka_security_config(cfg),
     }
 
 

@@ -53,10 +53,25 @@ class EmbeddedBroker:
     ...     broker.bootstrap_servers  # "127.0.0.1:PORT"
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        *,
+        advertised: str | None = None,
+        authentication: bool = False,
+    ):
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
+        self.advertised = advertised
+        """host:port the broker tells clients to connect to (default: where it listens), e.g. a TLS
+        proxy in front of it. (tansu 0.6.0 cannot serve TLS itself: its CLI refuses --cert with --key.)"""
+        self.authentication = authentication
+        """Require SASL (SCRAM) from every client. tansu keeps its users in its storage and creates
+        them only through an authenticated connection, so a memory-only broker started this way
+        has no user anyone can log in as: it only shows that unauthenticated clients are refused."""
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: BinaryIO | None = None
 
@@ -72,10 +87,12 @@ class EmbeddedBroker:
             "--listener-url",
             url,
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine",
             "memory://tansu/",
         ]
+        if self.authentication:
+            cmd.append("--authentication")
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - held open for the broker; closed in stop()
