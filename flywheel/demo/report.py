@@ -5,6 +5,8 @@ Inputs (all plain data, so a report can be rebuilt from a finished run's files):
     policies, rms  model store manifests of the policy and rm versions (version, created_at, metrics)
     ppo            trainer status samples: {"t", "step", "mean_reward", "kl", "entropy"}
     started_at     Unix time the users started (to put versions' publication on the run's clock)
+    metrics        the services' /metrics texts at the end of the run ({"reward": ..., "trainer": ...,
+                   "gateway": ...}; any may be missing): what the limits per principal held back
 
 Plots:
     thumbs_up_by_policy.png   gold thumbs-up rate of every response each policy version served (95% Wilson)
@@ -63,6 +65,55 @@ def rolling_rate(points: list[tuple[float, bool]], window_s: float) -> list[tupl
             ups -= points[start][1]
             start += 1
         out.append((t, ups / (i - start + 1)))
+    return out
+
+
+# What the limits per principal did (docs/security.md), read from the services' own metrics:
+# summary key -> (service, sample name, labels the sample must carry); matching samples are summed.
+TRUST_METRICS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "quarantined_principals": ("reward", "rlhf_reward_learner_raters", {"status": "quarantined"}),
+    "comparisons_held_back_quarantined": (
+        "reward",
+        "rlhf_reward_learner_comparisons_held_back",
+        {"reason": "quarantined"},
+    ),
+    "comparisons_held_back_capped": ("reward", "rlhf_reward_learner_comparisons_held_back", {"reason": "capped"}),
+    "live_prompts_capped": ("trainer", "rlhf_trainer_live_prompts_left_out_total", {"reason": "principal_cap"}),
+    "requests_rate_limited": ("gateway", "rlhf_gateway_rate_limit_total", {"outcome": "refused"}),
+}
+
+
+def trust_counts(interactions: list[dict], metrics: dict[str, str]) -> dict[str, float | int | None]:
+    """The report's counts of what was limited per principal.
+
+    From the users' own records: ``ratings_rate_limited`` (ratings answered 429) and
+    ``chats_rate_limited`` (chats that failed with a 429). From the services' /metrics texts, each
+    TRUST_METRICS key: the sum of the samples with that name carrying those labels (None when that
+    service's metrics were not read; 0 when read and absent).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float | int | None] = {
+        "ratings_rate_limited": sum(r.get("feedback_status") == 429 for r in interactions),
+        "chats_rate_limited": sum(
+            r["kind"] == "error" and ("429" in r.get("error", "") or "RateLimit" in r.get("error", ""))
+            for r in interactions
+        ),
+    }
+    samples: dict[str, list[tuple[str, dict[str, str], float]]] = {}
+    for service, text in metrics.items():
+        samples[service] = [
+            (s.name, dict(s.labels), float(s.value))
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        ]
+    for key, (service, name, labels) in TRUST_METRICS.items():
+        if service not in samples:
+            out[key] = None
+            continue
+        out[key] = sum(
+            v for n, lab, v in samples[service] if n == name and all(lab.get(k) == x for k, x in labels.items())
+        )
     return out
 
 
@@ -191,6 +242,7 @@ def write_report(
     started_at: float,
     duration_s: float,
     evaluation: dict | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> dict:
     """Write report.md, the plots and data.json to ``out_dir``; returns the summary numbers."""
     out_dir = Path(out_dir)
@@ -220,6 +272,7 @@ def write_report(
         "ppo_steps": ppo[-1]["step"] if ppo else 0,
         "max_kl": max((p["kl"] for p in ppo), default=None),
         "evaluation": evaluation,
+        "limits_per_principal": trust_counts(interactions, metrics or {}),
     }
     figures = []
     if rates:
@@ -241,6 +294,25 @@ def write_report(
             f.write(json.dumps(rec) + "\n")
     (out_dir / "report.md").write_text(_markdown(summary, rates, policies, rms, ppo, started_at, figures))
     return summary
+
+
+def _limits_lines(t: dict) -> list[str]:
+    def n(key: str) -> str:
+        return "n/a" if t.get(key) is None else f"{t[key]:.0f}"
+
+    return [
+        "",
+        "## Limits per principal",
+        "",
+        f"- Rate-limited: {n('ratings_rate_limited')} ratings and {n('chats_rate_limited')} chats answered 429 "
+        f"(the gateway refused {n('requests_rate_limited')} requests over a principal's rate).",
+        f"- Quarantined raters: {n('quarantined_principals')}; their comparisons left out of the last reward "
+        f"model round: {n('comparisons_held_back_quarantined')}.",
+        f"- Capped: {n('comparisons_held_back_capped')} comparisons waiting over a principal's cap in the last "
+        f"round; {n('live_prompts_capped')} live prompts evicted from the trainer's buffer by the cap.",
+        "",
+        "(docs/security.md; `rlhf raters list` shows each rater's agreement scores.)",
+    ]
 
 
 def _markdown(
@@ -307,6 +379,7 @@ def _markdown(
             f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
             f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}.",
         ]
+    lines += _limits_lines(summary["limits_per_principal"])
     lines += [
         "",
         "RM held-out accuracy: rm-0001 is measured on held-out offline rankings, later versions on "

@@ -159,6 +159,36 @@ def gateway_url_of(stack: Stack) -> str:
     return f"http://{gw.host}:{gw.port}"
 
 
+def metrics_texts_of(stack: Stack) -> dict[str, str]:
+    """The /metrics texts of the reward service, the trainer and the gateway (for the report's limits
+    per principal); a service whose metrics cannot be read is left out."""
+    import urllib.request
+
+    from services.gateway.config import GatewayConfig
+    from services.reward.config import RewardConfig
+    from services.trainer.config import TrainerConfig
+
+    def local(host: str) -> str:
+        return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+    urls = {}
+    for name, cls in (("reward", RewardConfig), ("trainer", TrainerConfig)):
+        c = load_config(cls, stack.environ)
+        if c.metrics_port:
+            urls[name] = f"http://{local(c.host)}:{c.metrics_port}/metrics"
+    gw = load_config(GatewayConfig, stack.environ)
+    port = getattr(gw, "metrics_port", 0)
+    urls["gateway"] = f"http://{local(gw.host)}:{port}/metrics" if port else f"{gateway_url_of(stack)}/metrics"
+    texts = {}
+    for name, url in urls.items():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                texts[name] = resp.read().decode()
+        except OSError as exc:
+            log_event(log, "could not read a service's metrics for the report", service=name, url=url, error=str(exc))
+    return texts
+
+
 # --- watching the trainer ----------------------------------------------------------------------------
 
 
@@ -348,7 +378,8 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
             result = compare(store, first, current, samples=cfg.eval_samples)
             print(result.table(), flush=True)
             evaluation = dataclasses.asdict(result)
-        summary = _write(cfg, store, records, trainer.samples, started_at, duration, evaluation)
+        metrics = metrics_texts_of(stack) if stack is not None else {}
+        summary = _write(cfg, store, records, trainer.samples, started_at, duration, evaluation, metrics)
     finally:
         if stack is not None:
             stack.stop()
@@ -363,6 +394,7 @@ def _write(
     started_at: float,
     duration: float,
     evaluation: dict | None,
+    metrics: dict[str, str] | None = None,
 ) -> dict:
     from flywheel.demo.report import write_report
 
@@ -375,6 +407,7 @@ def _write(
         started_at,
         duration,
         evaluation,
+        metrics,
     )
     print(
         f"report: {Path(cfg.report_dir) / 'report.md'}  (thumbs-up by version: "

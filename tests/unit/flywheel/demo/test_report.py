@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flywheel.demo.report import rolling_rate, thumbs_up_by_version, write_report
+from flywheel.demo.report import rolling_rate, thumbs_up_by_version, trust_counts, write_report
 
 
 def test_rolling_rate_uses_a_trailing_window():
@@ -75,3 +75,50 @@ def test_write_report_makes_markdown_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "report.md").read_text()
     assert "| policy-0002 | 5 | 100.0% |" in md and "+100.0 percentage points" in md
+
+
+REWARD_METRICS = """\
+# HELP rlhf_reward_learner_raters Principals with ratings, by status
+# TYPE rlhf_reward_learner_raters gauge
+rlhf_reward_learner_raters{status="ok"} 3.0
+rlhf_reward_learner_raters{status="quarantined"} 1.0
+# HELP rlhf_reward_learner_comparisons_held_back Comparisons the last round left out
+# TYPE rlhf_reward_learner_comparisons_held_back gauge
+rlhf_reward_learner_comparisons_held_back{reason="capped",slice="train"} 40.0
+rlhf_reward_learner_comparisons_held_back{reason="capped",slice="heldout"} 2.0
+rlhf_reward_learner_comparisons_held_back{reason="quarantined",slice="train"} 16.0
+rlhf_reward_learner_comparisons_held_back{reason="quarantined",slice="heldout"} 8.0
+"""
+GATEWAY_METRICS = """\
+# HELP rlhf_gateway_rate_limit_total Requests by rate-limit outcome
+# TYPE rlhf_gateway_rate_limit_total counter
+rlhf_gateway_rate_limit_total{limit="chat",outcome="allowed"} 90.0
+rlhf_gateway_rate_limit_total{limit="chat",outcome="refused"} 4.0
+rlhf_gateway_rate_limit_total{limit="feedback",outcome="refused"} 3.0
+"""
+
+
+def test_trust_counts_from_the_users_records_and_the_services_metrics():
+    recs = [_rec(i, "policy-0001", [True]) for i in range(4)]
+    recs[0]["feedback_status"] = 429
+    recs[1] |= {"kind": "error", "error": "RateLimitError: Error code: 429 - too many requests"}
+    counts = trust_counts(recs, {"reward": REWARD_METRICS, "gateway": GATEWAY_METRICS})
+    assert counts == {
+        "ratings_rate_limited": 1,
+        "chats_rate_limited": 1,
+        "quarantined_principals": 1.0,
+        "comparisons_held_back_quarantined": 24.0,
+        "comparisons_held_back_capped": 42.0,
+        "live_prompts_capped": None,  # the trainer's metrics were not read
+        "requests_rate_limited": 7.0,
+    }
+
+
+def test_the_report_shows_the_limits_per_principal(tmp_path):
+    recs = [_rec(i, "policy-0001", [True]) for i in range(3)]
+    summary = write_report(tmp_path, recs, [], [], [], 0.0, 1.0, metrics={"reward": REWARD_METRICS})
+    assert summary["limits_per_principal"]["quarantined_principals"] == 1.0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Limits per principal" in md
+    assert "Quarantined raters: 1; their comparisons left out of the last reward model round: 24." in md
+    assert "Capped: 42 comparisons waiting" in md and "n/a live prompts" in md
