@@ -74,6 +74,12 @@ class PolicyUpdateEvent:
     reason: str = "publish"
     """"publish" for a new version, "rollback" when an earlier version is made current again."""
     metrics: dict = field(default_factory=dict)
+    sequence: int = 0
+    """The publisher's announcement number on this line, strictly increasing (replays are refused)."""
+    key_id: str = ""
+    """Which signing key signed the announcement (shared/signing.py)."""
+    signature: str = ""
+    """Ed25519 signature (base64) of line, version, manifest_sha256, reason and sequence."""
 
 
 @event("reward-model", 1)
@@ -87,6 +93,12 @@ class RewardModelEvent:
     metrics: dict = field(default_factory=dict)
     reason: str = "publish"
     """"publish" for a new version, "rollback" when an earlier version is made current again."""
+    sequence: int = 0
+    """The publisher's announcement number on this line, strictly increasing (replays are refused)."""
+    key_id: str = ""
+    """Which signing key signed the announcement (shared/signing.py)."""
+    signature: str = ""
+    """Ed25519 signature (base64) of line, version, manifest_sha256, reason and sequence."""
 
 
 @dataclass(frozen=True)
@@ -183,4 +195,3 @@ class RolloutEvent:
     evidence: dict = field(default_factory=dict)
     """What the decision was taken on (per signal: counts, means, the always-valid interval)."""
     at: float = 0.0
-

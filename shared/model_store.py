@@ -1,17 +1,20 @@
 """The versioned model store: one immutable, checksummed directory per published model version.
 
     root/
-      policy-0001/  manifest.json  model.safetensors  config.json  tokenizer.json ...
+      policy-0001/  manifest.json  manifest.sig  model.safetensors  config.json  tokenizer.json ...
       policy-0002/  ...
       rm-0001/      ...
       policy.current          {"version": "policy-0002"}
-      policy.announced        {"version": "policy-0002", "manifest_sha256": "..."}  (see version_line.py)
+      policy.announced        the last signed announcement of the line (see version_line.py)
       .tmp-3f2a.../           a publish in progress (or a crashed one); never listed
 
 A version is named ``<line>-<NNNN>``; a *line* is a family of versions (``policy``, ``rm``).
 ``manifest.json`` lists the sha256 and size of every other file in the directory, so a reader can
 ``verify`` a version before loading it, and a Kafka announcement can carry ``manifest_sha256`` so
-the receiver knows it read the manifest the publisher wrote.
+the receiver knows it read the manifest the publisher wrote. ``manifest.sig`` (optional here; the
+version lines require it when a follower has verify keys) is the publisher's signature of the
+manifest's exact bytes (shared/signing.py); it is written into the temp directory before the
+rename, so a version appears with its signature or not at all, and it is not listed in the manifest.
 
 Publication is atomic: files are copied into a private temp directory inside ``root`` (same
 filesystem), fsynced, and renamed to the version name in one step, so a reader never sees a
@@ -21,6 +24,10 @@ half-written version. Weights must be safetensors: pickle-based formats can run 
     version = store.publish("policy", out_dir, parent="policy-0001", metrics={"reward": 0.4}).version
     store.verify(version)                                   # on the reading side, before loading
     state = load_safetensors_state_dict(store.path(version))
+
+A replica that must load exactly the bytes it verified (the store is writable by others) copies
+them instead: ``copy_verified(version, manifest, private_dir)`` hashes each file while copying it
+(one read) and loads from the private copy, which nobody else can change after the check.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +51,9 @@ if TYPE_CHECKING:
     import torch
 
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+"""The publisher's signature of the manifest; beside it, not listed in it (see shared/signing.py)."""
+RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
 MANIFEST_FORMAT = 1
 # Weight formats that are unpickled on load (and so can execute arbitrary code): never stored.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
@@ -76,6 +86,21 @@ class CorruptVersionError(ModelStoreError):
 class FileDigest:
     sha256: str
     bytes: int
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    """A version's manifest as read once: its exact bytes, parsed, and its signature document."""
+
+    version: str
+    raw: bytes
+    manifest: Manifest
+    signature: bytes | None
+    """The bytes of ``manifest.sig``; None when the version is unsigned."""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -155,18 +180,28 @@ class ModelStore:
 
     def manifest(self, version: str) -> Manifest:
         """The parsed manifest of ``version`` (not checked against the files: see ``verify``)."""
-        manifest_path = self.path(version) / MANIFEST_NAME
+        return self.read_manifest(version).manifest
+
+    def read_manifest(self, version: str) -> StoredManifest:
+        """The manifest's bytes (read once), parsed, with the signature beside it (None: unsigned)."""
+        vdir = self.path(version)
         try:
-            manifest = Manifest.from_json(manifest_path.read_bytes())
+            raw = (vdir / MANIFEST_NAME).read_bytes()
         except FileNotFoundError:
             raise CorruptVersionError(f"{version}: {MANIFEST_NAME} is missing") from None
+        try:
+            manifest = Manifest.from_json(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptVersionError(f"{version}: {MANIFEST_NAME} is malformed: {exc}") from None
         if manifest.version != version or manifest.line != _parse_version(version)[0]:
             raise CorruptVersionError(
                 f"{version}: {MANIFEST_NAME} describes {manifest.version} of line {manifest.line}"
             )
-        return manifest
+        try:
+            signature: bytes | None = (vdir / SIGNATURE_NAME).read_bytes()
+        except FileNotFoundError:
+            signature = None
+        return StoredManifest(version, raw, manifest, signature)
 
     def manifest_sha256(self, version: str) -> str:
         """sha256 of the manifest's bytes: identifies the exact contents of a version in one hash."""
@@ -175,25 +210,47 @@ class ModelStore:
     def verify(self, version: str) -> Manifest:
         """Re-hash every file of ``version`` against its manifest; raises CorruptVersionError on any difference."""
         manifest = self.manifest(version)
+        vdir = self._listed_dir(version, manifest)
+        for rel, expected in sorted(manifest.files.items()):
+            _check_digest(version, rel, _hash_file(vdir / rel), expected)
+        return manifest
+
+    def copy_verified(self, version: str, manifest: Manifest, dest: Path) -> int:
+        """Copy every file of ``version`` into the new directory ``dest``, hashing each as it is
+        copied (one read), and check it against ``manifest`` (one the caller read and trusts, e.g.
+        whose signature it verified). Returns the bytes copied; CorruptVersionError (``dest``
+        removed) on any difference. What lands in ``dest`` is exactly what was checked, whatever
+        happens to the store's files afterwards."""
+        vdir = self._listed_dir(version, manifest)
+        dest = Path(dest)
+        dest.mkdir(parents=True)
+        total = 0
+        try:
+            for rel, expected in sorted(manifest.files.items()):
+                # Not fsynced: a private copy does not outlive a crash (its directory is wiped on start).
+                actual = _copy_file(vdir / rel, dest / rel, sync=False)
+                _check_digest(version, rel, actual, expected)
+                os.chmod(dest / rel, 0o444)
+                total += actual.bytes
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        return total
+
+    def _listed_dir(self, version: str, manifest: Manifest) -> Path:
+        """The version's directory, after checking that its files are exactly the manifest's."""
         vdir = self.path(version)
-        on_disk = {rel for rel in _relative_files(vdir) if rel != MANIFEST_NAME}
+        on_disk = {rel for rel in _relative_files(vdir) if rel not in RESERVED_NAMES}
         unlisted = sorted(on_disk - manifest.files.keys())
         if unlisted:
             raise CorruptVersionError(f"{version}: file {unlisted[0]} is not listed in the manifest")
         problem = _weight_format_problem(manifest.files)
         if problem:
             raise CorruptVersionError(f"{version}: {problem}")
-        for rel, expected in sorted(manifest.files.items()):
-            if rel not in on_disk:
-                raise CorruptVersionError(f"{version}: file {rel} is missing")
-            actual = _hash_file(vdir / rel)
-            if actual.bytes != expected.bytes:
-                raise CorruptVersionError(
-                    f"{version}: file {rel} has {actual.bytes} bytes, manifest says {expected.bytes}"
-                )
-            if actual.sha256 != expected.sha256:
-                raise CorruptVersionError(f"{version}: file {rel} does not match its sha256 in the manifest")
-        return manifest
+        missing = sorted(manifest.files.keys() - on_disk)
+        if missing:
+            raise CorruptVersionError(f"{version}: file {missing[0]} is missing")
+        return vdir
 
     def current(self, line: str) -> str | None:
         """The version serving for ``line``: the pointer if set, else the latest version (None if no versions)."""
@@ -221,15 +278,21 @@ class ModelStore:
         metrics: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
         make_current: bool = True,
+        sign: Callable[[str, str, bytes], bytes] | None = None,
     ) -> Manifest:
-        """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest."""
+        """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest.
+
+        ``sign(line, version, manifest bytes)`` returns the signature document written beside the
+        manifest (``manifest.sig``) before the version becomes visible; None: unsigned."""
         _check_line(line)
         src_dir = Path(src_dir)
         if not src_dir.is_dir():
             raise PublishRefusedError(f"refusing to publish {src_dir}: not a directory")
         src_files = _relative_files(src_dir)
         problem = _weight_format_problem(src_files) or (
-            f"{MANIFEST_NAME} is reserved for the store" if MANIFEST_NAME in src_files else None
+            f"{', '.join(sorted(RESERVED_NAMES & set(src_files)))} is reserved for the store"
+            if RESERVED_NAMES & set(src_files)
+            else None
         )
         if problem:
             raise PublishRefusedError(f"refusing to publish {src_dir}: {problem}")
@@ -247,13 +310,28 @@ class ModelStore:
         tmp.mkdir()
         try:
             files = {rel: _copy_file(src_dir / rel, tmp / rel) for rel in src_files}
-            manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra)
+            manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra, sign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if make_current:
             self._write_pointer(line, manifest.version)
         return manifest
+
+    def add_signature(self, version: str, signature: bytes) -> None:
+        """Write ``manifest.sig`` of an unsigned version (adopting versions published before
+        signing existed); atomic. ModelStoreError when the version already has one."""
+        vdir = self.path(version)
+        if (vdir / SIGNATURE_NAME).exists():
+            raise ModelStoreError(f"{version} is already signed")
+        tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.sig"  # outside the version: never half-listed
+        try:
+            write_synced(tmp, signature)
+            os.replace(tmp, vdir / SIGNATURE_NAME)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(vdir)
 
     def set_current(self, line: str, version: str) -> None:
         """Point ``line`` at ``version`` (e.g. to roll back); the version must exist and verify."""
@@ -284,13 +362,17 @@ class ModelStore:
         files: dict[str, FileDigest],
         metrics: dict[str, float],
         extra: dict[str, Any],
+        sign: Callable[[str, str, bytes], bytes] | None,
     ) -> Manifest:
         """Rename ``tmp`` to the next free version name, retrying when a concurrent publisher wins a number."""
         number = max(self._numbers(line), default=0) + 1
         while True:
             version = f"{line}-{number:04d}"
             manifest = Manifest(version, line, parent, time.time(), files, metrics, extra)
-            write_synced(tmp / MANIFEST_NAME, manifest.to_json())
+            raw = manifest.to_json()
+            write_synced(tmp / MANIFEST_NAME, raw)
+            if sign is not None:  # signed per attempt: the version name is part of what is signed
+                write_synced(tmp / SIGNATURE_NAME, sign(line, version, raw))
             fsync_tree(tmp)
             try:
                 # rename(2) of a directory fails when the target is a non-empty directory, and every
@@ -413,8 +495,15 @@ def _hash_file(path: Path) -> FileDigest:
     return FileDigest(*sha256_file(path))
 
 
-def _copy_file(src: Path, dst: Path) -> FileDigest:
-    """Copy ``src`` to ``dst`` and fsync it, hashing the bytes on the way (one read of the source)."""
+def _check_digest(version: str, rel: str, actual: FileDigest, expected: FileDigest) -> None:
+    if actual.bytes != expected.bytes:
+        raise CorruptVersionError(f"{version}: file {rel} has {actual.bytes} bytes, manifest says {expected.bytes}")
+    if actual.sha256 != expected.sha256:
+        raise CorruptVersionError(f"{version}: file {rel} does not match its sha256 in the manifest")
+
+
+def _copy_file(src: Path, dst: Path, *, sync: bool = True) -> FileDigest:
+    """Copy ``src`` to ``dst`` (fsynced when ``sync``), hashing the bytes on the way (one read of the source)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -424,5 +513,6 @@ def _copy_file(src: Path, dst: Path) -> FileDigest:
             fout.write(chunk)
             size += len(chunk)
         fout.flush()
-        os.fsync(fout.fileno())
+        if sync:
+            os.fsync(fout.fileno())
     return FileDigest(digest.hexdigest(), size)

@@ -1,44 +1,72 @@
-"""A version line: the versions of one model family as they are published, announced, followed,
-verified and swapped in. The trainer publishes the ``policy`` line, the reward learner the ``rm``
-line; inference replicas follow the first, reward scorers the second.
+"""A version line: the versions of one model family as they are published, signed, announced,
+followed, verified and swapped in. The trainer publishes the ``policy`` line, the reward learner the
+``rm`` line; inference replicas follow the first, reward scorers the second.
 
-Publishing side (one publisher per line):
+Publishing side (one publisher per line, holding the line's signing key):
 
-    line = VersionLine(store, POLICY, KafkaAnnouncer(KafkaPublisher(kafka, "trainer"), POLICY))
-    manifest = line.publish(out_dir, parent="policy-0002", metrics={...}, extra={...})  # atomic, current
+    line = VersionLine(store, POLICY, KafkaAnnouncer(KafkaPublisher(kafka, "trainer"), POLICY), signer=key)
+    manifest = line.publish(out_dir, parent="policy-0002", metrics={...}, extra={...})  # atomic, signed, current
     ...                                   # record what the publisher must remember (checkpoint, SQLite)
-    line.announce_pending()               # then tell the followers (acks=all); False: still owed
+    line.announce_pending()               # then tell the followers (acks=all); None: still owed
     line.set_current("policy-0002")       # a rollback: announced by the next announce_pending()
 
-**The announcement owed is durable by construction.** The store's ``<line>.current`` pointer says
-which version is current; ``<line>.announced`` records the last version Kafka acknowledged. While
-they differ an announcement is owed (``pending_announcement``), whoever crashed where: a publisher
-killed between ``publish`` and ``announce_pending`` finds it owed on restart and sends it. Sending
-twice is harmless (followers ignore the version they serve). The reason is derived, not stored: a
-current version older than the announced one is a rollback, anything else a publish. A line
-without an announcer (offline tools: ``rlhf bootstrap``, ``rlhf train-rm``) owes nothing: what it
-makes current is recorded as settled, since replicas that start later read the store's current.
+**Signed versions.** ``publish`` signs each version: ``manifest.sig`` beside ``manifest.json`` holds
+an Ed25519 signature of the manifest's exact bytes, line and version (shared/signing.py), written
+before the version's directory is renamed into place, so a version is visible signed or not at all.
 
-Following side (every replica):
+**Signed, numbered announcements; the announcement owed is durable.** The store's
+``<line>.current`` pointer says which version is current; ``<line>.announced`` holds the line's last
+announcement: version, manifest sha256, reason, a sequence number and the publisher's signature of
+all of them, and whether Kafka acknowledged it. ``announce_pending`` sends what is owed: the current
+version when the record names another one (a new announcement with the next sequence number,
+written to the record *before* it is sent, so a number is never issued twice), or the record's own
+announcement again when Kafka never acknowledged it (same number: a follower that got it the first
+time ignores the version it serves). A publisher killed anywhere finds the owed announcement in
+the store on restart. The reason is derived: a current version older than the recorded one is a
+"rollback", anything else a "publish". A line without an announcer (offline tools: ``rlhf
+bootstrap``, ``rlhf train-rm``) records what it makes current as a settled, signed announcement, so
+replicas that start later trust it.
 
-    follower = VersionFollower(line, serving=lambda: scorer.version, swap=scorer.swap_to,
-                               refused=metrics.SWAP_REFUSED, check=None)
-    follower.subscribe(TopicFollower(kafka, "reward", REWARD_MODEL.topic))  # at the end, BEFORE store.current()
-    scorer.load(store.current("rm"))      # so that an announcement made in between is not missed
-    follower.start()                      # a thread: announcement -> verify -> swap
-    follower.accept(event)                # what that thread does with each announcement
+Following side (every replica, holding the line's verify keys):
 
-``verify`` refuses (counts in ``refused`` by reason, logs, returns None) an announcement whose
-version is not of the line, does not verify against its manifest (sha256 of every file), whose
-manifest is not the announced one, or that the service's ``check`` rejects (e.g. inference: the
-weights cannot replace the served ones in place). Only a verified version reaches ``swap``.
+    follower = VersionFollower(VersionLine(store, REWARD_MODEL, keys=verify_keys), serving=lambda: scorer.version,
+                               swap=scorer.swap_to, refused=metrics.SWAP_REFUSED, copies=PrivateCopies(dir, "rm"))
+    follower.subscribe(TopicFollower(kafka, "reward", REWARD_MODEL.topic))  # at the end, BEFORE the store
+    verified = follower.initial()          # the version to start from, verified, in a private copy
+    scorer.load_verified(verified)         # loads verified.path: the bytes that were checked
+    follower.start()                       # a thread: announcement -> verify -> swap
+    follower.accept(event)                 # what that thread does with each announcement
 
-A line is described by a ``LineKind`` (its store line name, topic, event type and Kafka key), so a
-new kind of version (LoRA adapters, canary versions) is one more ``LineKind`` on the same machinery.
+``verify`` refuses (counts in ``refused`` by reason, logs, returns None), in this order, an
+announcement that is not of the line (``wrong_event``, ``wrong_line``), whose signature does not
+verify under the line's keys (``bad_signature``: unsigned, another key, or altered), whose sequence
+number is not above the highest one this replica has seen (``replayed``), that announces as a
+"publish" a version not newer than the one served (``not_newer``; only a signed "rollback" goes
+back), whose version is unsigned or badly signed (``bad_signature``), whose manifest is not the
+announced one (``manifest_mismatch``), whose files do not match the manifest while they are copied
+into the replica's private directory (``CorruptVersionError``), or that the service's ``check``
+rejects (e.g. inference: the weights cannot replace the served ones in place). Only a verified
+version reaches ``swap``, and ``swap`` loads the private copy (``VerifiedVersion.path``), never the
+store. An announcement of the version already served is ignored (not counted).
+
+**Restarts.** A replica has no memory of its own: ``initial`` reads the store's ``<line>.announced``
+record, verifies its signature, starts from its version (verified, signed, copied) and takes its
+sequence number as the floor below which every announcement is a replay. It trusts the verify keys
+(configuration) and what they signed, nothing unsigned: not the ``<line>.current`` pointer (anyone
+with write access to the store could point it at an old version), and no unsigned record. What a
+store writer can still do is put back an *older signed* record, which a replica restarting then
+starts from (it cannot forge a newer one); the next announcement corrects it. Without verify keys
+(a development setup on loopback, see shared/config.py VersionTrustConfig) nothing is
+authenticated, but sequence numbers and "not newer" still apply.
+
+A line is described by a ``LineKind`` (its store line name, topic, event type and Kafka key); the
+signature and the sequence live here, not in the services, so a new kind of version (LoRA adapters
+whose manifest names a base version, canary versions) is one more ``LineKind`` on the same machinery.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +77,16 @@ from prometheus_client import Counter, Gauge
 from shared.events import PolicyUpdateEvent, RewardModelEvent
 from shared.kafka.topics import POLICY_UPDATES, REWARD_MODELS
 from shared.logging import get_logger, log_event
-from shared.model_store import Manifest, ModelStore, ModelStoreError, version_number
+from shared.model_store import Manifest, ModelStore, ModelStoreError, StoredManifest, version_number
+from shared.signing import (
+    Signature,
+    SignatureError,
+    SigningKey,
+    VerifyKeys,
+    announcement_message,
+    manifest_message,
+)
+from shared.version_copies import PrivateCopies
 
 log = get_logger(__name__)
 
@@ -60,6 +97,75 @@ ANNOUNCEMENT_OWED = Gauge(
     "rlhf_version_announcement_owed", "1 while the line's current version is not yet announced", ["line"]
 )
 ANNOUNCED = Counter("rlhf_version_announced_total", "Versions announced, by line and reason", ["line", "reason"])
+SIGNATURES_ENFORCED = Gauge(
+    "rlhf_version_signatures_enforced",
+    "1 when this replica requires signed versions and announcements of the line (0: development mode)",
+    ["line"],
+)
+SEQUENCE_SEEN = Gauge(
+    "rlhf_version_sequence_seen", "Highest authentic announcement sequence number this replica has seen", ["line"]
+)
+
+REASONS = ("publish", "rollback")
+ANNOUNCED_RECORD = "announced"
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a publisher says about its line, and signs: serve ``version`` (whose manifest has this
+    sha256), for this ``reason``, as its ``sequence``-th announcement."""
+
+    line: str
+    version: str
+    manifest_sha256: str
+    reason: str
+    sequence: int
+    key_id: str = ""
+    signature: str = ""
+    """Base64 Ed25519 signature of ``message()``; empty: unsigned."""
+
+    def message(self) -> bytes:
+        return announcement_message(self.line, self.version, self.manifest_sha256, self.reason, self.sequence)
+
+    def signed_by(self, key: SigningKey | None) -> Announcement:
+        if key is None:
+            return self
+        sig = key.sign(self.message())
+        return Announcement(
+            self.line, self.version, self.manifest_sha256, self.reason, self.sequence, sig.key_id, sig.signature
+        )
+
+    def signature_doc(self) -> Signature | None:
+        return Signature(self.key_id, self.signature) if self.signature else None
+
+    def to_record(self, acked: bool) -> dict[str, Any]:
+        return {
+            "line": self.line,
+            "version": self.version,
+            "manifest_sha256": self.manifest_sha256,
+            "reason": self.reason,
+            "sequence": self.sequence,
+            "key_id": self.key_id,
+            "signature": self.signature,
+            "acked": acked,
+        }
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any], line: str) -> Announcement:
+        """The announcement of a ``<line>.announced`` record (ValueError when malformed). Records
+        written before announcements were numbered and signed read as sequence 0, unsigned."""
+        try:
+            return cls(
+                line=str(doc.get("line", line)),
+                version=str(doc["version"]),
+                manifest_sha256=str(doc.get("manifest_sha256", "")),
+                reason=str(doc.get("reason", "publish")),
+                sequence=int(doc.get("sequence", 0)),
+                key_id=str(doc.get("key_id", "")),
+                signature=str(doc.get("signature", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{line}.{ANNOUNCED_RECORD} is malformed: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -71,30 +177,57 @@ class LineKind:
     topic: str
     """Where its versions are announced."""
     event_type: type[Any]
-    """The announcement payload: built by ``make_event``, the only type a follower accepts."""
-    make_event: Callable[[str, str, str | None, str, dict[str, float]], Any]
-    """(version, manifest sha256, parent, reason, metrics) -> the announcement."""
+    """The announcement payload: built by ``make_event``, the only type a follower accepts. It carries
+    the fields of an ``Announcement`` (version, manifest_sha256, reason, sequence, key_id, signature)."""
+    make_event: Callable[[Announcement, str | None, dict[str, float]], Any]
+    """(the signed announcement, parent, metrics) -> the payload."""
 
     @property
     def key(self) -> str:
         """Kafka key of every announcement of the line: one partition, so they stay in order."""
         return self.name
 
+    def announcement(self, event: Any) -> Announcement:
+        """The signed fields of a payload of this line (the line is the follower's, not the payload's)."""
+        return Announcement(
+            line=self.name,
+            version=event.version,
+            manifest_sha256=str(event.manifest_sha256),
+            reason=str(event.reason),
+            sequence=int(event.sequence),
+            key_id=str(event.key_id),
+            signature=str(event.signature),
+        )
+
 
 POLICY = LineKind(
     "policy",
     POLICY_UPDATES,
     PolicyUpdateEvent,
-    lambda version, sha, parent, reason, metrics: PolicyUpdateEvent(
-        version=version, manifest_sha256=sha, parent=parent, reason=reason, metrics=metrics
+    lambda a, parent, metrics: PolicyUpdateEvent(
+        version=a.version,
+        manifest_sha256=a.manifest_sha256,
+        parent=parent,
+        reason=a.reason,
+        metrics=metrics,
+        sequence=a.sequence,
+        key_id=a.key_id,
+        signature=a.signature,
     ),
 )
 REWARD_MODEL = LineKind(
     "rm",
     REWARD_MODELS,
     RewardModelEvent,
-    lambda version, sha, parent, reason, metrics: RewardModelEvent(
-        version=version, manifest_sha256=sha, parent=parent, metrics=metrics, reason=reason
+    lambda a, parent, metrics: RewardModelEvent(
+        version=a.version,
+        manifest_sha256=a.manifest_sha256,
+        parent=parent,
+        metrics=metrics,
+        reason=a.reason,
+        sequence=a.sequence,
+        key_id=a.key_id,
+        signature=a.signature,
     ),
 )
 
@@ -125,13 +258,16 @@ class PendingAnnouncement:
 
 @dataclass(frozen=True)
 class VerifiedVersion:
-    """A version whose files matched its manifest, and whose manifest was the announced one."""
+    """A version whose signature verified, whose manifest was the announced one, and whose files
+    matched it as they were copied into ``path``: a directory private to this replica."""
 
     version: str
     path: Path
     manifest: Manifest
     manifest_sha256: str
     reason: str = "publish"
+    sequence: int = 0
+    bytes_copied: int = 0
 
 
 class VersionRefused(Exception):
@@ -143,13 +279,25 @@ class VersionRefused(Exception):
 
 
 class VersionLine:
-    """One line of the model store, with its announcements."""
+    """One line of the model store, with its signatures and announcements."""
 
-    def __init__(self, store: ModelStore, kind: LineKind, announcer: Announcer | None = None):
+    def __init__(
+        self,
+        store: ModelStore,
+        kind: LineKind,
+        announcer: Announcer | None = None,
+        *,
+        signer: SigningKey | None = None,
+        keys: VerifyKeys | None = None,
+    ):
         self.store = store
         self.kind = kind
         self.announcer = announcer
-        """None: nothing is announced (offline publishes); what is owed stays owed in the store."""
+        """None: nothing is announced (offline publishes); what is made current is recorded as settled."""
+        self.signer = signer
+        """The publisher's key: signs versions and announcements (None: unsigned, development only)."""
+        self.keys = keys
+        """The followers' trusted keys (None: nothing is authenticated, development only)."""
 
     # --- publishing ------------------------------------------------------------------------------
 
@@ -162,16 +310,33 @@ class VersionLine:
         extra: dict[str, Any] | None = None,
         make_current: bool = True,
     ) -> Manifest:
-        """Copy ``src_dir`` into the store as the line's next version (atomic, sha256 manifest) and
-        make it current; its announcement is then owed until ``announce_pending`` succeeds."""
+        """Copy ``src_dir`` into the store as the line's next version (atomic, sha256 manifest,
+        signed) and make it current; its announcement is then owed until ``announce_pending`` succeeds."""
         manifest = self.store.publish(
-            self.kind.name, src_dir, parent=parent, metrics=metrics, extra=extra, make_current=make_current
+            self.kind.name,
+            src_dir,
+            parent=parent,
+            metrics=metrics,
+            extra=extra,
+            make_current=make_current,
+            sign=self._sign_manifest if self.signer is not None else None,
         )
-        log_event(log, "published", line=self.kind.name, version=manifest.version, parent=parent or "")
+        log_event(
+            log,
+            "published",
+            line=self.kind.name,
+            version=manifest.version,
+            parent=parent or "",
+            key_id=self.signer.key_id if self.signer else "",
+        )
         if make_current:
             self._settle_if_offline(manifest.version)
         self._show_owed(self.pending_announcement())
         return manifest
+
+    def _sign_manifest(self, line: str, version: str, manifest_bytes: bytes) -> bytes:
+        assert self.signer is not None
+        return self.signer.sign(manifest_message(line, version, manifest_bytes)).to_json()
 
     def set_current(self, version: str) -> Manifest:
         """Make an existing version current again (a rollback; verified first); announcement owed."""
@@ -180,19 +345,35 @@ class VersionLine:
         self._show_owed(self.pending_announcement())
         return self.store.manifest(version)
 
+    def last_announcement(self) -> tuple[Announcement, bool] | None:
+        """(the line's last announcement, whether Kafka acknowledged it), or None before the first.
+        Not verified: this is the publisher's own record (followers use ``trusted_record``)."""
+        doc = self.store.read_line_record(self.kind.name, ANNOUNCED_RECORD)
+        if doc is None:
+            return None
+        try:
+            return Announcement.from_record(doc, self.kind.name), bool(doc.get("acked", True))
+        except ValueError as exc:
+            raise ModelStoreError(str(exc)) from None
+
     def announced(self) -> str | None:
-        """The last version Kafka acknowledged an announcement of (None: none yet)."""
-        doc = self.store.read_line_record(self.kind.name, "announced")
-        version = doc.get("version") if doc else None
-        return version if isinstance(version, str) else None
+        """The version of the line's last announcement (None: none yet)."""
+        last = self.last_announcement()
+        return last[0].version if last else None
 
     def pending_announcement(self) -> PendingAnnouncement | None:
-        """The announcement owed: the current version when it is not the last one announced."""
+        """The announcement owed: the current version when the last announcement names another one
+        or was never acknowledged."""
         current = self.store.current(self.kind.name)
-        announced = self.announced()
-        if current is None or current == announced:
+        last = self.last_announcement()
+        if current is None:
             return None
-        older = announced is not None and version_number(current) < version_number(announced)
+        if last is None:
+            return PendingAnnouncement(current, "publish")
+        announcement, acked = last
+        if current == announcement.version:
+            return None if acked else PendingAnnouncement(current, announcement.reason)
+        older = version_number(current) < version_number(announcement.version)
         return PendingAnnouncement(current, "rollback" if older else "publish")
 
     def announce_pending(self) -> Any | None:
@@ -202,9 +383,9 @@ class VersionLine:
         if pending is None or self.announcer is None:
             self._show_owed(pending)
             return None
+        announcement = self._announcement_for(pending)
         manifest = self.store.manifest(pending.version)
-        sha = self.store.manifest_sha256(pending.version)
-        event = self.kind.make_event(pending.version, sha, manifest.parent, pending.reason, dict(manifest.metrics))
+        event = self.kind.make_event(announcement, manifest.parent, dict(manifest.metrics))
         try:
             self.announcer.announce(event)
         except Exception as exc:  # noqa: BLE001 - any producer error: the announcement stays owed
@@ -216,31 +397,100 @@ class VersionLine:
                 level=30,
                 line=self.kind.name,
                 version=pending.version,
+                sequence=announcement.sequence,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return None
-        self._record_announced(pending.version, sha)
+        self._write_record(announcement, acked=True)
         ANNOUNCED.labels(self.kind.name, pending.reason).inc()
         self._show_owed(None)
-        log_event(log, "announced", line=self.kind.name, version=pending.version, reason=pending.reason)
+        log_event(
+            log,
+            "announced",
+            line=self.kind.name,
+            version=pending.version,
+            reason=announcement.reason,
+            sequence=announcement.sequence,
+        )
         return event
 
-    def _record_announced(self, version: str, sha: str) -> None:
-        self.store.write_line_record(self.kind.name, "announced", {"version": version, "manifest_sha256": sha})
+    def _announcement_for(self, pending: PendingAnnouncement, *, acked: bool = False) -> Announcement:
+        """The record's unacknowledged announcement of this version again, or a new one with the
+        next sequence number, written to the record (before it is sent: never issued twice)."""
+        sha = self.store.manifest_sha256(pending.version)
+        last = self.last_announcement()
+        if last is not None:
+            previous, was_acked = last
+            same = previous.version == pending.version and previous.manifest_sha256 == sha
+            if not was_acked and same and (self.signer is None or previous.key_id == self.signer.key_id):
+                return previous
+        sequence = (last[0].sequence if last else 0) + 1
+        announcement = Announcement(self.kind.name, pending.version, sha, pending.reason, sequence).signed_by(
+            self.signer
+        )
+        self._write_record(announcement, acked=acked)
+        return announcement
+
+    def _write_record(self, announcement: Announcement, *, acked: bool) -> None:
+        self.store.write_line_record(self.kind.name, ANNOUNCED_RECORD, announcement.to_record(acked))
 
     def _settle_if_offline(self, version: str) -> None:
         if self.announcer is None:
-            self._record_announced(version, self.store.manifest_sha256(version))
+            pending = self.pending_announcement()
+            if pending is not None:
+                self._announcement_for(pending, acked=True)
 
     def _show_owed(self, pending: PendingAnnouncement | None) -> None:
         ANNOUNCEMENT_OWED.labels(self.kind.name).set(1 if pending else 0)
 
+    def sign_unsigned(self) -> list[str]:
+        """Sign every version of the line that has no signature (each verified first) and, when the
+        line's last announcement is unsigned, record the current version as a signed, settled one.
+        For adopting a store made before signing existed (``rlhf up`` on its own local store);
+        returns the versions signed."""
+        if self.signer is None:
+            raise ValueError("sign_unsigned needs a signing key")
+        signed = []
+        for version in self.store.versions(self.kind.name):
+            if self.store.read_manifest(version).signature is None:
+                self.store.verify(version)
+                self.store.add_signature(version, self._sign_manifest(self.kind.name, version, self._raw(version)))
+                signed.append(version)
+        current = self.store.current(self.kind.name)
+        last = self.last_announcement()
+        if current is not None and (last is None or last[0].key_id != self.signer.key_id):
+            sequence = (last[0].sequence if last else 0) + 1
+            sha = self.store.manifest_sha256(current)
+            self._write_record(
+                Announcement(self.kind.name, current, sha, "publish", sequence).signed_by(self.signer), acked=True
+            )
+        if signed:
+            log_event(log, "signed versions published before signing", line=self.kind.name, versions=signed)
+        return signed
+
+    def _raw(self, version: str) -> bytes:
+        return self.store.read_manifest(version).raw
+
     # --- following -------------------------------------------------------------------------------
 
-    def verify_announced(self, event: Any, check: Callable[[VerifiedVersion], None] | None = None) -> VerifiedVersion:
-        """The announced version, verified: of this line, every file matching the manifest, the
-        manifest the announced one, and accepted by ``check``. Raises VersionRefused or
-        ModelStoreError (whose class name is the refusal reason)."""
+    @property
+    def enforced(self) -> bool:
+        """Whether followers of this line require signatures (verify keys are configured)."""
+        return self.keys is not None
+
+    def authenticate(self, announcement: Announcement) -> None:
+        """VersionRefused("bad_signature") unless the announcement is signed by a trusted key."""
+        if self.keys is None:
+            return
+        try:
+            self.keys.verify(announcement.message(), announcement.signature_doc())
+        except SignatureError as exc:
+            raise VersionRefused(
+                "bad_signature", f"announcement of {announcement.version} (sequence {announcement.sequence}): {exc}"
+            ) from None
+
+    def read_announcement(self, event: Any) -> Announcement:
+        """The authenticated announcement of an event of this line (VersionRefused otherwise)."""
         if not isinstance(event, self.kind.event_type):
             raise VersionRefused("wrong_event", f"{type(event).__name__} is not an announcement of {self.kind.name}")
         version = event.version
@@ -250,47 +500,213 @@ class VersionLine:
             line_ok = False
         if not line_ok:
             raise VersionRefused("wrong_line", f"{version!r} is not a version of the {self.kind.name} line")
-        manifest = self.store.verify(version)
-        actual = self.store.manifest_sha256(version)
-        if actual != event.manifest_sha256:
+        try:
+            announcement = self.kind.announcement(event)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise VersionRefused("wrong_event", f"malformed announcement of {version}: {exc}") from None
+        self.authenticate(announcement)
+        return announcement
+
+    def trusted_record(self, *, required: bool = True) -> Announcement | None:
+        """The line's last announcement as recorded in the store, authenticated (a replica's start:
+        see "Restarts" above). None when there is none (refused when signatures are enforced,
+        unless not ``required``: a replica told which version to serve)."""
+        last = self.last_announcement()
+        if last is None:
+            if self.enforced and required:
+                raise VersionRefused(
+                    "bad_signature",
+                    f"the store has no signed announcement of the {self.kind.name} line "
+                    f"({self.kind.name}.{ANNOUNCED_RECORD}): publish with the line's signing key",
+                )
+            return None
+        self.authenticate(last[0])
+        return last[0]
+
+    def read_signed(self, version: str) -> StoredManifest:
+        """The version's manifest, read once, whose signature verifies (VersionRefused otherwise)."""
+        stored = self.store.read_manifest(version)
+        if self.keys is None:
+            return stored
+        try:
+            if stored.signature is None:
+                raise SignatureError(f"{version} is unsigned")
+            self.keys.verify(
+                manifest_message(self.kind.name, version, stored.raw), Signature.from_json(stored.signature)
+            )
+        except SignatureError as exc:
+            raise VersionRefused("bad_signature", f"{version}: {exc}") from None
+        return stored
+
+    def materialize(
+        self,
+        version: str,
+        copies: PrivateCopies,
+        *,
+        expected_sha256: str | None,
+        reason: str = "publish",
+        sequence: int = 0,
+    ) -> VerifiedVersion:
+        """``version`` signed, its manifest the expected one, its files checked as they are copied
+        into a private directory. Raises VersionRefused or ModelStoreError."""
+        stored = self.read_signed(version)
+        if expected_sha256 is not None and stored.sha256 != expected_sha256:
             raise VersionRefused(
                 "manifest_mismatch",
-                f"{version}: manifest sha256 {actual[:12]}… does not match the announced {event.manifest_sha256[:12]}…",
+                f"{version}: manifest sha256 {stored.sha256[:12]}… does not match the announced {expected_sha256[:12]}…",
             )
-        verified = VerifiedVersion(version, self.store.path(version), manifest, actual, getattr(event, "reason", ""))
-        if check is not None:
-            check(verified)
-        return verified
+        path, size = copies.copy(self.store, version, stored.manifest)
+        return VerifiedVersion(version, path, stored.manifest, stored.sha256, reason, sequence, size)
 
 
 @dataclass
 class VersionFollower:
-    """A replica's side of a line: verify each announcement, hand verified versions to ``swap``."""
+    """A replica's side of a line: authenticate each announcement, refuse replays and steps back,
+    verify the version into a private copy, hand it to ``swap``."""
 
     line: VersionLine
     serving: Callable[[], str]
     """The version the replica serves now (an announcement of it is ignored)."""
     swap: Callable[[VerifiedVersion], bool]
-    """Serve the verified version from now on; True when the served version changed."""
+    """Serve the verified version (load ``verified.path``) from now on; True when the served version changed."""
     refused: Any
     """The service's Counter of refused versions, labelled by reason."""
     check: Callable[[VerifiedVersion], None] | None = None
     """Service-specific acceptance (raise ValueError, a subclass, or VersionRefused to refuse)."""
+    copies: PrivateCopies | None = None
+    """Where verified versions are copied (default: a directory under the system's temp dir)."""
     refusals: int = 0
+    sequence: int = 0
+    """The highest authentic announcement sequence seen: announcements at or below it are replays."""
     _reader: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.copies is None:
+            self.copies = PrivateCopies(None, self.line.kind.name)
+        SIGNATURES_ENFORCED.labels(self.line.kind.name).set(1 if self.line.enforced else 0)
+        if not self.line.enforced:
+            log_event(
+                log,
+                "signatures of this line are NOT verified (no verify keys): development mode",
+                level=30,
+                line=self.line.kind.name,
+            )
+
+    @property
+    def private(self) -> PrivateCopies:
+        assert self.copies is not None  # set in __post_init__
+        return self.copies
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def initial(self, pinned: str | None = None) -> VerifiedVersion | None:
+        """The version a starting replica serves, verified and copied (promoted: it is served from
+        now on), and the sequence floor: the store's authenticated announcement record gives both;
+        ``pinned`` (an operator's choice) overrides the version, which must still be signed. None
+        when the line has no version. Raises VersionRefused or ModelStoreError."""
+        record = self.line.trusted_record(required=not pinned)
+        version = pinned or (record.version if record else self.line.store.current(self.line.kind.name))
+        if not version:
+            return None
+        expected = record.manifest_sha256 if record and record.version == version and record.manifest_sha256 else None
+        verified = self.line.materialize(
+            version,
+            self.private,
+            expected_sha256=expected,
+            reason=record.reason if record else "publish",
+            sequence=record.sequence if record else 0,
+        )
+        with self._lock:
+            self._see(record.sequence if record else 0)
+        self.private.promote(verified.path)
+        log_event(
+            log,
+            "starting from a verified version",
+            line=self.line.kind.name,
+            version=version,
+            sequence=self.sequence,
+            pinned=bool(pinned),
+            signed=self.line.enforced,
+        )
+        return verified
+
+    def local(self, version: str) -> VerifiedVersion:
+        """A version this process published itself (the reward learner's), verified into a private
+        copy; the caller loads it and calls ``settle``. Its announcement, when it arrives, is of the
+        version served: ignored."""
+        return self.line.materialize(version, self.private, expected_sha256=None)
+
+    def settle(self, verified: VerifiedVersion, served: bool) -> None:
+        """After ``swap``: keep the copy served (and the previous one), or delete a refused one."""
+        if served:
+            self.private.promote(verified.path)
+        else:
+            self.private.discard(verified.path)
+
+    # --- announcements ---------------------------------------------------------------------------
 
     def verify(self, event: Any) -> VerifiedVersion | None:
         """The verified version, or None: already served (not counted) or refused (counted, logged)."""
         version = getattr(event, "version", None)
-        if version is not None and version == self.serving():
-            return None
         try:
-            return self.line.verify_announced(event, self.check)
+            announcement = self.line.read_announcement(event)
+            with self._lock:
+                served = self.serving()
+                if announcement.version == served:
+                    self._see(announcement.sequence)
+                    return None
+                self._check_order(announcement, served)
+                self._see(announcement.sequence)
+            return self._verify_files(announcement)
         except VersionRefused as exc:
             self.refuse(str(version), exc.reason, str(exc))
         except (ModelStoreError, ValueError, OSError) as exc:
             self.refuse(str(version), type(exc).__name__, str(exc))
         return None
+
+    def _check_order(self, announcement: Announcement, served: str) -> None:
+        """Refuse a replayed sequence number, an unknown reason, and a publish that is not newer."""
+        if announcement.sequence <= self.sequence:
+            raise VersionRefused(
+                "replayed",
+                f"sequence {announcement.sequence} of {announcement.version} is not above {self.sequence}, "
+                "the highest already seen",
+            )
+        if announcement.reason not in REASONS:
+            raise VersionRefused("wrong_reason", f"unknown announcement reason {announcement.reason!r}")
+        if (
+            announcement.reason == "publish"
+            and served
+            and version_number(announcement.version) <= version_number(served)
+        ):
+            raise VersionRefused(
+                "not_newer",
+                f"{announcement.version} announced as a publish is not newer than {served} "
+                "(only a signed rollback goes back)",
+            )
+
+    def _see(self, sequence: int) -> None:
+        """Raise the floor: any announcement numbered at or below an authentic one is superseded."""
+        if sequence > self.sequence:
+            self.sequence = sequence
+            SEQUENCE_SEEN.labels(self.line.kind.name).set(sequence)
+
+    def _verify_files(self, announcement: Announcement) -> VerifiedVersion:
+        verified = self.line.materialize(
+            announcement.version,
+            self.private,
+            expected_sha256=announcement.manifest_sha256,
+            reason=announcement.reason,
+            sequence=announcement.sequence,
+        )
+        if self.check is not None:
+            try:
+                self.check(verified)
+            except BaseException:
+                self.private.discard(verified.path)
+                raise
+        return verified
 
     def refuse(self, version: str, reason: str, error: str) -> None:
         """Count and log a version that will not be served (verification or loading failed)."""
@@ -310,14 +726,21 @@ class VersionFollower:
     def accept(self, event: Any) -> bool:
         """Verify an announcement and swap to it; True when the served version changed."""
         verified = self.verify(event)
-        return verified is not None and self.swap(verified)
+        if verified is None:
+            return False
+        swapped = False
+        try:
+            swapped = self.swap(verified)
+        finally:
+            self.settle(verified, swapped)
+        return swapped
 
     # --- the Kafka side ----------------------------------------------------------------------------
 
     def subscribe(self, reader: Any) -> None:
         """Take the reader of the line's topic, positioned at its end (a shared.kafka.readers.TopicFollower
-        of ``line.kind.topic``). Made before the service reads the store's current version, so that
-        a version announced in between is not missed."""
+        of ``line.kind.topic``). Made before the service reads the store, so that a version announced
+        in between is not missed."""
         self._reader = reader
 
     def start(self) -> None:
@@ -330,3 +753,8 @@ class VersionFollower:
         if self._reader is not None:
             self._reader.stop_thread()
             self._reader = None
+
+    def close(self) -> None:
+        """Stop following and delete the private copies (the service no longer serves them)."""
+        self.stop()
+        self.private.close()

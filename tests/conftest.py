@@ -4,6 +4,7 @@ policy, and helpers to run async services (vLLM engine, gRPC, uvicorn) on loopba
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import shutil
 import threading
@@ -52,16 +53,50 @@ def broker() -> Iterator[Broker]:
     b.broker.stop()
 
 
+# --- version signing: the test suite's keys (shared/signing.py) ----------------------------------
+
+TEST_POLICY_SEED = bytes(range(32))
+"""Raw seed of the test suite's policy signing key (a fixed key: tests and fixtures agree on it)."""
+TEST_RM_SEED = bytes(range(32, 64))
+
+
+def test_signing_key(line: str = "policy"):
+    """The test suite's signing key of a version line (deterministic)."""
+    from shared.signing import SigningKey
+
+    return SigningKey.from_bytes(base64.b64encode(TEST_POLICY_SEED if line == "policy" else TEST_RM_SEED), line)
+
+
+def test_versions(**overrides):
+    """The RLHF_VERSIONS_* section of a service that verifies (and, for publishers, signs) versions
+    with the test suite's keys."""
+    from shared.config import VersionTrustConfig
+
+    values = {
+        "policy_signing_key": base64.b64encode(TEST_POLICY_SEED).decode(),
+        "rm_signing_key": base64.b64encode(TEST_RM_SEED).decode(),
+        "policy_verify_keys": base64.b64encode(test_signing_key("policy").public_raw).decode(),
+        "rm_verify_keys": base64.b64encode(test_signing_key("rm").public_raw).decode(),
+        **overrides,
+    }
+    return VersionTrustConfig(**values)
+
+
+test_signing_key.__test__ = False  # helpers, not tests
+test_versions.__test__ = False
+
+
 @pytest.fixture(scope="session")
 def policy_store(tmp_path_factory) -> PolicyStore:
     """A model store holding the default model as policy-0001 (current) and, as policy-0002 (not
-    current), the same architecture with other random weights: a second policy to swap to."""
+    current), the same architecture with other random weights: a second policy to swap to. Both are
+    signed with the test policy key (``test_signing_key()``), as the trainer and `rlhf bootstrap` sign."""
     from shared.model_store import ModelStore
     from shared.models.default_model import ensure_default_policy
 
     root = tmp_path_factory.mktemp("models")
     store = ModelStore(root)
-    first = ensure_default_policy(store)
+    first = ensure_default_policy(store, signer=test_signing_key())
     second = publish_reinitialised(store, first, seed=1)
     return PolicyStore(store, root, first, second)
 
@@ -75,18 +110,21 @@ class PolicyStore:
 
 
 def publish_reinitialised(store, base_version: str, seed: int, make_current: bool = False) -> str:
-    """Publish ``base_version``'s architecture and tokenizer with fresh random weights."""
+    """Publish ``base_version``'s architecture and tokenizer with fresh random weights (signed with the
+    test policy key)."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
+
+    from shared.version_line import POLICY, VersionLine
 
     base = store.path(base_version)
     tmp = Path(store.root) / f".fixture-{seed}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.*"))
     torch.manual_seed(seed)
     LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(tmp)
-    manifest = store.publish(
-        "policy", tmp, parent=base_version, extra={"kind": "test-reinit", "seed": seed}, make_current=make_current
+    manifest = VersionLine(store, POLICY, signer=test_signing_key()).publish(
+        tmp, parent=base_version, extra={"kind": "test-reinit", "seed": seed}, make_current=make_current
     )
     shutil.rmtree(tmp)
     return manifest.version
@@ -126,6 +164,43 @@ class LoopThread:
 
 TEST_TOKEN_SECRET = "test-feedback-token-secret-0123456789"
 
+# --- service-to-service credentials: every service the tests start has auth on ---------------------
+
+TEST_CALLER_TOKENS = {
+    caller: f"test-{caller}-grpc-token-0123456789abcdef" for caller in ("gateway", "trainer", "operator", "monitoring")
+}
+"""The bearer token of each caller in the test suite (as `rlhf up` makes one per caller)."""
+
+
+def test_auth(caller: str | None = None, **overrides):
+    """The RLHF_AUTH_* section of a service the tests start: it accepts every test caller's token,
+    and presents ``caller``'s own when it calls others (the gateway, the trainer)."""
+    from shared.config import ServiceAuthConfig, credential_entry
+
+    values = {
+        "token": TEST_CALLER_TOKENS[caller] if caller else "",
+        "accept": tuple(credential_entry(name, token) for name, token in TEST_CALLER_TOKENS.items()),
+        **overrides,
+    }
+    return ServiceAuthConfig(**values)
+
+
+test_auth.__test__ = False  # a helper, not a test
+
+
+def caller_credentials(caller: str):
+    """ClientCredentials of a test caller (gateway, trainer, operator, monitoring)."""
+    from shared.grpc_channels import ClientCredentials
+
+    return ClientCredentials(token=TEST_CALLER_TOKENS[caller])
+
+
+def grpc_channel(address: str, caller: str, **options):
+    """A synchronous gRPC channel to a test service, calling as ``caller``."""
+    from shared.grpc_channels import sync_channel
+
+    return sync_channel(address, caller_credentials(caller), options=list(options.items()))
+
 
 def start_feedback(loop: LoopThread, kafka: KafkaConfig, **overrides):
     """A FeedbackApp (real gRPC server on loopback, real Kafka) running on ``loop``."""
@@ -140,7 +215,7 @@ def start_feedback(loop: LoopThread, kafka: KafkaConfig, **overrides):
         metrics_port=0,
         kafka=kafka,
         token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET),
-        **overrides,
+        **{"auth": test_auth(), **overrides},
     )
 
     async def make():
@@ -151,9 +226,22 @@ def start_feedback(loop: LoopThread, kafka: KafkaConfig, **overrides):
     return loop.run(make(), timeout=120)
 
 
+TEST_API_KEYS = {name: f"test-{name}-api-key-0123456789abcdef" for name in ("alice", "bob", "carol")}
+"""The gateway API key of each test principal (RLHF_GATEWAY_API_KEYS `name:key` pairs)."""
+
+
+def api_keys_setting(names: tuple[str, ...] = tuple(TEST_API_KEYS)) -> str:
+    """RLHF_GATEWAY_API_KEYS for these test principals."""
+    return ",".join(f"{name}:{TEST_API_KEYS[name]}" for name in names)
+
+
 def gateway_config(inference_address: str, feedback_address: str = "", **overrides):
+    """A gateway config on loopback with the test principals' keys (TEST_API_KEYS) and no rate limits
+    (tests of the limits set their own); ``overrides`` win."""
     from services.gateway.config import GatewayConfig
     from shared.config import FeedbackTokenConfig, load_config
+
+    overrides = {"api_keys": api_keys_setting(), "chat_rate_per_min": 0, "feedback_rate_per_min": 0, **overrides}
 
     return load_config(
         GatewayConfig,
@@ -161,7 +249,7 @@ def gateway_config(inference_address: str, feedback_address: str = "", **overrid
         inference_address=inference_address,
         feedback_address=feedback_address,
         token=FeedbackTokenConfig(secret=TEST_TOKEN_SECRET),
-        **overrides,
+        **{"auth": test_auth("gateway"), **overrides},
     )
 
 
@@ -182,7 +270,7 @@ def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Pat
         max_model_len=512,
         default_max_tokens=32,
         max_tokens_limit=256,
-        **overrides,
+        **{"auth": test_auth(), **overrides},
     )
 
     async def make():
@@ -261,3 +349,90 @@ def consume_events(
         return found
     finally:
         consumer.close()
+
+
+# --- a throwaway PKI for TLS tests -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TestPki:
+    """PEM files of a throwaway CA and what it signed, named as cert-manager names them."""
+
+    ca: Path
+    """ca.crt: the CA certificate."""
+    cert: Path
+    """tls.crt: a server (and client) certificate for localhost and 127.0.0.1."""
+    key: Path
+    """tls.key: its private key."""
+    other_ca: Path
+    """A second CA that signed nothing here: trusting it must fail."""
+
+
+TestPki.__test__ = False  # a helper, not a test class
+
+
+def issue_test_pki(directory: Path, names: tuple[str, ...] = ("localhost",)) -> TestPki:
+    """A CA, and one certificate it signs for ``names`` and 127.0.0.1 (server and client use),
+    written as ca.crt, tls.crt, tls.key in ``directory``; plus an unrelated CA (other-ca.crt)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        k = key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .sign(k, hashes.SHA256())
+        )
+        return k, cert
+
+    def pem(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = ca("rlhf test CA")
+    _, other = ca("another CA")
+    leaf_key = key()
+    sans = [x509.DNSName(n) for n in names] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = TestPki(directory / "ca.crt", directory / "tls.crt", directory / "tls.key", directory / "other-ca.crt")
+    pki.ca.write_bytes(pem(ca_cert))
+    pki.cert.write_bytes(pem(leaf))
+    pki.key.write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    pki.other_ca.write_bytes(pem(other))
+    return pki

@@ -35,6 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run even when the store already has a policy (publishes the next versions)",
     )
     parser.add_argument(
+        "--policy-signing-key",
+        type=Path,
+        default=None,
+        help="PEM private key that signs the policy version (default RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE / _KEY)",
+    )
+    parser.add_argument(
+        "--rm-signing-key",
+        type=Path,
+        default=None,
+        help="PEM private key that signs the rm version (default RLHF_VERSIONS_RM_SIGNING_KEY_FILE / _KEY)",
+    )
+    parser.add_argument(
         "--publish-only",
         action="store_true",
         help="publish --model (or the random-init default model) as is, without training",

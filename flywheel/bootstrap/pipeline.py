@@ -7,7 +7,10 @@
 
 It publishes the SFT model as the next policy version (``policy-0001`` on an empty store; it is also
 the KL reference of PPO) and the RM as the next ``rm`` version, and writes each step's loss curve
-(PNG + JSON) and a summary.json to ``report_dir``. Defaults are the files the project ships:
+(PNG + JSON) and a summary.json to ``report_dir``. Both versions are signed with the lines' keys
+(``--policy-signing-key`` / ``--rm-signing-key``, or RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE and
+RLHF_VERSIONS_RM_SIGNING_KEY_FILE; see shared/signing.py), which followers that have verify keys
+require. Defaults are the files the project ships:
 
     shared/data/corpus.txt               pretraining text (its tokenizer is trained on it too)
     flywheel/bootstrap/data/demonstrations.jsonl  the built-in arithmetic task's demonstrations (flywheel/demo/make_data.py)
@@ -37,6 +40,7 @@ from flywheel.bootstrap.sft import SFTSettings, sft
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
 from shared.models.default_model import DEFAULT_CORPUS, DefaultModelSpec, create_default_model
+from shared.signing import SigningKey
 from shared.version_line import POLICY, VersionLine
 
 log = get_logger(__name__)
@@ -83,8 +87,11 @@ def run_bootstrap(
     rankings: Path = RANKINGS,
     report_dir: Path = Path("var/bootstrap"),
     settings: BootstrapSettings = BootstrapSettings(),
+    policy_signer: SigningKey | None = None,
+    rm_signer: SigningKey | None = None,
 ) -> BootstrapResult:
-    """Run steps 0-2 and publish the SFT policy and the first RM; returns their versions."""
+    """Run steps 0-2 and publish the SFT policy and the first RM, signed with the lines' keys (None:
+    unsigned); returns their versions."""
     import torch
 
     torch.set_num_threads(settings.torch_threads)
@@ -106,9 +113,15 @@ def run_bootstrap(
             log_event(log, "step 0 skipped: starting from a given model", model=str(hf_model))
         summary["sft"] = _step1_sft(work, demonstrations, settings, report_dir, summary["seconds"])
         policy = _publish_sft_policy(
-            store, work, summary, hf_model=hf_model, corpus=corpus, demonstrations=demonstrations
+            store,
+            work,
+            summary,
+            hf_model=hf_model,
+            corpus=corpus,
+            demonstrations=demonstrations,
+            signer=policy_signer,
         )
-    rm = _step2_first_rm(store, policy, rankings, settings, report_dir, summary["seconds"])
+    rm = _step2_first_rm(store, policy, rankings, settings, report_dir, summary["seconds"], rm_signer)
     summary["rm"] = dict(rm.metrics)
     summary["seconds"]["total"] = round(time.monotonic() - started, 1)
     # Wall time depends on what else runs on the machine; CPU time of this process much less so.
@@ -176,7 +189,14 @@ def _step1_sft(
 
 
 def _publish_sft_policy(
-    store: ModelStore, work: Path, summary: dict, *, hf_model: Path | None, corpus: Path, demonstrations: Path
+    store: ModelStore,
+    work: Path,
+    summary: dict,
+    *,
+    hf_model: Path | None,
+    corpus: Path,
+    demonstrations: Path,
+    signer: SigningKey | None,
 ) -> str:
     """Publish the SFT policy (offline: nothing is announced) with its metrics; its version."""
     metrics = {"sft_loss": summary["sft"]["final_loss"]}
@@ -191,13 +211,19 @@ def _publish_sft_policy(
         "base": str(hf_model) if hf_model else "default-model-pretrained",
         "corpus_file": Path(corpus).name if hf_model is None else None,
     }
-    policy = VersionLine(store, POLICY).publish(work, metrics=metrics, extra=extra).version
+    policy = VersionLine(store, POLICY, signer=signer).publish(work, metrics=metrics, extra=extra).version
     log_event(log, "published the SFT policy", version=policy)
     return policy
 
 
 def _step2_first_rm(
-    store: ModelStore, policy: str, rankings: Path, settings: BootstrapSettings, report_dir: Path, seconds: dict
+    store: ModelStore,
+    policy: str,
+    rankings: Path,
+    settings: BootstrapSettings,
+    report_dir: Path,
+    seconds: dict,
+    signer: SigningKey | None,
 ) -> Any:
     """Train and publish the first reward model on the SFT policy's backbone; its OfflineResult."""
     from services.reward.offline import OFFLINE_SETTINGS, train_first_rm
@@ -210,6 +236,7 @@ def _step2_first_rm(
         epochs=settings.rm_epochs,
         settings=OFFLINE_SETTINGS,
         heldout_fraction=settings.rm_heldout_fraction,
+        signer=signer,
     )
     write_loss_curve(
         report_dir / "step2_rm_loss.png",
@@ -269,18 +296,41 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(args, load_config(ModelStoreConfig).root)
 
 
+def signers_from_args(args: argparse.Namespace) -> tuple[SigningKey | None, SigningKey | None]:
+    """(policy key, rm key): the command line's files, else RLHF_VERSIONS_{POLICY,RM}_SIGNING_KEY*."""
+    from shared.config import VersionTrustConfig, load_config
+
+    trust = load_config(VersionTrustConfig)
+    policy, rm = getattr(args, "policy_signing_key", None), getattr(args, "rm_signing_key", None)
+    # A file on the command line replaces that line's key from the environment.
+    if policy is not None:
+        trust = dataclasses.replace(trust, policy_signing_key_file=policy, policy_signing_key="")
+    if rm is not None:
+        trust = dataclasses.replace(trust, rm_signing_key_file=rm, rm_signing_key="")
+    return trust.signer("policy"), trust.signer("rm")
+
+
 def run_from_args(args: argparse.Namespace, default_root: Path) -> int:
     from shared.models.default_model import ensure_default_policy
 
     store = ModelStore(args.store or default_root)
+    policy_signer, rm_signer = signers_from_args(args)
+    if policy_signer is None or rm_signer is None:
+        log_event(
+            log,
+            "publishing without a signing key: replicas that verify signatures will refuse these versions",
+            level=logging.WARNING,
+            policy_signed=policy_signer is not None,
+            rm_signed=rm_signer is not None,
+        )
     if args.publish_only:
         if args.model:
-            manifest = VersionLine(store, POLICY).publish(
+            manifest = VersionLine(store, POLICY, signer=policy_signer).publish(
                 Path(args.model), extra={"kind": "imported", "source": str(args.model)}
             )
             print(f"published {manifest.version} from {args.model}")
         else:
-            print(f"current policy: {ensure_default_policy(store)}")
+            print(f"current policy: {ensure_default_policy(store, signer=policy_signer)}")
         return 0
     if store.versions("policy") and not args.force:
         print(
@@ -296,6 +346,8 @@ def run_from_args(args: argparse.Namespace, default_root: Path) -> int:
         rankings=args.rankings,
         report_dir=args.report_dir,
         settings=QUICK if args.quick else BootstrapSettings(),
+        policy_signer=policy_signer,
+        rm_signer=rm_signer,
     )
     print(
         f"published {result.policy_version} (SFT policy, KL reference) and {result.rm_version} (first RM) "

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionTrustConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class InferenceConfig(ServiceConfig):
     """Kafka settings (RLHF_KAFKA_*): completion events out, policy updates in."""
     model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
     """Where policy versions are read from (RLHF_MODEL_STORE_*)."""
+    versions: VersionTrustConfig = dataclasses.field(default_factory=VersionTrustConfig)
+    """The keys policy versions must be signed with, and where verified copies are loaded from
+    (RLHF_VERSIONS_*: POLICY_VERIFY_KEY_FILE / POLICY_VERIFY_KEYS, COPIES_DIR)."""
     grpc_port: int = 50051
     """Port of the InferenceService gRPC server."""
     metrics_port: int = 9101
@@ -84,4 +87,5 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}KV_CACHE_GIB must be at least 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"{p}GPU_MEMORY_UTILIZATION must be in (0, 1]")
+        out += self.versions.missing(self.host, follows=("policy",))
         return out

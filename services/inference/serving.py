@@ -36,9 +36,10 @@ from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
 from shared.kafka.publishers import Outbox
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
-from shared.model_store import ModelStore
+from shared.model_store import ModelStore, ModelStoreError
 from shared.models.encoding import render_prompt
-from shared.version_line import POLICY, VerifiedVersion, VersionFollower, VersionLine
+from shared.version_copies import PrivateCopies
+from shared.version_line import POLICY, VerifiedVersion, VersionFollower, VersionLine, VersionRefused
 
 log = get_logger(__name__)
 
@@ -140,24 +141,31 @@ class InferenceServing:
         self.ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.versions = VersionFollower(
-            VersionLine(store, POLICY),
+            VersionLine(store, POLICY, keys=cfg.versions.verify_keys("policy")),
             serving=lambda: self.policy_version,
             swap=self._swap_from_follower,
             refused=metrics.SWAP_REFUSED,
             check=self._check_compatible,
+            copies=PrivateCopies(cfg.versions.copies_dir, "policy"),
         )
-        """The policy line as this replica follows it: announcements are verified there and the
-        verified versions come back to ``swap_to``."""
+        """The policy line as this replica follows it: announcements are authenticated and verified
+        there, each version copied into this replica's private directory, and the verified copy
+        comes back to ``swap_to`` (the engine loads the bytes that were checked, never the store's)."""
 
     # --- start ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Verify the policy version to serve, load it into the engine and its tokenizer."""
-        version = self.cfg.policy_version or self.store.current("policy")
-        if not version:
+        """Verify the policy version to serve (the store's signed announcement record, or the pinned
+        version; see VersionFollower.initial), load its private copy into the engine and its tokenizer."""
+        try:
+            verified = await asyncio.to_thread(self.versions.initial, self.cfg.policy_version or None)
+        except VersionRefused as exc:
+            raise Unavailable(f"cannot start from the model store at {self.store.root}: {exc}") from None
+        except ModelStoreError as exc:
+            raise Unavailable(f"cannot start: {type(exc).__name__}: {exc}") from None
+        if verified is None:
             raise Unavailable(f"no policy version in the model store at {self.store.root}; run `rlhf bootstrap`")
-        await asyncio.to_thread(self.store.verify, version)
-        model_dir = self.store.path(version)
+        version, model_dir = verified.version, verified.path
         from shared.models.loading import load_tokenizer
 
         self.tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
@@ -283,6 +291,8 @@ class InferenceServing:
                     total_s=finished_at - stream.arrived_at,
                 ),
                 created_at=time.time(),
+                principal=req.principal,
+                conversation_id=req.conversation_id,
             )
             # Keyed by request: all completions of one prompt land on one partition, in order.
             self.publisher.publish(COMPLETIONS, event, key=stream.request_id)
@@ -300,8 +310,7 @@ class InferenceServing:
         Returns True when the served version changed. (The follower thread does the same through
         ``VersionFollower.accept``; this is the call for code already on the event loop.)
         """
-        verified = await asyncio.to_thread(self.versions.verify, update)
-        return verified is not None and await self.swap_to(verified)
+        return await asyncio.to_thread(self.versions.accept, update)
 
     def _swap_from_follower(self, verified: VerifiedVersion) -> bool:
         """The follower thread's swap: run ``swap_to`` on the serving loop and wait for it."""
@@ -379,3 +388,4 @@ class InferenceServing:
     async def close(self) -> None:
         self.ready = False
         self.engine.shutdown()
+        self.versions.private.close()

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
+from services.reward.access import REWARD_ACCESS
 from services.reward.config import RewardConfig
 from services.reward.scorer import RewardScorer
 from services.reward.servicer import RewardServicer
@@ -36,7 +37,15 @@ class RewardApp:
         self.cfg = cfg
         self.store = ModelStore(cfg.model_store.root)
         self.scorer = RewardScorer(cfg, self.store)
-        self.server = GrpcServer("RewardService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        self.server = GrpcServer(
+            "RewardService",
+            cfg.host,
+            cfg.grpc_port,
+            auth=cfg.auth,
+            access=[REWARD_ACCESS],
+            grace_period_s=cfg.grace_period_s,
+            health_port=cfg.health_port,
+        )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(self.scorer, learner=lambda: self.learner), self.server.server
         )
@@ -80,7 +89,12 @@ class RewardApp:
         state = RetrainingState(self.cfg.state_dir / "learner.sqlite3")
         self._publisher = KafkaPublisher(self.cfg.kafka, "reward").connect()
         # The learner owns the rm line: it publishes, and announces once each version is stored.
-        line = VersionLine(self.store, REWARD_MODEL, KafkaAnnouncer(self._publisher, REWARD_MODEL))
+        line = VersionLine(
+            self.store,
+            REWARD_MODEL,
+            KafkaAnnouncer(self._publisher, REWARD_MODEL),
+            signer=self.cfg.versions.signer("rm"),
+        )
         # The scorer beside the learner swaps at once; other replicas follow the announcement.
         self.learner = RetrainingLoop(
             self.cfg, self.store, state, line=line, on_published=lambda version: self.scorer.load(version)
@@ -100,7 +114,9 @@ class RewardApp:
         assert self.cfg.bootstrap_rankings is not None  # start() bootstraps only when it is set
         # Trained on sequences cut exactly as this service will cut the ones it scores.
         settings = dataclasses.replace(OFFLINE_SETTINGS, limits=self.scorer.limits)
-        train_first_rm(self.store, self.cfg.bootstrap_rankings, settings=settings)
+        train_first_rm(
+            self.store, self.cfg.bootstrap_rankings, settings=settings, signer=self.cfg.versions.signer("rm")
+        )
 
     async def stop(self) -> None:
         await self.server.stop()
@@ -110,4 +126,4 @@ class RewardApp:
             self.learner.state.close()
         if self._publisher is not None:
             await asyncio.to_thread(self._publisher.close)
-        await asyncio.to_thread(self.scorer.versions.stop)
+        await asyncio.to_thread(self.scorer.versions.close)

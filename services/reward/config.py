@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionTrustConfig
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,10 @@ class RewardConfig(ServiceConfig):
     """Kafka settings (RLHF_KAFKA_*): reward model announcements on rlhf.reward-models."""
     model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
     """Where reward model (rm-NNNN) and policy versions live (RLHF_MODEL_STORE_*)."""
+    versions: VersionTrustConfig = dataclasses.field(default_factory=VersionTrustConfig)
+    """The keys reward model versions are signed with (RM_SIGNING_KEY*: the retraining loop and the
+    first RM) and verified with (RM_VERIFY_KEY*: the scorer), and where verified copies are loaded
+    from (RLHF_VERSIONS_*)."""
     grpc_port: int = 50053
     """Port of the RewardService gRPC server."""
     metrics_port: int = 9103
@@ -128,4 +132,6 @@ class RewardConfig(ServiceConfig):
             out.append(f"{p}LEARNER_EPOCHS and {p}LEARNER_BATCH_SIZE must be at least 1, {p}LEARNER_LR positive")
         if self.reference_responses < 1:
             out.append(f"{p}REFERENCE_RESPONSES must be at least 1")
+        signs = ("rm",) if self.learner or self.bootstrap_rankings else ()
+        out += self.versions.missing(self.host, signs=signs, follows=("rm",))
         return out

@@ -46,6 +46,7 @@ from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import EncodingLimits
 from shared.models.loading import load_tokenizer, verified_dir
 from shared.models.reward_model import RewardModel
+from shared.signing import SigningKey
 from shared.version_line import REWARD_MODEL, VersionLine
 
 log = get_logger(__name__)
@@ -128,8 +129,10 @@ def train_first_rm(
     settings: TrainSettings = OFFLINE_SETTINGS,
     heldout_fraction: float = 0.2,
     make_current: bool = True,
+    signer: SigningKey | None = None,
 ) -> OfflineResult:
-    """Train an RM on ``rankings_jsonl`` from a policy version's backbone and publish it (rm-NNNN)."""
+    """Train an RM on ``rankings_jsonl`` from a policy version's backbone and publish it (rm-NNNN),
+    signed with ``signer`` (the rm line's key; None: unsigned, which followers with keys refuse)."""
     started = time.monotonic()
     rankings_jsonl = Path(rankings_jsonl)
     base = base_policy_version or store.current("policy")
@@ -172,9 +175,9 @@ def train_first_rm(
         "train_seconds": round(time.monotonic() - started, 2),
     }
     extra = _record_provenance(model, base, rankings_jsonl, settings)
-    # Published offline (no announcer): nothing is owed; replicas that start later read the store's current.
+    # Published offline (no announcer): nothing is owed; the signed record tells replicas that start later.
     manifest = publish_reward_model(
-        VersionLine(store, REWARD_MODEL),
+        VersionLine(store, REWARD_MODEL, signer=signer),
         model,
         tokenizer,
         parent=base,
@@ -219,7 +222,7 @@ def _record_provenance(model: RewardModel, base: str, rankings_jsonl: Path, sett
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shared.config import ModelStoreConfig, load_config
+    from shared.config import ModelStoreConfig, VersionTrustConfig, load_config
     from shared.logging import setup_logging
 
     parser = argparse.ArgumentParser(description="Train the first reward model from a JSONL file of rankings.")
@@ -231,6 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.2)
     parser.add_argument("--max-tokens", type=int, default=EncodingLimits().max_tokens)
     parser.add_argument("--max-response-tokens", type=int, default=EncodingLimits().max_response_tokens)
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="PEM private key that signs the rm version (default RLHF_VERSIONS_RM_SIGNING_KEY_FILE / _KEY)",
+    )
     args = parser.parse_args(argv)
     setup_logging("reward")
     root = args.store or load_config(ModelStoreConfig).root
@@ -240,8 +249,15 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=OFFLINE_SETTINGS.batch_size,
         limits=EncodingLimits(args.max_tokens, args.max_response_tokens),
     )
+    trust = load_config(VersionTrustConfig, rm_signing_key_file=args.signing_key) if args.signing_key else None
+    signer = (trust or load_config(VersionTrustConfig)).signer("rm")
     result = train_first_rm(
-        ModelStore(root), args.rankings, args.base_policy, settings=settings, heldout_fraction=args.heldout_fraction
+        ModelStore(root),
+        args.rankings,
+        args.base_policy,
+        settings=settings,
+        heldout_fraction=args.heldout_fraction,
+        signer=signer,
     )
     print(json.dumps({"version": result.version, "metrics": result.metrics}, indent=2))
 

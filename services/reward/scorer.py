@@ -3,8 +3,10 @@
 Transport-free: the gRPC servicer only converts to and from these calls, and the learner or the
 trainer can call ``score_sync`` in-process.
 
-Loading a version verifies the sha256 of every file against its manifest first (model_store); a
-corrupt or malformed checkpoint is refused, never half-loaded. A hot-swap loads the new version
+Loading a version checks its signature (shared/version_line.py) and copies it into this replica's
+private directory while hashing every file against the manifest (shared/version_copies.py): the
+model is loaded from that copy, so the bytes checked are the bytes loaded; a corrupt, unsigned or
+malformed checkpoint is refused, never half-loaded. A hot-swap loads the new version
 completely beside the old one and then replaces one reference: a request reads that reference
 once, so every score of a request comes from one version (the one it reports), requests in flight
 finish on the old model, and the old one is freed when the last of them ends.
@@ -28,9 +30,11 @@ from services.reward.domain import ROLES, RewardModelInfo, ScoreItem, ScoreResul
 from shared.errors import InvalidArgument, RlhfError, Unavailable
 from shared.events import RewardModelEvent
 from shared.logging import get_logger, log_event
-from shared.model_store import Manifest, ModelStore, ModelStoreError
+from shared.model_store import ModelStore, ModelStoreError
 from shared.models.encoding import EncodingLimits, encode_rm_input, pad_batch
-from shared.models.reward_model import LoadedRewardModel, RewardModelError, load_version
+from shared.models.loading import load_tokenizer
+from shared.models.reward_model import LoadedRewardModel, RewardModel, RewardModelError
+from shared.version_copies import PrivateCopies
 from shared.version_line import REWARD_MODEL, VerifiedVersion, VersionFollower, VersionLine
 
 log = get_logger(__name__)
@@ -48,12 +52,14 @@ class RewardScorer:
         self._tokenize_lock = threading.Lock()
         self.swaps = 0
         self.versions = VersionFollower(
-            VersionLine(store, REWARD_MODEL),
+            VersionLine(store, REWARD_MODEL, keys=cfg.versions.verify_keys("rm")),
             serving=lambda: self.version,
             swap=self.swap_to,
             refused=metrics.SWAP_REFUSED,
+            copies=PrivateCopies(cfg.versions.copies_dir, "rm"),
         )
-        """The rm line as this scorer follows it: announcements are verified there, then swapped in."""
+        """The rm line as this scorer follows it: announcements are authenticated and verified there,
+        each version copied into this replica's private directory, then loaded from that copy."""
 
     @property
     def refused_updates(self) -> int:
@@ -70,24 +76,48 @@ class RewardScorer:
         return self._current.version if self._current else ""
 
     def load(self, version: str | None = None) -> str:
-        """Verify and load ``version`` (default: the store's current rm) and score with it from now on.
+        """Verify and load a version and score with it from now on. Before the first: the version
+        the store's signed announcement record names, or ``version`` (pinned; see
+        VersionFollower.initial). Later: ``version`` (default the store's current), e.g. one this
+        process's retraining loop just published.
 
-        Raises ModelStoreError (unknown or corrupt version), RewardModelError (not a loadable RM) or
-        Unavailable (no rm version at all); the version scoring so far, if any, stays in place.
+        Raises ModelStoreError (unknown or corrupt version), VersionRefused (unsigned or badly
+        signed), RewardModelError (not a loadable RM) or Unavailable (no rm version at all); the
+        version scoring so far, if any, stays in place.
         """
-        return self._load(version or self.store.current("rm"))
-
-    def _load(self, version: str | None, manifest: Manifest | None = None) -> str:
+        if not self.ready:
+            verified = self.versions.initial(version)
+            if verified is None:
+                raise self._no_model()
+            return self._load(verified)
+        version = version or self.store.current("rm")
         if not version:
-            raise Unavailable(
-                f"no reward model in the model store at {self.store.root}: train one with "
-                "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)"
-            )
+            raise self._no_model()
+        if version == self.version:
+            return version
+        verified = self.versions.local(version)
+        loaded = False
+        try:
+            self._load(verified)
+            loaded = True
+        finally:
+            self.versions.settle(verified, loaded)
+        return version
+
+    def _no_model(self) -> Unavailable:
+        return Unavailable(
+            f"no reward model in the model store at {self.store.root}: train one with "
+            "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)"
+        )
+
+    def _load(self, verified: VerifiedVersion) -> str:
+        """Load the verified private copy and make it the scoring version (one reference swap)."""
+        version = verified.version
         with self._load_lock:
             if self._current and self._current.version == version:
                 return version
             started = time.monotonic()
-            loaded = load_version(self.store, version, manifest)
+            loaded = _load_copy(verified)
             self._check_limits(loaded)
             loaded.model.eval()
             old, self._current = self._current, loaded  # the swap: one reference assignment
@@ -127,7 +157,7 @@ class RewardScorer:
         if verified.version == self.version:
             return False
         try:
-            self._load(verified.version, verified.manifest)
+            self._load(verified)
         except (ModelStoreError, RewardModelError, OSError, ValueError) as exc:
             self.versions.refuse(verified.version, type(exc).__name__, str(exc))
             return False
@@ -221,3 +251,14 @@ class RewardScorer:
         for s in scores:
             metrics.SCORES.observe(s)
         return ScoreResult(scores, loaded.version, truncated)
+
+
+def _load_copy(verified: VerifiedVersion) -> LoadedRewardModel:
+    """The reward model in a verified private copy (model, tokenizer, and the manifest's facts)."""
+    model = RewardModel.load(verified.path)
+    try:
+        tokenizer = load_tokenizer(verified.path)
+    except (OSError, ValueError) as exc:
+        raise RewardModelError(f"{verified.version}: unreadable tokenizer: {exc}") from None
+    m = verified.manifest
+    return LoadedRewardModel(verified.version, model, tokenizer, m.parent, m.created_at, dict(m.metrics))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.trainer.access import TRAINER_ACCESS
 from services.trainer.checkpoint import CheckpointStore
 from services.trainer.config import TrainerConfig
 from services.trainer.learner import PPOLearner
@@ -28,6 +29,7 @@ from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
 from services.trainer.servicer import TrainerServicer
 from shared.events import CompletionEvent
+from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.grpc_server import GrpcServer
 from shared.kafka.envelope import Envelope
 from shared.kafka.publishers import KafkaPublisher
@@ -54,7 +56,15 @@ class TrainerApp:
             min_principal_prompts=cfg.min_principal_prompts,
         )
         self.loop: TrainingLoop | None = None
-        self.server = GrpcServer("TrainerService", cfg.host, cfg.grpc_port, grace_period_s=cfg.grace_period_s)
+        self.server = GrpcServer(
+            "TrainerService",
+            cfg.host,
+            cfg.grpc_port,
+            auth=cfg.auth,
+            access=[TRAINER_ACCESS],
+            grace_period_s=cfg.grace_period_s,
+            health_port=cfg.health_port,
+        )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(lambda: self.loop), self.server.server)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -105,15 +115,21 @@ class TrainerApp:
         cfg = self.cfg
         heldout, train = self.heldout, self.train_prompts
         # round_robin: with a headless inference Service, rollouts spread over every replica.
-        inference = grpc.insecure_channel(cfg.inference_address, options=[("grpc.lb_policy_name", "round_robin")])
-        reward = grpc.insecure_channel(cfg.reward_address)
+        creds = ClientCredentials.of_service(cfg.auth)
+        inference = sync_channel(cfg.inference_address, creds, options=[("grpc.lb_policy_name", "round_robin")])
+        reward = sync_channel(cfg.reward_address, creds)
         self._channels += [inference, reward]
         scorer = GrpcRewardScorer(reward, cfg.rpc_timeout_s)
         collector = RolloutCollector(
             GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer, max_tokens=cfg.max_tokens, top_p=cfg.top_p
         )
         publisher = PolicyPublisher(
-            self.store, KafkaAnnouncer(self._publisher, POLICY), scorer, heldout, max_tokens=cfg.heldout_max_tokens
+            self.store,
+            KafkaAnnouncer(self._publisher, POLICY),
+            scorer,
+            heldout,
+            max_tokens=cfg.heldout_max_tokens,
+            signer=cfg.versions.signer("policy"),
         )
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(

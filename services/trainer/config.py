@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from services.trainer.ppo_config import PPOConfig
-from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionTrustConfig
 
 DEFAULT_PROMPT_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 
@@ -23,6 +23,9 @@ class TrainerConfig(ServiceConfig):
     rlhf.policy-updates."""
     model_store: ModelStoreConfig = dataclasses.field(default_factory=ModelStoreConfig)
     """Where policy and reward model versions live (RLHF_MODEL_STORE_*); the trainer publishes here."""
+    versions: VersionTrustConfig = dataclasses.field(default_factory=VersionTrustConfig)
+    """The key the trainer signs policy versions and their announcements with
+    (RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE or RLHF_VERSIONS_POLICY_SIGNING_KEY)."""
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     """PPO hyperparameters (RLHF_PPO_*)."""
     grpc_port: int = 50054
@@ -124,6 +127,7 @@ class TrainerConfig(ServiceConfig):
             out.append(f"{p}KL_BOUND and {p}REWARD_TOLERANCE must not be negative")
         if self.rpc_timeout_s <= 0 or self.idle_sleep_s < 0:
             out.append(f"{p}RPC_TIMEOUT_S must be positive and {p}IDLE_SLEEP_S not negative")
+        out += self.versions.missing(self.host, signs=("policy",))
         if self.ppo.temperature != 1.0:
             # The inference service returns log-probabilities of the raw policy (temperature 1); the
             # learner's would be of the tempered one, so PPO's ratio would be wrong from step one.

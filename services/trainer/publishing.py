@@ -23,8 +23,8 @@ the reference (the KL bound) or gets worse on prompts it was not trained on (the
 
 **Publication** (``publish``): the learner writes the policy (safetensors) to a temp directory; the
 policy line (shared/version_line.py) copies it into the model store, hashes every file into the
-manifest (parent version, RM version used, the metrics), renames it into place atomically and
-makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
+manifest (parent version, RM version used, the metrics), signs it with the trainer's key, renames
+it into place atomically and makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
 gets Kafka's acknowledgement; inference replicas verify and hot-swap it.
 """
 
@@ -43,6 +43,7 @@ from services.trainer.rollout_collector import Scorer
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import render_prompt
+from shared.signing import SigningKey
 from shared.version_line import POLICY, Announcer, PendingAnnouncement, VersionLine
 
 log = get_logger(__name__)
@@ -105,13 +106,21 @@ def mean(values: Sequence[float]) -> float:
 
 class PolicyPublisher:
     def __init__(
-        self, store: ModelStore, announcer: Announcer, scorer: Scorer, heldout: Sequence[Prompt], *, max_tokens: int
+        self,
+        store: ModelStore,
+        announcer: Announcer,
+        scorer: Scorer,
+        heldout: Sequence[Prompt],
+        *,
+        max_tokens: int,
+        signer: SigningKey | None = None,
     ):
         if not heldout:
             raise ValueError("the publish gate needs at least one held-out prompt")
         self.store = store
-        self.line = VersionLine(store, POLICY, announcer)
-        """The policy line: publication, rollback and the announcement owed."""
+        self.line = VersionLine(store, POLICY, announcer, signer=signer)
+        """The policy line: publication, rollback and the announcement owed, signed with the
+        trainer's key (versions and announcements; inference replicas refuse anything else)."""
         self.scorer = scorer
         self.heldout = list(heldout)
         self.max_tokens = max_tokens

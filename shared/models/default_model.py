@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shared.logging import get_logger, log_event
 from shared.model_store import PICKLE_SUFFIXES, ModelStore
+from shared.signing import SigningKey
 from shared.version_line import POLICY, VersionLine
 
 log = get_logger(__name__)
@@ -167,14 +168,19 @@ def create_default_model(
 
 
 def ensure_default_policy(
-    store: ModelStore, spec: DefaultModelSpec = DefaultModelSpec(), corpus_path: Path = DEFAULT_CORPUS
+    store: ModelStore,
+    spec: DefaultModelSpec = DefaultModelSpec(),
+    corpus_path: Path = DEFAULT_CORPUS,
+    *,
+    signer: SigningKey | None = None,
 ) -> str:
-    """Publish the default model as the first policy version unless the store has one; returns the current policy."""
+    """Publish the default model as the first policy version unless the store has one, signed with
+    ``signer`` (the policy line's key; None: unsigned); returns the current policy."""
     if not store.versions("policy"):
         log_event(log, "no policy in the model store: creating the default model", store=str(store.root))
         with tempfile.TemporaryDirectory(prefix="rlhf-default-model-") as tmp:
             n_params = create_default_model(Path(tmp), spec, corpus_path)
-            manifest = VersionLine(store, POLICY).publish(
+            manifest = VersionLine(store, POLICY, signer=signer).publish(
                 Path(tmp), metrics={"params": n_params}, extra={"kind": "default-random-init"}
             )
         log_event(log, "published default policy", version=manifest.version, params=n_params)

@@ -1,12 +1,16 @@
-"""Hot-swapping policy weights in a running vLLM engine, refusing bad updates, and surviving a
-broker outage: real broker, real engine, real gRPC on loopback."""
+"""Hot-swapping policy weights in a running vLLM engine, refusing bad updates (corrupt, unsigned,
+signed by another key, tampered, replayed, older), loading only the bytes that were verified, and
+surviving a broker outage: real broker, real engine, real gRPC on loopback. The replica verifies with
+the test suite's policy key (the versions of ``policy_store`` are signed with it)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import itertools
+import shutil
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -15,13 +19,19 @@ from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.kafka.publishers import KafkaPublisher
 from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
+from shared.model_store import version_number
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from shared.signing import SigningKey
+from shared.version_line import POLICY, Announcement, VersionLine
 from tests.conftest import (
     LoopThread,
     consume_events,
+    grpc_channel,
     publish_reinitialised,
     start_broker,
     start_inference,
+    test_signing_key,
+    test_versions,
     transformers_greedy,
     wait_until,
 )
@@ -31,12 +41,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PROMPT = [common_pb2.ChatMessage(role="user", content="What is 9 plus 4?")]
 
 
+SEQUENCE = itertools.count(100)
+"""Announcement numbers of this module's publisher (above the store's record: policy_store's is 1)."""
+
+
 @pytest.fixture(scope="module")
-def env(policy_store):
+def env(policy_store, tmp_path_factory):
     own = start_broker()  # this module stops and restarts its broker
     loop = LoopThread()
-    app = start_inference(loop, own.kafka, policy_store.root)
-    channel = grpc.insecure_channel(app.address)
+    copies = tmp_path_factory.mktemp("inference-copies")
+    app = start_inference(loop, own.kafka, policy_store.root, versions=test_versions(copies_dir=copies))
+    channel = grpc_channel(app.address, "gateway")
     yield {
         "app": app,
         "loop": loop,
@@ -60,15 +75,30 @@ def greedy(stub, max_tokens=24):
     )
 
 
-def announce(env, version: str, sha: str | None = None) -> None:
+def update(
+    env, version: str, *, sha: str | None = None, reason: str | None = None, key: SigningKey | None = None
+) -> PolicyUpdateEvent:
+    """The announcement the trainer would sign: the next sequence number, "rollback" for a version
+    older than the one served (unless ``reason`` says otherwise), signed with ``key`` (the test key)."""
+    serving = env["app"].serving.policy_version
+    if reason is None:
+        reason = "rollback" if version_number(version) < version_number(serving) else "publish"
+    sha = sha or env["store"].manifest_sha256(version)
+    signed = Announcement("policy", version, sha, reason, next(SEQUENCE)).signed_by(key or test_signing_key())
+    return POLICY.make_event(signed, None, {})
+
+
+def announce(env, version: str, sha: str | None = None, event: PolicyUpdateEvent | None = None) -> PolicyUpdateEvent:
+    """Send a signed announcement of ``version`` (or ``event`` as it is) on rlhf.policy-updates."""
+    event = event or update(env, version, sha=sha)
     publisher = KafkaPublisher(env["broker"].kafka, "test")
-    store = env["store"]
-    publisher.publish_and_wait(
-        POLICY_UPDATES,
-        PolicyUpdateEvent(version=version, manifest_sha256=sha or store.manifest_sha256(version)),
-        key="policy",
-    )
+    publisher.publish_and_wait(POLICY_UPDATES, event, key="policy")
     publisher.close()
+    return event
+
+
+def apply(env, event: PolicyUpdateEvent) -> bool:
+    return env["loop"].run(env["app"].serving.apply_update(event))
 
 
 def refused(reason: str) -> float:
@@ -110,7 +140,7 @@ def test_request_in_flight_finishes_on_the_weights_it_started_with(env):
     )
     first_chunk = next(stream)
     swap = asyncio.run_coroutine_threadsafe(
-        app.serving.apply_update(PolicyUpdateEvent(version=target, manifest_sha256=store.manifest_sha256(target))),
+        app.serving.apply_update(update(env, target)),
         env["loop"].loop,
     )
     chunks = [first_chunk, *stream]
@@ -139,7 +169,7 @@ def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_s
         first_chunk = next(stream)
         paused_before = pause_sum()
         swapped = asyncio.run_coroutine_threadsafe(
-            app.serving.apply_update(PolicyUpdateEvent(version=new, manifest_sha256=store.manifest_sha256(new))),
+            app.serving.apply_update(update(env, new)),
             env["loop"].loop,
         )
         assert swapped.result(30) is True
@@ -182,10 +212,7 @@ def test_update_with_a_different_manifest_hash_is_refused(env):
     stub, store = env["stub"], env["store"]
     other = publish_reinitialised(store, env["first"], seed=4)
     serving = stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version
-    result = env["loop"].run(
-        env["app"].serving.apply_update(PolicyUpdateEvent(version=other, manifest_sha256="0" * 64))
-    )
-    assert result is False
+    assert apply(env, update(env, other, sha="0" * 64)) is False
     assert stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version == serving
 
 
@@ -194,21 +221,106 @@ def test_update_with_another_architecture_is_refused(env, tmp_path):
 
     stub, store = env["stub"], env["store"]
     create_default_model(tmp_path / "wide", DefaultModelSpec(hidden_size=256, num_heads=4, num_kv_heads=4))
-    wide = store.publish("policy", tmp_path / "wide", make_current=False).version
+    line = VersionLine(store, POLICY, signer=test_signing_key())
+    wide = line.publish(tmp_path / "wide", make_current=False).version
     before = refused("IncompatibleWeights")
     serving = stub.GetPolicy(inference_pb2.GetPolicyRequest()).policy_version
-    ok = env["loop"].run(
-        env["app"].serving.apply_update(PolicyUpdateEvent(version=wide, manifest_sha256=store.manifest_sha256(wide)))
-    )
-    assert ok is False and refused("IncompatibleWeights") == before + 1
+    assert apply(env, update(env, wide)) is False and refused("IncompatibleWeights") == before + 1
     assert greedy(stub).policy_version == serving
 
 
 def test_unknown_version_is_refused(env):
-    ok = env["loop"].run(
-        env["app"].serving.apply_update(PolicyUpdateEvent(version="policy-9999", manifest_sha256="0" * 64))
-    )
-    assert ok is False
+    assert apply(env, update(env, "policy-9999", sha="0" * 64, reason="publish")) is False
+
+
+# --- authenticity, order, and the bytes loaded ------------------------------------------------------
+
+
+def serving_now(env) -> str:
+    return env["stub"].GetPolicy(inference_pb2.GetPolicyRequest()).policy_version
+
+
+def test_unsigned_foreign_and_altered_announcements_never_reach_serving(env):
+    store = env["store"]
+    target = publish_reinitialised(store, env["first"], seed=7)
+    serving, before = serving_now(env), refused("bad_signature")
+    good = update(env, target)
+    unsigned = dataclasses.replace(good, key_id="", signature="")
+    foreign = update(env, target, key=SigningKey.generate())
+    altered = dataclasses.replace(good, manifest_sha256="0" * 64)
+    for event in (unsigned, foreign, altered):
+        assert apply(env, event) is False
+    assert refused("bad_signature") == before + 3 and serving_now(env) == serving
+    # Over Kafka the same: refused, counted, never swapped.
+    announce(env, target, event=dataclasses.replace(update(env, target), signature=unsigned.signature))
+    wait_until(lambda: refused("bad_signature") == before + 4, 30, "the unsigned announcement was not refused")
+    assert serving_now(env) == serving and greedy(env["stub"]).policy_version == serving
+
+
+def test_a_tampered_or_unsigned_version_never_reaches_serving(env):
+    store = env["store"]
+    tampered = publish_reinitialised(store, env["first"], seed=8)
+    other = publish_reinitialised(store, env["first"], seed=9)
+    # Someone with write access to the store replaces the weights and rewrites the manifest to match.
+    weights = next(store.path(tampered).glob("*.safetensors"))
+    shutil.copyfile(next(store.path(other).glob("*.safetensors")), weights)
+    manifest = store.path(tampered) / "manifest.json"
+    text = manifest.read_text()
+    old_sha = store.manifest(tampered).files[weights.name].sha256
+    manifest.write_text(text.replace(old_sha, hashlib.sha256(weights.read_bytes()).hexdigest()))
+    (store.path(other) / "manifest.sig").unlink()  # and strips a version's signature
+    serving, before = serving_now(env), refused("bad_signature")
+    assert apply(env, update(env, tampered)) is False
+    assert apply(env, update(env, other)) is False
+    assert refused("bad_signature") == before + 2 and serving_now(env) == serving
+
+
+def test_replayed_and_older_announcements_never_reach_serving(env):
+    store = env["store"]
+    newer = publish_reinitialised(store, env["first"], seed=10)
+    served = serving_now(env)
+    first = announce(env, newer)
+    wait_until(lambda: serving_now(env) == newer, 60, "the signed announcement was not applied")
+    before = refused("replayed"), refused("not_newer")
+    announce(env, served, event=update(env, served, reason="publish"))  # older, as a publish
+    wait_until(lambda: refused("not_newer") == before[1] + 1, 30, "an older publish was not refused")
+    rollback = announce(env, served, event=update(env, served, reason="rollback"))  # a signed rollback
+    wait_until(lambda: serving_now(env) == served, 60, "the signed rollback was not applied")
+    announce(env, newer, event=first)  # the old announcement replayed: no swap back
+    wait_until(lambda: refused("replayed") == before[0] + 1, 30, "the replay was not refused")
+    assert apply(env, rollback) is False  # the rollback replayed: the version served, ignored
+    assert serving_now(env) == served and greedy(env["stub"]).policy_version == served
+
+
+def test_the_engine_loads_the_verified_bytes_even_if_the_store_changes_after_the_check(env):
+    store, app = env["store"], env["app"]
+    target = publish_reinitialised(store, env["first"], seed=11)
+    impostor = publish_reinitialised(store, env["first"], seed=12)
+    probe = greedy(env["stub"])
+    expected = transformers_greedy(store.path(target), list(probe.prompt_token_ids), 24)
+    assert expected != transformers_greedy(store.path(impostor), list(probe.prompt_token_ids), 24)
+    weights = next(store.path(target).glob("*.safetensors"))
+    engine = app.serving.engine
+    real_reload = engine.reload_weights
+    loaded_from = []
+
+    async def swap_the_file_then_reload(model_dir, **kwargs):
+        # Between the verification and the load, a compromised pod swaps the store's file.
+        shutil.copyfile(next(store.path(impostor).glob("*.safetensors")), weights)
+        loaded_from.append(model_dir)
+        return await real_reload(model_dir, **kwargs)
+
+    engine.reload_weights = swap_the_file_then_reload
+    try:
+        assert apply(env, update(env, target)) is True
+    finally:
+        engine.reload_weights = real_reload
+    after = greedy(env["stub"])
+    assert after.policy_version == target
+    assert list(after.completions[0].token_ids) == expected[: len(after.completions[0].token_ids)]
+    assert store.root not in loaded_from[0].parents  # the private copy, not the store
+    held = app.serving.versions.private
+    assert len(held.held) <= 2 and held.bytes_held > 0
 
 
 def test_broker_outage_does_not_stop_chat_and_events_arrive_after_it_returns(env):

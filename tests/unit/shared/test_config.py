@@ -112,3 +112,215 @@ def test_inference_limits_are_checked():
         load_config(InferenceConfig, {"RLHF_INFERENCE_MAX_TOKENS_LIMIT": "4096"})
     with pytest.raises(ConfigError, match="DTYPE"):
         load_config(InferenceConfig, {"RLHF_INFERENCE_DTYPE": "int3"})
+
+
+# --- service-to-service credentials (RLHF_AUTH_*, RLHF_OPERATOR_*) ----------------------------------
+
+from shared.config import (  # noqa: E402 - grouped with the tests that use them
+    MIN_TOKEN_CHARS,
+    OperatorConfig,
+    ServiceAuthConfig,
+    credential_entry,
+    is_loopback,
+    parse_accepted,
+    token_digest,
+    token_problem,
+)
+
+GOOD = "g" * MIN_TOKEN_CHARS
+
+
+def test_credential_entry_is_the_name_and_the_tokens_sha256():
+    import hashlib
+
+    assert credential_entry("gateway", "tok") == "gateway:" + hashlib.sha256(b"tok").hexdigest()
+    assert token_digest("tok") == hashlib.sha256(b"tok").digest()
+
+
+def test_parse_accepted():
+    accepted, problems = parse_accepted(
+        [credential_entry("gateway", "a"), " ", "# a comment", credential_entry("operator", "b")], "V"
+    )
+    assert problems == [] and accepted == {token_digest("a"): "gateway", token_digest("b"): "operator"}
+    # Rotation: one name, two credentials.
+    both, problems = parse_accepted([credential_entry("operator", "a"), credential_entry("operator", "b")], "V")
+    assert problems == [] and set(both.values()) == {"operator"} and len(both) == 2
+    _, problems = parse_accepted(["gateway:" + "a" * 63, "justaname", "Gateway:" + "a" * 64], "V")
+    assert len(problems) == 3 and all(p.startswith("V: ") for p in problems)
+    assert "justaname" in problems[1] and "must be lower-case" in problems[2]
+    _, problems = parse_accepted([credential_entry("gateway", "same"), credential_entry("trainer", "same")], "V")
+    assert problems == ["V: 'trainer' has the same credential as 'gateway'"]
+    # A malformed entry never echoes what follows the name (it may be a pasted token).
+    _, problems = parse_accepted(["operator:the-secret-token"], "V")
+    assert "the-secret-token" not in problems[0]
+
+
+def test_token_problem():
+    assert token_problem(GOOD, "V") is None
+    assert "at least" in token_problem("short", "V")
+    assert "printable ASCII" in token_problem("with space " + GOOD, "V")
+    assert "printable ASCII" in token_problem("é" + GOOD, "V")
+
+
+def test_is_loopback():
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "rlhf-inference", "::"]))
+
+
+def test_auth_settings_are_validated_with_their_variable():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            InferenceConfig,
+            {
+                "RLHF_AUTH_TOKEN": "short",
+                "RLHF_AUTH_ACCEPT": "gateway:nothex",
+                "RLHF_AUTH_TLS_CERT_FILE": "/x/tls.crt",
+                "RLHF_AUTH_TLS_CLIENT_AUTH": "1",
+            },
+        )
+    text = str(err.value)
+    for fragment in (
+        "RLHF_AUTH_TOKEN: a token has at least",
+        "RLHF_AUTH_ACCEPT: 'gateway:...'",
+        "RLHF_AUTH_TLS_CERT_FILE and RLHF_AUTH_TLS_KEY_FILE go together",
+        "RLHF_AUTH_TLS_CLIENT_AUTH needs",
+    ):
+        assert fragment in text
+    with pytest.raises(ConfigError, match="RLHF_AUTH_UNKNOWN: unknown setting"):
+        load_config(InferenceConfig, {"RLHF_AUTH_UNKNOWN": "1"})
+
+
+def test_a_grpc_server_off_loopback_needs_tls_or_an_explicit_plaintext_network():
+    with pytest.raises(ConfigError, match="RLHF_INFERENCE_HOST=0.0.0.0: a gRPC server off loopback needs TLS"):
+        load_config(InferenceConfig, {"RLHF_INFERENCE_HOST": "0.0.0.0"})
+
+    def plaintext_problem(cfg) -> bool:
+        return any("off loopback needs TLS" in p for p in cfg.problems())
+
+    tls = ServiceAuthConfig(tls_cert_file=Path("/c"), tls_key_file=Path("/k"))
+    assert not plaintext_problem(InferenceConfig(host="0.0.0.0", auth=tls))
+    assert not plaintext_problem(InferenceConfig(host="0.0.0.0", auth=ServiceAuthConfig(allow_plaintext=True)))
+    assert plaintext_problem(InferenceConfig(host="10.0.0.7"))
+    # The gateway serves no gRPC: its host is not the concern of this rule.
+    assert not plaintext_problem(GatewayConfig(host="0.0.0.0"))
+
+
+def test_accepted_callers_from_the_setting_and_the_file(tmp_path):
+    path = tmp_path / "accepted"
+    path.write_text(f"# operators\n{credential_entry('operator', 'o' * 30)}\n")
+    auth = ServiceAuthConfig(accept=(credential_entry("gateway", GOOD),), accept_file=path)
+    assert sorted(auth.accepted_callers().values()) == ["gateway", "operator"]
+    path.write_text("operator:bad\n")
+    with pytest.raises(ConfigError, match="RLHF_AUTH_ACCEPT_FILE"):
+        auth.accepted_callers()
+    with pytest.raises(ConfigError, match="RLHF_AUTH_ACCEPT_FILE=.*cannot read it"):
+        ServiceAuthConfig(accept_file=tmp_path / "missing").accepted_callers()
+
+
+def test_own_token_from_a_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(GOOD + "\n")
+    assert ServiceAuthConfig(token_file=path).own_token() == GOOD
+    path.write_text("")
+    with pytest.raises(ConfigError, match="RLHF_AUTH_TOKEN_FILE=.*empty"):
+        ServiceAuthConfig(token_file=path).own_token()
+    with pytest.raises(ConfigError, match="set one of RLHF_AUTH_TOKEN and RLHF_AUTH_TOKEN_FILE"):
+        load_config(ServiceAuthConfig, {"RLHF_AUTH_TOKEN": GOOD, "RLHF_AUTH_TOKEN_FILE": str(path)})
+
+
+def test_operator_token_prefers_the_setting_then_the_file(tmp_path):
+    path = tmp_path / "operator-token"
+    assert OperatorConfig(token_file=path).own_token() == ""
+    path.write_text("f" * 30)
+    assert OperatorConfig(token_file=path).own_token() == "f" * 30
+    assert OperatorConfig(token=GOOD, token_file=path).own_token() == GOOD
+
+
+# --- Kafka security settings -------------------------------------------------------------------------
+
+
+def test_kafka_security_settings_are_validated():
+    def problems(**env: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_config(KafkaConfig, {f"RLHF_KAFKA_{k.upper()}": v for k, v in env.items()})
+        return str(err.value)
+
+    assert "RLHF_KAFKA_SECURITY_PROTOCOL='TLS': expected one of" in problems(security_protocol="TLS")
+    text = problems(security_protocol="SASL_SSL", sasl_mechanism="GSSAPI")
+    assert "RLHF_KAFKA_SASL_MECHANISM='GSSAPI'" in text and "RLHF_KAFKA_SASL_USERNAME must be set" in text
+    assert "exactly one of RLHF_KAFKA_SASL_PASSWORD and RLHF_KAFKA_SASL_PASSWORD_FILE" in text
+    assert "sends the password in the clear" in problems(
+        security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN", sasl_username="u", sasl_password="p"
+    )
+    assert "uses no SASL" in problems(sasl_username="u")
+    assert "uses no TLS" in problems(ssl_ca_file="/ca.crt")
+    assert "go together" in problems(security_protocol="SSL", ssl_cert_file="/c")
+    ok = load_config(
+        KafkaConfig,
+        {
+            "RLHF_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "RLHF_KAFKA_SASL_USERNAME": "rlhf-feedback",
+            "RLHF_KAFKA_SASL_PASSWORD_FILE": "/etc/rlhf/kafka-user/password",
+            "RLHF_KAFKA_SSL_CA_FILE": "/etc/rlhf/kafka-ca/ca.crt",
+        },
+    )
+    assert ok.uses_tls and ok.uses_sasl and ok.sasl_mechanism == "SCRAM-SHA-512"
+
+
+def test_kafka_password_file(tmp_path):
+    path = tmp_path / "password"
+    path.write_text("s3cret\n")
+    cfg = KafkaConfig(security_protocol="SASL_SSL", sasl_username="u", sasl_password_file=path)
+    assert cfg.sasl_password_value() == "s3cret"
+    with pytest.raises(ConfigError, match="RLHF_KAFKA_SASL_PASSWORD_FILE"):
+        KafkaConfig(sasl_password_file=tmp_path / "missing").sasl_password_value()
+
+
+# --- version signing keys (VersionTrustConfig) ----------------------------------------------------
+
+
+def test_version_keys_load_from_files_and_values_and_bad_ones_name_the_variable(tmp_path):
+    import base64
+
+    from shared.config import VersionTrustConfig
+    from shared.signing import write_key_pair
+
+    key = write_key_pair(tmp_path / "policy.pem", tmp_path / "policy.pub")
+    cfg = load_config(
+        VersionTrustConfig,
+        {
+            "RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE": str(tmp_path / "policy.pem"),
+            "RLHF_VERSIONS_POLICY_VERIFY_KEY_FILE": str(tmp_path / "policy.pub"),
+            "RLHF_VERSIONS_RM_VERIFY_KEYS": base64.b64encode(key.public_raw).decode(),
+        },
+    )
+    assert cfg.signer("policy").key_id == key.key_id and cfg.signer("rm") is None
+    assert cfg.verify_keys("policy").key_ids == cfg.verify_keys("rm").key_ids == [key.key_id]
+    with pytest.raises(
+        ConfigError, match="RLHF_VERSIONS_RM_SIGNING_KEY_FILE / RLHF_VERSIONS_RM_SIGNING_KEY: .*missing"
+    ):
+        load_config(VersionTrustConfig, {"RLHF_VERSIONS_RM_SIGNING_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="RLHF_VERSIONS_POLICY_VERIFY_KEYS: .*is 3 bytes"):
+        load_config(VersionTrustConfig, {"RLHF_VERSIONS_POLICY_VERIFY_KEYS": "nope"})
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(
+            VersionTrustConfig,
+            {
+                "RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE": str(tmp_path / "policy.pem"),
+                "RLHF_VERSIONS_POLICY_SIGNING_KEY": "x",
+            },
+        )
+
+
+def test_off_loopback_publishers_need_signing_keys_and_followers_verify_keys():
+    from services.inference.config import InferenceConfig
+    from services.trainer.config import TrainerConfig
+
+    open_host = {"RLHF_AUTH_ALLOW_PLAINTEXT": "1"}
+    with pytest.raises(ConfigError, match="RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE.*must sign"):
+        load_config(TrainerConfig, {"RLHF_TRAINER_HOST": "0.0.0.0", **open_host})
+    with pytest.raises(ConfigError, match="RLHF_VERSIONS_POLICY_VERIFY_KEY_FILE.*must verify"):
+        load_config(InferenceConfig, {"RLHF_INFERENCE_HOST": "0.0.0.0", **open_host})
+    allowed = {"RLHF_VERSIONS_ALLOW_UNSIGNED": "1", **open_host}
+    load_config(InferenceConfig, {"RLHF_INFERENCE_HOST": "0.0.0.0", **allowed})
+    assert load_config(InferenceConfig, {}).versions.verify_keys("policy") is None  # loopback: development

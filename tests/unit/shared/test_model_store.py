@@ -253,3 +253,72 @@ def test_publisher_skips_a_number_taken_while_it_copied(store: ModelStore, src: 
     assert manifest.version == "policy-0002"
     assert store.verify("policy-0002") == manifest
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+# --- signatures and private copies ---------------------------------------------------------------
+
+
+def test_a_signature_is_written_with_the_version_and_is_not_listed(store: ModelStore, src: Path) -> None:
+    seen = []
+
+    def sign(line: str, version: str, raw: bytes) -> bytes:
+        seen.append((line, version, raw))
+        return b'{"signature": "s"}\n'
+
+    manifest = store.publish("policy", src, sign=sign)
+    stored = store.read_manifest(manifest.version)
+    # Signed over the exact bytes written, for the version name it got.
+    assert seen == [("policy", "policy-0001", stored.raw)]
+    assert stored.signature == b'{"signature": "s"}\n' and stored.manifest == manifest
+    assert stored.sha256 == store.manifest_sha256("policy-0001")
+    assert "manifest.sig" not in manifest.files and store.verify("policy-0001") == manifest
+    assert store.read_manifest(store.publish("policy", src).version).signature is None
+
+
+def test_a_failing_signer_leaves_no_version(store: ModelStore, src: Path) -> None:
+    def sign(line: str, version: str, raw: bytes) -> bytes:
+        raise RuntimeError("no key")
+
+    with pytest.raises(RuntimeError):
+        store.publish("policy", src, sign=sign)
+    assert store.versions("policy") == [] and not list(store.root.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.sig"])
+def test_publish_refuses_the_stores_reserved_names(store: ModelStore, src: Path, name: str) -> None:
+    (src / name).write_text("{}")
+    with pytest.raises(PublishRefusedError, match=f"{name} is reserved"):
+        store.publish("policy", src)
+
+
+def test_copy_verified_copies_exactly_the_checked_bytes(store: ModelStore, src: Path, tmp_path: Path) -> None:
+    manifest = store.publish("policy", src)
+    dest = tmp_path / "private" / "copy"
+    size = store.copy_verified("policy-0001", manifest, dest)
+    assert size == sum(d.bytes for d in manifest.files.values())
+    for rel, digest in manifest.files.items():
+        assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == digest.sha256
+        assert (dest / rel).stat().st_mode & 0o222 == 0  # read-only
+    # The store's file changes afterwards: the private copy does not.
+    (store.path("policy-0001") / "config.json").write_text('{"hidden": 5}')
+    assert json.loads((dest / "config.json").read_text()) == {"hidden": 4}
+
+
+def test_copy_verified_refuses_a_changed_file_and_leaves_nothing(store: ModelStore, src: Path, tmp_path: Path) -> None:
+    manifest = store.publish("policy", src)
+    (store.path("policy-0001") / "config.json").write_text('{"hidden": 5}')
+    with pytest.raises(CorruptVersionError, match="config.json"):
+        store.copy_verified("policy-0001", manifest, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    (store.path("policy-0001") / "intruder.txt").write_text("x")
+    with pytest.raises(CorruptVersionError, match="intruder.txt is not listed"):
+        store.copy_verified("policy-0001", manifest, tmp_path / "copy")
+
+
+def test_add_signature_signs_an_unsigned_version_once(store: ModelStore, src: Path) -> None:
+    version = store.publish("policy", src).version
+    store.add_signature(version, b"sig")
+    assert store.read_manifest(version).signature == b"sig" and store.verify(version)
+    with pytest.raises(model_store.ModelStoreError, match="already signed"):
+        store.add_signature(version, b"other")
+    assert not list(store.root.glob(".tmp-*"))

@@ -1,5 +1,5 @@
-"""The scorer (validation, batching, hot-swap, refusing corrupt versions) and the offline start,
-on the tiny backbone."""
+"""The scorer (validation, batching, hot-swap, refusing corrupt, unsigned or replayed versions,
+loading private copies) and the offline start, on the tiny backbone."""
 
 import json
 
@@ -23,17 +23,31 @@ from shared.events import Message, RewardModelEvent
 from shared.model_store import CorruptVersionError
 from shared.models.encoding import EncodingLimits
 from shared.models.reward_model import WEIGHTS_NAME, RewardModel
+from shared.signing import SigningKey
+from shared.version_line import REWARD_MODEL, Announcement, VersionLine, VersionRefused
+from tests.conftest import test_signing_key, test_versions
 
 Q = [Message("user", "What is 2 plus 3?")]
 
 
-def publish_rm(store, tokenizer, policy_dir, tmp_path, seed: int, offset: float = 0.0) -> str:
+def publish_rm(
+    store, tokenizer, policy_dir, tmp_path, seed: int, offset: float = 0.0, line: VersionLine | None = None
+) -> str:
+    """Publish a random RM: through ``line`` (signed, when it has a key), else unsigned into the store."""
     torch.manual_seed(seed)
     rm = RewardModel.from_policy_dir(policy_dir, seed=seed)
     rm.set_offset(offset, "test")
     out = tmp_path / f"rm-src-{seed}"
     rm.save(out, tokenizer)
+    if line is not None:
+        return line.publish(out, parent="policy-0001", make_current=False).version
     return store.publish("rm", out, parent="policy-0001").version
+
+
+def announcement(store, version, sequence, reason="publish", key: SigningKey | None = None, sha=None):
+    """The announcement a publisher holding ``key`` would send (None: unsigned)."""
+    a = Announcement("rm", version, sha or store.manifest_sha256(version), reason, sequence).signed_by(key)
+    return REWARD_MODEL.make_event(a, None, {})
 
 
 def make_scorer(store, **overrides) -> RewardScorer:
@@ -110,7 +124,7 @@ def test_hot_swap_loads_the_new_version_and_keeps_in_flight_requests_on_the_old(
     old = scorer._current
     before = scorer.score_sync(items("2 plus 3 is 5.")).scores
     v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2, offset=3.0)
-    assert scorer.apply_update(RewardModelEvent(v2, tiny_store.manifest_sha256(v2))) is True
+    assert scorer.apply_update(announcement(tiny_store, v2, 1)) is True
     assert scorer.version == v2 and scorer.swaps == 1
     after = scorer.score_sync(items("2 plus 3 is 5."))
     assert after.rm_version == v2 and after.scores != pytest.approx(before)
@@ -126,7 +140,7 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_scoring(
     sha = tiny_store.manifest_sha256(v2)
     weights = tiny_store.path(v2) / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    assert scorer.apply_update(RewardModelEvent(v2, sha)) is False
+    assert scorer.apply_update(announcement(tiny_store, v2, 1, sha=sha)) is False
     assert scorer.version == "rm-0001" and scorer.refused_updates == 1
     with pytest.raises(CorruptVersionError):
         scorer.load(v2)
@@ -140,8 +154,113 @@ def test_an_announcement_with_another_manifest_hash_is_refused(
     scorer, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
 ):
     v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2)
-    assert scorer.apply_update(RewardModelEvent(v2, "0" * 64)) is False
+    assert scorer.apply_update(announcement(tiny_store, v2, 1, sha="0" * 64)) is False
     assert scorer.version == "rm-0001"
+    # An announcement without a sequence number above the last one seen is a replay.
+    assert scorer.apply_update(RewardModelEvent(v2, tiny_store.manifest_sha256(v2))) is False
+    assert scorer.version == "rm-0001" and scorer.refused_updates == 2
+
+
+# --- signed versions -------------------------------------------------------------------------------
+
+
+def refused(reason: str) -> float:
+    from services.reward import metrics
+
+    return metrics.SWAP_REFUSED.labels(reason)._value.get()
+
+
+@pytest.fixture()
+def signed(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path):
+    """A store whose rm line is published by a signing publisher (rm-0001 current, settled offline),
+    and a scorer that verifies with the test rm key and keeps its copies under tmp_path."""
+    line = VersionLine(tiny_store, REWARD_MODEL, signer=test_signing_key("rm"))
+    v1 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=1, line=line)
+    line.set_current(v1)
+    versions = test_versions(copies_dir=tmp_path / "copies")
+    scorer = make_scorer(tiny_store, versions=versions)
+    scorer.load()
+    return line, scorer
+
+
+def test_a_verifying_scorer_swaps_only_to_signed_newer_versions_or_signed_rollbacks(
+    signed, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    line, scorer = signed
+    key = test_signing_key("rm")
+    assert scorer.version == "rm-0001" and scorer.versions.sequence == 1
+    v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2, offset=3.0, line=line)
+    v3 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=3)  # unsigned
+    before = refused("bad_signature"), refused("replayed"), refused("not_newer")
+    assert not scorer.apply_update(announcement(tiny_store, v2, 2))  # unsigned announcement
+    assert not scorer.apply_update(announcement(tiny_store, v2, 2, key=SigningKey.generate()))  # another key
+    assert not scorer.apply_update(announcement(tiny_store, v3, 2, key=key))  # unsigned version
+    assert refused("bad_signature") == before[0] + 3 and scorer.version == "rm-0001"
+    assert scorer.apply_update(announcement(tiny_store, v2, 3, key=key)) and scorer.version == v2
+    assert not scorer.apply_update(announcement(tiny_store, "rm-0001", 4, key=key))  # older, as a publish
+    assert refused("not_newer") == before[2] + 1 and scorer.version == v2
+    assert scorer.apply_update(announcement(tiny_store, "rm-0001", 5, "rollback", key=key))
+    assert not scorer.apply_update(announcement(tiny_store, v2, 3, key=key))  # replayed
+    assert refused("replayed") == before[1] + 1 and scorer.version == "rm-0001"
+    # Served from private copies (the served and the previous one), never from the store.
+    held = scorer.versions.private.held
+    assert len(held) == 2 and all(tiny_store.root not in p.parents for p in held)
+    assert {p.name.rsplit("-", 1)[0] for p in held} == {"rm-0001", v2}
+
+
+def test_a_restarted_scorer_keeps_refusing_old_announcements(
+    signed, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    # ``signed``: rm-0001 published and settled by a signing publisher, one scorer serving it.
+    class Recording:
+        def announce(self, event):
+            pass
+
+    publisher = VersionLine(tiny_store, REWARD_MODEL, Recording(), signer=test_signing_key("rm"))
+    v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2, line=publisher)
+    publisher.set_current(v2)
+    first = publisher.announce_pending()
+    publisher.set_current("rm-0001")
+    publisher.announce_pending()  # a signed rollback: the store's record says rm-0001, sequence 3
+    restarted = make_scorer(tiny_store, versions=test_versions(copies_dir=tmp_path / "copies2"))
+    restarted.load()
+    assert (restarted.version, restarted.versions.sequence) == ("rm-0001", 3)
+    assert not restarted.apply_update(first)  # the old publish of rm-0002, replayed after the restart
+    assert restarted.version == "rm-0001"
+
+
+def test_a_verifying_scorer_refuses_to_start_on_an_unsigned_store(
+    tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=1)  # unsigned, no record
+    scorer = make_scorer(tiny_store, versions=test_versions(copies_dir=tmp_path / "copies"))
+    with pytest.raises(VersionRefused, match="no signed announcement"):
+        scorer.load()
+    with pytest.raises(VersionRefused, match="rm-0001 is unsigned"):
+        scorer.load("rm-0001")
+    assert not scorer.ready
+
+
+def test_the_learners_own_version_is_verified_and_copied_before_it_is_loaded(
+    signed, tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path
+):
+    line, scorer = signed
+    v2 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=2, line=line)
+    assert scorer.load(v2) == v2 and scorer.version == v2  # what on_published does
+    v3 = publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=3)  # unsigned
+    with pytest.raises(VersionRefused, match="unsigned"):
+        scorer.load(v3)
+    assert scorer.version == v2 and len(scorer.versions.private.held) == 2
+
+
+def test_off_loopback_the_reward_service_needs_its_keys():
+    with pytest.raises(ConfigError, match="RLHF_VERSIONS_RM_VERIFY_KEY_FILE") as err:
+        load_config(RewardConfig, {"RLHF_REWARD_HOST": "0.0.0.0", "RLHF_AUTH_ALLOW_PLAINTEXT": "1"})
+    assert "RLHF_VERSIONS_RM_SIGNING_KEY_FILE" in str(err.value)
+    load_config(
+        RewardConfig,
+        {"RLHF_REWARD_HOST": "0.0.0.0", "RLHF_AUTH_ALLOW_PLAINTEXT": "1", "RLHF_VERSIONS_ALLOW_UNSIGNED": "1"},
+    )
 
 
 def test_config_limits_are_checked():
