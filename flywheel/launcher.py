@@ -7,6 +7,16 @@ before the next. Ctrl-C or SIGTERM stops them in reverse order.
 
 Everything shares this machine's cores: unless configured otherwise, the reward and trainer services
 get one torch thread each, so that PyTorch's thread pools do not fight vLLM's for the same cores.
+
+Every gRPC call between the services is authenticated (see ``Stack._make_credentials``): each run
+makes fresh tokens for the gateway, the trainer, the operator and monitoring; every service accepts
+their SHA-256 and each RPC allows only its callers. The services listen on loopback without TLS
+(tokens never leave this machine); the operator's token is written to var/operator-token (0600) for
+`rlhf trainer`.
+
+The gateway serves named principals only (``Stack._gateway_identity``): the key of the principal
+``local`` lives in var/gateway-api-key (0600, printed in the summary, reused across runs), and on
+loopback anonymous sessions are on, so that the chat page works at once.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,11 +40,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.feedback.config import FeedbackConfig
-from services.gateway.config import GatewayConfig
+from services.gateway.config import GatewayConfig, is_loopback
+from services.gateway.identity import MIN_KEY_CHARS, keys_file_line
 from services.inference.config import InferenceConfig
 from services.reward.config import RewardConfig
 from services.trainer.config import TrainerConfig
-from shared.config import ConfigBase, KafkaConfig, LoggingConfig, ModelStoreConfig, load_config
+from shared.config import (
+    ConfigBase,
+    KafkaConfig,
+    LoggingConfig,
+    ModelStoreConfig,
+    ServiceAuthConfig,
+    VersionTrustConfig,
+    credential_entry,
+    load_config,
+)
+from shared.grpc_channels import ClientCredentials, sync_channel
+from shared.grpc_server import GATEWAY, MONITORING, OPERATOR, TRAINER
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.logging import get_logger, log_event
@@ -44,6 +66,8 @@ log = get_logger(__name__)
 
 ALL_SERVICES = ("inference", "reward", "feedback", "trainer", "gateway")
 SERVICE_NEEDS = {"gateway": ("inference",), "trainer": ("inference", "reward")}
+LOCAL_PRINCIPAL = "local"
+"""The gateway principal of `rlhf up`'s own key (var/gateway-api-key)."""
 # Torch threads of the services that are not vLLM, when `rlhf up` runs them on one machine.
 SHARED_MACHINE_TORCH_THREADS = {"RLHF_REWARD_TORCH_THREADS": "1", "RLHF_TRAINER_TORCH_THREADS": "1"}
 
@@ -78,6 +102,20 @@ class UpConfig(ConfigBase):
     """Write each service's output to <log_dir>/<service>.log (appended) instead of this terminal;
     empty: the terminal. `rlhf demo` points it into its report folder, so that its progress line is
     not buried under the services' log lines."""
+    operator_token_file: Path = Path("var/operator-token")
+    """Where each run writes the operator's gRPC credential (mode 0600), which `rlhf trainer` reads
+    (RLHF_OPERATOR_TOKEN_FILE defaults to the same path). RLHF_OPERATOR_TOKEN set: that token is
+    the operator's instead of a fresh one."""
+    gateway_key_file: Path = Path("var/gateway-api-key")
+    """Where `rlhf up` keeps the gateway API key of the principal `local` (mode 0600; made on the first
+    start, reused after; its SHA-256 goes to the gateway in <file>.sha256). Unused when
+    RLHF_GATEWAY_API_KEYS_FILE is set. Clients use it as `Authorization: Bearer <key>`; `rlhf demo`'s
+    users get keys of their own."""
+    keys_dir: Path = Path("var/keys")
+    """Where `rlhf up` keeps the Ed25519 key pair of each version line (<line>-signing.pem, mode
+    0600, and <line>-verify.pub), made on the first start and kept after: the trainer signs policy
+    versions, the reward service rm versions, inference and reward verify them. A key given in
+    RLHF_VERSIONS_* is used instead."""
 
     def problems(self) -> list[str]:
         out = []
@@ -102,11 +140,16 @@ class ServiceProcess:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     """Where its output goes (None: the launcher's terminal)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of this process only (its own credential), over the stack's environment."""
 
 
-def grpc_serving(address: str) -> Callable[[], bool]:
+def grpc_serving(address: str, creds: ClientCredentials | None = None) -> Callable[[], bool]:
+    """Health check of a gRPC service (open: no token is sent), over TLS when ``creds`` has a CA."""
+    transport = (creds or ClientCredentials()).without_token()
+
     def check() -> bool:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, transport) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
@@ -135,6 +178,12 @@ class Stack:
         self.environ = dict(os.environ if environ is None else environ)
         self.broker: EmbeddedBroker | None = None
         self.services: list[ServiceProcess] = []
+        self.signers: dict[str, Any] = {}
+        """Version line -> the SigningKey this stack's publishers use (set by start)."""
+        self.gateway_key = ""
+        """The key of the gateway's principal ``local`` when this stack made or reused it."""
+        self.tokens: dict[str, str] = {}
+        """Caller name -> this run's gRPC token (gateway, trainer, operator, monitoring)."""
 
     def start(self) -> None:
         kafka = self.cfg.kafka
@@ -143,11 +192,13 @@ class Stack:
             self.environ["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap_servers
             kafka = dataclasses.replace(kafka, bootstrap_servers=self.broker.bootstrap_servers)
         ensure_topics(kafka)
+        self._make_signing_keys()
         self._ensure_models()
         for name, value in SHARED_MACHINE_TORCH_THREADS.items():
             self.environ.setdefault(name, value)
         # One machine, one run: a fresh token key unless one is configured (tokens then expire with the run).
         self.environ.setdefault("RLHF_FEEDBACK_TOKEN_SECRET", secrets.token_urlsafe(32))
+        self._make_credentials()
         wanted = set(self.cfg.services)
         inference = load_config(InferenceConfig, self.environ)
         inference_address = f"{inference.host}:{inference.grpc_port}"
@@ -155,7 +206,10 @@ class Stack:
         if "inference" in wanted:
             planned.append(
                 ServiceProcess(
-                    "inference", "services.inference", grpc_serving(inference_address), {"gRPC": inference_address}
+                    "inference",
+                    "services.inference",
+                    grpc_serving(inference_address, ClientCredentials.of_service(inference.auth)),
+                    {"gRPC": inference_address},
                 )
             )
         if "reward" in wanted:
@@ -171,6 +225,7 @@ class Stack:
             planned.append(self._grpc_service("trainer", TrainerConfig))
         if "gateway" in wanted:
             self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", inference_address)
+            self._gateway_identity()
             gateway = load_config(GatewayConfig, self.environ)
             gateway_url = f"http://{gateway.host}:{gateway.port}"
             planned.append(
@@ -186,21 +241,88 @@ class Stack:
                 )
             )
         for svc in planned:
+            if svc.name in (GATEWAY, TRAINER):
+                svc.env = {"RLHF_AUTH_TOKEN": self.tokens[svc.name]}
             self._spawn(svc)
+
+    def _make_credentials(self) -> None:
+        """Fresh gRPC tokens for this run's callers; every service accepts their SHA-256 (besides any
+        RLHF_AUTH_ACCEPT given), the gateway and the trainer present their own, and the operator's is
+        written to ``operator_token_file`` (0600) for `rlhf trainer`."""
+        self.tokens = {name: secrets.token_urlsafe(32) for name in (GATEWAY, TRAINER, MONITORING)}
+        self.tokens[OPERATOR] = self.environ.get("RLHF_OPERATOR_TOKEN") or secrets.token_urlsafe(32)
+        given = [e for e in self.environ.get("RLHF_AUTH_ACCEPT", "").split(",") if e.strip()]
+        ours = [credential_entry(name, token) for name, token in self.tokens.items()]
+        self.environ["RLHF_AUTH_ACCEPT"] = ",".join(given + ours)
+        for shared_own in ("RLHF_AUTH_TOKEN", "RLHF_AUTH_TOKEN_FILE"):
+            self.environ.pop(shared_own, None)  # each process gets its own (ServiceProcess.env)
+        write_private(self.cfg.operator_token_file, self.tokens[OPERATOR])
+
+    def credentials(self, caller: str) -> ClientCredentials:
+        """How ``caller`` (operator, monitoring, ...) reaches this stack's services."""
+        transport = ClientCredentials.of_service(load_config(ServiceAuthConfig, self.environ))
+        return dataclasses.replace(transport, token=self.tokens[caller])
+
+    def _gateway_identity(self) -> None:
+        """Who may use the gateway `rlhf up` starts, unless configured: the principal ``local``, whose
+        key is kept in ``gateway_key_file`` (0600; made on the first start, then reused, so clients
+        keep working across runs) and given to the gateway only as its SHA-256 (a keys file beside
+        it); and anonymous sessions when the gateway listens on loopback (the chat page works at
+        once; each browser is a principal of its own)."""
+        if "RLHF_GATEWAY_API_KEYS_FILE" not in self.environ:
+            key_file = Path(self.cfg.gateway_key_file)
+            key = key_file.read_text().strip() if key_file.is_file() else ""
+            if len(key) < MIN_KEY_CHARS:
+                key = secrets.token_urlsafe(32)
+                write_private(key_file, key)
+            hashed = key_file.with_name(key_file.name + ".sha256")
+            hashed.write_text(keys_file_line(LOCAL_PRINCIPAL, key) + "\n")
+            self.environ["RLHF_GATEWAY_API_KEYS_FILE"] = str(hashed)
+            self.gateway_key = key
+        host = self.environ.get("RLHF_GATEWAY_HOST", GatewayConfig.host)
+        if is_loopback(host):
+            self.environ.setdefault("RLHF_GATEWAY_ANONYMOUS", "1")
 
     def _grpc_service(self, name: str, config_cls: type[Any]) -> ServiceProcess:
         """A gRPC service process, ready when its health check says SERVING, at its configured address."""
         cfg = load_config(config_cls, self.environ)
         address = f"{cfg.host}:{cfg.grpc_port}"
-        return ServiceProcess(name, f"services.{name}", grpc_serving(address), {"gRPC": address})
+        health = grpc_serving(address, ClientCredentials.of_service(cfg.auth))
+        return ServiceProcess(name, f"services.{name}", health, {"gRPC": address})
+
+    def _make_signing_keys(self) -> None:
+        """The version lines' keys for every service (RLHF_VERSIONS_*): those configured, else the key
+        pairs under ``keys_dir`` (generated on the first start). One machine, one user: every process
+        gets the paths; on Kubernetes each pod mounts only its own (docs/security.md)."""
+        from shared.signing import ensure_key_pair
+
+        trust = load_config(VersionTrustConfig, self.environ)
+        for line in ("policy", "rm"):
+            prefix = f"RLHF_VERSIONS_{line.upper()}_"
+            public = Path(self.cfg.keys_dir) / f"{line}-verify.pub"
+            signer = trust.signer(line)
+            if signer is None:
+                private = Path(self.cfg.keys_dir) / f"{line}-signing.pem"
+                signer = ensure_key_pair(private, public)
+                self.environ[prefix + "SIGNING_KEY_FILE"] = str(private)
+            if trust.verify_keys(line) is None:
+                public.parent.mkdir(parents=True, exist_ok=True)
+                public.write_bytes(signer.public_pem())
+                self.environ[prefix + "VERIFY_KEY_FILE"] = str(public)
+            self.signers[line] = signer
 
     def _ensure_models(self) -> None:
         """A policy and, when the reward service runs, a reward model, unless the store has them:
-        ``rlhf bootstrap`` (RLHF_UP_BOOTSTRAP=full) or the quick stand-ins (quick)."""
+        ``rlhf bootstrap`` (RLHF_UP_BOOTSTRAP=full) or the quick stand-ins (quick), signed with the
+        lines' keys. Versions this store holds from before signing (an older `rlhf up`, an unsigned
+        `rlhf bootstrap`) are signed first: the store is this machine's own."""
         from shared.model_store import ModelStore
         from shared.models.default_model import ensure_default_policy
+        from shared.version_line import POLICY, REWARD_MODEL, VersionLine
 
         store = ModelStore(self.cfg.model_store.root)
+        for kind in (POLICY, REWARD_MODEL):
+            VersionLine(store, kind, signer=self.signers[kind.name]).sign_unsigned()
         if not store.versions("policy") and self.cfg.bootstrap == "full":
             from flywheel.bootstrap.pipeline import run_bootstrap
 
@@ -209,9 +331,9 @@ class Stack:
                 "empty model store: running rlhf bootstrap (pretrain, SFT, first RM; a few minutes)",
                 store=str(store.root),
             )
-            run_bootstrap(store)
+            run_bootstrap(store, policy_signer=self.signers["policy"], rm_signer=self.signers["rm"])
             return
-        ensure_default_policy(store)
+        ensure_default_policy(store, signer=self.signers["policy"])
         if "reward" in self.cfg.services and not store.versions("rm"):
             from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
 
@@ -220,7 +342,7 @@ class Stack:
                 "no reward model in the store: training the first one on the example rankings",
                 rankings=str(EXAMPLE_RANKINGS),
             )
-            train_first_rm(store, EXAMPLE_RANKINGS)
+            train_first_rm(store, EXAMPLE_RANKINGS, signer=self.signers["rm"])
 
     def _spawn(self, svc: ServiceProcess) -> None:
         started = time.monotonic()
@@ -232,7 +354,7 @@ class Stack:
         try:
             svc.proc = subprocess.Popen(
                 [sys.executable, "-m", svc.module],
-                env=self.environ,
+                env={**self.environ, **svc.env},
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT if output else None,
@@ -288,6 +410,11 @@ class Stack:
         for svc in self.services:
             for label, where in svc.endpoints.items():
                 lines.append(f"  {svc.name:<10} {label:<10} {where}")
+            if svc.name == "gateway" and self.gateway_key:
+                lines.append(
+                    f"  {'gateway':<10} {'API key':<10} {self.gateway_key} (principal {LOCAL_PRINCIPAL!r}; "
+                    f"also in {self.cfg.gateway_key_file})"
+                )
         if self.broker:
             lines.append(
                 f"  {'kafka':<10} {'embedded':<10} {self.broker.bootstrap_servers} "
@@ -296,8 +423,20 @@ class Stack:
         else:
             lines.append(f"  {'kafka':<10} {'external':<10} {self.cfg.kafka.bootstrap_servers}")
         lines.append(f"  {'models':<10} {'store':<10} {Path(self.cfg.model_store.root).resolve()}")
+        lines.append(f"  {'operator':<10} {'token':<10} {self.cfg.operator_token_file} (rlhf trainer reads it)")
         lines.append("Press Ctrl-C to stop.")
         return "\n".join(lines)
+
+
+def write_private(path: Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` readable by this user only (0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(tmp, path)
 
 
 def run_up() -> int:

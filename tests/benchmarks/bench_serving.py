@@ -602,6 +602,8 @@ def start_server(
                 base_env()
                 | {
                     "RLHF_MODEL_STORE_ROOT": str(store_root),
+                    # The launcher signs the store's versions with this key pair; hot_swap_run announces with it.
+                    "RLHF_UP_KEYS_DIR": str(keys_dir(store_root)),
                     "RLHF_UP_BROKER_PORT": str(broker_port),
                     "RLHF_GATEWAY_PORT": str(port),
                     "RLHF_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}",
@@ -710,6 +712,11 @@ def start_server(
 # --- hot-swap ----------------------------------------------------------------------------------
 
 
+def keys_dir(store_root: Path) -> Path:
+    """Where `rlhf up` keeps the version lines' key pairs for the benchmark's store (beside it)."""
+    return Path(f"{store_root}-keys")
+
+
 def publish_random_weights(store, base_version: str, seed: int) -> str:
     """Publish ``base_version``'s architecture and tokenizer with other random weights (not made
     current): a version to hot-swap to."""
@@ -719,7 +726,7 @@ def publish_random_weights(store, base_version: str, seed: int) -> str:
     base = store.path(base_version)
     tmp = Path(store.root) / f".bench-swap-{seed}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.json"))
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "manifest.*"))
     torch.manual_seed(seed)
     LlamaForCausalLM(AutoConfig.from_pretrained(base)).save_pretrained(tmp)
     manifest = store.publish(
@@ -769,11 +776,15 @@ async def hot_swap_run(
     server: Server, store, versions: list[str], requests: list[ChatRequest], concurrency: int, settle_s: float
 ) -> dict:
     from shared.config import KafkaConfig
-    from shared.events import PolicyUpdateEvent
     from shared.kafka.publishers import KafkaPublisher
-    from shared.kafka.topics import POLICY_UPDATES
+    from shared.signing import SigningKey
+    from shared.version_line import POLICY, KafkaAnnouncer, VersionLine
 
     publisher = await asyncio.to_thread(KafkaPublisher(KafkaConfig(bootstrap_servers=server.kafka), "bench").connect)
+    # Announced as the trainer does: signed with the policy key `rlhf up` made, numbered (followers
+    # refuse replays and unsigned announcements).
+    signer = SigningKey.load(file=keys_dir(store.root) / "policy-signing.pem")
+    line = VersionLine(store, POLICY, KafkaAnnouncer(publisher, POLICY), signer=signer)
     log_path = server.procs[0].log_path
     log_offset = log_path.stat().st_size
     before = await asyncio.to_thread(scrape_swap_metrics, server.metrics_url)
@@ -782,17 +793,15 @@ async def hot_swap_run(
         closed_loop(server.base_url, requests, concurrency, "ours hot-swap", keep_chunks=True, stop=stop)
     )
     swaps = []
-    previous = store.current("policy")
     # Wait for each swap by polling /v1/models (cheap); the client-side time to the first response
     # from the new version is computed from the recorded chunks afterwards.
     try:
         await asyncio.sleep(settle_s)
         for version in versions:
-            event = PolicyUpdateEvent(
-                version=version, manifest_sha256=store.manifest_sha256(version), parent=previous, reason="publish"
-            )
+            await asyncio.to_thread(line.set_current, version)
             announced = time.monotonic()
-            await asyncio.to_thread(publisher.publish_and_wait, POLICY_UPDATES, event, "policy")
+            if await asyncio.to_thread(line.announce_pending) is None:
+                raise RuntimeError(f"{version} could not be announced")
             acked = time.monotonic()
             deadline = announced + 60
             while time.monotonic() < deadline:
@@ -803,7 +812,6 @@ async def hot_swap_run(
                 raise RuntimeError(f"{version} was not served within 60 s of its announcement")
             log(f"  announced {version}; reported by /v1/models after {time.monotonic() - announced:.2f} s")
             swaps.append({"version": version, "announced": announced, "acked": acked})
-            previous = version
             await asyncio.sleep(settle_s)
     finally:
         stop.set()
@@ -1375,6 +1383,7 @@ def main() -> int:
         return 130
     finally:
         shutil.rmtree(store_root, ignore_errors=True)
+        shutil.rmtree(keys_dir(store_root), ignore_errors=True)
 
     report["output_agreement_with_vllm"] = agreement(raw)
     report["targets"] = targets(report)
