@@ -43,3 +43,51 @@ def test_with_a_log_dir_a_services_output_goes_to_its_file_and_a_failure_names_i
     log_file = tmp_path / "logs" / "zen.log"
     assert str(log_file) in str(err.value) and "exited with code 0" in str(err.value)
     assert "Beautiful is better than ugly." in log_file.read_text()
+
+
+def test_the_gateway_gets_a_local_key_by_hash_and_anonymous_sessions_on_loopback_only(tmp_path):
+    from pathlib import Path
+
+    from flywheel.launcher import Stack
+    from services.gateway.config import GatewayConfig
+
+    key_file = tmp_path / "gateway-api-key"
+    cfg = load_config(UpConfig, {"RLHF_UP_GATEWAY_KEY_FILE": str(key_file)})
+    stack = Stack(cfg, {})
+    stack._gateway_identity()
+    key = key_file.read_text().strip()
+    assert stack.gateway_key == key and len(key) >= 32 and key_file.stat().st_mode & 0o777 == 0o600
+    hashed = stack.environ["RLHF_GATEWAY_API_KEYS_FILE"]
+    assert key not in Path(hashed).read_text() and stack.environ["RLHF_GATEWAY_ANONYMOUS"] == "1"
+    gateway = load_config(GatewayConfig, stack.environ)
+    from services.gateway.identity import load_keyring
+
+    assert load_keyring(gateway.api_keys, gateway.api_keys_file).principal(key.encode()) == "local"
+
+    again = Stack(cfg, {"RLHF_GATEWAY_HOST": "0.0.0.0"})
+    again._gateway_identity()
+    assert again.gateway_key == key, "the key is kept across runs"
+    assert "RLHF_GATEWAY_ANONYMOUS" not in again.environ, "anonymous sessions only on loopback"
+
+    configured = Stack(cfg, {"RLHF_GATEWAY_API_KEYS_FILE": "/etc/keys", "RLHF_GATEWAY_ANONYMOUS": "0"})
+    configured._gateway_identity()
+    assert configured.environ["RLHF_GATEWAY_API_KEYS_FILE"] == "/etc/keys" and not configured.gateway_key
+    assert configured.environ["RLHF_GATEWAY_ANONYMOUS"] == "0", "what is configured wins"
+
+
+def test_the_version_keys_are_made_once_and_given_to_every_service(tmp_path):
+    from flywheel.launcher import Stack
+    from shared.config import VersionTrustConfig
+
+    cfg = load_config(UpConfig, {}, keys_dir=tmp_path / "keys")
+    stack = Stack(cfg, environ={})
+    stack._make_signing_keys()
+    assert (tmp_path / "keys" / "policy-signing.pem").stat().st_mode & 0o777 == 0o600
+    trust = load_config(VersionTrustConfig, stack.environ)
+    for line in ("policy", "rm"):
+        key_id = stack.signers[line].key_id
+        assert trust.signer(line).key_id == key_id and trust.verify_keys(line).key_ids == [key_id]
+    assert stack.signers["policy"].key_id != stack.signers["rm"].key_id  # one key pair per line
+    again = Stack(cfg, environ={})
+    again._make_signing_keys()  # a second start keeps the keys
+    assert again.signers["policy"].key_id == stack.signers["policy"].key_id

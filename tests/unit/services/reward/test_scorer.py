@@ -356,6 +356,7 @@ def test_the_app_trains_its_first_rm_when_the_store_has_none_then_serves(tiny_st
         max_tokens=96,
         max_response_tokens=32,
         bootstrap_rankings=path,
+        versions=test_versions(copies_dir=tmp_path / "copies"),  # signs the first RM, verifies it to serve
     )
     loop = LoopThread()
 
@@ -366,6 +367,8 @@ def test_the_app_trains_its_first_rm_when_the_store_has_none_then_serves(tiny_st
     try:
         loop.run(app.start(), timeout=60)
         assert app.scorer.version == "rm-0001" and tiny_store.manifest("rm-0001").extra["rankings_file"] == path.name
+        assert app.scorer.versions.line.enforced and app.scorer.versions.sequence == 1
+        assert tiny_store.read_manifest("rm-0001").signature is not None
         assert app.scorer.score_sync(items("4")).rm_version == "rm-0001"
     finally:
         loop.run(app.stop(), timeout=30)
