@@ -6,19 +6,21 @@ follower copies each version it accepts into a directory of its own, hashing eve
 copied (one read of the store, ``ModelStore.copy_verified``), and the service loads from that copy,
 which only this process writes (files read-only, 0444).
 
-    copies = PrivateCopies(Path("/var/cache/rlhf"), "policy")   # <root>/policy-<pid>/
+    copies = PrivateCopies(Path("/var/cache/rlhf"), "policy")   # <root>/policy-<pid>-<n>/
     path, size = copies.copy(store, "policy-0003", manifest)     # a candidate
     copies.promote(path)      # now served; keeps the served and the previous one, deletes older ones
     copies.discard(path)      # refused or failed to load: deleted at once
 
 Bounded: at most ``keep`` served copies (the served one and the previous, which inference reloads
 when a swap fails) plus the one candidate being verified; ``rlhf_version_private_copy_bytes``
-shows the bytes held. A process's copies live in ``<root>/<line>-<pid>``, removed on ``close``;
-one left by a process that died is removed by the next process on the same root.
+shows the bytes held. Each instance's copies live in ``<root>/<line>-<pid>-<n>``, removed on
+``close``; those left by a process that died (or by an earlier process with the same pid, e.g. pid 1
+in a restarted container) are removed by the next instance made on the same root.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -44,6 +46,9 @@ COPY_SECONDS = Histogram(
 )
 
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "rlhf-version-copies"
+_LIVE: set[str] = set()
+"""Names of the copy directories of this process's instances (another one is a leftover)."""
+_COUNTER = itertools.count(1)
 
 
 class PrivateCopies:
@@ -55,7 +60,7 @@ class PrivateCopies:
         self.root = Path(root) if root else DEFAULT_ROOT
         self.line = line
         self.keep = keep
-        self.dir = self.root / f"{line}-{os.getpid()}"
+        self.dir = self.root / f"{line}-{os.getpid()}-{next(_COUNTER)}"
         self._served: list[Path] = []
         """Oldest first; the last is the one served."""
         self._sizes: dict[Path, int] = {}
@@ -63,16 +68,15 @@ class PrivateCopies:
         self._ready = False
 
     def _prepare(self) -> None:
-        """Create this process's directory, removing leftovers: its own (a previous life with the
-        same pid, e.g. pid 1 in a restarted container) and those of processes no longer running."""
+        """Create this instance's directory, removing the leftovers of dead processes on the root."""
         if self._ready:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         for entry in self.root.iterdir():
-            owner = entry.name.rpartition("-")[2]
-            if entry.name.startswith(f"{self.line}-") and owner.isdigit() and not _alive(int(owner), entry == self.dir):
+            if _leftover(entry.name, self.line):
                 shutil.rmtree(entry, ignore_errors=True)
         self.dir.mkdir(mode=0o700)
+        _LIVE.add(self.dir.name)
         self._ready = True
 
     def copy(self, store: ModelStore, version: str, manifest: Manifest) -> tuple[Path, int]:
@@ -125,6 +129,7 @@ class PrivateCopies:
         """Delete every copy (the service has stopped using them)."""
         with self._lock:
             shutil.rmtree(self.dir, ignore_errors=True)
+            _LIVE.discard(self.dir.name)
             self._served.clear()
             self._sizes.clear()
             self._ready = False
@@ -139,10 +144,20 @@ class PrivateCopies:
         COPIES.labels(self.line).set(len(self._sizes))
 
 
-def _alive(pid: int, mine: bool) -> bool:
-    """Whether the process that owns a copy directory still runs (this process's own stale one: no)."""
-    if mine:
+def _leftover(name: str, line: str) -> bool:
+    """Whether ``<line>-<pid>-<n>`` belongs to no running instance: its process is gone, or it has
+    this process's pid but none of this process's instances made it (an earlier life of the pid)."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != line or not (parts[1].isdigit() and parts[2].isdigit()):
         return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return name not in _LIVE
+    return not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -60,16 +60,17 @@ def test_a_corrupt_version_leaves_no_copy(store, tmp_path):
 def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(store, tmp_path):
     root = tmp_path / "copies"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (root / f"policy-{dead.stdout.strip()}").mkdir(parents=True)  # a process that has exited
-    (root / f"policy-{os.getppid()}").mkdir()  # a live one (our parent)
-    (root / f"policy-{os.getpid()}").mkdir()  # this pid's previous life (a restarted container)
-    (root / f"policy-{os.getpid()}" / "stale").write_text("x")
-    (root / "rm-1").mkdir()  # another line's: not ours to judge
-    copies = PrivateCopies(root, "policy")
-    copies.copy(store, "policy-0001", store.manifest("policy-0001"))
+    (root / f"policy-{dead.stdout.strip()}-1").mkdir(parents=True)  # a process that has exited
+    (root / f"policy-{os.getppid()}-1").mkdir()  # a live one (our parent)
+    (root / f"policy-{os.getpid()}-999999").mkdir()  # this pid's previous life (a restarted container)
+    (root / "rm-1-1").mkdir()  # another line's: not ours to judge
+    first = PrivateCopies(root, "policy")
+    first.copy(store, "policy-0001", store.manifest("policy-0001"))
+    second = PrivateCopies(root, "policy")  # a second follower of the line in this process
+    second.copy(store, "policy-0002", store.manifest("policy-0002"))
     names = sorted(p.name for p in root.iterdir())
-    assert names == sorted([f"policy-{os.getppid()}", f"policy-{os.getpid()}", "rm-1"])
-    assert not (copies.dir / "stale").exists()
+    assert names == sorted([f"policy-{os.getppid()}-1", first.dir.name, second.dir.name, "rm-1-1"])
+    assert len(first.held) == 1 and first.held[0].exists()  # the second did not take the first's
 
 
 def test_keep_must_hold_the_served_copy(tmp_path):
