@@ -196,14 +196,24 @@ class _CallDetails(grpc.ClientCallDetails):
         self.compression = compression
 
 
-class _AioToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the bearer token to every call of a grpc.aio channel."""
+class _AioToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds the bearer token to every unary call of a grpc.aio channel.
+
+    One class per call shape: grpc.aio files an interceptor under the first shape it is an instance
+    of (an if/elif chain), so a class of both shapes would never see the streaming calls."""
 
     def __init__(self, token: str):
         self.token = token
 
     async def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return await continuation(details._replace(metadata=_with_token(details.metadata, self.token)), request)
+
+
+class _AioStreamToken(grpc.aio.UnaryStreamClientInterceptor):
+    """Adds the bearer token to every unary-stream call of a grpc.aio channel (GenerateStream)."""
+
+    def __init__(self, token: str):
+        self.token = token
 
     async def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return await continuation(details._replace(metadata=_with_token(details.metadata, self.token)), request)
@@ -224,7 +234,7 @@ def aio_channel(address: str, creds: ClientCredentials, *, options: Options = ()
     """A grpc.aio channel to ``address`` with ``creds``; make it in the event loop that will use it."""
     check_transport(address, creds)
     opts = _options(creds, options)
-    interceptors = [_AioToken(creds.token)] if creds.token else None
+    interceptors: list[Any] | None = [_AioToken(creds.token), _AioStreamToken(creds.token)] if creds.token else None
     if creds.tls:
         return grpc.aio.secure_channel(address, channel_credentials(creds), options=opts, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)

@@ -59,3 +59,46 @@ def test_credentials_of_a_service_and_of_the_operator(tmp_path):
 def test_an_unreadable_ca_is_reported_with_its_variable(tmp_path):
     with pytest.raises(ConfigError, match="RLHF_AUTH_TLS_CA_FILE"):
         sync_channel("127.0.0.1:1", ClientCredentials(token=TOKEN, ca_file=tmp_path / "missing.crt"))
+
+
+def test_an_aio_channel_sends_the_token_on_unary_and_streaming_calls():
+    """grpc.aio files each interceptor under one call shape only: the token must still reach the
+    server on a unary-stream call (the gateway's GenerateStream) as on a unary one."""
+    import asyncio
+
+    import grpc
+
+    from shared.grpc_channels import aio_channel
+
+    def metadata_of(context) -> str:
+        return dict(context.invocation_metadata()).get("authorization", "")
+
+    async def unary(request: bytes, context) -> bytes:
+        return metadata_of(context).encode()
+
+    async def stream(request: bytes, context):
+        yield metadata_of(context).encode()
+
+    async def run() -> tuple[bytes, list[bytes]]:
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            channel = aio_channel(f"127.0.0.1:{port}", ClientCredentials(token=TOKEN))
+            one = await channel.unary_unary("/test.Echo/Unary")(b"")
+            many = [m async for m in channel.unary_stream("/test.Echo/Stream")(b"")]
+            await channel.close()
+            return one, many
+        finally:
+            await server.stop(None)
+
+    one, many = asyncio.run(run())
+    assert one == many[0] == f"Bearer {TOKEN}".encode()
