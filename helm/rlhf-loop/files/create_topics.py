@@ -17,7 +17,8 @@ deletes a topic nor lowers a partition count (Kafka cannot), and it fails when a
 keep its order (planned with one partition) has more than one. Replication factor changes of an
 existing topic need a partition reassignment, so they are only reported.
 
-Runs inside the project image, so only kafka-python (a project dependency) is needed. Exit code
+Runs inside the project image: kafka-python, and the project's Kafka settings for TLS and SASL
+(RLHF_KAFKA_SECURITY_PROTOCOL etc., the topic Job's own Kafka user). Exit code
 0: the topics match the plan (or differ only in replication factor); 1: they do not; 2: no broker.
 """
 
@@ -48,14 +49,25 @@ def load_plan(path: str) -> dict[str, Any]:
     return {"replicationFactor": rf, "topics": topics}
 
 
+def kafka_security() -> dict[str, Any]:
+    """kafka-python's TLS and SASL settings from RLHF_KAFKA_*."""
+    from shared.config import KafkaConfig, load_config
+    from shared.kafka.client import security_kwargs
+
+    return security_kwargs(load_config(KafkaConfig))
+
+
 def connect(servers: list[str], client_id: str, wait_s: float) -> Any:
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    security = kafka_security()
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return KafkaAdminClient(bootstrap_servers=servers, client_id=client_id, request_timeout_ms=30000)
+            return KafkaAdminClient(
+                bootstrap_servers=servers, client_id=client_id, request_timeout_ms=30000, **security
+            )
         except KafkaError as exc:
             if time.monotonic() > deadline:
                 raise

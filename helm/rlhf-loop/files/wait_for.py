@@ -5,7 +5,9 @@
 --policy: the model store has a current policy (STORE_ROOT/policy.current, written by
 `rlhf bootstrap` or the trainer). --reward-model: it has a current reward model (STORE_ROOT/rm.current,
 written by `rlhf bootstrap` after the policy, or the reward learner). --topics: the Kafka topics
-exist (created by the chart's topic Job, which runs after install); the brokers come from RLHF_KAFKA_BOOTSTRAP_SERVERS. Waiting here
+exist (created by the chart's topic Job, which runs after install); the brokers come from RLHF_KAFKA_BOOTSTRAP_SERVERS,
+TLS and SASL from the other RLHF_KAFKA_* settings (the service's own Kafka user, which can see the
+topics it reads and writes). Waiting here
 keeps the service out of a crash loop (and its startup probe budget untouched) on a fresh install.
 It waits as long as it takes: the pod stays in Init and says what it is waiting for.
 """
@@ -23,11 +25,21 @@ def missing_current(store_root: str, line: str, what: str) -> list[str]:
     return [] if os.path.exists(marker) else [f"{marker} (no {what} published yet)"]
 
 
+def kafka_security() -> dict:
+    """kafka-python's TLS and SASL settings from RLHF_KAFKA_* (the service's own Kafka user)."""
+    from shared.config import KafkaConfig, load_config
+    from shared.kafka.client import security_kwargs
+
+    return security_kwargs(load_config(KafkaConfig))
+
+
 def missing_topics(topics: list[str], servers: list[str]) -> list[str]:
     from kafka import KafkaAdminClient
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=servers, client_id="rlhf-wait-for", request_timeout_ms=10000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=servers, client_id="rlhf-wait-for", request_timeout_ms=10000, **kafka_security()
+        )
     except Exception as exc:  # noqa: BLE001 - any failure means "not there yet"
         return [f"Kafka at {','.join(servers)} ({type(exc).__name__})"]
     try:

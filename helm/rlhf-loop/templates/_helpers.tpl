@@ -101,7 +101,7 @@ Kafka
 {{- if .Values.externalKafka.bootstrapServers }}
 {{- .Values.externalKafka.bootstrapServers }}
 {{- else if .Values.kafka.strimzi.enabled }}
-{{- printf "%s-kafka-bootstrap.%s.svc:9092" (include "rlhf-loop.kafkaClusterName" .) .Release.Namespace }}
+{{- printf "%s-kafka-bootstrap.%s.svc:%d" (include "rlhf-loop.kafkaClusterName" .) .Release.Namespace (int .Values.kafka.strimzi.listener.port) }}
 {{- else }}
 {{- fail "Kafka: set externalKafka.bootstrapServers, or enable kafka.strimzi (needs the Strimzi operator)" }}
 {{- end }}
@@ -168,7 +168,7 @@ large node an unset value oversubscribes the CPUs the pod was scheduled for. */}
 {{- end }}
 
 {{/* ---------------------------------------------------------------------------------------
-One service: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget, NetworkPolicy.
+One service: Deployment, Service, HorizontalPodAutoscaler, PodDisruptionBudget (its NetworkPolicies are in networkpolicy.yaml).
 
 Arguments (a dict):
   root        the root context ($)
@@ -184,9 +184,17 @@ Arguments (a dict):
               its continual learner)
   volumes     optional: more pod volumes, a YAML list (string)
   mounts      optional: their mounts in the main container, a YAML list (string)
-An init container waits for the Kafka topics (services reading "kafka", kafka.waitForTopics) and
-for a published policy (<name>.waitForPolicy) and reward model (<name>.waitForRewardModel) before
-the service starts.
+  ownToken    optional: the key of its gRPC bearer token in the credentials Secret (callers:
+              gateway-token, trainer-token)
+  versionKeys optional: the version-line keys it holds, a dict RLHF_VERSIONS_* variable -> key of
+              the versionSigning Secret (only those: a service gets no private key it does not use)
+  secretKeys  the keys of the chart's secret data its environment uses (rlhf-loop.secretData):
+              their checksum is a pod annotation, so a changed value restarts the pods
+An init container waits for the Kafka topics it reads and writes (services reading "kafka",
+kafka.waitForTopics) and for a published policy (<name>.waitForPolicy) and reward model
+(<name>.waitForRewardModel) before the service starts. gRPC services serve TLS (tls.enabled) with
+the certificate of their Secret mounted at /etc/rlhf/tls, and accept the release's credentials;
+Kafka clients get their Kafka user's credentials and the brokers' CA.
 --------------------------------------------------------------------------------------------- */}}
 {{- define "rlhf-loop.component" -}}
 {{- $root := .root }}
@@ -200,8 +208,13 @@ the service starts.
 {{- $autoscaling := and (not .singleton) $v.autoscaling (($v.autoscaling | default dict).enabled) }}
 {{- $waitPolicy := and .modelStore $v.waitForPolicy }}
 {{- $waitRewardModel := and .modelStore $v.waitForRewardModel }}
-{{- $waitTopics := and (has "kafka" .configs) $root.Values.kafka.waitForTopics }}
+{{- $kafka := has "kafka" .configs }}
+{{- $waitTopics := and $kafka $root.Values.kafka.waitForTopics }}
 {{- $waitFor := or $waitPolicy $waitRewardModel $waitTopics }}
+{{- $tls := $root.Values.tls.enabled }}
+{{- $healthPort := and $grpc $tls }}
+{{- $access := index (include "rlhf-loop.kafkaAccess" $root | fromYaml) .name | default dict }}
+{{- $topics := concat ($access.read | default list) ($access.write | default list) | uniq | sortAlpha }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -232,7 +245,7 @@ spec:
         {{- end }}
       annotations:
         checksum/config: {{ include (print $root.Template.BasePath "/configmaps.yaml") $root | sha256sum }}
-        checksum/secret-values: {{ toJson $root.Values.secrets | sha256sum }}
+        checksum/secrets: {{ include "rlhf-loop.secretChecksum" (dict "root" $root "keys" (.secretKeys | default list)) }}
         {{- if $root.Values.metrics.podAnnotations }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ ternary $v.metricsPort $v.port $grpc | int | quote }}
@@ -263,11 +276,15 @@ spec:
             {{- end }}
             {{- if $waitTopics }}
             - --topics
-            - {{ keys $root.Values.kafka.topics.items | sortAlpha | join "," }}
+            - {{ $topics | join "," }}
             {{- end }}
           {{- if $waitTopics }}
           envFrom:
             {{- include "rlhf-loop.envFrom" (dict "root" $root "configs" (list "kafka")) | trim | nindent 12 }}
+          {{- with include "rlhf-loop.kafkaUserEnv" $sel }}
+          env:
+            {{- . | nindent 12 }}
+          {{- end }}
           {{- end }}
           resources:
             requests:
@@ -287,6 +304,9 @@ spec:
             - name: model-store
               mountPath: {{ $root.Values.modelStore.mountPath }}
               readOnly: true
+            {{- end }}
+            {{- if $waitTopics }}
+            {{- include "rlhf-loop.kafkaMounts" $sel | nindent 12 }}
             {{- end }}
       {{- end }}
       containers:
@@ -308,6 +328,11 @@ spec:
               containerPort: {{ $v.metricsPort | int }}
               protocol: TCP
             {{- end }}
+            {{- if $healthPort }}
+            - name: health
+              containerPort: {{ $root.Values.tls.healthPort | int }}
+              protocol: TCP
+            {{- end }}
           {{- with .configs }}
           envFrom:
             {{- include "rlhf-loop.envFrom" (dict "root" $root "configs" .) | trim | nindent 12 }}
@@ -326,6 +351,11 @@ spec:
             {{- end }}
             - name: {{ .envPrefix }}GRACE_PERIOD_S
               value: {{ $v.drainSeconds | int | quote }}
+            {{- include "rlhf-loop.authEnv" (dict "root" $root "grpc" $grpc "ownToken" (.ownToken | default "") "envPrefix" .envPrefix) | nindent 12 }}
+            {{- if $kafka }}
+            {{- include "rlhf-loop.kafkaUserEnv" $sel | nindent 12 }}
+            {{- end }}
+            {{- include "rlhf-loop.versionKeyEnv" (dict "root" $root "keys" (.versionKeys | default dict)) | nindent 12 }}
             {{- with .env }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -339,8 +369,9 @@ spec:
           {{- $ready := dict }}
           {{- $alive := dict }}
           {{- if $grpc }}
-          {{- $_ := set $ready "grpc" (dict "port" $mainPort) }}
-          {{- $_ := set $alive "grpc" (dict "port" $mainPort) }}
+          {{- $probePort := ternary (int $root.Values.tls.healthPort) $mainPort $healthPort }}
+          {{- $_ := set $ready "grpc" (dict "port" $probePort) }}
+          {{- $_ := set $alive "grpc" (dict "port" $probePort) }}
           {{- else }}
           {{- $_ := set $ready "httpGet" (dict "path" "/healthz" "port" "http") }}
           {{- $_ := set $alive "tcpSocket" (dict "port" "http") }}
@@ -379,6 +410,19 @@ spec:
             {{- with .mounts }}
             {{- . | nindent 12 }}
             {{- end }}
+            {{- if $tls }}
+            - name: tls
+              mountPath: /etc/rlhf/tls
+              readOnly: true
+            {{- end }}
+            {{- if $kafka }}
+            {{- include "rlhf-loop.kafkaMounts" $sel | nindent 12 }}
+            {{- end }}
+            {{- if and .versionKeys $root.Values.versionSigning.existingSecret }}
+            - name: version-keys
+              mountPath: /etc/rlhf/version-keys
+              readOnly: true
+            {{- end }}
       volumes:
         {{- include "rlhf-loop.scratchVolumes" . | nindent 8 }}
         {{- if $waitFor }}
@@ -401,6 +445,15 @@ spec:
         {{- with .volumes }}
         {{- . | nindent 8 }}
         {{- end }}
+        {{- if $tls }}
+        - name: tls
+          secret:
+            secretName: {{ include "rlhf-loop.tlsSecret" $sel }}
+        {{- end }}
+        {{- if $kafka }}
+        {{- include "rlhf-loop.kafkaVolumes" $sel | nindent 8 }}
+        {{- end }}
+        {{- include "rlhf-loop.versionKeyVolume" (dict "root" $root "keys" (.versionKeys | default dict)) | nindent 8 }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -500,48 +553,311 @@ spec:
     matchLabels:
       {{- include "rlhf-loop.selectorLabels" $sel | nindent 6 }}
 {{- end }}
-{{- if $root.Values.networkPolicy.enabled }}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: {{ $fullName }}
-  labels:
-    {{- include "rlhf-loop.componentLabels" $sel | nindent 4 }}
-spec:
-  podSelector:
-    matchLabels:
-      {{- include "rlhf-loop.selectorLabels" $sel | nindent 6 }}
-  policyTypes:
-    - Ingress
-  ingress:
-    {{- if $grpc }}
-    # gRPC: only from the pods of this release.
-    - from:
-        - podSelector:
-            matchLabels:
-              {{- include "rlhf-loop.releaseSelectorLabels" $root | nindent 14 }}
-      ports:
-        - port: {{ $mainPortName }}
-          protocol: TCP
-    {{- if $hasMetricsPort }}
-    - ports:
-        - port: metrics
-          protocol: TCP
-      {{- with $root.Values.networkPolicy.metricsFrom }}
-      from:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-    {{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------
+Secrets: stable across renders
+--------------------------------------------------------------------------------------------- */}}
+
+{{/* "true" when templates can read the cluster (helm install/upgrade); "" in offline renders (helm
+template, --dry-run=client, Argo CD), where `lookup` returns nothing. Every namespace has the
+ConfigMap kube-root-ca.crt (Kubernetes >= 1.20). */}}
+{{- define "rlhf-loop.clusterReadable" -}}
+{{- if lookup "v1" "ConfigMap" .Release.Namespace "kube-root-ca.crt" }}true{{ end }}
+{{- end }}
+
+{{/* One value of a Secret the chart manages, stable across renders. Argument: (dict "root" $
+"secret" NAME "key" KEY "value" EXPLICIT "what" "the values key to set"). The explicit value wins;
+else the value already in the cluster's Secret (upgrades keep it); else, when the cluster can be
+read (a first install), a new random one; else (an offline render) the render fails: a random
+value there would differ at every render, and replicas rendered apart would disagree. */}}
+{{- define "rlhf-loop.stableSecretValue" -}}
+{{- if .value }}
+{{- .value }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret }}
+{{- if and $existing $existing.data (index $existing.data .key) }}
+{{- index $existing.data .key | b64dec }}
+{{- else if include "rlhf-loop.clusterReadable" .root }}
+{{- randAlphaNum 43 }}
+{{- else }}
+{{- fail (printf "%s is empty and the cluster cannot be read (an offline render: helm template, --dry-run=client, Argo CD): set it, or name an existing Secret, so that every render gives the same value" .what) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rlhf-loop.grpcCredentialsSecret" -}}
+{{- default (printf "%s-grpc-credentials" (include "rlhf-loop.fullname" .)) .Values.grpcAuth.existingSecret }}
+{{- end }}
+
+{{- define "rlhf-loop.operatorSecret" -}}
+{{- default (printf "%s-operator-credential" (include "rlhf-loop.fullname" .)) .Values.grpcAuth.operator.existingSecret }}
+{{- end }}
+
+{{/* Every secret value the chart renders, computed once per render (random values must be the same
+in the Secrets and in the checksums of the pods that use them): a dict, as JSON. */}}
+{{- define "rlhf-loop.secretData" -}}
+{{- if not (hasKey .Values "__secretData") }}
+{{- $data := dict }}
+{{- if not .Values.secrets.existingSecret }}
+{{- $name := include "rlhf-loop.secretName" . }}
+{{- $_ := set $data "feedback-token-secret" (include "rlhf-loop.stableSecretValue" (dict "root" . "secret" $name "key" "feedback-token-secret" "value" .Values.secrets.feedbackTokenSecret "what" "secrets.feedbackTokenSecret")) }}
+{{- $_ := set $data "gateway-api-keys" (join "," .Values.secrets.gatewayApiKeys) }}
+{{- end }}
+{{- $operator := "" }}
+{{- if not .Values.grpcAuth.operator.existingSecret }}
+{{- $operator = include "rlhf-loop.stableSecretValue" (dict "root" . "secret" (include "rlhf-loop.operatorSecret" .) "key" "token" "value" .Values.grpcAuth.operator.token "what" "grpcAuth.operator.token") }}
+{{- $_ := set $data "operator-token" $operator }}
+{{- end }}
+{{- if not .Values.grpcAuth.existingSecret }}
+{{- $creds := include "rlhf-loop.grpcCredentialsSecret" . }}
+{{- $accepted := list }}
+{{- range $caller := list "gateway" "trainer" }}
+{{- $token := include "rlhf-loop.stableSecretValue" (dict "root" $ "secret" $creds "key" (printf "%s-token" $caller) "value" (index $.Values.grpcAuth (printf "%sToken" $caller)) "what" (printf "grpcAuth.%sToken" $caller)) }}
+{{- $_ := set $data (printf "%s-token" $caller) $token }}
+{{- $accepted = append $accepted (printf "%s:%s" $caller (sha256sum $token)) }}
+{{- end }}
+{{- if $operator }}
+{{- $accepted = append $accepted (printf "operator:%s" (sha256sum $operator)) }}
+{{- end }}
+{{- $_ := set $data "accepted" (join "," (concat $accepted .Values.grpcAuth.extraAccepted)) }}
+{{- end }}
+{{- $_ := set .Values "__secretData" $data }}
+{{- end }}
+{{- toJson (get .Values "__secretData") }}
+{{- end }}
+
+{{/* Checksum of the secret values a component uses (its pods restart when one changes). Argument:
+(dict "root" $ "keys" (list ...)). Values held in existing Secrets are not known to the chart: their
+Secret names go in instead. */}}
+{{- define "rlhf-loop.secretChecksum" -}}
+{{- $data := include "rlhf-loop.secretData" .root | fromJson }}
+{{- $used := dict }}
+{{- range .keys }}
+{{- $_ := set $used . (get $data .) }}
+{{- end }}
+{{- $_ := set $used "existing" (list .root.Values.secrets.existingSecret .root.Values.grpcAuth.existingSecret .root.Values.grpcAuth.operator.existingSecret) }}
+{{- toJson $used | sha256sum }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------
+gRPC TLS and credentials of a component
+--------------------------------------------------------------------------------------------- */}}
+
+{{/* The Secret with a component's tls.crt, tls.key and ca.crt. Argument: (dict "root" $ "name" NAME). */}}
+{{- define "rlhf-loop.tlsSecret" -}}
+{{- $existing := index (.root.Values.tls.existingSecrets | default dict) .name | default "" }}
+{{- if .root.Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "rlhf-loop.componentName" .) }}
+{{- else if $existing }}
+{{- $existing }}
+{{- else }}
+{{- fail (printf "tls.enabled with tls.certManager.enabled=false needs tls.existingSecrets.%s: a Secret with tls.crt, tls.key and ca.crt" .name) }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of a component's gRPC side (RLHF_AUTH_*). Argument: (dict "root" $ "grpc" BOOL
+"ownToken" KEY-OR-EMPTY "envPrefix" PREFIX). */}}
+{{- define "rlhf-loop.authEnv" -}}
+{{- $root := .root }}
+{{- $tls := $root.Values.tls }}
+{{- if .grpc }}
+# The credentials this server accepts, name:<sha256 of the token>.
+- name: RLHF_AUTH_ACCEPT
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rlhf-loop.grpcCredentialsSecret" $root }}
+      key: accepted
+{{- end }}
+{{- if .ownToken }}
+# The bearer token this component presents to the services it calls.
+- name: RLHF_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rlhf-loop.grpcCredentialsSecret" $root }}
+      key: {{ .ownToken }}
+{{- end }}
+{{- if $tls.enabled }}
+- name: RLHF_AUTH_TLS_CA_FILE
+  value: /etc/rlhf/tls/ca.crt
+{{- if or .grpc $tls.clientAuth }}
+- name: RLHF_AUTH_TLS_CERT_FILE
+  value: /etc/rlhf/tls/tls.crt
+- name: RLHF_AUTH_TLS_KEY_FILE
+  value: /etc/rlhf/tls/tls.key
+{{- end }}
+{{- if $tls.clientAuth }}
+- name: RLHF_AUTH_TLS_CLIENT_AUTH
+  value: "true"
+{{- end }}
+{{- if .grpc }}
+# Plaintext grpc.health.v1 only, for the kubelet's probes (they cannot speak TLS).
+- name: {{ .envPrefix }}HEALTH_PORT
+  value: {{ $tls.healthPort | int | quote }}
+{{- end }}
+{{- else }}
+# TLS off: tokens cross the pod network in plaintext; only where a mesh encrypts pod traffic.
+- name: RLHF_AUTH_ALLOW_PLAINTEXT
+  value: "true"
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------
+Kafka security of a component
+--------------------------------------------------------------------------------------------- */}}
+
+{{/* Which topics each Kafka client of the chart reads and writes: the KafkaUsers' ACLs, the
+topics each waits for (shared/kafka/topics.py says who produces and consumes what). */}}
+{{- define "rlhf-loop.kafkaAccess" -}}
+inference:
+  read: [rlhf.policy-updates]
+  write: [rlhf.completions]
+feedback:
+  read: [rlhf.feedback]
+  write: [rlhf.feedback, rlhf.feedback.dlq]
+reward:
+  read: [rlhf.feedback, rlhf.completions, rlhf.reward-models]
+  write: [rlhf.reward-models]
+trainer:
+  read: [rlhf.completions]
+  write: [rlhf.policy-updates]
+{{- end }}
+
+{{/* The Kafka security settings: a dict (JSON) with protocol, mechanism ("" without SASL), caSecret,
+userAuth ("scram" | "tls" | ""). */}}
+{{- define "rlhf-loop.kafkaSecurity" -}}
+{{- if include "rlhf-loop.strimziEnabled" . }}
+{{- $auth := .Values.kafka.strimzi.listener.authentication }}
+{{- $ca := printf "%s-cluster-ca-cert" (include "rlhf-loop.kafkaClusterName" .) }}
+{{- if eq $auth "tls" }}
+{{- toJson (dict "protocol" "SSL" "mechanism" "" "caSecret" $ca "userAuth" "tls") }}
+{{- else }}
+{{- toJson (dict "protocol" "SASL_SSL" "mechanism" "SCRAM-SHA-512" "caSecret" $ca "userAuth" "scram") }}
+{{- end }}
+{{- else }}
+{{- $e := .Values.externalKafka }}
+{{- $sasl := has $e.securityProtocol (list "SASL_SSL" "SASL_PLAINTEXT") }}
+{{- if and $sasl (not $e.credentialsSecret) }}
+{{- fail (printf "externalKafka.securityProtocol=%s needs externalKafka.credentialsSecret (keys <component>-username and <component>-password)" $e.securityProtocol) }}
+{{- end }}
+{{- toJson (dict "protocol" $e.securityProtocol "mechanism" (ternary $e.saslMechanism "" $sasl) "caSecret" $e.caSecret "userAuth" (ternary "scram" "" $sasl)) }}
+{{- end }}
+{{- end }}
+
+{{/* Kafka user name of a component (Strimzi: its KafkaUser). Argument: (dict "root" $ "name" NAME). */}}
+{{- define "rlhf-loop.kafkaUser" -}}
+{{- include "rlhf-loop.componentName" . }}
+{{- end }}
+
+{{/* Per-component Kafka environment: who it is to the brokers. Argument: (dict "root" $ "name" NAME). */}}
+{{- define "rlhf-loop.kafkaUserEnv" -}}
+{{- $sec := include "rlhf-loop.kafkaSecurity" .root | fromJson }}
+{{- if eq $sec.userAuth "scram" }}
+{{- if include "rlhf-loop.strimziEnabled" .root }}
+- name: RLHF_KAFKA_SASL_USERNAME
+  value: {{ include "rlhf-loop.kafkaUser" . | quote }}
+{{- else }}
+- name: RLHF_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .root.Values.externalKafka.credentialsSecret }}
+      key: {{ printf "%s-username" .name }}
+{{- end }}
+- name: RLHF_KAFKA_SASL_PASSWORD_FILE
+  value: /etc/rlhf/kafka-user/password
+{{- else if eq $sec.userAuth "tls" }}
+- name: RLHF_KAFKA_SSL_CERT_FILE
+  value: /etc/rlhf/kafka-user/user.crt
+- name: RLHF_KAFKA_SSL_KEY_FILE
+  value: /etc/rlhf/kafka-user/user.key
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind it: the brokers' CA and the component's own credentials. Argument as above. */}}
+{{- define "rlhf-loop.kafkaVolumes" -}}
+{{- $sec := include "rlhf-loop.kafkaSecurity" .root | fromJson }}
+{{- if $sec.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $sec.caSecret }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- end }}
+{{- if $sec.userAuth }}
+- name: kafka-user
+  secret:
+    {{- if include "rlhf-loop.strimziEnabled" .root }}
+    # Written by Strimzi's User Operator for the KafkaUser.
+    secretName: {{ include "rlhf-loop.kafkaUser" . }}
     {{- else }}
-    # The public entry point.
-    - ports:
-        - port: {{ $mainPortName }}
-          protocol: TCP
-      {{- with $v.allowFrom }}
-      from:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+    secretName: {{ .root.Values.externalKafka.credentialsSecret }}
+    items:
+      - key: {{ printf "%s-password" .name }}
+        path: password
     {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rlhf-loop.kafkaMounts" -}}
+{{- $sec := include "rlhf-loop.kafkaSecurity" .root | fromJson }}
+{{- if $sec.caSecret }}
+- name: kafka-ca
+  mountPath: /etc/rlhf/kafka-ca
+  readOnly: true
+{{- end }}
+{{- if $sec.userAuth }}
+- name: kafka-user
+  mountPath: /etc/rlhf/kafka-user
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The Kafka security settings every client shares, as KEY: "value" lines (ConfigMap data). */}}
+{{- define "rlhf-loop.kafkaSecurityEnv" -}}
+{{- $sec := include "rlhf-loop.kafkaSecurity" . | fromJson }}
+RLHF_KAFKA_SECURITY_PROTOCOL: {{ $sec.protocol | quote }}
+{{- if $sec.mechanism }}
+RLHF_KAFKA_SASL_MECHANISM: {{ $sec.mechanism | quote }}
+{{- end }}
+{{- if $sec.caSecret }}
+RLHF_KAFKA_SSL_CA_FILE: /etc/rlhf/kafka-ca/ca.crt
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------------------------------
+Model version signing keys (shared/signing.py): a component gets only the keys of its lines
+--------------------------------------------------------------------------------------------- */}}
+
+{{/* Argument: (dict "root" $ "keys" (dict "RLHF_VERSIONS_..._FILE" "secret-key" ...)). */}}
+{{- define "rlhf-loop.versionKeyEnv" -}}
+{{- $vs := .root.Values.versionSigning }}
+{{- if .keys }}
+{{- if $vs.existingSecret }}
+{{- range $env, $key := .keys }}
+- name: {{ $env }}
+  value: {{ printf "/etc/rlhf/version-keys/%s" $key | quote }}
+{{- end }}
+{{- else if $vs.allowUnsigned }}
+# No signing keys: versions are published and accepted unsigned (development only).
+- name: RLHF_VERSIONS_ALLOW_UNSIGNED
+  value: "true"
+{{- else }}
+{{- fail "versionSigning.existingSecret is empty: name a Secret with the Ed25519 keys of the version lines (policy-signing-key.pem, policy-verify-keys, rm-signing-key.pem, rm-verify-keys), or set versionSigning.allowUnsigned=true (development only)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rlhf-loop.versionKeyVolume" -}}
+{{- $vs := .root.Values.versionSigning }}
+{{- if and .keys $vs.existingSecret }}
+- name: version-keys
+  secret:
+    secretName: {{ $vs.existingSecret }}
+    items:
+      {{- range $env, $key := .keys }}
+      - key: {{ $key }}
+        path: {{ $key }}
+      {{- end }}
 {{- end }}
 {{- end }}

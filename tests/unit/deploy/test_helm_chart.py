@@ -13,9 +13,14 @@ intended chart change, regenerate them and review the diff:
 
     UPDATE_GOLDEN=1 ./rlhf test tests/unit/deploy
 
-What only a real cluster can tell (Strimzi reconciling the Kafka resources, NetworkPolicy
-enforcement, ReadWriteMany provisioning, GPU scheduling, probes against running pods) is not
-checked here.
+Offline renders cannot read a cluster, so the chart refuses to invent secret values there: every
+render here gives them (OFFLINE_VALUES), and a test checks that without them the render fails.
+NetworkPolicies are checked connection by connection with a small evaluator of their semantics
+(``reachable``).
+
+What only a real cluster can tell (Strimzi reconciling the Kafka resources and ACLs, cert-manager
+issuing certificates, NetworkPolicy enforcement by the CNI, ReadWriteMany provisioning, GPU
+scheduling, probes against running pods, lookup of existing Secrets on upgrade) is not checked here.
 """
 
 from __future__ import annotations
@@ -55,9 +60,27 @@ CONFIGS = {"default": None, "gpu": "values-gpu.yaml", "external-kafka": "values-
 # Kinds of custom resources: kubernetes-validate only knows the built-in API, so these are checked
 # structurally by the tests below instead.
 CRD_GROUPS = {
-    "kafka.strimzi.io": "Strimzi CRDs (Kafka, KafkaNodePool) are not in the Kubernetes API schemas",
+    "kafka.strimzi.io": "Strimzi CRDs (Kafka, KafkaNodePool, KafkaUser) are not in the Kubernetes API schemas",
     "monitoring.coreos.com": "the Prometheus Operator's ServiceMonitor CRD is not in the Kubernetes API schemas",
+    "cert-manager.io": "cert-manager's CRDs (Certificate, Issuer) are not in the Kubernetes API schemas",
 }
+
+# The secret values an offline render must be given (the chart never invents them offline), and
+# version signing off (its keys are files a real Secret provides; tested separately).
+OFFLINE_VALUES: dict[str, Any] = {
+    "secrets": {"gatewayApiKeys": ["alice:" + "a" * 32, "bob:" + "b" * 32], "feedbackTokenSecret": "f" * 40},
+    "grpcAuth": {"gatewayToken": "g" * 32, "trainerToken": "t" * 32, "operator": {"token": "o" * 32}},
+    "versionSigning": {"allowUnsigned": True},
+}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in (dicts deeply, everything else replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
 
 # The chart's services and their config classes (imported by name: a service's tests skip while
 # its config class does not exist).
@@ -85,9 +108,11 @@ def _chart() -> helm.Chart:
     return helm.Chart.load(CHART)
 
 
-def render(values: dict[str, Any] | None = None) -> dict[str, str]:
-    """template path -> rendered text (schema-validated by Helm first)."""
-    return _chart().render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(values: dict[str, Any] | None = None, *, offline_values: bool = True) -> dict[str, str]:
+    """template path -> rendered text (schema-validated by Helm first), with OFFLINE_VALUES under
+    ``values`` unless ``offline_values`` is false."""
+    given = merged(OFFLINE_VALUES, values or {}) if offline_values else (values or {})
+    return _chart().render(values=given, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 @cache
@@ -175,7 +200,8 @@ def pod_specs(docs) -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_lint_strict(config):
-    report = helm.lint(CHART, values=values_of(config), strict=True, kube_version=f"v{KUBE_VERSION}")
+    values = merged(OFFLINE_VALUES, values_of(config))
+    report = helm.lint(CHART, values=values, strict=True, kube_version=f"v{KUBE_VERSION}")
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not report["errors"] and not problems, json.dumps(report, indent=2)
 
@@ -196,7 +222,9 @@ def test_manifests_validate_against_kubernetes_api(config):
         except kube_validate.SchemaNotFoundError as exc:
             failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
     assert not failures, "\n".join(failures)
-    expected_crds = set() if config == "external-kafka" else {"Kafka", "KafkaNodePool"}
+    expected_crds = {"Certificate", "Issuer"} | (
+        set() if config == "external-kafka" else {"Kafka", "KafkaNodePool", "KafkaUser"}
+    )
     assert skipped == expected_crds
 
 
@@ -209,11 +237,9 @@ def test_strict_validation_catches_a_misspelled_field():
 
 # --- golden renders ------------------------------------------------------------------------------
 
-_RANDOM_SECRET = re.compile(r'^(\s*feedback-token-secret: )"[A-Za-z0-9+/=]+"$', re.MULTILINE)
-
 
 def golden_text(config: str) -> str:
-    """The render as one YAML stream, in template order; the random HMAC key masked."""
+    """The render as one YAML stream, in template order (its secrets are OFFLINE_VALUES')."""
     values_file = CONFIGS[config] or "the default values"
     parts = [
         f"# helm/rlhf-loop rendered with {values_file}; release {RELEASE}, namespace {NAMESPACE}.\n"
@@ -225,7 +251,6 @@ def golden_text(config: str) -> str:
             continue
         if not path.endswith(".yaml"):  # NOTES.txt, as comments
             text = "\n".join(f"# {line}".rstrip() for line in text.splitlines())
-        text = _RANDOM_SECRET.sub(r'\1"<random: generated at install, kept across upgrades>"', text)
         parts.append(f"---\n# Source: {path}\n{text}\n")
     return "".join(parts)
 
@@ -258,13 +283,79 @@ def test_golden_render(config):
         )
 
 
-def test_secret_is_the_only_nondeterministic_part():
+def test_two_offline_renders_give_the_same_secrets():
     a = render(values_of("default"))
     b = render(values_of("default"))
-    differing = sorted(p for p in a if a[p] != b[p])
-    assert differing == [f"{CHART.name}/templates/secret.yaml"]
-    masked = lambda t: _RANDOM_SECRET.sub("", t)
-    assert masked(a[differing[0]]) == masked(b[differing[0]])
+    assert a == b, "two offline renders with the same values differ"
+    docs = documents(a)
+    creds = one(docs, "Secret", f"{RELEASE}-grpc-credentials")["data"]
+    decoded = {k: base64.b64decode(v).decode() for k, v in creds.items()}
+    assert decoded["gateway-token"] == "g" * 32 and decoded["trainer-token"] == "t" * 32
+    from shared.config import credential_entry
+
+    assert decoded["accepted"].split(",") == [
+        credential_entry("gateway", "g" * 32),
+        credential_entry("trainer", "t" * 32),
+        credential_entry("operator", "o" * 32),
+    ], "every service accepts the callers' hashes, the operator's token itself stays in its own Secret"
+    operator = one(docs, "Secret", f"{RELEASE}-operator-credential")["data"]
+    assert base64.b64decode(operator["token"]).decode() == "o" * 32
+    assert "o" * 32 not in json.dumps([d for d in docs if d["metadata"]["name"] != f"{RELEASE}-operator-credential"])
+
+
+UNSET = {
+    "secrets.feedbackTokenSecret": {"secrets": {"feedbackTokenSecret": ""}},
+    "grpcAuth.gatewayToken": {"grpcAuth": {"gatewayToken": ""}},
+    "grpcAuth.trainerToken": {"grpcAuth": {"trainerToken": ""}},
+    "grpcAuth.operator.token": {"grpcAuth": {"operator": {"token": ""}}},
+}
+
+
+@pytest.mark.parametrize("values,name", [(v, k) for k, v in UNSET.items()], ids=UNSET.keys())
+def test_an_offline_render_without_a_secret_value_fails_naming_it(values, name):
+    """Offline (no cluster to keep a generated value in), a random value would differ at every
+    render and replicas rendered apart would disagree: the render fails instead."""
+    with pytest.raises(helm.HelmError, match=re.escape(f"{name} is empty and the cluster cannot be read")):
+        render(values)
+
+
+def test_existing_secrets_need_no_values_offline():
+    values = {
+        "secrets": {"existingSecret": "my-keys", "feedbackTokenSecret": "", "gatewayApiKeys": []},
+        "grpcAuth": {
+            "existingSecret": "my-grpc",
+            "gatewayToken": "",
+            "trainerToken": "",
+            "operator": {"existingSecret": "my-op", "token": ""},
+        },
+    }
+    docs = documents(render(values))
+    assert not find(docs, "Secret")
+    env = main_container(deployment(docs, "trainer"))["env"]
+    refs = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in env if "valueFrom" in v}
+    assert refs["RLHF_AUTH_ACCEPT"] == {"name": "my-grpc", "key": "accepted"}
+    assert refs["RLHF_AUTH_TOKEN"] == {"name": "my-grpc", "key": "trainer-token"}
+
+
+def test_pods_restart_when_a_secret_value_they_use_changes():
+    """Each pod carries a checksum of exactly the secret values its environment uses."""
+
+    def checksums(values):
+        docs = documents(render(values))
+        return {
+            s: deployment(docs, s)["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"] for s in SERVICES
+        }
+
+    base = checksums({})
+    trainer_token = checksums({"grpcAuth": {"trainerToken": "T" * 32}})
+    # The trainer presents it; every gRPC service accepts its hash.
+    assert {s for s in SERVICES if trainer_token[s] != base[s]} == {"trainer", "inference", "feedback", "reward"}
+    operator = checksums({"grpcAuth": {"operator": {"token": "O" * 32}}})
+    assert {s for s in SERVICES if operator[s] != base[s]} == {"trainer", "inference", "feedback", "reward"}
+    feedback_key = checksums({"secrets": {"feedbackTokenSecret": "F" * 40}})
+    assert {s for s in SERVICES if feedback_key[s] != base[s]} == {"gateway", "feedback"}
+    api_keys = checksums({"secrets": {"gatewayApiKeys": ["carol:" + "c" * 32]}})
+    assert {s for s in SERVICES if api_keys[s] != base[s]} == {"gateway"}
 
 
 # --- services against their config classes ---------------------------------------------------------
@@ -288,7 +379,7 @@ def test_env_and_ports_are_the_ones_the_config_reads(config, service):
     cfg = load_config(cls, environ)
     assert cfg.host == "0.0.0.0"
     # ...and its ports are the container's ports.
-    port_fields = [f.name for f in dataclasses.fields(cls) if f.name.endswith("port")]
+    port_fields = [f.name for f in dataclasses.fields(cls) if f.name.endswith("port") and f.type in (int, "int")]
     config_ports = {getattr(cfg, f) for f in port_fields if getattr(cfg, f)}
     container_ports = {p["containerPort"] for p in container["ports"]}
     assert container_ports == config_ports, (
@@ -298,8 +389,10 @@ def test_env_and_ports_are_the_ones_the_config_reads(config, service):
     by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
     if "grpc_port" in port_fields:
         assert by_name["grpc"] == cfg.grpc_port
+        # TLS on: the kubelet's grpc probes (no TLS) ask the plaintext health-only port.
+        assert cfg.auth.tls_server and by_name["health"] == cfg.health_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == cfg.grpc_port
+            assert container[probe]["grpc"]["port"] == cfg.health_port
     if getattr(cfg, "metrics_port", 0):
         assert by_name["metrics"] == cfg.metrics_port
 
@@ -555,7 +648,7 @@ def test_external_kafka_renders_no_strimzi_resources():
     assert one(docs, "ConfigMap", f"{RELEASE}-env-kafka")["data"]["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == servers
     job_env = {v["name"]: v.get("value") for v in main_container(one(docs, "Job", f"{RELEASE}-kafka-topics"))["env"]}
     assert job_env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == servers
-    egress = one(docs, "NetworkPolicy", f"{RELEASE}-egress")["spec"]["egress"]
+    egress = one(docs, "NetworkPolicy", f"{RELEASE}-kafka-clients")["spec"]["egress"]
     ports = {int(s.rpartition(":")[2]) for s in servers.split(",")}
     assert any({p["port"] for p in rule.get("ports", [])} == ports and "to" in rule for rule in egress)
 
@@ -613,56 +706,332 @@ def test_model_store_is_shared_read_write_only_by_learners(config):
         assert "model-store" not in json.dumps(deployment(docs, service)), f"{service} should not mount the store"
 
 
+# --- NetworkPolicies, connection by connection ----------------------------------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions In/NotIn/Exists/DoesNotExist)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if (
+            (op == "In" and labels.get(key) not in values)
+            or (op == "NotIn" and labels.get(key) in values)
+            or (op == "Exists" and key not in labels)
+            or (op == "DoesNotExist" and key in labels)
+        ):
+            return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    labels: dict[str, str]
+    ports: dict[str, int]  # name -> number
+    namespace: str = NAMESPACE
+
+
+def pods_of(docs) -> dict[str, Pod]:
+    """component -> a pod of it (labels and named ports), from the Deployments and Jobs."""
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "Job"):
+            tpl = d["spec"]["template"]
+            ports = {p["name"]: p["containerPort"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
+            out[tpl["metadata"]["labels"]["app.kubernetes.io/component"]] = Pod(tpl["metadata"]["labels"], ports)
+    return out
+
+
+OUTSIDE = Pod({"app": "somebody-else"}, {}, namespace="elsewhere")
+OPERATOR_POD = Pod({"rlhf-operator": "true", "app": "ops"}, {})
+MONITORING_POD = Pod({"app": "prometheus"}, {}, namespace="monitoring")
+KAFKA_POD = Pod({"strimzi.io/cluster": f"{RELEASE}-kafka", "strimzi.io/kind": "Kafka"}, {"tcp-clientstls": 9093})
+
+
+def peer_matches(peer: dict[str, Any], pod: Pod) -> bool:
+    if "ipBlock" in peer:
+        return False  # addresses outside the cluster: none of these pods
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod.namespace}):
+            return False
+    elif pod.namespace != NAMESPACE:
+        return False
+    return selects(peer.get("podSelector", {}), pod.labels)
+
+
+def port_matches(rule_ports: list[dict[str, Any]] | None, port: int, owner: Pod) -> bool:
+    if not rule_ports:
+        return True
+    return any(p["port"] == port or owner.ports.get(p["port"]) == port for p in rule_ports)
+
+
+def allowed(docs, direction: str, subject: Pod, other: Pod, port: int, owner: Pod) -> bool:
+    """Whether the policies selecting ``subject`` (none: all allowed) let ``other`` through on
+    ``port`` (Ingress: other -> subject; Egress: subject -> other); ``owner`` names the port."""
+    policies = [
+        d
+        for d in docs
+        if d["kind"] == "NetworkPolicy"
+        and direction in d["spec"]["policyTypes"]
+        and subject.namespace == NAMESPACE
+        and selects(d["spec"]["podSelector"], subject.labels)
+    ]
+    if not policies:
+        return True
+    key, peer_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    return any(
+        (rule.get(peer_key) is None or any(peer_matches(p, other) for p in rule[peer_key]))
+        and port_matches(rule.get("ports"), port, owner)
+        for policy in policies
+        for rule in policy["spec"].get(key, [])
+    )
+
+
+def reachable(docs, src: Pod, dst: Pod, port_name: str) -> bool:
+    """src can open a connection to dst's named port: src's egress and dst's ingress both allow it."""
+    port = dst.ports[port_name]
+    return allowed(docs, "Egress", src, dst, port, dst) and allowed(docs, "Ingress", dst, src, port, dst)
+
+
+# Every connection between the release's pods; any other pair is refused.
+CONNECTIONS = {("gateway", "inference"), ("gateway", "feedback"), ("trainer", "inference"), ("trainer", "reward")}
+KAFKA_CLIENTS = {"inference", "feedback", "reward", "trainer", "kafka-topics"}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
-def test_network_policies_expose_only_the_gateway(config):
+def test_network_policies_allow_each_connection_and_nothing_else(config):
     docs = docs_of(config)
+    pods = pods_of(docs)
     deny = one(docs, "NetworkPolicy", f"{RELEASE}-default-deny")
     assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny["spec"]
-    release = {"app.kubernetes.io/name": "rlhf-loop", "app.kubernetes.io/instance": RELEASE}
-    assert deny["spec"]["podSelector"]["matchLabels"] == release
-    for service in SERVICES:
-        rules = one(docs, "NetworkPolicy", component_name(service))["spec"]["ingress"]
-        main = [r for r in rules if {p["port"] for p in r["ports"]} == {"http" if service == "gateway" else "grpc"}]
-        assert len(main) == 1, service
-        if service == "gateway":
-            assert "from" not in main[0]  # reachable from outside the release
-        else:
-            assert main[0]["from"] == [{"podSelector": {"matchLabels": release}}], service
+    services = [s for s in SERVICES if s in pods]
+    for src in pods:
+        for dst in services:
+            if dst != "gateway" and src != dst:
+                expected = (src, dst) in CONNECTIONS
+                assert reachable(docs, pods[src], pods[dst], "grpc") is expected, f"{src} -> {dst}"
+    # The gateway is the public entry point; no gRPC port is reachable from outside.
+    assert reachable(docs, OUTSIDE, pods["gateway"], "http")
+    for service in set(services) - {"gateway"}:
+        assert not reachable(docs, OUTSIDE, pods[service], "grpc"), service
+    # Operators reach the trainer's controls and the reward service's rater RPCs, nothing else.
+    assert reachable(docs, OPERATOR_POD, pods["trainer"], "grpc")
+    assert reachable(docs, OPERATOR_POD, pods["reward"], "grpc")
+    assert not reachable(docs, OPERATOR_POD, pods["inference"], "grpc")
+    assert not reachable(docs, OPERATOR_POD, pods["feedback"], "grpc")
+    # Prometheus scrapes the metrics ports only; the kubelet's probes get the plaintext health port.
+    for service in set(services) - {"gateway"}:
+        assert reachable(docs, MONITORING_POD, pods[service], "metrics"), service
+        assert not reachable(docs, MONITORING_POD, pods[service], "grpc"), service
+        assert reachable(docs, OUTSIDE, pods[service], "health"), service
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_learners_may_reach_kafka(config):
-    """The reward learner reads rlhf.feedback and rlhf.completions and writes rlhf.reward-models; the
-    trainer reads rlhf.completions and writes rlhf.policy-updates: the release-wide egress policy must
-    select their pods and allow the brokers."""
+def test_only_producers_and_consumers_reach_kafka(config):
     docs = docs_of(config)
-    egress = one(docs, "NetworkPolicy", f"{RELEASE}-egress")["spec"]
+    pods = pods_of(docs)
     bootstrap = one(docs, "ConfigMap", f"{RELEASE}-env-kafka")["data"]["RLHF_KAFKA_BOOTSTRAP_SERVERS"]
-    kafka_ports = {int(s.rpartition(":")[2]) for s in bootstrap.split(",")}
-    kafka_rules = [r for r in egress["egress"] if {p["port"] for p in r.get("ports", [])} == kafka_ports]
-    assert len(kafka_rules) == 1
-    if config != "external-kafka":
-        (peer,) = kafka_rules[0]["to"]
-        assert peer["podSelector"]["matchLabels"]["strimzi.io/kind"] == "Kafka"
-    for service in ("reward", "trainer"):
-        labels = deployment(docs, service)["spec"]["template"]["metadata"]["labels"]
-        assert egress["podSelector"]["matchLabels"].items() <= labels.items(), service
-        env = container_environ(docs, main_container(deployment(docs, service)))
-        assert env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] == bootstrap, service
+    port = int(bootstrap.split(",")[0].rpartition(":")[2])
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-kafka-clients")
+    assert {c for c, pod in pods.items() if selects(policy["spec"]["podSelector"], pod.labels)} == KAFKA_CLIENTS
+    if config == "external-kafka":
+        # The brokers are addresses (networkPolicy.externalKafkaTo): the rule names their port.
+        assert any({p["port"] for p in r["ports"]} == {port} and "to" in r for r in policy["spec"]["egress"])
+        return
+    for component, pod in pods.items():
+        assert allowed(docs, "Egress", pod, KAFKA_POD, port, KAFKA_POD) is (component in KAFKA_CLIENTS), component
+    # Strimzi's own policy for the listener admits the same pods (networkPolicyPeers).
+    (listener,) = find(docs, "Kafka")[0]["spec"]["kafka"]["listeners"]
+    assert listener["port"] == port
+    admitted = {c for c, pod in pods.items() if any(peer_matches(p, pod) for p in listener["networkPolicyPeers"])}
+    assert admitted == KAFKA_CLIENTS
+
+
+def test_the_evaluator_refuses_what_no_rule_allows():
+    docs = docs_of("default")
+    pods = pods_of(docs)
+    assert not reachable(docs, pods["gateway"], pods["trainer"], "grpc")
+    # With default-deny alone nothing is reachable; without any policy everything is.
+    bare = [d for d in docs if d["kind"] != "NetworkPolicy" or d["metadata"]["name"].endswith("default-deny")]
+    assert not reachable(bare, pods["gateway"], pods["inference"], "grpc")
+    assert reachable([d for d in docs if d["kind"] != "NetworkPolicy"], pods["gateway"], pods["trainer"], "grpc")
+
+
+def test_operators_can_be_chosen():
+    peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}
+    docs = documents(render({"networkPolicy": {"operatorFrom": [peer]}}))
+    pods = pods_of(docs)
+    assert reachable(docs, Pod({"x": "y"}, {}, namespace="ops"), pods["trainer"], "grpc")
+    assert not reachable(docs, OPERATOR_POD, pods["trainer"], "grpc")
+
+
+# --- gRPC TLS and credentials -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_service_gets_a_certificate_and_callers_their_tokens(config):
+    docs = docs_of(config)
+    issuers = {d["metadata"]["name"]: d for d in find(docs, "Issuer")}
+    assert issuers[f"{RELEASE}-selfsigned"]["spec"] == {"selfSigned": {}}
+    assert issuers[f"{RELEASE}-ca"]["spec"] == {"ca": {"secretName": f"{RELEASE}-ca"}}
+    for service in SERVICES:
+        dep = deployment(docs, service)
+        cert = one(docs, "Certificate", f"{component_name(service)}-tls")
+        assert cert["spec"]["issuerRef"]["name"] == f"{RELEASE}-ca"
+        assert {component_name(service), f"{component_name(service)}.{NAMESPACE}.svc"} <= set(cert["spec"]["dnsNames"])
+        volume, mount = _volume(dep, "tls")
+        assert volume == {"name": "tls", "secret": {"secretName": cert["spec"]["secretName"]}}
+        cfg = load_config(config_class(service), container_environ(docs, main_container(dep)))
+        assert cfg.auth.tls_ca_file == Path(mount["mountPath"]) / "ca.crt"
+        if service != "gateway":
+            assert cfg.auth.tls_cert_file == Path(mount["mountPath"]) / "tls.crt"
+            assert cfg.auth.tls_key_file == Path(mount["mountPath"]) / "tls.key"
+            assert sorted(cfg.auth.accepted_callers().values()) == ["gateway", "operator", "trainer"]
+        expected_token = {"gateway": "g" * 32, "trainer": "t" * 32}.get(service, "")
+        assert cfg.auth.token == expected_token, service
+
+
+def test_certificates_from_a_given_issuer_or_existing_secrets():
+    docs = documents(render({"tls": {"certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}}))
+    assert not find(docs, "Issuer")
+    issuer = one(docs, "Certificate", f"{component_name('inference')}-tls")["spec"]["issuerRef"]
+    assert issuer == {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    existing = {s: f"{s}-certs" for s in SERVICES}
+    docs = documents(render({"tls": {"certManager": {"enabled": False}, "existingSecrets": existing}}))
+    assert not find(docs, "Certificate") and not find(docs, "Issuer")
+    assert _volume(deployment(docs, "reward"), "tls")[0]["secret"]["secretName"] == "reward-certs"
+    with pytest.raises(helm.HelmError, match=r"needs tls\.existingSecrets\.[a-z]+: a Secret with tls.crt"):
+        render({"tls": {"certManager": {"enabled": False}}})
+
+
+def test_tls_off_is_an_explicit_plaintext_network():
+    docs = documents(render({"tls": {"enabled": False}}))
+    assert not find(docs, "Certificate")
+    container = main_container(deployment(docs, "inference"))
+    cfg = load_config(config_class("inference"), container_environ(docs, container))
+    assert cfg.auth.allow_plaintext and not cfg.auth.tls_server and cfg.health_port == 0
+    assert container["readinessProbe"]["grpc"]["port"] == cfg.grpc_port
+
+
+def test_mutual_tls_gives_every_client_its_certificate():
+    docs = documents(render({"tls": {"clientAuth": True}}))
+    for service in SERVICES:
+        cfg = load_config(config_class(service), container_environ(docs, main_container(deployment(docs, service))))
+        assert cfg.auth.tls_client_auth and cfg.auth.tls_cert_file is not None, service
+
+
+def test_version_keys_reach_only_the_services_of_their_lines():
+    docs = documents(render({"versionSigning": {"existingSecret": "version-keys", "allowUnsigned": False}}))
+    expected = {
+        "inference": {"policy-verify-keys"},
+        "trainer": {"policy-signing-key.pem"},
+        "reward": {"rm-verify-keys", "rm-signing-key.pem"},
+        "gateway": set(),
+        "feedback": set(),
+    }
+    for service, keys in expected.items():
+        volume, _ = _volume(deployment(docs, service), "version-keys")
+        assert ({i["key"] for i in volume["secret"]["items"]} if volume else set()) == keys, service
+    with pytest.raises(helm.HelmError, match="versionSigning.existingSecret is empty"):
+        render({"versionSigning": {"allowUnsigned": False}})
+
+
+# --- Kafka users ---------------------------------------------------------------------------------
+
+
+def acls_of(docs, component: str) -> dict[str, set[str]]:
+    """topic -> what the component's KafkaUser may do with it."""
+    out: dict[str, set[str]] = {}
+    for acl in one(docs, "KafkaUser", component_name(component))["spec"]["authorization"]["acls"]:
+        if acl["resource"]["type"] == "topic":
+            out.setdefault(acl["resource"]["name"], set()).update(acl["operations"])
+    return out
+
+
+def test_each_service_is_its_own_kafka_user_with_exactly_its_topics():
+    docs = docs_of("default")
+    reads, writes = {"Read", "Describe"}, {"Write", "Describe"}
+    expected = {
+        "inference": {"rlhf.completions": writes, "rlhf.policy-updates": reads},
+        "feedback": {"rlhf.feedback": reads | writes, "rlhf.feedback.dlq": writes},
+        "reward": {"rlhf.feedback": reads, "rlhf.completions": reads, "rlhf.reward-models": reads | writes},
+        "trainer": {"rlhf.completions": reads, "rlhf.policy-updates": writes},
+    }
+    for component, topics in expected.items():
+        assert acls_of(docs, component) == topics, component
+        user = one(docs, "KafkaUser", component_name(component))
+        assert user["metadata"]["labels"]["strimzi.io/cluster"] == f"{RELEASE}-kafka"
+        assert user["spec"]["authentication"] == {"type": "scram-sha-512"}
+        dep = deployment(docs, component)
+        cfg = load_config(config_class(component), container_environ(docs, main_container(dep)))
+        assert cfg.kafka.security_protocol == "SASL_SSL" and cfg.kafka.sasl_username == component_name(component)
+        volume, mount = _volume(dep, "kafka-user")
+        assert volume["secret"]["secretName"] == component_name(component)  # Strimzi's Secret of the user
+        assert cfg.kafka.sasl_password_file == Path(mount["mountPath"]) / "password"
+        ca, ca_mount = _volume(dep, "kafka-ca")
+        assert ca["secret"]["secretName"] == f"{RELEASE}-kafka-cluster-ca-cert"
+        assert cfg.kafka.ssl_ca_file == Path(ca_mount["mountPath"]) / "ca.crt"
+    assert not find(docs, "KafkaUser", component_name("gateway"))
+    assert "RLHF_KAFKA" not in json.dumps(main_container(deployment(docs, "gateway")))
+    admin = {"Create", "Describe", "Alter", "DescribeConfigs", "AlterConfigs"}
+    assert acls_of(docs, "kafka-topics") == {"rlhf.": admin}
+    (kafka,) = find(docs, "Kafka")
+    assert kafka["spec"]["kafka"]["authorization"] == {"type": "simple"}
+    assert "userOperator" in kafka["spec"]["entityOperator"]
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    assert listener["tls"] is True and listener["authentication"] == {"type": "scram-sha-512"}
+
+
+def test_kafka_users_can_authenticate_by_certificate():
+    docs = documents(render({"kafka": {"strimzi": {"listener": {"authentication": "tls"}}}}))
+    cfg = load_config(config_class("reward"), container_environ(docs, main_container(deployment(docs, "reward"))))
+    assert cfg.kafka.security_protocol == "SSL" and cfg.kafka.ssl_cert_file == Path("/etc/rlhf/kafka-user/user.crt")
+    assert one(docs, "KafkaUser", component_name("reward"))["spec"]["authentication"] == {"type": "tls"}
+
+
+def test_external_kafka_with_sasl_takes_its_credentials_from_a_secret():
+    sasl = {"externalKafka": {"securityProtocol": "SASL_SSL", "credentialsSecret": "kafka-users", "caSecret": "ca"}}
+    docs = documents(render(merged(values_of("external-kafka"), sasl)))
+    dep = deployment(docs, "feedback")
+    (user,) = [v for v in main_container(dep)["env"] if v["name"] == "RLHF_KAFKA_SASL_USERNAME"]
+    assert user["valueFrom"]["secretKeyRef"] == {"name": "kafka-users", "key": "feedback-username"}
+    volume, _ = _volume(dep, "kafka-user")
+    assert volume["secret"] == {
+        "secretName": "kafka-users",
+        "items": [{"key": "feedback-password", "path": "password"}],
+    }
+    shared = one(docs, "ConfigMap", f"{RELEASE}-env-kafka")["data"]
+    assert shared["RLHF_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert shared["RLHF_KAFKA_SSL_CA_FILE"] == "/etc/rlhf/kafka-ca/ca.crt"
+    assert _volume(dep, "kafka-ca")[0]["secret"]["secretName"] == "ca"
+    job_env = {v["name"]: v for v in main_container(one(docs, "Job", f"{RELEASE}-kafka-topics"))["env"]}
+    assert job_env["RLHF_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+    assert job_env["RLHF_KAFKA_SASL_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "kafka-topics-username"
+    with pytest.raises(helm.HelmError, match="externalKafka.credentialsSecret"):
+        render(merged(values_of("external-kafka"), {"externalKafka": {"securityProtocol": "SASL_SSL"}}))
 
 
 def test_existing_secret_is_referenced_not_created():
     docs = documents(render({"secrets": {"existingSecret": "my-keys"}}))
-    assert not find(docs, "Secret")
+    assert not find(docs, "Secret", f"{RELEASE}-secrets")
     env = main_container(deployment(docs, "gateway"))["env"]
     (keys,) = [v for v in env if v["name"] == "RLHF_GATEWAY_API_KEYS"]
     assert keys["valueFrom"]["secretKeyRef"] == {"name": "my-keys", "key": "gateway-api-keys"}
 
 
 def test_gateway_api_keys_come_from_the_secret():
-    docs = documents(render({"secrets": {"gatewayApiKeys": ["k" * 32, "j" * 32]}}))
+    docs = documents(render({"secrets": {"gatewayApiKeys": ["carol:" + "k" * 32, "dave:" + "j" * 32]}}))
     env = container_environ(docs, main_container(deployment(docs, "gateway")))
-    assert load_config(config_class("gateway"), env).api_keys == ("k" * 32, "j" * 32)
+    assert load_config(config_class("gateway"), env).api_keys == f"carol:{'k' * 32},dave:{'j' * 32}"
+
+
+def test_a_gateway_without_keys_must_be_anonymous_explicitly():
+    with pytest.raises(helm.HelmError, match="gateway.anonymous=true"):
+        render({"secrets": {"gatewayApiKeys": []}})
+    docs = documents(render({"secrets": {"gatewayApiKeys": []}, "gateway": {"anonymous": True}}))
+    env = container_environ(docs, main_container(deployment(docs, "gateway")))
+    assert load_config(config_class("gateway"), env).anonymous is True
 
 
 def test_ingress_and_service_monitor_are_optional():
@@ -1033,12 +1402,12 @@ def test_dashboard_panels_do_not_overlap():
 def test_services_wait_for_topics_policy_and_reward_model_before_starting(config):
     docs = docs_of(config)
     expected = {
-        "gateway": (False, False, False),
-        "inference": (True, False, True),
-        "feedback": (False, False, True),
-        "reward": (False, True, True),
-        "trainer": (True, False, True),
-    }  # (policy, reward model, topics)
+        "gateway": (False, False, ()),
+        "inference": (True, False, ("rlhf.completions", "rlhf.policy-updates")),
+        "feedback": (False, False, ("rlhf.feedback", "rlhf.feedback.dlq")),
+        "reward": (False, True, ("rlhf.completions", "rlhf.feedback", "rlhf.reward-models")),
+        "trainer": (True, False, ("rlhf.completions", "rlhf.policy-updates")),
+    }  # (policy, reward model, the topics it reads or writes: all its Kafka user may see)
     for service, (policy, reward_model, topics) in expected.items():
         inits = deployment(docs, service)["spec"]["template"]["spec"].get("initContainers", [])
         if not (policy or topics):
@@ -1050,7 +1419,11 @@ def test_services_wait_for_topics_policy_and_reward_model_before_starting(config
         assert ("--policy" in args) is policy, service
         assert ("--reward-model" in args) is reward_model, service
         if topics:
-            assert set(args[args.index("--topics") + 1].split(",")) == set(kafka_topics.ALL_TOPICS)
+            assert tuple(args[args.index("--topics") + 1].split(",")) == topics, service
+            init_env = {v["name"] for v in init.get("env", [])}
+            assert (
+                config == "external-kafka" or {"RLHF_KAFKA_SASL_USERNAME", "RLHF_KAFKA_SASL_PASSWORD_FILE"} <= init_env
+            )
     scripts = one(docs, "ConfigMap", f"{RELEASE}-scripts")
     assert scripts["data"]["wait_for.py"] == (CHART / "files" / "wait_for.py").read_text()
 
