@@ -20,7 +20,6 @@ import statistics
 import threading
 import time
 
-import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -33,8 +32,19 @@ from shared.kafka.publishers import KafkaPublisher, Outbox
 from shared.kafka.topics import COMPLETIONS, REWARD_MODELS
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
-from shared.version_line import REWARD_MODEL, PendingAnnouncement, VersionLine
-from tests.conftest import TEST_TOKEN_SECRET, LoopThread, consume_events, start_broker, start_feedback, wait_until
+from shared.version_line import POLICY, REWARD_MODEL, PendingAnnouncement, VersionLine
+from tests.conftest import (
+    TEST_TOKEN_SECRET,
+    LoopThread,
+    consume_events,
+    grpc_channel,
+    start_broker,
+    start_feedback,
+    test_auth,
+    test_signing_key,
+    test_versions,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,14 +79,13 @@ class World:
         self.feedback = start_feedback(self.loop, self.broker.kafka)
         self.store = ModelStore(tmp_path_factory.mktemp("learner-models"))
         copy = tmp_path_factory.mktemp("learner-policy") / "policy"
-        shutil.copytree(
-            policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.json")
-        )
-        self.store.publish("policy", copy)
-        train_first_rm(self.store, EXAMPLE_RANKINGS, epochs=3, settings=OFFLINE_SETTINGS)
+        shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest*"))
+        VersionLine(self.store, POLICY, signer=test_signing_key()).publish(copy)
+        train_first_rm(self.store, EXAMPLE_RANKINGS, epochs=3, settings=OFFLINE_SETTINGS, signer=test_signing_key("rm"))
+        self.copies_dir = tmp_path_factory.mktemp("learner-copies")
         self.state_dir = tmp_path_factory.mktemp("learner-state")
         self.inference = Outbox(KafkaPublisher(self.broker.kafka, "inference"))
-        self.channel = grpc.insecure_channel(self.feedback.address)
+        self.channel = grpc_channel(self.feedback.address, "gateway")
         self.feedback_stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
         self.reward = None
         self.preferred_first = True  # set by the first test: which response users prefer
@@ -98,6 +107,12 @@ class World:
             learner_lr=1e-3,
             gate_tolerance=0.02,
             torch_threads=1,
+            # One rater at a time teaches the RM here (and mallory, alone on her prompts, tests the gate):
+            # no cap per principal, no quarantine. Their own test is test_reward_quarantine.py.
+            max_principal_share=1.0,
+            quarantine_below=0.0,
+            auth=test_auth(),
+            versions=test_versions(copies_dir=self.copies_dir),
         )
         values.update(overrides)
         cfg = load_config(RewardConfig, {}, **values)
@@ -158,10 +173,11 @@ class World:
         first_is_preferred = self.preferred_first != reverse
         order = list(ids) if first_is_preferred else list(reversed(ids))
         ph = prompt_hash([("user", question(a))])
-        tokens = [sign(TEST_TOKEN_SECRET, TokenClaims(rid, "policy-0001", ph, int(time.time()) + 3600)) for rid in ids]
+        exp = int(time.time()) + 3600
+        tokens = [sign(TEST_TOKEN_SECRET, TokenClaims(rid, "policy-0001", ph, exp, principal=user)) for rid in ids]
         resp = self.feedback_stub.SubmitFeedback(
             feedback_pb2.SubmitFeedbackRequest(
-                ranking=feedback_pb2.Ranking(response_ids=order), feedback_tokens=tokens, user_id=user
+                ranking=feedback_pb2.Ranking(response_ids=order), feedback_tokens=tokens, principal=user
             ),
             timeout=30,
         )
@@ -174,7 +190,7 @@ class World:
             self.rank(a, ids, user, reverse)
 
     def reward_stub(self):
-        return reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(self.reward.address))
+        return reward_pb2_grpc.RewardServiceStub(grpc_channel(self.reward.address, "trainer"))
 
 
 def score_items(prompts, text):
@@ -197,7 +213,7 @@ class ScoreLoad:
 
     def _run(self, address: str) -> None:
         items = score_items(range(1, 9), answer)
-        with grpc.insecure_channel(address) as channel:
+        with grpc_channel(address, "trainer") as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
             while not self._stop.is_set():
                 try:
@@ -318,8 +334,10 @@ def test_a_version_published_but_never_announced_is_announced_on_restart(world, 
     # the version current in the store, the rm line's last acknowledged announcement the one before.
     world.stop_reward()
     src = tmp_path / "rm"
-    shutil.copytree(world.store.path("rm-0003"), src, ignore=shutil.ignore_patterns("manifest.json"))
-    VersionLine(world.store, REWARD_MODEL, UnreachableKafka()).publish(src, parent="rm-0003")
+    shutil.copytree(world.store.path("rm-0003"), src, ignore=shutil.ignore_patterns("manifest*"))
+    VersionLine(world.store, REWARD_MODEL, UnreachableKafka(), signer=test_signing_key("rm")).publish(
+        src, parent="rm-0003"
+    )
     assert VersionLine(world.store, REWARD_MODEL).pending_announcement() == PendingAnnouncement("rm-0004", "publish")
     world.start_reward()
     [announced] = consume_events(
@@ -331,4 +349,6 @@ def test_a_version_published_but_never_announced_is_announced_on_restart(world, 
     assert announced.payload.manifest_sha256 == world.store.manifest_sha256("rm-0004")
     assert announced.payload.parent == "rm-0003" and announced.payload.reason == "publish"
     assert VersionLine(world.store, REWARD_MODEL).pending_announcement() is None
-    assert world.reward.scorer.version == "rm-0004"
+    # The restarted scorer started from the last signed announcement (rm-0003) and swaps when the
+    # owed one arrives (shared/version_line.py, "Restarts").
+    wait_until(lambda: world.reward.scorer.version == "rm-0004", 30, "the owed version was not swapped in")
