@@ -18,7 +18,7 @@ from shared.config import ModelStoreConfig, load_config
 from shared.errors import PARAM_METADATA_KEY
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, reward_pb2, reward_pb2_grpc
-from tests.conftest import LoopThread
+from tests.conftest import LoopThread, grpc_channel, test_auth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,7 +30,7 @@ def rm_store(policy_store, tmp_path_factory):
     """A store of our own (never the shared session store): a copy of policy-0001, then rm-0001."""
     store = ModelStore(tmp_path_factory.mktemp("reward-models"))
     copy = tmp_path_factory.mktemp("policy-copy") / "policy"
-    shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.json"))
+    shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.*"))
     store.publish("policy", copy, extra={"copied_from": policy_store.first})
     result = train_first_rm(store, EXAMPLE_RANKINGS, epochs=5, settings=OFFLINE_SETTINGS)
     return store, result
@@ -51,6 +51,7 @@ def reward_app(rm_store):
         max_items=64,
         max_batch_size=16,
         max_response_chars=2000,
+        auth=test_auth(),
     )
     loop = LoopThread()
 
@@ -67,7 +68,7 @@ def reward_app(rm_store):
 
 @pytest.fixture()
 def stub(reward_app):
-    with grpc.insecure_channel(reward_app.address) as channel:
+    with grpc_channel(reward_app.address, "trainer") as channel:
         yield reward_pb2_grpc.RewardServiceStub(channel), channel
 
 

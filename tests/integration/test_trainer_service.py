@@ -28,7 +28,15 @@ from shared.kafka.embedded import free_port
 from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from tests.conftest import LoopThread, consume_events, start_broker, start_inference, wait_until
+from tests.conftest import (
+    LoopThread,
+    consume_events,
+    grpc_channel,
+    start_broker,
+    start_inference,
+    test_auth,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,7 +56,7 @@ def store(policy_store, tmp_path_factory):
     """A store of our own: a copy of the default policy-0001, then rm-0001 trained from it."""
     store = ModelStore(tmp_path_factory.mktemp("trainer-models"))
     copy = tmp_path_factory.mktemp("trainer-policy-copy") / "policy"
-    shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.json"))
+    shutil.copytree(policy_store.store.path(policy_store.first), copy, ignore=shutil.ignore_patterns("manifest.*"))
     store.publish("policy", copy, extra={"copied_from": policy_store.first})
     train_first_rm(store, EXAMPLE_RANKINGS, epochs=1, settings=OFFLINE_SETTINGS)
     return store
@@ -71,6 +79,7 @@ def services(own_broker, store):
         kafka=own_broker.kafka,
         model_store=ModelStoreConfig(root=store.root),
         torch_threads=1,
+        auth=test_auth(),
         **no_learner,
     )
 
@@ -100,7 +109,7 @@ class Trainer:
             return app
 
         self.app = loop.run(make(), timeout=300)
-        self.channel = grpc.insecure_channel(self.app.address)
+        self.channel = grpc_channel(self.app.address, "operator")
         self.stub = trainer_pb2_grpc.TrainerServiceStub(self.channel)
 
     def status(self) -> trainer_pb2.TrainerStatus:
@@ -135,13 +144,14 @@ def trainer_config(own_broker, store, services, checkpoint_dir, **overrides):
         reward_tolerance=1e6,
         ppo=PPOConfig(epochs=2, minibatch_size=4, lr=1e-3, forward_batch_size=4),
         consumer_group=f"trainer-test-{time.monotonic_ns()}",
+        auth=test_auth("trainer"),
     )
     settings.update(overrides)
     return load_config(TrainerConfig, {}, **settings)
 
 
 def generate(inference_address: str, question: str) -> inference_pb2.GenerateResponse:
-    with grpc.insecure_channel(inference_address) as channel:
+    with grpc_channel(inference_address, "gateway") as channel:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         return stub.Generate(
             inference_pb2.GenerateRequest(
@@ -154,7 +164,7 @@ def generate(inference_address: str, question: str) -> inference_pb2.GenerateRes
 
 
 def served_version(inference_address: str) -> str:
-    with grpc.insecure_channel(inference_address) as channel:
+    with grpc_channel(inference_address, "gateway") as channel:
         return (
             inference_pb2_grpc.InferenceServiceStub(channel)
             .GetPolicy(inference_pb2.GetPolicyRequest(), timeout=10)
@@ -323,6 +333,8 @@ def trainer_process(own_broker, store, services, ckpt, log_path, **env_overrides
         "RLHF_PPO_EPOCHS": "1",
         "RLHF_PPO_MINIBATCH_SIZE": "4",
         "RLHF_PPO_LR": "0.001",
+        "RLHF_AUTH_TOKEN": test_auth("trainer").token,
+        "RLHF_AUTH_ACCEPT": ",".join(test_auth().accept),
         **env_overrides,
     }
     log = open(log_path, "ab")  # noqa: SIM115 - the child process holds it
@@ -339,7 +351,7 @@ def trainer_process(own_broker, store, services, ckpt, log_path, **env_overrides
 
 def status_of(address: str) -> trainer_pb2.TrainerStatus | None:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with grpc_channel(address, "operator") as channel:
             return trainer_pb2_grpc.TrainerServiceStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
     except grpc.RpcError:
         return None  # not listening yet, or still loading (UNAVAILABLE)
@@ -375,7 +387,7 @@ def test_a_killed_trainer_resumes_from_its_last_complete_checkpoint(own_broker, 
         status = status_of(address)
         assert status.step == saved and status.paused, status
         assert not (ckpt / ".tmp-killed").exists()
-        with grpc.insecure_channel(address) as channel:
+        with grpc_channel(address, "operator") as channel:
             trainer_pb2_grpc.TrainerServiceStub(channel).Resume(trainer_pb2.ResumeRequest(), timeout=10)
         wait_until(lambda: status_of(address).step > saved, 120, "did not continue", interval=0.5)
         proc.send_signal(signal.SIGTERM)  # drains and stops cleanly
@@ -402,6 +414,7 @@ def test_without_a_reward_model_the_trainer_waits_not_serving_and_stops_on_reque
         model_store=ModelStoreConfig(root=tmp_path / "empty-store"),
         checkpoint_dir=tmp_path / "ckpt",
         live_prompt_fraction=0.0,
+        auth=test_auth(),
     )
     loop = LoopThread()
     try:
@@ -413,7 +426,7 @@ def test_without_a_reward_model_the_trainer_waits_not_serving_and_stops_on_reque
         starting = asyncio.run_coroutine_threadsafe(app.start(), loop.loop)
         wait_until(lambda: app.server.port > 0 and health_of(app.address) is not None, 30, "not listening")
         assert health_of(app.address) == health_pb2.HealthCheckResponse.NOT_SERVING
-        with grpc.insecure_channel(app.address) as channel, pytest.raises(grpc.RpcError) as err:
+        with grpc_channel(app.address, "operator") as channel, pytest.raises(grpc.RpcError) as err:
             trainer_pb2_grpc.TrainerServiceStub(channel).Status(trainer_pb2.StatusRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         loop.loop.call_soon_threadsafe(app.server.request_stop)  # what SIGTERM does
