@@ -12,6 +12,7 @@ served to); the answers' texts are the same, which is what the raters' agreement
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import statistics
@@ -21,6 +22,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from flywheel.cli import main as rlhf
 from services.reward.comparisons import ComparisonGroup, TrainingExamples
 from services.reward.offline import EXAMPLE_RANKINGS, OFFLINE_SETTINGS, train_first_rm
 from services.reward.retraining import RetrainingLoop, is_heldout
@@ -36,6 +38,7 @@ from shared.models.reward_model import load_version
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
 from shared.version_line import POLICY, VersionLine
 from tests.conftest import (
+    TEST_CALLER_TOKENS,
     TEST_TOKEN_SECRET,
     LoopThread,
     grpc_channel,
@@ -312,12 +315,21 @@ def test_the_reverse_rater_is_quarantined_before_the_round_and_the_rm_is_no_wors
     assert not math.isnan(published[0])
 
 
-def test_quarantine_survives_a_restart_and_an_operator_releases(world):
+def test_quarantine_survives_a_restart_and_an_operator_releases(world, monkeypatch, capsys):
     if world.reward is None:
         world.start_reward()
     operator = world.stub("operator")
     listed = operator.ListRaters(reward_pb2.ListRatersRequest(quarantined_only=True), timeout=30)
     assert [r.principal for r in listed.raters] == [REVERSE]  # from SQLite, across the restart
+
+    # The operator's shell: `rlhf raters list`, with the operator credential, and without it.
+    monkeypatch.setenv("RLHF_OPERATOR_TOKEN", TEST_CALLER_TOKENS["operator"])
+    assert rlhf(["raters", "list", "--quarantined", "--address", world.reward.address]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["principal"] for r in shown["raters"]] == [REVERSE] and shown["quarantined"] == "1"
+    monkeypatch.setenv("RLHF_OPERATOR_TOKEN", TEST_CALLER_TOKENS["gateway"])  # a caller that may not list
+    assert rlhf(["raters", "list", "--address", world.reward.address]) == 1
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
 
     # Refusals name the problem.
     for request, code in (
