@@ -25,8 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from flywheel.demo.users import PROMPTS, Interaction, UserMix, load_prompts, run_users
-from shared.config import ConfigBase, ModelStoreConfig, load_config
+from flywheel.demo.users import (
+    PROMPTS,
+    Interaction,
+    UserMix,
+    load_prompts,
+    make_user_keys,
+    parse_user_keys,
+    run_users,
+)
+from shared.config import ConfigBase, ModelStoreConfig, OperatorConfig, load_config
+from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 
@@ -46,8 +55,11 @@ class DemoConfig(ConfigBase):
     """The model store of the loop (RLHF_MODEL_STORE_*): versions for the report, bootstrap target."""
     gateway_url: str = ""
     """Base URL of a running gateway to attach to (e.g. http://127.0.0.1:8000); empty: bring the stack up."""
-    api_key: str = "unused"
-    """Bearer token for the gateway (when it requires one)."""
+    api_keys: str = ""
+    """The simulated users' gateway keys as `name:key` pairs (RLHF_GATEWAY_API_KEYS's format): user i
+    takes pair i, whose name is its principal. Empty: when the demo brings the stack up it makes a
+    key per user (sim-user-<i>); when attaching, each user opens an anonymous session of its own
+    (the gateway needs RLHF_GATEWAY_ANONYMOUS=1, as `rlhf up` sets it on loopback)."""
     trainer_address: str = "127.0.0.1:50054"
     """host:port of the trainer's gRPC service when attaching, polled for PPO step, mean reward and KL; empty:
     not polled. When the demo brings the stack up it polls the trainer it started."""
@@ -107,6 +119,14 @@ class DemoConfig(ConfigBase):
             out.append("RLHF_DEMO_MIX_* must be non-negative and not all zero")
         if not Path(self.prompts_file).is_file():
             out.append(f"RLHF_DEMO_PROMPTS_FILE {self.prompts_file} does not exist")
+        if self.api_keys:
+            try:
+                keys = parse_user_keys(self.api_keys)
+            except ValueError as exc:
+                out.append(f"RLHF_DEMO_API_KEYS: {exc}")
+            else:
+                if len(keys) < self.users:
+                    out.append(f"RLHF_DEMO_API_KEYS has {len(keys)} keys for RLHF_DEMO_USERS={self.users} users")
         return out
 
     @property
@@ -132,10 +152,15 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
 
 
 def start_stack(cfg: DemoConfig, environ: dict[str, str]) -> Stack:
-    """flywheel.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started."""
+    """flywheel.launcher.Stack (broker, inference, reward, feedback, trainer, gateway), started; its
+    gateway knows the users' keys (RLHF_DEMO_API_KEYS, else a fresh one per user: user_keys_of)."""
     from flywheel.launcher import Stack, UpConfig
 
     env = stack_environ(cfg, environ)
+    keys = cfg.api_keys or ",".join(f"{name}:{key}" for name, key in make_user_keys(cfg.users))
+    given = env.get("RLHF_GATEWAY_API_KEYS", "")
+    env["RLHF_GATEWAY_API_KEYS"] = f"{given},{keys}" if given else keys
+    env[USER_KEYS_VARIABLE] = keys
     stack = Stack(load_config(UpConfig, env), env)
     try:
         stack.start()
@@ -143,6 +168,14 @@ def start_stack(cfg: DemoConfig, environ: dict[str, str]) -> Stack:
         stack.stop()
         raise
     return stack
+
+
+USER_KEYS_VARIABLE = "RLHF_DEMO_API_KEYS"
+
+
+def user_keys_of(stack: Stack) -> list[tuple[str, str]]:
+    """The simulated users' keys a stack started by ``start_stack`` knows."""
+    return parse_user_keys(stack.environ[USER_KEYS_VARIABLE])
 
 
 def trainer_address_of(stack: Stack) -> str:
@@ -195,8 +228,12 @@ def metrics_texts_of(stack: Stack) -> dict[str, str]:
 class TrainerWatcher:
     """Polls TrainerService.Status; keeps one sample per PPO step (step, mean reward, KL, entropy)."""
 
-    def __init__(self, address: str, started_at: float, every_s: float = 2.0):
+    def __init__(
+        self, address: str, started_at: float, every_s: float = 2.0, credentials: ClientCredentials | None = None
+    ):
         self.address = address
+        self.credentials = credentials
+        """An operator's credentials (Status needs one); None: from RLHF_OPERATOR_* (var/operator-token)."""
         self.started_at = started_at
         self.every_s = every_s
         self.samples: list[dict] = []
@@ -219,7 +256,8 @@ class TrainerWatcher:
 
         from shared.pb import trainer_pb2, trainer_pb2_grpc
 
-        with grpc.insecure_channel(self.address) as channel:
+        creds = self.credentials or ClientCredentials.of_operator(load_config(OperatorConfig))
+        with sync_channel(self.address, creds) as channel:
             stub = trainer_pb2_grpc.TrainerServiceStub(channel)
             while not self._stop.wait(self.every_s):
                 try:
@@ -289,7 +327,9 @@ def loop_closed(store: ModelStore, before: dict[str, set[str]], records: list[In
     return bool(new_rm and new_policy and any(r.policy_version in new_policy for r in records))
 
 
-async def _users_with_progress(cfg: DemoConfig, url: str, progress: Progress) -> list[Interaction]:
+async def _users_with_progress(
+    cfg: DemoConfig, url: str, progress: Progress, keys: list[tuple[str, str]]
+) -> list[Interaction]:
     prompts = load_prompts(cfg.prompts_file)
     before = {line: set(progress.store.versions(line)) for line in ("rm", "policy")}
     stop = asyncio.Event()
@@ -304,7 +344,7 @@ async def _users_with_progress(cfg: DemoConfig, url: str, progress: Progress) ->
             seed=cfg.seed,
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
-            api_key=cfg.api_key,
+            keys=keys,
             on_record=progress.add,
             stop=stop,
         )
@@ -358,15 +398,19 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
     try:
         if cfg.gateway_url:
             url, trainer_address = cfg.gateway_url, cfg.trainer_address
+            operator = None
+            keys = parse_user_keys(cfg.api_keys) if cfg.api_keys else []
         else:
             stack = start_stack(cfg, dict(os.environ if environ is None else environ))
             print(stack.summary(), flush=True)
             url, trainer_address = gateway_url_of(stack), trainer_address_of(stack)
+            operator = stack.credentials("operator")
+            keys = user_keys_of(stack)
         started_at = time.time()
-        trainer = TrainerWatcher(trainer_address, started_at).start()
+        trainer = TrainerWatcher(trainer_address, started_at, credentials=operator).start()
         progress = Progress(cfg.duration_s, store, trainer)
         try:
-            records = asyncio.run(_users_with_progress(cfg, url, progress))
+            records = asyncio.run(_users_with_progress(cfg, url, progress, keys))
         finally:
             trainer.stop()
         duration = time.time() - started_at

@@ -10,6 +10,12 @@ judges them with the hidden gold rater and sends the rating with the responses' 
     records = await run_users("http://127.0.0.1:8000", duration_s=600, users=4, mix=mix,
                               prompts=load_prompts(PROMPTS))
 
+Each user is a principal of its own at the gateway: with a key of its own (``keys``: `name:key`
+pairs, as RLHF_GATEWAY_API_KEYS takes them; `rlhf demo` makes one per user when it brings the stack
+up), or, without keys, with an anonymous session of its own (the gateway in anonymous mode, as
+`rlhf up` runs it on loopback). Its answers' feedback tokens are issued to that principal, so only
+it can rate them, and the per-principal rate limits and rater quality apply to each user apart.
+
 Every interaction becomes an Interaction record (what was served by which policy version, the gold
 verdicts, whether the rating was accepted); the demo's report is computed from these.
 """
@@ -72,6 +78,8 @@ class Interaction:
     error: str = ""
     rating: dict = field(default_factory=dict)
     """The rating as sent, without the tokens."""
+    principal: str = ""
+    """Who the gateway served and counted this user as (its key's name, or anon:...)."""
 
 
 def load_prompts(path: Path = PROMPTS) -> list[str]:
@@ -121,6 +129,21 @@ def _extra(model: pydantic.BaseModel) -> dict[str, Any]:
     return model.model_extra
 
 
+def parse_user_keys(value: str) -> list[tuple[str, str]]:
+    """``name:key,name:key`` (RLHF_GATEWAY_API_KEYS's format) -> [(name, key)]; ValueError if malformed."""
+    from services.gateway.identity import parse_key_pairs
+
+    parse_key_pairs(value)  # the gateway's own checks: names, key lengths, characters
+    return [tuple(entry.strip().split(":", 1)) for entry in value.split(",")]  # type: ignore[misc]
+
+
+def make_user_keys(users: int) -> list[tuple[str, str]]:
+    """A fresh key for each simulated user, named sim-user-<i> (its principal at the gateway)."""
+    import secrets
+
+    return [(f"sim-user-{i}", secrets.token_urlsafe(32)) for i in range(users)]
+
+
 class SimulatedUser:
     def __init__(
         self,
@@ -133,8 +156,13 @@ class SimulatedUser:
         seed: int,
         temperature: float = 1.0,
         max_tokens: int = 64,
+        principal: str = "",
+        keyless: bool = False,
     ):
         self.name = name
+        self.principal = principal or name
+        self.request_headers: dict[str, Any] | None = {"Authorization": _omit()} if keyless else None
+        """Per call: a keyless user sends no Authorization header at all (its session cookie instead)."""
         self.chat = chat
         self.http = http
         self.model = model
@@ -154,6 +182,7 @@ class SimulatedUser:
             n=RESPONSES_PER_KIND[kind],
             temperature=self.temperature,
             max_tokens=self.max_tokens,
+            extra_headers=self.request_headers,
         )
         latency = time.monotonic() - t0
         responses = [c.message.content or "" for c in r.choices]
@@ -171,6 +200,7 @@ class SimulatedUser:
             [v.score for v in verdicts],
             [v.thumb_up for v in verdicts],
             latency,
+            principal=self.principal,
         )
         body = rating_body(kind, prompt, responses, ids, tokens, self.name, self.rng)
         rec.rating = {k: v for k, v in body.items() if k not in ("feedback_tokens", "idempotency_key")}
@@ -195,27 +225,38 @@ async def run_users(
     seed: int = 0,
     temperature: float = 1.0,
     max_tokens: int = 64,
-    api_key: str = "unused",
+    keys: list[tuple[str, str]] | None = None,
     on_record: Callable[[Interaction], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> list[Interaction]:
-    """Run ``users`` simulated users against the gateway for ``duration_s`` seconds; returns every interaction."""
+    """Run ``users`` simulated users against the gateway for ``duration_s`` seconds; returns every
+    interaction. User i is ``keys[i]``'s principal; without ``keys``, each opens an anonymous session."""
     import httpx
     import openai
 
+    if keys and len(keys) < users:
+        raise ValueError(f"{users} users need {users} keys, got {len(keys)}")
     base = gateway_url.rstrip("/")
-    chat = openai.AsyncOpenAI(base_url=base + "/v1", api_key=api_key, max_retries=2, timeout=120)
-    http = httpx.AsyncClient(base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"})
+    clients: list[tuple[openai.AsyncOpenAI, httpx.AsyncClient]] = []
     records: list[Interaction] = []
     started = time.monotonic()
     deadline = started + duration_s
     stop = stop or asyncio.Event()
     try:
-        model = (await chat.models.list()).data[0].id
+        identities = []
+        for i in range(users):
+            name, key = keys[i] if keys else (f"sim-user-{i}", "")
+            chat, http, principal = await _user_clients(base, key)
+            clients.append((chat, http))
+            identities.append((name, principal))
+        no_key = None if keys else {"Authorization": _omit()}
+        model = (await clients[0][0].models.list(extra_headers=no_key)).data[0].id
 
         async def user_loop(i: int) -> None:
+            chat, http = clients[i]
+            name, principal = identities[i]
             user = SimulatedUser(
-                f"sim-user-{i}", chat, http, model, prompts, mix, seed * 1000 + i, temperature, max_tokens
+                name, chat, http, model, prompts, mix, seed * 1000 + i, temperature, max_tokens, principal, not keys
             )
             while time.monotonic() < deadline and not stop.is_set():
                 try:
@@ -241,6 +282,50 @@ async def run_users(
 
         await asyncio.gather(*(user_loop(i) for i in range(users)))
     finally:
-        await chat.close()
-        await http.aclose()
+        for chat, http in clients:
+            await chat.close()
+            await http.aclose()
     return records
+
+
+def _omit() -> Any:
+    """openai's marker for a header not to send (here: Authorization, for a user without a key)."""
+    import openai
+
+    return openai.Omit()
+
+
+async def _user_clients(base: str, key: str) -> tuple[openai.AsyncOpenAI, httpx.AsyncClient, str]:
+    """One user's OpenAI client, HTTP client (for ratings) and principal: by its key, or by the
+    anonymous session its HTTP client opens (the OpenAI client then sends the same session cookie)."""
+    import httpx
+    import openai
+
+    if key:
+        auth = {"Authorization": f"Bearer {key}"}
+        http = httpx.AsyncClient(base_url=base, timeout=60, headers=auth)
+        chat = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=2, timeout=120)
+    else:
+        http = httpx.AsyncClient(base_url=base, timeout=60)
+        chat = None  # made below, once the session exists
+    try:
+        session = await http.get("/v1/session")
+        if session.status_code != 200:
+            raise RuntimeError(
+                f"the gateway did not open a session ({session.status_code}: {session.text[:200]}): give the "
+                "users keys (RLHF_DEMO_API_KEYS) or turn anonymous sessions on (RLHF_GATEWAY_ANONYMOUS=1)"
+            )
+        principal = session.json()["principal"]
+        if chat is None:
+            # The session cookie instead of a key (SimulatedUser omits the Authorization header).
+            chat = openai.AsyncOpenAI(
+                base_url=base + "/v1",
+                api_key="-",
+                default_headers={"Cookie": f"rlhf_session={http.cookies['rlhf_session']}"},
+                max_retries=2,
+                timeout=120,
+            )
+    except BaseException:
+        await http.aclose()
+        raise
+    return chat, http, principal

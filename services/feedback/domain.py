@@ -21,7 +21,10 @@ class Submission:
     response_ids: list[str]
     """The rated responses in the rating's order (ranking: best first; pairwise: a, b)."""
     feedback_tokens: list[str]
-    user_id: str
+    principal: str
+    """Who is rating, as the gateway authenticated them; every token must have been issued to it."""
+    label: str = ""
+    """The client's free-text ``user`` field, recorded with the rating; never the voter."""
     thumb: str | None = None
     score: int | None = None
     preferred: str | None = None

@@ -1,4 +1,4 @@
-"""What rlhf.feedback holds, as far as accepting new ratings needs it: each user's live vote per
+"""What rlhf.feedback holds, as far as accepting new ratings needs it: each principal's live vote per
 target and the idempotency keys seen. Rebuilt from the topic at start and kept current by tailing
 it, so it survives restarts and sees other replicas' writes (after a short delay) without a
 database of its own."""
@@ -23,7 +23,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class LiveVote:
-    """What accepting a new rating needs of a user's live vote on a target.
+    """What accepting a new rating needs of a principal's live vote on a target.
 
     Kept small on purpose: the ledger holds one per vote for the life of the process, and holding
     the whole FeedbackEvent (its list, RatedResponse objects, dicts) made every full garbage
@@ -81,13 +81,13 @@ class FeedbackLedger:
         with self._lock:
             return feedback_id in self._seen_ids
 
-    def by_key(self, user_id: str, key: str) -> SubmitResult | None:
+    def by_key(self, principal: str, key: str) -> SubmitResult | None:
         with self._lock:
-            return self._by_key.get((user_id, key))
+            return self._by_key.get((principal, key))
 
-    def live(self, user_id: str, target: str) -> LiveVote | None:
+    def live(self, principal: str, target: str) -> LiveVote | None:
         with self._lock:
-            return self._live.get((user_id, target))
+            return self._live.get((principal, target))
 
     def __len__(self) -> int:
         with self._lock:

@@ -6,6 +6,10 @@ ACCEPTED = Counter("rlhf_feedback_accepted_total", "Ratings acknowledged by Kafk
 DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Submissions that changed nothing (retries, same vote)")
 SUPERSEDED = Counter("rlhf_feedback_superseding_total", "Ratings that replaced a user's earlier vote")
 REJECTED = Counter("rlhf_feedback_rejected_total", "Refused submissions", ["reason"])
+WRONG_PRINCIPAL = Counter(
+    "rlhf_feedback_wrong_principal_total",
+    "Ratings refused because a feedback token was issued to another principal (or to none)",
+)
 UNAVAILABLE = Counter("rlhf_feedback_unavailable_total", "Submissions refused because Kafka did not acknowledge")
 ACK_SECONDS = Histogram(
     "rlhf_feedback_ack_seconds",

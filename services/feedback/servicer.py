@@ -20,7 +20,8 @@ def submission_from_proto(msg: feedback_pb2.SubmitFeedbackRequest) -> Submission
     kind = msg.WhichOneof("rating") or ""
     common: dict[str, Any] = dict(
         feedback_tokens=list(msg.feedback_tokens),
-        user_id=msg.user_id,
+        principal=msg.principal,
+        label=msg.user_id,
         comment=msg.comment,
         tags=list(msg.tags),
         idempotency_key=msg.idempotency_key,

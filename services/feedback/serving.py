@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -28,13 +29,13 @@ from services.feedback.domain import (
     SubmitResult,
 )
 from services.feedback.ledger import FeedbackLedger, LiveVote
-from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unavailable
+from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unauthenticated, Unavailable
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify
 from shared.kafka.envelope import Envelope
 from shared.kafka.publishers import Outbox, Publisher, PublishFailed
 from shared.kafka.topics import FEEDBACK, FEEDBACK_DLQ
-from shared.logging import get_logger
+from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
 
@@ -116,8 +117,12 @@ def check(sub: Submission, max_comment_chars: int) -> None:
     """Schema and range checks; raises InvalidArgument naming the field."""
     if sub.kind not in KINDS:
         raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}, got {sub.kind!r}", param="type")
-    if not 1 <= len(sub.user_id) <= MAX_ID_CHARS:
-        raise InvalidArgument(f"user must be 1 to {MAX_ID_CHARS} characters", param="user")
+    if not sub.principal:
+        raise Unauthenticated("no principal: the caller must say who was authenticated", param="principal")
+    if len(sub.principal) > MAX_ID_CHARS:
+        raise InvalidArgument(f"principal is longer than {MAX_ID_CHARS} characters", param="principal")
+    if len(sub.label) > MAX_ID_CHARS:
+        raise InvalidArgument(f"user must be at most {MAX_ID_CHARS} characters", param="user")
     if len(sub.idempotency_key) > MAX_ID_CHARS:
         raise InvalidArgument(f"idempotency_key is longer than {MAX_ID_CHARS} characters", param="idempotency_key")
     ids = sub.response_ids
@@ -162,13 +167,33 @@ def check_ranks(ranks: list[int], n: int) -> None:
 
 
 def bind_tokens(sub: Submission, secret: str, now: float) -> list[RatedResponse]:
-    """Verify one token per rated response; the rated facts come from the tokens only."""
+    """Verify one token per rated response; the rated facts come from the tokens only.
+
+    Every token must have been issued to ``sub.principal`` (claim ``sub``): a response may be rated
+    only by the principal it was served to. A token issued to anyone else, or to nobody (signed
+    before votes were bound to principals), is refused with PERMISSION_DENIED, counted and logged.
+    """
     claims = {}
     for token in sub.feedback_tokens:
         try:
             c = verify(secret, token, now)
         except InvalidToken as exc:
             raise PermissionDenied(str(exc), param="feedback_tokens") from None
+        if c.principal != sub.principal:
+            metrics.WRONG_PRINCIPAL.inc()
+            log_event(
+                log,
+                "rating refused: token issued to another principal",
+                level=logging.WARNING,
+                principal=sub.principal,
+                response_id=c.response_id,
+                issued_to=c.principal or "(none)",
+            )
+            raise PermissionDenied(
+                f"the feedback token for response {c.response_id} was issued to another principal: "
+                "a response can be rated only by the principal it was served to",
+                param="feedback_tokens",
+            )
         claims[c.response_id] = c
     missing = [i for i in sub.response_ids if i not in claims]
     if missing:
@@ -196,9 +221,10 @@ def same_vote(live: LiveVote, sub: Submission) -> bool:
     )
 
 
-def feedback_id(user_id: str, intent: str) -> str:
-    """Deterministic: the same intent (idempotency key) always gets the same id, even across retries."""
-    return hashlib.sha256(f"{user_id}\0{intent}".encode()).hexdigest()[:32]
+def feedback_id(principal: str, intent: str) -> str:
+    """Deterministic: the same intent (idempotency key) of a principal always gets the same id, even
+    across retries."""
+    return hashlib.sha256(f"{principal}\0{intent}".encode()).hexdigest()[:32]
 
 
 class FeedbackServing:
@@ -213,14 +239,14 @@ class FeedbackServing:
         """Store one rating; ``raw`` renders the submission as received, for a dead-letter copy."""
         now = time.time()
         rated = self._validated(sub, raw, now)
-        async with self._locks.hold((sub.user_id, sub.target)):
+        async with self._locks.hold((sub.principal, sub.target)):
             decided = self._decide(sub, rated, now)
             if isinstance(decided, SubmitResult):
                 return decided
             started = time.perf_counter()
             try:
-                # Keyed by user: one user's votes stay in order on one partition.
-                await self.publisher.publish(FEEDBACK, decided, key=sub.user_id)
+                # Keyed by principal: one principal's votes stay in order on one partition.
+                await self.publisher.publish(FEEDBACK, decided, key=sub.principal)
             except Exception as exc:  # noqa: BLE001 - any Kafka failure: the rating is not stored, say so (503)
                 raise _unavailable(exc) from None
             metrics.ACK_SECONDS.observe(time.perf_counter() - started)
@@ -230,9 +256,9 @@ class FeedbackServing:
         """``submit`` for each item; each item's outcome is its result or the RlhfError it was
         refused with.
 
-        The ratings whose (user, target) is free are judged in one pass, written to Kafka together
+        The ratings whose (principal, target) is free are judged in one pass, written to Kafka together
         and awaited together (no task per rating: at thousands of ratings a second the tasks cost
-        more than the ratings' own checks); then each rating whose (user, target) was busy (an
+        more than the ratings' own checks); then each rating whose (principal, target) was busy (an
         earlier vote on it still waiting for Kafka) waits for it and goes through ``submit``.
         """
         if len(items) > MAX_BATCH:
@@ -253,7 +279,7 @@ class FeedbackServing:
             except Exception as exc:  # noqa: BLE001 - one item's bug must not fail the others
                 outcomes[i] = _internal(exc)
                 continue
-            key = (sub.user_id, sub.target)
+            key = (sub.principal, sub.target)
             if not self._locks.try_acquire(key):
                 busy.append(i)
                 continue
@@ -284,7 +310,7 @@ class FeedbackServing:
             return
         started = time.perf_counter()
         try:
-            # Keyed by user: one user's votes stay in order on one partition.
+            # Keyed by principal: one principal's votes stay in order on one partition.
             results: Sequence[Envelope | PublishFailed | Exception]
             try:
                 results = await self.publisher.publish_many([(FEEDBACK, ev, ev.user_id) for _, _, ev in staged])
@@ -319,22 +345,22 @@ class FeedbackServing:
             raise
 
     def _decide(self, sub: Submission, rated: list[RatedResponse], now: float) -> SubmitResult | FeedbackEvent:
-        """With the (user, target) key held: the earlier result of a retry or an unchanged vote, or
+        """With the (principal, target) key held: the earlier result of a retry or an unchanged vote, or
         the event to write."""
-        if sub.idempotency_key and (seen := self.ledger.by_key(sub.user_id, sub.idempotency_key)):
+        if sub.idempotency_key and (seen := self.ledger.by_key(sub.principal, sub.idempotency_key)):
             metrics.DUPLICATES.inc()
             return seen
         target = sub.target
-        live = self.ledger.live(sub.user_id, target)
+        live = self.ledger.live(sub.principal, target)
         if live is not None and same_vote(live, sub):
             metrics.DUPLICATES.inc()
             return SubmitResult(live.feedback_id, live.revision, duplicate=True)
         revision = live.revision + 1 if live else 1
         intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
         return FeedbackEvent(
-            feedback_id=feedback_id(sub.user_id, intent),
+            feedback_id=feedback_id(sub.principal, intent),
             kind=sub.kind,
-            user_id=sub.user_id,
+            user_id=sub.principal,
             target=target,
             revision=revision,
             supersedes=live.feedback_id if live else None,
@@ -347,6 +373,7 @@ class FeedbackServing:
             tags=sub.tags,
             idempotency_key=sub.idempotency_key,
             received_at=now,
+            label=sub.label,
         )
 
     def _stored(self, event: FeedbackEvent) -> SubmitResult:

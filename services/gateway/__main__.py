@@ -11,11 +11,13 @@ from services.gateway.config import GatewayConfig
 from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
 from shared.config import load_config
 from shared.logging import setup_logging
+from shared.metrics import start_metrics_server
 
 
 def main() -> None:
     cfg = load_config(GatewayConfig)
     setup_logging("gateway", cfg.log)
+    start_metrics_server(cfg.host, cfg.metrics_port)  # 0 (the default): /metrics on the API port only
     app = create_app(cfg)
     # Everything imported so far lives as long as the process: keep it out of the collector's full
     # passes, which otherwise walked it every few thousand requests (~50 ms stalls, the p99 of

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+from services.gateway.identity import load_keyring
 from shared.config import FeedbackTokenConfig, ServiceConfig
 
 
@@ -14,7 +17,8 @@ class GatewayConfig(ServiceConfig):
     ENV_PREFIX: ClassVar[str] = "RLHF_GATEWAY_"
 
     port: int = 8000
-    """HTTP port of the OpenAI-compatible API, the chat page, /healthz and /metrics."""
+    """HTTP port of the OpenAI-compatible API, the chat page, /healthz and (unless
+    RLHF_GATEWAY_METRICS_ON_API_PORT=0) /metrics."""
     inference_address: str = "127.0.0.1:50051"
     """host:port of the inference service's gRPC server."""
     feedback_address: str = ""
@@ -22,8 +26,38 @@ class GatewayConfig(ServiceConfig):
     POST /v1/feedback off (503). `rlhf up` sets it."""
     token: FeedbackTokenConfig = dataclasses.field(default_factory=FeedbackTokenConfig)
     """The HMAC key the gateway signs each served response's feedback token with (RLHF_FEEDBACK_TOKEN_*)."""
-    api_keys: tuple[str, ...] = ()
-    """Accepted bearer tokens (comma-separated); empty accepts every request (local use)."""
+    api_keys: str = ""
+    """API keys as comma-separated `name:key` pairs (e.g. from a Kubernetes Secret); each name is the
+    principal its key's requests are served for. Keys: at least 24 printable ASCII characters;
+    names: letters, digits, `.`, `_`, `-`. A malformed value (an empty entry, a key without a name,
+    a duplicate name or key, a short key) stops the gateway at start."""
+    api_keys_file: Path | None = None
+    """A file of API keys hashed at rest: one `name sha256:<hex of the key>` per line (`#` comments);
+    adds to RLHF_GATEWAY_API_KEYS. `rlhf up` writes one."""
+    anonymous: bool = False
+    """Serve callers without a key too: each gets a principal `anon:<random>` kept by a session
+    cookie (the chat page, or any HTTP client that keeps cookies). Required to start without keys on
+    a host other than loopback (fail closed); `rlhf up` turns it on for loopback."""
+    session_secret: str = ""
+    """HMAC key of the session cookies (at least 32 characters). Empty: derived from
+    RLHF_FEEDBACK_TOKEN_SECRET (shared by the replicas already), else random per process (sessions
+    then end with the process)."""
+    session_ttl_s: int = 7 * 24 * 3600
+    """How long a session cookie (a login, or an anonymous principal) stays valid, in seconds."""
+    public_docs: bool = False
+    """Serve /docs and /openapi.json without a key even when keys are configured."""
+    metrics_on_api_port: bool = True
+    """Serve /metrics on the API port too; 0 serves it on RLHF_GATEWAY_METRICS_PORT only (set one)."""
+    chat_rate_per_min: float = 600.0
+    """Chat completions per minute per principal (token bucket refill); 0 turns the limit off."""
+    chat_burst: int = 60
+    """Chat completions a principal may send at once (token bucket size)."""
+    feedback_rate_per_min: float = 1200.0
+    """Ratings per minute per principal (token bucket refill); 0 turns the limit off."""
+    feedback_burst: int = 120
+    """Ratings a principal may send at once (token bucket size)."""
+    rate_limit_principals: int = 100_000
+    """Principals whose buckets are kept (LRU map per limit); one pushed out starts with a full bucket."""
     max_body_bytes: int = 1 << 20
     """Largest request body; larger ones get HTTP 413."""
     request_timeout_s: float = 300.0
@@ -42,4 +76,46 @@ class GatewayConfig(ServiceConfig):
             )
         if self.max_body_bytes < 1024:
             out.append("RLHF_GATEWAY_MAX_BODY_BYTES must be at least 1024")
+        return out + self._identity_problems()
+
+    def _identity_problems(self) -> list[str]:
+        out = []
+        try:
+            keys = load_keyring(self.api_keys, self.api_keys_file)
+        except ValueError as exc:
+            return [str(exc)]
+        if not keys and not self.anonymous and not is_loopback(self.host):
+            out.append(
+                f"RLHF_GATEWAY_HOST={self.host} is not loopback and no API keys are set: set "
+                "RLHF_GATEWAY_API_KEYS or RLHF_GATEWAY_API_KEYS_FILE, or RLHF_GATEWAY_ANONYMOUS=1 to "
+                "serve anyone explicitly"
+            )
+        if self.session_secret and len(self.session_secret) < 32:
+            out.append("RLHF_GATEWAY_SESSION_SECRET must be at least 32 characters")
+        if self.session_ttl_s < 60:
+            out.append(f"RLHF_GATEWAY_SESSION_TTL_S={self.session_ttl_s}: expected at least 60 seconds")
+        if not self.metrics_on_api_port and not self.metrics_port:
+            out.append(
+                "RLHF_GATEWAY_METRICS_ON_API_PORT=0 needs RLHF_GATEWAY_METRICS_PORT: /metrics would be served nowhere"
+            )
+        for name, rate, burst in (
+            ("CHAT", self.chat_rate_per_min, self.chat_burst),
+            ("FEEDBACK", self.feedback_rate_per_min, self.feedback_burst),
+        ):
+            if rate < 0:
+                out.append(f"RLHF_GATEWAY_{name}_RATE_PER_MIN={rate}: must not be negative (0 turns it off)")
+            if burst < 1:
+                out.append(f"RLHF_GATEWAY_{name}_BURST={burst}: must be at least 1")
+        if self.rate_limit_principals < 1:
+            out.append(f"RLHF_GATEWAY_RATE_LIMIT_PRINCIPALS={self.rate_limit_principals}: must be at least 1")
         return out
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import metrics
-from shared.errors import GRPC_TO_HTTP, PARAM_METADATA_KEY, RlhfError
+from services.gateway.rate_limit import retry_after_header
+from shared.errors import GRPC_TO_HTTP, PARAM_METADATA_KEY, ResourceExhausted, RlhfError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -117,14 +118,17 @@ def install_error_handlers(app: FastAPI) -> None:
 def response_for(exc: Exception, path: str) -> JSONResponse:
     """The response for an error raised while serving ``path`` (for routes that bypass FastAPI's
     exception handlers, and for those handlers themselves)."""
+    if isinstance(exc, ResourceExhausted):
+        headers: dict[str, str] | None = {"Retry-After": retry_after_header(exc.retry_after_s)}
+    else:
+        headers = {"Retry-After": "1"} if getattr(exc, "http_status", None) in (429, 503) else None
     if isinstance(exc, RlhfError):
-        headers = {"Retry-After": "1"} if exc.http_status == 503 else None
         return error_response(
             exc.http_status, exc.message, exc.openai_type, exc.param, code=exc.grpc_code.name.lower(), headers=headers
         )
     if isinstance(exc, grpc.aio.AioRpcError):
         status, body = error_from_grpc(exc)
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
         return error_response(status, body.message, body.type, body.param, body.code, headers)
     log.error("unhandled error on %s", path, exc_info=exc)
     metrics.UNHANDLED.inc()

@@ -1,14 +1,15 @@
 """The gateway's pure-ASGI middleware, and the helpers the feedback fast path shares with it.
 
 On every route, in this order: a body over the size limit gets 413 before anything else
-(BodySizeLimit); then a /v1/ request without a valid key gets 401, and every request's status and
-duration go to the metrics (AuthAndMetrics). The feedback fast path (feedback/fast_path.py) runs the
-same steps in the same order with the same helpers: body_or_refusal, refuse_unauthorised, observe.
+(BodySizeLimit); then a /v1/ request is admitted by the Gatekeeper: who is asking (401 without a
+valid key or session; identity.py), and the caller's rate limit on chat completions (429 with
+Retry-After; rate_limit.py); every request's status and duration go to the metrics
+(AuthAndMetrics). The feedback fast path (feedback/fast_path.py) runs the same steps in the same
+order with the same helpers: body_or_refusal, Gatekeeper.admit (with the feedback limit), observe.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from fastapi.responses import JSONResponse
@@ -16,6 +17,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import metrics
 from services.gateway.errors import error_response
+from services.gateway.identity import Authenticator, Caller
+from services.gateway.rate_limit import TokenBuckets, retry_after_header
+from shared.errors import Unauthenticated
+
+PRINCIPAL = "rlhf.principal"
+"""The scope key under which an admitted request carries its Caller, for the routes."""
+DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect"})
+OPEN_SESSION_CALLS = frozenset({("POST", "/v1/session"), ("DELETE", "/v1/session")})
+"""Logging in and out need no principal (the rest of /v1/ does)."""
+CHAT_ROUTE = "/v1/chat/completions"
 
 
 class BodyTooLarge(Exception):
@@ -63,11 +74,60 @@ async def body_or_refusal(scope: Scope, receive: Receive, send: Send, limit: int
         return None
 
 
-def refuse_unauthorised(scope: Scope, api_keys: tuple[str, ...]) -> JSONResponse | None:
-    """The 401 for a /v1/ request without a valid key (when keys are configured); else None."""
-    if api_keys and scope["path"].startswith("/v1/") and not _authorised(scope, api_keys):
-        return error_response(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
-    return None
+class Gatekeeper:
+    """Admits a request for a principal, or answers it with the refusal: 401 (unknown caller,
+    identity.Authenticator), 401 for the API docs without a key (when keys are configured and the
+    docs are not public), 429 over the caller's rate limit (with Retry-After)."""
+
+    def __init__(self, authenticator: Authenticator, chat: TokenBuckets, feedback: TokenBuckets, docs_need_key: bool):
+        self.authenticator = authenticator
+        self.chat = chat
+        self.feedback = feedback
+        self.docs_need_key = docs_need_key
+
+    def guards(self, method: str, path: str) -> bool:
+        """Whether a request needs a principal: /v1/ except logging in and out; the docs when keys
+        are configured and they are not public."""
+        if path.startswith("/v1/"):
+            return (method, path) not in OPEN_SESSION_CALLS
+        return self.docs_need_key and path in DOCS_PATHS
+
+    def admit(self, scope: Scope, limit: TokenBuckets | None) -> Caller | JSONResponse:
+        """The caller, or the response refusing the request. ``limit``: the rate limit to take from."""
+        try:
+            caller = self.authenticator.authenticate(scope["headers"], scope.get("scheme", "http"))
+        except Unauthenticated as exc:
+            return error_response(401, exc.message, code="invalid_api_key")
+        if caller.anonymous and scope["path"] in DOCS_PATHS:
+            return with_cookie(
+                error_response(401, "the API docs need an API key (Authorization: Bearer ...)", code="invalid_api_key"),
+                caller,
+            )
+        if limit is not None:
+            wait_s = limit.take(caller.principal)
+            if wait_s:
+                return with_cookie(rate_limited(limit, wait_s), caller)
+        return caller
+
+
+def rate_limited(limit: TokenBuckets, wait_s: float) -> JSONResponse:
+    """The 429 of a request over ``limit``, in OpenAI's error shape, with Retry-After."""
+    retry_after = retry_after_header(wait_s)
+    return error_response(
+        429,
+        f"rate limit reached for {limit.name}: at most {limit.rate_per_s * 60:g} per minute and "
+        f"{limit.burst:g} at once per principal; retry after {retry_after} s",
+        type_="rate_limit_exceeded",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": retry_after},
+    )
+
+
+def with_cookie(response: JSONResponse, caller: Caller) -> JSONResponse:
+    """``response`` with the caller's new session cookie, if it has one."""
+    if caller.set_cookie is not None:
+        response.raw_headers.append((b"set-cookie", caller.set_cookie))
+    return response
 
 
 def observe(route: str, status: int, started: float) -> None:
@@ -102,16 +162,17 @@ class BodySizeLimit:
 
 
 class AuthAndMetrics:
-    """Bearer-token check on /v1/ routes and request metrics (pure ASGI middleware).
+    """Admission (Gatekeeper: 401, 429) on /v1/ routes and request metrics (pure ASGI middleware).
 
-    Pure ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every
-    request through an extra task group and memory streams, which cost more CPU than a whole
-    rating's route did.
+    An admitted request carries its Caller in ``scope[PRINCIPAL]``; a new anonymous session's
+    cookie is added to the response. Pure ASGI rather than ``@app.middleware("http")``:
+    Starlette's BaseHTTPMiddleware runs every request through an extra task group and memory
+    streams, which cost more CPU than a whole rating's route did.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, gatekeeper: Gatekeeper):
         self.app = app
-        self.api_keys = api_keys
+        self.gatekeeper = gatekeeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,17 +180,24 @@ class AuthAndMetrics:
         path = scope["path"]
         route = path if path.startswith("/v1/") else "other"
         started = time.perf_counter()
-        refusal = refuse_unauthorised(scope, self.api_keys)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            observe(route, 401, started)
-            return
+        cookie = None
+        if self.gatekeeper.guards(scope["method"], path):
+            limit = self.gatekeeper.chat if path == CHAT_ROUTE and scope["method"] == "POST" else None
+            admitted = self.gatekeeper.admit(scope, limit)
+            if isinstance(admitted, JSONResponse):
+                await admitted(scope, receive, send)
+                observe(route, admitted.status_code, started)
+                return
+            scope[PRINCIPAL] = admitted
+            cookie = admitted.set_cookie
         status = 500
 
         async def send_and_observe(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if cookie is not None:
+                    message["headers"] = [*message.get("headers", []), (b"set-cookie", cookie)]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 observe(route, status, started)  # to the last byte, for streams too
@@ -139,9 +207,3 @@ class AuthAndMetrics:
         except Exception:
             observe(route, 500, started)
             raise
-
-
-def _authorised(scope: Scope, keys: tuple[str, ...]) -> bool:
-    header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip(), k) for k in keys)

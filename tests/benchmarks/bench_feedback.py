@@ -23,8 +23,14 @@ their working directory and PYTHONPATH, which come before the editable install's
 so the baseline's processes import the old commit's code; every stack checks and logs where its
 services import from (also in the JSON, `code`).
 
-Every rating is a new vote (its own user and response), with a feedback token signed by this
-script playing the gateway's part; bodies and tokens are made before the clock starts. After each
+Every rating is a new vote (its own response), by one of --principals principals (rating i by
+principal i mod N), with a feedback token signed by this script playing the gateway's part and
+issued to that principal; bodies, tokens and headers are made before the clock starts. Identity is
+on wherever the code has it: the gateway gets a hashed keys file of the N principals
+(RLHF_GATEWAY_API_KEYS_FILE), every HTTP rating carries its principal's key, the per-principal rate
+limits keep their defaults (each principal stays under them), and the services' gRPC calls carry
+credentials where the code has service authentication (RLHF_AUTH_*). Versions without these
+features get the same requests and ignore what they do not know. After each
 run the topic is read back: accepted must equal the records on rlhf.feedback, with no id twice.
 Each row also gives the CPU that every process spent per rating during the run (feedback service,
 gateway, broker, this load generator) and what the rest of the machine used meanwhile, as the
@@ -61,7 +67,6 @@ import grpc
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
 
-from flywheel.launcher import grpc_serving
 from shared.config import KafkaConfig
 from shared.events import FeedbackEvent, RatedResponse
 from shared.feedback_token import TokenClaims, sign
@@ -83,8 +88,45 @@ def log(msg: str) -> None:
     print(f"[bench-feedback {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def token(rid: str) -> str:
-    return sign(SECRET, TokenClaims(rid, "policy-0001", "ph-bench", int(time.time()) + 3600))
+def token(rid: str, principal: str) -> str:
+    return sign(SECRET, TokenClaims(rid, "policy-0001", "ph-bench", int(time.time()) + 3600, principal))
+
+
+@dataclasses.dataclass(frozen=True)
+class Principals:
+    """The benchmark's raters: N named principals with an API key each (rating i is by i mod N)."""
+
+    keys: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def make(cls, n: int) -> Principals:
+        import secrets
+
+        return cls(tuple((f"bench-p{i:05d}", secrets.token_urlsafe(24)) for i in range(n)))
+
+    def of(self, i: int) -> tuple[str, dict[str, str]]:
+        """The principal of rating i and its Authorization header."""
+        name, key = self.keys[i % len(self.keys)]
+        return name, {"Authorization": f"Bearer {key}"}
+
+    def keys_file(self, directory: Path) -> Path:
+        """RLHF_GATEWAY_API_KEYS_FILE: one `name sha256:<hex>` line per principal (hashed at rest)."""
+        import hashlib
+
+        path = directory / "gateway-api-keys"
+        path.write_text("".join(f"{n} sha256:{hashlib.sha256(k.encode()).hexdigest()}\n" for n, k in self.keys))
+        return path
+
+
+def features(code: Path, env: dict[str, str]) -> dict[str, bool]:
+    """What the code at ``code`` supports: gateway identity (API keys file), service authentication."""
+    probe = (
+        "import dataclasses, json, services.gateway.config as g, shared.config as s; "
+        "print(json.dumps({'identity': 'api_keys_file' in {f.name for f in dataclasses.fields(g.GatewayConfig)}, "
+        "'service_auth': hasattr(s, 'ServiceAuthConfig')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=code, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def wait_for(check, what: str, timeout: float = 60) -> None:
@@ -131,8 +173,10 @@ class Stack:
     """Broker, feedback service and gateway as separate processes, as `rlhf up` runs them, with the
     services' code taken from ``code`` (the working tree, or a baseline worktree)."""
 
-    def __init__(self, code: Path, label: str, partitions: int | None = None) -> None:
+    def __init__(self, code: Path, label: str, principals: Principals, partitions: int | None = None) -> None:
         self.label = label
+        self.principals = principals
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"bench-feedback-{label}-"))
         self.broker = EmbeddedBroker().start()
         self.kafka = KafkaConfig(
             bootstrap_servers=self.broker.bootstrap_servers, topic_partitions=partitions or KafkaConfig.topic_partitions
@@ -152,13 +196,27 @@ class Stack:
         }
         self.origins = code_origins(code, env)
         log(f"{label}: services import " + ", ".join(f"{m} from {f}" for m, f in self.origins.items()))
+        self.features = features(code, env)
+        self.grpc_metadata: tuple[tuple[str, str], ...] = ()
+        if self.features["identity"]:
+            env["RLHF_GATEWAY_API_KEYS_FILE"] = str(principals.keys_file(self._tmp))
+        if self.features["service_auth"]:
+            import hashlib
+            import secrets
+
+            gateway_token = secrets.token_urlsafe(32)  # this run's gateway credential
+            env["RLHF_AUTH_ACCEPT"] = f"gateway:{hashlib.sha256(gateway_token.encode()).hexdigest()}"
+            self.grpc_metadata = (("authorization", f"Bearer {gateway_token}"),)
+        gateway_env = {**env, **({"RLHF_AUTH_TOKEN": gateway_token} if self.grpc_metadata else {})}
+        log(f"{label}: " + ", ".join(f"{k} {'on' if v else 'not in this code'}" for k, v in self.features.items()))
         self.feedback = subprocess.Popen(
             [sys.executable, "-m", "services.feedback"], env=env, cwd=code, start_new_session=True
         )
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway"], env=env, cwd=code, start_new_session=True
+            [sys.executable, "-m", "services.gateway"], env=gateway_env, cwd=code, start_new_session=True
         )
-        wait_for(grpc_serving(f"127.0.0.1:{self.feedback_port}"), f"{label} feedback service")
+        wait_for(lambda: port_open(self.feedback_port), f"{label} feedback service")
+        wait_for(feedback_serving(self.feedback_port), f"{label} feedback service")
         wait_for(lambda: port_open(self.gateway_port), f"{label} gateway")
 
     def cpu(self) -> dict[str, float]:
@@ -200,6 +258,22 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         self.broker.stop()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def feedback_serving(port: int):
+    """The feedback service's health check (open to callers without a credential)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def check() -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return check
 
 
 @dataclasses.dataclass
@@ -227,25 +301,27 @@ async def run_http(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     import aiohttp
 
     url = f"http://127.0.0.1:{stack.gateway_port}/v1/feedback"
-    headers = {"Content-Type": "application/json"}
-    bodies = [
-        json.dumps(
-            {
-                "type": "thumb",
-                "response_id": f"{prefix}-r{i}",
-                "thumb": "up",
-                "user": f"{prefix}-u{i}",
-                "feedback_tokens": [token(f"{prefix}-r{i}")],
-            }
-        ).encode()
-        for i in range(n)
-    ]
+    bodies, headers = [], []
+    for i in range(n):
+        principal, auth = stack.principals.of(i)
+        headers.append({"Content-Type": "application/json", **auth})
+        bodies.append(
+            json.dumps(
+                {
+                    "type": "thumb",
+                    "response_id": f"{prefix}-r{i}",
+                    "thumb": "up",
+                    "user": f"{prefix}-u{i}",
+                    "feedback_tokens": [token(f"{prefix}-r{i}", principal)],
+                }
+            ).encode()
+        )
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as client:
 
         async def one(i: int) -> tuple[float, bool]:
             t = time.perf_counter()
-            async with client.post(url, data=bodies[i], headers=headers) as r:
+            async with client.post(url, data=bodies[i], headers=headers[i]) as r:
                 await r.read()
                 ok = r.status == 200
             return time.perf_counter() - t, ok
@@ -254,21 +330,24 @@ async def run_http(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
 
 
 async def run_grpc(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
-    requests = [
-        feedback_pb2.SubmitFeedbackRequest(
-            thumb=feedback_pb2.ThumbRating(response_id=f"{prefix}-r{i}", thumb=feedback_pb2.THUMB_UP),
-            feedback_tokens=[token(f"{prefix}-r{i}")],
-            user_id=f"{prefix}-u{i}",
+    requests = []
+    for i in range(n):
+        principal, _ = stack.principals.of(i)
+        requests.append(
+            feedback_pb2.SubmitFeedbackRequest(
+                thumb=feedback_pb2.ThumbRating(response_id=f"{prefix}-r{i}", thumb=feedback_pb2.THUMB_UP),
+                feedback_tokens=[token(f"{prefix}-r{i}", principal)],
+                user_id=f"{prefix}-u{i}",  # the label (the voter, before principals)
+                principal=principal,  # the voter (code before principals ignores the field)
+            )
         )
-        for i in range(n)
-    ]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.feedback_port}") as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
 
         async def one(i: int) -> tuple[float, bool]:
             t = time.perf_counter()
             try:
-                await stub.SubmitFeedback(requests[i], timeout=60)
+                await stub.SubmitFeedback(requests[i], timeout=60, metadata=stack.grpc_metadata)
                 ok = True
             except grpc.aio.AioRpcError:
                 ok = False
@@ -385,6 +464,8 @@ def window_usage(stack: Stack, cpu_before: dict[str, float], batches_before: tup
 def run_wrk(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
     """POST /v1/feedback driven by wrk (C, one thread): each of n distinct bodies sent once, by
     ``concurrency`` connections in a closed loop; wrk stops at the last answer (wrk/feedback.lua)."""
+    if stack.features["identity"]:
+        raise SystemExit("http-wrk sends no per-principal keys (wrk/feedback.lua): use --paths http with identity on")
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for i in range(n):
             f.write(
@@ -394,7 +475,7 @@ def run_wrk(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
                         "response_id": f"{prefix}-r{i}",
                         "thumb": "up",
                         "user": f"{prefix}-u{i}",
-                        "feedback_tokens": [token(f"{prefix}-r{i}")],
+                        "feedback_tokens": [token(f"{prefix}-r{i}", stack.principals.of(i)[0])],
                     }
                 )
                 + "\n"
@@ -444,7 +525,8 @@ def run_wrk(stack: Stack, prefix: str, n: int, concurrency: int) -> Run:
 
 
 def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
-    """(records whose user starts with prefix, distinct feedback ids among them)."""
+    """(records whose label (the client's user; the voter before principals) starts with prefix,
+    distinct feedback ids among them)."""
     consumer = KafkaConsumer(bootstrap_servers=kafka.servers, enable_auto_commit=False)
     parts = [TopicPartition(FEEDBACK, p) for p in consumer.partitions_for_topic(FEEDBACK)]
     consumer.assign(parts)
@@ -455,7 +537,7 @@ def records_on_topic(kafka: KafkaConfig, prefix: str) -> tuple[int, int]:
         for records in consumer.poll(timeout_ms=500).values():
             for r in records:
                 p = decode(r.value).payload
-                if p.user_id.startswith(prefix + "-"):
+                if (p.label or p.user_id).startswith(prefix + "-"):
                     count += 1
                     ids.add(p.feedback_id)
     consumer.close()
@@ -559,12 +641,20 @@ def main() -> None:
         help="run every level this many times (versions alternating); the verdict and the "
         "plot use each row's median over the rounds",
     )
+    ap.add_argument(
+        "--principals",
+        type=int,
+        default=1000,
+        help="principals with an API key each; rating i is by principal i mod N (with identity on, "
+        "each stays under its per-principal rate limit when ratings per level / N is below the burst)",
+    )
     QuietGuard.add_arguments(ap, "run", max_wait_s=45.0)
     args = ap.parse_args()
     quiet = QuietGuard.from_args(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     paths = args.paths.split(",")
     runners = {"http": run_http, "http-wrk": run_wrk, "grpc": run_grpc, "kafka": run_kafka, "rdkafka": run_rdkafka}
+    principals = Principals.make(args.principals)
     versions = [("now", REPO)]
     worktree = None
     if args.baseline:
@@ -583,7 +673,7 @@ def main() -> None:
                 stack.stop()
             stacks = {}
             for version, code in versions:
-                stacks[version] = Stack(code, version, args.partitions)
+                stacks[version] = Stack(code, version, principals, args.partitions)
                 origins[version] = stacks[version].origins
             # Which version goes first alternates by round: the second one in a round measured
             # systematically slower (an A/A run of one commit against itself gave x0.78 ratings/s),
@@ -623,6 +713,8 @@ def main() -> None:
                 "baseline": args.baseline,
                 "code": origins,
                 "ratings_per_level": args.ratings,
+                "principals": args.principals,
+                "features": {version: stack.features for version, stack in stacks.items()},
                 "shared_machine_guard": dataclasses.asdict(quiet),
                 "rounds": args.rounds,
                 "rows": rows,

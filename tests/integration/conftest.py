@@ -8,7 +8,14 @@ import dataclasses
 import openai
 import pytest
 
-from tests.conftest import LoopThread, UvicornThread, gateway_config, start_feedback, start_inference
+from tests.conftest import (
+    TEST_API_KEYS,
+    LoopThread,
+    UvicornThread,
+    gateway_config,
+    start_feedback,
+    start_inference,
+)
 
 MODEL = "rlhf-policy"
 
@@ -26,8 +33,13 @@ class Stack:
     def url(self) -> str:
         return self.gateway.url
 
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+    def client(self, principal: str = "alice") -> openai.OpenAI:
+        """An OpenAI client authenticated as a test principal (its key from TEST_API_KEYS)."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=TEST_API_KEYS[principal], max_retries=0)
+
+    def headers(self, principal: str = "alice") -> dict[str, str]:
+        """The Authorization header of a test principal, for plain HTTP clients."""
+        return {"Authorization": f"Bearer {TEST_API_KEYS[principal]}"}
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from shared.kafka.topics import COMPLETIONS
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.conftest import consume_events, transformers_greedy
+from tests.conftest import consume_events, grpc_channel, transformers_greedy
 from tests.integration.conftest import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -29,7 +29,7 @@ def client(stack) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def grpc_stub(stack):
-    channel = grpc.insecure_channel(stack.inference.address)
+    channel = grpc_channel(stack.inference.address, "gateway")
     yield inference_pb2_grpc.InferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
     channel.close()
 
@@ -148,7 +148,13 @@ def test_n_completions_have_distinct_response_ids_and_are_streamed_apart(client)
 
 def test_every_completion_is_published_to_kafka(client, stack):
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count to three."}], n=2, max_tokens=8, temperature=0.7
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to three."}],
+        n=2,
+        max_tokens=8,
+        temperature=0.7,
+        user="says-it-is-bob",  # a label only: the principal is the key's
+        extra_body={"conversation_id": "conv-count"},
     )
     ids = {c.model_extra["response_id"]: c for c in resp.choices}
     events = consume_events(stack.kafka, COMPLETIONS, lambda e: e.payload.response_id in ids, count=2)
@@ -161,6 +167,7 @@ def test_every_completion_is_published_to_kafka(client, stack):
         assert p.messages[0].content == "Count to three."
         assert len(p.token_ids) > 0 and p.prompt_token_ids
         assert 0 <= p.timings.first_token_s <= p.timings.total_s
+        assert (p.principal, p.conversation_id) == ("alice", "conv-count"), "who asked, as the gateway knows it"
 
 
 BAD_REQUESTS = [
@@ -210,7 +217,8 @@ def test_bad_input_gets_an_openai_error_and_publishes_nothing(stack, name, body,
     for stream in (False, True):
         if stream and isinstance(body, dict):
             content = json.dumps({**body, "stream": True}).encode()
-        r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+        headers = {"Content-Type": "application/json", **stack.headers()}
+        r = httpx.post(url, content=content, headers=headers, timeout=30)
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["message"] and err["type"] == "invalid_request_error"
@@ -254,3 +262,95 @@ def test_healthz_and_metrics(stack):
 def test_chat_page_is_served(stack):
     r = httpx.get(stack.url + "/")
     assert r.status_code == 200 and "RLHF Flywheel" in r.text and "/v1/chat/completions" in r.text
+
+
+# --- identity and limits ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/v1/models", "/v1/chat/completions"])
+def test_without_a_valid_key_the_api_answers_401_and_serves_nothing(stack, route):
+    before = published()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for authorization in (None, b"Bearer wrong-key-0123456789abcdefgh", "Bearer ключ-0123456789abcdef".encode()):
+        headers = {"Authorization": authorization} if authorization is not None else {}
+        if route == "/v1/models":
+            r = httpx.get(stack.url + route, headers=headers, timeout=30)
+        else:
+            r = httpx.post(stack.url + route, json=body, headers=headers, timeout=30)
+        assert r.status_code == 401, (authorization, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key" and set(r.json()["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=stack.url + "/v1", api_key="wrong-key-0123456789abcdefgh", max_retries=0).models.list()
+    assert stack.inference.publisher.flush(10) and published() == before
+
+
+@pytest.fixture(scope="module")
+def anonymous_gateway(stack):
+    from services.gateway.app import create_app
+    from tests.conftest import UvicornThread, gateway_config
+
+    gateway = UvicornThread(
+        create_app(gateway_config(stack.inference.address, stack.feedback.address, api_keys="", anonymous=True))
+    )
+    yield gateway
+    gateway.stop()
+
+
+def test_in_anonymous_mode_an_openai_client_keeps_its_own_principal_by_cookie(stack, anonymous_gateway):
+    """No keys on this gateway: the first request opens an anonymous session (the placeholder key the
+    openai client must send is ignored), the client's HTTP client keeps its cookie, so its later
+    calls (its rating too) are the same principal; another client is another principal, and cannot
+    rate the first one's answer."""
+
+    def anonymous_client() -> openai.OpenAI:
+        return openai.OpenAI(base_url=anonymous_gateway.url + "/v1", api_key="unused", max_retries=0)
+
+    first, second = anonymous_client(), anonymous_client()
+    resp = first.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi!"}], max_tokens=4)
+    choice = resp.choices[0]
+    rating = {
+        "type": "thumb",
+        "response_id": choice.model_extra["response_id"],
+        "thumb": "up",
+        "feedback_tokens": [choice.model_extra["feedback_token"]],
+    }
+    me = first.get("/session", cast_to=object)
+    assert me["anonymous"] and me["principal"].startswith("anon:")
+    with pytest.raises(openai.PermissionDeniedError, match="issued to another principal"):
+        second.post("/feedback", body=rating, cast_to=object)
+    accepted = first.post("/feedback", body=rating, cast_to=object)
+    assert accepted["revision"] == 1 and accepted["duplicate"] is False
+    [event] = consume_events(
+        stack.kafka, COMPLETIONS, lambda e: e.payload.response_id == rating["response_id"], count=1
+    )
+    assert event.payload.principal == me["principal"]
+
+
+def test_chat_completions_over_the_principals_limit_get_429_with_retry_after(stack):
+    from services.gateway.app import create_app
+    from tests.conftest import UvicornThread, gateway_config
+
+    gateway = UvicornThread(create_app(gateway_config(stack.inference.address, chat_rate_per_min=1, chat_burst=2)))
+    try:
+        before = published()
+        alice, bob = (
+            openai.OpenAI(base_url=gateway.url + "/v1", api_key=stack.client(p).api_key, max_retries=0)
+            for p in ("alice", "bob")
+        )
+        ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 2}
+        for _ in range(2):
+            alice.chat.completions.create(**ask)
+        with pytest.raises(openai.RateLimitError) as err:
+            alice.chat.completions.create(**ask)
+        assert 1 <= int(err.value.response.headers["Retry-After"]) <= 60
+        assert err.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert bob.chat.completions.create(**ask).choices, "the limit is per principal"
+        assert stack.inference.publisher.flush(10)
+        assert published() == before + 3, "the refused request generated nothing"
+    finally:
+        gateway.stop()

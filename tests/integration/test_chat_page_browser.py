@@ -1,7 +1,10 @@
 """The chat page (services/gateway/static/chat.html) in a real headless Chromium against the real
-stack: ratings clicked in the page must arrive on rlhf.feedback as the page showed them, and
-refusals by the API must show up as messages, not break the page. Nothing is faked or intercepted:
-every request goes to the gateway, the vLLM engine and the feedback service of the `stack` fixture."""
+stack: the page logs in once with an API key (the gateway of the `stack` fixture has keys on) and
+then authenticates by its session cookie; ratings clicked in the page must arrive on rlhf.feedback
+as the page showed them, under the logged-in principal; refusals by the API must show up as
+messages, not break the page. With anonymous mode on, the page gets a principal of its own at once.
+Nothing is faked or intercepted: every request goes to the gateway, the vLLM engine and the
+feedback service of the `stack` fixture."""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from services.gateway.app import create_app
 from shared.events import CompletionEvent, FeedbackEvent, Message, RejectedFeedbackEvent
 from shared.feedback_token import prompt_hash
 from shared.kafka.topics import COMPLETIONS, FEEDBACK, FEEDBACK_DLQ
-from tests.conftest import consume_events
+from tests.conftest import TEST_API_KEYS, UvicornThread, consume_events, gateway_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,8 +46,10 @@ CHROMIUM_ARGS = [
 ]
 WAIT_MS = 30_000
 """Upper bound of any wait on the page; answers normally take well under a second."""
-REFUSED = re.compile(r"^Failed to load resource: the server responded with a status of 400\b")
-"""What Chromium itself logs to the console for an HTTP 400 reply, which the refusal test provokes."""
+UNAUTHENTICATED = re.compile(r"^Failed to load resource: the server responded with a status of 401\b")
+REFUSED = re.compile(r"^Failed to load resource: the server responded with a status of 40[0-3]\b")
+"""What Chromium itself logs to the console for an HTTP 400, 401 or 403 reply, which the refusal
+and login tests provoke."""
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,8 @@ def browser() -> Iterator[Browser]:
 class ChatPage:
     """One tab on the chat page, recording console errors, page errors and the chat requests sent."""
 
-    def __init__(self, context: BrowserContext, url: str):
+    def __init__(self, context: BrowserContext, url: str, principal: str | None):
+        self.url = url
         self.page: Page = context.new_page()
         self.page.set_default_timeout(WAIT_MS)
         self.errors: list[str] = []
@@ -70,7 +77,20 @@ class ChatPage:
             lambda r: self.chat_requests.append(r.post_data or "") if r.url.endswith("/v1/chat/completions") else None,
         )
         self.page.goto(url + "/")
+        if principal is None:  # not logged in: the login form (keys on) or an anonymous session
+            expect(self.page.locator("#status")).to_contain_text(re.compile("serving|log in"))
+            return
+        self.log_in(TEST_API_KEYS[principal])
+        expect(self.by("principal")).to_have_text(principal)
         expect(self.page.locator("#status")).to_contain_text("serving")
+        # The page's first "who am I" before the login was answered 401, as it should be; Chromium
+        # logs every 4xx reply to the console.
+        self.errors = [e for e in self.errors if not UNAUTHENTICATED.search(e)]
+
+    def log_in(self, key: str) -> None:
+        expect(self.by("login-form")).to_be_visible()
+        self.by("api-key").fill(key)
+        self.by("log-in").click()
 
     def by(self, testid: str):
         return self.page.get_by_test_id(testid)
@@ -80,9 +100,9 @@ class ChatPage:
         self.by("send").click()
 
     @property
-    def user_id(self) -> str:
-        shown = self.by("user-id").text_content()
-        assert shown == self.page.evaluate("localStorage.getItem('rlhf.user')")
+    def principal(self) -> str:
+        shown = self.by("principal").text_content()
+        assert shown, "no principal shown"
         return shown
 
     def assert_no_errors(self, allowed: re.Pattern | None = None) -> None:
@@ -92,15 +112,14 @@ class ChatPage:
 
 @pytest.fixture
 def open_chat(browser, stack) -> Iterator[Callable[..., ChatPage]]:
-    """Opens the chat page in a fresh browser context (fresh localStorage, so a new anonymous user)."""
+    """Opens the chat page in a fresh browser context (no cookies: a new session), logged in as
+    ``principal`` with its key (None: not logged in, e.g. on an anonymous gateway at ``url``)."""
     contexts = []
 
-    def open_(init_script: str | None = None, **context_args) -> ChatPage:
+    def open_(principal: str | None = "alice", url: str | None = None, **context_args) -> ChatPage:
         context = browser.new_context(viewport={"width": 1000, "height": 900}, **context_args)
         contexts.append(context)
-        if init_script:
-            context.add_init_script(init_script)
-        return ChatPage(context, stack.url)
+        return ChatPage(context, url or stack.url, principal)
 
     yield open_
     for context in contexts:
@@ -135,8 +154,8 @@ def test_thumbs_reach_kafka_and_a_changed_vote_supersedes_the_first(stack, open_
     assert rid.startswith("resp-")
     expect(chat.page.locator(".turn.assistant .meta").first).to_have_text(shown_version)
     assert shown_version in (stack.store.first, stack.store.second)
-    user = chat.user_id
-    assert re.fullmatch(r"anon-[0-9a-f]{16}", user)
+    user = chat.principal
+    assert user == "alice"
 
     up, down, status = chat.by("thumb-up"), chat.by("thumb-down"), chat.by("rating-status")
     expect(up).to_have_attribute("aria-label", "Good answer")
@@ -164,8 +183,9 @@ def test_thumbs_reach_kafka_and_a_changed_vote_supersedes_the_first(stack, open_
     assert (second.thumb, second.revision, second.supersedes) == ("down", 2, first.feedback_id)
     assert second.responses == first.responses
 
-    chat.page.reload()  # the anonymous user id outlives the page
-    expect(chat.by("user-id")).to_have_text(user)
+    chat.page.reload()  # the session outlives the page: no login form again
+    expect(chat.by("principal")).to_have_text(user)
+    expect(chat.by("login-form")).to_be_hidden()
     chat.assert_no_errors()
 
 
@@ -194,8 +214,10 @@ def test_compare_two_answers_and_the_preferred_one_continues(stack, open_chat, t
     expect(chat.page.locator(".option.chosen [data-testid=answer]")).to_have_attribute("data-response-id", rid_b)
     expect(chat.page.locator(".option.discarded [data-testid=answer]")).to_have_attribute("data-response-id", rid_a)
 
-    user = chat.user_id
-    [ev] = feedback_events(stack, lambda e: e.kind == "pairwise" and e.user_id == user, 1)
+    user = chat.principal
+    [ev] = feedback_events(
+        stack, lambda e: e.kind == "pairwise" and e.user_id == user and e.responses[0].response_id == rid_a, 1
+    )
     assert [r.response_id for r in ev.responses] == [rid_a, rid_b]
     assert (ev.preferred, ev.revision) == ("b", 1)
     assert {r.prompt_hash for r in ev.responses} == {prompt_hash([("user", question)])}
@@ -251,23 +273,74 @@ def test_refusals_show_the_api_message_and_the_page_keeps_working(stack, open_ch
 
 
 def test_a_refused_rating_shows_the_reason_and_is_not_shown_as_chosen(stack, open_chat):
-    # A user id longer than the feedback service accepts (128 characters): a real refusal by the service.
-    long_user = "user-" + "x" * 200
-    chat = open_chat(init_script=f"localStorage.setItem('rlhf.user', {long_user!r})")
-    assert chat.user_id == long_user
+    # The answer was served to alice; then the page's session becomes bob's (a login in the same
+    # browser): the feedback service refuses bob's rating of alice's answer, a real refusal.
+    chat = open_chat("alice")
     chat.send("Rate me")
     expect(chat.by("answer")).to_have_count(1)
+    rid = chat.by("answer").get_attribute("data-response-id")
+    bob = chat.page.request.post(chat.url + "/v1/session", data={"api_key": TEST_API_KEYS["bob"]})
+    assert bob.ok and bob.json()["principal"] == "bob"
     chat.by("thumb-up").click()
     status = chat.by("rating-status")
     expect(status).to_have_attribute("data-state", "error")
-    expect(status).to_contain_text("user must be 1 to 128 characters")
+    expect(status).to_contain_text("issued to another principal")
     expect(chat.by("thumb-up")).to_have_attribute("aria-pressed", "false")
     refused = consume_events(
         stack.kafka,
         FEEDBACK_DLQ,
-        lambda e: isinstance(e.payload, RejectedFeedbackEvent) and long_user in e.payload.raw,
+        lambda e: isinstance(e.payload, RejectedFeedbackEvent) and rid in e.payload.raw,
         1,
     )
-    assert refused and refused[0].payload.param == "user"
+    assert refused and refused[0].payload.param == "feedback_tokens"
+    assert not consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.responses[0].response_id == rid, 1, 3)
     assert httpx.get(stack.url + "/healthz").status_code == 200
     chat.assert_no_errors(allowed=REFUSED)
+
+
+def test_the_page_asks_for_a_key_once_and_logs_out(stack, open_chat):
+    chat = open_chat(principal=None)
+    expect(chat.by("login-form")).to_be_visible()
+    expect(chat.by("input")).to_be_hidden()
+    chat.log_in("wrong-key-0123456789abcdefgh")
+    expect(chat.by("login-error")).to_contain_text("invalid API key")
+    chat.page.screenshot(path="/tmp/chat-page-login.png")
+    chat.by("api-key").fill(TEST_API_KEYS["carol"])
+    chat.by("log-in").click()
+    expect(chat.by("principal")).to_have_text("carol")
+    expect(chat.page.locator("#status")).to_contain_text("serving")
+    cookie = next(c for c in chat.page.context.cookies() if c["name"] == "rlhf_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert chat.page.evaluate("document.cookie") == "", "no script can read the session"
+    chat.send("Hello from carol")
+    expect(chat.by("answer")).to_have_count(1)
+    rid = chat.by("answer").get_attribute("data-response-id")
+    assert completion_of(stack, rid).principal == "carol"
+    chat.by("log-out").click()
+    expect(chat.by("login-form")).to_be_visible()
+    assert not [c for c in chat.page.context.cookies() if c["name"] == "rlhf_session" and c["value"]]
+    chat.assert_no_errors(allowed=REFUSED)
+
+
+def test_in_anonymous_mode_the_page_chats_and_rates_at_once_as_its_own_principal(stack, open_chat):
+    gateway = UvicornThread(
+        create_app(gateway_config(stack.inference.address, stack.feedback.address, api_keys="", anonymous=True))
+    )
+    try:
+        chat = open_chat(principal=None, url=gateway.url)
+        expect(chat.page.locator("#status")).to_contain_text("serving")
+        expect(chat.by("login-form")).to_be_hidden()
+        principal = chat.principal
+        assert re.fullmatch(r"anon:[0-9a-f]{16}", principal)
+        expect(chat.by("log-out")).to_be_hidden()
+        chat.send("Hello, anonymously")
+        expect(chat.by("answer")).to_have_count(1)
+        rid = chat.by("answer").get_attribute("data-response-id")
+        chat.by("thumb-down").click()
+        expect(chat.by("rating-status")).to_have_attribute("data-state", "saved")
+        [ev] = feedback_events(stack, lambda e: e.responses[0].response_id == rid, 1)
+        assert (ev.user_id, ev.thumb) == (principal, "down")
+        assert completion_of(stack, rid).conversation_id.startswith("conv-")
+        chat.assert_no_errors()
+    finally:
+        gateway.stop()

@@ -53,6 +53,7 @@ def demo_environ(tmp_path) -> dict[str, str]:
             "RLHF_DEMO_EVALUATE": "0",
             "RLHF_DEMO_BOOTSTRAP_QUICK": "1",
             "RLHF_DEMO_REPORT_DIR": str(tmp_path / "report"),
+            "RLHF_UP_GATEWAY_KEY_FILE": str(tmp_path / "gateway-api-key"),
         }
     )
     return env
@@ -61,7 +62,14 @@ def demo_environ(tmp_path) -> dict[str, str]:
 @pytest.mark.timeout(1800)
 def test_shortened_demo_closes_the_loop(tmp_path):
     from flywheel.bootstrap.pipeline import QUICK, run_bootstrap
-    from flywheel.demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
+    from flywheel.demo.run import (
+        USER_KEYS_VARIABLE,
+        DemoConfig,
+        gateway_url_of,
+        run_demo,
+        start_stack,
+        trainer_address_of,
+    )
     from shared.config import load_config
     from shared.model_store import ModelStore
 
@@ -74,8 +82,16 @@ def test_shortened_demo_closes_the_loop(tmp_path):
     stack = start_stack(cfg, env)
     try:
         url = gateway_url_of(stack)
+        # The users attach with the keys the stack's gateway knows: each simulated user is a principal.
+        users = stack.environ[USER_KEYS_VARIABLE]
         attach = load_config(
-            DemoConfig, {**env, "RLHF_DEMO_GATEWAY_URL": url, "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack)}
+            DemoConfig,
+            {
+                **env,
+                "RLHF_DEMO_GATEWAY_URL": url,
+                "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack),
+                "RLHF_DEMO_API_KEYS": users,
+            },
         )
         result = run_demo(attach)
         summary = result.summary
@@ -84,6 +100,8 @@ def test_shortened_demo_closes_the_loop(tmp_path):
         assert summary["ratings_accepted"] >= 16, summary
         assert set(summary["ratings_by_kind"]) == {"thumb", "likert", "pairwise", "ranking"}
         assert summary["ratings_refused"] <= summary["ratings_accepted"] // 10, summary
+        principals = {r.principal for r in result.interactions if r.principal}
+        assert principals == {"sim-user-0", "sim-user-1"}, "each simulated user rates as its own principal"
         # the reward learner and the trainer published new versions during the run
         assert summary["rm_versions_published"], "no new reward model version was published"
         assert summary["policy_versions_published"], "no new policy version was published"
@@ -93,7 +111,7 @@ def test_shortened_demo_closes_the_loop(tmp_path):
 
         # a chat now is served by a new policy version, through the same public API (the trainer keeps
         # publishing while the stack runs, so it is whichever new version inference holds right now)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=stack.gateway_key, max_retries=0)
         resp = client.chat.completions.create(
             model=client.models.list().data[0].id,
             max_tokens=8,

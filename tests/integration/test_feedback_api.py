@@ -1,5 +1,7 @@
 """POST /v1/feedback end to end with real parts: real chat responses and their signed tokens, the
-gateway, the feedback service over gRPC, and rlhf.feedback on the embedded broker."""
+gateway, the feedback service over gRPC, and rlhf.feedback on the embedded broker. Every rating is
+by an authenticated principal (a test key), and only the principal a response was served to can
+rate it."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.kafka.topics import FEEDBACK, FEEDBACK_DLQ
 from tests.conftest import (
+    TEST_API_KEYS,
     TEST_TOKEN_SECRET,
     UvicornThread,
     consume_events,
@@ -31,17 +34,24 @@ from tests.integration.conftest import MODEL
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def chat(stack, prompt: str, n: int = 1):
-    resp = stack.client().chat.completions.create(
+def chat(stack, prompt: str, n: int = 1, principal: str = "alice"):
+    resp = stack.client(principal).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], n=n, max_tokens=6
     )
     return resp, [(c.model_extra["response_id"], c.model_extra["feedback_token"]) for c in resp.choices]
 
 
-def rate(url: str, body: dict | bytes, headers: dict | None = None) -> httpx.Response:
+def as_(principal: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TEST_API_KEYS[principal]}"}
+
+
+def rate(url: str, body: dict | bytes, headers: dict | None = None, principal: str | None = "alice") -> httpx.Response:
+    """POST a rating as ``principal`` (None: with no key, unless ``headers`` carry one)."""
+    headers = {**(as_(principal) if principal else {}), **(headers or {})}
     if isinstance(body, dict):
         return httpx.post(url + "/v1/feedback", json=body, headers=headers, timeout=60)
-    return httpx.post(url + "/v1/feedback", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    headers["Content-Type"] = "application/json"
+    return httpx.post(url + "/v1/feedback", content=body, headers=headers, timeout=60)
 
 
 def feedback_events(stack, feedback_ids: set[str], count: int):
@@ -86,7 +96,8 @@ def test_every_kind_is_accepted_and_lands_on_kafka_with_the_servers_facts(stack)
     ph = prompt_hash([("user", "What is 3 plus 4?")])
     for fid, body in ids.items():
         ev = events[fid]
-        assert ev.kind == body["type"] and ev.user_id == user and ev.revision == 1 and ev.supersedes is None
+        assert ev.kind == body["type"] and ev.revision == 1 and ev.supersedes is None
+        assert (ev.user_id, ev.label) == ("alice", user), "the voter is the principal; `user` only a label"
         expected_ids = body.get("response_ids") or [body["response_id"]]
         assert [r.response_id for r in ev.responses] == expected_ids
         assert {r.policy_version for r in ev.responses} == {resp.model_extra["policy_version"]}
@@ -153,7 +164,7 @@ def test_same_idempotency_key_counts_once(stack):
     assert second.json() == {**first.json(), "duplicate": True}
     again = rate(stack.url, body)  # no key, but the same vote as the live one: nothing new
     assert again.json()["duplicate"] is True and again.json()["feedback_id"] == first.json()["feedback_id"]
-    events = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "retrier", count=2, timeout=8)
+    events = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.label == "retrier", count=2, timeout=8)
     assert len(events) == 1 and events[0].payload.thumb == "down"
 
 
@@ -164,7 +175,7 @@ def test_changing_a_vote_supersedes_it(stack):
     down = rate(stack.url, {**body, "thumb": "down"}).json()
     assert (up["revision"], down["revision"]) == (1, 2) and up["feedback_id"] != down["feedback_id"]
     events = sorted(
-        (e.payload for e in consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.user_id == "changer", count=2)),
+        (e.payload for e in consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.label == "changer", count=2)),
         key=lambda p: p.revision,
     )
     assert [(e.revision, e.thumb) for e in events] == [(1, "up"), (2, "down")]
@@ -202,32 +213,90 @@ def test_concurrent_ratings_share_calls_yet_each_gets_its_own_verdict(stack):
 
     async def send_all():
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
-            return await asyncio.gather(*(client.post("/v1/feedback", json=b) for b in bodies))
+            return await asyncio.gather(*(client.post("/v1/feedback", json=b, headers=as_("alice")) for b in bodies))
 
     replies = asyncio.run(send_all())
     assert [(r.status_code, r.json().get("error", {}).get("param")) for r in replies] == expected
     accepted = {r.json()["feedback_id"] for r in replies if r.status_code == 200}
     assert len(accepted) == len(served)
     events = consume_events(
-        stack.kafka, FEEDBACK, lambda e: e.payload.user_id.startswith(marker), count=len(served) + 1, timeout=8
+        stack.kafka, FEEDBACK, lambda e: e.payload.label.startswith(marker), count=len(served) + 1, timeout=8
     )
     assert sorted(e.payload.feedback_id for e in events) == sorted(accepted), "exactly the accepted ones, once"
 
 
 def test_api_keys_guard_the_feedback_route(stack):
+    before = end_offsets(stack.kafka, FEEDBACK)
+    _, [(a, ta)] = chat(stack, "Once more?")
+    body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "keyed"}
+    for authorization in (None, b"Bearer wrong-key-0123456789abcdefgh", "Bearer ключ-0123456789abcdef".encode()):
+        headers = {"Authorization": authorization} if authorization is not None else {}
+        refused = rate(stack.url, body, headers=headers, principal=None)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
+    assert end_offsets(stack.kafka, FEEDBACK) == before, "a refused rating reached rlhf.feedback"
+    ok = rate(stack.url, body)
+    assert ok.status_code == 200, ok.text
+    metrics = httpx.get(stack.url + "/metrics").text
+    assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="401"}' in metrics
+    assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="200"}' in metrics
+
+
+def wrong_principal_refusals() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("rlhf_feedback_wrong_principal_total") or 0
+
+
+def test_a_response_can_be_rated_only_by_the_principal_it_was_served_to(stack):
+    """The old hole: one completion, then its token posted under 20 `user` values gave 20 votes. Now
+    another principal's rating of it is refused (403, nothing on rlhf.feedback, a dead-letter copy),
+    and its own principal has one live vote however it labels itself; a change of mind is a revision."""
+    _, [(a, ta)] = chat(stack, "Who may rate this?", principal="alice")
+    body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta]}
+    before, refusals = end_offsets(stack.kafka, FEEDBACK), wrong_principal_refusals()
+    for principal in ("bob", "carol"):
+        r = rate(stack.url, {**body, "user": "alice"}, principal=principal)  # claiming to be alice changes nothing
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["param"] == "feedback_tokens" and "issued to another principal" in err["message"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "permission_denied"
+    assert end_offsets(stack.kafka, FEEDBACK) == before, "a refused rating reached rlhf.feedback"
+    assert wrong_principal_refusals() == refusals + 2
+    dead = consume_events(stack.kafka, FEEDBACK_DLQ, lambda e: a in e.payload.raw, count=2)
+    assert len(dead) == 2 and all("another principal" in e.payload.reason for e in dead)
+
+    replies = [rate(stack.url, {**body, "user": f"sock-puppet-{i}"}) for i in range(20)]
+    assert [r.status_code for r in replies] == [200] * 20
+    assert [r.json()["duplicate"] for r in replies] == [False] + [True] * 19
+    assert len({r.json()["feedback_id"] for r in replies}) == 1
+    changed = rate(stack.url, {**body, "thumb": "down"})
+    assert changed.json()["revision"] == 2 and changed.json()["duplicate"] is False
+    votes = consume_events(stack.kafka, FEEDBACK, lambda e: e.payload.responses[0].response_id == a, count=3, timeout=8)
+    assert sorted((e.payload.user_id, e.payload.revision, e.payload.thumb) for e in votes) == [
+        ("alice", 1, "up"),
+        ("alice", 2, "down"),
+    ], "one live vote per (principal, response): the first, then its revision"
+
+
+def test_ratings_over_the_principals_limit_get_429_and_write_nothing(stack):
     gateway = UvicornThread(
-        create_app(gateway_config(stack.inference.address, stack.feedback.address, api_keys=("key-0123456789",)))
+        create_app(
+            gateway_config(stack.inference.address, stack.feedback.address, feedback_rate_per_min=1, feedback_burst=2)
+        )
     )
     try:
-        _, [(a, ta)] = chat(stack, "Once more?")
-        body = {"type": "thumb", "response_id": a, "thumb": "up", "feedback_tokens": [ta], "user": "keyed"}
-        refused = rate(gateway.url, body)
-        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
-        ok = rate(gateway.url, body, headers={"Authorization": "Bearer key-0123456789"})
-        assert ok.status_code == 200, ok.text
+        _, served = chat(stack, "Rate us quickly.", n=3)
+        bodies = [{"type": "thumb", "response_id": r, "thumb": "up", "feedback_tokens": [t]} for r, t in served]
+        assert [rate(gateway.url, b).status_code for b in bodies[:2]] == [200, 200]
+        before = {t: end_offsets(stack.kafka, t) for t in (FEEDBACK, FEEDBACK_DLQ)}
+        refused = rate(gateway.url, bodies[2])
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 55 <= int(refused.headers["Retry-After"]) <= 60  # one rating a minute refills the bucket
+        assert {t: end_offsets(stack.kafka, t) for t in (FEEDBACK, FEEDBACK_DLQ)} == before, "nothing written"
+        assert rate(gateway.url, bodies[2], principal="bob").status_code == 403, "bob has his own bucket"
         metrics = httpx.get(gateway.url + "/metrics").text
-        assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="401"}' in metrics
-        assert 'rlhf_gateway_requests_total{route="/v1/feedback",status="200"}' in metrics
+        assert 'rlhf_gateway_rate_limit_total{limit="feedback",outcome="refused"}' in metrics
     finally:
         gateway.stop()
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from services.gateway.chat.schema import ChatCompletionRequest, ChatCompletionResponse, ModelList
 from services.gateway.chat.serving import ChatServing
 from services.gateway.errors import ErrorResponse
+from services.gateway.middleware import PRINCIPAL
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
@@ -24,15 +25,18 @@ def chat_router(chat: ChatServing) -> APIRouter:
     @router.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
-        responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+        responses={status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)},
     )
-    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse | StreamingResponse:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> ChatCompletionResponse | StreamingResponse:
+        principal = request.scope[PRINCIPAL].principal  # admitted by the Gatekeeper (middleware.py)
         if body.stream:
-            events = await chat.stream(body)
+            events = await chat.stream(body, principal)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             )
-        return await chat.complete(body)
+        return await chat.complete(body, principal)
 
     @router.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:

@@ -10,10 +10,13 @@ Responses follow OpenAI's shape plus RLHF Flywheel's fields: every choice carrie
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class _Request(BaseModel):
@@ -57,6 +60,19 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     user: str | None = None
+    """The client's own label for its end user; recorded nowhere as an identity (the principal is
+    the gateway's, from the key or session)."""
+    conversation_id: str | None = None
+    """RLHF Flywheel's extension: the conversation this request belongs to (1-128 characters:
+    letters, digits, ``.``, ``_``, ``:``, ``-``), recorded with the completion and in its feedback
+    token. OpenAI clients send it with ``extra_body``."""
+
+    @field_validator("conversation_id")
+    @classmethod
+    def _conversation_id(cls, v: str | None) -> str | None:
+        if v is not None and not CONVERSATION_ID.fullmatch(v):
+            raise ValueError("must be 1 to 128 letters, digits, '.', '_', ':' or '-'")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod

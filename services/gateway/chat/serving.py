@@ -31,15 +31,16 @@ from services.gateway.errors import error_from_grpc, sse_error
 from shared.config import FeedbackTokenConfig
 from shared.errors import NotFound
 from shared.feedback_token import TokenClaims, prompt_hash, sign
+from shared.grpc_channels import ClientCredentials, aio_channel
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc
 
 
 class InferenceClient:
     """The gateway's gRPC channel to the inference service."""
 
-    def __init__(self, address: str, timeout_s: float):
+    def __init__(self, address: str, timeout_s: float, credentials: ClientCredentials):
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.channel = aio_channel(address, credentials, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -47,7 +48,7 @@ class InferenceClient:
         await self.channel.close()
 
 
-def to_generate_request(req: ChatCompletionRequest) -> inference_pb2.GenerateRequest:
+def to_generate_request(req: ChatCompletionRequest, principal: str) -> inference_pb2.GenerateRequest:
     sampling = inference_pb2.SamplingParams(n=req.n or 1, logprobs=req.logprobs, stop=req.stop_list())
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     for name, value in (
@@ -63,6 +64,8 @@ def to_generate_request(req: ChatCompletionRequest) -> inference_pb2.GenerateReq
         messages=[common_pb2.ChatMessage(role=m.canonical_role(), content=m.text()) for m in req.messages],
         sampling=sampling,
         source="user",
+        principal=principal,
+        conversation_id=req.conversation_id or "",
     )
 
 
@@ -77,19 +80,21 @@ def _usage(u: common_pb2.Usage) -> Usage:
 
 
 class FeedbackTokens:
-    """Signs each served response's feedback token (HMAC over response_id, policy_version, prompt, expiry)."""
+    """Signs each served response's feedback token (HMAC over response_id, policy_version, prompt,
+    expiry, and the principal it was served to: only that principal can rate it)."""
 
     def __init__(self, cfg: FeedbackTokenConfig):
         self.cfg = cfg
 
-    def for_request(self, req: ChatCompletionRequest) -> Callable[[str, str], str | None]:
-        """A signer for the responses to this request, or a no-op when feedback is off."""
+    def for_request(self, req: ChatCompletionRequest, principal: str) -> Callable[[str, str], str | None]:
+        """A signer for the responses to this request of ``principal``, or a no-op when feedback is off."""
         if not self.cfg.secret:
             return lambda response_id, policy_version: None
         ph = prompt_hash((m.canonical_role(), m.text()) for m in req.messages)
         expires = int(time.time()) + self.cfg.ttl_s
+        conversation = req.conversation_id or ""
         return lambda response_id, policy_version: sign(
-            self.cfg.secret, TokenClaims(response_id, policy_version, ph, expires)
+            self.cfg.secret, TokenClaims(response_id, policy_version, ph, expires, principal, conversation)
         )
 
 
@@ -132,10 +137,10 @@ class ChatServing:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def complete(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def complete(self, req: ChatCompletionRequest, principal: str) -> ChatCompletionResponse:
         await self.check_model(req.model)
-        r = await self.client.stub.Generate(to_generate_request(req), timeout=self.client.timeout_s)
-        token = self.tokens.for_request(req)
+        r = await self.client.stub.Generate(to_generate_request(req, principal), timeout=self.client.timeout_s)
+        token = self.tokens.for_request(req, principal)
         choices = [
             Choice(
                 index=c.index,
@@ -156,17 +161,17 @@ class ChatServing:
             response_id=choices[0].response_id,
         )
 
-    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream(self, req: ChatCompletionRequest, principal: str) -> AsyncIterator[str]:
         """Server-sent events for a streamed completion.
 
         The first upstream chunk is awaited before this returns, so that a refused request still
         gets a real HTTP error status rather than a 200 stream carrying an error.
         """
         await self.check_model(req.model)
-        call = self.client.stub.GenerateStream(to_generate_request(req), timeout=self.client.timeout_s)
+        call = self.client.stub.GenerateStream(to_generate_request(req, principal), timeout=self.client.timeout_s)
         iterator = call.__aiter__()
         first = await iterator.__anext__()
-        return self._events(req, call, iterator, first)
+        return self._events(req, call, iterator, first, self.tokens.for_request(req, principal))
 
     async def _events(
         self,
@@ -174,11 +179,11 @@ class ChatServing:
         call: Any,  # the gRPC stream call (grpc is untyped)
         iterator: AsyncIterator[inference_pb2.GenerateChunk],
         first: inference_pb2.GenerateChunk,
+        token: Callable[[str, str], str | None],
     ) -> AsyncIterator[str]:
         created = int(time.time())
         chat_id = f"chatcmpl-{first.request_id or uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        token = self.tokens.for_request(req)
         started: set[int] = set()
         chunk = first
         try:

@@ -11,6 +11,7 @@ import asyncio
 import grpc
 
 from shared.errors import PARAM_METADATA_KEY
+from shared.grpc_channels import ClientCredentials, aio_channel
 from shared.pb import feedback_pb2, feedback_pb2_grpc
 
 
@@ -106,9 +107,9 @@ class FeedbackBatcher:
 class FeedbackClient:
     """The gateway's gRPC channel to the feedback service; ratings go through its ``batcher``."""
 
-    def __init__(self, address: str, timeout_s: float = 30.0):
+    def __init__(self, address: str, credentials: ClientCredentials, timeout_s: float = 30.0):
         self.timeout_s = timeout_s
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = aio_channel(address, credentials)
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
         self.batcher = FeedbackBatcher(self.stub, timeout_s)
 

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import OpenAPI
+from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 from starlette.types import Receive, Scope, Send
 
@@ -21,7 +22,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import ErrorResponse, response_for
 from services.gateway.feedback.schema import FeedbackRequest, FeedbackResponse
 from services.gateway.feedback.serving import FeedbackForwarding
-from services.gateway.middleware import body_or_refusal, observe, refuse_unauthorised
+from services.gateway.middleware import Gatekeeper, body_or_refusal, observe, with_cookie
 
 FEEDBACK_ROUTE = "/v1/feedback"
 
@@ -31,18 +32,18 @@ class FeedbackFastPath:
 
     A rating is small and ratings come in thousands a second: FastAPI's routing, its exception and
     size/auth/metrics middlewares cost more CPU than the rating's own work. This path does the same
-    steps in the same order (413 for an oversized body, 401 without a valid key, the request
-    metrics) with the same helpers (middleware.py), and the same error responses
-    (errors.response_for). FastAPI has no route for it; document_feedback_route puts it in the
-    OpenAPI schema.
+    steps in the same order (413 for an oversized body, 401 without a valid key or session, 429
+    over the caller's feedback rate limit, the request metrics) with the same helpers
+    (middleware.py), and the same error responses (errors.response_for). FastAPI has no route for
+    it; document_feedback_route puts it in the OpenAPI schema.
     """
 
-    def __init__(self, api: FastAPI, feedback: FeedbackForwarding, cfg: GatewayConfig):
+    def __init__(self, api: FastAPI, feedback: FeedbackForwarding, cfg: GatewayConfig, gatekeeper: Gatekeeper):
         self.api = api
         """The FastAPI app: every other route, the lifespan, and the OpenAPI schema."""
         self.feedback = feedback
         self.limit = cfg.max_body_bytes
-        self.api_keys = cfg.api_keys
+        self.gatekeeper = gatekeeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != FEEDBACK_ROUTE or scope["method"] != "POST":
@@ -51,25 +52,24 @@ class FeedbackFastPath:
         body = await body_or_refusal(scope, receive, send, self.limit)
         if body is None:
             return
-        refusal = refuse_unauthorised(scope, self.api_keys)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return observe(FEEDBACK_ROUTE, 401, started)
+        caller = self.gatekeeper.admit(scope, self.gatekeeper.feedback)
+        if isinstance(caller, JSONResponse):
+            await caller(scope, receive, send)
+            return observe(FEEDBACK_ROUTE, caller.status_code, started)
         key = next((v for k, v in scope["headers"] if k == b"idempotency-key"), None)
         try:
-            reply = await self.feedback.submit(body, key.decode("latin-1") if key is not None else None)
+            reply = await self.feedback.submit(
+                body, key.decode("latin-1") if key is not None else None, caller.principal
+            )
         except Exception as exc:  # noqa: BLE001 - every error becomes its response, as in the app
-            response = response_for(exc, FEEDBACK_ROUTE)
+            response = with_cookie(response_for(exc, FEEDBACK_ROUTE), caller)
             await response(scope, receive, send)
             return observe(FEEDBACK_ROUTE, response.status_code, started)
         content = reply.model_dump_json().encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
-            }
-        )
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        if caller.set_cookie is not None:
+            headers.append((b"set-cookie", caller.set_cookie))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": content})
         observe(FEEDBACK_ROUTE, 200, started)
 
@@ -115,7 +115,7 @@ def _feedback_operation() -> tuple[dict[str, Any], dict[str, Any]]:
         "requestBody": {"content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}},
         "responses": {
             "200": answer(200, FeedbackResponse),
-            **{str(status): answer(status, ErrorResponse) for status in (400, 403, 503)},
+            **{str(status): answer(status, ErrorResponse) for status in (400, 401, 403, 429, 503)},
         },
     }
     return operation, top.get("$defs", {})

@@ -19,16 +19,18 @@ class FeedbackRequest(BaseModel):
     - ranking: ``response_ids`` (2-9, best first), optionally ``ranks`` for ties: the rank of each
       (1 = best, equal ranks equally good, non-decreasing), e.g. [1, 2, 2]
 
-    Always ``feedback_tokens`` (the token of every rated response) and ``user``; optionally
-    ``comment``, ``tags`` and ``idempotency_key`` (or the Idempotency-Key header). Values are
-    checked by the feedback service; here only the shape.
+    Always ``feedback_tokens`` (the token of every rated response, as served to the caller: a
+    response can be rated only by the principal it was served to); optionally ``user`` (a free-text
+    label recorded with the rating, at most 128 characters; the voter is the authenticated
+    principal, never this), ``comment``, ``tags`` and ``idempotency_key`` (or the Idempotency-Key
+    header). Values are checked by the feedback service; here only the shape.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    user: str
     feedback_tokens: list[str]
+    user: str = ""
     response_id: str | None = None
     response_ids: list[str] | None = None
     thumb: str | None = None

@@ -20,9 +20,12 @@ _THUMBS = {"up": feedback_pb2.THUMB_UP, "down": feedback_pb2.THUMB_DOWN}
 RAW_LIMIT = 8192
 
 
-def to_submit_request(req: FeedbackRequest, idempotency_header: str | None) -> feedback_pb2.SubmitFeedbackRequest:
+def to_submit_request(
+    req: FeedbackRequest, idempotency_header: str | None, principal: str
+) -> feedback_pb2.SubmitFeedbackRequest:
     msg = feedback_pb2.SubmitFeedbackRequest(
         feedback_tokens=req.feedback_tokens,
+        principal=principal,
         user_id=req.user,
         comment=req.comment,
         tags=req.tags,
@@ -69,12 +72,13 @@ class FeedbackForwarding:
     def attach(self, client: FeedbackClient | None) -> None:
         self._client = client
 
-    async def submit(self, body: bytes, idempotency_header: str | None) -> FeedbackResponse:
+    async def submit(self, body: bytes, idempotency_header: str | None, principal: str) -> FeedbackResponse:
+        """Forward one rating by ``principal`` (as the gateway authenticated it)."""
         if self._client is None:
             raise Unavailable("feedback is not enabled on this gateway (RLHF_GATEWAY_FEEDBACK_ADDRESS is empty)")
         try:
             req = FeedbackRequest.model_validate_json(body)
-            msg = to_submit_request(req, idempotency_header)
+            msg = to_submit_request(req, idempotency_header, principal)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first.get("loc", ())) or None

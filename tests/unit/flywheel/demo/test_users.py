@@ -47,3 +47,14 @@ def test_user_mix_follows_its_weights():
     assert 0.70 < picks.count("pairwise") / len(picks) < 0.80
     with pytest.raises(ValueError):
         UserMix(0, 0, 0, 0)
+
+
+def test_each_simulated_user_gets_a_key_of_its_own_in_the_gateways_format():
+    from flywheel.demo.users import make_user_keys, parse_user_keys
+
+    keys = make_user_keys(3)
+    assert [name for name, _ in keys] == ["sim-user-0", "sim-user-1", "sim-user-2"]
+    assert len({key for _, key in keys}) == 3
+    assert parse_user_keys(",".join(f"{n}:{k}" for n, k in keys)) == keys
+    with pytest.raises(ValueError, match="no name"):
+        parse_user_keys("x" * 40)

@@ -1,27 +1,29 @@
-"""The feedback service's rules on small tables: schema checks, token binding, idempotency, revisions."""
+"""The feedback service's rules on small tables: schema checks, token binding (to the response and to
+the principal it was served to), idempotency, revisions."""
 
 import asyncio
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.feedback.domain import Submission
 from services.feedback.ledger import FeedbackLedger, LiveVote
 from services.feedback.serving import KeyedLocks, bind_tokens, check, feedback_id, same_vote
-from shared.errors import InvalidArgument, PermissionDenied
+from shared.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from shared.events import FeedbackEvent, RatedResponse
 from shared.feedback_token import TokenClaims, sign
 
 SECRET = "k" * 32
 
 
-def token(rid: str, ph: str = "p1", pv: str = "policy-0001", ttl: int = 60) -> str:
-    return sign(SECRET, TokenClaims(rid, pv, ph, int(time.time()) + ttl))
+def token(rid: str, ph: str = "p1", pv: str = "policy-0001", ttl: int = 60, principal: str = "u1") -> str:
+    return sign(SECRET, TokenClaims(rid, pv, ph, int(time.time()) + ttl, principal))
 
 
 def sub(kind="thumb", ids=("r1",), **over) -> Submission:
     defaults = {"thumb": {"thumb": "up"}, "likert": {"score": 5}, "pairwise": {"preferred": "a"}}.get(kind, {})
-    fields = dict(feedback_tokens=[token(i) for i in ids], user_id="u1", **defaults)
+    fields = dict(feedback_tokens=[token(i) for i in ids], principal="u1", **defaults)
     fields.update(over)
     return Submission(kind, list(ids), **fields)
 
@@ -39,6 +41,8 @@ def sub(kind="thumb", ids=("r1",), **over) -> Submission:
         sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 1]),
         sub("ranking", ("r1", "r2", "r3"), ranks=[1, 1, 3]),
         sub(comment="x" * 2000, tags=["hallucination", "harmful"]),
+        sub(label=""),
+        sub(label="x" * 128),
     ],
 )
 def test_valid_submissions_pass(s):
@@ -49,7 +53,8 @@ def test_valid_submissions_pass(s):
     "s, param",
     [
         (sub(kind="vote"), "type"),
-        (sub(user_id=""), "user"),
+        (sub(label="x" * 129), "user"),
+        (sub(principal="p" * 129), "principal"),
         (sub(thumb="sideways"), "thumb"),
         (sub("likert", score=0), "score"),
         (sub("likert", score=8), "score"),
@@ -76,6 +81,33 @@ def test_invalid_submissions_name_the_field(s, param):
     assert err.value.param == param
 
 
+def test_a_submission_without_a_principal_is_unauthenticated():
+    with pytest.raises(Unauthenticated) as err:
+        check(sub(principal=""), max_comment_chars=2000)
+    assert err.value.param == "principal" and err.value.http_status == 401
+
+
+def wrong_principal_refusals() -> float:
+    return REGISTRY.get_sample_value("rlhf_feedback_wrong_principal_total") or 0
+
+
+def test_a_token_served_to_another_principal_or_to_none_is_refused_and_counted():
+    now = time.time()
+    before = wrong_principal_refusals()
+    with pytest.raises(PermissionDenied, match="issued to another principal") as err:
+        bind_tokens(sub(principal="mallory"), SECRET, now)
+    assert err.value.param == "feedback_tokens"
+    # one foreign token among the rater's own is enough to refuse the whole rating
+    mixed = sub("pairwise", ("r1", "r2"), feedback_tokens=[token("r1"), token("r2", principal="bob")])
+    with pytest.raises(PermissionDenied, match="response r2 was issued to another principal"):
+        bind_tokens(mixed, SECRET, now)
+    legacy = sign(SECRET, TokenClaims("r1", "policy-0001", "p1", int(now) + 60))  # no principal claim
+    with pytest.raises(PermissionDenied, match="another principal"):
+        bind_tokens(sub(feedback_tokens=[legacy]), SECRET, now)
+    assert wrong_principal_refusals() == before + 3
+    assert bind_tokens(sub(), SECRET, now)[0].response_id == "r1"  # its own principal: accepted
+
+
 def test_tokens_bind_the_server_facts_not_the_clients():
     rated = bind_tokens(sub("pairwise", ("r1", "r2")), SECRET, time.time())
     assert [(r.response_id, r.policy_version, r.prompt_hash) for r in rated] == [
@@ -87,7 +119,9 @@ def test_tokens_bind_the_server_facts_not_the_clients():
 def test_forged_missing_expired_and_cross_prompt_tokens_are_refused():
     now = time.time()
     with pytest.raises(PermissionDenied, match="signature"):
-        bind_tokens(sub(feedback_tokens=[sign("x" * 32, TokenClaims("r1", "p", "p1", int(now) + 60))]), SECRET, now)
+        bind_tokens(
+            sub(feedback_tokens=[sign("x" * 32, TokenClaims("r1", "p", "p1", int(now) + 60, "u1"))]), SECRET, now
+        )
     with pytest.raises(PermissionDenied, match="no valid feedback token for response r1"):
         bind_tokens(sub(feedback_tokens=[token("r9")]), SECRET, now)
     with pytest.raises(PermissionDenied, match="expired"):
@@ -122,7 +156,7 @@ def test_ledger_keeps_the_highest_revision_and_ignores_replays():
     assert ledger.live("u1", "thumb:r1") == LiveVote.of(event(2, "down")) and len(ledger) == 2
 
 
-def test_ledger_remembers_idempotency_keys_per_user():
+def test_ledger_remembers_idempotency_keys_per_principal():
     ledger = FeedbackLedger()
     ledger.apply(event(1, key="k1", fid="abc"))
     assert ledger.by_key("u1", "k1").feedback_id == "abc"
@@ -140,7 +174,7 @@ def test_same_vote_compares_every_part_of_the_verdict():
     assert same_vote(tied_vote, tied) and not same_vote(tied_vote, sub("ranking", ("r1", "r2", "r3")))
 
 
-def test_feedback_id_is_deterministic_per_user_and_intent():
+def test_feedback_id_is_deterministic_per_principal_and_intent():
     assert feedback_id("u1", "k") == feedback_id("u1", "k") != feedback_id("u2", "k")
 
 

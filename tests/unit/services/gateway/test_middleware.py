@@ -1,6 +1,7 @@
 """The gateway's middleware and body reader: read_body stops at the limit (declared or chunked),
-BodySizeLimit answers 413 before AuthAndMetrics answers 401, only /v1/ routes need a key, and every
-answer is counted in the metrics."""
+BodySizeLimit answers 413 before AuthAndMetrics answers 401, only /v1/ routes (and the API docs,
+when keys are configured) need a principal, chat completions are rate-limited per principal (429
+with Retry-After), and every answer is counted in the metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
 from services.gateway.middleware import BodyTooLarge, read_body
 
-KEY = "key-0123456789"
+KEY = "alice-key-0123456789abcdefghij"
+BOB_KEY = "bob-key-0123456789abcdefghijkl"
+CHAT = {"model": "m", "messages": []}  # refused by validation: no inference service is needed
 
 
 def receiver(*messages: dict):
@@ -63,9 +66,13 @@ def test_read_body_is_none_when_the_client_goes_away():
     assert asyncio.run(read_body(scope(), receive, 4)) is None
 
 
+def app(**over):
+    return create_app(GatewayConfig(**{"api_keys": f"alice:{KEY},bob:{BOB_KEY}", "max_body_bytes": 1024, **over}))
+
+
 @pytest.fixture
 def client():
-    return TestClient(create_app(GatewayConfig(api_keys=(KEY,), max_body_bytes=1024)))
+    return TestClient(app())
 
 
 def counted(route: str, status: int) -> float:
@@ -84,6 +91,20 @@ def test_v1_routes_need_a_valid_key_and_the_refusal_is_counted(client):
     r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert counted("/v1/models", 401) == before + 1
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("header", ["Bearer " + "ключ" * 8, "Bearer \udcff", "Bearer " + KEY + "é"])
+def test_a_non_ascii_key_gets_401_not_500(client, header):
+    raw = header.encode("utf-8", "surrogateescape")
+    r = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": raw})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_no_keys_and_no_anonymous_mode_refuse_everyone():
+    r = TestClient(create_app(GatewayConfig(max_body_bytes=1024))).post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 401
 
 
 def test_routes_outside_v1_need_no_key_and_are_counted_as_other(client):
@@ -92,9 +113,42 @@ def test_routes_outside_v1_need_no_key_and_are_counted_as_other(client):
     assert counted("other", 200) == before + 1
 
 
+def test_metrics_can_be_kept_off_the_api_port():
+    off = TestClient(app(metrics_on_api_port=False, metrics_port=9999))
+    assert off.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+
+
+def test_the_api_docs_need_a_key_when_keys_are_configured_unless_public(client):
+    for path in ("/docs", "/openapi.json"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, path
+    anonymous = TestClient(app(anonymous=True))
+    assert anonymous.get("/openapi.json").status_code == 401, "an anonymous session is not a key"
+    assert TestClient(app(public_docs=True)).get("/openapi.json").status_code == 200
+    assert TestClient(app(api_keys="", anonymous=True)).get("/docs").status_code == 200  # no keys to ask for
+
+
 def test_a_request_with_a_valid_key_reaches_the_route(client):
     # No inference service behind this app: validation answers first, in the OpenAI error shape.
-    r = client.post(
-        "/v1/chat/completions", json={"model": "m", "messages": []}, headers={"Authorization": f"Bearer {KEY}"}
-    )
+    r = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_chat_completions_are_limited_per_principal_with_retry_after():
+    limited = TestClient(app(chat_rate_per_min=6, chat_burst=2))
+    alice, bob = ({"Authorization": f"Bearer {k}"} for k in (KEY, BOB_KEY))
+    assert [limited.post("/v1/chat/completions", json=CHAT, headers=alice).status_code for _ in range(2)] == [400, 400]
+    before = counted("/v1/chat/completions", 429)
+    r = limited.post("/v1/chat/completions", json=CHAT, headers=alice)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert 1 <= int(r.headers["Retry-After"]) <= 10
+    assert counted("/v1/chat/completions", 429) == before + 1
+    assert limited.post("/v1/chat/completions", json=CHAT, headers=bob).status_code == 400, "bob has his own"
+    assert limited.get("/v1/session", headers=alice).status_code == 200, "only chat completions take from it"
+
+
+def test_a_conversation_id_must_be_a_plain_id(client):
+    bad = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "conversation_id": "a b"}
+    r = client.post("/v1/chat/completions", json=bad, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conversation_id"
