@@ -35,14 +35,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import grpc
-
 from flywheel.launcher import grpc_serving
 from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
 from services.reward.retraining import is_heldout
-from shared.config import KafkaConfig
+from shared.config import KafkaConfig, credential_entry
 from shared.events import CompletionEvent, Message, Timings
 from shared.feedback_token import TokenClaims, prompt_hash, sign
+from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker, free_port
 from shared.kafka.publishers import KafkaPublisher, Outbox
@@ -50,6 +49,8 @@ from shared.kafka.topics import COMPLETIONS
 from shared.model_store import ModelStore
 from shared.models.default_model import ensure_default_policy
 from shared.pb import common_pb2, feedback_pb2, feedback_pb2_grpc, reward_pb2, reward_pb2_grpc
+
+BENCH_TOKENS = {"gateway": "bench-gateway-grpc-token-0123456789", "trainer": "bench-trainer-grpc-token-0123456789"}
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "bench-reward-token-secret-0123456789"
@@ -104,6 +105,8 @@ class Services:
             "RLHF_REWARD_LEARNER_LR": "1e-3",
             "RLHF_REWARD_LEARNER_EPOCHS": "3",
             "RLHF_REWARD_MAX_BATCH_SIZE": "32",
+            # Auth on, as always: the benchmark calls feedback as the gateway and reward as the trainer.
+            "RLHF_AUTH_ACCEPT": ",".join(credential_entry(n, t) for n, t in BENCH_TOKENS.items()),
         }
         self.procs = [
             subprocess.Popen([sys.executable, "-m", m], env=env, cwd=REPO, start_new_session=True)
@@ -143,7 +146,7 @@ def scoring(svc: Services, n_items: int) -> dict:
         for a in range(n_items)
     ]
     out = {}
-    with grpc.insecure_channel(f"127.0.0.1:{svc.reward_port}") as channel:
+    with sync_channel(f"127.0.0.1:{svc.reward_port}", ClientCredentials(token=BENCH_TOKENS["trainer"])) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         stub.Score(reward_pb2.ScoreRequest(items=items[:32]), timeout=60)  # warm-up
         for batch in (1, 32):
@@ -174,7 +177,7 @@ def scoring(svc: Services, n_items: int) -> dict:
 class Rater:
     def __init__(self, svc: Services):
         self.svc = svc
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{svc.feedback_port}")
+        self.channel = sync_channel(f"127.0.0.1:{svc.feedback_port}", ClientCredentials(token=BENCH_TOKENS["gateway"]))
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
         self.next_prompt = 1000
 

@@ -41,8 +41,12 @@ import numpy as np
 import psutil
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
 
+from shared.config import credential_entry
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "rlhf-policy"
+BENCH_GATEWAY_TOKEN = "bench-serving-gateway-token-0123456789"
+"""The token this benchmark presents when it calls inference directly (rlhf up also accepts it)."""
 SERVERS = ("ours", "vllm", "naive")
 DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference, gRPC client)"
 LABELS = {
@@ -250,11 +254,13 @@ class Target:
 
     async def __aenter__(self):
         if self.url.startswith("grpc://"):
-            import grpc
 
+            from shared.grpc_channels import ClientCredentials, aio_channel
             from shared.pb import inference_pb2_grpc
 
-            self._channel = grpc.aio.insecure_channel(self.url.removeprefix("grpc://"))
+            # Calls inference directly, as the gateway would (rlhf up accepts BENCH_GATEWAY_TOKEN).
+            creds = ClientCredentials(token=BENCH_GATEWAY_TOKEN)
+            self._channel = aio_channel(self.url.removeprefix("grpc://"), creds)
             stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
             self.run = lambda req, no, keep: run_grpc(stub, req, no, keep)
         elif CLIENT == "raw":
@@ -615,6 +621,7 @@ def start_server(
                     "RLHF_INFERENCE_KV_CACHE_GIB": str(s.kv_cache_gib),
                     "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
                     "RLHF_INFERENCE_SEED": str(s.seed),
+                    "RLHF_AUTH_ACCEPT": credential_entry("gateway", BENCH_GATEWAY_TOKEN),
                 }
                 | (extra_env or {})
             )

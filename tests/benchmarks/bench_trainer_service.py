@@ -50,13 +50,18 @@ from services.trainer.prompts import read_prompt_file, split_heldout_prompts
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_batch import Rollout
 from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer
-from shared.config import KafkaConfig, ModelStoreConfig, load_config
+from shared.config import KafkaConfig, ModelStoreConfig, ServiceAuthConfig, credential_entry, load_config
+from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.kafka.publishers import KafkaPublisher
 from shared.model_store import ModelStore
 from shared.models.default_model import ensure_default_policy
 from shared.version_line import POLICY, KafkaAnnouncer
+
+# Auth on, as always: the benchmark samples and scores as the trainer.
+BENCH_TRAINER_TOKEN = "bench-trainer-grpc-token-0123456789"
+BENCH_AUTH = ServiceAuthConfig(accept=(credential_entry("trainer", BENCH_TRAINER_TOKEN),))
 
 REPO = Path(__file__).resolve().parents[2]
 PHASES = ("sample_vllm", "sample_hf", "score", "ppo_step", "gate_eval", "publish")
@@ -145,6 +150,7 @@ def main() -> None:
             default_max_tokens=32,
             max_tokens_limit=256,
             follow_updates=False,
+            auth=BENCH_AUTH,
         )
         inference = start_app(loop, InferenceApp, inference_cfg, timeout=600)
 
@@ -157,13 +163,13 @@ def main() -> None:
             kafka=kafka,
             model_store=ModelStoreConfig(root=store.root),
             torch_threads=1,
+            auth=BENCH_AUTH,
             **no_learner,
         )
         reward = start_app(loop, RewardApp, reward_cfg, timeout=300)
-        import grpc
-
-        sampler = GrpcPolicySampler(grpc.insecure_channel(inference.address), 300)
-        scorer = GrpcRewardScorer(grpc.insecure_channel(reward.address), 300)
+        trainer = ClientCredentials(token=BENCH_TRAINER_TOKEN)
+        sampler = GrpcPolicySampler(sync_channel(inference.address, trainer), 300)
+        scorer = GrpcRewardScorer(sync_channel(reward.address, trainer), 300)
         learner = PPOLearner.from_store(store, policy, policy, rm, PPOConfig())
         heldout, train = split_heldout_prompts(read_prompt_file(DEFAULT_PROMPT_FILE), 16)
         publisher = PolicyPublisher(

@@ -29,6 +29,7 @@ from shared.kafka.topics import COMPLETIONS, POLICY_UPDATES
 from shared.model_store import ModelStore
 from shared.pb import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.conftest import (
+    TEST_CALLER_TOKENS,
     LoopThread,
     consume_events,
     grpc_channel,
@@ -294,7 +295,13 @@ def test_rollback_serves_an_earlier_version_again(own_broker, store, services, t
         assert result.published and result.version.version == first
         assert store.current("policy") == first and trainer.status().base_policy_version == first
         capsys.readouterr()
-        assert control.main(["status", "--address", trainer.app.address]) == 0  # the shell client
+        # The shell client: without the operator's credential it is refused; with it, it works.
+        nobody = ["--token-file", str(tmp_path / "no-token")]
+        assert control.main(["status", "--address", trainer.app.address, *nobody]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        token_file = tmp_path / "operator-token"
+        token_file.write_text(TEST_CALLER_TOKENS["operator"] + "\n")
+        assert control.main(["status", "--address", trainer.app.address, "--token-file", str(token_file)]) == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown["basePolicyVersion"] == first and shown["lastGate"]["reason"] == f"rolled back to {first}"
         wait_until(lambda: served_version(inference.address) == first, 120, "inference did not roll back")
