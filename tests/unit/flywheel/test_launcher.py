@@ -91,3 +91,42 @@ def test_the_version_keys_are_made_once_and_given_to_every_service(tmp_path):
     again = Stack(cfg, environ={})
     again._make_signing_keys()  # a second start keeps the keys
     assert again.signers["policy"].key_id == stack.signers["policy"].key_id
+
+
+def test_each_run_makes_grpc_credentials_every_service_accepts(tmp_path):
+    """rlhf up: fresh tokens per caller, their hashes accepted everywhere (besides any given), each
+    caller's own token only in its process, the operator's in a file only its user can read."""
+    from flywheel.launcher import Stack
+    from shared.config import ServiceAuthConfig, credential_entry, token_digest
+
+    extra = credential_entry("monitoring", "m" * 30)
+    environ = {
+        "RLHF_UP_OPERATOR_TOKEN_FILE": str(tmp_path / "var" / "operator-token"),
+        "RLHF_AUTH_ACCEPT": extra,
+        "RLHF_AUTH_TOKEN": "x" * 30,  # a stray shared token must not reach every process
+    }
+    stack = Stack(load_config(UpConfig, environ), environ)
+    stack._make_credentials()
+    tokens = stack.tokens
+    assert set(tokens) == {"gateway", "trainer", "operator", "monitoring"}
+    assert len(set(tokens.values())) == 4 and all(len(t) >= 32 for t in tokens.values())
+    accepted = load_config(ServiceAuthConfig, stack.environ).accepted_callers()
+    assert {token_digest(t): name for name, t in tokens.items()}.items() <= accepted.items()
+    assert extra in stack.environ["RLHF_AUTH_ACCEPT"] and "RLHF_AUTH_TOKEN" not in stack.environ
+    token_file = tmp_path / "var" / "operator-token"
+    assert token_file.read_text().strip() == tokens["operator"]
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert stack.credentials("operator").token == tokens["operator"]
+    # A new run, new tokens: one leaked from an earlier run opens nothing.
+    again = Stack(load_config(UpConfig, environ), environ)
+    again._make_credentials()
+    assert not set(again.tokens.values()) & set(tokens.values())
+
+
+def test_a_given_operator_token_is_kept(tmp_path):
+    from flywheel.launcher import Stack
+
+    environ = {"RLHF_UP_OPERATOR_TOKEN_FILE": str(tmp_path / "op"), "RLHF_OPERATOR_TOKEN": "o" * 30}
+    stack = Stack(load_config(UpConfig, environ), environ)
+    stack._make_credentials()
+    assert stack.tokens["operator"] == "o" * 30 == (tmp_path / "op").read_text().strip()
