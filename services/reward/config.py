@@ -78,8 +78,9 @@ class RewardConfig(ServiceConfig):
     """Comparisons a principal may always keep in a round (and in the held-out slice) whatever its
     share: with fewer than 1 / MAX_PRINCIPAL_SHARE principals a share alone would keep nothing."""
     quarantine_below: float = 0.4
-    """Quarantine a principal whose agreement is below this: with other raters on the pairs of
-    responses both ordered, or (with too few of those) with the reward model. Its ratings stay on
+    """Quarantine a principal whose agreement is below this with 95% confidence (Wilson upper bound):
+    with other raters on the pairs of responses both ordered, or (with too few of those) with the
+    reward model. Its ratings stay on
     Kafka and in the state but are neither trained on nor held out, until an operator releases it
     (`rlhf raters release NAME`). 0 turns quarantine off."""
     quarantine_min_items: int = 20

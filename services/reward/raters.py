@@ -25,7 +25,8 @@ Agreement. Two scores per principal, each with the number of items behind it:
 
 Quarantine (``quarantine_reason``): humans first. A principal with at least ``min_items``
 overlapping items is judged by its peers; one without, by the RM once it has scored ``min_items``
-of its pairs; below ``below`` it is quarantined. The RM only judges principals no one else can
+of its pairs; confidently below ``below`` (the 95% Wilson upper bound of its agreement is below
+it) it is quarantined. The RM only judges principals no one else can
 vouch for or against: the RM learns from these very raters, and a rule that quarantined everyone
 the RM disagrees with would stop the loop from ever learning anything new.
 """
@@ -187,19 +188,38 @@ class RaterScore:
     """Pairs of the principal's comparisons the RM has scored."""
 
 
+def wilson_upper(p: float, n: int, z: float = 1.96) -> float:
+    """The upper end of the Wilson score interval of a proportion ``p`` observed over ``n`` items:
+
+        (p + z^2/2n + z * sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+
+    (z = 1.96: 95%). 1 for n = 0."""
+    if n <= 0:
+        return 1.0
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre + spread) / (1 + z * z / n)
+
+
 def quarantine_reason(score: RaterScore, below: float, min_items: int) -> str | None:
     """Why a principal is quarantined, or None.
 
-    Peers first: with peer_items >= min_items, quarantined iff peer_agreement < below; otherwise,
-    with rm_items >= min_items, iff rm_agreement < below; otherwise there is too little evidence to
-    judge. ``below`` = 0 turns quarantine off.
+    Peers first: with peer_items >= min_items the peer agreement judges, otherwise (too few
+    overlapping items) the RM agreement does once rm_items >= min_items; otherwise there is too
+    little evidence to judge. The judging score quarantines when it is below ``below`` with 95%
+    confidence: wilson_upper(score, items) < below, so that an honest rater's bad luck on a few
+    items does not, and a rater who disagrees on almost everything does. ``below`` = 0 turns
+    quarantine off.
     """
     if below <= 0:
         return None
     if score.peer_items >= min_items:
-        if score.peer_agreement < below:
-            return f"agreement with other raters {score.peer_agreement:.2f} < {below} on {score.peer_items} items"
+        judge, agreement, items, unit = "other raters", score.peer_agreement, score.peer_items, "items"
+    elif score.rm_items >= min_items:
+        judge, agreement, items, unit = "the reward model", score.rm_agreement, score.rm_items, "pairs"
+    else:
         return None
-    if score.rm_items >= min_items and score.rm_agreement < below:
-        return f"agreement with the reward model {score.rm_agreement:.2f} < {below} on {score.rm_items} pairs"
+    upper = wilson_upper(agreement, items)
+    if upper < below:
+        return f"agreement with {judge} {agreement:.2f} on {items} {unit} (at most {upper:.2f}, 95%) < {below}"
     return None

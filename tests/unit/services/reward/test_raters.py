@@ -17,6 +17,7 @@ from services.reward.raters import (
     principal_cap,
     quarantine_reason,
     rm_group_agreement,
+    wilson_upper,
 )
 from shared.events import Message
 
@@ -155,20 +156,27 @@ def test_rm_group_agreement_counts_pairs_the_rm_orders_the_same_way():
 NAN = math.nan
 
 
+def test_wilson_upper_bound():
+    assert wilson_upper(0.0, 24) == pytest.approx(0.138, abs=1e-3)
+    assert wilson_upper(0.5, 20) == pytest.approx(0.701, abs=1e-3)
+    assert wilson_upper(0.3, 10_000) == pytest.approx(0.309, abs=1e-3)  # many items: close to the score
+    assert wilson_upper(0.0, 0) == 1.0
+
+
 @pytest.mark.parametrize(
     "score, quarantined, words",
     [
-        (RaterScore(0.1, 25, 0.9, 40), True, "other raters"),  # peers decide when they can
-        (RaterScore(0.9, 25, 0.1, 40), False, None),  # humans outrank the RM
-        (RaterScore(0.1, 5, 0.2, 40), True, "reward model"),  # too few overlaps: the RM judges
-        (RaterScore(0.1, 5, 0.2, 10), False, None),  # too little evidence either way
-        (RaterScore(NAN, 0, 0.39, 20), True, "0.39 < 0.4"),
-        (RaterScore(NAN, 0, 0.4, 20), False, None),  # at the threshold: kept
+        (RaterScore(0.0, 24, 0.9, 40), True, "other raters 0.00 on 24 items (at most 0.14, 95%) < 0.4"),
+        (RaterScore(0.9, 25, 0.1, 40), False, None),  # peers decide when they can: humans outrank the RM
+        (RaterScore(0.1, 5, 0.1, 40), True, "reward model"),  # too few overlaps: the RM judges
+        (RaterScore(0.1, 5, 0.1, 10), False, None),  # too little evidence either way
+        (RaterScore(NAN, 0, 0.3, 20), False, None),  # below 0.4, but not with confidence on 20 pairs
+        (RaterScore(NAN, 0, 0.3, 2000), True, "0.30 on 2000 pairs"),  # the same score, certain
     ],
 )
 def test_quarantine_rule(score, quarantined, words):
     reason = quarantine_reason(score, below=0.4, min_items=20)
-    assert (reason is not None) is quarantined
+    assert (reason is not None) is quarantined, reason
     if words:
         assert words in reason
 
