@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "rlhf-policy"
 BENCH_GATEWAY_TOKEN = "bench-serving-gateway-token-0123456789"
 """The token this benchmark presents when it calls inference directly (rlhf up also accepts it)."""
+BENCH_API_KEY = "bench-serving-gateway-api-key-0123456789"
+"""The gateway API key of this benchmark's principal `bench` (other servers ignore the header)."""
 SERVERS = ("ours", "vllm", "naive")
 DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference, gRPC client)"
 LABELS = {
@@ -254,7 +256,6 @@ class Target:
 
     async def __aenter__(self):
         if self.url.startswith("grpc://"):
-
             from shared.grpc_channels import ClientCredentials, aio_channel
             from shared.pb import inference_pb2_grpc
 
@@ -268,7 +269,10 @@ class Target:
 
             n = max(self.concurrency * 2, 16)
             self._client = httpx.AsyncClient(
-                base_url=self.url, timeout=600, limits=httpx.Limits(max_connections=n, max_keepalive_connections=n)
+                base_url=self.url,
+                timeout=600,
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+                headers={"Authorization": f"Bearer {BENCH_API_KEY}"},
             )
             self.run = lambda req, no, keep: run_raw(self._client, req, no, keep)
         else:
@@ -278,7 +282,7 @@ class Target:
             n = max(self.concurrency * 2, 16)
             self._client = openai.AsyncOpenAI(
                 base_url=self.url,
-                api_key="unused",
+                api_key=BENCH_API_KEY,
                 max_retries=0,
                 timeout=600,
                 http_client=openai.DefaultAsyncHttpxClient(
@@ -622,6 +626,9 @@ def start_server(
                     "RLHF_INFERENCE_ENFORCE_EAGER": "1" if s.enforce_eager else "0",
                     "RLHF_INFERENCE_SEED": str(s.seed),
                     "RLHF_AUTH_ACCEPT": credential_entry("gateway", BENCH_GATEWAY_TOKEN),
+                    # One principal sends all the load: its key, and no per-principal chat limit.
+                    "RLHF_GATEWAY_API_KEYS": f"bench:{BENCH_API_KEY}",
+                    "RLHF_GATEWAY_CHAT_RATE_PER_MIN": "0",
                 }
                 | (extra_env or {})
             )
