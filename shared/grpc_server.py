@@ -149,10 +149,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing_handler(handler, code, message)
 
     def _log(self, method: str, reason: str, caller: str) -> None:
-        key = (method, reason, caller)
+        # Bounded: known methods (any other name a caller sends counts as one) x 3 reasons x the
+        # accepted caller names ('' when unknown).
+        key = (method if method in self.allowed or method in OPEN_METHODS else "<unknown>", reason, caller)
         now = time.monotonic()
         if now - self._logged.get(key, -self.LOG_EVERY_S) >= self.LOG_EVERY_S:
-            # Bounded: methods x reasons x caller names, all finite (unknown callers are '').
             self._logged[key] = now
             log_event(
                 log,

@@ -252,3 +252,13 @@ def test_bad_tls_files_are_reported_with_their_variable(tmp_path):
             thread.run(make(), timeout=30)
     finally:
         thread.close()
+
+
+def test_refusal_log_memory_is_bounded_whatever_methods_callers_invent():
+    from shared.grpc_server import AuthInterceptor
+
+    interceptor = AuthInterceptor("TrainerService", {}, [TRAINER_ACCESS])
+    for n in range(1000):
+        interceptor._log(f"/made.up/Method{n}", "missing_credential", "")
+    interceptor._log(ROLLBACK, "missing_credential", "")
+    assert set(interceptor._logged) == {("<unknown>", "missing_credential", ""), (ROLLBACK, "missing_credential", "")}
