@@ -1308,6 +1308,7 @@ METRIC_MODULES = (
     "shared.kafka.metrics",
     "services.reward.metrics",
     "services.trainer.metrics",
+    "shared.grpc_server",
 )
 
 
