@@ -25,7 +25,7 @@ SECRET = "s" * 32
 
 
 def thumb(user: str, rid: str, value: str = "up", key: str = "") -> Submission:
-    token = sign(SECRET, TokenClaims(rid, "policy-0001", "p1", int(time.time()) + 60))
+    token = sign(SECRET, TokenClaims(rid, "policy-0001", "p1", int(time.time()) + 60, principal=user))
     return Submission("thumb", [rid], [token], user, thumb=value, idempotency_key=key)
 
 
