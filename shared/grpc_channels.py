@@ -5,6 +5,8 @@ token on every call.
     creds = ClientCredentials.of_operator(load_config(OperatorConfig))   # `rlhf trainer`
     with sync_channel("127.0.0.1:50054", creds) as channel: ...
     channel = aio_channel(address, creds, options=[...])     # grpc.aio, in the loop that uses it
+    channel = aio_channel(replica_target("10.0.0.5:50051,10.0.0.6:50051"), creds,
+                          options=balanced_options("rlhf.v1.InferenceService"))   # several replicas
 
 The token travels as metadata ``authorization: Bearer <token>`` (added by a client interceptor, so
 it works on TLS and loopback plaintext channels alike). A token is never sent in plaintext to a host
@@ -13,6 +15,8 @@ that is not loopback unless ``allow_plaintext`` says the network is encrypted (a
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,28 +90,89 @@ class ClientCredentials:
 
 
 def target_host(address: str) -> str:
-    """The host of a gRPC target: ``host:port``, ``[v6]:port``, ``dns:///host:port``, ``ipv4:h:p``."""
+    """The host of a gRPC target: ``host:port``, ``[v6]:port``, ``dns:///host:port``, ``ipv4:h:p``
+    (the first one of a list)."""
+    return target_hosts(address)[0]
+
+
+def target_hosts(address: str) -> list[str]:
+    """Every host a gRPC target names: one for ``host:port``, ``[v6]:port`` and ``dns:///host:port``;
+    one per entry of a list (``ipv4:h1:p1,h2:p2``, ``h1:p1,h2:p2``)."""
     target = address
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target[len(scheme) :]
             break
-    target = target.split(",", 1)[0]
-    if target.startswith("["):
-        return target[1:].split("]", 1)[0]
-    return target.rpartition(":")[0] if ":" in target else target
+    hosts = []
+    for entry in target.split(","):
+        entry = entry.strip()
+        if entry.startswith("["):
+            hosts.append(entry[1:].split("]", 1)[0])
+        else:
+            hosts.append(entry.rpartition(":")[0] if ":" in entry else entry)
+    return hosts
+
+
+TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
+"""gRPC name-resolver schemes a target may start with (taken as they are)."""
+
+
+def replica_target(address: str) -> str:
+    """The gRPC target of one server or of several replicas of one service.
+
+    Rule: a target with a scheme (``dns:///name:port``: every address the name resolves to, e.g. a
+    headless Kubernetes Service; ``ipv4:``, ``ipv6:``, ``unix:``) and a single ``host:port`` are
+    returned as they are; a comma-separated list ``h1:p1,h2:p2`` of IP addresses (``localhost``
+    counts as 127.0.0.1) becomes ``ipv4:h1:p1,h2:p2`` (or ``ipv6:[h1]:p1,...``): one subchannel per
+    replica. A list naming hosts, mixing address families or with an entry that is not ``host:port``
+    raises ValueError (a list of names needs one DNS name that resolves to all of them).
+    """
+    address = address.strip()
+    if address.startswith(TARGET_SCHEMES) or "," not in address:
+        return address
+    families = set()
+    entries = []
+    for raw in address.split(","):
+        entry = raw.strip()
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{entry!r} is not host:port")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address: list replicas by address, or give one DNS name that resolves "
+                "to every replica as dns:///name:port"
+            ) from None
+        families.add(ip.version)
+        entries.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    if len(families) > 1:
+        raise ValueError("the replicas mix IPv4 and IPv6 addresses")
+    return ("ipv6:" if families == {6} else "ipv4:") + ",".join(entries)
+
+
+def balanced_options(health_service: str) -> list[tuple[str, Any]]:
+    """Channel options that spread calls over every address of a target and route around the ones
+    that are not ready: ``round_robin`` over the subchannels whose server reports SERVING for
+    ``health_service`` on grpc.health.v1 (client-side health checking: each subchannel watches its
+    server's status, so a replica that reports NOT_SERVING gets no new calls until it reports SERVING
+    again; calls already running on it go on)."""
+    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": health_service}}
+    return [("grpc.service_config", json.dumps(config))]
 
 
 def check_transport(address: str, creds: ClientCredentials) -> None:
     """Refuse to send a token in plaintext off loopback (ConfigError naming the settings).
 
-    Rule: a token without TLS is allowed only to loopback hosts (localhost, 127.0.0.0/8, ::1) or
-    with ``allow_plaintext``; unix sockets count as local.
+    Rule: a token without TLS is allowed only to loopback hosts (localhost, 127.0.0.0/8, ::1; every
+    host of a list of replicas) or with ``allow_plaintext``; unix sockets count as local.
     """
     if not creds.token or creds.tls or creds.allow_plaintext or address.startswith(("unix:", "unix-abstract:")):
         return
-    host = target_host(address)
-    if not is_loopback(host):
+    if not all(is_loopback(host) for host in target_hosts(address)):
         p = creds.prefix
         raise ConfigError(
             f"refusing to send a bearer token to {address} without TLS: set {p}TLS_CA_FILE (the CA of the "
