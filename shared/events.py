@@ -82,6 +82,45 @@ class PolicyUpdateEvent:
     """Ed25519 signature (base64) of line, version, manifest_sha256, reason and sequence."""
 
 
+@event("policy-candidate", 1)
+@dataclass(frozen=True)
+class PolicyCandidateEvent:
+    """A gated policy version became the trainer's candidate for a canary (topic
+    rlhf.policy-candidates, rollout on). The fields of PolicyUpdateEvent; its signature covers the
+    line "policy.candidate", so it can never pass for a PolicyUpdateEvent."""
+
+    version: str
+    manifest_sha256: str
+    parent: str | None = None
+    reason: str = "publish"
+    """"publish" for a new candidate, "rollback" when the trainer points the candidate back."""
+    metrics: dict = field(default_factory=dict)
+    sequence: int = 0
+    """The trainer's announcement number on the candidate pointer, strictly increasing."""
+    key_id: str = ""
+    signature: str = ""
+    """Ed25519 signature (base64) of line "policy.candidate", version, manifest_sha256, reason and sequence."""
+
+
+@event("policy-canary", 1)
+@dataclass(frozen=True)
+class PolicyCanaryEvent:
+    """The canary replicas should serve this version (topic rlhf.policy-canary; the rollout service
+    announces it; the stable version again when a canary ends). Signed over line "policy.canary"."""
+
+    version: str
+    manifest_sha256: str
+    parent: str | None = None
+    reason: str = "publish"
+    """"publish" for a newer version, "rollback" when the pointer goes back (a canary rolled back)."""
+    metrics: dict = field(default_factory=dict)
+    sequence: int = 0
+    """The rollout service's announcement number on the canary pointer, strictly increasing."""
+    key_id: str = ""
+    signature: str = ""
+    """Ed25519 signature (base64) of line "policy.canary", version, manifest_sha256, reason and sequence."""
+
+
 @event("reward-model", 1)
 @dataclass(frozen=True)
 class RewardModelEvent:

@@ -6,6 +6,9 @@
       rm-0001/      ...
       policy.current          {"version": "policy-0002"}
       policy.announced        the last signed announcement of the line (see version_line.py)
+      policy.candidate        more pointers of the line (``set_pointer``): the trainer's candidate,
+      policy.canary           the version the canary replicas serve (progressive rollout)
+      policy.canary-announced   each pointer's own last signed announcement
       .tmp-3f2a.../           a publish in progress (or a crashed one); never listed
 
 A version is named ``<line>-<NNNN>``; a *line* is a family of versions (``policy``, ``rm``).
@@ -59,6 +62,10 @@ MANIFEST_FORMAT = 1
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TMP_PREFIX = ".tmp-"
 _LINE_RE = re.compile(r"^[a-z]+\Z")  # \Z, not $: no trailing newline; ASCII only
+_RECORD_RE = re.compile(r"^[a-z]+(-[a-z]+)*\Z")
+CURRENT = "current"
+POINTERS = frozenset({CURRENT, "candidate", "canary"})
+"""The pointers a line may have (``<line>.<pointer>``): written by publish, set_current and set_pointer only."""
 _VERSION_RE = re.compile(r"^([a-z]+)-([0-9]{4,})\Z")
 
 
@@ -267,6 +274,24 @@ class ModelStore:
             raise ModelStoreError(f"current pointer of {line} is malformed: {exc}") from None
         return version
 
+    def pointer(self, line: str, name: str) -> str | None:
+        """The version ``<line>.<name>`` points at: ``current`` as ``current()`` (the latest version
+        when unset); any other pointer None when unset."""
+        if name == CURRENT:
+            return self.current(line)
+        _check_line(line)
+        _check_pointer(name)
+        doc = self.read_line_record(line, name)
+        if doc is None:
+            return None
+        try:
+            version = doc["version"]
+            if _parse_version(version)[0] != line:
+                raise ValueError(f"{version} is not a version of {line}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelStoreError(f"{name} pointer of {line} is malformed: {exc}") from None
+        return str(version)
+
     # --- writing ---------------------------------------------------------------------------
 
     def publish(
@@ -341,6 +366,27 @@ class ModelStore:
         self.verify(version)
         self._write_pointer(line, version)
 
+    def set_pointer(self, line: str, name: str, version: str, *, verify: bool = True) -> None:
+        """Point ``<line>.<name>`` at ``version`` (atomic, durable); ``current`` is ``set_current``.
+        The version must exist and, unless ``verify`` is false (it was just published), verify."""
+        if name == CURRENT:
+            if verify:
+                self.set_current(line, version)
+            else:
+                _check_line(line)
+                self.path(version)
+                self._write_pointer(line, version)
+            return
+        _check_line(line)
+        _check_pointer(name)
+        if _parse_version(version)[0] != line:
+            raise InvalidNameError(f"{version} is not a version of line {line}")
+        if verify:
+            self.verify(version)
+        else:
+            self.path(version)
+        self._write_line_file(line, name, {"version": version})
+
     # --- internals -------------------------------------------------------------------------
 
     def _numbers(self, line: str) -> list[int]:
@@ -411,8 +457,8 @@ class ModelStore:
         """Replace ``<line>.<name>`` atomically and durably (readers see the old or the new record)."""
         _check_line(line)
         _check_record_name(name)
-        if name == "current":
-            raise InvalidNameError("the current pointer is written by publish and set_current only")
+        if name in POINTERS:
+            raise InvalidNameError(f"the {name} pointer is written by publish, set_current and set_pointer only")
         self._write_line_file(line, name, doc)
 
     def _write_line_file(self, line: str, name: str, doc: dict[str, Any]) -> None:
@@ -454,8 +500,15 @@ def _check_line(line: str) -> None:
 
 
 def _check_record_name(name: str) -> None:
-    if not isinstance(name, str) or not _LINE_RE.match(name):
-        raise InvalidNameError(f"invalid line record name {name!r}: expected lowercase letters only")
+    if not isinstance(name, str) or not _RECORD_RE.match(name):
+        raise InvalidNameError(
+            f"invalid line record name {name!r}: expected lowercase letters, words joined by single hyphens"
+        )
+
+
+def _check_pointer(name: str) -> None:
+    if name not in POINTERS:
+        raise InvalidNameError(f"unknown pointer {name!r}: expected one of {', '.join(sorted(POINTERS))}")
 
 
 def version_number(version: str) -> int:

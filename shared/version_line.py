@@ -62,6 +62,19 @@ authenticated, but sequence numbers and "not newer" still apply.
 A line is described by a ``LineKind`` (its store line name, topic, event type and Kafka key); the
 signature and the sequence live here, not in the services, so a new kind of version (LoRA adapters
 whose manifest names a base version, canary versions) is one more ``LineKind`` on the same machinery.
+
+**Pointers.** A kind tracks one *pointer* of its store line: ``current`` (what every replica serves;
+``POLICY``, ``REWARD_MODEL``) or another one of the progressive rollout: ``POLICY_CANDIDATE`` (the
+trainer's newest gated version, ``policy.candidate``, announced on rlhf.policy-candidates) and
+``POLICY_CANARY`` (what the canary replicas serve, ``policy.canary``, announced on rlhf.policy-canary
+by the rollout service, which also moves ``current`` on a promotion). Each pointer has its own
+announcement record (``policy.announced``, ``policy.candidate-announced``,
+``policy.canary-announced``), its own sequence numbers, its own topic and event type, and its
+signatures cover the pointer (the signed line is ``policy``, ``policy.candidate`` or
+``policy.canary``), so an announcement of one pointer cannot be replayed as another's. The rules
+are the same for every pointer: the canary pointer going back to the stable version when a canary
+is rolled back is a signed "rollback" of that pointer. A follower of the canary pointer that starts
+before the pointer was ever announced starts from the ``current`` one (``LineKind.fallback``).
 """
 
 from __future__ import annotations
@@ -74,10 +87,11 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
-from shared.events import PolicyUpdateEvent, RewardModelEvent
-from shared.kafka.topics import POLICY_UPDATES, REWARD_MODELS
+from shared.events import PolicyCanaryEvent, PolicyCandidateEvent, PolicyUpdateEvent, RewardModelEvent
+from shared.kafka import topics
+from shared.kafka.topics import POLICY_CANDIDATES, POLICY_UPDATES, REWARD_MODELS
 from shared.logging import get_logger, log_event
-from shared.model_store import Manifest, ModelStore, ModelStoreError, StoredManifest, version_number
+from shared.model_store import CURRENT, Manifest, ModelStore, ModelStoreError, StoredManifest, version_number
 from shared.signing import (
     Signature,
     SignatureError,
@@ -108,6 +122,7 @@ SEQUENCE_SEEN = Gauge(
 
 REASONS = ("publish", "rollback")
 ANNOUNCED_RECORD = "announced"
+"""The announcement record of the ``current`` pointer; another pointer's is ``<pointer>-announced``."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +185,8 @@ class Announcement:
 
 @dataclass(frozen=True)
 class LineKind:
-    """What makes a family of versions a line: where it lives and how it is announced."""
+    """What makes a family of versions a line: where it lives, which pointer of it is followed, and
+    how that pointer is announced."""
 
     name: str
     """The model store line (versions are ``<name>-NNNN``)."""
@@ -181,16 +197,33 @@ class LineKind:
     the fields of an ``Announcement`` (version, manifest_sha256, reason, sequence, key_id, signature)."""
     make_event: Callable[[Announcement, str | None, dict[str, float]], Any]
     """(the signed announcement, parent, metrics) -> the payload."""
+    pointer: str = CURRENT
+    """The pointer of the store line this kind moves and announces (``<name>.<pointer>``):
+    ``current``, ``candidate`` or ``canary`` (shared.model_store.POINTERS)."""
+    fallback: LineKind | None = None
+    """Where a starting follower takes its version while this pointer has no announcement record
+    yet (the canary pointer: the current one, i.e. the stable version)."""
+
+    @property
+    def label(self) -> str:
+        """The line as signed, counted and logged: ``policy`` for the current pointer, else
+        ``policy.<pointer>`` (so that an announcement of one pointer never verifies as another's)."""
+        return self.name if self.pointer == CURRENT else f"{self.name}.{self.pointer}"
 
     @property
     def key(self) -> str:
         """Kafka key of every announcement of the line: one partition, so they stay in order."""
-        return self.name
+        return self.label
+
+    @property
+    def announced_record(self) -> str:
+        """The store record of the pointer's last announcement (``<name>.<announced_record>``)."""
+        return ANNOUNCED_RECORD if self.pointer == CURRENT else f"{self.pointer}-{ANNOUNCED_RECORD}"
 
     def announcement(self, event: Any) -> Announcement:
         """The signed fields of a payload of this line (the line is the follower's, not the payload's)."""
         return Announcement(
-            line=self.name,
+            line=self.label,
             version=event.version,
             manifest_sha256=str(event.manifest_sha256),
             reason=str(event.reason),
@@ -230,6 +263,45 @@ REWARD_MODEL = LineKind(
         signature=a.signature,
     ),
 )
+
+
+POLICY_CANDIDATE = LineKind(
+    "policy",
+    POLICY_CANDIDATES,
+    PolicyCandidateEvent,
+    lambda a, parent, metrics: PolicyCandidateEvent(
+        version=a.version,
+        manifest_sha256=a.manifest_sha256,
+        parent=parent,
+        reason=a.reason,
+        metrics=metrics,
+        sequence=a.sequence,
+        key_id=a.key_id,
+        signature=a.signature,
+    ),
+    pointer="candidate",
+)
+"""The trainer's gated versions, each a candidate for the canary (rollout on)."""
+POLICY_CANARY = LineKind(
+    "policy",
+    topics.POLICY_CANARY,
+    PolicyCanaryEvent,
+    lambda a, parent, metrics: PolicyCanaryEvent(
+        version=a.version,
+        manifest_sha256=a.manifest_sha256,
+        parent=parent,
+        reason=a.reason,
+        metrics=metrics,
+        sequence=a.sequence,
+        key_id=a.key_id,
+        signature=a.signature,
+    ),
+    pointer="canary",
+    fallback=POLICY,
+)
+"""What the canary replicas serve (the rollout service moves it; the stable version when no canary runs)."""
+POLICY_KINDS = {kind.pointer: kind for kind in (POLICY, POLICY_CANDIDATE, POLICY_CANARY)}
+"""The policy line's kinds by pointer (``RLHF_INFERENCE_FOLLOW`` picks one)."""
 
 
 class Announcer(Protocol):
@@ -311,20 +383,25 @@ class VersionLine:
         make_current: bool = True,
     ) -> Manifest:
         """Copy ``src_dir`` into the store as the line's next version (atomic, sha256 manifest,
-        signed) and make it current; its announcement is then owed until ``announce_pending`` succeeds."""
+        signed) and, with ``make_current``, move this kind's pointer to it (``current`` for POLICY, the
+        candidate pointer for POLICY_CANDIDATE); its announcement is then owed until
+        ``announce_pending`` succeeds."""
+        on_current = self.kind.pointer == CURRENT
         manifest = self.store.publish(
             self.kind.name,
             src_dir,
             parent=parent,
             metrics=metrics,
             extra=extra,
-            make_current=make_current,
+            make_current=make_current and on_current,
             sign=self._sign_manifest if self.signer is not None else None,
         )
+        if make_current and not on_current:
+            self.store.set_pointer(self.kind.name, self.kind.pointer, manifest.version, verify=False)
         log_event(
             log,
             "published",
-            line=self.kind.name,
+            line=self.kind.label,
             version=manifest.version,
             parent=parent or "",
             key_id=self.signer.key_id if self.signer else "",
@@ -339,20 +416,33 @@ class VersionLine:
         return self.signer.sign(manifest_message(line, version, manifest_bytes)).to_json()
 
     def set_current(self, version: str) -> Manifest:
-        """Make an existing version current again (a rollback; verified first); announcement owed."""
-        self.store.set_current(self.kind.name, version)
+        """Point this kind's pointer at an existing version (verified first): for POLICY a rollback
+        of ``current``; the announcement is owed (a "rollback" when older than the last announced)."""
+        self.store.set_pointer(self.kind.name, self.kind.pointer, version)
         self._settle_if_offline(version)
         self._show_owed(self.pending_announcement())
         return self.store.manifest(version)
 
+    def point_to(self, version: str) -> Manifest:
+        """``set_current``, except that a pointer already at ``version`` is left as it is (not
+        verified again): for a caller that repeats its moves (the rollout service's restore)."""
+        if self.pointed() == version:
+            self._show_owed(self.pending_announcement())
+            return self.store.manifest(version)
+        return self.set_current(version)
+
+    def pointed(self) -> str | None:
+        """The version this kind's pointer names in the store (``current``: the latest when unset)."""
+        return self.store.pointer(self.kind.name, self.kind.pointer)
+
     def last_announcement(self) -> tuple[Announcement, bool] | None:
         """(the line's last announcement, whether Kafka acknowledged it), or None before the first.
         Not verified: this is the publisher's own record (followers use ``trusted_record``)."""
-        doc = self.store.read_line_record(self.kind.name, ANNOUNCED_RECORD)
+        doc = self.store.read_line_record(self.kind.name, self.kind.announced_record)
         if doc is None:
             return None
         try:
-            return Announcement.from_record(doc, self.kind.name), bool(doc.get("acked", True))
+            return Announcement.from_record(doc, self.kind.label), bool(doc.get("acked", True))
         except ValueError as exc:
             raise ModelStoreError(str(exc)) from None
 
@@ -364,7 +454,7 @@ class VersionLine:
     def pending_announcement(self) -> PendingAnnouncement | None:
         """The announcement owed: the current version when the last announcement names another one
         or was never acknowledged."""
-        current = self.store.current(self.kind.name)
+        current = self.pointed()
         last = self.last_announcement()
         if current is None:
             return None
@@ -389,25 +479,25 @@ class VersionLine:
         try:
             self.announcer.announce(event)
         except Exception as exc:  # noqa: BLE001 - any producer error: the announcement stays owed
-            ANNOUNCE_FAILURES.labels(self.kind.name).inc()
+            ANNOUNCE_FAILURES.labels(self.kind.label).inc()
             self._show_owed(pending)
             log_event(
                 log,
                 "announcement failed; it stays owed and is retried",
                 level=30,
-                line=self.kind.name,
+                line=self.kind.label,
                 version=pending.version,
                 sequence=announcement.sequence,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return None
         self._write_record(announcement, acked=True)
-        ANNOUNCED.labels(self.kind.name, pending.reason).inc()
+        ANNOUNCED.labels(self.kind.label, pending.reason).inc()
         self._show_owed(None)
         log_event(
             log,
             "announced",
-            line=self.kind.name,
+            line=self.kind.label,
             version=pending.version,
             reason=announcement.reason,
             sequence=announcement.sequence,
@@ -425,14 +515,14 @@ class VersionLine:
             if not was_acked and same and (self.signer is None or previous.key_id == self.signer.key_id):
                 return previous
         sequence = (last[0].sequence if last else 0) + 1
-        announcement = Announcement(self.kind.name, pending.version, sha, pending.reason, sequence).signed_by(
+        announcement = Announcement(self.kind.label, pending.version, sha, pending.reason, sequence).signed_by(
             self.signer
         )
         self._write_record(announcement, acked=acked)
         return announcement
 
     def _write_record(self, announcement: Announcement, *, acked: bool) -> None:
-        self.store.write_line_record(self.kind.name, ANNOUNCED_RECORD, announcement.to_record(acked))
+        self.store.write_line_record(self.kind.name, self.kind.announced_record, announcement.to_record(acked))
 
     def _settle_if_offline(self, version: str) -> None:
         if self.announcer is None:
@@ -441,7 +531,7 @@ class VersionLine:
                 self._announcement_for(pending, acked=True)
 
     def _show_owed(self, pending: PendingAnnouncement | None) -> None:
-        ANNOUNCEMENT_OWED.labels(self.kind.name).set(1 if pending else 0)
+        ANNOUNCEMENT_OWED.labels(self.kind.label).set(1 if pending else 0)
 
     def sign_unsigned(self) -> list[str]:
         """Sign every version of the line that has no signature (each verified first) and, when the
@@ -456,16 +546,16 @@ class VersionLine:
                 self.store.verify(version)
                 self.store.add_signature(version, self._sign_manifest(self.kind.name, version, self._raw(version)))
                 signed.append(version)
-        current = self.store.current(self.kind.name)
+        current = self.pointed()
         last = self.last_announcement()
         if current is not None and (last is None or last[0].key_id != self.signer.key_id):
             sequence = (last[0].sequence if last else 0) + 1
             sha = self.store.manifest_sha256(current)
             self._write_record(
-                Announcement(self.kind.name, current, sha, "publish", sequence).signed_by(self.signer), acked=True
+                Announcement(self.kind.label, current, sha, "publish", sequence).signed_by(self.signer), acked=True
             )
         if signed:
-            log_event(log, "signed versions published before signing", line=self.kind.name, versions=signed)
+            log_event(log, "signed versions published before signing", line=self.kind.label, versions=signed)
         return signed
 
     def _raw(self, version: str) -> bytes:
@@ -492,7 +582,7 @@ class VersionLine:
     def read_announcement(self, event: Any) -> Announcement:
         """The authenticated announcement of an event of this line (VersionRefused otherwise)."""
         if not isinstance(event, self.kind.event_type):
-            raise VersionRefused("wrong_event", f"{type(event).__name__} is not an announcement of {self.kind.name}")
+            raise VersionRefused("wrong_event", f"{type(event).__name__} is not an announcement of {self.kind.label}")
         version = event.version
         try:
             line_ok = version.rsplit("-", 1)[0] == self.kind.name and version_number(version) > 0
@@ -516,8 +606,8 @@ class VersionLine:
             if self.enforced and required:
                 raise VersionRefused(
                     "bad_signature",
-                    f"the store has no signed announcement of the {self.kind.name} line "
-                    f"({self.kind.name}.{ANNOUNCED_RECORD}): publish with the line's signing key",
+                    f"the store has no signed announcement of the {self.kind.label} line "
+                    f"({self.kind.name}.{self.kind.announced_record}): publish with the line's signing key",
                 )
             return None
         self.authenticate(last[0])
@@ -584,13 +674,13 @@ class VersionFollower:
     def __post_init__(self) -> None:
         if self.copies is None:
             self.copies = PrivateCopies(None, self.line.kind.name)
-        SIGNATURES_ENFORCED.labels(self.line.kind.name).set(1 if self.line.enforced else 0)
+        SIGNATURES_ENFORCED.labels(self.line.kind.label).set(1 if self.line.enforced else 0)
         if not self.line.enforced:
             log_event(
                 log,
                 "signatures of this line are NOT verified (no verify keys): development mode",
                 level=30,
-                line=self.line.kind.name,
+                line=self.line.kind.label,
             )
 
     @property
@@ -605,8 +695,14 @@ class VersionFollower:
         now on), and the sequence floor: the store's authenticated announcement record gives both;
         ``pinned`` (an operator's choice) overrides the version, which must still be signed. None
         when the line has no version. Raises VersionRefused or ModelStoreError."""
-        record = self.line.trusted_record(required=not pinned)
-        version = pinned or (record.version if record else self.line.store.current(self.line.kind.name))
+        line, floor = self.line, True
+        fallback = line.kind.fallback
+        if fallback is not None and line.last_announcement() is None:
+            # The pointer was never announced (e.g. no canary ever ran): start from the fallback
+            # pointer's record; its sequence numbers are another pointer's, so no floor from it.
+            line, floor = VersionLine(line.store, fallback, keys=line.keys), False
+        record = line.trusted_record(required=not pinned)
+        version = pinned or (record.version if record else line.pointed())
         if not version:
             return None
         expected = record.manifest_sha256 if record and record.version == version and record.manifest_sha256 else None
@@ -615,15 +711,15 @@ class VersionFollower:
             self.private,
             expected_sha256=expected,
             reason=record.reason if record else "publish",
-            sequence=record.sequence if record else 0,
+            sequence=record.sequence if record and floor else 0,
         )
         with self._lock:
-            self._see(record.sequence if record else 0)
+            self._see(record.sequence if record and floor else 0)
         self.private.promote(verified.path)
         log_event(
             log,
             "starting from a verified version",
-            line=self.line.kind.name,
+            line=self.line.kind.label,
             version=version,
             sequence=self.sequence,
             pinned=bool(pinned),
@@ -690,7 +786,7 @@ class VersionFollower:
         """Raise the floor: any announcement numbered at or below an authentic one is superseded."""
         if sequence > self.sequence:
             self.sequence = sequence
-            SEQUENCE_SEEN.labels(self.line.kind.name).set(sequence)
+            SEQUENCE_SEEN.labels(self.line.kind.label).set(sequence)
 
     def _verify_files(self, announcement: Announcement) -> VerifiedVersion:
         verified = self.line.materialize(
@@ -716,7 +812,7 @@ class VersionFollower:
             log,
             "refused an announced version; still serving the old one",
             level=40,
-            line=self.line.kind.name,
+            line=self.line.kind.label,
             version=version,
             serving=self.serving(),
             reason=reason,
@@ -747,7 +843,7 @@ class VersionFollower:
         """Follow the announcements on a daemon thread (after ``subscribe``)."""
         if self._reader is None:
             raise RuntimeError("subscribe() first")
-        self._reader.start_thread(lambda env, _record: self.accept(env.payload), f"follow-{self.line.kind.name}")
+        self._reader.start_thread(lambda env, _record: self.accept(env.payload), f"follow-{self.line.kind.label}")
 
     def stop(self) -> None:
         if self._reader is not None:

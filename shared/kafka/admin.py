@@ -10,13 +10,13 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from shared.config import KafkaConfig
 from shared.kafka.client import client_kwargs
-from shared.kafka.topics import ALL_TOPICS, POLICY_UPDATES, REWARD_MODELS
+from shared.kafka.topics import ALL_TOPICS, POLICY_CANARY, POLICY_CANDIDATES, POLICY_UPDATES, REWARD_MODELS, ROLLOUT
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
 
-# Announcements must stay ordered: one partition.
-_SINGLE_PARTITION = {POLICY_UPDATES, REWARD_MODELS}
+# Announcements and rollout steps must stay ordered: one partition.
+SINGLE_PARTITION = frozenset({POLICY_UPDATES, REWARD_MODELS, POLICY_CANDIDATES, POLICY_CANARY, ROLLOUT})
 
 
 def ensure_topics(cfg: KafkaConfig, topics: tuple[str, ...] = ALL_TOPICS, timeout_s: float = 30.0) -> None:
@@ -34,7 +34,7 @@ def ensure_topics(cfg: KafkaConfig, topics: tuple[str, ...] = ALL_TOPICS, timeou
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         for topic in missing:
-            partitions = 1 if topic in _SINGLE_PARTITION else cfg.topic_partitions
+            partitions = 1 if topic in SINGLE_PARTITION else cfg.topic_partitions
             try:
                 admin.create_topics([NewTopic(topic, partitions, cfg.replication_factor)])
             except TopicAlreadyExistsError:

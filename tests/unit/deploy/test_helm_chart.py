@@ -665,7 +665,9 @@ def test_topic_job_creates_exactly_the_loops_topics(config):
     )
     plan = json.loads(cm["data"]["topics.json"])
     assert set(plan["topics"]) == set(kafka_topics.ALL_TOPICS)
-    for ordered in (kafka_topics.POLICY_UPDATES, kafka_topics.REWARD_MODELS):
+    from shared.kafka.admin import SINGLE_PARTITION
+
+    for ordered in SINGLE_PARTITION:
         assert plan["topics"][ordered]["partitions"] == 1, f"{ordered} must keep its order: one partition"
     for spec in plan["topics"].values():
         assert re.fullmatch(r"-?\d+", spec["configs"]["retention.ms"]), spec  # not 6.048e+08

@@ -190,6 +190,50 @@ def test_set_current_requires_existing_verified_version_of_the_line(store: Model
         store.set_current("policy", "policy-0001")
 
 
+def test_other_pointers_are_separate_from_current_and_unset_until_set(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    store.publish("policy", src, make_current=False)
+    assert store.pointer("policy", "canary") is None and store.pointer("policy", "candidate") is None
+    assert store.pointer("policy", "current") == "policy-0001"
+    store.set_pointer("policy", "canary", "policy-0002")
+    store.set_pointer("policy", "candidate", "policy-0002", verify=False)
+    assert (store.pointer("policy", "canary"), store.current("policy")) == ("policy-0002", "policy-0001")
+    assert json.loads((store.root / "policy.canary").read_text()) == {"version": "policy-0002"}
+    store.set_pointer("policy", "current", "policy-0002")
+    assert store.current("policy") == "policy-0002"
+
+
+def test_set_pointer_refuses_unknown_pointers_foreign_and_corrupt_versions(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    store.publish("rm", src)
+    with pytest.raises(InvalidNameError, match="unknown pointer"):
+        store.set_pointer("policy", "announced", "policy-0001")
+    with pytest.raises(InvalidNameError):
+        store.set_pointer("policy", "canary", "rm-0001")
+    with pytest.raises(UnknownVersionError):
+        store.set_pointer("policy", "canary", "policy-0009", verify=False)
+    (store.path("policy-0001") / "config.json").write_text("{}")
+    with pytest.raises(CorruptVersionError):
+        store.set_pointer("policy", "canary", "policy-0001")
+    assert store.pointer("policy", "canary") is None
+    # Pointers are written by set_pointer only, never as a free-form record.
+    for name in ("current", "canary", "candidate"):
+        with pytest.raises(InvalidNameError, match="pointer"):
+            store.write_line_record("policy", name, {"version": "policy-0001"})
+    store.write_line_record("policy", "canary-announced", {"sequence": 1})
+    assert store.read_line_record("policy", "canary-announced") == {"sequence": 1}
+    for bad in ("canary--announced", "-canary", "canary-", "Canary"):
+        with pytest.raises(InvalidNameError):
+            store.write_line_record("policy", bad, {})
+
+
+def test_a_malformed_pointer_is_an_error_not_a_version(store: ModelStore, src: Path) -> None:
+    store.publish("policy", src)
+    (store.root / "policy.canary").write_text('{"version": "rm-0001"}')
+    with pytest.raises(model_store.ModelStoreError, match="canary pointer of policy is malformed"):
+        store.pointer("policy", "canary")
+
+
 @pytest.mark.parametrize("bad", ["../etc", "policy-1", "policy-0001/..", "Policy-0001", "policy-0001 ", "/tmp/x", ""])
 def test_bad_version_names_are_rejected(store: ModelStore, bad: str) -> None:
     for call in (store.path, store.manifest, store.verify, store.manifest_sha256):

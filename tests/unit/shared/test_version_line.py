@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from shared.events import PolicyUpdateEvent, RewardModelEvent
-from shared.kafka.topics import POLICY_UPDATES
+from shared.events import PolicyCanaryEvent, PolicyCandidateEvent, PolicyUpdateEvent, RewardModelEvent
+from shared.kafka import topics
+from shared.kafka.topics import POLICY_CANDIDATES, POLICY_UPDATES
 from shared.model_store import ModelStore
 from shared.signing import SigningKey
 from shared.version_copies import PrivateCopies
 from shared.version_line import (
     POLICY,
+    POLICY_CANARY,
+    POLICY_CANDIDATE,
+    POLICY_KINDS,
     REWARD_MODEL,
     Announcement,
     KafkaAnnouncer,
@@ -454,3 +458,131 @@ def test_without_keys_unsigned_versions_pass_but_order_still_applies(store, src)
     assert count(refused, "replayed") == 1
     line.publish(src)
     assert follower.accept(line.announce_pending()) and replica.serving == "policy-0003"
+
+
+# --- pointers: candidate and canary ------------------------------------------------------------------
+
+
+def test_a_candidate_is_published_under_its_own_pointer_record_and_topic(store, src, key):
+    line = publisher(store, key)  # the current pointer: one version, announced
+    line.publish(src)
+    line.announce_pending()
+    announcer = RecordingAnnouncer()
+    candidates = publisher(store, key, POLICY_CANDIDATE, announcer)
+    manifest = candidates.publish(src, parent="policy-0001")
+    # The candidate pointer moved; current did not, and nothing is owed on it.
+    assert store.pointer("policy", "candidate") == manifest.version == "policy-0002"
+    assert store.current("policy") == "policy-0001" and line.pending_announcement() is None
+    assert candidates.pending_announcement() == PendingAnnouncement("policy-0002", "publish")
+    event = candidates.announce_pending()
+    assert isinstance(event, PolicyCandidateEvent) and (event.version, event.sequence) == ("policy-0002", 1)
+    assert announcer.events == [event]
+    assert (store.root / "policy.candidate-announced").is_file()
+    assert line.last_announcement()[0].sequence == 1 and line.announced() == "policy-0001"
+    # The signature covers the pointer: the same fields signed as "policy" would be another message.
+    signed = POLICY_CANDIDATE.announcement(event)
+    assert signed.line == "policy.candidate"
+    key.verify_keys().verify(signed.message(), signed.signature_doc())
+    assert (POLICY_CANDIDATE.topic, POLICY_CANDIDATE.key) == (POLICY_CANDIDATES, "policy.candidate")
+    assert (POLICY_CANARY.topic, POLICY_CANARY.key) == (topics.POLICY_CANARY, "policy.canary")
+    assert POLICY_KINDS == {"current": POLICY, "candidate": POLICY_CANDIDATE, "canary": POLICY_CANARY}
+
+
+def test_each_pointer_numbers_its_own_announcements(store, src, key):
+    current = publisher(store, key)
+    canary = publisher(store, key, POLICY_CANARY)
+    for _ in range(3):
+        current.publish(src)
+        current.announce_pending()
+    assert canary.pending_announcement() is None  # never set: nothing owed
+    canary.point_to("policy-0003")
+    assert canary.announce_pending().sequence == 1
+    assert current.last_announcement()[0].sequence == 3
+    current.point_to("policy-0003")  # already there: nothing owed, not verified again
+    assert current.pending_announcement() is None
+
+
+def test_a_follower_of_one_pointer_refuses_another_pointers_announcements(store, src, key):
+    current = publisher(store, key)
+    candidates = publisher(store, key, POLICY_CANDIDATE)
+    current.publish(src)
+    current.announce_pending()
+    candidates.publish(src)
+    candidate_event = candidates.announce_pending()
+    replica = Replica("policy-0001")
+    follower, refused = follower_for(store, replica, key)  # follows current
+    assert not follower.accept(candidate_event)
+    assert count(refused, "wrong_event") == 1
+    # The same signed fields re-wrapped as a PolicyUpdateEvent: the signature is of "policy.candidate".
+    disguised = PolicyUpdateEvent(**dataclasses.asdict(candidate_event))
+    assert not follower.accept(disguised)
+    assert count(refused, "bad_signature") == 1 and replica.swapped == []
+    canary_replica = Replica("policy-0001")
+    canary_follower, canary_refused = follower_for(store, canary_replica, key, kind=POLICY_CANARY)
+    assert not canary_follower.accept(PolicyCanaryEvent(**dataclasses.asdict(candidate_event)))
+    assert count(canary_refused, "bad_signature") == 1
+
+
+def test_the_canary_pointer_goes_back_to_stable_as_a_signed_rollback(store, src, key):
+    current = publisher(store, key)
+    current.publish(src)
+    current.announce_pending()
+    candidates = publisher(store, key, POLICY_CANDIDATE)
+    candidates.publish(src)
+    canary = publisher(store, key, POLICY_CANARY)
+    canary.point_to("policy-0001")
+    stable_again = canary.announce_pending()  # no canary yet: the canary group serves stable
+    canary.point_to("policy-0002")
+    started = canary.announce_pending()
+    canary.point_to("policy-0001")  # the canary is rolled back
+    ended = canary.announce_pending()
+    assert [(e.version, e.reason, e.sequence) for e in (stable_again, started, ended)] == [
+        ("policy-0001", "publish", 1),
+        ("policy-0002", "publish", 2),
+        ("policy-0001", "rollback", 3),
+    ]
+    replica = Replica()
+    follower, refused = follower_for(store, replica, key, kind=POLICY_CANARY)
+    assert follower.initial().version == "policy-0001" and follower.sequence == 3
+    replica.serving = "policy-0001"
+    assert not follower.accept(started)  # replayed: the canary does not come back
+    assert count(refused, "replayed") == 1
+    canary.point_to("policy-0002")
+    assert follower.accept(canary.announce_pending()) and replica.serving == "policy-0002"
+    canary.point_to("policy-0001")
+    assert follower.accept(canary.announce_pending()) and replica.serving == "policy-0001"
+    # A "publish" of the older version (not a signed rollback) is refused as on any pointer.
+    forged = POLICY_CANARY.make_event(
+        Announcement("policy.canary", "policy-0001", store.manifest_sha256("policy-0001"), "publish", 9).signed_by(key),
+        None,
+        {},
+    )
+    replica.serving = "policy-0002"
+    assert not follower.accept(forged) and count(refused, "not_newer") == 1
+
+
+def test_a_canary_replica_starts_from_current_until_the_canary_pointer_is_announced(store, src, key):
+    current = publisher(store, key)
+    for _ in range(2):
+        current.publish(src)
+        current.announce_pending()
+    replica = Replica()
+    follower, _ = follower_for(store, replica, key, kind=POLICY_CANARY)
+    verified = follower.initial()
+    # The stable version, with no floor: the current pointer's numbers are not the canary's.
+    assert (verified.version, follower.sequence) == ("policy-0002", 0)
+    replica.serving = "policy-0002"
+    canary = publisher(store, key, POLICY_CANARY)
+    current.publish(src)
+    canary.point_to("policy-0003")
+    assert follower.accept(canary.announce_pending()) and replica.serving == "policy-0003"
+    # Once the canary pointer is announced, a restart starts from its own record.
+    assert follower_for(store, Replica(), key, kind=POLICY_CANARY)[0].initial().version == "policy-0003"
+
+
+def test_an_offline_candidate_line_settles_its_own_record(store, src, key):
+    candidates = VersionLine(store, POLICY_CANDIDATE, signer=key)
+    candidates.publish(src)
+    assert candidates.pending_announcement() is None and candidates.announced() == "policy-0001"
+    assert store.current("policy") == "policy-0001"  # the latest, as ever: no current pointer was written
+    assert not (store.root / "policy.current").exists()
