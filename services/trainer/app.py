@@ -21,6 +21,7 @@ import grpc
 from services.trainer.access import TRAINER_ACCESS
 from services.trainer.checkpoint import CheckpointStore
 from services.trainer.config import TrainerConfig
+from services.trainer.guards import Guard, GuardConfigError, build_guards
 from services.trainer.learner import PPOLearner
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED, LIVE_PROMPTS_LARGEST_SHARE
@@ -28,6 +29,7 @@ from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
 from services.trainer.servicer import TrainerServicer
+from shared.config import ConfigError
 from shared.events import CompletionEvent
 from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.grpc_server import GrpcServer
@@ -130,6 +132,7 @@ class TrainerApp:
             heldout,
             max_tokens=cfg.heldout_max_tokens,
             signer=cfg.versions.signer("policy"),
+            samples=cfg.heldout_samples,
         )
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(
@@ -154,7 +157,16 @@ class TrainerApp:
             self._load_learner,
             self.live,
             paused=cfg.start_paused,
+            guards=self._build_guards(),
         )
+
+    def _build_guards(self) -> list[Guard]:
+        """RLHF_TRAINER_GUARDS loaded (after the store has its models); a ConfigError naming the
+        variable when a guard's reward model cannot be loaded."""
+        try:
+            return build_guards(self.cfg.guard_specs(), self.store, self.cfg.versions.verify_keys("rm"))
+        except GuardConfigError as exc:
+            raise ConfigError(f"RLHF_TRAINER_GUARDS: {exc}") from None
 
     def _load_learner(self, policy_version: str, state: LoopState) -> PPOLearner:
         return PPOLearner.from_store(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
@@ -38,9 +38,18 @@ import grpc
 
 from services.trainer import metrics
 from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint
+from services.trainer.guards import Guard, GuardResult, guard_metric_key, run_guards
 from services.trainer.learner import LearnerState
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
-from services.trainer.publishing import Evaluation, PolicyGateDecision, PolicyPublisher, policy_gate
+from services.trainer.publishing import (
+    Evaluation,
+    PolicyGateDecision,
+    PolicyPublisher,
+    answers_changed,
+    policy_gate,
+    same_figure,
+    with_guards,
+)
 from services.trainer.rollout_collector import RolloutCollector
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logging import get_logger, log_event
@@ -68,8 +77,9 @@ class LoopState:
     last_published: dict | None = None
     """{version, parent, published_at, metrics, reason} of the last publish or rollback."""
     baseline: dict | None = None
-    """{reward, rm_version, answers}: the held-out evaluation of the version the weights were last
-    published as (or rolled back to); None until measured."""
+    """{reward, rm_version, answers, guards}: the held-out evaluation of the version the weights were
+    last published as (or rolled back to), with its guard values ({guard name: value}, filled in as
+    guards need them); None until measured."""
     dropped: dict[str, int] = field(default_factory=dict)
     last_gate: dict | None = None
 
@@ -109,6 +119,9 @@ class GateResult:
     heldout_reward: float = 0.0
     kl: float = 0.0
     baseline_reward: float = 0.0
+    guards: list[dict[str, Any]] = field(default_factory=list)
+    """Each guard's result (guards.GuardResult as a dict) when the guards ran: only for a candidate
+    that passed the KL and reward bounds."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,7 @@ class TrainingLoop:
         live: LivePromptBuffer | None = None,
         *,
         paused: bool = False,
+        guards: Sequence[Guard] = (),
     ):
         self.learner = learner
         self.state = state
@@ -180,6 +194,8 @@ class TrainingLoop:
         self.settings = settings
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
+        self.guards = list(guards)
+        """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self._lock = threading.RLock()  # held for any use of the learner or the state
         self._running = threading.Event()
         if not paused:
@@ -418,17 +434,26 @@ class TrainingLoop:
         ev, baseline, decision = self._evaluate_under_one_rm()
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
+        self._count_discrimination(ev, baseline)
+        guard_results: list[GuardResult] = []
+        if decision.ok and self.guards:
+            self._detail = "guards"
+            guard_results = self._run_guards(ev)
+            decision = with_guards(decision, guard_results)
         common: dict[str, Any] = {
             "step": self.state.step,
             "heldout_reward": ev.heldout_reward,
             "kl": ev.kl,
             "baseline_reward": baseline if baseline is not None else 0.0,
+            "guards": [r.to_json() for r in guard_results],
         }
         if not decision.ok:
             result = GateResult(published=False, reason=decision.reason, **common)
             self.state.last_gate = asdict(result)
-            metrics.GATE_REFUSED.labels("kl" if "KL" in decision.reason else "reward").inc()
-            log_event(log, "candidate refused", level=30, reason=decision.reason, step=self.state.step)
+            metrics.GATE_REFUSED.labels(decision.check or "other").inc()
+            log_event(
+                log, "candidate refused", level=30, reason=decision.reason, check=decision.check, step=self.state.step
+            )
             self._phase, self._detail = "training", ""
             return result
         parent = self.state.lineage[-1]
@@ -446,11 +471,18 @@ class TrainingLoop:
                 "trainer_step": float(self.state.step),
                 "train_mean_reward": self._figures["mean_reward"],
                 "train_kl": self._figures["kl"],
+                "heldout_samples": float(ev.samples),
+                **{guard_metric_key(r.name): r.value for r in guard_results},
             },
         )
         self.learner.mark_published(manifest.version)
         self.state.lineage = (self.state.lineage + [manifest.version])[-LINEAGE_KEPT:]
-        self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
+        self.state.baseline = {
+            "reward": ev.heldout_reward,
+            "rm_version": ev.rm_version,
+            "answers": ev.answers,
+            "guards": {r.name: r.value for r in guard_results},
+        }
         self.state.last_published = {
             "version": manifest.version,
             "parent": parent,
@@ -493,8 +525,59 @@ class TrainingLoop:
             False,
             f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "
             "(candidate and baseline never scored by the same version)",
+            "rm_changed",
         )
         return ev, baseline, refused
+
+    def _run_guards(self, ev: Evaluation) -> list[GuardResult]:
+        """Every guard on the candidate's answers against the baseline's (whose values are kept in
+        the baseline, computed once from its answers when missing)."""
+        b = self.state.baseline
+        results, known = run_guards(
+            self.guards,
+            self.publisher.heldout,
+            ev.answers,
+            b["answers"] if b else None,
+            dict(b.get("guards") or {}) if b else {},
+        )
+        if b is not None:
+            b["guards"] = known
+        for r in results:
+            metrics.GUARD_VALUE.labels(r.name).set(r.value)
+            log_event(
+                log,
+                "guard",
+                level=20 if r.ok else 30,
+                guard=r.name,
+                ok=r.ok,
+                value=round(r.value, 4),
+                baseline=None if r.baseline is None else round(r.baseline, 4),
+                reason=r.reason,
+                step=self.state.step,
+            )
+        return results
+
+    def _count_discrimination(self, ev: Evaluation, baseline: float | None) -> None:
+        """Count a candidate compared with a baseline under one RM, and whether its held-out figure
+        (and answers) differed from the baseline's: a gate that sees no difference cannot discriminate."""
+        b = self.state.baseline
+        if baseline is None or b is None or b.get("rm_version") != ev.rm_version:
+            return
+        same = same_figure(ev.heldout_reward, baseline)
+        changed = answers_changed(ev.answers, b.get("answers") or [])
+        metrics.GATE_COMPARED.inc()
+        if same:
+            metrics.GATE_SAME_AS_BASELINE.inc()
+        log_event(
+            log,
+            "candidate compared with the baseline",
+            step=self.state.step,
+            heldout_reward=round(ev.heldout_reward, 4),
+            baseline_reward=round(baseline, 4),
+            same_figure=same,
+            answers_changed=changed,
+            answers=len(ev.answers),
+        )
 
     def _send_pending_announcement(self) -> None:
         """Announce what the policy line owes (a publish or rollback Kafka has not acknowledged);

@@ -24,7 +24,20 @@ HELDOUT_REWARD = Gauge("rlhf_trainer_heldout_reward", "Held-out reward of the la
 HELDOUT_KL = Gauge("rlhf_trainer_heldout_kl", "KL to the reference of the last evaluated candidate")
 PAUSED = Gauge("rlhf_trainer_paused", "1 while training is paused")
 PUBLISHED = Counter("rlhf_trainer_published_total", "Policy versions published")
-GATE_REFUSED = Counter("rlhf_trainer_gate_refused_total", "Candidates the publish gate refused", ["reason"])
+GATE_REFUSED = Counter(
+    "rlhf_trainer_gate_refused_total",
+    "Candidates the publish gate refused, by the check that refused (kl, reward, not_finite, rm_changed, "
+    "or a guard's name such as frozen_rm:rm-0001)",
+    ["reason"],
+)
+GATE_COMPARED = Counter(
+    "rlhf_trainer_gate_compared_total", "Candidates whose held-out figure was compared with a baseline's (same RM)"
+)
+GATE_SAME_AS_BASELINE = Counter(
+    "rlhf_trainer_gate_same_as_baseline_total",
+    "Compared candidates whose held-out figure equalled the baseline's (the gate could not tell them apart)",
+)
+GUARD_VALUE = Gauge("rlhf_trainer_guard_value", "A guard's figure for the last candidate it checked", ["guard"])
 ROLLBACKS = Counter("rlhf_trainer_rollbacks_total", "Rollbacks to an earlier version")
 ITERATION_FAILURES = Counter(
     "rlhf_trainer_iteration_failures_total", "Iterations that failed and were retried", ["kind"]

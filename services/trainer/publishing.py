@@ -7,14 +7,18 @@ policy and does not score worse than the version it would replace.
     if decision.ok:
         manifest = publisher.publish(learner, parent="policy-0002", evaluation=evaluation, ...)
 
-**Evaluation** (``evaluate``): on the held-out prompts (never trained on) the candidate answers
-greedily, and the reward service scores those answers: their mean is the *held-out reward*. For the
-KL it also samples one answer per prompt (temperature 1, fixed seed) and the learner sums the exact
-per-token KL(pi(.|prefix) || pi_ref(.|prefix)) over the vocabulary along each; since the answers
-are samples of pi, the mean estimates the sequence-level KL(pi || pi_ref) per answer, and is never
-negative (greedy answers would not be samples of pi). An empty answer (EOS
-first), which the reward service cannot score, counts as the worst scored answer of the same
-evaluation, so answering nothing never raises the mean.
+**Evaluation** (``evaluate``): on the held-out prompts (never trained on) the candidate samples
+``samples`` answers per prompt (temperature 1, no top-k/top-p, one fixed seed: the same random
+draws for every candidate, so two policies with the same weights give the same answers and a
+policy whose sampling distribution moved gives other answers even where its most likely answer did
+not), and the reward service scores them all: their mean is the *held-out reward*. The answers are
+laid out prompt-major (``samples`` consecutive answers per prompt). The KL uses the same answers:
+for each the learner sums the exact per-token KL(pi(.|prefix) || pi_ref(.|prefix)) over the
+vocabulary; since the answers are samples of pi, the mean estimates the sequence-level KL(pi ||
+pi_ref) per answer, and is never negative. ``samples=0`` is the older evaluation: one greedy answer
+per prompt for the reward (blind to a change that keeps every argmax) and one sample per prompt for
+the KL. An empty answer (EOS first), which the reward service cannot score, counts as the worst
+scored answer of the same evaluation, so answering nothing never raises the mean.
 
 **The gate** (``policy_gate``): KL <= kl_bound and held-out reward >= baseline - reward_tolerance, where
 the baseline is the held-out reward of the last published version (its answers re-scored when
@@ -49,25 +53,31 @@ from shared.version_line import POLICY, Announcer, PendingAnnouncement, VersionL
 log = get_logger(__name__)
 
 EVAL_SEED = 1234
-"""Seed of the held-out KL samples: the same draws for every candidate."""
+"""Seed of the held-out samples: the same draws for every candidate."""
 
 
 @dataclass(frozen=True)
 class Evaluation:
     heldout_reward: float
-    """Mean RM score of the candidate's greedy answers to the held-out prompts."""
+    """Mean RM score of the candidate's held-out answers (``samples`` per prompt, or greedy)."""
     kl: float
     """Mean over sampled held-out answers of the summed per-token KL(pi || pi_ref), nats per answer."""
     rm_version: str
     answers: list[str] = field(default_factory=list)
-    """The greedy answers (kept so that a later RM version can re-score the baseline)."""
+    """The held-out answers, prompt-major (kept so that a later RM version, and the guards, can
+    score the baseline's)."""
     empty_answers: int = 0
+    samples: int = 1
+    """Answers per held-out prompt (1 for the greedy evaluation)."""
 
 
 @dataclass(frozen=True)
 class PolicyGateDecision:
     ok: bool
     reason: str
+    check: str = ""
+    """The check that refused (``not_finite``, ``kl``, ``reward``, ``rm_changed`` or a guard's
+    name: the ``reason`` label of rlhf_trainer_gate_refused_total); empty when ok."""
 
 
 # --- pure rules -------------------------------------------------------------------------------
@@ -79,15 +89,46 @@ def policy_gate(
     """Whether a candidate may be published; the reason names the figures either way."""
     r, kl = evaluation.heldout_reward, evaluation.kl
     if not (math.isfinite(r) and math.isfinite(kl)):
-        return PolicyGateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})")
+        return PolicyGateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})", "not_finite")
     if kl > kl_bound:
-        return PolicyGateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}")
+        return PolicyGateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}", "kl")
     if baseline_reward is not None and r < baseline_reward - reward_tolerance:
         return PolicyGateDecision(
-            False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}"
+            False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}", "reward"
         )
     bar = "no baseline" if baseline_reward is None else f"baseline {baseline_reward:.4f}"
     return PolicyGateDecision(True, f"held-out reward {r:.4f} ({bar}), KL {kl:.4f} <= {kl_bound:.4f}")
+
+
+def with_guards(decision: PolicyGateDecision, results: Sequence[Any]) -> PolicyGateDecision:
+    """The gate's decision once the guards' results (guards.GuardResult: name, ok, reason) are in:
+    a refusal of the gate stands; else the first guard that refused refuses; else it passes, its
+    reason naming every guard's figure."""
+    if not decision.ok:
+        return decision
+    for r in results:
+        if not r.ok:
+            return PolicyGateDecision(False, f"guard {r.reason}", r.name)
+    if not results:
+        return decision
+    return PolicyGateDecision(True, decision.reason + "; guards: " + "; ".join(r.reason for r in results))
+
+
+SAME_FIGURE_TOLERANCE = 1e-6
+"""Relative difference under which two held-out figures count as the same (identical answers can
+score a few float bits apart when the reward service batches them differently)."""
+
+
+def same_figure(candidate: float, baseline: float, tolerance: float = SAME_FIGURE_TOLERANCE) -> bool:
+    """|candidate - baseline| <= tolerance * max(1, |baseline|): the gate saw no difference."""
+    return abs(candidate - baseline) <= tolerance * max(1.0, abs(baseline))
+
+
+def answers_changed(candidate: Sequence[str], baseline: Sequence[str]) -> int:
+    """How many answers differ position by position (all of the candidate's when the layouts differ)."""
+    if len(candidate) != len(baseline):
+        return len(candidate)
+    return sum(a != b for a, b in zip(candidate, baseline))
 
 
 def fill_empty_scores(scores: Sequence[float | None]) -> list[float]:
@@ -99,6 +140,15 @@ def fill_empty_scores(scores: Sequence[float | None]) -> list[float]:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def expand_prompts(heldout: Sequence[Prompt], n_answers: int) -> list[Prompt]:
+    """The prompt of each of ``n_answers`` answers laid out prompt-major: answer i answers prompt
+    ``i // (n_answers / len(heldout))``. ValueError when the count is not a multiple."""
+    if not heldout or n_answers % len(heldout):
+        raise ValueError(f"{n_answers} answers do not divide among {len(heldout)} held-out prompts")
+    per = n_answers // len(heldout)
+    return [p for p in heldout for _ in range(per)]
 
 
 # --- evaluation and publication ---------------------------------------------------------------
@@ -114,9 +164,12 @@ class PolicyPublisher:
         *,
         max_tokens: int,
         signer: SigningKey | None = None,
+        samples: int = 4,
     ):
         if not heldout:
             raise ValueError("the publish gate needs at least one held-out prompt")
+        if samples < 0:
+            raise ValueError(f"samples must not be negative, got {samples}")
         self.store = store
         self.line = VersionLine(store, POLICY, announcer, signer=signer)
         """The policy line: publication, rollback and the announcement owed, signed with the
@@ -124,28 +177,38 @@ class PolicyPublisher:
         self.scorer = scorer
         self.heldout = list(heldout)
         self.max_tokens = max_tokens
+        self.samples = samples
+        """Answers sampled per held-out prompt; 0: one greedy answer (see the module docstring)."""
 
     def prompt_ids(self, learner: Any) -> list[list[int]]:
         return [render_prompt(learner.tokenizer, p) for p in self.heldout]
 
     def score_answers(self, answers: Sequence[str]) -> tuple[list[float], str, int]:
-        """(scores, RM version, empty answers) of greedy answers to the held-out prompts."""
+        """(scores, RM version, empty answers) of held-out answers laid out prompt-major
+        (``expand_prompts``: any whole number of answers per prompt)."""
+        prompts = expand_prompts(self.heldout, len(answers))
         idx = [i for i, a in enumerate(answers) if a.strip()]
         scores: list[float | None] = [None] * len(answers)
         rm_version = ""
         if idx:
-            got, rm_version = self.scorer.score([(self.heldout[i], answers[i]) for i in idx])
+            got, rm_version = self.scorer.score([(prompts[i], answers[i]) for i in idx])
             for i, s in zip(idx, got, strict=True):
                 scores[i] = s
         return fill_empty_scores(scores), rm_version, len(answers) - len(idx)
 
     def evaluate(self, learner: Any) -> Evaluation:
-        """Held-out reward (greedy answers, scored by the reward service) and KL (sampled answers)."""
+        """Held-out reward (``samples`` sampled answers per prompt, or greedy ones, scored by the
+        reward service) and KL (sampled answers); see the module docstring."""
         prompts = self.prompt_ids(learner)
-        greedy = learner.generate(prompts, self.max_tokens, greedy=True)
-        answers = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
+        per = self.samples or 1
+        batch = [ids for ids in prompts for _ in range(per)]
+        sampled = learner.generate(batch, self.max_tokens, greedy=False, seed=EVAL_SEED)
+        if self.samples:
+            answers = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in sampled]
+        else:
+            greedy = learner.generate(prompts, self.max_tokens, greedy=True)
+            answers = [learner.tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
         scores, rm_version, empty = self.score_answers(answers)
-        sampled = learner.generate(prompts, self.max_tokens, greedy=False, seed=EVAL_SEED)
         probes = [
             Rollout(
                 messages=list(p),
@@ -156,14 +219,15 @@ class PolicyPublisher:
                 finish_reason="stop",
                 score=0.0,
             )
-            for p, ids, resp in zip(self.heldout, prompts, sampled)
+            for p, ids, resp in zip(expand_prompts(self.heldout, len(batch)), batch, sampled)
             if resp
         ]
         kl = learner.kl_to_reference(probes) if probes else 0.0
-        return Evaluation(mean(scores), float(kl), rm_version, answers, empty)
+        return Evaluation(mean(scores), float(kl), rm_version, answers, empty, per)
 
     def rescore(self, answers: Sequence[str]) -> tuple[float, str]:
-        """Mean score of earlier held-out answers under the current reward model (baseline refresh)."""
+        """Mean score of earlier held-out answers (prompt-major, any number per prompt) under the
+        current reward model (baseline refresh)."""
         scores, rm_version, _ = self.score_answers(answers)
         return mean(scores), rm_version
 

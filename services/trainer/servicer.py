@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 import grpc
@@ -24,6 +25,17 @@ def gate_to_proto(r: GateResult) -> trainer_pb2.PublishResult:
         kl=r.kl,
         baseline_reward=r.baseline_reward,
         step=r.step,
+        guards=[
+            trainer_pb2.GuardCheck(
+                name=g["name"],
+                passed=g["ok"],
+                value=math.nan if g["value"] is None else g["value"],
+                baseline=g.get("baseline"),
+                bar=g.get("bar"),
+                reason=g["reason"],
+            )
+            for g in r.guards
+        ],
     )
 
 

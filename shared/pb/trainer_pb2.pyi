@@ -2,7 +2,7 @@ from . import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -73,7 +73,7 @@ class TrainerStatus(_message.Message):
     def __init__(self, step: _Optional[int] = ..., paused: _Optional[bool] = ..., base_policy_version: _Optional[str] = ..., last_published: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., mean_reward: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., reference_policy_version: _Optional[str] = ..., rm_version: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., live_prompts: _Optional[int] = ..., dropped_rollouts: _Optional[_Mapping[str, int]] = ..., last_gate: _Optional[_Union[PublishResult, _Mapping]] = ..., baseline_reward: _Optional[float] = ...) -> None: ...
 
 class PublishResult(_message.Message):
-    __slots__ = ("published", "version", "reason", "heldout_reward", "kl", "baseline_reward", "step")
+    __slots__ = ("published", "version", "reason", "heldout_reward", "kl", "baseline_reward", "step", "guards")
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class PublishResult(_message.Message):
     KL_FIELD_NUMBER: _ClassVar[int]
     BASELINE_REWARD_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
     published: bool
     version: _common_pb2.ModelVersion
     reason: str
@@ -88,4 +89,21 @@ class PublishResult(_message.Message):
     kl: float
     baseline_reward: float
     step: int
-    def __init__(self, published: _Optional[bool] = ..., version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., reason: _Optional[str] = ..., heldout_reward: _Optional[float] = ..., kl: _Optional[float] = ..., baseline_reward: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+    guards: _containers.RepeatedCompositeFieldContainer[GuardCheck]
+    def __init__(self, published: _Optional[bool] = ..., version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., reason: _Optional[str] = ..., heldout_reward: _Optional[float] = ..., kl: _Optional[float] = ..., baseline_reward: _Optional[float] = ..., step: _Optional[int] = ..., guards: _Optional[_Iterable[_Union[GuardCheck, _Mapping]]] = ...) -> None: ...
+
+class GuardCheck(_message.Message):
+    __slots__ = ("name", "passed", "value", "baseline", "bar", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    BAR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    passed: bool
+    value: float
+    baseline: float
+    bar: float
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., value: _Optional[float] = ..., baseline: _Optional[float] = ..., bar: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...

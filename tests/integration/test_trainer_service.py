@@ -452,3 +452,45 @@ def health_of(address: str):
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     except grpc.RpcError:
         return None
+
+
+def test_a_guard_refusal_blocks_publication_and_status_carries_each_guard(own_broker, store, services, tmp_path):
+    loop, _, _ = services
+    (tmp_path / "op_guard_checks.py").write_text(
+        "def broken(prompts, answers):\n    raise RuntimeError('the check cannot run')\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    versions = store.versions("policy")
+    try:
+        cfg = trainer_config(
+            own_broker,
+            store,
+            services,
+            tmp_path / "ckpt",
+            live_prompt_fraction=0.0,
+            heldout_samples=2,
+            guards=("frozen_rm:rm-0001:1000", "entry:op_guard_checks:broken:0.5"),
+        )
+        trainer = Trainer(loop, cfg)
+        try:
+            wait_until(lambda: trainer.status().last_gate.step >= 1, 240, "no gate decision")
+            status = trainer.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
+        finally:
+            trainer.stop()
+    finally:
+        sys.path.remove(str(tmp_path))
+    gate = status.last_gate
+    assert not gate.published and gate.reason.startswith("guard entry:op_guard_checks:broken: the check raised")
+    frozen, entry = gate.guards
+    assert frozen.name == "frozen_rm:rm-0001" and frozen.passed and frozen.HasField("baseline")
+    assert entry.name == "entry:op_guard_checks:broken" and not entry.passed
+    assert store.versions("policy") == versions
+
+
+def test_a_frozen_rm_guard_the_store_lacks_is_a_config_error_naming_the_variable(own_broker, store, services, tmp_path):
+    from services.trainer.app import TrainerApp
+    from shared.config import ConfigError
+
+    cfg = trainer_config(own_broker, store, services, tmp_path / "ckpt", guards=("frozen_rm:rm-0042:0.1",))
+    with pytest.raises(ConfigError, match="RLHF_TRAINER_GUARDS: frozen_rm:rm-0042: cannot load the reward model"):
+        TrainerApp(cfg)._build_guards()

@@ -36,8 +36,26 @@ def test_defaults_are_valid_and_ports_match_the_chart():
         ({"RLHF_TRAINER_KL_BOUND": "-1"}, "KL_BOUND"),
         ({"RLHF_PPO_TEMPERATURE": "0.7"}, "RLHF_PPO_TEMPERATURE must be 1.0"),
         ({"RLHF_TRAINER_KL_BOUDN": "3"}, "unknown setting"),
+        ({"RLHF_TRAINER_HELDOUT_SAMPLES": "-1"}, "RLHF_TRAINER_HELDOUT_SAMPLES must not be negative"),
+        ({"RLHF_TRAINER_HELDOUT_SAMPLES": "65"}, "RLHF_TRAINER_HELDOUT_SAMPLES must be at most 64"),
+        ({"RLHF_TRAINER_GUARDS": "frozen_rm:rm-0001"}, "RLHF_TRAINER_GUARDS: 'frozen_rm:rm-0001': expected"),
+        ({"RLHF_TRAINER_GUARDS": "oracle:rm-0001:0.1"}, "RLHF_TRAINER_GUARDS: .*unknown guard kind"),
+        (
+            {"RLHF_TRAINER_GUARDS": "entry:no_such_module_for_rlhf:sums:0.8"},
+            "RLHF_TRAINER_GUARDS: entry:no_such_module_for_rlhf:sums: cannot import no_such_module_for_rlhf",
+        ),
+        ({"RLHF_TRAINER_GUARDS": "entry:json:no_such_function:0.8"}, "RLHF_TRAINER_GUARDS: .*no function"),
     ],
 )
 def test_bad_values_are_named(env, words):
     with pytest.raises(ConfigError, match=words):
         load_config(TrainerConfig, env)
+
+
+def test_guards_parse_once_into_specs():
+    cfg = load_config(TrainerConfig, {"RLHF_TRAINER_GUARDS": "frozen_rm:rm-0001:0.05,entry:json:dumps:0.8:0.1"})
+    assert [(s.kind, s.target, s.threshold, s.tolerance) for s in cfg.guard_specs()] == [
+        ("frozen_rm", "rm-0001", 0.05, 0.0),
+        ("entry", "json:dumps", 0.8, 0.1),
+    ]
+    assert load_config(TrainerConfig, {}).heldout_samples == 4

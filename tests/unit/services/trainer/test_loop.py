@@ -5,13 +5,16 @@ bound, resume from a checkpoint, rollback, pause."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from services.trainer.checkpoint import CheckpointStore
+from services.trainer.guards import EntryPointGuard, FrozenRmGuard, floor_rule
 from services.trainer.learner import PPOLearner
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.ppo_config import PPOConfig
@@ -119,6 +122,7 @@ def make_loop(
     paused=False,
     gate_scorer=None,
     reward_tolerance=1e6,
+    guards=(),
 ):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
@@ -152,6 +156,7 @@ def make_loop(
         settings,
         load_learner,
         paused=paused,
+        guards=guards,
     )
     holder["loop"] = loop
     return loop, served, load_learner
@@ -290,3 +295,60 @@ def test_a_paused_loop_does_not_train_until_resumed(store, tmp_path, one_thread)
     finally:
         stop.set()
         thread.join(60)
+
+
+class ShareGuard:
+    """An operator's check in process: the share of answers longer than ``chars`` characters."""
+
+    def __init__(self, chars: int, threshold: float = 0.5):
+        self.name = f"entry:test:longer_than_{chars}"
+        self.threshold = threshold
+        self.chars = chars
+
+    def value(self, prompts, answers):
+        return sum(len(a) > self.chars for a in answers) / len(answers)
+
+    def judge(self, value, baseline):
+        return floor_rule(self.name, value, baseline, self.threshold, 0.0)
+
+
+def counter(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_guard_refusal_blocks_publication(store, tmp_path, one_thread):
+    def broken(prompts, answers):
+        raise RuntimeError("the check cannot run")
+
+    announcer = RecordingAnnouncer()
+    guard = EntryPointGuard("test:broken", broken, threshold=0.0)  # fails closed
+    refused_before = counter("rlhf_trainer_gate_refused_total", reason=guard.name)
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, guards=[guard])
+    loop.run_iteration()
+    gate = loop.status().last_gate
+    assert not gate.published
+    assert gate.reason == "guard entry:test:broken: the check raised RuntimeError: the check cannot run"
+    [checked] = gate.guards
+    assert checked["name"] == guard.name and checked["ok"] is False
+    assert store.versions("policy") == ["policy-0001"] and announcer.events == []
+    assert counter("rlhf_trainer_gate_refused_total", reason=guard.name) == refused_before + 1
+
+
+def test_guards_that_pass_are_recorded_in_the_manifest_the_status_and_the_baseline(store, tmp_path, one_thread):
+    frozen = FrozenRmGuard.load(store, "rm-0001", threshold=1e6)
+    share = ShareGuard(chars=0, threshold=0.0)
+    compared_before = counter("rlhf_trainer_gate_compared_total")
+    loop, _, _ = make_loop(store, tmp_path, guards=[frozen, share])
+    loop.run_iteration()
+    gate = loop.status().last_gate
+    assert gate.published and "; guards: frozen_rm:rm-0001: " in gate.reason
+    assert [g["name"] for g in gate.guards] == ["frozen_rm:rm-0001", share.name]
+    assert all(g["ok"] and g["baseline"] is not None for g in gate.guards)
+    manifest = store.verify(gate.version)
+    value = manifest.metrics["guard:frozen_rm:rm-0001"]
+    assert math.isfinite(value) and value == gate.guards[0]["value"] and manifest.metrics["heldout_samples"] == 4
+    # The published candidate's values are the next candidate's baseline (no re-scoring of its answers).
+    assert loop.state.baseline["guards"] == {"frozen_rm:rm-0001": value, share.name: gate.guards[1]["value"]}
+    assert len(loop.state.baseline["answers"]) == 4 * len(HELDOUT)
+    # The candidate was compared with the measured baseline under one RM (the gate's discrimination).
+    assert counter("rlhf_trainer_gate_compared_total") == compared_before + 1

@@ -1,13 +1,28 @@
 """The publish gate: KL bound, held-out reward not below the last published version's (with
-tolerance), non-finite evaluations refused; empty answers never raise the held-out mean."""
+tolerance), non-finite evaluations refused, guards after them; empty answers never raise the held-out
+mean; the k-sample evaluation gives the same figure for the same weights and another one for a
+policy whose sampling distribution moved while its greedy answers did not."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import zlib
 
 import pytest
+import torch
 
-from services.trainer.publishing import Evaluation, PolicyPublisher, fill_empty_scores, policy_gate
+from services.trainer.publishing import (
+    Evaluation,
+    PolicyGateDecision,
+    PolicyPublisher,
+    answers_changed,
+    expand_prompts,
+    fill_empty_scores,
+    policy_gate,
+    same_figure,
+    with_guards,
+)
 from shared.events import Message
 
 
@@ -66,3 +81,80 @@ def test_score_answers_sends_only_non_empty_answers():
     assert scorer.calls == [["good", "bad"]]
     with pytest.raises(ValueError, match="held-out"):
         PolicyPublisher(store=None, announcer=None, scorer=scorer, heldout=[], max_tokens=8)
+
+
+def test_answers_lay_out_prompt_major_with_any_number_per_prompt():
+    a, b = (Message("user", "a"),), (Message("user", "b"),)
+    assert expand_prompts([a, b], 2) == [a, b]
+    assert expand_prompts([a, b], 6) == [a, a, a, b, b, b]
+    with pytest.raises(ValueError, match="5 answers do not divide among 2"):
+        expand_prompts([a, b], 5)
+
+
+def test_rescoring_maps_each_answer_to_its_prompt():
+    prompts = [(Message("user", f"q{i}"),) for i in range(2)]
+
+    class PromptEcho:
+        def score(self, pairs):
+            return [float(p[0].content[1:]) for p, _ in pairs], "rm-0003"
+
+    publisher = PolicyPublisher(store=None, announcer=None, scorer=PromptEcho(), heldout=prompts, max_tokens=8)
+    assert publisher.score_answers(["x", "y", "z", "w"])[0] == [0.0, 0.0, 1.0, 1.0]
+    assert publisher.rescore(["x", "y"]) == (0.5, "rm-0003")
+
+
+def test_same_figure_and_changed_answers():
+    assert same_figure(1.0, 1.0 + 1e-9) and same_figure(-0.5, -0.5001) is False
+    assert same_figure(1000.0, 1000.0005)  # relative to the figure's size
+    assert answers_changed(["a", "b", "c"], ["a", "x", "c"]) == 1
+    assert answers_changed(["a", "b"], ["a"]) == 2  # another layout: every answer counts as changed
+
+
+def test_guards_refuse_only_what_the_gate_passed_and_are_named():
+    @dataclasses.dataclass
+    class R:
+        name: str
+        ok: bool
+        reason: str
+
+    passed = PolicyGateDecision(True, "held-out reward 1.0000")
+    assert with_guards(passed, []) == passed
+    both = with_guards(passed, [R("frozen_rm:rm-0001", True, "f ok"), R("entry:c:f", True, "e ok")])
+    assert both.ok and both.reason == "held-out reward 1.0000; guards: f ok; e ok"
+    refused = with_guards(passed, [R("frozen_rm:rm-0001", True, "f ok"), R("entry:c:f", False, "e fell")])
+    assert not refused.ok and refused.check == "entry:c:f" and refused.reason == "guard e fell"
+    kl = PolicyGateDecision(False, "KL too far", "kl")
+    assert with_guards(kl, [R("entry:c:f", False, "e fell")]) == kl
+
+
+class CrcScorer:
+    """A stand-in reward model on which any two different answers score differently (almost surely)."""
+
+    def score(self, pairs):
+        return [zlib.crc32(r.encode()) / 2**32 for _, r in pairs], "rm-0001"
+
+
+def test_k_samples_see_a_changed_sampling_distribution_where_greedy_answers_do_not(trainer_store, one_thread):
+    from services.trainer.learner import PPOLearner
+    from services.trainer.ppo_config import PPOConfig
+
+    s = trainer_store
+    learner = PPOLearner.from_store(s.store, s.policy, s.policy, s.rm, PPOConfig(forward_batch_size=16))
+    heldout = [(Message("user", f"What is {a} plus {a}?"),) for a in range(1, 5)]
+    sampled = PolicyPublisher(store=None, announcer=None, scorer=CrcScorer(), heldout=heldout, max_tokens=10)
+    greedy = PolicyPublisher(store=None, announcer=None, scorer=CrcScorer(), heldout=heldout, max_tokens=10, samples=0)
+    base, base_greedy = sampled.evaluate(learner), greedy.evaluate(learner)
+    assert (base.samples, len(base.answers), base_greedy.samples, len(base_greedy.answers)) == (4, 16, 1, 4)
+    # The same weights: the same draws, the same answers, the same figure.
+    again = sampled.evaluate(learner)
+    assert again.answers == base.answers and again.heldout_reward == base.heldout_reward and again.kl == base.kl
+    # Halve every logit (the final norm's scale): the most likely token never changes, the sampling
+    # distribution does (flatter), and it moves away from the reference.
+    with torch.no_grad():
+        learner.policy.lm.model.norm.weight.mul_(0.5)
+    moved, moved_greedy = sampled.evaluate(learner), greedy.evaluate(learner)
+    assert moved_greedy.answers == base_greedy.answers
+    assert same_figure(moved_greedy.heldout_reward, base_greedy.heldout_reward)
+    assert answers_changed(moved.answers, base.answers) > 0
+    assert not same_figure(moved.heldout_reward, base.heldout_reward)
+    assert moved.kl > base.kl + 1e-3

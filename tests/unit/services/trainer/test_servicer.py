@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from services.trainer.loop import GateResult, StatusSnapshot
 from services.trainer.servicer import gate_to_proto, status_to_proto
 
@@ -60,3 +62,25 @@ def test_status_to_proto_with_and_without_a_publication():
     assert not msg.last_gate.published and "exceeds" in msg.last_gate.reason and msg.rm_version == "rm-0001"
     empty = status_to_proto(StatusSnapshot(**{**snap.__dict__, "last_published": None, "last_gate": None}))
     assert not empty.HasField("last_published") and not empty.HasField("last_gate")
+
+
+def test_guard_results_reach_the_proto():
+    gate = GateResult(
+        published=False,
+        reason="guard entry:c:f: the check raised ValueError: x",
+        step=5,
+        guards=[
+            {"name": "frozen_rm:rm-0001", "ok": True, "value": 0.5, "baseline": 0.55, "bar": 0.5, "reason": "ok"},
+            {"name": "entry:c:f", "ok": False, "value": None, "baseline": None, "bar": None, "reason": "raised"},
+        ],
+    )
+    frozen, entry = gate_to_proto(gate).guards
+    assert (frozen.name, frozen.passed, frozen.value, frozen.baseline, frozen.bar) == (
+        "frozen_rm:rm-0001",
+        True,
+        0.5,
+        0.55,
+        0.5,
+    )
+    assert entry.name == "entry:c:f" and not entry.passed and math.isnan(entry.value) and entry.reason == "raised"
+    assert not entry.HasField("baseline") and not entry.HasField("bar")
