@@ -12,6 +12,7 @@ await server.wait()           # until SIGTERM/SIGINT, then drain and stop
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import time
@@ -214,6 +215,17 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, exc, method)
 
             return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream and inspect.iscoroutinefunction(handler.unary_stream):
+            # A streaming method that writes with context.write (grpc.health.v1's Watch), not by yielding.
+            inner_writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                try:
+                    await inner_writer(request, context)
+                except RlhfError as exc:
+                    await _abort(context, exc, method)
+
+            return handler._replace(unary_stream=unary_stream_writer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 

@@ -4,6 +4,7 @@ GrpcServer, in plaintext and over TLS with a throwaway CA."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -97,6 +98,7 @@ class Served:
     server: GrpcServer
     loop: ControlLoop
     address: str
+    loop_thread: LoopThread
 
 
 @pytest.fixture()
@@ -119,7 +121,7 @@ def serve():
 
         server = thread.run(make(), timeout=30)
         servers.append(server)
-        return Served(server, loop, server.address)
+        return Served(server, loop, server.address, thread)
 
     yield start
     for server in servers:
@@ -179,6 +181,20 @@ def test_health_stays_open_and_a_server_accepting_nobody_refuses_everything_else
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert code_of(lambda: rollback(svc.address, as_caller("operator"))) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_watch_streams_status_changes_through_the_interceptors(serve):
+    """grpc.health.v1 Watch (what health-checking clients and load balancers use) writes with
+    context.write instead of yielding: the error-mapping interceptor must pass it through."""
+    svc = serve(ServiceAuthConfig())
+    with sync_channel(svc.address, ClientCredentials()) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        asyncio.run_coroutine_threadsafe(
+            svc.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING), svc.loop_thread.loop
+        ).result(10)
+        assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stream.cancel()
 
 
 def test_a_rotated_credential_keeps_its_name(serve):
