@@ -5,12 +5,17 @@ Requests pass through, outermost first:
 1. FeedbackFastPath (feedback/fast_path.py): serves POST /v1/feedback itself, passes the rest on;
 2. BodySizeLimit, AuthAndMetrics (middleware.py): 413; who is asking (401, identity.py) and the
    chat rate limit (429, rate_limit.py); metrics;
-3. the FastAPI app: the chat routes (chat/api_router.py), the session routes (session_router.py)
-   and the ops routes (ops_router.py), with errors answered by errors.py.
+3. the FastAPI app: the chat routes (chat/api_router.py), the session routes (session_router.py),
+   the rollout view (rollout/api_router.py: /flywheel) and the ops routes (ops_router.py), with
+   errors answered by errors.py.
+
+With Kafka configured the gateway follows rlhf.rollout (rollout/feed.py) for the routing between
+the stable and the canary group of inference replicas (rollout/routing.py) and for /flywheel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +33,10 @@ from services.gateway.identity import Authenticator, SessionCodec, load_keyring,
 from services.gateway.middleware import AuthAndMetrics, BodySizeLimit, Gatekeeper
 from services.gateway.ops_router import ops_router
 from services.gateway.rate_limit import TokenBuckets
+from services.gateway.rollout.api_router import flywheel_router
+from services.gateway.rollout.board import FlywheelBoard
+from services.gateway.rollout.feed import RolloutFeed
+from services.gateway.rollout.routing import Router
 from services.gateway.session_router import session_router
 from shared.grpc_channels import ClientCredentials
 from shared.logging import get_logger, log_event
@@ -63,22 +72,51 @@ def gatekeeper_of(cfg: GatewayConfig) -> Gatekeeper:
 
 
 def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
-    """The gateway's ASGI app, calling the inference service at cfg.inference_address and the
-    feedback service at cfg.feedback_address."""
-    chat = ChatServing(FeedbackTokens(cfg.token))
+    """The gateway's ASGI app, calling the inference service at cfg.inference_address (and its
+    canary group at cfg.canary_inference_address) and the feedback service at cfg.feedback_address."""
+    router = Router(canary_enabled=bool(cfg.canary_inference_address))
+    board = FlywheelBoard(cfg.flywheel_events)
+    feed = RolloutFeed(cfg.kafka, router, board) if cfg.kafka.servers else None
+    chat = ChatServing(FeedbackTokens(cfg.token), router, side_by_side=cfg.side_by_side)
     feedback = FeedbackForwarding()
     gatekeeper = gatekeeper_of(cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if feed is not None:
+            feed.start()
+            if not await asyncio.to_thread(feed.wait_caught_up, cfg.rollout_catch_up_s):
+                log_event(
+                    log,
+                    "rlhf.rollout not read to its end yet: every request goes to the stable group until it is",
+                    level=logging.WARNING,
+                    waited_s=cfg.rollout_catch_up_s,
+                )
         # gRPC aio channels belong to the loop that creates them: the server's.
         credentials = ClientCredentials.of_service(cfg.auth)
         client = InferenceClient(cfg.inference_address, cfg.request_timeout_s, credentials)
-        chat.attach(client)
+        canary = (
+            InferenceClient(cfg.canary_inference_address, cfg.request_timeout_s, credentials)
+            if cfg.canary_inference_address
+            else None
+        )
+        chat.attach(client, canary)
         feedback_client = FeedbackClient(cfg.feedback_address, credentials) if cfg.feedback_address else None
         feedback.attach(feedback_client)
+        log_event(
+            log,
+            "routing",
+            stable=cfg.inference_address,
+            canary=cfg.canary_inference_address or None,
+            follows_rollout=feed is not None,
+            side_by_side=cfg.side_by_side,
+        )
         yield
+        if feed is not None:
+            await asyncio.to_thread(feed.stop)
         await client.close()
+        if canary is not None:
+            await canary.close()
         if feedback_client:
             await feedback_client.close()
 
@@ -86,6 +124,7 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
     install_error_handlers(app)
     app.include_router(chat_router(chat))
     app.include_router(session_router(gatekeeper.authenticator))
+    app.include_router(flywheel_router(board, router, lambda: feed is not None and feed.following))
     app.include_router(ops_router(chat, metrics_on_api_port=cfg.metrics_on_api_port))
     document_feedback_route(app)
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from services.gateway.identity import load_keyring
-from shared.config import FeedbackTokenConfig, ServiceConfig
+from shared.config import FeedbackTokenConfig, KafkaConfig, ServiceConfig
+from shared.grpc_channels import replica_target
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,26 @@ class GatewayConfig(ServiceConfig):
     """HTTP port of the OpenAI-compatible API, the chat page, /healthz and (unless
     RLHF_GATEWAY_METRICS_ON_API_PORT=0) /metrics."""
     inference_address: str = "127.0.0.1:50051"
-    """host:port of the inference service's gRPC server."""
+    """The inference service's stable group: `host:port` of one replica, or every replica of the
+    group: `ip1:port1,ip2:port2` or `dns:///name:port` (a name resolving to each replica, e.g. a
+    headless Kubernetes Service). Calls go round robin to the replicas reporting SERVING, so a
+    replica that drains and reloads a new version gets no new requests meanwhile."""
+    canary_inference_address: str = ""
+    """The canary group of inference replicas (same forms as RLHF_GATEWAY_INFERENCE_ADDRESS): the
+    share of principals/conversations the rollout service sets (rlhf.rollout) goes there while a
+    canary runs. Empty: no canary routing, every request goes to the stable group."""
+    side_by_side: bool = True
+    """While a canary runs, an n=2 request routed to the canary gets one answer from the canary and
+    one from the stable version (in random order, each with its own response_id, policy_version and
+    feedback token), so that users compare the two versions side by side."""
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    """Kafka settings (RLHF_KAFKA_*): the gateway follows rlhf.rollout (the routing state and the
+    /flywheel page). No bootstrap servers: no rollout events, every request to the stable group."""
+    rollout_catch_up_s: float = 10.0
+    """At start, how long the gateway waits to have read rlhf.rollout to its end before it serves
+    (until then, and if Kafka is not reachable, every request goes to the stable group)."""
+    flywheel_events: int = 50
+    """Recent rollout events the gateway keeps for the /flywheel page (a bounded list)."""
     feedback_address: str = ""
     """host:port of the feedback service's gRPC server (e.g. 127.0.0.1:50052); empty turns
     POST /v1/feedback off (503). `rlhf up` sets it."""
@@ -67,8 +87,18 @@ class GatewayConfig(ServiceConfig):
         out = super().problems()
         if not 0 <= self.port <= 65535:
             out.append(f"RLHF_GATEWAY_PORT={self.port}: not a port number")
-        if ":" not in self.inference_address:
-            out.append(f"RLHF_GATEWAY_INFERENCE_ADDRESS={self.inference_address!r}: expected host:port")
+        out += _address_problems("RLHF_GATEWAY_INFERENCE_ADDRESS", self.inference_address)
+        if self.canary_inference_address:
+            out += _address_problems("RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS", self.canary_inference_address)
+            if not self.kafka.servers:
+                out.append(
+                    "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS needs RLHF_KAFKA_BOOTSTRAP_SERVERS: the canary's share "
+                    "comes from the rollout events on rlhf.rollout"
+                )
+        if self.rollout_catch_up_s < 0:
+            out.append(f"RLHF_GATEWAY_ROLLOUT_CATCH_UP_S={self.rollout_catch_up_s}: must not be negative")
+        if not 1 <= self.flywheel_events <= 10_000:
+            out.append(f"RLHF_GATEWAY_FLYWHEEL_EVENTS={self.flywheel_events}: expected 1 to 10000")
         if self.feedback_address and not self.token.secret:
             out.append(
                 "RLHF_FEEDBACK_TOKEN_SECRET must be set when RLHF_GATEWAY_FEEDBACK_ADDRESS is "
@@ -109,6 +139,17 @@ class GatewayConfig(ServiceConfig):
         if self.rate_limit_principals < 1:
             out.append(f"RLHF_GATEWAY_RATE_LIMIT_PRINCIPALS={self.rate_limit_principals}: must be at least 1")
         return out
+
+
+def _address_problems(variable: str, address: str) -> list[str]:
+    """What is wrong with a gRPC address setting of one replica or several (see replica_target)."""
+    if ":" not in address:
+        return [f"{variable}={address!r}: expected host:port, ip1:port1,ip2:port2 or dns:///name:port"]
+    try:
+        replica_target(address)
+    except ValueError as exc:
+        return [f"{variable}={address!r}: {exc}"]
+    return []
 
 
 def is_loopback(host: str) -> bool:

@@ -24,3 +24,29 @@ RATE_LIMIT_EVICTIONS = Counter(
     "Buckets dropped from the LRU map to keep it at RLHF_GATEWAY_RATE_LIMIT_PRINCIPALS",
     ["limit"],
 )
+
+# --- several versions at once (rollout/) ---------------------------------------------------------
+ROUTED = Counter(
+    "rlhf_gateway_routed_total",
+    "Chat completions by the group of inference replicas that served them: stable, canary, side_by_side "
+    "(an n=2 request answered once by each), canary_fallback (routed to the canary, served by the stable "
+    "group because the canary group was unavailable)",
+    ["group"],
+)
+CANARY_SHARE = Gauge(
+    "rlhf_gateway_canary_share", "Share of principals/conversations this gateway routes to the canary (0: none)"
+)
+ROLLOUT_SEQUENCE = Gauge("rlhf_gateway_rollout_sequence", "Sequence number of the latest rollout event applied")
+ROLLOUT_FOLLOWING = Gauge(
+    "rlhf_gateway_rollout_following", "1 while the gateway has read rlhf.rollout to its end and follows it"
+)
+ROLLOUT_EVENTS = Counter(
+    "rlhf_gateway_rollout_events_total", "Rollout events read from rlhf.rollout, by stage", ["stage"]
+)
+ROLLOUT_EVENTS_HELD = Gauge(
+    "rlhf_gateway_rollout_events_held",
+    "Recent rollout events kept for /flywheel (at most RLHF_GATEWAY_FLYWHEEL_EVENTS)",
+)
+ROLLOUT_FEED_ERRORS = Counter(
+    "rlhf_gateway_rollout_feed_errors_total", "Times following rlhf.rollout failed and was started again"
+)

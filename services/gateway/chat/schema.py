@@ -5,7 +5,8 @@ are ignored, as OpenAI-compatible servers do, so newer clients keep working. Lim
 context length) are checked by the inference service, the one authority on them.
 
 Responses follow OpenAI's shape plus RLHF Flywheel's fields: every choice carries the
-``response_id`` to rate it by, and the response carries the ``policy_version`` that produced it.
+``response_id`` to rate it by and the ``policy_version`` that wrote it, and the response carries the
+``policy_version`` that produced it (side by side, the two choices come from two versions).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class Choice(BaseModel):
     """Id of this completion: rate it through the feedback endpoint."""
     feedback_token: str | None = None
     """Signed proof that this response was served; send it with a rating of it."""
+    policy_version: str | None = None
+    """The policy version that wrote this choice (side by side, the two choices differ)."""
 
 
 class Usage(BaseModel):
@@ -138,7 +141,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[Choice]
     usage: Usage
     policy_version: str
-    """The policy version whose weights produced every choice."""
+    """The policy version whose weights produced the choices (side by side: the first choice's;
+    each choice says its own)."""
     response_id: str
     """The first choice's response_id (the only one when n = 1)."""
 
@@ -156,6 +160,8 @@ class ChunkChoice(BaseModel):
     response_id: str
     feedback_token: str | None = None
     """On each choice's first chunk."""
+    policy_version: str | None = None
+    """On each choice's first chunk: the version that writes it."""
 
 
 class ChatCompletionChunk(BaseModel):

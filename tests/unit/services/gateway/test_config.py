@@ -69,3 +69,51 @@ def test_metrics_on_their_own_port_only():
 )
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
+
+
+# --- several groups of inference replicas ---------------------------------------------------------
+
+KAFKA = {"RLHF_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092"}
+
+
+def test_groups_of_replicas_and_a_canary_group_load():
+    cfg = load_config(
+        GatewayConfig,
+        {
+            **KAFKA,
+            "RLHF_GATEWAY_INFERENCE_ADDRESS": "127.0.0.1:50051,127.0.0.1:50061",
+            "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS": "dns:///rlhf-inference-canary:50051",
+            "RLHF_GATEWAY_SIDE_BY_SIDE": "0",
+        },
+    )
+    assert cfg.canary_inference_address.startswith("dns:///") and not cfg.side_by_side
+    assert cfg.kafka.servers == ["127.0.0.1:9092"]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (
+            {"RLHF_GATEWAY_INFERENCE_ADDRESS": "inference"},
+            "RLHF_GATEWAY_INFERENCE_ADDRESS='inference': expected host:port",
+        ),
+        (
+            {"RLHF_GATEWAY_INFERENCE_ADDRESS": "a:1,b:2"},
+            "RLHF_GATEWAY_INFERENCE_ADDRESS='a:1,b:2': 'a' is not an IP address",
+        ),
+        (
+            {**KAFKA, "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS": "10.0.0.1:1,10.0.0.2"},
+            "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS='10.0.0.1:1,10.0.0.2': '10.0.0.2' is not host:port",
+        ),
+        (
+            {"RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS": "127.0.0.1:50061"},
+            "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS needs RLHF_KAFKA_BOOTSTRAP_SERVERS",
+        ),
+        ({"RLHF_GATEWAY_ROLLOUT_CATCH_UP_S": "-1"}, "RLHF_GATEWAY_ROLLOUT_CATCH_UP_S=-1.0: must not be negative"),
+        ({"RLHF_GATEWAY_FLYWHEEL_EVENTS": "0"}, "RLHF_GATEWAY_FLYWHEEL_EVENTS=0: expected 1 to 10000"),
+    ],
+)
+def test_a_bad_routing_setting_is_refused_naming_its_variable(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(GatewayConfig, env)
+    assert message in str(err.value)
