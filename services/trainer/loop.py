@@ -122,6 +122,12 @@ class GateResult:
     guards: list[dict[str, Any]] = field(default_factory=list)
     """Each guard's result (guards.GuardResult as a dict) when the guards ran: only for a candidate
     that passed the KL and reward bounds."""
+    refused_by: str = ""
+    """The check that refused the candidate (PolicyGateDecision.check); empty when published."""
+    compared: bool = False
+    """The candidate's held-out figure was compared with a baseline's under the same RM."""
+    same_as_baseline: bool = False
+    """...and it was the same figure (``publishing.same_figure``): the gate could not tell them apart."""
 
 
 @dataclass(frozen=True)
@@ -434,7 +440,7 @@ class TrainingLoop:
         ev, baseline, decision = self._evaluate_under_one_rm()
         metrics.HELDOUT_REWARD.set(ev.heldout_reward)
         metrics.HELDOUT_KL.set(ev.kl)
-        self._count_discrimination(ev, baseline)
+        compared, same = self._count_discrimination(ev, baseline)
         guard_results: list[GuardResult] = []
         if decision.ok and self.guards:
             self._detail = "guards"
@@ -446,9 +452,11 @@ class TrainingLoop:
             "kl": ev.kl,
             "baseline_reward": baseline if baseline is not None else 0.0,
             "guards": [r.to_json() for r in guard_results],
+            "compared": compared,
+            "same_as_baseline": same,
         }
         if not decision.ok:
-            result = GateResult(published=False, reason=decision.reason, **common)
+            result = GateResult(published=False, reason=decision.reason, refused_by=decision.check, **common)
             self.state.last_gate = asdict(result)
             metrics.GATE_REFUSED.labels(decision.check or "other").inc()
             log_event(
@@ -557,12 +565,13 @@ class TrainingLoop:
             )
         return results
 
-    def _count_discrimination(self, ev: Evaluation, baseline: float | None) -> None:
+    def _count_discrimination(self, ev: Evaluation, baseline: float | None) -> tuple[bool, bool]:
         """Count a candidate compared with a baseline under one RM, and whether its held-out figure
-        (and answers) differed from the baseline's: a gate that sees no difference cannot discriminate."""
+        (and answers) differed from the baseline's: a gate that sees no difference cannot
+        discriminate. (compared, same figure)."""
         b = self.state.baseline
         if baseline is None or b is None or b.get("rm_version") != ev.rm_version:
-            return
+            return False, False
         same = same_figure(ev.heldout_reward, baseline)
         changed = answers_changed(ev.answers, b.get("answers") or [])
         metrics.GATE_COMPARED.inc()
@@ -578,6 +587,7 @@ class TrainingLoop:
             answers_changed=changed,
             answers=len(ev.answers),
         )
+        return True, same
 
     def _send_pending_announcement(self) -> None:
         """Announce what the policy line owes (a publish or rollback Kafka has not acknowledged);

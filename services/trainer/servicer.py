@@ -36,6 +36,9 @@ def gate_to_proto(r: GateResult) -> trainer_pb2.PublishResult:
             )
             for g in r.guards
         ],
+        refused_by=r.refused_by,
+        compared=r.compared,
+        same_as_baseline=r.same_as_baseline,
     )
 
 

@@ -73,7 +73,7 @@ class TrainerStatus(_message.Message):
     def __init__(self, step: _Optional[int] = ..., paused: _Optional[bool] = ..., base_policy_version: _Optional[str] = ..., last_published: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., mean_reward: _Optional[float] = ..., kl: _Optional[float] = ..., entropy: _Optional[float] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., reference_policy_version: _Optional[str] = ..., rm_version: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., live_prompts: _Optional[int] = ..., dropped_rollouts: _Optional[_Mapping[str, int]] = ..., last_gate: _Optional[_Union[PublishResult, _Mapping]] = ..., baseline_reward: _Optional[float] = ...) -> None: ...
 
 class PublishResult(_message.Message):
-    __slots__ = ("published", "version", "reason", "heldout_reward", "kl", "baseline_reward", "step", "guards")
+    __slots__ = ("published", "version", "reason", "heldout_reward", "kl", "baseline_reward", "step", "guards", "refused_by", "compared", "same_as_baseline")
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,9 @@ class PublishResult(_message.Message):
     BASELINE_REWARD_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GUARDS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_BY_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    SAME_AS_BASELINE_FIELD_NUMBER: _ClassVar[int]
     published: bool
     version: _common_pb2.ModelVersion
     reason: str
@@ -90,7 +93,10 @@ class PublishResult(_message.Message):
     baseline_reward: float
     step: int
     guards: _containers.RepeatedCompositeFieldContainer[GuardCheck]
-    def __init__(self, published: _Optional[bool] = ..., version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., reason: _Optional[str] = ..., heldout_reward: _Optional[float] = ..., kl: _Optional[float] = ..., baseline_reward: _Optional[float] = ..., step: _Optional[int] = ..., guards: _Optional[_Iterable[_Union[GuardCheck, _Mapping]]] = ...) -> None: ...
+    refused_by: str
+    compared: bool
+    same_as_baseline: bool
+    def __init__(self, published: _Optional[bool] = ..., version: _Optional[_Union[_common_pb2.ModelVersion, _Mapping]] = ..., reason: _Optional[str] = ..., heldout_reward: _Optional[float] = ..., kl: _Optional[float] = ..., baseline_reward: _Optional[float] = ..., step: _Optional[int] = ..., guards: _Optional[_Iterable[_Union[GuardCheck, _Mapping]]] = ..., refused_by: _Optional[str] = ..., compared: _Optional[bool] = ..., same_as_baseline: _Optional[bool] = ...) -> None: ...
 
 class GuardCheck(_message.Message):
     __slots__ = ("name", "passed", "value", "baseline", "bar", "reason")

@@ -214,7 +214,7 @@ def test_a_candidate_beyond_the_kl_bound_is_refused_and_nothing_is_written(store
     loop, _, _ = make_loop(store, tmp_path, announcer=announcer, kl_bound=0.0, lr=1e-2)
     loop.run_iteration()
     gate = loop.status().last_gate
-    assert not gate.published and "exceeds the bound" in gate.reason and gate.kl > 0
+    assert not gate.published and "exceeds the bound" in gate.reason and gate.kl > 0 and gate.refused_by == "kl"
     assert store.versions("policy") == ["policy-0001"] and announcer.events == []
     assert loop.publish_now().published is False
 
@@ -329,7 +329,7 @@ def test_a_guard_refusal_blocks_publication(store, tmp_path, one_thread):
     assert not gate.published
     assert gate.reason == "guard entry:test:broken: the check raised RuntimeError: the check cannot run"
     [checked] = gate.guards
-    assert checked["name"] == guard.name and checked["ok"] is False
+    assert checked["name"] == guard.name and checked["ok"] is False and gate.refused_by == guard.name
     assert store.versions("policy") == ["policy-0001"] and announcer.events == []
     assert counter("rlhf_trainer_gate_refused_total", reason=guard.name) == refused_before + 1
 
@@ -352,3 +352,4 @@ def test_guards_that_pass_are_recorded_in_the_manifest_the_status_and_the_baseli
     assert len(loop.state.baseline["answers"]) == 4 * len(HELDOUT)
     # The candidate was compared with the measured baseline under one RM (the gate's discrimination).
     assert counter("rlhf_trainer_gate_compared_total") == compared_before + 1
+    assert gate.compared and gate.same_as_baseline is (gate.heldout_reward == gate.baseline_reward)

@@ -69,12 +69,16 @@ def test_guard_results_reach_the_proto():
         published=False,
         reason="guard entry:c:f: the check raised ValueError: x",
         step=5,
+        refused_by="entry:c:f",
+        compared=True,
         guards=[
             {"name": "frozen_rm:rm-0001", "ok": True, "value": 0.5, "baseline": 0.55, "bar": 0.5, "reason": "ok"},
             {"name": "entry:c:f", "ok": False, "value": None, "baseline": None, "bar": None, "reason": "raised"},
         ],
     )
-    frozen, entry = gate_to_proto(gate).guards
+    msg = gate_to_proto(gate)
+    assert msg.refused_by == "entry:c:f" and msg.compared and not msg.same_as_baseline
+    frozen, entry = msg.guards
     assert (frozen.name, frozen.passed, frozen.value, frozen.baseline, frozen.bar) == (
         "frozen_rm:rm-0001",
         True,
