@@ -7,6 +7,7 @@ rlhf demo                   # simulated users chat and rate; writes a report fol
 rlhf eval [--a V] [--b V]   # win rate of policy B over A on held-out prompts (gold rater), perplexity
 rlhf trainer status         # control a running trainer: status|pause|resume|publish|rollback V
 rlhf raters list            # the raters the reward model learns from: list [--quarantined] | release NAME
+rlhf rollout status         # progressive rollout: status|promote V|rollback V|pause|resume|mode auto|manual
 rlhf serve inference        # one service in the foreground
 rlhf config [service]       # every environment variable, its default and meaning
 rlhf protos                 # regenerate shared/pb from protos/rlhf/v1
@@ -28,6 +29,7 @@ SERVICES = {
     "feedback": "services.feedback.config:FeedbackConfig",
     "reward": "services.reward.config:RewardConfig",
     "trainer": "services.trainer.config:TrainerConfig",
+    "rollout": "services.rollout.config:RolloutConfig",
 }
 # Settings that are not a service's: `rlhf up` itself and the demo's simulated users (loaded by name,
 # so that nothing here imports the demo package and its hidden rater).
@@ -89,6 +91,12 @@ def cmd_raters(args: argparse.Namespace) -> int:
     return raters_main(args.rest, prog="rlhf raters")
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from services.rollout.control import main as rollout_main
+
+    return rollout_main(args.rest, prog="rlhf rollout")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     sys.argv = [f"services.{args.service}"]
     runpy.run_module(f"services.{args.service}", run_name="__main__", alter_sys=True)
@@ -112,7 +120,13 @@ def cmd_protos(args: argparse.Namespace) -> int:
     return 0
 
 
-PASS_THROUGH = {"train-rm": cmd_train_rm, "eval": cmd_eval, "trainer": cmd_trainer, "raters": cmd_raters}
+PASS_THROUGH = {
+    "train-rm": cmd_train_rm,
+    "eval": cmd_eval,
+    "trainer": cmd_trainer,
+    "raters": cmd_raters,
+    "rollout": cmd_rollout,
+}
 """Commands whose arguments go unparsed to the module that implements them."""
 
 
@@ -144,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.reward.control (--help)")
     p.set_defaults(func=cmd_raters)
+    p = sub.add_parser(
+        "rollout",
+        help="progressive rollout: status, promote V, rollback V, pause, resume, mode auto|manual",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m services.rollout.control (--help)")
+    p.set_defaults(func=cmd_rollout)
     p = sub.add_parser("serve", help="run one service in the foreground")
     p.add_argument("service", choices=sorted(SERVICES))
     p.set_defaults(func=cmd_serve)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.rollout.evidence import EvidenceBook, GateDecision, GateSettings, decide
 from services.rollout.lifecycle import Lifecycle, RolloutState
@@ -69,8 +69,10 @@ class RolloutController:
 
     # --- inputs --------------------------------------------------------------------------------------
 
-    def on_candidate(self, version: str) -> list[RolloutEvent]:
-        return self._apply(self.lifecycle.candidate(version, self.clock()))
+    def on_candidate(self, version: str, evidence: dict[str, Any] | None = None) -> list[RolloutEvent]:
+        """A version the trainer published as its candidate; ``evidence``: what it was gated on
+        (recorded in the step that queues it or starts its canary)."""
+        return self._apply(self.lifecycle.candidate(version, self.clock(), evidence))
 
     def on_feedback(self, ev: FeedbackEvent) -> None:
         self.book.observe_feedback(ev)
@@ -115,6 +117,10 @@ class RolloutController:
     def _apply(self, events: list[RolloutEvent]) -> list[RolloutEvent]:
         for ev in events:
             self.emit(ev)  # durable first: a crash after this line is repaired by restore()
+            if ev.stage == "canary":
+                # A new canary period: both arms are judged on what users said from now on (what a
+                # restarted controller reads back from Kafka since the canary's start).
+                self.book.reset()
             if ev.stage == "promoted":
                 self.pointers.serve_stable(ev.stable)
             if ev.stage in ("canary", "promoted", "rolled_back"):

@@ -134,6 +134,19 @@ class EvidenceBook:
         self._evidence = {v: e for v, e in self._evidence.items() if v in self.watched}
         self._sxs = {k: c for k, c in self._sxs.items() if k[0] in self.watched and k[1] in self.watched}
 
+    def reset(self) -> None:
+        """Forget every observation and vote (a new canary period starts: both arms are compared on
+        what users said since then, exactly what a restarted service reads back from Kafka)."""
+        self._evidence.clear()
+        self._votes.clear()
+        self._sxs.clear()
+        self.forgotten_votes = 0
+
+    @property
+    def votes_held(self) -> int:
+        """Live votes remembered (at most ``max_votes``)."""
+        return len(self._votes)
+
     def of(self, version: str) -> VersionEvidence:
         return self._evidence.setdefault(version, VersionEvidence())
 

@@ -85,7 +85,11 @@ class Lifecycle:
         out = []
         if s.queued:
             out.append(self._step(s.queued, "superseded", f"{version} arrived while it waited", now, queued=""))
-        out.append(self._step(version, "candidate", "waiting for the canary slot", now, queued=version))
+        out.append(
+            self._step(
+                version, "candidate", "waiting for the canary slot", now, queued=version, evidence=evidence or {}
+            )
+        )
         return out
 
     def decide(self, action: str, reason: str, evidence: dict[str, Any], now: float) -> list[RolloutEvent]:

@@ -15,5 +15,6 @@ def test_config_lists_every_section_with_its_variables(capsys):
         "RLHF_UP_SERVICES",
         "RLHF_UP_BOOTSTRAP",
         "RLHF_DEMO_GATEWAY_URL",
+        "RLHF_ROLLOUT_CANARY_SHARE",
     ):
         assert f"`{variable}`" in out, variable

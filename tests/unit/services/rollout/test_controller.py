@@ -117,3 +117,15 @@ def test_a_restarted_controller_restores_the_pointers_from_the_events():
     restarted.restore()
     assert log == [("stable", "policy-0001"), ("canary", "policy-0002")]
     assert restarted.book.watched == {"policy-0001", "policy-0002"}
+
+
+def test_each_canary_is_judged_on_the_evidence_since_it_started():
+    c, _, emitted, _ = make()
+    c.on_candidate("policy-0002", {"candidate": {"parent": "policy-0001"}})
+    assert emitted[-1].evidence == {"candidate": {"parent": "policy-0001"}}
+    for i in range(30):
+        c.on_feedback(thumb(i, "policy-0001", up=True))
+    c.rollback("policy-0002")
+    # The stable version's ratings from the last canary period do not count for the next one.
+    c.on_candidate("policy-0003")
+    assert c.book.of("policy-0001").thumbs.n == 0 and c.book.watched == {"policy-0001", "policy-0003"}

@@ -160,3 +160,16 @@ def test_equal_versions_are_rarely_rolled_back_when_watched_after_every_rating()
                 rollbacks += d.action == "rollback"
                 break
     assert rollbacks <= 5  # alpha = 0.05
+
+
+def test_reset_forgets_observations_and_votes_but_keeps_the_watched_versions():
+    book = EvidenceBook({STABLE, CANARY}, max_votes=10)
+    book.observe_feedback(vote("u1", "thumb", [CANARY], thumb="down"))
+    book.observe_feedback(vote("u2", "likert", [STABLE], score=3))
+    assert book.votes_held == 2
+    book.reset()
+    assert book.votes_held == 0 and book.of(CANARY).thumbs.n == 0 and book.of(STABLE).likert.n == 0
+    assert book.watched == {STABLE, CANARY}
+    # A revision of a vote from before the reset counts as the principal's live vote from now on.
+    book.observe_feedback(vote("u1", "thumb", [CANARY], revision=2, thumb="up"))
+    assert (book.of(CANARY).thumbs.total, book.of(CANARY).thumbs.n) == (1.0, 1)

@@ -91,3 +91,10 @@ def test_the_state_is_rebuilt_from_the_events_and_replays_change_nothing():
     assert replayed == lc.state
     # A restarted controller goes on numbering where the topic stopped.
     assert Lifecycle(rebuilt, 0.1).resume(now=5)[0].sequence == events[-1].sequence + 1
+
+
+def test_a_queued_candidate_keeps_what_it_was_gated_on():
+    lc = lifecycle()
+    lc.candidate("policy-0002", now=1, evidence={"candidate": {"metrics": {"heldout_reward": 0.5}}})
+    [queued] = lc.candidate("policy-0003", now=2, evidence={"candidate": {"metrics": {"heldout_reward": 0.7}}})
+    assert queued.stage == "candidate" and queued.evidence == {"candidate": {"metrics": {"heldout_reward": 0.7}}}

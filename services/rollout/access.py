@@ -1,0 +1,17 @@
+"""Who may call the rollout service's RPCs (enforced by shared.grpc_server.AuthInterceptor): its
+commands decide what every user is served, so only an operator may use them; Status is read-only."""
+
+from shared.grpc_server import GATEWAY, MONITORING, OPERATOR, RpcAccess
+
+ROLLOUT_ACCESS = RpcAccess(
+    "rlhf.v1.RolloutService",
+    {
+        # The gateway may read the state for its read-only /flywheel page.
+        "Status": frozenset({OPERATOR, MONITORING, GATEWAY}),
+        "Promote": frozenset({OPERATOR}),
+        "Rollback": frozenset({OPERATOR}),
+        "Pause": frozenset({OPERATOR}),
+        "Resume": frozenset({OPERATOR}),
+        "SetMode": frozenset({OPERATOR}),
+    },
+)
