@@ -22,8 +22,16 @@ from or last published, or a local label like ``policy-0003@step7`` after update
 learner (exactly the numbers the new logprobs are compared with at the first minibatch). Any other
 rollout was sampled by an older policy: its ``behaviour_logprobs`` (from vLLM, required then) are
 used as pi_old, so the clipped ratio corrects for the staleness (the service drops rollouts older
-than its configured staleness). The KL penalty uses the same old logprobs: it is the KL of the
-policy that produced the response, as in InstructGPT.
+than its configured staleness).
+
+**The KL penalty restrains the weights being trained.** InstructGPT's per-token penalty is the KL
+of the policy being optimised to the reference; its rollouts were on-policy, so the policy that
+sampled was the one trained. Here the trainer trains on while the served (behaviour) version may
+lag: the penalty is ``ppo.importance_weighted_kl`` of the learner's weights at the start of the
+step to the reference, at the tokens the behaviour policy chose (importance weight pi_theta/mu,
+truncated at ``kl_max_weight``). On-policy rows have weight 1 exactly: the penalty is then today's
+``kl_penalty`` of the same logprobs. Both KLs are reported: ``mean_kl`` (learner vs reference, what
+the controller and the step log call "kl") and ``behaviour_kl`` (behaviour vs reference).
 
 **Data parallelism.** See distributed.py: with torch.distributed initialised every process calls
 ``step`` with the same rollouts and the update equals one process's on the whole batch.
@@ -52,9 +60,11 @@ from .ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     gae_advantages,
+    importance_weighted_kl,
+    kl_penalty,
     masked_mean,
     masked_whiten,
-    per_token_rewards,
+    rewards_with_kl,
 )
 from .ppo_config import PPOConfig
 from .rollout_batch import InvalidRollout, Rollout, RolloutBatch, collate_rollouts, cut_at_eos
@@ -77,7 +87,11 @@ class StepStats:
     mean_score: float
     """Mean reward model score (after clipping and the missing-EOS penalty)."""
     mean_kl: float
-    """Mean over samples of the summed per-token KL(old policy || reference), in nats."""
+    """Mean over samples of the summed per-token KL(learner's weights || reference), in nats: the KL
+    the penalty restrains (importance-weighted for rollouts another version sampled)."""
+    behaviour_kl: float
+    """The same for the policy that sampled the rollouts (KL(behaviour || reference)); equal to
+    ``mean_kl`` when every rollout is on-policy."""
     mean_non_score_reward: float
     """Mean over samples of the summed -beta * KL_t."""
     entropy: float
@@ -217,6 +231,7 @@ class PPOLearner:
 
         kl, kl_coef, scores, stale = facts["kl"], facts["kl_coef"], facts["scores"], facts["stale"]
         mean_kl = float(kl.sum(-1).mean())
+        behaviour_kl = float(facts["behaviour_kl"].sum(-1).mean())
         self.kl_controller.update(mean_kl, batch.size)
         self.steps_done += 1
         self.samples_seen += batch.size
@@ -228,6 +243,7 @@ class PPOLearner:
             seconds=time.monotonic() - started,
             mean_score=float(scores.mean()),
             mean_kl=mean_kl,
+            behaviour_kl=behaviour_kl,
             mean_non_score_reward=float(facts["non_score"].mean()),
             entropy=means["entropy"],
             policy_loss=means["policy_loss"],
@@ -254,6 +270,7 @@ class PPOLearner:
             tokens=stats.tokens,
             score=round(stats.mean_score, 4),
             kl=round(stats.mean_kl, 4),
+            behaviour_kl=round(stats.behaviour_kl, 4),
             kl_coef=round(kl_coef, 5),
             clipfrac=round(stats.clipfrac, 3),
             seconds=round(stats.seconds, 2),
@@ -268,15 +285,24 @@ class PPOLearner:
         stale = self._stale_rows(rollouts, batch)
         mask = batch.response_mask
         scores = self._scores(batch)
-        old_logprobs, ref_logprobs, old_values = self._no_grad_pass(batch, stale)
+        old_logprobs, learner_logprobs, ref_logprobs, old_values = self._no_grad_pass(batch, stale)
         kl_coef = self.kl_controller.value
-        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        kl = importance_weighted_kl(learner_logprobs, old_logprobs, ref_logprobs, cfg.kl_estimator, cfg.kl_max_weight)
+        rewards, kl = rewards_with_kl(scores, kl, mask, kl_coef)
+        behaviour_kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
         if cfg.whiten_rewards and mask.sum() > 1:
             rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
         advantages, returns = gae_advantages(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages and mask.sum() > 1:
             advantages = masked_whiten(advantages, mask) * mask
-        facts = {"scores": scores, "kl": kl, "kl_coef": kl_coef, "stale": stale, "non_score": (-kl_coef * kl).sum(-1)}
+        facts = {
+            "scores": scores,
+            "kl": kl,
+            "behaviour_kl": behaviour_kl,
+            "kl_coef": kl_coef,
+            "stale": stale,
+            "non_score": (-kl_coef * kl).sum(-1),
+        }
         return batch, _Prepared(old_logprobs, old_values, advantages, returns), facts
 
     def _scores(self, batch: RolloutBatch) -> torch.Tensor:
@@ -302,14 +328,17 @@ class PPOLearner:
     @torch.no_grad()
     def _no_grad_pass(
         self, batch: RolloutBatch, stale: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(old logprobs, reference logprobs, old values), each (B, R); rows sharded across processes.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(old logprobs, learner logprobs, reference logprobs, old values), each (B, R); rows sharded
+        across processes.
 
         Old logprobs: the behaviour logprobs for stale rollouts (and for every rollout that has them
-        when ``recompute_logprobs`` is off), else the learner's own.
+        when ``recompute_logprobs`` is off), else the learner's own. Learner logprobs: the learner's
+        own for stale rollouts (the KL penalty's weights, see the module docstring), the old ones
+        for on-policy rows (whose importance weight is then exactly 1).
         """
         use_behaviour = stale | (batch.has_behaviour_logprobs & (not self.config.recompute_logprobs))
-        need_current = not bool(use_behaviour.all())
+        need_current = not bool(use_behaviour.all()) or bool(stale.any())
         rows = distributed.shard_rows(batch.size, self.ctx)
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref": [], "values": []}
         step = self.config.forward_batch_size
@@ -329,7 +358,8 @@ class PPOLearner:
             local = torch.cat(chunks) if chunks else torch.zeros((0, width))
             out[key] = distributed.all_gather_rows(local, batch.size, self.ctx) * batch.response_mask
         old = torch.where(use_behaviour.unsqueeze(1), batch.behaviour_logprobs, out["logprobs"]) * batch.response_mask
-        return old, out["ref"], out["values"]
+        learner = torch.where(stale.unsqueeze(1), out["logprobs"], old) * batch.response_mask
+        return old, learner, out["ref"], out["values"]
 
     def _update(
         self, batch: RolloutBatch, prepared: _Prepared, minibatch: torch.Tensor, generator: torch.Generator

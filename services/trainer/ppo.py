@@ -92,6 +92,29 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
+def importance_weighted_kl(
+    learner_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    estimator: str = "k1",
+    max_weight: float = 5.0,
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref), the KL of the weights being trained, from tokens
+    that another policy mu (the served version that sampled the rollout) chose:
+
+        KL_t(theta) = E_{y ~ pi_theta(.|s_t)} f(y) = E_{y ~ mu(.|s_t)} [ w_t f(y) ],   w_t = pi_theta(y_t|s_t) / mu(y_t|s_t)
+
+    with f the estimator of ``kl_penalty`` evaluated with pi_theta (k1: log pi_theta - log pi_ref).
+    The weight corrects for which token was sampled at each visited prefix s_t (the prefixes
+    themselves are mu's, as in PPO's clipped ratio). ``w_t`` is truncated at ``max_weight``: a rare
+    token that pi_theta now prefers would otherwise give one enormous term (truncation trades a small
+    bias for bounded variance). On-policy (mu = pi_theta) every w_t is 1 and this is exactly
+    ``kl_penalty(learner_logprobs, ref_logprobs, estimator)``.
+    """
+    weight = torch.exp(learner_logprobs - behaviour_logprobs).clamp(max=max_weight)
+    return weight * kl_penalty(learner_logprobs, ref_logprobs, estimator)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Column of the last 1 in each row of a right-padded ``mask``: (batch, T) -> (batch,) long."""
     if (mask.sum(-1) < 1).any():
@@ -109,13 +132,24 @@ def per_token_rewards(
     estimator: str = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT's reward spread over tokens: ``-kl_coef * KL_t`` at every response token and the RM
-    ``score`` (batch,) added at the LAST unmasked token of each row only.
+    ``score`` (batch,) added at the LAST unmasked token of each row only, with KL_t the on-policy
+    estimate ``kl_penalty(logprobs, ref_logprobs)``.
 
     Returns ``(rewards, kl)``, both (batch, T) and zero on padding; ``kl`` is the per-token estimate
     (before the coefficient), for logging and the adaptive controller.
     """
-    mask = mask.to(logprobs.dtype)
-    kl = kl_penalty(logprobs, ref_logprobs, estimator) * mask
+    return rewards_with_kl(score, kl_penalty(logprobs, ref_logprobs, estimator), mask, kl_coef)
+
+
+def rewards_with_kl(
+    score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_token_rewards`` for a per-token KL estimate already computed (e.g. ``importance_weighted_kl``):
+
+    r_t = -kl_coef * KL_t  (+ score at the last response token)
+    """
+    mask = mask.to(kl.dtype)
+    kl = kl * mask
     rewards = -kl_coef * kl
     last = last_token_index(mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)

@@ -58,6 +58,10 @@ class PPOConfig(ConfigBase):
     """Horizon of the adaptive controller, in samples."""
     kl_estimator: str = "k1"
     """Per-token KL estimate in the reward: k1 = log pi - log pi_ref (InstructGPT), or k3 (never negative)."""
+    kl_max_weight: float = 5.0
+    """Truncation of the importance weight pi_theta / mu of the KL penalty for rollouts another
+    version sampled (see ppo.importance_weighted_kl): bounded variance for a small bias; on-policy
+    rows have weight 1 whatever it is."""
     whiten_advantages: bool = True
     """Whiten advantages over the whole batch (zero mean, unit variance) before the updates."""
     whiten_rewards: bool = False
@@ -122,6 +126,8 @@ class PPOConfig(ConfigBase):
             out.append(f"{p}KL_COEF must not be negative")
         if self.adaptive_kl and (not self.target_kl > 0 or self.kl_horizon < 1 or not self.kl_coef > 0):
             out.append(f"{p}ADAPTIVE_KL needs {p}TARGET_KL > 0, {p}KL_HORIZON >= 1 and {p}KL_COEF > 0")
+        if self.kl_max_weight < 1:
+            out.append(f"{p}KL_MAX_WEIGHT must be at least 1 (on-policy rows have weight 1)")
         if self.kl_estimator not in KL_ESTIMATORS:
             out.append(f"{p}KL_ESTIMATOR={self.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
         if self.score_clip is not None and not self.score_clip > 0:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from services.inference.weights import check_compatible
 from services.trainer.learner import LearnerState, PPOLearner
 from services.trainer.ppo_config import PPOConfig
-from services.trainer.rollout_batch import InvalidRollout, Rollout
+from services.trainer.rollout_batch import InvalidRollout, Rollout, collate_rollouts
 from shared.model_store import CorruptVersionError
 
 QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(4)]
@@ -87,6 +87,35 @@ def test_stale_rollouts_need_behaviour_logprobs_and_use_them_as_old_policy(train
     stats = learner.step(shifted)
     assert stats.stale_samples == 8
     assert stats.approx_kl > 1.0 and stats.clipfrac > 0.2
+
+
+def test_the_penalty_restrains_the_learners_weights_when_the_served_version_is_the_reference(trainer_store, one_thread):
+    # The learner trained on while the gate refused its candidates: the served version is still the
+    # reference, so the behaviour logprobs equal the reference's and today's penalty would be 0.
+    # (k3: never negative per token, so a moved learner shows a positive penalty even on 8 samples.)
+    learner = make_learner(trainer_store, kl_coef=0.1, lr=1e-2, kl_estimator="k3")
+    reference_rollouts = sample(learner)
+    learner.step(reference_rollouts)
+    learner.step(sample(learner, seed=1))
+    # The reference's logprobs of those tokens: what vLLM reports when the reference is served.
+    batch = collate_rollouts(reference_rollouts, learner.pad_token_id, learner.eos_token_id)
+    ref_logprobs = learner._no_grad_pass(batch, torch.ones(batch.size, dtype=torch.bool))[2]
+    served = [
+        dataclasses.replace(r, behaviour_logprobs=ref_logprobs[i, : len(r.response_token_ids)].tolist())
+        for i, r in enumerate(reference_rollouts)
+    ]
+    _, _, facts = learner._prepare(served)
+    assert float(facts["behaviour_kl"].abs().sum()) == pytest.approx(0.0, abs=1e-5)
+    assert float(facts["kl"].sum(-1).mean()) > 0.01  # the learner's own KL to the reference
+    stats = learner.step(served)
+    assert stats.stale_samples == 8 and stats.behaviour_kl == pytest.approx(0.0, abs=1e-5) and stats.mean_kl > 0.01
+
+
+def test_on_policy_the_two_kls_are_the_same(trainer_store, one_thread):
+    learner = make_learner(trainer_store, kl_coef=0.1, lr=1e-2)
+    learner.step(sample(learner))
+    stats = learner.step(sample(learner, seed=2))  # sampled by the learner's current weights
+    assert stats.stale_samples == 0 and stats.mean_kl == pytest.approx(stats.behaviour_kl) and stats.mean_kl > 0
 
 
 def test_ptx_loss_is_mixed_in_with_its_coefficient(trainer_store, one_thread):

@@ -15,6 +15,7 @@ from services.trainer.ppo import (
     clipped_value_loss,
     entropy_from_logits,
     gae_advantages,
+    importance_weighted_kl,
     kl_penalty,
     last_token_index,
     lm_loss,
@@ -23,6 +24,7 @@ from services.trainer.ppo import (
     masked_var,
     masked_whiten,
     per_token_rewards,
+    rewards_with_kl,
 )
 
 
@@ -243,3 +245,50 @@ def test_fixed_kl_controller_never_moves():
     ctl = FixedKLController(0.05)
     ctl.update(100.0, 10_000)
     assert ctl.value == 0.05
+
+
+def test_the_kl_penalty_is_the_learners_even_when_the_behaviour_policy_is_the_reference():
+    # One token sampled by mu = pi_ref with probability 0.2; the learner's weights moved to 0.4.
+    ref = torch.log(torch.tensor([[0.2]]))
+    learner = torch.log(torch.tensor([[0.4]]))
+    behaviour = ref.clone()
+    # Today's penalty (the behaviour policy's KL) is exactly zero: nothing restrains the learner.
+    assert kl_penalty(behaviour, ref).item() == 0.0
+    # The learner's: w = 0.4 / 0.2 = 2, times log(0.4 / 0.2) = log 2, by hand: 2 log 2.
+    kl = importance_weighted_kl(learner, behaviour, ref)
+    assert kl.item() == pytest.approx(2 * math.log(2))
+    # k3 with the learner's logprobs, same weight: r = 0.2 / 0.4 -> (r - 1) - log r = -0.5 + log 2.
+    assert importance_weighted_kl(learner, behaviour, ref, "k3").item() == pytest.approx(2 * (-0.5 + math.log(2)))
+
+
+def test_the_importance_weighted_kl_is_todays_value_on_policy():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(3, 5, generator=g), -1)
+    ref = torch.log_softmax(torch.randn(3, 5, generator=g), -1)
+    for estimator in ("k1", "k3"):
+        torch.testing.assert_close(importance_weighted_kl(logp, logp, ref, estimator), kl_penalty(logp, ref, estimator))
+
+
+def test_the_importance_weight_is_truncated():
+    ref = torch.log(torch.tensor([[0.01]]))
+    kl = importance_weighted_kl(torch.log(torch.tensor([[0.5]])), ref, ref, max_weight=5.0)
+    assert kl.item() == pytest.approx(5.0 * math.log(50))
+
+
+def test_the_importance_weighted_kl_is_unbiased_for_the_learners_kl_at_a_state():
+    # Sample tokens from mu, average w * log(pi / pi_ref): the learner's exact KL over the vocabulary.
+    pi = torch.tensor([0.5, 0.3, 0.2])
+    mu = torch.tensor([0.2, 0.3, 0.5])
+    ref = torch.tensor([0.3, 0.3, 0.4])
+    exact = float((pi * (pi / ref).log()).sum())
+    tokens = torch.multinomial(mu, 200_000, replacement=True, generator=torch.Generator().manual_seed(1))
+    estimate = importance_weighted_kl(pi.log()[tokens], mu.log()[tokens], ref.log()[tokens], max_weight=100.0)
+    assert float(estimate.mean()) == pytest.approx(exact, abs=0.01)
+
+
+def test_rewards_with_kl_matches_per_token_rewards():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    kl = torch.tensor([[0.5, 0.25, 9.0]])
+    rewards, masked = rewards_with_kl(torch.tensor([2.0]), kl, mask, kl_coef=0.1)
+    torch.testing.assert_close(masked, torch.tensor([[0.5, 0.25, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 2.0 - 0.025, 0.0]]))
