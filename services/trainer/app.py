@@ -40,7 +40,7 @@ from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import trainer_pb2_grpc
-from shared.version_line import POLICY, KafkaAnnouncer
+from shared.version_line import POLICY, POLICY_CANDIDATE, KafkaAnnouncer
 
 log = get_logger(__name__)
 
@@ -125,14 +125,16 @@ class TrainerApp:
         collector = RolloutCollector(
             GrpcPolicySampler(inference, cfg.rpc_timeout_s), scorer, max_tokens=cfg.max_tokens, top_p=cfg.top_p
         )
+        kind = POLICY_CANDIDATE if cfg.rollout else POLICY
         publisher = PolicyPublisher(
             self.store,
-            KafkaAnnouncer(self._publisher, POLICY),
+            KafkaAnnouncer(self._publisher, kind),
             scorer,
             heldout,
             max_tokens=cfg.heldout_max_tokens,
             signer=cfg.versions.signer("policy"),
             samples=cfg.heldout_samples,
+            kind=kind,
         )
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(
@@ -158,7 +160,12 @@ class TrainerApp:
             self.live,
             paused=cfg.start_paused,
             guards=self._build_guards(),
+            served=self._served if cfg.rollout else None,
         )
+
+    def _served(self) -> tuple[str | None, str | None]:
+        """(stable, canary) as the rollout service set the policy line's pointers (rollout mode)."""
+        return self.store.current("policy"), self.store.pointer("policy", "canary")
 
     def _build_guards(self) -> list[Guard]:
         """RLHF_TRAINER_GUARDS loaded (after the store has its models); a ConfigError naming the

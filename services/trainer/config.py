@@ -66,7 +66,14 @@ class TrainerConfig(ServiceConfig):
     max_staleness: int = 1
     """How many published versions older than the trainer's last published one a rollout may come
     from (inference swaps with a delay). Older rollouts are dropped. PPO's ratio always uses the
-    behaviour log-probabilities recorded at sampling, so a kept stale rollout is still corrected."""
+    behaviour log-probabilities recorded at sampling, so a kept stale rollout is still corrected.
+    In rollout mode only versions that reached serving count (see RLHF_TRAINER_ROLLOUT)."""
+    rollout: bool = False
+    """Progressive rollout: each version that passes the gate becomes the *candidate* (the policy
+    line's candidate pointer, announced on rlhf.policy-candidates) instead of the current version,
+    and the rollout service decides whether users get it (canary, then promotion or rollback).
+    Off: published versions go to every user at once. Set it exactly when a rollout service runs
+    (`rlhf up` and the Helm chart do); the trainer's rollback then only rebases training."""
     publish_every: int = 10
     """Evaluate the candidate and publish it if it passes the gate every this many iterations; 0 = only
     on PublishNow."""

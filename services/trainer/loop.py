@@ -53,7 +53,13 @@ from services.trainer.publishing import (
 from services.trainer.rollout_collector import RolloutCollector
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logging import get_logger, log_event
-from shared.model_store import CorruptVersionError, InvalidNameError, ModelStoreError, UnknownVersionError
+from shared.model_store import (
+    CorruptVersionError,
+    InvalidNameError,
+    ModelStoreError,
+    UnknownVersionError,
+    version_number,
+)
 
 log = get_logger(__name__)
 
@@ -159,6 +165,25 @@ class _Figures(TypedDict):
     rm_version: str
 
 
+def served_lineage(lineage: Sequence[str], stable: str | None, canary: str | None) -> list[str]:
+    """The lineage staleness is counted along in rollout mode: the versions that reached serving.
+
+    A candidate that never ran (queued, superseded) or was rolled back was never served, so it must
+    not make the stable version look stale: otherwise a few candidates in a row that users did not
+    get would leave the trainer with only "stale" rollouts (it samples from the stable group) and no
+    way to publish again. Kept: every version up to the stable one (by number), and the canary.
+    Without a stable version, or when nothing would be left, the lineage as it is.
+    """
+    if not stable:
+        return list(lineage)
+    try:
+        bar = version_number(stable)
+    except InvalidNameError:
+        return list(lineage)
+    kept = [v for v in lineage if v == canary or version_number(v) <= bar]
+    return kept or list(lineage)
+
+
 def checkpoint_payload(learner: Any, state: LoopState) -> dict[str, Any]:
     ls = learner.state_dict()
     return {"learner": {"tensors": ls.tensors, "meta": ls.meta}, "loop": state.to_json()}
@@ -190,6 +215,7 @@ class TrainingLoop:
         *,
         paused: bool = False,
         guards: Sequence[Guard] = (),
+        served: Callable[[], tuple[str | None, str | None]] | None = None,
     ):
         self.learner = learner
         self.state = state
@@ -200,6 +226,9 @@ class TrainingLoop:
         self.settings = settings
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
+        self.served = served
+        """Rollout mode: (stable, canary) versions served now (the store's current and canary
+        pointers): staleness counts only versions that reached serving (``served_lineage``)."""
         self.guards = list(guards)
         """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self._lock = threading.RLock()  # held for any use of the learner or the state
@@ -292,7 +321,7 @@ class TrainingLoop:
                 return False
             result = self.collector.collect(
                 prompts,
-                self.state.lineage,
+                self._sampling_lineage(),
                 self.settings.max_staleness,
                 seed=self.settings.seed * 100_003 + self.state.step * 997,
             )
@@ -412,6 +441,18 @@ class TrainingLoop:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _sampling_lineage(self) -> list[str]:
+        if self.served is None:
+            return list(self.state.lineage)
+        try:
+            stable, canary = self.served()
+        except (ModelStoreError, OSError) as exc:
+            log_event(
+                log, "cannot read the served versions; counting staleness on the lineage", level=30, error=str(exc)
+            )
+            return list(self.state.lineage)
+        return served_lineage(self.state.lineage, stable, canary)
+
     def _measure_baseline(self) -> None:
         """Evaluate the weights as published (no step since): the bar for the next candidate."""
         ev = self.publisher.evaluate(self.learner)
@@ -496,7 +537,7 @@ class TrainingLoop:
             "parent": parent,
             "published_at": manifest.created_at,
             "metrics": dict(manifest.metrics),
-            "reason": "publish",
+            "reason": "candidate" if self.publisher.rollout else "publish",
         }
         result = GateResult(
             published=True,

@@ -30,6 +30,12 @@ policy line (shared/version_line.py) copies it into the model store, hashes ever
 manifest (parent version, RM version used, the metrics), signs it with the trainer's key, renames
 it into place atomically and makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
 gets Kafka's acknowledgement; inference replicas verify and hot-swap it.
+
+**Rollout mode** (``kind=POLICY_CANDIDATE``, RLHF_TRAINER_ROLLOUT): the same, on the policy line's
+``candidate`` pointer instead of ``current``: the version becomes the trainer's candidate, announced
+on rlhf.policy-candidates, and the rollout service (services/rollout) decides whether users get it
+(canary, then promotion or rollback). A rollback then points the candidate back (the trainer trains
+on from that version); what users are served is changed with `rlhf rollout`, not here.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore
 from shared.models.encoding import render_prompt
 from shared.signing import SigningKey
-from shared.version_line import POLICY, Announcer, PendingAnnouncement, VersionLine
+from shared.version_line import POLICY, Announcer, LineKind, PendingAnnouncement, VersionLine
 
 log = get_logger(__name__)
 
@@ -165,15 +171,17 @@ class PolicyPublisher:
         max_tokens: int,
         signer: SigningKey | None = None,
         samples: int = 4,
+        kind: LineKind = POLICY,
     ):
         if not heldout:
             raise ValueError("the publish gate needs at least one held-out prompt")
         if samples < 0:
             raise ValueError(f"samples must not be negative, got {samples}")
         self.store = store
-        self.line = VersionLine(store, POLICY, announcer, signer=signer)
+        self.line = VersionLine(store, kind, announcer, signer=signer)
         """The policy line: publication, rollback and the announcement owed, signed with the
-        trainer's key (versions and announcements; inference replicas refuse anything else)."""
+        trainer's key (versions and announcements; inference replicas refuse anything else). Its
+        pointer is ``current`` (POLICY), or ``candidate`` in rollout mode (POLICY_CANDIDATE)."""
         self.scorer = scorer
         self.heldout = list(heldout)
         self.max_tokens = max_tokens
@@ -241,8 +249,9 @@ class PolicyPublisher:
         extra: dict[str, Any],
         metrics: dict[str, float] | None = None,
     ) -> Manifest:
-        """Write the candidate to the store (atomic, sha256 manifest) and make it current; its
-        announcement is owed from then on (``announce_pending``)."""
+        """Write the candidate to the store (atomic, sha256 manifest) and point the line's pointer
+        at it (current, or the candidate pointer in rollout mode); its announcement is owed from
+        then on (``announce_pending``)."""
         all_metrics = {
             "heldout_reward": evaluation.heldout_reward,
             "kl_to_reference": evaluation.kl,
@@ -262,6 +271,7 @@ class PolicyPublisher:
         log_event(
             log,
             "published policy",
+            pointer=self.line.kind.pointer,
             version=manifest.version,
             parent=parent,
             heldout_reward=round(evaluation.heldout_reward, 4),
@@ -277,6 +287,12 @@ class PolicyPublisher:
         did not acknowledge: still owed, retried on the next call)."""
         return self.line.announce_pending()
 
+    @property
+    def rollout(self) -> bool:
+        """True when versions become candidates for the rollout service (not current)."""
+        return self.line.kind.pointer != POLICY.pointer
+
     def rollback(self, version: str) -> Manifest:
-        """Point policy.current at an earlier version (verified first); its announcement is owed."""
+        """Point the line's pointer (policy.current, or policy.candidate in rollout mode) at an
+        earlier version (verified first); its announcement is owed."""
         return self.line.set_current(version)

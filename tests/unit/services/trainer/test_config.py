@@ -59,3 +59,11 @@ def test_guards_parse_once_into_specs():
         ("entry", "json:dumps", 0.8, 0.1),
     ]
     assert load_config(TrainerConfig, {}).heldout_samples == 4
+
+
+def test_rollout_mode_is_off_unless_set():
+    from services.trainer.config import TrainerConfig
+    from shared.config import load_config
+
+    assert load_config(TrainerConfig, {}).rollout is False
+    assert load_config(TrainerConfig, {"RLHF_TRAINER_ROLLOUT": "1"}).rollout is True

@@ -16,15 +16,15 @@ from prometheus_client import REGISTRY
 from services.trainer.checkpoint import CheckpointStore
 from services.trainer.guards import EntryPointGuard, FrozenRmGuard, floor_rule
 from services.trainer.learner import PPOLearner
-from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
+from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore, served_lineage
 from services.trainer.ppo_config import PPOConfig
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import RolloutCollector, SampledCompletion
 from shared.errors import InvalidArgument, NotFound
-from shared.events import Message
+from shared.events import Message, PolicyCandidateEvent
 from shared.model_store import ModelStore
-from shared.version_line import POLICY, REWARD_MODEL, PendingAnnouncement, VersionLine
+from shared.version_line import POLICY, POLICY_CANDIDATE, REWARD_MODEL, PendingAnnouncement, VersionLine
 
 PROMPTS = [(Message("user", f"What is {a} plus {a}?"),) for a in range(1, 13)]
 HELDOUT, TRAIN = PROMPTS[:3], PROMPTS[3:]
@@ -123,6 +123,8 @@ def make_loop(
     gate_scorer=None,
     reward_tolerance=1e6,
     guards=(),
+    kind=POLICY,
+    rollout_served=False,
 ):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
@@ -135,7 +137,7 @@ def make_loop(
     served = [policy]
     sampler = LearnerSampler(lambda: holder["loop"].learner, served)
     publisher = PolicyPublisher(
-        store, announcer or RecordingAnnouncer(), gate_scorer or LengthScorer(), HELDOUT, max_tokens=8
+        store, announcer or RecordingAnnouncer(), gate_scorer or LengthScorer(), HELDOUT, max_tokens=8, kind=kind
     )
     settings = LoopSettings(
         rollouts_per_iteration=4,
@@ -157,6 +159,7 @@ def make_loop(
         load_learner,
         paused=paused,
         guards=guards,
+        served=(lambda: (store.current("policy"), store.pointer("policy", "canary"))) if rollout_served else None,
     )
     holder["loop"] = loop
     return loop, served, load_learner
@@ -353,3 +356,45 @@ def test_guards_that_pass_are_recorded_in_the_manifest_the_status_and_the_baseli
     # The candidate was compared with the measured baseline under one RM (the gate's discrimination).
     assert counter("rlhf_trainer_gate_compared_total") == compared_before + 1
     assert gate.compared and gate.same_as_baseline is (gate.heldout_reward == gate.baseline_reward)
+
+
+# --- rollout mode: the trainer proposes candidates, the rollout service decides ---------------------
+
+
+def test_in_rollout_mode_a_gated_version_becomes_the_candidate_and_current_stays(store, tmp_path, one_thread):
+    announcer = RecordingAnnouncer()
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, kind=POLICY_CANDIDATE, rollout_served=True)
+    assert loop.run_iteration()
+    assert store.pointer("policy", "candidate") == "policy-0002" and store.current("policy") == "policy-0001"
+    [event] = announcer.events
+    assert isinstance(event, PolicyCandidateEvent) and (event.version, event.reason) == ("policy-0002", "publish")
+    # For the trainer it is published: the lineage and the baseline build on it.
+    assert loop.state.lineage == ["policy-0001", "policy-0002"] and loop.state.last_published["reason"] == "candidate"
+    assert VersionLine(store, POLICY).pending_announcement() is None  # nothing owed on current
+    # A rollback only points the candidate back (the trainer rebases); what users get is the
+    # rollout service's to change.
+    loop.rollback("policy-0001")
+    assert store.pointer("policy", "candidate") == "policy-0001" and store.current("policy") == "policy-0001"
+    assert announcer.events[-1].reason == "rollback" and isinstance(announcer.events[-1], PolicyCandidateEvent)
+
+
+def test_in_rollout_mode_candidates_users_never_got_do_not_make_the_stable_version_stale(store, tmp_path, one_thread):
+    loop, served, _ = make_loop(store, tmp_path, kind=POLICY_CANDIDATE, rollout_served=True)
+    for _ in range(3):  # three candidates in a row, none promoted: inference still serves policy-0001
+        assert loop.run_iteration()
+    assert loop.state.lineage == ["policy-0001", "policy-0002", "policy-0003", "policy-0004"]
+    assert served == ["policy-0001"] and not loop.state.dropped.get("stale")
+    # Counted along the plain lineage, policy-0001 would be 3 versions stale: nothing to train on.
+    plain, _, _ = make_loop(store, tmp_path / "plain", kind=POLICY_CANDIDATE)
+    plain.state.lineage = list(loop.state.lineage)
+    assert not plain.run_iteration() and plain.state.dropped["stale"] == 4
+
+
+def test_served_lineage_keeps_what_reached_serving():
+    lineage = ["policy-0003", "policy-0005", "policy-0006", "policy-0007", "policy-0008"]
+    # Stable 0005; 0006 rolled back, 0007 superseded, 0008 in canary.
+    assert served_lineage(lineage, "policy-0005", "policy-0008") == ["policy-0003", "policy-0005", "policy-0008"]
+    assert served_lineage(lineage, "policy-0007", None) == lineage[:4]
+    assert served_lineage(lineage, None, None) == lineage
+    assert served_lineage(lineage, "policy-0001", None) == lineage  # nothing would be left
+    assert served_lineage(lineage, "rm-12", None) == lineage
