@@ -18,7 +18,7 @@ from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger
 from shared.model_store import ModelStore
 from shared.pb import inference_pb2_grpc
-from shared.version_line import POLICY
+from shared.version_line import POLICY, POLICY_KINDS
 
 log = get_logger(__name__)
 
@@ -50,7 +50,8 @@ class InferenceApp:
         if follow:
             # Position on the update topic before reading the store's current version, so that an
             # update published in between is not missed.
-            reader = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY.topic)
+            topic = POLICY_KINDS[self.cfg.follow].topic  # the followed pointer's announcements
+            reader = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", topic)
             self.serving.versions.subscribe(reader)
         await self.serving.start()
         if follow:

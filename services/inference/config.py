@@ -29,7 +29,13 @@ class InferenceConfig(ServiceConfig):
     served_model_name: str = "rlhf-policy"
     """Model name reported to clients (OpenAI's `model`)."""
     follow_updates: bool = True
-    """Consume rlhf.policy-updates and hot-swap to each announced version."""
+    """Consume the followed pointer's announcements (RLHF_INFERENCE_FOLLOW) and hot-swap to each
+    announced version."""
+    follow: str = "current"
+    """Which pointer of the policy line this replica serves (progressive rollout): `current` (the
+    stable group; announcements on rlhf.policy-updates) or `canary` (the canary group: the version the
+    rollout service runs as a canary, announced on rlhf.policy-canary; the stable version while none
+    runs, and until the canary pointer was ever announced)."""
     swap_mode: str = "drain"
     """How a hot-swap treats requests in flight. `drain`: new requests wait while those in flight
     finish on the old weights, so every completion comes from exactly one version (the pause is
@@ -75,6 +81,8 @@ class InferenceConfig(ServiceConfig):
         p = self.ENV_PREFIX
         if self.swap_mode not in {"drain", "immediate"}:
             out.append(f"{p}SWAP_MODE={self.swap_mode!r}: expected drain or immediate")
+        if self.follow not in ("current", "canary"):
+            out.append(f"{p}FOLLOW={self.follow!r}: expected current or canary")
         if self.dtype not in {"float32", "bfloat16", "float16"}:
             out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:

@@ -39,7 +39,7 @@ from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore, ModelStoreError
 from shared.models.encoding import render_prompt
 from shared.version_copies import PrivateCopies
-from shared.version_line import POLICY, VerifiedVersion, VersionFollower, VersionLine, VersionRefused
+from shared.version_line import POLICY_KINDS, VerifiedVersion, VersionFollower, VersionLine, VersionRefused
 
 log = get_logger(__name__)
 
@@ -141,7 +141,7 @@ class InferenceServing:
         self.ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.versions = VersionFollower(
-            VersionLine(store, POLICY, keys=cfg.versions.verify_keys("policy")),
+            VersionLine(store, POLICY_KINDS[cfg.follow], keys=cfg.versions.verify_keys("policy")),
             serving=lambda: self.policy_version,
             swap=self._swap_from_follower,
             refused=metrics.SWAP_REFUSED,
