@@ -1,17 +1,23 @@
 """Wiring of the inference service: config -> engine, store, Kafka -> gRPC server.
 
 ``InferenceApp`` is what ``python -m services.inference`` runs and what the tests start in-process.
+With RLHF_INFERENCE_SWAP_LEASE_DIR the replica is one of a group that swaps one replica at a time
+(serving.InferenceServing.rolling_swap); it reports whether clients should route to it on the health
+service ``rlhf.v1.InferenceService`` (ROUTING_HEALTH_SERVICE), which the gateway's channels watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from grpc_health.v1 import health_pb2
+
 from services.inference.access import INFERENCE_ACCESS
 from services.inference.config import InferenceConfig
 from services.inference.engine import VllmEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.serving import InferenceServing
+from services.inference.swap_lease import SwapLease, holder_id
 from shared.grpc_server import GrpcServer
 from shared.kafka.publishers import KafkaPublisher, Outbox
 from shared.kafka.readers import TopicFollower
@@ -21,6 +27,10 @@ from shared.pb import inference_pb2_grpc
 from shared.version_line import POLICY, POLICY_KINDS
 
 log = get_logger(__name__)
+
+ROUTING_HEALTH_SERVICE = "rlhf.v1.InferenceService"
+"""The health service name whose status says whether clients should send this replica new requests
+(NOT_SERVING during a rolling swap); "" stays SERVING then, for the kubelet's probes."""
 
 
 class InferenceApp:
@@ -38,6 +48,16 @@ class InferenceApp:
             health_port=cfg.health_port,
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
+        if cfg.swap_lease_dir is not None:
+            group = getattr(cfg, "follow", "current")  # the pointer this replica's group follows
+            self.serving.lease = SwapLease(
+                cfg.swap_lease_dir, f"{POLICY.name}.{group}", holder_id(), cfg.swap_lease_ttl_s
+            )
+            self.serving.set_routable = self._set_routable
+
+    async def _set_routable(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.server.health.set(ROUTING_HEALTH_SERVICE, status)
 
     @property
     def address(self) -> str:
@@ -59,6 +79,7 @@ class InferenceApp:
         await self.server.set_serving()
 
     async def stop(self) -> None:
+        self.serving.stopping.set()  # a swap waiting for its group's lease gives up
         await self.server.stop()
         await asyncio.to_thread(self.serving.versions.stop)
         if self.publisher:

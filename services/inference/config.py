@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionTrustConfig
@@ -42,6 +43,21 @@ class InferenceConfig(ServiceConfig):
     the longest remaining generation). `immediate`: the swap happens between two engine steps;
     requests in flight are recomputed and finish on the new weights (the pause is about the reload
     time) and their completions say they straddled two versions."""
+    swap_lease_dir: Path | None = None
+    """Rolling swaps for a group of several replicas: a directory every replica of the group can write
+    (the model store's root on one machine; a shared volume on Kubernetes) holding the group's swap
+    lease. Set: replicas take a new version one at a time; each reports NOT_SERVING (health service
+    rlhf.v1.InferenceService: the gateway's channels route around it), drains (bounded by
+    RLHF_INFERENCE_SWAP_DRAIN_TIMEOUT_S), reloads and reports SERVING before the next one starts.
+    Unset: the version is swapped in place by RLHF_INFERENCE_SWAP_MODE (one replica)."""
+    swap_lease_ttl_s: float = 600.0
+    """A swap lease older than this is taken over (its holder died mid-swap); longer than a swap."""
+    swap_drain_timeout_s: float = 60.0
+    """In a rolling swap, how long the requests in flight may take to finish; the rest is swapped
+    immediately (they finish on the new weights and say so)."""
+    swap_settle_s: float = 1.0
+    """In a rolling swap, the pause after reporting NOT_SERVING (before draining) and after reporting
+    SERVING again (before the next replica may start), so that clients see each change."""
     dtype: str = "float32"
     """Weights dtype in the engine: float32 (exact, CPU default), bfloat16 or float16 (GPUs)."""
     max_model_len: int = 1024
@@ -83,6 +99,13 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}SWAP_MODE={self.swap_mode!r}: expected drain or immediate")
         if self.follow not in ("current", "canary"):
             out.append(f"{p}FOLLOW={self.follow!r}: expected current or canary")
+        if self.swap_drain_timeout_s <= 0 or self.swap_settle_s < 0:
+            out.append(f"{p}SWAP_DRAIN_TIMEOUT_S must be positive and {p}SWAP_SETTLE_S not negative")
+        elif self.swap_lease_ttl_s < self.swap_drain_timeout_s + 2 * self.swap_settle_s + 30:
+            out.append(
+                f"{p}SWAP_LEASE_TTL_S={self.swap_lease_ttl_s:g} must exceed a swap: at least "
+                f"{p}SWAP_DRAIN_TIMEOUT_S + 2 x {p}SWAP_SETTLE_S + 30 s for the reload"
+            )
         if self.dtype not in {"float32", "bfloat16", "float16"}:
             out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:

@@ -22,3 +22,21 @@ SWAP_PAUSE_SECONDS = Histogram(
     "Time new requests were held during a swap (drain + reload)",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+# --- rolling swaps (several replicas of a group; swap_lease.py) ----------------------------------
+ROUTABLE = Gauge(
+    "rlhf_inference_routable",
+    "1 while this replica reports SERVING to the gateway's channels; 0 while it drains and reloads in a rolling swap",
+)
+SWAP_LEASE_WAIT_SECONDS = Histogram(
+    "rlhf_inference_swap_lease_wait_seconds",
+    "Time a replica waited for its group's swap lease (another replica was swapping)",
+    buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+SWAP_LEASE_TAKEOVERS = Counter(
+    "rlhf_inference_swap_lease_takeovers_total", "Expired swap leases taken over (their holder died mid-swap)"
+)
+ROLLING_DRAIN_TIMEOUTS = Counter(
+    "rlhf_inference_rolling_drain_timeouts_total",
+    "Rolling swaps whose requests in flight outlasted RLHF_INFERENCE_SWAP_DRAIN_TIMEOUT_S (swapped immediately)",
+)

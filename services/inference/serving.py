@@ -4,14 +4,20 @@ Transport-free: the gRPC servicer converts to and from these calls, and tests ca
 directly. Every completion gets a response_id and the policy_version that produced it (with the
 default swap_mode "drain" the swap gate guarantees one version per request), and one
 CompletionEvent on rlhf.completions.
+
+Rolling swaps (a group of several replicas, RLHF_INFERENCE_SWAP_LEASE_DIR set): a verified version
+is swapped in while this replica holds its group's lease (swap_lease.py), so that one replica of the
+group swaps at a time; meanwhile it reports NOT_SERVING to the channels that route to it
+(``set_routable``), lets its requests in flight finish (bounded), reloads and reports SERVING again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +36,7 @@ from services.inference.domain import (
 )
 from services.inference.engine import VllmEngine
 from services.inference.swap_gate import SwapGate
+from services.inference.swap_lease import LeaseAbandoned, SwapLease
 from services.inference.weights import check_compatible
 from shared.errors import InvalidArgument, Unavailable
 from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
@@ -140,6 +147,11 @@ class InferenceServing:
         self.reload_failures = 0
         self.ready = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lease: SwapLease | None = None
+        """Set (by the app) for a replica of a group: swaps are rolling, one replica at a time."""
+        self.set_routable: Callable[[bool], Awaitable[None]] | None = None
+        """Reports SERVING (True) or NOT_SERVING (False) to the channels that route to this replica."""
+        self.stopping = threading.Event()
         self.versions = VersionFollower(
             VersionLine(store, POLICY_KINDS[cfg.follow], keys=cfg.versions.verify_keys("policy")),
             serving=lambda: self.policy_version,
@@ -313,21 +325,63 @@ class InferenceServing:
         return await asyncio.to_thread(self.versions.accept, update)
 
     def _swap_from_follower(self, verified: VerifiedVersion) -> bool:
-        """The follower thread's swap: run ``swap_to`` on the serving loop and wait for it."""
+        """The follower thread's swap: run ``swap_to`` on the serving loop and wait for it; for a
+        replica of a group, a ``rolling_swap`` while it holds the group's lease."""
         assert self._loop is not None, "start() first"
-        return asyncio.run_coroutine_threadsafe(self.swap_to(verified), self._loop).result()
+        if self.lease is None:
+            return asyncio.run_coroutine_threadsafe(self.swap_to(verified), self._loop).result()
+        if verified.version == self.policy_version:
+            return False
+        try:
+            with self.lease.held(self.stopping) as waited_s:
+                log_event(log, "swap lease taken", version=verified.version, waited_s=round(waited_s, 2))
+                return asyncio.run_coroutine_threadsafe(self.rolling_swap(verified), self._loop).result()
+        except LeaseAbandoned:
+            log_event(log, "stopping: the swap waiting for the lease is dropped", version=verified.version)
+            return False
+
+    async def _routable(self, serving: bool) -> None:
+        metrics.ROUTABLE.set(1 if serving else 0)
+        if self.set_routable is not None:
+            await self.set_routable(serving)
+
+    async def rolling_swap(self, verified: VerifiedVersion) -> bool:
+        """Swap while the group's other replicas serve: report NOT_SERVING, wait ``swap_settle_s``
+        (clients stop sending new requests here), let the requests in flight finish (at most
+        ``swap_drain_timeout_s``; those still running then are swapped immediately and finish on the
+        new weights), reload, report SERVING and wait ``swap_settle_s`` again (clients route here
+        again before the next replica of the group goes)."""
+        cfg = self.cfg
+        await self._routable(False)
+        try:
+            await asyncio.sleep(cfg.swap_settle_s)
+            idle = await self.gate.wait_idle(cfg.swap_drain_timeout_s)
+            if not idle:
+                metrics.ROLLING_DRAIN_TIMEOUTS.inc()
+                log_event(
+                    log,
+                    "requests still running after the drain timeout: swapping immediately",
+                    level=30,
+                    in_flight=self.gate.in_flight,
+                    timeout_s=cfg.swap_drain_timeout_s,
+                )
+            return await self.swap_to(verified, drain=idle)
+        finally:
+            await self._routable(True)
+            await asyncio.sleep(cfg.swap_settle_s)
 
     def _check_compatible(self, verified: VerifiedVersion) -> None:
         """The new weights must fit the engine's model in place (raises IncompatibleWeights)."""
         assert self.policy_dir is not None
         check_compatible(self.policy_dir, verified.path)
 
-    async def swap_to(self, verified: VerifiedVersion) -> bool:
-        """Hot-swap the engine to a verified version (drain or immediate, by config)."""
+    async def swap_to(self, verified: VerifiedVersion, drain: bool | None = None) -> bool:
+        """Hot-swap the engine to a verified version (``drain`` or immediate; None: by config)."""
         if verified.version == self.policy_version:
             return False
         new_dir = verified.path
-        drain = self.cfg.swap_mode == "drain"
+        if drain is None:
+            drain = self.cfg.swap_mode == "drain"
         closed_at = time.monotonic()
         async with self.gate.exclusive(drain=drain):
             drained_at = time.monotonic()
@@ -361,7 +415,8 @@ class InferenceServing:
             old=old,
             new=verified.version,
             reason=verified.reason,
-            mode=self.cfg.swap_mode,
+            mode="drain" if drain else "immediate",
+            rolling=self.lease is not None,
             in_flight=self.gate.in_flight,
             drain_ms=round((drained_at - closed_at) * 1e3, 1),
             pause_ms=round(pause * 1e3, 1),
@@ -386,6 +441,7 @@ class InferenceServing:
         )
 
     async def close(self) -> None:
+        self.stopping.set()
         self.ready = False
         self.engine.shutdown()
         self.versions.private.close()

@@ -46,6 +46,16 @@ class SwapGate:
             if self._in_flight == 0:
                 self._idle.set()
 
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait, without closing the gate, until no request is in flight; False after ``timeout_s``
+        with requests still running (a rolling swap drains this way while its replica reports
+        NOT_SERVING, so that the few requests still arriving are admitted, not held)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     @asynccontextmanager
     async def exclusive(self, drain: bool = True) -> AsyncIterator[None]:
         """Close the gate (new requests wait) and hold it closed; with ``drain``, first wait for

@@ -48,3 +48,33 @@ def test_swap_with_nothing_in_flight_is_immediate_and_gate_reopens_after_error()
             return gate.in_flight
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_wait_idle_admits_new_requests_and_is_bounded():
+    async def scenario():
+        gate = SwapGate()
+        assert await gate.wait_idle(0.01) is True
+        release = asyncio.Event()
+
+        async def request():
+            async with gate.admit():
+                await release.wait()
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(gate.wait_idle(5))
+        await asyncio.sleep(0.01)
+        async with gate.admit():  # the gate stays open while waiting for idle
+            admitted = gate.in_flight
+        release.set()
+        idle = await waiting
+        await running
+        timed_out = asyncio.create_task(request())
+        release.clear()
+        await asyncio.sleep(0)
+        bounded = await gate.wait_idle(0.05)
+        release.set()
+        await timed_out
+        return admitted, idle, bounded
+
+    assert asyncio.run(scenario()) == (2, True, False)

@@ -1,0 +1,150 @@
+"""Rolling swaps on a scripted engine (the real vLLM engines are in tests/integration/
+test_rolling_swap.py): the replica reports NOT_SERVING before it drains and SERVING only after the
+reload, waits for its requests in flight (bounded: past the timeout it swaps immediately), takes its
+group's lease for the whole swap, and without a lease keeps swapping in place."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from services.inference.config import InferenceConfig
+from services.inference.serving import InferenceServing
+from services.inference.swap_lease import SwapLease
+from shared.config import VersionTrustConfig
+from shared.model_store import ModelStore
+from shared.version_line import VerifiedVersion
+
+
+class ScriptedEngine:
+    def __init__(self, log: list[tuple[str, object]]):
+        self.log = log
+
+    async def reload_weights(self, model_dir: Path, *, with_requests_running: bool = False) -> None:
+        self.log.append(("reload", with_requests_running))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_serving(tmp_path: Path, log: list, **cfg) -> InferenceServing:
+    config = InferenceConfig(
+        versions=VersionTrustConfig(copies_dir=tmp_path / "copies"),
+        swap_lease_dir=tmp_path,
+        swap_settle_s=0.05,
+        swap_drain_timeout_s=0.3,
+        **cfg,
+    )
+    serving = InferenceServing(config, ScriptedEngine(log), ModelStore(tmp_path / "store"), None)
+    serving.policy_version, serving.policy_dir = "policy-0001", tmp_path / "p1"
+
+    async def routable(up: bool) -> None:
+        log.append(("routable", up))
+
+    serving.set_routable = routable
+    return serving
+
+
+def verified(version: str, tmp_path: Path) -> VerifiedVersion:
+    return VerifiedVersion(version, tmp_path / version, None, "0" * 64)
+
+
+def test_a_rolling_swap_leaves_routing_before_draining_and_returns_after_the_reload(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def request():
+            async with serving.gate.admit():
+                log.append(("request", "start"))
+                await release.wait()
+                log.append(("request", "end"))
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        swap = asyncio.create_task(serving.rolling_swap(verified("policy-0002", tmp_path)))
+        await asyncio.sleep(0.1)
+        release.set()
+        await running
+        return await swap
+
+    assert asyncio.run(scenario()) is True
+    assert log == [
+        ("request", "start"),
+        ("routable", False),
+        ("request", "end"),
+        ("reload", False),
+        ("routable", True),
+    ]
+    assert serving.policy_version == "policy-0002"
+
+
+def test_requests_outlasting_the_drain_timeout_are_swapped_immediately(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def request():
+            async with serving.gate.admit():
+                await release.wait()
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        swapped = await serving.rolling_swap(verified("policy-0002", tmp_path))
+        release.set()
+        await running
+        return swapped
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) is True
+    assert ("reload", True) in log, "the request still running was swapped under, not waited for"
+    assert time.monotonic() - started < 2
+
+
+def test_the_follower_swaps_while_holding_the_group_lease(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+    serving.lease = SwapLease(tmp_path, "policy.current", "me", ttl_s=120)
+    other = SwapLease(tmp_path, "policy.current", "other", ttl_s=120)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving._loop = loop
+    try:
+        assert other.try_take()
+        threading.Timer(0.3, lambda: (log.append(("other", "released")), other.release())).start()
+        seen_holder = []
+
+        async def routable(up: bool) -> None:
+            seen_holder.append(serving.lease.read().holder)
+            log.append(("routable", up))
+
+        serving.set_routable = routable
+        assert serving._swap_from_follower(verified("policy-0002", tmp_path)) is True
+        assert serving._swap_from_follower(verified("policy-0002", tmp_path)) is False  # served already
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert log[0] == ("other", "released"), "no step of the swap before the other replica was done"
+    assert seen_holder == ["me", "me"] and serving.lease.read() is None
+
+
+def test_without_a_lease_the_swap_is_in_place(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving._loop = loop
+    try:
+        assert serving._swap_from_follower(verified("policy-0002", tmp_path)) is True
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert log == [("reload", False)], "no routing change, no lease: the single replica's drain swap"
