@@ -49,7 +49,7 @@ class InferenceApp:
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
         if cfg.swap_lease_dir is not None:
-            group = getattr(cfg, "follow", "current")  # the pointer this replica's group follows
+            group = cfg.follow  # current or canary: replicas of one group share a lease
             self.serving.lease = SwapLease(
                 cfg.swap_lease_dir, f"{POLICY.name}.{group}", holder_id(), cfg.swap_lease_ttl_s
             )
