@@ -7,6 +7,8 @@ Inputs (all plain data, so a report can be rebuilt from a finished run's files):
     started_at     Unix time the users started (to put versions' publication on the run's clock)
     metrics        the services' /metrics texts at the end of the run ({"reward": ..., "trainer": ...,
                    "gateway": ...}; any may be missing): what the limits per principal held back
+    gates          the trainer's gate decisions the demo saw (run.gate_record): the gate's discrimination
+    rollout        the RolloutEvents of rlhf.rollout as dicts (None: canaries off): each canary's verdict
 
 Plots:
     thumbs_up_by_policy.png   gold thumbs-up rate of every response each policy version served (95% Wilson)
@@ -14,6 +16,8 @@ Plots:
     ppo_reward_kl.png         mean RM reward and KL to the reference per PPO step
     serving_timeline.png      which policy version served each response over time, with the rolling
                               gold thumbs-up rate
+    traffic_share.png         the canary's configured share of conversations over time, and the share
+                              of answers it actually served (with canaries)
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flywheel.demo.canaries import (
+    answers_by_version,
+    canary_verdicts,
+    fmt_share,
+    gate_discrimination,
+    served_canary_share,
+    share_steps,
+)
 from flywheel.demo.evaluate import wilson_interval
 
 
@@ -42,17 +54,27 @@ def thumbs_up_by_version(interactions: list[dict]) -> list[VersionRate]:
     """Gold thumbs-up rate of every served response, grouped by the policy version that served it,
     in version order."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for rec in interactions:
-        if not rec.get("policy_version"):
-            continue
-        c = counts[rec["policy_version"]]
-        c[0] += len(rec["gold_thumbs_up"])
-        c[1] += sum(bool(x) for x in rec["gold_thumbs_up"])
+    for _rec, version, thumb_up in served_verdicts(interactions):
+        c = counts[version]
+        c[0] += 1
+        c[1] += thumb_up
     out = []
     for version in sorted(counts, key=_version_number):
         n, up = counts[version]
         low, high = wilson_interval(up, n)
         out.append(VersionRate(version, n, up, up / n if n else math.nan, low, high))
+    return out
+
+
+def served_verdicts(interactions: list[dict]) -> list[tuple[dict, str, bool]]:
+    """(record, version, gold thumb) of every served response: each response counts for the version
+    that wrote it (``choice_versions``; side by side during a canary the two differ), or for the
+    record's ``policy_version`` in records without them."""
+    out = []
+    for rec in interactions:
+        ups = rec.get("gold_thumbs_up") or []
+        versions = rec.get("choice_versions") or [rec.get("policy_version") or ""] * len(ups)
+        out += [(rec, v, bool(up)) for v, up in zip(versions, ups) if v]
     return out
 
 
@@ -201,9 +223,7 @@ def plot_timeline(
     interactions: list[dict], policies: list[dict], started_at: float, png: Path, window_s: float = 60.0
 ) -> None:
     plt = _plt()
-    served = sorted(
-        (r["t"], r["policy_version"], up) for r in interactions if r.get("policy_version") for up in r["gold_thumbs_up"]
-    )
+    served = sorted((r["t"], v, up) for r, v, up in served_verdicts(interactions))
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     if served:
         versions = sorted({v for _, v, _ in served}, key=_version_number)
@@ -233,6 +253,45 @@ def plot_timeline(
     plt.close(fig)
 
 
+def plot_traffic_share(
+    interactions: list[dict],
+    steps: list[tuple[float, str, float]],
+    started_at: float,
+    png: Path,
+    window_s: float = 60.0,
+) -> None:
+    """The configured canary share (a step line, the canary named at each change) and the share of the
+    answers in the last ``window_s`` that the canary served, against seconds into the run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.0, 4.0))
+    if steps:
+        end = max([started_at, *[t for t, _ in answers_by_version(interactions)], *[t for t, _, _ in steps]])
+        xs = [t - started_at for t, _, _ in steps] + [end - started_at]
+        ys = [share for _, _, share in steps] + [steps[-1][2]]
+        ax.step(xs, ys, where="post", color="#dd8452", label="configured canary share")
+        for t, version, share in steps:
+            if version:
+                ax.annotate(version, (t - started_at, share), fontsize=7, rotation=45, xytext=(2, 4),
+                            textcoords="offset points")  # fmt: skip
+    served = served_canary_share(interactions, steps, window_s)
+    if served:
+        ax.plot(
+            [t - started_at for t, _ in served],
+            [x for _, x in served],
+            color="#4c72b0",
+            alpha=0.8,
+            label=f"answers served by the canary, last {window_s:.0f} s",
+        )
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("seconds since the users started")
+    ax.set_ylabel("share")
+    ax.set_title("Canary traffic share over time")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def write_report(
     out_dir: Path,
     interactions: list[dict],
@@ -243,6 +302,9 @@ def write_report(
     duration_s: float,
     evaluation: dict | None = None,
     metrics: dict[str, str] | None = None,
+    *,
+    gates: list[dict] | None = None,
+    rollout: list[dict] | None = None,
 ) -> dict:
     """Write report.md, the plots and data.json to ``out_dir``; returns the summary numbers."""
     out_dir = Path(out_dir)
@@ -273,6 +335,11 @@ def write_report(
         "max_kl": max((p["kl"] for p in ppo), default=None),
         "evaluation": evaluation,
         "limits_per_principal": trust_counts(interactions, metrics or {}),
+        "gate": gate_discrimination(gates or [], (metrics or {}).get("trainer")),
+        "heldout_samples": sorted(
+            {int(p["metrics"]["heldout_samples"]) for p in policies if "heldout_samples" in p["metrics"]}
+        ),
+        "canaries": canary_verdicts(rollout, interactions) if rollout is not None else None,
     }
     figures = []
     if rates:
@@ -286,14 +353,113 @@ def write_report(
         figures.append(("PPO mean reward and KL per step", "ppo_reward_kl.png"))
     plot_timeline(interactions, policies, started_at, out_dir / "serving_timeline.png")
     figures.append(("Serving timeline", "serving_timeline.png"))
-    (out_dir / "data.json").write_text(
-        json.dumps({"summary": summary, "policies": policies, "rms": rms, "ppo": ppo}, indent=2, default=str) + "\n"
-    )
+    if rollout is not None:
+        plot_traffic_share(interactions, share_steps(rollout), started_at, out_dir / "traffic_share.png")
+        figures.append(("Canary traffic share over time", "traffic_share.png"))
+    data = {"summary": summary, "policies": policies, "rms": rms, "ppo": ppo, "gates": gates or [], "rollout": rollout}
+    (out_dir / "data.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     with open(out_dir / "interactions.jsonl", "w", encoding="utf-8") as f:
         for rec in interactions:
             f.write(json.dumps(rec) + "\n")
     (out_dir / "report.md").write_text(_markdown(summary, rates, policies, rms, ppo, started_at, figures))
     return summary
+
+
+def _gate_lines(g: dict, heldout_samples: list[int]) -> list[str]:
+    """The trainer's publish gate: how often it saw a difference, what refused."""
+    k = ", ".join(str(x) for x in heldout_samples) or "n/a"
+    lines = [
+        "",
+        "## The trainer's publish gate",
+        "",
+        f"Held-out answers sampled per prompt: {k} (0 = greedy). Of {g['candidates']} candidate evaluations "
+        f"seen, {g['published']} were published; {g['compared']} were compared with their baseline under one "
+        f"reward model, and the held-out figure **differed from the baseline's in "
+        f"{fmt_share(g['differed_share'])}** of them ({g['same_as_baseline']} the same: a gate that always sees "
+        "the same figure cannot tell a candidate from its baseline).",
+    ]
+    if g["refused_by"]:
+        lines.append("Refused by: " + ", ".join(f"{reason} {n}" for reason, n in sorted(g["refused_by"].items())) + ".")
+    if g["guards"]:
+        lines.append("Guards configured: " + ", ".join(g["guards"]) + ".")
+    m = g.get("metrics")
+    if m:
+        refused = ", ".join(f"{reason} {n}" for reason, n in m["refused_by"].items()) or "none"
+        lines.append(
+            f"The trainer's own counters: {m['compared']} compared, differed in {fmt_share(m['differed_share'])}, "
+            f"{m['published']} published; refusals by check: {refused}."
+        )
+    return lines
+
+
+def _canary_lines(canaries: list[dict]) -> list[str]:
+    """Each canary's verdict and the evidence it was taken on."""
+    lines = ["", "## Canaries", ""]
+    if not canaries:
+        return [*lines, "No version reached the canary stage."]
+
+    def rate(pair: list | tuple | None) -> str:
+        if not pair or pair[1] is None:
+            return "n/a"
+        return f"{pair[1]:.0%} of {pair[0]}"
+
+    lines += [
+        "| version | verdict | reason | canary for (s) | answers served | share of answers | "
+        "thumbs-up canary | thumbs-up stable | side by side won |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in canaries:
+        lines.append(
+            f"| {c['version']} | {c['outcome']} | {c['reason']} | {c['duration_s']:.0f} | {c['answers']} | "
+            f"{fmt_share(c['share_of_answers'])} | {rate(c['thumbs_canary'])} | {rate(c['thumbs_stable'])} | "
+            f"{rate(c['side_by_side'])} |"
+        )
+    outcomes: defaultdict[str, int] = defaultdict(int)
+    for c in canaries:
+        outcomes[c["outcome"]] += 1
+    lines += [
+        "",
+        "Verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) + ". The evidence is what the "
+        "live gate decided on (services/rollout): gold-blind user ratings of the canary against the stable "
+        "version over the same period.",
+    ]
+    return lines
+
+
+def sabotage_lines(o: dict) -> list[str]:
+    """The sabotage run's section (canaries.sabotage_outcome's figures)."""
+
+    def pct(x: float | None) -> str:
+        return fmt_share(x)
+
+    lines = ["", "## Sabotage: a bad candidate through the normal publish path", ""]
+    if not o.get("version"):
+        return [*lines, f"No bad candidate was published: {o.get('error') or 'unknown error'}."]
+    if not o["canary_started"]:
+        return [*lines, f"{o['version']} never became the canary (stages: {o['stages']})."]
+    ended = o["canary_end"] is not None
+    lines += [
+        "| figure | value |",
+        "|---|---|",
+        f"| bad version | {o['version']} |",
+        f"| canary share (of conversations) | {o['canary_share']:.0%} |",
+        f"| verdict | {'rolled back' if o['rolled_back'] else 'promoted' if ended else 'still running at the end'} "
+        f"({'automatically' if o['automatic'] else 'not automatically'}): {o['reason'] or '-'} |",
+        f"| canary start to rollback | {o['seconds_to_rollback']} s |",
+        f"| publication to rollback | {o['seconds_from_injection']} s |",
+        f"| answers it served | {o['answers_served']} |",
+        f"| its share of all answers in its period | {pct(o['share_of_answers'])} of {o['answers_in_period']} |",
+        f"| answers to conversations outside the canary share | {o['served_outside_share']} |",
+        f"| gold thumbs-up rate: bad version / stable | {pct(o.get('gold_thumbs_up_bad'))} / "
+        f"{pct(o.get('gold_thumbs_up_stable'))} |",
+    ]
+    return lines
+
+
+def append_to_report(out_dir: Path, lines: list[str]) -> None:
+    """Add a section at the end of an existing report.md (e.g. a benchmark's own figures)."""
+    path = Path(out_dir) / "report.md"
+    path.write_text(path.read_text() + "\n".join(lines) + "\n")
 
 
 def _limits_lines(t: dict) -> list[str]:
@@ -379,6 +545,9 @@ def _markdown(
             f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
             f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}.",
         ]
+    lines += _gate_lines(summary["gate"], summary["heldout_samples"])
+    if summary["canaries"] is not None:
+        lines += _canary_lines(summary["canaries"])
     lines += _limits_lines(summary["limits_per_principal"])
     lines += [
         "",

@@ -80,6 +80,12 @@ class Interaction:
     """The rating as sent, without the tokens."""
     principal: str = ""
     """Who the gateway served and counted this user as (its key's name, or anon:...)."""
+    conversation_id: str = ""
+    """The conversation the request opened (one per interaction; the gateway routes by it)."""
+    choice_versions: list[str] = field(default_factory=list)
+    """The policy version of each response (side by side during a canary, the two differ)."""
+    at: float = 0.0
+    """Unix time the chat answer arrived (to put interactions on the rollout's clock)."""
 
 
 def load_prompts(path: Path = PROMPTS) -> list[str]:
@@ -171,10 +177,13 @@ class SimulatedUser:
         self.rng = random.Random(seed)
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.conversations = 0
 
     async def interact(self, started: float) -> Interaction:
         kind = self.mix.pick(self.rng)
         prompt = self.rng.choice(self.prompts)
+        self.conversations += 1
+        conversation = f"{self.name}-{self.conversations}"
         t0 = time.monotonic()
         r = await self.chat.chat.completions.create(
             model=self.model,
@@ -183,6 +192,7 @@ class SimulatedUser:
             temperature=self.temperature,
             max_tokens=self.max_tokens,
             extra_headers=self.request_headers,
+            extra_body={"conversation_id": conversation},
         )
         latency = time.monotonic() - t0
         responses = [c.message.content or "" for c in r.choices]
@@ -201,6 +211,9 @@ class SimulatedUser:
             [v.thumb_up for v in verdicts],
             latency,
             principal=self.principal,
+            conversation_id=conversation,
+            choice_versions=[_extra(c).get("policy_version") or _extra(r)["policy_version"] for c in r.choices],
+            at=time.time(),
         )
         body = rating_body(kind, prompt, responses, ids, tokens, self.name, self.rng)
         rec.rating = {k: v for k, v in body.items() if k not in ("feedback_tokens", "idempotency_key")}
@@ -274,6 +287,8 @@ async def run_users(
                         [],
                         0.0,
                         error=f"{type(exc).__name__}: {exc}"[:300],
+                        principal=user.principal,
+                        at=time.time(),
                     )
                     await asyncio.sleep(1.0)
                 records.append(rec)

@@ -122,3 +122,52 @@ def test_the_report_shows_the_limits_per_principal(tmp_path):
     assert "## Limits per principal" in md
     assert "Quarantined raters: 1; their comparisons left out of the last reward model round: 24." in md
     assert "Capped: 42 comparisons waiting" in md and "n/a live prompts" in md
+
+
+def test_side_by_side_responses_count_for_the_version_that_wrote_each():
+    sxs = _rec(0, "policy-0003", [False, True]) | {"choice_versions": ["policy-0003", "policy-0002"]}
+    rates = {r.version: (r.responses, r.thumbs_up) for r in thumbs_up_by_version([sxs])}
+    assert rates == {"policy-0002": (1, 1), "policy-0003": (1, 0)}
+
+
+def test_the_report_shows_the_gate_and_the_canaries(tmp_path):
+    from tests.unit.flywheel.demo.test_canaries import EVENTS, T0, gate, rec
+
+    recs = [rec(20, ["policy-0002"]) | {"prompt": "What is 1 plus 1?"}, rec(130, ["policy-0003", "policy-0002"])]
+    for r in recs:
+        r |= {"user": "u", "response_ids": ["r"] * len(r["responses"]), "gold_scores": [4] * len(r["responses"])}
+        r |= {"chat_latency_s": 0.1, "feedback_status": 200, "error": "", "rating": {}, "prompt": "What is 1 plus 1?"}
+    policies = [
+        {"version": "policy-0002", "parent": "policy-0001", "created_at": T0 + 5, "metrics": {"heldout_samples": 4.0}}
+    ]
+    gates = [gate(5, published=True, compared=False), gate(10, refused_by="entry:checks:sums", same=True)]
+    summary = write_report(tmp_path, recs, policies, [], [], T0, 200.0, gates=gates, rollout=EVENTS)
+    assert summary["gate"]["differed_share"] == 0.0 and summary["heldout_samples"] == [4]
+    assert [c["outcome"] for c in summary["canaries"]] == ["promoted", "rolled_back", "running"]
+    assert (tmp_path / "traffic_share.png").stat().st_size > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## The trainer's publish gate" in md and "differed from the baseline's in 0.0%" in md
+    assert "Refused by: entry:checks:sums 1." in md and "Held-out answers sampled per prompt: 4" in md
+    assert "## Canaries" in md and "| policy-0003 | rolled_back | worse than the stable version on thumbs | 40 |" in md
+    assert "5% of 40" in md and "80% of 300" in md and "![Canary traffic share over time](traffic_share.png)" in md
+    # With canaries off there is no canary section and no share plot.
+    off = write_report(tmp_path / "off", recs, policies, [], [], T0, 200.0)
+    assert off["canaries"] is None and not (tmp_path / "off" / "traffic_share.png").exists()
+    assert "## Canaries" not in (tmp_path / "off" / "report.md").read_text()
+
+
+def test_the_sabotage_section_is_appended_to_the_report(tmp_path):
+    from flywheel.demo.canaries import sabotage_outcome
+    from flywheel.demo.report import append_to_report, sabotage_lines
+    from tests.unit.flywheel.demo.test_canaries import EVENTS, T0, rec
+
+    outcome = sabotage_outcome([rec(130, ["policy-0003"], conversation="x")], EVENTS, "policy-0003", T0 + 115)
+    (tmp_path / "report.md").write_text("# report\n")
+    append_to_report(tmp_path, sabotage_lines(outcome))
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# report\n") and "## Sabotage: a bad candidate" in md
+    assert "| verdict | rolled back (automatically): worse than the stable version on thumbs |" in md
+    assert "| canary start to rollback | 40.0 s |" in md and "| answers it served | 1 |" in md
+    never = sabotage_lines(sabotage_outcome([], EVENTS, "policy-0042"))
+    assert "policy-0042 never became the canary" in never[-1]
+    assert "No bad candidate was published: Kafka down" in sabotage_lines({"version": "", "error": "Kafka down"})[-1]
