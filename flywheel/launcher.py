@@ -17,10 +17,18 @@ their SHA-256 and each RPC allows only its callers. The services listen on loopb
 The gateway serves named principals only (``Stack._gateway_identity``): the key of the principal
 ``local`` lives in var/gateway-api-key (0600, printed in the summary, reused across runs), and on
 loopback anonymous sessions are on, so that the chat page works at once.
+
+Progressive rollout (RLHF_UP_ROLLOUT, on by default): the rollout service runs too, with a second
+inference engine that follows the policy line's canary pointer (its own ports,
+RLHF_UP_CANARY_GRPC_PORT); the trainer publishes candidates (RLHF_TRAINER_ROLLOUT), the gateway
+routes the canary's share there (RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS), and the rollout service
+signs the pointers it moves with a key pair of its own (var/keys/rollout-signing.pem), which every
+follower of the policy line trusts beside the trainer's.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import os
@@ -44,9 +52,11 @@ from services.gateway.config import GatewayConfig, is_loopback
 from services.gateway.identity import MIN_KEY_CHARS, keys_file_line
 from services.inference.config import InferenceConfig
 from services.reward.config import RewardConfig
+from services.rollout.config import RolloutConfig
 from services.trainer.config import TrainerConfig
 from shared.config import (
     ConfigBase,
+    ConfigError,
     KafkaConfig,
     LoggingConfig,
     ModelStoreConfig,
@@ -65,6 +75,11 @@ log = get_logger(__name__)
 
 
 ALL_SERVICES = ("inference", "reward", "feedback", "trainer", "gateway")
+CANARY_INFERENCE = "inference-canary"
+"""The second inference engine of a rollout: it follows the canary pointer (RLHF_INFERENCE_FOLLOW=canary)."""
+ROLLOUT = "rollout"
+TWO_ENGINES_GPU_SHARE = "0.42"
+"""RLHF_INFERENCE_GPU_MEMORY_UTILIZATION of each engine when two share one GPU (unless configured)."""
 SERVICE_NEEDS = {"gateway": ("inference",), "trainer": ("inference", "reward")}
 LOCAL_PRINCIPAL = "local"
 """The gateway principal of `rlhf up`'s own key (var/gateway-api-key)."""
@@ -117,8 +132,21 @@ class UpConfig(ConfigBase):
     versions, the reward service rm versions, inference and reward verify them. A key given in
     RLHF_VERSIONS_* is used instead."""
 
+    rollout: bool = True
+    """Progressive rollout: start the rollout service (services/rollout) and a second inference engine
+    that serves the canary (when inference runs); the trainer then publishes candidates, the gateway
+    routes the canary's share of principals to the second engine, and versions reach every user only
+    once the live gate (or `rlhf rollout promote`) promotes them. Off: every version the trainer's gate
+    passes goes to every user at once."""
+    canary_grpc_port: int = 50061
+    """gRPC port of the canary inference engine (RLHF_INFERENCE_GRPC_PORT of that process)."""
+    canary_metrics_port: int = 9111
+    """Prometheus port of the canary inference engine; 0 disables it."""
+
     def problems(self) -> list[str]:
         out = []
+        if not 0 < self.canary_grpc_port <= 65535 or not 0 <= self.canary_metrics_port <= 65535:
+            out.append("RLHF_UP_CANARY_GRPC_PORT and RLHF_UP_CANARY_METRICS_PORT must be port numbers")
         if self.bootstrap not in ("full", "quick"):
             out.append(f"RLHF_UP_BOOTSTRAP={self.bootstrap!r}: expected full or quick")
         unknown = [s for s in self.services if s not in ALL_SERVICES]
@@ -199,6 +227,12 @@ class Stack:
         # One machine, one run: a fresh token key unless one is configured (tokens then expire with the run).
         self.environ.setdefault("RLHF_FEEDBACK_TOKEN_SECRET", secrets.token_urlsafe(32))
         self._make_credentials()
+        for svc in self.plan():
+            self._spawn(svc)
+
+    def plan(self) -> list[ServiceProcess]:
+        """The processes to start, in order, each with its own settings (after the credentials);
+        sets what the services learn of each other (addresses, rollout mode) in the environment."""
         wanted = set(self.cfg.services)
         inference = load_config(InferenceConfig, self.environ)
         inference_address = f"{inference.host}:{inference.grpc_port}"
@@ -212,6 +246,11 @@ class Stack:
                     {"gRPC": inference_address},
                 )
             )
+        canary_address = ""
+        if self.cfg.rollout and "inference" in wanted:
+            canary = self._canary_inference(inference)
+            canary_address = canary.endpoints["gRPC"]
+            planned.append(canary)
         if "reward" in wanted:
             reward = self._grpc_service("reward", RewardConfig)
             self.environ.setdefault("RLHF_TRAINER_REWARD_ADDRESS", reward.endpoints["gRPC"])
@@ -220,11 +259,22 @@ class Stack:
             feedback = self._grpc_service("feedback", FeedbackConfig)
             self.environ.setdefault("RLHF_GATEWAY_FEEDBACK_ADDRESS", feedback.endpoints["gRPC"])
             planned.append(feedback)
+        if self.cfg.rollout:
+            rollout = self._grpc_service(ROLLOUT, RolloutConfig)
+            rollout.env = {
+                # Its own key: the pointers it moves are signed by the rollout service, not the trainer.
+                "RLHF_VERSIONS_POLICY_SIGNING_KEY_FILE": str(self._rollout_key_file()),
+                "RLHF_VERSIONS_POLICY_SIGNING_KEY": "",
+            }
+            planned.append(rollout)
+            self.environ.setdefault("RLHF_TRAINER_ROLLOUT", "1")
         if "trainer" in wanted:
             self.environ.setdefault("RLHF_TRAINER_INFERENCE_ADDRESS", inference_address)
             planned.append(self._grpc_service("trainer", TrainerConfig))
         if "gateway" in wanted:
             self.environ.setdefault("RLHF_GATEWAY_INFERENCE_ADDRESS", inference_address)
+            if canary_address:
+                self.environ.setdefault("RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS", canary_address)
             self._gateway_identity()
             gateway = load_config(GatewayConfig, self.environ)
             gateway_url = f"http://{gateway.host}:{gateway.port}"
@@ -243,7 +293,7 @@ class Stack:
         for svc in planned:
             if svc.name in (GATEWAY, TRAINER):
                 svc.env = {"RLHF_AUTH_TOKEN": self.tokens[svc.name]}
-            self._spawn(svc)
+        return planned
 
     def _make_credentials(self) -> None:
         """Fresh gRPC tokens for this run's callers; every service accepts their SHA-256 (besides any
@@ -290,6 +340,29 @@ class Stack:
         health = grpc_serving(address, ClientCredentials.of_service(cfg.auth))
         return ServiceProcess(name, f"services.{name}", health, {"gRPC": address})
 
+    def _canary_inference(self, stable: InferenceConfig) -> ServiceProcess:
+        """The inference engine of the canary group: the stable engine's settings, its own ports, the
+        canary pointer. Two engines on one GPU share it (each RLHF_INFERENCE_GPU_MEMORY_UTILIZATION
+        TWO_ENGINES_GPU_SHARE unless configured; ignored on CPU)."""
+        self.environ.setdefault("RLHF_INFERENCE_GPU_MEMORY_UTILIZATION", TWO_ENGINES_GPU_SHARE)
+        address = f"{stable.host}:{self.cfg.canary_grpc_port}"
+        if self.cfg.canary_grpc_port == stable.grpc_port:
+            raise ConfigError(
+                f"RLHF_UP_CANARY_GRPC_PORT={self.cfg.canary_grpc_port} is the stable engine's RLHF_INFERENCE_GRPC_PORT"
+            )
+        env = {
+            "RLHF_INFERENCE_FOLLOW": "canary",
+            "RLHF_INFERENCE_GRPC_PORT": str(self.cfg.canary_grpc_port),
+            "RLHF_INFERENCE_METRICS_PORT": str(self.cfg.canary_metrics_port),
+            "RLHF_INFERENCE_HEALTH_PORT": "0",
+        }
+        load_config(InferenceConfig, {**self.environ, **env})  # refused now, not when it starts
+        health = grpc_serving(address, ClientCredentials.of_service(stable.auth))
+        return ServiceProcess(CANARY_INFERENCE, "services.inference", health, {"gRPC": address}, env=env)
+
+    def _rollout_key_file(self) -> Path:
+        return Path(self.cfg.keys_dir) / "rollout-signing.pem"
+
     def _make_signing_keys(self) -> None:
         """The version lines' keys for every service (RLHF_VERSIONS_*): those configured, else the key
         pairs under ``keys_dir`` (generated on the first start). One machine, one user: every process
@@ -310,6 +383,16 @@ class Stack:
                 public.write_bytes(signer.public_pem())
                 self.environ[prefix + "VERIFY_KEY_FILE"] = str(public)
             self.signers[line] = signer
+        if self.cfg.rollout:
+            # The rollout service's own pair; the policy line's followers trust its public key too
+            # (added to RLHF_VERSIONS_POLICY_VERIFY_KEYS, beside any configured keys or file).
+            private = self._rollout_key_file()
+            rollout = ensure_key_pair(private, private.with_name("rollout-verify.pub"))
+            self.signers[ROLLOUT] = rollout
+            given = [k for k in self.environ.get("RLHF_VERSIONS_POLICY_VERIFY_KEYS", "").split(",") if k.strip()]
+            ours = base64.b64encode(rollout.public_raw).decode()
+            if ours not in given:
+                self.environ["RLHF_VERSIONS_POLICY_VERIFY_KEYS"] = ",".join([*given, ours])
 
     def _ensure_models(self) -> None:
         """A policy and, when the reward service runs, a reward model, unless the store has them:
@@ -409,21 +492,25 @@ class Stack:
         lines = ["", "RLHF Flywheel is up:"]
         for svc in self.services:
             for label, where in svc.endpoints.items():
-                lines.append(f"  {svc.name:<10} {label:<10} {where}")
+                lines.append(f"  {svc.name:<16} {label:<10} {where}")
             if svc.name == "gateway" and self.gateway_key:
                 lines.append(
-                    f"  {'gateway':<10} {'API key':<10} {self.gateway_key} (principal {LOCAL_PRINCIPAL!r}; "
+                    f"  {'gateway':<16} {'API key':<10} {self.gateway_key} (principal {LOCAL_PRINCIPAL!r}; "
                     f"also in {self.cfg.gateway_key_file})"
                 )
         if self.broker:
             lines.append(
-                f"  {'kafka':<10} {'embedded':<10} {self.broker.bootstrap_servers} "
+                f"  {'kafka':<16} {'embedded':<10} {self.broker.bootstrap_servers} "
                 "(tansu, memory only: records vanish when it stops)"
             )
         else:
-            lines.append(f"  {'kafka':<10} {'external':<10} {self.cfg.kafka.bootstrap_servers}")
-        lines.append(f"  {'models':<10} {'store':<10} {Path(self.cfg.model_store.root).resolve()}")
-        lines.append(f"  {'operator':<10} {'token':<10} {self.cfg.operator_token_file} (rlhf trainer reads it)")
+            lines.append(f"  {'kafka':<16} {'external':<10} {self.cfg.kafka.bootstrap_servers}")
+        lines.append(f"  {'models':<16} {'store':<10} {Path(self.cfg.model_store.root).resolve()}")
+        lines.append(
+            f"  {'operator':<16} {'token':<10} {self.cfg.operator_token_file} (rlhf trainer and rlhf rollout read it)"
+        )
+        if any(svc.name == ROLLOUT for svc in self.services):
+            lines.append(f"  {'rollout':<16} {'control':<10} rlhf rollout status (canaries: promote, rollback, pause)")
         lines.append("Press Ctrl-C to stop.")
         return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """`rlhf up` as a user runs it: one command brings up the broker, the first models and every service
-(inference, reward, feedback, trainer, gateway); the openai client chats through it and rates the
-answer; the trainer and reward services answer over gRPC; SIGTERM stops every process cleanly."""
+(inference and its canary engine, reward, feedback, rollout, trainer, gateway); the openai client
+chats through it and rates the answer; the trainer, reward and rollout services answer over gRPC;
+SIGTERM stops every process cleanly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ import pytest
 from shared.config import credential_entry
 from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.kafka.embedded import free_port
-from shared.pb import common_pb2, reward_pb2, reward_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from shared.pb import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    rollout_pb2,
+    rollout_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,6 +54,7 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
 
 def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
     gateway_port, reward_port, trainer_port = free_port(), free_port(), free_port()
+    rollout_port, canary_port = free_port(), free_port()
     env = {
         **os.environ,
         "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
@@ -62,6 +74,11 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         # The trainer stays paused: this test is about the processes, not about learning.
         "RLHF_TRAINER_START_PAUSED": "1",
         "RLHF_INFERENCE_METRICS_PORT": "0",
+        # Progressive rollout (on by default): the rollout service and the canary engine.
+        "RLHF_ROLLOUT_GRPC_PORT": str(rollout_port),
+        "RLHF_ROLLOUT_METRICS_PORT": "0",
+        "RLHF_UP_CANARY_GRPC_PORT": str(canary_port),
+        "RLHF_UP_CANARY_METRICS_PORT": "0",
         "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
         "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
         "RLHF_INFERENCE_DEFAULT_MAX_TOKENS": "16",
@@ -92,6 +109,10 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         "RLHF_VERSIONS_RM_SIGNING_KEY_FILE",
         "RLHF_VERSIONS_POLICY_VERIFY_KEY_FILE",
         "RLHF_VERSIONS_RM_VERIFY_KEY_FILE",
+        "RLHF_VERSIONS_POLICY_VERIFY_KEYS",
+        "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS",
+        "RLHF_TRAINER_ROLLOUT",
+        "RLHF_UP_ROLLOUT",
     ):
         env.pop(inherited, None)
     proc = subprocess.Popen(
@@ -170,6 +191,19 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
             with sync_channel(f"127.0.0.1:{trainer_port}", creds) as channel, pytest.raises(grpc.RpcError) as err:
                 trainer_pb2_grpc.TrainerServiceStub(channel).Resume(trainer_pb2.ResumeRequest(), timeout=30)
             assert err.value.code() == code
+        # The rollout service runs: the canary engine serves the stable version while no canary runs.
+        assert f"127.0.0.1:{canary_port}" in banner and "rlhf rollout status" in banner
+        with sync_channel(f"127.0.0.1:{rollout_port}", ClientCredentials(token=OPERATOR_TOKEN)) as channel:
+            rollout = rollout_pb2_grpc.RolloutServiceStub(channel).Status(
+                rollout_pb2.RolloutStatusRequest(), timeout=30
+            )
+        assert (rollout.stable, rollout.canary, rollout.mode) == ("policy-0001", "", "auto")
+        assert (tmp_path / "keys" / "rollout-signing.pem").stat().st_mode & 0o777 == 0o600
+        with sync_channel(f"127.0.0.1:{canary_port}", ClientCredentials(token=TRAINER_TOKEN)) as channel:
+            policy = inference_pb2_grpc.InferenceServiceStub(channel).GetPolicy(
+                inference_pb2.GetPolicyRequest(), timeout=30
+            )
+        assert policy.policy_version == "policy-0001"
         # `rlhf trainer` reads the operator token the launcher wrote, readable by this user only.
         token_file = tmp_path / "operator-token"
         assert token_file.read_text().strip() == OPERATOR_TOKEN and token_file.stat().st_mode & 0o777 == 0o600
@@ -187,7 +221,7 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
         rest = proc.stdout.read().decode(errors="replace")
-        for name in ("gateway", "trainer", "feedback", "reward", "inference"):
+        for name in ("gateway", "trainer", "rollout", "feedback", "reward", "inference-canary", "inference"):
             assert f"service stopped  service={name}" in rest
         # No process of the group is left behind (a force-killed vLLM engine core may take a moment).
         deadline = time.monotonic() + 15

@@ -1,11 +1,13 @@
 """`rlhf up` settings: which services, and what to do with an empty model store, are checked at start."""
 
+import base64
 import os
 
 import pytest
 
 from flywheel.launcher import ALL_SERVICES, UpConfig
 from shared.config import ConfigError, load_config
+from shared.signing import SigningKey
 
 
 def test_defaults_start_every_service_and_run_the_full_bootstrap():
@@ -86,7 +88,12 @@ def test_the_version_keys_are_made_once_and_given_to_every_service(tmp_path):
     trust = load_config(VersionTrustConfig, stack.environ)
     for line in ("policy", "rm"):
         key_id = stack.signers[line].key_id
-        assert trust.signer(line).key_id == key_id and trust.verify_keys(line).key_ids == [key_id]
+        assert trust.signer(line).key_id == key_id and key_id in trust.verify_keys(line).key_ids
+    # The policy line's followers also trust the rollout service (it moves the current and canary pointers).
+    assert sorted(trust.verify_keys("policy").key_ids) == sorted(
+        [stack.signers["policy"].key_id, stack.signers["rollout"].key_id]
+    )
+    assert trust.verify_keys("rm").key_ids == [stack.signers["rm"].key_id]
     assert stack.signers["policy"].key_id != stack.signers["rm"].key_id  # one key pair per line
     again = Stack(cfg, environ={})
     again._make_signing_keys()  # a second start keeps the keys
@@ -130,3 +137,79 @@ def test_a_given_operator_token_is_kept(tmp_path):
     stack = Stack(load_config(UpConfig, environ), environ)
     stack._make_credentials()
     assert stack.tokens["operator"] == "o" * 30 == (tmp_path / "op").read_text().strip()
+
+
+def test_with_rollout_the_rollout_service_signs_with_its_own_key_that_followers_trust(tmp_path):
+    from flywheel.launcher import Stack
+    from shared.config import VersionTrustConfig
+
+    cfg = load_config(UpConfig, {}, keys_dir=tmp_path / "keys")
+    assert cfg.rollout, "rollout is on by default"
+    operators = SigningKey.generate()  # the policy keys an operator configured (e.g. their trainer's)
+    given = base64.b64encode(operators.public_raw).decode()
+    stack = Stack(cfg, environ={"RLHF_VERSIONS_POLICY_VERIFY_KEYS": given})
+    stack._make_signing_keys()
+    assert (tmp_path / "keys" / "rollout-signing.pem").stat().st_mode & 0o777 == 0o600
+    rollout, trainer = stack.signers["rollout"], stack.signers["policy"]
+    assert rollout.key_id != trainer.key_id
+    trusted = load_config(VersionTrustConfig, stack.environ).verify_keys("policy").key_ids
+    assert sorted(trusted) == sorted([operators.key_id, rollout.key_id])  # the rollout key added to theirs
+    again = Stack(cfg, environ=dict(stack.environ))
+    again._make_signing_keys()  # kept, and not listed twice
+    assert again.signers["rollout"].key_id == rollout.key_id
+    assert again.environ["RLHF_VERSIONS_POLICY_VERIFY_KEYS"] == stack.environ["RLHF_VERSIONS_POLICY_VERIFY_KEYS"]
+
+
+def rollout_stack(tmp_path, **environ):
+    from flywheel.launcher import Stack
+
+    env = {
+        "RLHF_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+        "RLHF_FEEDBACK_TOKEN_SECRET": "s" * 32,
+        "RLHF_UP_OPERATOR_TOKEN_FILE": str(tmp_path / "op"),
+        "RLHF_UP_GATEWAY_KEY_FILE": str(tmp_path / "gw"),
+        "RLHF_UP_KEYS_DIR": str(tmp_path / "keys"),
+        **environ,
+    }
+    stack = Stack(load_config(UpConfig, env), env)
+    stack._make_signing_keys()
+    stack._make_credentials()
+    return stack
+
+
+def test_with_rollout_a_canary_engine_and_the_rollout_service_are_planned_and_wired(tmp_path):
+    from services.gateway.config import GatewayConfig
+    from services.inference.config import InferenceConfig
+    from services.rollout.config import RolloutConfig
+    from services.trainer.config import TrainerConfig
+
+    stack = rollout_stack(tmp_path)
+    planned = {svc.name: svc for svc in stack.plan()}
+    assert list(planned) == ["inference", "inference-canary", "reward", "feedback", "rollout", "trainer", "gateway"]
+    canary = load_config(InferenceConfig, {**stack.environ, **planned["inference-canary"].env})
+    stable = load_config(InferenceConfig, {**stack.environ, **planned["inference"].env})
+    assert (canary.follow, stable.follow) == ("canary", "current") and canary.grpc_port == 50061 != stable.grpc_port
+    assert canary.metrics_port != stable.metrics_port
+    rollout = load_config(RolloutConfig, {**stack.environ, **planned["rollout"].env})
+    assert rollout.versions.signer("policy").key_id == stack.signers["rollout"].key_id
+    assert load_config(TrainerConfig, stack.environ).rollout is True
+    gateway = load_config(GatewayConfig, stack.environ)
+    assert gateway.canary_inference_address == planned["inference-canary"].endpoints["gRPC"] == "127.0.0.1:50061"
+    assert planned["rollout"].endpoints["gRPC"] == "127.0.0.1:50055"
+
+
+def test_without_rollout_nothing_of_it_is_started(tmp_path):
+    from services.gateway.config import GatewayConfig
+    from services.trainer.config import TrainerConfig
+
+    stack = rollout_stack(tmp_path, RLHF_UP_ROLLOUT="0")
+    assert [svc.name for svc in stack.plan()] == ["inference", "reward", "feedback", "trainer", "gateway"]
+    assert load_config(TrainerConfig, stack.environ).rollout is False
+    assert load_config(GatewayConfig, stack.environ).canary_inference_address == ""
+    assert "rollout" not in stack.signers
+
+
+def test_a_canary_port_that_is_the_stable_engines_is_refused(tmp_path):
+    stack = rollout_stack(tmp_path, RLHF_UP_CANARY_GRPC_PORT="50051")
+    with pytest.raises(ConfigError, match="RLHF_UP_CANARY_GRPC_PORT=50051"):
+        stack.plan()
