@@ -168,9 +168,11 @@ def floor_rule(name: str, value: float, baseline: float | None, threshold: float
     baseline); never for a value outside [0, 1] or not finite."""
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         return GuardResult(name, False, value, baseline, None, f"{name}: the check returned {value!r}, not in [0, 1]")
-    bar = threshold if baseline is None else min(threshold, baseline - tolerance)
+    if baseline is None or threshold <= baseline - tolerance:
+        bar, why = threshold, f"threshold {threshold:.4f}"
+    else:
+        bar, why = baseline - tolerance, f"baseline {baseline:.4f} - {tolerance:.4f}"
     ok = value >= bar
-    why = f"threshold {threshold:.4f}" if bar == threshold else f"baseline {baseline} - {tolerance:.4f}"
     return GuardResult(name, ok, value, baseline, bar, f"{name}: {value:.4f} {'>=' if ok else '<'} {bar:.4f} ({why})")
 
 
