@@ -55,6 +55,40 @@ app.kubernetes.io/component: {{ .name }}
 {{- printf "%s-%s" (include "rlhf-loop.fullname" .root) .name }}
 {{- end }}
 
+{{/* The release's service components that are enabled, in order: a YAML list. The canary group of
+inference replicas (inference-canary) and the rollout service run with rollout.enabled. */}}
+{{- define "rlhf-loop.components" -}}
+{{- $out := list }}
+{{- range $name := list "gateway" "inference" "inference-canary" "feedback" "reward" "trainer" "rollout" }}
+{{- if include "rlhf-loop.componentEnabled" (dict "root" $ "name" $name) }}
+{{- $out = append $out $name }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* "true" when a component runs. Argument: (dict "root" $ "name" NAME). */}}
+{{- define "rlhf-loop.componentEnabled" -}}
+{{- $v := .root.Values }}
+{{- if eq .name "inference-canary" }}
+{{- if and $v.rollout.enabled $v.inference.enabled }}true{{ end }}
+{{- else if eq .name "kafka-topics" }}true
+{{- else if (index $v .name).enabled }}true
+{{- end }}
+{{- end }}
+
+{{/* A component's values, as JSON: .Values.<name>, except the canary inference group, which is the
+inference values with its own replica count and no autoscaling. Argument: (dict "root" $ "name" NAME). */}}
+{{- define "rlhf-loop.componentValues" -}}
+{{- $v := .root.Values }}
+{{- if eq .name "inference-canary" }}
+{{- $canary := dict "replicas" (int $v.inference.canary.replicas) "autoscaling" (dict "enabled" false) }}
+{{- toJson (merge $canary (omit (deepCopy $v.inference) "canary" "autoscaling")) }}
+{{- else }}
+{{- toJson (index $v .name) }}
+{{- end }}
+{{- end }}
+
 {{- define "rlhf-loop.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "rlhf-loop.fullname" .) .Values.serviceAccount.name }}
@@ -186,6 +220,8 @@ Arguments (a dict):
   mounts      optional: their mounts in the main container, a YAML list (string)
   ownToken    optional: the key of its gRPC bearer token in the credentials Secret (callers:
               gateway-token, trainer-token)
+  values      optional: its values (default: .Values.<name>), e.g. the canary inference group's
+              (rlhf-loop.componentValues)
   versionKeys optional: the version-line keys it holds, a dict RLHF_VERSIONS_* variable -> key of
               the versionSigning Secret (only those: a service gets no private key it does not use)
   secretKeys  the keys of the chart's secret data its environment uses (rlhf-loop.secretData):
@@ -198,7 +234,7 @@ Kafka clients get their Kafka user's credentials and the brokers' CA.
 --------------------------------------------------------------------------------------------- */}}
 {{- define "rlhf-loop.component" -}}
 {{- $root := .root }}
-{{- $v := index $root.Values .name }}
+{{- $v := .values | default (index $root.Values .name) }}
 {{- $fullName := include "rlhf-loop.componentName" . }}
 {{- $sel := dict "root" $root "name" .name }}
 {{- $grpc := eq .protocol "grpc" }}
@@ -718,9 +754,25 @@ feedback:
 reward:
   read: [rlhf.feedback, rlhf.completions, rlhf.reward-models]
   write: [rlhf.reward-models]
+{{- if .Values.rollout.enabled }}
+# Rollout on: the trainer proposes candidates; only the rollout service moves what users are served.
+trainer:
+  read: [rlhf.completions]
+  write: [rlhf.policy-candidates]
+inference-canary:
+  read: [rlhf.policy-canary]
+  write: [rlhf.completions]
+rollout:
+  read: [rlhf.rollout, rlhf.policy-candidates, rlhf.feedback, rlhf.completions]
+  write: [rlhf.rollout, rlhf.policy-updates, rlhf.policy-canary]
+# The gateway routes by the rollout state on rlhf.rollout (and shows it on /flywheel).
+gateway:
+  read: [rlhf.rollout]
+{{- else }}
 trainer:
   read: [rlhf.completions]
   write: [rlhf.policy-updates]
+{{- end }}
 {{- end }}
 
 {{/* The Kafka security settings: a dict (JSON) with protocol, mechanism ("" without SASL), caSecret,

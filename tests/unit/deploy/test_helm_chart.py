@@ -90,8 +90,13 @@ SERVICES = {
     "feedback": ("services.feedback.config", "FeedbackConfig"),
     "reward": ("services.reward.config", "RewardConfig"),
     "trainer": ("services.trainer.config", "TrainerConfig"),
+    # Progressive rollout (rollout.enabled, on by default): the canary group of inference replicas
+    # and the rollout service.
+    "inference-canary": ("services.inference.config", "InferenceConfig"),
+    "rollout": ("services.rollout.config", "RolloutConfig"),
 }
 GPU_SERVICES = ("inference", "trainer")
+GRPC_SERVICES = {s for s in SERVICES if s != "gateway"}
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -349,9 +354,9 @@ def test_pods_restart_when_a_secret_value_they_use_changes():
     base = checksums({})
     trainer_token = checksums({"grpcAuth": {"trainerToken": "T" * 32}})
     # The trainer presents it; every gRPC service accepts its hash.
-    assert {s for s in SERVICES if trainer_token[s] != base[s]} == {"trainer", "inference", "feedback", "reward"}
+    assert {s for s in SERVICES if trainer_token[s] != base[s]} == GRPC_SERVICES
     operator = checksums({"grpcAuth": {"operator": {"token": "O" * 32}}})
-    assert {s for s in SERVICES if operator[s] != base[s]} == {"trainer", "inference", "feedback", "reward"}
+    assert {s for s in SERVICES if operator[s] != base[s]} == GRPC_SERVICES
     feedback_key = checksums({"secrets": {"feedbackTokenSecret": "F" * 40}})
     assert {s for s in SERVICES if feedback_key[s] != base[s]} == {"gateway", "feedback"}
     api_keys = checksums({"secrets": {"gatewayApiKeys": ["carol:" + "c" * 32]}})
@@ -458,11 +463,13 @@ def test_service_has_probes_resources_and_a_service(config, service):
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_trainer_is_a_single_replica_recreated(config):
-    dep = deployment(docs_of(config), "trainer")
+@pytest.mark.parametrize("service", ["trainer", "rollout"])
+def test_trainer_and_rollout_are_single_replicas_recreated(config, service):
+    """One trainer publishes policies; one rollout service decides who gets them."""
+    dep = deployment(docs_of(config), service)
     assert dep["spec"]["replicas"] == 1
     assert dep["spec"]["strategy"] == {"type": "Recreate"}
-    assert not find(docs_of(config), "HorizontalPodAutoscaler", component_name("trainer"))
+    assert not find(docs_of(config), "HorizontalPodAutoscaler", component_name(service))
 
 
 def _volume(dep: dict[str, Any], name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -697,7 +704,7 @@ def test_model_store_is_shared_read_write_only_by_learners(config):
     pvc = one(docs, "PersistentVolumeClaim", f"{RELEASE}-model-store")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    expected = {"inference": True, "trainer": False, "reward": False}
+    expected = {"inference": True, "inference-canary": True, "trainer": False, "reward": False, "rollout": False}
     for service, read_only in expected.items():
         spec = deployment(docs, service)["spec"]["template"]["spec"]
         (mount,) = [m for m in main_container(deployment(docs, service))["volumeMounts"] if m["name"] == "model-store"]
@@ -797,8 +804,15 @@ def reachable(docs, src: Pod, dst: Pod, port_name: str) -> bool:
 
 
 # Every connection between the release's pods; any other pair is refused.
-CONNECTIONS = {("gateway", "inference"), ("gateway", "feedback"), ("trainer", "inference"), ("trainer", "reward")}
-KAFKA_CLIENTS = {"inference", "feedback", "reward", "trainer", "kafka-topics"}
+CONNECTIONS = {
+    ("gateway", "inference"),
+    ("gateway", "inference-canary"),
+    ("gateway", "feedback"),
+    ("trainer", "inference"),
+    ("trainer", "reward"),
+}
+# With rollout.enabled (the default) the gateway reads rlhf.rollout; without it, it has no Kafka client.
+KAFKA_CLIENTS = {"inference", "inference-canary", "feedback", "reward", "trainer", "rollout", "gateway", "kafka-topics"}
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -817,11 +831,12 @@ def test_network_policies_allow_each_connection_and_nothing_else(config):
     assert reachable(docs, OUTSIDE, pods["gateway"], "http")
     for service in set(services) - {"gateway"}:
         assert not reachable(docs, OUTSIDE, pods[service], "grpc"), service
-    # Operators reach the trainer's controls and the reward service's rater RPCs, nothing else.
-    assert reachable(docs, OPERATOR_POD, pods["trainer"], "grpc")
-    assert reachable(docs, OPERATOR_POD, pods["reward"], "grpc")
-    assert not reachable(docs, OPERATOR_POD, pods["inference"], "grpc")
-    assert not reachable(docs, OPERATOR_POD, pods["feedback"], "grpc")
+    # Operators reach the trainer's controls, the reward service's rater RPCs and the rollout
+    # service's commands, nothing else.
+    for service in services:
+        if service != "gateway":
+            expected = service in ("trainer", "reward", "rollout")
+            assert reachable(docs, OPERATOR_POD, pods[service], "grpc") is expected, service
     # Prometheus scrapes the metrics ports only; the kubelet's probes get the plaintext health port.
     for service in set(services) - {"gateway"}:
         assert reachable(docs, MONITORING_POD, pods[service], "metrics"), service
@@ -927,8 +942,11 @@ def test_version_keys_reach_only_the_services_of_their_lines():
     docs = documents(render({"versionSigning": {"existingSecret": "version-keys", "allowUnsigned": False}}))
     expected = {
         "inference": {"policy-verify-keys"},
+        "inference-canary": {"policy-verify-keys"},
         "trainer": {"policy-signing-key.pem"},
         "reward": {"rm-verify-keys", "rm-signing-key.pem"},
+        # Its own key (not the trainer's) for the pointers it moves; the trainer's public key for candidates.
+        "rollout": {"rollout-signing-key.pem", "policy-verify-keys"},
         "gateway": set(),
         "feedback": set(),
     }
@@ -956,9 +974,20 @@ def test_each_service_is_its_own_kafka_user_with_exactly_its_topics():
     reads, writes = {"Read", "Describe"}, {"Write", "Describe"}
     expected = {
         "inference": {"rlhf.completions": writes, "rlhf.policy-updates": reads},
+        "inference-canary": {"rlhf.completions": writes, "rlhf.policy-canary": reads},
         "feedback": {"rlhf.feedback": reads | writes, "rlhf.feedback.dlq": writes},
         "reward": {"rlhf.feedback": reads, "rlhf.completions": reads, "rlhf.reward-models": reads | writes},
-        "trainer": {"rlhf.completions": reads, "rlhf.policy-updates": writes},
+        # Rollout on: the trainer proposes candidates and cannot announce what users are served.
+        "trainer": {"rlhf.completions": reads, "rlhf.policy-candidates": writes},
+        "rollout": {
+            "rlhf.rollout": reads | writes,
+            "rlhf.policy-candidates": reads,
+            "rlhf.feedback": reads,
+            "rlhf.completions": reads,
+            "rlhf.policy-updates": writes,
+            "rlhf.policy-canary": writes,
+        },
+        "gateway": {"rlhf.rollout": reads},
     }
     for component, topics in expected.items():
         assert acls_of(docs, component) == topics, component
@@ -974,8 +1003,6 @@ def test_each_service_is_its_own_kafka_user_with_exactly_its_topics():
         ca, ca_mount = _volume(dep, "kafka-ca")
         assert ca["secret"]["secretName"] == f"{RELEASE}-kafka-cluster-ca-cert"
         assert cfg.kafka.ssl_ca_file == Path(ca_mount["mountPath"]) / "ca.crt"
-    assert not find(docs, "KafkaUser", component_name("gateway"))
-    assert "RLHF_KAFKA" not in json.dumps(main_container(deployment(docs, "gateway")))
     admin = {"Create", "Describe", "Alter", "DescribeConfigs", "AlterConfigs"}
     assert acls_of(docs, "kafka-topics") == {"rlhf.": admin}
     (kafka,) = find(docs, "Kafka")
@@ -1071,6 +1098,10 @@ BAD_VALUES = {  # values -> where the schema must point
     ),
     "unknown learner key": ({"reward": {"learner": {"persistance": {"enabled": True}}}}, "'persistance' not allowed"),
     "negative torch threads": ({"trainer": {"torchThreads": -1}}, "/trainer/torchThreads"),
+    "two rollout services": ({"rollout": {"replicas": 2}}, "/rollout/replicas"),
+    "canary share of everyone": ({"rollout": {"canaryShare": 1}}, "/rollout/canaryShare"),
+    "unknown rollout mode": ({"rollout": {"initialMode": "yolo"}}, "/rollout/initialMode"),
+    "negative canary replicas": ({"inference": {"canary": {"replicas": -1}}}, "/inference/canary/replicas"),
     "trainer autoscaling": (
         {"trainer": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}},
         "'autoscaling' not allowed",
@@ -1130,12 +1161,87 @@ def test_schema_topics_are_the_loops_topics():
 
 def test_services_can_be_disabled():
     docs = documents(
-        render({"feedback": {"enabled": False}, "reward": {"enabled": False}, "trainer": {"enabled": False}})
+        render(
+            {
+                "feedback": {"enabled": False},
+                "reward": {"enabled": False},
+                "trainer": {"enabled": False},
+                "rollout": {"enabled": False},
+            }
+        )
     )
     assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "Deployment")} == {
         "gateway",
         "inference",
     }
+
+
+# --- progressive rollout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_canary_group_serves_the_canary_pointer_and_the_gateway_routes_to_it(config):
+    docs = docs_of(config)
+    canary, stable = deployment(docs, "inference-canary"), deployment(docs, "inference")
+    cfg = load_config(config_class("inference-canary"), container_environ(docs, main_container(canary)))
+    assert cfg.follow == "canary"
+    assert load_config(config_class("inference"), container_environ(docs, main_container(stable))).follow == "current"
+    # The inference pod spec, but its own fixed replica count and no autoscaler.
+    assert canary["spec"]["replicas"] == values_of(config).get("inference", {}).get("canary", {}).get("replicas", 1)
+    assert not find(docs, "HorizontalPodAutoscaler", component_name("inference-canary"))
+    assert main_container(canary)["resources"] == main_container(stable)["resources"]
+    gateway = load_config(config_class("gateway"), container_environ(docs, main_container(deployment(docs, "gateway"))))
+    host, _, port = gateway.canary_inference_address.rpartition(":")
+    svc = one(docs, "Service", host)
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "inference-canary"
+    assert int(port) in {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"}
+    # The trainer proposes candidates; the rollout service decides (its settings from the values).
+    trainer = load_config(config_class("trainer"), container_environ(docs, main_container(deployment(docs, "trainer"))))
+    assert trainer.rollout is True
+    rollout = load_config(config_class("rollout"), container_environ(docs, main_container(deployment(docs, "rollout"))))
+    assert (rollout.canary_share, rollout.alpha, rollout.min_ratings, rollout.initial_mode) == (0.1, 0.05, 30, "auto")
+
+
+def test_rollout_settings_come_from_the_values():
+    values = {"rollout": {"canaryShare": 0.25, "margin": 0.02, "minRatings": 100, "timeoutSeconds": 600,
+                          "initialMode": "manual"}, "inference": {"canary": {"replicas": 3}}}  # fmt: skip
+    docs = documents(render(values))
+    cfg = load_config(config_class("rollout"), container_environ(docs, main_container(deployment(docs, "rollout"))))
+    assert (cfg.canary_share, cfg.margin, cfg.min_ratings, cfg.timeout_s, cfg.initial_mode) == (
+        0.25,
+        0.02,
+        100,
+        600.0,
+        "manual",
+    )
+    assert deployment(docs, "inference-canary")["spec"]["replicas"] == 3
+
+
+def test_without_rollout_versions_go_to_everyone_and_nothing_of_it_is_rendered():
+    docs = documents(render({"rollout": {"enabled": False}}))
+    components = {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "Deployment")}
+    assert not {"rollout", "inference-canary"} & components
+    assert not find(docs, "KafkaUser", component_name("rollout")) and not find(
+        docs, "KafkaUser", component_name("gateway")
+    )
+    gateway_env = container_environ(docs, main_container(deployment(docs, "gateway")))
+    assert "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS" not in gateway_env and not any(
+        k.startswith("RLHF_KAFKA") for k in gateway_env
+    )
+    assert load_config(config_class("gateway"), gateway_env).canary_inference_address == ""
+    trainer_env = container_environ(docs, main_container(deployment(docs, "trainer")))
+    assert load_config(config_class("trainer"), trainer_env).rollout is False
+    reads, writes = {"Read", "Describe"}, {"Write", "Describe"}
+    assert acls_of(docs, "trainer") == {"rlhf.completions": reads, "rlhf.policy-updates": writes}
+    pods = pods_of(docs)
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-kafka-clients")
+    clients = {c for c, pod in pods.items() if selects(policy["spec"]["podSelector"], pod.labels)}
+    assert clients == {"inference", "feedback", "reward", "trainer", "kafka-topics"}
+
+
+def test_rollout_needs_inference():
+    with pytest.raises(helm.HelmError, match="needs inference.enabled"):
+        render({"inference": {"enabled": False}, "gateway": {"enabled": False}, "trainer": {"enabled": False}})
 
 
 # --- the topic script ---------------------------------------------------------------------------------
@@ -1310,6 +1416,7 @@ METRIC_MODULES = (
     "shared.kafka.metrics",
     "services.reward.metrics",
     "services.trainer.metrics",
+    "services.rollout.metrics",
     "shared.grpc_server",
 )
 
@@ -1368,16 +1475,21 @@ def test_dashboard_queries_metrics_the_services_export():
         "step",
         "published policy versions",
         "drops",
+        "thumbs-up rate, stable vs canary",
+        "canary share",
+        "rollout decisions",
     ):
         assert topic in titles, f"no panel about {topic}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
 
 
-def test_dashboard_shows_every_reward_learner_and_trainer_metric():
+def test_dashboard_shows_every_reward_learner_trainer_and_rollout_metric():
     used = dashboard_series()
-    metrics = exported_metrics(("services.reward.metrics", "services.trainer.metrics"))
-    wanted = {b: s for b, s in metrics.items() if b.startswith(("rlhf_reward_learner_", "rlhf_trainer_"))}
+    metrics = exported_metrics(("services.reward.metrics", "services.trainer.metrics", "services.rollout.metrics"))
+    wanted = {
+        b: s for b, s in metrics.items() if b.startswith(("rlhf_reward_learner_", "rlhf_trainer_", "rlhf_rollout_"))
+    }
     assert len(wanted) >= 20
     missing = sorted(b for b, series in wanted.items() if not series & used)
     assert not missing, f"no panel shows {missing}"
@@ -1405,11 +1517,24 @@ def test_dashboard_panels_do_not_overlap():
 def test_services_wait_for_topics_policy_and_reward_model_before_starting(config):
     docs = docs_of(config)
     expected = {
-        "gateway": (False, False, ()),
+        "gateway": (False, False, ("rlhf.rollout",)),
         "inference": (True, False, ("rlhf.completions", "rlhf.policy-updates")),
+        "inference-canary": (True, False, ("rlhf.completions", "rlhf.policy-canary")),
         "feedback": (False, False, ("rlhf.feedback", "rlhf.feedback.dlq")),
         "reward": (False, True, ("rlhf.completions", "rlhf.feedback", "rlhf.reward-models")),
-        "trainer": (True, False, ("rlhf.completions", "rlhf.policy-updates")),
+        "trainer": (True, False, ("rlhf.completions", "rlhf.policy-candidates")),
+        "rollout": (
+            True,
+            False,
+            (
+                "rlhf.completions",
+                "rlhf.feedback",
+                "rlhf.policy-canary",
+                "rlhf.policy-candidates",
+                "rlhf.policy-updates",
+                "rlhf.rollout",
+            ),
+        ),
     }  # (policy, reward model, the topics it reads or writes: all its Kafka user may see)
     for service, (policy, reward_model, topics) in expected.items():
         inits = deployment(docs, service)["spec"]["template"]["spec"].get("initContainers", [])
