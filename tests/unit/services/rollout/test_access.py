@@ -16,7 +16,8 @@ def test_every_rpc_is_listed_with_known_callers():
         assert callers and callers <= CALLERS, rpc
 
 
-def test_only_an_operator_changes_the_rollout_and_the_trainer_not_even_reads_it():
+def test_only_an_operator_changes_the_rollout_and_no_service_calls_it():
     for rpc in ("Promote", "Rollback", "Pause", "Resume", "SetMode"):
         assert ROLLOUT_ACCESS.rpcs[rpc] == {OPERATOR}, rpc
-    assert TRAINER not in ROLLOUT_ACCESS.rpcs["Status"]
+    assert ROLLOUT_ACCESS.rpcs["Status"] == {OPERATOR, MONITORING}
+    assert not {GATEWAY, TRAINER} & set().union(*ROLLOUT_ACCESS.rpcs.values())
