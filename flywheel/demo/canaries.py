@@ -111,6 +111,8 @@ def canary_verdicts(events: list[dict[str, Any]], interactions: list[dict[str, A
         out.append(
             {
                 "version": p["version"],
+                "started_at": p["start"],
+                "ended_at": p["end"],
                 "outcome": p["outcome"],
                 "reason": p["reason"],
                 "duration_s": round(end - p["start"], 1),

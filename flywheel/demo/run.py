@@ -7,12 +7,22 @@
 It
 
 1. bootstraps the model store when it has no policy (flywheel/bootstrap/pipeline.py: pretrain, SFT, first RM);
-2. brings the stack up (flywheel.launcher.Stack: broker, inference, reward, feedback, trainer, gateway),
-   or attaches to a running one at ``gateway_url``;
+2. brings the stack up (flywheel.launcher.Stack: broker, inference, reward, feedback, trainer, gateway,
+   and with canaries on, the default, the rollout service and a canary inference engine), or
+   attaches to a running one at ``gateway_url``;
 3. runs ``users`` simulated users (users.py) for ``duration_s``, printing a live progress line;
-   the trainer's status (PPO step, mean reward, KL) is polled over gRPC for the report;
-4. optionally evaluates the first policy against the current one on held-out prompts (evaluate.py);
-5. writes the report folder (report.py): report.md, PNG plots, data.json, interactions.jsonl.
+   the trainer's status (PPO step, mean reward, KL, every gate decision) is polled over gRPC;
+4. reads the rollout decisions off rlhf.rollout (canaries.py);
+5. optionally evaluates the first policy against the current one on held-out prompts (evaluate.py);
+6. writes the report folder (report.py): report.md, PNG plots, data.json, interactions.jsonl.
+
+**Canaries in a demo.** Each version the trainer's gate passes is first a canary for a share of the
+conversations, and becomes the stable version only when the live gate concludes it is no worse
+(services/rollout). With 4 users (about 4 chats a second) the production defaults (10% share, a
+5-point margin) would need hours of ratings per decision, so the demo sets its own: 30% of the
+conversations, a 20-point margin, 10 minutes before a canary without a conclusion is rolled back
+(RLHF_DEMO_CANARY_*; docs/benchmarks.md has what they gave). A canary much worse than the stable
+version is still rolled back within a minute or two.
 """
 
 from __future__ import annotations
@@ -21,9 +31,10 @@ import asyncio
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from flywheel.demo.users import (
     PROMPTS,
@@ -34,7 +45,7 @@ from flywheel.demo.users import (
     parse_user_keys,
     run_users,
 )
-from shared.config import ConfigBase, ModelStoreConfig, OperatorConfig, load_config
+from shared.config import ConfigBase, KafkaConfig, ModelStoreConfig, OperatorConfig, load_config
 from shared.grpc_channels import ClientCredentials, sync_channel
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
@@ -107,6 +118,20 @@ class DemoConfig(ConfigBase):
     until_new_versions: bool = False
     """Stop before duration_s once a new RM version and a new policy version have been published and the
     new policy has served a user (a smoke test of the loop; duration_s is then the cap)."""
+    canaries: bool = True
+    """Run the stack with progressive rollout (RLHF_UP_ROLLOUT): each new version is a canary first."""
+    canary_share: float = 0.3
+    """RLHF_ROLLOUT_CANARY_SHARE given to the rollout service the demo starts (share of conversations)."""
+    canary_margin: float = 0.2
+    """RLHF_ROLLOUT_MARGIN given to it: how much worse (thumbs-up rate, Likert, side by side) a canary
+    may be and still be promoted. Loose because 4 users rate too little for a tight one in minutes."""
+    canary_timeout_s: float = 600.0
+    """RLHF_ROLLOUT_TIMEOUT_S given to it: a canary without a conclusion is rolled back after this."""
+    canary_min_ratings: int = 30
+    """RLHF_ROLLOUT_MIN_RATINGS given to it: ratings of a canary before it may be promoted."""
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    """The broker (RLHF_KAFKA_*) the report reads the rollout decisions from when attaching; when the
+    demo brings the stack up, its own broker."""
 
     def problems(self) -> list[str]:
         out = []
@@ -119,6 +144,13 @@ class DemoConfig(ConfigBase):
             out.append("RLHF_DEMO_MIX_* must be non-negative and not all zero")
         if not Path(self.prompts_file).is_file():
             out.append(f"RLHF_DEMO_PROMPTS_FILE {self.prompts_file} does not exist")
+        if not 0.0 < self.canary_share < 1.0:
+            out.append("RLHF_DEMO_CANARY_SHARE must be in (0, 1)")
+        if self.canary_margin < 0 or self.canary_timeout_s <= 0 or self.canary_min_ratings < 1:
+            out.append(
+                "RLHF_DEMO_CANARY_MARGIN must not be negative, RLHF_DEMO_CANARY_TIMEOUT_S must be positive "
+                "and RLHF_DEMO_CANARY_MIN_RATINGS at least 1"
+            )
         if self.api_keys:
             try:
                 keys = parse_user_keys(self.api_keys)
@@ -146,6 +178,12 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     env.setdefault("RLHF_PPO_KL_COEF", str(cfg.kl_coef))
     env.setdefault("RLHF_TRAINER_PUBLISH_EVERY", str(cfg.publish_every))
     env.setdefault("RLHF_REWARD_LEARN_EVERY_S", str(cfg.rm_learn_every_s))
+    env.setdefault("RLHF_UP_ROLLOUT", "1" if cfg.canaries else "0")
+    if cfg.canaries:
+        env.setdefault("RLHF_ROLLOUT_CANARY_SHARE", str(cfg.canary_share))
+        env.setdefault("RLHF_ROLLOUT_MARGIN", str(cfg.canary_margin))
+        env.setdefault("RLHF_ROLLOUT_TIMEOUT_S", str(cfg.canary_timeout_s))
+        env.setdefault("RLHF_ROLLOUT_MIN_RATINGS", str(cfg.canary_min_ratings))
     # The services' log lines go to files, so that the demo's progress line stands alone.
     env.setdefault("RLHF_UP_LOG_DIR", str(Path(cfg.report_dir) / "service-logs"))
     return env
@@ -225,8 +263,42 @@ def metrics_texts_of(stack: Stack) -> dict[str, str]:
 # --- watching the trainer ----------------------------------------------------------------------------
 
 
+MAX_GATES = 10_000
+"""Gate decisions a TrainerWatcher keeps (a 20-minute demo makes about a hundred)."""
+
+
+def gate_record(gate: Any, t: float) -> dict[str, Any]:
+    """A trainer PublishResult as the report keeps it (``rollback``: an operator's rollback, not a
+    candidate's evaluation)."""
+    return {
+        "t": t,
+        "step": int(gate.step),
+        "published": gate.published,
+        "rollback": gate.published and gate.reason.startswith("rolled back"),
+        "version": gate.version.version,
+        "reason": gate.reason,
+        "refused_by": gate.refused_by,
+        "compared": gate.compared,
+        "same_as_baseline": gate.same_as_baseline,
+        "heldout_reward": gate.heldout_reward,
+        "baseline_reward": gate.baseline_reward,
+        "kl": gate.kl,
+        "guards": [
+            {
+                "name": g.name,
+                "passed": g.passed,
+                "value": g.value,
+                "baseline": g.baseline if g.HasField("baseline") else None,
+            }
+            for g in gate.guards
+        ],
+    }
+
+
 class TrainerWatcher:
-    """Polls TrainerService.Status; keeps one sample per PPO step (step, mean reward, KL, entropy)."""
+    """Polls TrainerService.Status; keeps one sample per PPO step (step, mean reward, KL, entropy) and
+    every gate decision it sees (at most MAX_GATES; a decision replaced within one poll is missed,
+    which the trainer's own counters in the report do not miss)."""
 
     def __init__(
         self, address: str, started_at: float, every_s: float = 2.0, credentials: ClientCredentials | None = None
@@ -237,6 +309,7 @@ class TrainerWatcher:
         self.started_at = started_at
         self.every_s = every_s
         self.samples: list[dict] = []
+        self.gates: list[dict[str, Any]] = []
         self.latest = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trainer-watcher", daemon=True)
@@ -265,6 +338,7 @@ class TrainerWatcher:
                 except grpc.RpcError:
                     continue
                 self.latest = status
+                self._note_gate(status)
                 if status.step and (not self.samples or status.step > self.samples[-1]["step"]):
                     self.samples.append(
                         {
@@ -275,6 +349,14 @@ class TrainerWatcher:
                             "entropy": status.entropy,
                         }
                     )
+
+    def _note_gate(self, status: Any) -> None:
+        if not status.HasField("last_gate") or len(self.gates) >= MAX_GATES:
+            return
+        gate = gate_record(status.last_gate, time.time() - self.started_at)
+        key = ("step", "published", "version", "reason")
+        if not self.gates or any(self.gates[-1][k] != gate[k] for k in key):
+            self.gates.append(gate)
 
 
 # --- progress ------------------------------------------------------------------------------------
@@ -324,11 +406,16 @@ def loop_closed(store: ModelStore, before: dict[str, set[str]], records: list[In
     """A new RM and a new policy version exist, and a user has been served by a new policy version."""
     new_rm = set(store.versions("rm")) - before["rm"]
     new_policy = set(store.versions("policy")) - before["policy"]
-    return bool(new_rm and new_policy and any(r.policy_version in new_policy for r in records))
+    served = {v for r in records for v in (r.choice_versions or [r.policy_version])}
+    return bool(new_rm and new_policy and served & new_policy)
 
 
 async def _users_with_progress(
-    cfg: DemoConfig, url: str, progress: Progress, keys: list[tuple[str, str]]
+    cfg: DemoConfig,
+    url: str,
+    progress: Progress,
+    keys: list[tuple[str, str]],
+    stop_when: Callable[[Progress], bool] | None = None,
 ) -> list[Interaction]:
     prompts = load_prompts(cfg.prompts_file)
     before = {line: set(progress.store.versions(line)) for line in ("rm", "policy")}
@@ -354,6 +441,9 @@ async def _users_with_progress(
         print(progress.line(time.monotonic() - started), flush=True)
         if cfg.until_new_versions and not stop.is_set() and loop_closed(progress.store, before, progress.records):
             print("the loop has closed: new RM and policy versions published and serving; stopping early", flush=True)
+            stop.set()
+        if stop_when is not None and not stop.is_set() and stop_when(progress):
+            print("the caller's stop condition holds; stopping early", flush=True)
             stop.set()
     return users.result()
 
@@ -381,11 +471,20 @@ class DemoResult:
     interactions: list[Interaction]
 
 
-def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResult:
+def run_demo(
+    cfg: DemoConfig,
+    environ: dict[str, str] | None = None,
+    stop_when: Callable[[Progress], bool] | None = None,
+    *,
+    stack: Stack | None = None,
+) -> DemoResult:
+    """The demo (see the module docstring). ``stop_when`` (checked at every progress line) may end the
+    users' run before ``duration_s``; ``stack``: one the caller started (``start_stack``) and stops
+    itself, which the demo uses as its own (a benchmark's)."""
     import os
 
     store = ModelStore(cfg.model_store.root)
-    stack = None
+    own_stack = stack is None and not cfg.gateway_url
     if not cfg.gateway_url and not store.versions("policy"):
         from flywheel.bootstrap.pipeline import QUICK, BootstrapSettings, run_bootstrap
 
@@ -396,13 +495,14 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
             settings=QUICK if cfg.bootstrap_quick else BootstrapSettings(),
         )
     try:
-        if cfg.gateway_url:
+        if stack is None and cfg.gateway_url:
             url, trainer_address = cfg.gateway_url, cfg.trainer_address
             operator = None
             keys = parse_user_keys(cfg.api_keys) if cfg.api_keys else []
         else:
-            stack = start_stack(cfg, dict(os.environ if environ is None else environ))
-            print(stack.summary(), flush=True)
+            if stack is None:
+                stack = start_stack(cfg, dict(os.environ if environ is None else environ))
+                print(stack.summary(), flush=True)
             url, trainer_address = gateway_url_of(stack), trainer_address_of(stack)
             operator = stack.credentials("operator")
             keys = user_keys_of(stack)
@@ -410,7 +510,7 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
         trainer = TrainerWatcher(trainer_address, started_at, credentials=operator).start()
         progress = Progress(cfg.duration_s, store, trainer)
         try:
-            records = asyncio.run(_users_with_progress(cfg, url, progress, keys))
+            records = asyncio.run(_users_with_progress(cfg, url, progress, keys, stop_when))
         finally:
             trainer.stop()
         duration = time.time() - started_at
@@ -423,11 +523,28 @@ def run_demo(cfg: DemoConfig, environ: dict[str, str] | None = None) -> DemoResu
             print(result.table(), flush=True)
             evaluation = dataclasses.asdict(result)
         metrics = metrics_texts_of(stack) if stack is not None else {}
-        summary = _write(cfg, store, records, trainer.samples, started_at, duration, evaluation, metrics)
+        rollout = _rollout_events(cfg, stack)
+        summary = _write(
+            cfg, store, records, trainer.samples, started_at, duration, evaluation, metrics, trainer.gates, rollout
+        )
     finally:
-        if stack is not None:
+        if own_stack and stack is not None:
             stack.stop()
     return DemoResult(summary, Path(cfg.report_dir), records)
+
+
+def _rollout_events(cfg: DemoConfig, stack: Stack | None) -> list[dict[str, Any]] | None:
+    """The rollout decisions on rlhf.rollout (None with canaries off, or when the broker cannot be read)."""
+    from flywheel.demo.canaries import read_rollout_events
+
+    if not cfg.canaries:
+        return None
+    kafka = load_config(KafkaConfig, stack.environ) if stack is not None else cfg.kafka
+    try:
+        return read_rollout_events(kafka)
+    except Exception as exc:  # noqa: BLE001 - the report is written without them, saying so
+        log_event(log, "could not read the rollout decisions for the report", level=30, error=str(exc))
+        return None
 
 
 def _write(
@@ -439,6 +556,8 @@ def _write(
     duration: float,
     evaluation: dict | None,
     metrics: dict[str, str] | None = None,
+    gates: list[dict[str, Any]] | None = None,
+    rollout: list[dict[str, Any]] | None = None,
 ) -> dict:
     from flywheel.demo.report import write_report
 
@@ -452,6 +571,8 @@ def _write(
         duration,
         evaluation,
         metrics,
+        gates=gates,
+        rollout=rollout,
     )
     print(
         f"report: {Path(cfg.report_dir) / 'report.md'}  (thumbs-up by version: "

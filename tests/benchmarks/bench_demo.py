@@ -3,6 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_demo.py                    # bootstrap + 20 min demo + eval
     .venv/bin/python tests/benchmarks/bench_demo.py --store S --skip-bootstrap   # reuse a bootstrapped store
     .venv/bin/python tests/benchmarks/bench_demo.py --ptx 0.5          # PPO-ptx instead of PPO
+    .venv/bin/python tests/benchmarks/bench_demo.py --store S --skip-bootstrap --sabotage   # a bad candidate
 
 1. `rlhf bootstrap` on a fresh store with the shipped data (timed: wall and CPU seconds; target
    under 15 minutes);
@@ -17,6 +18,20 @@ The held-out corpus perplexity of both is printed (the alignment tax; compare --
 
 Prints a table and writes bench-results/demo.json; the demo's report folder goes to
 bench-results/demo-report/ (report.md, plots).
+
+**Sabotage** (``--sabotage``): the same demo with progressive rollout, and partway through
+(``--sabotage-at`` seconds after the users start) a deliberately bad candidate arrives through the
+normal publish path: the stable version fine-tuned for a few steps to answer sums wrongly but
+politely (flywheel/demo/sabotage.py), published as a candidate with the trainer's signing key and
+announced on rlhf.policy-candidates, exactly as the trainer publishes. The trainer starts paused and
+resumes once the bad version is the canary (so that the canary slot is free when it arrives and
+the trainer's own candidates queue behind it). Reported: whether it was rolled back automatically
+(by the live gate, not an operator), the time from its canary start to the rollback, the answers it
+served, their share of all answers in that period, and whether any conversation outside the canary
+share got it (the gateway's routing rule). Targets: rolled back automatically, under 5% of the
+answers in its period, nobody outside the canary share. The canary share defaults to 4% here
+(``--canary-share``); the users stop ``--after-verdict`` seconds after the verdict, or at
+``--duration``. Writes bench-results/sabotage.json and a "Sabotage" section in the report.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import argparse
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 TARGET_RISE_PP = 20.0
 TARGET_WIN_RATE = 0.70
 TARGET_BOOTSTRAP_S = 15 * 60
+TARGET_SABOTAGE_SHARE = 0.05
 
 
 def main() -> int:
@@ -45,33 +62,50 @@ def main() -> int:
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--ppo-lr", type=float, default=None, help="RLHF_DEMO_PPO_LR (default: the demo's)")
     ap.add_argument("--kl-coef", type=float, default=None, help="RLHF_DEMO_KL_COEF (default: the demo's)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "demo.json")
+    ap.add_argument("--out", type=Path, default=None, help="default bench-results/demo.json (sabotage.json)")
+    ap.add_argument("--no-canaries", action="store_true", help="every gated version to every user at once")
+    ap.add_argument("--canary-share", type=float, default=None, help="RLHF_DEMO_CANARY_SHARE (sabotage: 0.04)")
+    ap.add_argument("--canary-timeout", type=float, default=None, help="RLHF_DEMO_CANARY_TIMEOUT_S (sabotage: 1200)")
+    ap.add_argument("--sabotage", action="store_true", help="inject a bad candidate partway (see above)")
+    ap.add_argument("--sabotage-at", type=float, default=30.0, help="seconds after the users start")
+    ap.add_argument("--after-verdict", type=float, default=60.0, help="sabotage: users stop this long after it")
     args = ap.parse_args()
+    if args.sabotage and args.no_canaries:
+        ap.error("--sabotage needs canaries")
+    args.out = args.out or REPO / "bench-results" / ("sabotage.json" if args.sabotage else "demo.json")
+    if args.sabotage:
+        args.canary_share = 0.04 if args.canary_share is None else args.canary_share
+        args.canary_timeout = 1200.0 if args.canary_timeout is None else args.canary_timeout
+    report_dir = args.out.parent / ("sabotage-report" if args.sabotage else "demo-report")
+    results = prepare_store(args)
+    env = stack_env(args, report_dir)
+    if args.sabotage:
+        return sabotage_run(args, env, report_dir, results)
+    return learning_run(args, env, report_dir, results)
 
-    import torch
 
+def prepare_store(args: argparse.Namespace) -> dict:
+    """Bootstrap the store (timed) unless --skip-bootstrap; the results so far."""
     from flywheel.bootstrap.pipeline import run_bootstrap
-    from flywheel.demo.evaluate import compare
-    from flywheel.demo.run import DemoConfig, gateway_url_of, run_demo, start_stack, trainer_address_of
-    from shared.config import load_config
-    from shared.kafka.embedded import free_port
     from shared.logging import setup_logging
     from shared.model_store import ModelStore
 
     setup_logging("bench-demo")
-    report_dir = args.out.parent / "demo-report"
     results: dict = {
         "duration_s": args.duration,
         "users": args.users,
         "ptx_coef": args.ptx,
         "ppo_lr": args.ppo_lr,
         "kl_coef": args.kl_coef,
+        "canaries": not args.no_canaries,
+        "canary_share": args.canary_share,
     }
+    boot_dir = args.out.parent / "demo-report" / "bootstrap"
     if not args.skip_bootstrap:
         shutil.rmtree(args.store, ignore_errors=True)
         store = ModelStore(args.store)
         t0, c0 = time.monotonic(), time.process_time()
-        boot = run_bootstrap(store, report_dir=report_dir / "bootstrap")
+        boot = run_bootstrap(store, report_dir=boot_dir)
         results["bootstrap"] = {
             "wall_s": round(time.monotonic() - t0, 1),
             "cpu_s": round(time.process_time() - c0, 1),
@@ -79,9 +113,9 @@ def main() -> int:
             "rm_heldout_accuracy": boot.summary["rm"].get("heldout_accuracy"),
             "load_average_1m": os.getloadavg()[0],
         }
-    elif (report_dir / "bootstrap" / "summary.json").is_file():
+    elif (boot_dir / "summary.json").is_file():
         # the store was bootstrapped earlier (e.g. `rlhf bootstrap --report-dir bench-results/demo-report/bootstrap`)
-        boot_summary = json.loads((report_dir / "bootstrap" / "summary.json").read_text())
+        boot_summary = json.loads((boot_dir / "summary.json").read_text())
         results["bootstrap"] = {
             "wall_s": boot_summary["seconds"]["total"],
             "cpu_s": boot_summary.get("cpu_seconds"),
@@ -89,9 +123,16 @@ def main() -> int:
             "rm_heldout_accuracy": boot_summary["rm"].get("heldout_accuracy"),
             "reused": True,
         }
-    store = ModelStore(args.store)
-    torch.set_num_threads(1)
+    return results
 
+
+def stack_env(args: argparse.Namespace, report_dir: Path) -> dict[str, str]:
+    """The environment of the stack and the demo: this machine's free ports, the run's settings."""
+    import torch
+
+    from shared.kafka.embedded import free_port
+
+    torch.set_num_threads(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
     env.update(
         {
@@ -102,7 +143,12 @@ def main() -> int:
             "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
             "RLHF_REWARD_GRPC_PORT": str(free_port()),
             "RLHF_TRAINER_GRPC_PORT": str(free_port()),
-            **{f"RLHF_{s}_METRICS_PORT": "0" for s in ("INFERENCE", "FEEDBACK", "REWARD", "TRAINER")},
+            "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
+            "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+            "RLHF_UP_CANARY_METRICS_PORT": "0",
+            # the trainer's counters go into the report (the gate's discrimination); the rest off
+            "RLHF_TRAINER_METRICS_PORT": str(free_port()),
+            **{f"RLHF_{s}_METRICS_PORT": "0" for s in ("INFERENCE", "FEEDBACK", "REWARD", "ROLLOUT")},
             "RLHF_REWARD_STATE_DIR": str(args.store.parent / "demo-reward-state"),
             "RLHF_TRAINER_CHECKPOINT_DIR": str(args.store.parent / "demo-checkpoints"),
             "RLHF_PPO_PTX_COEF": str(args.ptx),
@@ -110,26 +156,34 @@ def main() -> int:
             "RLHF_DEMO_USERS": str(args.users),
             "RLHF_DEMO_EVALUATE": "0",
             "RLHF_DEMO_REPORT_DIR": str(report_dir),
+            "RLHF_DEMO_CANARIES": "0" if args.no_canaries else "1",
         }
     )
     if args.ppo_lr is not None:
         env["RLHF_DEMO_PPO_LR"] = str(args.ppo_lr)
     if args.kl_coef is not None:
         env["RLHF_DEMO_KL_COEF"] = str(args.kl_coef)
+    if args.canary_share is not None:
+        env["RLHF_DEMO_CANARY_SHARE"] = str(args.canary_share)
+    if args.canary_timeout is not None:
+        env["RLHF_DEMO_CANARY_TIMEOUT_S"] = str(args.canary_timeout)
     for d in ("demo-reward-state", "demo-checkpoints"):
         shutil.rmtree(args.store.parent / d, ignore_errors=True)
+    return env
+
+
+def learning_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path, results: dict) -> int:
+    """The demo for --duration, then `rlhf eval`; the learning targets."""
+    from flywheel.demo.evaluate import compare
+    from flywheel.demo.run import DemoConfig, run_demo, start_stack
+    from shared.config import load_config
+    from shared.model_store import ModelStore
+
+    store = ModelStore(args.store)
     cfg = load_config(DemoConfig, env)
     stack = start_stack(cfg, env)
     try:
-        attach = load_config(
-            DemoConfig,
-            {
-                **env,
-                "RLHF_DEMO_GATEWAY_URL": gateway_url_of(stack),
-                "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack),
-            },
-        )
-        demo = run_demo(attach)
+        demo = run_demo(cfg, stack=stack)
     finally:
         stack.stop()
     summary = demo.summary
@@ -190,6 +244,136 @@ def main() -> int:
         f"thumbs-up policy-0001 {first['rate'] if first else float('nan'):.1%} -> {last['version']} "
         f"{last['rate']:.1%}; perplexity {evaluation.a.heldout_perplexity:.2f} -> {evaluation.b.heldout_perplexity:.2f}"
     )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {args.out} and {report_dir / 'report.md'}")
+    return 0
+
+
+class Saboteur:
+    """The sabotage run's injector, on a thread: at ``at_s`` publishes the bad candidate as the trainer
+    would, waits until it is the canary, resumes the trainer, and notes when the canary was decided
+    (the canary pointer moved off it)."""
+
+    def __init__(self, stack, store, work: Path, base: str, at_s: float):
+        self.stack, self.store, self.work, self.base, self.at_s = stack, store, work, base, at_s
+        self.version = ""
+        self.injected_at: float | None = None
+        self.canary_at: float | None = None
+        self.decided_at: float | None = None
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="saboteur", daemon=True)
+
+    def start(self) -> Saboteur:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        try:
+            self._inject_and_watch()
+        except Exception as exc:  # noqa: BLE001 - reported with the results
+            self.error = f"{type(exc).__name__}: {exc}"
+            print(f"sabotage failed: {self.error}", flush=True)
+
+    def _inject_and_watch(self) -> None:
+        from flywheel.demo.run import trainer_address_of
+        from flywheel.demo.sabotage import publish_candidate
+        from shared.config import KafkaConfig, load_config
+        from shared.grpc_channels import sync_channel
+        from shared.kafka.publishers import KafkaPublisher
+        from shared.pb import trainer_pb2, trainer_pb2_grpc
+
+        if self._stop.wait(self.at_s):
+            return
+        publisher = KafkaPublisher(load_config(KafkaConfig, self.stack.environ), "bench-sabotage").connect()
+        try:
+            manifest = publish_candidate(
+                self.store, self.work, self.base, self.stack.signers["policy"], publisher, {"base": self.base}
+            )
+        finally:
+            publisher.close()
+        self.version, self.injected_at = manifest.version, time.time()
+        print(f"sabotage: published {self.version} (bad) as a candidate", flush=True)
+        while not self._stop.wait(0.5) and self.canary_at is None:
+            if self.store.pointer("policy", "canary") == self.version:
+                self.canary_at = time.time()
+        print(f"sabotage: {self.version} is the canary; resuming the trainer", flush=True)
+        with sync_channel(trainer_address_of(self.stack), self.stack.credentials("operator")) as channel:
+            trainer_pb2_grpc.TrainerServiceStub(channel).Resume(trainer_pb2.ResumeRequest(), timeout=30)
+        while not self._stop.wait(0.5):
+            if self.store.pointer("policy", "canary") != self.version:
+                self.decided_at = time.time()
+                print(f"sabotage: the canary of {self.version} ended", flush=True)
+                return
+
+
+def sabotage_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path, results: dict) -> int:
+    """The demo with a bad candidate injected partway; its figures against the targets."""
+    import dataclasses
+    import tempfile
+
+    from flywheel.demo.canaries import read_rollout_events, sabotage_outcome
+    from flywheel.demo.report import append_to_report, sabotage_lines, thumbs_up_by_version
+    from flywheel.demo.run import DemoConfig, run_demo, start_stack
+    from flywheel.demo.sabotage import make_bad_policy
+    from shared.config import KafkaConfig, load_config
+    from shared.model_store import ModelStore
+
+    store = ModelStore(args.store)
+    env["RLHF_TRAINER_START_PAUSED"] = "1"  # resumed once the bad version is the canary
+    cfg = load_config(DemoConfig, env)
+    stack = start_stack(cfg, env)
+    saboteur = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="sabotage-") as tmp:
+            base = store.current("policy")
+            t0 = time.monotonic()
+            work = make_bad_policy(store, base, Path(tmp))
+            results["bad_policy_seconds"] = round(time.monotonic() - t0, 1)
+            saboteur = Saboteur(stack, store, work, base, args.sabotage_at).start()
+
+            def verdict_in(_progress) -> bool:
+                return saboteur.decided_at is not None and time.time() > saboteur.decided_at + args.after_verdict
+
+            demo = run_demo(cfg, stop_when=verdict_in, stack=stack)
+            saboteur.stop()
+        events = read_rollout_events(load_config(KafkaConfig, stack.environ))
+    finally:
+        if saboteur is not None:
+            saboteur.stop()
+        stack.stop()
+    interactions = [dataclasses.asdict(r) for r in demo.interactions]
+    outcome = sabotage_outcome(interactions, events, saboteur.version, saboteur.injected_at)
+    rates = {r.version: r for r in thumbs_up_by_version(interactions)}
+    bad = rates.get(saboteur.version)
+    outcome["gold_thumbs_up_bad"] = None if bad is None else bad.rate
+    outcome["gold_thumbs_up_stable"] = None if base not in rates else rates[base].rate
+    outcome["error"] = saboteur.error
+    results.update({"sabotage": outcome, "base": base, "interactions": len(interactions)})
+    share = outcome.get("share_of_answers")
+    checks = {
+        "rolled back automatically": (outcome["automatic"], bool),
+        f"share of answers < {TARGET_SABOTAGE_SHARE:.0%}": (
+            None if share is None else round(share, 4),
+            lambda v: v is not None and v < TARGET_SABOTAGE_SHARE,
+        ),
+        "nobody outside the canary share": (outcome.get("served_outside_share"), lambda v: v == 0),
+    }
+    results["checks"] = {
+        name: {"value": v, "pass": bool(ok(v)) if v is not None else False} for name, (v, ok) in checks.items()
+    }
+    lines = sabotage_lines(outcome)
+    append_to_report(report_dir, lines)
+    print("\n".join(lines))
+    print()
+    print(f"{'check':<34} {'value':>10}  result")
+    for name, c in results["checks"].items():
+        print(f"{name:<34} {c['value']!s:>10}  {'PASS' if c['pass'] else 'FAIL'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {args.out} and {report_dir / 'report.md'}")

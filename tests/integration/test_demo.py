@@ -1,10 +1,11 @@
 """A shortened `rlhf demo` proves the loop closes end to end with real parts: the offline bootstrap
 (a few steps of each stage), the whole stack as `rlhf up` starts it (embedded broker, vLLM
-inference, reward, feedback, trainer, gateway; separate processes on loopback), simulated users
-chatting through the OpenAI API and rating through /v1/feedback with the real tokens. Ratings flow
-in, at least one new RM version and one new policy version are published, and chat responses
-afterwards carry the new policy version. Learning quality is not asserted here: that is
-tests/benchmarks/bench_demo.py."""
+inference for the stable and the canary version, reward, feedback, trainer, rollout, gateway;
+separate processes on loopback), simulated users chatting through the OpenAI API and rating through
+/v1/feedback with the real tokens. Ratings flow in, at least one new RM version and one new policy
+version are published, the new policy version becomes the canary and serves the conversations the
+routing rule assigns to it (and only those), and the report shows the canary and the traffic share.
+Learning quality is not asserted here: that is tests/benchmarks/bench_demo.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import openai
 import pytest
 
+from services.gateway.rollout.routing import in_canary
 from shared.kafka.embedded import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,6 +42,14 @@ def demo_environ(tmp_path) -> dict[str, str]:
             "RLHF_REWARD_GATE_TOLERANCE": "1.0",
             "RLHF_TRAINER_GRPC_PORT": str(free_port()),
             "RLHF_TRAINER_METRICS_PORT": "0",
+            "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
+            "RLHF_ROLLOUT_METRICS_PORT": "0",
+            "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+            "RLHF_UP_CANARY_METRICS_PORT": "0",
+            # the canary keeps its traffic for the whole test (no decision): this test is about routing
+            "RLHF_DEMO_CANARY_SHARE": "0.5",
+            "RLHF_DEMO_CANARY_TIMEOUT_S": "3600",
+            "RLHF_ROLLOUT_INITIAL_MODE": "manual",
             "RLHF_TRAINER_CHECKPOINT_DIR": str(tmp_path / "checkpoints"),
             "RLHF_TRAINER_ROLLOUTS_PER_ITERATION": "8",
             "RLHF_TRAINER_PUBLISH_EVERY": "2",
@@ -62,14 +72,7 @@ def demo_environ(tmp_path) -> dict[str, str]:
 @pytest.mark.timeout(1800)
 def test_shortened_demo_closes_the_loop(tmp_path):
     from flywheel.bootstrap.pipeline import QUICK, run_bootstrap
-    from flywheel.demo.run import (
-        USER_KEYS_VARIABLE,
-        DemoConfig,
-        gateway_url_of,
-        run_demo,
-        start_stack,
-        trainer_address_of,
-    )
+    from flywheel.demo.run import DemoConfig, gateway_url_of, run_demo, start_stack
     from shared.config import load_config
     from shared.model_store import ModelStore
 
@@ -82,18 +85,9 @@ def test_shortened_demo_closes_the_loop(tmp_path):
     stack = start_stack(cfg, env)
     try:
         url = gateway_url_of(stack)
-        # The users attach with the keys the stack's gateway knows: each simulated user is a principal.
-        users = stack.environ[USER_KEYS_VARIABLE]
-        attach = load_config(
-            DemoConfig,
-            {
-                **env,
-                "RLHF_DEMO_GATEWAY_URL": url,
-                "RLHF_DEMO_TRAINER_ADDRESS": trainer_address_of(stack),
-                "RLHF_DEMO_API_KEYS": users,
-            },
-        )
-        result = run_demo(attach)
+        # The demo uses the stack as its own: each simulated user has a key the gateway knows (its
+        # principal), and the report reads the stack's trainer, broker and metrics.
+        result = run_demo(cfg, stack=stack)
         summary = result.summary
 
         # ratings flowed in through the real endpoint, of every kind
@@ -106,22 +100,48 @@ def test_shortened_demo_closes_the_loop(tmp_path):
         assert summary["rm_versions_published"], "no new reward model version was published"
         assert summary["policy_versions_published"], "no new policy version was published"
         assert set(summary["policy_versions_published"]) <= set(store.versions("policy")) - {"policy-0001"}
-        served_new = {r.policy_version for r in result.interactions} - {"policy-0001"}
+        served_new = {v for r in result.interactions for v in r.choice_versions} - {"policy-0001"}
         assert served_new and served_new <= set(summary["policy_versions_published"]), served_new
 
-        # a chat now is served by a new policy version, through the same public API (the trainer keeps
-        # publishing while the stack runs, so it is whichever new version inference holds right now)
-        client = openai.OpenAI(base_url=url + "/v1", api_key=stack.gateway_key, max_retries=0)
-        resp = client.chat.completions.create(
-            model=client.models.list().data[0].id,
-            max_tokens=8,
-            messages=[{"role": "user", "content": "What is 2 plus 3?"}],
-        )
-        version = resp.model_extra["policy_version"]
-        assert version != "policy-0001" and version in store.versions("policy")
+        # The first candidate became the canary (manual mode: it stays the canary) and served the
+        # conversations the gateway's routing rule gives it, and no other.
+        [canary] = summary["canaries"]
+        assert canary["outcome"] == "running" and canary["version"] in served_new, summary["canaries"]
+        assert store.pointer("policy", "canary") == canary["version"] and store.current("policy") == "policy-0001"
+        for r in result.interactions:
+            if r.kind == "error":
+                continue
+            assigned = in_canary(canary["version"], 0.5, r.principal, r.conversation_id)
+            got, asked_at = set(r.choice_versions), r.at - r.chat_latency_s
+            if asked_at < canary["started_at"] or not assigned:
+                assert canary["version"] not in got, r
+            elif asked_at > canary["started_at"] + 30:  # the gateway and the canary engine follow within seconds
+                assert canary["version"] in got, r
 
-        for name in ("report.md", "thumbs_up_by_policy.png", "rm_accuracy.png", "serving_timeline.png"):
+        # The same through the public API: a conversation the rule assigns to the canary gets it.
+        client = openai.OpenAI(base_url=url + "/v1", api_key=stack.gateway_key, max_retries=0)
+        for conversation, want in (
+            (next(f"c{i}" for i in range(1000) if in_canary(canary["version"], 0.5, "local", f"c{i}")), canary),
+            (next(f"c{i}" for i in range(1000) if not in_canary(canary["version"], 0.5, "local", f"c{i}")), None),
+        ):
+            resp = client.chat.completions.create(
+                model=client.models.list().data[0].id,
+                max_tokens=8,
+                messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+                extra_body={"conversation_id": conversation},
+            )
+            expected = canary["version"] if want else "policy-0001"
+            assert resp.model_extra["policy_version"] == expected, conversation
+
+        for name in (
+            "report.md",
+            "thumbs_up_by_policy.png",
+            "rm_accuracy.png",
+            "serving_timeline.png",
+            "traffic_share.png",
+        ):
             assert (tmp_path / "report" / name).stat().st_size > 0, name
         assert (tmp_path / "report" / "ppo_reward_kl.png").exists(), "the trainer's PPO steps were not observed"
+        assert "## Canaries" in (tmp_path / "report" / "report.md").read_text()
     finally:
         stack.stop()
