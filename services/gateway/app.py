@@ -36,6 +36,7 @@ from services.gateway.rate_limit import TokenBuckets
 from services.gateway.rollout.api_router import flywheel_router
 from services.gateway.rollout.board import FlywheelBoard
 from services.gateway.rollout.feed import RolloutFeed
+from services.gateway.rollout.live import LiveStatus
 from services.gateway.rollout.routing import Router
 from services.gateway.session_router import session_router
 from shared.grpc_channels import ClientCredentials
@@ -80,6 +81,7 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
     chat = ChatServing(FeedbackTokens(cfg.token), router, side_by_side=cfg.side_by_side)
     feedback = FeedbackForwarding()
     gatekeeper = gatekeeper_of(cfg)
+    live: list[LiveStatus] = []  # made in the server's loop, as every aio channel
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,6 +105,8 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
         chat.attach(client, canary)
         feedback_client = FeedbackClient(cfg.feedback_address, credentials) if cfg.feedback_address else None
         feedback.attach(feedback_client)
+        if cfg.rollout_address:
+            live.append(LiveStatus(cfg.rollout_address, credentials))
         log_event(
             log,
             "routing",
@@ -117,6 +121,8 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
         await client.close()
         if canary is not None:
             await canary.close()
+        for status in live:
+            await status.close()
         if feedback_client:
             await feedback_client.close()
 
@@ -124,7 +130,9 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
     install_error_handlers(app)
     app.include_router(chat_router(chat))
     app.include_router(session_router(gatekeeper.authenticator))
-    app.include_router(flywheel_router(board, router, lambda: feed is not None and feed.following))
+    app.include_router(
+        flywheel_router(board, router, lambda: feed is not None and feed.following, lambda: live[0] if live else None)
+    )
     app.include_router(ops_router(chat, metrics_on_api_port=cfg.metrics_on_api_port))
     document_feedback_route(app)
 

@@ -39,6 +39,10 @@ class GatewayConfig(ServiceConfig):
     rollout_catch_up_s: float = 10.0
     """At start, how long the gateway waits to have read rlhf.rollout to its end before it serves
     (until then, and if Kafka is not reachable, every request goes to the stable group)."""
+    rollout_address: str = ""
+    """host:port of the rollout service's gRPC server: /flywheel shows its live figures (Status: what
+    users said about the stable version and the canary since the canary started). Empty: the figures
+    of the latest rollout event carrying them."""
     flywheel_events: int = 50
     """Recent rollout events the gateway keeps for the /flywheel page (a bounded list)."""
     feedback_address: str = ""
@@ -95,6 +99,8 @@ class GatewayConfig(ServiceConfig):
                     "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS needs RLHF_KAFKA_BOOTSTRAP_SERVERS: the canary's share "
                     "comes from the rollout events on rlhf.rollout"
                 )
+        if self.rollout_address:
+            out += _address_problems("RLHF_GATEWAY_ROLLOUT_ADDRESS", self.rollout_address)
         if self.rollout_catch_up_s < 0:
             out.append(f"RLHF_GATEWAY_ROLLOUT_CATCH_UP_S={self.rollout_catch_up_s}: must not be negative")
         if not 1 <= self.flywheel_events <= 10_000:

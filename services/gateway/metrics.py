@@ -50,3 +50,7 @@ ROLLOUT_EVENTS_HELD = Gauge(
 ROLLOUT_FEED_ERRORS = Counter(
     "rlhf_gateway_rollout_feed_errors_total", "Times following rlhf.rollout failed and was started again"
 )
+ROLLOUT_STATUS_ERRORS = Counter(
+    "rlhf_gateway_rollout_status_errors_total",
+    "Calls of the rollout service's Status for /flywheel's live figures that failed (the page shows the events' figures)",
+)

@@ -14,20 +14,26 @@ from fastapi.responses import HTMLResponse
 
 from services.gateway.errors import ErrorResponse
 from services.gateway.rollout.board import FlywheelBoard
+from services.gateway.rollout.live import LiveStatus
 from services.gateway.rollout.routing import Router
 from services.gateway.rollout.schema import FlywheelView
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 
 
-def flywheel_router(board: FlywheelBoard, router: Router, following: Callable[[], bool]) -> APIRouter:
-    """The rollout view's routes: the figures of ``board``, the shares of ``router``; ``following``
-    says whether the gateway follows rlhf.rollout."""
+def flywheel_router(
+    board: FlywheelBoard, router: Router, following: Callable[[], bool], live: Callable[[], LiveStatus | None]
+) -> APIRouter:
+    """The rollout view's routes: the figures of ``board`` (and of ``live()``, the rollout service's
+    Status, when there is one), the shares of ``router``; ``following`` says whether the gateway
+    follows rlhf.rollout."""
     api = APIRouter()
 
     @api.get("/v1/flywheel", response_model=FlywheelView, responses={401: {"model": ErrorResponse}})
     async def flywheel_state() -> FlywheelView:
-        return board.view(router, following=following())
+        status = live()
+        figures = await status.figures() if status is not None else None
+        return board.view(router, following=following(), live=figures)
 
     @api.get("/flywheel", response_class=HTMLResponse)
     async def flywheel_page() -> HTMLResponse:

@@ -5,9 +5,11 @@ and turned into a ``FlywheelView`` on request. No HTTP here (see api_router.py).
     board.add(event)                                   # the feed's thread, each RolloutEvent in order
     view = board.view(router, following=True)          # a request
 
-Figures per version come from the evidence of the latest event that carries it: the live gate's
-decisions put ``evidence["canary"]`` (the canary's summary) and ``evidence["stable"]`` (the stable
-version's at that moment) into the event. The page shows them with the time they were taken.
+Figures per version come from the rollout service's live Status when the gateway can ask it
+(live.py: what users said since the canary started), else from the evidence of the latest event
+that carries it: the live gate's decisions put ``evidence["canary"]`` (the canary's summary) and
+``evidence["stable"]`` (the stable version's at that moment) into the event. The page shows them
+with the time they were taken.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 from typing import Any
 
 from services.gateway import metrics
+from services.gateway.rollout.live import LiveFigures
 from services.gateway.rollout.routing import CANARY, STABLE, Router
 from services.gateway.rollout.schema import DecisionView, FlywheelView, Role, RoutedView, VersionView
 from shared.events import RolloutEvent
@@ -128,14 +131,20 @@ class FlywheelBoard:
             self.latest = ev
             metrics.ROLLOUT_EVENTS_HELD.set(len(self.events))
 
-    def view(self, router: Router, *, following: bool) -> FlywheelView:
+    def view(self, router: Router, *, following: bool, live: LiveFigures | None = None) -> FlywheelView:
+        """The page's data; ``live``: the rollout service's live figures, which replace an event's for
+        the versions they cover."""
         with self._lock:
             latest = self.latest
             events = list(self.events)
             figures = dict(self.figures)
             since = dict(self.role_since)
+        if live is not None:
+            figures.update({version: (summary, live.at) for version, summary in live.by_version.items()})
         share = router.canary_share if latest is not None and latest.canary else 0.0
         versions = []
+        if latest is None and live is not None and live.stable:  # no step yet: the stable version only
+            versions.append(self._version(live.stable, "stable", 1.0, figures.get(live.stable), None))
         if latest is not None:
             roles: list[tuple[str, Role, float]] = [
                 (latest.stable, "stable", 1.0 - share),
@@ -148,9 +157,10 @@ class FlywheelBoard:
         return FlywheelView(
             following=following,
             canary_routing=router.canary_enabled,
+            live_figures=live is not None,
             sequence=latest.sequence if latest else 0,
             updated_at=latest.at if latest else None,
-            stable=latest.stable if latest else router.state.stable,
+            stable=latest.stable if latest else (live.stable if live else router.state.stable),
             canary=latest.canary if latest else "",
             queued=latest.queued if latest else "",
             canary_share=share,

@@ -63,6 +63,9 @@ class FlywheelView(BaseModel):
     """True once this gateway has read rlhf.rollout to its end and follows it."""
     canary_routing: bool
     """True when this gateway routes to a canary group (RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS)."""
+    live_figures: bool = False
+    """True when the versions' figures are the rollout service's live ones (RLHF_GATEWAY_ROLLOUT_ADDRESS),
+    false when they come from the latest rollout event carrying them."""
     sequence: int
     updated_at: float | None
     stable: str

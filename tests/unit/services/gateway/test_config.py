@@ -109,6 +109,7 @@ def test_groups_of_replicas_and_a_canary_group_load():
             {"RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS": "127.0.0.1:50061"},
             "RLHF_GATEWAY_CANARY_INFERENCE_ADDRESS needs RLHF_KAFKA_BOOTSTRAP_SERVERS",
         ),
+        ({"RLHF_GATEWAY_ROLLOUT_ADDRESS": "rollout"}, "RLHF_GATEWAY_ROLLOUT_ADDRESS='rollout': expected host:port"),
         ({"RLHF_GATEWAY_ROLLOUT_CATCH_UP_S": "-1"}, "RLHF_GATEWAY_ROLLOUT_CATCH_UP_S=-1.0: must not be negative"),
         ({"RLHF_GATEWAY_FLYWHEEL_EVENTS": "0"}, "RLHF_GATEWAY_FLYWHEEL_EVENTS=0: expected 1 to 10000"),
     ],
