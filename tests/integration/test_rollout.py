@@ -5,14 +5,16 @@ with its Kafka followers and gate thread, a real model store with signed version
 The trainer's part is played by its candidate line (the trainer publishes exactly so in rollout
 mode: the candidate pointer set and announced on rlhf.policy-candidates, signed with its key), and
 users' ratings go through the feedback service with feedback tokens signed for the version each
-user was served, as the gateway signs them. No inference engine is needed: the live gate decides
-on the ratings.
+user was served, as the gateway signs them. No inference engine is needed for the gate, which
+decides on the ratings; the last test starts one real engine in the canary group
+(RLHF_INFERENCE_FOLLOW=canary) to show it follows the pointer the rollout service signs.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from shared.feedback_token import TokenClaims, prompt_hash, sign
 from shared.kafka.publishers import KafkaPublisher
 from shared.kafka.topics import POLICY_CANARY, POLICY_UPDATES, ROLLOUT
 from shared.model_store import ModelStore
-from shared.pb import feedback_pb2, feedback_pb2_grpc, rollout_pb2, rollout_pb2_grpc
+from shared.pb import feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from shared.signing import SigningKey
 from shared.version_line import POLICY, POLICY_CANDIDATE, KafkaAnnouncer, VersionLine
 from tests.conftest import (
@@ -37,6 +39,7 @@ from tests.conftest import (
     grpc_channel,
     start_broker,
     start_feedback,
+    start_inference,
     test_auth,
     test_signing_key,
     wait_until,
@@ -64,19 +67,23 @@ def rollout_versions() -> VersionTrustConfig:
 class World:
     """Broker, feedback service, model store, the trainer's candidate line, a restartable rollout service."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, models: Path | None = None):
         self.broker = start_broker()
         self.kafka = self.broker.kafka
         self.loop = LoopThread()
         self.feedback = start_feedback(self.loop, self.kafka)
         self.feedback_channel = grpc_channel(self.feedback.address, "gateway")
         self.feedback_stub = feedback_pb2_grpc.FeedbackServiceStub(self.feedback_channel)
-        self.store = ModelStore(tmp_path / "models")
         self.src = tmp_path / "src"
         self.src.mkdir()
         (self.src / "config.json").write_text("{}")
         (self.src / "model.safetensors").write_bytes(b"\0" * 64)
-        VersionLine(self.store, POLICY, signer=TRAINER_KEY).publish(self.src)  # policy-0001: stable
+        if models is None:
+            self.store = ModelStore(tmp_path / "models")
+            VersionLine(self.store, POLICY, signer=TRAINER_KEY).publish(self.src)  # policy-0001: stable
+        else:  # real models (policy-0001 current, policy-0002 published), signed by the trainer's key
+            shutil.copytree(models, tmp_path / "models")
+            self.store = ModelStore(tmp_path / "models")
         self.trainer_publisher = KafkaPublisher(self.kafka, "trainer")
         self.candidates = VersionLine(
             self.store, POLICY_CANDIDATE, KafkaAnnouncer(self.trainer_publisher, POLICY_CANDIDATE), signer=TRAINER_KEY
@@ -318,3 +325,48 @@ def test_rlhf_rollout_commands_need_the_operator_credential(world, monkeypatch, 
     with pytest.raises(grpc.RpcError) as err:
         world.stub().SetMode(rollout_pb2.RolloutModeRequest(mode="sometimes"), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mode" in err.value.details()
+
+
+@pytest.mark.slow
+def test_a_canary_engine_serves_what_the_rollout_service_points_it_at(tmp_path, policy_store):
+    """A real vLLM engine in the canary group: it starts on the stable version (no canary pointer
+    yet), swaps to the canary once the rollout service announces it (signed with the rollout
+    service's key, which the engine trusts beside the trainer's), and back when it is rolled back;
+    the stable pointer never moves."""
+    w = World(tmp_path, models=policy_store.root)
+    engine = None
+    try:
+        w.start_rollout(initial_mode="manual")
+        engine = start_inference(
+            w.loop,
+            w.kafka,
+            w.store.root,
+            follow="canary",
+            # The policy line's followers trust the trainer's key and the rollout service's.
+            versions=VersionTrustConfig(
+                policy_verify_keys=rollout_versions().policy_verify_keys, copies_dir=tmp_path / "copies"
+            ),
+        )
+        channel = grpc_channel(engine.address, "gateway")
+        w.channels.append(channel)
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+        def serving() -> str:
+            return stub.GetPolicy(inference_pb2.GetPolicyRequest(), timeout=30).policy_version
+
+        stable = w.status().stable
+        assert serving() == stable != policy_store.second
+        # The trainer's candidate: the second version (published, not current).
+        candidates = w.candidates
+        candidates.point_to(policy_store.second)
+        assert candidates.announce_pending() is not None
+        w.wait_for_stage("canary", policy_store.second)
+        wait_until(lambda: serving() == policy_store.second, 120, "the canary engine did not swap to the canary")
+        w.stub().Rollback(rollout_pb2.RolloutVersionRequest(version=policy_store.second), timeout=30)
+        wait_until(lambda: serving() == stable, 120, "the canary engine did not go back to stable")
+        assert w.store.current("policy") == stable
+        assert engine.serving.versions.refusals == 0, "every announcement the rollout service signed verified"
+    finally:
+        if engine is not None:
+            w.loop.run(engine.stop(), timeout=120)
+        w.close()
