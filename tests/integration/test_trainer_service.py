@@ -492,5 +492,9 @@ def test_a_frozen_rm_guard_the_store_lacks_is_a_config_error_naming_the_variable
     from shared.config import ConfigError
 
     cfg = trainer_config(own_broker, store, services, tmp_path / "ckpt", guards=("frozen_rm:rm-0042:0.1",))
-    with pytest.raises(ConfigError, match="RLHF_TRAINER_GUARDS: frozen_rm:rm-0042: cannot load the reward model"):
+
+    async def build() -> None:  # on a loop: TrainerApp makes a grpc.aio server, which belongs to one
         TrainerApp(cfg)._build_guards()
+
+    with pytest.raises(ConfigError, match="RLHF_TRAINER_GUARDS: frozen_rm:rm-0042: cannot load the reward model"):
+        asyncio.run(build())
