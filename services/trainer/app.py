@@ -139,7 +139,8 @@ class TrainerApp:
         mixer = PromptMixer(self.live, train, cfg.live_prompt_fraction, seed=cfg.seed)
         settings = LoopSettings(
             rollouts_per_iteration=cfg.rollouts_per_iteration,
-            max_staleness=cfg.max_staleness,
+            max_staleness_steps=cfg.max_staleness_steps,
+            revert_after_refusals=cfg.revert_after_refusals,
             publish_every=cfg.publish_every,
             checkpoint_every=cfg.checkpoint_every,
             kl_bound=cfg.kl_bound,
@@ -160,12 +161,7 @@ class TrainerApp:
             self.live,
             paused=cfg.start_paused,
             guards=self._build_guards(),
-            served=self._served if cfg.rollout else None,
         )
-
-    def _served(self) -> tuple[str | None, str | None]:
-        """(stable, canary) as the rollout service set the policy line's pointers (rollout mode)."""
-        return self.store.current("policy"), self.store.pointer("policy", "canary")
 
     def _build_guards(self) -> list[Guard]:
         """RLHF_TRAINER_GUARDS loaded (after the store has its models); a ConfigError naming the

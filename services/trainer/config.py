@@ -63,11 +63,20 @@ class TrainerConfig(ServiceConfig):
     top_p: float = 1.0
     """Nucleus mass of rollout sampling. Below 1 the sampling distribution is not the policy's, so
     the behaviour log-probabilities are only approximate; keep 1 unless you accept that."""
-    max_staleness: int = 1
-    """How many published versions older than the trainer's last published one a rollout may come
-    from (inference swaps with a delay). Older rollouts are dropped. PPO's ratio always uses the
-    behaviour log-probabilities recorded at sampling, so a kept stale rollout is still corrected.
-    In rollout mode only versions that reached serving count (see RLHF_TRAINER_ROLLOUT)."""
+    max_staleness_steps: int = 64
+    """How many learner steps may separate the learner's weights from the weights that sampled a
+    rollout (counted along the lineage: steps since the sampling version was published, or since
+    the learner returned to it). Older rollouts are dropped (``rlhf_trainer_rollouts_dropped_total
+    {reason="stale"}``); PPO's ratio always uses the behaviour log-probabilities recorded at
+    sampling, so a kept older rollout is still corrected, but its clipped ratio carries less and
+    less signal. A served version that stays the same while the trainer trains on (its candidates
+    refused, or queued for the canary in rollout mode) does not keep its rollouts fresh: the trainer
+    waits (or reverts, below) instead of training on them. Default: a few publish periods."""
+    revert_after_refusals: int = 3
+    """After this many candidates refused in a row, the learner returns to the weights of the last
+    published version (fresh optimiser, same KL coefficient) instead of training further from a
+    refused candidate; a refusal because the learner's held-out KL to the reference passed the bound
+    reverts at once. 0: never revert (the trainer keeps training from refused candidates)."""
     rollout: bool = False
     """Progressive rollout: each version that passes the gate becomes the *candidate* (the policy
     line's candidate pointer, announced on rlhf.policy-candidates) instead of the current version,
@@ -138,7 +147,14 @@ class TrainerConfig(ServiceConfig):
         ):
             if getattr(self, name) < 1:
                 out.append(f"{p}{name.upper()} must be at least 1")
-        for name in ("max_staleness", "publish_every", "heldout_prompts", "heldout_samples", "torch_threads"):
+        for name in (
+            "max_staleness_steps",
+            "revert_after_refusals",
+            "publish_every",
+            "heldout_prompts",
+            "heldout_samples",
+            "torch_threads",
+        ):
             if getattr(self, name) < 0:
                 out.append(f"{p}{name.upper()} must not be negative")
         if self.heldout_samples > 64:

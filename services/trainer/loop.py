@@ -9,7 +9,18 @@
 One iteration: draw prompts (live/file mix), sample one response each from the served policy and
 score it (``RolloutCollector``), drop stale or unusable samples, one ``learner.step``. Every
 ``publish_every`` iterations the candidate is evaluated and, if the gate passes, published and
-announced. Checkpoints every ``checkpoint_every`` iterations, after each publish or rollback, and
+announced.
+
+Staleness is measured in learner steps (``rollout_ages``): the loop keeps, along its lineage, how
+many learner steps led to each version's weights (``LoopState.version_depth``) and to the weights
+now (``LoopState.depth``); a rollout from version v is ``depth - version_depth[v]`` steps stale.
+
+A refused trainer finds its way back: after ``revert_after_refusals`` refusals in a row, or at once
+when the held-out KL of its own weights to the reference passes the bound, the learner returns to
+the weights of the last published version (``_revert``) instead of training further from a refused
+candidate. The optimiser is reset (Adam's moments point along the refused direction; kept, they
+would push the weights the same way again) and the adaptive KL coefficient is kept (it is the
+controller's estimate of how hard this policy must be held back). Checkpoints every ``checkpoint_every`` iterations, after each publish or rollback, and
 on stop. A failed iteration (a dependency down, a bad batch) is logged, counted and retried after
 ``idle_sleep_s``; the thread never dies of it.
 
@@ -58,15 +69,15 @@ from shared.model_store import (
     InvalidNameError,
     ModelStoreError,
     UnknownVersionError,
-    version_number,
 )
 
 log = get_logger(__name__)
 
 LINEAGE_KEPT = 32
+"""Versions of the lineage remembered (with publish_every steps between them, far more than any
+sensible max_staleness_steps reaches back)."""
 SAME_RM_ATTEMPTS = 3
 """Candidate evaluations tried before giving up on scoring it and the baseline with one reward model."""
-"""Versions of the lineage remembered (more than any sensible max_staleness)."""
 
 
 @dataclass
@@ -88,6 +99,19 @@ class LoopState:
     guards need them); None until measured."""
     dropped: dict[str, int] = field(default_factory=dict)
     last_gate: dict | None = None
+    depth: int = 0
+    """Learner steps from the lineage's first version to the learner's weights now (a revert sets it
+    back to the head's; a rollback restarts it at 0)."""
+    version_depth: dict[str, int] = field(default_factory=dict)
+    """Lineage version -> learner steps from the lineage's first version to its weights."""
+    refusals_in_a_row: int = 0
+    """Candidates refused since the last publish, rollback or revert."""
+    reverts: int = 0
+    """Times the learner returned to the last published weights."""
+
+    def __post_init__(self) -> None:
+        if not self.version_depth:  # a new lineage, or a checkpoint from before depths were kept
+            self.version_depth = {v: self.depth for v in self.lineage}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,13 +126,15 @@ class LoopState:
 @dataclass(frozen=True)
 class LoopSettings:
     rollouts_per_iteration: int
-    max_staleness: int
+    max_staleness_steps: int
     publish_every: int
     checkpoint_every: int
     kl_bound: float
     reward_tolerance: float
     idle_sleep_s: float = 2.0
     seed: int = 0
+    revert_after_refusals: int = 0
+    """0: never revert on refusals (a KL refusal still reverts when this is set, see ``_revert``)."""
 
 
 @dataclass(frozen=True)
@@ -165,23 +191,15 @@ class _Figures(TypedDict):
     rm_version: str
 
 
-def served_lineage(lineage: Sequence[str], stable: str | None, canary: str | None) -> list[str]:
-    """The lineage staleness is counted along in rollout mode: the versions that reached serving.
+def rollout_ages(lineage: Sequence[str], version_depth: dict[str, int], depth: int) -> dict[str, int]:
+    """Version -> learner steps since the learner's weights were that version, for the lineage's
+    versions whose depth is known:
 
-    A candidate that never ran (queued, superseded) or was rolled back was never served, so it must
-    not make the stable version look stale: otherwise a few candidates in a row that users did not
-    get would leave the trainer with only "stale" rollouts (it samples from the stable group) and no
-    way to publish again. Kept: every version up to the stable one (by number), and the canary.
-    Without a stable version, or when nothing would be left, the lineage as it is.
-    """
-    if not stable:
-        return list(lineage)
-    try:
-        bar = version_number(stable)
-    except InvalidNameError:
-        return list(lineage)
-    kept = [v for v in lineage if v == canary or version_number(v) <= bar]
-    return kept or list(lineage)
+        age(v) = depth - version_depth[v]
+
+    e.g. a version published 100 learner steps ago and served ever since is 100 steps old, however
+    many candidates were refused or queued in between; after a revert to the head, the head is 0."""
+    return {v: depth - version_depth[v] for v in lineage if v in version_depth}
 
 
 def checkpoint_payload(learner: Any, state: LoopState) -> dict[str, Any]:
@@ -215,7 +233,6 @@ class TrainingLoop:
         *,
         paused: bool = False,
         guards: Sequence[Guard] = (),
-        served: Callable[[], tuple[str | None, str | None]] | None = None,
     ):
         self.learner = learner
         self.state = state
@@ -226,9 +243,6 @@ class TrainingLoop:
         self.settings = settings
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
-        self.served = served
-        """Rollout mode: (stable, canary) versions served now (the store's current and canary
-        pointers): staleness counts only versions that reached serving (``served_lineage``)."""
         self.guards = list(guards)
         """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self._lock = threading.RLock()  # held for any use of the learner or the state
@@ -319,10 +333,11 @@ class TrainingLoop:
             if not prompts:
                 self._phase, self._detail = "waiting", "no prompts yet (live only, none received)"
                 return False
+            ages = rollout_ages(self.state.lineage, self.state.version_depth, self.state.depth)
             result = self.collector.collect(
                 prompts,
-                self._sampling_lineage(),
-                self.settings.max_staleness,
+                ages,
+                self.settings.max_staleness_steps,
                 seed=self.settings.seed * 100_003 + self.state.step * 997,
             )
             sampled_at = time.monotonic()
@@ -337,7 +352,9 @@ class TrainingLoop:
                 return False
             stats = self.learner.step(result.rollouts)
             metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - sampled_at)
+            oldest = max(ages.get(r.policy_version, 0) for r in result.rollouts)
             self.state.step += 1
+            self.state.depth += 1
             self._figures = {
                 "mean_reward": stats.mean_score,
                 "kl": stats.mean_kl,
@@ -349,6 +366,8 @@ class TrainingLoop:
             metrics.STEP.set(self.state.step)
             metrics.MEAN_REWARD.set(stats.mean_score)
             metrics.KL.set(stats.mean_kl)
+            metrics.BEHAVIOUR_KL.set(stats.behaviour_kl)
+            metrics.OLDEST_ROLLOUT_STEPS.set(oldest)
             metrics.ENTROPY.set(stats.entropy)
             metrics.LIVE_PROMPTS_BUFFERED.set(len(self.live))
             log_event(
@@ -360,6 +379,8 @@ class TrainingLoop:
                 dropped=sum(result.dropped.values()),
                 reward=round(stats.mean_score, 4),
                 kl=round(stats.mean_kl, 4),
+                behaviour_kl=round(stats.behaviour_kl, 4),
+                oldest_rollout_steps=oldest,
                 entropy=round(stats.entropy, 4),
                 seconds=round(time.monotonic() - started, 2),
             )
@@ -401,6 +422,7 @@ class TrainingLoop:
                 raise FailedPrecondition(f"cannot roll back: {exc}", param="policy_version") from exc
             self.learner = self.load_learner(version, self.state)
             self.state.lineage = [version]
+            self.state.depth, self.state.version_depth, self.state.refusals_in_a_row = 0, {version: 0}, 0
             self.state.baseline = None  # measured again, on the rolled-back weights, before the next step
             self.state.last_published = {
                 "version": version,
@@ -440,18 +462,6 @@ class TrainingLoop:
                 self.checkpoint()
 
     # --- internals -------------------------------------------------------------------------
-
-    def _sampling_lineage(self) -> list[str]:
-        if self.served is None:
-            return list(self.state.lineage)
-        try:
-            stable, canary = self.served()
-        except (ModelStoreError, OSError) as exc:
-            log_event(
-                log, "cannot read the served versions; counting staleness on the lineage", level=30, error=str(exc)
-            )
-            return list(self.state.lineage)
-        return served_lineage(self.state.lineage, stable, canary)
 
     def _measure_baseline(self) -> None:
         """Evaluate the weights as published (no step since): the bar for the next candidate."""
@@ -499,10 +509,18 @@ class TrainingLoop:
         if not decision.ok:
             result = GateResult(published=False, reason=decision.reason, refused_by=decision.check, **common)
             self.state.last_gate = asdict(result)
+            self.state.refusals_in_a_row += 1
             metrics.GATE_REFUSED.labels(decision.check or "other").inc()
             log_event(
-                log, "candidate refused", level=30, reason=decision.reason, check=decision.check, step=self.state.step
+                log,
+                "candidate refused",
+                level=30,
+                reason=decision.reason,
+                check=decision.check,
+                step=self.state.step,
+                in_a_row=self.state.refusals_in_a_row,
             )
+            self._maybe_revert(decision.check)
             self._phase, self._detail = "training", ""
             return result
         parent = self.state.lineage[-1]
@@ -526,6 +544,9 @@ class TrainingLoop:
         )
         self.learner.mark_published(manifest.version)
         self.state.lineage = (self.state.lineage + [manifest.version])[-LINEAGE_KEPT:]
+        depths = {**self.state.version_depth, manifest.version: self.state.depth}
+        self.state.version_depth = {v: depths[v] for v in self.state.lineage if v in depths}
+        self.state.refusals_in_a_row = 0
         self.state.baseline = {
             "reward": ev.heldout_reward,
             "rm_version": ev.rm_version,
@@ -577,6 +598,43 @@ class TrainingLoop:
             "rm_changed",
         )
         return ev, baseline, refused
+
+    def _maybe_revert(self, check: str) -> None:
+        """After a refusal: back to the last published weights when ``revert_after_refusals``
+        candidates in a row were refused, or at once when the refusal was the learner's own KL to
+        the reference passing the bound (training further from there only drifts further)."""
+        k = self.settings.revert_after_refusals
+        if k <= 0:
+            return
+        if check == "kl":
+            self._revert("kl_bound")
+        elif self.state.refusals_in_a_row >= k:
+            self._revert("refusals")
+
+    def _revert(self, reason: str) -> None:
+        """The learner returns to the weights of the lineage's head (the last published version or
+        the one rolled back to) with a fresh optimiser and the KL coefficient it had; the baseline
+        (the head's evaluation) stays the bar. Checkpointed."""
+        head = self.state.lineage[-1]
+        kl_coef = self.learner.kl_controller.value
+        refusals = self.state.refusals_in_a_row
+        self.learner = self.load_learner(head, self.state)
+        self.learner.kl_controller.value = kl_coef
+        self.state.depth = self.state.version_depth.get(head, self.state.depth)
+        self.state.refusals_in_a_row = 0
+        self.state.reverts += 1
+        metrics.REVERTS.labels(reason).inc()
+        log_event(
+            log,
+            "reverted to the last published weights",
+            level=30,
+            version=head,
+            reason=reason,
+            refusals=refusals,
+            step=self.state.step,
+            kl_coef=round(kl_coef, 5),
+        )
+        self.checkpoint()
 
     def _run_guards(self, ev: Evaluation) -> list[GuardResult]:
         """Every guard on the candidate's answers against the baseline's (whose values are kept in

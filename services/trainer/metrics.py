@@ -18,7 +18,25 @@ LIVE_PROMPTS_LARGEST_SHARE = Gauge(
 )
 STEP = Gauge("rlhf_trainer_step", "PPO iterations done since the first start (restored from checkpoints)")
 MEAN_REWARD = Gauge("rlhf_trainer_mean_reward", "Mean RM score of the last iteration's rollouts")
-KL = Gauge("rlhf_trainer_kl", "Mean KL to the reference per response in the last iteration (nats)")
+KL = Gauge(
+    "rlhf_trainer_kl",
+    "Mean KL of the learner's weights to the reference per response in the last iteration (nats): what "
+    "the penalty restrains",
+)
+BEHAVIOUR_KL = Gauge(
+    "rlhf_trainer_behaviour_kl",
+    "Mean KL of the policy that sampled the last iteration's rollouts to the reference per response (nats)",
+)
+OLDEST_ROLLOUT_STEPS = Gauge(
+    "rlhf_trainer_oldest_rollout_steps",
+    "Learner steps since the weights that sampled the oldest rollout of the last iteration",
+)
+REVERTS = Counter(
+    "rlhf_trainer_reverts_total",
+    "Returns of the learner to the last published weights, by reason (refusals: refused candidates in a "
+    "row; kl_bound: the learner's held-out KL to the reference passed the bound)",
+    ["reason"],
+)
 ENTROPY = Gauge("rlhf_trainer_entropy", "Mean policy entropy per token in the last iteration")
 HELDOUT_REWARD = Gauge("rlhf_trainer_heldout_reward", "Held-out reward of the last evaluated candidate")
 HELDOUT_KL = Gauge("rlhf_trainer_heldout_kl", "KL to the reference of the last evaluated candidate")

@@ -2,23 +2,25 @@
 (reward service) -> ``Rollout``s the learner trains on; stale or unusable samples dropped.
 
     collector = RolloutCollector(GrpcPolicySampler(channel), GrpcRewardScorer(channel), max_tokens=48)
-    result = collector.collect(prompts, lineage=["policy-0001", "policy-0002"], max_staleness=1)
+    result = collector.collect(prompts, ages={"policy-0001": 12, "policy-0002": 2}, max_staleness_steps=64)
     result.rollouts, result.dropped          # {"stale": 2, "empty": 1, ...}
 
 Each sample carries the policy version that produced it (from the inference response) and the
 log-probability of every token under that version, so when a rollout comes from an older version
 than the learner's weights, PPO's ratio is taken against those recorded behaviour logprobs.
 
-Staleness is counted along the trainer's *lineage*: the versions it has built on, oldest first
-(the version it started from, then each version it published; a rollback restarts the lineage at
-the rolled-back version). A rollout from ``lineage[-1 - k]`` is ``k`` versions stale; one from a
+Staleness is counted in what changed: a rollout is as stale as the learner steps applied since the
+learner's weights were the version that sampled it (``ages``, kept by the loop along the trainer's
+lineage: the version it started from, then each version it published; a rollback restarts it). A
+served version that stays the same while the learner trains on does not keep its rollouts fresh:
+100 steps later they are 100 steps stale, however few versions were published. A rollout from a
 version not in the lineage (someone else's, or one rolled back away from) is never used.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,22 +66,15 @@ class Scorer(Protocol):
 # --- pure rules -------------------------------------------------------------------------------
 
 
-def staleness(version: str, lineage: Sequence[str]) -> int | None:
-    """How many versions behind the newest of ``lineage`` ``version`` is; None if not in it."""
-    for k, known in enumerate(reversed(lineage)):
-        if known == version:
-            return k
-    return None
-
-
-def drop_reason(sample: SampledCompletion, lineage: Sequence[str], max_staleness: int) -> str | None:
-    """Why ``sample`` must not be trained on, or None when it may be."""
+def drop_reason(sample: SampledCompletion, ages: Mapping[str, int], max_staleness_steps: int) -> str | None:
+    """Why ``sample`` must not be trained on, or None when it may be. ``ages``: version -> learner
+    steps since the learner's weights were that version (``loop.rollout_ages``)."""
     if len(sample.policy_versions) > 1:
         return "straddled"  # generated across a hot-swap: no single behaviour policy
-    age = staleness(sample.policy_version, lineage)
+    age = ages.get(sample.policy_version)
     if age is None:
         return "unknown_version"
-    if age > max_staleness:
+    if age > max_staleness_steps:
         return "stale"
     if not sample.token_ids:
         return "empty"
@@ -110,13 +105,13 @@ class RolloutCollector:
         self.top_p = top_p
 
     def collect(
-        self, prompts: Sequence[Prompt], lineage: Sequence[str], max_staleness: int, seed: int | None = None
+        self, prompts: Sequence[Prompt], ages: Mapping[str, int], max_staleness_steps: int, seed: int | None = None
     ) -> CollectResult:
         samples = self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
         dropped: Counter = Counter()
         kept: list[SampledCompletion] = []
         for s in samples:
-            reason = drop_reason(s, lineage, max_staleness)
+            reason = drop_reason(s, ages, max_staleness_steps)
             if reason:
                 dropped[reason] += 1
             else:

@@ -248,6 +248,45 @@ def test_a_candidate_beyond_the_kl_bound_is_not_published(own_broker, store, ser
     assert store.versions("policy") == versions and store.current("policy") == current
 
 
+def test_a_trainer_past_the_kl_bound_reverts_to_the_published_weights_and_publishes_once_within_it(
+    own_broker, store, services, tmp_path
+):
+    """Every candidate past a KL bound of 0: each refusal returns the learner to the published
+    weights (counted, checkpointed); restarted from that checkpoint with a bound it keeps within,
+    the trainer publishes again, building on the version it reverted to."""
+    from prometheus_client import REGISTRY
+
+    from services.trainer.checkpoint import CheckpointStore
+
+    loop, _, _ = services
+    ckpt = tmp_path / "ckpt"
+    head = store.current("policy")
+    versions = store.versions("policy")
+
+    def reverts() -> float:
+        return REGISTRY.get_sample_value("rlhf_trainer_reverts_total", {"reason": "kl_bound"}) or 0.0
+
+    before = reverts()
+    cfg = dict(live_prompt_fraction=0.0, revert_after_refusals=2)
+    trainer = Trainer(loop, trainer_config(own_broker, store, services, ckpt, kl_bound=0.0, **cfg))
+    try:
+        wait_until(lambda: reverts() >= before + 2, 240, "the trainer did not revert")
+        trainer.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
+    finally:
+        trainer.stop()
+    saved = CheckpointStore(ckpt).load_latest().state["loop"]
+    assert saved["reverts"] >= 2 and saved["lineage"] == [head] and saved["depth"] <= 1
+    assert store.versions("policy") == versions
+
+    again = Trainer(loop, trainer_config(own_broker, store, services, ckpt, kl_bound=1e6, **cfg))
+    try:
+        wait_until(lambda: again.status().last_published.version != "", 240, "did not publish within the bound")
+        status = again.stub.Pause(trainer_pb2.PauseRequest(), timeout=10)
+    finally:
+        again.stop()
+    assert status.last_gate.published and status.last_published.parent == head
+
+
 def test_a_stopped_trainer_resumes_from_its_checkpoint(own_broker, store, services, tmp_path):
     loop, _, _ = services
     ckpt = tmp_path / "ckpt"

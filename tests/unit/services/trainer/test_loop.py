@@ -1,7 +1,8 @@
 """TrainingLoop with a real learner on the default model and a real model store; sampling and
 scoring run in process here (the integration test drives the real inference and reward services):
 train -> gate -> atomic publish -> announcement (retried while it fails), refusal beyond the KL
-bound, resume from a checkpoint, rollback, pause."""
+bound, resume from a checkpoint, rollback, pause, staleness in learner steps, and the return to the
+last published weights after refusals."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from prometheus_client import REGISTRY
 from services.trainer.checkpoint import CheckpointStore
 from services.trainer.guards import EntryPointGuard, FrozenRmGuard, floor_rule
 from services.trainer.learner import PPOLearner
-from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore, served_lineage
+from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore, rollout_ages
 from services.trainer.ppo_config import PPOConfig
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
 from services.trainer.publishing import PolicyPublisher
@@ -124,7 +125,8 @@ def make_loop(
     reward_tolerance=1e6,
     guards=(),
     kind=POLICY,
-    rollout_served=False,
+    max_staleness_steps=64,
+    revert_after_refusals=0,
 ):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
@@ -141,7 +143,8 @@ def make_loop(
     )
     settings = LoopSettings(
         rollouts_per_iteration=4,
-        max_staleness=1,
+        max_staleness_steps=max_staleness_steps,
+        revert_after_refusals=revert_after_refusals,
         publish_every=publish_every,
         checkpoint_every=1,
         kl_bound=kl_bound,
@@ -159,7 +162,6 @@ def make_loop(
         load_learner,
         paused=paused,
         guards=guards,
-        served=(lambda: (store.current("policy"), store.pointer("policy", "canary"))) if rollout_served else None,
     )
     holder["loop"] = loop
     return loop, served, load_learner
@@ -363,7 +365,7 @@ def test_guards_that_pass_are_recorded_in_the_manifest_the_status_and_the_baseli
 
 def test_in_rollout_mode_a_gated_version_becomes_the_candidate_and_current_stays(store, tmp_path, one_thread):
     announcer = RecordingAnnouncer()
-    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, kind=POLICY_CANDIDATE, rollout_served=True)
+    loop, _, _ = make_loop(store, tmp_path, announcer=announcer, kind=POLICY_CANDIDATE)
     assert loop.run_iteration()
     assert store.pointer("policy", "candidate") == "policy-0002" and store.current("policy") == "policy-0001"
     [event] = announcer.events
@@ -378,23 +380,73 @@ def test_in_rollout_mode_a_gated_version_becomes_the_candidate_and_current_stays
     assert announcer.events[-1].reason == "rollback" and isinstance(announcer.events[-1], PolicyCandidateEvent)
 
 
-def test_in_rollout_mode_candidates_users_never_got_do_not_make_the_stable_version_stale(store, tmp_path, one_thread):
-    loop, served, _ = make_loop(store, tmp_path, kind=POLICY_CANDIDATE, rollout_served=True)
-    for _ in range(3):  # three candidates in a row, none promoted: inference still serves policy-0001
+def test_staleness_counts_learner_steps_not_published_versions(store, tmp_path, one_thread):
+    """Rollout mode, three candidates in a row that users never got: inference still serves
+    policy-0001, whose rollouts are as old as the learner steps taken since (3), not "3 versions"."""
+    loop, served, _ = make_loop(store, tmp_path, kind=POLICY_CANDIDATE, max_staleness_steps=3)
+    for _ in range(3):
         assert loop.run_iteration()
     assert loop.state.lineage == ["policy-0001", "policy-0002", "policy-0003", "policy-0004"]
+    assert loop.state.version_depth == {"policy-0001": 0, "policy-0002": 1, "policy-0003": 2, "policy-0004": 3}
     assert served == ["policy-0001"] and not loop.state.dropped.get("stale")
-    # Counted along the plain lineage, policy-0001 would be 3 versions stale: nothing to train on.
-    plain, _, _ = make_loop(store, tmp_path / "plain", kind=POLICY_CANDIDATE)
-    plain.state.lineage = list(loop.state.lineage)
-    assert not plain.run_iteration() and plain.state.dropped["stale"] == 4
+    assert loop.run_iteration()  # policy-0001 is 3 steps old: still within the bound
+    assert not loop.run_iteration() and loop.state.dropped["stale"] == 4  # 4 steps old: stale
+    assert counter("rlhf_trainer_oldest_rollout_steps") == 3
 
 
-def test_served_lineage_keeps_what_reached_serving():
-    lineage = ["policy-0003", "policy-0005", "policy-0006", "policy-0007", "policy-0008"]
-    # Stable 0005; 0006 rolled back, 0007 superseded, 0008 in canary.
-    assert served_lineage(lineage, "policy-0005", "policy-0008") == ["policy-0003", "policy-0005", "policy-0008"]
-    assert served_lineage(lineage, "policy-0007", None) == lineage[:4]
-    assert served_lineage(lineage, None, None) == lineage
-    assert served_lineage(lineage, "policy-0001", None) == lineage  # nothing would be left
-    assert served_lineage(lineage, "rm-12", None) == lineage
+def test_rollout_ages_are_learner_steps_along_the_lineage():
+    lineage = ["policy-0003", "policy-0005", "policy-0006"]
+    depths = {"policy-0003": 0, "policy-0005": 10, "policy-0006": 20}
+    assert rollout_ages(lineage, depths, 25) == {"policy-0003": 25, "policy-0005": 15, "policy-0006": 5}
+    # One version served for 100 steps without a publish: 100 steps old.
+    assert rollout_ages(["policy-0001"], {"policy-0001": 0}, 100) == {"policy-0001": 100}
+    assert rollout_ages(lineage, {"policy-0006": 20}, 20) == {"policy-0006": 0}  # depths unknown: not used
+
+
+def test_a_checkpoint_from_before_depths_counts_every_lineage_version_fresh():
+    state = LoopState.from_json(
+        {"lineage": ["policy-0001", "policy-0002"], "reference_version": "policy-0001", "value_rm_version": "rm-0001"}
+    )
+    assert state.depth == 0 and state.version_depth == {"policy-0001": 0, "policy-0002": 0}
+
+
+def always_refuses():
+    def broken(prompts, answers):
+        raise RuntimeError("the check cannot run")
+
+    return EntryPointGuard("test:broken", broken, threshold=0.0)  # fails closed: every candidate refused
+
+
+def test_after_k_refusals_the_learner_returns_to_the_last_published_weights(store, tmp_path, one_thread):
+    loop, _, _ = make_loop(store, tmp_path, guards=[always_refuses()], revert_after_refusals=2)
+    published = {k: v.clone() for k, v in loop.learner.policy_state().items()}
+    reverts_before = counter("rlhf_trainer_reverts_total", reason="refusals")
+    loop.run_iteration()
+    assert loop.state.refusals_in_a_row == 1 and loop.state.depth == 1 and loop.state.reverts == 0
+    moved = loop.learner.policy_state()
+    assert any(not torch.equal(published[k], moved[k]) for k in published)
+    loop.run_iteration()  # the second refusal in a row: back to policy-0001's weights
+    assert loop.state.reverts == 1 and loop.state.refusals_in_a_row == 0 and loop.state.depth == 0
+    assert loop.learner.weights_version == "policy-0001" and loop.state.step == 2
+    for k, v in loop.learner.policy_state().items():
+        assert torch.equal(published[k], v), k
+    assert counter("rlhf_trainer_reverts_total", reason="refusals") == reverts_before + 1
+    assert store.versions("policy") == ["policy-0001"]
+    # The revert is checkpointed: a restart resumes from the published weights, not the refused ones.
+    assert CheckpointStore(tmp_path / "ckpt").load_latest().state["loop"]["reverts"] == 1
+
+
+def test_a_kl_refusal_reverts_at_once_and_keeps_the_kl_coefficient(store, tmp_path, one_thread):
+    loop, _, _ = make_loop(store, tmp_path, kl_bound=0.0, lr=1e-2, revert_after_refusals=5)
+    loop.learner.kl_controller.value = 0.37
+    loop.run_iteration()
+    assert loop.status().last_gate.refused_by == "kl"
+    assert loop.state.reverts == 1 and loop.learner.weights_version == "policy-0001"
+    assert loop.learner.kl_controller.value == 0.37  # fresh optimiser, same restraint
+
+
+def test_without_reverts_a_refused_trainer_trains_on_from_the_refused_candidate(store, tmp_path, one_thread):
+    loop, _, _ = make_loop(store, tmp_path, guards=[always_refuses()], revert_after_refusals=0)
+    for _ in range(3):
+        loop.run_iteration()
+    assert loop.state.reverts == 0 and loop.state.refusals_in_a_row == 3 and loop.state.depth == 3

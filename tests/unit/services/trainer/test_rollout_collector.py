@@ -1,14 +1,15 @@
-"""Rollout collection: staleness along the lineage, which samples are dropped and why, and the
+"""Rollout collection: staleness in learner steps, which samples are dropped and why, and the
 Rollouts handed to the learner (version, behaviour logprobs, score, RM version)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.trainer.rollout_collector import RolloutCollector, SampledCompletion, drop_reason, staleness
+from services.trainer.rollout_collector import RolloutCollector, SampledCompletion, drop_reason
 from shared.events import Message
 
-LINEAGE = ["policy-0001", "policy-0003", "policy-0004"]
+AGES = {"policy-0001": 30, "policy-0003": 12, "policy-0004": 2}
+"""Learner steps since the weights were each version (loop.rollout_ages along the lineage)."""
 
 
 def sample(
@@ -34,39 +35,28 @@ def sample(
 
 
 @pytest.mark.parametrize(
-    "version, expected",
+    "s, max_staleness_steps, reason",
     [
-        ("policy-0004", 0),
-        ("policy-0003", 1),
-        ("policy-0001", 2),
-        ("policy-0002", None),
-        ("policy-0005", None),
+        (sample(), 2, None),
+        (sample(), 1, "stale"),
+        (sample("policy-0003"), 12, None),
+        (sample("policy-0003"), 11, "stale"),
+        (sample("policy-0001"), 16, "stale"),
+        (sample("policy-0002"), 500, "unknown_version"),
+        (sample(versions=["policy-0003", "policy-0004"]), 500, "straddled"),
+        (sample(logprobs=()), 16, "no_logprobs"),
+        (sample(tokens=()), 16, "empty"),
+        (sample(text="  "), 16, "empty"),
     ],
 )
-def test_staleness_counts_versions_along_the_lineage(version, expected):
-    assert staleness(version, LINEAGE) == expected
+def test_drop_reason(s, max_staleness_steps, reason):
+    assert drop_reason(s, AGES, max_staleness_steps) == reason
 
 
-def test_staleness_after_a_rollback_counts_from_the_restarted_lineage():
-    assert staleness("policy-0004", ["policy-0003"]) is None  # rolled back away from: never used
-
-
-@pytest.mark.parametrize(
-    "s, max_staleness, reason",
-    [
-        (sample(), 0, None),
-        (sample("policy-0003"), 1, None),
-        (sample("policy-0003"), 0, "stale"),
-        (sample("policy-0001"), 1, "stale"),
-        (sample("policy-0002"), 5, "unknown_version"),
-        (sample(versions=["policy-0003", "policy-0004"]), 5, "straddled"),
-        (sample(logprobs=()), 1, "no_logprobs"),
-        (sample(tokens=()), 1, "empty"),
-        (sample(text="  "), 1, "empty"),
-    ],
-)
-def test_drop_reason(s, max_staleness, reason):
-    assert drop_reason(s, LINEAGE, max_staleness) == reason
+def test_a_rollout_100_steps_old_under_an_unchanged_served_version_is_stale():
+    """One version served all along (every candidate refused): its rollouts age with the learner."""
+    assert drop_reason(sample("policy-0001"), {"policy-0001": 100}, 64) == "stale"
+    assert drop_reason(sample("policy-0001"), {"policy-0001": 3}, 64) is None
 
 
 class ListSampler:
@@ -101,7 +91,7 @@ def test_collect_keeps_fresh_samples_with_their_version_and_logprobs():
     ]
     sampler, scorer = ListSampler(samples), LengthScorer()
     collector = RolloutCollector(sampler, scorer, max_tokens=32, top_p=0.9)
-    result = collector.collect([s.prompt for s in samples], LINEAGE, max_staleness=1, seed=5)
+    result = collector.collect([s.prompt for s in samples], AGES, max_staleness_steps=16, seed=5)
     assert sampler.calls == [(4, 32, 0.9, 5)]
     assert result.sampled == 4 and dict(result.dropped) == {"stale": 1, "empty": 1}
     assert [r.policy_version for r in result.rollouts] == ["policy-0004", "policy-0003"]
@@ -115,6 +105,6 @@ def test_collect_keeps_fresh_samples_with_their_version_and_logprobs():
 def test_collect_does_not_call_the_scorer_when_everything_is_dropped():
     scorer = LengthScorer()
     result = RolloutCollector(ListSampler([sample("policy-0002")]), scorer, max_tokens=8).collect(
-        [(Message("user", "q"),)], LINEAGE, max_staleness=3
+        [(Message("user", "q"),)], AGES, max_staleness_steps=64
     )
     assert result.rollouts == [] and dict(result.dropped) == {"unknown_version": 1} and scorer.calls == 0
