@@ -248,10 +248,12 @@ def gate_discrimination(gates: list[dict[str, Any]], trainer_metrics: str | None
 
 
 def gate_counts_from_metrics(text: str) -> dict[str, Any]:
-    """The trainer's own gate counters: compared, same_as_baseline, published, refused by reason."""
+    """The trainer's own gate counters: compared, same_as_baseline, published, refused by reason,
+    and its returns to the last published weights by reason."""
     from prometheus_client.parser import text_string_to_metric_families
 
     refused: dict[str, float] = {}
+    reverts: dict[str, float] = {}
     totals = {"compared": 0.0, "same_as_baseline": 0.0, "published": 0.0}
     names = {
         "rlhf_trainer_gate_compared_total": "compared",
@@ -262,6 +264,8 @@ def gate_counts_from_metrics(text: str) -> dict[str, Any]:
         for s in fam.samples:
             if s.name == "rlhf_trainer_gate_refused_total":
                 refused[s.labels["reason"]] = refused.get(s.labels["reason"], 0.0) + s.value
+            elif s.name == "rlhf_trainer_reverts_total":
+                reverts[s.labels["reason"]] = reverts.get(s.labels["reason"], 0.0) + s.value
             elif s.name in names:
                 totals[names[s.name]] += s.value
     compared = totals["compared"]
@@ -269,6 +273,7 @@ def gate_counts_from_metrics(text: str) -> dict[str, Any]:
         **{k: int(v) for k, v in totals.items()},
         "differed_share": (compared - totals["same_as_baseline"]) / compared if compared else None,
         "refused_by": {k: int(v) for k, v in sorted(refused.items())},
+        "reverts": {k: int(v) for k, v in sorted(reverts.items())},
     }
 
 

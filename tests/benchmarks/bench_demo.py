@@ -4,6 +4,7 @@
     .venv/bin/python tests/benchmarks/bench_demo.py --store S --skip-bootstrap   # reuse a bootstrapped store
     .venv/bin/python tests/benchmarks/bench_demo.py --ptx 0.5          # PPO-ptx instead of PPO
     .venv/bin/python tests/benchmarks/bench_demo.py --store S --skip-bootstrap --sabotage   # a bad candidate
+    .venv/bin/python tests/benchmarks/bench_demo.py --store S --skip-bootstrap --side-by-side   # PPO vs PPO-ptx
 
 1. `rlhf bootstrap` on a fresh store with the shipped data (timed: wall and CPU seconds; target
    under 15 minutes);
@@ -32,6 +33,16 @@ share got it (the gateway's routing rule). Targets: rolled back automatically, u
 answers in its period, nobody outside the canary share. The canary share defaults to 4% here
 (``--canary-share``); the users stop ``--after-verdict`` seconds after the verdict, or at
 ``--duration``. Writes bench-results/sabotage.json and a "Sabotage" section in the report.
+
+**Side by side** (``--side-by-side``): plain PPO and PPO-ptx (``--ptx``, default
+``SIDE_BY_SIDE_PTX``), one after the other, each for ``--duration`` on its own copy of the same
+bootstrapped store (so both start from the same policy-0001 and rm-0001), then one table: minutes
+to the first published version, the served thumbs-up rise, the win rate over policy-0001, the
+largest KL of a published version, refusals and reverts by reason, and the held-out pretraining
+perplexity of policy-0001 (the SFT policy) and of the final policy (the alignment tax). Targets
+(issue #19): both publish within 2 minutes; PPO-ptx's perplexity at most the SFT policy's, with a
+win rate within 2 points of plain PPO's. Writes bench-results/side-by-side.json (and each arm's
+demo JSON and report beside it).
 """
 
 from __future__ import annotations
@@ -50,6 +61,10 @@ TARGET_RISE_PP = 20.0
 TARGET_WIN_RATE = 0.70
 TARGET_BOOTSTRAP_S = 15 * 60
 TARGET_SABOTAGE_SHARE = 0.05
+TARGET_FIRST_PUBLISH_MIN = 2.0
+TARGET_PTX_WIN_GAP_PP = 2.0
+SIDE_BY_SIDE_PTX = 0.1
+"""gamma_ptx of the side-by-side's PPO-ptx arm (docs/benchmarks.md, "PPO against PPO-ptx", says why)."""
 
 
 def main() -> int:
@@ -69,7 +84,12 @@ def main() -> int:
     ap.add_argument("--sabotage", action="store_true", help="inject a bad candidate partway (see above)")
     ap.add_argument("--sabotage-at", type=float, default=30.0, help="seconds after the users start")
     ap.add_argument("--after-verdict", type=float, default=60.0, help="sabotage: users stop this long after it")
+    ap.add_argument("--side-by-side", action="store_true", help="plain PPO, then PPO-ptx (--ptx), same store")
     args = ap.parse_args()
+    if args.side_by_side:
+        if args.sabotage:
+            ap.error("--side-by-side and --sabotage are separate runs")
+        return side_by_side(args)
     if args.sabotage and args.no_canaries:
         ap.error("--sabotage needs canaries")
     args.out = args.out or REPO / "bench-results" / ("sabotage.json" if args.sabotage else "demo.json")
@@ -220,6 +240,8 @@ def learning_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path
                 final: evaluation.b.heldout_perplexity,
             },
             "eval_thumbs_up": {"policy-0001": evaluation.a.thumbs_up_rate, final: evaluation.b.thumbs_up_rate},
+            "minutes_to_first_publish": minutes_to_first_publish(store, summary),
+            "gate": summary.get("gate"),
         }
     )
     checks = {
@@ -310,6 +332,95 @@ class Saboteur:
                 self.decided_at = time.time()
                 print(f"sabotage: the canary of {self.version} ended", flush=True)
                 return
+
+
+def minutes_to_first_publish(store, summary: dict) -> float | None:
+    """Minutes from the users' start to the trainer's first published version (a candidate, with
+    canaries); None when it published nothing."""
+    published = summary["policy_versions_published"]
+    if not published:
+        return None
+    return round((store.manifest(published[0]).created_at - summary["started_at"]) / 60.0, 2)
+
+
+def side_by_side(args: argparse.Namespace) -> int:
+    """Plain PPO, then PPO-ptx, each on a fresh copy of the bootstrapped store; one table."""
+    base = prepare_store(args)
+    ptx = args.ptx or SIDE_BY_SIDE_PTX
+    root = args.out.parent / "side-by-side" if args.out else REPO / "bench-results" / "side-by-side"
+    arms: dict[str, dict] = {}
+    for name, coef in (("ppo", 0.0), ("ppo-ptx", ptx)):
+        arm_dir = root / name
+        shutil.rmtree(arm_dir, ignore_errors=True)
+        arm_dir.mkdir(parents=True)
+        shutil.copytree(args.store, arm_dir / "store")
+        arm = argparse.Namespace(
+            **{**vars(args), "store": arm_dir / "store", "ptx": coef, "out": arm_dir / "demo.json"}
+        )
+        print(f"--- {name} (ptx {coef:g}) ---", flush=True)
+        learning_run(arm, stack_env(arm, arm_dir / "report"), arm_dir / "report", dict(base, ptx_coef=coef))
+        arms[name] = json.loads(arm.out.read_text())
+    table = side_by_side_table(arms)
+    print(table)
+    out = root.parent / "side-by-side.json"
+    out.write_text(json.dumps({"ptx_coef": ptx, "arms": arms, "table": table}, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def side_by_side_table(arms: dict[str, dict]) -> str:
+    """The markdown table of the side-by-side run (one column per arm) and the issue's checks."""
+
+    def row(label: str, f) -> str:
+        return f"| {label} | " + " | ".join(f(a) for a in arms.values()) + " |"
+
+    def perplexity(a: dict) -> str:
+        first, final = a["heldout_perplexity"]["policy-0001"], a["heldout_perplexity"][a["final_policy"]]
+        return f"{first:.1f} -> {final:.1f}"
+
+    def counts(d: dict | None) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted((d or {}).items())) or "none"
+
+    def gate_metrics(a: dict) -> dict:
+        return (a.get("gate") or {}).get("metrics") or {}
+
+    lines = [
+        "| | " + " | ".join(f"{k} (ptx {a['ptx_coef']:g})" for k, a in arms.items()) + " |",
+        "|---|" + "---|" * len(arms),
+        row("minutes to the first published version", lambda a: str(a["minutes_to_first_publish"])),
+        row("versions published", lambda a: str(len(a["policy_versions"]))),
+        row(
+            "served thumbs-up (gold rater)",
+            lambda a: (
+                f"{a['thumbs_up_first']['rate']:.1%} -> {a['thumbs_up_last_served']['rate']:.1%} "
+                f"({a['rise_pp']:+.1f} pp)"
+            ),
+        ),
+        row(
+            "win rate over policy-0001",
+            lambda a: f"{a['win_rate']:.1%} [{a['win_interval'][0]:.1%}, {a['win_interval'][1]:.1%}]",
+        ),
+        row("largest KL of a published version", lambda a: f"{a['max_kl_published']:.2f}"),
+        row("refusals by reason", lambda a: counts(gate_metrics(a).get("refused_by"))),
+        row("reverts by reason", lambda a: counts(gate_metrics(a).get("reverts"))),
+        row("held-out pretraining perplexity (SFT -> final)", perplexity),
+    ]
+    ppo, ptx = arms.get("ppo"), arms.get("ppo-ptx")
+    if ppo and ptx:
+        ptx_ppl = ptx["heldout_perplexity"][ptx["final_policy"]]
+        checks = {
+            f"both publish within {TARGET_FIRST_PUBLISH_MIN:g} min": all(
+                a["minutes_to_first_publish"] is not None and a["minutes_to_first_publish"] <= TARGET_FIRST_PUBLISH_MIN
+                for a in arms.values()
+            ),
+            "PPO-ptx perplexity <= SFT's": ptx_ppl <= ptx["heldout_perplexity"]["policy-0001"],
+            f"PPO-ptx win rate within {TARGET_PTX_WIN_GAP_PP:g} pp of PPO's": (
+                100 * (ppo["win_rate"] - ptx["win_rate"]) <= TARGET_PTX_WIN_GAP_PP
+            ),
+            f"PPO win rate >= {TARGET_WIN_RATE:.0%}": ppo["win_rate"] >= TARGET_WIN_RATE,
+        }
+        lines += ["", *(f"- {name}: {'PASS' if ok else 'FAIL'}" for name, ok in checks.items())]
+    return "\n".join(lines)
 
 
 def sabotage_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path, results: dict) -> int:

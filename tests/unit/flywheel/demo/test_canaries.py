@@ -164,6 +164,9 @@ rlhf_trainer_gate_compared_total 10.0
 rlhf_trainer_gate_same_as_baseline_total 1.0
 # TYPE rlhf_trainer_published_total counter
 rlhf_trainer_published_total 5.0
+# TYPE rlhf_trainer_reverts_total counter
+rlhf_trainer_reverts_total{reason="kl_bound"} 2.0
+rlhf_trainer_reverts_total{reason="refusals"} 1.0
 """
 
 
@@ -184,4 +187,5 @@ def test_gate_discrimination_from_the_decisions_and_the_trainers_counters():
         "frozen_rm:rm-0001": 2,
         "kl": 3,
     }
+    assert g["metrics"]["reverts"] == {"kl_bound": 2, "refusals": 1}
     assert gate_discrimination([])["differed_share"] is None
