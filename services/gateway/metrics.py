@@ -54,3 +54,14 @@ ROLLOUT_STATUS_ERRORS = Counter(
     "rlhf_gateway_rollout_status_errors_total",
     "Calls of the rollout service's Status for /flywheel's live figures that failed (the page shows the events' figures)",
 )
+
+# --- streaming -----------------------------------------------------------------------------------
+STREAM_CHUNKS = Counter(
+    "rlhf_gateway_stream_chunks_total",
+    "Completion chunks received from the inference service for streamed answers (one gRPC message each)",
+)
+STREAM_TOKENS = Counter(
+    "rlhf_gateway_stream_tokens_total",
+    "Completion tokens received for streamed answers; divided by rlhf_gateway_stream_chunks_total: the "
+    "tokens per message (RLHF_INFERENCE_STREAM_COALESCE_MS sets how many the inference service groups)",
+)

@@ -37,6 +37,7 @@ from services.gateway.chat.schema import (
     TokenLogprob,
     Usage,
 )
+from services.gateway.chat.sse import DeltaEvents, sse
 from services.gateway.errors import error_from_grpc, sse_error
 from services.gateway.rollout.routing import CANARY, STABLE, Route, Router
 from shared.config import FeedbackTokenConfig
@@ -319,12 +320,23 @@ class ChatServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         started: set[int] = set()
         usages: list[inference_pb2.GenerateChunk] = []
+        deltas = DeltaEvents(chat_id, created)
+        chunks = tokens = 0
         try:
             async for up, chunk in _merged(ups):
                 if chunk.HasField("usage"):
                     usages.append(chunk)
                     continue
+                chunks += 1
+                tokens += len(chunk.token_ids)
                 index = chunk.index if up.index is None else up.index
+                if index in started and not req.logprobs:
+                    # The per-token path: a continuation of a choice, encoded without pydantic.
+                    if chunk.text or chunk.finish_reason:
+                        yield deltas.delta(
+                            chunk.model, chunk.policy_version, index, chunk.text, chunk.finish_reason, chunk.response_id
+                        )
+                    continue
                 if not (chunk.text or chunk.finish_reason or index not in started):
                     continue
                 delta = DeltaMessage(content=chunk.text)
@@ -340,7 +352,7 @@ class ChatServing:
                     choice.feedback_token = token(chunk.response_id, chunk.policy_version)
                     choice.policy_version = chunk.policy_version
                     started.add(index)
-                yield _sse(
+                yield sse(
                     ChatCompletionChunk(
                         id=chat_id,
                         created=created,
@@ -352,7 +364,7 @@ class ChatServing:
             if include_usage and usages:
                 prompt = usages[0].usage.prompt_tokens
                 completion = sum(u.usage.completion_tokens for u in usages)
-                yield _sse(
+                yield sse(
                     ChatCompletionChunk(
                         id=chat_id,
                         created=created,
@@ -369,6 +381,9 @@ class ChatServing:
         finally:
             for up in ups:
                 up.call.cancel()
+            # Counted once per stream, not per chunk: tokens / chunks is the tokens per message.
+            metrics.STREAM_CHUNKS.inc(chunks)
+            metrics.STREAM_TOKENS.inc(tokens)
         yield "data: [DONE]\n\n"
 
 
@@ -407,7 +422,3 @@ async def _merged(ups: list[Upstream]) -> AsyncIterator[tuple[Upstream, inferenc
     finally:
         for task in tasks:
             task.cancel()
-
-
-def _sse(chunk: ChatCompletionChunk) -> str:
-    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
