@@ -91,6 +91,14 @@ class InferenceConfig(ServiceConfig):
     from minutes to seconds; set 0 on GPUs for the faster compiled path."""
     seed: int = 0
     """Engine seed; requests without a seed sample from the engine's generator."""
+    stream_coalesce_ms: float = 40.0
+    """Streamed answers: after each message, wait until this many milliseconds after its output was
+    taken from the engine and send everything produced meanwhile as one message (several tokens per
+    gRPC message, and per SSE event at the gateway). The first message is never held (TTFT is
+    untouched); 0 sends whatever is ready each time (about one token per message)."""
+    stream_max_tokens_per_chunk: int = 16
+    """Streamed answers: shorten the wait above when, at the stream's own pace, this many tokens
+    will be ready sooner; 0: no count bound (the window alone)."""
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -118,5 +126,9 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}KV_CACHE_GIB must be at least 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             out.append(f"{p}GPU_MEMORY_UTILIZATION must be in (0, 1]")
+        if not 0 <= self.stream_coalesce_ms <= 1000:
+            out.append(f"{p}STREAM_COALESCE_MS={self.stream_coalesce_ms:g}: expected 0 to 1000 milliseconds")
+        if self.stream_max_tokens_per_chunk < 0:
+            out.append(f"{p}STREAM_MAX_TOKENS_PER_CHUNK must not be negative (0: no count bound)")
         out += self.versions.missing(self.host, follows=("policy",))
         return out

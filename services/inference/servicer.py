@@ -83,7 +83,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         req = request_from_proto(self.serving, request)
         async with self.serving.stream(req) as stream:
             first = True
-            async for d in stream:
+            # Several tokens per message when the engine is ahead (RLHF_INFERENCE_STREAM_COALESCE_MS).
+            async for d in stream.coalesced():
                 chunk = inference_pb2.GenerateChunk(
                     request_id=stream.request_id,
                     policy_version=stream.policy_version,

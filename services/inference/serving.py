@@ -35,6 +35,7 @@ from services.inference.domain import (
     Sampling,
 )
 from services.inference.engine import VllmEngine
+from services.inference.streaming import coalesce_delay
 from services.inference.swap_gate import SwapGate
 from services.inference.swap_lease import LeaseAbandoned, SwapLease
 from services.inference.weights import check_compatible
@@ -79,9 +80,16 @@ class GenerationStream:
     def __aiter__(self) -> AsyncIterator[Delta]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[Delta]:
+    def coalesced(self) -> AsyncIterator[Delta]:
+        """The deltas for a streamed answer: after the first, each holds what the engine produced
+        within RLHF_INFERENCE_STREAM_COALESCE_MS of the previous one (streaming.coalesce_delay)."""
+        cfg = self.serving.cfg
+        return self._run(cfg.stream_coalesce_ms / 1e3, cfg.stream_max_tokens_per_chunk)
+
+    async def _run(self, window_s: float = 0.0, max_tokens: int = 0) -> AsyncIterator[Delta]:
         engine = self.serving.engine
         done = 0
+        taken_at = 0.0  # when the previous step came from the engine (0: none yet)
         try:
             async for step in engine.generate(self.request_id, self.prompt_token_ids, self.request.sampling):
                 now = time.monotonic()
@@ -99,6 +107,14 @@ class GenerationStream:
                         c.finish_reason = "length" if out.finish_reason == "length" else "stop"
                         done += 1
                     yield Delta(out.index, c.response_id, out.text, out.token_ids, out.logprobs, c.finish_reason)
+                if window_s > 0 and done < len(self.completions):
+                    # vLLM merges what it produces meanwhile: the next step holds all of it.
+                    tokens = max((len(out.token_ids) for out in step), default=0)
+                    span = now - taken_at if taken_at else 0.0
+                    taken_at = now
+                    delay = coalesce_delay(time.monotonic(), now, window_s, max_tokens, tokens, span)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
         finally:
             if done < len(self.completions):
                 # Client went away (or an error): free the engine's slots now.
