@@ -9,5 +9,7 @@ INFERENCE_ACCESS = RpcAccess(
         "Generate": frozenset({GATEWAY, TRAINER}),
         "GenerateStream": frozenset({GATEWAY, TRAINER}),
         "GetPolicy": frozenset({GATEWAY, TRAINER, OPERATOR, MONITORING}),
+        # Read-only load figures: the trainer yields rollout sampling to users by them.
+        "GetLoad": frozenset({TRAINER, OPERATOR, MONITORING}),
     },
 )

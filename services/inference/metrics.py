@@ -6,6 +6,14 @@ REQUESTS = Counter("rlhf_inference_requests_total", "Generation requests", ["sou
 COMPLETION_TOKENS = Counter("rlhf_inference_completion_tokens_total", "Tokens generated")
 PROMPT_TOKENS = Counter("rlhf_inference_prompt_tokens_total", "Prompt tokens processed")
 IN_FLIGHT = Gauge("rlhf_inference_in_flight_requests", "Requests being generated")
+IN_FLIGHT_BY_SOURCE = Gauge(
+    "rlhf_inference_in_flight_by_source", "Requests admitted and not finished, by source (user, trainer)", ["source"]
+)
+WAITING_FIRST_TOKEN = Gauge(
+    "rlhf_inference_waiting_first_token",
+    "Requests in flight still waiting for their first token (queued or in prefill), by source",
+    ["source"],
+)
 REQUEST_SECONDS = Histogram(
     "rlhf_inference_request_seconds", "Arrival to last token", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 )

@@ -121,3 +121,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             swaps=s.swaps,
             refused_updates=s.refused_updates,
         )
+
+    async def GetLoad(
+        self, request: inference_pb2.GetLoadRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.LoadInfo:
+        s = self.serving.load.snapshot()
+        return inference_pb2.LoadInfo(
+            user_in_flight=s.user_in_flight,
+            user_waiting=s.user_waiting,
+            trainer_in_flight=s.trainer_in_flight,
+            trainer_waiting=s.trainer_waiting,
+            user_ttft_p50_s=s.user_ttft_p50_s,
+            user_ttft_samples=s.user_ttft_samples,
+            ttft_window_s=s.ttft_window_s,
+            user_quiet_s=s.user_quiet_s,
+            user_requests=s.user_requests,
+        )

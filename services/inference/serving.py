@@ -35,6 +35,7 @@ from services.inference.domain import (
     Sampling,
 )
 from services.inference.engine import VllmEngine
+from services.inference.load import LoadTicket, LoadTracker
 from services.inference.streaming import coalesce_delay
 from services.inference.swap_gate import SwapGate
 from services.inference.swap_lease import LeaseAbandoned, SwapLease
@@ -59,9 +60,16 @@ class GenerationStream:
     """One admitted request: its identity up front, then its deltas as they are generated."""
 
     def __init__(
-        self, serving: InferenceServing, req: GenerationRequest, prompt_token_ids: list[int], arrived_at: float
+        self,
+        serving: InferenceServing,
+        req: GenerationRequest,
+        prompt_token_ids: list[int],
+        arrived_at: float,
+        load: LoadTicket | None = None,
     ):
         self.serving = serving
+        self.load = load
+        """This request's place in the replica's load counts (load.py), told of its first token."""
         self.request = req
         self.request_id = f"req-{uuid.uuid4().hex}"
         self.policy_version = serving.policy_version
@@ -99,6 +107,8 @@ class GenerationStream:
                         c.first_token_at = now
                         if out.index == 0:
                             metrics.TTFT_SECONDS.observe(now - self.arrived_at)
+                            if self.load is not None:
+                                self.load.first_token(now)
                     c.text += out.text
                     c.token_ids += out.token_ids
                     if c.logprobs is not None and out.logprobs is not None:
@@ -153,6 +163,8 @@ class InferenceServing:
         self.store = store
         self.publisher = publisher
         self.gate = SwapGate()
+        self.load = LoadTracker()
+        """In flight, waiting and recent user TTFT by source (GetLoad: the trainer yields to users)."""
         self.tokenizer: Any = None
         self.policy_version = ""
         self.policy_dir: Path | None = None
@@ -278,10 +290,12 @@ class InferenceServing:
         prompt_ids = self.validate(req)
         async with self.gate.admit():
             metrics.IN_FLIGHT.inc()
+            ticket = self.load.enter(req.source, arrived)
             try:
-                yield GenerationStream(self, req, prompt_ids, arrived)
+                yield GenerationStream(self, req, prompt_ids, arrived, load=ticket)
             finally:
                 metrics.IN_FLIGHT.dec()
+                ticket.leave()
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         async with self.stream(req) as stream:

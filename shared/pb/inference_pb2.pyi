@@ -124,3 +124,29 @@ class PolicyInfo(_message.Message):
     swaps: int
     refused_updates: int
     def __init__(self, policy_version: _Optional[str] = ..., model: _Optional[str] = ..., serving_since: _Optional[float] = ..., max_model_len: _Optional[int] = ..., swaps: _Optional[int] = ..., refused_updates: _Optional[int] = ...) -> None: ...
+
+class GetLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LoadInfo(_message.Message):
+    __slots__ = ("user_in_flight", "user_waiting", "trainer_in_flight", "trainer_waiting", "user_ttft_p50_s", "user_ttft_samples", "ttft_window_s", "user_quiet_s", "user_requests")
+    USER_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    USER_WAITING_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_WAITING_FIELD_NUMBER: _ClassVar[int]
+    USER_TTFT_P50_S_FIELD_NUMBER: _ClassVar[int]
+    USER_TTFT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TTFT_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    USER_QUIET_S_FIELD_NUMBER: _ClassVar[int]
+    USER_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    user_in_flight: int
+    user_waiting: int
+    trainer_in_flight: int
+    trainer_waiting: int
+    user_ttft_p50_s: float
+    user_ttft_samples: int
+    ttft_window_s: float
+    user_quiet_s: float
+    user_requests: int
+    def __init__(self, user_in_flight: _Optional[int] = ..., user_waiting: _Optional[int] = ..., trainer_in_flight: _Optional[int] = ..., trainer_waiting: _Optional[int] = ..., user_ttft_p50_s: _Optional[float] = ..., user_ttft_samples: _Optional[int] = ..., ttft_window_s: _Optional[float] = ..., user_quiet_s: _Optional[float] = ..., user_requests: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class InferenceServiceStub:
                 request_serializer=rlhf_dot_v1_dot_inference__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_inference__pb2.PolicyInfo.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/rlhf.v1.InferenceService/GetLoad',
+                request_serializer=rlhf_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_inference__pb2.LoadInfo.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -76,6 +81,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """The load this replica carries now, by source (read-only, cheap): the trainer polls it to yield
+        rollout sampling to users.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=rlhf_dot_v1_dot_inference__pb2.GetPolicyRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_inference__pb2.PolicyInfo.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=rlhf_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_inference__pb2.LoadInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class InferenceService:
             '/rlhf.v1.InferenceService/GetPolicy',
             rlhf_dot_v1_dot_inference__pb2.GetPolicyRequest.SerializeToString,
             rlhf_dot_v1_dot_inference__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.InferenceService/GetLoad',
+            rlhf_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+            rlhf_dot_v1_dot_inference__pb2.LoadInfo.FromString,
             options,
             channel_credentials,
             insecure,
