@@ -1,17 +1,25 @@
-"""Serving benchmark: this project's gateway vs vLLM's own OpenAI server vs a naive transformers server.
+"""Serving benchmark: what users get from our gateway with the whole loop running, vs vLLM's own server.
+
+Also against a naive transformers server, and the serving path alone as a diagnostic.
 
 Chat requests with varied prompt and answer lengths arrive from 1, 8 and 64 concurrent clients
 (closed loop: each client sends its next request when the previous one has finished), streamed with
-the openai client, against three servers on the same model directory and settings, started one
+the openai client, against these servers on the same model directory and settings, started one
 after another (never side by side: the machine may have only 2 cores):
 
-  ours   `rlhf up`: embedded Kafka broker + inference service (vLLM AsyncLLM behind gRPC) + HTTP gateway
-  vllm   python -m vllm.entrypoints.openai.api_server on the same model, dtype, lengths and batch size
-  naive  tests/benchmarks/naive_server.py: one transformers generate() per request, no batching
+  ours-loop     `rlhf up` as it runs by default: embedded Kafka broker, inference (vLLM AsyncLLM behind
+                gRPC), reward, feedback, rollout (+ the canary engine), the PPO trainer sampling rollouts
+                through the same engine and training next to it, and the HTTP gateway: what users get
+  ours-serving  diagnostic: the serving path alone (`rlhf up` with inference and gateway only)
+  vllm          python -m vllm.entrypoints.openai.api_server on the same model, dtype, lengths and batch size
+  naive         tests/benchmarks/naive_server.py: one transformers generate() per request, no batching
 
-Per server and concurrency: tokens/s, requests/s, p50/p99 latency and time to first token. Then, on
-`ours` only, the serving pause of a hot-swap under load: new policy versions are announced on Kafka
-while 8 clients stream. Prints a table, writes JSON (+ a PNG plot next to it).
+(`ours` in --servers means both ours-loop and ours-serving.) Per server and concurrency: tokens/s,
+requests/s, `vllm bench serve`-style TTFT, TPOT, ITL and E2EL (mean, p50/p90/p99; see
+serving_stats.py), the ratios against vLLM's server, and on ours-loop the trainer's own throughput
+(rollouts, PPO steps) during each level and while no user sends anything. Then, on the loop stack,
+the serving pause of a hot-swap under load: new policy versions are announced on Kafka while 8
+clients stream. Prints tables, writes JSON (+ a PNG plot next to it).
 
     .venv/bin/python tests/benchmarks/bench_serving.py            # full run, ~10 min on 2 quiet cores
     .venv/bin/python tests/benchmarks/bench_serving.py --quick    # smoke run, ~4 min
@@ -33,12 +41,23 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
+from serving_stats import (  # tests/benchmarks/serving_stats.py
+    PERCENTILES,
+    TARGETS,
+    meets,
+    parse_metrics,
+    ratio,
+    request_timing,
+    serve_style_figures,
+    trainer_throughput,
+)
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
 
 from shared.config import credential_entry
@@ -49,13 +68,23 @@ BENCH_GATEWAY_TOKEN = "bench-serving-gateway-token-0123456789"
 """The token this benchmark presents when it calls inference directly (rlhf up also accepts it)."""
 BENCH_API_KEY = "bench-serving-gateway-api-key-0123456789"
 """The gateway API key of this benchmark's principal `bench` (other servers ignore the header)."""
-SERVERS = ("ours", "vllm", "naive")
-DIAG_LABEL = "diagnostic: (a) without the gateway (gRPC GenerateStream straight to inference, gRPC client)"
+SERVERS = ("ours-serving", "ours-loop", "vllm", "naive")
+"""In the order they run: the serving path first, on a store nothing has written to yet."""
+OURS = ("ours-loop", "ours-serving")
+ALIASES = {"ours": OURS}
+DIAG_LABEL = "diagnostic: the serving path without the gateway (gRPC GenerateStream straight to inference)"
 LABELS = {
-    "ours": "(a) ours: gateway -> gRPC -> inference (vLLM)",
+    "ours-loop": "(a) ours, whole loop: gateway -> gRPC -> inference (vLLM), trainer + reward running",
+    "ours-serving": "(a') ours, serving path alone: gateway -> gRPC -> inference (vLLM)",
     "vllm": "(b) vLLM OpenAI api_server",
     "naive": "(c) naive transformers generate",
     "ours-grpc": DIAG_LABEL,
+}
+OURS_ENV = {
+    # `rlhf up` as it runs by default: every service, progressive rollout on.
+    "ours-loop": {},
+    # The serving path alone: what the gateway and the engine cost without the loop's own work.
+    "ours-serving": {"RLHF_UP_SERVICES": "inference,gateway", "RLHF_UP_ROLLOUT": "0"},
 }
 
 
@@ -101,7 +130,12 @@ class RequestResult:
     text: str = ""
     policy_versions: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)
+    """Arrival of every chunk (hot-swap load only)."""
+    content_times: list[float] = field(default_factory=list)
+    """Arrival of every chunk that carried content: TTFT, TPOT and ITL come from these."""
     content_chunks: int = 0
+    served_by: str | None = None
+    """The policy version named by the first chunk (servers that say; ours does)."""
 
     @property
     def latency(self) -> float:
@@ -110,6 +144,9 @@ class RequestResult:
     @property
     def ttft(self) -> float | None:
         return None if self.t_first is None else self.t_first - self.t_send
+
+    def timing(self):
+        return request_timing(self.t_send, self.t_first, self.content_times, self.completion_tokens, self.t_end)
 
 
 def finish(r: RequestResult, parts: list[str]) -> None:
@@ -141,12 +178,14 @@ async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool
         parts = []
         async for chunk in stream:
             now = time.monotonic()
-            extra = chunk.model_extra or {}
-            if keep_chunks:
-                r.chunk_times.append(now)
-                pv = extra.get("policy_version")
-                if pv and (not r.policy_versions or r.policy_versions[-1] != pv):
-                    r.policy_versions.append(pv)
+            if keep_chunks or r.served_by is None:
+                pv = (chunk.model_extra or {}).get("policy_version")
+                if pv and r.served_by is None:
+                    r.served_by = pv
+                if keep_chunks:
+                    r.chunk_times.append(now)
+                    if pv and (not r.policy_versions or r.policy_versions[-1] != pv):
+                        r.policy_versions.append(pv)
             if chunk.usage is not None:
                 r.completion_tokens = chunk.usage.completion_tokens
             for choice in chunk.choices:
@@ -154,6 +193,7 @@ async def run_openai(client, req: ChatRequest, client_no: int, keep_chunks: bool
                 if content:
                     parts.append(content)
                     r.content_chunks += 1
+                    r.content_times.append(now)
                     if r.t_first is None:
                         r.t_first = now
                 if choice.finish_reason and r.t_first is None:
@@ -189,6 +229,8 @@ async def run_grpc(stub, req: ChatRequest, client_no: int, keep_chunks: bool) ->
             elif chunk.text or chunk.finish_reason:
                 parts.append(chunk.text)
                 r.content_chunks += bool(chunk.text)
+                if chunk.text:
+                    r.content_times.append(now)
                 if r.t_first is None:
                     r.t_first = now
         finish(r, parts)
@@ -220,9 +262,11 @@ async def run_raw(http, req: ChatRequest, client_no: int, keep_chunks: bool) -> 
                     continue
                 now = time.monotonic()
                 chunk = json.loads(line[6:])
+                pv = chunk.get("policy_version")
+                if pv and r.served_by is None:
+                    r.served_by = pv
                 if keep_chunks:
                     r.chunk_times.append(now)
-                    pv = chunk.get("policy_version")
                     if pv and (not r.policy_versions or r.policy_versions[-1] != pv):
                         r.policy_versions.append(pv)
                 if chunk.get("usage"):
@@ -234,6 +278,7 @@ async def run_raw(http, req: ChatRequest, client_no: int, keep_chunks: bool) -> 
                     if content:
                         parts.append(content)
                         r.content_chunks += 1
+                        r.content_times.append(now)
                         if r.t_first is None:
                             r.t_first = now
                     if choice.get("finish_reason") and r.t_first is None:
@@ -396,6 +441,9 @@ def summarise(results: list[RequestResult], wall: float, planned: int) -> dict:
         "ttft_p99_s": pct(ttft, 99),
         "tokens_per_request_mean": tokens / len(ok) if ok else None,
         "tokens_per_content_chunk": tokens / max(1, sum(r.content_chunks for r in ok)) if ok else None,
+        # `vllm bench serve`-style distributions in ms (serving_stats.py): ttft_ms, tpot_ms, itl_ms, e2el_ms
+        **serve_style_figures(r.timing() for r in ok),
+        "policy_versions_served": dict(sorted(Counter(r.served_by for r in ok if r.served_by).items())),
     }
 
 
@@ -488,6 +536,12 @@ def process_label(p: psutil.Process) -> str:
     name = p.name()
     service = re.search(r"-m services\.(\w+)", cmd)
     if service:
+        if service.group(1) == "inference":
+            try:
+                if p.environ().get("RLHF_INFERENCE_FOLLOW") == "canary":
+                    return "inference-canary"  # the rollout's second engine (rlhf up's default)
+            except psutil.Error:
+                pass
         return service.group(1)  # inference, gateway, and whatever else `rlhf up` starts
     for key, label in (
         ("flywheel.cli", "rlhf-up"),
@@ -582,6 +636,10 @@ class Server:
     metrics_url: str | None = None
     kafka: str | None = None
     grpc_url: str | None = None
+    trainer_metrics_url: str | None = None
+    """The trainer's /metrics (ours-loop): its rollouts and steps are read before and after each level."""
+    store_root: Path | None = None
+    """The model store this server's stack uses (ours: a fresh copy per start)."""
 
     def tree(self) -> list[psutil.Process]:
         return [p for m in self.procs for p in m.tree()]
@@ -602,23 +660,47 @@ def start_server(
     extra_env: dict[str, str] | None = None,
     log_name: str | None = None,
 ):
+    """Start one server; ours-*: `rlhf up` on its own copy of ``store_root`` (the trainer publishes,
+    the hot-swap moves the current pointer: no start sees what an earlier one wrote)."""
     procs: list[ManagedProcess] = []
     started = time.monotonic()
+    run_dir: Path | None = None
     try:
         port = free_port()
-        if name == "ours":
+        if name in OURS:
+            run_dir = Path(tempfile.mkdtemp(prefix=f"rlhf-bench-{log_name or name}-"))
+            run_store = run_dir / "store"
+            shutil.copytree(store_root, run_store)
             metrics_port, grpc_port, broker_port = free_port(), free_port(), free_port()
+            trainer_metrics_port = free_port()
             env = (
                 base_env()
                 | {
-                    "RLHF_MODEL_STORE_ROOT": str(store_root),
+                    "RLHF_MODEL_STORE_ROOT": str(run_store),
                     # The launcher signs the store's versions with this key pair; hot_swap_run announces with it.
-                    "RLHF_UP_KEYS_DIR": str(keys_dir(store_root)),
+                    "RLHF_UP_KEYS_DIR": str(keys_dir(run_store)),
+                    "RLHF_UP_BOOTSTRAP": "quick",  # the store has its policy; the first RM from the example rankings
                     "RLHF_UP_BROKER_PORT": str(broker_port),
+                    # Everything the stack writes goes to this start's own folder, not the repository's var/.
+                    "RLHF_UP_OPERATOR_TOKEN_FILE": str(run_dir / "operator-token"),
+                    "RLHF_OPERATOR_TOKEN_FILE": str(run_dir / "operator-token"),
+                    "RLHF_UP_GATEWAY_KEY_FILE": str(run_dir / "gateway-api-key"),
+                    "RLHF_TRAINER_CHECKPOINT_DIR": str(run_dir / "trainer-checkpoints"),
+                    "RLHF_REWARD_STATE_DIR": str(run_dir / "reward-learner"),
+                    # Free ports for every service (others may run tests on this machine); metrics only
+                    # where the benchmark reads them.
                     "RLHF_GATEWAY_PORT": str(port),
                     "RLHF_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}",
                     "RLHF_INFERENCE_GRPC_PORT": str(grpc_port),
                     "RLHF_INFERENCE_METRICS_PORT": str(metrics_port),
+                    "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+                    "RLHF_REWARD_GRPC_PORT": str(free_port()),
+                    "RLHF_TRAINER_GRPC_PORT": str(free_port()),
+                    "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
+                    "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+                    "RLHF_TRAINER_METRICS_PORT": str(trainer_metrics_port),
+                    "RLHF_UP_CANARY_METRICS_PORT": "0",
+                    **{f"RLHF_{svc}_METRICS_PORT": "0" for svc in ("FEEDBACK", "REWARD", "ROLLOUT")},
                     "RLHF_INFERENCE_DTYPE": s.dtype,
                     "RLHF_INFERENCE_MAX_MODEL_LEN": str(s.max_model_len),
                     "RLHF_INFERENCE_MAX_NUM_SEQS": str(s.max_num_seqs),
@@ -630,12 +712,18 @@ def start_server(
                     "RLHF_GATEWAY_API_KEYS": f"bench:{BENCH_API_KEY}",
                     "RLHF_GATEWAY_CHAT_RATE_PER_MIN": "0",
                 }
+                | OURS_ENV[name]
                 | (extra_env or {})
             )
             cmd = [sys.executable, "-m", "flywheel.cli", "up"]
+            loop = "trainer" in env.get("RLHF_UP_SERVICES", "trainer")
             settings = {
                 "command": " ".join(cmd),
                 "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
+                "services": env.get("RLHF_UP_SERVICES", "all (rlhf up's default)")
+                + (
+                    "" if env.get("RLHF_UP_ROLLOUT", "1") in ("0", "false") else ", progressive rollout (canary engine)"
+                ),
                 "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
                 "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
                 "disable_log_stats, max_num_batched_tokens=vLLM default (2048 on CPU)",
@@ -651,6 +739,8 @@ def start_server(
                 metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
                 kafka=f"127.0.0.1:{broker_port}",
                 grpc_url=f"grpc://127.0.0.1:{grpc_port}",
+                trainer_metrics_url=f"http://127.0.0.1:{trainer_metrics_port}/metrics" if loop else None,
+                store_root=run_store,
             )
         elif name == "vllm":
             env = base_env() | vllm_env(s)
@@ -721,6 +811,8 @@ def start_server(
     finally:
         for p in reversed(procs):
             p.stop()
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # --- hot-swap ----------------------------------------------------------------------------------
@@ -960,14 +1052,19 @@ def external_load_note() -> str:
 
 
 def measure_swaps(
-    server: Server, store, versions: list[str], load: list[ChatRequest], args, quiet: QuietGuard, mode: str
+    server: Server, versions: list[str], load: list[ChatRequest], args, quiet: QuietGuard, mode: str
 ) -> dict:
-    log(f"--- ours: hot-swap x{len(versions)}, mode {mode}, under {args.swap_concurrency} streaming clients")
+    from shared.model_store import ModelStore
+
+    log(f"--- {server.name}: hot-swap x{len(versions)}, mode {mode}, under {args.swap_concurrency} streaming clients")
     meter = CpuMeter(server)
     quiet.wait(meter.external_over, log)
     snap = meter.snapshot()
+    store = ModelStore(server.store_root)
     hs = asyncio.run(hot_swap_run(server, store, versions, load, args.swap_concurrency, settle_s=4.0))
-    hs["mode"] = mode
+    served_modes = sorted({x["mode"] for x in hs["server_pauses_logged"] if "mode" in x})
+    hs["mode"] = mode + (f" ({', '.join(served_modes)})" if served_modes else "")
+    hs["stack"] = server.name
     hs["external_load_cores"] = round(meter.external_cores(snap), 3)
     return hs
 
@@ -998,6 +1095,7 @@ def measure_level(
             + (f" (attempt {attempt + 1})" if attempt else "")
             + f"; external load before {before:.2f} cores"
         )
+        trainer0 = scrape_trainer(server)
         cpu0 = cpu_by_process(server.tree())
         client0 = time.process_time()
         snap = meter.snapshot()
@@ -1007,17 +1105,23 @@ def measure_level(
         external = meter.external_cores(snap)
         client_cpu = time.process_time() - client0
         cpu1 = cpu_by_process(server.tree())
+        trainer1 = scrape_trainer(server)
         m = summarise(results, wall, len(reqs))
         m["external_load_cores"] = round(external, 3)
         m["attempt"] = attempt + 1
         cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) >= 0.005}
+        if trainer0 is not None and trainer1 is not None:
+            m["trainer"] = trainer_throughput(trainer0, trainer1, wall)
+            m["trainer"]["cpu_s"] = cpu.get("trainer", 0.0)
         attempts.append((external, m, cpu, client_cpu, results))
         log(
             f"    {name} c={c}: {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} req/s, "
             f"p50 {fmt(m['latency_p50_s'])} s, p99 {fmt(m['latency_p99_s'])} s, "
-            f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, {fmt(m['tokens_per_content_chunk'])} tok/chunk, "
+            f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, tpot p50 {fmt(m['tpot_ms']['p50'], '.1f')} ms, "
+            f"{fmt(m['tokens_per_content_chunk'])} tok/chunk, "
             f"errors {m['errors']}; server cpu s {cpu}, "
             f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores"
+            + (f"; trainer: {trainer_line(m['trainer'])}" if "trainer" in m else "")
         )
         if external <= quiet.max_external:
             break
@@ -1043,10 +1147,66 @@ def measure_level(
             "ttft_s": None if r.ttft is None else round(r.ttft, 4),
             "completion_tokens": r.completion_tokens,
             "content_chunks": r.content_chunks,
+            # content chunks' arrival after the send: TTFT, TPOT and ITL can be recomputed from these
+            "content_chunk_offsets_s": [round(t - r.t_send, 4) for t in r.content_times],
+            "policy_version": r.served_by,
             "text": r.text,
         }
         for r in results
     ]
+
+
+def scrape_trainer(server: Server) -> dict[str, float] | None:
+    """The trainer's rlhf_trainer_* samples now (None: no trainer, or its /metrics did not answer)."""
+    if server.trainer_metrics_url is None:
+        return None
+    try:
+        with urllib.request.urlopen(server.trainer_metrics_url, timeout=5) as r:
+            return parse_metrics(r.read().decode(), "rlhf_trainer_")
+    except OSError as exc:
+        log(f"    trainer /metrics did not answer: {exc}")
+        return None
+
+
+def trainer_line(t: dict) -> str:
+    return (
+        f"{t['rollouts']:.0f} rollouts ({fmt(t['rollouts_per_s'])}/s), {t['steps']:.0f} PPO steps "
+        f"({fmt(t['steps_per_min'])}/min), {t['published']:.0f} published, {fmt(t.get('cpu_s'), '.1f')} CPU s"
+    )
+
+
+def measure_trainer_idle(server: Server, seconds: float, ready_timeout_s: float) -> dict | None:
+    """The trainer's throughput while no user sends anything, over ``seconds``, after waiting (at most
+    ``ready_timeout_s``) for its first PPO step or rollout, so that the levels find the loop at work."""
+    first = scrape_trainer(server)
+    if first is None:
+        return None
+    log(f"--- ours-loop: waiting (at most {ready_timeout_s:.0f} s) for the trainer's first rollouts")
+    deadline = time.monotonic() + ready_timeout_s
+    now = first
+    while not now.get("rlhf_trainer_rollouts_total") and not now.get("rlhf_trainer_iterations_total"):
+        if time.monotonic() > deadline:
+            log("    the trainer has not trained on any rollout yet (yielding, paused or slow to start)")
+            break
+        server.check_alive()
+        time.sleep(2.0)
+        now = scrape_trainer(server) or now
+    if seconds <= 0:
+        return None
+    log(f"--- ours-loop: the trainer's throughput with no users, over {seconds:.0f} s")
+    cpu0 = cpu_by_process(server.tree())
+    before, t0 = scrape_trainer(server), time.monotonic()
+    time.sleep(seconds)
+    after, wall = scrape_trainer(server), time.monotonic() - t0
+    cpu1 = cpu_by_process(server.tree())
+    if before is None or after is None:
+        return None
+    out = trainer_throughput(before, after, wall)
+    out["cpu_s"] = round(cpu1.get("trainer", 0.0) - cpu0.get("trainer", 0.0), 2)
+    out["waited_for_first_rollouts_s"] = round(ready_timeout_s - max(0.0, deadline - t0), 1)
+    out["process_cpu_s"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) >= 0.005}
+    log(f"    no users: {trainer_line(out)}")
+    return out
 
 
 def machine_info() -> dict:
@@ -1095,49 +1255,138 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+FRONT_END_EXCLUDED = ("vllm-engine-core", "trainer", "reward", "rollout", "inference-canary")
+"""Processes not counted in `fe ms/tok`: the engine core and the loop's own work (shown apart)."""
+NO_RATIOS = ("vllm", "ours-grpc")
+
+
+def vs_vllm(report: dict, name: str, c: int) -> dict[str, float | None]:
+    """This server's figures at ``c`` clients over vLLM's server's: tokens/s, p99 latency, TTFT p50."""
+    servers = report["servers"]
+    m = servers[name]["levels"].get(str(c))
+    b = servers.get("vllm", {}).get("levels", {}).get(str(c))
+    if name in NO_RATIOS or not m or not b:
+        return {"tokens_per_s": None, "latency_p99": None, "ttft_p50": None}
+    return {
+        "tokens_per_s": ratio(m["tokens_per_s"], b["tokens_per_s"]),
+        "latency_p99": ratio(m["latency_p99_s"], b["latency_p99_s"]),
+        "ttft_p50": ratio(m["ttft_p50_s"], b["ttft_p50_s"]),
+    }
+
+
+def rows(report: dict):
+    for name, srv in report["servers"].items():
+        for c in report["settings"]["concurrency"]:
+            m = srv["levels"].get(str(c))
+            if m is not None:
+                yield name, c, m
+
+
 def print_table(report: dict) -> None:
     servers = report["servers"]
-    levels = report["settings"]["concurrency"]
     head = (
-        f"{'server':<10}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'req/s':>8}{'p50 lat':>9}{'p99 lat':>9}"
-        f"{'p50 ttft':>10}{'p99 ttft':>10}{'tok/chk':>8}{'tok/s a/b':>11}{'p99 a/b':>9}{'fe ms/tok':>10}"
-        f"{'cl ms/tok':>10}{'ext':>6}"
+        f"{'server':<13}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'x vllm':>8}{'req/s':>7}{'p50 lat':>9}"
+        f"{'p99 lat':>9}{'x vllm':>8}{'p50 ttft':>10}{'x vllm':>8}{'p99 ttft':>10}{'tok/chk':>8}{'fe ms/tok':>10}"
+        f"{'cl ms/tok':>10}{'loop cpu':>9}{'ext':>6}"
     )
     print()
     print(head)
     print("-" * len(head))
-    for name in servers:
-        for c in levels:
-            m = servers[name]["levels"].get(str(c))
-            if m is None:
-                continue
-            ratio_tok = ratio_p99 = None
-            b = servers.get("vllm", {}).get("levels", {}).get(str(c))
-            if name == "ours" and b:
-                ratio_tok = m["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
-                ratio_p99 = m["latency_p99_s"] / b["latency_p99_s"] if b["latency_p99_s"] else None
-            capped = "*" if m["requests_done"] + m["errors"] < m["requests_planned"] else " "
-            tokens = max(m["completion_tokens"], 1)
-            cpu = servers[name].get("process_cpu_s", {}).get(str(c), {})
-            frontend = sum(v for k, v in cpu.items() if k != "vllm-engine-core") * 1e3 / tokens
-            client = servers[name].get("client_cpu_s", {}).get(str(c), 0.0) * 1e3 / tokens
-            print(
-                f"{name:<10}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
-                f"{m['requests_per_s']:>8.2f}{fmt(m['latency_p50_s']):>9}{fmt(m['latency_p99_s']):>9}"
-                f"{fmt(m['ttft_p50_s'], '.3f'):>10}{fmt(m['ttft_p99_s'], '.3f'):>10}"
-                f"{fmt(m.get('tokens_per_content_chunk')):>8}"
-                f"{fmt(ratio_tok):>11}{fmt(ratio_p99):>9}{frontend:>10.2f}{client:>10.2f}"
-                f"{fmt(m.get('external_load_cores')):>6}"
-            )
+    for name, c, m in rows(report):
+        r = vs_vllm(report, name, c)
+        capped = "*" if m["requests_done"] + m["errors"] < m["requests_planned"] else " "
+        tokens = max(m["completion_tokens"], 1)
+        cpu = servers[name].get("process_cpu_s", {}).get(str(c), {})
+        frontend = sum(v for k, v in cpu.items() if k not in FRONT_END_EXCLUDED) * 1e3 / tokens
+        loop_cpu = sum(v for k, v in cpu.items() if k in FRONT_END_EXCLUDED[1:])
+        client = servers[name].get("client_cpu_s", {}).get(str(c), 0.0) * 1e3 / tokens
+        print(
+            f"{name:<13}{c:>5}{m['requests_done']:>5}{capped}{m['errors']:>5}{m['tokens_per_s']:>9.1f}"
+            f"{fmt(r['tokens_per_s']):>8}{m['requests_per_s']:>7.2f}{fmt(m['latency_p50_s']):>9}"
+            f"{fmt(m['latency_p99_s']):>9}{fmt(r['latency_p99']):>8}{fmt(m['ttft_p50_s'], '.3f'):>10}"
+            f"{fmt(r['ttft_p50']):>8}{fmt(m['ttft_p99_s'], '.3f'):>10}{fmt(m.get('tokens_per_content_chunk')):>8}"
+            f"{frontend:>10.2f}{client:>10.2f}{fmt(loop_cpu or None, '.1f'):>9}"
+            f"{fmt(m.get('external_load_cores')):>6}"
+        )
     print(
         "(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
+        " x vllm = this server's figure over vLLM's server's at the same level (tokens/s: higher is better;\n"
+        "   latency and TTFT: lower is better);\n"
+        " ours-loop = `rlhf up` with the whole loop (trainer, reward, rollout + canary engine): what users get;\n"
+        " ours-serving = diagnostic: the serving path alone (inference + gateway);\n"
         " ours-grpc = diagnostic: the same load sent straight to the inference service's gRPC API (no gateway,\n"
         "   and a gRPC client, which is lighter than the HTTP one: compare its server CPU, not its ratios);\n"
         " tok/chk = completion tokens per streamed content chunk;\n"
-        " fe ms/tok = CPU ms per completion token of the server's processes other than vLLM's engine core\n"
-        "   (ours: gateway + inference + broker + feedback; vllm: its API server; naive: everything);\n"
+        " fe ms/tok = CPU ms per completion token of the server's serving processes (ours: gateway + inference +\n"
+        "   broker + feedback; vllm: its API server; naive: everything), not vLLM's engine core nor the loop's;\n"
+        " loop cpu = CPU seconds of the trainer, reward, rollout and canary engine processes during the level;\n"
         " cl ms/tok = the same for the load generator (this process, same machine);\n"
         " ext = CPU cores used by other processes on the machine during the level)"
+    )
+    print_serve_style(report)
+    print_trainer(report)
+
+
+def print_serve_style(report: dict) -> None:
+    """The `vllm bench serve` view: TTFT, TPOT, ITL and E2EL percentiles in ms per server and level."""
+    qs = [f"p{q}" for q in PERCENTILES]
+    groups = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2EL"))
+    head = f"{'server':<13}{'conc':>5}" + "".join(
+        f"{label + ' ' + q:>{12 if label == 'E2EL' else 11}}" for _, label in groups for q in qs
+    )
+    print("\n`vllm bench serve`-style latencies (ms):")
+    print(head)
+    print("-" * len(head))
+    for name, c, m in rows(report):
+        cells = ""
+        for key, label in groups:
+            d = m.get(key) or {}
+            cells += "".join(f"{fmt(d.get(q), '.1f'):>{12 if label == 'E2EL' else 11}}" for q in qs)
+        print(f"{name:<13}{c:>5}{cells}")
+    print(
+        "(TTFT: send -> first content chunk; TPOT: (last content chunk - first) / (tokens - 1); ITL: gaps\n"
+        " between consecutive content chunks, per chunk as vLLM counts them (fewer, longer gaps when a server\n"
+        " sends several tokens per chunk; TPOT is not affected); E2EL: send -> end of the stream)"
+    )
+
+
+def print_trainer(report: dict) -> None:
+    """The trainer's own throughput during each ours-loop level, and with no users."""
+    srv = report["servers"].get("ours-loop")
+    if not srv:
+        return
+    lines = []
+    idle = srv.get("trainer_no_users")
+    if idle:
+        lines.append(("no users", idle, None))
+    for c in report["settings"]["concurrency"]:
+        m = srv["levels"].get(str(c), {})
+        if "trainer" in m:
+            lines.append((f"{c} clients", m["trainer"], m["tokens_per_s"]))
+    if not lines:
+        return
+    head = (
+        f"{'ours-loop':<12}{'wall s':>8}{'rollouts':>10}{'rollouts/s':>12}{'PPO steps':>11}{'steps/min':>11}"
+        f"{'published':>11}{'trainer cpu s':>15}{'cores':>7}{'yielded s':>11}{'idle s':>8}{'state after':>13}"
+        f"{'user tok/s':>12}"
+    )
+    print("\nThe trainer's own throughput (its /metrics before and after each level):")
+    print(head)
+    print("-" * len(head))
+    for label, t, user_tps in lines:
+        cores = t.get("cpu_s", 0.0) / t["wall_s"] if t["wall_s"] else None
+        waited = t.get("waited_s") or {}
+        print(
+            f"{label:<12}{t['wall_s']:>8.1f}{t['rollouts']:>10.0f}{fmt(t['rollouts_per_s']):>12}{t['steps']:>11.0f}"
+            f"{fmt(t['steps_per_min']):>11}{t['published']:>11.0f}{fmt(t.get('cpu_s'), '.1f'):>15}{fmt(cores):>7}"
+            f"{fmt(waited.get('users'), '.1f'):>11}{fmt(waited.get('idle_budget'), '.1f'):>8}"
+            f"{t.get('state_after') or '-':>13}{fmt(user_tps, '.1f'):>12}"
+        )
+    print(
+        "(rollouts: rlhf_trainer_rollouts_total, PPO steps: rlhf_trainer_iterations_total; yielded s / idle s:\n"
+        " seconds it sent no rollouts because users needed the engine / its idle budget paused it\n"
+        " (rlhf_trainer_user_wait_seconds_total); state after: rlhf_trainer_user_load_state at the end;\n"
+        " every counter that moved is in the JSON)"
     )
 
 
@@ -1148,27 +1397,34 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     levels = report["settings"]["concurrency"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    panels = (
+        ("throughput", "completion tokens/s", lambda m: m["tokens_per_s"], False),
+        ("p99 latency", "seconds", lambda m: m["latency_p99_s"], True),
+        ("TTFT p50", "seconds", lambda m: m["ttft_p50_s"], True),
+    )
     for name, srv in report["servers"].items():
         xs = [c for c in levels if str(c) in srv["levels"]]
-        style = dict(marker="o", label=LABELS[name], linestyle=":" if name == "ours-grpc" else "-")
-        ax1.plot(xs, [srv["levels"][str(c)]["tokens_per_s"] for c in xs], **style)
-        ax2.plot(xs, [srv["levels"][str(c)]["latency_p99_s"] or float("nan") for c in xs], **style)
-    for ax, title, unit in ((ax1, "throughput", "completion tokens/s"), (ax2, "p99 latency", "seconds")):
+        style = dict(marker="o", label=LABELS[name], linestyle=":" if name in ("ours-grpc", "ours-serving") else "-")
+        for ax, (_, _, value, _) in zip(axes, panels):
+            ys = [value(srv["levels"][str(c)]) for c in xs]
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], **style)
+    for ax, (title, unit, _, log_y) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    ax2.set_yscale("log")
-    handles, labels = ax1.get_legend_handles_labels()
+        if log_y:
+            ax.set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(
         f"Serving the default policy on {report['machine']['cpu_count']} CPU cores "
         f"({report['settings']['client'].split(',')[0]} clients, closed loop)"
     )
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -1193,13 +1449,28 @@ def agreement(report_raw: dict) -> dict:
     return out
 
 
+def parse_servers(text: str) -> list[str]:
+    """--servers: names and aliases (ours = ours-loop, ours-serving), comma-separated, into the order
+    the servers run in (SERVERS), each once."""
+    given = [x for name in text.split(",") if name.strip() for x in ALIASES.get(name.strip(), (name.strip(),))]
+    unknown = sorted(set(given) - set(SERVERS))
+    if unknown:
+        raise ValueError(f"unknown servers {unknown} (known: {', '.join(SERVERS)}, ours)")
+    return [name for name in SERVERS if name in given]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: few requests per level, one hot-swap")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "serving.json")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of ours,vllm,naive")
+    ap.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="comma-separated subset of ours-loop,ours-serving,vllm,naive (ours = ours-loop,ours-serving); "
+        "they run in that order whatever the order given",
+    )
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--requests", default=None, help="requests per level, comma-separated (default 12,48,192)")
     ap.add_argument(
@@ -1212,13 +1483,37 @@ def main() -> int:
     ap.add_argument("--swap-concurrency", type=int, default=8)
     ap.add_argument(
         "--swap-modes",
-        default="drain,immediate",
-        help="RLHF_INFERENCE_SWAP_MODE values to measure the hot-swap with; immediate restarts (a)",
+        default="default,immediate",
+        help="hot-swap modes to measure on ours-loop (else ours-serving): default = the service's default "
+        "mode, on the stack the levels ran on; any RLHF_INFERENCE_SWAP_MODE value (bounded, drain, "
+        "immediate) restarts that stack with it ('' to skip)",
     )
     ap.add_argument(
         "--grpc-levels",
         default="8,64",
-        help="levels also run straight against the inference gRPC API (diagnostic; '' to skip)",
+        help="levels also run straight against the inference gRPC API of ours-serving (else ours-loop) "
+        "(diagnostic; '' to skip)",
+    )
+    ap.add_argument(
+        "--trainer-idle-s",
+        type=float,
+        default=None,
+        help="on ours-loop, measure the trainer's throughput with no users for this long before the "
+        "levels (default 60; 20 with --quick; 0 to skip)",
+    )
+    ap.add_argument(
+        "--trainer-ready-s",
+        type=float,
+        default=None,
+        help="on ours-loop, wait at most this long for the trainer's first rollouts before the levels "
+        "(default 180; 90 with --quick)",
+    )
+    ap.add_argument(
+        "--loop-env",
+        action="append",
+        default=[],
+        metavar="RLHF_X=VALUE",
+        help="an extra setting of the ours-loop stack (repeatable), e.g. RLHF_UP_ROLLOUT=0",
     )
     QuietGuard.add_arguments(ap, "level", max_wait_s=90.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
@@ -1242,10 +1537,21 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    servers = [s for s in args.servers.split(",") if s]
-    unknown = set(servers) - set(SERVERS)
-    if unknown:
-        ap.error(f"unknown servers {sorted(unknown)}")
+    try:
+        servers = parse_servers(args.servers)
+    except ValueError as exc:
+        ap.error(str(exc))
+    loop_env = {}
+    for item in args.loop_env:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("RLHF_"):
+            ap.error(f"--loop-env {item!r}: expected RLHF_NAME=VALUE")
+        loop_env[key] = value
+    trainer_idle_s = args.trainer_idle_s if args.trainer_idle_s is not None else (20.0 if args.quick else 60.0)
+    trainer_ready_s = args.trainer_ready_s if args.trainer_ready_s is not None else (90.0 if args.quick else 180.0)
+    ours_run = [s for s in servers if s in OURS]
+    grpc_on = ours_run[0] if ours_run else None  # ours-serving when it runs: the gateway's cost alone
+    swap_on = ours_run[-1] if ours_run else None  # ours-loop when it runs: the pause users get
     levels = [int(x) for x in args.concurrency.split(",")]
     if args.requests:
         counts = [int(x) for x in args.requests.split(",")]
@@ -1319,7 +1625,7 @@ def main() -> int:
         n_params = json.loads((model_dir / "manifest.json").read_text())["metrics"].get("params")
         report["settings"]["model"] = {"version": first, "dir": str(model_dir), "params": n_params}
         swap_versions: list[str] = []
-        if "ours" in servers and swaps_n:
+        if swap_on and swaps_n and swap_modes:
             base = first
             for i in range(swaps_n):
                 base = publish_random_weights(store, base, seed=100 + i)
@@ -1328,7 +1634,8 @@ def main() -> int:
 
         for name in servers:
             log(f"=== {LABELS[name]}: starting")
-            with start_server(name, model_dir, store_root, s, logs) as server:
+            extra = loop_env if name == "ours-loop" else None
+            with start_server(name, model_dir, store_root, s, logs, extra_env=extra) as server:
                 log(f"    up in {server.startup_s:.1f} s at {server.base_url}")
                 entry = {
                     "label": LABELS[name],
@@ -1343,17 +1650,19 @@ def main() -> int:
                 w, _ = asyncio.run(closed_loop(server.base_url, warmup, 2, f"{name} warm-up"))
                 if not all(r.ok for r in w):
                     raise RuntimeError(f"{name} warm-up failed: {[r.error for r in w if not r.ok]}")
+                if server.trainer_metrics_url and (trainer_idle_s > 0 or trainer_ready_s > 0):
+                    entry["trainer_no_users"] = measure_trainer_idle(server, trainer_idle_s, trainer_ready_s)
                 for c in levels:
                     measure_level(
                         server, server.base_url, workloads[c], c, name, entry, raw[name], args.level_budget_s, quiet
                     )
-                if name == "ours" and grpc_levels:
+                if name == grpc_on and grpc_levels:
                     # Diagnostic: the same load straight to the inference service's gRPC API, to
                     # split the cost of the gateway hop from the inference service's own.
                     diag = report["servers"]["ours-grpc"] = {
                         "label": DIAG_LABEL,
                         "startup_s": None,
-                        "settings": {"target": server.grpc_url},
+                        "settings": {"target": server.grpc_url, "stack": name},
                         "levels": {},
                         "process_cpu_s": {},
                         "client_cpu_s": {},
@@ -1371,27 +1680,27 @@ def main() -> int:
                             args.level_budget_s,
                             quiet,
                         )
-                if name == "ours" and swap_versions and "drain" in swap_modes:
-                    report["hot_swap"]["drain"] = measure_swaps(
-                        server, store, swap_versions, swap_load, args, quiet, "drain (default)"
+                if name == swap_on and swap_versions and "default" in swap_modes:
+                    report["hot_swap"]["default"] = measure_swaps(
+                        server, swap_versions, swap_load, args, quiet, f"the service's default, on {name}"
                     )
             log(f"=== {name}: stopped")
-            if name == "ours" and swap_versions and "immediate" in swap_modes:
-                log("=== (a) ours again, with RLHF_INFERENCE_SWAP_MODE=immediate, for the hot-swap only")
+            if name != swap_on or not swap_versions:
+                continue
+            for mode in (m for m in swap_modes if m != "default"):
+                log(f"=== {name} again, with RLHF_INFERENCE_SWAP_MODE={mode}, for the hot-swap only")
                 with start_server(
                     name,
                     model_dir,
                     store_root,
                     s,
                     logs,
-                    log_name="ours-immediate",
-                    extra_env={"RLHF_INFERENCE_SWAP_MODE": "immediate"},
+                    log_name=f"{name}-{mode}",
+                    extra_env=(extra or {}) | {"RLHF_INFERENCE_SWAP_MODE": mode},
                 ) as server:
                     w, _ = asyncio.run(closed_loop(server.base_url, warmup, 2, f"{name} warm-up"))
-                    report["hot_swap"]["immediate"] = measure_swaps(
-                        server, store, swap_versions, swap_load, args, quiet, "immediate"
-                    )
-                log("=== ours (immediate): stopped")
+                    report["hot_swap"][mode] = measure_swaps(server, swap_versions, swap_load, args, quiet, mode)
+                log(f"=== {name} ({mode}): stopped")
     except KeyboardInterrupt:
         log("interrupted: servers stopped")
         return 130
@@ -1421,14 +1730,22 @@ def main() -> int:
 
 
 def targets(report: dict) -> dict:
+    """The issue's targets (serving_stats.TARGETS) that this run can judge, and the hot-swap pauses."""
     out = {}
-    a = report["servers"].get("ours", {}).get("levels", {}).get("64")
-    b = report["servers"].get("vllm", {}).get("levels", {}).get("64")
-    if a and b:
-        tok = a["tokens_per_s"] / b["tokens_per_s"]
-        p99 = a["latency_p99_s"] / b["latency_p99_s"]
-        out["throughput_64"] = {"ratio": tok, "target": ">= 0.85", "pass": tok >= 0.85}
-        out["p99_64"] = {"ratio": p99, "target": "<= 1.2", "pass": p99 <= 1.2}
+    for name, c, figure, comparison, bound in TARGETS:
+        if str(c) not in report["servers"].get(name, {}).get("levels", {}):
+            continue
+        value = vs_vllm(report, name, c)[figure]
+        if value is None:
+            continue
+        out[f"{name}_{figure}_{c}"] = {
+            "server": name,
+            "clients": c,
+            "figure": f"{figure} / vLLM's",
+            "ratio": value,
+            "target": f"{comparison} {bound}",
+            "pass": meets(value, comparison, bound),
+        }
     for mode, hs in report.get("hot_swap", {}).items():
         worst = hs["server_pause_max_s"] if hs["server_pause_max_s"] is not None else hs["server_pause_mean_s"]
         out[f"hot_swap_pause_{mode}"] = {"max_s": worst, "target": "< 1 s", "pass": worst is not None and worst < 1.0}
@@ -1442,7 +1759,7 @@ def print_hot_swap(modes: dict) -> None:
 
 def print_one_hot_swap(hs: dict) -> None:
     print(
-        f"\nHot-swap on (a), RLHF_INFERENCE_SWAP_MODE={hs.get('mode')}: {hs['swaps_announced']} swaps under "
+        f"\nHot-swap on {hs.get('stack', 'ours')}, swap mode {hs.get('mode')}: {hs['swaps_announced']} swaps under "
         f"{hs['load']['requests_done']} streamed requests ({hs['load']['tokens_per_s']:.0f} tok/s):"
     )
     logged = ", ".join(
@@ -1478,25 +1795,26 @@ def print_one_hot_swap(hs: dict) -> None:
 
 def print_targets(report: dict) -> None:
     t = report["targets"]
-    print("\nTargets:")
-    if "throughput_64" in t:
+    print("\nTargets (ratios against vLLM's server in this run):")
+    for key, v in t.items():
+        if key.startswith("hot_swap_pause_"):
+            continue
         print(
-            f"  (a) tokens/s at 64 >= 0.85 x (b): {t['throughput_64']['ratio']:.2f}x  "
-            f"{'PASS' if t['throughput_64']['pass'] else 'FAIL'}"
-        )
-        print(
-            f"  (a) p99 latency at 64 <= 1.2 x (b): {t['p99_64']['ratio']:.2f}x  "
-            f"{'PASS' if t['p99_64']['pass'] else 'FAIL'}"
+            f"  {v['server']} at {v['clients']} clients, {v['figure']} {v['target']}: {v['ratio']:.2f}x  "
+            f"{'PASS' if v['pass'] else 'FAIL'}"
         )
     for key, v in t.items():
         if key.startswith("hot_swap_pause_"):
-            mode = key.removeprefix("hot_swap_pause_")
-            print(
-                f"  hot-swap pause < 1 s ({mode}{' = default' if mode == 'drain' else ''}): "
-                f"{fmt(v['max_s'], '.3f')} s  {'PASS' if v['pass'] else 'FAIL'}"
-            )
+            mode = report["hot_swap"][key.removeprefix("hot_swap_pause_")].get("mode")
+            print(f"  hot-swap pause < 1 s ({mode}): {fmt(v['max_s'], '.3f')} s  {'PASS' if v['pass'] else 'FAIL'}")
     for name, a in report.get("output_agreement_with_vllm", {}).items():
         print(f"  {name}: {a['identical_text']}/{a['compared']} greedy completions identical to vLLM's")
+    for name, srv in report["servers"].items():
+        served = Counter()
+        for m in srv["levels"].values():
+            served.update(m.get("policy_versions_served") or {})
+        if len(served) > 1:
+            print(f"  {name} served several policy versions: {dict(sorted(served.items()))}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ NOT_MIRRORED = {
     "test_protos_fresh.py": "the committed stubs in shared/pb against a fresh `rlhf protos` run",
     "test_test_layout.py": "this file: the layout of the test tree itself",
     "deploy/": "the Helm chart (helm/), the Dockerfiles and dashboards (deploy/): no Python package",
+    "benchmarks/": "the pure helpers of the benchmark scripts in tests/benchmarks/ (scripts, not a package)",
     "shared/kafka/test_envelope_codec.py": "a second module for shared/kafka/envelope.py: the codec "
     "against the stdlib-json contract, with its own event fixtures (test_envelope.py has the rest)",
 }
