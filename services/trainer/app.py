@@ -29,6 +29,7 @@ from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import GrpcPolicySampler, GrpcRewardScorer, RolloutCollector
 from services.trainer.servicer import TrainerServicer
+from services.trainer.user_load import GrpcLoadProbe, UserLoadGovernor
 from shared.config import ConfigError
 from shared.events import CompletionEvent
 from shared.grpc_channels import ClientCredentials, sync_channel
@@ -149,6 +150,9 @@ class TrainerApp:
             seed=cfg.seed,
         )
         learner, state = self._load_or_start()
+        # Yield to users: the serving load read from the replica the rollouts go to (GetLoad).
+        yielding = cfg.yield_settings()
+        probe = GrpcLoadProbe(inference, timeout_s=min(cfg.rpc_timeout_s, 2.0)) if yielding.enabled else None
         return TrainingLoop(
             learner,
             state,
@@ -161,6 +165,8 @@ class TrainerApp:
             self.live,
             paused=cfg.start_paused,
             guards=self._build_guards(),
+            governor=UserLoadGovernor(yielding, full=cfg.rollouts_per_iteration),
+            user_load=probe.load if probe is not None else None,
         )
 
     def _build_guards(self) -> list[Guard]:

@@ -13,6 +13,7 @@ from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionT
 
 if TYPE_CHECKING:
     from services.trainer.guards import GuardSpec
+    from services.trainer.user_load import YieldSettings
 
 DEFAULT_PROMPT_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 
@@ -116,6 +117,28 @@ class TrainerConfig(ServiceConfig):
     """Start paused (Status/Publish/Rollback work; no training until Resume)."""
     idle_sleep_s: float = 2.0
     """Pause between attempts when an iteration could not run (no prompts, a dependency down)."""
+    yield_user_in_flight: int = 8
+    """Yield to users: send no rollouts while this many user requests are in flight on the inference
+    replica (its GetLoad), until the load falls to YIELD_RESUME_FRACTION of every threshold; fewer
+    rollouts at once above that fraction (services/trainer/user_load.py). 0: not a criterion."""
+    yield_user_waiting: int = 4
+    """Yield while this many user requests wait for their first token (queued or in prefill). 0: not a
+    criterion."""
+    yield_user_ttft_s: float = 1.0
+    """Yield while the median time to first token of the replica's recent user requests (its last
+    10 s) is this many seconds or more. 0: not a criterion."""
+    yield_resume_fraction: float = 0.5
+    """A yield ends when the load is at most this fraction of every threshold (hysteresis); between it
+    and the threshold the trainer sends fewer rollouts at once (down to one)."""
+    yield_poll_s: float = 0.5
+    """How often the load is read while the trainer waits (and before each group of rollouts)."""
+    idle_after_s: float = 30.0
+    """Nobody uses the system when no user request was in flight for this many seconds."""
+    idle_budget: float = 0.25
+    """Share of wall time the trainer works (samples the prompt file and live prompts, trains) while
+    nobody uses the system: 0 = it waits for users, 1 = full speed, 0.25 (default) = after an
+    iteration of t seconds it pauses 3t (ended early when users come back). Set 1 with the three
+    yield thresholds at 0 for the trainer of before (the serving load is then not read)."""
     reference_version: str = ""
     """Reference (SFT) policy of the KL penalty and the gate; empty: the policy current when the
     trainer first started (then kept in the checkpoint)."""
@@ -164,6 +187,7 @@ class TrainerConfig(ServiceConfig):
             out.append(f"{p}TOP_P must be in (0, 1]")
         if self.kl_bound < 0 or self.reward_tolerance < 0:
             out.append(f"{p}KL_BOUND and {p}REWARD_TOLERANCE must not be negative")
+        out += self._yield_problems()
         if self.rpc_timeout_s <= 0 or self.idle_sleep_s < 0:
             out.append(f"{p}RPC_TIMEOUT_S must be positive and {p}IDLE_SLEEP_S not negative")
         out += self.versions.missing(self.host, signs=("policy",))
@@ -175,6 +199,34 @@ class TrainerConfig(ServiceConfig):
                 "log-probabilities are those of the untempered policy"
             )
         return out
+
+    def _yield_problems(self) -> list[str]:
+        p = self.ENV_PREFIX
+        out = []
+        for name in ("yield_user_in_flight", "yield_user_waiting", "yield_user_ttft_s", "idle_after_s"):
+            if getattr(self, name) < 0:
+                out.append(f"{p}{name.upper()} must not be negative (0 turns it off)")
+        if not 0.0 <= self.yield_resume_fraction < 1.0:
+            out.append(f"{p}YIELD_RESUME_FRACTION must be in [0, 1), got {self.yield_resume_fraction}")
+        if self.yield_poll_s <= 0:
+            out.append(f"{p}YIELD_POLL_S must be positive, got {self.yield_poll_s}")
+        if not 0.0 <= self.idle_budget <= 1.0:
+            out.append(f"{p}IDLE_BUDGET must be in [0, 1] (share of wall time while idle), got {self.idle_budget}")
+        return out
+
+    def yield_settings(self) -> YieldSettings:
+        """The yield_* and idle_* settings for the UserLoadGovernor."""
+        from services.trainer.user_load import YieldSettings
+
+        return YieldSettings(
+            user_in_flight=self.yield_user_in_flight,
+            user_waiting=self.yield_user_waiting,
+            user_ttft_s=self.yield_user_ttft_s,
+            resume_fraction=self.yield_resume_fraction,
+            poll_s=self.yield_poll_s,
+            idle_after_s=self.idle_after_s,
+            idle_budget=self.idle_budget,
+        )
 
     def guard_specs(self) -> list[GuardSpec]:
         """RLHF_TRAINER_GUARDS parsed (ValueError when malformed; problems() reports it at start)."""

@@ -61,7 +61,8 @@ from services.trainer.publishing import (
     same_figure,
     with_guards,
 )
-from services.trainer.rollout_collector import RolloutCollector
+from services.trainer.rollout_collector import CollectResult, RolloutCollector, SampledCompletion
+from services.trainer.user_load import STATES, Decision, UserLoad, UserLoadGovernor
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logging import get_logger, log_event
 from shared.model_store import (
@@ -233,6 +234,8 @@ class TrainingLoop:
         *,
         paused: bool = False,
         guards: Sequence[Guard] = (),
+        governor: UserLoadGovernor | None = None,
+        user_load: Callable[[], UserLoad | None] | None = None,
     ):
         self.learner = learner
         self.state = state
@@ -244,6 +247,13 @@ class TrainingLoop:
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
         self.guards = list(guards)
+        self.governor = governor if user_load is not None else None
+        """Yields rollout sampling to users by the serving load ``user_load`` reads (user_load.py);
+        None: samples whatever the load."""
+        self.user_load = user_load
+        self._stop = threading.Event()
+        """The thread's stop event (``run``): ends a wait for users."""
+        self._idle_iteration = False
         """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self._lock = threading.RLock()  # held for any use of the learner or the state
         self._running = threading.Event()
@@ -300,11 +310,24 @@ class TrainingLoop:
         """Train until ``stop`` is set (the iteration in progress finishes first)."""
         log_event(log, "training loop started", step=self.state.step, base=self.state.lineage[-1], paused=self.paused)
         self._phase = "training"
+        self._stop = stop
         while not stop.is_set():
             if not self._running.wait(0.2):
                 continue
+            started = time.monotonic()
+            if self.governor is not None:
+                # Outside the lock: Status, PublishNow and Rollback are answered while the trainer yields.
+                decision = self._wait_for_users(stop, until_paused=True)
+                if decision is None or self.paused:
+                    continue
+                self._idle_iteration, started = decision.state == "idle", time.monotonic()
             try:
                 did_work = self.run_iteration()
+                if did_work and self.governor is not None:
+                    now = time.monotonic()
+                    self.governor.worked(now - started, now, idle=self._idle_iteration)
+            except _Stopping:
+                break
             except Exception as exc:
                 kind = type(exc).__name__
                 metrics.ITERATION_FAILURES.labels(kind).inc()
@@ -334,13 +357,9 @@ class TrainingLoop:
                 self._phase, self._detail = "waiting", "no prompts yet (live only, none received)"
                 return False
             ages = rollout_ages(self.state.lineage, self.state.version_depth, self.state.depth)
-            result = self.collector.collect(
-                prompts,
-                ages,
-                self.settings.max_staleness_steps,
-                seed=self.settings.seed * 100_003 + self.state.step * 997,
-            )
+            result = self._collect(prompts, ages, seed=self.settings.seed * 100_003 + self.state.step * 997)
             sampled_at = time.monotonic()
+            metrics.ROLLOUTS_PER_SECOND.set(result.sampled / max(sampled_at - started, 1e-9))
             metrics.ITERATION_SECONDS.labels("rollouts").observe(sampled_at - started)
             for reason, count in result.dropped.items():
                 self.state.dropped[reason] = self.state.dropped.get(reason, 0) + count
@@ -711,9 +730,60 @@ class TrainingLoop:
         if self.publisher.announce_pending() is None:
             metrics.ITERATION_FAILURES.labels("announce").inc()
 
+    def _collect(self, prompts: Sequence[Any], ages: dict[str, int], seed: int) -> CollectResult:
+        """The iteration's rollouts; with a governor, sent in groups as the serving load allows (prompt
+        i keeps seed + i whatever the groups), waiting while users need the capacity, then scored
+        together."""
+        if self.governor is None:
+            return self.collector.collect(prompts, ages, self.settings.max_staleness_steps, seed=seed)
+        samples: list[SampledCompletion] = []
+        while len(samples) < len(prompts):
+            decision = self._wait_for_users(self._stop, until_paused=False)
+            if decision is None:
+                raise _Stopping()
+            self._phase, self._detail = "training", decision.reason if decision.state == "slowed" else ""
+            group = prompts[len(samples) : len(samples) + decision.concurrency]
+            samples += self.collector.sample(group, seed + len(samples))
+        return self.collector.finish(samples, ages, self.settings.max_staleness_steps)
+
+    def _wait_for_users(self, stop: threading.Event, *, until_paused: bool) -> Decision | None:
+        """Ask the governor until it lets rollouts go (the decision), waiting as it says meanwhile
+        (phase "yielding" or "idle", the reason in the detail); None when ``stop`` is set (or, with
+        ``until_paused``, training was paused) first."""
+        assert self.governor is not None and self.user_load is not None
+        waited_from: float | None = None
+        while not stop.is_set() and not (until_paused and self.paused):
+            decision = self.governor.decide(self.user_load(), time.monotonic())
+            for state in STATES:
+                metrics.USER_LOAD_STATE.labels(state).set(1 if state == decision.state else 0)
+            if decision.concurrency > 0:
+                metrics.ROLLOUT_CONCURRENCY.set(decision.concurrency)
+                if waited_from is not None:
+                    log_event(
+                        log,
+                        "rollouts resume",
+                        state=decision.state,
+                        waited_s=round(time.monotonic() - waited_from, 2),
+                        step=self.state.step,
+                    )
+                return decision
+            if waited_from is None:
+                waited_from = time.monotonic()
+                log_event(log, "rollouts wait", state=decision.state, reason=decision.reason, step=self.state.step)
+            self._phase, self._detail = decision.state, decision.reason
+            t0 = time.monotonic()
+            stop.wait(decision.wait_s)
+            reason = "users" if decision.state == "yielding" else "idle_budget"
+            metrics.USER_WAIT_SECONDS.labels(reason).inc(time.monotonic() - t0)
+        return None
+
     def _set_policy_info(self) -> None:
         metrics.POLICY_INFO.clear()
         metrics.POLICY_INFO.labels(self.state.lineage[-1]).set(1)
+
+
+class _Stopping(Exception):
+    """The thread was stopped while an iteration waited for users: the iteration is dropped."""
 
 
 def _is_expected(exc: Exception) -> bool:

@@ -68,3 +68,24 @@ ITERATION_SECONDS = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 POLICY_INFO = Gauge("rlhf_trainer_policy_info", "1 for the published version the trainer builds on", ["version"])
+
+# --- yielding to users (user_load.py) ------------------------------------------------------------
+USER_WAIT_SECONDS = Counter(
+    "rlhf_trainer_user_wait_seconds_total",
+    "Time the trainer sent no rollouts, by reason (users: the serving load was over its threshold; "
+    "idle_budget: nobody used the system and the idle budget paused it)",
+    ["reason"],
+)
+USER_LOAD_STATE = Gauge(
+    "rlhf_trainer_user_load_state",
+    "1 for what the serving load lets the trainer do now (full, slowed, yielding, idle, unknown)",
+    ["state"],
+)
+ROLLOUT_CONCURRENCY = Gauge("rlhf_trainer_rollout_concurrency", "Rollouts the trainer last sent at once")
+ROLLOUTS_PER_SECOND = Gauge(
+    "rlhf_trainer_rollouts_per_second",
+    "Rollouts sampled per second in the last iteration's sampling (waits for users included)",
+)
+USER_LOAD_ERRORS = Counter(
+    "rlhf_trainer_user_load_errors_total", "Failed reads of the serving load (GetLoad), by gRPC code", ["code"]
+)

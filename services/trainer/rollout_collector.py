@@ -107,7 +107,17 @@ class RolloutCollector:
     def collect(
         self, prompts: Sequence[Prompt], ages: Mapping[str, int], max_staleness_steps: int, seed: int | None = None
     ) -> CollectResult:
-        samples = self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
+        return self.finish(self.sample(prompts, seed), ages, max_staleness_steps)
+
+    def sample(self, prompts: Sequence[Prompt], seed: int | None = None) -> list[SampledCompletion]:
+        """One completion per prompt (prompt i sampled with seed + i: a batch sampled in groups, each
+        given the seed plus its offset, is sampled as in one call)."""
+        return self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
+
+    def finish(
+        self, samples: Sequence[SampledCompletion], ages: Mapping[str, int], max_staleness_steps: int
+    ) -> CollectResult:
+        """Drop what must not be trained on, score the rest in one go (one RM version for the batch)."""
         dropped: Counter = Counter()
         kept: list[SampledCompletion] = []
         for s in samples:

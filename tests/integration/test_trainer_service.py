@@ -140,6 +140,9 @@ def trainer_config(own_broker, store, services, checkpoint_dir, **overrides):
         publish_every=1,
         checkpoint_every=1,
         idle_sleep_s=0.5,
+        # Full speed while no user is around (the default idle budget, 0.25, would slow these tests 4x;
+        # test_trainer_yields.py tests yielding).
+        idle_budget=1.0,
         torch_threads=1,
         kl_bound=1e6,
         reward_tolerance=1e6,
@@ -375,6 +378,7 @@ def trainer_process(own_broker, store, services, ckpt, log_path, **env_overrides
         "RLHF_TRAINER_LIVE_PROMPT_FRACTION": "0",
         "RLHF_TRAINER_TORCH_THREADS": "1",
         "RLHF_TRAINER_IDLE_SLEEP_S": "0.5",
+        "RLHF_TRAINER_IDLE_BUDGET": "1",
         "RLHF_TRAINER_GRACE_PERIOD_S": "5",
         "RLHF_PPO_EPOCHS": "1",
         "RLHF_PPO_MINIBATCH_SIZE": "4",

@@ -46,6 +46,12 @@ def test_defaults_are_valid_and_ports_match_the_chart():
             "RLHF_TRAINER_GUARDS: entry:no_such_module_for_rlhf:sums: cannot import no_such_module_for_rlhf",
         ),
         ({"RLHF_TRAINER_GUARDS": "entry:json:no_such_function:0.8"}, "RLHF_TRAINER_GUARDS: .*no function"),
+        ({"RLHF_TRAINER_YIELD_USER_IN_FLIGHT": "-1"}, "RLHF_TRAINER_YIELD_USER_IN_FLIGHT must not be negative"),
+        ({"RLHF_TRAINER_YIELD_USER_TTFT_S": "-0.5"}, "RLHF_TRAINER_YIELD_USER_TTFT_S must not be negative"),
+        ({"RLHF_TRAINER_YIELD_RESUME_FRACTION": "1"}, "RLHF_TRAINER_YIELD_RESUME_FRACTION must be in \\[0, 1\\)"),
+        ({"RLHF_TRAINER_YIELD_POLL_S": "0"}, "RLHF_TRAINER_YIELD_POLL_S must be positive"),
+        ({"RLHF_TRAINER_IDLE_BUDGET": "1.5"}, "RLHF_TRAINER_IDLE_BUDGET must be in \\[0, 1\\]"),
+        ({"RLHF_TRAINER_IDLE_AFTER_S": "-1"}, "RLHF_TRAINER_IDLE_AFTER_S must not be negative"),
     ],
 )
 def test_bad_values_are_named(env, words):
@@ -68,3 +74,18 @@ def test_rollout_mode_is_off_unless_set():
 
     assert load_config(TrainerConfig, {}).rollout is False
     assert load_config(TrainerConfig, {"RLHF_TRAINER_ROLLOUT": "1"}).rollout is True
+
+
+def test_the_yield_settings_default_to_yielding_and_an_idle_budget():
+    s = load_config(TrainerConfig, {}).yield_settings()
+    assert s.enabled and (s.user_in_flight, s.user_waiting, s.user_ttft_s, s.idle_budget) == (8, 4, 1.0, 0.25)
+    off = load_config(
+        TrainerConfig,
+        {
+            "RLHF_TRAINER_YIELD_USER_IN_FLIGHT": "0",
+            "RLHF_TRAINER_YIELD_USER_WAITING": "0",
+            "RLHF_TRAINER_YIELD_USER_TTFT_S": "0",
+            "RLHF_TRAINER_IDLE_BUDGET": "1",
+        },
+    )
+    assert not off.yield_settings().enabled

@@ -22,6 +22,7 @@ from services.trainer.ppo_config import PPOConfig
 from services.trainer.prompts import LivePromptBuffer, PromptMixer
 from services.trainer.publishing import PolicyPublisher
 from services.trainer.rollout_collector import RolloutCollector, SampledCompletion
+from services.trainer.user_load import UserLoad, UserLoadGovernor, YieldSettings
 from shared.errors import InvalidArgument, NotFound
 from shared.events import Message, PolicyCandidateEvent
 from shared.model_store import ModelStore
@@ -127,6 +128,7 @@ def make_loop(
     kind=POLICY,
     max_staleness_steps=64,
     revert_after_refusals=0,
+    **loop_kwargs,
 ):
     cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
     policy, rm = store.current("policy"), store.current("rm")
@@ -162,6 +164,7 @@ def make_loop(
         load_learner,
         paused=paused,
         guards=guards,
+        **loop_kwargs,
     )
     holder["loop"] = loop
     return loop, served, load_learner
@@ -450,3 +453,100 @@ def test_without_reverts_a_refused_trainer_trains_on_from_the_refused_candidate(
     for _ in range(3):
         loop.run_iteration()
     assert loop.state.reverts == 0 and loop.state.refusals_in_a_row == 3 and loop.state.depth == 3
+
+
+# --- yielding to users (user_load.py) -----------------------------------------------------------
+
+
+class Loads:
+    """The serving load the loop reads (inference's GetLoad in the service), set by the test."""
+
+    def __init__(self, load: UserLoad):
+        self.load = load
+        self.reads = 0
+
+    def __call__(self) -> UserLoad:
+        self.reads += 1
+        return self.load
+
+
+class GroupRecorder:
+    """Records the groups the loop sends (size, seed) and samples them with the real sampler."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.groups = []
+
+    def sample(self, prompts, *, max_tokens, top_p, seed=None):
+        self.groups.append((len(prompts), seed))
+        return self.sampler.sample(prompts, max_tokens=max_tokens, top_p=top_p, seed=seed)
+
+
+def by_users(in_flight_threshold=8, poll_s=0.05):
+    return UserLoadGovernor(
+        YieldSettings(
+            user_in_flight=in_flight_threshold, user_waiting=0, user_ttft_s=0.0, poll_s=poll_s, idle_budget=1
+        ),
+        full=4,
+    )
+
+
+def wait_for(condition, timeout_s=60.0):
+    ticker = threading.Event()
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return True
+        ticker.wait(0.05)
+    return condition()
+
+
+def test_under_some_user_load_the_batch_goes_in_smaller_groups_with_the_same_seeds(store, tmp_path, one_thread):
+    loads = Loads(UserLoad(user_in_flight=6))  # pressure 0.75: 2 rollouts at once (of 4)
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0, governor=by_users(), user_load=loads)
+    recorder = GroupRecorder(loop.collector.sampler)
+    loop.collector.sampler = recorder
+    assert loop.run_iteration()
+    assert [n for n, _ in recorder.groups] == [2, 2]
+    first_seed = recorder.groups[0][1]
+    assert recorder.groups[1][1] == first_seed + 2  # prompt i keeps seed + i
+    assert loop.state.step == 1 and counter("rlhf_trainer_rollout_concurrency") == 2
+
+
+def test_the_loop_yields_while_users_need_the_capacity_and_resumes_after(store, tmp_path, one_thread):
+    waited_before = counter("rlhf_trainer_user_wait_seconds_total", reason="users") or 0.0
+    loads = Loads(UserLoad(user_in_flight=9))
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0, governor=by_users(), user_load=loads)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: loads.reads >= 5)
+        status = loop.status()
+        assert (status.step, status.state) == (0, "yielding")
+        assert status.detail.startswith("yielding to users: 9 user requests in flight")
+        assert counter("rlhf_trainer_user_load_state", state="yielding") == 1
+        loads.load = UserLoad(user_in_flight=6)  # below the threshold, above the resume fraction
+        reads = loads.reads
+        assert wait_for(lambda: loads.reads >= reads + 5)
+        assert loop.status().step == 0
+        loads.load = UserLoad(user_in_flight=2)
+        assert wait_for(lambda: loop.status().step >= 1)
+        assert counter("rlhf_trainer_user_load_state", state="full") == 1
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert counter("rlhf_trainer_user_wait_seconds_total", reason="users") > waited_before
+    assert counter("rlhf_trainer_rollouts_per_second") > 0
+
+
+def test_a_stop_while_yielding_ends_the_thread_without_a_step(store, tmp_path, one_thread):
+    loads = Loads(UserLoad(user_in_flight=50))
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0, governor=by_users(), user_load=loads)
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    assert wait_for(lambda: loads.reads >= 2)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and loop.state.step == 0

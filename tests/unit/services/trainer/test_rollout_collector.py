@@ -108,3 +108,14 @@ def test_collect_does_not_call_the_scorer_when_everything_is_dropped():
         [(Message("user", "q"),)], AGES, max_staleness_steps=64
     )
     assert result.rollouts == [] and dict(result.dropped) == {"unknown_version": 1} and scorer.calls == 0
+
+
+def test_a_batch_sampled_in_groups_keeps_each_prompts_seed_and_is_scored_once():
+    samples = [sample(prompt_text=str(i)) for i in range(5)]
+    sampler, scorer = ListSampler(samples), LengthScorer()
+    collector = RolloutCollector(sampler, scorer, max_tokens=8)
+    prompts = [s.prompt for s in samples]
+    got = collector.sample(prompts[:2], seed=100) + collector.sample(prompts[2:], seed=102)
+    result = collector.finish(got, AGES, max_staleness_steps=16)
+    assert [(n, seed) for n, _, _, seed in sampler.calls] == [(2, 100), (3, 102)]
+    assert len(result.rollouts) == 5 and result.sampled == 5 and scorer.calls == 1
