@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,12 +38,23 @@ class InferenceConfig(ServiceConfig):
     stable group; announcements on rlhf.policy-updates) or `canary` (the canary group: the version the
     rollout service runs as a canary, announced on rlhf.policy-canary; the stable version while none
     runs, and until the canary pointer was ever announced)."""
-    swap_mode: str = "drain"
-    """How a hot-swap treats requests in flight. `drain`: new requests wait while those in flight
-    finish on the old weights, so every completion comes from exactly one version (the pause is
-    the longest remaining generation). `immediate`: the swap happens between two engine steps;
-    requests in flight are recomputed and finish on the new weights (the pause is about the reload
-    time) and their completions say they straddled two versions."""
+    swap_mode: str = "bounded"
+    """How a hot-swap on one replica treats requests in flight. `bounded` (default): new requests
+    wait at most RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S while those in flight finish on the old weights;
+    what still runs then is swapped under immediately (recomputed, it finishes on the new weights and
+    its completion lists both versions). The pause stays under a second (budget + reload) and never
+    waits for the slowest request in flight, while the many requests about to end finish on one
+    version (no recompute, and the trainer keeps its rollouts: it drops those that straddle a swap).
+    `drain`: wait for every request in flight, so every completion comes from exactly one version
+    (the pause is the longest remaining generation: seconds with long answers). `immediate`: the
+    swap happens between two engine steps; every request in flight is recomputed and finishes on the
+    new weights (the pause is about the reload time) and their completions say they straddled two
+    versions."""
+    swap_drain_budget_s: float = 0.3
+    """In swap_mode `bounded`, and after the drain of a rolling swap, how long new requests may be
+    held while the requests in flight finish before the rest is swapped under them; 0 makes
+    `bounded` behave as `immediate`. Kept well under a second: the pause is this plus the reload
+    (about 0.1 s for the default model on CPU)."""
     swap_lease_dir: Path | None = None
     """Rolling swaps for a group of several replicas: a directory every replica of the group can write
     (the model store's root on one machine; a shared volume on Kubernetes) holding the group's swap
@@ -91,6 +103,12 @@ class InferenceConfig(ServiceConfig):
     from minutes to seconds; set 0 on GPUs for the faster compiled path."""
     seed: int = 0
     """Engine seed; requests without a seed sample from the engine's generator."""
+    priority_scheduling: bool = True
+    """Run vLLM with scheduling_policy="priority" and give each request a priority from its source
+    (users 0, other sources 1, the trainer's rollouts 2; services/inference/priority.py), so that a
+    user's request is scheduled ahead of queued rollouts and, when the KV cache runs out, rollouts
+    are preempted first. On by default: the trainer samples through the same engine as the people
+    chatting, and its work must never make them wait. Off: first come, first served."""
     stream_coalesce_ms: float = 40.0
     """Streamed answers: after each message, wait until this many milliseconds after its output was
     taken from the engine and send everything produced meanwhile as one message (several tokens per
@@ -103,16 +121,19 @@ class InferenceConfig(ServiceConfig):
     def problems(self) -> list[str]:
         out = super().problems()
         p = self.ENV_PREFIX
-        if self.swap_mode not in {"drain", "immediate"}:
-            out.append(f"{p}SWAP_MODE={self.swap_mode!r}: expected drain or immediate")
+        if self.swap_mode not in {"bounded", "drain", "immediate"}:
+            out.append(f"{p}SWAP_MODE={self.swap_mode!r}: expected bounded, drain or immediate")
+        if not 0 <= self.swap_drain_budget_s <= 60:
+            out.append(f"{p}SWAP_DRAIN_BUDGET_S={self.swap_drain_budget_s:g}: expected 0 to 60 seconds")
         if self.follow not in ("current", "canary"):
             out.append(f"{p}FOLLOW={self.follow!r}: expected current or canary")
         if self.swap_drain_timeout_s <= 0 or self.swap_settle_s < 0:
             out.append(f"{p}SWAP_DRAIN_TIMEOUT_S must be positive and {p}SWAP_SETTLE_S not negative")
-        elif self.swap_lease_ttl_s < self.swap_drain_timeout_s + 2 * self.swap_settle_s + 30:
+        elif self.swap_lease_ttl_s < rolling_swap_bound_s(self):
             out.append(
                 f"{p}SWAP_LEASE_TTL_S={self.swap_lease_ttl_s:g} must exceed a swap: at least "
-                f"{p}SWAP_DRAIN_TIMEOUT_S + 2 x {p}SWAP_SETTLE_S + 30 s for the reload"
+                f"{p}SWAP_DRAIN_TIMEOUT_S + {p}SWAP_DRAIN_BUDGET_S + 2 x {p}SWAP_SETTLE_S + 30 s for the "
+                f"reload ({rolling_swap_bound_s(self):g} s)"
             )
         if self.dtype not in {"float32", "bfloat16", "float16"}:
             out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
@@ -132,3 +153,24 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}STREAM_MAX_TOKENS_PER_CHUNK must not be negative (0: no count bound)")
         out += self.versions.missing(self.host, follows=("policy",))
         return out
+
+
+RELOAD_ALLOWANCE_S = 30.0
+"""Time a rolling swap allows for the reload itself, in the lease TTL check."""
+
+
+def rolling_swap_bound_s(cfg: InferenceConfig) -> float:
+    """The longest a rolling swap may hold its group's lease: settle + drain timeout + drain budget
+    (the last stragglers, in swap_to) + reload allowance + settle. The lease TTL must be at least
+    this, or another replica could take the lease over mid-swap."""
+    return cfg.swap_drain_timeout_s + cfg.swap_drain_budget_s + 2 * cfg.swap_settle_s + RELOAD_ALLOWANCE_S
+
+
+def swap_drain_s(cfg: InferenceConfig) -> float:
+    """How long a swap on one replica holds new requests waiting for those in flight, by
+    swap_mode: drain -> unbounded (inf), immediate -> 0, bounded -> swap_drain_budget_s."""
+    if cfg.swap_mode == "drain":
+        return math.inf
+    if cfg.swap_mode == "immediate":
+        return 0.0
+    return cfg.swap_drain_budget_s

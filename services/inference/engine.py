@@ -3,6 +3,12 @@
 vLLM's AsyncLLM does continuous batching: every request is added to one running engine and
 generated alongside the others. Weights are swapped in place with ``reload_weights`` (same
 architecture, new tensors) followed by a prefix-cache reset, so no restart is needed.
+
+With ``priority_scheduling`` on (the default) the engine runs vLLM's ``scheduling_policy="priority"``
+and each request is added with its priority (services/inference/priority.py: users first, the
+trainer's rollouts last): the waiting queue is ordered by (priority, arrival), and when the KV cache
+runs out the running request with the highest (priority, arrival) is preempted first. The scheduler
+is vLLM's own Python code, the same in the CPU and the CUDA builds.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class VllmEngine:
             tensor_parallel_size=self.cfg.tensor_parallel_size,
             distributed_executor_backend="uni" if self._single_process else None,
             enforce_eager=self.cfg.enforce_eager,
+            scheduling_policy="priority" if self.cfg.priority_scheduling else "fcfs",
             disable_log_stats=True,
         )
         self._llm = AsyncLLM.from_engine_args(args)
@@ -80,9 +87,10 @@ class VllmEngine:
         return self._llm
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, priority: int = 0
     ) -> AsyncIterator[list[EngineOutput]]:
-        """Yield, per engine step, the new output of each completion that advanced."""
+        """Yield, per engine step, the new output of each completion that advanced. ``priority``:
+        lower is scheduled earlier (ignored unless priority_scheduling is on)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -99,7 +107,10 @@ class VllmEngine:
             logprobs=0 if sampling.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
         )
-        async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+        priority = priority if self.cfg.priority_scheduling else 0
+        async for out in self.llm.generate(
+            {"prompt_token_ids": prompt_token_ids}, params, request_id, priority=priority
+        ):
             step = []
             for o in out.outputs:
                 lps = None

@@ -22,6 +22,11 @@ TTFT_SECONDS = Histogram(
     "Arrival to first token",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+REQUESTS_BY_PRIORITY = Counter(
+    "rlhf_inference_requests_by_priority_total",
+    "Requests admitted, by the engine priority class their source gave them (user, other, trainer)",
+    ["priority_class"],
+)
 POLICY_VERSION = Gauge("rlhf_inference_policy_info", "1 for the policy version being served", ["version"])
 SWAPS = Counter("rlhf_inference_swaps_total", "Hot-swaps to a new policy version")
 SWAP_REFUSED = Counter("rlhf_inference_swap_refused_total", "Policy updates refused", ["reason"])
@@ -29,6 +34,10 @@ SWAP_PAUSE_SECONDS = Histogram(
     "rlhf_inference_swap_pause_seconds",
     "Time new requests were held during a swap (drain + reload)",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SWAPPED_UNDER = Counter(
+    "rlhf_inference_swapped_under_requests_total",
+    "Requests still in flight when a swap reloaded the weights (recomputed; they list both versions)",
 )
 
 # --- rolling swaps (several replicas of a group; swap_lease.py) ----------------------------------

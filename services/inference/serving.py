@@ -1,9 +1,10 @@
 """The inference service's logic: validate, template, generate, attribute, publish, hot-swap.
 
 Transport-free: the gRPC servicer converts to and from these calls, and tests can drive it
-directly. Every completion gets a response_id and the policy_version that produced it (with the
-default swap_mode "drain" the swap gate guarantees one version per request), and one
-CompletionEvent on rlhf.completions.
+directly. Every completion gets a response_id and the policy_versions that produced it (one, unless
+a hot-swap happened under it: never with swap_mode "drain"; with the default "bounded" only for the
+requests still running after the swap's drain budget), and one CompletionEvent on rlhf.completions.
+Each request reaches the engine with a priority from its source (priority.py): users first.
 
 Rolling swaps (a group of several replicas, RLHF_INFERENCE_SWAP_LEASE_DIR set): a verified version
 is swapped in while this replica holds its group's lease (swap_lease.py), so that one replica of the
@@ -14,6 +15,7 @@ group swaps at a time; meanwhile it reports NOT_SERVING to the channels that rou
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from services.inference import metrics
-from services.inference.config import InferenceConfig
+from services.inference.config import InferenceConfig, swap_drain_s
 from services.inference.domain import (
     ROLES,
     CompletionResult,
@@ -36,6 +38,7 @@ from services.inference.domain import (
 )
 from services.inference.engine import VllmEngine
 from services.inference.load import LoadTicket, LoadTracker
+from services.inference.priority import priority_class, request_priority
 from services.inference.streaming import coalesce_delay
 from services.inference.swap_gate import SwapGate
 from services.inference.swap_lease import LeaseAbandoned, SwapLease
@@ -99,7 +102,9 @@ class GenerationStream:
         done = 0
         taken_at = 0.0  # when the previous step came from the engine (0: none yet)
         try:
-            async for step in engine.generate(self.request_id, self.prompt_token_ids, self.request.sampling):
+            async for step in engine.generate(
+                self.request_id, self.prompt_token_ids, self.request.sampling, request_priority(self.request.source)
+            ):
                 now = time.monotonic()
                 for out in step:
                     c = self.completions[out.index]
@@ -289,6 +294,7 @@ class InferenceServing:
         arrived = time.monotonic()
         prompt_ids = self.validate(req)
         async with self.gate.admit():
+            metrics.REQUESTS_BY_PRIORITY.labels(priority_class(request_priority(req.source))).inc()
             metrics.IN_FLIGHT.inc()
             ticket = self.load.enter(req.source, arrived)
             try:
@@ -380,7 +386,8 @@ class InferenceServing:
         (clients stop sending new requests here), let the requests in flight finish (at most
         ``swap_drain_timeout_s``; those still running then are swapped immediately and finish on the
         new weights), reload, report SERVING and wait ``swap_settle_s`` again (clients route here
-        again before the next replica of the group goes)."""
+        again before the next replica of the group goes). After the drain, requests that arrived
+        meanwhile get the drain budget (swap_drain_budget_s), as in a bounded swap: never unbounded."""
         cfg = self.cfg
         await self._routable(False)
         try:
@@ -395,7 +402,7 @@ class InferenceServing:
                     in_flight=self.gate.in_flight,
                     timeout_s=cfg.swap_drain_timeout_s,
                 )
-            return await self.swap_to(verified, drain=idle)
+            return await self.swap_to(verified, drain_s=cfg.swap_drain_budget_s if idle else 0.0)
         finally:
             await self._routable(True)
             await asyncio.sleep(cfg.swap_settle_s)
@@ -405,17 +412,20 @@ class InferenceServing:
         assert self.policy_dir is not None
         check_compatible(self.policy_dir, verified.path)
 
-    async def swap_to(self, verified: VerifiedVersion, drain: bool | None = None) -> bool:
-        """Hot-swap the engine to a verified version (``drain`` or immediate; None: by config)."""
+    async def swap_to(self, verified: VerifiedVersion, drain_s: float | None = None) -> bool:
+        """Hot-swap the engine to a verified version, holding new requests at most ``drain_s`` while
+        those in flight finish (None: by swap_mode, ``config.swap_drain_s``); the requests still
+        running then are recomputed on the new weights and list both versions."""
         if verified.version == self.policy_version:
             return False
         new_dir = verified.path
-        if drain is None:
-            drain = self.cfg.swap_mode == "drain"
+        if drain_s is None:
+            drain_s = swap_drain_s(self.cfg)
         closed_at = time.monotonic()
-        async with self.gate.exclusive(drain=drain):
+        async with self.gate.exclusive(drain_s) as idle:
             drained_at = time.monotonic()
-            running = self.gate.in_flight > 0
+            running = not idle
+            swapped_under = self.gate.in_flight
             try:
                 await self.engine.reload_weights(new_dir, with_requests_running=running)
             except Exception as exc:  # noqa: BLE001 - any engine failure: restore the served weights
@@ -439,15 +449,18 @@ class InferenceServing:
         pause = time.monotonic() - closed_at
         metrics.SWAPS.inc()
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
+        metrics.SWAPPED_UNDER.inc(swapped_under)
         log_event(
             log,
             "hot-swapped policy",
             old=old,
             new=verified.version,
             reason=verified.reason,
-            mode="drain" if drain else "immediate",
+            mode=self.cfg.swap_mode,
+            drain_budget_s=None if math.isinf(drain_s) else drain_s,
             rolling=self.lease is not None,
             in_flight=self.gate.in_flight,
+            swapped_under=swapped_under,
             drain_ms=round((drained_at - closed_at) * 1e3, 1),
             pause_ms=round(pause * 1e3, 1),
         )

@@ -1,15 +1,18 @@
-"""Admission gate that lets a weight swap happen between requests, never inside one.
+"""Admission gate that lets a weight swap happen between requests, or bounded, under them.
 
 Every generation holds an admission while it runs. A swap closes the gate (new requests wait),
-waits until the requests in flight have finished, swaps, and reopens. So each completion comes
-entirely from one policy version, the version recorded at its admission. The pause new requests
-see is the time the slowest request in flight still needed plus the swap itself; generations are
-bounded by max_tokens, so the drain always ends.
+waits until the requests in flight have finished, or until its drain budget is spent, swaps, and
+reopens. With an unbounded drain each completion comes entirely from one policy version, the version
+recorded at its admission, and the pause new requests see is the time the slowest request in flight
+still needed plus the swap itself (generations are bounded by max_tokens, so the drain always ends).
+With a budget the pause is at most the budget plus the swap, and the requests still in flight then
+are swapped under (the caller recomputes them on the new weights).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -57,14 +60,18 @@ class SwapGate:
         return True
 
     @asynccontextmanager
-    async def exclusive(self, drain: bool = True) -> AsyncIterator[None]:
-        """Close the gate (new requests wait) and hold it closed; with ``drain``, first wait for
-        the requests in flight to finish."""
+    async def exclusive(self, drain_s: float = math.inf) -> AsyncIterator[bool]:
+        """Close the gate (new requests wait) and hold it closed; first wait at most ``drain_s``
+        (inf: until done; 0: not at all) for the requests in flight to finish. Yields whether
+        nothing is in flight any more (False: the swap happens under running requests)."""
         async with self._swap_lock:
             self._open.clear()
             try:
-                if drain:
-                    await self._idle.wait()
-                yield
+                if drain_s > 0 and not self._idle.is_set():
+                    try:
+                        await asyncio.wait_for(self._idle.wait(), None if math.isinf(drain_s) else drain_s)
+                    except TimeoutError:
+                        pass
+                yield self._idle.is_set()
             finally:
                 self._open.set()

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import itertools
 import shutil
+from contextlib import contextmanager
 
 import pytest
 from prometheus_client import REGISTRY
@@ -128,23 +129,44 @@ def test_announced_version_is_swapped_in_and_reproduces_transformers_exactly(env
     assert info.swaps == 1 and info.refused_updates == 0
 
 
+def pause_sum() -> float:
+    return REGISTRY.get_sample_value("rlhf_inference_swap_pause_seconds_sum") or 0.0
+
+
+def swapped_under() -> float:
+    return REGISTRY.get_sample_value("rlhf_inference_swapped_under_requests_total") or 0.0
+
+
+@contextmanager
+def swap_mode(app, mode: str):
+    """Run with RLHF_INFERENCE_SWAP_MODE=``mode`` (the default is bounded), then restore it."""
+    served = app.serving.cfg
+    app.serving.cfg = dataclasses.replace(served, swap_mode=mode)
+    try:
+        yield
+    finally:
+        app.serving.cfg = served
+
+
 def test_request_in_flight_finishes_on_the_weights_it_started_with(env):
-    """A stream admitted before a swap is generated entirely by the old weights; the swap waits."""
+    """swap_mode drain: a stream admitted before a swap is generated entirely by the old weights; the
+    swap waits for it, however long it runs."""
     stub, app, store = env["stub"], env["app"], env["store"]
     serving_version = app.serving.policy_version
     target = env["first"] if serving_version == env["second"] else env["second"]
-    stream = stub.GenerateStream(
-        inference_pb2.GenerateRequest(
-            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)
+    with swap_mode(app, "drain"):
+        stream = stub.GenerateStream(
+            inference_pb2.GenerateRequest(
+                messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)
+            )
         )
-    )
-    first_chunk = next(stream)
-    swap = asyncio.run_coroutine_threadsafe(
-        app.serving.apply_update(update(env, target)),
-        env["loop"].loop,
-    )
-    chunks = [first_chunk, *stream]
-    assert swap.result(60) is True
+        first_chunk = next(stream)
+        swap = asyncio.run_coroutine_threadsafe(
+            app.serving.apply_update(update(env, target)),
+            env["loop"].loop,
+        )
+        chunks = [first_chunk, *stream]
+        assert swap.result(60) is True
     tokens = [t for c in chunks for t in c.token_ids]
     assert {c.policy_version for c in chunks} == {serving_version}
     reference = transformers_greedy(store.path(serving_version), list(first_chunk.prompt_token_ids), 200)
@@ -158,9 +180,7 @@ def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_s
     stub, app, store = env["stub"], env["app"], env["store"]
     old = app.serving.policy_version
     new = env["first"] if old == env["second"] else env["second"]
-    pause_sum = lambda: REGISTRY.get_sample_value("rlhf_inference_swap_pause_seconds_sum") or 0.0
-    app.serving.cfg = dataclasses.replace(app.serving.cfg, swap_mode="immediate")
-    try:
+    with swap_mode(app, "immediate"):
         stream = stub.GenerateStream(
             inference_pb2.GenerateRequest(
                 messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=200)
@@ -174,8 +194,6 @@ def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_s
         )
         assert swapped.result(30) is True
         chunks = [first_chunk, *stream]
-    finally:
-        app.serving.cfg = dataclasses.replace(app.serving.cfg, swap_mode="drain")
     assert pause_sum() - paused_before < 1.0, "an immediate swap must not hold requests for a second"
     tokens = [t for c in chunks for t in c.token_ids]
     prompt = list(first_chunk.prompt_token_ids)
@@ -187,6 +205,41 @@ def test_immediate_swap_switches_a_running_request_to_the_new_weights_within_a_s
     events = consume_events(env["broker"].kafka, COMPLETIONS, lambda e: e.payload.response_id == rid, count=1)
     versions = events[0].payload.policy_versions
     assert versions[0] == old and (versions == [old, new] or split == len(tokens) == 200)
+    assert greedy(stub).policy_version == new
+
+
+def test_the_default_swap_pauses_under_a_second_and_the_long_request_lists_both_versions(env):
+    """Default swap_mode bounded, one replica: a swap with a long generation in flight waits only its
+    drain budget (not for that generation), so new requests are held under a second; the long
+    request is recomputed on the new weights, continues with exactly their tokens, and its
+    completion names both versions."""
+    stub, app, store = env["stub"], env["app"], env["store"]
+    assert app.serving.cfg.swap_mode == "bounded" and app.serving.cfg.swap_drain_budget_s < 1
+    old = app.serving.policy_version
+    new = env["first"] if old == env["second"] else env["second"]
+    stream = stub.GenerateStream(
+        inference_pb2.GenerateRequest(
+            messages=PROMPT, sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=256)
+        )
+    )
+    first_chunk = next(stream)
+    paused_before, under_before = pause_sum(), swapped_under()
+    swapped = asyncio.run_coroutine_threadsafe(app.serving.apply_update(update(env, new)), env["loop"].loop)
+    assert swapped.result(30) is True
+    pause = pause_sum() - paused_before
+    chunks = [first_chunk, *stream]
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert swapped_under() == under_before + 1, "the long request was still running: it was swapped under"
+    assert app.serving.cfg.swap_drain_budget_s <= pause < 1.0, f"pause {pause:.3f} s"
+    prompt = list(first_chunk.prompt_token_ids)
+    old_path = transformers_greedy(store.path(old), prompt, len(tokens))
+    split = next((i for i, (a, b) in enumerate(zip(tokens, old_path)) if a != b), len(tokens))
+    assert split < len(tokens), "the answer after the swap must come from the new weights"
+    assert tokens[split:] == transformers_greedy(store.path(new), prompt + tokens[:split], len(tokens) - split)
+    rid = first_chunk.response_id
+    events = consume_events(env["broker"].kafka, COMPLETIONS, lambda e: e.payload.response_id == rid, count=1)
+    assert events[0].payload.policy_versions == [old, new]
+    print(f"\nbounded swap: pause {pause * 1e3:.0f} ms with a {len(tokens)}-token generation in flight")
     assert greedy(stub).policy_version == new
 
 

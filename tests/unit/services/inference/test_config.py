@@ -1,11 +1,14 @@
 """InferenceConfig's settings, each problem naming its variable: the follow setting (which pointer of
-the policy line a replica serves) and the rolling-swap settings."""
+the policy line a replica serves), the swap settings (bounded by default, the rolling-swap lease) and
+priority scheduling."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from services.inference.config import InferenceConfig
+from services.inference.config import InferenceConfig, rolling_swap_bound_s, swap_drain_s
 from shared.config import ConfigError, load_config
 from shared.version_line import POLICY, POLICY_CANARY, POLICY_KINDS
 
@@ -47,3 +50,46 @@ def test_bad_rolling_swap_settings_are_refused_naming_the_variable(env, message)
     with pytest.raises(ConfigError) as err:
         load_config(InferenceConfig, env)
     assert message in str(err.value)
+
+
+def test_the_default_swap_is_bounded_and_each_mode_has_its_drain():
+    cfg = load_config(InferenceConfig, {})
+    assert cfg.swap_mode == "bounded" and 0 < swap_drain_s(cfg) == cfg.swap_drain_budget_s < 1
+    drain = load_config(InferenceConfig, {"RLHF_INFERENCE_SWAP_MODE": "drain"})
+    immediate = load_config(InferenceConfig, {"RLHF_INFERENCE_SWAP_MODE": "immediate"})
+    assert swap_drain_s(drain) == math.inf and swap_drain_s(immediate) == 0
+    budget = load_config(InferenceConfig, {"RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "0.1"})
+    assert swap_drain_s(budget) == 0.1
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RLHF_INFERENCE_SWAP_MODE": "lazy"}, "RLHF_INFERENCE_SWAP_MODE='lazy': expected bounded, drain or immediate"),
+        ({"RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "-0.5"}, "RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S=-0.5"),
+        ({"RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "nan"}, "RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S=nan"),
+        ({"RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "inf"}, "RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S=inf"),
+    ],
+)
+def test_bad_swap_settings_are_refused_naming_the_variable(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(InferenceConfig, env)
+    assert message in str(err.value)
+
+
+def test_the_lease_must_outlast_a_rolling_swap_including_its_drain_budget():
+    cfg = load_config(InferenceConfig, {})
+    assert rolling_swap_bound_s(cfg) == cfg.swap_drain_timeout_s + cfg.swap_drain_budget_s + 2 * cfg.swap_settle_s + 30
+    env = {
+        "RLHF_INFERENCE_SWAP_DRAIN_TIMEOUT_S": "30",
+        "RLHF_INFERENCE_SWAP_SETTLE_S": "0",
+        "RLHF_INFERENCE_SWAP_LEASE_TTL_S": "65",
+    }
+    assert load_config(InferenceConfig, {**env, "RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "5"}).swap_lease_ttl_s == 65
+    with pytest.raises(ConfigError, match="RLHF_INFERENCE_SWAP_LEASE_TTL_S=65 must exceed a swap"):
+        load_config(InferenceConfig, {**env, "RLHF_INFERENCE_SWAP_DRAIN_BUDGET_S": "6"})
+
+
+def test_priority_scheduling_is_on_unless_turned_off():
+    assert load_config(InferenceConfig, {}).priority_scheduling is True
+    assert load_config(InferenceConfig, {"RLHF_INFERENCE_PRIORITY_SCHEDULING": "0"}).priority_scheduling is False

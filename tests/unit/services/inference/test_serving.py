@@ -148,3 +148,61 @@ def test_without_a_lease_the_swap_is_in_place(tmp_path):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
     assert log == [("reload", False)], "no routing change, no lease: the single replica's drain swap"
+
+
+def test_the_default_swap_waits_its_budget_not_for_the_slowest_request(tmp_path):
+    """One replica, default swap_mode bounded: a request that would run for long holds the swap only
+    for the drain budget; it is swapped under (reload with requests running) and its versions list
+    the new one; a request that ends inside the budget finishes before the reload."""
+    log: list = []
+    serving = make_serving(tmp_path, log, swap_drain_budget_s=0.2)
+    serving.lease = None
+    assert serving.cfg.swap_mode == "bounded"
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def request(name: str, hold_s: float | None):
+            async with serving.gate.admit():
+                seen = serving.swaps
+                if hold_s is None:
+                    await release.wait()
+                else:
+                    await asyncio.sleep(hold_s)
+                log.append((name, serving.versions_since(seen)))
+
+        slow = asyncio.create_task(request("slow", None))
+        quick = asyncio.create_task(request("quick", 0.05))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        swapped = await serving.swap_to(verified("policy-0002", tmp_path))
+        pause = time.monotonic() - started
+        release.set()
+        await asyncio.gather(slow, quick)
+        return swapped, pause
+
+    swapped, pause = asyncio.run(scenario())
+    assert swapped is True and 0.15 <= pause < 1.0
+    assert log == [("quick", []), ("reload", True), ("slow", ["policy-0002"])]
+    assert serving.policy_version == "policy-0002"
+
+
+def test_drain_mode_still_waits_for_every_request(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log, swap_mode="drain", swap_drain_budget_s=0.05)
+    serving.lease = None
+
+    async def scenario():
+        async def request():
+            async with serving.gate.admit():
+                await asyncio.sleep(0.3)
+                log.append(("request", "end"))
+
+        running = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        swapped = await serving.swap_to(verified("policy-0002", tmp_path))
+        await running
+        return swapped
+
+    assert asyncio.run(scenario()) is True
+    assert log == [("request", "end"), ("reload", False)]

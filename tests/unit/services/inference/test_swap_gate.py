@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 from services.inference.swap_gate import SwapGate
 
@@ -78,3 +79,38 @@ def test_wait_idle_admits_new_requests_and_is_bounded():
         return admitted, idle, bounded
 
     assert asyncio.run(scenario()) == (2, True, False)
+
+
+def test_a_bounded_drain_waits_at_most_its_budget_and_says_what_still_runs():
+    async def scenario():
+        gate = SwapGate()
+        release = asyncio.Event()
+
+        async def request(hold_s: float | None):
+            async with gate.admit():
+                if hold_s is None:
+                    await release.wait()
+                else:
+                    await asyncio.sleep(hold_s)
+
+        short = asyncio.create_task(request(0.02))
+        await asyncio.sleep(0)
+        async with gate.exclusive(5.0) as idle_after_short:  # ends well inside the budget
+            pass
+        await short
+        slow = asyncio.create_task(request(None))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        async with gate.exclusive(0.1) as idle_after_budget:
+            waited = time.monotonic() - started
+            held = gate.swapping and gate.in_flight == 1
+        async with gate.exclusive(0) as idle_at_once:
+            pass
+        release.set()
+        await slow
+        return idle_after_short, idle_after_budget, waited, held, idle_at_once
+
+    idle_after_short, idle_after_budget, waited, held, idle_at_once = asyncio.run(scenario())
+    assert idle_after_short is True
+    assert idle_after_budget is False and held and 0.09 <= waited < 1.0
+    assert idle_at_once is False
