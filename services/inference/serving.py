@@ -122,8 +122,9 @@ class GenerationStream:
                         c.finish_reason = "length" if out.finish_reason == "length" else "stop"
                         done += 1
                     yield Delta(out.index, c.response_id, out.text, out.token_ids, out.logprobs, c.finish_reason)
-                if window_s > 0 and done < len(self.completions):
-                    # vLLM merges what it produces meanwhile: the next step holds all of it.
+                if window_s > 0 and done < len(self.completions) and self._all_started():
+                    # vLLM merges what it produces meanwhile: the next step holds all of it. (No
+                    # wait before every completion has sent its first token: TTFT is never held.)
                     tokens = max((len(out.token_ids) for out in step), default=0)
                     span = now - taken_at if taken_at else 0.0
                     taken_at = now
@@ -136,6 +137,9 @@ class GenerationStream:
                 await engine.abort(self.request_id)
                 metrics.REQUESTS.labels(self.request.source, "aborted").inc()
         self._finish()
+
+    def _all_started(self) -> bool:
+        return all(c.first_token_at is not None for c in self.completions)
 
     def policy_versions(self) -> list[str]:
         """The versions that produced tokens of this request: more than one only if an immediate

@@ -135,6 +135,36 @@ def test_the_count_bound_keeps_deltas_near_the_bound(tmp_path):
     assert len(deltas) >= 4, [len(d[1]) for d in deltas]
 
 
+class TwoCompletions:
+    """n=2 where the second completion starts 10 ms after the first (as vLLM's child requests may)."""
+
+    async def generate(
+        self, request_id: str, prompt: list[int], sampling: Sampling, priority: int = 0
+    ) -> AsyncIterator[list[EngineOutput]]:
+        yield [EngineOutput(0, "a", [1], None, None)]
+        await asyncio.sleep(0.01)
+        yield [EngineOutput(1, "b", [2], None, None)]
+        await asyncio.sleep(0.01)
+        yield [EngineOutput(0, "c", [3], None, "length"), EngineOutput(1, "d", [4], None, "length")]
+
+    async def abort(self, request_id: str) -> None:
+        raise AssertionError("nothing to abort")
+
+
+def test_no_completion_has_its_first_token_held(tmp_path):
+    config = InferenceConfig(
+        versions=VersionTrustConfig(copies_dir=tmp_path / "copies"),
+        stream_coalesce_ms=300,
+        stream_max_tokens_per_chunk=0,
+    )
+    serving = InferenceServing(config, TwoCompletions(), ModelStore(tmp_path / "store"), None)  # type: ignore[arg-type]
+    req = GenerationRequest(messages=[Message("user", "hi")], sampling=Sampling(max_tokens=2, n=2))
+    deltas = asyncio.run(collect(GenerationStream(serving, req, [1], time.monotonic())))
+    first_of = {ids[0]: at for at, ids, _, _ in deltas}
+    assert first_of[2] < 0.15, "the second completion's first token waited for the window"
+    assert first_of[4] >= 0.25, "once both have started, the window applies"
+
+
 def test_the_plain_iteration_never_waits(tmp_path):
     """Generate (not streamed) iterates the stream itself: no window there."""
     engine = MergingEngine()
