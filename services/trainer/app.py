@@ -6,8 +6,9 @@ thread + gRPC control server.
 Start: listen (health NOT_SERVING) -> follow user prompts on rlhf.completions (consumer group) ->
 wait until the store holds a policy and a reward model -> resume from the newest complete
 checkpoint, or start from the current policy -> health SERVING -> the training thread runs
-``TrainingLoop.run`` (paused if configured). Stop: stop answering, let the iteration in progress
-finish, write a final checkpoint, leave the consumer group, close the clients.
+``TrainingLoop.run`` (paused if configured; yielding rollouts to users by inference's GetLoad,
+user_load.py). Stop: stop answering, let the iteration in progress finish, write a final
+checkpoint, leave the consumer group, close the clients.
 """
 
 from __future__ import annotations

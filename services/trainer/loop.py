@@ -247,6 +247,7 @@ class TrainingLoop:
         self.load_learner = load_learner
         self.live = live if live is not None else mixer.live
         self.guards = list(guards)
+        """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self.governor = governor if user_load is not None else None
         """Yields rollout sampling to users by the serving load ``user_load`` reads (user_load.py);
         None: samples whatever the load."""
@@ -254,7 +255,6 @@ class TrainingLoop:
         self._stop = threading.Event()
         """The thread's stop event (``run``): ends a wait for users."""
         self._idle_iteration = False
-        """Checks that do not move with the live RM (guards.py), run on a candidate that passed the gate."""
         self._lock = threading.RLock()  # held for any use of the learner or the state
         self._running = threading.Event()
         if not paused:
