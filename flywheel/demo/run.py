@@ -129,6 +129,13 @@ class DemoConfig(ConfigBase):
     """RLHF_ROLLOUT_TIMEOUT_S given to it: a canary without a conclusion is rolled back after this."""
     canary_min_ratings: int = 30
     """RLHF_ROLLOUT_MIN_RATINGS given to it: ratings of a canary before it may be promoted."""
+    trusted_raters: bool = True
+    """The simulated users are a closed set of trusted raters (the hidden gold rater), so the
+    per-principal caps are off in the services the demo starts (RLHF_REWARD_MAX_PRINCIPAL_SHARE=1,
+    RLHF_TRAINER_MAX_PRINCIPAL_SHARE=1). The caps keep a few principals from outweighing the crowd
+    of an open system; with 4 raters they keep RLHF_REWARD_MIN_PRINCIPAL_CAP (8) comparisons each per
+    round, 32 of the ~300 the users give a minute, and the RM's gate then judges on a held-out
+    slice too small to tell versions apart. Set 0 to run the demo with the caps of an open system."""
     kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
     """The broker (RLHF_KAFKA_*) the report reads the rollout decisions from when attaching; when the
     demo brings the stack up, its own broker."""
@@ -179,6 +186,9 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     env.setdefault("RLHF_TRAINER_PUBLISH_EVERY", str(cfg.publish_every))
     env.setdefault("RLHF_REWARD_LEARN_EVERY_S", str(cfg.rm_learn_every_s))
     env.setdefault("RLHF_UP_ROLLOUT", "1" if cfg.canaries else "0")
+    if cfg.trusted_raters:
+        env.setdefault("RLHF_REWARD_MAX_PRINCIPAL_SHARE", "1")
+        env.setdefault("RLHF_TRAINER_MAX_PRINCIPAL_SHARE", "1")
     if cfg.canaries:
         env.setdefault("RLHF_ROLLOUT_CANARY_SHARE", str(cfg.canary_share))
         env.setdefault("RLHF_ROLLOUT_MARGIN", str(cfg.canary_margin))

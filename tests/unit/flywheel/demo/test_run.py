@@ -32,6 +32,16 @@ def test_the_demo_runs_with_canaries_and_its_own_gate_settings_unless_told_other
         load_config(DemoConfig, {"RLHF_DEMO_CANARY_SHARE": "1.5"})
 
 
+def test_the_demos_raters_are_trusted_so_the_per_principal_caps_are_off_unless_told_otherwise():
+    from flywheel.demo.run import stack_environ
+
+    env = stack_environ(load_config(DemoConfig, {}), {})
+    assert env["RLHF_REWARD_MAX_PRINCIPAL_SHARE"] == env["RLHF_TRAINER_MAX_PRINCIPAL_SHARE"] == "1"
+    open_system = stack_environ(load_config(DemoConfig, {"RLHF_DEMO_TRUSTED_RATERS": "0"}), {})
+    assert "RLHF_REWARD_MAX_PRINCIPAL_SHARE" not in open_system
+    assert "RLHF_TRAINER_MAX_PRINCIPAL_SHARE" not in open_system
+
+
 def test_a_gate_decision_as_the_report_keeps_it():
     from flywheel.demo.run import gate_record
     from shared.pb import common_pb2, trainer_pb2
