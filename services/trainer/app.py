@@ -147,6 +147,7 @@ class TrainerApp:
             checkpoint_every=cfg.checkpoint_every,
             kl_bound=cfg.kl_bound,
             reward_tolerance=cfg.reward_tolerance,
+            reward_z=cfg.reward_z,
             idle_sleep_s=cfg.idle_sleep_s,
             seed=cfg.seed,
         )

@@ -105,7 +105,15 @@ class TrainerConfig(ServiceConfig):
     """Publish only if the candidate's KL to the reference policy (mean per held-out answer, nats) is
     at most this: a policy drifting far from SFT is likely gaming the reward model."""
     reward_tolerance: float = 0.0
-    """Publish only if the held-out reward is at least the last published version's minus this."""
+    """Publish only if the held-out reward did not fall below the last published version's by more
+    than this (with the confidence of REWARD_Z)."""
+    reward_z: float = 1.64
+    """Confidence of the reward bound: refuse only when the upper bound mean + z * se of the
+    candidate's held-out score difference to the baseline (paired by prompt) is below
+    -REWARD_TOLERANCE (services/trainer/publishing.py reward_fell). 1.64: one-sided 95%. Sampled
+    held-out answers make the figure noisy; with 0 (the plain comparison of the means) a candidate
+    as good as the baseline is refused about half the time, and a trainer whose baseline passed on
+    a lucky draw can be refused for a long time."""
     checkpoint_dir: Path = Path("var/trainer/checkpoints")
     """Where checkpoints go (policy, value model, optimiser, counters); the trainer resumes from the
     newest complete one at start."""
@@ -185,8 +193,8 @@ class TrainerConfig(ServiceConfig):
         out += self._guard_problems()
         if not 0.0 < self.top_p <= 1.0:
             out.append(f"{p}TOP_P must be in (0, 1]")
-        if self.kl_bound < 0 or self.reward_tolerance < 0:
-            out.append(f"{p}KL_BOUND and {p}REWARD_TOLERANCE must not be negative")
+        if self.kl_bound < 0 or self.reward_tolerance < 0 or self.reward_z < 0:
+            out.append(f"{p}KL_BOUND, {p}REWARD_TOLERANCE and {p}REWARD_Z must not be negative")
         out += self._yield_problems()
         if self.rpc_timeout_s <= 0 or self.idle_sleep_s < 0:
             out.append(f"{p}RPC_TIMEOUT_S must be positive and {p}IDLE_SLEEP_S not negative")

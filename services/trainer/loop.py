@@ -39,6 +39,7 @@ supersedes it. A rollback follows the same order.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -133,6 +134,8 @@ class LoopSettings:
     kl_bound: float
     reward_tolerance: float
     idle_sleep_s: float = 2.0
+    reward_z: float = 0.0
+    """The reward bound's confidence (publishing.reward_fell); 0: the plain comparison."""
     seed: int = 0
     revert_after_refusals: int = 0
     """0: never revert on refusals (a KL refusal still reverts when this is set, see ``_revert``)."""
@@ -485,7 +488,12 @@ class TrainingLoop:
     def _measure_baseline(self) -> None:
         """Evaluate the weights as published (no step since): the bar for the next candidate."""
         ev = self.publisher.evaluate(self.learner)
-        self.state.baseline = {"reward": ev.heldout_reward, "rm_version": ev.rm_version, "answers": ev.answers}
+        self.state.baseline = {
+            "reward": ev.heldout_reward,
+            "rm_version": ev.rm_version,
+            "answers": ev.answers,
+            "scores": ev.scores,
+        }
         log_event(
             log,
             "baseline measured",
@@ -500,8 +508,9 @@ class TrainingLoop:
             return None
         if b["rm_version"] != rm_version:
             # Scores of different reward models are not comparable: re-score the baseline's answers.
-            reward, scored_by = self.publisher.rescore(b["answers"])
-            b = self.state.baseline = {**b, "reward": reward, "rm_version": scored_by}
+            scores, scored_by = self.publisher.rescore(b["answers"])
+            reward = sum(scores) / len(scores) if scores else math.nan
+            b = self.state.baseline = {**b, "reward": reward, "rm_version": scored_by, "scores": scores}
             log_event(log, "baseline re-scored", rm_version=scored_by, heldout_reward=round(reward, 4))
         return float(b["reward"])
 
@@ -570,6 +579,7 @@ class TrainingLoop:
             "reward": ev.heldout_reward,
             "rm_version": ev.rm_version,
             "answers": ev.answers,
+            "scores": ev.scores,
             "guards": {r.name: r.value for r in guard_results},
         }
         self.state.last_published = {
@@ -609,7 +619,17 @@ class TrainingLoop:
             if baseline is None or (
                 self.state.baseline is not None and self.state.baseline["rm_version"] == ev.rm_version
             ):
-                return ev, baseline, policy_gate(ev, baseline, self.settings.kl_bound, self.settings.reward_tolerance)
+                scores = self.state.baseline.get("scores") if self.state.baseline else None
+                decision = policy_gate(
+                    ev,
+                    baseline,
+                    self.settings.kl_bound,
+                    self.settings.reward_tolerance,
+                    scores,
+                    self.settings.reward_z,
+                    len(self.publisher.heldout),
+                )
+                return ev, baseline, decision
         refused = PolicyGateDecision(
             False,
             f"the reward model changed during each of {SAME_RM_ATTEMPTS} evaluations "

@@ -3,7 +3,7 @@ policy and does not score worse than the version it would replace.
 
     publisher = PolicyPublisher(store, announcer, scorer, heldout_prompts, kl_bound=10.0, reward_tolerance=0.0)
     evaluation = publisher.evaluate(learner)                     # held-out reward and KL to the reference
-    decision = gate(evaluation, baseline_reward, kl_bound, reward_tolerance)
+    decision = policy_gate(evaluation, baseline_reward, kl_bound, reward_tolerance, baseline_scores, reward_z)
     if decision.ok:
         manifest = publisher.publish(learner, parent="policy-0002", evaluation=evaluation, ...)
 
@@ -20,10 +20,16 @@ per prompt for the reward (blind to a change that keeps every argmax) and one sa
 the KL. An empty answer (EOS first), which the reward service cannot score, counts as the worst
 scored answer of the same evaluation, so answering nothing never raises the mean.
 
-**The gate** (``policy_gate``): KL <= kl_bound and held-out reward >= baseline - reward_tolerance, where
-the baseline is the held-out reward of the last published version (its answers re-scored when
-the reward model changed since). A policy that games the reward model typically drifts far from
-the reference (the KL bound) or gets worse on prompts it was not trained on (the reward bound).
+**The gate** (``policy_gate``): KL <= kl_bound, and the held-out reward did not fall below the
+baseline's by more than reward_tolerance *with confidence* (``reward_fell``: the candidate's and
+the baseline's scores paired by prompt, refused when the upper ``reward_z`` confidence bound of the
+mean difference is below -reward_tolerance; ``reward_z=0`` is the plain comparison), where the
+baseline is the last published version's evaluation (its answers re-scored when the reward model
+changed since). Sampled answers make the figure move with the policy, and also make it noisy: the
+plain comparison refuses a candidate as good as the baseline about half the time, and more often
+against a baseline that passed the gate on a lucky draw. A policy that games the reward model
+typically drifts far from the reference (the KL bound) or gets worse on prompts it was not trained
+on (the reward bound).
 
 **Publication** (``publish``): the learner writes the policy (safetensors) to a temp directory; the
 policy line (shared/version_line.py) copies it into the model store, hashes every file into the
@@ -75,6 +81,8 @@ class Evaluation:
     empty_answers: int = 0
     samples: int = 1
     """Answers per held-out prompt (1 for the greedy evaluation)."""
+    scores: list[float] = field(default_factory=list)
+    """The RM score of each answer, laid out as ``answers`` (the paired reward test uses them)."""
 
 
 @dataclass(frozen=True)
@@ -89,16 +97,77 @@ class PolicyGateDecision:
 # --- pure rules -------------------------------------------------------------------------------
 
 
+def paired_difference(candidate: Sequence[float], baseline: Sequence[float], n_prompts: int) -> tuple[float, float]:
+    """(mean, standard error) of the candidate's per-prompt score difference to the baseline's:
+
+        d_i = mean of prompt i's candidate scores - mean of prompt i's baseline scores
+        mean = (1/n) sum_i d_i,    se = sd(d) / sqrt(n)    (sd with n - 1 in the denominator)
+
+    Scores are laid out prompt-major, any whole number per prompt (``expand_prompts``); se is 0 for
+    one prompt. Pairing by prompt removes the prompts' own spread from the comparison."""
+
+    def per_prompt(scores: Sequence[float]) -> list[float]:
+        per = len(scores) // n_prompts
+        return [mean(scores[i * per : (i + 1) * per]) for i in range(n_prompts)]
+
+    d = [c - b for c, b in zip(per_prompt(candidate), per_prompt(baseline), strict=True)]
+    m = mean(d)
+    if len(d) < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return m, math.sqrt(var / len(d))
+
+
+def reward_fell(
+    candidate: Sequence[float], baseline: Sequence[float], n_prompts: int, tolerance: float, z: float
+) -> tuple[bool, float, float]:
+    """Whether the candidate's held-out reward fell below the baseline's by more than ``tolerance``
+    with confidence: ``mean + z * se < -tolerance`` (``paired_difference``; z = 1.64 is a one-sided
+    95% bound, z = 0 the plain comparison of the two means). Returns (fell, mean, se)."""
+    m, se = paired_difference(candidate, baseline, n_prompts)
+    return m + z * se < -tolerance, m, se
+
+
+def pairable(candidate: Sequence[float], baseline: Sequence[float] | None, n_prompts: int) -> bool:
+    """Both score lists are laid out over the same ``n_prompts`` prompts (whole numbers per prompt)."""
+    return (
+        baseline is not None
+        and n_prompts > 0
+        and len(candidate) > 0
+        and len(baseline) > 0
+        and len(candidate) % n_prompts == 0
+        and len(baseline) % n_prompts == 0
+    )
+
+
 def policy_gate(
-    evaluation: Evaluation, baseline_reward: float | None, kl_bound: float, reward_tolerance: float
+    evaluation: Evaluation,
+    baseline_reward: float | None,
+    kl_bound: float,
+    reward_tolerance: float,
+    baseline_scores: Sequence[float] | None = None,
+    reward_z: float = 0.0,
+    n_prompts: int = 0,
 ) -> PolicyGateDecision:
-    """Whether a candidate may be published; the reason names the figures either way."""
+    """Whether a candidate may be published; the reason names the figures either way. With the
+    baseline's scores (and ``n_prompts``) the reward bound is ``reward_fell``'s paired test, else
+    the plain comparison of the two means."""
     r, kl = evaluation.heldout_reward, evaluation.kl
     if not (math.isfinite(r) and math.isfinite(kl)):
         return PolicyGateDecision(False, f"evaluation is not finite (reward {r}, KL {kl})", "not_finite")
     if kl > kl_bound:
         return PolicyGateDecision(False, f"KL to the reference {kl:.4f} exceeds the bound {kl_bound:.4f}", "kl")
-    if baseline_reward is not None and r < baseline_reward - reward_tolerance:
+    if baseline_reward is not None and reward_z > 0 and pairable(evaluation.scores, baseline_scores, n_prompts):
+        assert baseline_scores is not None
+        fell, diff, se = reward_fell(evaluation.scores, baseline_scores, n_prompts, reward_tolerance, reward_z)
+        if fell:
+            return PolicyGateDecision(
+                False,
+                f"held-out reward fell: {r:.4f} against {baseline_reward:.4f}, difference {diff:+.4f} "
+                f"+ {reward_z:g} x {se:.4f} < -{reward_tolerance:.4f}",
+                "reward",
+            )
+    elif baseline_reward is not None and r < baseline_reward - reward_tolerance:
         return PolicyGateDecision(
             False, f"held-out reward fell: {r:.4f} < {baseline_reward:.4f} - {reward_tolerance:.4f}", "reward"
         )
@@ -231,13 +300,13 @@ class PolicyPublisher:
             if resp
         ]
         kl = learner.kl_to_reference(probes) if probes else 0.0
-        return Evaluation(mean(scores), float(kl), rm_version, answers, empty, per)
+        return Evaluation(mean(scores), float(kl), rm_version, answers, empty, per, scores)
 
-    def rescore(self, answers: Sequence[str]) -> tuple[float, str]:
-        """Mean score of earlier held-out answers (prompt-major, any number per prompt) under the
-        current reward model (baseline refresh)."""
+    def rescore(self, answers: Sequence[str]) -> tuple[list[float], str]:
+        """Scores of earlier held-out answers (prompt-major, any number per prompt) under the
+        current reward model (baseline refresh), and that model's version."""
         scores, rm_version, _ = self.score_answers(answers)
-        return mean(scores), rm_version
+        return scores, rm_version
 
     def publish(
         self,

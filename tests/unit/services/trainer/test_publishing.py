@@ -19,7 +19,9 @@ from services.trainer.publishing import (
     answers_changed,
     expand_prompts,
     fill_empty_scores,
+    paired_difference,
     policy_gate,
+    reward_fell,
     same_figure,
     with_guards,
 )
@@ -52,6 +54,41 @@ def test_gate(reward, kl, baseline, ok, words):
 def test_kl_is_checked_before_reward_so_a_gaming_policy_is_refused_for_its_drift():
     decision = policy_gate(ev(100.0, 50.0), 0.0, kl_bound=10.0, reward_tolerance=0.0)
     assert not decision.ok and "KL" in decision.reason
+
+
+def test_paired_difference_by_prompt():
+    # Two prompts, two answers each: per-prompt means candidate (1.5, 0.5), baseline (1.0, 1.0).
+    m, se = paired_difference([1.0, 2.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], 2)
+    # d = (0.5, -0.5): mean 0, sd = sqrt(((0.5)^2 + (0.5)^2) / 1) = 0.7071, se = 0.7071 / sqrt(2) = 0.5
+    assert m == pytest.approx(0.0) and se == pytest.approx(0.5)
+    # Pairing removes the prompts' own spread: every prompt 0.1 better, whatever its level.
+    m, se = paired_difference([5.1, -3.9, 0.1], [5.0, -4.0, 0.0], 3)
+    assert m == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+    assert paired_difference([2.0], [1.0], 1) == (1.0, 0.0)
+
+
+def test_reward_fell_only_with_confidence():
+    noisy_cand, noisy_base = [0.9, 1.3, 0.2, 0.8], [1.0, 1.0, 1.0, 1.0]  # d = (0.1, -0.6, ...): mean -0.2
+    fell, m, se = reward_fell(noisy_cand, noisy_base, 4, tolerance=0.0, z=1.64)
+    assert m == pytest.approx(-0.2) and se > 0.15 and not fell  # within its noise
+    assert reward_fell(noisy_cand, noisy_base, 4, tolerance=0.0, z=0.0)[0]  # the plain comparison refuses
+    clearly_worse = [b - 1.0 + 0.01 * i for i, b in enumerate(noisy_base)]
+    assert reward_fell(clearly_worse, noisy_base, 4, tolerance=0.0, z=1.64)[0]
+
+
+def test_the_gate_uses_the_paired_test_with_the_baselines_scores():
+    candidate = dataclasses.replace(ev(0.8, 0.5), scores=[0.9, 1.3, 0.2, 0.8])
+    baseline_scores = [1.0, 1.0, 1.0, 1.0]
+    plain = policy_gate(candidate, 1.0, kl_bound=2.0, reward_tolerance=0.0)
+    assert not plain.ok and plain.check == "reward"
+    paired = policy_gate(candidate, 1.0, 2.0, 0.0, baseline_scores, reward_z=1.64, n_prompts=4)
+    assert paired.ok, paired.reason
+    worse = dataclasses.replace(candidate, heldout_reward=0.0, scores=[0.0, 0.01, 0.02, 0.0])
+    refused = policy_gate(worse, 1.0, 2.0, 0.0, baseline_scores, reward_z=1.64, n_prompts=4)
+    assert not refused.ok and refused.check == "reward" and "+ 1.64 x" in refused.reason
+    # Scores that cannot be paired (another layout): the plain comparison.
+    odd = policy_gate(candidate, 1.0, 2.0, 0.0, [1.0, 1.0, 1.0], reward_z=1.64, n_prompts=4)
+    assert not odd.ok
 
 
 def test_empty_answers_score_as_the_worst_scored_answer():
@@ -100,7 +137,7 @@ def test_rescoring_maps_each_answer_to_its_prompt():
 
     publisher = PolicyPublisher(store=None, announcer=None, scorer=PromptEcho(), heldout=prompts, max_tokens=8)
     assert publisher.score_answers(["x", "y", "z", "w"])[0] == [0.0, 0.0, 1.0, 1.0]
-    assert publisher.rescore(["x", "y"]) == (0.5, "rm-0003")
+    assert publisher.rescore(["x", "y"]) == ([0.0, 1.0], "rm-0003")
 
 
 def test_same_figure_and_changed_answers():
