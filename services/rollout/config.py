@@ -41,9 +41,13 @@ class RolloutConfig(ServiceConfig):
     """Where the always-valid confidence sequences are tightest (about 4 x rho observations per arm)."""
     min_ratings: int = 30
     """Ratings of the canary on its primary signal (thumbs, else Likert, else side by side) before it
-    may be promoted; also the requests per arm before the latency ratio is judged."""
+    may be promoted."""
     max_latency_ratio: float = 1.5
-    """Roll back when the canary's median latency exceeds the stable version's by this factor."""
+    """Roll back when the canary's median latency per output token exceeds the stable version's by
+    this factor (per token: a canary that answers at more length is not slower for it)."""
+    min_latency_samples: int = 100
+    """Completions of each version before the latency ratio is judged: a median of a few dozen
+    requests moves by half on a busy machine or right after an engine swapped."""
     timeout_s: float = 3600.0
     """Roll back a canary the gate could not decide on within this many seconds."""
     tick_s: float = 1.0
@@ -63,6 +67,7 @@ class RolloutConfig(ServiceConfig):
             rho=self.rho,
             min_ratings=self.min_ratings,
             max_latency_ratio=self.max_latency_ratio,
+            min_latency_samples=self.min_latency_samples,
             timeout_s=self.timeout_s,
         )
 
@@ -77,6 +82,8 @@ class RolloutConfig(ServiceConfig):
             out.append(f"{p}MARGIN={self.margin}: must be in [0, 1)")
         if self.rho <= 0:
             out.append(f"{p}RHO={self.rho}: must be positive")
+        if self.min_latency_samples < 1:
+            out.append(f"{p}MIN_LATENCY_SAMPLES={self.min_latency_samples}: must be at least 1")
         if self.min_ratings < 1:
             out.append(f"{p}MIN_RATINGS={self.min_ratings}: must be at least 1")
         if self.max_latency_ratio < 1:

@@ -14,8 +14,11 @@ Signals, each an observation in [0, 1] per rating or request:
   same request: 1 when the canary's won, 0 when it lost, 1/2 for a tie;
 - **errors**: 1 for a completion that ended in an error (finish_reason "error"), else 0; its rule is
   reversed (a *higher* rate is worse), so the gate tests 1 - error;
-- latency and answer length are reported as evidence (median, p90) and guarded by ratios, not
-  tested: they are not bounded observations.
+- latency and answer length are reported as evidence (median, p90) and latency is guarded by a
+  ratio, not tested: they are not bounded observations. The guard compares the median latency *per
+  output token* (a canary that learned longer answers is not slower for it; the length is reported),
+  once each arm has ``min_latency_samples`` completions (a swapped engine's first requests and a
+  shared machine's noise make a median of a few dozen requests move by half).
 
 Only a principal's latest vote on a target counts (a revision replaces the earlier vote), as the
 reward model's training does. The map of live votes is bounded (``max_votes``; older entries are
@@ -67,6 +70,10 @@ class VersionEvidence:
     ok: SignalCount = field(default_factory=SignalCount)
     """1 per completion without error, 0 per error."""
     latency_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
+    latency_per_token_s: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
+    )
+    """Each completion's latency divided by its output tokens (at least 1)."""
     tokens: SignalCount = field(default_factory=SignalCount)
     """Sum and count of completion lengths in tokens (not a [0, 1] signal: reported only)."""
 
@@ -81,6 +88,9 @@ class VersionEvidence:
             "error_rate": None if self.ok.mean is None else 1 - self.ok.mean,
             "latency_p50_s": statistics.median(lat) if lat else None,
             "latency_p90_s": lat[int(0.9 * (len(lat) - 1))] if lat else None,
+            "latency_per_token_p50_s": statistics.median(self.latency_per_token_s)
+            if self.latency_per_token_s
+            else None,
             "mean_tokens": None if not self.tokens.n else self.tokens.total / self.tokens.n,
         }
 
@@ -162,6 +172,7 @@ class EvidenceBook:
         e = self.of(ev.policy_version)
         e.ok.add(0.0 if ev.finish_reason == "error" else 1.0)
         e.latency_s.append(ev.timings.total_s)
+        e.latency_per_token_s.append(ev.timings.total_s / max(1, len(ev.token_ids)))
         e.tokens.add(len(ev.token_ids))
 
     def observe_feedback(self, ev: FeedbackEvent) -> None:
@@ -224,8 +235,10 @@ class GateSettings:
     min_ratings: int = 30
     """Ratings of the canary on its primary signal before it may be promoted."""
     max_latency_ratio: float = 1.5
-    """Roll back when the canary's median latency exceeds the stable one's by this factor (with at
-    least ``min_ratings`` requests each)."""
+    """Roll back when the canary's median latency per output token exceeds the stable one's by this
+    factor (with at least ``min_latency_samples`` completions each)."""
+    min_latency_samples: int = 100
+    """Completions of each arm before the latency ratio is judged."""
     timeout_s: float = 3600.0
     """Roll back a canary without a conclusion after this long."""
 
@@ -279,15 +292,17 @@ def decide(
     worse = [name for name, v in verdicts.items() if v.decision == "rollback"]
     if worse:
         return GateDecision("rollback", f"worse than the stable version on {', '.join(worse)}", evidence)
-    c_lat, s_lat = evidence["canary"]["latency_p50_s"], evidence["stable"]["latency_p50_s"]
+    c_lat, s_lat = evidence["canary"]["latency_per_token_p50_s"], evidence["stable"]["latency_per_token_p50_s"]
     if (
         c_lat is not None
         and s_lat
-        and min(len(canary.latency_s), len(stable.latency_s)) >= settings.min_ratings
+        and min(len(canary.latency_per_token_s), len(stable.latency_per_token_s)) >= settings.min_latency_samples
         and c_lat > settings.max_latency_ratio * s_lat
     ):
         return GateDecision(
-            "rollback", f"median latency {c_lat:.3f} s > {settings.max_latency_ratio} x {s_lat:.3f} s", evidence
+            "rollback",
+            f"median latency per token {1000 * c_lat:.1f} ms > {settings.max_latency_ratio} x {1000 * s_lat:.1f} ms",
+            evidence,
         )
     primary = next((name for name in PRIMARY if name in verdicts), None)
     if primary is not None and verdicts[primary].decision == "promote":

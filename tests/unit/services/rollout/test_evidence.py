@@ -89,6 +89,7 @@ def test_completions_give_errors_latency_and_length():
     s = book.of(CANARY).summary()
     assert s["completions"] == 3 and s["error_rate"] == pytest.approx(1 / 3)
     assert s["latency_p50_s"] == 1.0 and s["mean_tokens"] == 4.0
+    assert s["latency_per_token_p50_s"] == 0.25
 
 
 def test_the_vote_map_is_bounded():
@@ -105,7 +106,7 @@ def thumbs(ups: int, n: int) -> VersionEvidence:
     return e
 
 
-SETTINGS = GateSettings(min_ratings=30, timeout_s=600)
+SETTINGS = GateSettings(min_ratings=30, timeout_s=600, min_latency_samples=50)
 
 
 def test_a_clearly_worse_canary_is_rolled_back_with_its_evidence():
@@ -134,9 +135,27 @@ def test_errors_and_latency_can_roll_back_a_well_rated_canary():
     stable.ok.add(1.0, 1000)
     assert decide(canary, stable, SignalCount(), SETTINGS, age_s=60).reason.endswith("no_error")
     slow, fast = thumbs(900, 1000), thumbs(700, 1000)
-    slow.latency_s.extend([2.0] * 50)
-    fast.latency_s.extend([1.0] * 50)
-    assert "median latency" in decide(slow, fast, SignalCount(), SETTINGS, age_s=60).reason
+    slow.latency_per_token_s.extend([0.2] * 49)
+    fast.latency_per_token_s.extend([0.1] * 50)
+    assert decide(slow, fast, SignalCount(), SETTINGS, age_s=60).action == "promote"  # 49 < 50: not judged
+    slow.latency_per_token_s.append(0.2)
+    assert (
+        "median latency per token 200.0 ms > 1.5 x 100.0 ms"
+        in decide(slow, fast, SignalCount(), SETTINGS, age_s=60).reason
+    )
+
+
+def test_a_canary_with_longer_answers_is_not_slower_for_it():
+    book = EvidenceBook({CANARY, "policy-0001"})
+    for _ in range(60):
+        book.observe_completion(completion(CANARY, total_s=2.0, tokens=40))  # twice the length, twice the time
+        book.observe_completion(completion("policy-0001", total_s=1.0, tokens=20))
+    canary, stable = book.of(CANARY), book.of("policy-0001")
+    canary.thumbs.add(1.0, 900)
+    canary.thumbs.add(0.0, 100)
+    stable.thumbs.add(1.0, 700)
+    stable.thumbs.add(0.0, 300)
+    assert decide(canary, stable, SignalCount(), SETTINGS, age_s=60).action == "promote"
 
 
 def test_alpha_is_split_across_the_signals_with_data():
