@@ -267,10 +267,8 @@ def start_inference(loop: LoopThread, kafka: KafkaConfig | None, store_root: Pat
         kv_cache_gib=TEST_KV_CACHE_GIB,
         kafka=kafka or KafkaConfig(),
         model_store=ModelStoreConfig(root=store_root),
-        max_model_len=512,
         default_max_tokens=32,
-        max_tokens_limit=256,
-        **{"auth": test_auth(), **overrides},
+        **{"auth": test_auth(), "max_model_len": 512, "max_tokens_limit": 256, **overrides},
     )
 
     async def make():
