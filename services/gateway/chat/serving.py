@@ -337,7 +337,9 @@ class ChatServing:
                             chunk.model, chunk.policy_version, index, chunk.text, chunk.finish_reason, chunk.response_id
                         )
                     continue
-                if not (chunk.text or chunk.finish_reason or index not in started):
+                if not (chunk.text or chunk.finish_reason or index not in started or chunk.token_ids):
+                    # (a chunk of tokens without text, the start of a multi-byte character, still
+                    # carries their logprobs)
                     continue
                 delta = DeltaMessage(content=chunk.text)
                 choice = ChunkChoice(
