@@ -21,8 +21,8 @@ serving_stats.py), the ratios against vLLM's server, and on ours-loop the traine
 the serving pause of a hot-swap under load: new policy versions are announced on Kafka while 8
 clients stream. Prints tables, writes JSON (+ a PNG plot next to it).
 
-    .venv/bin/python tests/benchmarks/bench_serving.py            # full run, ~10 min on 2 quiet cores
-    .venv/bin/python tests/benchmarks/bench_serving.py --quick    # smoke run, ~4 min
+    .venv/bin/python tests/benchmarks/bench_serving.py            # full run, ~30 min on 2 quiet cores
+    .venv/bin/python tests/benchmarks/bench_serving.py --quick    # smoke run, ~15 min
 """
 
 from __future__ import annotations
@@ -536,12 +536,8 @@ def process_label(p: psutil.Process) -> str:
     name = p.name()
     service = re.search(r"-m services\.(\w+)", cmd)
     if service:
-        if service.group(1) == "inference":
-            try:
-                if p.environ().get("RLHF_INFERENCE_FOLLOW") == "canary":
-                    return "inference-canary"  # the rollout's second engine (rlhf up's default)
-            except psutil.Error:
-                pass
+        if service.group(1) == "inference" and is_canary(p):
+            return "inference-canary"  # the rollout's second engine (rlhf up's default)
         return service.group(1)  # inference, gateway, and whatever else `rlhf up` starts
     for key, label in (
         ("flywheel.cli", "rlhf-up"),
@@ -553,8 +549,17 @@ def process_label(p: psutil.Process) -> str:
         if key in cmd:
             return label
     if "EngineCore" in name or "EngineCore" in cmd:
-        return "vllm-engine-core"
+        return "vllm-engine-core-canary" if is_canary(p) else "vllm-engine-core"
     return name or str(p.pid)
+
+
+def is_canary(p: psutil.Process) -> bool:
+    """Whether ``p`` belongs to the canary inference engine (RLHF_INFERENCE_FOLLOW=canary, which its
+    engine core process inherits)."""
+    try:
+        return p.environ().get("RLHF_INFERENCE_FOLLOW") == "canary"
+    except psutil.Error:
+        return False
 
 
 def wait_http(url: str, proc: ManagedProcess, timeout_s: float = 600.0) -> None:
@@ -640,6 +645,9 @@ class Server:
     """The trainer's /metrics (ours-loop): its rollouts and steps are read before and after each level."""
     store_root: Path | None = None
     """The model store this server's stack uses (ours: a fresh copy per start)."""
+    inference_log: Path | None = None
+    """The stable inference engine's own log (ours: `rlhf up` writes each service's output apart, so
+    the canary engine's swaps are not counted as the stable one's)."""
 
     def tree(self) -> list[psutil.Process]:
         return [p for m in self.procs for p in m.tree()]
@@ -673,6 +681,7 @@ def start_server(
             shutil.copytree(store_root, run_store)
             metrics_port, grpc_port, broker_port = free_port(), free_port(), free_port()
             trainer_metrics_port = free_port()
+            service_logs = logs / f"{log_name or name}-services"
             env = (
                 base_env()
                 | {
@@ -681,6 +690,7 @@ def start_server(
                     "RLHF_UP_KEYS_DIR": str(keys_dir(run_store)),
                     "RLHF_UP_BOOTSTRAP": "quick",  # the store has its policy; the first RM from the example rankings
                     "RLHF_UP_BROKER_PORT": str(broker_port),
+                    "RLHF_UP_LOG_DIR": str(service_logs),  # <service>.log each; rlhf up's own output apart
                     # Everything the stack writes goes to this start's own folder, not the repository's var/.
                     "RLHF_UP_OPERATOR_TOKEN_FILE": str(run_dir / "operator-token"),
                     "RLHF_OPERATOR_TOKEN_FILE": str(run_dir / "operator-token"),
@@ -741,6 +751,7 @@ def start_server(
                 grpc_url=f"grpc://127.0.0.1:{grpc_port}",
                 trainer_metrics_url=f"http://127.0.0.1:{trainer_metrics_port}/metrics" if loop else None,
                 store_root=run_store,
+                inference_log=service_logs / "inference.log",
             )
         elif name == "vllm":
             env = base_env() | vllm_env(s)
@@ -891,7 +902,7 @@ async def hot_swap_run(
     # refuse replays and unsigned announcements).
     signer = SigningKey.load(file=keys_dir(store.root) / "policy-signing.pem")
     line = VersionLine(store, POLICY, KafkaAnnouncer(publisher, POLICY), signer=signer)
-    log_path = server.procs[0].log_path
+    log_path = server.inference_log or server.procs[0].log_path
     log_offset = log_path.stat().st_size
     before = await asyncio.to_thread(scrape_swap_metrics, server.metrics_url)
     stop = asyncio.Event()
@@ -1181,9 +1192,10 @@ def measure_trainer_idle(server: Server, seconds: float, ready_timeout_s: float)
     first = scrape_trainer(server)
     if first is None:
         return None
-    log(f"--- ours-loop: waiting (at most {ready_timeout_s:.0f} s) for the trainer's first rollouts")
     deadline = time.monotonic() + ready_timeout_s
     now = first
+    if not now.get("rlhf_trainer_rollouts_total") and not now.get("rlhf_trainer_iterations_total"):
+        log(f"--- ours-loop: waiting (at most {ready_timeout_s:.0f} s) for the trainer's first rollouts")
     while not now.get("rlhf_trainer_rollouts_total") and not now.get("rlhf_trainer_iterations_total"):
         if time.monotonic() > deadline:
             log("    the trainer has not trained on any rollout yet (yielding, paused or slow to start)")
@@ -1255,7 +1267,7 @@ def fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-FRONT_END_EXCLUDED = ("vllm-engine-core", "trainer", "reward", "rollout", "inference-canary")
+FRONT_END_EXCLUDED = ("vllm-engine-core", "trainer", "reward", "rollout", "inference-canary", "vllm-engine-core-canary")
 """Processes not counted in `fe ms/tok`: the engine core and the loop's own work (shown apart)."""
 NO_RATIOS = ("vllm", "ours-grpc")
 
@@ -1319,7 +1331,7 @@ def print_table(report: dict) -> None:
         " tok/chk = completion tokens per streamed content chunk;\n"
         " fe ms/tok = CPU ms per completion token of the server's serving processes (ours: gateway + inference +\n"
         "   broker + feedback; vllm: its API server; naive: everything), not vLLM's engine core nor the loop's;\n"
-        " loop cpu = CPU seconds of the trainer, reward, rollout and canary engine processes during the level;\n"
+        " loop cpu = CPU seconds of the trainer, reward, rollout and canary engine (+ its core) during the level;\n"
         " cl ms/tok = the same for the load generator (this process, same machine);\n"
         " ext = CPU cores used by other processes on the machine during the level)"
     )
@@ -1631,6 +1643,14 @@ def main() -> int:
         model_dir = store.path(first)
         n_params = json.loads((model_dir / "manifest.json").read_text())["metrics"].get("params")
         report["settings"]["model"] = {"version": first, "dir": str(model_dir), "params": n_params}
+        if "ours-loop" in servers:
+            # The reward model `rlhf up` would train at each start (minutes on a busy machine), once.
+            from services.reward.offline import EXAMPLE_RANKINGS, train_first_rm
+
+            t0 = time.monotonic()
+            rm = train_first_rm(store, EXAMPLE_RANKINGS)
+            log(f"first reward model trained on the example rankings in {time.monotonic() - t0:.0f} s")
+            report["settings"]["reward_model"] = {"version": rm.version, "trained_on": str(EXAMPLE_RANKINGS)}
         swap_versions: list[str] = []
         if swap_on and swaps_n and swap_modes:
             base = first
