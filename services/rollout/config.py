@@ -43,8 +43,9 @@ class RolloutConfig(ServiceConfig):
     """Ratings of the canary on its primary signal (thumbs, else Likert, else side by side) before it
     may be promoted."""
     max_latency_ratio: float = 1.5
-    """Roll back when the canary's median latency per output token exceeds the stable version's by
-    this factor (per token: a canary that answers at more length is not slower for it)."""
+    """Roll back when the canary's median time to first token, or its median time per output token
+    after the first (TPOT), exceeds the stable version's by this factor; neither depends on how long
+    the answers are (a canary that answers at more or less length is not slower or faster for it)."""
     min_latency_samples: int = 100
     """Completions of each version before the latency ratio is judged: a median of a few dozen
     requests moves by half on a busy machine or right after an engine swapped."""

@@ -15,10 +15,11 @@ Signals, each an observation in [0, 1] per rating or request:
 - **errors**: 1 for a completion that ended in an error (finish_reason "error"), else 0; its rule is
   reversed (a *higher* rate is worse), so the gate tests 1 - error;
 - latency and answer length are reported as evidence (median, p90) and latency is guarded by a
-  ratio, not tested: they are not bounded observations. The guard compares the median latency *per
-  output token* (a canary that learned longer answers is not slower for it; the length is reported),
-  once each arm has ``min_latency_samples`` completions (a swapped engine's first requests and a
-  shared machine's noise make a median of a few dozen requests move by half).
+  ratio, not tested: they are not bounded observations. The guard compares the median time to the
+  first token and the median time per output token after it (TPOT), which do not depend on how long
+  the answers are (a canary that learned longer or shorter answers is not slower or faster for it;
+  the length is reported), once each arm has ``min_latency_samples`` completions (a swapped engine's
+  first requests and a shared machine's noise make a median of a few dozen requests move by half).
 
 Only a principal's latest vote on a target counts (a revision replaces the earlier vote), as the
 reward model's training does. The map of live votes is bounded (``max_votes``; older entries are
@@ -70,10 +71,10 @@ class VersionEvidence:
     ok: SignalCount = field(default_factory=SignalCount)
     """1 per completion without error, 0 per error."""
     latency_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
-    latency_per_token_s: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
-    )
-    """Each completion's latency divided by its output tokens (at least 1)."""
+    ttft_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
+    """Each completion's time to its first token."""
+    tpot_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES))
+    """Each completion's time per output token after the first (completions of 2 tokens or more)."""
     tokens: SignalCount = field(default_factory=SignalCount)
     """Sum and count of completion lengths in tokens (not a [0, 1] signal: reported only)."""
 
@@ -88,11 +89,16 @@ class VersionEvidence:
             "error_rate": None if self.ok.mean is None else 1 - self.ok.mean,
             "latency_p50_s": statistics.median(lat) if lat else None,
             "latency_p90_s": lat[int(0.9 * (len(lat) - 1))] if lat else None,
-            "latency_per_token_p50_s": statistics.median(self.latency_per_token_s)
-            if self.latency_per_token_s
-            else None,
+            "ttft_p50_s": statistics.median(self.ttft_s) if self.ttft_s else None,
+            "tpot_p50_s": statistics.median(self.tpot_s) if self.tpot_s else None,
             "mean_tokens": None if not self.tokens.n else self.tokens.total / self.tokens.n,
         }
+
+
+def time_per_output_token(first_token_s: float, total_s: float, tokens: int) -> float:
+    """TPOT: (total - time to first token) / (tokens - 1), the decode time per token after the first
+    (as vLLM's benchmarks define it); ``tokens`` >= 2."""
+    return max(0.0, total_s - first_token_s) / (tokens - 1)
 
 
 def thumb_value(thumb: str | None) -> float | None:
@@ -172,7 +178,9 @@ class EvidenceBook:
         e = self.of(ev.policy_version)
         e.ok.add(0.0 if ev.finish_reason == "error" else 1.0)
         e.latency_s.append(ev.timings.total_s)
-        e.latency_per_token_s.append(ev.timings.total_s / max(1, len(ev.token_ids)))
+        e.ttft_s.append(ev.timings.first_token_s)
+        if len(ev.token_ids) >= 2:
+            e.tpot_s.append(time_per_output_token(ev.timings.first_token_s, ev.timings.total_s, len(ev.token_ids)))
         e.tokens.add(len(ev.token_ids))
 
     def observe_feedback(self, ev: FeedbackEvent) -> None:
@@ -235,8 +243,9 @@ class GateSettings:
     min_ratings: int = 30
     """Ratings of the canary on its primary signal before it may be promoted."""
     max_latency_ratio: float = 1.5
-    """Roll back when the canary's median latency per output token exceeds the stable one's by this
-    factor (with at least ``min_latency_samples`` completions each)."""
+    """Roll back when the canary's median time to first token, or its median time per output token
+    after the first, exceeds the stable one's by this factor (with at least ``min_latency_samples``
+    completions each)."""
     min_latency_samples: int = 100
     """Completions of each arm before the latency ratio is judged."""
     timeout_s: float = 3600.0
@@ -292,18 +301,22 @@ def decide(
     worse = [name for name, v in verdicts.items() if v.decision == "rollback"]
     if worse:
         return GateDecision("rollback", f"worse than the stable version on {', '.join(worse)}", evidence)
-    c_lat, s_lat = evidence["canary"]["latency_per_token_p50_s"], evidence["stable"]["latency_per_token_p50_s"]
-    if (
-        c_lat is not None
-        and s_lat
-        and min(len(canary.latency_per_token_s), len(stable.latency_per_token_s)) >= settings.min_latency_samples
-        and c_lat > settings.max_latency_ratio * s_lat
+    for key, label, c_n, s_n in (
+        ("ttft_p50_s", "time to first token", len(canary.ttft_s), len(stable.ttft_s)),
+        ("tpot_p50_s", "time per output token", len(canary.tpot_s), len(stable.tpot_s)),
     ):
-        return GateDecision(
-            "rollback",
-            f"median latency per token {1000 * c_lat:.1f} ms > {settings.max_latency_ratio} x {1000 * s_lat:.1f} ms",
-            evidence,
-        )
+        c_lat, s_lat = evidence["canary"][key], evidence["stable"][key]
+        if (
+            c_lat is not None
+            and s_lat
+            and min(c_n, s_n) >= settings.min_latency_samples
+            and c_lat > settings.max_latency_ratio * s_lat
+        ):
+            return GateDecision(
+                "rollback",
+                f"median {label} {1000 * c_lat:.1f} ms > {settings.max_latency_ratio} x {1000 * s_lat:.1f} ms",
+                evidence,
+            )
     primary = next((name for name in PRIMARY if name in verdicts), None)
     if primary is not None and verdicts[primary].decision == "promote":
         n = live[primary][0].n

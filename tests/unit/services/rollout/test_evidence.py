@@ -16,6 +16,7 @@ from services.rollout.evidence import (
     pairwise_value,
     ranking_outcome,
     thumb_value,
+    time_per_output_token,
 )
 from shared.events import CompletionEvent, FeedbackEvent, Message, RatedResponse, Timings
 
@@ -89,7 +90,7 @@ def test_completions_give_errors_latency_and_length():
     s = book.of(CANARY).summary()
     assert s["completions"] == 3 and s["error_rate"] == pytest.approx(1 / 3)
     assert s["latency_p50_s"] == 1.0 and s["mean_tokens"] == 4.0
-    assert s["latency_per_token_p50_s"] == 0.25
+    assert s["ttft_p50_s"] == 0.1 and s["tpot_p50_s"] == pytest.approx(0.3)  # (1.0 - 0.1) / 3
 
 
 def test_the_vote_map_is_bounded():
@@ -135,21 +136,29 @@ def test_errors_and_latency_can_roll_back_a_well_rated_canary():
     stable.ok.add(1.0, 1000)
     assert decide(canary, stable, SignalCount(), SETTINGS, age_s=60).reason.endswith("no_error")
     slow, fast = thumbs(900, 1000), thumbs(700, 1000)
-    slow.latency_per_token_s.extend([0.2] * 49)
-    fast.latency_per_token_s.extend([0.1] * 50)
+    slow.tpot_s.extend([0.2] * 49)
+    fast.tpot_s.extend([0.1] * 50)
     assert decide(slow, fast, SignalCount(), SETTINGS, age_s=60).action == "promote"  # 49 < 50: not judged
-    slow.latency_per_token_s.append(0.2)
-    assert (
-        "median latency per token 200.0 ms > 1.5 x 100.0 ms"
-        in decide(slow, fast, SignalCount(), SETTINGS, age_s=60).reason
-    )
+    slow.tpot_s.append(0.2)
+    reason = decide(slow, fast, SignalCount(), SETTINGS, age_s=60).reason
+    assert "median time per output token 200.0 ms > 1.5 x 100.0 ms" in reason
+    late, prompt = thumbs(900, 1000), thumbs(700, 1000)
+    late.ttft_s.extend([0.5] * 50)
+    prompt.ttft_s.extend([0.1] * 50)
+    assert "median time to first token 500.0 ms" in decide(late, prompt, SignalCount(), SETTINGS, age_s=60).reason
 
 
-def test_a_canary_with_longer_answers_is_not_slower_for_it():
+def test_time_per_output_token():
+    assert time_per_output_token(0.1, 1.0, 4) == pytest.approx(0.3)
+    assert time_per_output_token(0.5, 0.4, 2) == 0.0  # clock noise never gives a negative time
+
+
+def test_a_canary_with_longer_or_shorter_answers_is_not_slower_for_it():
     book = EvidenceBook({CANARY, "policy-0001"})
     for _ in range(60):
-        book.observe_completion(completion(CANARY, total_s=2.0, tokens=40))  # twice the length, twice the time
-        book.observe_completion(completion("policy-0001", total_s=1.0, tokens=20))
+        book.observe_completion(completion(CANARY, total_s=2.1, tokens=41))  # twice the length, twice the time
+        book.observe_completion(completion("policy-0001", total_s=1.1, tokens=21))
+        book.observe_completion(completion("policy-0001", total_s=0.2, tokens=3))  # short answers
     canary, stable = book.of(CANARY), book.of("policy-0001")
     canary.thumbs.add(1.0, 900)
     canary.thumbs.add(0.0, 100)
