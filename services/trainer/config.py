@@ -71,15 +71,13 @@ class TrainerConfig(ServiceConfig):
     {reason="stale"}``); PPO's ratio always uses the behaviour log-probabilities recorded at
     sampling, so a kept older rollout is still corrected, but its clipped ratio carries less and
     less signal. A served version that stays the same while the trainer trains on (its candidates
-    refused, or queued for the canary in rollout mode) does not keep its rollouts fresh: once all
-    are stale the trainer returns to that served version (lineage cut back; with
-    REVERT_AFTER_REFUSALS=0 it waits instead). Default: a few publish periods."""
+    refused, or queued for the canary in rollout mode) does not keep its rollouts fresh: the trainer
+    waits (or reverts, below) instead of training on them. Default: a few publish periods."""
     revert_after_refusals: int = 3
     """After this many candidates refused in a row, the learner returns to the weights of the last
     published version (fresh optimiser, same KL coefficient) instead of training further from a
     refused candidate; a refusal because the learner's held-out KL to the reference passed the bound
-    reverts at once. 0: never revert (the trainer keeps training from refused candidates, and
-    waits when every rollout is stale)."""
+    reverts at once. 0: never revert (the trainer keeps training from refused candidates)."""
     rollout: bool = False
     """Progressive rollout: each version that passes the gate becomes the *candidate* (the policy
     line's candidate pointer, announced on rlhf.policy-candidates) instead of the current version,

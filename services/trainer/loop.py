@@ -18,9 +18,7 @@ now (``LoopState.depth``); a rollout from version v is ``depth - version_depth[v
 A refused trainer finds its way back: after ``revert_after_refusals`` refusals in a row, or at once
 when the held-out KL of its own weights to the reference passes the bound, the learner returns to
 the weights of the last published version (``_revert``) instead of training further from a refused
-candidate. And a trainer that ran too far ahead of what users are served (every rollout stale: in
-rollout mode its candidates wait for a slow canary) returns to the served version it sampled from,
-its lineage cut back there, rather than wait or train on rollouts its weights no longer resemble. The optimiser is reset (Adam's moments point along the refused direction; kept, they
+candidate. The optimiser is reset (Adam's moments point along the refused direction; kept, they
 would push the weights the same way again) and the adaptive KL coefficient is kept (it is the
 controller's estimate of how hard this policy must be held back). Checkpoints every ``checkpoint_every`` iterations, after each publish or rollback, and
 on stop. A failed iteration (a dependency down, a bad batch) is logged, counted and retried after
@@ -373,9 +371,6 @@ class TrainingLoop:
                 self._phase = "waiting"
                 self._detail = f"every sampled rollout was dropped: {dict(result.dropped)}"
                 log_event(log, "no usable rollouts", level=30, dropped=dict(result.dropped))
-                served = result.stale_versions.most_common(1)
-                if served and self.settings.revert_after_refusals > 0 and served[0][0] in self.state.lineage:
-                    self._revert("stale", to=served[0][0])
                 return False
             stats = self.learner.step(result.rollouts)
             metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - sampled_at)
@@ -655,16 +650,11 @@ class TrainingLoop:
         elif self.state.refusals_in_a_row >= k:
             self._revert("refusals")
 
-    def _revert(self, reason: str, to: str | None = None) -> None:
+    def _revert(self, reason: str) -> None:
         """The learner returns to the weights of the lineage's head (the last published version or
-        the one rolled back to), or of the earlier lineage version ``to`` (the lineage is then cut
-        back to it and its baseline measured again), with a fresh optimiser and the KL coefficient
-        it had; otherwise the head's evaluation stays the bar. Checkpointed."""
-        head = self.state.lineage[-1] if to is None else to
-        if to is not None and to != self.state.lineage[-1]:
-            self.state.lineage = self.state.lineage[: self.state.lineage.index(to) + 1]
-            self.state.version_depth = {v: d for v, d in self.state.version_depth.items() if v in self.state.lineage}
-            self.state.baseline = None  # measured again, on ``to``'s weights, before the next step
+        the one rolled back to) with a fresh optimiser and the KL coefficient it had; the baseline
+        (the head's evaluation) stays the bar. Checkpointed."""
+        head = self.state.lineage[-1]
         kl_coef = self.learner.kl_controller.value
         refusals = self.state.refusals_in_a_row
         self.learner = self.load_learner(head, self.state)
@@ -673,7 +663,6 @@ class TrainingLoop:
         self.state.refusals_in_a_row = 0
         self.state.reverts += 1
         metrics.REVERTS.labels(reason).inc()
-        self._set_policy_info()
         log_event(
             log,
             "reverted to the last published weights",

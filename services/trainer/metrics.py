@@ -34,8 +34,7 @@ OLDEST_ROLLOUT_STEPS = Gauge(
 REVERTS = Counter(
     "rlhf_trainer_reverts_total",
     "Returns of the learner to the last published weights, by reason (refusals: refused candidates in a "
-    "row; kl_bound: the learner's held-out KL to the reference passed the bound; stale: every rollout was "
-    "stale, back to the served version that sampled them)",
+    "row; kl_bound: the learner's held-out KL to the reference passed the bound)",
     ["reason"],
 )
 ENTROPY = Gauge("rlhf_trainer_entropy", "Mean policy entropy per token in the last iteration")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -95,8 +95,6 @@ class CollectResult:
     """Samples not used, by reason (stale, unknown_version, straddled, empty, no_logprobs)."""
     rm_version: str
     sampled: int
-    stale_versions: Counter = field(default_factory=Counter)
-    """The versions that sampled the rollouts dropped as stale, with their counts."""
 
 
 class RolloutCollector:
@@ -121,18 +119,15 @@ class RolloutCollector:
     ) -> CollectResult:
         """Drop what must not be trained on, score the rest in one go (one RM version for the batch)."""
         dropped: Counter = Counter()
-        stale_versions: Counter = Counter()
         kept: list[SampledCompletion] = []
         for s in samples:
             reason = drop_reason(s, ages, max_staleness_steps)
             if reason:
                 dropped[reason] += 1
-                if reason == "stale":
-                    stale_versions[s.policy_version] += 1
             else:
                 kept.append(s)
         if not kept:
-            return CollectResult([], dropped, "", len(samples), stale_versions)
+            return CollectResult([], dropped, "", len(samples))
         scores, rm_version = self.scorer.score([(s.prompt, s.text) for s in kept])
         rollouts = [
             Rollout(
@@ -148,7 +143,7 @@ class RolloutCollector:
             )
             for s, score in zip(kept, scores, strict=True)
         ]
-        return CollectResult(rollouts, dropped, rm_version, len(samples), stale_versions)
+        return CollectResult(rollouts, dropped, rm_version, len(samples))
 
 
 # --- gRPC clients of the inference and reward services ----------------------------------------

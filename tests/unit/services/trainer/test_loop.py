@@ -397,22 +397,6 @@ def test_staleness_counts_learner_steps_not_published_versions(store, tmp_path, 
     assert counter("rlhf_trainer_oldest_rollout_steps") == 3
 
 
-def test_a_trainer_with_only_stale_rollouts_returns_to_the_served_version(store, tmp_path, one_thread):
-    """Rollout mode, the canary slot busy: inference keeps serving policy-0001 while the trainer's
-    candidates queue. Once its rollouts are all stale it rebases on policy-0001 and trains again."""
-    loop, served, _ = make_loop(store, tmp_path, kind=POLICY_CANDIDATE, max_staleness_steps=2, revert_after_refusals=3)
-    before = counter("rlhf_trainer_reverts_total", reason="stale")
-    for _ in range(3):
-        assert loop.run_iteration()
-    assert loop.state.lineage[-1] == "policy-0004" and served == ["policy-0001"]
-    assert not loop.run_iteration()  # 3 steps past policy-0001: every rollout stale
-    assert counter("rlhf_trainer_reverts_total", reason="stale") == before + 1
-    assert loop.state.lineage == ["policy-0001"] and loop.state.depth == 0 and loop.state.baseline is None
-    assert loop.learner.weights_version == "policy-0001"
-    assert loop.run_iteration() and loop.state.lineage[-1] == "policy-0005"  # trains and publishes again
-    assert store.manifest("policy-0005").parent == "policy-0001"
-
-
 def test_rollout_ages_are_learner_steps_along_the_lineage():
     lineage = ["policy-0003", "policy-0005", "policy-0006"]
     depths = {"policy-0003": 0, "policy-0005": 10, "policy-0006": 20}
