@@ -64,15 +64,19 @@ class TrainerConfig(ServiceConfig):
     top_p: float = 1.0
     """Nucleus mass of rollout sampling. Below 1 the sampling distribution is not the policy's, so
     the behaviour log-probabilities are only approximate; keep 1 unless you accept that."""
-    max_staleness_steps: int = 64
+    max_staleness_steps: int = 256
     """How many learner steps may separate the learner's weights from the weights that sampled a
     rollout (counted along the lineage: steps since the sampling version was published, or since
     the learner returned to it). Older rollouts are dropped (``rlhf_trainer_rollouts_dropped_total
     {reason="stale"}``); PPO's ratio always uses the behaviour log-probabilities recorded at
     sampling, so a kept older rollout is still corrected, but its clipped ratio carries less and
     less signal. A served version that stays the same while the trainer trains on (its candidates
-    refused, or queued for the canary in rollout mode) does not keep its rollouts fresh: the trainer
-    waits (or reverts, below) instead of training on them. Default: a few publish periods."""
+    refused, or queued for the canary in rollout mode) does not keep its rollouts fresh: once all are
+    older the trainer waits for a newer version to be served (a refused trainer reverts first,
+    below). Default 256: in rollout mode a canary takes minutes to decide while the trainer takes
+    about a step a second on the demo's model, and 64 stalled it behind a slow canary for 12
+    minutes; returning to the served version instead cut its lineage and left it unable to use the
+    rollouts of a version promoted afterwards (docs/benchmarks.md, "Sabotage")."""
     revert_after_refusals: int = 3
     """After this many candidates refused in a row, the learner returns to the weights of the last
     published version (fresh optimiser, same KL coefficient) instead of training further from a
