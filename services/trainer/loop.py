@@ -39,7 +39,6 @@ supersedes it. A rollback follows the same order.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +57,7 @@ from services.trainer.publishing import (
     PolicyGateDecision,
     PolicyPublisher,
     answers_changed,
+    mean,
     policy_gate,
     same_figure,
     with_guards,
@@ -509,7 +509,7 @@ class TrainingLoop:
         if b["rm_version"] != rm_version:
             # Scores of different reward models are not comparable: re-score the baseline's answers.
             scores, scored_by = self.publisher.rescore(b["answers"])
-            reward = sum(scores) / len(scores) if scores else math.nan
+            reward = mean(scores)
             b = self.state.baseline = {**b, "reward": reward, "rm_version": scored_by, "scores": scores}
             log_event(log, "baseline re-scored", rm_version=scored_by, heldout_reward=round(reward, 4))
         return float(b["reward"])
