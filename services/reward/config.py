@@ -51,6 +51,12 @@ class RewardConfig(ServiceConfig):
     """Longest response, in characters."""
     torch_threads: int = 0
     """Intra-op threads of the forward passes; 0 keeps torch's default (one per core)."""
+    device: str = "cpu"
+    """torch device the scoring model runs on: `cpu`, `cuda` or `cuda:N` (the continual learner
+    trains on the CPU)."""
+    precision: str = "auto"
+    """Compute precision of scoring: `bf16` (autocast), `float32`, or `auto` (bf16 on a GPU,
+    float32 on the CPU). The weights stay as stored; scores are returned as float32."""
     learner: bool = True
     """Run the continual learner in this process (needs Kafka): it reads rlhf.feedback and
     rlhf.completions, retrains the RM and publishes gated versions (services/reward/retraining.py).
@@ -111,6 +117,7 @@ class RewardConfig(ServiceConfig):
             out.append(f"{p}MAX_MESSAGES, {p}MAX_MESSAGE_CHARS and {p}MAX_RESPONSE_CHARS must be positive")
         if self.torch_threads < 0:
             out.append(f"{p}TORCH_THREADS must not be negative")
+        out += self._device_problems()
         if self.learn_every_comparisons < 1 or self.learn_every_s <= 0:
             out.append(f"{p}LEARN_EVERY_COMPARISONS must be at least 1 and {p}LEARN_EVERY_S positive")
         if not 0 <= self.gate_tolerance <= 1:
@@ -135,4 +142,14 @@ class RewardConfig(ServiceConfig):
             out.append(f"{p}REFERENCE_RESPONSES must be at least 1")
         signs = ("rm",) if self.learner or self.bootstrap_rankings else ()
         out += self.versions.missing(self.host, signs=signs, follows=("rm",))
+        return out
+
+    def _device_problems(self) -> list[str]:
+        """DEVICE and PRECISION checked, each problem naming its variable."""
+        from shared.models.loading import PRECISIONS, device_problems
+
+        p = self.ENV_PREFIX
+        out = [f"{p}DEVICE: {problem}" for problem in device_problems(self.device)]
+        if self.precision not in PRECISIONS:
+            out.append(f"{p}PRECISION={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         return out

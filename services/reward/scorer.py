@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 
@@ -32,7 +34,7 @@ from shared.events import RewardModelEvent
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore, ModelStoreError
 from shared.models.encoding import EncodingLimits, encode_rm_input, pad_batch
-from shared.models.loading import load_tokenizer
+from shared.models.loading import autocast_dtype, load_tokenizer
 from shared.models.reward_model import LoadedRewardModel, RewardModel, RewardModelError
 from shared.version_copies import PrivateCopies
 from shared.version_line import REWARD_MODEL, VerifiedVersion, VersionFollower, VersionLine
@@ -110,6 +112,12 @@ class RewardScorer:
             "`python -m services.reward.offline --rankings FILE` (or set RLHF_REWARD_BOOTSTRAP_RANKINGS)"
         )
 
+    def _autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast of scoring when RLHF_REWARD_PRECISION asks for it (shared/models/loading.py)."""
+        device_type = torch.device(self.cfg.device).type
+        dtype = autocast_dtype(self.cfg.precision, device_type)
+        return nullcontext() if dtype is None else torch.autocast(device_type=device_type, dtype=dtype)
+
     def _load(self, verified: VerifiedVersion) -> str:
         """Load the verified private copy and make it the scoring version (one reference swap)."""
         version = verified.version
@@ -119,7 +127,7 @@ class RewardScorer:
             started = time.monotonic()
             loaded = _load_copy(verified)
             self._check_limits(loaded)
-            loaded.model.eval()
+            loaded.model.eval().to(self.cfg.device)
             old, self._current = self._current, loaded  # the swap: one reference assignment
         seconds = time.monotonic() - started
         metrics.LOAD_SECONDS.observe(seconds)
@@ -239,8 +247,9 @@ class RewardScorer:
         for start in range(0, len(order), self.cfg.max_batch_size):
             chunk = order[start : start + self.cfg.max_batch_size]
             ids, mask = pad_batch([encoded[i].input_ids for i in chunk], int(pad_id))
-            with self._forward_lock, torch.no_grad():
-                out = loaded.model(ids, mask).tolist()
+            ids, mask = ids.to(self.cfg.device), mask.to(self.cfg.device)
+            with self._forward_lock, torch.no_grad(), self._autocast():
+                out = loaded.model(ids, mask).float().tolist()
             metrics.FORWARD_BATCH.observe(len(chunk))
             for i, s in zip(chunk, out):
                 scores[i] = float(s)

@@ -42,18 +42,35 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
-from shared.models.loading import load_tokenizer, verified_dir, weights_dtype
+from shared.models.adapters import EXTRA_KEY
+from shared.models.loading import AdapterVersionError, load_tokenizer, resolve_verified, verified_dir, weights_dtype
 
 from . import distributed
-from .models import PolicyHead, frozen_copy, load_policy, load_reference, load_value_model, save_policy
+from .models import (
+    ModelSettings,
+    PolicyHead,
+    PolicyValueHead,
+    attach_lora,
+    frozen_copy,
+    load_adapter,
+    load_policy,
+    load_reference,
+    load_value_model,
+    lora_info,
+    merge_adapter,
+    save_adapter,
+    save_policy,
+)
 from .ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -68,6 +85,10 @@ from .ppo import (
 )
 from .ppo_config import PPOConfig
 from .rollout_batch import InvalidRollout, Rollout, RolloutBatch, collate_rollouts, cut_at_eos
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 log = get_logger(__name__)
 
@@ -153,16 +174,35 @@ class PPOLearner:
     """Holds the policy, the frozen reference, the value model and their optimisers; see the module docstring."""
 
     def __init__(
-        self, policy_dir: Path, reference_dir: Path, rm_dir: Path, config: PPOConfig, *, policy_version: str = "policy"
+        self,
+        policy_dir: Path,
+        reference_dir: Path,
+        rm_dir: Path,
+        config: PPOConfig,
+        *,
+        policy_version: str = "policy",
+        models: ModelSettings | None = None,
+        adapter_dir: Path | None = None,
+        weights_version: str | None = None,
     ):
         """Load from directories the caller has verified (``from_store`` verifies them itself).
 
-        ``policy_version``: the model-store version ``policy_dir`` holds (rollouts it sampled are on-policy).
+        ``policy_version``: the model-store version the learner starts from (rollouts it sampled are
+        on-policy). ``policy_dir`` holds full weights: the version itself, or, when it is an adapter
+        version, its base (``weights_version``, default ``policy_version``) with the adapter in
+        ``adapter_dir``. ``models``: full or LoRA training, the value model, device, precision
+        (ModelSettings; default: full, RM value model, CPU, float32). A LoRA learner trains the
+        adapter in ``adapter_dir`` or a fresh one; a full learner merges ``adapter_dir`` first.
         """
         problems = config.problems()
+        models = models or ModelSettings()
+        problems += models.problems()
         if problems:
-            raise ValueError("invalid PPOConfig: " + "; ".join(problems))
+            raise ValueError("invalid learner settings: " + "; ".join(problems))
         self.config = config
+        self.models = models
+        self.device = torch.device(models.device)
+        self._autocast_dtype = models.autocast_dtype()
         self.ctx = distributed.context()
         torch.manual_seed(config.seed)  # sampling in generate(); the updates draw from their own seeded generator
         self.tokenizer = load_tokenizer(policy_dir)
@@ -170,17 +210,51 @@ class PPOLearner:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (self.eos_token_id or 0))
         self.publish_dtype = weights_dtype(policy_dir)
+        self.model_base_version = weights_version or policy_version
+        """The full-weight version under the learner's weights: what an adapter it publishes names as
+        ``base_version`` (LoRA), or the version it was loaded from (full)."""
 
         policy = load_policy(policy_dir)
         same = Path(reference_dir).resolve() == Path(policy_dir).resolve()
-        reference = frozen_copy(policy) if same else load_reference(reference_dir)
+        self.peft_model: PeftModel | None = None
+        """The PEFT wrapper of a LoRA policy (None: full fine-tuning)."""
+        if models.lora_enabled:
+            self.peft_model = (
+                load_adapter(policy, adapter_dir, trainable=True)
+                if adapter_dir is not None
+                else attach_lora(policy, models.lora)
+            )
+            policy = cast("PreTrainedModel", self.peft_model.get_base_model())  # the LM, LoRA layers in it
+            if same:  # the reference is the base: the same modules with the adapter off, no copy
+                self.reference = PolicyHead(policy, config.temperature, adapter_off=self.peft_model.disable_adapter)
+            else:
+                log_event(
+                    log,
+                    "the KL reference is not the adapter's base: holding a separate frozen copy",
+                    level=30,
+                    base=self.model_base_version,
+                    reference=str(reference_dir),
+                )
+                self.reference = PolicyHead(load_reference(reference_dir), config.temperature)
+        else:
+            if adapter_dir is not None:  # full fine-tuning from an adapter version: its merged weights
+                policy = merge_adapter(policy, adapter_dir)
+                same = False
+            reference = frozen_copy(policy) if same else load_reference(reference_dir)
+            self.reference = PolicyHead(reference, config.temperature)
+        if models.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = PolicyHead(policy, config.temperature)
-        self.reference = PolicyHead(reference, config.temperature)
-        self.value = load_value_model(rm_dir)
+        if models.value_model == "policy_head":
+            self.value: nn.Module = PolicyValueHead(policy, int(policy.config.hidden_size))
+        else:
+            self.value = load_value_model(rm_dir)
+        for module in (self.policy, self.reference, self.value):
+            module.to(self.device)
         self._policy_ddp = distributed.wrap_for_ddp(self.policy, self.ctx)
         self._value_ddp = distributed.wrap_for_ddp(self.value, self.ctx)
-        self.policy_optimizer = _adam(self.policy.parameters(), config.lr, config.adam_eps)
-        self.value_optimizer = _adam(self.value.parameters(), config.effective_value_lr, config.adam_eps)
+        self.policy_optimizer = _adam(_trainable(self.policy), config.lr, config.adam_eps)
+        self.value_optimizer = _adam(_trainable(self.value), config.effective_value_lr, config.adam_eps)
         if config.adaptive_kl:
             self.kl_controller: AdaptiveKLController | FixedKLController = AdaptiveKLController(
                 config.kl_coef, config.target_kl, config.kl_horizon
@@ -196,16 +270,44 @@ class PPOLearner:
 
     @classmethod
     def from_store(
-        cls, store: ModelStore, policy_version: str, reference_version: str, rm_version: str, config: PPOConfig
+        cls,
+        store: ModelStore,
+        policy_version: str,
+        reference_version: str,
+        rm_version: str,
+        config: PPOConfig,
+        models: ModelSettings | None = None,
     ) -> PPOLearner:
-        """Verify the three versions' sha256 manifests, then load them."""
+        """Verify the versions' sha256 manifests, then load them. An adapter version (policy or
+        reference) is checked against the adapter contract and loaded on its verified base
+        (shared/models/loading.py ``resolve_verified``)."""
+        policy = resolve_verified(store, policy_version)
+        reference = resolve_verified(store, reference_version)
+        if reference.adapter_dir is not None:
+            raise AdapterVersionError(
+                f"the KL reference {reference_version} is an adapter version: the reference must be full weights"
+            )
         return cls(
-            verified_dir(store, policy_version),
-            verified_dir(store, reference_version),
+            policy.weights_dir,
+            reference.weights_dir,
             verified_dir(store, rm_version),
             config,
             policy_version=policy_version,
+            models=models,
+            adapter_dir=policy.adapter_dir,
+            weights_version=policy.weights_version,
         )
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters the policy optimiser updates (the adapter's alone with LoRA)."""
+        return sum(p.numel() for p in _trainable(self.policy))
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast of the forward passes when the settings ask for it (``ModelSettings.precision``)."""
+        if self._autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
     # --- the update ----------------------------------------------------------------------------
 
@@ -281,7 +383,7 @@ class PPOLearner:
     def _prepare(self, rollouts: Sequence[Rollout]) -> tuple[RolloutBatch, _Prepared, dict[str, Any]]:
         """Collate, then (no gradients) old logprobs, reference logprobs, values, rewards, GAE, whitening."""
         cfg = self.config
-        batch = collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id)
+        batch = _to_device(collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id), self.device)
         stale = self._stale_rows(rollouts, batch)
         mask = batch.response_mask
         scores = self._scores(batch)
@@ -314,7 +416,7 @@ class PPOLearner:
         return scores
 
     def _stale_rows(self, rollouts: Sequence[Rollout], batch: RolloutBatch) -> torch.Tensor:
-        stale = torch.tensor([r.policy_version != self.weights_version for r in rollouts])
+        stale = torch.tensor([r.policy_version != self.weights_version for r in rollouts], device=self.device)
         missing = (stale & ~batch.has_behaviour_logprobs).nonzero().flatten().tolist()
         if missing:
             i = missing[0]
@@ -346,16 +448,17 @@ class PPOLearner:
         for start in range(0, len(rows), step):
             sub, _ = _trimmed(batch, rows[start : start + step])
             args = (sub.input_ids, sub.attention_mask, sub.response_positions)
-            if need_current:
-                parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
-            parts["ref"].append(_pad_cols(self.reference(*args, sub.response_ids)[0], width))
-            parts["values"].append(_pad_cols(self.value(*args), width))
+            with self._autocast():
+                if need_current:
+                    parts["logprobs"].append(_pad_cols(self.policy(*args, sub.response_ids)[0], width))
+                parts["ref"].append(_pad_cols(self.reference(*args, sub.response_ids)[0], width))
+                parts["values"].append(_pad_cols(self.value(*args).float(), width))
         out = {}
         for key, chunks in parts.items():
             if key == "logprobs" and not need_current:
                 out[key] = batch.behaviour_logprobs
                 continue
-            local = torch.cat(chunks) if chunks else torch.zeros((0, width))
+            local = torch.cat(chunks) if chunks else torch.zeros((0, width), device=self.device)
             out[key] = distributed.all_gather_rows(local, batch.size, self.ctx) * batch.response_mask
         old = torch.where(use_behaviour.unsqueeze(1), batch.behaviour_logprobs, out["logprobs"]) * batch.response_mask
         learner = torch.where(stale.unsqueeze(1), out["logprobs"], old) * batch.response_mask
@@ -366,13 +469,13 @@ class PPOLearner:
     ) -> dict[str, float]:
         """One optimiser step on ``minibatch`` (global row indices); returns this process's diagnostics."""
         cfg = self.config
-        ptx_ids = self._ptx_batch(generator) if cfg.ptx_coef > 0 else None
+        ptx_ids = self._ptx_batch(generator).to(self.device) if cfg.ptx_coef > 0 else None
         loss, stats = self._minibatch_loss(batch, prepared, minibatch, ptx_ids, cfg.ptx_coef)
         self.policy_optimizer.zero_grad(set_to_none=True)
         self.value_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        stats["policy_grad_norm"] = _clip(self.policy.parameters(), cfg.max_grad_norm)
-        stats["value_grad_norm"] = _clip(self.value.parameters(), cfg.max_grad_norm)
+        stats["policy_grad_norm"] = _clip(_trainable(self.policy), cfg.max_grad_norm)
+        stats["value_grad_norm"] = _clip(_trainable(self.value), cfg.max_grad_norm)
         self.policy_optimizer.step()
         self.value_optimizer.step()
         return stats
@@ -408,16 +511,17 @@ class PPOLearner:
             if len(ptx_local) == 0:
                 ptx_local, ptx_scale = ptx_ids[:1], 0.0
 
-        logprobs, entropy, ptx_nll = self._policy_ddp(
-            sub.input_ids,
-            sub.attention_mask,
-            sub.response_positions,
-            sub.response_ids,
-            ptx_local,
-            None if ptx_local is None else torch.ones_like(ptx_local),
-            cfg.ent_coef > 0,
-        )
-        values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions)
+        with self._autocast():
+            logprobs, entropy, ptx_nll = self._policy_ddp(
+                sub.input_ids,
+                sub.attention_mask,
+                sub.response_positions,
+                sub.response_ids,
+                ptx_local,
+                None if ptx_local is None else torch.ones_like(ptx_local),
+                cfg.ent_coef > 0,
+            )
+            values = self._value_ddp(sub.input_ids, sub.attention_mask, sub.response_positions).float()
         policy_loss, clipfrac, approx_kl = clipped_policy_loss(
             logprobs, prepared.old_logprobs[rows, :width], prepared.advantages[rows, :width], mask, cfg.clip_range
         )
@@ -476,17 +580,18 @@ class PPOLearner:
         """Mean over rollouts of sum_t KL(pi(.|prefix_t) || pi_ref(.|prefix_t)): the exact KL over the whole
         vocabulary at every response token of the given responses (never negative, unlike a sampled
         estimate on responses the current policy did not sample). For the publish gate."""
-        batch = collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id)
+        batch = _to_device(collate_rollouts(rollouts, self.pad_token_id, self.eos_token_id), self.device)
         rows = distributed.shard_rows(batch.size, self.ctx)
         sums = []
         for start in range(0, len(rows), self.config.forward_batch_size):
             sub, _ = _trimmed(batch, rows[start : start + self.config.forward_batch_size])
             args = (sub.input_ids, sub.attention_mask, sub.response_positions)
-            logp = torch.log_softmax(self.policy.response_logits(*args).float(), -1)
-            ref_logp = torch.log_softmax(self.reference.response_logits(*args).float(), -1)
+            with self._autocast():
+                logp = torch.log_softmax(self.policy.response_logits(*args).float(), -1)
+                ref_logp = torch.log_softmax(self.reference.response_logits(*args).float(), -1)
             per_token = (logp.exp() * (logp - ref_logp)).sum(-1)
             sums.append((per_token * sub.response_mask).sum(-1, keepdim=True))
-        local = torch.cat(sums) if sums else torch.zeros((0, 1))
+        local = torch.cat(sums) if sums else torch.zeros((0, 1), device=self.device)
         return float(distributed.all_gather_rows(local, batch.size, self.ctx).mean())
 
     @torch.no_grad()
@@ -514,23 +619,25 @@ class PPOLearner:
         for i, prompt in enumerate(prompt_token_ids):  # left padding: generation continues every row
             ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
             attention[i, width - len(prompt) :] = 1
+        ids, attention = ids.to(self.device), attention.to(self.device)
         was_training = lm.training
         lm.eval()
         try:
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=attention,
-                max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_k=0 if not greedy else None,
-                top_p=1.0 if not greedy else None,
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_id,
-                use_cache=True,
-                return_dict_in_generate=True,
-                output_scores=return_logprobs,
-            )
+            with self._autocast():
+                out = lm.generate(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not greedy,
+                    temperature=temperature if not greedy else None,
+                    top_k=0 if not greedy else None,
+                    top_p=1.0 if not greedy else None,
+                    pad_token_id=self.pad_token_id,
+                    eos_token_id=self.eos_token_id,
+                    use_cache=True,
+                    return_dict_in_generate=True,
+                    output_scores=return_logprobs,
+                )
         finally:
             lm.train(was_training)
         generated = out.sequences[:, width:]
@@ -553,15 +660,34 @@ class PPOLearner:
         return {k: v.detach().clone() for k, v in self.policy.lm.state_dict().items()}
 
     def save_policy(self, out_dir: Path) -> Path:
-        """Write the policy as a Hugging Face directory the inference service can hot-swap (models.save_policy)."""
+        """Write the policy as a directory the inference service can load: full weights (a Hugging
+        Face directory it hot-swaps, models.save_policy), or with LoRA only the adapter's files
+        (models.save_adapter; publish them with ``version_extra()`` in the manifest)."""
+        if self.peft_model is not None:
+            return save_adapter(self.peft_model, out_dir, self.model_base_version)
         return save_policy(self.policy.lm, self.tokenizer, out_dir, dtype=self.publish_dtype)
 
+    def version_extra(self) -> dict[str, Any]:
+        """What a version written by ``save_policy`` adds to its manifest's ``extra``: the adapter
+        description (shared/models/adapters.py) with LoRA, nothing for full weights."""
+        if self.peft_model is None:
+            return {}
+        return {EXTRA_KEY: lora_info(self.peft_model, self.model_base_version).to_extra()}
+
+    def _policy_tensors(self) -> dict[str, torch.Tensor]:
+        """The policy tensors a checkpoint holds: every weight (full), or the adapter's alone (LoRA:
+        the base is the store version ``model_base_version``)."""
+        if self.peft_model is None:
+            return dict(self.policy.lm.state_dict())
+        return {name: p for name, p in self.policy.lm.named_parameters() if p.requires_grad}
+
     def state_dict(self) -> LearnerState:
-        """Policy, value model, both optimisers and the counters, as tensors + JSON (no pickle)."""
+        """Policy (the adapter alone with LoRA), value model, both optimisers and the counters, as
+        tensors + JSON (no pickle)."""
         tensors: dict[str, torch.Tensor] = {}
-        for prefix, module in (("policy", self.policy.lm), ("value", self.value)):
-            for name, tensor in module.state_dict().items():
-                tensors[f"{prefix}.{name}"] = tensor.detach().contiguous().clone()
+        for prefix, named in (("policy", self._policy_tensors()), ("value", self.value.state_dict())):
+            for name, tensor in named.items():
+                tensors[f"{prefix}.{name}"] = tensor.detach().cpu().contiguous().clone()
         meta: dict[str, Any] = {
             "format": 1,
             "steps_done": self.steps_done,
@@ -569,12 +695,15 @@ class PPOLearner:
             "kl_coef": self.kl_controller.value,
             "weights_version": self.weights_version,
             "base_version": self.base_version,
+            "policy_mode": self.models.policy_mode,
+            "value_model": self.models.value_model,
+            "model_base_version": self.model_base_version,
         }
         for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
             state = optimizer.state_dict()
             for index, slots in state["state"].items():
                 for slot, value in slots.items():
-                    tensors[f"{prefix}.{index}.{slot}"] = torch.as_tensor(value).detach().contiguous().clone()
+                    tensors[f"{prefix}.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
             meta[f"{prefix}.param_groups"] = _jsonable(state["param_groups"])
         return LearnerState(tensors, meta)
 
@@ -582,10 +711,25 @@ class PPOLearner:
         """Restore what ``state_dict`` returned (the same model architecture and PPOConfig optimiser layout)."""
         if state.meta.get("format") != 1:
             raise ValueError(f"unsupported learner state format {state.meta.get('format')!r}")
-        for prefix, module in (("policy", self.policy.lm), ("value", self.value)):
-            module.load_state_dict(
-                {k[len(prefix) + 1 :]: v for k, v in state.tensors.items() if k.startswith(prefix + ".")}, strict=True
-            )
+        problem = checkpoint_mismatch(
+            state.meta, self.models.policy_mode, self.models.value_model, self.model_base_version
+        )
+        if problem:
+            raise ValueError(problem)
+        policy = {k[len("policy.") :]: v for k, v in state.tensors.items() if k.startswith("policy.")}
+        if self.peft_model is None:
+            self.policy.lm.load_state_dict(policy, strict=True)
+        else:
+            expected = self._policy_tensors().keys()
+            if policy.keys() != expected:
+                odd = sorted(policy.keys() ^ expected)
+                raise ValueError(
+                    f"the checkpoint's adapter does not match this LoRA policy: {len(odd)} tensors differ, e.g. {odd[0]}"
+                )
+            self.policy.lm.load_state_dict(policy, strict=False)
+        self.value.load_state_dict(
+            {k[len("value.") :]: v for k, v in state.tensors.items() if k.startswith("value.")}, strict=True
+        )
         for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
             slots: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in state.tensors.items():
@@ -605,6 +749,40 @@ class PPOLearner:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def checkpoint_mismatch(meta: dict[str, Any], policy_mode: str, value_model: str, base_version: str) -> str | None:
+    """Why a checkpoint's learner state (``meta``) cannot resume a learner with these settings, or
+    None. A checkpoint written before these fields existed is full fine-tuning with the RM value
+    model. The adapter of a LoRA checkpoint applies to its own base version only."""
+    was_mode = meta.get("policy_mode", "full")
+    if was_mode != policy_mode:
+        return (
+            f"the checkpoint trained the policy with RLHF_TRAINER_POLICY_MODE={was_mode}, this trainer "
+            f"runs {policy_mode}: set it back, or move the checkpoints away to start fresh"
+        )
+    was_value = meta.get("value_model", "reward_model")
+    if was_value != value_model:
+        return (
+            f"the checkpoint's value model is RLHF_TRAINER_VALUE_MODEL={was_value}, this trainer runs "
+            f"{value_model}: set it back, or move the checkpoints away to start fresh"
+        )
+    was_base = meta.get("model_base_version")
+    if policy_mode == "lora" and was_base is not None and was_base != base_version:
+        return f"the checkpoint's adapter was trained on {was_base}, this learner's base is {base_version}"
+    return None
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` an optimiser updates (requires_grad)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _to_device(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
+    """``batch`` with every tensor on ``device`` (the same object when it is there already)."""
+    if batch.input_ids.device == device:
+        return batch
+    return RolloutBatch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
 
 
 def _trimmed(batch: RolloutBatch, rows: Sequence[int]) -> tuple[RolloutBatch, int]:

@@ -31,7 +31,9 @@ against a baseline that passed the gate on a lucky draw. A policy that games the
 typically drifts far from the reference (the KL bound) or gets worse on prompts it was not trained
 on (the reward bound).
 
-**Publication** (``publish``): the learner writes the policy (safetensors) to a temp directory; the
+**Publication** (``publish``): the learner writes the policy (safetensors: full weights, or with
+LoRA only the adapter, whose manifest then names its base version in ``extra["adapter"]``, see
+shared/models/adapters.py) to a temp directory; the
 policy line (shared/version_line.py) copies it into the model store, hashes every file into the
 manifest (parent version, RM version used, the metrics), signs it with the trainer's key, renames
 it into place atomically and makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
@@ -335,7 +337,7 @@ class PolicyPublisher:
                 out,
                 parent=parent,
                 metrics=all_metrics,
-                extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra},
+                extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra, **learner.version_extra()},
             )
         log_event(
             log,

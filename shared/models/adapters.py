@@ -110,7 +110,7 @@ def parse_adapter_extra(doc: Any) -> AdapterInfo:
         raise AdapterError(f"extra.{EXTRA_KEY}.kind {kind!r} is unknown: expected one of {sorted(ADAPTER_KINDS)}")
     base = doc.get("base_version")
     try:
-        version_number(base)
+        version_number(base if isinstance(base, str) else "")
     except InvalidNameError:
         raise AdapterError(f"extra.{EXTRA_KEY}.base_version {base!r} is not a version name (<line>-<NNNN>)") from None
     rank = doc.get("rank")

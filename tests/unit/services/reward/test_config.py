@@ -32,3 +32,13 @@ def test_bad_values_are_named(env, words):
 def test_the_cap_and_quarantine_can_be_turned_off():
     cfg = load_config(RewardConfig, {"RLHF_REWARD_MAX_PRINCIPAL_SHARE": "1", "RLHF_REWARD_QUARANTINE_BELOW": "0"})
     assert cfg.max_principal_share == 1.0 and cfg.quarantine_below == 0.0
+
+
+def test_device_and_precision_default_to_the_cpu_in_float32_and_bad_values_are_named():
+    cfg = load_config(RewardConfig, {})
+    assert (cfg.device, cfg.precision) == ("cpu", "auto")
+    assert load_config(RewardConfig, {"RLHF_REWARD_PRECISION": "bf16"}).precision == "bf16"
+    with pytest.raises(ConfigError, match="RLHF_REWARD_DEVICE: device 'cuda:3'"):
+        load_config(RewardConfig, {"RLHF_REWARD_DEVICE": "cuda:3"})
+    with pytest.raises(ConfigError, match="RLHF_REWARD_PRECISION='fp16': expected one of auto, float32, bf16"):
+        load_config(RewardConfig, {"RLHF_REWARD_PRECISION": "fp16"})

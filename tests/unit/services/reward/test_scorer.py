@@ -373,3 +373,16 @@ def test_the_app_trains_its_first_rm_when_the_store_has_none_then_serves(tiny_st
     finally:
         loop.run(app.stop(), timeout=30)
         loop.close()
+
+
+def test_bf16_scoring_stays_close_to_float32(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path):
+    publish_rm(tiny_store, tiny_tokenizer, tiny_policy_dir, tmp_path, seed=1)
+    responses = ["5", "2 plus 3 is 5.", "I am not sure."]
+    exact, bf16 = make_scorer(tiny_store), make_scorer(tiny_store, precision="bf16")
+    exact.load()
+    bf16.load()
+    want = exact.score_sync(items(*responses)).scores
+    got = bf16.score_sync(items(*responses)).scores
+    assert all(isinstance(s, float) for s in got)
+    assert got == pytest.approx(want, abs=0.05)
+    assert got != want  # it did compute in bf16 (float32 scores would be bit-identical)

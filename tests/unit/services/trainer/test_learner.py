@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from services.inference.weights import check_compatible
 from services.trainer.learner import LearnerState, PPOLearner
+from services.trainer.models import LoraSettings, ModelSettings
 from services.trainer.ppo_config import PPOConfig
 from services.trainer.rollout_batch import InvalidRollout, Rollout, collate_rollouts
 from shared.model_store import CorruptVersionError
@@ -283,3 +284,158 @@ def test_single_process_distributed_helpers_are_identity():
     assert distributed.shard_rows(5, distributed.DistContext(1, 2)) == [1, 3]
     module = torch.nn.Linear(2, 2)
     assert distributed.wrap_for_ddp(module, ctx) is module and distributed.unwrap(module) is module
+
+
+# --- LoRA (PEFT): adapters on a frozen base, the reference is the base with the adapter off ----------
+
+LORA = ModelSettings(policy_mode="lora", lora=LoraSettings(rank=4, alpha=8.0))
+
+
+def make_lora_learner(trainer_store, models: ModelSettings = LORA, **overrides) -> PPOLearner:
+    cfg = dataclasses.replace(PPOConfig(lr=1e-3, minibatch_size=8, epochs=1), **overrides)
+    s = trainer_store
+    return PPOLearner.from_store(s.store, s.policy, s.policy, s.rm, cfg, models)
+
+
+def named_params(learner: PPOLearner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in learner.policy.lm.named_parameters()}
+
+
+def response_logprobs(learner: PPOLearner, rollouts) -> torch.Tensor:
+    """(B,) summed log-probability of each rollout's response under the learner's policy now."""
+    batch = collate_rollouts(rollouts, learner.pad_token_id, learner.eos_token_id)
+    with torch.no_grad():
+        logprobs = learner.policy(batch.input_ids, batch.attention_mask, batch.response_positions, batch.response_ids)[
+            0
+        ]
+    return (logprobs * batch.response_mask).sum(-1)
+
+
+def test_lora_kl_to_the_reference_is_exactly_zero_before_the_first_step(trainer_store, one_thread):
+    learner = make_lora_learner(trainer_store, kl_coef=0.1)
+    # No second copy: the reference is the policy's own modules, run with the adapter switched off.
+    assert learner.reference.lm is learner.policy.lm
+    assert learner.peft_model is not None
+    rollouts = sample(learner)
+    batch, _, facts = learner._prepare(rollouts)
+    assert torch.equal(facts["kl"], torch.zeros_like(facts["kl"]))  # exactly, not approximately
+    assert learner.kl_to_reference(rollouts) == 0.0
+    with torch.no_grad():
+        args = (batch.input_ids, batch.attention_mask, batch.response_positions)
+        assert torch.equal(learner.policy.response_logits(*args), learner.reference.response_logits(*args))
+    stats = learner.step(rollouts)
+    assert stats.mean_kl == 0.0
+    assert learner.kl_to_reference(rollouts) > 0  # the adapter moved the policy; the reference did not
+
+
+def test_a_lora_step_changes_only_the_adapter_and_moves_the_reward_up(trainer_store, one_thread):
+    learner = make_lora_learner(trainer_store, lr=1e-2, kl_coef=0.0, ent_coef=0.0)
+    trainable = {n for n, p in learner.policy.lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    total = sum(p.numel() for p in learner.policy.lm.parameters())
+    assert learner.trainable_parameters == sum(
+        p.numel() for n, p in learner.policy.lm.named_parameters() if n in trainable
+    )
+    assert learner.trainable_parameters < total / 10
+    # A toy batch: the first half of the answers scored 1, the second half -1.
+    toy = [dataclasses.replace(r, score=1.0 if i < 4 else -1.0) for i, r in enumerate(sample(learner))]
+    before, logp_before = named_params(learner), response_logprobs(learner, toy)
+    for _ in range(3):
+        learner.step([dataclasses.replace(r, policy_version=learner.weights_version) for r in toy])
+    after, logp_after = named_params(learner), response_logprobs(learner, toy)
+    for name, value in before.items():
+        if name in trainable:
+            continue
+        assert torch.equal(value, after[name]), f"{name} is not an adapter parameter but changed"
+    assert any(not torch.equal(before[n], after[n]) for n in trainable)
+    # The expected reward over the batch, sum_i score_i * log pi(answer_i), went up: the policy moved
+    # towards the answers scored 1 and away from those scored -1.
+    scores = torch.tensor([r.score for r in toy])
+    delta = logp_after - logp_before
+    assert float((scores * delta).sum()) > 2.0, delta
+    assert float(delta[:4].min()) > float(delta[4:].max()), delta
+
+
+def test_lora_checkpoint_holds_the_adapter_only_and_resumes_identically(trainer_store, tmp_path, one_thread):
+    from services.trainer.checkpoint import CheckpointStore
+    from services.trainer.loop import LoopState, checkpoint_payload, restore
+
+    cfg = dict(epochs=2, minibatch_size=4, lr=1e-2)
+    a = make_lora_learner(trainer_store, **cfg)
+    a.step(sample(a, seed=1))
+    state = a.state_dict()
+    policy_keys = [k for k in state.tensors if k.startswith("policy.")]
+    assert policy_keys and all("lora_" in k for k in policy_keys)  # the base is the store's version
+    assert state.meta["policy_mode"] == "lora" and state.meta["model_base_version"] == trainer_store.policy
+
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    loop_state = LoopState(
+        lineage=[trainer_store.policy], reference_version=trainer_store.policy, value_rm_version=trainer_store.rm
+    )
+    checkpoints.save(1, checkpoint_payload(a, loop_state))
+    b, restored = restore(
+        checkpoints.load_latest(),
+        lambda version, st: PPOLearner.from_store(
+            trainer_store.store,
+            version,
+            st.reference_version,
+            st.value_rm_version,
+            dataclasses.replace(PPOConfig(), **cfg),
+            LORA,
+        ),
+    )
+    assert restored.lineage == [trainer_store.policy]
+    assert (b.steps_done, b.weights_version) == (1, a.weights_version)
+    second = [dataclasses.replace(r, policy_version=a.weights_version) for r in sample(a, seed=2)]
+    a.step(second)
+    b.step(second)
+    pa, pb = named_params(a), named_params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+    # A trainer in the other mode refuses the checkpoint with the variable to change.
+    full = make_learner(trainer_store)
+    with pytest.raises(ValueError, match="RLHF_TRAINER_POLICY_MODE=lora"):
+        full.load_state_dict(state)
+    with pytest.raises(ValueError, match="RLHF_TRAINER_POLICY_MODE=full"):
+        make_lora_learner(trainer_store).load_state_dict(full.state_dict())
+
+
+def test_policy_head_value_model_trains_its_head_alone(trainer_store, one_thread):
+    models = dataclasses.replace(LORA, value_model="policy_head")
+    learner = make_lora_learner(trainer_store, models=models, lr=1e-2, vf_coef=1.0)
+    head = dict(learner.value.named_parameters())
+    assert set(head) == {"head.weight", "head.bias"}  # the policy is not a submodule of the value
+    rollouts = sample(learner)
+    _, prepared, _ = learner._prepare(rollouts)
+    assert torch.equal(prepared.old_values, torch.zeros_like(prepared.old_values))  # a zero head
+    before = named_params(learner)
+    stats = learner.step(rollouts)
+    assert stats.value_grad_norm > 0
+    assert not torch.equal(head["head.weight"], torch.zeros_like(head["head.weight"]))
+    after = named_params(learner)
+    assert all(torch.equal(before[n], after[n]) for n, p in learner.policy.lm.named_parameters() if not p.requires_grad)
+    assert "value.head.weight" in learner.state_dict().tensors
+
+
+@pytest.mark.parametrize(
+    "meta, mode, value, base, words",
+    [
+        ({}, "full", "reward_model", "policy-0001", None),  # a checkpoint from before these fields
+        ({}, "lora", "reward_model", "policy-0001", "RLHF_TRAINER_POLICY_MODE=full, this trainer runs lora"),
+        ({"policy_mode": "lora"}, "full", "reward_model", "policy-0001", "POLICY_MODE=lora, this trainer runs full"),
+        ({"value_model": "policy_head"}, "full", "reward_model", "policy-0001", "VALUE_MODEL=policy_head"),
+        (
+            {"policy_mode": "lora", "model_base_version": "policy-0002"},
+            "lora",
+            "reward_model",
+            "policy-0001",
+            "on policy-0002",
+        ),
+        ({"policy_mode": "lora", "model_base_version": "policy-0001"}, "lora", "reward_model", "policy-0001", None),
+    ],
+)
+def test_checkpoint_mismatch(meta, mode, value, base, words):
+    from services.trainer.learner import checkpoint_mismatch
+
+    problem = checkpoint_mismatch(meta, mode, value, base)
+    assert problem is None if words is None else words in problem

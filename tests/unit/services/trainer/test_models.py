@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from services.inference.weights import check_compatible, tensor_signature
-from services.trainer.models import PolicyHead, frozen_copy, load_policy, load_value_model, save_policy
+from services.trainer.models import (
+    LoraSettings,
+    ModelSettings,
+    PolicyHead,
+    PolicyValueHead,
+    attach_lora,
+    frozen_copy,
+    load_adapter,
+    load_policy,
+    load_value_model,
+    lora_info,
+    save_adapter,
+    save_policy,
+)
 from services.trainer.rollout_batch import Rollout, collate_rollouts
 from shared.models.loading import load_tokenizer, weights_dtype
 from shared.models.reward_model import RewardModel
@@ -114,3 +128,67 @@ def test_saved_policy_is_cast_back_to_the_published_dtype(trainer_store, tmp_pat
     out = save_policy(lm, load_tokenizer(src), tmp_path / "bf16", dtype=torch.bfloat16)
     assert weights_dtype(out) == torch.bfloat16
     assert next(lm.parameters()).dtype == torch.float32  # the training copy is untouched
+
+
+# --- LoRA, precision and device settings -----------------------------------------------------------
+
+
+def test_model_settings_problems_name_each_field():
+    assert ModelSettings().problems() == []
+    assert not ModelSettings().lora_enabled
+    bad = ModelSettings(
+        policy_mode="qlora",
+        value_model="x",
+        precision="fp8",
+        lora=LoraSettings(rank=0, alpha=0, dropout=1.0, target_modules=()),
+    )
+    text = "; ".join(bad.problems())
+    for words in ("policy mode 'qlora'", "value model 'x'", "precision 'fp8'"):
+        assert words in text
+    assert "LoRA" not in text  # the adapter's shape matters only in LoRA mode
+    lora = "; ".join(dataclasses.replace(bad, policy_mode="lora").problems())
+    for words in ("rank must be at least 1", "alpha must be positive", "dropout must be in", "target modules"):
+        assert words in lora
+
+
+def test_attach_lora_starts_as_the_base_and_saves_only_the_adapter(trainer_store, tmp_path, one_thread):
+    policy_dir = trainer_store.path(trainer_store.policy)
+    base = load_policy(policy_dir)
+    ids = torch.tensor([PROMPTS[0] + RESPONSES[0]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits.clone()
+    peft_model = attach_lora(base, LoraSettings(rank=2, alpha=4.0, target_modules=("q_proj", "down_proj")))
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, want)  # B = 0: exactly the base
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    info = lora_info(peft_model, trainer_store.policy)
+    assert (info.rank, info.alpha, info.target_modules) == (2, 4.0, ("down_proj", "q_proj"))
+    out = save_adapter(peft_model, tmp_path / "adapter", trainer_store.policy)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == trainer_store.policy  # not a local path
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (2, 4.0, "LORA")
+    with pytest.raises(ValueError, match="no adapter_model.safetensors"):
+        load_adapter(load_policy(policy_dir), tmp_path, trainable=False)
+
+
+def test_attach_lora_refuses_a_module_the_model_does_not_have(trainer_store):
+    base = load_policy(trainer_store.path(trainer_store.policy))
+    with pytest.raises(ValueError, match="no_such_proj"):
+        attach_lora(base, LoraSettings(target_modules=("no_such_proj",)))
+
+
+def test_policy_value_head_holds_no_copy_and_no_policy_parameter(trainer_store, one_thread):
+    lm = load_policy(trainer_store.path(trainer_store.policy))
+    value = PolicyValueHead(lm, lm.config.hidden_size)
+    assert {n for n, _ in value.named_parameters()} == {"head.weight", "head.bias"}
+    tokenizer = load_tokenizer(trainer_store.path(trainer_store.policy))
+    batch = _batch(tokenizer, PROMPTS, RESPONSES)
+    with torch.no_grad():
+        value.head.bias.fill_(0.25)
+    out = value(batch.input_ids, batch.attention_mask, batch.response_positions)
+    assert out.shape == batch.response_ids.shape and torch.all(out == 0.25)
+    out.sum().backward()
+    assert value.head.weight.grad is not None
+    assert all(p.grad is None for p in lm.parameters())  # the features are detached

@@ -25,6 +25,7 @@ from services.trainer.publishing import (
     same_figure,
     with_guards,
 )
+from services.trainer.rollout_batch import Rollout
 from shared.events import Message
 
 
@@ -195,3 +196,78 @@ def test_k_samples_see_a_changed_sampling_distribution_where_greedy_answers_do_n
     assert answers_changed(moved.answers, base.answers) > 0
     assert not same_figure(moved.heldout_reward, base.heldout_reward)
     assert moved.kl > base.kl + 1e-3
+
+
+class Announcements:
+    """Collects what the policy line announces (the Kafka announcer's place)."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def announce(self, event) -> None:
+        self.events.append(event)
+
+
+def test_a_lora_candidate_is_published_as_an_adapter_version_of_its_base(trainer_store, tmp_path, one_thread):
+    import shutil
+
+    from services.trainer.learner import PPOLearner
+    from services.trainer.models import LoraSettings, ModelSettings
+    from services.trainer.ppo_config import PPOConfig
+    from shared.model_store import MANIFEST_NAME, ModelStore
+    from shared.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_info, adapter_problem
+    from shared.models.loading import load_verified_policy, resolve_verified
+
+    def copy(version):
+        return shutil.copytree(
+            trainer_store.path(version), tmp_path / version, ignore=shutil.ignore_patterns(MANIFEST_NAME)
+        )
+
+    store = ModelStore(tmp_path / "models")
+    base = store.publish("policy", copy(trainer_store.policy)).version
+    rm = store.publish("rm", copy(trainer_store.rm)).version
+    lora = ModelSettings(policy_mode="lora", lora=LoraSettings(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
+    learner = PPOLearner.from_store(store, base, base, rm, PPOConfig(lr=1e-2, minibatch_size=8, epochs=1), lora)
+    ps = [learner.tokenizer.encode(f"What is {a} plus 2?") for a in range(8)]
+    learner.step(
+        [
+            Rollout([], p, r, None, learner.weights_version, "stop", float(i % 2))
+            for i, (p, r) in enumerate(zip(ps, learner.generate(ps, 6, greedy=False, seed=0)))
+        ]
+    )
+    heldout = [(Message("user", "What is 1 plus 1?"),)]
+    publisher = PolicyPublisher(store, Announcements(), CrcScorer(), heldout, max_tokens=8)
+    manifest = publisher.publish(
+        learner, parent=base, evaluation=Evaluation(0.5, 0.1, rm), baseline_reward=None, extra={}
+    )
+
+    # Only PEFT's two adapter files, MBs (here KBs) instead of the model's weights.
+    assert set(manifest.files) == {ADAPTER_WEIGHTS, ADAPTER_CONFIG}
+    assert manifest.files[ADAPTER_WEIGHTS].bytes < store.manifest(base).files["model.safetensors"].bytes / 20
+    assert manifest.extra["adapter"] == {
+        "kind": "lora",
+        "base_version": base,
+        "rank": 4,
+        "alpha": 8.0,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    assert manifest.extra["rm_version"] == rm and manifest.parent == base
+    assert adapter_info(manifest).base_version == base
+    assert adapter_problem(manifest, store=store, version_dir=store.path(manifest.version)) is None
+    assert store.current("policy") == manifest.version
+    resolved = resolve_verified(store, manifest.version)
+    assert (resolved.weights_version, resolved.adapter_dir) == (base, store.path(manifest.version))
+
+    # Loaded back (LoRA on its base; or merged into full weights) it is the policy that was published.
+    prompt = torch.tensor([ps[0] + [40, 41, 42]])
+    with torch.no_grad():
+        want = learner.policy.lm(input_ids=prompt).logits
+        again = PPOLearner.from_store(store, manifest.version, base, rm, PPOConfig(), lora)
+        torch.testing.assert_close(again.policy.lm(input_ids=prompt).logits, want)
+        _, merged = load_verified_policy(store, manifest.version)
+        torch.testing.assert_close(merged(input_ids=prompt).logits, want, atol=1e-5, rtol=1e-4)
+        full = PPOLearner.from_store(store, manifest.version, base, rm, PPOConfig())  # full mode: merged
+        assert full.peft_model is None and full.model_base_version == base
+        torch.testing.assert_close(full.policy.lm(input_ids=prompt).logits, want, atol=1e-5, rtol=1e-4)
+        assert again.reference.lm is again.policy.lm  # the base is the reference: no copy
+        assert again.model_base_version == base and again.weights_version == manifest.version

@@ -18,11 +18,15 @@ from shared.model_store import CorruptVersionError, ModelStore
 from shared.models.default_model import train_tokenizer
 from shared.models.encoding import render_prompt
 from shared.models.loading import (
+    AdapterVersionError,
+    autocast_dtype,
+    device_problems,
     load_backbone,
     load_causal_lm,
     load_tokenizer,
     load_verified_policy,
     quiet_transformers,
+    resolve_verified,
     verified_dir,
     weights_dtype,
 )
@@ -201,3 +205,126 @@ def test_quiet_transformers_silences_the_load_report_and_restores_it():
     with pytest.raises(RuntimeError), quiet_transformers():
         raise RuntimeError("restored on errors too")
     assert hf_logging.get_verbosity() == before
+
+
+# --- adapter versions ------------------------------------------------------------------------------
+
+
+def publish_adapter(store: ModelStore, policy_dir: Path, tmp_path: Path, base: str, **extra_overrides) -> str:
+    """A LoRA adapter of the tiny policy (PEFT, B set to non-zero so it changes the outputs), published
+    as an adapter version naming ``base``."""
+    from peft import LoraConfig, get_peft_model
+
+    from shared.models.adapters import adapter_extra
+
+    peft_model = get_peft_model(
+        load_causal_lm(policy_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path / f"adapter-{len(store.versions('policy'))}"
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    (out / "README.md").unlink(missing_ok=True)
+    extra = adapter_extra(base_version=base, rank=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    return store.publish("policy", out, extra={"adapter": {**extra, **extra_overrides}}).version
+
+
+def test_a_full_weight_version_resolves_to_itself(store):
+    resolved = resolve_verified(store, "policy-0001")
+    assert resolved.weights_dir == store.path("policy-0001") and resolved.weights_version == "policy-0001"
+    assert resolved.adapter_dir is None and resolved.adapter is None
+
+
+def test_an_adapter_version_resolves_to_its_verified_base_and_loads_merged(store, policy_dir, tmp_path):
+    from peft import PeftModel
+
+    version = publish_adapter(store, policy_dir, tmp_path, "policy-0001")
+    resolved = resolve_verified(store, version)
+    assert (resolved.weights_version, resolved.weights_dir) == ("policy-0001", store.path("policy-0001"))
+    assert resolved.adapter_dir == store.path(version) and resolved.adapter.rank == 2
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        unmerged = PeftModel.from_pretrained(load_causal_lm(policy_dir), str(store.path(version)))(input_ids=ids)
+        tokenizer, merged = load_verified_policy(store, version)
+        assert not hasattr(merged, "peft_config")  # a plain transformers model
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged.logits, atol=1e-5, rtol=1e-4)
+        base = load_causal_lm(policy_dir)(input_ids=ids).logits
+        assert not torch.allclose(base, unmerged.logits)  # the adapter does change the outputs
+    assert tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize(
+    "base, overrides, words",
+    [
+        ("policy-0000", {}, "policy-0000 is not in the store"),
+        ("policy-0001", {"rank": 8}, "r=2 but the manifest says rank 8"),
+        ("policy-0001", {"kind": "ia3"}, "unknown"),
+    ],
+)
+def test_an_adapter_that_breaks_the_contract_is_refused_before_loading(
+    store, policy_dir, tmp_path, base, overrides, words
+):
+    import re
+
+    version = publish_adapter(store, policy_dir, tmp_path, base, **overrides)
+    with pytest.raises(AdapterVersionError, match=re.escape(words)):
+        resolve_verified(store, version)
+    with pytest.raises(AdapterVersionError):
+        load_verified_policy(store, version)
+
+
+def test_a_tampered_adapter_is_refused_by_its_manifest(store, policy_dir, tmp_path):
+    version = publish_adapter(store, policy_dir, tmp_path, "policy-0001")
+    weights = store.path(version) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError, match="sha256"):
+        resolve_verified(store, version)
+
+
+# --- device and precision -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "precision, device_type, expected",
+    [
+        ("auto", "cpu", None),  # float32 stays the CPU default
+        ("auto", "cuda", torch.bfloat16),
+        ("bf16", "cpu", torch.bfloat16),
+        ("bf16", "cuda", torch.bfloat16),
+        ("float32", "cuda", None),
+        ("float32", "cpu", None),
+    ],
+)
+def test_autocast_dtype(precision, device_type, expected):
+    assert autocast_dtype(precision, device_type) == expected
+
+
+def test_autocast_dtype_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        autocast_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize(
+    "device, cuda_devices, words",
+    [
+        ("cpu", 0, None),
+        ("cuda", 1, None),
+        ("cuda:1", 2, None),
+        ("cuda:2", 2, "2 CUDA device"),
+        ("cuda", 0, "0 CUDA device"),
+        ("cpu:1", 0, "has no index"),
+        ("meta", 0, "only cpu and cuda"),
+        ("banana", 0, "not a torch device"),
+    ],
+)
+def test_device_problems(device, cuda_devices, words):
+    problems = device_problems(device, cuda_devices)
+    if words is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and words in problems[0]
