@@ -8,7 +8,7 @@ import uvicorn
 
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
-from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
+from services.gateway.uvicorn_single_write import guarded_protocol
 from shared.config import load_config
 from shared.logging import setup_logging
 from shared.metrics import start_metrics_server
@@ -30,7 +30,10 @@ def main() -> None:
         port=cfg.port,
         log_config=None,
         access_log=False,
-        http=CoalescingHttpToolsProtocol,
+        http=guarded_protocol(cfg.header_timeout_s, cfg.max_header_bytes),
+        limit_concurrency=cfg.max_concurrency,
+        timeout_keep_alive=cfg.keep_alive_s,
+        h11_max_incomplete_event_size=cfg.max_header_bytes,  # the same bound, should h11 ever serve
         timeout_graceful_shutdown=int(cfg.grace_period_s),
     )
 

@@ -1,10 +1,12 @@
 """The gateway's app factory: ``create_app(cfg)`` is the ASGI app that `python -m services.gateway` serves.
 
-Requests pass through, outermost first:
+Requests pass through, outermost first (after uvicorn, which `__main__` runs with the guarded
+protocol of uvicorn_single_write.py: the request head's time and size bounds, and a concurrency
+limit):
 
 1. FeedbackFastPath (feedback/fast_path.py): serves POST /v1/feedback itself, passes the rest on;
-2. BodySizeLimit, AuthAndMetrics (middleware.py): 413; who is asking (401, identity.py) and the
-   chat rate limit (429, rate_limit.py); metrics;
+2. BodySizeLimit, AuthAndMetrics (middleware.py): 413 (too large), 408 (too slow); who is asking
+   (401, identity.py) and the chat rate limit (429, rate_limit.py); metrics by route template;
 3. the FastAPI app: the chat routes (chat/api_router.py), the session routes (session_router.py),
    the rollout view (rollout/api_router.py: /flywheel) and the ops routes (ops_router.py), with
    errors answered by errors.py.
@@ -30,7 +32,7 @@ from services.gateway.feedback.batcher import FeedbackClient
 from services.gateway.feedback.fast_path import FeedbackFastPath, document_feedback_route
 from services.gateway.feedback.serving import FeedbackForwarding
 from services.gateway.identity import Authenticator, SessionCodec, load_keyring, session_secret
-from services.gateway.middleware import AuthAndMetrics, BodySizeLimit, Gatekeeper
+from services.gateway.middleware import AuthAndMetrics, BodySizeLimit, Gatekeeper, RouteLabels
 from services.gateway.ops_router import ops_router
 from services.gateway.rate_limit import TokenBuckets
 from services.gateway.rollout.api_router import flywheel_router
@@ -103,7 +105,11 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
             else None
         )
         chat.attach(client, canary)
-        feedback_client = FeedbackClient(cfg.feedback_address, credentials) if cfg.feedback_address else None
+        feedback_client = (
+            FeedbackClient(cfg.feedback_address, credentials, max_waiting=cfg.feedback_queue_max)
+            if cfg.feedback_address
+            else None
+        )
         feedback.attach(feedback_client)
         if cfg.rollout_address:
             live.append(LiveStatus(cfg.rollout_address, credentials))
@@ -137,6 +143,7 @@ def create_app(cfg: GatewayConfig) -> FeedbackFastPath:
     document_feedback_route(app)
 
     # Added last, so it runs first: the size limit applies before authentication and metrics.
-    app.add_middleware(AuthAndMetrics, gatekeeper=gatekeeper)
-    app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes)
+    labels = RouteLabels(app.router.routes)
+    app.add_middleware(AuthAndMetrics, gatekeeper=gatekeeper, labels=labels)
+    app.add_middleware(BodySizeLimit, limit=cfg.max_body_bytes, labels=labels, timeout_s=cfg.body_timeout_s)
     return FeedbackFastPath(app, feedback, cfg, gatekeeper)

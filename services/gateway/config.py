@@ -83,7 +83,24 @@ class GatewayConfig(ServiceConfig):
     rate_limit_principals: int = 100_000
     """Principals whose buckets are kept (LRU map per limit); one pushed out starts with a full bucket."""
     max_body_bytes: int = 1 << 20
-    """Largest request body; larger ones get HTTP 413."""
+    """Largest request body; larger ones get HTTP 413 before any of it is parsed."""
+    body_timeout_s: float = 30.0
+    """Seconds a request's whole body may take to arrive after its head; a later one gets HTTP 408
+    and the connection is closed."""
+    header_timeout_s: float = 10.0
+    """Seconds a client may take to send a complete request head (request line and headers) after
+    opening the connection or starting a request on a kept-alive one; then the connection is closed."""
+    max_header_bytes: int = 64 * 1024
+    """Largest request head (request line and headers, bytes); a larger one gets HTTP 431 and the
+    connection is closed."""
+    keep_alive_s: int = 5
+    """Seconds an idle kept-alive connection stays open between requests (uvicorn's timeout_keep_alive)."""
+    max_concurrency: int = 2048
+    """Connections and requests in progress (uvicorn's limit_concurrency, counted apart) past which a
+    new request gets HTTP 503 at once instead of queueing; bounds the gateway's memory under a flood."""
+    feedback_queue_max: int = 4096
+    """Ratings that may wait in the gateway for a call to the feedback service (the batcher's queue);
+    a rating arriving when it is full gets HTTP 429 with Retry-After."""
     request_timeout_s: float = 300.0
     """Deadline of one generation call to the inference service."""
 
@@ -112,6 +129,20 @@ class GatewayConfig(ServiceConfig):
             )
         if self.max_body_bytes < 1024:
             out.append("RLHF_GATEWAY_MAX_BODY_BYTES must be at least 1024")
+        for variable, seconds in (
+            ("RLHF_GATEWAY_BODY_TIMEOUT_S", self.body_timeout_s),
+            ("RLHF_GATEWAY_HEADER_TIMEOUT_S", self.header_timeout_s),
+        ):
+            if not 0 < seconds <= 3600:
+                out.append(f"{variable}={seconds}: expected more than 0 and at most 3600 seconds")
+        if not 1 <= self.keep_alive_s <= 3600:
+            out.append(f"RLHF_GATEWAY_KEEP_ALIVE_S={self.keep_alive_s}: expected 1 to 3600 seconds")
+        if not 1024 <= self.max_header_bytes <= 1 << 20:
+            out.append(f"RLHF_GATEWAY_MAX_HEADER_BYTES={self.max_header_bytes}: expected 1024 to 1048576")
+        if self.max_concurrency < 8:
+            out.append(f"RLHF_GATEWAY_MAX_CONCURRENCY={self.max_concurrency}: must be at least 8")
+        if self.feedback_queue_max < 1:
+            out.append(f"RLHF_GATEWAY_FEEDBACK_QUEUE_MAX={self.feedback_queue_max}: must be at least 1")
         return out + self._identity_problems()
 
     def _identity_problems(self) -> list[str]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 
 import grpc
 from fastapi import FastAPI, Request
@@ -34,15 +35,64 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+PASSED_ON = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+"""Upstream codes whose text is the service's own answer about the request (a shared.errors class:
+which field is wrong, which limit was reached), passed on to the HTTP client. Any other code's text
+(UNAVAILABLE with the addresses it failed to reach, UNKNOWN with an exception, INTERNAL, a deadline)
+is about the system, not the request: the client gets a generic message and a request id, the
+gateway's log the text."""
+
+_GENERIC = {
+    grpc.StatusCode.UNAVAILABLE: "the upstream service is unavailable; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the upstream service did not answer in time",
+    grpc.StatusCode.CANCELLED: "the upstream call was cancelled",
+    grpc.StatusCode.UNAUTHENTICATED: "the gateway could not authenticate to the upstream service",
+}
+
+
+def request_id() -> str:
+    """A fresh id that ties an error answered to a client to its line in the gateway's log."""
+    return "req-" + secrets.token_hex(8)
+
+
+def public_message(code: grpc.StatusCode, details: str, rid: str) -> str:
+    """What an HTTP client is told of an upstream failure with ``code`` and ``details``.
+
+    The details themselves for the codes in PASSED_ON (the service's answer about the request);
+    otherwise a generic sentence per code (``the upstream service failed`` by default) followed by
+    ``(request id <rid>)``, never the details.
+    """
+    if code in PASSED_ON:
+        return details or code.name.lower()
+    return f"{_GENERIC.get(code, 'the upstream service failed')} (request id {rid})"
+
+
+def upstream_message(code: grpc.StatusCode, details: str) -> str:
+    """public_message for a fresh request id; logs the details under that id when they are withheld."""
+    rid = request_id()
+    message = public_message(code, details, rid)
+    if code not in PASSED_ON:
+        log.warning("upstream error %s (request id %s): %s", code.name, rid, details)
+    return message
+
+
 class UpstreamRefusal(RlhfError):
     """An upstream service's refusal reported inside its reply (an item of a batch) rather than as
     the call's status; answered exactly as that status would have been."""
 
     def __init__(self, grpc_code: int, message: str, param: str | None):
         code = _STATUS_BY_NUMBER.get(grpc_code, grpc.StatusCode.UNKNOWN)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            message = f"upstream service unavailable: {message}"
-        super().__init__(message, param=param)
+        super().__init__(upstream_message(code, message), param=param)
         self.grpc_code = code
         self.http_status, self.openai_type = GRPC_TO_HTTP.get(code, (502, "server_error"))
 
@@ -69,9 +119,7 @@ def error_from_grpc(exc: grpc.aio.AioRpcError) -> tuple[int, ErrorBody]:
     for key, value in exc.trailing_metadata() or ():
         if key == PARAM_METADATA_KEY:
             param = value
-    message = exc.details() or exc.code().name
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        message = f"upstream service unavailable: {message}"
+    message = upstream_message(exc.code(), exc.details() or "")
     return status, ErrorBody(message=message, type=type_, param=param, code=exc.code().name.lower())
 
 
@@ -130,6 +178,7 @@ def response_for(exc: Exception, path: str) -> JSONResponse:
         status, body = error_from_grpc(exc)
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         return error_response(status, body.message, body.type, body.param, body.code, headers)
-    log.error("unhandled error on %s", path, exc_info=exc)
+    rid = request_id()
+    log.error("unhandled error on %s (request id %s)", path, rid, exc_info=exc)
     metrics.UNHANDLED.inc()
-    return error_response(500, "internal server error", "server_error")
+    return error_response(500, f"internal server error (request id {rid})", "server_error")

@@ -2,10 +2,15 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter("rlhf_gateway_requests_total", "HTTP requests", ["route", "status"])
+REQUESTS = Counter(
+    "rlhf_gateway_requests_total",
+    "HTTP requests by route template (e.g. /v1/models/{model_id}; every path no route serves is "
+    "'unmatched') and status",
+    ["route", "status"],
+)
 REQUEST_SECONDS = Histogram(
     "rlhf_gateway_request_seconds",
-    "HTTP request duration (to the last byte for streams)",
+    "HTTP request duration (to the last byte for streams), by route template as in rlhf_gateway_requests_total",
     ["route"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
@@ -14,6 +19,24 @@ AUTH = Counter(
     "rlhf_gateway_auth_total",
     "How /v1/ callers were identified: key, session, new_anonymous; or refused: missing, invalid_key, invalid_session",
     ["result"],
+)
+REFUSED_CONNECTIONS = Counter(
+    "rlhf_gateway_refused_connections_total",
+    "Connections closed before a request was served: header_timeout (no complete request head within "
+    "RLHF_GATEWAY_HEADER_TIMEOUT_S), header_too_large (a head over RLHF_GATEWAY_MAX_HEADER_BYTES)",
+    ["reason"],
+)
+BODY_TIMEOUTS = Counter(
+    "rlhf_gateway_body_timeouts_total",
+    "Requests answered 408 because their body did not arrive within RLHF_GATEWAY_BODY_TIMEOUT_S",
+)
+FEEDBACK_QUEUE_DEPTH = Gauge(
+    "rlhf_gateway_feedback_queue_depth",
+    "Ratings waiting for a call to the feedback service (at most RLHF_GATEWAY_FEEDBACK_QUEUE_MAX)",
+)
+FEEDBACK_QUEUE_REFUSED = Counter(
+    "rlhf_gateway_feedback_queue_refused_total",
+    "Ratings answered 429 because the gateway's feedback queue was full",
 )
 RATE_LIMIT = Counter("rlhf_gateway_rate_limit_total", "Requests by rate-limit outcome", ["limit", "outcome"])
 RATE_LIMIT_PRINCIPALS = Gauge(

@@ -1,18 +1,21 @@
 """The gateway's pure-ASGI middleware, and the helpers the feedback fast path shares with it.
 
-On every route, in this order: a body over the size limit gets 413 before anything else
-(BodySizeLimit); then a /v1/ request is admitted by the Gatekeeper: who is asking (401 without a
+On every route, in this order: a body over the size limit gets 413 before anything else, one that
+does not arrive in time 408 (BodySizeLimit); then a /v1/ request is admitted by the Gatekeeper: who is asking (401 without a
 valid key or session; identity.py), and the caller's rate limit on chat completions (429 with
 Retry-After; rate_limit.py); every request's status and duration go to the metrics
-(AuthAndMetrics). The feedback fast path (feedback/fast_path.py) runs the same steps in the same
+(AuthAndMetrics), labelled by the template of the route that serves the path (RouteLabels), so
+that no client can add a series by inventing paths. The feedback fast path (feedback/fast_path.py) runs the same steps in the same
 order with the same helpers: body_or_refusal, Gatekeeper.admit (with the feedback limit), observe.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway import metrics
@@ -27,21 +30,61 @@ DOCS_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect"})
 OPEN_SESSION_CALLS = frozenset({("POST", "/v1/session"), ("DELETE", "/v1/session")})
 """Logging in and out need no principal (the rest of /v1/ does)."""
 CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
+GENERATION_ROUTES = frozenset({CHAT_ROUTE, COMPLETIONS_ROUTE})
+"""The routes that take from the caller's chat rate limit (POST)."""
+UNMATCHED = "unmatched"
+"""The metrics label of every request no route serves, whatever its path."""
+
+
+class RouteLabels:
+    """The metrics label of a request: the path template of the route that serves it.
+
+    ``routes`` is the app's list of routes (read at each call, so routes added after this is made
+    count). A route whose path matches but not its method (405) still names the template; a path
+    no route matches is UNMATCHED. The number of labels is the number of routes plus one.
+    """
+
+    def __init__(self, routes: list[BaseRoute]):
+        self.routes = routes
+
+    def __call__(self, scope: Scope) -> str:
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(route, "path", UNMATCHED))
+            if match is Match.PARTIAL and partial is None:
+                partial = str(getattr(route, "path", UNMATCHED))
+        return partial or UNMATCHED
 
 
 class BodyTooLarge(Exception):
     """A request body past the gateway's limit."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+class BodyTimeout(Exception):
+    """A request body that did not arrive within the gateway's body timeout."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, timeout_s: float | None = None) -> bytes | None:
     """The whole request body, or None when the client went away first.
 
     Raises BodyTooLarge past ``limit`` bytes: at once for a declared Content-Length over it, for a
-    chunked body as soon as it passes it (the rest is never read).
+    chunked body as soon as it passes it (the rest is never read). Raises BodyTimeout when the
+    whole body has not arrived ``timeout_s`` seconds after the call (None: no limit).
     """
     declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(receive, limit)
+    except TimeoutError:
+        raise BodyTimeout from None
+
+
+async def _read(receive: Receive, limit: int) -> bytes | None:
     message = await receive()
     if message["type"] == "http.disconnect":
         return None
@@ -62,16 +105,24 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
             return bytes(chunks)
 
 
-async def body_or_refusal(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+async def body_or_refusal(
+    scope: Scope, receive: Receive, send: Send, limit: int, route: str, timeout_s: float | None = None
+) -> bytes | None:
     """The request body; None when the request is over already: the client went away, or the body
-    was over ``limit`` and has been answered with 413."""
+    was over ``limit`` (answered 413) or late (not all there ``timeout_s`` after the request head:
+    answered 408). Both refusals close the connection (the rest of the body is never read) and are
+    counted under ``route``."""
     try:
-        return await read_body(scope, receive, limit)
+        return await read_body(scope, receive, limit, timeout_s)
     except BodyTooLarge:
-        metrics.REQUESTS.labels("other", "413").inc()
-        response = error_response(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        await response(scope, receive, send)
-        return None
+        status, message, code = 413, f"the request body is larger than {limit} bytes", "request_too_large"
+    except BodyTimeout:
+        metrics.BODY_TIMEOUTS.inc()
+        status, message, code = 408, f"the request body did not arrive within {timeout_s:g} s", "request_timeout"
+    metrics.REQUESTS.labels(route, str(status)).inc()
+    response = error_response(status, message, code=code, headers={"Connection": "close"})
+    await response(scope, receive, send)
+    return None
 
 
 class Gatekeeper:
@@ -137,16 +188,19 @@ def observe(route: str, status: int, started: float) -> None:
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413 (pure ASGI middleware), before the app sees them."""
+    """Refuse bodies over ``limit`` bytes with 413, and bodies not there within ``timeout_s`` with
+    408 (pure ASGI middleware), before the app sees them; ``labels`` names the route in the metrics."""
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, labels: RouteLabels, timeout_s: float | None = None):
         self.app = app
         self.limit = limit
+        self.labels = labels
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        body = await body_or_refusal(scope, receive, send, self.limit)
+        body = await body_or_refusal(scope, receive, send, self.limit, self.labels(scope), self.timeout_s)
         if body is None:
             return
         replayed = False
@@ -170,19 +224,20 @@ class AuthAndMetrics:
     streams, which cost more CPU than a whole rating's route did.
     """
 
-    def __init__(self, app: ASGIApp, gatekeeper: Gatekeeper):
+    def __init__(self, app: ASGIApp, gatekeeper: Gatekeeper, labels: RouteLabels):
         self.app = app
         self.gatekeeper = gatekeeper
+        self.labels = labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        route = path if path.startswith("/v1/") else "other"
+        route = self.labels(scope)  # the template, never the raw path (bounded label values)
         started = time.perf_counter()
         cookie = None
         if self.gatekeeper.guards(scope["method"], path):
-            limit = self.gatekeeper.chat if path == CHAT_ROUTE and scope["method"] == "POST" else None
+            limit = self.gatekeeper.chat if path in GENERATION_ROUTES and scope["method"] == "POST" else None
             admitted = self.gatekeeper.admit(scope, limit)
             if isinstance(admitted, JSONResponse):
                 await admitted(scope, receive, send)

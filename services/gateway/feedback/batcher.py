@@ -10,7 +10,8 @@ import asyncio
 
 import grpc
 
-from shared.errors import PARAM_METADATA_KEY
+from services.gateway import metrics
+from shared.errors import PARAM_METADATA_KEY, ResourceExhausted
 from shared.grpc_channels import ClientCredentials, aio_channel
 from shared.pb import feedback_pb2, feedback_pb2_grpc
 
@@ -22,6 +23,9 @@ class FeedbackBatcher:
     arrive meanwhile wait for the next free call and go together (up to ``max_batch``). So a lone
     rating waits for nothing, and under load the cost of a call is shared by many ratings. Each
     rating still gets its own result: the service judges and stores every item on its own.
+
+    At most ``max_waiting`` ratings wait; one more is refused at once (ResourceExhausted: HTTP 429
+    with Retry-After) rather than held while the feedback service falls behind.
     """
 
     def __init__(
@@ -31,11 +35,13 @@ class FeedbackBatcher:
         *,
         max_batch: int = 256,
         max_in_flight: int = 4,
+        max_waiting: int = 4096,
     ):
         self.stub = stub
         self.timeout_s = timeout_s
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
+        self.max_waiting = max_waiting
         self._waiting: list[tuple[feedback_pb2.SubmitFeedbackRequest, asyncio.Future]] = []
         self._in_flight = 0
         self._scheduled = False
@@ -43,9 +49,17 @@ class FeedbackBatcher:
         self._calls: set[asyncio.Task] = set()
 
     async def submit(self, msg: feedback_pb2.SubmitFeedbackRequest) -> feedback_pb2.SubmitFeedbackResult:
-        """The service's verdict on one rating; raises grpc.aio.AioRpcError when the call failed."""
+        """The service's verdict on one rating; raises grpc.aio.AioRpcError when the call failed,
+        ResourceExhausted when max_waiting ratings wait already."""
+        if len(self._waiting) >= self.max_waiting:
+            metrics.FEEDBACK_QUEUE_REFUSED.inc()
+            raise ResourceExhausted(
+                f"the gateway's queue of ratings for the feedback service is full ({self.max_waiting} waiting); retry later",
+                retry_after_s=1.0,
+            )
         done = asyncio.get_running_loop().create_future()
         self._waiting.append((msg, done))
+        metrics.FEEDBACK_QUEUE_DEPTH.set(len(self._waiting))
         self._schedule()
         return await done
 
@@ -59,6 +73,7 @@ class FeedbackBatcher:
         self._scheduled = False
         while self._waiting and self._in_flight < self.max_in_flight:
             batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            metrics.FEEDBACK_QUEUE_DEPTH.set(len(self._waiting))
             self._in_flight += 1
             call = asyncio.ensure_future(self._call(batch))
             self._calls.add(call)
@@ -107,11 +122,11 @@ class FeedbackBatcher:
 class FeedbackClient:
     """The gateway's gRPC channel to the feedback service; ratings go through its ``batcher``."""
 
-    def __init__(self, address: str, credentials: ClientCredentials, timeout_s: float = 30.0):
+    def __init__(self, address: str, credentials: ClientCredentials, timeout_s: float = 30.0, max_waiting: int = 4096):
         self.timeout_s = timeout_s
         self.channel = aio_channel(address, credentials)
         self.stub = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
-        self.batcher = FeedbackBatcher(self.stub, timeout_s)
+        self.batcher = FeedbackBatcher(self.stub, timeout_s, max_waiting=max_waiting)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -43,13 +43,14 @@ class FeedbackFastPath:
         """The FastAPI app: every other route, the lifespan, and the OpenAPI schema."""
         self.feedback = feedback
         self.limit = cfg.max_body_bytes
+        self.body_timeout_s = cfg.body_timeout_s
         self.gatekeeper = gatekeeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != FEEDBACK_ROUTE or scope["method"] != "POST":
             return await self.api(scope, receive, send)
         started = time.perf_counter()
-        body = await body_or_refusal(scope, receive, send, self.limit)
+        body = await body_or_refusal(scope, receive, send, self.limit, FEEDBACK_ROUTE, self.body_timeout_s)
         if body is None:
             return
         caller = self.gatekeeper.admit(scope, self.gatekeeper.feedback)

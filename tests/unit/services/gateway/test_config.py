@@ -118,3 +118,20 @@ def test_a_bad_routing_setting_is_refused_naming_its_variable(env, message):
     with pytest.raises(ConfigError) as err:
         load_config(GatewayConfig, env)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RLHF_GATEWAY_BODY_TIMEOUT_S": "0"}, "RLHF_GATEWAY_BODY_TIMEOUT_S=0.0: expected more than 0"),
+        ({"RLHF_GATEWAY_HEADER_TIMEOUT_S": "nan"}, "RLHF_GATEWAY_HEADER_TIMEOUT_S=nan: expected more than 0"),
+        ({"RLHF_GATEWAY_KEEP_ALIVE_S": "0"}, "RLHF_GATEWAY_KEEP_ALIVE_S=0: expected 1 to 3600"),
+        ({"RLHF_GATEWAY_MAX_HEADER_BYTES": "100"}, "RLHF_GATEWAY_MAX_HEADER_BYTES=100: expected 1024 to 1048576"),
+        ({"RLHF_GATEWAY_MAX_CONCURRENCY": "0"}, "RLHF_GATEWAY_MAX_CONCURRENCY=0: must be at least 8"),
+        ({"RLHF_GATEWAY_FEEDBACK_QUEUE_MAX": "0"}, "RLHF_GATEWAY_FEEDBACK_QUEUE_MAX=0: must be at least 1"),
+    ],
+)
+def test_a_bad_bound_is_refused_naming_its_variable(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(GatewayConfig, env)
+    assert message in str(err.value)

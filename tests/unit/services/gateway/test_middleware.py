@@ -1,11 +1,13 @@
-"""The gateway's middleware and body reader: read_body stops at the limit (declared or chunked),
-BodySizeLimit answers 413 before AuthAndMetrics answers 401, only /v1/ routes (and the API docs,
-when keys are configured) need a principal, chat completions are rate-limited per principal (429
-with Retry-After), and every answer is counted in the metrics."""
+"""The gateway's middleware and body reader: read_body stops at the limit (declared or chunked) and
+at its timeout, BodySizeLimit answers 413 before AuthAndMetrics answers 401, only /v1/ routes (and
+the API docs, when keys are configured) need a principal, chat completions are rate-limited per
+principal (429 with Retry-After), and every answer is counted in the metrics under its route's
+template: invented paths add no series."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from services.gateway.app import create_app
 from services.gateway.config import GatewayConfig
-from services.gateway.middleware import BodyTooLarge, read_body
+from services.gateway.middleware import UNMATCHED, BodyTimeout, BodyTooLarge, RouteLabels, read_body
 
 KEY = "alice-key-0123456789abcdefghij"
 BOB_KEY = "bob-key-0123456789abcdefghijkl"
@@ -61,6 +63,15 @@ def test_read_body_stops_reading_a_chunked_body_once_it_passes_the_limit():
     assert len(taken) == 2
 
 
+def test_read_body_gives_up_on_a_body_that_does_not_arrive_in_time():
+    async def stalled() -> dict:
+        await asyncio.sleep(10)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(BodyTimeout):
+        asyncio.run(read_body(scope(), stalled, 4, timeout_s=0.05))
+
+
 def test_read_body_is_none_when_the_client_goes_away():
     receive, _ = receiver({"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"})
     assert asyncio.run(read_body(scope(), receive, 4)) is None
@@ -80,10 +91,11 @@ def counted(route: str, status: int) -> float:
 
 
 def test_an_oversized_body_gets_413_before_the_key_is_checked(client):
-    before = counted("other", 413)
+    before = counted("/v1/chat/completions", 413)
     r = client.post("/v1/chat/completions", content=b"x" * 2000, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    assert counted("other", 413) == before + 1
+    assert r.headers["connection"] == "close", "the rest of the body is never read"
+    assert counted("/v1/chat/completions", 413) == before + 1
 
 
 def test_v1_routes_need_a_valid_key_and_the_refusal_is_counted(client):
@@ -107,10 +119,41 @@ def test_no_keys_and_no_anonymous_mode_refuse_everyone():
     assert r.status_code == 401
 
 
-def test_routes_outside_v1_need_no_key_and_are_counted_as_other(client):
-    before = counted("other", 200)
+def test_routes_outside_v1_need_no_key_and_are_counted_by_their_route(client):
+    before = counted("/metrics", 200)
     assert client.get("/metrics").status_code == 200
-    assert counted("other", 200) == before + 1
+    assert counted("/metrics", 200) == before + 1
+
+
+def request_series() -> int:
+    return sum(len(m.samples) for m in REGISTRY.collect() if m.name.startswith("rlhf_gateway_request"))
+
+
+def test_300_invented_paths_add_no_series_to_the_request_metrics(client):
+    alice = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/v1/x", "/nope"):  # the unmatched label's own series, with and without a key
+        client.get(path)
+        client.get(path, headers=alice)
+    before, unmatched = request_series(), counted(UNMATCHED, 404) + counted(UNMATCHED, 401)
+    for i in range(300):
+        path = f"/v1/{uuid.uuid4()}" if i % 2 else f"/{uuid.uuid4()}/{uuid.uuid4()}"
+        r = client.get(path, headers=alice if i % 3 else {})
+        assert r.status_code in (401, 404)
+    assert request_series() == before
+    assert counted(UNMATCHED, 404) + counted(UNMATCHED, 401) == unmatched + 300
+
+
+def test_route_labels_name_the_template_not_the_path():
+    labels = RouteLabels(app().api.router.routes)
+
+    def label(method: str, path: str) -> str:
+        return labels({"type": "http", "method": method, "path": path, "headers": [], "query_string": b""})
+
+    assert label("GET", "/v1/models/rlhf-policy") == "/v1/models/{model_id:path}"
+    assert label("GET", "/v1/models/org/name") == "/v1/models/{model_id:path}"
+    assert label("POST", "/v1/chat/completions") == "/v1/chat/completions"
+    assert label("GET", "/v1/chat/completions") == "/v1/chat/completions", "405 still names the route"
+    assert label("GET", f"/v1/{uuid.uuid4()}") == UNMATCHED
 
 
 def test_metrics_can_be_kept_off_the_api_port():

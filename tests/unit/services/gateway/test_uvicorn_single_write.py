@@ -1,6 +1,8 @@
 """CoalescingHttpToolsProtocol on a real uvicorn server over loopback, read with raw sockets: one
 write per plain response, and nothing is lost or reordered on keep-alive,
-streamed and closing responses."""
+streamed and closing responses. GuardedHttpToolsProtocol: a connection that does not complete its
+request head in time is closed, a head over the limit gets 431, and ordinary requests (with bodies
+larger than the head limit) are served as before."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import time
 
 import pytest
 import uvicorn
+from prometheus_client import REGISTRY
 
-from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol
+from services.gateway.uvicorn_single_write import CoalescingHttpToolsProtocol, guarded_protocol
 from tests.conftest import free_port, wait_until
 
 
@@ -39,8 +42,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture(scope="module")
-def server():
+def serving(protocol):
     port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(
@@ -49,7 +51,7 @@ def server():
             port=port,
             log_config=None,
             access_log=False,
-            http=CoalescingHttpToolsProtocol,
+            http=protocol,
             lifespan="off",
         )
     )
@@ -59,6 +61,58 @@ def server():
     yield port
     srv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from serving(CoalescingHttpToolsProtocol)
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    yield from serving(guarded_protocol(header_timeout_s=0.5, max_header_bytes=2048))
+
+
+def refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("rlhf_gateway_refused_connections_total", {"reason": reason}) or 0
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_connection_that_never_completes_its_head_is_closed(guarded):
+    before = refused("header_timeout")
+    for opening in (b"", b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: "):  # silent, then a slowloris head
+        with socket.create_connection(("127.0.0.1", guarded), timeout=5) as sock:
+            sock.sendall(opening)
+            started = time.monotonic()
+            assert read_until_closed(sock) == b""
+            assert 0.3 < time.monotonic() - started < 3
+    assert refused("header_timeout") == before + 2
+
+
+def test_a_head_over_the_limit_gets_431_and_the_connection_closes(guarded):
+    before = refused("header_too_large")
+    with socket.create_connection(("127.0.0.1", guarded), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
+    assert refused("header_too_large") == before + 1
+
+
+def test_the_guarded_protocol_serves_keep_alive_requests_and_bodies_larger_than_the_head_limit(guarded):
+    with socket.create_connection(("127.0.0.1", guarded), timeout=5) as sock:
+        for i in range(3):
+            body = b"b" * 100_000
+            sock.sendall(f"POST /k{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            data, _ = read_response(sock)
+            assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(f"hello /k{i}".encode())
+            time.sleep(
+                0.7
+            )  # idle past the head timeout between requests: the keep-alive timer's business, not the head's
 
 
 def read_response(sock: socket.socket) -> tuple[bytes, int]:

@@ -141,3 +141,42 @@ def test_an_older_service_without_the_batch_call_is_served_one_rating_at_a_time(
     assert [r.accepted.feedback_id for r in results if r.HasField("accepted")] == ["f-u0", "f-u2", "f-u3"]
     assert results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert results[1].error.param == "thumb" and results[1].error.message == "bad thumb"
+
+
+def test_a_rating_past_the_queue_bound_is_refused_at_once_and_counted():
+    from prometheus_client import REGISTRY
+
+    from shared.errors import ResourceExhausted
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("rlhf_gateway_feedback_queue_refused_total") or 0
+
+    async def scenario():
+        service = RecordingService()
+        server, channel = await serve(service)
+        try:
+            batcher = FeedbackBatcher(
+                feedback_pb2_grpc.FeedbackServiceStub(channel), 10, max_in_flight=1, max_waiting=3
+            )
+            first = asyncio.ensure_future(batcher.submit(rating(0)))
+            while not service.batch_sizes:
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(batcher.submit(rating(i))) for i in (2, 4, 6)]
+            await asyncio.sleep(0.05)
+            depth = REGISTRY.get_sample_value("rlhf_gateway_feedback_queue_depth")
+            before = refused()
+            with pytest.raises(ResourceExhausted) as full:
+                await batcher.submit(rating(8))
+            counted = refused() - before
+            service.release.set()
+            results = await asyncio.wait_for(asyncio.gather(first, *waiting), 10)
+            return depth, full.value, counted, results, service.batch_sizes
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    depth, full, counted, results, sizes = asyncio.run(scenario())
+    assert depth == 3 and counted == 1
+    assert full.http_status == 429 and full.retry_after_s > 0 and "queue" in full.message
+    assert [r.accepted.feedback_id for r in results] == ["f0", "f2", "f4", "f6"], "the queued ones are served"
+    assert sizes == [1, 3], "the refused rating never reached the service"
