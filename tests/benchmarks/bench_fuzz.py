@@ -16,7 +16,8 @@ concurrency limit), so that its memory is its own.
 2. Abuse: --abuse requests from 64 connections, in equal shares: random paths under /v1/ with a key,
    random paths anywhere without one, chat completions with a wrong or non-ASCII key, bodies
    declared at 8 MiB (64 KiB sent), heads of 100 KB. The gateway's RSS (VmRSS; VmHWM the peak) is
-   read before, right after and 10 s after, with the number of series on /metrics.
+   read before (after a warm-up of 2,000 such requests), right after and 10 s after, with the
+   number of series on /metrics.
 
 Prints a table and writes JSON (--out).
 """
@@ -259,8 +260,12 @@ async def abuse(port: int, total: int, connections: int = 64) -> dict:
 
 def memory_under_abuse(gateway: Gateway, total: int) -> dict:
     pid = gateway.process.pid
-    for _ in range(200):  # warm: every route answered once, so the before figure is not a cold start
+    # Warm: every kind of answer given (and its series made), so that the before figures are not a
+    # cold start's.
+    for _ in range(200):
         httpx.get(gateway.url + "/v1/models", headers={"Authorization": ALICE}, timeout=30)
+    asyncio.run(abuse(gateway.port, 2000))
+    metric_series(gateway.url)
     before, series_before = memory_kib(pid), metric_series(gateway.url)
     result = asyncio.run(abuse(gateway.port, total))
     after, series_after = memory_kib(pid), metric_series(gateway.url)
