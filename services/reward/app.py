@@ -24,6 +24,7 @@ from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import reward_pb2_grpc
+from shared.store_identity import identity_of
 from shared.version_line import REWARD_MODEL, KafkaAnnouncer, VersionLine
 
 if TYPE_CHECKING:  # imported when the learner starts (it brings the training stack)
@@ -86,7 +87,7 @@ class RewardApp:
         from services.reward.retraining import RetrainingLoop, RetrainingThread
         from services.reward.retraining_state import RetrainingState
 
-        state = RetrainingState(self.cfg.state_dir / "learner.sqlite3")
+        state = RetrainingState(self.cfg.state_dir / "learner.sqlite3", store_id=identity_of(self.store.root))
         self._publisher = KafkaPublisher(self.cfg.kafka, "reward").connect()
         # The learner owns the rm line: it publishes, and announces once each version is stored.
         line = VersionLine(
@@ -101,7 +102,10 @@ class RewardApp:
         )
         # A version published before a restart (or offline, by rlhf bootstrap) and never announced.
         line.announce_pending()
-        self._learner_thread = RetrainingThread(self.learner, RatingsFeed(self.cfg.kafka, state.offsets()))
+        feed = RatingsFeed(
+            self.cfg.kafka, state.offsets(), identities=state.identities(), adopt_identities=state.adopt_identities
+        )
+        self._learner_thread = RetrainingThread(self.learner, feed)
         self._learner_thread.start()
         log_event(log, "continual learner started", state=str(state.path), **state.counts())
 

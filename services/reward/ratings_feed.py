@@ -13,7 +13,7 @@ Lag (rlhf_reward_learner_consumer_lag{topic}) = end offsets - positions, refresh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from services.reward import metrics
 from shared.config import KafkaConfig
@@ -35,7 +35,13 @@ class RatingsFeed:
         *,
         poll_timeout_ms: int = 500,
         max_records: int = 1000,
+        identities: Mapping[Partition, str] | None = None,
+        adopt_identities: Callable[[dict[Partition, str]], object] | None = None,
+        identity_check_s: float = 5.0,
     ):
+        """``identities``: stored with the offsets; ``adopt_identities`` is called with the topics'
+        identities at start and whenever they change (a recreated topic), before the records read
+        after that are ingested (retraining_state.RetrainingState.adopt_identities)."""
         self.topics = tuple(topics)
         self._reader = AssignedReader(
             cfg,
@@ -44,12 +50,24 @@ class RatingsFeed:
             start=stored_offsets,
             poll_timeout_ms=poll_timeout_ms,
             max_records=max_records,
+            identities=identities,
+            identity_check_s=identity_check_s,
         )
+        self._adopt = adopt_identities
+        self._adopted: dict[Partition, str] = {}
+        self._adopt_changed()
+
+    def _adopt_changed(self) -> None:
+        current = self._reader.identities
+        if self._adopt is not None and current != self._adopted:
+            self._adopt(current)
+            self._adopted = current
 
     def poll(self, ingest: Ingest) -> int:
         """Read one batch and hand its payloads with the offsets after them to ``ingest``; returns
         the number of records read (bad ones included)."""
         records = self._reader.poll()
+        self._adopt_changed()  # a recreated topic: its offsets dropped (and a new vote epoch) before its records
         if not records:
             return 0
         payloads: list[object] = []

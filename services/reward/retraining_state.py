@@ -19,6 +19,16 @@ offsets      the next Kafka offset to read per (topic, partition), written in th
              as the records it covers. So the state is always exactly "everything before these
              offsets": a crash between two batches replays nothing twice and skips nothing, and a
              fresh state file (lost volume) rebuilds itself by reading the topics from the start.
+identities   per (topic, partition), the identity of the topic the offsets belong to
+             (shared.kafka.readers.partition_identity). A recreated topic (the memory-only broker
+             restarted) is read from its start (``adopt_identities`` drops its offsets), and its
+             votes form a new *epoch*: the feedback service numbers revisions from 1 again on a new
+             topic, so a vote of a newer epoch supersedes one of an older epoch whatever their
+             revisions; within an epoch the higher (revision, received_at) wins.
+meta         the model store the state belongs to (``store_id``, shared.store_identity) and the
+             vote epoch. A state file of another store is moved aside at open (kept as
+             ``<file>.store-<its id>``, logged) and a fresh one started, which rebuilds itself from
+             the topics: the trained comparisons and RM verdicts name versions of that other store.
 
 One connection, used from the learner's thread; a lock makes the odd read from another thread (a
 test, a metrics scrape) safe too.
@@ -29,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +51,11 @@ from services.reward.raters import OK, QUARANTINED, RELEASED, RaterScore
 from shared.errors import FailedPrecondition, NotFound
 from shared.events import CompletionEvent, FeedbackEvent, Message
 from shared.kafka.envelope import from_dict
+from shared.kafka.readers import carried_identity, was_recreated
+from shared.kafka.topics import FEEDBACK
+from shared.logging import get_logger, log_event
+
+log = get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS votes (
@@ -64,7 +80,13 @@ CREATE INDEX IF NOT EXISTS rm_verdicts_principal ON rm_verdicts (principal);
 CREATE TABLE IF NOT EXISTS offsets (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS identities (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, identity TEXT NOT NULL,
+    PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+STORE_ID = "store_id"
+VOTE_EPOCH = "vote_epoch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +107,69 @@ class StoredVote:
 
 
 class RetrainingState:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, store_id: str | None = None):
+        """``store_id``: the model store this state belongs to; a state of another store is moved
+        aside and a fresh one started (module docstring)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._db = self._open()
+        if store_id is not None:
+            stamped = self._meta(STORE_ID)
+            if stamped is not None and stamped != store_id:
+                self._db.close()
+                self._move_aside(stamped, store_id)
+                self._db = self._open()
+            self._set_meta(STORE_ID, store_id)
+        self._epoch = int(self._meta(VOTE_EPOCH) or 0)
+
+    def _open(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN ... COMMIT in ``ingest``).
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives a power cut
-        self._db.executescript(SCHEMA)
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed batch survives a power cut
+        db.executescript(SCHEMA)
+        if "epoch" not in {row[1] for row in db.execute("PRAGMA table_info(votes)")}:
+            db.execute("ALTER TABLE votes ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0")  # a state from before epochs
+        return db
+
+    def _move_aside(self, stamped: str, store_id: str) -> None:
+        """Keep another store's state file (and its WAL) as ``<file>.store-<its id>``."""
+        aside = self.path.with_name(f"{self.path.name}.store-{stamped}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        log_event(
+            log,
+            "learner state belongs to another model store: moved aside, starting a fresh state "
+            "(rebuilt from the topics)",
+            level=30,
+            state_store=stamped,
+            store=store_id,
+            moved_to=str(aside),
+        )
+
+    def _meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    @property
+    def store_id(self) -> str | None:
+        return self._meta(STORE_ID)
+
+    @property
+    def vote_epoch(self) -> int:
+        """Incremented each time the feedback topic is found recreated (module docstring)."""
+        return self._epoch
 
     def close(self) -> None:
         with self._lock:
@@ -115,12 +191,13 @@ class RetrainingState:
             try:
                 for ev in feedback:
                     db.execute(
-                        "INSERT INTO votes (user_id, target, feedback_id, revision, received_at, arrived_at, event) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, target) DO UPDATE SET "
+                        "INSERT INTO votes (user_id, target, feedback_id, revision, received_at, arrived_at, event, "
+                        "epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, target) DO UPDATE SET "
                         "feedback_id = excluded.feedback_id, revision = excluded.revision, "
                         "received_at = excluded.received_at, arrived_at = excluded.arrived_at, "
-                        "event = excluded.event, dropped_at = NULL "
-                        "WHERE (excluded.revision, excluded.received_at) > (votes.revision, votes.received_at)",
+                        "event = excluded.event, dropped_at = NULL, epoch = excluded.epoch "
+                        "WHERE (excluded.epoch, excluded.revision, excluded.received_at) "
+                        "> (votes.epoch, votes.revision, votes.received_at)",
                         (
                             ev.user_id,
                             ev.target,
@@ -129,6 +206,7 @@ class RetrainingState:
                             ev.received_at,
                             now,
                             json.dumps(dataclasses.asdict(ev)),
+                            self._epoch,
                         ),
                     )
                 for c in completions:
@@ -191,6 +269,47 @@ class RetrainingState:
     def offsets(self) -> dict[tuple[str, int], int]:
         with self._lock:
             return {(t, p): o for t, p, o in self._db.execute("SELECT topic, partition, next_offset FROM offsets")}
+
+    def identities(self) -> dict[tuple[str, int], str]:
+        """The identity of the topic each partition's offset belongs to (give them to the reader)."""
+        with self._lock:
+            return {(t, p): i for t, p, i in self._db.execute("SELECT topic, partition, identity FROM identities")}
+
+    def adopt_identities(self, current: Mapping[tuple[str, int], str]) -> list[tuple[str, int]]:
+        """Record the reader's identities (``AssignedReader.identities``), in one transaction: a
+        partition whose topic was recreated (``was_recreated``) loses its stored offset, and a
+        recreated feedback topic starts a new vote epoch. Returns the recreated partitions."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                stored = {(t, p): i for t, p, i in db.execute("SELECT topic, partition, identity FROM identities")}
+                recreated = [part for part, ident in current.items() if was_recreated(stored.get(part), ident)]
+                db.executemany("DELETE FROM offsets WHERE topic = ? AND partition = ?", recreated)
+                db.executemany(
+                    "INSERT INTO identities (topic, partition, identity) VALUES (?, ?, ?) "
+                    "ON CONFLICT (topic, partition) DO UPDATE SET identity = excluded.identity",
+                    [(t, p, carried_identity(stored.get((t, p)), i)) for (t, p), i in current.items()],
+                )
+                epoch = self._epoch + 1 if any(t == FEEDBACK for t, _ in recreated) else self._epoch
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (VOTE_EPOCH, str(epoch)),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._epoch = epoch
+        if recreated:
+            log_event(
+                log,
+                "topics recreated since the stored offsets: read again from the start",
+                level=30,
+                partitions=",".join(f"{t}/{p}" for t, p in recreated),
+                vote_epoch=epoch,
+            )
+        return recreated
 
     def live_votes(self) -> list[StoredVote]:
         """Every live vote not dropped, oldest arrival first."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import grpc
 
 from services.trainer.access import TRAINER_ACCESS
-from services.trainer.checkpoint import CheckpointStore
+from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint, missing_versions
 from services.trainer.config import TrainerConfig
 from services.trainer.guards import Guard, GuardConfigError, build_guards
 from services.trainer.learner import PPOLearner
@@ -40,8 +40,9 @@ from shared.kafka.publishers import KafkaPublisher
 from shared.kafka.readers import GroupReader, Record
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
-from shared.model_store import ModelStore
+from shared.model_store import ModelStore, ModelStoreError
 from shared.pb import trainer_pb2_grpc
+from shared.store_identity import identity_of
 from shared.version_line import POLICY, POLICY_CANDIDATE, KafkaAnnouncer
 
 log = get_logger(__name__)
@@ -51,7 +52,9 @@ class TrainerApp:
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
         self.store = ModelStore(cfg.model_store.root)
-        self.checkpoints = CheckpointStore(cfg.checkpoint_dir, keep=cfg.checkpoints_kept)
+        self.checkpoints = CheckpointStore(
+            cfg.checkpoint_root(), keep=cfg.checkpoints_kept, store_id=identity_of(cfg.model_store.root)
+        )
         self.heldout, self.train_prompts = split_heldout_prompts(read_prompt_file(cfg.prompt_file), cfg.heldout_prompts)
         self.live = LivePromptBuffer(
             cfg.live_prompt_buffer,
@@ -188,7 +191,7 @@ class TrainerApp:
         removed = self.checkpoints.remove_leftovers()
         if removed:
             log_event(log, "removed interrupted checkpoint saves", count=removed)
-        loaded = self.checkpoints.load_latest()
+        loaded = self.checkpoints.load_latest(check=self._usable_here)
         if loaded is not None:
             learner, state = restore(loaded, self._load_learner)
             log_event(
@@ -206,6 +209,17 @@ class TrainerApp:
         learner = self._load_learner(policy, state)
         log_event(log, "starting from the current policy", policy=policy, reference=reference, rm=rm)
         return learner, state
+
+    def _usable_here(self, loaded: LoadedCheckpoint) -> str | None:
+        """A checkpoint naming a version this store lacks is not resumed from (the trainer starts fresh)."""
+        return missing_versions(loaded.state, self._has_version)
+
+    def _has_version(self, version: str) -> bool:
+        try:
+            self.store.path(version)
+        except ModelStoreError:
+            return False
+        return True
 
     def _wait_for_models(self) -> tuple[str, str]:
         """The current policy and reward model; waits (logging) until both exist in the store."""

@@ -1,8 +1,8 @@
 """Training checkpoints: tensors as safetensors, everything else as JSON, published atomically.
 
-    checkpoints = CheckpointStore(Path("var/trainer/checkpoints"), keep=3)
+    checkpoints = CheckpointStore(Path("var/models/.state/trainer/checkpoints"), keep=3, store_id=store_id)
     checkpoints.save(step=12, state={"learner": learner.state_dict(), "counters": {...}})
-    loaded = checkpoints.load_latest()          # None when there is no complete checkpoint
+    loaded = checkpoints.load_latest(check)     # None when there is no usable complete checkpoint
     learner.load_state_dict(loaded.state["learner"])
 
 Layout, one directory per checkpoint:
@@ -17,6 +17,15 @@ type: an optimiser's state is keyed by int). ``manifest.json`` holds the sha256 
 written last, inside the temp directory, which is then renamed into place. So a checkpoint either
 exists complete or not at all, and ``load_latest`` re-hashes before it loads: a checkpoint with no
 manifest or a bad hash is skipped (logged) and the one before it is used. Nothing is unpickled.
+
+Checkpoints belong to one model store: they name its versions (the lineage, the KL reference, the
+RM the value model came from). A store given as ``store_id`` (shared.store_identity) is written into
+each manifest, and ``load_latest`` sets aside (moves to ``root/.set-aside/``, logged, the newest
+``keep`` kept there) a checkpoint of another store, or one the caller's ``check`` refuses (e.g. it
+names a version the store lacks): the trainer then starts fresh instead of failing on a version
+that is not there, and the set-aside checkpoints can no longer shadow or outlive new ones. Only the
+newest ``keep`` complete checkpoints stay; the bytes they hold are the gauge
+``rlhf_trainer_checkpoint_bytes``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.trainer import metrics
 from shared.durable_files import fsync_dir, fsync_path, sha256_file, write_synced
 from shared.logging import get_logger, log_event
 
@@ -42,6 +53,7 @@ TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
+SET_ASIDE_DIR = ".set-aside"
 FORMAT = 1
 _NAME_RE = re.compile(r"^ckpt-(\d{8})$")
 
@@ -55,6 +67,26 @@ class LoadedCheckpoint:
     step: int
     path: Path
     state: dict[str, Any]
+
+
+Check = Callable[[LoadedCheckpoint], str | None]
+"""Why a loaded checkpoint cannot be used here (None when it can)."""
+
+
+def versions_needed(state: Mapping[str, Any]) -> list[str]:
+    """The store versions a trainer checkpoint (``loop.checkpoint_payload``) is restored from: the
+    lineage's newest version (the learner's architecture and tokenizer), the KL reference and the RM
+    the value model came from. Older lineage versions are only named, never loaded."""
+    loop = state.get("loop") or {}
+    lineage = loop.get("lineage") or []
+    named = [lineage[-1] if lineage else None, loop.get("reference_version"), loop.get("value_rm_version")]
+    return list(dict.fromkeys(v for v in named if isinstance(v, str) and v))
+
+
+def missing_versions(state: Mapping[str, Any], present: Callable[[str], bool]) -> str | None:
+    """A ``Check`` body: which of ``versions_needed(state)`` the store lacks (None: it has them all)."""
+    missing = [v for v in versions_needed(state) if not present(v)]
+    return f"it names {', '.join(missing)}, which the model store does not have" if missing else None
 
 
 # --- state <-> (tensors, JSON) -------------------------------------------------------------------
@@ -114,13 +146,15 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 class CheckpointStore:
-    """Checkpoints under ``root``; keeps the newest ``keep`` complete ones."""
+    """Checkpoints under ``root``; keeps the newest ``keep`` complete ones. With ``store_id``, each
+    is stamped with the model store it belongs to, and one of another store is never loaded."""
 
-    def __init__(self, root: Path, keep: int = 3):
+    def __init__(self, root: Path, keep: int = 3, *, store_id: str | None = None):
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.root = Path(root)
         self.keep = keep
+        self.store_id = store_id
 
     def steps(self) -> list[int]:
         """Steps of the checkpoint directories present (complete or not), oldest first."""
@@ -142,11 +176,13 @@ class CheckpointStore:
         try:
             save_file(tensors, str(tmp / TENSORS_FILE))
             write_synced(tmp / STATE_FILE, json.dumps({"step": step, "state": skeleton}, allow_nan=False).encode())
-            manifest = {
+            manifest: dict[str, Any] = {
                 "format": FORMAT,
                 "step": step,
                 "files": {name: sha256_file(tmp / name)[0] for name in (TENSORS_FILE, STATE_FILE)},
             }
+            if self.store_id is not None:
+                manifest["store_id"] = self.store_id
             fsync_path(tmp / TENSORS_FILE)
             write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
             fsync_dir(tmp)
@@ -191,14 +227,76 @@ class CheckpointStore:
         doc = json.loads((path / STATE_FILE).read_bytes())
         return LoadedCheckpoint(step, path, unflatten_state(doc["state"], tensors))
 
-    def load_latest(self) -> LoadedCheckpoint | None:
-        """The newest checkpoint that verifies; broken ones are logged and skipped."""
+    def load_latest(self, check: Check | None = None) -> LoadedCheckpoint | None:
+        """The newest checkpoint that verifies, belongs to this store and passes ``check``; broken
+        ones are logged and skipped, those of another store or refused by ``check`` are set aside
+        (logged). None when there is none: the caller starts fresh."""
         for step in reversed(self.steps()):
             try:
-                return self.load(step)
-            except (CheckpointError, OSError, ValueError, KeyError) as exc:
+                foreign = self._other_store(step)
+                if foreign is not None:
+                    self._set_aside(step, foreign)
+                    continue
+                loaded = self.load(step)
+            except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
                 log_event(log, "skipping unusable checkpoint", level=30, step=step, error=str(exc))
+                continue
+            problem = check(loaded) if check is not None else None
+            if problem is None:
+                self._update_metrics()
+                return loaded
+            self._set_aside(step, problem)
+        self._update_metrics()
         return None
+
+    def _other_store(self, step: int) -> str | None:
+        """Why ``step`` belongs to another store (None: to this one, or unstamped). Reads only the
+        manifest: a foreign checkpoint is not hashed or loaded."""
+        if self.store_id is None:
+            return None
+        try:
+            stamped = json.loads((self.path(step) / MANIFEST_FILE).read_bytes()).get("store_id")
+        except (OSError, ValueError, AttributeError):
+            return None  # verify() reports it
+        if stamped is None or stamped == self.store_id:
+            return None  # unstamped: written before stores had ids; the caller's check decides
+        return f"it belongs to model store {stamped}, not to this one ({self.store_id})"
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Move ``step`` out of the way into ``root/.set-aside/`` (the newest ``keep`` kept there)."""
+        aside = self.root / SET_ASIDE_DIR
+        aside.mkdir(exist_ok=True)
+        dest = aside / f"{self.path(step).name}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.path(step), dest)
+        fsync_dir(self.root)
+        log_event(
+            log,
+            f"checkpoint {self.path(step).name} set aside, the trainer does not resume from it: {reason}",
+            level=30,
+            step=step,
+            reason=reason,
+            moved_to=str(dest),
+        )
+        kept = sorted(aside.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+        for old in kept[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def held_bytes(self) -> int:
+        """Bytes of the checkpoint directories present (complete or not; set-aside ones included)."""
+        if not self.root.is_dir():
+            return 0
+        total = 0
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                try:
+                    total += (Path(dirpath) / name).stat().st_size
+                except OSError:
+                    pass  # removed meanwhile
+        return total
+
+    def _update_metrics(self) -> None:
+        metrics.CHECKPOINTS_KEPT.set(len(self.steps()))
+        metrics.CHECKPOINT_BYTES.set(self.held_bytes())
 
     def remove_leftovers(self) -> int:
         """Delete temp directories of interrupted saves; returns how many."""
@@ -216,3 +314,4 @@ class CheckpointStore:
                 complete.append(step)
         for step in complete[self.keep :]:
             shutil.rmtree(self.path(step), ignore_errors=True)
+        self._update_metrics()

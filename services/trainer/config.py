@@ -118,9 +118,12 @@ class TrainerConfig(ServiceConfig):
     held-out answers make the figure noisy; with 0 (the plain comparison of the means) a candidate
     as good as the baseline is refused about half the time, and a trainer whose baseline passed on
     a lucky draw can be refused for a long time."""
-    checkpoint_dir: Path = Path("var/trainer/checkpoints")
+    checkpoint_dir: Path | None = None
     """Where checkpoints go (policy, value model, optimiser, counters); the trainer resumes from the
-    newest complete one at start."""
+    newest complete one at start. Unset: inside the model store, `<store>/.state/trainer/checkpoints`,
+    so a trainer started against another store never finds this store's checkpoints. Wherever they
+    are, each is stamped with the store's id (`<store>/store-id`): one of another store, or naming a
+    version the store lacks, is set aside with a log line and the trainer starts fresh."""
     checkpoint_every: int = 5
     """Checkpoint every this many iterations (and after every publish and on shutdown)."""
     checkpoints_kept: int = 3
@@ -211,6 +214,12 @@ class TrainerConfig(ServiceConfig):
                 "log-probabilities are those of the untempered policy"
             )
         return out
+
+    def checkpoint_root(self) -> Path:
+        """RLHF_TRAINER_CHECKPOINT_DIR, or the trainer's directory inside the model store."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        return self.model_store.root / ".state" / "trainer" / "checkpoints"
 
     def _yield_problems(self) -> list[str]:
         p = self.ENV_PREFIX

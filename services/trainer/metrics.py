@@ -61,6 +61,10 @@ ITERATION_FAILURES = Counter(
     "rlhf_trainer_iteration_failures_total", "Iterations that failed and were retried", ["kind"]
 )
 CHECKPOINTS = Counter("rlhf_trainer_checkpoints_total", "Checkpoints written")
+CHECKPOINTS_KEPT = Gauge("rlhf_trainer_checkpoints_kept", "Checkpoints on disk (at most RLHF_TRAINER_CHECKPOINTS_KEPT)")
+CHECKPOINT_BYTES = Gauge(
+    "rlhf_trainer_checkpoint_bytes", "Bytes held by the trainer's checkpoint directory (set-aside ones included)"
+)
 ITERATION_SECONDS = Histogram(
     "rlhf_trainer_iteration_seconds",
     "One iteration: sampling, scoring and the PPO step",

@@ -17,3 +17,8 @@ HANDLER_FAILURES = Counter(
     "Handler errors (the record is retried, offsets not committed)",
     ["topic", "group"],
 )
+RECREATED = Counter(
+    "rlhf_kafka_topics_recreated_total",
+    "Partitions a reader found recreated (their topic's identity changed) and read again from the start",
+    ["topic"],
+)

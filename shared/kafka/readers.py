@@ -12,10 +12,21 @@ idempotent) and nothing is skipped.
 
 ``AssignedReader`` has no group: it assigns itself every partition of its topics and starts each at
 the beginning, at the end, or at an offset the caller stored itself (the reward learner stores its
-offsets in the same SQLite transaction as the records). A stored offset beyond a partition's end
-means the topic was recreated (the embedded, memory-only broker restarted): that partition is read
-from the beginning. ``RdKafkaAssignedReader`` is the same reader on librdkafka (confluent-kafka), used
-where one process reads thousands of records a second (the feedback service's ledger).
+offsets in the same SQLite transaction as the records). ``RdKafkaAssignedReader`` is the same reader
+on librdkafka (confluent-kafka), used where one process reads thousands of records a second (the
+feedback service's ledger).
+
+A recreated topic (the embedded, memory-only broker restarted; an operator deleted it) starts again
+at offset 0, so a stored offset may point into the middle of records it never covered. Readers tell
+topics apart by their *identity* (``partition_identity``): the topic id Kafka assigns each topic
+(metadata v10+, KIP-516) when the broker reports one, otherwise the offset and timestamp of the
+partition's first record. A caller that stores offsets stores the identities with them
+(``AssignedReader.identities``) and hands both back: a partition whose identity changed is read from
+its beginning, whatever its offsets. While running, the reader checks the identities every
+``identity_check_s`` (when set) and starts a partition over when its topic was recreated
+underneath it. Without
+stored identities, a stored offset beyond a partition's end is the only sign (read from the
+beginning); one within it is trusted.
 
 Records that are not valid envelopes are counted, logged and skipped by ``decode_or_skip``: one bad
 record must not stall or crash a reader.
@@ -36,7 +47,7 @@ from kafka.errors import KafkaError
 from shared.config import KafkaConfig
 from shared.kafka import envelope
 from shared.kafka.client import consumer_kwargs, rdkafka_consumer_config
-from shared.kafka.metrics import BAD_RECORDS, EVENTS_CONSUMED, HANDLER_FAILURES
+from shared.kafka.metrics import BAD_RECORDS, EVENTS_CONSUMED, HANDLER_FAILURES, RECREATED
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
@@ -46,6 +57,10 @@ Partition = tuple[str, int]
 Start = Literal["beginning", "end"] | Mapping[Partition, int]
 """Where an AssignedReader starts: every partition at its beginning or end, or at stored offsets
 (partitions without one: the beginning)."""
+Identities = Mapping[Partition, str]
+"""Per partition, the identity of the topic it belonged to (``partition_identity``)."""
+EMPTY = "empty"
+"""The identity of a partition without a topic id and without records: nothing to tell it by."""
 
 
 class Record(NamedTuple):
@@ -152,10 +167,54 @@ class GroupReader:
 # --- the assigned reader -----------------------------------------------------------------------------
 
 
-def start_offset(stored: int | None, end: int) -> int | None:
+def start_offset(stored: int | None, end: int, *, recreated: bool = False) -> int | None:
     """Where a partition with ``end`` records is read from, given the offset stored for it: None
-    (the beginning) without one, or when it lies beyond the end (the topic was recreated)."""
-    return stored if stored is not None and stored <= end else None
+    (the beginning) without one, when its topic was recreated since (``recreated``: see
+    ``was_recreated``), or when it lies beyond the end (recreated, told by the offsets alone)."""
+    return stored if stored is not None and stored <= end and not recreated else None
+
+
+def partition_identity(topic_id: str | None, first: tuple[int, int] | None) -> str:
+    """What tells one incarnation of a topic's partition from another:
+
+        "id:<topic id>"                   the topic id, when the broker reports a non-zero one
+        "first:<offset>:<timestamp ms>"   else the offset and timestamp of its first record
+        "empty"                           else (no records: nothing to tell it by)
+
+    A recreated topic gets a new id, and its first record is a new one (written later)."""
+    if topic_id and topic_id.strip("0-"):
+        return f"id:{topic_id}"
+    if first is not None:
+        return f"first:{first[0]}:{first[1]}"
+    return EMPTY
+
+
+def was_recreated(stored: str | None, current: str) -> bool:
+    """True when a partition stored under identity ``stored`` now belongs to another topic
+    incarnation. An unknown (None) or ``EMPTY`` identity, or two of different kinds (a topic id and
+    a first record), prove nothing: False (the offsets decide, as ``start_offset`` does without
+    identities). A first record that changed can also mean that retention removed the old one:
+    reading again from the beginning is then merely redundant."""
+    if stored is None or EMPTY in (stored, current) or _kind(stored) != _kind(current):
+        return False
+    return stored != current
+
+
+def _kind(identity: str) -> str:
+    return identity.split(":", 1)[0]
+
+
+def carried_identity(previous: str | None, current: str) -> str:
+    """The identity kept for a partition known as ``previous`` when ``current`` is read: the one
+    that says more (a topic id over a first record over ``EMPTY``; ``current`` when they are of one
+    kind). So ``EMPTY`` (the broker could not say, or a recreated partition has no record yet) or a
+    moment of metadata without the topic id never erases what told the topic apart."""
+    if previous is None or _RANK[_kind(current)] >= _RANK[_kind(previous)]:
+        return current
+    return previous
+
+
+_RANK = {EMPTY: 0, "first": 1, "id": 2}
 
 
 class AssignedReader:
@@ -171,10 +230,16 @@ class AssignedReader:
         poll_timeout_ms: int = 500,
         max_records: int = 1000,
         metadata_timeout_s: float = 30.0,
+        identities: Identities | None = None,
+        identity_check_s: float = 0.0,
     ):
+        """``identities``: those stored with ``start``'s offsets (see the module docstring);
+        ``identity_check_s``: how often a running reader looks for recreated topics (0: never; a
+        reader that stores offsets sets it, the reward learner's every 5 s)."""
         self.topics = tuple(topics)
         self.poll_timeout_ms = poll_timeout_ms
         self.max_records = max_records
+        self.identity_check_s = identity_check_s
         self._consumer = KafkaConsumer(**consumer_kwargs(cfg, service, group_id=None))
         self._parts: list[TopicPartition] = []
         for topic in self.topics:
@@ -183,6 +248,9 @@ class AssignedReader:
             )
             self._parts += [TopicPartition(topic, p) for p in sorted(numbers)]
         self._consumer.assign(self._parts)
+        self._identities = self._read_identities()
+        self._checked_at = time.monotonic()
+        self._check_failing = False
         if start == "end":
             self._consumer.seek_to_end(*self._parts)
             for tp in self._parts:  # resolve now: "the end" means the end as of construction
@@ -190,15 +258,66 @@ class AssignedReader:
         elif start == "beginning":
             self._consumer.seek_to_beginning(*self._parts)
         else:
-            self._seek_stored(start)
+            self._seek_stored(start, identities or {})
 
-    def _seek_stored(self, stored: Mapping[Partition, int]) -> None:
+    @property
+    def identities(self) -> dict[Partition, str]:
+        """The identity of each partition's topic as last read: store it with the offsets."""
+        return dict(self._identities)
+
+    def _refresh_metadata(self, timeout_ms: int = 2000) -> None:
+        """Fetch the cluster metadata again (bounded), so that a recreated topic's new id is seen.
+        kafka-python has no public call for it: its own refresh, through its internals, skipped
+        when they are not there (the cached metadata is used then)."""
+        consumer = self._consumer
+        cluster, manager = getattr(consumer, "_cluster", None), getattr(consumer, "_manager", None)
+        if cluster is None or manager is None or not hasattr(cluster, "request_update"):
+            return
+        manager.run(manager.wait_for, cluster.request_update(), timeout_ms)
+
+    def _read_identities(self) -> dict[Partition, str]:
+        """Each partition's ``partition_identity``: the topic id from the client's metadata, or its
+        first record's offset and timestamp (one ListOffsets request, bounded by the request timeout)."""
+        cluster = getattr(self._consumer, "_cluster", None)  # kafka-python keeps topic ids there
+        ids: dict[str, str | None] = {}
+        for topic in self.topics:
+            found = cluster.topic_id(topic) if cluster is not None and hasattr(cluster, "topic_id") else None
+            ids[topic] = str(found) if found is not None else None
+        without = [tp for tp in self._parts if not partition_identity(ids[tp.topic], None).startswith("id:")]
+        try:
+            firsts = self._consumer.offsets_for_times(dict.fromkeys(without, 0)) if without else {}
+        except KafkaError as exc:  # e.g. a broker without a time index: nothing to tell them by
+            log_event(log, "cannot read the first records' timestamps", level=30, error=str(exc))
+            firsts = {}
+        out: dict[Partition, str] = {}
+        for tp in self._parts:
+            first = firsts.get(tp)
+            out[(tp.topic, tp.partition)] = partition_identity(
+                ids[tp.topic], (first.offset, first.timestamp) if first is not None else None
+            )
+        return out
+
+    def _seek_stored(self, stored: Mapping[Partition, int], identities: Identities) -> None:
         ends = self._consumer.end_offsets(self._parts)
         resumed = 0
         for tp in self._parts:
-            kept = stored.get((tp.topic, tp.partition))
-            offset = start_offset(kept, ends[tp])
-            if kept is not None and offset is None:
+            part = (tp.topic, tp.partition)
+            kept = stored.get(part)
+            recreated = was_recreated(identities.get(part), self._identities[part])
+            offset = start_offset(kept, ends[tp], recreated=recreated)
+            if kept is not None and recreated:
+                log_event(
+                    log,
+                    "topic was recreated since the stored offset (its identity changed): reading it from the start",
+                    level=30,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    stored=kept,
+                    stored_identity=identities.get(part),
+                    identity=self._identities[part],
+                )
+                RECREATED.labels(tp.topic).inc()
+            elif kept is not None and offset is None:
                 log_event(
                     log,
                     "topic is behind the stored offset (recreated?): reading it from the start",
@@ -208,6 +327,7 @@ class AssignedReader:
                     stored=kept,
                     end=ends[tp],
                 )
+            self._identities[part] = carried_identity(identities.get(part), self._identities[part])
             if offset is None:
                 self._consumer.seek_to_beginning(tp)
             else:
@@ -226,9 +346,48 @@ class AssignedReader:
         return [(tp.topic, tp.partition) for tp in self._parts]
 
     def poll(self) -> list[Record]:
-        """The next records (at most ``max_records``), in offset order within each partition."""
+        """The next records (at most ``max_records``), in offset order within each partition. Every
+        ``identity_check_s`` first looks for recreated topics (``check_identities``)."""
+        if self.identity_check_s > 0 and time.monotonic() - self._checked_at >= self.identity_check_s:
+            try:
+                self.check_identities()
+                self._check_failing = False
+            except Exception as exc:  # noqa: BLE001 - the broker may be down: the next check retries
+                self._checked_at = time.monotonic()
+                if not self._check_failing:  # once per outage, not every few seconds
+                    log_event(log, "could not check topic identities", level=30, error=str(exc))
+                self._check_failing = True
         batches = self._consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=self.max_records)
         return [_record(r) for records in batches.values() for r in records]
+
+    def check_identities(self) -> list[Partition]:
+        """Read the identities again; a partition whose topic was recreated is read again from its
+        beginning (what was fetched of it and not yet handed out is dropped). Returns those partitions."""
+        self._checked_at = time.monotonic()
+        self._refresh_metadata()
+        current = self._read_identities()
+        changed = [
+            p
+            for p in self._parts
+            if was_recreated(self._identities.get((p.topic, p.partition)), current[(p.topic, p.partition)])
+        ]
+        for tp in changed:
+            part = (tp.topic, tp.partition)
+            log_event(
+                log,
+                "topic was recreated while reading it: reading it again from the start",
+                level=30,
+                topic=tp.topic,
+                partition=tp.partition,
+                identity=self._identities[part],
+                now=current[part],
+            )
+            RECREATED.labels(tp.topic).inc()
+            self._consumer.seek_to_beginning(tp)
+        self._identities = {
+            part: carried_identity(self._identities.get(part), ident) for part, ident in current.items()
+        }
+        return [(tp.topic, tp.partition) for tp in changed]
 
     def seek(self, partition: Partition, offset: int) -> None:
         """Read ``partition`` again from ``offset`` (e.g. a batch that could not be stored)."""
@@ -260,7 +419,11 @@ class RdKafkaAssignedReader:
         max_records: int = 1000,
         poll_timeout_s: float = 0.3,
         metadata_timeout_s: float = 30.0,
+        since_s: float | None = None,
     ):
+        """``since_s`` (a Unix time), with ``start="beginning"``: each partition from its first
+        record written at or after it (Kafka's time index), so that a reader that needs only recent
+        records does not replay the whole topic."""
         self.topics = tuple(topics)
         self.max_records = max_records
         self.poll_timeout_s = poll_timeout_s
@@ -273,17 +436,49 @@ class RdKafkaAssignedReader:
         except Exception:
             self._consumer.close()
             raise
+        try:
+            since = (
+                self._offsets_since(cfg, service, since_s, ends) if since_s is not None and start == "beginning" else {}
+            )
+        except Exception:
+            self._consumer.close()
+            raise
         assigned = []
+        self.start_offsets: dict[Partition, int] = {}
+        """Where each partition starts (0 for "the beginning", whatever its first offset is)."""
         for part in self._parts:
             if start == "end":
                 offset = ends[part]
             elif start == "beginning":
-                offset = confluent_kafka.OFFSET_BEGINNING
+                offset = since.get(part, confluent_kafka.OFFSET_BEGINNING)
             else:
                 kept = start_offset(start.get(part), ends[part])
                 offset = confluent_kafka.OFFSET_BEGINNING if kept is None else kept
+            self.start_offsets[part] = max(offset, 0)
             assigned.append(confluent_kafka.TopicPartition(part[0], part[1], offset))
         self._consumer.assign(assigned)
+
+    def _offsets_since(
+        self, cfg: KafkaConfig, service: str, since_s: float, ends: dict[Partition, int]
+    ) -> dict[Partition, int]:
+        """Per partition, the offset of its first record at or after ``since_s`` (its end when none).
+
+        Asked with kafka-python, whose answer carries the record's timestamp: some brokers (tansu)
+        answer "no such record" with offset 0 rather than -1, which only the timestamp (-1) tells
+        from "the first record"."""
+        consumer = KafkaConsumer(**consumer_kwargs(cfg, service, group_id=None))
+        try:
+            asked = {TopicPartition(t, p): max(0, int(since_s * 1000)) for t, p in self._parts}
+            found = consumer.offsets_for_times(asked, timeout_ms=int(self.metadata_timeout_s * 1000))
+        finally:
+            consumer.close()
+        out: dict[Partition, int] = {}
+        for tp, hit in found.items():
+            part = (tp.topic, tp.partition)
+            out[part] = (
+                hit.offset if hit is not None and hit.timestamp is not None and hit.timestamp >= 0 else ends[part]
+            )
+        return out
 
     def _partitions_of(self, topic: str) -> list[int]:
         deadline = time.monotonic() + self.metadata_timeout_s

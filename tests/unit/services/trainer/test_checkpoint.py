@@ -126,3 +126,65 @@ def test_no_pickle_in_a_checkpoint(tmp_path):
     path = store.save(1, {"model": model.state_dict(), "optimizer": opt.state_dict()})
     assert sorted(p.name for p in path.iterdir()) == sorted([TENSORS_FILE, STATE_FILE, MANIFEST_FILE])
     json.loads((path / STATE_FILE).read_text())
+
+
+def loop_state(head="policy-0002", reference="policy-0001", rm="rm-0001"):
+    return {
+        "x": torch.ones(1),
+        "loop": {"lineage": ["policy-0001", head], "reference_version": reference, "value_rm_version": rm},
+    }
+
+
+def test_checkpoints_are_stamped_with_their_store_and_another_store_starts_fresh(tmp_path):
+    from services.trainer import metrics
+
+    a = CheckpointStore(tmp_path, keep=2, store_id="a" * 32)
+    a.save(5, loop_state())
+    assert json.loads((a.path(5) / MANIFEST_FILE).read_text())["store_id"] == "a" * 32
+    assert a.load_latest().step == 5
+
+    b = CheckpointStore(tmp_path, keep=2, store_id="b" * 32)
+    assert b.load_latest() is None, "a checkpoint of store A is never restored against store B"
+    assert b.steps() == [], "set aside: it can no longer shadow B's own checkpoints or outlive them"
+    (aside,) = (tmp_path / ".set-aside").iterdir()
+    assert aside.name.startswith("ckpt-00000005-") and (aside / MANIFEST_FILE).is_file()
+    b.save(1, loop_state())
+    assert b.load_latest().step == 1
+    assert metrics.CHECKPOINTS_KEPT._value.get() == 1
+    assert metrics.CHECKPOINT_BYTES._value.get() == b.held_bytes() > 0
+
+
+def test_a_checkpoint_naming_versions_the_store_lacks_is_set_aside(tmp_path):
+    from services.trainer.checkpoint import missing_versions
+
+    store = CheckpointStore(tmp_path, store_id="a" * 32)
+    store.save(3, loop_state())
+    store.save(4, loop_state(head="policy-0004"))
+    present = {"policy-0001", "policy-0002", "rm-0001"}
+    loaded = store.load_latest(check=lambda c: missing_versions(c.state, present.__contains__))
+    assert loaded is not None and loaded.step == 3, "the newest names policy-0004: the one before it is used"
+    assert store.steps() == [3]
+    assert store.load_latest(check=lambda c: "refused") is None and store.steps() == []
+
+
+def test_unstamped_checkpoints_of_before_store_ids_are_still_used(tmp_path):
+    CheckpointStore(tmp_path).save(2, loop_state())
+    assert CheckpointStore(tmp_path, store_id="a" * 32).load_latest().step == 2
+
+
+def test_set_aside_checkpoints_are_bounded_too(tmp_path):
+    for n, owner in enumerate("cdefg"):
+        CheckpointStore(tmp_path, keep=10, store_id=owner * 32).save(n + 1, loop_state())
+    CheckpointStore(tmp_path, keep=2, store_id="a" * 32).load_latest()
+    kept = sorted(p.name[:13] for p in (tmp_path / ".set-aside").iterdir())
+    assert kept == ["ckpt-00000004", "ckpt-00000005"], "the newest two of the five set aside"
+
+
+def test_versions_needed_are_the_head_the_reference_and_the_value_rm():
+    from services.trainer.checkpoint import missing_versions, versions_needed
+
+    assert versions_needed(loop_state()) == ["policy-0002", "policy-0001", "rm-0001"]
+    assert versions_needed({}) == []
+    assert missing_versions(loop_state(), {"policy-0001"}.__contains__) == (
+        "it names policy-0002, rm-0001, which the model store does not have"
+    )

@@ -89,3 +89,15 @@ def test_the_yield_settings_default_to_yielding_and_an_idle_budget():
         },
     )
     assert not off.yield_settings().enabled
+
+
+def test_checkpoints_live_inside_the_model_store_unless_configured(tmp_path):
+    from pathlib import Path
+
+    from services.trainer.config import TrainerConfig
+    from shared.config import ModelStoreConfig, load_config
+
+    cfg = load_config(TrainerConfig, {}, model_store=ModelStoreConfig(tmp_path / "models"))
+    assert cfg.checkpoint_root() == tmp_path / "models" / ".state" / "trainer" / "checkpoints"
+    cfg = load_config(TrainerConfig, {"RLHF_TRAINER_CHECKPOINT_DIR": "/ckpt"})
+    assert cfg.checkpoint_root() == Path("/ckpt")
