@@ -24,7 +24,9 @@ from shared.pb import feedback_pb2_grpc
 class FeedbackApp:
     def __init__(self, cfg: FeedbackConfig):
         self.cfg = cfg
-        self.ledger = FeedbackLedger()
+        self.ledger = FeedbackLedger(
+            token_ttl_s=cfg.token.ttl_s, slack_s=cfg.ledger_slack_s, max_votes=cfg.ledger_max_votes
+        )
         self.publisher = RdKafkaPublisher(cfg.kafka, "feedback", linger_ms=cfg.publish_linger_ms)
         self.dlq = Outbox(KafkaPublisher(cfg.kafka, "feedback"))
         self.serving = FeedbackServing(cfg, self.publisher, self.dlq, self.ledger)

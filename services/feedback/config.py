@@ -31,8 +31,34 @@ class FeedbackConfig(ServiceConfig):
     batches hand ratings over in groups, so the short default costs no measurable CPU against a
     longer linger and acknowledges each rating sooner (see docs/benchmarks.md)."""
 
+    ledger_max_votes: int = 500_000
+    """Most ratings the ledger keeps in memory (those received within the feedback token lifetime,
+    RLHF_FEEDBACK_TOKEN_TTL_S, plus LEDGER_SLACK_S; about 0.5 KB each, comments not kept). When full,
+    new ratings are refused with RESOURCE_EXHAUSTED (HTTP 429) until older ones expire
+    (rlhf_feedback_ledger_full_total); ratings read from the topic evict the oldest
+    (rlhf_feedback_ledger_evicted_total)."""
+    ledger_slack_s: float = 300.0
+    """Seconds the ledger keeps a rating beyond the token lifetime: room for clock skew between the
+    gateway that issues tokens and this service. At start only the ratings of that window are
+    replayed from rlhf.feedback."""
+    dlq_rate_per_s: float = 50.0
+    """Most refused submissions copied to rlhf.feedback.dlq per second on average (a token bucket);
+    the rest are counted (rlhf_feedback_dlq_dropped_total{limit="rate"}) and not copied. 0 copies none."""
+    dlq_burst: int = 200
+    """Refused submissions the dead-letter copy may take at once above that rate."""
+    dlq_bytes_per_s: int = 262_144
+    """Most bytes of dead-letter copies per second on average (each copy is at most 8 KiB of the raw
+    submission); the burst is one second's worth (rlhf_feedback_dlq_dropped_total{limit="bytes"})."""
+
     def problems(self) -> list[str]:
         out = super().problems()
+        p = self.ENV_PREFIX
+        if self.ledger_max_votes < 1:
+            out.append(f"{p}LEDGER_MAX_VOTES={self.ledger_max_votes}: expected at least 1")
+        if self.ledger_slack_s < 0:
+            out.append(f"{p}LEDGER_SLACK_S={self.ledger_slack_s}: must not be negative")
+        if self.dlq_rate_per_s < 0 or self.dlq_burst < 0 or self.dlq_bytes_per_s < 0:
+            out.append(f"{p}DLQ_RATE_PER_S, {p}DLQ_BURST and {p}DLQ_BYTES_PER_S must not be negative")
         if not self.token.secret:
             out.append("RLHF_FEEDBACK_TOKEN_SECRET must be set: feedback tokens cannot be verified without it")
         if not 0 <= self.publish_linger_ms <= 1000:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the feedback service."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ACCEPTED = Counter("rlhf_feedback_accepted_total", "Ratings acknowledged by Kafka", ["kind"])
 DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Submissions that changed nothing (retries, same vote)")
@@ -20,4 +20,25 @@ BATCH_SIZE = Histogram(
     "rlhf_feedback_batch_size",
     "Submissions per SubmitFeedbackBatch call",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
+LEDGER_VOTES = Gauge(
+    "rlhf_feedback_ledger_votes", "Ratings the ledger holds (those received within the feedback token lifetime)"
+)
+LEDGER_CAPACITY = Gauge(
+    "rlhf_feedback_ledger_capacity", "Most ratings the ledger holds (RLHF_FEEDBACK_LEDGER_MAX_VOTES)"
+)
+LEDGER_EXPIRED = Counter(
+    "rlhf_feedback_ledger_expired_total", "Ratings the ledger forgot because every token they could carry has expired"
+)
+LEDGER_EVICTED = Counter(
+    "rlhf_feedback_ledger_evicted_total",
+    "Ratings read from the topic (other replicas', a replay) that evicted the oldest one from a full ledger",
+)
+LEDGER_FULL = Counter(
+    "rlhf_feedback_ledger_full_total", "Ratings refused (RESOURCE_EXHAUSTED) because the ledger was full"
+)
+DLQ_DROPPED = Counter(
+    "rlhf_feedback_dlq_dropped_total",
+    "Refused submissions not copied to rlhf.feedback.dlq, by the limit that dropped them (rate, bytes)",
+    ["limit"],
 )

@@ -28,8 +28,16 @@ from services.feedback.domain import (
     Submission,
     SubmitResult,
 )
-from services.feedback.ledger import FeedbackLedger, LiveVote
-from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unauthenticated, Unavailable
+from services.feedback.ledger import FeedbackLedger, LedgerFull, LiveVote, comment_digest
+from services.feedback.limits import TokenBucket
+from shared.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    RlhfError,
+    Unauthenticated,
+    Unavailable,
+)
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify
 from shared.kafka.envelope import Envelope
@@ -216,7 +224,7 @@ def same_vote(live: LiveVote, sub: Submission) -> bool:
         and live.score == sub.score
         and live.preferred == sub.preferred
         and live.ranks == (tuple(sub.ranks) if sub.ranks is not None else None)
-        and live.comment == sub.comment
+        and live.comment == comment_digest(sub.comment)
         and live.tags == tuple(sub.tags)
     )
 
@@ -234,6 +242,9 @@ class FeedbackServing:
         self.dlq = dlq
         self.ledger = ledger
         self._locks = KeyedLocks()
+        self._in_flight = 0  # ratings admitted by the ledger, not yet applied to it (or failed)
+        self._dlq_count = TokenBucket(cfg.dlq_rate_per_s, cfg.dlq_burst)
+        self._dlq_bytes = TokenBucket(cfg.dlq_bytes_per_s, cfg.dlq_bytes_per_s)
 
     async def submit(self, sub: Submission, raw: Callable[[], str]) -> SubmitResult:
         """Store one rating; ``raw`` renders the submission as received, for a dead-letter copy."""
@@ -244,11 +255,14 @@ class FeedbackServing:
             if isinstance(decided, SubmitResult):
                 return decided
             started = time.perf_counter()
+            self._in_flight += 1
             try:
                 # Keyed by principal: one principal's votes stay in order on one partition.
                 await self.publisher.publish(FEEDBACK, decided, key=sub.principal)
             except Exception as exc:  # noqa: BLE001 - any Kafka failure: the rating is not stored, say so (503)
                 raise _unavailable(exc) from None
+            finally:
+                self._in_flight -= 1
             metrics.ACK_SECONDS.observe(time.perf_counter() - started)
             return self._stored(decided)
 
@@ -285,6 +299,10 @@ class FeedbackServing:
                 continue
             try:
                 decided = self._decide(sub, rated, now)
+            except RlhfError as exc:  # the ledger is full
+                self._locks.release(key)
+                outcomes[i] = exc
+                continue
             except Exception as exc:  # noqa: BLE001
                 self._locks.release(key)
                 outcomes[i] = _internal(exc)
@@ -294,6 +312,7 @@ class FeedbackServing:
                 outcomes[i] = decided
             else:
                 staged.append((i, key, decided))
+                self._in_flight += 1
         # Awaited here, not in a task: its finally must run (releasing the keys) even if this call is
         # cancelled right now. The busy ratings go after it, as some may wait for these very keys.
         await self._store(staged, outcomes)
@@ -324,6 +343,7 @@ class FeedbackServing:
                     metrics.ACK_SECONDS.observe(waited)
                     outcomes[i] = self._stored(ev)
         finally:
+            self._in_flight -= len(staged)
             for _, key, _ in staged:
                 self._locks.release(key)
 
@@ -355,6 +375,11 @@ class FeedbackServing:
         if live is not None and same_vote(live, sub):
             metrics.DUPLICATES.inc()
             return SubmitResult(live.feedback_id, live.revision, duplicate=True)
+        try:
+            self.ledger.admit(now, self._in_flight)
+        except LedgerFull as exc:
+            metrics.LEDGER_FULL.inc()
+            raise ResourceExhausted(f"{exc}; retry later", retry_after_s=exc.retry_after_s, param="feedback") from None
         revision = live.revision + 1 if live else 1
         intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
         return FeedbackEvent(
@@ -385,13 +410,20 @@ class FeedbackServing:
         return SubmitResult(event.feedback_id, event.revision, duplicate=False)
 
     def reject(self, raw: str, reason: str, param: str | None, source: str = "grpc") -> None:
-        """Put a refused submission on the dead-letter topic (best effort, never blocks)."""
+        """Put a refused submission on the dead-letter topic (best effort, never blocks), within the
+        rate and byte limits (RLHF_FEEDBACK_DLQ_*): beyond them it is only counted."""
         metrics.REJECTED.labels(param or "unparsable").inc()
+        raw = raw[:RAW_LIMIT]
+        reason = reason[:RAW_LIMIT]
+        if not self._dlq_count.take():
+            metrics.DLQ_DROPPED.labels("rate").inc()
+            return
+        if not self._dlq_bytes.take(len(raw.encode()) + len(reason.encode())):
+            metrics.DLQ_DROPPED.labels("bytes").inc()
+            return
         self.dlq.publish(
             FEEDBACK_DLQ,
-            RejectedFeedbackEvent(
-                reason=reason, param=param, raw=raw[:RAW_LIMIT], source=source, received_at=time.time()
-            ),
+            RejectedFeedbackEvent(reason=reason, param=param, raw=raw, source=source, received_at=time.time()),
         )
 
 

@@ -28,6 +28,7 @@ def rating(fid: str, user: str) -> FeedbackEvent:
         supersedes=None,
         responses=[RatedResponse(f"r-{fid}", "policy-0001", "p")],
         thumb="up",
+        received_at=time.time(),
     )
 
 

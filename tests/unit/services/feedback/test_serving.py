@@ -145,6 +145,7 @@ def event(revision=1, thumb="up", key="", fid=None) -> FeedbackEvent:
         responses=[RatedResponse("r1", "policy-0001", "p1")],
         thumb=thumb,
         idempotency_key=key,
+        received_at=time.time(),
     )
 
 
@@ -170,7 +171,7 @@ def test_same_vote_compares_every_part_of_the_verdict():
     assert not same_vote(ev, sub(comment="now with a comment"))
     assert not same_vote(ev, sub(ranks=[1]))
     tied = sub("ranking", ("r1", "r2", "r3"), ranks=[1, 2, 2])
-    tied_vote = LiveVote("f", 1, ("r1", "r2", "r3"), None, None, None, (1, 2, 2), "", ())
+    tied_vote = LiveVote("f", 1, ("r1", "r2", "r3"), None, None, None, (1, 2, 2), b"", ())
     assert same_vote(tied_vote, tied) and not same_vote(tied_vote, sub("ranking", ("r1", "r2", "r3")))
 
 
@@ -254,3 +255,65 @@ def test_keyed_locks_a_waiter_cancelled_as_the_key_is_handed_to_it_passes_it_on(
         return len(locks)
 
     assert asyncio.run(scenario()) == 0
+
+
+class Published:
+    """A publisher and an outbox that record what they are given (Kafka itself is tested in
+    tests/integration)."""
+
+    service = "feedback"
+
+    def __init__(self):
+        self.sent = []
+
+    async def publish_many(self, items):
+        self.sent += items
+        return [object() for _ in items]
+
+    def publish(self, topic, payload, key=None):
+        self.sent.append((topic, payload, key))
+        return "e"
+
+
+def serving(ledger=None, **cfg):
+    from services.feedback.config import FeedbackConfig
+    from services.feedback.serving import FeedbackServing
+    from shared.config import FeedbackTokenConfig
+
+    config = FeedbackConfig(token=FeedbackTokenConfig(secret=SECRET), **cfg)
+    return FeedbackServing(config, Published(), Published(), ledger if ledger is not None else FeedbackLedger())
+
+
+def dropped(limit):
+    return REGISTRY.get_sample_value("rlhf_feedback_dlq_dropped_total", {"limit": limit}) or 0.0
+
+
+def test_dead_letter_copies_are_limited_in_rate_and_counted():
+    s = serving(dlq_rate_per_s=0.001, dlq_burst=3)
+    before = dropped("rate")
+    for _ in range(10):
+        s.reject("garbage", "unparsable", None)
+    assert len(s.dlq.sent) == 3, "the burst, then nothing until the bucket refills"
+    assert dropped("rate") - before == 7
+
+
+def test_dead_letter_copies_are_limited_in_bytes():
+    s = serving(dlq_rate_per_s=1000, dlq_burst=1000, dlq_bytes_per_s=20_000)
+    before = dropped("bytes")
+    for _ in range(5):
+        s.reject("x" * 100_000, "too big", "comment")  # each copy is cut to 8 KiB
+    assert len(s.dlq.sent) == 2 and all(len(p.raw) == 8192 for _, p, _ in s.dlq.sent)
+    assert dropped("bytes") - before == 3
+
+
+def test_a_full_ledger_refuses_new_ratings_with_resource_exhausted():
+    from shared.errors import ResourceExhausted
+
+    s = serving(ledger=FeedbackLedger(max_votes=2))
+    outcomes = asyncio.run(s.submit_many([(sub(ids=(f"r{i}",)), lambda: "raw") for i in range(3)]))
+    assert [type(o).__name__ for o in outcomes] == ["SubmitResult", "SubmitResult", "ResourceExhausted"]
+    assert len(s.publisher.sent) == 2, "nothing is written for the refused rating"
+    with pytest.raises(ResourceExhausted, match="ledger holds 2 ratings"):
+        asyncio.run(s.submit(sub(ids=("r9",)), lambda: "raw"))
+    again = asyncio.run(s.submit(sub(ids=("r0",)), lambda: "raw"))
+    assert again.duplicate, "a retry of a vote the ledger holds is still answered"
