@@ -33,10 +33,11 @@ class FeedbackConfig(ServiceConfig):
 
     ledger_max_votes: int = 500_000
     """Most ratings the ledger keeps in memory (those received within the feedback token lifetime,
-    RLHF_FEEDBACK_TOKEN_TTL_S, plus LEDGER_SLACK_S; about 0.5 KB each, comments not kept). When full,
-    new ratings are refused with RESOURCE_EXHAUSTED (HTTP 429) until older ones expire
-    (rlhf_feedback_ledger_full_total); ratings read from the topic evict the oldest
-    (rlhf_feedback_ledger_evicted_total)."""
+    RLHF_FEEDBACK_TOKEN_TTL_S, plus LEDGER_SLACK_S; about 0.85 KB each, comments not kept: 500,000
+    hold some 420 MB, tests/benchmarks/bench_feedback_ledger.py). When full, a new rating evicts the
+    oldest (rlhf_feedback_ledger_evicted_total): a retry of an evicted rating is written again, and a
+    vote on a target the ledger no longer knows is numbered above every evicted revision, so
+    revisions still never go backwards."""
     ledger_slack_s: float = 300.0
     """Seconds the ledger keeps a rating beyond the token lifetime: room for clock skew between the
     gateway that issues tokens and this service. At start only the ratings of that window are

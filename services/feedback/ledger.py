@@ -83,15 +83,6 @@ def forget_before(now: float, token_ttl_s: float, slack_s: float) -> float:
     return now - token_ttl_s - slack_s
 
 
-class LedgerFull(Exception):
-    """The ledger holds ``max_votes`` votes still within the token lifetime."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        """Seconds until its oldest rating expires (at least 1)."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Entry:
     received_at: float
@@ -105,8 +96,10 @@ class FeedbackLedger:
     """Thread-safe: applied from the tailing thread and from the service after its own writes.
 
     Bounded: it forgets votes received before ``forget_before`` (their tokens have expired) and
-    holds at most ``max_votes`` ratings; when full, ``admit`` refuses new ones (the service answers
-    RESOURCE_EXHAUSTED) and ratings read from the topic (other replicas', a replay) evict the oldest.
+    holds at most ``max_votes`` ratings; when full, a new one evicts the oldest. Evicting a live vote
+    that could still change loses its revision, so the ledger keeps the highest revision it ever
+    evicted as a floor: a vote on a target it does not know is numbered above it
+    (``next_revision``), and a revision never goes backwards.
     """
 
     def __init__(
@@ -122,6 +115,7 @@ class FeedbackLedger:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._live: dict[tuple[str, str], LiveVote] = {}
         self._by_key: dict[tuple[str, str], SubmitResult] = {}
+        self._evicted_revision = 0  # the highest revision of a live vote evicted before it expired
         metrics.LEDGER_CAPACITY.set(max_votes)
 
     def apply(self, ev: FeedbackEvent, now: float | None = None) -> None:
@@ -136,7 +130,7 @@ class FeedbackLedger:
             if ev.received_at < horizon:
                 return  # its tokens have expired: nothing can retry or change it
             while len(self._entries) >= self.max_votes:
-                self._drop_oldest()
+                self._drop_oldest(evicted=True)
                 metrics.LEDGER_EVICTED.inc()
             vote = (ev.user_id, ev.target)
             key = (ev.user_id, ev.idempotency_key) if ev.idempotency_key else None
@@ -148,19 +142,17 @@ class FeedbackLedger:
                 self._live[vote] = LiveVote.of(ev)
             metrics.LEDGER_VOTES.set(len(self._entries))
 
-    def admit(self, now: float | None = None, in_flight: int = 0) -> None:
-        """Before a new rating is written: LedgerFull when the ledger has no room for it beside the
-        ``in_flight`` ratings admitted and not yet applied, after forgetting what has expired."""
-        now = time.time() if now is None else now
+    def next_revision(self, live: LiveVote | None) -> int:
+        """The revision of a new vote on a target whose live vote is ``live``:
+
+            live.revision + 1             when the ledger holds the live vote
+            1 + highest evicted revision  when it does not (1 when nothing was ever evicted)
+
+        The target's own vote may have been evicted, and its revision was at most that floor."""
+        if live is not None:
+            return live.revision + 1
         with self._lock:
-            self._expire(forget_before(now, self.token_ttl_s, self.slack_s))
-            if len(self._entries) + in_flight >= self.max_votes:
-                oldest = next(iter(self._entries.values())).received_at if self._entries else now
-                raise LedgerFull(
-                    f"the feedback ledger holds {len(self._entries)} ratings and {in_flight} on their way, "
-                    f"its limit is {self.max_votes}",
-                    retry_after_s=max(1.0, oldest + self.token_ttl_s + self.slack_s - now),
-                )
+            return self._evicted_revision + 1
 
     def expire(self, now: float | None = None) -> int:
         """Forget what was received before ``forget_before``; returns how many ratings."""
@@ -178,11 +170,13 @@ class FeedbackLedger:
             metrics.LEDGER_VOTES.set(len(self._entries))
         return dropped
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self, evicted: bool = False) -> None:
         feedback_id, entry = self._entries.popitem(last=False)
         live = self._live.get(entry.vote)
         if live is not None and live.feedback_id == feedback_id:
             del self._live[entry.vote]
+            if evicted:  # it could still change: the next vote on its target must number above it
+                self._evicted_revision = max(self._evicted_revision, live.revision)
         if entry.key is not None:
             seen = self._by_key.get(entry.key)
             if seen is not None and seen.feedback_id == feedback_id:

@@ -32,10 +32,7 @@ LEDGER_EXPIRED = Counter(
 )
 LEDGER_EVICTED = Counter(
     "rlhf_feedback_ledger_evicted_total",
-    "Ratings read from the topic (other replicas', a replay) that evicted the oldest one from a full ledger",
-)
-LEDGER_FULL = Counter(
-    "rlhf_feedback_ledger_full_total", "Ratings refused (RESOURCE_EXHAUSTED) because the ledger was full"
+    "Ratings evicted from a full ledger before they expired (the next vote on an unknown target is numbered above them)",
 )
 DLQ_DROPPED = Counter(
     "rlhf_feedback_dlq_dropped_total",

@@ -28,16 +28,9 @@ from services.feedback.domain import (
     Submission,
     SubmitResult,
 )
-from services.feedback.ledger import FeedbackLedger, LedgerFull, LiveVote, comment_digest
+from services.feedback.ledger import FeedbackLedger, LiveVote, comment_digest
 from services.feedback.limits import TokenBucket
-from shared.errors import (
-    InvalidArgument,
-    PermissionDenied,
-    ResourceExhausted,
-    RlhfError,
-    Unauthenticated,
-    Unavailable,
-)
+from shared.errors import InvalidArgument, PermissionDenied, RlhfError, Unauthenticated, Unavailable
 from shared.events import FeedbackEvent, RatedResponse, RejectedFeedbackEvent
 from shared.feedback_token import InvalidToken, verify
 from shared.kafka.envelope import Envelope
@@ -242,7 +235,6 @@ class FeedbackServing:
         self.dlq = dlq
         self.ledger = ledger
         self._locks = KeyedLocks()
-        self._in_flight = 0  # ratings admitted by the ledger, not yet applied to it (or failed)
         self._dlq_count = TokenBucket(cfg.dlq_rate_per_s, cfg.dlq_burst)
         self._dlq_bytes = TokenBucket(cfg.dlq_bytes_per_s, cfg.dlq_bytes_per_s)
 
@@ -255,14 +247,11 @@ class FeedbackServing:
             if isinstance(decided, SubmitResult):
                 return decided
             started = time.perf_counter()
-            self._in_flight += 1
             try:
                 # Keyed by principal: one principal's votes stay in order on one partition.
                 await self.publisher.publish(FEEDBACK, decided, key=sub.principal)
             except Exception as exc:  # noqa: BLE001 - any Kafka failure: the rating is not stored, say so (503)
                 raise _unavailable(exc) from None
-            finally:
-                self._in_flight -= 1
             metrics.ACK_SECONDS.observe(time.perf_counter() - started)
             return self._stored(decided)
 
@@ -299,10 +288,6 @@ class FeedbackServing:
                 continue
             try:
                 decided = self._decide(sub, rated, now)
-            except RlhfError as exc:  # the ledger is full
-                self._locks.release(key)
-                outcomes[i] = exc
-                continue
             except Exception as exc:  # noqa: BLE001
                 self._locks.release(key)
                 outcomes[i] = _internal(exc)
@@ -312,7 +297,6 @@ class FeedbackServing:
                 outcomes[i] = decided
             else:
                 staged.append((i, key, decided))
-                self._in_flight += 1
         # Awaited here, not in a task: its finally must run (releasing the keys) even if this call is
         # cancelled right now. The busy ratings go after it, as some may wait for these very keys.
         await self._store(staged, outcomes)
@@ -343,7 +327,6 @@ class FeedbackServing:
                     metrics.ACK_SECONDS.observe(waited)
                     outcomes[i] = self._stored(ev)
         finally:
-            self._in_flight -= len(staged)
             for _, key, _ in staged:
                 self._locks.release(key)
 
@@ -375,12 +358,7 @@ class FeedbackServing:
         if live is not None and same_vote(live, sub):
             metrics.DUPLICATES.inc()
             return SubmitResult(live.feedback_id, live.revision, duplicate=True)
-        try:
-            self.ledger.admit(now, self._in_flight)
-        except LedgerFull as exc:
-            metrics.LEDGER_FULL.inc()
-            raise ResourceExhausted(f"{exc}; retry later", retry_after_s=exc.retry_after_s, param="feedback") from None
-        revision = live.revision + 1 if live else 1
+        revision = self.ledger.next_revision(live)
         intent = sub.idempotency_key or f"auto:{target}:{revision}:{raw_digest(sub)}"
         return FeedbackEvent(
             feedback_id=feedback_id(sub.principal, intent),

@@ -1,10 +1,10 @@
 """The ledger is bounded: it forgets votes whose tokens have all expired, keeps no comment text, and
-holds at most max_votes (own ratings refused when full, the topic's evict the oldest)."""
+holds at most max_votes (the oldest evicted, later revisions numbered above what it evicted)."""
 
 import pytest
 from prometheus_client import REGISTRY
 
-from services.feedback.ledger import FeedbackLedger, LedgerFull, LiveVote, comment_digest, forget_before
+from services.feedback.ledger import FeedbackLedger, LiveVote, comment_digest, forget_before
 from shared.events import FeedbackEvent, RatedResponse
 
 T0 = 1_700_000_000.0
@@ -66,20 +66,27 @@ def test_no_comment_text_is_kept():
     assert LiveVote.of(vote(1, T0)).comment == b""
 
 
-def test_a_full_ledger_refuses_admissions_and_evicts_for_the_topic():
+def test_a_full_ledger_evicts_the_oldest_and_numbers_above_what_it_evicted():
     ledger = FeedbackLedger(token_ttl_s=100, slack_s=0, max_votes=2)
-    ledger.apply(vote(1, T0), now=T0)
-    ledger.admit(now=T0)
+    ledger.apply(vote(1, T0, revision=3), now=T0)
     ledger.apply(vote(2, T0 + 1), now=T0 + 1)
-    with pytest.raises(LedgerFull, match="holds 2 ratings and 0 on their way") as full:
-        ledger.admit(now=T0 + 1)
-    assert full.value.retry_after_s == 99.0, "until the oldest rating expires"
+    assert ledger.next_revision(None) == 1, "nothing evicted: a first vote is revision 1"
     evicted = metric("rlhf_feedback_ledger_evicted_total")
-    ledger.apply(vote(3, T0 + 2), now=T0 + 2)  # another replica's rating, read from the topic
-    assert len(ledger) == 2 and not ledger.has("f1-1") and ledger.has("f3-1")
+    ledger.apply(vote(3, T0 + 2), now=T0 + 2)
+    assert len(ledger) == 2 and not ledger.has("f1-3") and ledger.has("f3-1")
+    assert ledger.live("u1", "thumb:r1") is None
     assert metric("rlhf_feedback_ledger_evicted_total") - evicted == 1
     assert metric("rlhf_feedback_ledger_votes") == 2
-    ledger.admit(now=T0 + 102.5)  # room again once the oldest expired
+    # r1's live vote (revision 3) is gone: a change of it must still be numbered above 3.
+    assert ledger.next_revision(None) == 4
+    assert ledger.next_revision(ledger.live("u1", "thumb:r2")) == 2, "a known vote: its revision + 1"
+
+
+def test_votes_that_expire_raise_no_floor():
+    ledger = FeedbackLedger(token_ttl_s=100, slack_s=0, max_votes=10)
+    ledger.apply(vote(1, T0, revision=5), now=T0)
+    ledger.expire(now=T0 + 101)
+    assert ledger.next_revision(None) == 1, "an expired vote can no longer change"
 
 
 def test_max_votes_must_be_positive():

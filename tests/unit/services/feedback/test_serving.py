@@ -270,9 +270,15 @@ class Published:
         self.sent += items
         return [object() for _ in items]
 
-    def publish(self, topic, payload, key=None):
+    def publish(self, topic, payload, key=None):  # the dead-letter Outbox: queued, never awaited
         self.sent.append((topic, payload, key))
         return "e"
+
+
+class PublishedAsync(Published):
+    async def publish(self, topic, payload, key=None):  # the rating publisher: awaited until acknowledged
+        self.sent.append((topic, payload, key))
+        return object()
 
 
 def serving(ledger=None, **cfg):
@@ -281,7 +287,7 @@ def serving(ledger=None, **cfg):
     from shared.config import FeedbackTokenConfig
 
     config = FeedbackConfig(token=FeedbackTokenConfig(secret=SECRET), **cfg)
-    return FeedbackServing(config, Published(), Published(), ledger if ledger is not None else FeedbackLedger())
+    return FeedbackServing(config, PublishedAsync(), Published(), ledger if ledger is not None else FeedbackLedger())
 
 
 def dropped(limit):
@@ -306,14 +312,10 @@ def test_dead_letter_copies_are_limited_in_bytes():
     assert dropped("bytes") - before == 3
 
 
-def test_a_full_ledger_refuses_new_ratings_with_resource_exhausted():
-    from shared.errors import ResourceExhausted
-
+def test_a_full_ledger_evicts_and_revisions_still_go_forward():
     s = serving(ledger=FeedbackLedger(max_votes=2))
     outcomes = asyncio.run(s.submit_many([(sub(ids=(f"r{i}",)), lambda: "raw") for i in range(3)]))
-    assert [type(o).__name__ for o in outcomes] == ["SubmitResult", "SubmitResult", "ResourceExhausted"]
-    assert len(s.publisher.sent) == 2, "nothing is written for the refused rating"
-    with pytest.raises(ResourceExhausted, match="ledger holds 2 ratings"):
-        asyncio.run(s.submit(sub(ids=("r9",)), lambda: "raw"))
-    again = asyncio.run(s.submit(sub(ids=("r0",)), lambda: "raw"))
-    assert again.duplicate, "a retry of a vote the ledger holds is still answered"
+    assert [(o.revision, o.duplicate) for o in outcomes] == [(1, False)] * 3, "nothing refused"
+    assert len(s.ledger) == 2 and s.ledger.live("u1", "thumb:r0") is None, "r0's vote was evicted"
+    changed = asyncio.run(s.submit(sub(ids=("r0",), thumb="down"), lambda: "raw"))
+    assert changed.revision == 2 and not changed.duplicate, "above the evicted revision 1, never 1 again"
