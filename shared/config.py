@@ -775,9 +775,17 @@ class ServiceConfig(ConfigBase):
     health_port: int = 0
     """Port of a plaintext gRPC server that answers grpc.health.v1 only, beside a TLS gRPC server
     (Kubernetes' grpc probes cannot speak TLS); 0: none, health is on the main port only."""
+    grpc_max_concurrent_rpcs: int = 1024
+    """Services with a gRPC server: most calls it handles at once (long-lived health watches and
+    streams count); a call beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing
+    without bound."""
 
     def problems(self) -> list[str]:
         out = []
+        if not 1 <= self.grpc_max_concurrent_rpcs <= 1_000_000:
+            out.append(
+                f"{self.ENV_PREFIX}GRPC_MAX_CONCURRENT_RPCS={self.grpc_max_concurrent_rpcs}: expected 1 to 1000000"
+            )
         if not 0 <= self.metrics_port <= 65535:
             out.append(f"{self.ENV_PREFIX}METRICS_PORT={self.metrics_port}: not a port number")
         if not 0 <= self.health_port <= 65535:

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from shared.config import ConfigError, ServiceAuthConfig, token_digest
 from shared.errors import PARAM_METADATA_KEY, PermissionDenied, RlhfError, Unauthenticated
@@ -308,6 +308,83 @@ def server_credentials(auth: ServiceAuthConfig) -> grpc.ServerCredentials:
 
 # --- the server ----------------------------------------------------------------------------------
 
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
+"""Calls a server handles at once unless told (RLHF_<SERVICE>_GRPC_MAX_CONCURRENT_RPCS)."""
+HEALTH_MAX_RPCS = 64
+"""Calls the plaintext health-only server (RLHF_<SERVICE>_HEALTH_PORT) handles at once: probes."""
+MAX_CONCURRENT = Gauge(
+    "rlhf_grpc_max_concurrent_rpcs",
+    "The bound on calls a gRPC server handles at once (beyond it: RESOURCE_EXHAUSTED)",
+    ["service"],
+)
+IN_FLIGHT = Gauge("rlhf_grpc_rpcs_in_flight", "gRPC calls being handled, health checks included", ["service"])
+
+
+def server_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """Channel arguments of a server: message size caps both ways, and no more than 8 KiB of
+    metadata per call (gRPC's default, made explicit). The HTTP/2 streams of a connection are left
+    unbounded on purpose: a per-connection bound makes calls past it wait at the client, while the
+    server's ``maximum_concurrent_rpcs`` refuses them at once (the gateway multiplexes everything
+    over one connection)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_mb << 20),
+        ("grpc.max_send_message_length", max_message_mb << 20),
+        ("grpc.max_metadata_size", 8 << 10),
+    ]
+
+
+class InFlightInterceptor(grpc.aio.ServerInterceptor):
+    """Counts the calls being handled (``rlhf_grpc_rpcs_in_flight{service}``), from the first
+    interceptor to the end of the response; what the bound above is compared against."""
+
+    def __init__(self, service_name: str):
+        self.gauge = IN_FLIGHT.labels(service_name)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        gauge = self.gauge
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                gauge.inc()
+                try:
+                    return await inner(request, context)
+                finally:
+                    gauge.dec()
+
+            return handler._replace(unary_unary=unary_unary)
+        if handler.unary_stream and inspect.iscoroutinefunction(handler.unary_stream):
+            inner_writer = handler.unary_stream
+
+            async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                gauge.inc()
+                try:
+                    await inner_writer(request, context)
+                finally:
+                    gauge.dec()
+
+            return handler._replace(unary_stream=unary_stream_writer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                gauge.inc()
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                finally:
+                    gauge.dec()
+
+            return handler._replace(unary_stream=unary_stream)
+        return handler
+
 
 class GrpcServer:
     """A grpc.aio server with caller authentication, health checking, the error interceptor, TLS
@@ -329,13 +406,12 @@ class GrpcServer:
         grace_period_s: float = 10.0,
         max_message_mb: int = 64,
         health_port: int = 0,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     ):
         self.service_name = service_name
         self.grace_period_s = grace_period_s
-        opts = [
-            ("grpc.max_receive_message_length", max_message_mb << 20),
-            ("grpc.max_send_message_length", max_message_mb << 20),
-        ]
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        opts = server_options(max_message_mb)
         accepted = auth.accepted_callers()
         if not accepted:
             log_event(
@@ -344,8 +420,17 @@ class GrpcServer:
                 level=30,
                 service=service_name,
             )
-        interceptors = [AuthInterceptor(service_name, accepted, access), ErrorMappingInterceptor()]
-        self.server = grpc.aio.server(interceptors=interceptors, options=opts)
+        interceptors = [
+            InFlightInterceptor(service_name),
+            AuthInterceptor(service_name, accepted, access),
+            ErrorMappingInterceptor(),
+        ]
+        # grpc.aio runs every handler on this process's event loop (no thread pool: the servicers
+        # are coroutines), so the one queue to bound is the calls admitted: maximum_concurrent_rpcs.
+        self.server = grpc.aio.server(
+            interceptors=interceptors, options=opts, maximum_concurrent_rpcs=max_concurrent_rpcs
+        )
+        MAX_CONCURRENT.labels(service_name).set(max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tls = auth.tls_server
@@ -359,7 +444,7 @@ class GrpcServer:
         self.health_server: grpc.aio.Server | None = None
         self.health_address = ""
         if health_port:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=server_options(1), maximum_concurrent_rpcs=HEALTH_MAX_RPCS)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             bound = self.health_server.add_insecure_port(f"{host}:{health_port}")
             if bound == 0:

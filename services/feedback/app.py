@@ -38,6 +38,7 @@ class FeedbackApp:
             access=[FEEDBACK_ACCESS],
             grace_period_s=cfg.grace_period_s,
             health_port=cfg.health_port,
+            max_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
         )
         feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(self.serving), self.server.server)
         self._stop = threading.Event()

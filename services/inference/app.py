@@ -13,7 +13,7 @@ import asyncio
 from grpc_health.v1 import health_pb2
 
 from services.inference.access import INFERENCE_ACCESS
-from services.inference.config import InferenceConfig
+from services.inference.config import OUTBOX_SEGMENT_MB, InferenceConfig, outbox_spill_dir
 from services.inference.engine import VllmEngine
 from services.inference.servicer import InferenceServicer
 from services.inference.serving import InferenceServing
@@ -36,8 +36,6 @@ ROUTING_HEALTH_SERVICE = "rlhf.v1.InferenceService"
 class InferenceApp:
     def __init__(self, cfg: InferenceConfig):
         self.cfg = cfg
-        self.publisher = Outbox(KafkaPublisher(cfg.kafka, "inference")) if cfg.kafka.servers else None
-        self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
         self.server = GrpcServer(
             "InferenceService",
             cfg.host,
@@ -46,7 +44,10 @@ class InferenceApp:
             access=[INFERENCE_ACCESS],
             grace_period_s=cfg.grace_period_s,
             health_port=cfg.health_port,
+            max_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
         )
+        self.publisher = self._outbox() if cfg.kafka.servers else None
+        self.serving = InferenceServing(cfg, VllmEngine(cfg), ModelStore(cfg.model_store.root), self.publisher)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.serving), self.server.server)
         if cfg.swap_lease_dir is not None:
             group = cfg.follow  # current or canary: replicas of one group share a lease
@@ -54,6 +55,18 @@ class InferenceApp:
                 cfg.swap_lease_dir, f"{POLICY.name}.{group}", holder_id(), cfg.swap_lease_ttl_s
             )
             self.serving.set_routable = self._set_routable
+
+    def _outbox(self) -> Outbox:
+        """Completion events go out through a spill journal (this replica's, by its bound port):
+        what a killed replica had accepted is sent when it starts again."""
+        cfg = self.cfg
+        return Outbox(
+            KafkaPublisher(cfg.kafka, "inference"),
+            spill_dir=outbox_spill_dir(cfg, self.server.port),
+            spill_max_bytes=cfg.outbox_spill_max_mb << 20,
+            spill_segment_bytes=OUTBOX_SEGMENT_MB << 20,
+            max_attempts=cfg.outbox_max_attempts,
+        )
 
     async def _set_routable(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -84,6 +84,22 @@ class InferenceConfig(ServiceConfig):
     """Most chat messages in one request."""
     max_message_chars: int = 32768
     """Longest content of one chat message, in characters."""
+    max_prompt_chars: int = 131072
+    """Longest prompt: the characters of all messages' contents together. Checked before the prompt
+    is tokenised (a 1 MiB prompt is refused at once, never tokenised); a prompt that passes may
+    still be refused for its token count (RLHF_INFERENCE_MAX_MODEL_LEN)."""
+    state_dir: Path = Path("var/inference")
+    """Local state of this replica: the outbox's spill journal (``outbox-<gRPC port>/``), where every
+    completion event waits until Kafka acknowledges it, so that ``kill -9`` loses none: a restarted
+    replica sends what is left. Per replica (the port tells replicas on one machine apart); on
+    Kubernetes a volume that outlives the container (the pod's emptyDir)."""
+    outbox_spill_max_mb: int = 1024
+    """Most MiB of completion events the spill journal holds while Kafka is unreachable; past it the
+    oldest are dropped (error log, rlhf_kafka_events_dropped_total). Memory holds one event at a time."""
+    outbox_max_attempts: int = 20
+    """Failed sends of one completion event in a row before, if Kafka answers and it fails once more,
+    it is moved aside (to aside.seg in the spill directory; rlhf_kafka_outbox_moved_aside_total) so
+    that it no longer holds the others back."""
     max_num_seqs: int = 128
     """Most sequences the engine batches at once (vLLM's max_num_seqs)."""
     kv_cache_gib: int = 1
@@ -143,6 +159,15 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}MAX_TOKENS_LIMIT must be below {p}MAX_MODEL_LEN (room for the prompt)")
         if self.max_n < 1:
             out.append(f"{p}MAX_N must be at least 1")
+        if not self.max_message_chars <= self.max_prompt_chars <= MAX_PROMPT_CHARS_LIMIT:
+            out.append(
+                f"{p}MAX_PROMPT_CHARS={self.max_prompt_chars}: expected {p}MAX_MESSAGE_CHARS "
+                f"({self.max_message_chars}) to {MAX_PROMPT_CHARS_LIMIT}"
+            )
+        if self.outbox_spill_max_mb < 2 * OUTBOX_SEGMENT_MB:
+            out.append(f"{p}OUTBOX_SPILL_MAX_MB={self.outbox_spill_max_mb}: at least {2 * OUTBOX_SEGMENT_MB}")
+        if self.outbox_max_attempts < 1:
+            out.append(f"{p}OUTBOX_MAX_ATTEMPTS={self.outbox_max_attempts}: at least 1")
         if self.kv_cache_gib < 1:
             out.append(f"{p}KV_CACHE_GIB must be at least 1")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -153,6 +178,17 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}STREAM_MAX_TOKENS_PER_CHUNK must not be negative (0: no count bound)")
         out += self.versions.missing(self.host, follows=("policy",))
         return out
+
+
+MAX_PROMPT_CHARS_LIMIT = 16 << 20
+"""Largest RLHF_INFERENCE_MAX_PROMPT_CHARS accepted (a prompt is held in memory and tokenised)."""
+OUTBOX_SEGMENT_MB = 8
+"""Size of one segment file of the outbox's spill journal (a fully acknowledged one is deleted)."""
+
+
+def outbox_spill_dir(cfg: InferenceConfig, port: int) -> Path:
+    """The spill journal of the replica serving gRPC on ``port``: ``<state_dir>/outbox-<port>``."""
+    return cfg.state_dir / f"outbox-{port}"
 
 
 RELOAD_ALLOWANCE_S = 30.0

@@ -256,6 +256,13 @@ class InferenceServing:
                     f"messages[{i}].content is longer than {cfg.max_message_chars} characters",
                     param=f"messages[{i}].content",
                 )
+        prompt_chars = sum(len(m.content) for m in req.messages)
+        if prompt_chars > cfg.max_prompt_chars:
+            # Before tokenising: the cost of a refusal must not grow with the prompt.
+            raise InvalidArgument(
+                f"the messages hold {prompt_chars} characters; at most {cfg.max_prompt_chars} per request",
+                param="messages",
+            )
         if not any(m.content.strip() for m in req.messages if m.role == "user"):
             raise InvalidArgument("messages need at least one non-empty user message", param="messages")
         if req.source not in ("user", "trainer"):

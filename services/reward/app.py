@@ -46,6 +46,7 @@ class RewardApp:
             access=[REWARD_ACCESS],
             grace_period_s=cfg.grace_period_s,
             health_port=cfg.health_port,
+            max_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(
             RewardServicer(self.scorer, learner=lambda: self.learner), self.server.server

@@ -59,6 +59,7 @@ class RolloutApp:
             access=[ROLLOUT_ACCESS],
             grace_period_s=cfg.grace_period_s,
             health_port=cfg.health_port,
+            max_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
         )
         rollout_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutServicer(lambda: self.serving), self.server.server)
         self._stop = threading.Event()

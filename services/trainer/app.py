@@ -71,6 +71,7 @@ class TrainerApp:
             access=[TRAINER_ACCESS],
             grace_period_s=cfg.grace_period_s,
             health_port=cfg.health_port,
+            max_concurrent_rpcs=cfg.grpc_max_concurrent_rpcs,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(lambda: self.loop), self.server.server)
         self._stop = threading.Event()

@@ -3,7 +3,7 @@
     publisher = KafkaPublisher(kafka, "trainer")               # kafka-python: the project's client
     publisher.publish_and_wait(POLICY_UPDATES, event, key="policy")    # blocks until acknowledged
     envelope = await publisher.publish(FEEDBACK, rating, key=user)     # the same, from asyncio code
-    outbox = Outbox(KafkaPublisher(kafka, "inference"))        # never blocks; retries until acknowledged
+    outbox = Outbox(KafkaPublisher(kafka, "inference"), spill_dir=state / "outbox")  # never blocks; survives kill -9
     outbox.publish(COMPLETIONS, completion, key=request_id)
 
 Every ``Publisher`` wraps a payload in a versioned envelope and reports Kafka's acks=all
@@ -16,10 +16,12 @@ acknowledgement (or raises ``PublishFailed``): ``publish_and_wait`` for threads,
   fraction of kafka-python's CPU per record; see docs/benchmarks.md).
 
 ``Outbox`` is for callers that must never block or fail (inference keeps serving while the broker is
-down): ``publish`` appends to an in-memory queue that one background thread drains in order through
-a Publisher, retrying each record with backoff until it is acknowledged. Failures are counted and
-logged, never silently dropped; only an outbox past its capacity drops its oldest record, with an
-error log and a metric.
+down): ``publish`` appends to a queue that one background thread drains in order through a
+Publisher, retrying each record with backoff until it is acknowledged. The queue is in memory
+(bounded in events and bytes) or, with ``spill_dir``, a journal on disk that survives ``kill -9``
+and is replayed by the next Outbox on the same directory (spill.py). Failures are counted and
+logged, never silently dropped: an outbox past its bound drops its oldest records, and a record that
+keeps failing while later ones are accepted is moved aside, each with an error log and a metric.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import confluent_kafka
@@ -38,7 +40,15 @@ from kafka import KafkaProducer
 from shared.config import KafkaConfig
 from shared.kafka import envelope
 from shared.kafka.client import LINGER_MS, producer_kwargs, rdkafka_producer_config
-from shared.kafka.metrics import EVENTS_DROPPED, EVENTS_PUBLISHED, OUTBOX_SIZE, PUBLISH_FAILURES
+from shared.kafka.metrics import (
+    EVENTS_DROPPED,
+    EVENTS_PUBLISHED,
+    OUTBOX_BYTES,
+    OUTBOX_MOVED_ASIDE,
+    OUTBOX_SIZE,
+    PUBLISH_FAILURES,
+)
+from shared.kafka.spill import MemoryQueue, Pending, SpillJournal
 from shared.logging import get_logger, log_event
 
 log = get_logger(__name__)
@@ -69,6 +79,9 @@ class Publisher(Protocol):
 
     async def publish_many(self, records: Sequence[Record]) -> list[envelope.Envelope | PublishFailed]:
         """Several records at once; each outcome is its envelope or the PublishFailed it failed with."""
+
+    def reachable(self, topic: str) -> bool:
+        """Whether a broker answers now with ``topic``'s metadata (blocks a few seconds at most)."""
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what can be delivered in ``timeout_s``, then release the connection."""
@@ -132,6 +145,13 @@ class KafkaPublisher(_Envelopes):
             self._discard(producer)
             raise PublishFailed(f"{topic}: {type(exc).__name__}: {exc}") from exc
         EVENTS_PUBLISHED.labels(topic).inc()
+
+    def reachable(self, topic: str) -> bool:
+        # After a failed delivery the producer was replaced: this one fetches fresh metadata.
+        try:
+            return bool(self._current().partitions_for(topic))
+        except Exception:  # noqa: BLE001 - any failure means: not reachable now
+            return False
 
     async def publish_many(self, records: Sequence[Record]) -> list[envelope.Envelope | PublishFailed]:
         def deliver() -> list[envelope.Envelope | PublishFailed]:
@@ -314,6 +334,14 @@ class RdKafkaPublisher(_Envelopes):
             log_event(log, "Kafka producer warm-up failed; the first publish will connect", level=30, error=str(exc))
             return False
 
+    def reachable(self, topic: str) -> bool:
+        try:
+            meta = self._current().producer.list_topics(topic, timeout=5)
+        except confluent_kafka.KafkaException:
+            return False
+        found = meta.topics.get(topic)
+        return found is not None and found.error is None and bool(found.partitions)
+
     def send_and_wait(self, topic: str, value: bytes, key: bytes | None) -> None:
         current = self._current()
         done = threading.Event()
@@ -398,58 +426,109 @@ class RdKafkaPublisher(_Envelopes):
 
 # --- the outbox -------------------------------------------------------------------------------------
 
-
-@dataclass
-class _Pending:
-    topic: str
-    key: bytes | None
-    value: bytes
-    attempts: int = 0
+DEFAULT_MAX_ATTEMPTS = 20
+"""Failed sends of one record in a row before it is a suspect (moved aside if the broker answers)."""
 
 
 class Outbox:
     """Publishes through ``publisher`` from a background thread, retrying until acknowledged;
-    ``publish`` never blocks the caller."""
+    ``publish`` never blocks the caller (beyond one write to the spill journal).
 
-    def __init__(self, publisher: Publisher, *, capacity: int = 100_000, max_backoff_s: float = 5.0):
+    Without ``spill_dir`` the records wait in memory: at most ``capacity`` events and
+    ``capacity_bytes`` bytes, the oldest dropped past either (error log, ``rlhf_kafka_events_dropped_total``),
+    and lost with the process. With ``spill_dir`` they wait in a journal there (spill.SpillJournal):
+    ``kill -9`` loses nothing accepted, a new Outbox on the same directory sends what is left, and
+    the bound is ``spill_max_bytes`` on disk (memory holds one record).
+
+    A record that failed ``max_attempts`` times in a row is a suspect: when the broker answers
+    (``Publisher.reachable``: fresh metadata for the topic) and the record fails once more, it is
+    moved aside (to ``aside.seg`` in the spill directory; dropped without one), counted
+    (``rlhf_kafka_outbox_moved_aside_total``) and logged, and the records behind it flow again.
+    While the broker does not answer the outbox keeps waiting with every record in place, in order.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        capacity: int = 100_000,
+        capacity_bytes: int = 64 << 20,
+        max_backoff_s: float = 5.0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        spill_dir: Path | None = None,
+        spill_max_bytes: int = 1 << 30,
+        spill_segment_bytes: int = 8 << 20,
+    ):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
         self.publisher = publisher
         self.service = publisher.service
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.max_backoff_s = max_backoff_s
-        self._outbox: collections.deque[_Pending] = collections.deque()
+        self.max_attempts = max_attempts
+        self._queue: MemoryQueue | SpillJournal
+        if spill_dir is None:
+            self._queue = MemoryQueue(max_events=capacity, max_bytes=capacity_bytes)
+        else:
+            self._queue = SpillJournal(spill_dir, segment_bytes=spill_segment_bytes, max_bytes=spill_max_bytes)
         self._cond = threading.Condition()
         self._closed = False
+        self._released = False
+        """The queue's files are closed (after ``close``): a send finishing late changes nothing."""
+        self._show()
         self._thread = threading.Thread(target=self._run, name=f"outbox-{self.service}", daemon=True)
         self._thread.start()
+
+    @property
+    def replayed(self) -> int:
+        """Records found in the spill journal at start (left by a previous process)."""
+        return getattr(self._queue, "replayed", 0)
 
     def publish(self, topic: str, payload: Any, key: str | None = None) -> str:
         """Queue ``payload`` (a registered event dataclass) for ``topic``; returns its event id."""
         env = envelope.wrap(payload, self.service)
-        item = _Pending(topic, key.encode() if key else None, envelope.encode(env))
+        item = Pending(topic, key.encode() if key else None, envelope.encode(env))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the outbox is closed")
-            if len(self._outbox) >= self.capacity:
-                dropped = self._outbox.popleft()
-                EVENTS_DROPPED.labels(dropped.topic).inc()
-                log_event(
-                    log, "outbox full: dropped oldest event", level=40, topic=dropped.topic, capacity=self.capacity
-                )
-            self._outbox.append(item)
-            OUTBOX_SIZE.set(len(self._outbox))
+            try:
+                dropped = self._queue.append(item)
+            except OSError as exc:  # the spill journal cannot be written (disk full): never the caller's failure
+                dropped = [item]
+                log_event(log, "outbox spill journal not writable: event dropped", level=40, error=str(exc))
+            self._show()
             self._cond.notify()
+        for gone in dropped:
+            EVENTS_DROPPED.labels(gone.topic).inc()
+        if dropped:
+            log_event(
+                log,
+                "outbox full: dropped the oldest events",
+                level=40,
+                topic=dropped[0].topic,
+                count=len(dropped),
+                capacity=self.capacity,
+                capacity_bytes=self.capacity_bytes,
+                spill=str(getattr(self._queue, "directory", "")) or None,
+            )
         return env.event_id
 
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._outbox)
+            return self._queue.events
+
+    @property
+    def pending_bytes(self) -> int:
+        with self._cond:
+            return self._queue.bytes
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until every queued event is acknowledged; False on timeout."""
+        """Wait until every queued event is acknowledged (or moved aside); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._outbox:
+            while self._queue.events:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -457,38 +536,71 @@ class Outbox:
         return True
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush what can be flushed in ``timeout_s``, then stop; reports what is left unsent."""
+        """Flush what can be flushed in ``timeout_s``, then stop; reports what is left unsent (kept
+        in the spill journal for the next start, when there is one)."""
         flushed = self.flush(timeout_s)
         with self._cond:
             self._closed = True
-            left = len(self._outbox)
+            left = self._queue.events
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5)  # a send still waiting on the broker then changes nothing (_released)
         if not flushed:
-            log_event(log, "closing with unacknowledged events", level=40, count=left)
+            kept = isinstance(self._queue, SpillJournal)
+            log_event(log, "closing with unacknowledged events", level=30 if kept else 40, count=left, kept=kept)
+        with self._cond:
+            self._released = True
+            self._queue.close()
         self.publisher.close(2)
+
+    def _show(self) -> None:
+        OUTBOX_SIZE.set(self._queue.events)
+        OUTBOX_BYTES.set(self._queue.bytes)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._outbox and not self._closed:
+                while not self._closed and (item := self._queue.head()) is None:
                     self._cond.wait()
                 if self._closed:
                     return
-                item = self._outbox[0]
+            assert item is not None
             if self._send(item):
-                with self._cond:
-                    # Only this thread removes from the left, except publish() on overflow.
-                    if self._outbox and self._outbox[0] is item:
-                        self._outbox.popleft()
-                    OUTBOX_SIZE.set(len(self._outbox))
-                    self._cond.notify_all()
-            else:
-                backoff = min(self.max_backoff_s, 0.1 * 2 ** min(item.attempts, 6))
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closed, timeout=backoff)
+                self._done(item)
+                continue
+            if item.attempts >= self.max_attempts and self.publisher.reachable(item.topic):
+                # The broker answers, yet this record failed again and again: one more try now,
+                # then it is moved aside (never reordered: the records behind it wait until then).
+                if not self._send(item):
+                    self._move_aside(item)
+                self._done(item)
+                continue
+            backoff = min(self.max_backoff_s, 0.1 * 2 ** min(item.attempts, 6))
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=backoff)
 
-    def _send(self, item: _Pending) -> bool:
+    def _done(self, item: Pending) -> None:
+        with self._cond:
+            if self._released:
+                return
+            self._queue.remove_through(item)
+            self._show()
+            self._cond.notify_all()
+
+    def _move_aside(self, suspect: Pending) -> None:
+        with self._cond:
+            kept = not self._released and self._queue.put_aside(suspect)
+        OUTBOX_MOVED_ASIDE.labels(suspect.topic).inc()
+        log_event(
+            log,
+            "an event kept failing while the broker answered: moved aside",
+            level=40,
+            topic=suspect.topic,
+            attempts=suspect.attempts,
+            bytes=len(suspect.value),
+            kept_in=str(getattr(self._queue, "directory", "")) + "/aside.seg" if kept else None,
+        )
+
+    def _send(self, item: Pending) -> bool:
         item.attempts += 1
         try:
             self.publisher.send_and_wait(item.topic, item.value, item.key)

@@ -278,3 +278,58 @@ def test_refusal_log_memory_is_bounded_whatever_methods_callers_invent():
         interceptor._log(f"/made.up/Method{n}", "missing_credential", "")
     interceptor._log(ROLLBACK, "missing_credential", "")
     assert set(interceptor._logged) == {("<unknown>", "missing_credential", ""), (ROLLBACK, "missing_credential", "")}
+
+
+# --- bounds --------------------------------------------------------------------------------------------
+
+
+def test_calls_beyond_the_bound_are_refused_with_resource_exhausted_and_in_flight_is_counted():
+    """Two long-lived health watches fill a server bounded at 2 calls: a third call is refused at
+    once (RESOURCE_EXHAUSTED, not queued); once a watch ends, calls are served again."""
+    from shared.grpc_server import IN_FLIGHT, MAX_CONCURRENT
+
+    thread = LoopThread()
+
+    async def make() -> GrpcServer:
+        server = GrpcServer(
+            "BoundedService", "127.0.0.1", 0, auth=test_auth(), access=[TRAINER_ACCESS], max_concurrent_rpcs=2
+        )
+        await server.start()
+        await server.set_serving()
+        return server
+
+    server = thread.run(make(), timeout=30)
+    try:
+        assert MAX_CONCURRENT.labels("BoundedService")._value.get() == 2
+        channel = grpc.insecure_channel(server.address)
+        stub = health_pb2_grpc.HealthStub(channel)
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(2)]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # both are running
+        assert IN_FLIGHT.labels("BoundedService")._value.get() == 2
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watches[0].cancel()
+        reply = None
+        for _ in range(50):  # the server frees the slot when it sees the cancellation
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                break
+            except grpc.RpcError:
+                thread.run(asyncio.sleep(0.1))
+        assert reply is not None and reply.status == health_pb2.HealthCheckResponse.SERVING
+        watches[1].cancel()
+        channel.close()
+    finally:
+        thread.run(server.stop(), timeout=30)
+        thread.close()
+
+
+def test_server_options_bound_messages_and_metadata_not_streams_per_connection():
+    from shared.grpc_server import server_options
+
+    opts = dict(server_options(4))
+    assert opts["grpc.max_receive_message_length"] == opts["grpc.max_send_message_length"] == 4 << 20
+    assert opts["grpc.max_metadata_size"] == 8 << 10
+    assert "grpc.max_concurrent_streams" not in opts  # calls past the bound are refused, not queued

@@ -93,3 +93,22 @@ def test_the_lease_must_outlast_a_rolling_swap_including_its_drain_budget():
 def test_priority_scheduling_is_on_unless_turned_off():
     assert load_config(InferenceConfig, {}).priority_scheduling is True
     assert load_config(InferenceConfig, {"RLHF_INFERENCE_PRIORITY_SCHEDULING": "0"}).priority_scheduling is False
+
+
+def test_the_prompt_bound_and_the_outbox_settings_load_and_are_checked_by_name(tmp_path):
+    from services.inference.config import outbox_spill_dir
+
+    cfg = load_config(
+        InferenceConfig,
+        {"RLHF_INFERENCE_MAX_PROMPT_CHARS": "65536", "RLHF_INFERENCE_STATE_DIR": str(tmp_path)},
+    )
+    assert cfg.max_prompt_chars == 65536 and cfg.outbox_max_attempts == 20
+    assert outbox_spill_dir(cfg, 50051) == tmp_path / "outbox-50051"
+    for env, name in [
+        ({"RLHF_INFERENCE_MAX_PROMPT_CHARS": "100"}, "RLHF_INFERENCE_MAX_PROMPT_CHARS"),  # below one message's bound
+        ({"RLHF_INFERENCE_OUTBOX_SPILL_MAX_MB": "1"}, "RLHF_INFERENCE_OUTBOX_SPILL_MAX_MB"),
+        ({"RLHF_INFERENCE_OUTBOX_MAX_ATTEMPTS": "0"}, "RLHF_INFERENCE_OUTBOX_MAX_ATTEMPTS"),
+        ({"RLHF_INFERENCE_GRPC_MAX_CONCURRENT_RPCS": "0"}, "RLHF_INFERENCE_GRPC_MAX_CONCURRENT_RPCS"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load_config(InferenceConfig, env)

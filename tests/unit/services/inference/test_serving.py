@@ -206,3 +206,29 @@ def test_drain_mode_still_waits_for_every_request(tmp_path):
 
     assert asyncio.run(scenario()) is True
     assert log == [("request", "end"), ("reload", False)]
+
+
+class Untokenisable:
+    """A tokenizer that fails the test if the prompt reaches it."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the prompt reached the tokenizer ({name})")
+
+
+def test_a_prompt_over_the_character_bound_is_refused_before_it_is_tokenised(tmp_path):
+    import pytest
+
+    from services.inference.domain import GenerationRequest, Sampling
+    from shared.errors import InvalidArgument
+    from shared.events import Message
+
+    serving = make_serving(tmp_path, [])
+    serving.ready, serving.tokenizer = True, Untokenisable()
+    one_mib = [Message("user", "x" * 32768) for _ in range(32)]  # each message within its own bound
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        serving.validate(GenerationRequest(one_mib, Sampling(max_tokens=16)))
+    assert time.monotonic() - started < 0.05
+    assert err.value.param == "messages" and "1048576 characters" in str(err.value)
+    with pytest.raises(AssertionError, match="reached the tokenizer"):  # a prompt within the bound goes on
+        serving.validate(GenerationRequest(one_mib[:2], Sampling(max_tokens=16)))
