@@ -24,7 +24,7 @@ from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger
 from shared.model_store import ModelStore
 from shared.pb import inference_pb2_grpc
-from shared.version_line import POLICY, POLICY_KINDS
+from shared.version_line import POLICY, POLICY_CANARY, POLICY_KINDS
 
 log = get_logger(__name__)
 
@@ -86,15 +86,22 @@ class InferenceApp:
             topic = POLICY_KINDS[self.cfg.follow].topic  # the followed pointer's announcements
             reader = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", topic)
             self.serving.versions.subscribe(reader)
+            if self.serving.beside is not None:  # the canary pointer too, held beside (LoRA)
+                beside = await asyncio.to_thread(TopicFollower, self.cfg.kafka, "inference", POLICY_CANARY.topic)
+                self.serving.beside.subscribe(beside)
         await self.serving.start()
         if follow:
             self.serving.versions.start()
+            if self.serving.beside is not None:
+                self.serving.beside.start()
         await self.server.set_serving()
 
     async def stop(self) -> None:
         self.serving.stopping.set()  # a swap waiting for its group's lease gives up
         await self.server.stop()
         await asyncio.to_thread(self.serving.versions.stop)
+        if self.serving.beside is not None:
+            await asyncio.to_thread(self.serving.beside.stop)
         if self.publisher:
             await asyncio.to_thread(self.publisher.close, 10)
         await self.serving.close()

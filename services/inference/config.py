@@ -10,6 +10,9 @@ from typing import ClassVar
 
 from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionTrustConfig
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The LoRA slot ranks vLLM can be started with (vllm.config.lora.MaxLoRARanks)."""
+
 
 @dataclass(frozen=True)
 class InferenceConfig(ServiceConfig):
@@ -133,6 +136,28 @@ class InferenceConfig(ServiceConfig):
     stream_max_tokens_per_chunk: int = 16
     """Streamed answers: shorten the wait above when, at the stream's own pace, this many tokens
     will be ready sooner; 0: no count bound (the window alone)."""
+    lora_adapters: bool = False
+    """Serve adapter versions (LoRA policies, the trainer's RLHF_TRAINER_POLICY_MODE=lora) in vLLM's
+    LoRA slots: an announced adapter is loaded beside the base weights at run time, without pausing
+    any request, and served once it is proven loaded (services/inference/adapters.py); the previous
+    one stays loaded. Off (default): the engine has no LoRA slots (slightly faster) and an announced
+    adapter version is refused. A full-weight version (a new base) is swapped in place either way."""
+    lora_max_loaded: int = 4
+    """With lora_adapters: most adapter versions held in the engine at once (vLLM's max_cpu_loras).
+    Loading one more unloads the least recently used adapter that no pointer serves and no request
+    runs with; at least 2 (the served adapter and the one replacing it)."""
+    lora_max_batch: int = 2
+    """With lora_adapters: most distinct adapters in one engine batch (vLLM's max_loras): 2 lets the
+    stable and the canary version run side by side; at most RLHF_INFERENCE_LORA_MAX_LOADED."""
+    lora_max_rank: int = 16
+    """With lora_adapters: the largest LoRA rank the slots take (vLLM's max_lora_rank: 1, 8, 16, 32,
+    64, 128, 256, 320 or 512); an adapter of a higher rank is refused."""
+    lora_canary_beside: bool = False
+    """With lora_adapters, on a replica following `current`: also follow the canary pointer
+    (rlhf.policy-canary) and hold its adapter version loaded beside the served one, so that this one
+    engine answers requests naming the canary version (GenerateRequest.policy_version) as well as
+    the stable ones: no separate canary group needed while versions are adapters of one base. Needs
+    RLHF_INFERENCE_LORA_MAX_LOADED of at least 3 (served, canary, and the next one loading)."""
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -176,6 +201,16 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}STREAM_COALESCE_MS={self.stream_coalesce_ms:g}: expected 0 to 1000 milliseconds")
         if self.stream_max_tokens_per_chunk < 0:
             out.append(f"{p}STREAM_MAX_TOKENS_PER_CHUNK must not be negative (0: no count bound)")
+        if self.lora_max_rank not in LORA_RANKS:
+            out.append(f"{p}LORA_MAX_RANK={self.lora_max_rank}: expected one of {', '.join(map(str, LORA_RANKS))}")
+        if self.lora_max_loaded < 2:
+            out.append(f"{p}LORA_MAX_LOADED={self.lora_max_loaded}: at least 2 (the served adapter and the next)")
+        if not 1 <= self.lora_max_batch <= self.lora_max_loaded:
+            out.append(f"{p}LORA_MAX_BATCH={self.lora_max_batch}: expected 1 to {p}LORA_MAX_LOADED")
+        if self.lora_canary_beside and not (self.lora_adapters and self.follow == "current"):
+            out.append(f"{p}LORA_CANARY_BESIDE needs {p}LORA_ADAPTERS=1 and {p}FOLLOW=current")
+        elif self.lora_canary_beside and self.lora_max_loaded < 3:
+            out.append(f"{p}LORA_MAX_LOADED={self.lora_max_loaded}: at least 3 with {p}LORA_CANARY_BESIDE")
         out += self.versions.missing(self.host, follows=("policy",))
         return out
 

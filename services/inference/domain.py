@@ -31,6 +31,9 @@ class GenerationRequest:
     """Who asked, as the gateway authenticated them; empty for the trainer's rollouts."""
     conversation_id: str = ""
     """The conversation the request belongs to, when the client named one."""
+    policy_version: str = ""
+    """The version to answer with, when the caller names one (an adapter version this replica holds:
+    the served one, or the canary beside it); empty: the version this replica serves."""
 
 
 @dataclass

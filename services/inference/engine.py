@@ -9,6 +9,13 @@ and each request is added with its priority (services/inference/priority.py: use
 trainer's rollouts last): the waiting queue is ordered by (priority, arrival), and when the KV cache
 runs out the running request with the highest (priority, arrival) is preempted first. The scheduler
 is vLLM's own Python code, the same in the CPU and the CUDA builds.
+
+With ``lora_adapters`` on, the engine also has vLLM's LoRA slots (``enable_lora``): adapter versions
+are added and removed at run time (``add_adapter`` / ``remove_adapter``, services/inference/adapters.py
+decides which) without touching the base weights, and each request names the adapter it runs with
+(``generate(..., adapter=...)``; None: the base weights). vLLM keeps every added adapter in memory
+(``max_cpu_loras`` = RLHF_INFERENCE_LORA_MAX_LOADED, never exceeded: adapters.py unloads first), so
+an adapter's files are read once, when it is added.
 """
 
 from __future__ import annotations
@@ -17,14 +24,28 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from services.inference.config import InferenceConfig
 from services.inference.domain import Sampling
 
 if TYPE_CHECKING:  # vLLM is imported when the engine starts
+    from vllm.config.lora import MaxLoRARanks
     from vllm.config.model import ModelDType
+    from vllm.lora.request import LoRARequest
     from vllm.v1.engine.async_llm import AsyncLLM
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """An adapter loaded in the engine's LoRA slots: what a request names to run with it."""
+
+    version: str
+    """The policy version the adapter is (its answers carry it as policy_version)."""
+    slot_id: int
+    """vLLM's lora_int_id: unique per version, at least 1 (the version's number on its line)."""
+    path: Path
+    """The verified private copy the engine read it from."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,27 @@ def configure_vllm_environment(cfg: InferenceConfig) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # Our own /metrics replaces vLLM's periodic stats lines.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def lora_engine_args(cfg: InferenceConfig) -> dict[str, Any]:
+    """vLLM's LoRA settings from the config: none unless lora_adapters is on; then LoRA slots for
+    ``lora_max_batch`` adapters in one batch, ``lora_max_loaded`` kept in memory (max_cpu_loras) and
+    ranks up to ``lora_max_rank``."""
+    if not cfg.lora_adapters:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": cfg.lora_max_batch,
+        "max_cpu_loras": cfg.lora_max_loaded,
+        "max_lora_rank": cast("MaxLoRARanks", cfg.lora_max_rank),  # one of them: problems() checks it
+    }
+
+
+def lora_request(adapter: AdapterHandle) -> LoRARequest:
+    """vLLM's request object for a loaded adapter (named by its version, read from its private copy)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.version, lora_int_id=adapter.slot_id, lora_path=str(adapter.path))
 
 
 class VllmEngine:
@@ -77,6 +119,7 @@ class VllmEngine:
             enforce_eager=self.cfg.enforce_eager,
             scheduling_policy="priority" if self.cfg.priority_scheduling else "fcfs",
             disable_log_stats=True,
+            **lora_engine_args(self.cfg),
         )
         self._llm = AsyncLLM.from_engine_args(args)
 
@@ -87,10 +130,16 @@ class VllmEngine:
         return self._llm
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: Sampling, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: Sampling,
+        priority: int = 0,
+        adapter: AdapterHandle | None = None,
     ) -> AsyncIterator[list[EngineOutput]]:
         """Yield, per engine step, the new output of each completion that advanced. ``priority``:
-        lower is scheduled earlier (ignored unless priority_scheduling is on)."""
+        lower is scheduled earlier (ignored unless priority_scheduling is on). ``adapter``: run with
+        this loaded adapter on the base weights (None: the base weights alone)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -109,7 +158,11 @@ class VllmEngine:
         )
         priority = priority if self.cfg.priority_scheduling else 0
         async for out in self.llm.generate(
-            {"prompt_token_ids": prompt_token_ids}, params, request_id, priority=priority
+            {"prompt_token_ids": prompt_token_ids},
+            params,
+            request_id,
+            lora_request=lora_request(adapter) if adapter is not None else None,
+            priority=priority,
         ):
             step = []
             for o in out.outputs:
@@ -140,6 +193,24 @@ class VllmEngine:
         finally:
             if with_requests_running:
                 await self.llm.resume_generation()
+
+    # --- LoRA adapters (lora_adapters on) ---------------------------------------------------------
+
+    async def add_adapter(self, adapter: AdapterHandle) -> None:
+        """Load an adapter's files into the engine's LoRA cache (the base weights are not touched;
+        requests keep running: vLLM does it between two steps). Raises when vLLM cannot load it."""
+        # False: an adapter with this slot id is already there (the same version: nothing to do).
+        added = await self.llm.add_lora(lora_request(adapter))
+        if not added and adapter.slot_id not in await self.llm.list_loras():
+            raise RuntimeError(f"vLLM did not add adapter {adapter.version} (slot {adapter.slot_id})")
+
+    async def remove_adapter(self, adapter: AdapterHandle) -> bool:
+        """Unload an adapter (no request may still run with it); False when it was not loaded."""
+        return await self.llm.remove_lora(adapter.slot_id)
+
+    async def loaded_adapters(self) -> set[int]:
+        """The slot ids of the adapters the engine holds now."""
+        return set(await self.llm.list_loras())
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -57,3 +57,26 @@ ROLLING_DRAIN_TIMEOUTS = Counter(
     "rlhf_inference_rolling_drain_timeouts_total",
     "Rolling swaps whose requests in flight outlasted RLHF_INFERENCE_SWAP_DRAIN_TIMEOUT_S (swapped immediately)",
 )
+
+# --- adapter versions in the engine's LoRA slots (adapters.py) -----------------------------------
+ADAPTERS_LOADED = Gauge("rlhf_inference_adapters_loaded", "Adapter versions held in the engine's LoRA slots")
+ADAPTER_LOADS = Counter(
+    "rlhf_inference_adapter_loads_total",
+    "Adapter versions loaded into the engine, by outcome (ok, failed)",
+    ["outcome"],
+)
+ADAPTER_UNLOADS = Counter(
+    "rlhf_inference_adapter_unloads_total",
+    "Adapter versions unloaded, by reason (lru: room for another; base_changed: a new base dropped them)",
+    ["reason"],
+)
+ADAPTER_LOAD_SECONDS = Histogram(
+    "rlhf_inference_adapter_load_seconds",
+    "Time to load an adapter version and prove it serves (add to the engine, one-token probe)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ADAPTER_REQUESTS = Counter(
+    "rlhf_inference_adapter_requests_total",
+    "Requests served with an adapter version, by whether they named it (named) or took the served one (served)",
+    ["how"],
+)

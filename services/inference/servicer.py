@@ -35,6 +35,7 @@ def request_from_proto(serving: InferenceServing, msg: inference_pb2.GenerateReq
         source=msg.source or "user",
         principal=msg.principal,
         conversation_id=msg.conversation_id,
+        policy_version=msg.policy_version,
     )
 
 

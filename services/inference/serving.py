@@ -10,6 +10,12 @@ Rolling swaps (a group of several replicas, RLHF_INFERENCE_SWAP_LEASE_DIR set): 
 is swapped in while this replica holds its group's lease (swap_lease.py), so that one replica of the
 group swaps at a time; meanwhile it reports NOT_SERVING to the channels that route to it
 (``set_routable``), lets its requests in flight finish (bounded), reloads and reports SERVING again.
+
+Adapter versions (RLHF_INFERENCE_LORA_ADAPTERS; adapters.py): an announced LoRA adapter of the base
+the engine holds is loaded into the engine's LoRA slots and proven, then new requests take it; no
+request is held or recomputed (``_swap_adapter``), and the previous adapter stays loaded. A request
+may name any loaded version (``GenerationRequest.policy_version``). A full-weight version is a new
+base: swapped in place as above, which drops the loaded adapters.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from services.inference import metrics
+from services.inference.adapters import AdapterLoadError, AdapterSlots, adapter_check, is_adapter
 from services.inference.config import InferenceConfig, swap_drain_s
 from services.inference.domain import (
     ROLES,
@@ -36,27 +43,37 @@ from services.inference.domain import (
     PolicyStatus,
     Sampling,
 )
-from services.inference.engine import VllmEngine
+from services.inference.engine import AdapterHandle, VllmEngine
 from services.inference.load import LoadTicket, LoadTracker
 from services.inference.priority import priority_class, request_priority
 from services.inference.streaming import coalesce_delay
 from services.inference.swap_gate import SwapGate
 from services.inference.swap_lease import LeaseAbandoned, SwapLease
 from services.inference.weights import check_compatible
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
 from shared.kafka.publishers import Outbox
 from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore, ModelStoreError
+from shared.models.adapters import adapter_info
 from shared.models.encoding import render_prompt
 from shared.version_copies import PrivateCopies
-from shared.version_line import POLICY_KINDS, VerifiedVersion, VersionFollower, VersionLine, VersionRefused
+from shared.version_line import (
+    POLICY_CANARY,
+    POLICY_KINDS,
+    VerifiedVersion,
+    VersionFollower,
+    VersionLine,
+    VersionRefused,
+)
 
 log = get_logger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+MAX_VERSION_CHARS = 64
+"""Longest policy_version a request may name (a version name is ``<line>-<NNNN>``)."""
 
 
 class GenerationStream:
@@ -75,7 +92,9 @@ class GenerationStream:
         """This request's place in the replica's load counts (load.py), told of its first token."""
         self.request = req
         self.request_id = f"req-{uuid.uuid4().hex}"
-        self.policy_version = serving.policy_version
+        self.policy_version = req.policy_version or serving.policy_version
+        self.adapter: AdapterHandle | None = None
+        """The loaded adapter this request runs with (set at admission; None: the base weights)."""
         self.swaps_at_admission = serving.swaps
         self.model = serving.cfg.served_model_name
         self.prompt_token_ids = prompt_token_ids
@@ -101,9 +120,15 @@ class GenerationStream:
         engine = self.serving.engine
         done = 0
         taken_at = 0.0  # when the previous step came from the engine (0: none yet)
+        # Only a request on an adapter names one (engines without LoRA slots take no adapter argument).
+        on_adapter = {"adapter": self.adapter} if self.adapter is not None else {}
         try:
             async for step in engine.generate(
-                self.request_id, self.prompt_token_ids, self.request.sampling, request_priority(self.request.source)
+                self.request_id,
+                self.prompt_token_ids,
+                self.request.sampling,
+                request_priority(self.request.source),
+                **on_adapter,
             ):
                 now = time.monotonic()
                 for out in step:
@@ -177,6 +202,13 @@ class InferenceServing:
         self.tokenizer: Any = None
         self.policy_version = ""
         self.policy_dir: Path | None = None
+        self.base_version = ""
+        """The full-weight version the engine holds: the served version, or the base of the served adapter."""
+        self.base_dir: Path | None = None
+        self.adapters = AdapterSlots(engine, cfg.lora_max_loaded, cfg.lora_max_rank) if cfg.lora_adapters else None
+        """The adapter versions in the engine's LoRA slots (None: RLHF_INFERENCE_LORA_ADAPTERS off)."""
+        self.adapter_pins: set[str] = set()
+        """Adapter versions a pointer other than the followed one serves here (kept loaded)."""
         self.serving_since = 0.0
         self.swaps = 0
         self.swap_log: list[tuple[int, str]] = []
@@ -200,6 +232,21 @@ class InferenceServing:
         """The policy line as this replica follows it: announcements are authenticated and verified
         there, each version copied into this replica's private directory, and the verified copy
         comes back to ``swap_to`` (the engine loads the bytes that were checked, never the store's)."""
+        self.beside_version = ""
+        """The canary pointer's version, held beside the served one (RLHF_INFERENCE_LORA_CANARY_BESIDE)."""
+        self.beside = (
+            VersionFollower(
+                VersionLine(store, POLICY_CANARY, keys=cfg.versions.verify_keys("policy")),
+                serving=lambda: self.beside_version,
+                swap=self._beside_from_follower,
+                refused=metrics.SWAP_REFUSED,
+                check=self._check_compatible,
+                copies=PrivateCopies(cfg.versions.copies_dir, "policy"),
+            )
+            if cfg.lora_canary_beside
+            else None
+        )
+        """The canary pointer as this replica follows it beside its own (None: it follows one pointer)."""
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -215,17 +262,68 @@ class InferenceServing:
         if verified is None:
             raise Unavailable(f"no policy version in the model store at {self.store.root}; run `rlhf bootstrap`")
         version, model_dir = verified.version, verified.path
+        base = await asyncio.to_thread(self._base_at_start, verified)  # itself, or the adapter's base
         from shared.models.loading import load_tokenizer
 
-        self.tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, base.path)
         if not getattr(self.tokenizer, "chat_template", None):
             raise Unavailable(f"{version}: the tokenizer has no chat template")
         started = time.monotonic()
-        await self.engine.start(model_dir)
+        await self.engine.start(base.path)
+        self.base_version, self.base_dir = base.version, base.path
+        if self.adapters is not None:
+            self.adapters.probe_prompt = [self.tokenizer.bos_token_id or 0]
+        if base is not verified:
+            await self._load_adapter_at_start(verified)
         self._set_version(version, model_dir)
         self._loop = asyncio.get_running_loop()
+        await self._start_beside()
         self.ready = True
         log_event(log, "policy loaded", version=version, load_s=round(time.monotonic() - started, 2))
+
+    def _base_at_start(self, verified: VerifiedVersion) -> VerifiedVersion:
+        """The full-weight version the engine starts from: ``verified`` itself, or, for an adapter
+        version, its base (signed and copied privately like any version; kept among the served
+        copies, the engine's weights, as long as adapters of it are served)."""
+        if not is_adapter(verified.manifest):
+            return verified
+        if self.adapters is None:
+            raise Unavailable(f"{verified.version} is an adapter version; serve it with RLHF_INFERENCE_LORA_ADAPTERS=1")
+        try:
+            info = adapter_info(verified.manifest)
+            assert info is not None
+            base = self.versions.line.materialize(info.base_version, self.versions.private, expected_sha256=None)
+        except (VersionRefused, ModelStoreError, ValueError) as exc:
+            raise Unavailable(f"cannot start from adapter {verified.version}: {exc}") from None
+        self.versions.private.promote(base.path)
+        self.versions.private.promote(verified.path)  # the served copy last: the base stays the "previous"
+        return base
+
+    async def _load_adapter_at_start(self, verified: VerifiedVersion) -> None:
+        assert self.adapters is not None and self.base_dir is not None
+        try:
+            adapter_check(verified, self.base_version, self.base_dir, self.store, self.cfg.lora_max_rank)
+            await self.adapters.load(verified.version, verified.path)
+        except (VersionRefused, ValueError, AdapterLoadError) as exc:
+            raise Unavailable(f"cannot start from adapter {verified.version}: {exc}") from None
+
+    async def _start_beside(self) -> None:
+        """Load the canary pointer's version beside the served one (RLHF_INFERENCE_LORA_CANARY_BESIDE);
+        one that cannot be held here is logged and the replica serves its own version alone."""
+        if self.beside is None:
+            return
+        try:
+            verified = await asyncio.to_thread(self.beside.initial)
+        except (VersionRefused, ModelStoreError) as exc:
+            log_event(log, "the canary version cannot be held beside", level=30, error=str(exc))
+            return
+        if verified is not None:
+            try:
+                await asyncio.to_thread(self._check_compatible, verified)
+            except (VersionRefused, ValueError) as exc:
+                log_event(log, "the canary version cannot be held beside", level=30, error=str(exc))
+                return
+            await self.hold_beside(verified)
 
     def _set_version(self, version: str, model_dir: Path) -> None:
         if self.policy_version:
@@ -305,14 +403,39 @@ class InferenceServing:
         arrived = time.monotonic()
         prompt_ids = self.validate(req)
         async with self.gate.admit():
+            stream = GenerationStream(self, req, prompt_ids, arrived)
+            stream.adapter = self._adapter_for(stream.policy_version, named=bool(req.policy_version))
             metrics.REQUESTS_BY_PRIORITY.labels(priority_class(request_priority(req.source))).inc()
             metrics.IN_FLIGHT.inc()
-            ticket = self.load.enter(req.source, arrived)
+            stream.load = ticket = self.load.enter(req.source, arrived)
             try:
-                yield GenerationStream(self, req, prompt_ids, arrived, load=ticket)
+                yield stream
             finally:
                 metrics.IN_FLIGHT.dec()
                 ticket.leave()
+                if stream.adapter is not None and self.adapters is not None:
+                    self.adapters.release(stream.adapter)
+
+    def _adapter_for(self, version: str, *, named: bool) -> AdapterHandle | None:
+        """The loaded adapter a request on ``version`` runs with, counted as in use (None: the base
+        weights serve it). NotFound for a named version this replica does not serve."""
+        if len(version) > MAX_VERSION_CHARS:
+            raise InvalidArgument(
+                f"policy_version is longer than {MAX_VERSION_CHARS} characters", param="policy_version"
+            )
+        handle = self.adapters.acquire(version) if self.adapters is not None else None
+        if handle is not None:
+            metrics.ADAPTER_REQUESTS.labels("named" if named else "served").inc()
+            return handle
+        if version not in (self.policy_version, self.base_version):
+            served = sorted({self.policy_version, *(self.adapters.versions if self.adapters else [])})
+            raise NotFound(
+                f"policy_version {version} is not served by this replica (it serves {', '.join(served)})",
+                param="policy_version",
+            )
+        if version != self.base_version:  # the served adapter is always loaded; a bug otherwise
+            raise Unavailable(f"adapter {version} is not loaded")
+        return None
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         async with self.stream(req) as stream:
@@ -375,7 +498,8 @@ class InferenceServing:
         """The follower thread's swap: run ``swap_to`` on the serving loop and wait for it; for a
         replica of a group, a ``rolling_swap`` while it holds the group's lease."""
         assert self._loop is not None, "start() first"
-        if self.lease is None:
+        if self.lease is None or is_adapter(verified.manifest):
+            # An adapter swap holds no request: no need to leave the group's routing for it.
             return asyncio.run_coroutine_threadsafe(self.swap_to(verified), self._loop).result()
         if verified.version == self.policy_version:
             return False
@@ -419,9 +543,21 @@ class InferenceServing:
             await asyncio.sleep(cfg.swap_settle_s)
 
     def _check_compatible(self, verified: VerifiedVersion) -> None:
-        """The new weights must fit the engine's model in place (raises IncompatibleWeights)."""
-        assert self.policy_dir is not None
-        check_compatible(self.policy_dir, verified.path)
+        """The new weights must fit the engine's model in place (raises IncompatibleWeights); an
+        adapter must be one of the base the engine holds, fit its layers and the LoRA slots
+        (adapters.adapter_check: VersionRefused or IncompatibleWeights)."""
+        served = self.base_dir or self.policy_dir  # the weights the engine holds
+        assert served is not None
+        if is_adapter(verified.manifest):
+            if self.adapters is None:
+                raise VersionRefused(
+                    "adapters_disabled",
+                    f"{verified.version} is an adapter version; this replica serves none "
+                    "(RLHF_INFERENCE_LORA_ADAPTERS=1 serves them)",
+                )
+            adapter_check(verified, self.base_version, served, self.store, self.cfg.lora_max_rank)
+            return
+        check_compatible(served, verified.path)
 
     async def swap_to(self, verified: VerifiedVersion, drain_s: float | None = None) -> bool:
         """Hot-swap the engine to a verified version, holding new requests at most ``drain_s`` while
@@ -429,6 +565,10 @@ class InferenceServing:
         running then are recomputed on the new weights and list both versions."""
         if verified.version == self.policy_version:
             return False
+        if is_adapter(verified.manifest):
+            return await self._swap_adapter(verified)
+        if verified.version == self.base_version and self.adapters is not None:
+            return self._serve_base(verified)  # back from an adapter to the weights the engine holds
         new_dir = verified.path
         if drain_s is None:
             drain_s = swap_drain_s(self.cfg)
@@ -450,11 +590,17 @@ class InferenceServing:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 # The engine may hold part of the new tensors: reload the served version in full.
-                assert self.policy_dir is not None  # set by start(), before any swap
-                await self.engine.reload_weights(self.policy_dir, with_requests_running=running)
+                served = self.base_dir or self.policy_dir  # set by start(), before any swap
+                assert served is not None
+                await self.engine.reload_weights(served, with_requests_running=running)
+                await self._reload_served_adapter()
                 return False
             old = self.policy_version
             self._set_version(verified.version, new_dir)
+            self.base_version, self.base_dir = verified.version, new_dir
+            if self.adapters is not None:
+                self.adapters.forget_all()  # vLLM dropped them with the old base
+                self.adapter_pins.clear()  # a canary held beside was an adapter of the old base too
             self.swaps += 1
             self.swap_log = [*self.swap_log[-99:], (self.swaps, verified.version)]
         pause = time.monotonic() - closed_at
@@ -476,6 +622,108 @@ class InferenceServing:
             pause_ms=round(pause * 1e3, 1),
         )
         return True
+
+    async def _swap_adapter(self, verified: VerifiedVersion) -> bool:
+        """Serve an adapter version (checked by ``_check_compatible``): load it beside the served
+        one and prove it (adapters.AdapterSlots.load), then point new requests at it. Nothing is held:
+        requests in flight finish with the version they were admitted with. A load that fails is
+        refused (``adapter_load_failed``) and the served version is unchanged."""
+        assert self.adapters is not None
+        started = time.monotonic()
+        keep = {self.policy_version, *self.adapter_pins}
+        try:
+            await self.adapters.load(verified.version, verified.path, keep=keep)
+        except AdapterLoadError as exc:
+            self.reload_failures += 1
+            metrics.SWAP_REFUSED.labels("adapter_load_failed").inc()
+            log_event(
+                log,
+                "adapter load failed; still serving the old version",
+                level=40,
+                version=verified.version,
+                serving=self.policy_version,
+                error=str(exc),
+            )
+            return False
+        old = self.policy_version
+        self._set_version(verified.version, verified.path)  # no await since the load: one step
+        self.swaps += 1  # not in swap_log: no request in flight changes version
+        assert self.base_dir is not None
+        self.versions.private.promote(self.base_dir)  # the engine's base stays among the kept copies
+        seconds = time.monotonic() - started
+        metrics.SWAPS.inc()
+        log_event(
+            log,
+            "swapped to adapter version",
+            old=old,
+            new=verified.version,
+            base=self.base_version,
+            reason=verified.reason,
+            loaded=self.adapters.versions,
+            in_flight=self.gate.in_flight,
+            load_ms=round(seconds * 1e3, 1),
+        )
+        return True
+
+    def _beside_from_follower(self, verified: VerifiedVersion) -> bool:
+        """The canary follower thread's swap: ``hold_beside`` on the serving loop."""
+        assert self._loop is not None, "start() first"
+        return asyncio.run_coroutine_threadsafe(self.hold_beside(verified), self._loop).result()
+
+    async def hold_beside(self, verified: VerifiedVersion) -> bool:
+        """Hold the canary pointer's version loaded beside the served one (its adapter pinned: never
+        unloaded while it is the canary), so that requests naming it are answered here; the served
+        version does not change. A full-weight version is held only if it is the base the engine
+        has (the canary pointer back on the stable version); another one cannot be served beside."""
+        if not is_adapter(verified.manifest):
+            if verified.version != self.base_version:
+                metrics.SWAP_REFUSED.labels("not_beside").inc()
+                log_event(
+                    log,
+                    "a full-weight canary cannot be served beside this engine's base",
+                    level=30,
+                    version=verified.version,
+                    base=self.base_version,
+                )
+                return False
+            self.adapter_pins.clear()
+            self.beside_version = verified.version
+            return True
+        assert self.adapters is not None  # lora_canary_beside needs lora_adapters (config.problems)
+        try:
+            await self.adapters.load(verified.version, verified.path, keep={self.policy_version})
+        except AdapterLoadError as exc:
+            metrics.SWAP_REFUSED.labels("adapter_load_failed").inc()
+            log_event(log, "could not load the canary beside", level=40, version=verified.version, error=str(exc))
+            return False
+        self.adapter_pins = {verified.version}
+        self.beside_version = verified.version
+        log_event(log, "holding the canary beside", version=verified.version, serving=self.policy_version)
+        return True
+
+    def _serve_base(self, verified: VerifiedVersion) -> bool:
+        """Serve the base weights the engine holds (a rollback from an adapter to its base): new
+        requests run without an adapter; nothing is reloaded or held."""
+        old = self.policy_version
+        self._set_version(verified.version, verified.path)
+        self.swaps += 1
+        assert self.base_dir is not None
+        self.versions.private.promote(self.base_dir)
+        metrics.SWAPS.inc()
+        log_event(log, "serving the base weights", old=old, new=verified.version, reason=verified.reason)
+        return True
+
+    async def _reload_served_adapter(self) -> None:
+        """After the base weights were reloaded (vLLM dropped every adapter): load the served
+        adapter again, if one is served."""
+        if self.adapters is None:
+            return
+        self.adapters.forget_all()
+        if self.policy_version != self.base_version and self.policy_dir is not None:
+            try:
+                await self.adapters.load(self.policy_version, self.policy_dir)
+            except AdapterLoadError as exc:
+                log_event(log, "could not reload the served adapter", level=40, error=str(exc))
 
     def versions_since(self, swaps_seen: int) -> list[str]:
         return [version for n, version in self.swap_log if n > swaps_seen]
@@ -499,3 +747,5 @@ class InferenceServing:
         self.ready = False
         self.engine.shutdown()
         self.versions.private.close()
+        if self.beside is not None:
+            self.beside.private.close()

@@ -3,6 +3,10 @@
 In-place reload keeps the engine's model object, so the new checkpoint must have exactly the same
 architecture and tensor names, shapes and dtypes. Checked from config.json and the safetensors
 headers alone, before the engine is touched.
+
+An adapter version (LoRA) is checked against the base weights the engine holds instead
+(``check_adapter_fits``): only LoRA factors, of linear weights the base has, in shapes that fit them
+at the adapter's rank, within the engine's slot rank.
 """
 
 from __future__ import annotations
@@ -66,3 +70,72 @@ def check_compatible(served_dir: Path, new_dir: Path) -> None:
     for name, (shape, dtype) in served.items():
         if new[name] != (shape, dtype):
             raise IncompatibleWeights(f"{new_dir.name}: tensor {name} is {new[name]}, served is {(shape, dtype)}")
+
+
+# --- adapters (LoRA) ---------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+"""What PEFT puts before the base model's module names in an adapter's tensor names."""
+LORA_FACTORS = {"lora_A": "A", "lora_B": "B"}
+
+
+def lora_tensor_target(name: str) -> tuple[str, str] | None:
+    """``(base weight name, "A" | "B")`` for a PEFT LoRA tensor name, or None for any other tensor.
+
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ->
+    ``("model.layers.0.self_attn.q_proj.weight", "A")`` (PEFT's prefix dropped, the factor's name
+    replaced by the base weight's).
+    """
+    parts = name.removeprefix(PEFT_PREFIX).split(".")
+    if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in LORA_FACTORS:
+        return None
+    return ".".join([*parts[:-2], "weight"]), LORA_FACTORS[parts[-2]]
+
+
+def lora_shape_problem(factor: str, shape: tuple[int, ...], base_shape: tuple[int, ...], rank: int) -> str | None:
+    """Why a LoRA factor cannot apply to a base weight of ``base_shape`` = (out, in), or None.
+
+    LoRA adds ``B @ A`` to the weight: A is (rank, in), B is (out, rank)."""
+    if len(base_shape) != 2:
+        return f"the base tensor is {len(base_shape)}-dimensional, not a linear layer's weight"
+    out_features, in_features = base_shape
+    expected = (rank, in_features) if factor == "A" else (out_features, rank)
+    if shape != expected:
+        return f"lora_{factor} is {list(shape)}, expected {list(expected)} for rank {rank} on {list(base_shape)}"
+    return None
+
+
+def check_adapter_fits(base_dir: Path, adapter_dir: Path, rank: int, max_rank: int) -> None:
+    """Raise IncompatibleWeights unless the adapter's tensors are LoRA factors of rank ``rank``
+    (at most ``max_rank``, the engine's slots) for linear weights the base model has, in shapes that
+    fit them, both factors of every module present. Read from the safetensors headers alone: an
+    adapter that would fail inside the engine (a shape that does not fit its slot) is refused before
+    the engine sees it."""
+    if rank > max_rank:
+        raise IncompatibleWeights(f"{adapter_dir.name}: LoRA rank {rank} exceeds the engine's slots (max {max_rank})")
+    try:
+        adapter = tensor_signature(adapter_dir)
+    except IncompatibleWeights:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on a corrupt header
+        raise IncompatibleWeights(f"{adapter_dir.name}: unreadable safetensors ({type(exc).__name__}: {exc})") from None
+    base = tensor_signature(base_dir)
+    factors: dict[str, set[str]] = {}
+    for name, (shape, dtype) in sorted(adapter.items()):
+        target = lora_tensor_target(name)
+        if target is None:
+            raise IncompatibleWeights(f"{adapter_dir.name}: {name} is not a LoRA factor (lora_A / lora_B)")
+        weight, factor = target
+        if weight not in base:
+            raise IncompatibleWeights(f"{adapter_dir.name}: {name} targets {weight}, which the base model lacks")
+        if dtype not in ("F32", "F16", "BF16"):
+            raise IncompatibleWeights(f"{adapter_dir.name}: {name} has dtype {dtype}, not a float")
+        problem = lora_shape_problem(factor, shape, base[weight][0], rank)
+        if problem:
+            raise IncompatibleWeights(f"{adapter_dir.name}: {name}: {problem}")
+        factors.setdefault(weight, set()).add(factor)
+    if not factors:
+        raise IncompatibleWeights(f"{adapter_dir.name}: the adapter has no LoRA tensors")
+    lone = sorted(weight for weight, have in factors.items() if have != {"A", "B"})
+    if lone:
+        raise IncompatibleWeights(f"{adapter_dir.name}: only one LoRA factor for {lone[0]}")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/inference.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xe5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\t\n\x01n\x18\x07 \x01(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xa0\x01\n\x0fGenerateRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\"\xa3\x01\n\nCompletion\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0e\n\x06tokens\x18\x07 \x03(\t\x12\x17\n\x0fpolicy_versions\x18\x08 \x03(\t\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12(\n\x0b\x63ompletions\x18\x05 \x03(\x0b\x32\x13.rlhf.v1.Completion\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\x81\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x13\n\x0bresponse_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x03(\x02\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x1d\n\x05usage\x18\n \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12\x0e\n\x06tokens\x18\x0c \x03(\t\"\x12\n\x10GetPolicyRequest\"\x89\x01\n\nPolicyInfo\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rserving_since\x18\x03 \x01(\x01\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05swaps\x18\x05 \x01(\r\x12\x17\n\x0frefused_updates\x18\x06 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xe4\x01\n\x08LoadInfo\x12\x16\n\x0euser_in_flight\x18\x01 \x01(\r\x12\x14\n\x0cuser_waiting\x18\x02 \x01(\r\x12\x19\n\x11trainer_in_flight\x18\x03 \x01(\r\x12\x17\n\x0ftrainer_waiting\x18\x04 \x01(\r\x12\x17\n\x0fuser_ttft_p50_s\x18\x05 \x01(\x01\x12\x19\n\x11user_ttft_samples\x18\x06 \x01(\r\x12\x15\n\rttft_window_s\x18\x07 \x01(\x01\x12\x14\n\x0cuser_quiet_s\x18\x08 \x01(\x01\x12\x15\n\ruser_requests\x18\t \x01(\x04\x32\x8d\x02\n\x10InferenceService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x16.rlhf.v1.GenerateChunk0\x01\x12;\n\tGetPolicy\x12\x19.rlhf.v1.GetPolicyRequest\x1a\x13.rlhf.v1.PolicyInfo\x12\x35\n\x07GetLoad\x12\x17.rlhf.v1.GetLoadRequest\x1a\x11.rlhf.v1.LoadInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/inference.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xe5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\t\n\x01n\x18\x07 \x01(\r\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xb8\x01\n\x0fGenerateRequest\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\x12\x16\n\x0epolicy_version\x18\x06 \x01(\t\"\xa3\x01\n\nCompletion\x12\x13\n\x0bresponse_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x10\n\x08logprobs\x18\x05 \x03(\x02\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\x0e\n\x06tokens\x18\x07 \x03(\t\x12\x17\n\x0fpolicy_versions\x18\x08 \x03(\t\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12(\n\x0b\x63ompletions\x18\x05 \x03(\x0b\x32\x13.rlhf.v1.Completion\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\x81\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\x12\x13\n\x0bresponse_id\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x10\n\x08logprobs\x18\x08 \x03(\x02\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x1d\n\x05usage\x18\n \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x0b \x03(\r\x12\x0e\n\x06tokens\x18\x0c \x03(\t\"\x12\n\x10GetPolicyRequest\"\x89\x01\n\nPolicyInfo\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rserving_since\x18\x03 \x01(\x01\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\r\n\x05swaps\x18\x05 \x01(\r\x12\x17\n\x0frefused_updates\x18\x06 \x01(\r\"\x10\n\x0eGetLoadRequest\"\xe4\x01\n\x08LoadInfo\x12\x16\n\x0euser_in_flight\x18\x01 \x01(\r\x12\x14\n\x0cuser_waiting\x18\x02 \x01(\r\x12\x19\n\x11trainer_in_flight\x18\x03 \x01(\r\x12\x17\n\x0ftrainer_waiting\x18\x04 \x01(\r\x12\x17\n\x0fuser_ttft_p50_s\x18\x05 \x01(\x01\x12\x19\n\x11user_ttft_samples\x18\x06 \x01(\r\x12\x15\n\rttft_window_s\x18\x07 \x01(\x01\x12\x14\n\x0cuser_quiet_s\x18\x08 \x01(\x01\x12\x15\n\ruser_requests\x18\t \x01(\x04\x32\x8d\x02\n\x10InferenceService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x16.rlhf.v1.GenerateChunk0\x01\x12;\n\tGetPolicy\x12\x19.rlhf.v1.GetPolicyRequest\x1a\x13.rlhf.v1.PolicyInfo\x12\x35\n\x07GetLoad\x12\x17.rlhf.v1.GetLoadRequest\x1a\x11.rlhf.v1.LoadInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=59
   _globals['_SAMPLINGPARAMS']._serialized_end=288
   _globals['_GENERATEREQUEST']._serialized_start=291
-  _globals['_GENERATEREQUEST']._serialized_end=451
-  _globals['_COMPLETION']._serialized_start=454
-  _globals['_COMPLETION']._serialized_end=617
-  _globals['_GENERATERESPONSE']._serialized_start=620
-  _globals['_GENERATERESPONSE']._serialized_end=796
-  _globals['_GENERATECHUNK']._serialized_start=799
-  _globals['_GENERATECHUNK']._serialized_end=1056
-  _globals['_GETPOLICYREQUEST']._serialized_start=1058
-  _globals['_GETPOLICYREQUEST']._serialized_end=1076
-  _globals['_POLICYINFO']._serialized_start=1079
-  _globals['_POLICYINFO']._serialized_end=1216
-  _globals['_GETLOADREQUEST']._serialized_start=1218
-  _globals['_GETLOADREQUEST']._serialized_end=1234
-  _globals['_LOADINFO']._serialized_start=1237
-  _globals['_LOADINFO']._serialized_end=1465
-  _globals['_INFERENCESERVICE']._serialized_start=1468
-  _globals['_INFERENCESERVICE']._serialized_end=1737
+  _globals['_GENERATEREQUEST']._serialized_end=475
+  _globals['_COMPLETION']._serialized_start=478
+  _globals['_COMPLETION']._serialized_end=641
+  _globals['_GENERATERESPONSE']._serialized_start=644
+  _globals['_GENERATERESPONSE']._serialized_end=820
+  _globals['_GENERATECHUNK']._serialized_start=823
+  _globals['_GENERATECHUNK']._serialized_end=1080
+  _globals['_GETPOLICYREQUEST']._serialized_start=1082
+  _globals['_GETPOLICYREQUEST']._serialized_end=1100
+  _globals['_POLICYINFO']._serialized_start=1103
+  _globals['_POLICYINFO']._serialized_end=1240
+  _globals['_GETLOADREQUEST']._serialized_start=1242
+  _globals['_GETLOADREQUEST']._serialized_end=1258
+  _globals['_LOADINFO']._serialized_start=1261
+  _globals['_LOADINFO']._serialized_end=1489
+  _globals['_INFERENCESERVICE']._serialized_start=1492
+  _globals['_INFERENCESERVICE']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)

@@ -28,18 +28,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., logprobs: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "sampling", "source", "principal", "conversation_id")
+    __slots__ = ("messages", "sampling", "source", "principal", "conversation_id", "policy_version")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: SamplingParams
     source: str
     principal: str
     conversation_id: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., source: _Optional[str] = ..., principal: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
+    policy_version: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., source: _Optional[str] = ..., principal: _Optional[str] = ..., conversation_id: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("response_id", "index", "text", "token_ids", "logprobs", "finish_reason", "tokens", "policy_versions")

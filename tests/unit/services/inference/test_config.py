@@ -95,6 +95,34 @@ def test_priority_scheduling_is_on_unless_turned_off():
     assert load_config(InferenceConfig, {"RLHF_INFERENCE_PRIORITY_SCHEDULING": "0"}).priority_scheduling is False
 
 
+def test_adapter_serving_is_off_by_default_and_its_bounds_load():
+    assert load_config(InferenceConfig, {}).lora_adapters is False
+    cfg = load_config(
+        InferenceConfig,
+        {
+            "RLHF_INFERENCE_LORA_ADAPTERS": "1",
+            "RLHF_INFERENCE_LORA_MAX_LOADED": "3",
+            "RLHF_INFERENCE_LORA_MAX_RANK": "8",
+        },
+    )
+    assert (cfg.lora_adapters, cfg.lora_max_loaded, cfg.lora_max_batch, cfg.lora_max_rank) == (True, 3, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RLHF_INFERENCE_LORA_MAX_RANK": "4"}, "RLHF_INFERENCE_LORA_MAX_RANK=4: expected one of 1, 8, 16"),
+        ({"RLHF_INFERENCE_LORA_MAX_LOADED": "1"}, "RLHF_INFERENCE_LORA_MAX_LOADED=1: at least 2"),
+        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "5"}, "RLHF_INFERENCE_LORA_MAX_BATCH=5: expected 1 to"),
+        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "0"}, "RLHF_INFERENCE_LORA_MAX_BATCH=0"),
+    ],
+)
+def test_bad_adapter_settings_are_refused_naming_the_variable(env, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(InferenceConfig, env)
+    assert message in str(err.value)
+
+
 def test_the_prompt_bound_and_the_outbox_settings_load_and_are_checked_by_name(tmp_path):
     from services.inference.config import outbox_spill_dir
 
@@ -112,3 +140,16 @@ def test_the_prompt_bound_and_the_outbox_settings_load_and_are_checked_by_name(t
     ]:
         with pytest.raises(ConfigError, match=name):
             load_config(InferenceConfig, env)
+
+
+def test_holding_the_canary_beside_needs_adapters_on_a_stable_replica_with_room_for_three():
+    on = {"RLHF_INFERENCE_LORA_ADAPTERS": "1", "RLHF_INFERENCE_LORA_CANARY_BESIDE": "1"}
+    assert load_config(InferenceConfig, on).lora_canary_beside is True
+    for env, message in [
+        ({"RLHF_INFERENCE_LORA_CANARY_BESIDE": "1"}, "LORA_CANARY_BESIDE needs RLHF_INFERENCE_LORA_ADAPTERS=1"),
+        ({**on, "RLHF_INFERENCE_FOLLOW": "canary"}, "and RLHF_INFERENCE_FOLLOW=current"),
+        ({**on, "RLHF_INFERENCE_LORA_MAX_LOADED": "2"}, "RLHF_INFERENCE_LORA_MAX_LOADED=2: at least 3"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config(InferenceConfig, env)
+        assert message in str(err.value)
