@@ -13,6 +13,7 @@ from shared.config import KafkaConfig, ModelStoreConfig, ServiceConfig, VersionT
 
 if TYPE_CHECKING:
     from services.trainer.guards import GuardSpec
+    from services.trainer.models import ModelSettings
     from services.trainer.user_load import YieldSettings
 
 DEFAULT_PROMPT_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -132,10 +133,13 @@ class TrainerConfig(ServiceConfig):
     """Start paused (Status/Publish/Rollback work; no training until Resume)."""
     idle_sleep_s: float = 2.0
     """Pause between attempts when an iteration could not run (no prompts, a dependency down)."""
-    yield_user_in_flight: int = 8
+    yield_user_in_flight: int = 6
     """Yield to users: send no rollouts while this many user requests are in flight on the inference
     replica (its GetLoad), until the load falls to YIELD_RESUME_FRACTION of every threshold; fewer
-    rollouts at once above that fraction (services/trainer/user_load.py). 0: not a criterion."""
+    rollouts at once above that fraction (services/trainer/user_load.py). 0: not a criterion. 6: eight
+    clients streaming without pause (7-8 in flight) make it yield for as long as they stay, while the
+    demo's four simulated users (at most 4 in flight) leave it sampling, at two thirds of the
+    concurrency at worst (8 yielded only now and then at eight clients: 3 s of 13)."""
     yield_user_waiting: int = 4
     """Yield while this many user requests wait for their first token (queued or in prefill). 0: not a
     criterion."""
@@ -159,6 +163,34 @@ class TrainerConfig(ServiceConfig):
     trainer first started (then kept in the checkpoint)."""
     torch_threads: int = 0
     """Intra-op threads of training; 0 keeps torch's default (one per core)."""
+    policy_mode: str = "full"
+    """What trains: `full` (every weight of the policy; the reference is a frozen copy, publishes
+    full weights) or `lora` (LoRA adapters on the frozen base with PEFT; the reference is the base
+    with the adapter switched off, no copy; publishes only the adapter, a version whose manifest
+    names its base, see shared/models/adapters.py). Default full: the default model has 0.95M
+    parameters, its weights are 4 MB, so LoRA saves no memory worth having and trains less of it."""
+    lora_rank: int = 8
+    """LoRA rank r of a new adapter (POLICY_MODE=lora); inference's max LoRA rank must be at least this."""
+    lora_alpha: float = 16.0
+    """LoRA alpha of a new adapter: the update is scaled by alpha / rank."""
+    lora_dropout: float = 0.0
+    """Dropout on a new adapter's input during training, in [0, 1)."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Comma-separated names of the linear modules that get an adapter (default: every linear layer
+    of a Llama/Qwen2 block)."""
+    value_model: str = "reward_model"
+    """The value function: `reward_model` (a trainable copy of the reward model, InstructGPT's
+    choice) or `policy_head` (a linear head on the policy's own hidden states: no copy of any
+    weights, for models where a second network does not fit)."""
+    device: str = "cpu"
+    """torch device of the learner: `cpu`, `cuda` or `cuda:N` (one process; torchrun gives each
+    process its own)."""
+    precision: str = "auto"
+    """Compute precision of the learner's forward passes: `bf16` (autocast), `float32`, or `auto`
+    (bf16 on a GPU, float32 on the CPU). Weights and optimiser state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's activations in the backward pass instead of keeping them: less memory
+    for long sequences or big models, about a third more compute."""
     seed: int = 0
     """Seed of prompt mixing and rollout sampling."""
 
@@ -198,6 +230,7 @@ class TrainerConfig(ServiceConfig):
         if self.heldout_samples > 64:
             out.append(f"{p}HELDOUT_SAMPLES must be at most 64 (answers per held-out prompt)")
         out += self._guard_problems()
+        out += self._model_problems()
         if not 0.0 < self.top_p <= 1.0:
             out.append(f"{p}TOP_P must be in (0, 1]")
         if self.kl_bound < 0 or self.reward_tolerance < 0 or self.reward_z < 0:
@@ -220,6 +253,48 @@ class TrainerConfig(ServiceConfig):
         if self.checkpoint_dir is not None:
             return self.checkpoint_dir
         return self.model_store.root / ".state" / "trainer" / "checkpoints"
+
+    def model_settings(self) -> ModelSettings:
+        """POLICY_MODE, LORA_*, VALUE_MODEL, DEVICE, PRECISION, GRADIENT_CHECKPOINTING for the learner."""
+        from services.trainer.models import LoraSettings, ModelSettings
+
+        return ModelSettings(
+            policy_mode=self.policy_mode,
+            lora=LoraSettings(
+                rank=self.lora_rank,
+                alpha=self.lora_alpha,
+                dropout=self.lora_dropout,
+                target_modules=self.lora_target_modules,
+            ),
+            value_model=self.value_model,
+            device=self.device,
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+    def _model_problems(self) -> list[str]:
+        """The learner's model settings checked, each problem naming its variable."""
+        from services.trainer.models import POLICY_MODES, VALUE_MODELS
+        from shared.models.loading import PRECISIONS, device_problems
+
+        p = self.ENV_PREFIX
+        out = []
+        if self.policy_mode not in POLICY_MODES:
+            out.append(f"{p}POLICY_MODE={self.policy_mode!r}: expected one of {', '.join(POLICY_MODES)}")
+        if self.value_model not in VALUE_MODELS:
+            out.append(f"{p}VALUE_MODEL={self.value_model!r}: expected one of {', '.join(VALUE_MODELS)}")
+        if self.precision not in PRECISIONS:
+            out.append(f"{p}PRECISION={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        out += [f"{p}DEVICE: {problem}" for problem in device_problems(self.device)]
+        if self.lora_rank < 1:
+            out.append(f"{p}LORA_RANK must be at least 1, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            out.append(f"{p}LORA_ALPHA must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(f"{p}LORA_DROPOUT must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules or not all(m.isidentifier() for m in self.lora_target_modules):
+            out.append(f"{p}LORA_TARGET_MODULES must be comma-separated module names, got {self.lora_target_modules!r}")
+        return out
 
     def _yield_problems(self) -> list[str]:
         p = self.ENV_PREFIX

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.trainer.config import TrainerConfig
 from shared.config import ConfigError, env_vars, load_config
@@ -78,7 +79,7 @@ def test_rollout_mode_is_off_unless_set():
 
 def test_the_yield_settings_default_to_yielding_and_an_idle_budget():
     s = load_config(TrainerConfig, {}).yield_settings()
-    assert s.enabled and (s.user_in_flight, s.user_waiting, s.user_ttft_s, s.idle_budget) == (8, 4, 1.0, 0.25)
+    assert s.enabled and (s.user_in_flight, s.user_waiting, s.user_ttft_s, s.idle_budget) == (6, 4, 1.0, 0.25)
     off = load_config(
         TrainerConfig,
         {
@@ -91,6 +92,54 @@ def test_the_yield_settings_default_to_yielding_and_an_idle_budget():
     assert not off.yield_settings().enabled
 
 
+def test_lora_and_memory_switches_parse_into_model_settings():
+    default = load_config(TrainerConfig, {}).model_settings()
+    assert (default.policy_mode, default.value_model, default.device, default.precision) == (
+        "full",
+        "reward_model",
+        "cpu",
+        "auto",
+    )
+    assert default.autocast_dtype() is None  # float32 stays the CPU default
+    cfg = load_config(
+        TrainerConfig,
+        {
+            "RLHF_TRAINER_POLICY_MODE": "lora",
+            "RLHF_TRAINER_LORA_RANK": "16",
+            "RLHF_TRAINER_LORA_ALPHA": "32",
+            "RLHF_TRAINER_LORA_DROPOUT": "0.05",
+            "RLHF_TRAINER_LORA_TARGET_MODULES": "q_proj, v_proj",
+            "RLHF_TRAINER_VALUE_MODEL": "policy_head",
+            "RLHF_TRAINER_PRECISION": "bf16",
+            "RLHF_TRAINER_GRADIENT_CHECKPOINTING": "1",
+        },
+    )
+    s = cfg.model_settings()
+    assert s.lora_enabled and (s.lora.rank, s.lora.alpha, s.lora.dropout) == (16, 32.0, 0.05)
+    assert s.lora.target_modules == ("q_proj", "v_proj")
+    assert (s.value_model, s.gradient_checkpointing, s.autocast_dtype()) == ("policy_head", True, torch.bfloat16)
+    assert s.problems() == []
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        ({"RLHF_TRAINER_POLICY_MODE": "qlora"}, "RLHF_TRAINER_POLICY_MODE='qlora': expected one of full, lora"),
+        ({"RLHF_TRAINER_VALUE_MODEL": "shared"}, "RLHF_TRAINER_VALUE_MODEL='shared'"),
+        ({"RLHF_TRAINER_PRECISION": "fp8"}, "RLHF_TRAINER_PRECISION='fp8'"),
+        ({"RLHF_TRAINER_DEVICE": "tpu"}, "RLHF_TRAINER_DEVICE: device 'tpu'"),
+        ({"RLHF_TRAINER_DEVICE": "cuda:7"}, "RLHF_TRAINER_DEVICE: device 'cuda:7': 0 CUDA device"),
+        ({"RLHF_TRAINER_LORA_RANK": "0"}, "RLHF_TRAINER_LORA_RANK must be at least 1"),
+        ({"RLHF_TRAINER_LORA_ALPHA": "0"}, "RLHF_TRAINER_LORA_ALPHA must be positive"),
+        ({"RLHF_TRAINER_LORA_DROPOUT": "1"}, "RLHF_TRAINER_LORA_DROPOUT must be in"),
+        ({"RLHF_TRAINER_LORA_TARGET_MODULES": "q_proj,v-proj"}, "RLHF_TRAINER_LORA_TARGET_MODULES must be"),
+    ],
+)
+def test_bad_model_settings_are_named(env, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(TrainerConfig, env)
+
+
 def test_checkpoints_live_inside_the_model_store_unless_configured(tmp_path):
     from pathlib import Path
 
@@ -101,3 +150,9 @@ def test_checkpoints_live_inside_the_model_store_unless_configured(tmp_path):
     assert cfg.checkpoint_root() == tmp_path / "models" / ".state" / "trainer" / "checkpoints"
     cfg = load_config(TrainerConfig, {"RLHF_TRAINER_CHECKPOINT_DIR": "/ckpt"})
     assert cfg.checkpoint_root() == Path("/ckpt")
+
+
+def test_the_default_lora_targets_are_every_linear_layer_of_a_llama_block():
+    from services.trainer.models import LLAMA_LORA_TARGETS
+
+    assert load_config(TrainerConfig, {}).lora_target_modules == LLAMA_LORA_TARGETS
