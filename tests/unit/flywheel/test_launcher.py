@@ -213,3 +213,34 @@ def test_a_canary_port_that_is_the_stable_engines_is_refused(tmp_path):
     stack = rollout_stack(tmp_path, RLHF_UP_CANARY_GRPC_PORT="50051")
     with pytest.raises(ConfigError, match="RLHF_UP_CANARY_GRPC_PORT=50051"):
         stack.plan()
+
+
+# --- supervision and the embedded broker ---------------------------------------------------------
+
+
+def test_supervision_and_broker_settings_default_and_are_checked():
+    cfg = load_config(UpConfig, {})
+    assert (cfg.broker_sha256, cfg.metrics_port) == ("", 9110)
+    policy = cfg.restart_policy()
+    assert (policy.max_restarts, policy.window_s, policy.initial_backoff_s, policy.max_backoff_s) == (5, 300, 1, 30)
+    for env, message in (
+        ({"RLHF_UP_BROKER_SHA256": "abc"}, "RLHF_UP_BROKER_SHA256 must be 64 hex digits"),
+        ({"RLHF_UP_RESTART_MAX": "-1"}, "RLHF_UP_RESTART_MAX must be >= 0"),
+        ({"RLHF_UP_RESTART_WINDOW_S": "0"}, "RLHF_UP_RESTART_WINDOW_S must be > 0"),
+        ({"RLHF_UP_RESTART_BACKOFF_S": "60"}, "RLHF_UP_RESTART_BACKOFF_S must be > 0 and at most"),
+        ({"RLHF_UP_METRICS_PORT": "70000"}, "RLHF_UP_METRICS_PORT must be a port number"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(UpConfig, env)
+    assert load_config(UpConfig, {"RLHF_UP_BROKER_SHA256": "AB" * 32}).broker_sha256 == "AB" * 32
+
+
+def test_a_tampered_broker_binary_stops_rlhf_up_before_anything_starts(tmp_path):
+    from flywheel.launcher import Stack
+    from shared.kafka.embedded import BrokerError
+
+    # A digest that is not the installed binary's: the check refuses it, no broker process is started.
+    stack = Stack(load_config(UpConfig, {"RLHF_UP_BROKER_SHA256": "0" * 64}), {})
+    with pytest.raises(BrokerError, match="refusing to run it"):
+        stack.start()
+    assert stack.broker is None and stack.services == []
