@@ -420,6 +420,32 @@ class ModelStoreConfig(ConfigBase):
 
     root: Path = Path("var/models")
     """Directory holding one sub-directory per published version (`policy-0001`, `rm-0001`, ...)."""
+    keep_last: int = 5
+    """Retention (shared/retention.py, run by each line's publisher: the trainer for policy, the
+    reward learner for rm): the newest versions of a line always kept. Also kept whatever else
+    matters: the current, candidate and canary pointers, the last announced versions, their
+    rollback targets, the trainer's KL reference and the models it depends on, adapter bases, and
+    every version pinned (`<line>.pinned`); everything else older than the grace age is removed."""
+    keep_ancestors: int = 2
+    """Retention: rollback targets kept behind each pointer: its parent, the parent's parent, ..."""
+    retention_grace_s: float = 3600.0
+    """Retention: a version younger than this (since publication) is never removed, whatever else
+    holds: a consumer may still be loading it."""
+    retention_interval_s: float = 600.0
+    """Retention: seconds between two sweeps of a line; 0 turns retention off (every version is kept)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        p = self.ENV_PREFIX
+        if self.keep_last < 1:
+            out.append(f"{p}KEEP_LAST={self.keep_last}: at least 1 (the newest version is always kept)")
+        if self.keep_ancestors < 0:
+            out.append(f"{p}KEEP_ANCESTORS={self.keep_ancestors}: must not be negative")
+        if self.retention_grace_s < 60:
+            out.append(f"{p}RETENTION_GRACE_S={self.retention_grace_s:g}: at least 60 seconds")
+        if self.retention_interval_s < 0:
+            out.append(f"{p}RETENTION_INTERVAL_S={self.retention_interval_s:g}: must not be negative (0: off)")
+        return out
 
 
 @dataclass(frozen=True)

@@ -387,6 +387,28 @@ class ModelStore:
             self.path(version)
         self._write_line_file(line, name, {"version": version})
 
+    # --- retention (shared/retention.py decides what goes) ---------------------------------
+
+    def version_bytes(self, version: str) -> int:
+        """Bytes of the files in ``version``'s directory (what removing it frees)."""
+        return sum(p.stat().st_size for p in self.path(version).rglob("*") if p.is_file())
+
+    def remove(self, version: str) -> int:
+        """Remove a published version; returns the bytes freed. Refused (ModelStoreError) while a
+        pointer of its line names it. The directory is first renamed out of the listing (a temp
+        name, atomic), so a reader sees the version whole or not at all, then deleted."""
+        line, _ = _parse_version(version)
+        vdir = self.path(version)
+        for name in sorted(POINTERS):
+            if self.pointer(line, name) == version:
+                raise ModelStoreError(f"refusing to remove {version}: {line}.{name} points at it")
+        freed = self.version_bytes(version)
+        doomed = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.removed-{version}"
+        os.rename(vdir, doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return freed
+
     # --- internals -------------------------------------------------------------------------
 
     def _numbers(self, line: str) -> list[int]:

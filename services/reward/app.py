@@ -24,6 +24,7 @@ from shared.kafka.readers import TopicFollower
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore
 from shared.pb import reward_pb2_grpc
+from shared.retention import RetentionRule, RetentionSweeper
 from shared.store_identity import identity_of
 from shared.version_line import REWARD_MODEL, KafkaAnnouncer, VersionLine
 
@@ -54,6 +55,7 @@ class RewardApp:
         self.learner: RetrainingLoop | None = None  # when RLHF_REWARD_LEARNER is on and Kafka is set
         self._learner_thread: RetrainingThread | None = None
         self._publisher: KafkaPublisher | None = None
+        self._retention: RetentionSweeper | None = None
 
     @property
     def address(self) -> str:
@@ -108,6 +110,11 @@ class RewardApp:
         )
         self._learner_thread = RetrainingThread(self.learner, feed)
         self._learner_thread.start()
+        # The learner publishes the rm line, so it sweeps it (shared/retention.py; the trainer pins
+        # the reward models it loads).
+        self._retention = RetentionSweeper(self.store, "rm", RetentionRule.of(self.cfg.model_store)).start(
+            self.cfg.model_store.retention_interval_s
+        )
         log_event(log, "continual learner started", state=str(state.path), **state.counts())
 
     def _bootstrap(self) -> None:
@@ -125,6 +132,8 @@ class RewardApp:
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._retention is not None:
+            await asyncio.to_thread(self._retention.stop)
         if self._learner_thread is not None:
             await asyncio.to_thread(self._learner_thread.stop)
             assert self.learner is not None  # started before its thread

@@ -42,6 +42,7 @@ from shared.kafka.topics import COMPLETIONS
 from shared.logging import get_logger, log_event
 from shared.model_store import ModelStore, ModelStoreError
 from shared.pb import trainer_pb2_grpc
+from shared.retention import RetentionRule, RetentionSweeper, pin_versions
 from shared.store_identity import identity_of
 from shared.version_line import POLICY, POLICY_CANDIDATE, KafkaAnnouncer
 
@@ -79,6 +80,7 @@ class TrainerApp:
         self._channels: list[grpc.Channel] = []
         self._consumer: GroupReader | None = None
         self._publisher: KafkaPublisher | None = None
+        self._retention: RetentionSweeper | None = None
 
     @property
     def address(self) -> str:
@@ -110,8 +112,27 @@ class TrainerApp:
                 return
         stop_requested.cancel()
         self.loop = build.result()
+        self._start_retention()
         self._start_thread(self.loop.run, "trainer-loop", self._stop)
         await self.server.set_serving()
+
+    def _start_retention(self) -> None:
+        """The trainer publishes the policy line, so it sweeps it (shared/retention.py), keeping
+        what it still needs; the reward models it loads are pinned for the reward learner's sweep."""
+        assert self.loop is not None
+        state = self.loop.state
+        rms = {state.value_rm_version: "the value model's initial weights"}
+        rms.update({s.target: f"guard {s.name}" for s in self.cfg.guard_specs() if s.kind == "frozen_rm"})
+        pin_versions(self.store, "rm", "trainer", rms)
+        self._retention = RetentionSweeper(
+            self.store, "policy", RetentionRule.of(self.cfg.model_store), extra=self._policies_needed
+        ).start(self.cfg.model_store.retention_interval_s)
+
+    def _policies_needed(self) -> dict[str, str]:
+        """Policy versions the trainer may load again: its KL reference and its lineage's head."""
+        assert self.loop is not None
+        state = self.loop.state
+        return {state.reference_version: "the trainer's KL reference", state.lineage[-1]: "the trainer's lineage head"}
 
     def _on_completion(self, env: Envelope, record: Record) -> None:
         if isinstance(env.payload, CompletionEvent) and self.live.offer_completion(env.payload):
@@ -246,6 +267,8 @@ class TrainerApp:
     async def stop(self) -> None:
         await self.server.stop()
         self._stop.set()
+        if self._retention is not None:
+            await asyncio.to_thread(self._retention.stop)
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 600)
         if self.loop is not None:

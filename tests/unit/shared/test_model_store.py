@@ -12,6 +12,7 @@ from shared.model_store import (
     CorruptVersionError,
     InvalidNameError,
     ModelStore,
+    ModelStoreError,
     PublishRefusedError,
     UnknownVersionError,
     load_safetensors_state_dict,
@@ -366,3 +367,19 @@ def test_add_signature_signs_an_unsigned_version_once(store: ModelStore, src: Pa
     with pytest.raises(model_store.ModelStoreError, match="already signed"):
         store.add_signature(version, b"other")
     assert not list(store.root.glob(".tmp-*"))
+
+
+def test_remove_frees_a_version_whole_and_refuses_a_pointed_one(store: ModelStore, src: Path) -> None:
+    first = store.publish("policy", src).version
+    second = store.publish("policy", src, parent=first).version
+    store.set_pointer("policy", "canary", first)
+    with pytest.raises(ModelStoreError, match="policy.canary points at it"):
+        store.remove(first)
+    with pytest.raises(ModelStoreError, match="policy.current points at it"):
+        store.remove(second)
+    store.set_pointer("policy", "canary", second)
+    size = store.version_bytes(first)
+    assert size == sum(p.stat().st_size for p in (store.root / first).rglob("*") if p.is_file()) > 0
+    assert store.remove(first) == size
+    assert store.versions("policy") == [second] and not any(p.name.startswith(".tmp-") for p in store.root.iterdir())
+    assert store.publish("policy", src).version == "policy-0003"  # numbers are never reused
