@@ -23,7 +23,7 @@ from services.trainer.access import TRAINER_ACCESS
 from services.trainer.checkpoint import CheckpointStore, LoadedCheckpoint, missing_versions
 from services.trainer.config import TrainerConfig
 from services.trainer.guards import Guard, GuardConfigError, build_guards
-from services.trainer.learner import PPOLearner
+from services.trainer.learner import PPOLearner, checkpoint_mismatch
 from services.trainer.loop import LoopSettings, LoopState, TrainingLoop, restore
 from services.trainer.metrics import LIVE_PROMPTS, LIVE_PROMPTS_BUFFERED, LIVE_PROMPTS_LARGEST_SHARE
 from services.trainer.prompts import LivePromptBuffer, PromptMixer, read_prompt_file, split_heldout_prompts
@@ -206,7 +206,12 @@ class TrainerApp:
 
     def _load_learner(self, policy_version: str, state: LoopState) -> PPOLearner:
         return PPOLearner.from_store(
-            self.store, policy_version, state.reference_version, state.value_rm_version, self.cfg.ppo
+            self.store,
+            policy_version,
+            state.reference_version,
+            state.value_rm_version,
+            self.cfg.ppo,
+            self.cfg.model_settings(),
         )
 
     def _load_or_start(self) -> tuple[PPOLearner, LoopState]:
@@ -233,8 +238,14 @@ class TrainerApp:
         return learner, state
 
     def _usable_here(self, loaded: LoadedCheckpoint) -> str | None:
-        """A checkpoint naming a version this store lacks is not resumed from (the trainer starts fresh)."""
-        return missing_versions(loaded.state, self._has_version)
+        """A checkpoint naming a version this store lacks, or written in another policy mode or with
+        another value model (learner.checkpoint_mismatch), is not resumed from (the trainer starts fresh)."""
+        missing = missing_versions(loaded.state, self._has_version)
+        if missing is not None:
+            return missing
+        meta = loaded.state.get("learner", {}).get("meta", {})
+        base = str(meta.get("model_base_version", ""))  # checked against the learner's base when it loads
+        return checkpoint_mismatch(meta, self.cfg.policy_mode, self.cfg.value_model, base)
 
     def _has_version(self, version: str) -> bool:
         try:
