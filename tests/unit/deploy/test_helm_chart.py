@@ -1362,7 +1362,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_dockerfile(name):
     instructions = parse_dockerfile((DOCKER / name).read_text())
-    assert instructions[0][0] == "FROM", "FROM must come first"
+    # ARGs before the first FROM name its base image (a digest can be passed); nothing else may.
+    args = dict(
+        a.split("=", 1) for ins, a in instructions[: next(i for i, (x, _) in enumerate(instructions) if x == "FROM")]
+    )
+    assert all(ins in {"ARG", "FROM"} for ins, _ in instructions[: len(args) + 1]), "FROM must come first"
+    instructions = [
+        (ins, re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), a) if ins == "FROM" else a)
+        for ins, a in instructions[len(args) :]
+    ]
     final = final_stage(instructions)
     users = [args for ins, args in final if ins == "USER"]
     assert users, "no USER in the final stage: the services would run as root"
@@ -1383,8 +1391,9 @@ def test_dockerfile(name):
     assert "*" in ignore and "**/*.safetensors" in ignore  # allow-list context, never weights
     if name == "Dockerfile.cpu":
         assert instructions[0][1].startswith("python:3.11-slim")
-        assert 'pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu]"' in run
-        assert "pip uninstall -y torchvision torchaudio torchcodec" in run
+        # Every package from the hashed lock (tests/unit/deploy/test_lock.py), the project without deps.
+        assert "pip install --require-hashes --no-deps -r requirements-cpu.lock" in run
+        assert "pip install --no-deps --no-build-isolation ." in run
     else:
         assert re.match(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-", instructions[0][1])
         assert 'pip install ".[gpu]"' in run
