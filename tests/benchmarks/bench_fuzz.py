@@ -91,11 +91,11 @@ def metric_series(url: str) -> int:
 class Gateway:
     """`python -m services.gateway` against the in-process services."""
 
-    def __init__(self, inference: str, feedback: str) -> None:
+    def __init__(self, inference: str, feedback: str, code: Path = REPO) -> None:
         self.port = free_port()
         env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(code),
             "RLHF_LOG_LEVEL": "ERROR",
             "RLHF_GATEWAY_PORT": str(self.port),
             "RLHF_GATEWAY_INFERENCE_ADDRESS": inference,
@@ -107,7 +107,7 @@ class Gateway:
             "RLHF_AUTH_TOKEN": TEST_CALLER_TOKENS["gateway"],
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway"], env=env, cwd=REPO, start_new_session=True
+            [sys.executable, "-m", "services.gateway"], env=env, cwd=code, start_new_session=True
         )
         wait_until(self._up, 60, "the gateway did not start")
 
@@ -204,7 +204,8 @@ def abusive(kind: str) -> bytes:
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, whether the server closes the connection) of one answer; (0, True) when it closed first."""
+    """(status, whether the server closes the connection) of one answer; (0, True) when it closed
+    first (status 0 in the tables: no answer, also after 10 s without one)."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except (asyncio.IncompleteReadError, ConnectionError):
@@ -234,9 +235,12 @@ async def abuse(port: int, total: int, connections: int = 64) -> dict:
             try:
                 writer.write(abusive(kind))
                 await writer.drain()
-                status, closing = await read_answer(reader)
-            except ConnectionError:
-                status, closing = 0, True
+                status, closing = await asyncio.wait_for(read_answer(reader), 10)
+            except (ConnectionError, TimeoutError):
+                status, closing = 0, True  # no answer (0): a new connection
+            # The rest of a refused body is not sent: a new connection after each (a gateway that
+            # keeps the connection open would read the next request as that body).
+            closing = closing or kind == "huge_body"
             statuses[status] += 1
             by_kind[kind][status] += 1
             if closing:
@@ -286,6 +290,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000, help="fuzzed requests in all")
     parser.add_argument("--abuse", type=int, default=100_000, help="abusive requests for the memory figures")
+    parser.add_argument(
+        "--gateway-code",
+        type=Path,
+        default=REPO,
+        help="run the gateway from this checkout (e.g. a `git worktree` of an older commit, for a before/after)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench_fuzz.json")
     args = parser.parse_args()
 
@@ -300,7 +310,7 @@ def main() -> None:
     log("starting inference (vLLM) and feedback")
     inference = start_inference(loop, broker.kafka, tmp / "models")
     feedback = start_feedback(loop, broker.kafka)
-    gateway = Gateway(inference.address, feedback.address)
+    gateway = Gateway(inference.address, feedback.address, args.gateway_code)
     stack = {"kafka": broker.kafka, "inference": inference, "feedback": feedback}
     try:
         log(f"fuzzing: {args.requests} requests")
@@ -313,7 +323,13 @@ def main() -> None:
         loop.run(inference.stop())
         loop.close()
         broker.broker.stop()
-    report = {"machine": platform.node(), "cpus": os.cpu_count(), "fuzz": fuzzed, "abuse": memory}
+    report = {
+        "machine": platform.node(),
+        "cpus": os.cpu_count(),
+        "gateway_code": str(args.gateway_code),
+        "fuzz": fuzzed,
+        "abuse": memory,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_table(report)
