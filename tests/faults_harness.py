@@ -19,6 +19,7 @@ tests/benchmarks/bench_faults.py (every fault, a table and JSON). One fault run 
    completion events lost = answered chats' response_ids - distinct response_ids on rlhf.completions
    failed chats          = chat requests after the fault that got no answer (any error)
    seconds to recover    = first chat answered after the fault - the fault
+   seconds to steady     = first answer to a chat sent after the last failed one - the fault
    service back          = seconds until the killed process is replaced and reports healthy
    learned afterwards    = a new rm-NNNN or policy-NNNN directory in the store after recovery,
                            within a bounded wait (the report says how long it waited)
@@ -32,6 +33,7 @@ that recovering needed a person.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -52,7 +54,7 @@ from typing import Any
 
 import psutil
 
-from flywheel.launcher import ALL_SERVICES, SERVICE_NEEDS
+from flywheel.launcher import ALL_SERVICES, SERVICE_NEEDS, UpConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "rlhf-policy"
@@ -118,6 +120,20 @@ def seconds_to_recover(fault_at: float, chats: Iterable[ChatRecord]) -> float | 
     ``min(c.finished for answered c with c.started >= fault_at) - fault_at``: a request sent before
     the fault and answered after it says nothing about recovery."""
     done = [c.finished for c in chats if c.ok and c.started >= fault_at]
+    return round(min(done) - fault_at, 2) if done else None
+
+
+def seconds_to_steady(fault_at: float, chats: Iterable[ChatRecord]) -> float | None:
+    """Seconds from the fault until chats stopped failing: the first answer to a chat sent after the
+    last failed one (sent after the fault), minus the fault; 0-failure runs give ``seconds_to_recover``.
+    None when a chat still failed last. (With a canary running, some users' chats go to the other
+    engine and keep being answered: the first answer alone then says little about the rest.)"""
+    chats = [c for c in chats if c.started >= fault_at]
+    failed = [c.started for c in chats if not c.ok]
+    if not failed:
+        return seconds_to_recover(fault_at, chats)
+    last = max(failed)
+    done = [c.finished for c in chats if c.ok and c.started > last]
     return round(min(done) - fault_at, 2) if done else None
 
 
@@ -258,9 +274,8 @@ def broker_answers(bootstrap: str, topic: str | None = "rlhf.feedback") -> bool:
     from kafka.errors import KafkaError
 
     try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap.split(","), request_timeout_ms=3000, api_version_auto_timeout_ms=3000
-        )
+        # (kafka-python refuses a request timeout below the session timeout: left at its default.)
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","))
     except KafkaError:
         return False
     try:
@@ -334,7 +349,7 @@ class StackRun:
         shutil.copytree(base_store, self.store_root)
         self.keys = [(f"fault-user-{i}", secrets.token_urlsafe(32)) for i in range(options.users)]
         self.ports = {name: free_port() for name in ("gateway", "inference", "canary", "feedback", "reward")}
-        self.ports |= {name: free_port() for name in ("trainer", "rollout", "broker")}
+        self.ports |= {name: free_port() for name in ("trainer", "rollout", "broker", "up_metrics")}
         self.bootstrap = f"127.0.0.1:{self.ports['broker']}"
         self.broker: Any = None  # the harness's own EmbeddedBroker (external mode, or a restart it made)
         if options.broker == "external":
@@ -386,6 +401,9 @@ class StackRun:
             "RLHF_REWARD_MAX_PRINCIPAL_SHARE": "1",
             "RLHF_TRAINER_MAX_PRINCIPAL_SHARE": "1",
         }
+        if "metrics_port" in {f.name for f in dataclasses.fields(UpConfig)}:
+            # The launcher's own /metrics (rlhf_up_restarts_total), on a port of this run's own.
+            env["RLHF_UP_METRICS_PORT"] = str(p["up_metrics"])
         if o.broker == "external":
             env["RLHF_KAFKA_BOOTSTRAP_SERVERS"] = self.bootstrap
         else:
@@ -562,6 +580,20 @@ class StackRun:
             return {e.name for e in os.scandir(self.store_root) if VERSION_DIR.match(e.name)}
         except FileNotFoundError:
             return set()
+
+    def up_restarts(self) -> dict[str, float]:
+        """rlhf_up_restarts_total per service from the launcher's /metrics ({} when it has none)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['up_metrics']}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for m in re.finditer(r'^rlhf_up_restarts_total\{service="([^"]+)"\} ([0-9.e+]+)$', text, re.M):
+            out[m.group(1)] = float(m.group(2))
+        return out
 
     def count_log_lines(self, marker: str) -> dict[str, int]:
         """Per service log (``<service>.log``), the lines that contain ``marker``."""
@@ -833,7 +865,9 @@ def stopped(p: psutil.Process) -> Iterator[None]:
 
 
 def _open_inside(pid: int, prefix: str) -> list[str]:
-    """Files process ``pid`` has open whose path starts with ``prefix`` (from /proc/<pid>/fd)."""
+    """Files process ``pid`` has open inside a folder whose path starts with ``prefix`` (from
+    /proc/<pid>/fd): a version being copied into ``<store>/.tmp-<id>/``, not the temporary file of
+    a line record (``<store>/.tmp-<id>.<record>``, written and renamed in one go)."""
     out = []
     fd_dir = f"/proc/{pid}/fd"
     try:
@@ -845,7 +879,7 @@ def _open_inside(pid: int, prefix: str) -> list[str]:
             target = os.readlink(f"{fd_dir}/{fd}")
         except OSError:
             continue
-        if target.startswith(prefix):
+        if target.startswith(prefix) and os.path.dirname(target).startswith(prefix):
             out.append(target)
     return out
 
@@ -943,6 +977,29 @@ def kill_reward_between_publish_and_announce(run: StackRun, timeout_s: float = 3
     raise TimeoutError(f"no reward model published within {timeout_s:.0f} s ({looked} windows seen, all closed)")
 
 
+def fill_up(path: Path) -> int:
+    """Write zeros to ``path`` until its filesystem has no byte left (ENOSPC), in ever smaller
+    writes so that the last partly used block is taken too; returns the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            buf = b"\0" * size
+            while True:
+                try:
+                    n = os.write(fd, buf)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                written += n
+                if n < size:
+                    break
+    finally:
+        os.close(fd)
+    return written
+
+
 def fill_store(run: StackRun, hold_s: float) -> Injected:
     """The model store full for ``hold_s`` seconds, then freed.
 
@@ -953,22 +1010,7 @@ def fill_store(run: StackRun, hold_s: float) -> Injected:
     the nearest honest emulation without root."""
     if run.mounted:
         filler = run.fs_root / "filler"
-        chunk = b"\0" * (1 << 20)
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(chunk)
-                    f.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-        # Small writes may still fit in a partly used page: take what is left byte by byte-ish.
-        with open(filler, "ab") as f:
-            for size in (65536, 4096, 512, 64, 1):
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * size)
-                        f.flush()
+        fill_up(filler)
         free = shutil.disk_usage(run.fs_root).free
 
         def free_it() -> None:
@@ -1114,6 +1156,8 @@ class FaultReport:
     chats_failed_after_fault: int = 0
     completion_events_lost: int = 0
     recover_s: float | None = None
+    steady_s: float | None = None
+    """Seconds until chats stopped failing (``seconds_to_steady``)."""
     service_back_s: float | None = None
     recovered_by: str = ""
     """"not needed" (the launcher kept running and the killed part came back or was not needed),
@@ -1218,6 +1262,10 @@ def run_fault(run: StackRun, fault: Fault, t: Timings) -> FaultReport:
                 rep.learned_after_s = round(first[1] - recovered_at, 1)
         if fault.log_marker:
             rep.details["log_lines"] = run.count_log_lines(fault.log_marker)
+        owed = rep.details.get("published")
+        if fault.name == "reward-publish-announce" and owed:
+            announced, _ = payload_ids(read_topic(run.bootstrap, "rlhf.reward-models"), "version")
+            rep.details["announced_after_restart"] = owed in announced
         if not run.launcher_alive():
             rep.launcher_survived = False
         if rep.recovered_by != "manual restart":
@@ -1234,6 +1282,7 @@ def run_fault(run: StackRun, fault: Fault, t: Timings) -> FaultReport:
     time.sleep(3.0)  # the outboxes flush what the last answers produced
     _account(run, load, rep, inj.at if inj else time.monotonic(), recovered_at)
     rep.leftover_tmp = leftover_tmp(run.store_root)
+    rep.details["up_restarts_total"] = run.up_restarts()
     if not rep.half_written_versions:
         rep.half_written_versions = half_written_versions(run.store_root)
     return rep
@@ -1298,6 +1347,8 @@ def _account(run: StackRun, load: Load, rep: FaultReport, fault_at: float, recov
     chats, ratings = load.snapshot()
     rep.chats_answered = sum(c.ok for c in chats)
     rep.chats_failed_after_fault = failed_chats(chats, fault_at)
+    rep.steady_s = seconds_to_steady(fault_at, chats)
+    rep.details["failed_chats_at_s"] = [round(c.started - fault_at, 1) for c in chats if not c.ok]
     rep.ratings_accepted = sum(r.accepted for r in ratings)
     rep.ratings_not_accepted = sum(not r.accepted for r in ratings)
     try:
@@ -1327,8 +1378,12 @@ def verdict(rep: FaultReport) -> list[str]:
         out.append("rlhf up stopped the whole stack")
     if rep.recover_s is None:
         out.append("no chat answered after the fault")
+    if not rep.recovered_by and not rep.error:
+        out.append("the part hit did not come back")
     if rep.learned is False:
         out.append(f"no new version within {rep.learn_wait_s:.0f} s after recovery")
+    if rep.details.get("announced_after_restart") is False:
+        out.append(f"{rep.details.get('published')} was never announced")
     if rep.others_restarted:
         out.append(f"other services died meanwhile: {', '.join(rep.others_restarted)}")
     if rep.half_written_versions:
@@ -1339,7 +1394,7 @@ def verdict(rep: FaultReport) -> list[str]:
 def table(reports: list[FaultReport]) -> str:
     """The fault table: one line per fault."""
     head = (
-        f"{'fault':<26}{'accepted':>9}{'lost':>6}{'chat fail':>10}{'recover s':>10}{'back s':>8}"
+        f"{'fault':<26}{'accepted':>9}{'lost':>6}{'chat fail':>10}{'recover s':>10}{'steady s':>9}{'back s':>8}"
         f"{'compl lost':>11}  {'recovered by':<24}{'learned':<22}{'verdict'}"
     )
     lines = [head, "-" * len(head)]
@@ -1348,7 +1403,7 @@ def table(reports: list[FaultReport]) -> str:
         problems = verdict(r)
         lines.append(
             f"{r.fault:<26}{r.ratings_accepted:>9}{r.ratings_lost:>6}{r.chats_failed_after_fault:>10}"
-            f"{_fmt(r.recover_s):>10}{_fmt(r.service_back_s):>8}{r.completion_events_lost:>11}  "
+            f"{_fmt(r.recover_s):>10}{_fmt(r.steady_s):>9}{_fmt(r.service_back_s):>8}{r.completion_events_lost:>11}  "
             f"{r.recovered_by or 'none':<24}{learned:<22}{'ok' if not problems else '; '.join(problems)}"
         )
     return "\n".join(lines)

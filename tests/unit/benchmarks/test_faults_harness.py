@@ -23,6 +23,7 @@ from tests.faults_harness import (
     payload_ids,
     phase_of,
     seconds_to_recover,
+    seconds_to_steady,
     table,
     verdict,
 )
@@ -50,6 +51,20 @@ def test_recovery_is_the_first_answer_to_a_chat_sent_after_the_fault():
     assert seconds_to_recover(10.0, chats) == 3.0
     assert seconds_to_recover(20.0, chats) is None
     assert failed_chats(chats, 10.0) == 1 and failed_chats(chats, 11.0) == 0
+
+
+def test_steady_is_the_first_answer_after_the_last_failure():
+    chats = [
+        ChatRecord(11.0, 11.5, True),  # another engine (a canary) kept answering some users
+        ChatRecord(11.2, 11.3, False),
+        ChatRecord(14.0, 14.1, False),
+        ChatRecord(14.5, 16.0, True),
+        ChatRecord(15.0, 15.5, True),
+    ]
+    assert seconds_to_recover(10.0, chats) == 1.5
+    assert seconds_to_steady(10.0, chats) == 5.5
+    assert seconds_to_steady(10.0, chats[:3]) is None  # still failing at the end
+    assert seconds_to_steady(10.0, [ChatRecord(10.5, 12.0, True)]) == 2.0  # no failure: the first answer
 
 
 def test_phases_split_ratings_at_the_fault_and_at_recovery():
@@ -91,7 +106,7 @@ def test_payload_ids_count_what_is_not_an_envelope_with_the_key():
 
 
 def test_the_verdict_names_what_failed_the_targets():
-    ok = FaultReport("kill-feedback", "", ratings_accepted=10, recover_s=2.0, learned=True)
+    ok = FaultReport("kill-feedback", "", ratings_accepted=10, recover_s=2.0, learned=True, recovered_by="supervisor")
     assert verdict(ok) == []
     lost = FaultReport(
         "kill-feedback", "", ratings_accepted=10, ratings_lost=2, recover_s=None, launcher_survived=False
@@ -100,6 +115,7 @@ def test_the_verdict_names_what_failed_the_targets():
         "2 accepted ratings lost",
         "rlhf up stopped the whole stack",
         "no chat answered after the fault",
+        "the part hit did not come back",
     ]
     broker = FaultReport(
         "broker-restart",
@@ -110,10 +126,13 @@ def test_the_verdict_names_what_failed_the_targets():
         lost_by_phase={"before": {"accepted": 5, "lost": 5}, "after": {"accepted": 3, "lost": 1}},
         learned=False,
         learn_wait_s=60,
+        recovered_by="supervisor",
+        details={"published": "rm-0002", "announced_after_restart": False},
     )
     assert verdict(broker) == [
         "1 ratings accepted after the restart lost",
         "no new version within 60 s after recovery",
+        "rm-0002 was never announced",
     ]
     lines = table([ok, lost, broker]).splitlines()
     assert len(lines) == 5 and lines[2].rstrip().endswith("ok") and "2 accepted ratings lost" in lines[3]
