@@ -439,3 +439,23 @@ def test_checkpoint_mismatch(meta, mode, value, base, words):
 
     problem = checkpoint_mismatch(meta, mode, value, base)
     assert problem is None if words is None else words in problem
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_in_mixed_precision(trainer_store, one_thread):
+    models = dataclasses.replace(LORA, precision="bf16", gradient_checkpointing=True)
+    learner = make_lora_learner(trainer_store, models=models, lr=1e-2)
+    assert learner.policy.lm.is_gradient_checkpointing
+    rollouts = sample(learner)
+    batch, prepared, _ = learner._prepare(rollouts)
+    assert prepared.old_logprobs.dtype == torch.float32 and prepared.old_values.dtype == torch.float32
+    # The forward passes ran in bf16: the log-probabilities differ from float32's, a little.
+    exact = make_lora_learner(trainer_store)
+    _, exact_prepared, _ = exact._prepare(rollouts)
+    diff = (prepared.old_logprobs - exact_prepared.old_logprobs).abs() * batch.response_mask
+    assert 0 < float(diff.max()) < 0.5
+    before = named_params(learner)
+    stats = learner.step(rollouts)
+    assert math.isfinite(stats.policy_loss) and math.isfinite(stats.value_loss) and stats.policy_grad_norm > 0
+    after = named_params(learner)
+    assert all(p.dtype == torch.float32 for p in after.values())  # weights stay float32
+    assert any(not torch.equal(before[n], after[n]) for n in after if "lora_" in n)
