@@ -80,6 +80,10 @@ class Publisher(Protocol):
     async def publish_many(self, records: Sequence[Record]) -> list[envelope.Envelope | PublishFailed]:
         """Several records at once; each outcome is its envelope or the PublishFailed it failed with."""
 
+    def send_many_and_wait(self, records: Sequence[tuple[str, bytes, bytes | None]]) -> list[str | None]:
+        """Deliver encoded records in order, several in flight at once; each outcome is None when
+        acknowledged, else why it failed."""
+
     def reachable(self, topic: str) -> bool:
         """Whether a broker answers now with ``topic``'s metadata (blocks a few seconds at most)."""
 
@@ -97,6 +101,16 @@ class _Envelopes:
 
     async def publish_many(self, records: Sequence[Record]) -> list[envelope.Envelope | PublishFailed]:
         raise NotImplementedError
+
+    def send_many_and_wait(self, records: Sequence[tuple[str, bytes, bytes | None]]) -> list[str | None]:
+        out: list[str | None] = []
+        for topic, value, key in records:
+            try:
+                self.send_and_wait(topic, value, key)
+                out.append(None)
+            except PublishFailed as exc:
+                out.append(str(exc))
+        return out
 
     def publish_and_wait(self, topic: str, payload: Any, key: str | None = None) -> envelope.Envelope:
         env = envelope.wrap(payload, self.service)
@@ -145,6 +159,41 @@ class KafkaPublisher(_Envelopes):
             self._discard(producer)
             raise PublishFailed(f"{topic}: {type(exc).__name__}: {exc}") from exc
         EVENTS_PUBLISHED.labels(topic).inc()
+
+    def send_many_and_wait(self, records: Sequence[tuple[str, bytes, bytes | None]]) -> list[str | None]:
+        # All handed to the producer first, then waited for: one round trip for the lot instead of
+        # one per record (the idempotent producer keeps them in order).
+        producer = None
+        try:
+            producer = self._current()
+        except Exception as exc:  # noqa: BLE001 - no producer (no broker): every record failed
+            for topic, _, _ in records:
+                PUBLISH_FAILURES.labels(topic).inc()
+            return [f"{type(exc).__name__}: {exc}"] * len(records)
+        futures: list[Any] = []
+        for topic, value, key in records:
+            try:
+                futures.append(producer.send(topic, key=key, value=value))
+            except Exception as exc:  # noqa: BLE001 - refused before sending (too large, ...)
+                futures.append(exc)
+        out: list[str | None] = []
+        for (topic, _, _), future in zip(records, futures, strict=True):
+            error = None
+            if isinstance(future, Exception):
+                error = f"{topic}: {type(future).__name__}: {future}"
+            else:
+                try:
+                    future.get(timeout=self.cfg.delivery_timeout_s + 5)
+                except Exception as exc:  # noqa: BLE001 - any delivery failure is reported per record
+                    error = f"{topic}: {type(exc).__name__}: {exc}"
+            if error is None:
+                EVENTS_PUBLISHED.labels(topic).inc()
+            else:
+                PUBLISH_FAILURES.labels(topic).inc()
+            out.append(error)
+        if any(out):
+            self._discard(producer)
+        return out
 
     def reachable(self, topic: str) -> bool:
         # After a failed delivery the producer was replaced: this one fetches fresh metadata.
@@ -458,6 +507,7 @@ class Outbox:
         spill_dir: Path | None = None,
         spill_max_bytes: int = 1 << 30,
         spill_segment_bytes: int = 8 << 20,
+        window: int = 64,
     ):
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -467,6 +517,9 @@ class Outbox:
         self.capacity_bytes = capacity_bytes
         self.max_backoff_s = max_backoff_s
         self.max_attempts = max_attempts
+        self.window = max(1, window)
+        """Records sent at once from the head of the queue (acknowledged as one round trip). When one
+        fails, those after it that Kafka took are sent again with the rest: at least once."""
         self._queue: MemoryQueue | SpillJournal
         if spill_dir is None:
             self._queue = MemoryQueue(max_events=capacity, max_bytes=capacity_bytes)
@@ -561,11 +614,15 @@ class Outbox:
             with self._cond:
                 while not self._closed and (item := self._queue.head()) is None:
                     self._cond.wait()
-                if self._closed:
+                if self._closed or item is None:
                     return
-            assert item is not None
-            if self._send(item):
-                self._done(item)
+                # A head that failed before goes alone until it is through: the records behind
+                # it are not sent again and again.
+                batch = self._queue.peek(self.window if item.attempts == 0 else 1)
+            assert batch and batch[0] is item
+            sent = self._send_batch(batch)
+            if sent:
+                self._done(batch[sent - 1])  # the acknowledged prefix; a failed record heads the queue now
                 continue
             if item.attempts >= self.max_attempts and self.publisher.reachable(item.topic):
                 # The broker answers, yet this record failed again and again: one more try now,
@@ -599,6 +656,25 @@ class Outbox:
             bytes=len(suspect.value),
             kept_in=str(getattr(self._queue, "directory", "")) + "/aside.seg" if kept else None,
         )
+
+    def _send_batch(self, batch: list[Pending]) -> int:
+        """Send ``batch`` (the head of the queue first) at once; returns how many records from the
+        start were acknowledged (a record after a failed one is sent again later: at least once)."""
+        if len(batch) == 1:
+            return 1 if self._send(batch[0]) else 0
+        head = batch[0]
+        head.attempts += 1
+        errors = self.publisher.send_many_and_wait([(p.topic, p.value, p.key) for p in batch])
+        sent = next((i for i, error in enumerate(errors) if error is not None), len(batch))
+        if 0 < sent < len(batch):
+            batch[sent].attempts += 1  # it heads the queue next, alone (see _run)
+        if sent == 0 and (head.attempts == 1 or head.attempts % 20 == 0):
+            log_event(
+                log, "publish failed; will retry", level=30, topic=head.topic, attempts=head.attempts, error=errors[0]
+            )
+        elif sent and head.attempts > 1:
+            log_event(log, "published after retries", topic=head.topic, attempts=head.attempts)
+        return sent
 
     def _send(self, item: Pending) -> bool:
         item.attempts += 1

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import itertools
 import os
 import re
 import struct
@@ -130,6 +131,10 @@ class MemoryQueue:
     def head(self) -> Pending | None:
         return self._items[0] if self._items else None
 
+    def peek(self, n: int) -> list[Pending]:
+        """The first ``n`` records (fewer when fewer wait), the head first."""
+        return list(itertools.islice(self._items, n))
+
     def remove_through(self, item: Pending) -> int:
         """Remove every record up to and including ``item``; returns how many were removed."""
         removed = 0
@@ -179,6 +184,7 @@ class SpillJournal:
         self._readers: dict[int, int] = {}
         self._aside_fd: int | None = None
         self._head: Pending | None = None
+        self._peeked: dict[tuple[int, int], Pending] = {}
         self.aside_bytes = self._file_size(self.directory / ASIDE_NAME)
         self._open()
 
@@ -346,6 +352,10 @@ class SpillJournal:
         until the cursor moves, so that the sender's count of attempts sticks to it."""
         if self._head is not None and self._head.position == self.cursor:
             return self._head
+        peeked = self._peeked.get(self.cursor)
+        if peeked is not None:  # read by peek: the same object, with its attempts
+            self._head = peeked
+            return peeked
         while True:
             seg, off = self.cursor
             if off < self._sizes[seg]:
@@ -360,6 +370,16 @@ class SpillJournal:
             if seg == self.active:
                 return None
             self._settle()
+
+    def peek(self, n: int) -> list[Pending]:
+        """The first ``n`` records not yet acknowledged (fewer when fewer wait), the head first."""
+        head = self.head()
+        if head is None:
+            return []
+        rest = itertools.islice(self._walk(head.next_position), n - 1)
+        batch = [head, *(self._read(*found) for found in rest)]
+        self._peeked = {item.position: item for item in batch}
+        return batch
 
     def _settle(self) -> None:
         """Delete the segments wholly behind the cursor (moving it past a finished segment that is

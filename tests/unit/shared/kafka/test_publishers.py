@@ -28,6 +28,7 @@ class ScriptedPublisher:
 
     def __post_init__(self) -> None:
         self.sent: list[str] = []
+        self.batches: list[int] = []
         self.lock = threading.Lock()
 
     def send_and_wait(self, topic: str, value: bytes, key: bytes | None) -> None:
@@ -36,6 +37,17 @@ class ScriptedPublisher:
             raise PublishFailed(f"{topic}: refused {fid}")
         with self.lock:
             self.sent.append(fid)
+
+    def send_many_and_wait(self, records: list[tuple[str, bytes, bytes | None]]) -> list[str | None]:
+        self.batches.append(len(records))
+        out: list[str | None] = []
+        for topic, value, key in records:
+            try:
+                self.send_and_wait(topic, value, key)
+                out.append(None)
+            except PublishFailed as exc:
+                out.append(str(exc))
+        return out
 
     def reachable(self, topic: str) -> bool:
         return not self.down
@@ -61,7 +73,7 @@ def rating(fid: str, comment: str = "") -> FeedbackEvent:
 def test_a_record_that_keeps_failing_is_moved_aside_and_the_rest_flow_in_order(tmp_path):
     before = OUTBOX_MOVED_ASIDE.labels(TOPIC)._value.get()
     publisher = ScriptedPublisher()
-    outbox = Outbox(publisher, max_backoff_s=0.01, max_attempts=3, spill_dir=tmp_path / "spill")
+    outbox = Outbox(publisher, max_backoff_s=0.01, max_attempts=3, spill_dir=tmp_path / "spill", window=1)
     for fid in ("f-1", "f-poison", "f-2", "f-3"):
         outbox.publish(TOPIC, rating(fid), key="k")
     assert outbox.flush(10)
@@ -111,3 +123,19 @@ def test_the_memory_outbox_is_capped_in_bytes_and_counts_what_it_drops():
     publisher.down = False
     assert outbox.flush(10) and publisher.sent[-1] == "f-19"  # the newest survived
     outbox.close(1)
+
+
+def test_records_go_out_in_windows_and_a_failure_inside_one_resends_only_what_followed_it(tmp_path):
+    publisher = ScriptedPublisher()
+    outbox = Outbox(publisher, max_backoff_s=0.01, max_attempts=2, spill_dir=tmp_path / "spill", window=16)
+    publisher.down = True  # everything waits, then goes out in windows
+    fids = [f"f-{n}" for n in range(40)]
+    fids.insert(5, "f-poison")
+    for fid in fids:
+        outbox.publish(TOPIC, rating(fid), key="k")
+    publisher.down = False
+    assert outbox.flush(10)
+    outbox.close(1)
+    assert list(dict.fromkeys(publisher.sent)) == [f for f in fids if f != "f-poison"]  # in order
+    assert len(publisher.sent) - 40 <= 16  # resent: at most what followed the poison in its window
+    assert max(publisher.batches) == 16 and len(publisher.batches) < 20
