@@ -1,7 +1,7 @@
 """The trainer yields to users: it reads the serving load (inference's GetLoad) and decides, before
 each group of rollouts it sends, whether to sample now, how many at once, or how long to wait.
 
-    governor = UserLoadGovernor(YieldSettings(user_in_flight=8, user_waiting=4, user_ttft_s=1.0), full=16)
+    governor = UserLoadGovernor(YieldSettings(user_in_flight=6, user_waiting=4, user_ttft_s=1.0), full=16)
     d = governor.decide(probe.load(), now=time.monotonic())
     d.concurrency    # rollouts to send at once now; 0: wait d.wait_s and ask again
     governor.worked(seconds, now)   # after an iteration: the idle budget's pause
@@ -54,7 +54,7 @@ class UserLoad:
 class YieldSettings:
     """TrainerConfig's yield_* and idle_* settings (see there)."""
 
-    user_in_flight: int = 8
+    user_in_flight: int = 6
     user_waiting: int = 4
     user_ttft_s: float = 1.0
     resume_fraction: float = 0.5

@@ -130,3 +130,17 @@ def test_the_probe_reports_an_unreachable_inference_as_unknown_and_counts_it():
         assert probe.load() is None
         assert probe.load() is None
     assert errors() == before + 2
+
+
+def test_at_the_default_thresholds_eight_streaming_clients_make_it_yield_and_four_users_do_not():
+    from services.trainer.config import TrainerConfig
+    from shared.config import load_config
+
+    defaults = load_config(TrainerConfig, {}).yield_settings()
+    eight = UserLoadGovernor(defaults, full=16)
+    # a closed loop of 8 clients: 7-8 requests in flight at inference; it stays yielded while they stay
+    assert [eight.decide(UserLoad(user_in_flight=k), now=0.0).state for k in (7, 8, 6, 5, 4)] == ["yielding"] * 5
+    four = UserLoadGovernor(defaults, full=16)
+    # the demo's four users: never a yield, at least two thirds of the rollouts at once
+    decisions = [four.decide(UserLoad(user_in_flight=k), now=0.0) for k in (4, 3, 4)]
+    assert all(d.state != "yielding" and d.concurrency >= 11 for d in decisions)
