@@ -57,12 +57,13 @@ class InferenceApp:
             self.serving.set_routable = self._set_routable
 
     def _outbox(self) -> Outbox:
-        """Completion events go out through a spill journal (this replica's, by its bound port):
-        what a killed replica had accepted is sent when it starts again."""
+        """Completion events go out through a spill journal (this replica's, by its port): what a
+        killed replica had accepted is sent when it starts again. A replica on an ephemeral port
+        (RLHF_INFERENCE_GRPC_PORT=0, tests) could never be found again: its events wait in memory."""
         cfg = self.cfg
         return Outbox(
             KafkaPublisher(cfg.kafka, "inference"),
-            spill_dir=outbox_spill_dir(cfg, self.server.port),
+            spill_dir=outbox_spill_dir(cfg, cfg.grpc_port) if cfg.grpc_port else None,
             spill_max_bytes=cfg.outbox_spill_max_mb << 20,
             spill_segment_bytes=OUTBOX_SEGMENT_MB << 20,
             max_attempts=cfg.outbox_max_attempts,

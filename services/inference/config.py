@@ -94,8 +94,9 @@ class InferenceConfig(ServiceConfig):
     state_dir: Path = Path("var/inference")
     """Local state of this replica: the outbox's spill journal (``outbox-<gRPC port>/``), where every
     completion event waits until Kafka acknowledges it, so that ``kill -9`` loses none: a restarted
-    replica sends what is left. Per replica (the port tells replicas on one machine apart); on
-    Kubernetes a volume that outlives the container (the pod's emptyDir)."""
+    replica sends what is left. Per replica (the port tells replicas on one machine apart; with
+    RLHF_INFERENCE_GRPC_PORT=0 the events wait in memory instead); on Kubernetes a volume that
+    outlives the container (the pod's emptyDir)."""
     outbox_spill_max_mb: int = 1024
     """Most MiB of completion events the spill journal holds while Kafka is unreachable; past it the
     oldest are dropped (error log, rlhf_kafka_events_dropped_total). Memory holds one event at a time."""
