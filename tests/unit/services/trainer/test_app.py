@@ -4,6 +4,7 @@ app is built (not started) on a temp store holding the default policy and a rewa
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from services.trainer.app import TrainerApp
 from services.trainer.checkpoint import LoadedCheckpoint
 from services.trainer.config import TrainerConfig
 from shared.config import ModelStoreConfig, load_config
+
+
+def built(cfg: TrainerConfig) -> TrainerApp:
+    """The app constructed (never started) inside an event loop of its own: its gRPC server is
+    asyncio's, and earlier tests may have left the thread without a current loop."""
+
+    async def build() -> TrainerApp:
+        return TrainerApp(cfg)
+
+    return asyncio.run(build())
 
 
 def checkpoint(policy: str, rm: str, **meta: str) -> LoadedCheckpoint:
@@ -38,7 +49,7 @@ def test_a_checkpoint_of_another_mode_is_not_resumed_from(trainer_store, tmp_pat
         checkpoint_dir=tmp_path / "checkpoints",
         metrics_port=0,
     )
-    app = TrainerApp(cfg)
+    app = built(cfg)
     problem = app._usable_here(checkpoint(trainer_store.policy, trainer_store.rm, **meta))
     assert problem is None if words is None else words in problem
     assert "policy-0042" in app._usable_here(checkpoint("policy-0042", trainer_store.rm, **meta))
