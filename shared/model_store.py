@@ -43,7 +43,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -304,11 +305,16 @@ class ModelStore:
         extra: dict[str, Any] | None = None,
         make_current: bool = True,
         sign: Callable[[str, str, bytes], bytes] | None = None,
+        move: bool = False,
     ) -> Manifest:
         """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest.
 
         ``sign(line, version, manifest bytes)`` returns the signature document written beside the
-        manifest (``manifest.sig``) before the version becomes visible; None: unsigned."""
+        manifest (``manifest.sig``) before the version becomes visible; None: unsigned.
+
+        ``move``: the caller gives ``src_dir``'s files up; each is renamed into the version instead
+        of copied (hashed by one read and fsynced, no second write of its bytes), or copied where it
+        lies on another filesystem. Write the files into ``staging()`` to be sure of the rename."""
         _check_line(line)
         src_dir = Path(src_dir)
         if not src_dir.is_dir():
@@ -334,7 +340,8 @@ class ModelStore:
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            files = {rel: _copy_file(src_dir / rel, tmp / rel) for rel in src_files}
+            place = _move_or_copy_file if move else _copy_file
+            files = {rel: place(src_dir / rel, tmp / rel) for rel in src_files}
             manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra, sign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -342,6 +349,19 @@ class ModelStore:
         if make_current:
             self._write_pointer(line, manifest.version)
         return manifest
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A new empty directory inside the store (same filesystem, never listed as a version),
+        removed on exit: write a version's files there and ``publish(..., move=True)`` them, and
+        their bytes are written once, by the writer, instead of written and copied."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}.staging"
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def add_signature(self, version: str, signature: bytes) -> None:
         """Write ``manifest.sig`` of an unsigned version (adopting versions published before
@@ -590,4 +610,28 @@ def _copy_file(src: Path, dst: Path, *, sync: bool = True) -> FileDigest:
         fout.flush()
         if sync:
             os.fsync(fout.fileno())
+    return FileDigest(digest.hexdigest(), size)
+
+
+def _move_or_copy_file(src: Path, dst: Path) -> FileDigest:
+    """Rename ``src`` to ``dst`` (same filesystem), then hash it with one read and fsync it; where
+    the rename crosses filesystems (EXDEV), or ``src`` is a symlink or has other hard links (someone
+    else could change the bytes after they were hashed), ``_copy_file`` instead. The bytes are never written
+    twice: what the writer put in the page cache is read once for the sha256 and flushed once."""
+    if src.is_symlink() or os.stat(src).st_nlink > 1:  # the bytes live on elsewhere: copy them
+        return _copy_file(src, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return _copy_file(src, dst)
+    digest = hashlib.sha256()
+    size = 0
+    with open(dst, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())
     return FileDigest(digest.hexdigest(), size)

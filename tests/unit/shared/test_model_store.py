@@ -1,5 +1,7 @@
+import errno
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -383,3 +385,51 @@ def test_remove_frees_a_version_whole_and_refuses_a_pointed_one(store: ModelStor
     assert store.remove(first) == size
     assert store.versions("policy") == [second] and not any(p.name.startswith(".tmp-") for p in store.root.iterdir())
     assert store.publish("policy", src).version == "policy-0003"  # numbers are never reused
+
+
+def test_publish_move_renames_the_staged_files_without_a_copy(store: ModelStore) -> None:
+    """``staging()`` + ``publish(move=True)``: the bytes the writer wrote are the version's (same
+    inode: never copied), hashed as a copy would be; the staging directory is never listed and goes."""
+    with store.staging() as staged:
+        assert staged.parent == store.root and staged.is_dir()
+        src = make_model_dir(staged / "policy")
+        written = {rel: (src / rel).stat().st_ino for rel in ("model.safetensors", "config.json", "sub/notes.txt")}
+        expected = {rel: hashlib.sha256((src / rel).read_bytes()).hexdigest() for rel in written}
+        assert store.versions("policy") == []
+        manifest = store.publish("policy", src, move=True)
+        assert not (src / "model.safetensors").exists()  # moved, not copied
+
+    vdir = store.path(manifest.version)
+    assert {rel: (vdir / rel).stat().st_ino for rel in written} == written
+    assert {rel: d.sha256 for rel, d in manifest.files.items()} == expected
+    assert store.verify(manifest.version) == manifest
+    assert not staged.exists()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_publish_move_copies_what_it_may_not_take(store: ModelStore, tmp_path: Path, monkeypatch) -> None:
+    """A symlink, a file with another hard link, and (EXDEV) a file on another filesystem are copied:
+    the version holds regular files of its own and the other names keep their bytes."""
+    src = make_model_dir(tmp_path / "src")
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"linked": true}')
+    (src / "linked.json").symlink_to(outside)
+    os.link(src / "config.json", tmp_path / "config-elsewhere.json")
+    real_rename = model_store.os.rename
+
+    def rename_across_filesystems(a: object, b: object) -> None:
+        if Path(str(a)).name == "notes.txt":
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(a, b)
+
+    monkeypatch.setattr(model_store.os, "rename", rename_across_filesystems)
+    manifest = store.publish("policy", src, move=True)
+
+    vdir = store.path(manifest.version)
+    for rel in ("linked.json", "config.json", "sub/notes.txt"):
+        assert not (vdir / rel).is_symlink() and (vdir / rel).stat().st_nlink == 1, rel
+    assert (vdir / "linked.json").read_text() == '{"linked": true}'
+    assert (tmp_path / "config-elsewhere.json").read_text() == json.dumps({"hidden": 4})
+    assert (src / "sub" / "notes.txt").read_text() == "nested file"  # copied, left where it was
+    assert not (src / "model.safetensors").exists()  # the one file it could take was moved
+    assert store.verify(manifest.version) == manifest
