@@ -17,7 +17,10 @@ after another (never side by side: the machine may have only 2 cores):
 (`ours` in --servers means both ours-loop and ours-serving.) Per server and concurrency: tokens/s,
 requests/s, `vllm bench serve`-style TTFT, TPOT, ITL and E2EL (mean, p50/p90/p99; see
 serving_stats.py), the ratios against vLLM's server, and on ours-loop the trainer's own throughput
-(rollouts, PPO steps) during each level and while no user sends anything. Then, on the loop stack,
+(rollouts, PPO steps) during each level and while no user sends anything. As diagnostics on the
+serving stack: the same levels straight to inference over gRPC (--grpc-levels), and half the clients
+through the gateway with half straight to inference at once (--mixed-levels: the gateway hop's own
+TTFT, the engine in the same state for both). Then, on the loop stack,
 the serving pause of a hot-swap under load: new policy versions are announced on Kafka while 8
 clients stream. Prints tables, writes JSON (+ a PNG plot next to it).
 
@@ -416,6 +419,73 @@ async def _closed_loop(
     return results, time.monotonic() - started
 
 
+async def mixed_loop(
+    http_url: str, grpc_url: str, requests: list[ChatRequest], concurrency: int, tag: str, time_budget_s: float
+) -> dict[str, tuple[list[RequestResult], float]]:
+    """Half the clients through the gateway (HTTP), half straight to inference (gRPC), at the same
+    time on the same engine: the two TTFTs differ by what the gateway hop itself costs, whatever
+    state the engine and the machine are in (separate levels also differ by how busy each path
+    keeps the 2 cores, and so the engine)."""
+    half = concurrency // 2
+    (http, http_wall), (grpc_, grpc_wall) = await asyncio.gather(
+        closed_loop(http_url, requests[0::2], half, f"{tag} http", time_budget_s=time_budget_s),
+        closed_loop(grpc_url, requests[1::2], concurrency - half, f"{tag} grpc", time_budget_s=time_budget_s),
+    )
+    return {"http": (http, http_wall), "grpc": (grpc_, grpc_wall)}
+
+
+def measure_gateway_hop(server: Server, reqs: list[ChatRequest], c: int, budget_s: float, quiet: QuietGuard) -> dict:
+    """The gateway hop's own cost at ``c`` clients (mixed_loop), from the clients' side."""
+    server.check_alive()
+    before = quiet.wait(CpuMeter(server).external_over, log)
+    log(
+        f"--- gateway hop: {c // 2} clients via the gateway + {c - c // 2} via gRPC at once; external load {before:.2f}"
+    )
+    out = asyncio.run(mixed_loop(server.base_url, server.grpc_url or "", reqs, c, f"mixed c={c}", budget_s))
+    figures = gateway_hop_figures(out)
+    h, g = figures["http"]["ttft_ms"], figures["grpc"]["ttft_ms"]
+    log(
+        f"    mixed c={c}: TTFT p50 via gateway {fmt(h.get('p50'), '.1f')} ms, straight {fmt(g.get('p50'), '.1f')} ms; "
+        f"the gateway adds {fmt(figures['gateway_adds_ttft_ms']['p50'], '.1f')} ms at p50, "
+        f"{fmt(figures['gateway_adds_ttft_ms']['p90'], '.1f')} ms at p90"
+    )
+    return figures
+
+
+def gateway_hop_figures(out: dict[str, tuple[list[RequestResult], float]]) -> dict:
+    """Each path's TTFT, E2EL and first chunk gap (summarise), and what the gateway adds to TTFT:
+    http - grpc at p50, p90 and p99 (ms)."""
+    figures: dict = {}
+    for path, (results, wall) in out.items():
+        m = summarise(results, wall, len(results))
+        figures[path] = {k: m[k] for k in ("requests_done", "errors", "ttft_ms", "e2el_ms", "first_chunk_gap_ms_p50")}
+    h, g = figures["http"]["ttft_ms"], figures["grpc"]["ttft_ms"]
+    figures["gateway_adds_ttft_ms"] = {
+        q: h[q] - g[q] if h.get(q) is not None and g.get(q) is not None else None for q in ("p50", "p90", "p99")
+    }
+    return figures
+
+
+def print_gateway_hop(hop: dict) -> None:
+    if not hop:
+        return
+    print("\nThe gateway hop alone (half the clients via the gateway, half straight to inference, at once; ms):")
+    print(
+        f"{'clients':>7}  {'path':7} {'done':>5} {'TTFT p50':>9} {'TTFT p90':>9} {'TTFT p99':>9} {'E2EL p50':>9} {'1st gap':>8}"
+    )
+    for c, f in hop.items():
+        for path in ("http", "grpc"):
+            x = f[path]
+            print(
+                f"{c:>7}  {path:7} {x['requests_done']:>5} {fmt(x['ttft_ms'].get('p50'), '.1f'):>9} "
+                f"{fmt(x['ttft_ms'].get('p90'), '.1f'):>9} {fmt(x['ttft_ms'].get('p99'), '.1f'):>9} "
+                f"{fmt(x['e2el_ms'].get('p50'), '.1f'):>9} {fmt(x['first_chunk_gap_ms_p50'], '.1f'):>8}"
+            )
+        a = f["gateway_adds_ttft_ms"]
+        print(f"{c:>7}  adds    {'':>5} {fmt(a['p50'], '.1f'):>9} {fmt(a['p90'], '.1f'):>9} {fmt(a['p99'], '.1f'):>9}")
+    print("(1st gap: first -> second content chunk at the client, p50; E2EL: send -> end of stream)")
+
+
 def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -441,6 +511,11 @@ def summarise(results: list[RequestResult], wall: float, planned: int) -> dict:
         "ttft_p99_s": pct(ttft, 99),
         "tokens_per_request_mean": tokens / len(ok) if ok else None,
         "tokens_per_content_chunk": tokens / max(1, sum(r.content_chunks for r in ok)) if ok else None,
+        # Near 0 (the first two content chunks read together) while the server's own pace is a step
+        # or more: the first chunk reached the client late, when the second was ready too.
+        "first_chunk_gap_ms_p50": pct(
+            [(r.content_times[1] - r.content_times[0]) * 1e3 for r in ok if len(r.content_times) > 1], 50
+        ),
         # `vllm bench serve`-style distributions in ms (serving_stats.py): ttft_ms, tpot_ms, itl_ms, e2el_ms
         **serve_style_figures(r.timing() for r in ok),
         "policy_versions_served": dict(sorted(Counter(r.served_by for r in ok if r.served_by).items())),
@@ -1507,6 +1582,12 @@ def main() -> int:
         "(diagnostic; '' to skip)",
     )
     ap.add_argument(
+        "--mixed-levels",
+        default="8,64",
+        help="levels also run with half the clients via the gateway and half straight to inference at once, "
+        "on the stack of --grpc-levels (the gateway hop's own TTFT cost; diagnostic; '' to skip)",
+    )
+    ap.add_argument(
         "--trainer-idle-s",
         type=float,
         default=None,
@@ -1574,6 +1655,7 @@ def main() -> int:
     if len(counts) != len(levels):
         ap.error("--requests needs one count per concurrency level")
     grpc_levels = [int(x) for x in args.grpc_levels.split(",") if x and int(x) in levels]
+    mixed_levels = [int(x) for x in args.mixed_levels.split(",") if x and int(x) in levels and int(x) >= 2]
     quiet = QuietGuard.from_args(args)
     swap_modes = [m for m in args.swap_modes.split(",") if m]
     swaps_n = args.swaps if args.swaps is not None else (1 if args.quick else 3)
@@ -1627,11 +1709,13 @@ def main() -> int:
             "trainer_idle_s": trainer_idle_s,
             "trainer_ready_s": trainer_ready_s,
             "grpc_diagnostic_on": grpc_on if grpc_levels else None,
+            "gateway_hop_on": grpc_on if mixed_levels else None,
             "hot_swap_on": swap_on if swaps_n and swap_modes else None,
             "swap_modes": swap_modes,
         },
         "servers": {},
         "hot_swap": {},
+        "gateway_hop": {},
     }
     raw: dict[str, dict[str, list]] = {}
     try:
@@ -1707,6 +1791,11 @@ def main() -> int:
                             args.level_budget_s,
                             quiet,
                         )
+                if name == grpc_on:
+                    for c in mixed_levels:
+                        report["gateway_hop"][str(c)] = measure_gateway_hop(
+                            server, workloads[c], c, args.level_budget_s, quiet
+                        )
                 if name == swap_on and swap_versions and "default" in swap_modes:
                     report["hot_swap"]["default"] = measure_swaps(
                         server, swap_versions, swap_load, args, quiet, f"the service's default, on {name}"
@@ -1744,6 +1833,7 @@ def main() -> int:
     plot(report, png)
 
     print_table(report)
+    print_gateway_hop(report.get("gateway_hop", {}))
     print_hot_swap(report.get("hot_swap", {}))
     print_targets(report)
     if PROFILE_DIR is not None:

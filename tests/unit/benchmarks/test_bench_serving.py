@@ -127,3 +127,25 @@ def test_tables_and_plot(bench, capsys: pytest.CaptureFixture[str], tmp_path: Pa
     png = tmp_path / "serving.png"
     bench.plot(report, png)
     assert png.stat().st_size > 10_000
+
+
+def test_the_first_chunk_gap_shows_a_first_chunk_that_came_with_the_second(bench) -> None:
+    paced = level(bench, 4, gap_s=0.02, ttft_s=0.1, wall=1.0)
+    late = results(bench, 4, gap_s=0.02, tokens=16, ttft_s=0.1)
+    for r in late:  # the first chunk read together with the second
+        r.content_times[0] = r.content_times[1] - 0.0001
+    assert paced["first_chunk_gap_ms_p50"] == pytest.approx(20.0)
+    assert bench.summarise(late, 1.0, 4)["first_chunk_gap_ms_p50"] == pytest.approx(0.1)
+
+
+def test_the_gateway_hop_is_the_ttft_difference_between_the_two_paths(bench, capsys) -> None:
+    out = {
+        "http": (results(bench, 10, gap_s=0.02, tokens=8, ttft_s=0.050), 5.0),
+        "grpc": (results(bench, 10, gap_s=0.02, tokens=8, ttft_s=0.015), 5.0),
+    }
+    hop = bench.gateway_hop_figures(out)
+    assert hop["gateway_adds_ttft_ms"]["p50"] == pytest.approx(35.0)
+    assert hop["http"]["requests_done"] == hop["grpc"]["requests_done"] == 10
+    bench.print_gateway_hop({"8": hop})
+    printed = capsys.readouterr().out
+    assert "The gateway hop alone" in printed and "35.0" in printed
