@@ -147,9 +147,11 @@ class InferenceConfig(ServiceConfig):
     """With lora_adapters: most adapter versions held in the engine at once (vLLM's max_cpu_loras).
     Loading one more unloads the least recently used adapter that no pointer serves and no request
     runs with; at least 2 (the served adapter and the one replacing it)."""
-    lora_max_batch: int = 2
-    """With lora_adapters: most distinct adapters in one engine batch (vLLM's max_loras): 2 lets the
-    stable and the canary version run side by side; at most RLHF_INFERENCE_LORA_MAX_LOADED."""
+    lora_max_batch: int = 0
+    """With lora_adapters: most distinct adapters in one engine batch (vLLM's max_loras); 0 (default):
+    RLHF_INFERENCE_LORA_MAX_LOADED, every loaded adapter. A request on one more adapter waits until a
+    batch holds fewer, and so does the one-token proof of a new adapter: with the served adapter and
+    a canary running, fewer than 3 would hold a swap until one of them has no request left."""
     lora_max_rank: int = 16
     """With lora_adapters: the largest LoRA rank the slots take (vLLM's max_lora_rank: 1, 8, 16, 32,
     64, 128, 256, 320 or 512); an adapter of a higher rank is refused."""
@@ -206,12 +208,14 @@ class InferenceConfig(ServiceConfig):
             out.append(f"{p}LORA_MAX_RANK={self.lora_max_rank}: expected one of {', '.join(map(str, LORA_RANKS))}")
         if self.lora_max_loaded < 2:
             out.append(f"{p}LORA_MAX_LOADED={self.lora_max_loaded}: at least 2 (the served adapter and the next)")
-        if not 1 <= self.lora_max_batch <= self.lora_max_loaded:
-            out.append(f"{p}LORA_MAX_BATCH={self.lora_max_batch}: expected 1 to {p}LORA_MAX_LOADED")
+        if not 0 <= self.lora_max_batch <= self.lora_max_loaded:
+            out.append(f"{p}LORA_MAX_BATCH={self.lora_max_batch}: expected 0 (all) to {p}LORA_MAX_LOADED")
         if self.lora_canary_beside and not (self.lora_adapters and self.follow == "current"):
             out.append(f"{p}LORA_CANARY_BESIDE needs {p}LORA_ADAPTERS=1 and {p}FOLLOW=current")
         elif self.lora_canary_beside and self.lora_max_loaded < 3:
             out.append(f"{p}LORA_MAX_LOADED={self.lora_max_loaded}: at least 3 with {p}LORA_CANARY_BESIDE")
+        elif self.lora_canary_beside and 0 < self.lora_max_batch < 3:
+            out.append(f"{p}LORA_MAX_BATCH={self.lora_max_batch}: at least 3 (or 0) with {p}LORA_CANARY_BESIDE")
         out += self.versions.missing(self.host, follows=("policy",))
         return out
 
@@ -236,6 +240,12 @@ def rolling_swap_bound_s(cfg: InferenceConfig) -> float:
     (the last stragglers, in swap_to) + reload allowance + settle. The lease TTL must be at least
     this, or another replica could take the lease over mid-swap."""
     return cfg.swap_drain_timeout_s + cfg.swap_drain_budget_s + 2 * cfg.swap_settle_s + RELOAD_ALLOWANCE_S
+
+
+def lora_batch(cfg: InferenceConfig) -> int:
+    """Distinct adapters one engine batch may hold (vLLM's max_loras): lora_max_batch, or when it is 0
+    every loaded adapter (lora_max_loaded)."""
+    return cfg.lora_max_batch or cfg.lora_max_loaded
 
 
 def swap_drain_s(cfg: InferenceConfig) -> float:

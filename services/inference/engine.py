@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from services.inference.config import InferenceConfig
+from services.inference.config import InferenceConfig, lora_batch
 from services.inference.domain import Sampling
 
 if TYPE_CHECKING:  # vLLM is imported when the engine starts
@@ -73,13 +73,13 @@ def configure_vllm_environment(cfg: InferenceConfig) -> None:
 
 def lora_engine_args(cfg: InferenceConfig) -> dict[str, Any]:
     """vLLM's LoRA settings from the config: none unless lora_adapters is on; then LoRA slots for
-    ``lora_max_batch`` adapters in one batch, ``lora_max_loaded`` kept in memory (max_cpu_loras) and
+    ``lora_batch(cfg)`` adapters in one batch, ``lora_max_loaded`` kept in memory (max_cpu_loras) and
     ranks up to ``lora_max_rank``."""
     if not cfg.lora_adapters:
         return {}
     return {
         "enable_lora": True,
-        "max_loras": cfg.lora_max_batch,
+        "max_loras": lora_batch(cfg),
         "max_cpu_loras": cfg.lora_max_loaded,
         "max_lora_rank": cast("MaxLoRARanks", cfg.lora_max_rank),  # one of them: problems() checks it
     }

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from services.inference.config import InferenceConfig, rolling_swap_bound_s, swap_drain_s
+from services.inference.config import InferenceConfig, lora_batch, rolling_swap_bound_s, swap_drain_s
 from shared.config import ConfigError, load_config
 from shared.version_line import POLICY, POLICY_CANARY, POLICY_KINDS
 
@@ -105,7 +105,8 @@ def test_adapter_serving_is_off_by_default_and_its_bounds_load():
             "RLHF_INFERENCE_LORA_MAX_RANK": "8",
         },
     )
-    assert (cfg.lora_adapters, cfg.lora_max_loaded, cfg.lora_max_batch, cfg.lora_max_rank) == (True, 3, 2, 8)
+    assert (cfg.lora_adapters, cfg.lora_max_loaded, lora_batch(cfg), cfg.lora_max_rank) == (True, 3, 3, 8)
+    assert lora_batch(load_config(InferenceConfig, {"RLHF_INFERENCE_LORA_MAX_BATCH": "2"})) == 2
 
 
 @pytest.mark.parametrize(
@@ -113,8 +114,8 @@ def test_adapter_serving_is_off_by_default_and_its_bounds_load():
     [
         ({"RLHF_INFERENCE_LORA_MAX_RANK": "4"}, "RLHF_INFERENCE_LORA_MAX_RANK=4: expected one of 1, 8, 16"),
         ({"RLHF_INFERENCE_LORA_MAX_LOADED": "1"}, "RLHF_INFERENCE_LORA_MAX_LOADED=1: at least 2"),
-        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "5"}, "RLHF_INFERENCE_LORA_MAX_BATCH=5: expected 1 to"),
-        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "0"}, "RLHF_INFERENCE_LORA_MAX_BATCH=0"),
+        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "5"}, "RLHF_INFERENCE_LORA_MAX_BATCH=5: expected 0 (all) to"),
+        ({"RLHF_INFERENCE_LORA_MAX_BATCH": "-1"}, "RLHF_INFERENCE_LORA_MAX_BATCH=-1"),
     ],
 )
 def test_bad_adapter_settings_are_refused_naming_the_variable(env, message):
@@ -149,6 +150,7 @@ def test_holding_the_canary_beside_needs_adapters_on_a_stable_replica_with_room_
         ({"RLHF_INFERENCE_LORA_CANARY_BESIDE": "1"}, "LORA_CANARY_BESIDE needs RLHF_INFERENCE_LORA_ADAPTERS=1"),
         ({**on, "RLHF_INFERENCE_FOLLOW": "canary"}, "and RLHF_INFERENCE_FOLLOW=current"),
         ({**on, "RLHF_INFERENCE_LORA_MAX_LOADED": "2"}, "RLHF_INFERENCE_LORA_MAX_LOADED=2: at least 3"),
+        ({**on, "RLHF_INFERENCE_LORA_MAX_BATCH": "2"}, "RLHF_INFERENCE_LORA_MAX_BATCH=2: at least 3 (or 0)"),
     ]:
         with pytest.raises(ConfigError) as err:
             load_config(InferenceConfig, env)
