@@ -679,6 +679,15 @@ class Load:
             time.sleep(0.5)
         return False
 
+    def wait_for_accepted(self, n: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _, ratings = self.snapshot()
+            if sum(r.accepted for r in ratings) >= n:
+                return True
+            time.sleep(0.5)
+        return False
+
     def _user(self, i: int, name: str, key: str) -> None:
         import httpx
         import openai
@@ -1190,8 +1199,15 @@ class FaultReport:
 class Timings:
     warmup_s: float = 20.0
     """Load before the fault (after the first answered chat)."""
+    min_accepted_before: int = 0
+    """And at least this many ratings accepted before the fault (a slow machine takes longer)."""
+    completions_grace_s: float = 30.0
+    """Completion events reach Kafka through an outbox, after the answer: how long the accounting
+    re-reads rlhf.completions while some are still missing."""
     after_s: float = 30.0
     """Load after the fault at least."""
+    after_recovery_s: float = 10.0
+    """Load after recovery at least (ratings accepted then must be kept too)."""
     recover_timeout_s: float = 120.0
     """How long the stack may take to answer chats again before the harness restarts `rlhf up`
     (when the launcher gave up) or gives up."""
@@ -1218,6 +1234,8 @@ def run_fault(run: StackRun, fault: Fault, t: Timings) -> FaultReport:
         if not load.wait_for_answers(1, 180):
             raise RuntimeError("no chat answered before the fault")
         time.sleep(t.warmup_s)
+        if not load.wait_for_accepted(t.min_accepted_before, 180):
+            raise RuntimeError(f"fewer than {t.min_accepted_before} ratings accepted before the fault")
         pids_before = run.pids()
         inj = fault.inject(run)
         rep.injected = inj.what
@@ -1237,7 +1255,7 @@ def run_fault(run: StackRun, fault: Fault, t: Timings) -> FaultReport:
         recovered_at, back_at = _await_recovery(run, load, inj, t, rep, since)
         rep.recover_s = seconds_to_recover(inj.at, load.snapshot()[0])
         rep.service_back_s = round(back_at - inj.at, 2) if back_at else None
-        rest = inj.at + t.after_s - time.monotonic()
+        rest = max(inj.at + t.after_s, (recovered_at or 0.0) + t.after_recovery_s) - time.monotonic()
         if rest > 0:
             time.sleep(rest)
         if t.learn_wait_s > 0 and recovered_at is not None:
@@ -1280,7 +1298,7 @@ def run_fault(run: StackRun, fault: Fault, t: Timings) -> FaultReport:
         load.stop()
         watcher.stop()
     time.sleep(3.0)  # the outboxes flush what the last answers produced
-    _account(run, load, rep, inj.at if inj else time.monotonic(), recovered_at)
+    _account(run, load, rep, inj.at if inj else time.monotonic(), recovered_at, t.completions_grace_s)
     rep.leftover_tmp = leftover_tmp(run.store_root)
     rep.details["up_restarts_total"] = run.up_restarts()
     if not rep.half_written_versions:
@@ -1343,7 +1361,9 @@ def _await_recovery(
         time.sleep(0.25)
 
 
-def _account(run: StackRun, load: Load, rep: FaultReport, fault_at: float, recovered_at: float | None) -> None:
+def _account(
+    run: StackRun, load: Load, rep: FaultReport, fault_at: float, recovered_at: float | None, grace_s: float = 0.0
+) -> None:
     chats, ratings = load.snapshot()
     rep.chats_answered = sum(c.ok for c in chats)
     rep.chats_failed_after_fault = failed_chats(chats, fault_at)
@@ -1361,7 +1381,16 @@ def _account(run: StackRun, load: Load, rep: FaultReport, fault_at: float, recov
     rep.ratings_lost = len(lost_ids((r.feedback_id for r in ratings if r.accepted), feedback_ids))
     rep.lost_by_phase = lost_by_phase(ratings, feedback_ids, fault_at, recovered_at)
     served = [rid for c in chats if c.ok for rid in c.response_ids if rid]
-    rep.completion_events_lost = len(lost_ids(served, response_ids))
+    missing = lost_ids(served, response_ids)
+    deadline = time.monotonic() + grace_s
+    while missing and time.monotonic() < deadline:
+        time.sleep(2.0)
+        with contextlib.suppress(Exception):
+            response_ids, rep.poison_records_on_topic = payload_ids(
+                read_topic(run.bootstrap, "rlhf.completions"), "response_id"
+            )
+        missing = lost_ids(served, response_ids)
+    rep.completion_events_lost = len(missing)
 
 
 def verdict(rep: FaultReport) -> list[str]:

@@ -34,7 +34,9 @@ def feedback_killed(tmp_path_factory) -> Iterator[FaultReport]:
     run = StackRun(work / "stack", base, options)
     try:
         run.start(timeout_s=600)
-        timings = Timings(warmup_s=8, after_s=15, recover_timeout_s=60, learn_wait_s=0, manual_restart=False)
+        timings = Timings(
+            warmup_s=8, min_accepted_before=3, after_s=15, recover_timeout_s=60, learn_wait_s=0, manual_restart=False
+        )
         report = run_fault(run, FAULTS["kill-feedback"], timings)
         report.details["feedback_log_tail"] = run.log_tail("feedback", 800)
         yield report
