@@ -295,6 +295,10 @@ class Stack:
         """The processes to start, in order, each with its own settings (after the credentials);
         sets what the services learn of each other (addresses, rollout mode) in the environment."""
         wanted = set(self.cfg.services)
+        # One switch for LoRA: a trainer that publishes adapter versions needs engines (stable and
+        # canary) that serve them from vLLM's LoRA slots.
+        if self.environ.get("RLHF_TRAINER_POLICY_MODE", "").strip().lower() == "lora":
+            self.environ.setdefault("RLHF_INFERENCE_LORA_ADAPTERS", "1")
         inference = load_config(InferenceConfig, self.environ)
         inference_address = f"{inference.host}:{inference.grpc_port}"
         planned: list[ServiceProcess] = []

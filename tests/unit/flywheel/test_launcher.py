@@ -209,6 +209,18 @@ def test_without_rollout_nothing_of_it_is_started(tmp_path):
     assert "rollout" not in stack.signers
 
 
+def test_a_lora_trainer_gets_engines_that_serve_adapters(tmp_path):
+    from services.inference.config import InferenceConfig
+
+    stack = rollout_stack(tmp_path, RLHF_TRAINER_POLICY_MODE="lora")
+    planned = {svc.name: svc for svc in stack.plan()}
+    for name in ("inference", "inference-canary"):
+        assert load_config(InferenceConfig, {**stack.environ, **planned[name].env}).lora_adapters is True
+    full = rollout_stack(tmp_path / "full")
+    full.plan()
+    assert load_config(InferenceConfig, full.environ).lora_adapters is False
+
+
 def test_a_canary_port_that_is_the_stable_engines_is_refused(tmp_path):
     stack = rollout_stack(tmp_path, RLHF_UP_CANARY_GRPC_PORT="50051")
     with pytest.raises(ConfigError, match="RLHF_UP_CANARY_GRPC_PORT=50051"):
