@@ -26,6 +26,8 @@ a holder's record, replacing its previous one.
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -35,7 +37,7 @@ from prometheus_client import Counter, Gauge
 
 from shared.config import ModelStoreConfig
 from shared.logging import get_logger, log_event
-from shared.model_store import POINTERS, ModelStore, ModelStoreError, version_number
+from shared.model_store import POINTERS, TMP_PREFIX, ModelStore, ModelStoreError, version_number
 
 log = get_logger(__name__)
 
@@ -45,6 +47,13 @@ VERSIONS_REMOVED = Counter(
     "rlhf_model_store_versions_removed_total", "Versions removed by retention (each logged)", ["line"]
 )
 BYTES_REMOVED = Counter("rlhf_model_store_bytes_removed_total", "Bytes freed by retention", ["line"])
+TEMPORARIES_REMOVED = Counter(
+    "rlhf_model_store_temporaries_removed_total",
+    "Leftovers of crashed publishes, record writes and removals (.tmp-*) deleted by retention",
+)
+TEMPORARY_BYTES_REMOVED = Counter(
+    "rlhf_model_store_temporary_bytes_removed_total", "Bytes freed by deleting leftover .tmp-* entries"
+)
 SWEEP_FAILURES = Counter(
     "rlhf_model_store_retention_failures_total",
     "Sweeps that removed nothing because the store could not be read",
@@ -100,6 +109,73 @@ def versions_to_remove(
     """
     return sorted(set(_by_name(versions)) - set(kept_versions(versions, protected, rollback_from, rule, now)),
                   key=version_number)  # fmt: skip
+
+
+def stale_temporaries(entries: Mapping[str, float], grace_s: float, now: float) -> list[str]:
+    """The store's ``.tmp-*`` entries left by a crash, to delete: name -> the newest modification
+    time inside the entry (a publish still writing keeps touching it).
+
+    Rule: ``name`` starts with ``.tmp-`` and ``now - newest_mtime >= grace_s``. A publish, a record
+    write or a removal in progress writes into its temporary continuously, so only an entry that no
+    process has touched for the grace age (an hour by default) is a crash's leftover.
+    """
+    return sorted(n for n, mtime in entries.items() if n.startswith(TMP_PREFIX) and now - mtime >= grace_s)
+
+
+def _newest_mtime(path: os.PathLike[str] | str) -> float:
+    """The newest modification time of ``path`` and, for a directory, of everything inside it."""
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    continue
+    return newest
+
+
+def _entry_bytes(path: os.PathLike[str] | str) -> int:
+    if not os.path.isdir(path) or os.path.islink(path):
+        return os.lstat(path).st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def remove_stale_temporaries(store: ModelStore, grace_s: float, now: float) -> list[str]:
+    """Delete the store's crash leftovers (``stale_temporaries``); returns their names."""
+    entries: dict[str, float] = {}
+    for entry in store.root.iterdir() if store.root.is_dir() else []:
+        if entry.name.startswith(TMP_PREFIX):
+            try:
+                entries[entry.name] = _newest_mtime(entry)
+            except OSError:
+                continue  # gone meanwhile (its writer finished or another sweeper took it)
+    removed = []
+    for name in stale_temporaries(entries, grace_s, now):
+        path = store.root / name
+        try:
+            size = _entry_bytes(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log_event(log, "retention: could not delete a leftover", level=30, entry=name, error=str(exc))
+            continue
+        removed.append(name)
+        TEMPORARIES_REMOVED.inc()
+        TEMPORARY_BYTES_REMOVED.inc(size)
+        log_event(log, "retention: deleted a crash leftover", entry=name, bytes=size)
+    return removed
 
 
 def kept_versions(
@@ -226,7 +302,12 @@ class RetentionSweeper:
         return out
 
     def sweep(self) -> list[str]:
-        """Remove what the rule lets go; returns the versions removed."""
+        """Remove what the rule lets go (and the store's stale ``.tmp-*`` crash leftovers); returns
+        the versions removed."""
+        try:
+            remove_stale_temporaries(self.store, self.rule.grace_s, self.clock())
+        except OSError as exc:
+            log_event(log, "retention: could not list the store's leftovers", level=30, error=str(exc))
         try:
             protected, rollback_from = self.protected()
         except (ModelStoreError, OSError, ValueError) as exc:

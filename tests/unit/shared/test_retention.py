@@ -20,6 +20,7 @@ from shared.retention import (
     kept_versions,
     pin_versions,
     read_pins,
+    stale_temporaries,
     versions_to_remove,
 )
 
@@ -177,3 +178,33 @@ def test_the_sweeper_thread_sweeps_at_start_and_stops(tmp_path):
     finally:
         sweeper.stop()
     assert sweeper._thread is not None and not sweeper._thread.is_alive()
+
+
+def test_only_temporaries_untouched_for_the_grace_age_are_stale():
+    entries = {".tmp-a": NOW - 3600, ".tmp-b.current": NOW - 3599, ".tmp-c.removed-policy-0002": NOW - DAY}
+    entries["policy-0001"] = NOW - DAY  # a version, never a temporary
+    assert stale_temporaries(entries, 3600, NOW) == [".tmp-a", ".tmp-c.removed-policy-0002"]
+
+
+def test_a_sweep_deletes_a_crashed_publishs_leftovers_but_not_one_still_writing(tmp_path):
+    import os
+    import time
+
+    store = ModelStore(tmp_path / "store")
+    publish(store, "policy", 1, tmp_path)
+    crashed = store.root / ".tmp-dead"
+    (crashed / "sub").mkdir(parents=True)
+    (crashed / "sub" / "model.safetensors").write_bytes(b"x" * 5000)
+    record = store.root / ".tmp-dead2.current"
+    record.write_text("{}")
+    writing = store.root / ".tmp-live"
+    writing.mkdir()
+    (writing / "model.safetensors").write_bytes(b"y" * 10)
+    old = time.time() - 2 * 3600
+    for p in (crashed, crashed / "sub", crashed / "sub" / "model.safetensors", record, writing):
+        os.utime(p, (old, old))  # the live one's file was just written: its newest time is now
+    sweeper = RetentionSweeper(store, "policy", RetentionRule(keep_last=5, keep_ancestors=1, grace_s=3600))
+    assert sweeper.sweep() == []
+    assert not crashed.exists() and not record.exists()
+    assert (writing / "model.safetensors").read_bytes() == b"y" * 10
+    assert store.versions("policy") == ["policy-0001"]
