@@ -381,11 +381,12 @@ class VersionLine:
         metrics: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
         make_current: bool = True,
+        move: bool = False,
     ) -> Manifest:
         """Copy ``src_dir`` into the store as the line's next version (atomic, sha256 manifest,
         signed) and, with ``make_current``, move this kind's pointer to it (``current`` for POLICY, the
         candidate pointer for POLICY_CANDIDATE); its announcement is then owed until
-        ``announce_pending`` succeeds."""
+        ``announce_pending`` succeeds. ``move``: ``ModelStore.publish``'s (the files are taken, not copied)."""
         on_current = self.kind.pointer == CURRENT
         manifest = self.store.publish(
             self.kind.name,
@@ -395,6 +396,7 @@ class VersionLine:
             extra=extra,
             make_current=make_current and on_current,
             sign=self._sign_manifest if self.signer is not None else None,
+            move=move,
         )
         if make_current and not on_current:
             self.store.set_pointer(self.kind.name, self.kind.pointer, manifest.version, verify=False)

@@ -33,8 +33,8 @@ on (the reward bound).
 
 **Publication** (``publish``): the learner writes the policy (safetensors: full weights, or with
 LoRA only the adapter, whose manifest then names its base version in ``extra["adapter"]``, see
-shared/models/adapters.py) to a temp directory; the
-policy line (shared/version_line.py) copies it into the model store, hashes every file into the
+shared/models/adapters.py) to a staging directory inside the model store; the
+policy line (shared/version_line.py) moves it into a new version (no second write), hashes every file into the
 manifest (parent version, RM version used, the metrics), signs it with the trainer's key, renames
 it into place atomically and makes it current. Its announcement on rlhf.policy-updates is then owed until ``announce_pending``
 gets Kafka's acknowledgement; inference replicas verify and hot-swap it.
@@ -49,10 +49,8 @@ on from that version); what users are served is changed with `rlhf rollout`, not
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from services.trainer.prompts import Prompt
@@ -330,14 +328,15 @@ class PolicyPublisher:
             **(metrics or {}),
         }
         all_metrics = {k: float(v) for k, v in all_metrics.items() if v is not None and math.isfinite(v)}
-        with tempfile.TemporaryDirectory(prefix="candidate-") as tmp:
-            out = Path(tmp) / "policy"
+        with self.store.staging() as tmp:  # written once, inside the store, and moved into the version
+            out = tmp / "policy"
             learner.save_policy(out)
             manifest = self.line.publish(
                 out,
                 parent=parent,
                 metrics=all_metrics,
                 extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra, **learner.version_extra()},
+                move=True,
             )
         log_event(
             log,
