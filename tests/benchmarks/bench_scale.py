@@ -28,7 +28,7 @@ file beside the store, fsync, read them back (``io_baseline_s``). Then, with the
 stopped, the trainer: bench_lora_trainer.py's child (a fresh process per setup, so that its peak RSS
 is its own) for ``--trainer-setups`` (default ``full`` and ``lora+head``): seconds per PPO step, what
 the loaded learner holds and its training peak, as multiples of the base's weight bytes. Full
-fine-tuning is skipped where its expected peak (14x the weights) exceeds the memory available.
+fine-tuning is skipped where its expected peak (14x the weights) exceeds half the memory available.
 
 The issue's targets are printed as PASS/FAIL lines. Prints progress as it goes, a table, writes
 ``scale.json`` and ``scale.png`` under ``--out`` (default bench-results/).
@@ -64,6 +64,8 @@ SWAP_TOKENS = 10
 """Tokens each stream group makes before a swap and after it (few: a loaded CPU at 90M+ is slow)."""
 FULL_TRAINER_X = 14.0
 """Full fine-tuning's training peak as a multiple of the weights (13.1x measured at 30M): the skip rule."""
+MEMORY_SHARE = 0.5
+"""... against this share of the memory available now: the machine is shared, others' use comes back."""
 LORA_HELD_TARGET_X = 1.5
 FULL_PEAK_FLOOR_X = 4.0
 ADAPTER_PAUSE_TARGET_MS = 50.0
@@ -325,7 +327,7 @@ def train_ladder_step(size: str, root: Path, base: str, args: argparse.Namespace
     script = Path(__file__).with_name("bench_lora_trainer.py")
     rows = []
     for setup in args.trainer_setups.split(","):
-        if setup == "full" and FULL_TRAINER_X * weight_bytes > mem_available():
+        if setup == "full" and FULL_TRAINER_X * weight_bytes > MEMORY_SHARE * mem_available():
             log(
                 f"{size}: trainer {setup} skipped: needs ~{FULL_TRAINER_X * weight_bytes / 2**30:.1f} GiB, "
                 f"{mem_available() / 2**30:.1f} GiB available"
@@ -336,7 +338,7 @@ def train_ladder_step(size: str, root: Path, base: str, args: argparse.Namespace
         cmd += ["--child", str(store.root), base, rm_version, setup]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            log(f"{size}: trainer {setup} failed: {done.stderr.strip().splitlines()[-1:]}")
+            log(f"{size}: trainer {setup} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         baseline = row["baseline_rss_bytes"]
