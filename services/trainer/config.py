@@ -151,6 +151,11 @@ class TrainerConfig(ServiceConfig):
     and the threshold the trainer sends fewer rollouts at once (down to one)."""
     yield_poll_s: float = 0.5
     """How often the load is read while the trainer waits (and before each group of rollouts)."""
+    yield_resume_after_s: float = 2.0
+    """A yield ends only once the load has stayed at or under YIELD_RESUME_FRACTION for this many
+    seconds (every read meanwhile): eight clients in a closed loop dip to 3 in flight now and then
+    (each request spends part of its time in the gateway and the client), which ended yields after
+    ~3 s. 0: at the first low read."""
     idle_after_s: float = 30.0
     """Nobody uses the system when no user request was in flight for this many seconds."""
     idle_budget: float = 0.25
@@ -299,7 +304,13 @@ class TrainerConfig(ServiceConfig):
     def _yield_problems(self) -> list[str]:
         p = self.ENV_PREFIX
         out = []
-        for name in ("yield_user_in_flight", "yield_user_waiting", "yield_user_ttft_s", "idle_after_s"):
+        for name in (
+            "yield_user_in_flight",
+            "yield_user_waiting",
+            "yield_user_ttft_s",
+            "yield_resume_after_s",
+            "idle_after_s",
+        ):
             if getattr(self, name) < 0:
                 out.append(f"{p}{name.upper()} must not be negative (0 turns it off)")
         if not 0.0 <= self.yield_resume_fraction < 1.0:
@@ -320,6 +331,7 @@ class TrainerConfig(ServiceConfig):
             user_ttft_s=self.yield_user_ttft_s,
             resume_fraction=self.yield_resume_fraction,
             poll_s=self.yield_poll_s,
+            resume_after_s=self.yield_resume_after_s,
             idle_after_s=self.idle_after_s,
             idle_budget=self.idle_budget,
         )

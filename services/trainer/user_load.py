@@ -11,8 +11,9 @@ The rule (one number for "how much users need the capacity"):
     pressure = max(user_in_flight / T_in_flight, user_waiting / T_waiting, user_ttft_p50 / T_ttft)
 
 over the thresholds that are set (> 0). At pressure >= 1 the trainer *yields*: it sends no
-rollouts (and so takes no learner step) until the pressure falls to ``resume_fraction`` or below
-(hysteresis: it does not flap at the threshold). Between ``resume_fraction`` and 1 it sends fewer
+rollouts (and so takes no learner step) until the pressure has stayed at ``resume_fraction`` or
+below for ``resume_after_s`` (hysteresis in level and in time: it does not flap at the threshold, nor
+resume on one low read of a closed loop's dip). Between ``resume_fraction`` and 1 it sends fewer
 rollouts at once (``rollout_concurrency``); the PPO batch stays ``rollouts_per_iteration``, only
 assembled in smaller groups. While nobody uses the system (no user request in flight for
 ``idle_after_s``), it trains at the *idle budget*: a share of wall time (``idle_pause_s``).
@@ -59,6 +60,7 @@ class YieldSettings:
     user_ttft_s: float = 1.0
     resume_fraction: float = 0.5
     poll_s: float = 0.5
+    resume_after_s: float = 2.0
     idle_after_s: float = 30.0
     idle_budget: float = 0.25
 
@@ -131,6 +133,8 @@ class UserLoadGovernor:
         self.settings = settings
         self.full = full
         self.yielding = False
+        self.low_since: float | None = None
+        """While yielding: since when every read was at or under the resume level (None: the last was not)."""
         self.idle_until = 0.0
 
     def idle(self, load: UserLoad) -> bool:
@@ -147,12 +151,22 @@ class UserLoadGovernor:
             f"{load.user_in_flight} user requests in flight, {load.user_waiting} waiting for a first token, "
             f"user TTFT p50 {load.user_ttft_p50_s:.2f} s"
         )
-        if self.yielding and pressure > s.resume_fraction:
-            return Decision("yielding", 0, s.poll_s, f"yielding to users: {figures}")
-        if not self.yielding and pressure >= 1:
+        if self.yielding:
+            if pressure > s.resume_fraction:
+                self.low_since = None
+                return Decision("yielding", 0, s.poll_s, f"yielding to users: {figures}")
+            if self.low_since is None:
+                self.low_since = now
+            if now - self.low_since < s.resume_after_s:
+                return Decision(
+                    "yielding", 0, s.poll_s, f"yielding to users (load low for {now - self.low_since:.1f} s): {figures}"
+                )
+        elif pressure >= 1:
             self.yielding = True
+            self.low_since = None
             return Decision("yielding", 0, s.poll_s, f"yielding to users: {figures}")
         self.yielding = False
+        self.low_since = None
         if self.idle(load):
             if s.idle_budget <= 0:
                 return Decision(

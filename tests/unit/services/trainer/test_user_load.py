@@ -4,6 +4,8 @@ that cannot be read (sampling as before)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 from prometheus_client import REGISTRY
@@ -25,6 +27,7 @@ SETTINGS = YieldSettings(
     user_ttft_s=1.0,
     resume_fraction=0.5,
     poll_s=0.5,
+    resume_after_s=0.0,  # at the first low read (the time hysteresis has its own test)
     idle_after_s=30,
     idle_budget=0.25,
 )
@@ -144,3 +147,15 @@ def test_at_the_default_thresholds_eight_streaming_clients_make_it_yield_and_fou
     # the demo's four users: never a yield, at least two thirds of the rollouts at once
     decisions = [four.decide(UserLoad(user_in_flight=k), now=0.0) for k in (4, 3, 4)]
     assert all(d.state != "yielding" and d.concurrency >= 11 for d in decisions)
+
+
+def test_a_yield_ends_only_after_the_load_stayed_low_for_resume_after_s():
+    g = UserLoadGovernor(dataclasses.replace(SETTINGS, resume_after_s=2.0), full=16)
+    assert g.decide(BUSY, now=0.0).state == "yielding"
+    # a closed loop's dip to 3 in flight, then back up: the yield goes on
+    assert g.decide(UserLoad(user_in_flight=3), now=1.0).state == "yielding"
+    assert g.decide(UserLoad(user_in_flight=7), now=1.5).state == "yielding"
+    assert g.decide(UserLoad(user_in_flight=3), now=2.0).state == "yielding"
+    assert g.decide(UserLoad(user_in_flight=2), now=3.5).state == "yielding"  # low for 1.5 s
+    d = g.decide(UserLoad(user_in_flight=0), now=4.0)  # low for 2 s: resume
+    assert (d.state, d.concurrency) == ("full", 16)
