@@ -6,6 +6,7 @@ as the newer ones although the feedback service numbered them from 1 again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -64,7 +65,11 @@ def trainer_app(store, checkpoint_dir=None):
         live_prompt_fraction=0.0,
         **overrides,
     )
-    return TrainerApp(cfg)
+
+    async def build() -> TrainerApp:  # its gRPC server is asyncio's: built inside a loop of its own
+        return TrainerApp(cfg)
+
+    return asyncio.run(build())
 
 
 def test_a_checkpoint_of_store_a_never_restarts_a_trainer_on_store_b(policy_store, tmp_path, caplog):
