@@ -263,6 +263,9 @@ def swap_under_load(env: dict[str, Any], other: str, publish: Any, tokens: int =
         ]
         for group in groups:
             await enough(got[group], 0.0)
+        # Tokens well before the announcement to compare with (a quiet machine makes the first
+        # ``tokens`` in a fraction of a second, all inside the window excluded before it).
+        await asyncio.sleep(1.0)
         version = await asyncio.to_thread(publish)
         got["announced"] = await asyncio.to_thread(env["trainer"].announce)
         while serving.policy_version != version:
