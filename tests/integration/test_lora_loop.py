@@ -126,12 +126,15 @@ def test_a_lora_trainer_publishes_adapters_inference_serves_and_resumes_from_its
     cfg = lora_trainer_config(own_broker, store, services, tmp_path / "ckpt")
 
     first = run_until_published(Trainer(loop, cfg), after="")
+    # The trainer may publish again before it is paused: the first adapter is the one after the base.
+    versions = store.versions("policy")
     # An adapter version of the base: PEFT's two files only, the manifest naming its base, loadable.
-    manifest = store.verify(first)
+    manifest = store.verify(versions[versions.index(base) + 1])
     assert set(manifest.files) == {ADAPTER_WEIGHTS, ADAPTER_CONFIG}
     info = adapter_info(manifest)
     assert info is not None and info.base_version == base and info.rank == 8
-    assert adapter_problem(manifest, store=store, version_dir=store.path(first)) is None
+    assert adapter_problem(manifest, store=store, version_dir=store.path(manifest.version)) is None
+    assert adapter_problem(store.verify(first), store=store, version_dir=store.path(first)) is None
     assert manifest.parent == base and manifest.extra["reference_version"] == base
     # Inference loads it into a LoRA slot and answers with its version.
     wait_until(lambda: served_version(inference.address) == first, 120, "inference did not serve the adapter")
@@ -144,6 +147,8 @@ def test_a_lora_trainer_publishes_adapters_inference_serves_and_resumes_from_its
     assert resumed.learner.peft_model is not None and resumed.learner.model_base_version == base
     assert resumed.learner.reference.lm is resumed.learner.policy.lm  # the base, adapter off: no copy
     second = run_until_published(again, after=first)
-    manifest = store.verify(second)
+    versions = store.versions("policy")
+    manifest = store.verify(versions[versions.index(first) + 1])  # the resumed trainer's first publish
     assert adapter_info(manifest).base_version == base and manifest.parent == first
+    assert adapter_info(store.verify(second)).base_version == base
     wait_until(lambda: served_version(inference.address) == second, 120, "inference did not serve the next adapter")
