@@ -89,6 +89,7 @@ def main() -> int:
     if args.side_by_side:
         if args.sabotage:
             ap.error("--side-by-side and --sabotage are separate runs")
+        args.out = args.out or REPO / "bench-results" / "side-by-side.json"
         return side_by_side(args)
     if args.sabotage and args.no_canaries:
         ap.error("--sabotage needs canaries")
@@ -347,7 +348,7 @@ def side_by_side(args: argparse.Namespace) -> int:
     """Plain PPO, then PPO-ptx, each on a fresh copy of the bootstrapped store; one table."""
     base = prepare_store(args)
     ptx = args.ptx or SIDE_BY_SIDE_PTX
-    root = args.out.parent / "side-by-side" if args.out else REPO / "bench-results" / "side-by-side"
+    root = args.out.parent / "side-by-side"
     arms: dict[str, dict] = {}
     for name, coef in (("ppo", 0.0), ("ppo-ptx", ptx)):
         arm_dir = root / name
@@ -362,7 +363,7 @@ def side_by_side(args: argparse.Namespace) -> int:
         arms[name] = json.loads(arm.out.read_text())
     table = side_by_side_table(arms)
     print(table)
-    out = root.parent / "side-by-side.json"
+    out = args.out
     out.write_text(json.dumps({"ptx_coef": ptx, "arms": arms, "table": table}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     return 0
