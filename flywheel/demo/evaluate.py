@@ -57,6 +57,18 @@ def win_outcome(score_a: float, score_b: float) -> float:
     return 1.0 if score_b > score_a else 0.5 if score_b == score_a else 0.0
 
 
+def win_rate_ceiling(scores_a: list[int], max_score: int = gold_rater.MAX_SCORE) -> float:
+    """The highest win rate any B can reach against A's answers (ties count half):
+
+        ceiling = mean over pairs of (1 if score(A) < max_score else 1/2) = 1 - P(A scores max) / 2
+
+    A perfect B wins every pair where A fell short and ties the rest: against an A whose answers are
+    perfect 40% of the time no policy can reach 80%. nan without pairs."""
+    if not scores_a:
+        return math.nan
+    return sum(1.0 if s < max_score else 0.5 for s in scores_a) / len(scores_a)
+
+
 def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
     """(mean, low, high): normal-approximation interval of a mean, clipped to [0, 1]."""
     n = len(values)
@@ -145,6 +157,8 @@ class Comparison:
     prompts: int
     samples_per_prompt: int
     examples: list[dict]
+    win_ceiling: float = math.nan
+    """The win rate a perfect B would reach against these answers of A (win_rate_ceiling)."""
 
     def table(self) -> str:
         rows = [("", self.a.version, self.b.version)]
@@ -168,7 +182,8 @@ class Comparison:
         lines.append(
             f"win rate of {self.b.version} over {self.a.version}: {self.win_rate:.1%} "
             f"[{self.win_low:.1%}, {self.win_high:.1%}] ({self.wins} wins, {self.ties} ties, "
-            f"{self.losses} losses; {self.prompts} held-out prompts x {self.samples_per_prompt} samples)"
+            f"{self.losses} losses; {self.prompts} held-out prompts x {self.samples_per_prompt} samples; "
+            f"a perfect policy would reach {self.win_ceiling:.1%})"
         )
         return "\n".join(lines)
 
@@ -228,10 +243,11 @@ def compare(
             perplexity=round(ppl, 2),
             seconds=round(time.monotonic() - started, 1),
         )
-    outcomes = []
+    outcomes, scores_a = [], []
     for p, ra, rb in zip(problems, *sampled):
         for a, b in zip(ra, rb):
-            outcomes.append(win_outcome(gold_rater.judge(p.prompt, a).score, gold_rater.judge(p.prompt, b).score))
+            scores_a.append(gold_rater.judge(p.prompt, a).score)
+            outcomes.append(win_outcome(scores_a[-1], gold_rater.judge(p.prompt, b).score))
     rate, low, high = mean_interval(outcomes)
     examples = [{"prompt": p.prompt, "a": ra[0], "b": rb[0]} for p, ra, rb in list(zip(problems, *sampled))[:8]]
     return Comparison(
@@ -246,6 +262,7 @@ def compare(
         len(problems),
         samples,
         examples,
+        win_rate_ceiling(scores_a),
     )
 
 

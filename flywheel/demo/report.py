@@ -542,7 +542,9 @@ def _markdown(
             "",
             f"Win rate of {ev['b']['version']} over {ev['a']['version']}: **{ev['win_rate']:.1%}** "
             f"[{ev['win_low']:.1%}, {ev['win_high']:.1%}] on {ev['prompts']} held-out prompts x "
-            f"{ev['samples_per_prompt']} samples. Held-out corpus perplexity (alignment tax): "
+            f"{ev['samples_per_prompt']} samples (a perfect policy would reach "
+            f"{ev.get('win_ceiling', float('nan')):.1%}: ties count half, and {ev['a']['version']}'s answers "
+            f"were already perfect {ev['a']['thumbs_up_rate']:.1%} of the time). Held-out corpus perplexity (alignment tax): "
             f"{ev['a']['heldout_perplexity']:.2f} -> {ev['b']['heldout_perplexity']:.2f}.",
         ]
     lines += _gate_lines(summary["gate"], summary["heldout_samples"])

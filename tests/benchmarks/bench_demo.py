@@ -236,6 +236,7 @@ def learning_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path
             "ratings_accepted": summary["ratings_accepted"],
             "win_rate": evaluation.win_rate,
             "win_interval": [evaluation.win_low, evaluation.win_high],
+            "win_ceiling": evaluation.win_ceiling,
             "heldout_perplexity": {
                 "policy-0001": evaluation.a.heldout_perplexity,
                 final: evaluation.b.heldout_perplexity,
@@ -399,7 +400,10 @@ def side_by_side_table(arms: dict[str, dict]) -> str:
         ),
         row(
             "win rate over policy-0001",
-            lambda a: f"{a['win_rate']:.1%} [{a['win_interval'][0]:.1%}, {a['win_interval'][1]:.1%}]",
+            lambda a: (
+                f"{a['win_rate']:.1%} [{a['win_interval'][0]:.1%}, {a['win_interval'][1]:.1%}]"
+                f" (a perfect policy: {a.get('win_ceiling', float('nan')):.1%})"
+            ),
         ),
         row("largest KL of a published version", lambda a: f"{a['max_kl_published']:.2f}"),
         row("refusals by reason", lambda a: counts(gate_metrics(a).get("refused_by"))),
