@@ -12,7 +12,8 @@
       .tmp-3f2a.../           a publish in progress (or a crashed one); never listed
 
 A version is named ``<line>-<NNNN>``; a *line* is a family of versions (``policy``, ``rm``).
-``manifest.json`` lists the sha256 and size of every other file in the directory, so a reader can
+``manifest.json`` lists the digest (BLAKE3 for new versions, sha256 in format 1 manifests; see
+``durable_files.DIGESTS``) and size of every other file in the directory, so a reader can
 ``verify`` a version before loading it, and a Kafka announcement can carry ``manifest_sha256`` so
 the receiver knows it read the manifest the publisher wrote. ``manifest.sig`` (optional here; the
 version lines require it when a follower has verify keys) is the publisher's signature of the
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.durable_files import CHUNK, fsync_dir, fsync_tree, sha256_file, write_synced
+from shared.durable_files import DIGESTS, HASH_CHUNK, file_digest, fsync_dir, fsync_tree, new_digest, write_synced
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,12 @@ MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 """The publisher's signature of the manifest; beside it, not listed in it (see shared/signing.py)."""
 RESERVED_NAMES = frozenset({MANIFEST_NAME, SIGNATURE_NAME})
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+"""Format of the manifests this code writes: 2 names the file digest (``digest``); 1 (sha256, no
+``digest`` field) is still read."""
+MANIFEST_FORMATS = (1, 2)
+DEFAULT_DIGEST = "blake3"
+"""The file digest of new versions (durable_files.DIGESTS)."""
 # Weight formats that are unpickled on load (and so can execute arbitrary code): never stored.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TMP_PREFIX = ".tmp-"
@@ -92,7 +98,8 @@ class CorruptVersionError(ModelStoreError):
 
 @dataclass(frozen=True)
 class FileDigest:
-    sha256: str
+    hex: str
+    """The file's digest (hex) under its manifest's ``digest`` algorithm."""
     bytes: int
 
 
@@ -126,30 +133,37 @@ class Manifest:
     extra: dict[str, Any]
     """Free-form JSON metadata, e.g. the reward model version a policy was trained against."""
     format: int = MANIFEST_FORMAT
+    digest: str = DEFAULT_DIGEST
+    """The algorithm of every file's digest (durable_files.DIGESTS); sha256 in format 1."""
 
     def to_json(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "version": self.version,
             "line": self.line,
             "parent": self.parent,
             "created_at": self.created_at,
-            "files": {p: {"sha256": d.sha256, "bytes": d.bytes} for p, d in sorted(self.files.items())},
+            "files": {p: {self.digest: d.hex, "bytes": d.bytes} for p, d in sorted(self.files.items())},
             "metrics": self.metrics,
             "extra": self.extra,
             "format": self.format,
         }
+        if self.format >= 2:
+            doc["digest"] = self.digest
         return json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
         """Parse a manifest; raises ValueError (or KeyError/TypeError) when it is malformed."""
         doc = json.loads(raw)
-        if doc.get("format") != MANIFEST_FORMAT:
+        if doc.get("format") not in MANIFEST_FORMATS:
             raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
+        algorithm = doc["digest"] if doc["format"] >= 2 else "sha256"
+        if algorithm not in DIGESTS:
+            raise ValueError(f"unknown file digest {algorithm!r}")
         files = {}
         for rel, digest in doc["files"].items():
             _check_relative_path(rel)
-            files[rel] = FileDigest(sha256=str(digest["sha256"]), bytes=int(digest["bytes"]))
+            files[rel] = FileDigest(hex=str(digest[algorithm]), bytes=int(digest["bytes"]))
         return cls(
             version=doc["version"],
             line=doc["line"],
@@ -159,6 +173,7 @@ class Manifest:
             metrics={str(k): float(v) for k, v in doc["metrics"].items()},
             extra=dict(doc["extra"]),
             format=doc["format"],
+            digest=algorithm,
         )
 
 
@@ -220,7 +235,7 @@ class ModelStore:
         manifest = self.manifest(version)
         vdir = self._listed_dir(version, manifest)
         for rel, expected in sorted(manifest.files.items()):
-            _check_digest(version, rel, _hash_file(vdir / rel), expected)
+            _check_digest(version, rel, _hash_file(vdir / rel, manifest.digest), expected, manifest.digest)
         return manifest
 
     def copy_verified(self, version: str, manifest: Manifest, dest: Path) -> int:
@@ -236,8 +251,8 @@ class ModelStore:
         try:
             for rel, expected in sorted(manifest.files.items()):
                 # Not fsynced: a private copy does not outlive a crash (its directory is wiped on start).
-                actual = _copy_file(vdir / rel, dest / rel, sync=False)
-                _check_digest(version, rel, actual, expected)
+                actual = _copy_file(vdir / rel, dest / rel, manifest.digest, sync=False)
+                _check_digest(version, rel, actual, expected, manifest.digest)
                 os.chmod(dest / rel, 0o444)
                 total += actual.bytes
         except BaseException:
@@ -341,7 +356,7 @@ class ModelStore:
         tmp.mkdir()
         try:
             place = _move_or_copy_file if move else _copy_file
-            files = {rel: place(src_dir / rel, tmp / rel) for rel in src_files}
+            files = {rel: place(src_dir / rel, tmp / rel, DEFAULT_DIGEST) for rel in src_files}
             manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra, sign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -586,24 +601,24 @@ def _weight_format_problem(rel_paths: Collection[str]) -> str | None:
     return None
 
 
-def _hash_file(path: Path) -> FileDigest:
-    return FileDigest(*sha256_file(path))
+def _hash_file(path: Path, algorithm: str) -> FileDigest:
+    return FileDigest(*file_digest(path, algorithm))
 
 
-def _check_digest(version: str, rel: str, actual: FileDigest, expected: FileDigest) -> None:
+def _check_digest(version: str, rel: str, actual: FileDigest, expected: FileDigest, algorithm: str) -> None:
     if actual.bytes != expected.bytes:
         raise CorruptVersionError(f"{version}: file {rel} has {actual.bytes} bytes, manifest says {expected.bytes}")
-    if actual.sha256 != expected.sha256:
-        raise CorruptVersionError(f"{version}: file {rel} does not match its sha256 in the manifest")
+    if actual.hex != expected.hex:
+        raise CorruptVersionError(f"{version}: file {rel} does not match its {algorithm} digest in the manifest")
 
 
-def _copy_file(src: Path, dst: Path, *, sync: bool = True) -> FileDigest:
+def _copy_file(src: Path, dst: Path, algorithm: str, *, sync: bool = True) -> FileDigest:
     """Copy ``src`` to ``dst`` (fsynced when ``sync``), hashing the bytes on the way (one read of the source)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
+    digest = new_digest(algorithm)
     size = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(CHUNK):
+        while chunk := fin.read(HASH_CHUNK):
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
@@ -613,24 +628,24 @@ def _copy_file(src: Path, dst: Path, *, sync: bool = True) -> FileDigest:
     return FileDigest(digest.hexdigest(), size)
 
 
-def _move_or_copy_file(src: Path, dst: Path) -> FileDigest:
+def _move_or_copy_file(src: Path, dst: Path, algorithm: str) -> FileDigest:
     """Rename ``src`` to ``dst`` (same filesystem), then hash it with one read and fsync it; where
     the rename crosses filesystems (EXDEV), or ``src`` is a symlink or has other hard links (someone
     else could change the bytes after they were hashed), ``_copy_file`` instead. The bytes are never written
-    twice: what the writer put in the page cache is read once for the sha256 and flushed once."""
+    twice: what the writer put in the page cache is read once for the digest and flushed once."""
     if src.is_symlink() or os.stat(src).st_nlink > 1:  # the bytes live on elsewhere: copy them
-        return _copy_file(src, dst)
+        return _copy_file(src, dst, algorithm)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(src, dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        return _copy_file(src, dst)
-    digest = hashlib.sha256()
+        return _copy_file(src, dst, algorithm)
+    digest = new_digest(algorithm)
     size = 0
     with open(dst, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
         os.fsync(f.fileno())

@@ -2,7 +2,7 @@
 
 THE ADAPTER FORMAT CONTRACT (the trainer publishes it, inference serves it):
 
-An adapter version is a normal store version (shared/model_store.py: manifest, sha256 per file,
+An adapter version is a normal store version (shared/model_store.py: manifest, a digest per file,
 optional signature) whose files are PEFT's ``save_pretrained(safe_serialization=True)`` output::
 
     policy-0007/  manifest.json  manifest.sig  adapter_model.safetensors  adapter_config.json

@@ -1,6 +1,6 @@
 """The one place that loads models and tokenizers from disk or from the model store.
 
-    model_dir = verified_dir(store, "policy-0003")         # sha256 of every file checked first
+    model_dir = verified_dir(store, "policy-0003")         # every file's digest checked first
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, train=True)         # float32, safetensors only
     tokenizer, model = load_verified_policy(store, "policy-0003")   # both in one call

@@ -193,7 +193,7 @@ class LoadedRewardModel:
 
 
 def load_version(store: Any, version: str, manifest: Any = None) -> LoadedRewardModel:
-    """Verify every file's sha256 against the manifest, then load; raises on any problem.
+    """Verify every file's digest against the manifest, then load; raises on any problem.
 
     A corrupt version raises shared.model_store.CorruptVersionError before a byte of it is parsed.
     ``manifest``: the version was verified just now (a follower did), do not hash it again.

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import itertools
 import shutil
 from contextlib import contextmanager
 
+import blake3
 import pytest
 from prometheus_client import REGISTRY
 
@@ -332,8 +332,8 @@ def test_a_tampered_or_unsigned_version_never_reaches_serving(env):
     shutil.copyfile(next(store.path(other).glob("*.safetensors")), weights)
     manifest = store.path(tampered) / "manifest.json"
     text = manifest.read_text()
-    old_sha = store.manifest(tampered).files[weights.name].sha256
-    manifest.write_text(text.replace(old_sha, hashlib.sha256(weights.read_bytes()).hexdigest()))
+    old_digest = store.manifest(tampered).files[weights.name].hex
+    manifest.write_text(text.replace(old_digest, blake3.blake3(weights.read_bytes()).hexdigest()))
     (store.path(other) / "manifest.sig").unlink()  # and strips a version's signature
     serving, before = serving_now(env), refused("bad_signature")
     assert apply(env, update(env, tampered)) is False

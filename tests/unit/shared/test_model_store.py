@@ -5,6 +5,7 @@ import os
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -49,7 +50,8 @@ def test_publish_then_verify_roundtrip(store: ModelStore, src: Path) -> None:
     assert store.verify("policy-0001") == manifest
     assert set(manifest.files) == {"model.safetensors", "config.json", "sub/notes.txt"}
     on_disk = json.loads((store.path("policy-0001") / "manifest.json").read_text())
-    assert on_disk["format"] == 1 and on_disk["files"]["config.json"]["bytes"] == len('{"hidden": 4}')
+    assert on_disk["format"] == 2 and on_disk["digest"] == "blake3"
+    assert on_disk["files"]["config.json"]["bytes"] == len('{"hidden": 4}')
     state = load_safetensors_state_dict(store.path("policy-0001"))
     assert set(state) == {"w", "b"}
 
@@ -108,7 +110,7 @@ def test_tampered_byte_is_detected(store: ModelStore, src: Path) -> None:
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
 
-    with pytest.raises(CorruptVersionError, match="model.safetensors.*sha256"):
+    with pytest.raises(CorruptVersionError, match="model.safetensors does not match its blake3 digest"):
         store.verify(version)
 
 
@@ -142,11 +144,11 @@ def test_failed_copy_never_becomes_visible(store: ModelStore, src: Path, monkeyp
     real_copy = model_store._copy_file
     copied = []
 
-    def copy_then_fail(src_file: Path, dst_file: Path):
+    def copy_then_fail(src_file: Path, dst_file: Path, algorithm: str):
         if copied:
             raise OSError("disk full")
         copied.append(src_file)
-        return real_copy(src_file, dst_file)
+        return real_copy(src_file, dst_file, algorithm)
 
     monkeypatch.setattr(model_store, "_copy_file", copy_then_fail)
     with pytest.raises(OSError, match="disk full"):
@@ -344,7 +346,7 @@ def test_copy_verified_copies_exactly_the_checked_bytes(store: ModelStore, src: 
     size = store.copy_verified("policy-0001", manifest, dest)
     assert size == sum(d.bytes for d in manifest.files.values())
     for rel, digest in manifest.files.items():
-        assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == digest.sha256
+        assert blake3.blake3((dest / rel).read_bytes()).hexdigest() == digest.hex
         assert (dest / rel).stat().st_mode & 0o222 == 0  # read-only
     # The store's file changes afterwards: the private copy does not.
     (store.path("policy-0001") / "config.json").write_text('{"hidden": 5}')
@@ -394,14 +396,14 @@ def test_publish_move_renames_the_staged_files_without_a_copy(store: ModelStore)
         assert staged.parent == store.root and staged.is_dir()
         src = make_model_dir(staged / "policy")
         written = {rel: (src / rel).stat().st_ino for rel in ("model.safetensors", "config.json", "sub/notes.txt")}
-        expected = {rel: hashlib.sha256((src / rel).read_bytes()).hexdigest() for rel in written}
+        expected = {rel: blake3.blake3((src / rel).read_bytes()).hexdigest() for rel in written}
         assert store.versions("policy") == []
         manifest = store.publish("policy", src, move=True)
         assert not (src / "model.safetensors").exists()  # moved, not copied
 
     vdir = store.path(manifest.version)
     assert {rel: (vdir / rel).stat().st_ino for rel in written} == written
-    assert {rel: d.sha256 for rel, d in manifest.files.items()} == expected
+    assert {rel: d.hex for rel, d in manifest.files.items()} == expected
     assert store.verify(manifest.version) == manifest
     assert not staged.exists()
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")] == []
@@ -433,3 +435,41 @@ def test_publish_move_copies_what_it_may_not_take(store: ModelStore, tmp_path: P
     assert (src / "sub" / "notes.txt").read_text() == "nested file"  # copied, left where it was
     assert not (src / "model.safetensors").exists()  # the one file it could take was moved
     assert store.verify(manifest.version) == manifest
+
+
+def test_format_1_manifests_with_sha256_digests_still_verify(store: ModelStore, src: Path) -> None:
+    """Versions published before BLAKE3 (format 1: a sha256 per file, no ``digest`` field) are read
+    and checked with sha256; a changed byte is still caught."""
+    import hashlib
+
+    version = store.publish("policy", src).version
+    vdir = store.path(version)
+    doc = json.loads((vdir / "manifest.json").read_bytes())
+    doc["format"] = 1
+    del doc["digest"]
+    doc["files"] = {
+        rel: {"sha256": hashlib.sha256((vdir / rel).read_bytes()).hexdigest(), "bytes": d["bytes"]}
+        for rel, d in doc["files"].items()
+    }
+    (vdir / "manifest.json").write_text(json.dumps(doc))
+    manifest = store.verify(version)
+    assert manifest.format == 1 and manifest.digest == "sha256"
+    assert json.loads(manifest.to_json())["files"] == doc["files"]  # written back in its own format
+    data = bytearray((vdir / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (vdir / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError, match="model.safetensors does not match its sha256 digest"):
+        store.verify(version)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"), [({"digest": "md5"}, "unknown file digest"), ({"format": 3}, "format 3")]
+)
+def test_a_manifest_naming_an_unknown_digest_or_format_is_malformed(
+    store: ModelStore, src: Path, change: dict, problem: str
+) -> None:
+    version = store.publish("policy", src).version
+    path = store.path(version) / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_bytes()), **change}))
+    with pytest.raises(CorruptVersionError, match=problem):
+        store.verify(version)

@@ -5,11 +5,11 @@ back, verification into a private copy, restarts."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import blake3
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
@@ -309,7 +309,7 @@ def test_a_tampered_manifest_or_an_unsigned_version_is_refused(store, src, key):
     manifest = store.path("policy-0002") / "manifest.json"
     original_sha = store.manifest_sha256("policy-0002")
     doc = json.loads(manifest.read_bytes())
-    doc["files"]["model.safetensors"]["sha256"] = hashlib.sha256(b"\1" * 64).hexdigest()
+    doc["files"]["model.safetensors"][doc["digest"]] = blake3.blake3(b"\1" * 64).hexdigest()
     manifest.write_text(json.dumps(doc))
     (store.path("policy-0002") / "model.safetensors").write_bytes(b"\1" * 64)
     # Announced with the tampered manifest's hash (an attacker who can write the store and Kafka

@@ -220,7 +220,7 @@ def test_from_store_refuses_a_corrupt_version(trainer_store, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptVersionError, match="sha256"):
+    with pytest.raises(CorruptVersionError, match="does not match its blake3 digest"):
         PPOLearner.from_store(store, version, version, rm, PPOConfig())
 
 

@@ -86,7 +86,7 @@ def test_a_corrupt_checkpoint_is_refused_before_loading(rm, tiny_tokenizer, tiny
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF  # one flipped bit of one weight
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptVersionError, match="model.safetensors does not match its sha256"):
+    with pytest.raises(CorruptVersionError, match="model.safetensors does not match its blake3 digest"):
         load_version(tiny_store, version)
 
 
