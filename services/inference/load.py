@@ -6,8 +6,13 @@
     ticket.leave()                              # when it finishes, however it ends
     load.snapshot()                             # -> LoadSnapshot (in flight, waiting, recent TTFT, quiet)
 
-Every update is O(1) (counters and a bounded ring of recent user TTFTs); a snapshot sorts at most
-``ttft_kept`` numbers. Everything runs on the serving event loop: no locks.
+"Waiting" in a snapshot is the user requests that have waited at least ``waiting_after_s`` for their
+first token: queued behind other work, not merely just sent (a closed loop of 4 users has all 4
+"waiting" for a few milliseconds at a time, which is not a reason for the trainer to stop).
+
+Every update is O(1) (counters, a map of the user requests still before their first token, and a
+bounded ring of recent user TTFTs); a snapshot sorts at most ``ttft_kept`` numbers and looks at the
+user requests in flight. Everything runs on the serving event loop: no locks.
 """
 
 from __future__ import annotations
@@ -65,20 +70,30 @@ class LoadTicket:
         if self._first or self._left:
             return
         self._first = True
-        self._tracker._first_token(self.source, now - self.arrived_at, now)
+        self._tracker._first_token(self, now - self.arrived_at, now)
 
     def leave(self) -> None:
         """The request finished, was aborted or failed (idempotent)."""
         if self._left:
             return
         self._left = True
-        self._tracker._leave(self.source, waiting=not self._first)
+        self._tracker._leave(self, waiting=not self._first)
 
 
 class LoadTracker:
-    def __init__(self, ttft_window_s: float = 10.0, ttft_kept: int = 256, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        ttft_window_s: float = 10.0,
+        ttft_kept: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        waiting_after_s: float = 0.25,
+    ):
         self.ttft_window_s = ttft_window_s
+        self.waiting_after_s = waiting_after_s
         self.clock = clock
+        self.user_before_first: dict[LoadTicket, float] = {}
+        """User requests in flight without their first token -> when they arrived (at most the user
+        requests in flight, which admission bounds)."""
         self.in_flight = dict.fromkeys(SOURCES, 0)
         self.waiting = dict.fromkeys(SOURCES, 0)
         self.user_ttfts: collections.deque[tuple[float, float]] = collections.deque(maxlen=ttft_kept)
@@ -92,24 +107,28 @@ class LoadTracker:
             raise ValueError(f"unknown source {source!r}")
         self.in_flight[source] += 1
         self.waiting[source] += 1
+        ticket = LoadTicket(self, source, arrived_at)
         if source == "user":
             self.user_requests += 1
+            self.user_before_first[ticket] = arrived_at
         self._gauges(source)
-        return LoadTicket(self, source, arrived_at)
+        return ticket
 
-    def _first_token(self, source: str, ttft_s: float, now: float) -> None:
-        self.waiting[source] -= 1
-        if source == "user":
+    def _first_token(self, ticket: LoadTicket, ttft_s: float, now: float) -> None:
+        self.waiting[ticket.source] -= 1
+        if ticket.source == "user":
             self.user_ttfts.append((now, ttft_s))
-        self._gauges(source)
+            self.user_before_first.pop(ticket, None)
+        self._gauges(ticket.source)
 
-    def _leave(self, source: str, waiting: bool) -> None:
-        self.in_flight[source] -= 1
+    def _leave(self, ticket: LoadTicket, waiting: bool) -> None:
+        self.in_flight[ticket.source] -= 1
         if waiting:
-            self.waiting[source] -= 1
-        if source == "user":
+            self.waiting[ticket.source] -= 1
+        if ticket.source == "user":
             self._user_busy_until = self.clock()
-        self._gauges(source)
+            self.user_before_first.pop(ticket, None)
+        self._gauges(ticket.source)
 
     def _gauges(self, source: str) -> None:
         metrics.IN_FLIGHT_BY_SOURCE.labels(source).set(self.in_flight[source])
@@ -120,7 +139,7 @@ class LoadTracker:
         recent = [s for at, s in self.user_ttfts if now - at <= self.ttft_window_s]
         return LoadSnapshot(
             user_in_flight=self.in_flight["user"],
-            user_waiting=self.waiting["user"],
+            user_waiting=sum(1 for at in self.user_before_first.values() if now - at >= self.waiting_after_s),
             trainer_in_flight=self.in_flight["trainer"],
             trainer_waiting=self.waiting["trainer"],
             user_ttft_p50_s=median(recent),

@@ -141,8 +141,8 @@ class TrainerConfig(ServiceConfig):
     demo's four simulated users (at most 4 in flight) leave it sampling, at two thirds of the
     concurrency at worst (8 yielded only now and then at eight clients: 3 s of 13)."""
     yield_user_waiting: int = 4
-    """Yield while this many user requests wait for their first token (queued or in prefill). 0: not a
-    criterion."""
+    """Yield while this many user requests have waited a while for their first token (GetLoad's
+    user_waiting: queued behind other work for 0.25 s or more, not just sent). 0: not a criterion."""
     yield_user_ttft_s: float = 1.0
     """Yield while the median time to first token of the replica's recent user requests (its last
     10 s) is this many seconds or more. 0: not a criterion."""

@@ -148,7 +148,7 @@ class UserLoadGovernor:
             return Decision("unknown", self.full, 0.0, "serving load unknown: sampling as before")
         pressure = user_pressure(load, s)
         figures = (
-            f"{load.user_in_flight} user requests in flight, {load.user_waiting} waiting for a first token, "
+            f"{load.user_in_flight} user requests in flight, {load.user_waiting} kept waiting for a first token, "
             f"user TTFT p50 {load.user_ttft_p50_s:.2f} s"
         )
         if self.yielding:

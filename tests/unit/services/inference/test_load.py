@@ -28,6 +28,7 @@ def test_requests_are_counted_by_source_until_their_first_token_and_their_end():
     load = LoadTracker(clock=clock)
     user = load.enter("user", arrived_at=100.0)
     rollout = load.enter("trainer", arrived_at=100.0)
+    clock.now = 100.0 + load.waiting_after_s
     s = load.snapshot()
     assert (s.user_in_flight, s.user_waiting, s.trainer_in_flight, s.trainer_waiting) == (1, 1, 1, 1)
     assert s.user_requests == 1 and s.user_quiet_s == 0.0
@@ -86,3 +87,26 @@ def test_users_are_quiet_since_the_last_user_request_ended_or_since_the_start():
 def test_an_unknown_source_is_refused():
     with pytest.raises(ValueError, match="unknown source 'robot'"):
         LoadTracker().enter("robot", arrived_at=0.0)
+
+
+def test_a_user_request_counts_as_waiting_only_once_it_has_waited_a_while():
+    """A closed loop of users has every request "before its first token" for a few milliseconds:
+    that is not queueing. Only a request that has waited ``waiting_after_s`` counts (GetLoad's
+    user_waiting, which makes the trainer yield)."""
+    clock = Clock()
+    load = LoadTracker(clock=clock, waiting_after_s=0.25)
+    just_sent = [load.enter("user", arrived_at=100.0) for _ in range(4)]
+    assert load.snapshot().user_waiting == 0 and load.snapshot().user_in_flight == 4
+    clock.now = 100.2
+    late = load.enter("user", arrived_at=100.2)
+    assert load.snapshot().user_waiting == 0
+    clock.now = 100.3  # the first four have waited 0.3 s, the fifth 0.1 s
+    assert load.snapshot().user_waiting == 4
+    just_sent[0].first_token(100.3)
+    just_sent[1].leave()
+    assert load.snapshot().user_waiting == 2
+    clock.now = 101.0
+    assert load.snapshot().user_waiting == 3  # the fifth too now
+    for t in [*just_sent, late]:
+        t.leave()
+    assert load.snapshot().user_waiting == 0 and not load.user_before_first  # nothing left behind
