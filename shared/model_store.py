@@ -180,8 +180,13 @@ class Manifest:
 class ModelStore:
     """A model store rooted at ``root``; safe for concurrent readers and publishers (threads or processes)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, digest: str = DEFAULT_DIGEST):
+        if digest not in DIGESTS:
+            raise ValueError(f"unknown file digest {digest!r} (known: {', '.join(DIGESTS)})")
         self.root = Path(root)
+        self.digest = digest
+        """The digest of the files of the versions this store object publishes (readers follow each
+        manifest's own)."""
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -356,7 +361,7 @@ class ModelStore:
         tmp.mkdir()
         try:
             place = _move_or_copy_file if move else _copy_file
-            files = {rel: place(src_dir / rel, tmp / rel, DEFAULT_DIGEST) for rel in src_files}
+            files = {rel: place(src_dir / rel, tmp / rel, self.digest) for rel in src_files}
             manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra, sign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -471,7 +476,10 @@ class ModelStore:
         number = max(self._numbers(line), default=0) + 1
         while True:
             version = f"{line}-{number:04d}"
-            manifest = Manifest(version, line, parent, time.time(), files, metrics, extra)
+            manifest = Manifest(
+                version, line, parent, time.time(), files, metrics, extra,
+                format=MANIFEST_FORMAT if self.digest != "sha256" else 1, digest=self.digest,
+            )  # fmt: skip
             raw = manifest.to_json()
             write_synced(tmp / MANIFEST_NAME, raw)
             if sign is not None:  # signed per attempt: the version name is part of what is signed

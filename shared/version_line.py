@@ -383,7 +383,7 @@ class VersionLine:
         make_current: bool = True,
         move: bool = False,
     ) -> Manifest:
-        """Copy ``src_dir`` into the store as the line's next version (atomic, sha256 manifest,
+        """Copy ``src_dir`` into the store as the line's next version (atomic, digest manifest,
         signed) and, with ``make_current``, move this kind's pointer to it (``current`` for POLICY, the
         candidate pointer for POLICY_CANDIDATE); its announcement is then owed until
         ``announce_pending`` succeeds. ``move``: ``ModelStore.publish``'s (the files are taken, not copied)."""

@@ -37,7 +37,7 @@ log = get_logger(__name__)
 class RewardApp:
     def __init__(self, cfg: RewardConfig):
         self.cfg = cfg
-        self.store = ModelStore(cfg.model_store.root)
+        self.store = ModelStore(cfg.model_store.root, cfg.model_store.digest)
         self.scorer = RewardScorer(cfg, self.store)
         self.server = GrpcServer(
             "RewardService",

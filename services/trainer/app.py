@@ -52,7 +52,7 @@ log = get_logger(__name__)
 class TrainerApp:
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
-        self.store = ModelStore(cfg.model_store.root)
+        self.store = ModelStore(cfg.model_store.root, cfg.model_store.digest)
         self.checkpoints = CheckpointStore(
             cfg.checkpoint_root(), keep=cfg.checkpoints_kept, store_id=identity_of(cfg.model_store.root)
         )

@@ -318,7 +318,7 @@ class PolicyPublisher:
         extra: dict[str, Any],
         metrics: dict[str, float] | None = None,
     ) -> Manifest:
-        """Write the candidate to the store (atomic, sha256 manifest) and point the line's pointer
+        """Write the candidate to the store (atomic, a digest per file in the manifest) and point the line's pointer
         at it (current, or the candidate pointer in rollout mode); its announcement is owed from
         then on (``announce_pending``)."""
         all_metrics = {

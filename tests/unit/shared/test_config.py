@@ -324,3 +324,12 @@ def test_off_loopback_publishers_need_signing_keys_and_followers_verify_keys():
     allowed = {"RLHF_VERSIONS_ALLOW_UNSIGNED": "1", **open_host}
     load_config(InferenceConfig, {"RLHF_INFERENCE_HOST": "0.0.0.0", **allowed})
     assert load_config(InferenceConfig, {}).versions.verify_keys("policy") is None  # loopback: development
+
+
+def test_the_model_store_digest_is_blake3_or_sha256():
+    from shared.config import ModelStoreConfig
+
+    assert load_config(ModelStoreConfig, {}).digest == "blake3"
+    assert load_config(ModelStoreConfig, {"RLHF_MODEL_STORE_DIGEST": "sha256"}).digest == "sha256"
+    with pytest.raises(ConfigError, match="RLHF_MODEL_STORE_DIGEST='md5': blake3 or sha256"):
+        load_config(ModelStoreConfig, {"RLHF_MODEL_STORE_DIGEST": "md5"})

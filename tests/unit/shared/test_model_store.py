@@ -473,3 +473,18 @@ def test_a_manifest_naming_an_unknown_digest_or_format_is_malformed(
     path.write_text(json.dumps({**json.loads(path.read_bytes()), **change}))
     with pytest.raises(CorruptVersionError, match=problem):
         store.verify(version)
+
+
+def test_a_store_set_to_sha256_publishes_format_1_manifests(tmp_path: Path, src: Path) -> None:
+    """RLHF_MODEL_STORE_DIGEST=sha256 (a FIPS-approved hash): versions any reader of format 1 reads."""
+    import hashlib
+
+    store = ModelStore(tmp_path / "fips", digest="sha256")
+    manifest = store.publish("policy", src)
+    doc = json.loads((store.path(manifest.version) / "manifest.json").read_bytes())
+    assert doc["format"] == 1 and "digest" not in doc
+    weights = (store.path(manifest.version) / "model.safetensors").read_bytes()
+    assert doc["files"]["model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert ModelStore(tmp_path / "fips").verify(manifest.version) == manifest  # a blake3 store reads it
+    with pytest.raises(ValueError, match="unknown file digest 'md5'"):
+        ModelStore(tmp_path / "x", digest="md5")
