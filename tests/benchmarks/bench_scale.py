@@ -15,7 +15,11 @@ bench_adapter_swap.py). While three streams take the served version and three na
 (the *other* version), the served version is swapped ``--swaps`` times to a new LoRA adapter, then to
 new full weights. Per swap:
 
-  publish_s              ``VersionLine.publish`` (copy into the store, sha256 while copying, fsync, sign, rename)
+  publish_s              ``VersionLine.publish``: LoRA: copied into the store; full weights: as the trainer
+                         publishes them, written into ``store.staging()`` and moved in (``move=True``),
+                         hashed by one read, fsynced, signed, renamed
+  digest                 full weights: the store's file digest (``--digests``: blake3, the default, and
+                         sha256, the digest before it, side by side in one run)
   announce_to_served_s   the announcement acknowledged -> the replica serves the new version
   pause_ms               what the swap added to the largest per-token gap: max gap while it happened
                          minus the max gap of the same streams before it (since they started)
@@ -243,7 +247,7 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
     )
     env = {"app": app, "loop": loop, "store": store, "base": base, "trainer": trainer}
     extra = {"adapter": adapter_extra(base_version=base, rank=8, alpha=16, target_modules=TARGETS)}
-    rows: dict[str, list[dict[str, float]]] = {"lora": [], "full": []}
+    rows: dict[str, list[dict[str, Any]]] = {"lora": [], "full": []}
     try:
         served = trainer.adapter(base, seed=1)
         canary = trainer.adapter(base, seed=2, announce=False, current=False)
@@ -269,19 +273,29 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
         log(f"{size}: write + fsync + read of {weight_bytes / 2**20:.1f} MiB: {', '.join(f'{s:.3f}' for s in io_s)} s")
         publish_modes = publish_copy_and_move(store, base, size, root, args)
         log(f"{size}: store.publish of new full weights, copied / moved from staging: {publish_modes}")
-        for i in range(args.swaps):
-            out = root / "src" / f"full-{i}"
-            new_full_weights(store, base, size, out, seed=200 + i, dtype=args.dtype)
-            row = timed_swap(
-                env,
-                "",
-                lambda out=out: trainer.line.publish(out, parent=base).version,
-                "rlhf_inference_swap_pause_seconds",
-                "main",
-            )
-            row["published_bytes"] = sum(p.stat().st_size for p in out.iterdir())
-            rows["full"].append(row)
-            log(f"{size}: full-weight swap {i + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        for d, digest in enumerate(args.digests.split(",")):
+            store.digest = digest  # the trainer's line publishes through this store object
+            key = "full" if d == 0 else f"full-{digest}"
+            rows[key] = []
+            for i in range(args.swaps):
+                with store.staging() as staged:  # as the trainer publishes: written once, moved in
+                    out = staged / "policy"
+                    new_full_weights(store, base, size, out, seed=200 + 10 * d + i, dtype=args.dtype)
+                    published = sum(p.stat().st_size for p in out.iterdir())
+                    row = timed_swap(
+                        env,
+                        "",
+                        lambda out=out: trainer.line.publish(out, parent=base, move=True).version,
+                        "rlhf_inference_swap_pause_seconds",
+                        "main",
+                    )
+                row["published_bytes"] = published
+                row["digest"] = digest
+                rows[key].append(row)
+                log(
+                    f"{size}: full-weight swap {i + 1} ({digest}): " + ", ".join(f"{k} {v:.3g}" for k, v in row.items())
+                )
+        store.digest = args.digests.split(",")[0]
     finally:
         loop.run(app.stop())
         loop.close()
@@ -358,16 +372,17 @@ def med(rows: list[dict[str, float]], key: str) -> float:
 
 def table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'size':>5} {'params':>8} {'weights':>9} {'path':>5} {'published':>10} {'publish s':>9} "
+        f"{'size':>5} {'params':>8} {'weights':>9} {'path':>11} {'published':>10} {'publish s':>9} "
         f"{'ann->served s':>13} {'pause ms':>9} {'engine ms':>9} {'io s':>6} {'copy/move s':>12} {'s/PPO':>7} {'held x':>7} {'peak x':>7}"
     ]
     for r in results:
         trainers = {t["setup"]: t for t in r["trainer"]}
-        for path, setup in (("full", "full"), ("lora", "lora+head")):
+        others = [k for k in r["swaps"] if k.startswith("full-")]
+        for path, setup in (("full", "full"), *((k, "") for k in others), ("lora", "lora+head")):
             rows = r["swaps"][path]
             t = trainers.get(setup)
             lines.append(
-                f"{r['size']:>5} {r['params'] / 1e6:7.1f}M {r['weight_bytes'] / 2**20:7.1f}MB {path:>5} "
+                f"{r['size']:>5} {r['params'] / 1e6:7.1f}M {r['weight_bytes'] / 2**20:7.1f}MB {path:>11} "
                 f"{med(rows, 'published_bytes') / 2**20:8.2f}MB {med(rows, 'publish_s'):9.3f} "
                 f"{med(rows, 'announce_to_served_s'):13.3f} {med(rows, 'pause_ms'):9.1f} {med(rows, 'engine_ms'):9.1f} "
                 f"{r['io_baseline_s']:6.3f} "
@@ -385,7 +400,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     """The issue's targets on the largest size measured: PASS / FAIL lines."""
     out = []
     top = max(results, key=lambda r: r["params"])
-    lora, full = top["swaps"]["lora"], top["swaps"]["full"]
+    lora = top["swaps"]["lora"]
     name = top["size"]
 
     def line(ok: bool, what: str) -> str:
@@ -415,14 +430,17 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
                     f"adapter announcement -> served, {small['size']} -> {name}: {a:.3f} -> {b:.3f} s (median; base size x{top['params'] / small['params']:.0f})",
                 )
             )
-    if full:
-        total = med(full, "publish_s") + med(full, "announce_to_served_s")
-        io_s = top["io_baseline_s"]
+    io_s = top["io_baseline_s"]
+    for key, rows in top["swaps"].items():
+        if not key.startswith("full") or not rows:
+            continue
+        total = med(rows, "publish_s") + med(rows, "announce_to_served_s")
+        digest = rows[0].get("digest", "")
         out.append(
             line(
                 total <= FULL_VS_IO_TARGET * io_s,
-                f"full-weight publish -> served <= 2x write+fsync+read at {name}: {total:.3f} s vs 2 x {io_s:.3f} s "
-                f"({total / io_s:.1f}x)",
+                f"full-weight publish -> served <= 2x write+fsync+read at {name} ({digest}): {total:.3f} s vs "
+                f"2 x {io_s:.3f} s ({total / io_s:.1f}x)",
             )
         )
     for r in results:
@@ -509,6 +527,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="timed PPO steps per trainer setup (after one warm-up)")
     ap.add_argument("--device", default="cpu", help="the trainer's device")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights served and published")
+    ap.add_argument(
+        "--digests",
+        default="blake3,sha256",
+        help="file digests of the full-weight swaps, side by side (first: the target)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args()
     if args.quick:
