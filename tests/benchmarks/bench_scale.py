@@ -293,7 +293,8 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
                 row["digest"] = digest
                 rows[key].append(row)
                 log(
-                    f"{size}: full-weight swap {i + 1} ({digest}): " + ", ".join(f"{k} {v:.3g}" for k, v in row.items())
+                    f"{size}: full-weight swap {i + 1} ({digest}): "
+                    + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "digest")
                 )
         store.digest = args.digests.split(",")[0]
     finally:
