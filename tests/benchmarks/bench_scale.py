@@ -508,7 +508,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for ax, title, unit in zip(
         axes, ("publish and serve", "serving pause", "trainer memory"), ("s", "ms", "x weights")
     ):
-        ax.set_xscale("log")
+        if ax is not axes[2] or any(r["trainer"] for r in results):  # no trainer rows: --trainer-setups ''
+            ax.set_xscale("log")
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel(unit)
         ax.set_title(title)
