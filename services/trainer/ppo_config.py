@@ -74,7 +74,11 @@ class PPOConfig(ConfigBase):
     """Sampling temperature the rollouts were generated with: the learner divides logits by it, so its
     logprobs are those of the distribution that sampled."""
     ptx_coef: float = 0.0
-    """gamma_ptx of PPO-ptx: weight of a language-modelling loss on ptx_file mixed into every update; 0 = off."""
+    """gamma_ptx of PPO-ptx: weight of a language-modelling loss on ptx_file mixed into every update; 0 = off.
+    Small: Adam scales each parameter's step by its own gradient, so even a small weight moves the
+    parameters PPO barely touches at full speed. On the default model 0.002 kept the pretraining
+    perplexity under the SFT policy's without losing the task; 0.02 and 0.1 pulled it back to the
+    pretrained model and lost 8 points of win rate (docs/benchmarks.md, "PPO against PPO-ptx")."""
     ptx_file: Path = DEFAULT_PTX_FILE
     """Pretraining text for PPO-ptx (plain UTF-8); default: the corpus the project ships."""
     ptx_batch_size: int = 4

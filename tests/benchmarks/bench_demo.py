@@ -63,8 +63,9 @@ TARGET_BOOTSTRAP_S = 15 * 60
 TARGET_SABOTAGE_SHARE = 0.05
 TARGET_FIRST_PUBLISH_MIN = 2.0
 TARGET_PTX_WIN_GAP_PP = 2.0
-SIDE_BY_SIDE_PTX = 0.1
-"""gamma_ptx of the side-by-side's PPO-ptx arm (docs/benchmarks.md, "PPO against PPO-ptx", says why)."""
+SIDE_BY_SIDE_PTX = 0.002
+"""gamma_ptx of the side-by-side's PPO-ptx arm (docs/benchmarks.md, "PPO against PPO-ptx", says why:
+0.1 and 0.02 pulled the policy back to the pretrained model and lost the task)."""
 
 
 def main() -> int:
@@ -257,6 +258,8 @@ def learning_run(args: argparse.Namespace, env: dict[str, str], report_dir: Path
         # (kl_to_reference); the per-iteration rollout KL (max_kl_iteration) is noisy at 16 samples
         f"KL bounded (<= {kl_bound:g})": (results["max_kl_published"], lambda v: v is not None and v <= kl_bound),
     }
+    if "bootstrap" not in results:  # --skip-bootstrap: not measured in this run, neither passed nor failed
+        del checks[f"bootstrap under {TARGET_BOOTSTRAP_S // 60} min"]
     results["checks"] = {
         name: {"value": v, "pass": bool(ok(v)) if v is not None else False} for name, (v, ok) in checks.items()
     }
