@@ -120,12 +120,8 @@ class DemoConfig(ConfigBase):
     new policy has served a user (a smoke test of the loop; duration_s is then the cap)."""
     canaries: bool = True
     """Run the stack with progressive rollout (RLHF_UP_ROLLOUT): each new version is a canary first."""
-    canary_share: float = 0.5
-    """RLHF_ROLLOUT_CANARY_SHARE given to the rollout service the demo starts (share of conversations).
-    Half, where a deployment uses a tenth (the rollout service's default): the demo's 4 users rate
-    about 100 answers a minute with a thumb, and at 30% a canary needed 2-4 minutes to show it is not
-    worse, so users got 4 of the trainer's 72 candidates in 20 minutes (docs/benchmarks.md); an even
-    split is where a two-arm test decides fastest."""
+    canary_share: float = 0.3
+    """RLHF_ROLLOUT_CANARY_SHARE given to the rollout service the demo starts (share of conversations)."""
     canary_margin: float = 0.2
     """RLHF_ROLLOUT_MARGIN given to it: how much worse (thumbs-up rate, Likert, side by side) a canary
     may be and still be promoted. Loose because 4 users rate too little for a tight one in minutes."""

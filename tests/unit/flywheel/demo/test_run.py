@@ -21,7 +21,7 @@ def test_the_demo_runs_with_canaries_and_its_own_gate_settings_unless_told_other
 
     env = stack_environ(load_config(DemoConfig, {}), {})
     assert env["RLHF_UP_ROLLOUT"] == "1"
-    assert (env["RLHF_ROLLOUT_CANARY_SHARE"], env["RLHF_ROLLOUT_MARGIN"]) == ("0.5", "0.2")
+    assert (env["RLHF_ROLLOUT_CANARY_SHARE"], env["RLHF_ROLLOUT_MARGIN"]) == ("0.3", "0.2")
     assert (env["RLHF_ROLLOUT_TIMEOUT_S"], env["RLHF_ROLLOUT_MIN_RATINGS"]) == ("600.0", "30")
     # The caller's own settings win; with canaries off none is set.
     mine = stack_environ(load_config(DemoConfig, {}), {"RLHF_ROLLOUT_CANARY_SHARE": "0.04"})
