@@ -4,7 +4,7 @@ trainer's checkpoints both need.
     write_synced(tmp / "manifest.json", data)     # written and fsynced
     fsync_tree(tmp)                               # the new directory entries too
     os.rename(tmp, final); fsync_dir(final.parent)
-    sha256_file(path)                             # (hex digest, size in bytes), read in 1 MiB chunks
+    sha256_file(path)                             # (hex digest, size in bytes), read in chunks
     file_digest(path, "blake3")                   # the same under a model manifest's digest
 """
 
@@ -14,8 +14,6 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any
-
-CHUNK = 1 << 20
 
 
 def write_synced(path: Path, data: bytes) -> None:
@@ -79,10 +77,4 @@ def file_digest(path: Path, algorithm: str) -> tuple[str, int]:
 
 def sha256_file(path: Path) -> tuple[str, int]:
     """(sha256 hex digest, size in bytes) of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
+    return file_digest(path, "sha256")

@@ -50,7 +50,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.durable_files import DIGESTS, HASH_CHUNK, file_digest, fsync_dir, fsync_tree, new_digest, write_synced
+from shared.durable_files import (
+    DIGESTS,
+    HASH_CHUNK,
+    file_digest,
+    fsync_dir,
+    fsync_path,
+    fsync_tree,
+    new_digest,
+    write_synced,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -650,11 +659,6 @@ def _move_or_copy_file(src: Path, dst: Path, algorithm: str) -> FileDigest:
         if exc.errno != errno.EXDEV:
             raise
         return _copy_file(src, dst, algorithm)
-    digest = new_digest(algorithm)
-    size = 0
-    with open(dst, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(f.fileno())
-    return FileDigest(digest.hexdigest(), size)
+    digest = _hash_file(dst, algorithm)
+    fsync_path(dst)
+    return digest
