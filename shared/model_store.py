@@ -44,7 +44,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +335,7 @@ class ModelStore:
         make_current: bool = True,
         sign: Callable[[str, str, bytes], bytes] | None = None,
         move: bool = False,
+        hashed: Mapping[str, tuple[str, int]] | None = None,
     ) -> Manifest:
         """Copy ``src_dir`` into the store as the next version of ``line`` and return its manifest.
 
@@ -343,8 +344,15 @@ class ModelStore:
 
         ``move``: the caller gives ``src_dir``'s files up; each is renamed into the version instead
         of copied (hashed by one read and fsynced, no second write of its bytes), or copied where it
-        lies on another filesystem. Write the files into ``staging()`` to be sure of the rename."""
+        lies on another filesystem. Write the files into ``staging()`` to be sure of the rename.
+
+        ``hashed`` (with ``move``): relative path -> (hex digest under this store's ``digest``,
+        bytes) of files the caller wrote, fsynced, and hashed as it wrote them
+        (shared/models/safetensors_io.py): renamed in without being read at all. Their size is
+        checked; a reader checks every byte against the digest, as for any version."""
         _check_line(line)
+        if hashed and not move:
+            raise PublishRefusedError("hashed files are moved in (move=True), never copied unread")
         src_dir = Path(src_dir)
         if not src_dir.is_dir():
             raise PublishRefusedError(f"refusing to publish {src_dir}: not a directory")
@@ -370,7 +378,15 @@ class ModelStore:
         tmp.mkdir()
         try:
             place = _move_or_copy_file if move else _copy_file
-            files = {rel: place(src_dir / rel, tmp / rel, self.digest) for rel in src_files}
+            known = dict(hashed or {})
+            if known.keys() - set(src_files):
+                raise PublishRefusedError(f"hashed files not in {src_dir}: {sorted(known.keys() - set(src_files))}")
+            files = {
+                rel: _move_hashed(src_dir / rel, tmp / rel, known[rel], self.digest)
+                if rel in known
+                else place(src_dir / rel, tmp / rel, self.digest)
+                for rel in src_files
+            }
             manifest = self._rename_into_place(tmp, line, parent, files, metrics, extra, sign)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -643,6 +659,29 @@ def _copy_file(src: Path, dst: Path, algorithm: str, *, sync: bool = True) -> Fi
         if sync:
             os.fsync(fout.fileno())
     return FileDigest(digest.hexdigest(), size)
+
+
+def _move_hashed(src: Path, dst: Path, written: tuple[str, int], algorithm: str) -> FileDigest:
+    """Rename ``src`` (written, fsynced and hashed by the caller: ``written`` = (hex, bytes)) to
+    ``dst`` without reading it; ``_move_or_copy_file`` (one read) where it cannot simply be renamed."""
+    if src.is_symlink() or os.stat(src).st_nlink > 1:
+        return _check_written(src, _copy_file(src, dst, algorithm), written)
+    if os.stat(src).st_size != written[1]:
+        raise PublishRefusedError(f"{src.name} has {os.stat(src).st_size} bytes, its writer hashed {written[1]}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return _check_written(src, _copy_file(src, dst, algorithm), written)
+    return FileDigest(*written)
+
+
+def _check_written(src: Path, actual: FileDigest, written: tuple[str, int]) -> FileDigest:
+    if (actual.hex, actual.bytes) != tuple(written):
+        raise PublishRefusedError(f"{src.name} does not match the digest its writer computed")
+    return actual
 
 
 def _move_or_copy_file(src: Path, dst: Path, algorithm: str) -> FileDigest:

@@ -80,7 +80,7 @@ before the pointer was ever announced starts from the ``current`` one (``LineKin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -382,11 +382,13 @@ class VersionLine:
         extra: dict[str, Any] | None = None,
         make_current: bool = True,
         move: bool = False,
+        hashed: Mapping[str, tuple[str, int]] | None = None,
     ) -> Manifest:
         """Copy ``src_dir`` into the store as the line's next version (atomic, digest manifest,
         signed) and, with ``make_current``, move this kind's pointer to it (``current`` for POLICY, the
         candidate pointer for POLICY_CANDIDATE); its announcement is then owed until
-        ``announce_pending`` succeeds. ``move``: ``ModelStore.publish``'s (the files are taken, not copied)."""
+        ``announce_pending`` succeeds. ``move``, ``hashed``: ``ModelStore.publish``'s (the files are taken,
+        not copied; those hashed by their writer are not read)."""
         on_current = self.kind.pointer == CURRENT
         manifest = self.store.publish(
             self.kind.name,
@@ -397,6 +399,7 @@ class VersionLine:
             make_current=make_current and on_current,
             sign=self._sign_manifest if self.signer is not None else None,
             move=move,
+            hashed=hashed,
         )
         if make_current and not on_current:
             self.store.set_pointer(self.kind.name, self.kind.pointer, manifest.version, verify=False)

@@ -659,13 +659,16 @@ class PPOLearner:
         """The policy's weights (transformers names), detached copies."""
         return {k: v.detach().clone() for k, v in self.policy.lm.state_dict().items()}
 
-    def save_policy(self, out_dir: Path) -> Path:
+    def save_policy(self, out_dir: Path, digest: str = "blake3") -> dict[str, tuple[str, int]]:
         """Write the policy as a directory the inference service can load: full weights (a Hugging
         Face directory it hot-swaps, models.save_policy), or with LoRA only the adapter's files
-        (models.save_adapter; publish them with ``version_extra()`` in the manifest)."""
+        (models.save_adapter; publish them with ``version_extra()`` in the manifest). Returns the
+        files hashed under ``digest`` as they were written (``ModelStore.publish(hashed=)``): the
+        full weights' file; none for an adapter (MBs, hashed by the store)."""
         if self.peft_model is not None:
-            return save_adapter(self.peft_model, out_dir, self.model_base_version)
-        return save_policy(self.policy.lm, self.tokenizer, out_dir, dtype=self.publish_dtype)
+            save_adapter(self.peft_model, out_dir, self.model_base_version)
+            return {}
+        return save_policy(self.policy.lm, self.tokenizer, out_dir, dtype=self.publish_dtype, digest=digest)
 
     def version_extra(self) -> dict[str, Any]:
         """What a version written by ``save_policy`` adds to its manifest's ``extra``: the adapter

@@ -38,6 +38,7 @@ from shared.model_store import PICKLE_SUFFIXES
 from shared.models.adapters import ADAPTER_CONFIG, ADAPTER_FILES, AdapterInfo, parse_adapter_extra
 from shared.models.loading import PRECISIONS, autocast_dtype, device_problems, load_causal_lm
 from shared.models.reward_model import RewardModel
+from shared.models.safetensors_io import write_safetensors
 
 from .ppo import logprobs_from_logits
 
@@ -327,9 +328,21 @@ def lora_info(peft_model: PeftModel, base_version: str) -> AdapterInfo:
 # --- saving -----------------------------------------------------------------------------------
 
 
-def save_policy(policy: PreTrainedModel, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+WEIGHTS_FILE = "model.safetensors"
+"""The file ``save_policy`` writes the weights to (the name save_pretrained gives one shard)."""
+
+
+def save_policy(
+    policy: PreTrainedModel, tokenizer: Any, out_dir: Path, dtype: torch.dtype | None = None, digest: str = "blake3"
+) -> dict[str, tuple[str, int]]:
     """Write ``policy`` as a Hugging Face directory (config.json, generation config, tokenizer,
-    safetensors) that the inference service can hot-swap in place of the policy it was loaded from.
+    safetensors) that the inference service can hot-swap in place of the policy it was loaded from,
+    and return its weight file's (hex ``digest``, bytes), computed as it was written
+    (``ModelStore.publish(..., hashed=)`` then never reads it back).
+
+    The files are what ``save_pretrained`` writes (tests/unit/services/trainer/test_models.py
+    compares them), but the weights go straight from the parameters to the file: one tensor at a
+    time, cast on the way, with no copy of the model and no second read.
 
     ``dtype``: cast the weights to it (the dtype of the published policy, see
     shared/models/loading.py's ``weights_dtype``), so the tensor names, shapes and dtypes match
@@ -337,16 +350,33 @@ def save_policy(policy: PreTrainedModel, tokenizer: Any, out_dir: Path, dtype: t
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = policy
-    if dtype is not None and next(policy.parameters()).dtype != dtype:
-        # transformers wraps PreTrainedModel.to in functools.wraps, which mypy types as unbound.
-        model = copy.deepcopy(policy).to(dtype)  # type: ignore[arg-type]
-    model.save_pretrained(out_dir)  # safetensors (the only format of transformers 5)
+    config = copy.deepcopy(policy.config)
+    config.architectures = [type(policy).__name__]
+    config.dtype = dtype if dtype is not None else next(policy.parameters()).dtype  # as save_pretrained records it
+    config.save_pretrained(out_dir)
+    if policy.can_generate() and policy.generation_config is not None:
+        policy.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     pickled = [p.name for p in out_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise RuntimeError(f"save_pretrained wrote pickle files {pickled}; the model store would refuse them")
-    return out_dir
+    weights = write_safetensors(out_dir / WEIGHTS_FILE, tensors_to_save(policy), digest, {"format": "pt"}, cast=dtype)
+    return {WEIGHTS_FILE: weights}
+
+
+def tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every tensor once: a tied weight (the same storage under two
+    names, e.g. ``lm_head.weight`` = ``model.embed_tokens.weight``) under its first name, as
+    ``save_pretrained`` keeps it and as vLLM's loaders expect."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    tensors = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t
+    return tensors
 
 
 def save_adapter(peft_model: PeftModel, out_dir: Path, base_version: str) -> Path:

@@ -330,13 +330,14 @@ class PolicyPublisher:
         all_metrics = {k: float(v) for k, v in all_metrics.items() if v is not None and math.isfinite(v)}
         with self.store.staging() as tmp:  # written once, inside the store, and moved into the version
             out = tmp / "policy"
-            learner.save_policy(out)
+            hashed = learner.save_policy(out, digest=self.store.digest)
             manifest = self.line.publish(
                 out,
                 parent=parent,
                 metrics=all_metrics,
                 extra={"rm_version": evaluation.rm_version, "kind": "ppo", **extra, **learner.version_extra()},
                 move=True,
+                hashed=hashed,
             )
         log_event(
             log,

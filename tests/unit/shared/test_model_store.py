@@ -409,6 +409,41 @@ def test_publish_move_renames_the_staged_files_without_a_copy(store: ModelStore)
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp-")] == []
 
 
+def test_publish_of_files_hashed_by_their_writer_never_reads_them(store: ModelStore, monkeypatch) -> None:
+    """``publish(move=True, hashed=...)``: a file its writer hashed is renamed in unread, under the
+    writer's digest, and a reader checks it like any other; a size that differs is refused."""
+    with store.staging() as staged:
+        src = make_model_dir(staged / "policy")
+        weights = src / "model.safetensors"
+        written = (blake3.blake3(weights.read_bytes()).hexdigest(), weights.stat().st_size)
+        hashed_reads: list[str] = []
+        real = model_store._hash_file
+        monkeypatch.setattr(model_store, "_hash_file", lambda p, a: hashed_reads.append(p.name) or real(p, a))
+        manifest = store.publish("policy", src, move=True, hashed={"model.safetensors": written})
+    assert "model.safetensors" not in hashed_reads and "config.json" in hashed_reads
+    assert (manifest.files["model.safetensors"].hex, manifest.files["model.safetensors"].bytes) == written
+    monkeypatch.setattr(model_store, "_hash_file", real)
+    assert store.verify(manifest.version) == manifest
+
+    with store.staging() as staged:
+        src = make_model_dir(staged / "policy")
+        wrong = (written[0], written[1] + 1)
+        with pytest.raises(PublishRefusedError, match="its writer hashed"):
+            store.publish("policy", src, move=True, hashed={"model.safetensors": wrong})
+        with pytest.raises(PublishRefusedError, match="moved in"):
+            store.publish("policy", src, hashed={"model.safetensors": written})
+    assert store.versions("policy") == [manifest.version]
+
+
+def test_a_wrong_digest_from_the_writer_is_caught_by_the_reader(store: ModelStore) -> None:
+    with store.staging() as staged:
+        src = make_model_dir(staged / "policy")
+        size = (src / "model.safetensors").stat().st_size
+        manifest = store.publish("policy", src, move=True, hashed={"model.safetensors": ("0" * 64, size)})
+    with pytest.raises(CorruptVersionError, match="model.safetensors"):
+        store.verify(manifest.version)
+
+
 def test_publish_move_copies_what_it_may_not_take(store: ModelStore, tmp_path: Path, monkeypatch) -> None:
     """A symlink, a file with another hard link, and (EXDEV) a file on another filesystem are copied:
     the version holds regular files of its own and the other names keep their bytes."""

@@ -193,7 +193,8 @@ def test_checkpoint_round_trip_through_safetensors_and_json_continues_identicall
 def test_save_policy_publishes_a_hot_swappable_version_and_marks_it(trainer_store, tmp_path, one_thread):
     learner = make_learner(trainer_store)
     learner.step(sample(learner))
-    out = learner.save_policy(tmp_path / "out")
+    out = tmp_path / "out"
+    learner.save_policy(out)
     check_compatible(trainer_store.path(trainer_store.policy), out)
     manifest = trainer_store.store.publish("policy", out, parent=trainer_store.policy, make_current=False)
     learner.mark_published(manifest.version)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from services.inference.weights import check_compatible, tensor_signature
 from services.trainer.models import (
+    WEIGHTS_FILE,
     LoraSettings,
     ModelSettings,
     PolicyHead,
@@ -24,6 +27,7 @@ from services.trainer.models import (
     save_policy,
 )
 from services.trainer.rollout_batch import Rollout, collate_rollouts
+from shared.durable_files import file_digest
 from shared.models.loading import load_tokenizer, weights_dtype
 from shared.models.reward_model import RewardModel
 
@@ -113,7 +117,9 @@ def test_saved_policy_is_hot_swappable_in_place_of_its_source(trainer_store, tmp
     lm = load_policy(src)
     with torch.no_grad():
         lm.lm_head.weight.mul_(0.5)
-    out = save_policy(lm, load_tokenizer(src), tmp_path / "new", dtype=weights_dtype(src))
+    out = tmp_path / "new"
+    hashed = save_policy(lm, load_tokenizer(src), out, dtype=weights_dtype(src))
+    assert hashed == {WEIGHTS_FILE: file_digest(out / WEIGHTS_FILE, "blake3")}  # hashed as written
     check_compatible(src, out)  # what the inference service checks before a swap
     assert tensor_signature(src) == tensor_signature(out)
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 6
@@ -125,9 +131,39 @@ def test_saved_policy_is_hot_swappable_in_place_of_its_source(trainer_store, tmp
 def test_saved_policy_is_cast_back_to_the_published_dtype(trainer_store, tmp_path):
     src = trainer_store.path(trainer_store.policy)
     lm = load_policy(src)
-    out = save_policy(lm, load_tokenizer(src), tmp_path / "bf16", dtype=torch.bfloat16)
+    out = tmp_path / "bf16"
+    save_policy(lm, load_tokenizer(src), out, dtype=torch.bfloat16)
     assert weights_dtype(out) == torch.bfloat16
     assert next(lm.parameters()).dtype == torch.float32  # the training copy is untouched
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_saved_policy_has_the_files_and_tensors_save_pretrained_writes(trainer_store, tmp_path, tied, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = trainer_store.path(trainer_store.policy)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            tie_word_embeddings=tied,
+        )
+    )
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    save_policy(lm, load_tokenizer(src), ours, dtype=dtype)
+    (copy.deepcopy(lm).to(dtype) if dtype else lm).save_pretrained(theirs)
+    load_tokenizer(src).save_pretrained(theirs)
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    ours_cfg, theirs_cfg = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
+    assert ours_cfg == theirs_cfg
+    assert tensor_signature(ours) == tensor_signature(theirs)
+    a, b = load_file(str(ours / WEIGHTS_FILE)), load_file(str(theirs / WEIGHTS_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 # --- LoRA, precision and device settings -----------------------------------------------------------
