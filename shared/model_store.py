@@ -252,18 +252,23 @@ class ModelStore:
             _check_digest(version, rel, _hash_file(vdir / rel, manifest.digest), expected, manifest.digest)
         return manifest
 
-    def copy_verified(self, version: str, manifest: Manifest, dest: Path) -> int:
+    def copy_verified(
+        self, version: str, manifest: Manifest, dest: Path, skip: Callable[[str], bool] | None = None
+    ) -> int:
         """Copy every file of ``version`` into the new directory ``dest``, hashing each as it is
         copied (one read), and check it against ``manifest`` (one the caller read and trusts, e.g.
         whose signature it verified). Returns the bytes copied; CorruptVersionError (``dest``
         removed) on any difference. What lands in ``dest`` is exactly what was checked, whatever
-        happens to the store's files afterwards."""
+        happens to the store's files afterwards. Files for which ``skip(relative path)`` is true
+        are left out: their reader checks them against the manifest as it reads them."""
         vdir = self._listed_dir(version, manifest)
         dest = Path(dest)
         dest.mkdir(parents=True)
         total = 0
         try:
             for rel, expected in sorted(manifest.files.items()):
+                if skip is not None and skip(rel):
+                    continue
                 # Not fsynced: a private copy does not outlive a crash (its directory is wiped on start).
                 actual = _copy_file(vdir / rel, dest / rel, manifest.digest, sync=False)
                 _check_digest(version, rel, actual, expected, manifest.digest)

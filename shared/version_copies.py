@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import Gauge, Histogram
@@ -79,14 +80,17 @@ class PrivateCopies:
         _LIVE.add(self.dir.name)
         self._ready = True
 
-    def copy(self, store: ModelStore, version: str, manifest: Manifest) -> tuple[Path, int]:
+    def copy(
+        self, store: ModelStore, version: str, manifest: Manifest, skip: Callable[[str], bool] | None = None
+    ) -> tuple[Path, int]:
         """Copy ``version`` into a new private directory, checking every file against ``manifest``
-        on the way (CorruptVersionError otherwise, nothing left behind). (path, bytes copied)."""
+        on the way (CorruptVersionError otherwise, nothing left behind). (path, bytes copied).
+        ``skip``: files left in the store (``ModelStore.copy_verified``)."""
         with self._lock:
             self._prepare()
         started = time.monotonic()
         tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
-        size = store.copy_verified(version, manifest, tmp)
+        size = store.copy_verified(version, manifest, tmp, skip)
         final = self.dir / f"{version}-{uuid.uuid4().hex[:8]}"
         os.rename(tmp, final)
         seconds = time.monotonic() - started

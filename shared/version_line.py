@@ -91,7 +91,15 @@ from shared.events import PolicyCanaryEvent, PolicyCandidateEvent, PolicyUpdateE
 from shared.kafka import topics
 from shared.kafka.topics import POLICY_CANDIDATES, POLICY_UPDATES, REWARD_MODELS
 from shared.logging import get_logger, log_event
-from shared.model_store import CURRENT, Manifest, ModelStore, ModelStoreError, StoredManifest, version_number
+from shared.model_store import (
+    CURRENT,
+    FileDigest,
+    Manifest,
+    ModelStore,
+    ModelStoreError,
+    StoredManifest,
+    version_number,
+)
 from shared.signing import (
     Signature,
     SignatureError,
@@ -329,6 +337,18 @@ class PendingAnnouncement:
 
 
 @dataclass(frozen=True)
+class StoreFile:
+    """A file of a verified version left in the store (``VersionFollower.defer``): whoever reads it
+    checks its bytes against ``digest`` (from the signed manifest) as it reads them, and uses only
+    the bytes it checked."""
+
+    rel: str
+    path: Path
+    digest: FileDigest
+    algorithm: str
+
+
+@dataclass(frozen=True)
 class VerifiedVersion:
     """A version whose signature verified, whose manifest was the announced one, and whose files
     matched it as they were copied into ``path``: a directory private to this replica."""
@@ -340,6 +360,8 @@ class VerifiedVersion:
     reason: str = "publish"
     sequence: int = 0
     bytes_copied: int = 0
+    deferred: tuple[StoreFile, ...] = ()
+    """Files not copied into ``path`` (VersionFollower.defer): checked by their reader instead."""
 
 
 class VersionRefused(Exception):
@@ -641,17 +663,26 @@ class VersionLine:
         expected_sha256: str | None,
         reason: str = "publish",
         sequence: int = 0,
+        defer: Callable[[Manifest, str], bool] | None = None,
     ) -> VerifiedVersion:
         """``version`` signed, its manifest the expected one, its files checked as they are copied
-        into a private directory. Raises VersionRefused or ModelStoreError."""
+        into a private directory, except those ``defer(manifest, relative path)`` names, listed in
+        ``deferred`` for their reader to check. Raises VersionRefused or ModelStoreError."""
         stored = self.read_signed(version)
         if expected_sha256 is not None and stored.sha256 != expected_sha256:
             raise VersionRefused(
                 "manifest_mismatch",
                 f"{version}: manifest sha256 {stored.sha256[:12]}… does not match the announced {expected_sha256[:12]}…",
             )
-        path, size = copies.copy(self.store, version, stored.manifest)
-        return VerifiedVersion(version, path, stored.manifest, stored.sha256, reason, sequence, size)
+        manifest = stored.manifest
+        skip = (lambda rel: defer(manifest, rel)) if defer is not None else None
+        path, size = copies.copy(self.store, version, manifest, skip)
+        deferred = tuple(
+            StoreFile(rel, self.store.path(version) / rel, digest, manifest.digest)
+            for rel, digest in sorted(manifest.files.items())
+            if skip is not None and skip(rel)
+        )
+        return VerifiedVersion(version, path, manifest, stored.sha256, reason, sequence, size, deferred)
 
 
 @dataclass
@@ -670,6 +701,10 @@ class VersionFollower:
     """Service-specific acceptance (raise ValueError, a subclass, or VersionRefused to refuse)."""
     copies: PrivateCopies | None = None
     """Where verified versions are copied (default: a directory under the system's temp dir)."""
+    defer: Callable[[Manifest, str], bool] | None = None
+    """Files of announced versions not copied ((manifest, relative path) -> True), left for the swap to read
+    and check itself (``VerifiedVersion.deferred``: the inference engine's weight files). The
+    starting version is copied whole."""
     refusals: int = 0
     sequence: int = 0
     """The highest authentic announcement sequence seen: announcements at or below it are replays."""
@@ -800,6 +835,7 @@ class VersionFollower:
             expected_sha256=announcement.manifest_sha256,
             reason=announcement.reason,
             sequence=announcement.sequence,
+            defer=self.defer,
         )
         if self.check is not None:
             try:

@@ -39,7 +39,7 @@ from pathlib import Path
 from services.inference import metrics
 from services.inference.domain import Sampling
 from services.inference.engine import AdapterHandle, VllmEngine
-from services.inference.weights import check_adapter_fits
+from services.inference.weights import Signature, check_adapter_fits
 from shared.logging import get_logger, log_event
 from shared.model_store import Manifest, ModelStore, version_number
 from shared.models.adapters import EXTRA_KEY, AdapterInfo, adapter_info, adapter_problem
@@ -85,14 +85,20 @@ def is_adapter(manifest: Manifest | None) -> bool:
 
 
 def adapter_check(
-    verified: VerifiedVersion, base_version: str, base_dir: Path, store: ModelStore, max_rank: int
+    verified: VerifiedVersion,
+    base_version: str,
+    base_dir: Path,
+    store: ModelStore,
+    max_rank: int,
+    base_signature: Signature | None = None,
 ) -> AdapterInfo:
     """The adapter ``verified`` holds, if it may be loaded on the base the engine serves; raises
     VersionRefused otherwise: the format contract (``adapter_problem``: kind, files, no pickle, its
     config agreeing with the manifest, the base a full-weight version in the store), the base being
     the one the engine holds (``adapter_base_mismatch``: a new base comes through the full-weight
     path first), and its tensors fitting the base's layers and the slots' rank
-    (``check_adapter_fits``)."""
+    (``check_adapter_fits``; ``base_signature``: the base's tensors, when its weights are not in
+    ``base_dir``)."""
     problem = adapter_problem(verified.manifest, store=store, version_dir=verified.path)
     if problem:
         raise VersionRefused("adapter_invalid", problem)
@@ -104,7 +110,7 @@ def adapter_check(
             f"{verified.version} is an adapter of {info.base_version}, but the engine holds {base_version}; "
             "announce the new base (full weights) first",
         )
-    check_adapter_fits(base_dir, verified.path, info.rank, max_rank)  # IncompatibleWeights
+    check_adapter_fits(base_dir, verified.path, info.rank, max_rank, base_signature)  # IncompatibleWeights
     return info
 
 

@@ -20,14 +20,23 @@ an adapter's files are read once, when it is added.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from services.inference.config import InferenceConfig, lora_batch
 from services.inference.domain import Sampling
+from services.inference.worker_extension import (
+    Signature,
+    VerifiedWeightsWorker,
+    WeightsRefused,
+    signature_from_json,
+    signature_to_json,
+)
+from shared.version_line import StoreFile
 
 if TYPE_CHECKING:  # vLLM is imported when the engine starts
     from vllm.config.lora import MaxLoRARanks
@@ -119,6 +128,9 @@ class VllmEngine:
             enforce_eager=self.cfg.enforce_eager,
             scheduling_policy="priority" if self.cfg.priority_scheduling else "fcfs",
             disable_log_stats=True,
+            # Full-weight swaps: the worker reads the store's files once, checks and loads them
+            # (worker_extension.py) instead of vLLM reading a private copy.
+            worker_extension_cls=f"{VerifiedWeightsWorker.__module__}.{VerifiedWeightsWorker.__qualname__}",
             **lora_engine_args(self.cfg),
         )
         self._llm = AsyncLLM.from_engine_args(args)
@@ -193,6 +205,49 @@ class VllmEngine:
         finally:
             if with_requests_running:
                 await self.llm.resume_generation()
+
+    async def stage_weights(self, token: str, files: Sequence[StoreFile]) -> Signature:
+        """Have the worker read, check and parse a version's weight files from the store while the
+        engine keeps generating (worker_extension.py); returns their tensor signature once they are
+        all in memory. WeightsRefused ("corrupt") when a file is not what its manifest says."""
+        described = [
+            {"path": str(f.path), "hex": f.digest.hex, "bytes": f.digest.bytes, "algorithm": f.algorithm} for f in files
+        ]
+        await self.llm.collective_rpc("rlhf_stage", kwargs={"token": token, "files": described})
+        delay = 0.005
+        while True:
+            statuses = await self.llm.collective_rpc("rlhf_staged", kwargs={"token": token})
+            if all(s["done"] for s in statuses):
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        for status in statuses:
+            if "error" in status:
+                raise WeightsRefused(status["reason"], status["error"])
+        return signature_from_json(statuses[0]["signature"])
+
+    async def load_staged(self, token: str, expected: Signature, *, with_requests_running: bool = False) -> None:
+        """Load the staged weights in place (as ``reload_weights``: paused between two steps when
+        requests run, their KV cache recomputed, prefixes dropped) if their tensors are exactly
+        ``expected`` (the served weights'); WeightsRefused otherwise, the served weights untouched."""
+        if with_requests_running:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            results = await self.llm.collective_rpc(
+                "rlhf_load_staged", kwargs={"token": token, "expected": signature_to_json(expected)}
+            )
+            refused = [r for r in results if not r["loaded"]]
+            if refused:
+                raise WeightsRefused(refused[0]["reason"], refused[0]["error"])
+            if not await self.llm.reset_prefix_cache(reset_running_requests=with_requests_running):
+                raise RuntimeError("vLLM could not reset its prefix cache after the reload")
+        finally:
+            if with_requests_running:
+                await self.llm.resume_generation()
+
+    async def drop_staged(self) -> None:
+        """Release staged weights that will not be loaded."""
+        await self.llm.collective_rpc("rlhf_drop_staged")
 
     # --- LoRA adapters (lora_adapters on) ---------------------------------------------------------
 

@@ -80,3 +80,7 @@ ADAPTER_REQUESTS = Counter(
     "Requests served with an adapter version, by whether they named it (named) or took the served one (served)",
     ["how"],
 )
+STAGED_WEIGHT_BYTES = Gauge(
+    "rlhf_inference_staged_weight_bytes",
+    "Bytes of a full-weight version read into the engine's worker and not yet loaded (at most one version)",
+)

@@ -49,7 +49,8 @@ from services.inference.priority import priority_class, request_priority
 from services.inference.streaming import coalesce_delay
 from services.inference.swap_gate import SwapGate
 from services.inference.swap_lease import LeaseAbandoned, SwapLease
-from services.inference.weights import check_compatible
+from services.inference.weights import Signature, check_compatible, files_signature, is_weight_file, tensor_signature
+from services.inference.worker_extension import WeightsRefused
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.events import CompletionEvent, PolicyUpdateEvent, Timings
 from shared.kafka.publishers import Outbox
@@ -228,10 +229,18 @@ class InferenceServing:
             refused=metrics.SWAP_REFUSED,
             check=self._check_compatible,
             copies=PrivateCopies(cfg.versions.copies_dir, "policy"),
+            defer=lambda manifest, rel: not is_adapter(manifest) and is_weight_file(rel),
         )
         """The policy line as this replica follows it: announcements are authenticated and verified
-        there, each version copied into this replica's private directory, and the verified copy
-        comes back to ``swap_to`` (the engine loads the bytes that were checked, never the store's)."""
+        there, each version copied into this replica's private directory except a full-weight
+        version's weight files, which the engine's worker reads from the store once, checking them
+        against the signed manifest as it reads (worker_extension.py); either way the engine loads
+        the bytes that were checked."""
+        self.base_signature: Signature = {}
+        """The tensors of the full weights the engine holds (name -> shape, dtype): what a new
+        full-weight version must match, and what an adapter's factors must fit."""
+        self.base_verified: VerifiedVersion | None = None
+        """The full-weight version the engine holds, as verified (reloaded if a swap fails midway)."""
         self.beside_version = ""
         """The canary pointer's version, held beside the served one (RLHF_INFERENCE_LORA_CANARY_BESIDE)."""
         self.beside = (
@@ -271,6 +280,8 @@ class InferenceServing:
         started = time.monotonic()
         await self.engine.start(base.path)
         self.base_version, self.base_dir = base.version, base.path
+        self.base_verified = base
+        self.base_signature = await asyncio.to_thread(tensor_signature, base.path)
         if self.adapters is not None:
             self.adapters.probe_prompt = [self.tokenizer.bos_token_id or 0]
         if base is not verified:
@@ -302,7 +313,9 @@ class InferenceServing:
     async def _load_adapter_at_start(self, verified: VerifiedVersion) -> None:
         assert self.adapters is not None and self.base_dir is not None
         try:
-            adapter_check(verified, self.base_version, self.base_dir, self.store, self.cfg.lora_max_rank)
+            adapter_check(
+                verified, self.base_version, self.base_dir, self.store, self.cfg.lora_max_rank, self.base_signature
+            )
             await self.adapters.load(verified.version, verified.path)
         except (VersionRefused, ValueError, AdapterLoadError) as exc:
             raise Unavailable(f"cannot start from adapter {verified.version}: {exc}") from None
@@ -555,9 +568,16 @@ class InferenceServing:
                     f"{verified.version} is an adapter version; this replica serves none "
                     "(RLHF_INFERENCE_LORA_ADAPTERS=1 serves them)",
                 )
-            adapter_check(verified, self.base_version, served, self.store, self.cfg.lora_max_rank)
+            adapter_check(verified, self.base_version, served, self.store, self.cfg.lora_max_rank, self.base_signature)
             return
-        check_compatible(served, verified.path)
+        deferred = [f.path for f in verified.deferred if is_weight_file(f.rel)]
+        check_compatible(
+            served,
+            verified.path,
+            served_signature=self.base_signature or None,
+            # read from the store's headers before the load; the worker checks the bytes it loads again
+            new_signature=files_signature(deferred) if deferred else None,
+        )
 
     async def swap_to(self, verified: VerifiedVersion, drain_s: float | None = None) -> bool:
         """Hot-swap the engine to a verified version, holding new requests at most ``drain_s`` while
@@ -572,13 +592,19 @@ class InferenceServing:
         new_dir = verified.path
         if drain_s is None:
             drain_s = swap_drain_s(self.cfg)
+        staged = await self._stage(verified)  # read and checked while users are still served
+        if staged is False:
+            return False
         closed_at = time.monotonic()
         async with self.gate.exclusive(drain_s) as idle:
             drained_at = time.monotonic()
             running = not idle
             swapped_under = self.gate.in_flight
             try:
-                await self.engine.reload_weights(new_dir, with_requests_running=running)
+                await self._load(verified, staged, running)
+            except WeightsRefused as exc:  # nothing was loaded: the served weights are intact
+                self._refuse_staged(verified, exc)
+                return False
             except Exception as exc:  # noqa: BLE001 - any engine failure: restore the served weights
                 self.reload_failures += 1
                 metrics.SWAP_REFUSED.labels("reload_failed").inc()
@@ -590,11 +616,12 @@ class InferenceServing:
                     error=f"{type(exc).__name__}: {exc}",
                 )
                 # The engine may hold part of the new tensors: reload the served version in full.
-                served = self.base_dir or self.policy_dir  # set by start(), before any swap
+                served = self.base_verified  # set by start(), before any swap
                 assert served is not None
-                await self.engine.reload_weights(served, with_requests_running=running)
+                await self._load(served, await self._stage(served, required=True), running)
                 await self._reload_served_adapter()
                 return False
+            self.base_verified = verified
             old = self.policy_version
             self._set_version(verified.version, new_dir)
             self.base_version, self.base_dir = verified.version, new_dir
@@ -622,6 +649,59 @@ class InferenceServing:
             pause_ms=round(pause * 1e3, 1),
         )
         return True
+
+    async def _stage(self, verified: VerifiedVersion, *, required: bool = False) -> str | bool | None:
+        """Have the engine's worker read and check ``verified``'s weight files from the store (the
+        engine keeps generating meanwhile); the staging token, None when its weights are in its
+        private copy, False when they were refused (counted and logged). ``required``: raise instead."""
+        files = [f for f in verified.deferred if is_weight_file(f.rel)]
+        if not files:
+            return None
+        token = f"{verified.version}-{uuid.uuid4().hex[:8]}"
+        size = sum(f.digest.bytes for f in files)
+        metrics.STAGED_WEIGHT_BYTES.set(size)
+        started = time.monotonic()
+        try:
+            await self.engine.stage_weights(token, files)
+        except WeightsRefused as exc:
+            metrics.STAGED_WEIGHT_BYTES.set(0)
+            if required:
+                raise
+            self._refuse_staged(verified, exc)
+            return False
+        log_event(
+            log,
+            "staged weights",
+            version=verified.version,
+            bytes=size,
+            stage_ms=round((time.monotonic() - started) * 1e3, 1),
+        )
+        return token
+
+    async def _load(self, verified: VerifiedVersion, staged: str | bool | None, running: bool) -> None:
+        """Load ``verified``'s weights in place: the staged ones (the worker checks that their tensors
+        are exactly ``base_signature``'s) or its private copy's (checked by ``_check_compatible``).
+        Either way the engine's tensors keep their names, shapes and dtypes."""
+        try:
+            if isinstance(staged, str):
+                await self.engine.load_staged(staged, self.base_signature, with_requests_running=running)
+            else:
+                await self.engine.reload_weights(verified.path, with_requests_running=running)
+        finally:
+            metrics.STAGED_WEIGHT_BYTES.set(0)
+
+    def _refuse_staged(self, verified: VerifiedVersion, exc: WeightsRefused) -> None:
+        self.reload_failures += 1
+        metrics.SWAP_REFUSED.labels(f"staged_{exc.reason}").inc()
+        log_event(
+            log,
+            "the engine refused the version's weights; still serving the old version",
+            level=40,
+            version=verified.version,
+            serving=self.policy_version,
+            reason=exc.reason,
+            error=str(exc),
+        )
 
     async def _swap_adapter(self, verified: VerifiedVersion) -> bool:
         """Serve an adapter version (checked by ``_check_compatible``): load it beside the served

@@ -37,12 +37,26 @@ class IncompatibleWeights(ValueError):
     """The new checkpoint cannot replace the served one in place."""
 
 
-def tensor_signature(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+Signature = dict[str, tuple[tuple[int, ...], str]]
+"""Tensor name -> (shape, safetensors dtype name)."""
+
+
+def is_weight_file(rel: str) -> bool:
+    """A model directory's weight file (what the engine loads): a top-level ``*.safetensors``."""
+    return "/" not in rel and rel.endswith(".safetensors")
+
+
+def tensor_signature(model_dir: Path) -> Signature:
     """name -> (shape, dtype) of every tensor in the directory's safetensors files (headers only)."""
-    sig: dict[str, tuple[tuple[int, ...], str]] = {}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise IncompatibleWeights(f"{model_dir.name}: no safetensors files")
+    return files_signature(files)
+
+
+def files_signature(files: list[Path]) -> Signature:
+    """name -> (shape, dtype) of every tensor in ``files`` (safetensors headers only)."""
+    sig: Signature = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
@@ -51,8 +65,17 @@ def tensor_signature(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return sig
 
 
-def check_compatible(served_dir: Path, new_dir: Path) -> None:
-    """Raise IncompatibleWeights naming the first difference that prevents an in-place reload."""
+def check_compatible(
+    served_dir: Path,
+    new_dir: Path,
+    *,
+    served_signature: Signature | None = None,
+    new_signature: Signature | None = None,
+) -> None:
+    """Raise IncompatibleWeights naming the first difference that prevents an in-place reload.
+    ``served_signature`` / ``new_signature``: the tensors when they are not (all) in the
+    directories (weights read from the store at load time: services/inference/worker_extension.py
+    checks the bytes it loads against the served signature again)."""
     served_cfg = json.loads((served_dir / "config.json").read_text())
     try:
         new_cfg = json.loads((new_dir / "config.json").read_text())
@@ -63,7 +86,8 @@ def check_compatible(served_dir: Path, new_dir: Path) -> None:
             raise IncompatibleWeights(
                 f"{new_dir.name}: config {key}={new_cfg.get(key)!r} differs from served {served_cfg.get(key)!r}"
             )
-    served, new = tensor_signature(served_dir), tensor_signature(new_dir)
+    served = served_signature if served_signature is not None else tensor_signature(served_dir)
+    new = new_signature if new_signature is not None else tensor_signature(new_dir)
     if served.keys() != new.keys():
         diff = sorted(served.keys() ^ new.keys())[:3]
         raise IncompatibleWeights(f"{new_dir.name}: tensor names differ (e.g. {diff})")
@@ -105,7 +129,9 @@ def lora_shape_problem(factor: str, shape: tuple[int, ...], base_shape: tuple[in
     return None
 
 
-def check_adapter_fits(base_dir: Path, adapter_dir: Path, rank: int, max_rank: int) -> None:
+def check_adapter_fits(
+    base_dir: Path, adapter_dir: Path, rank: int, max_rank: int, base_signature: Signature | None = None
+) -> None:
     """Raise IncompatibleWeights unless the adapter's tensors are LoRA factors of rank ``rank``
     (at most ``max_rank``, the engine's slots) for linear weights the base model has, in shapes that
     fit them, both factors of every module present. Read from the safetensors headers alone: an
@@ -119,7 +145,7 @@ def check_adapter_fits(base_dir: Path, adapter_dir: Path, rank: int, max_rank: i
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on a corrupt header
         raise IncompatibleWeights(f"{adapter_dir.name}: unreadable safetensors ({type(exc).__name__}: {exc})") from None
-    base = tensor_signature(base_dir)
+    base = base_signature if base_signature is not None else tensor_signature(base_dir)
     factors: dict[str, set[str]] = {}
     for name, (shape, dtype) in sorted(adapter.items()):
         target = lora_tensor_target(name)

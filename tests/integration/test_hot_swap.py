@@ -264,10 +264,10 @@ def test_corrupt_update_is_refused_and_serving_continues(env):
     data[-1] ^= 0xFF  # flip a byte of the last tensor
     weights.write_bytes(bytes(data))
     serving = stub.GetPolicy(inference_pb2.GetPolicyRequest())
-    before = refused("CorruptVersionError")
+    before = refused("staged_corrupt")  # the engine's worker reads the weights and checks their digest
 
     announce(env, bad, sha=store.manifest_sha256(bad))
-    wait_until(lambda: refused("CorruptVersionError") == before + 1, 30, "corrupt update not refused")
+    wait_until(lambda: refused("staged_corrupt") == before + 1, 30, "corrupt update not refused")
     info = stub.GetPolicy(inference_pb2.GetPolicyRequest())
     assert info.policy_version == serving.policy_version
     assert info.refused_updates == serving.refused_updates + 1
@@ -359,6 +359,9 @@ def test_replayed_and_older_announcements_never_reach_serving(env):
 
 
 def test_the_engine_loads_the_verified_bytes_even_if_the_store_changes_after_the_check(env):
+    """The weights are read from the store once, by the engine's worker, and checked as they are
+    read: a file swapped after that is never read again (the verified bytes are served), and one
+    swapped before it is refused (the old version keeps serving). No weight bytes are copied."""
     store, app = env["store"], env["app"]
     target = publish_reinitialised(store, env["first"], seed=11)
     impostor = publish_reinitialised(store, env["first"], seed=12)
@@ -366,27 +369,45 @@ def test_the_engine_loads_the_verified_bytes_even_if_the_store_changes_after_the
     expected = transformers_greedy(store.path(target), list(probe.prompt_token_ids), 24)
     assert expected != transformers_greedy(store.path(impostor), list(probe.prompt_token_ids), 24)
     weights = next(store.path(target).glob("*.safetensors"))
+    original = weights.read_bytes()
     engine = app.serving.engine
-    real_reload = engine.reload_weights
-    loaded_from = []
+    real_load, real_stage = engine.load_staged, engine.stage_weights
 
-    async def swap_the_file_then_reload(model_dir, **kwargs):
-        # Between the verification and the load, a compromised pod swaps the store's file.
+    async def swap_the_file_then_load(token, expected_signature, **kwargs):
+        # After the worker read and checked the bytes, a compromised pod swaps the store's file.
         shutil.copyfile(next(store.path(impostor).glob("*.safetensors")), weights)
-        loaded_from.append(model_dir)
-        return await real_reload(model_dir, **kwargs)
+        return await real_load(token, expected_signature, **kwargs)
 
-    engine.reload_weights = swap_the_file_then_reload
+    engine.load_staged = swap_the_file_then_load
     try:
         assert apply(env, update(env, target)) is True
     finally:
-        engine.reload_weights = real_reload
+        engine.load_staged = real_load
     after = greedy(env["stub"])
     assert after.policy_version == target
     assert list(after.completions[0].token_ids) == expected[: len(after.completions[0].token_ids)]
-    assert store.root not in loaded_from[0].parents  # the private copy, not the store
     held = app.serving.versions.private
-    assert len(held.held) <= 2 and held.bytes_held > 0
+    assert len(held.held) <= 2 and held.bytes_held < len(original)  # config and tokenizer, not the weights
+
+    newer = publish_reinitialised(store, env["first"], seed=13)
+    newer_weights = next(store.path(newer).glob("*.safetensors"))
+    before = refused("staged_corrupt")
+
+    async def swap_the_file_then_stage(token, files):
+        # Between the manifest's check and the worker's read, the store's file is swapped.
+        shutil.copyfile(next(store.path(impostor).glob("*.safetensors")), newer_weights)
+        return await real_stage(token, files)
+
+    engine.stage_weights = swap_the_file_then_stage
+    try:
+        assert apply(env, update(env, newer)) is False
+    finally:
+        engine.stage_weights = real_stage
+    assert refused("staged_corrupt") == before + 1
+    still = greedy(env["stub"])
+    assert still.policy_version == target
+    assert list(still.completions[0].token_ids) == expected[: len(still.completions[0].token_ids)]
+    weights.write_bytes(original)
 
 
 def test_broker_outage_does_not_stop_chat_and_events_arrive_after_it_returns(env):
