@@ -15,12 +15,14 @@ bench_adapter_swap.py). While three streams take the served version and three na
 (the *other* version), the served version is swapped ``--swaps`` times to a new LoRA adapter, then to
 new full weights. Per swap:
 
-  publish_s              ``VersionLine.publish``: LoRA: copied into the store; full weights: as the trainer
-                         publishes them, written into ``store.staging()`` and moved in (``move=True``),
-                         hashed by one read, fsynced, signed, renamed
+  publish_s              LoRA: ``VersionLine.publish``, copied into the store; full weights: from a model in
+                         memory, as the trainer publishes (services/trainer/models.py ``save_policy``):
+                         written into ``store.staging()`` hashed as written and fsynced, renamed into the
+                         version unread (``move=True, hashed=``), signed. The write is inside the figure
   digest                 full weights: the store's file digest (``--digests``: blake3, the default, and
                          sha256, the digest before it, side by side in one run)
-  announce_to_served_s   the announcement acknowledged -> the replica serves the new version
+  announce_to_served_s   the announcement acknowledged -> the replica serves the new version (full weights:
+                         the engine's worker reads the store's file once, hashing it, and loads from it)
   pause_ms               what the swap added to the largest per-token gap: max gap while it happened
                          minus the max gap of the same streams before it (since they started)
                          (full: the served streams; LoRA: the *other* version's streams, which must not pause)
@@ -133,6 +135,23 @@ def new_full_weights(store: Any, base: str, size: str, out: Path, seed: int, dty
         torch.set_default_dtype(default)
 
 
+def new_full_model(store: Any, base: str, seed: int, dtype: str) -> tuple[Any, Any]:
+    """Other random weights of ``base``'s architecture in memory, with its tokenizer: what a
+    trainer holds before it publishes (built before the clock starts)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    src = store.path(base)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    try:
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(src))
+    finally:
+        torch.set_default_dtype(default)
+    return model, AutoTokenizer.from_pretrained(str(src))
+
+
 def io_baseline(src: Path, where: Path) -> float:
     """Seconds to write ``src``'s bytes to a new file in ``where``, fsync it, and read it back (the
     bytes come from memory, as a trainer's would; the read as a replica reads a fresh version)."""
@@ -212,6 +231,7 @@ def timed_swap(env: dict[str, Any], other: str, publish_once: Any, metric: str, 
 
 def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The serving half of one size: publishes, swaps and the io baseline; leaves the store in ``root``."""
+    from services.trainer.models import save_policy
     from shared.model_store import ModelStore
     from shared.models.adapters import adapter_extra
     from shared.models.default_model import ensure_default_policy
@@ -277,18 +297,21 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
             store.digest = digest  # the trainer's line publishes through this store object
             key = "full" if d == 0 else f"full-{digest}"
             rows[key] = []
+            made: list[str] = []
             for i in range(args.swaps):
+                model, tokenizer = new_full_model(store, base, seed=200 + 10 * d + i, dtype=args.dtype)
                 with store.staging() as staged:  # as the trainer publishes: written once, moved in
                     out = staged / "policy"
-                    new_full_weights(store, base, size, out, seed=200 + 10 * d + i, dtype=args.dtype)
-                    published = sum(p.stat().st_size for p in out.iterdir())
-                    row = timed_swap(
-                        env,
-                        "",
-                        lambda out=out: trainer.line.publish(out, parent=base, move=True).version,
-                        "rlhf_inference_swap_pause_seconds",
-                        "main",
-                    )
+
+                    def save_and_publish(out: Path = out, model: Any = model, tokenizer: Any = tokenizer) -> str:
+                        # services/trainer/publishing.py's path: from the parameters to the file,
+                        # hashed as written, renamed into the version unread
+                        hashed = save_policy(model, tokenizer, out, digest=store.digest)
+                        made.append(trainer.line.publish(out, parent=base, move=True, hashed=hashed).version)
+                        return made[-1]
+
+                    row = timed_swap(env, "", save_and_publish, "rlhf_inference_swap_pause_seconds", "main")
+                published = sum(p.stat().st_size for p in store.path(made[-1]).iterdir())
                 row["published_bytes"] = published
                 row["digest"] = digest
                 rows[key].append(row)
