@@ -1,7 +1,9 @@
 """Rolling swaps on a scripted engine (the real vLLM engines are in tests/integration/
 test_rolling_swap.py): the replica reports NOT_SERVING before it drains and SERVING only after the
 reload, waits for its requests in flight (bounded: past the timeout it swaps immediately), takes its
-group's lease for the whole swap, and without a lease keeps swapping in place."""
+group's lease for the whole swap, and without a lease keeps swapping in place. A full-weight version
+whose weights were left in the store is staged by the engine's worker before the gate closes, and a
+refusal there leaves the served weights untouched."""
 
 from __future__ import annotations
 
@@ -10,20 +12,37 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+from prometheus_client import REGISTRY
+
 from services.inference.config import InferenceConfig
 from services.inference.serving import InferenceServing
 from services.inference.swap_lease import SwapLease
+from services.inference.worker_extension import WeightsRefused
 from shared.config import VersionTrustConfig
-from shared.model_store import ModelStore
-from shared.version_line import VerifiedVersion
+from shared.model_store import FileDigest, ModelStore
+from shared.version_line import StoreFile, VerifiedVersion
 
 
 class ScriptedEngine:
-    def __init__(self, log: list[tuple[str, object]]):
+    def __init__(self, log: list[tuple[str, object]], refuse: dict[str, WeightsRefused] | None = None):
         self.log = log
+        self.refuse = refuse or {}
+        """Step ("stage" or "load") -> the refusal the worker reports there."""
 
     async def reload_weights(self, model_dir: Path, *, with_requests_running: bool = False) -> None:
         self.log.append(("reload", with_requests_running))
+
+    async def stage_weights(self, token: str, files) -> dict:
+        self.log.append(("stage", [f.rel for f in files]))
+        if "stage" in self.refuse:
+            raise self.refuse["stage"]
+        return {}
+
+    async def load_staged(self, token: str, expected, *, with_requests_running: bool = False) -> None:
+        self.log.append(("load_staged", with_requests_running))
+        if "load" in self.refuse:
+            raise self.refuse["load"]
 
     def shutdown(self) -> None:
         pass
@@ -47,8 +66,36 @@ def make_serving(tmp_path: Path, log: list, **cfg) -> InferenceServing:
     return serving
 
 
-def verified(version: str, tmp_path: Path) -> VerifiedVersion:
-    return VerifiedVersion(version, tmp_path / version, None, "0" * 64)
+def verified(version: str, tmp_path: Path, deferred: tuple[StoreFile, ...] = ()) -> VerifiedVersion:
+    return VerifiedVersion(version, tmp_path / version, None, "0" * 64, deferred=deferred)
+
+
+def weights_in_store(tmp_path: Path, version: str) -> tuple[StoreFile, ...]:
+    """A full-weight version's weight file left in the store (VersionFollower.defer)."""
+    path = tmp_path / "store" / version / "model.safetensors"
+    return (StoreFile("model.safetensors", path, FileDigest("0" * 64, 8), "blake3"),)
+
+
+def test_weights_left_in_the_store_are_staged_before_the_gate_closes_then_loaded(tmp_path):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+    target = verified("policy-0002", tmp_path, weights_in_store(tmp_path, "policy-0002"))
+    assert asyncio.run(serving.swap_to(target, drain_s=0.0)) is True
+    assert log == [("stage", ["model.safetensors"]), ("load_staged", False)]
+    assert serving.policy_version == "policy-0002" and serving.base_verified is target
+
+
+@pytest.mark.parametrize(("step", "reason"), [("stage", "corrupt"), ("load", "incompatible")])
+def test_weights_the_worker_refuses_leave_the_served_version_untouched(tmp_path, step, reason):
+    log: list = []
+    serving = make_serving(tmp_path, log)
+    serving.engine.refuse[step] = WeightsRefused(reason, "the worker says no")
+    before = REGISTRY.get_sample_value("rlhf_inference_swap_refused_total", {"reason": f"staged_{reason}"}) or 0
+    target = verified("policy-0002", tmp_path, weights_in_store(tmp_path, "policy-0002"))
+    assert asyncio.run(serving.swap_to(target, drain_s=0.0)) is False
+    assert serving.policy_version == "policy-0001" and serving.reload_failures == 1
+    assert ("reload", False) not in log and ("reload", True) not in log  # nothing to restore: nothing was loaded
+    assert REGISTRY.get_sample_value("rlhf_inference_swap_refused_total", {"reason": f"staged_{reason}"}) == before + 1
 
 
 def test_a_rolling_swap_leaves_routing_before_draining_and_returns_after_the_reload(tmp_path):
