@@ -150,7 +150,8 @@ class TrainerConfig(ServiceConfig):
     """A yield ends when the load is at most this fraction of every threshold (hysteresis); between it
     and the threshold the trainer sends fewer rollouts at once (down to one)."""
     yield_poll_s: float = 0.5
-    """How often the load is read while the trainer waits (and before each group of rollouts)."""
+    """How often the load is read while the trainer waits, and while a group of rollouts is out (a
+    group still running when the yield threshold is reached is cancelled); also before each group."""
     yield_resume_after_s: float = 2.0
     """A yield ends only once the load has stayed at or under YIELD_RESUME_FRACTION for this many
     seconds (every read meanwhile): eight clients in a closed loop dip to 3 in flight now and then

@@ -763,8 +763,19 @@ class TrainingLoop:
                 raise _Stopping()
             self._phase, self._detail = "training", decision.reason if decision.state == "slowed" else ""
             group = prompts[len(samples) : len(samples) + decision.concurrency]
-            samples += self.collector.sample(group, seed + len(samples))
+            samples += self.collector.sample(
+                group,
+                seed + len(samples),
+                # users first: a group still out when their pressure reaches the threshold is cancelled
+                interrupt=self._users_need_capacity,
+                poll_s=self.governor.settings.poll_s,
+            )
         return self.collector.finish(samples, ages, self.settings.max_staleness_steps)
+
+    def _users_need_capacity(self) -> bool:
+        """Asked while a group of rollouts is out: users' pressure reached the yield threshold."""
+        assert self.governor is not None and self.user_load is not None
+        return self.governor.interrupts(self.user_load())
 
     def _wait_for_users(self, stop: threading.Event, *, until_paused: bool) -> Decision | None:
         """Ask the governor until it lets rollouts go (the decision), waiting as it says meanwhile

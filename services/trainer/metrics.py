@@ -85,6 +85,10 @@ USER_LOAD_STATE = Gauge(
     "1 for what the serving load lets the trainer do now (full, slowed, yielding, idle, unknown)",
     ["state"],
 )
+ROLLOUTS_CANCELLED = Counter(
+    "rlhf_trainer_rollouts_cancelled_total",
+    "Rollouts cancelled while running because users needed the capacity (sampled again later)",
+)
 ROLLOUT_CONCURRENCY = Gauge("rlhf_trainer_rollout_concurrency", "Rollouts the trainer last sent at once")
 ROLLOUTS_PER_SECOND = Gauge(
     "rlhf_trainer_rollouts_per_second",

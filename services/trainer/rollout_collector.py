@@ -20,13 +20,14 @@ version not in the lineage (someone else's, or one rolled back away from) is nev
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
+from services.trainer import metrics
 from services.trainer.prompts import Prompt
 from services.trainer.rollout_batch import Rollout
 from shared.events import Message
@@ -53,9 +54,18 @@ class SampledCompletion:
 
 class PolicySampler(Protocol):
     def sample(
-        self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_tokens: int,
+        top_p: float,
+        seed: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        poll_s: float = 0.25,
     ) -> list[SampledCompletion]:
-        """One completion per prompt, in order, with token ids and behaviour logprobs."""
+        """One completion per prompt, in order, with token ids and behaviour logprobs; with
+        ``interrupt`` (asked every ``poll_s`` while waiting) possibly only those of a prefix of
+        ``prompts``, the rest cancelled."""
 
 
 class Scorer(Protocol):
@@ -109,10 +119,20 @@ class RolloutCollector:
     ) -> CollectResult:
         return self.finish(self.sample(prompts, seed), ages, max_staleness_steps)
 
-    def sample(self, prompts: Sequence[Prompt], seed: int | None = None) -> list[SampledCompletion]:
+    def sample(
+        self,
+        prompts: Sequence[Prompt],
+        seed: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        poll_s: float = 0.25,
+    ) -> list[SampledCompletion]:
         """One completion per prompt (prompt i sampled with seed + i: a batch sampled in groups, each
-        given the seed plus its offset, is sampled as in one call)."""
-        return self.sampler.sample(prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed)
+        given the seed plus its offset, is sampled as in one call). With ``interrupt``, asked every
+        ``poll_s`` while the group is out: once it says so, the rest is cancelled and the completions
+        of the first prompts, in order, come back (a prefix: sample the others again later)."""
+        return self.sampler.sample(
+            prompts, max_tokens=self.max_tokens, top_p=self.top_p, seed=seed, interrupt=interrupt, poll_s=poll_s
+        )
 
     def finish(
         self, samples: Sequence[SampledCompletion], ages: Mapping[str, int], max_staleness_steps: int
@@ -161,8 +181,18 @@ class GrpcPolicySampler:
         self.timeout_s = timeout_s
 
     def sample(
-        self, prompts: Sequence[Prompt], *, max_tokens: int, top_p: float, seed: int | None = None
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_tokens: int,
+        top_p: float,
+        seed: int | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        poll_s: float = 0.25,
     ) -> list[SampledCompletion]:
+        """All prompts in flight at once; completions in order. ``interrupt`` (asked every ``poll_s``
+        while waiting): cancel what is still running (the inference service aborts it in vLLM, freeing
+        the capacity for users at once) and return the completed prefix."""
         futures: list[Future] = []
         for i, prompt in enumerate(prompts):
             # Temperature 1: the returned logprobs are the untempered policy's (TrainerConfig checks PPO's).
@@ -173,8 +203,13 @@ class GrpcPolicySampler:
                 sampling.seed = seed + i
             req = inference_pb2.GenerateRequest(messages=chat_messages(prompt), sampling=sampling, source="trainer")
             futures.append(self.stub.Generate.future(req, timeout=self.timeout_s))
-        out = []
-        for prompt, fut in zip(prompts, futures):
+        out: list[SampledCompletion] = []
+        for i, (prompt, fut) in enumerate(zip(prompts, futures)):
+            if interrupt is not None and not _wait_unless(fut, interrupt, poll_s):
+                for rest in futures[i:]:
+                    rest.cancel()
+                metrics.ROLLOUTS_CANCELLED.inc(sum(1 for rest in futures[i:] if rest.cancelled()))
+                return out
             resp = fut.result()
             c = resp.completions[0]
             out.append(
@@ -194,6 +229,18 @@ class GrpcPolicySampler:
 
     def served_version(self) -> str:
         return self.stub.GetPolicy(inference_pb2.GetPolicyRequest(), timeout=self.timeout_s).policy_version
+
+
+def _wait_unless(fut: Any, interrupt: Callable[[], bool], poll_s: float) -> bool:
+    """Wait for ``fut`` to end (well or not: the caller's ``fut.result()`` raises its error), asking
+    ``interrupt`` every ``poll_s``; False when it said stop first."""
+    while True:
+        try:
+            fut.exception(timeout=poll_s)  # returns the RPC's error, if any, rather than raising it
+            return True
+        except grpc.FutureTimeoutError:
+            if interrupt():
+                return False
 
 
 class GrpcRewardScorer:

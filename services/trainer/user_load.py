@@ -11,7 +11,8 @@ The rule (one number for "how much users need the capacity"):
     pressure = max(user_in_flight / T_in_flight, user_waiting / T_waiting, user_ttft_p50 / T_ttft)
 
 over the thresholds that are set (> 0). At pressure >= 1 the trainer *yields*: it sends no
-rollouts (and so takes no learner step) until the pressure has stayed at ``resume_fraction`` or
+rollouts (and so takes no learner step), cancelling those of a group still in flight (the trainer
+reads the load every ``poll_s`` while a group is out: ``interrupts``), until the pressure has stayed at ``resume_fraction`` or
 below for ``resume_after_s`` (hysteresis in level and in time: it does not flap at the threshold, nor
 resume on one low read of a closed loop's dip). Between ``resume_fraction`` and 1 it sends fewer
 rollouts at once (``rollout_concurrency``); the PPO batch stays ``rollouts_per_iteration``, only
@@ -185,6 +186,11 @@ class UserLoadGovernor:
         if k < self.full:
             return Decision("slowed", k, 0.0, f"slowed for users ({k} rollouts at once): {figures}")
         return Decision("full", k, 0.0, "")
+
+    def interrupts(self, load: UserLoad | None) -> bool:
+        """Whether rollouts already in flight should be cancelled: users' pressure reached the yield
+        threshold while a group was out (the next ``decide`` then yields). Load unknown: no."""
+        return load is not None and user_pressure(load, self.settings) >= 1
 
     def worked(self, seconds: float, now: float, idle: bool) -> None:
         """An iteration's work (sampling, scoring, the step) ended at ``now``; when it ran while idle,

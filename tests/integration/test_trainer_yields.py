@@ -223,3 +223,36 @@ def test_the_trainer_pauses_rollouts_while_users_load_the_engine_and_resumes_aft
         f"({free[0] * 4 / free[1]:.2f} rollouts/s); with {USERS} users over the threshold 0 steps/min "
         f"(yielding); after they left {resumed[0] / resumed[1] * 60:.1f} steps/min"
     )
+
+
+def test_rollouts_still_running_when_users_need_the_capacity_are_cancelled_in_the_engine(inference):
+    """A group of long rollouts is out; the interrupt (users' pressure reached the threshold) comes
+    after the first poll: the sampler returns the completed prefix at once, and the inference service
+    aborts the rest in vLLM, so nothing of the trainer's is left running on the engine."""
+    channel = grpc_channel(inference.address, "trainer")
+    sampler = GrpcPolicySampler(channel, timeout_s=120)
+    asked: list[float] = []
+
+    def users_arrive() -> bool:
+        # Users arrive once every rollout of the group is running in the engine.
+        asked.append(time.monotonic())
+        return inference.serving.load.snapshot().trainer_in_flight >= len(prompts)
+
+    MAX_TOKENS = 256  # the test service's limit: long enough to be running when the users come
+    cancelled_before = sample("rlhf_trainer_rollouts_cancelled_total")
+    aborted_before = sample("rlhf_inference_requests_total", source="trainer", outcome="aborted")
+    prompts = [(Message("user", f"Count slowly from {i} to one thousand."),) for i in range(6)]
+    started = time.monotonic()
+    got = sampler.sample(prompts, max_tokens=MAX_TOKENS, top_p=1.0, seed=1, interrupt=users_arrive, poll_s=0.02)
+    returned_after = time.monotonic() - started
+    try:
+        assert len(got) < len(prompts), "the long rollouts finished before the interrupt: nothing to cancel"
+        assert [s.prompt for s in got] == prompts[: len(got)]  # a prefix, in order
+        assert returned_after < 5.0
+        cancelled = sample("rlhf_trainer_rollouts_cancelled_total") - cancelled_before
+        assert cancelled == len(prompts) - len(got)
+        wait_until(lambda: inference.serving.load.snapshot().trainer_in_flight == 0, 30, "rollouts still running")
+        aborted = sample("rlhf_inference_requests_total", source="trainer", outcome="aborted") - aborted_before
+        assert aborted >= 1  # freed in the engine, not left to run to MAX_TOKENS
+    finally:
+        channel.close()

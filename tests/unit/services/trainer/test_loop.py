@@ -52,7 +52,7 @@ class LearnerSampler:
         self.get_learner = get_learner
         self.served = served
 
-    def sample(self, prompts, *, max_tokens, top_p, seed=None):
+    def sample(self, prompts, *, max_tokens, top_p, seed=None, interrupt=None, poll_s=0.25):
         learner = self.get_learner()
         ids = [
             learner.tokenizer.apply_chat_template(
@@ -477,7 +477,7 @@ class GroupRecorder:
         self.sampler = sampler
         self.groups = []
 
-    def sample(self, prompts, *, max_tokens, top_p, seed=None):
+    def sample(self, prompts, *, max_tokens, top_p, seed=None, interrupt=None, poll_s=0.25):
         self.groups.append((len(prompts), seed))
         return self.sampler.sample(prompts, max_tokens=max_tokens, top_p=top_p, seed=seed)
 

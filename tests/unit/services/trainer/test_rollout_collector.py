@@ -66,7 +66,7 @@ class ListSampler:
         self.samples = samples
         self.calls = []
 
-    def sample(self, prompts, *, max_tokens, top_p, seed=None):
+    def sample(self, prompts, *, max_tokens, top_p, seed=None, interrupt=None, poll_s=0.25):
         self.calls.append((len(prompts), max_tokens, top_p, seed))
         return self.samples[: len(prompts)]
 

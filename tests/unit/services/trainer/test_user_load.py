@@ -159,3 +159,12 @@ def test_a_yield_ends_only_after_the_load_stayed_low_for_resume_after_s():
     assert g.decide(UserLoad(user_in_flight=2), now=3.5).state == "yielding"  # low for 1.5 s
     d = g.decide(UserLoad(user_in_flight=0), now=4.0)  # low for 2 s: resume
     assert (d.state, d.concurrency) == ("full", 16)
+
+
+def test_rollouts_in_flight_are_interrupted_exactly_at_the_yield_threshold():
+    governor = UserLoadGovernor(SETTINGS, full=16)
+    assert governor.interrupts(BUSY)  # 8 of 8 in flight: pressure 1
+    assert governor.interrupts(UserLoad(user_in_flight=0, user_waiting=4))
+    assert not governor.interrupts(UserLoad(user_in_flight=7, user_quiet_s=0.0))  # 0.875: slowed, not stopped
+    assert not governor.interrupts(QUIET_USERS)
+    assert not governor.interrupts(None)  # load unknown: as before, nothing is cancelled
