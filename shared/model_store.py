@@ -668,40 +668,39 @@ def _copy_file(src: Path, dst: Path, algorithm: str, *, sync: bool = True) -> Fi
 
 def _move_hashed(src: Path, dst: Path, written: tuple[str, int], algorithm: str) -> FileDigest:
     """Rename ``src`` (written, fsynced and hashed by the caller: ``written`` = (hex, bytes)) to
-    ``dst`` without reading it; ``_move_or_copy_file`` (one read) where it cannot simply be renamed."""
-    if src.is_symlink() or os.stat(src).st_nlink > 1:
-        return _check_written(src, _copy_file(src, dst, algorithm), written)
+    ``dst`` without reading it; copied and checked against ``written`` where it cannot simply be
+    renamed (``_rename_in``)."""
     if os.stat(src).st_size != written[1]:
         raise PublishRefusedError(f"{src.name} has {os.stat(src).st_size} bytes, its writer hashed {written[1]}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        return _check_written(src, _copy_file(src, dst, algorithm), written)
+    if not _rename_in(src, dst):
+        actual = _copy_file(src, dst, algorithm)
+        if (actual.hex, actual.bytes) != tuple(written):
+            raise PublishRefusedError(f"{src.name} does not match the digest its writer computed")
+        return actual
     return FileDigest(*written)
 
 
-def _check_written(src: Path, actual: FileDigest, written: tuple[str, int]) -> FileDigest:
-    if (actual.hex, actual.bytes) != tuple(written):
-        raise PublishRefusedError(f"{src.name} does not match the digest its writer computed")
-    return actual
-
-
-def _move_or_copy_file(src: Path, dst: Path, algorithm: str) -> FileDigest:
-    """Rename ``src`` to ``dst`` (same filesystem), then hash it with one read and fsync it; where
-    the rename crosses filesystems (EXDEV), or ``src`` is a symlink or has other hard links (someone
-    else could change the bytes after they were hashed), ``_copy_file`` instead. The bytes are never written
-    twice: what the writer put in the page cache is read once for the digest and flushed once."""
+def _rename_in(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst``; False (nothing done) where the file must be copied instead: it is
+    a symlink or has other hard links (someone else could change the bytes after they were hashed),
+    or the rename crosses filesystems (EXDEV)."""
     if src.is_symlink() or os.stat(src).st_nlink > 1:  # the bytes live on elsewhere: copy them
-        return _copy_file(src, dst, algorithm)
+        return False
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(src, dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+        return False
+    return True
+
+
+def _move_or_copy_file(src: Path, dst: Path, algorithm: str) -> FileDigest:
+    """Rename ``src`` to ``dst`` (same filesystem), then hash it with one read and fsync it;
+    ``_copy_file`` where it cannot be renamed (``_rename_in``). The bytes are never written twice:
+    what the writer put in the page cache is read once for the digest and flushed once."""
+    if not _rename_in(src, dst):
         return _copy_file(src, dst, algorithm)
     digest = _hash_file(dst, algorithm)
     fsync_path(dst)

@@ -245,10 +245,6 @@ class VllmEngine:
             if with_requests_running:
                 await self.llm.resume_generation()
 
-    async def drop_staged(self) -> None:
-        """Release staged weights that will not be loaded."""
-        await self.llm.collective_rpc("rlhf_drop_staged")
-
     # --- LoRA adapters (lora_adapters on) ---------------------------------------------------------
 
     async def add_adapter(self, adapter: AdapterHandle) -> None:

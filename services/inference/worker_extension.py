@@ -146,6 +146,3 @@ class VerifiedWeightsWorker:
         tensors, staged.tensors = staged.tensors, {}
         self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]  # vLLM's Worker
         return {"loaded": True}
-
-    def rlhf_drop_staged(self) -> None:
-        self._rlhf_staged = None
