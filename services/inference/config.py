@@ -110,6 +110,14 @@ class InferenceConfig(ServiceConfig):
     """KV cache size in GiB on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
     cpu_threads_bind: str = "auto"
     """vLLM CPU OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): auto, nobind, or a core list like 0-1."""
+    cpu_omp_wait_policy: str = "passive"
+    """How the engine's OpenMP threads wait between the parallel regions of a step (OMP_WAIT_POLICY of
+    the engine process): ``passive`` sleeps at once and gives the cores back, ``active`` spins on
+    them, ``""`` keeps the environment's value (libgomp then spins a short while). On CPU the engine
+    runs hundreds of small parallel regions per step with Python in between: spinning there kept both
+    cores of a two-core machine busy and starved the gateway, this service's event loop and the
+    trainer next to it (measured: docs/benchmarks.md, "OpenMP threads that sleep"). ``active`` only
+    on a machine whose cores serve the engine alone. No effect on what a GPU computes."""
     gpu_memory_utilization: float = 0.85
     """Fraction of GPU memory vLLM may use (GPU builds only)."""
     tensor_parallel_size: int = 1
@@ -179,6 +187,8 @@ class InferenceConfig(ServiceConfig):
                 f"{p}SWAP_DRAIN_TIMEOUT_S + {p}SWAP_DRAIN_BUDGET_S + 2 x {p}SWAP_SETTLE_S + 30 s for the "
                 f"reload ({rolling_swap_bound_s(self):g} s)"
             )
+        if self.cpu_omp_wait_policy not in {"passive", "active", ""}:
+            out.append(f"{p}CPU_OMP_WAIT_POLICY={self.cpu_omp_wait_policy!r}: expected passive, active or empty")
         if self.dtype not in {"float32", "bfloat16", "float16"}:
             out.append(f"{p}DTYPE={self.dtype!r}: expected float32, bfloat16 or float16")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:

@@ -72,6 +72,9 @@ def configure_vllm_environment(cfg: InferenceConfig) -> None:
     """vLLM reads these from the environment of the engine process it spawns."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    if cfg.cpu_omp_wait_policy:
+        # Read by libgomp when the engine process (spawned on CPU) loads torch.
+        os.environ["OMP_WAIT_POLICY"] = cfg.cpu_omp_wait_policy.upper()
     if cfg.worker_in_engine_process and cfg.tensor_parallel_size == 1:
         # AsyncLLM still runs its engine core in a process of its own; this only lets vLLM's CPU
         # platform keep the model worker in that process ("uni" executor) instead of a third one.

@@ -45,15 +45,18 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Awaitable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import psutil
 from serving_stats import (  # tests/benchmarks/serving_stats.py
     PERCENTILES,
     TARGETS,
+    distribution_ms,
     meets,
     parse_metrics,
     ratio,
@@ -1155,6 +1158,32 @@ def measure_swaps(
     return hs
 
 
+T = TypeVar("T")
+LAG_TICK_S = 0.005
+"""The load generator's loop-lag probe sleeps this long and records how much later it woke."""
+
+
+async def with_loop_lag(coro: Awaitable[T]) -> tuple[T, list[float]]:
+    """Run ``coro`` and, beside it, a probe of the load generator's own event loop: the seconds each
+    ``LAG_TICK_S`` sleep overshot. The clients run in this process, on the cores the servers use: a
+    server that keeps them busy delays the clients' reading of its answers, and that delay is part
+    of every TTFT measured here. A lag p99 far above vLLM's server's in the same run says a TTFT gap
+    is (partly) the load generator's."""
+    lags: list[float] = []
+
+    async def probe() -> None:
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(LAG_TICK_S)
+            lags.append(max(0.0, time.monotonic() - t0 - LAG_TICK_S))
+
+    task = asyncio.create_task(probe())
+    try:
+        return await coro, lags
+    finally:
+        task.cancel()
+
+
 def measure_level(
     server: Server,
     url: str,
@@ -1186,7 +1215,9 @@ def measure_level(
         client0 = time.process_time()
         snap = meter.snapshot()
         with profile_recording():
-            results, wall = asyncio.run(closed_loop(url, reqs, c, f"{name} c={c}", time_budget_s=budget_s))
+            (results, wall), lags = asyncio.run(
+                with_loop_lag(closed_loop(url, reqs, c, f"{name} c={c}", time_budget_s=budget_s))
+            )
         server.check_alive()
         external = meter.external_cores(snap)
         client_cpu = time.process_time() - client0
@@ -1194,6 +1225,7 @@ def measure_level(
         trainer1 = scrape_trainer(server)
         m = summarise(results, wall, len(reqs))
         m["external_load_cores"] = round(external, 3)
+        m["client_loop_lag_ms"] = distribution_ms(lags)
         m["attempt"] = attempt + 1
         cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) >= 0.005}
         if trainer0 is not None and trainer1 is not None:
@@ -1206,7 +1238,8 @@ def measure_level(
             f"ttft p50 {fmt(m['ttft_p50_s'], '.3f')} s, tpot p50 {fmt(m['tpot_ms']['p50'], '.1f')} ms, "
             f"{fmt(m['tokens_per_content_chunk'])} tok/chunk, "
             f"errors {m['errors']}; server cpu s {cpu}, "
-            f"client cpu {client_cpu:.1f} s, other processes {external:.2f} cores"
+            f"client cpu {client_cpu:.1f} s, client loop lag p99 {fmt(m['client_loop_lag_ms'].get('p99'), '.0f')} ms, "
+            f"other processes {external:.2f} cores"
             + (f"; trainer: {trainer_line(m['trainer'])}" if "trainer" in m else "")
         )
         if external <= quiet.max_external:
@@ -1374,7 +1407,7 @@ def print_table(report: dict) -> None:
     head = (
         f"{'server':<13}{'conc':>5}{'done':>6}{'err':>5}{'tok/s':>9}{'x vllm':>8}{'req/s':>7}{'p50 lat':>9}"
         f"{'p99 lat':>9}{'x vllm':>8}{'p50 ttft':>10}{'x vllm':>8}{'p99 ttft':>10}{'tok/chk':>8}{'fe ms/tok':>10}"
-        f"{'cl ms/tok':>10}{'loop cpu':>9}{'ext':>6}"
+        f"{'cl ms/tok':>10}{'loop cpu':>9}{'ext':>6}{'cl lag':>8}"
     )
     print()
     print(head)
@@ -1393,7 +1426,7 @@ def print_table(report: dict) -> None:
             f"{fmt(m['latency_p99_s']):>9}{fmt(r['latency_p99']):>8}{fmt(m['ttft_p50_s'], '.3f'):>10}"
             f"{fmt(r['ttft_p50']):>8}{fmt(m['ttft_p99_s'], '.3f'):>10}{fmt(m.get('tokens_per_content_chunk')):>8}"
             f"{frontend:>10.2f}{client:>10.2f}{fmt(loop_cpu or None, '.1f'):>9}"
-            f"{fmt(m.get('external_load_cores')):>6}"
+            f"{fmt(m.get('external_load_cores')):>6}{fmt((m.get('client_loop_lag_ms') or {}).get('p99'), '.0f'):>8}"
         )
     print(
         "(latencies in seconds; * = level stopped by its time budget before all requests were sent;\n"
@@ -1408,7 +1441,9 @@ def print_table(report: dict) -> None:
         "   broker + feedback; vllm: its API server; naive: everything), not vLLM's engine core nor the loop's;\n"
         " loop cpu = CPU seconds of the trainer, reward, rollout and canary engine (+ its core) during the level;\n"
         " cl ms/tok = the same for the load generator (this process, same machine);\n"
-        " ext = CPU cores used by other processes on the machine during the level)"
+        " ext = CPU cores used by other processes on the machine during the level;\n"
+        " cl lag = p99 of how late the load generator's own event loop woke (ms; with_loop_lag): a TTFT\n"
+        "   far above vLLM's with a lag far above vLLM's run is partly the clients waiting for a core)"
     )
     print_serve_style(report)
     print_trainer(report)

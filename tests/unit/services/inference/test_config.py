@@ -155,3 +155,42 @@ def test_holding_the_canary_beside_needs_adapters_on_a_stable_replica_with_room_
         with pytest.raises(ConfigError) as err:
             load_config(InferenceConfig, env)
         assert message in str(err.value)
+
+
+ENGINE_ENV = (
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+    "VLLM_LOGGING_LEVEL",
+    "OMP_WAIT_POLICY",
+)
+
+
+@pytest.fixture
+def engine_env(monkeypatch):
+    """os.environ as configure_vllm_environment leaves it, restored after the test."""
+    from services.inference.engine import configure_vllm_environment
+
+    for name in ENGINE_ENV:
+        monkeypatch.setenv(name, "before")
+
+    def configure(env: dict[str, str]) -> dict[str, str]:
+        configure_vllm_environment(load_config(InferenceConfig, env))
+        import os
+
+        return {name: os.environ[name] for name in ENGINE_ENV}
+
+    return configure
+
+
+def test_the_engine_threads_sleep_between_parallel_regions_by_default(engine_env):
+    """The engine process is spawned with OMP_WAIT_POLICY=PASSIVE unless the setting says otherwise;
+    empty keeps whatever the environment had."""
+    assert engine_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert engine_env({"RLHF_INFERENCE_CPU_OMP_WAIT_POLICY": "active"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert engine_env({"RLHF_INFERENCE_CPU_OMP_WAIT_POLICY": ""})["OMP_WAIT_POLICY"] == "ACTIVE", "left as it was"
+
+
+def test_an_unknown_wait_policy_is_refused_naming_the_variable():
+    with pytest.raises(ConfigError, match="RLHF_INFERENCE_CPU_OMP_WAIT_POLICY='spin'"):
+        load_config(InferenceConfig, {"RLHF_INFERENCE_CPU_OMP_WAIT_POLICY": "spin"})
