@@ -372,8 +372,10 @@ class TrainingLoop:
                 self._detail = f"every sampled rollout was dropped: {dict(result.dropped)}"
                 log_event(log, "no usable rollouts", level=30, dropped=dict(result.dropped))
                 return False
+            self._hold_for_users("learner step")
+            step_started = time.monotonic()
             stats = self.learner.step(result.rollouts)
-            metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - sampled_at)
+            metrics.ITERATION_SECONDS.labels("ppo_step").observe(time.monotonic() - step_started)
             oldest = max(ages.get(r.policy_version, 0) for r in result.rollouts)
             self.state.step += 1
             self.state.depth += 1
@@ -770,7 +772,35 @@ class TrainingLoop:
                 interrupt=self._users_need_capacity,
                 poll_s=self.governor.settings.poll_s,
             )
+        self._hold_for_users("scoring")
         return self.collector.finish(samples, ages, self.settings.max_staleness_steps)
+
+    def _hold_for_users(self, what: str) -> None:
+        """Users first for the iteration's own CPU work too: while the governor says the trainer
+        yields (users' pressure at the threshold, with its hysteresis), the scoring and the learner
+        step of rollouts already sampled wait; neither can be cancelled half-way, and on a machine
+        that also serves, a PPO step takes the cores from the people chatting for seconds. Only
+        yielding holds: the idle budget paces whole iterations, not their second half."""
+        if self.governor is None:
+            return
+        assert self.user_load is not None
+        held_from: float | None = None
+        while not self._stop.is_set():
+            decision = self.governor.decide(self.user_load(), time.monotonic())
+            if decision.state != "yielding":
+                if held_from is not None:
+                    log_event(log, "hold ends", before=what, held_s=round(time.monotonic() - held_from, 2))
+                    self._phase, self._detail = "training", ""
+                return
+            if held_from is None:
+                held_from = time.monotonic()
+                log_event(log, "holding for users", before=what, reason=decision.reason, step=self.state.step)
+                _show_user_load_state("yielding")
+            self._phase, self._detail = decision.state, f"{what} held: {decision.reason}"
+            t0 = time.monotonic()
+            self._stop.wait(decision.wait_s)
+            metrics.USER_WAIT_SECONDS.labels("users").inc(time.monotonic() - t0)
+        raise _Stopping()
 
     def _users_need_capacity(self) -> bool:
         """Asked while a group of rollouts is out: users' pressure reached the yield threshold."""
@@ -785,8 +815,7 @@ class TrainingLoop:
         waited_from: float | None = None
         while not stop.is_set() and not (until_paused and self.paused):
             decision = self.governor.decide(self.user_load(), time.monotonic())
-            for state in STATES:
-                metrics.USER_LOAD_STATE.labels(state).set(1 if state == decision.state else 0)
+            _show_user_load_state(decision.state)
             if decision.concurrency > 0:
                 metrics.ROLLOUT_CONCURRENCY.set(decision.concurrency)
                 if waited_from is not None:
@@ -815,6 +844,12 @@ class TrainingLoop:
 
 class _Stopping(Exception):
     """The thread was stopped while an iteration waited for users: the iteration is dropped."""
+
+
+def _show_user_load_state(current: str) -> None:
+    """rlhf_trainer_user_load_state: 1 for ``current``, 0 for the other states."""
+    for state in STATES:
+        metrics.USER_LOAD_STATE.labels(state).set(1 if state == current else 0)
 
 
 def _is_expected(exc: Exception) -> bool:

@@ -193,7 +193,8 @@ def test_the_trainer_pauses_rollouts_while_users_load_the_engine_and_resumes_aft
         with Users(inference.address) as users:
             wait_until(lambda: loop.status().state == "yielding", 120, "the trainer did not yield to users")
             status = loop.status()
-            assert status.detail.startswith("yielding to users:")
+            # waiting before a group of rollouts, or holding the scoring / step of one already sampled
+            assert status.detail.startswith(("yielding to users:", "scoring held: yielding", "learner step held"))
             # The rollouts in flight when it yielded finish; after that no new one is sent.
             wait_until(lambda: inference.serving.load.snapshot().trainer_in_flight == 0, 120, "rollouts still running")
             entered, step = trainer_requests_entered(inference), loop.status().step

@@ -540,6 +540,41 @@ def test_the_loop_yields_while_users_need_the_capacity_and_resumes_after(store, 
     assert counter("rlhf_trainer_rollouts_per_second") > 0
 
 
+class UsersArriveAfterSampling(GroupRecorder):
+    """Samples as GroupRecorder does; after the last group, the users' load turns to ``then``."""
+
+    def __init__(self, sampler, loads: Loads, then: UserLoad):
+        super().__init__(sampler)
+        self.loads, self.then = loads, then
+
+    def sample(self, prompts, **kwargs):
+        out = super().sample(prompts, **kwargs)
+        self.loads.load = self.then
+        return out
+
+
+def test_users_arriving_after_sampling_hold_the_learner_step_until_they_leave(store, tmp_path, one_thread):
+    """The scoring and the PPO step of rollouts already sampled wait while users' pressure is at the
+    yield threshold (they cannot be cancelled half-way), and run once it is low again."""
+    loads = Loads(UserLoad(user_in_flight=0, user_quiet_s=0.0))
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0, governor=by_users(), user_load=loads)
+    loop.collector.sampler = UsersArriveAfterSampling(loop.collector.sampler, loads, UserLoad(user_in_flight=9))
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: loop.status().detail.startswith("scoring held: yielding to users"))
+        reads = loads.reads
+        assert wait_for(lambda: loads.reads >= reads + 5)
+        assert loop.status().step == 0, "no learner step while users need the cores"
+        loads.load = UserLoad(user_in_flight=1, user_quiet_s=0.0)
+        assert wait_for(lambda: loop.status().step >= 1)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
 def test_a_stop_while_yielding_ends_the_thread_without_a_step(store, tmp_path, one_thread):
     loads = Loads(UserLoad(user_in_flight=50))
     loop, _, _ = make_loop(store, tmp_path, publish_every=0, governor=by_users(), user_load=loads)
