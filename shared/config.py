@@ -812,9 +812,15 @@ class ServiceConfig(ConfigBase):
     """Services with a gRPC server: most calls it handles at once (long-lived health watches and
     streams count); a call beyond it is refused at once with RESOURCE_EXHAUSTED instead of queueing
     without bound."""
+    cpu_nice: int = 0
+    """Added to the process's niceness at start, before any of its threads exist (Linux nice, 0 to
+    19): a service doing the loop's own work (the trainer and the reward service: 10) gets the cores
+    only after the serving processes on a shared machine. 0: the priority it was started with."""
 
     def problems(self) -> list[str]:
         out = []
+        if not 0 <= self.cpu_nice <= 19:
+            out.append(f"{self.ENV_PREFIX}CPU_NICE={self.cpu_nice}: expected 0 to 19")
         if not 1 <= self.grpc_max_concurrent_rpcs <= 1_000_000:
             out.append(
                 f"{self.ENV_PREFIX}GRPC_MAX_CONCURRENT_RPCS={self.grpc_max_concurrent_rpcs}: expected 1 to 1000000"

@@ -169,6 +169,10 @@ class TrainerConfig(ServiceConfig):
     trainer first started (then kept in the checkpoint)."""
     torch_threads: int = 0
     """Intra-op threads of training; 0 keeps torch's default (one per core)."""
+    cpu_nice: int = 10
+    """Niceness added at start (ServiceConfig.cpu_nice): sampling already yields to users in the
+    engine; this makes the trainer's scoring and PPO steps yield the cores to the serving processes
+    on a machine that also serves (`rlhf up`). 0 where the trainer has its machine to itself."""
     policy_mode: str = "full"
     """What trains: `full` (every weight of the policy; the reference is a frozen copy, publishes
     full weights) or `lora` (LoRA adapters on the frozen base with PEFT; the reference is the base

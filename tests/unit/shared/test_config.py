@@ -333,3 +333,48 @@ def test_the_model_store_digest_is_blake3_or_sha256():
     assert load_config(ModelStoreConfig, {"RLHF_MODEL_STORE_DIGEST": "sha256"}).digest == "sha256"
     with pytest.raises(ConfigError, match="RLHF_MODEL_STORE_DIGEST='md5': blake3 or sha256"):
         load_config(ModelStoreConfig, {"RLHF_MODEL_STORE_DIGEST": "md5"})
+
+
+# --- cpu_nice: the loop's own work after the users' ------------------------------------------------
+
+
+def test_the_trainer_and_reward_service_run_at_a_lower_priority_than_serving_by_default():
+    from services.reward.config import RewardConfig
+    from services.trainer.config import TrainerConfig
+    from shared.config import ServiceConfig
+
+    assert load_config(TrainerConfig, {}).cpu_nice == 10
+    assert load_config(RewardConfig, {}).cpu_nice == 10
+    assert load_config(InferenceConfig, {}).cpu_nice == 0
+    assert ServiceConfig.cpu_nice == 0, "every other service: normal priority"
+    assert load_config(TrainerConfig, {"RLHF_TRAINER_CPU_NICE": "0"}).cpu_nice == 0
+
+
+def test_a_niceness_outside_linux_range_is_refused_naming_the_variable():
+    from services.trainer.config import TrainerConfig
+
+    with pytest.raises(ConfigError, match="RLHF_TRAINER_CPU_NICE=20: expected 0 to 19"):
+        load_config(TrainerConfig, {"RLHF_TRAINER_CPU_NICE": "20"})
+
+
+def test_lower_priority_applies_to_the_threads_the_service_starts_afterwards():
+    """In a child process (niceness cannot be taken back): the main thread and a thread started
+    after lower_priority run at the configured niceness above the one the process started with."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading
+from shared.service_main import lower_priority
+from services.trainer.config import TrainerConfig
+from shared.config import load_config
+before = os.getpriority(os.PRIO_PROCESS, 0)
+lower_priority(load_config(TrainerConfig, {}))
+seen = []
+t = threading.Thread(target=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, 0)))
+t.start(); t.join()
+print(before, os.getpriority(os.PRIO_PROCESS, 0), seen[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, main, thread = map(int, out.stdout.split())
+    assert main == thread == min(19, before + 10)
