@@ -55,6 +55,7 @@ from typing import Any
 import psutil
 
 from flywheel.launcher import ALL_SERVICES, SERVICE_NEEDS, UpConfig
+from shared.kafka.embedded import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "rlhf-policy"
@@ -68,12 +69,6 @@ TMP_PREFIX = ".tmp-"  # shared.model_store.TMP_PREFIX: a publish in progress
 
 def log(msg: str) -> None:
     print(f"[faults {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- pure accounting ------------------------------------------------------------------------------
@@ -348,8 +343,9 @@ class StackRun:
         self.store_root = self.fs_root / "store"
         shutil.copytree(base_store, self.store_root)
         self.keys = [(f"fault-user-{i}", secrets.token_urlsafe(32)) for i in range(options.users)]
-        self.ports = {name: free_port() for name in ("gateway", "inference", "canary", "feedback", "reward")}
-        self.ports |= {name: free_port() for name in ("trainer", "rollout", "broker", "up_metrics")}
+        # all different: a port given twice is bound twice (gRPC sets SO_REUSEPORT)
+        names = ("gateway", "inference", "canary", "feedback", "reward", "trainer", "rollout", "broker", "up_metrics")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.bootstrap = f"127.0.0.1:{self.ports['broker']}"
         self.broker: Any = None  # the harness's own EmbeddedBroker (external mode, or a restart it made)
         if options.broker == "external":

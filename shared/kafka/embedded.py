@@ -119,6 +119,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` different free ports. Calling free_port ``n`` times can return one port twice (each
+    socket is closed before the next bind, and the kernel may hand the same port out again); two
+    gRPC servers then both bind it (gRPC sets SO_REUSEPORT) and share its connections at random.
+    Here every socket stays bound until all ``n`` ports are picked."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def s3rver_problem(install_dir: Path = S3RVER_DIR) -> str | None:
     """Why the local S3 server cannot run here (no Node.js, s3rver not installed), or None."""
     if shutil.which("node") is None:

@@ -152,24 +152,26 @@ def stack_env(args: argparse.Namespace, report_dir: Path) -> dict[str, str]:
     """The environment of the stack and the demo: this machine's free ports, the run's settings."""
     import torch
 
-    from shared.kafka.embedded import free_port
+    from shared.kafka.embedded import free_ports
 
     torch.set_num_threads(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
+    # eight different ports (one port given to two services: both bind it and share its calls)
+    gateway, inference, feedback, reward, trainer, rollout, canary, trainer_metrics = free_ports(8)
     env.update(
         {
             "RLHF_MODEL_STORE_ROOT": str(args.store),
             "RLHF_UP_BROKER_PORT": "0",
-            "RLHF_GATEWAY_PORT": str(free_port()),
-            "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
-            "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
-            "RLHF_REWARD_GRPC_PORT": str(free_port()),
-            "RLHF_TRAINER_GRPC_PORT": str(free_port()),
-            "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
-            "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+            "RLHF_GATEWAY_PORT": str(gateway),
+            "RLHF_INFERENCE_GRPC_PORT": str(inference),
+            "RLHF_FEEDBACK_GRPC_PORT": str(feedback),
+            "RLHF_REWARD_GRPC_PORT": str(reward),
+            "RLHF_TRAINER_GRPC_PORT": str(trainer),
+            "RLHF_ROLLOUT_GRPC_PORT": str(rollout),
+            "RLHF_UP_CANARY_GRPC_PORT": str(canary),
             "RLHF_UP_CANARY_METRICS_PORT": "0",
             # the trainer's counters go into the report (the gate's discrimination); the rest off
-            "RLHF_TRAINER_METRICS_PORT": str(free_port()),
+            "RLHF_TRAINER_METRICS_PORT": str(trainer_metrics),
             **{f"RLHF_{s}_METRICS_PORT": "0" for s in ("INFERENCE", "FEEDBACK", "REWARD", "ROLLOUT")},
             "RLHF_REWARD_STATE_DIR": str(args.store.parent / "demo-reward-state"),
             "RLHF_TRAINER_CHECKPOINT_DIR": str(args.store.parent / "demo-checkpoints"),

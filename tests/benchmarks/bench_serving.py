@@ -67,6 +67,7 @@ from serving_stats import (  # tests/benchmarks/serving_stats.py
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
 
 from shared.config import credential_entry
+from shared.kafka.embedded import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "rlhf-policy"
@@ -529,11 +530,7 @@ def summarise(results: list[RequestResult], wall: float, planned: int) -> dict:
 
 
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class ManagedProcess:
@@ -752,13 +749,15 @@ def start_server(
     started = time.monotonic()
     run_dir: Path | None = None
     try:
-        port = free_port()
+        # all different (one port given twice: two servers bind it and share its calls)
+        ports = iter(free_ports(12))
+        port = next(ports)
         if name in OURS:
             run_dir = Path(tempfile.mkdtemp(prefix=f"rlhf-bench-{log_name or name}-"))
             run_store = run_dir / "store"
             shutil.copytree(store_root, run_store)
-            metrics_port, grpc_port, broker_port = free_port(), free_port(), free_port()
-            trainer_metrics_port = free_port()
+            metrics_port, grpc_port, broker_port = next(ports), next(ports), next(ports)
+            trainer_metrics_port = next(ports)
             service_logs = logs / f"{log_name or name}-services"
             env = (
                 base_env()
@@ -781,11 +780,11 @@ def start_server(
                     "RLHF_GATEWAY_INFERENCE_ADDRESS": f"127.0.0.1:{grpc_port}",
                     "RLHF_INFERENCE_GRPC_PORT": str(grpc_port),
                     "RLHF_INFERENCE_METRICS_PORT": str(metrics_port),
-                    "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
-                    "RLHF_REWARD_GRPC_PORT": str(free_port()),
-                    "RLHF_TRAINER_GRPC_PORT": str(free_port()),
-                    "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
-                    "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+                    "RLHF_FEEDBACK_GRPC_PORT": str(next(ports)),
+                    "RLHF_REWARD_GRPC_PORT": str(next(ports)),
+                    "RLHF_TRAINER_GRPC_PORT": str(next(ports)),
+                    "RLHF_ROLLOUT_GRPC_PORT": str(next(ports)),
+                    "RLHF_UP_CANARY_GRPC_PORT": str(next(ports)),
                     "RLHF_TRAINER_METRICS_PORT": str(trainer_metrics_port),
                     "RLHF_UP_CANARY_METRICS_PORT": "0",
                     **{f"RLHF_{svc}_METRICS_PORT": "0" for svc in ("FEEDBACK", "REWARD", "ROLLOUT")},

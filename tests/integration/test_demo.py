@@ -15,36 +15,37 @@ import openai
 import pytest
 
 from services.gateway.rollout.routing import in_canary
-from shared.kafka.embedded import free_port
+from shared.kafka.embedded import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def demo_environ(tmp_path) -> dict[str, str]:
+    ports = iter(free_ports(7))  # all different: a port given twice is bound twice (SO_REUSEPORT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RLHF_",))}
     env.update(
         {
             "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
             "RLHF_UP_BROKER_PORT": "0",
-            "RLHF_GATEWAY_PORT": str(free_port()),
-            "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
+            "RLHF_GATEWAY_PORT": str(next(ports)),
+            "RLHF_INFERENCE_GRPC_PORT": str(next(ports)),
             "RLHF_INFERENCE_METRICS_PORT": "0",
             "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
             "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
-            "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+            "RLHF_FEEDBACK_GRPC_PORT": str(next(ports)),
             "RLHF_FEEDBACK_METRICS_PORT": "0",
-            "RLHF_REWARD_GRPC_PORT": str(free_port()),
+            "RLHF_REWARD_GRPC_PORT": str(next(ports)),
             "RLHF_REWARD_METRICS_PORT": "0",
             "RLHF_REWARD_STATE_DIR": str(tmp_path / "reward-state"),
             # learn soon and accept the first retrained RM: this test is about the loop closing
             "RLHF_REWARD_LEARN_EVERY_COMPARISONS": "16",
             "RLHF_REWARD_LEARN_EVERY_S": "30",
             "RLHF_REWARD_GATE_TOLERANCE": "1.0",
-            "RLHF_TRAINER_GRPC_PORT": str(free_port()),
+            "RLHF_TRAINER_GRPC_PORT": str(next(ports)),
             "RLHF_TRAINER_METRICS_PORT": "0",
-            "RLHF_ROLLOUT_GRPC_PORT": str(free_port()),
+            "RLHF_ROLLOUT_GRPC_PORT": str(next(ports)),
             "RLHF_ROLLOUT_METRICS_PORT": "0",
-            "RLHF_UP_CANARY_GRPC_PORT": str(free_port()),
+            "RLHF_UP_CANARY_GRPC_PORT": str(next(ports)),
             "RLHF_UP_CANARY_METRICS_PORT": "0",
             # the canary keeps its traffic for the whole test (no decision): this test is about routing
             "RLHF_DEMO_CANARY_SHARE": "0.5",

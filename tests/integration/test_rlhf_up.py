@@ -19,7 +19,7 @@ import pytest
 
 from shared.config import credential_entry
 from shared.grpc_channels import ClientCredentials, sync_channel
-from shared.kafka.embedded import free_port
+from shared.kafka.embedded import free_ports
 from shared.pb import (
     common_pb2,
     inference_pb2,
@@ -53,8 +53,9 @@ def read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
 
 
 def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
-    gateway_port, reward_port, trainer_port = free_port(), free_port(), free_port()
-    rollout_port, canary_port = free_port(), free_port()
+    ports = iter(free_ports(7))  # all different: a port given twice is bound twice (SO_REUSEPORT)
+    gateway_port, reward_port, trainer_port = next(ports), next(ports), next(ports)
+    rollout_port, canary_port = next(ports), next(ports)
     env = {
         **os.environ,
         "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
@@ -62,8 +63,8 @@ def test_rlhf_up_serves_chat_and_stops_cleanly_on_sigterm(tmp_path):
         # The random default model and an RM on the example rankings: seconds, not bootstrap's minutes.
         "RLHF_UP_BOOTSTRAP": "quick",
         "RLHF_GATEWAY_PORT": str(gateway_port),
-        "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
-        "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+        "RLHF_INFERENCE_GRPC_PORT": str(next(ports)),
+        "RLHF_FEEDBACK_GRPC_PORT": str(next(ports)),
         "RLHF_FEEDBACK_METRICS_PORT": "0",
         "RLHF_REWARD_GRPC_PORT": str(reward_port),
         "RLHF_REWARD_METRICS_PORT": "0",

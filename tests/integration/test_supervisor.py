@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from shared.config import load_config
 from shared.events import FeedbackEvent
-from shared.kafka.embedded import free_port
+from shared.kafka.embedded import free_ports
 from shared.kafka.envelope import decode
 from shared.kafka.topics import FEEDBACK
 
@@ -57,6 +57,7 @@ def supervised(tmp_path) -> Iterator[tuple]:
     from flywheel.launcher import Stack, UpConfig
 
     env = {k: v for k, v in os.environ.items() if k not in INHERITED}
+    ports = iter(free_ports(3))  # all different: a port given twice is bound twice (SO_REUSEPORT)
     env.update(
         {
             "RLHF_MODEL_STORE_ROOT": str(tmp_path / "models"),
@@ -70,13 +71,13 @@ def supervised(tmp_path) -> Iterator[tuple]:
             "RLHF_UP_OPERATOR_TOKEN_FILE": str(tmp_path / "operator-token"),
             "RLHF_UP_GATEWAY_KEY_FILE": str(tmp_path / "gateway-api-key"),
             "RLHF_UP_KEYS_DIR": str(tmp_path / "keys"),
-            "RLHF_GATEWAY_PORT": str(free_port()),
-            "RLHF_INFERENCE_GRPC_PORT": str(free_port()),
+            "RLHF_GATEWAY_PORT": str(next(ports)),
+            "RLHF_INFERENCE_GRPC_PORT": str(next(ports)),
             "RLHF_INFERENCE_METRICS_PORT": "0",
             "RLHF_INFERENCE_MAX_MODEL_LEN": "512",
             "RLHF_INFERENCE_MAX_TOKENS_LIMIT": "256",
             "RLHF_INFERENCE_DEFAULT_MAX_TOKENS": "8",
-            "RLHF_FEEDBACK_GRPC_PORT": str(free_port()),
+            "RLHF_FEEDBACK_GRPC_PORT": str(next(ports)),
             "RLHF_FEEDBACK_METRICS_PORT": "0",
         }
     )

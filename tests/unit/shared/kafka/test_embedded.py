@@ -16,6 +16,7 @@ from shared.kafka.embedded import (
     TANSU_SHA256,
     BrokerError,
     expected_tansu_sha256,
+    free_ports,
     platform_key,
     s3rver_problem,
     sha256_of,
@@ -87,3 +88,15 @@ def test_s3rver_problem_names_what_is_missing(tmp_path, monkeypatch):
     assert "not installed in" in (s3rver_problem(tmp_path) or "")
     monkeypatch.setattr(embedded.shutil, "which", lambda _: None)
     assert "Node.js" in (s3rver_problem(tmp_path) or "")
+
+
+def test_free_ports_are_all_different_and_free():
+    """Ports handed to several services of one stack: never one port twice (two gRPC servers would
+    both bind it, with SO_REUSEPORT, and share its calls), and each can be bound afterwards."""
+    import socket
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports[:8]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
