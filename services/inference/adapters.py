@@ -127,8 +127,9 @@ class AdapterSlots:
         self._busy: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self.last_load: dict[str, float] = {}
-        """Seconds of the last load: ``add_s`` (vLLM reading the adapter between two steps: the
-        only part that holds the engine's other requests), ``proof_s`` and ``total_s``."""
+        """Seconds of the last load: ``add_s`` (asking vLLM to add it, answered after the step in
+        progress and the add), ``engine_hold_s`` (the add itself, between two steps: the only part
+        that holds the engine's other requests), ``proof_s`` and ``total_s``."""
         metrics.ADAPTERS_LOADED.set(0)
 
     @property
@@ -174,7 +175,7 @@ class AdapterSlots:
             handle = AdapterHandle(version, slot_id(version), path)
             try:
                 adding = time.monotonic()
-                await self.engine.add_adapter(handle)
+                held = await self.engine.add_adapter(handle)
                 added = time.monotonic()
                 if handle.slot_id not in await self.engine.loaded_adapters():
                     raise AdapterLoadError(f"{version}: the engine does not list the adapter after adding it")
@@ -190,9 +191,15 @@ class AdapterSlots:
                 raise AdapterLoadError(f"{version}: {type(exc).__name__}: {exc}") from exc
             self._loaded[version] = handle
             done = time.monotonic()
-            self.last_load = {"add_s": added - adding, "proof_s": done - added, "total_s": done - started}
+            self.last_load = {
+                "add_s": added - adding,
+                "engine_hold_s": held,
+                "proof_s": done - added,
+                "total_s": done - started,
+            }
             metrics.ADAPTER_LOADS.labels("ok").inc()
             metrics.ADAPTER_LOAD_SECONDS.observe(done - started)
+            metrics.ADAPTER_ENGINE_HOLD_SECONDS.observe(held)
             metrics.ADAPTERS_LOADED.set(len(self._loaded))
             log_event(
                 log,
@@ -200,6 +207,7 @@ class AdapterSlots:
                 version=version,
                 slot=handle.slot_id,
                 add_ms=round((added - adding) * 1e3, 1),
+                engine_hold_ms=round(held * 1e3, 1),
                 proof_ms=round((done - added) * 1e3, 1),
                 load_ms=round((done - started) * 1e3, 1),
             )

@@ -250,13 +250,19 @@ class VllmEngine:
 
     # --- LoRA adapters (lora_adapters on) ---------------------------------------------------------
 
-    async def add_adapter(self, adapter: AdapterHandle) -> None:
+    async def add_adapter(self, adapter: AdapterHandle) -> float:
         """Load an adapter's files into the engine's LoRA cache (the base weights are not touched;
-        requests keep running: vLLM does it between two steps). Raises when vLLM cannot load it."""
+        requests keep running: vLLM does it between two steps); returns the seconds the engine's
+        other requests were held for it (VerifiedWeightsWorker.rlhf_add_lora). Raises when vLLM
+        cannot load it."""
+        results = await self.llm.collective_rpc(
+            "rlhf_add_lora",
+            kwargs={"name": adapter.version, "slot_id": adapter.slot_id, "path": str(adapter.path)},
+        )
         # False: an adapter with this slot id is already there (the same version: nothing to do).
-        added = await self.llm.add_lora(lora_request(adapter))
-        if not added and adapter.slot_id not in await self.llm.list_loras():
+        if not all(r["added"] for r in results) and adapter.slot_id not in await self.llm.list_loras():
             raise RuntimeError(f"vLLM did not add adapter {adapter.version} (slot {adapter.slot_id})")
+        return max(float(r["held_s"]) for r in results)
 
     async def remove_adapter(self, adapter: AdapterHandle) -> bool:
         """Unload an adapter (no request may still run with it); False when it was not loaded."""

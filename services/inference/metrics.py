@@ -75,6 +75,12 @@ ADAPTER_LOAD_SECONDS = Histogram(
     "Time to load an adapter version and prove it serves (add to the engine, one-token probe)",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+ADAPTER_ENGINE_HOLD_SECONDS = Histogram(
+    "rlhf_inference_adapter_engine_hold_seconds",
+    "How long the engine's other requests were held while it added an adapter version (vLLM's add_lora "
+    "between two steps, timed in the model worker): the pause an adapter swap costs them",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 ADAPTER_REQUESTS = Counter(
     "rlhf_inference_adapter_requests_total",
     "Requests served with an adapter version, by whether they named it (named) or took the served one (served)",

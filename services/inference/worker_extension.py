@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,18 @@ class VerifiedWeightsWorker:
         if staged.error is not None:
             return {"done": True, "reason": staged.error.reason, "error": str(staged.error)}
         return {"done": True, "signature": signature_to_json(staged.signature())}
+
+    def rlhf_add_lora(self, name: str, slot_id: int, path: str) -> dict[str, Any]:
+        """vLLM's ``add_lora`` for the adapter at ``path``, timed in here. The engine calls it between
+        two steps, in its own loop, so ``held_s`` is how long every other request of the engine
+        waited for this adapter: the swap's pause, measured where it happens rather than from the
+        gaps between tokens that a client sees (which vary by a step's length on a busy CPU).
+        ``{"added": bool, "held_s": float}``."""
+        from vllm.lora.request import LoRARequest
+
+        started = time.perf_counter()
+        added = self.add_lora(LoRARequest(lora_name=name, lora_int_id=slot_id, lora_path=path))  # type: ignore[attr-defined]  # vLLM's Worker
+        return {"added": bool(added), "held_s": time.perf_counter() - started}
 
     def rlhf_load_staged(self, token: str, expected: str) -> dict[str, Any]:
         """Load ``token``'s weights in place if their tensors match ``expected`` (the served

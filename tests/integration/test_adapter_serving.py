@@ -308,6 +308,13 @@ def test_adapter_swap_under_load_fails_nothing_and_pauses_no_other_version(env):
         / max(1.0, REGISTRY.get_sample_value("rlhf_inference_adapter_load_seconds_count") or 1),
         1,
     )
+    # The engine's own account of the pause: vLLM's add_lora, timed in the model worker, took some
+    # time (it ran) and less than the whole request to add it (which also waits for the step in progress).
+    holds = REGISTRY.get_sample_value("rlhf_inference_adapter_engine_hold_seconds_count") or 0
+    assert holds >= 1, "the adapter was added without the worker timing it"
+    hold = REGISTRY.get_sample_value("rlhf_inference_adapter_engine_hold_seconds_sum") / holds
+    FIGURES["adapter swap: engine held its other requests (ms, mean of adds)"] = round(hold * 1e3, 1)
+    assert 0 < hold < swapped - announced
     FIGURES["token gap before any swap: p50 / max (ms)"] = (
         f"{statistics.median(before) * 1e3:.1f} / {max(before) * 1e3:.1f}"
     )

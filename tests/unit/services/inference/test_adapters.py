@@ -47,11 +47,13 @@ class ScriptedEngine:
         self.log: list[tuple[str, str]] = []
         self.bad_add, self.bad_probe = bad_add, bad_probe
 
-    async def add_adapter(self, adapter: AdapterHandle) -> None:
+    async def add_adapter(self, adapter: AdapterHandle) -> float:
         self.log.append(("add", adapter.version))
         if adapter.version in self.bad_add:
             raise RuntimeError("size mismatch for lora_A")
         self.held[adapter.slot_id] = adapter.version
+        await asyncio.sleep(0.002)  # the add itself, between two steps
+        return 0.002
 
     async def remove_adapter(self, adapter: AdapterHandle) -> bool:
         self.log.append(("remove", adapter.version))
@@ -109,6 +111,8 @@ def test_a_load_counts_only_once_the_adapter_generated(tmp_path):
     assert slots.versions == ["policy-0002"]
     assert run(slots.load("policy-0002", tmp_path)) is handle, "loading a loaded version is a no-op"
     assert len(engine.log) == 2
+    # the engine's own figure for the pause: what its add took (ScriptedEngine: 2 ms), apart from the wait
+    assert slots.last_load["engine_hold_s"] == 0.002 <= slots.last_load["add_s"]
 
 
 @pytest.mark.parametrize("failure", ["bad_add", "bad_probe"])

@@ -109,3 +109,25 @@ def test_check_signature_names_the_difference():
         check_signature({"a": ((2,), "BF16")}, served)
     with pytest.raises(WeightsRefused, match="names differ"):
         check_signature({"b": ((2,), "F32")}, served)
+
+
+class AddingWorker(VerifiedWeightsWorker):
+    """The extension with the Worker's ``add_lora`` recording its request and taking ``seconds``."""
+
+    def __init__(self, seconds: float, result: bool = True) -> None:
+        self.seconds, self.result = seconds, result
+        self.requests: list = []
+
+    def add_lora(self, lora_request) -> bool:
+        self.requests.append(lora_request)
+        time.sleep(self.seconds)
+        return self.result
+
+
+def test_an_adapter_is_added_by_vllm_and_the_time_it_held_the_engine_is_returned():
+    worker = AddingWorker(0.05)
+    out = worker.rlhf_add_lora("policy-0007", 7, "/copies/policy-0007")
+    assert out["added"] is True and 0.05 <= out["held_s"] < 1.0
+    (req,) = worker.requests
+    assert (req.lora_name, req.lora_int_id, req.lora_path) == ("policy-0007", 7, "/copies/policy-0007")
+    assert AddingWorker(0.0, result=False).rlhf_add_lora("policy-0008", 8, "/x")["added"] is False
