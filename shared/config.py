@@ -814,8 +814,8 @@ class ServiceConfig(ConfigBase):
     without bound."""
     cpu_nice: int = 0
     """Added to the process's niceness at start, before any of its threads exist (Linux nice, 0 to
-    19): a service doing the loop's own work (the trainer and the reward service: 10) gets the cores
-    only after the serving processes on a shared machine. 0: the priority it was started with."""
+    19): a service doing the loop's own work (the trainer: 10) gets the cores only after the serving
+    processes on a shared machine. 0: the priority it was started with."""
 
     def problems(self) -> list[str]:
         out = []

@@ -51,10 +51,6 @@ class RewardConfig(ServiceConfig):
     """Longest response, in characters."""
     torch_threads: int = 0
     """Intra-op threads of the forward passes; 0 keeps torch's default (one per core)."""
-    cpu_nice: int = 10
-    """Niceness added at start (ServiceConfig.cpu_nice): scoring rollouts and training reward models
-    are the loop's own work, not the users'; the serving processes of a shared machine come first.
-    0 where the service has its machine to itself."""
     device: str = "cpu"
     """torch device the scoring model runs on: `cpu`, `cuda` or `cuda:N` (the continual learner
     trains on the CPU)."""

@@ -338,13 +338,15 @@ def test_the_model_store_digest_is_blake3_or_sha256():
 # --- cpu_nice: the loop's own work after the users' ------------------------------------------------
 
 
-def test_the_trainer_and_reward_service_run_at_a_lower_priority_than_serving_by_default():
+def test_the_trainer_runs_at_a_lower_priority_than_serving_by_default():
     from services.reward.config import RewardConfig
     from services.trainer.config import TrainerConfig
     from shared.config import ServiceConfig
 
     assert load_config(TrainerConfig, {}).cpu_nice == 10
-    assert load_config(RewardConfig, {}).cpu_nice == 10
+    # The reward service is not on the users' path either, but its retraining is what the trainer
+    # learns from: niced, it published 63 reward models in a 20-minute demo against 105 (docs/benchmarks.md).
+    assert load_config(RewardConfig, {}).cpu_nice == 0
     assert load_config(InferenceConfig, {}).cpu_nice == 0
     assert ServiceConfig.cpu_nice == 0, "every other service: normal priority"
     assert load_config(TrainerConfig, {"RLHF_TRAINER_CPU_NICE": "0"}).cpu_nice == 0
