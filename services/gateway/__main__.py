@@ -12,10 +12,12 @@ from services.gateway.uvicorn_single_write import guarded_protocol
 from shared.config import load_config
 from shared.logging import setup_logging
 from shared.metrics import start_metrics_server
+from shared.service_main import lower_priority
 
 
 def main() -> None:
     cfg = load_config(GatewayConfig)
+    lower_priority(cfg)  # ServiceConfig.cpu_nice (0 for the gateway unless set)
     setup_logging("gateway", cfg.log)
     start_metrics_server(cfg.host, cfg.metrics_port)  # 0 (the default): /metrics on the API port only
     app = create_app(cfg)
