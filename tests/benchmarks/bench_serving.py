@@ -529,10 +529,6 @@ def summarise(results: list[RequestResult], wall: float, planned: int) -> dict:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
 class ManagedProcess:
     """A server subprocess in its own session, logging to a file; stop() leaves nothing behind."""
 
