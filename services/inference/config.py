@@ -137,11 +137,14 @@ class InferenceConfig(ServiceConfig):
     user's request is scheduled ahead of queued rollouts and, when the KV cache runs out, rollouts
     are preempted first. On by default: the trainer samples through the same engine as the people
     chatting, and its work must never make them wait. Off: first come, first served."""
-    stream_coalesce_ms: float = 40.0
+    stream_coalesce_ms: float = 100.0
     """Streamed answers: after each message, wait until this many milliseconds after its output was
     taken from the engine and send everything produced meanwhile as one message (several tokens per
     gRPC message, and per SSE event at the gateway). The first message is never held (TTFT is
-    untouched); 0 sends whatever is ready each time (about one token per message)."""
+    untouched); 0 sends whatever is ready each time (about one token per message). 100 ms (ten
+    updates a second, five tokens a message at 64 clients) rather than 40 (two tokens): every
+    message costs the inference service, the gateway and the client a wake-up, and on busy cores
+    those wake-ups delayed other users' first tokens (docs/benchmarks.md, "Fewer, fuller messages")."""
     stream_max_tokens_per_chunk: int = 16
     """Streamed answers: shorten the wait above when, at the stream's own pace, this many tokens
     will be ready sooner; 0: no count bound (the window alone)."""
