@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("--after-verdict", type=float, default=60.0, help="sabotage: users stop this long after it")
     ap.add_argument("--side-by-side", action="store_true", help="plain PPO, then PPO-ptx (--ptx), same store")
     args = ap.parse_args()
+    if args.out is not None and args.out.is_dir():
+        # Checked now, not after the run: the JSON is written at the end, 25 minutes later.
+        ap.error(f"--out {args.out} is a directory; it names the JSON file (its report goes beside it)")
     if args.side_by_side:
         if args.sabotage:
             ap.error("--side-by-side and --sabotage are separate runs")
