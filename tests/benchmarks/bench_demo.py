@@ -86,7 +86,21 @@ def main() -> int:
     ap.add_argument("--sabotage-at", type=float, default=30.0, help="seconds after the users start")
     ap.add_argument("--after-verdict", type=float, default=60.0, help="sabotage: users stop this long after it")
     ap.add_argument("--side-by-side", action="store_true", help="plain PPO, then PPO-ptx (--ptx), same store")
+    ap.add_argument(
+        "--stack-env",
+        action="append",
+        default=[],
+        metavar="RLHF_X=VALUE",
+        help="an extra setting of the stack (repeatable; the stack does not inherit RLHF_* variables), "
+        "e.g. RLHF_TRAINER_CPU_NICE=0",
+    )
     args = ap.parse_args()
+    args.stack_settings = {}
+    for item in args.stack_env:
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("RLHF_"):
+            ap.error(f"--stack-env {item!r}: expected RLHF_NAME=VALUE")
+        args.stack_settings[key] = value
     if args.out is not None and args.out.is_dir():
         # Checked now, not after the run: the JSON is written at the end, 25 minutes later.
         ap.error(f"--out {args.out} is a directory; it names the JSON file (its report goes beside it)")
@@ -124,6 +138,7 @@ def prepare_store(args: argparse.Namespace) -> dict:
         "kl_coef": args.kl_coef,
         "canaries": not args.no_canaries,
         "canary_share": args.canary_share,
+        "stack_env": args.stack_settings,
     }
     boot_dir = args.out.parent / "demo-report" / "bootstrap"
     if not args.skip_bootstrap:
@@ -194,6 +209,7 @@ def stack_env(args: argparse.Namespace, report_dir: Path) -> dict[str, str]:
         env["RLHF_DEMO_CANARY_SHARE"] = str(args.canary_share)
     if args.canary_timeout is not None:
         env["RLHF_DEMO_CANARY_TIMEOUT_S"] = str(args.canary_timeout)
+    env.update(args.stack_settings)  # --stack-env, last: it overrides the run's own settings
     for d in ("demo-reward-state", "demo-checkpoints"):
         shutil.rmtree(args.store.parent / d, ignore_errors=True)
     return env
