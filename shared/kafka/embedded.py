@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -113,21 +114,50 @@ def tansu_binary(expected_sha256: str = "") -> Path:
     return path
 
 
+LISTEN_PORTS_FROM = 10000
+"""The lowest port free_ports picks."""
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_ports_from() -> int:
+    """The first port of the kernel's range for the local end of outgoing connections (Linux's
+    default 32768 where the file cannot be read)."""
+    try:
+        return int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` different free ports. Calling free_port ``n`` times can return one port twice (each
-    socket is closed before the next bind, and the kernel may hand the same port out again); two
-    gRPC servers then both bind it (gRPC sets SO_REUSEPORT) and share its connections at random.
-    Here every socket stays bound until all ``n`` ports are picked."""
-    sockets = [socket.socket() for _ in range(n)]
+    """``n`` different free ports for servers to listen on, below the kernel's ephemeral range.
+
+    Every socket stays bound until all ``n`` are picked: picked one by one, the kernel could hand
+    one port out twice, and two gRPC servers then both bind it (gRPC sets SO_REUSEPORT) and share
+    its connections at random. And none comes from the ephemeral range: a port picked there and
+    released can become the local end of any outgoing connection (a Kafka or gRPC client) in the
+    seconds before its server binds it, which then fails with EADDRINUSE (a CI run saw it happen to
+    the gateway of an ``rlhf up``). Where that range leaves too little room below it, the kernel
+    picks (port 0)."""
+    top = ephemeral_ports_from() - 1
+    rng = random.SystemRandom()
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
-            s.bind((host, 0))
+        for _ in range(100 * n):
+            if len(sockets) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, rng.randint(LISTEN_PORTS_FROM, top) if top - LISTEN_PORTS_FROM >= 1000 else 0))
+            except OSError:  # in use: another port
+                s.close()
+                continue
+            sockets.append(s)
+        if len(sockets) < n:
+            raise OSError(f"no {n} free ports between {LISTEN_PORTS_FROM} and {top} on {host}")
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:

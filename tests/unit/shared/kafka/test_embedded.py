@@ -100,3 +100,19 @@ def test_free_ports_are_all_different_and_free():
     for port in ports[:8]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    import socket
+
+    ports = embedded.free_ports(16)
+    assert len(set(ports)) == 16
+    top = embedded.ephemeral_ports_from()
+    assert all(embedded.LISTEN_PORTS_FROM <= p < top for p in ports), ports
+    with socket.socket() as s:  # released: a server can bind one now
+        s.bind(("127.0.0.1", ports[0]))
+
+
+def test_free_ports_fall_back_to_the_kernel_when_no_room_below_the_ephemeral_range(monkeypatch) -> None:
+    monkeypatch.setattr(embedded, "ephemeral_ports_from", lambda: embedded.LISTEN_PORTS_FROM + 10)
+    assert len(set(embedded.free_ports(4))) == 4
