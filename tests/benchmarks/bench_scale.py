@@ -208,13 +208,18 @@ HOLD_METRIC = "rlhf_inference_adapter_engine_hold_seconds"
 """vLLM's add_lora timed in the model worker, between two steps (worker_extension.rlhf_add_lora)."""
 
 
-def timed_swap(env: dict[str, Any], other: str, publish_once: Any, metric: str, group: str) -> dict[str, float]:
-    """One swap under load (swap_under_load), its publish timed; the figures of the module docstring."""
+def timed_swap(
+    env: dict[str, Any], other: str, publish_once: Any, metric: str, group: str, before: Any = None
+) -> dict[str, float]:
+    """One swap under load (swap_under_load), its publish timed; the figures of the module docstring.
+    ``before()``, when given, runs while the streams run, just before the publish, off the clock."""
     from tests.integration.test_adapter_serving import gaps, swap_under_load
 
     timing: dict[str, float] = {}
 
     def publish() -> str:
+        if before is not None:
+            before()
         started = time.monotonic()
         version = publish_once()
         timing["publish_s"] = time.monotonic() - started
@@ -318,16 +323,23 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
                     out = staged / "policy"
 
                     def save_and_publish(out: Path = out, model: Any = model, tokenizer: Any = tokenizer) -> str:
-                        # The yardstick under the same load (the streams are running): write +
-                        # fsync + read of the same bytes, just before the publish.
-                        io_now.append(io_baseline(weights, store.root))
                         # services/trainer/publishing.py's path: from the parameters to the file,
                         # hashed as written, renamed into the version unread
                         hashed = save_policy(model, tokenizer, out, digest=store.digest)
                         made.append(trainer.line.publish(out, parent=base, move=True, hashed=hashed).version)
                         return made[-1]
 
-                    row = timed_swap(env, "", save_and_publish, "rlhf_inference_swap_pause_seconds", "main")
+                    # The yardstick under the same load (the streams are running): write + fsync +
+                    # read of the same bytes, just before the publish and off its clock (until
+                    # this commit it ran inside the timed publish and added itself to publish_s).
+                    row = timed_swap(
+                        env,
+                        "",
+                        save_and_publish,
+                        "rlhf_inference_swap_pause_seconds",
+                        "main",
+                        before=lambda: io_now.append(io_baseline(weights, store.root)),
+                    )
                 published = sum(p.stat().st_size for p in store.path(made[-1]).iterdir())
                 row["published_bytes"] = published
                 row["io_under_load_s"] = io_now[-1]
