@@ -175,10 +175,8 @@ class AdapterSlots:
             handle = AdapterHandle(version, slot_id(version), path)
             try:
                 adding = time.monotonic()
-                held = await self.engine.add_adapter(handle)
+                held = await self.engine.add_adapter(handle)  # raises unless the engine lists it after
                 added = time.monotonic()
-                if handle.slot_id not in await self.engine.loaded_adapters():
-                    raise AdapterLoadError(f"{version}: the engine does not list the adapter after adding it")
                 await asyncio.wait_for(self._probe(handle), PROBE_TIMEOUT_S)
             except Exception as exc:  # any failure: the adapter is not served
                 metrics.ADAPTER_LOADS.labels("failed").inc()

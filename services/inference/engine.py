@@ -254,23 +254,20 @@ class VllmEngine:
         """Load an adapter's files into the engine's LoRA cache (the base weights are not touched;
         requests keep running: vLLM does it between two steps); returns the seconds the engine's
         other requests were held for it (VerifiedWeightsWorker.rlhf_add_lora). Raises when vLLM
-        cannot load it."""
+        cannot load it or a worker does not list it afterwards."""
         results = await self.llm.collective_rpc(
             "rlhf_add_lora",
             kwargs={"name": adapter.version, "slot_id": adapter.slot_id, "path": str(adapter.path)},
         )
-        # False: an adapter with this slot id is already there (the same version: nothing to do).
-        if not all(r["added"] for r in results) and adapter.slot_id not in await self.llm.list_loras():
+        # "added" False alone is no failure: an adapter with this slot id was already there (the
+        # same version); every worker must list it afterwards either way.
+        if not all(r["listed"] for r in results):
             raise RuntimeError(f"vLLM did not add adapter {adapter.version} (slot {adapter.slot_id})")
         return max(float(r["held_s"]) for r in results)
 
     async def remove_adapter(self, adapter: AdapterHandle) -> bool:
         """Unload an adapter (no request may still run with it); False when it was not loaded."""
         return await self.llm.remove_lora(adapter.slot_id)
-
-    async def loaded_adapters(self) -> set[int]:
-        """The slot ids of the adapters the engine holds now."""
-        return set(await self.llm.list_loras())
 
     def shutdown(self) -> None:
         if self._llm is not None:

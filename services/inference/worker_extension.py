@@ -136,12 +136,15 @@ class VerifiedWeightsWorker:
         two steps, in its own loop, so ``held_s`` is how long every other request of the engine
         waited for this adapter: the swap's pause, measured where it happens rather than from the
         gaps between tokens that a client sees (which vary by a step's length on a busy CPU).
-        ``{"added": bool, "held_s": float}``."""
+        ``listed``: the worker's LoRA cache holds ``slot_id`` afterwards (asked here, in the same call,
+        rather than in another round trip through the engine's loop, which waits a step on a busy
+        engine). ``{"added": bool, "listed": bool, "held_s": float}``."""
         from vllm.lora.request import LoRARequest
 
         started = time.perf_counter()
         added = self.add_lora(LoRARequest(lora_name=name, lora_int_id=slot_id, lora_path=path))  # type: ignore[attr-defined]  # vLLM's Worker
-        return {"added": bool(added), "held_s": time.perf_counter() - started}
+        listed = slot_id in self.list_loras()  # type: ignore[attr-defined]  # vLLM's Worker
+        return {"added": bool(added), "listed": listed, "held_s": time.perf_counter() - started}
 
     def rlhf_load_staged(self, token: str, expected: str) -> dict[str, Any]:
         """Load ``token``'s weights in place if their tensors match ``expected`` (the served

@@ -243,6 +243,10 @@ def timed_swap(
     }
     if holds1 > holds0:  # an adapter was added: how long the engine held its other requests for it
         row["engine_hold_ms"] = 1e3 * (hold1 - hold0) / (holds1 - holds0)
+        # where its load went (AdapterSlots.last_load): the add (waits for the step in progress),
+        # the one-token proof; announce_to_served_s - load_ms is receiving, checking and copying it
+        load = env["app"].serving.adapters.last_load
+        row.update({"add_ms": 1e3 * load["add_s"], "proof_ms": 1e3 * load["proof_s"], "load_ms": 1e3 * load["total_s"]})
     row["pause_ms"] = max(0.0, row["max_gap_during_ms"] - row["max_gap_before_ms"])
     return row
 
@@ -623,8 +627,10 @@ def main() -> None:
     if unknown:
         ap.error(f"--sizes: unknown {', '.join(unknown)} (known: {', '.join(SHAPES)})")
 
+    from shared.logging import setup_logging
     from tests.conftest import start_broker
 
+    setup_logging("bench-scale")  # the inference service's own lines: where each swap's time went
     log(f"scale ladder {sizes}; {machine_load()}; {mem_available() / 2**30:.1f} GiB available")
     broker = start_broker()
     results = []

@@ -59,9 +59,6 @@ class ScriptedEngine:
         self.log.append(("remove", adapter.version))
         return self.held.pop(adapter.slot_id, None) is not None
 
-    async def loaded_adapters(self) -> set[int]:
-        return set(self.held)
-
     async def generate(
         self, request_id: str, prompt: list[int], sampling: Sampling, priority: int = 0, adapter: Any = None
     ) -> AsyncIterator[list[EngineOutput]]:

@@ -114,20 +114,35 @@ def test_check_signature_names_the_difference():
 class AddingWorker(VerifiedWeightsWorker):
     """The extension with the Worker's ``add_lora`` recording its request and taking ``seconds``."""
 
-    def __init__(self, seconds: float, result: bool = True) -> None:
-        self.seconds, self.result = seconds, result
+    def __init__(self, seconds: float, result: bool = True, keeps: bool = True) -> None:
+        self.seconds, self.result, self.keeps = seconds, result, keeps
         self.requests: list = []
+        self.cache: set[int] = set()
 
     def add_lora(self, lora_request) -> bool:
         self.requests.append(lora_request)
         time.sleep(self.seconds)
+        if self.keeps:
+            self.cache.add(lora_request.lora_int_id)
         return self.result
+
+    def list_loras(self) -> set[int]:
+        return set(self.cache)
 
 
 def test_an_adapter_is_added_by_vllm_and_the_time_it_held_the_engine_is_returned():
     worker = AddingWorker(0.05)
     out = worker.rlhf_add_lora("policy-0007", 7, "/copies/policy-0007")
-    assert out["added"] is True and 0.05 <= out["held_s"] < 1.0
+    assert out["added"] is True and out["listed"] is True and 0.05 <= out["held_s"] < 1.0
     (req,) = worker.requests
     assert (req.lora_name, req.lora_int_id, req.lora_path) == ("policy-0007", 7, "/copies/policy-0007")
-    assert AddingWorker(0.0, result=False).rlhf_add_lora("policy-0008", 8, "/x")["added"] is False
+    # already there (vLLM's add returns False): listed all the same
+    again = AddingWorker(0.0, result=False)
+    again.cache.add(8)
+    assert again.rlhf_add_lora("policy-0008", 8, "/x") == {
+        "added": False,
+        "listed": True,
+        "held_s": pytest.approx(0, abs=0.5),
+    }
+    # vLLM said nothing was added and the cache does not hold it: not listed
+    assert AddingWorker(0.0, result=False, keeps=False).rlhf_add_lora("policy-0009", 9, "/x")["listed"] is False
