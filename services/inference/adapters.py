@@ -222,6 +222,21 @@ class AdapterSlots:
         if tokens < 1:
             raise AdapterLoadError(f"{handle.version}: the probe generated no token")
 
+    async def make_room(self, keep: Collection[str] = ()) -> list[str]:
+        """Unload the least recently used idle adapters (never one in ``keep`` or one a request runs
+        with) until one more fits, so that the next version's load waits for no unload (each is a
+        round trip through the engine's loop, a step on a busy engine). Where that is not possible
+        nothing is unloaded: the next load makes room then, or says there is none. Returns the
+        versions unloaded."""
+        async with self._lock:
+            try:
+                gone = evictions(list(self._loaded), set(keep), self._busy, self.capacity)
+            except AdapterLoadError:
+                return []
+            for old in gone:
+                await self._unload(old, "lru")
+            return gone
+
     async def unload(self, version: str, reason: str = "lru") -> bool:
         """Unload ``version`` if it is loaded and no request runs with it; True when it went."""
         async with self._lock:

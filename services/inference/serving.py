@@ -210,6 +210,8 @@ class InferenceServing:
         """The adapter versions in the engine's LoRA slots (None: RLHF_INFERENCE_LORA_ADAPTERS off)."""
         self.adapter_pins: set[str] = set()
         """Adapter versions a pointer other than the followed one serves here (kept loaded)."""
+        self.adapter_room: asyncio.Task[None] | None = None
+        """The unload that makes room for the next adapter version after a swap (``_room_ahead``)."""
         self.serving_since = 0.0
         self.swaps = 0
         self.swap_log: list[tuple[int, str]] = []
@@ -728,6 +730,7 @@ class InferenceServing:
         old = self.policy_version
         self._set_version(verified.version, verified.path)  # no await since the load: one step
         self.swaps += 1  # not in swap_log: no request in flight changes version
+        self.adapter_room = asyncio.create_task(self._room_ahead({verified.version, old, *self.adapter_pins}))
         assert self.base_dir is not None
         self.versions.private.promote(self.base_dir)  # the engine's base stays among the kept copies
         seconds = time.monotonic() - started
@@ -744,6 +747,16 @@ class InferenceServing:
             load_ms=round(seconds * 1e3, 1),
         )
         return True
+
+    async def _room_ahead(self, keep: set[str]) -> None:
+        """After an adapter swap, make room for the next version now, off the path of its
+        announcement (adapters.AdapterSlots.make_room); the version replaced stays loaded (an
+        instant way back), as do the pinned ones."""
+        assert self.adapters is not None
+        try:
+            await self.adapters.make_room(keep)
+        except Exception as exc:  # noqa: BLE001 - the next load makes room itself
+            log_event(log, "could not make room for the next adapter", level=30, error=f"{type(exc).__name__}: {exc}")
 
     def _beside_from_follower(self, verified: VerifiedVersion) -> bool:
         """The canary follower thread's swap: ``hold_beside`` on the serving loop."""

@@ -11,7 +11,8 @@ head_dim 64 (``1m`` is the default policy itself: 0.95M parameters). Per size, t
 own parts: a real embedded broker, the real inference service (vLLM engine, LoRA slots on, a canary
 adapter held beside), versions published signed by ``VersionLine`` into a ``ModelStore`` and announced
 as the trainer announces them (tests/integration/test_adapter_serving.py's helpers, shared with
-bench_adapter_swap.py). While three streams take the served version and three name the canary adapter
+bench_adapter_swap.py), the timed ones by a process of their own (publisher_process.py: in `rlhf up`
+the trainer is another process than the inference service). While three streams take the served version and three name the canary adapter
 (the *other* version), the served version is swapped ``--swaps`` times to a new LoRA adapter, then to
 new full weights. Per swap:
 
@@ -57,6 +58,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -253,12 +255,11 @@ def timed_swap(
 
 def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The serving half of one size: publishes, swaps and the io baseline; leaves the store in ``root``."""
-    from services.trainer.models import save_policy
     from shared.model_store import ModelStore
-    from shared.models.adapters import adapter_extra
     from shared.models.default_model import ensure_default_policy
+    from tests.benchmarks.publisher_process import PublisherProcess
     from tests.conftest import LoopThread, start_inference, test_signing_key, test_versions
-    from tests.integration.test_adapter_serving import TARGETS, Trainer, make_adapter
+    from tests.integration.test_adapter_serving import Trainer
 
     store = ModelStore(root / "store")
     default = ensure_default_policy(store, signer=test_signing_key())
@@ -288,8 +289,8 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
         **overrides,
     )
     env = {"app": app, "loop": loop, "store": store, "base": base, "trainer": trainer}
-    extra = {"adapter": adapter_extra(base_version=base, rank=8, alpha=16, target_modules=TARGETS)}
     rows: dict[str, list[dict[str, Any]]] = {"lora": [], "full": []}
+    publisher = None
     try:
         served = trainer.adapter(base, seed=1)
         canary = trainer.adapter(base, seed=2, announce=False, current=False)
@@ -298,17 +299,23 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
         while app.serving.policy_version != served or app.serving.beside_version != canary:
             assert time.monotonic() < deadline, "the first adapters were not served"
             time.sleep(0.05)
+        # The timed versions are made, published and announced by a process of their own, as the
+        # trainer of `rlhf up` is one (publisher_process.py): not in this interpreter, which runs
+        # the inference service and the streams.
+        publisher = PublisherProcess(
+            root / "store", broker.kafka.bootstrap_servers, base, root / "src" / "publisher", args.dtype
+        )
+        env["trainer"] = SimpleNamespace(announce=lambda: publisher.call("announce")["announced"])
+        published: dict[str, Any] = {}
+
+        def publish_prepared() -> str:
+            published.update(publisher.call("publish"))
+            return str(published["version"])
+
         for i in range(args.swaps):
-            out = root / "src" / f"adapter-{i}"
-            make_adapter(store.path(base), out, seed=100 + i)
-            row = timed_swap(
-                env,
-                canary,
-                lambda out=out: trainer.line.publish(out, parent=base, extra=extra).version,
-                "rlhf_inference_adapter_load_seconds",
-                "other",
-            )
-            row["published_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+            publisher.call("prepare_adapter", seed=100 + i)
+            row = timed_swap(env, canary, publish_prepared, "rlhf_inference_adapter_load_seconds", "other")
+            row["published_bytes"] = published["bytes"]
             rows["lora"].append(row)
             log(f"{size}: LoRA swap {i + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
         io_s = [io_baseline(weights, store.root) for _ in range(args.swaps)]
@@ -316,36 +323,24 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
         publish_modes = publish_copy_and_move(store, base, size, root, args)
         log(f"{size}: store.publish of new full weights, copied / moved from staging: {publish_modes}")
         for d, digest in enumerate(args.digests.split(",")):
-            store.digest = digest  # the trainer's line publishes through this store object
             key = "full" if d == 0 else f"full-{digest}"
             rows[key] = []
-            made: list[str] = []
             io_now: list[float] = []
             for i in range(args.swaps):
-                model, tokenizer = new_full_model(store, base, seed=200 + 10 * d + i, dtype=args.dtype)
-                with store.staging() as staged:  # as the trainer publishes: written once, moved in
-                    out = staged / "policy"
-
-                    def save_and_publish(out: Path = out, model: Any = model, tokenizer: Any = tokenizer) -> str:
-                        # services/trainer/publishing.py's path: from the parameters to the file,
-                        # hashed as written, renamed into the version unread
-                        hashed = save_policy(model, tokenizer, out, digest=store.digest)
-                        made.append(trainer.line.publish(out, parent=base, move=True, hashed=hashed).version)
-                        return made[-1]
-
-                    # The yardstick under the same load (the streams are running): write + fsync +
-                    # read of the same bytes, just before the publish and off its clock (until
-                    # this commit it ran inside the timed publish and added itself to publish_s).
-                    row = timed_swap(
-                        env,
-                        "",
-                        save_and_publish,
-                        "rlhf_inference_swap_pause_seconds",
-                        "main",
-                        before=lambda: io_now.append(io_baseline(weights, store.root)),
-                    )
-                published = sum(p.stat().st_size for p in store.path(made[-1]).iterdir())
-                row["published_bytes"] = published
+                # what a trainer holds before it publishes, built before the clock starts
+                publisher.call("prepare_full", seed=200 + 10 * d + i, digest=digest)
+                # The yardstick under the same load (the streams are running): write + fsync + read
+                # of the same bytes by the publishing process, just before the publish and off its
+                # clock (until 7f773a5 it ran inside the timed publish and added itself to publish_s).
+                row = timed_swap(
+                    env,
+                    "",
+                    publish_prepared,
+                    "rlhf_inference_swap_pause_seconds",
+                    "main",
+                    before=lambda: io_now.append(publisher.call("io")["io_s"]),
+                )
+                row["published_bytes"] = published["bytes"]
                 row["io_under_load_s"] = io_now[-1]
                 row["digest"] = digest
                 rows[key].append(row)
@@ -353,8 +348,9 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
                     f"{size}: full-weight swap {i + 1} ({digest}): "
                     + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "digest")
                 )
-        store.digest = args.digests.split(",")[0]
     finally:
+        if publisher is not None:
+            publisher.close()
         loop.run(app.stop())
         loop.close()
         trainer.publisher.close()

@@ -309,6 +309,45 @@ def test_the_canary_is_held_beside_the_served_version_and_never_unloaded_for_ano
     assert serving.adapters is not None and set(serving.adapters.versions) == {canary, nxt, after}
 
 
+def test_after_a_swap_room_is_made_for_the_next_adapter_off_its_path(store, tmp_path):
+    base = publish_base(store, tmp_path)
+    versions = [publish_adapter(store, tmp_path, base) for _ in range(4)]
+    engine = ScriptedEngine()
+    serving = serving_on(store, tmp_path, engine, base, lora_max_loaded=3)
+
+    async def swap(version: str) -> list[tuple[str, str]]:
+        start = len(engine.log)
+        assert await serving.swap_to(verified(store, version)) is True
+        path = engine.log[start:]
+        assert serving.adapter_room is not None
+        await serving.adapter_room
+        return path
+
+    async def scenario() -> None:
+        for version in versions[:3]:
+            await swap(version)
+        # three slots: the served version and the one it replaced stay; the oldest went after the swap
+        assert serving.adapters is not None and serving.adapters.versions == versions[1:3]
+        assert engine.log[-1] == ("remove", versions[0])
+        # so the next swap's own path is the add and the proof, no unload
+        assert await swap(versions[3]) == [("add", versions[3]), ("generate", versions[3])]
+        assert serving.adapters.versions == versions[2:4]
+
+    run(scenario())
+
+
+def test_room_is_not_made_from_kept_or_busy_adapters(tmp_path):
+    slots = AdapterSlots(ScriptedEngine(), capacity=2, max_rank=8)  # type: ignore[arg-type]
+    run(slots.load("policy-0002", tmp_path))
+    run(slots.load("policy-0003", tmp_path))
+    assert run(slots.make_room(keep={"policy-0002", "policy-0003"})) == []
+    running = slots.acquire("policy-0002")
+    assert running is not None
+    assert run(slots.make_room(keep={"policy-0003"})) == [] and slots.versions == ["policy-0003", "policy-0002"]
+    slots.release(running)
+    assert run(slots.make_room(keep={"policy-0003"})) == ["policy-0002"] and slots.versions == ["policy-0003"]
+
+
 def test_a_full_weight_canary_other_than_the_base_cannot_be_held_beside(store, tmp_path):
     base = publish_base(store, tmp_path)
     other = publish_base(store, tmp_path)
