@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,12 +230,18 @@ class VllmEngine:
                 raise WeightsRefused(status["reason"], status["error"])
         return signature_from_json(statuses[0]["signature"])
 
-    async def load_staged(self, token: str, expected: Signature, *, with_requests_running: bool = False) -> None:
+    async def load_staged(
+        self, token: str, expected: Signature, *, with_requests_running: bool = False
+    ) -> dict[str, float]:
         """Load the staged weights in place (as ``reload_weights``: paused between two steps when
         requests run, their KV cache recomputed, prefixes dropped) if their tensors are exactly
-        ``expected`` (the served weights'); WeightsRefused otherwise, the served weights untouched."""
+        ``expected`` (the served weights'); WeightsRefused otherwise, the served weights untouched.
+        Returns where the time went, in seconds: ``pause_s`` (waiting for the step in progress
+        when requests run), ``load_s`` (vLLM's reload in the worker, the slowest worker), ``total_s``."""
+        started = time.monotonic()
         if with_requests_running:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
+        paused = time.monotonic()
         try:
             results = await self.llm.collective_rpc(
                 "rlhf_load_staged", kwargs={"token": token, "expected": signature_to_json(expected)}
@@ -247,6 +254,8 @@ class VllmEngine:
         finally:
             if with_requests_running:
                 await self.llm.resume_generation()
+        load_s = max(float(r["load_s"]) for r in results)
+        return {"pause_s": paused - started, "load_s": load_s, "total_s": time.monotonic() - started}
 
     # --- LoRA adapters (lora_adapters on) ---------------------------------------------------------
 

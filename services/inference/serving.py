@@ -603,7 +603,7 @@ class InferenceServing:
             running = not idle
             swapped_under = self.gate.in_flight
             try:
-                await self._load(verified, staged, running)
+                phases = await self._load(verified, staged, running)
             except WeightsRefused as exc:  # nothing was loaded: the served weights are intact
                 self._refuse_staged(verified, exc)
                 return False
@@ -633,6 +633,10 @@ class InferenceServing:
             self.swaps += 1
             self.swap_log = [*self.swap_log[-99:], (self.swaps, verified.version)]
         pause = time.monotonic() - closed_at
+        # the engine's part of the pause: waiting for its step in progress, vLLM's reload
+        engine_phases: dict[str, Any] = {
+            f"engine_{k.removesuffix('_s')}_ms": round(v * 1e3, 1) for k, v in phases.items()
+        }
         metrics.SWAPS.inc()
         metrics.SWAP_PAUSE_SECONDS.observe(pause)
         metrics.SWAPPED_UNDER.inc(swapped_under)
@@ -648,6 +652,7 @@ class InferenceServing:
             in_flight=self.gate.in_flight,
             swapped_under=swapped_under,
             drain_ms=round((drained_at - closed_at) * 1e3, 1),
+            **engine_phases,
             pause_ms=round(pause * 1e3, 1),
         )
         return True
@@ -680,15 +685,16 @@ class InferenceServing:
         )
         return token
 
-    async def _load(self, verified: VerifiedVersion, staged: str | bool | None, running: bool) -> None:
+    async def _load(self, verified: VerifiedVersion, staged: str | bool | None, running: bool) -> dict[str, float]:
         """Load ``verified``'s weights in place: the staged ones (the worker checks that their tensors
         are exactly ``base_signature``'s) or its private copy's (checked by ``_check_compatible``).
-        Either way the engine's tensors keep their names, shapes and dtypes."""
+        Either way the engine's tensors keep their names, shapes and dtypes. Returns the staged
+        load's phases (engine.load_staged; empty for a load from the private copy)."""
         try:
             if isinstance(staged, str):
-                await self.engine.load_staged(staged, self.base_signature, with_requests_running=running)
-            else:
-                await self.engine.reload_weights(verified.path, with_requests_running=running)
+                return await self.engine.load_staged(staged, self.base_signature, with_requests_running=running) or {}
+            await self.engine.reload_weights(verified.path, with_requests_running=running)
+            return {}
         finally:
             metrics.STAGED_WEIGHT_BYTES.set(0)
 

@@ -148,8 +148,9 @@ class VerifiedWeightsWorker:
 
     def rlhf_load_staged(self, token: str, expected: str) -> dict[str, Any]:
         """Load ``token``'s weights in place if their tensors match ``expected`` (the served
-        weights' signature, JSON); the staged buffers are released either way. ``{"loaded": bool,
-        "reason", "error"}``: a refusal leaves the model's weights untouched."""
+        weights' signature, JSON); the staged buffers are released either way. ``{"loaded": True,
+        "load_s": seconds vLLM's reload took in here}`` or ``{"loaded": False, "reason", "error"}``:
+        a refusal leaves the model's weights untouched."""
         staged, self._rlhf_staged = self._rlhf_staged, None
         if staged is None or staged.token != token or not staged.done.is_set():
             return {"loaded": False, "reason": "lost", "error": f"weights {token} are not staged here"}
@@ -160,5 +161,6 @@ class VerifiedWeightsWorker:
         except WeightsRefused as exc:
             return {"loaded": False, "reason": exc.reason, "error": str(exc)}
         tensors, staged.tensors = staged.tensors, {}
+        started = time.perf_counter()
         self.reload_weights(weights_iterator=iter(tensors.items()))  # type: ignore[attr-defined]  # vLLM's Worker
-        return {"loaded": True}
+        return {"loaded": True, "load_s": time.perf_counter() - started}

@@ -57,7 +57,8 @@ def test_staged_weights_load_when_they_match_the_served_tensors(tmp_path):
     status = wait_staged(worker, "t1")
     served = signature_from_json(status["signature"])
     assert served == {"embed.weight": ((8, 4), "F32"), "norm.weight": ((4,), "F32")}
-    assert worker.rlhf_load_staged("t1", signature_to_json(served)) == {"loaded": True}
+    loaded = worker.rlhf_load_staged("t1", signature_to_json(served))
+    assert loaded["loaded"] is True and loaded["load_s"] >= 0
     assert worker.loaded is not None and all(torch.equal(worker.loaded[k], v) for k, v in new.items())
     # released after the load: a second load of the same token finds nothing
     assert worker.rlhf_load_staged("t1", signature_to_json(served))["reason"] == "lost"
