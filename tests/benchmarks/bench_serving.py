@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -46,7 +47,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -719,6 +720,9 @@ class Server:
     inference_log: Path | None = None
     """The stable inference engine's own log (ours: `rlhf up` writes each service's output apart, so
     the canary engine's swaps are not counted as the stable one's)."""
+    rollout_control: list[str] | None = None
+    """`rlhf rollout` arguments that reach this stack's rollout service (address, operator token);
+    None where it runs none."""
 
     def tree(self) -> list[psutil.Process]:
         return [p for m in self.procs for p in m.tree()]
@@ -813,6 +817,9 @@ def start_server(
             }
             procs.append(ManagedProcess(name, cmd, env, logs / f"{log_name or name}.log"))
             wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
+            runs_rollout = env.get("RLHF_UP_ROLLOUT", "1") not in ("0", "false") and "rollout" in env.get(
+                "RLHF_UP_SERVICES", "rollout"
+            )
             server = Server(
                 name,
                 f"http://127.0.0.1:{port}/v1",
@@ -825,6 +832,14 @@ def start_server(
                 trainer_metrics_url=f"http://127.0.0.1:{trainer_metrics_port}/metrics" if loop else None,
                 store_root=run_store,
                 inference_log=service_logs / "inference.log",
+                rollout_control=[
+                    "--address",
+                    f"127.0.0.1:{env['RLHF_ROLLOUT_GRPC_PORT']}",
+                    "--token-file",
+                    env["RLHF_OPERATOR_TOKEN_FILE"],
+                ]
+                if runs_rollout
+                else None,
             )
         elif name == "vllm":
             env = base_env() | vllm_env(s)
@@ -983,6 +998,12 @@ async def hot_swap_run(
         closed_loop(server.base_url, requests, concurrency, "ours hot-swap", keep_chunks=True, stop=stop)
     )
     swaps = []
+    # The rollout service of `rlhf up` moves the current pointer too (it promotes the trainer's
+    # candidates), and two writers of one line's announcements race: the inference service then
+    # refuses the loser's as a replay (seen once, session 11). It is paused while the benchmark
+    # moves the pointer: it makes no decision, so no announcement of that line but these.
+    if server.rollout_control:
+        await asyncio.to_thread(rollout_control, server, "pause")
     # Wait for each swap by polling /v1/models (cheap); the client-side time to the first response
     # from the new version is computed from the recorded chunks afterwards.
     try:
@@ -1007,10 +1028,24 @@ async def hot_swap_run(
         stop.set()
         results, wall = await load
         await asyncio.to_thread(publisher.close)
+        if server.rollout_control:
+            await asyncio.to_thread(rollout_control, server, "resume")
     after = await asyncio.to_thread(scrape_swap_metrics, server.metrics_url)
     await asyncio.sleep(0.5)
     logged = swap_log_lines(log_path, log_offset)
     return analyse_swaps(results, wall, swaps, before, after, logged)
+
+
+def rollout_control(server: Server, command: str) -> None:
+    """`rlhf rollout <command>` against ``server``'s rollout service; raises when it fails."""
+    from services.rollout.control import main as rollout_main
+
+    assert server.rollout_control is not None
+    with redirect_stdout(io.StringIO()) as out:
+        code = rollout_main([command, *server.rollout_control], prog="rlhf rollout")
+    if code != 0:
+        raise RuntimeError(f"rlhf rollout {command} failed ({code}): {out.getvalue().strip()}")
+    log(f"  rollout service: {command}d")
 
 
 def current_version(base_url: str) -> str | None:
