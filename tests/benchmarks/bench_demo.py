@@ -55,6 +55,8 @@ import threading
 import time
 from pathlib import Path
 
+from stack_settings import parse_settings  # tests/benchmarks/stack_settings.py
+
 REPO = Path(__file__).resolve().parents[2]
 
 TARGET_RISE_PP = 20.0
@@ -95,12 +97,10 @@ def main() -> int:
         "e.g. RLHF_TRAINER_CPU_NICE=0",
     )
     args = ap.parse_args()
-    args.stack_settings = {}
-    for item in args.stack_env:
-        key, eq, value = item.partition("=")
-        if not eq or not key.startswith("RLHF_"):
-            ap.error(f"--stack-env {item!r}: expected RLHF_NAME=VALUE")
-        args.stack_settings[key] = value
+    try:
+        args.stack_settings = parse_settings(args.stack_env)
+    except ValueError as exc:
+        ap.error(f"--stack-env {exc}")
     if args.out is not None and args.out.is_dir():
         # Checked now, not after the run: the JSON is written at the end, 25 minutes later.
         ap.error(f"--out {args.out} is a directory; it names the JSON file (its report goes beside it)")

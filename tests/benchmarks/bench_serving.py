@@ -66,6 +66,7 @@ from serving_stats import (  # tests/benchmarks/serving_stats.py
     trainer_throughput,
 )
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
+from stack_settings import parse_settings  # tests/benchmarks/stack_settings.py
 
 from shared.config import credential_entry
 from shared.kafka.embedded import free_ports
@@ -1699,12 +1700,10 @@ def main() -> int:
         servers = parse_servers(args.servers)
     except ValueError as exc:
         ap.error(str(exc))
-    loop_env = {}
-    for item in args.loop_env:
-        key, eq, value = item.partition("=")
-        if not eq or not key.startswith("RLHF_"):
-            ap.error(f"--loop-env {item!r}: expected RLHF_NAME=VALUE")
-        loop_env[key] = value
+    try:
+        loop_env = parse_settings(args.loop_env)
+    except ValueError as exc:
+        ap.error(f"--loop-env {exc}")
     trainer_idle_s = args.trainer_idle_s if args.trainer_idle_s is not None else (20.0 if args.quick else 60.0)
     trainer_ready_s = args.trainer_ready_s if args.trainer_ready_s is not None else (90.0 if args.quick else 180.0)
     ours_run = [s for s in servers if s in OURS]
