@@ -143,6 +143,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     the gateway of an ``rlhf up``). Where that range leaves too little room below it, the kernel
     picks (port 0)."""
     top = ephemeral_ports_from() - 1
+    room = top - LISTEN_PORTS_FROM >= 1000
     rng = random.SystemRandom()
     sockets: list[socket.socket] = []
     try:
@@ -151,7 +152,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
                 break
             s = socket.socket()
             try:
-                s.bind((host, rng.randint(LISTEN_PORTS_FROM, top) if top - LISTEN_PORTS_FROM >= 1000 else 0))
+                s.bind((host, rng.randint(LISTEN_PORTS_FROM, top) if room else 0))
             except OSError:  # in use: another port
                 s.close()
                 continue
