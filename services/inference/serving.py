@@ -692,7 +692,7 @@ class InferenceServing:
         load's phases (engine.load_staged; empty for a load from the private copy)."""
         try:
             if isinstance(staged, str):
-                return await self.engine.load_staged(staged, self.base_signature, with_requests_running=running) or {}
+                return await self.engine.load_staged(staged, self.base_signature, with_requests_running=running)
             await self.engine.reload_weights(verified.path, with_requests_running=running)
             return {}
         finally:

@@ -39,10 +39,11 @@ class ScriptedEngine:
             raise self.refuse["stage"]
         return {}
 
-    async def load_staged(self, token: str, expected, *, with_requests_running: bool = False) -> None:
+    async def load_staged(self, token: str, expected, *, with_requests_running: bool = False) -> dict[str, float]:
         self.log.append(("load_staged", with_requests_running))
         if "load" in self.refuse:
             raise self.refuse["load"]
+        return {"pause_s": 0.0, "load_s": 0.0, "total_s": 0.0}
 
     def shutdown(self) -> None:
         pass
