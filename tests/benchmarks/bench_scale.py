@@ -58,7 +58,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -305,7 +304,7 @@ def serve_ladder_step(size: str, root: Path, broker: Any, args: argparse.Namespa
         publisher = PublisherProcess(
             root / "store", broker.kafka.bootstrap_servers, base, root / "src" / "publisher", args.dtype
         )
-        env["trainer"] = SimpleNamespace(announce=lambda: publisher.call("announce")["announced"])
+        env["trainer"] = publisher  # swap_under_load announces through it
         published: dict[str, Any] = {}
 
         def publish_prepared() -> str:

@@ -68,7 +68,8 @@ from serving_stats import (  # tests/benchmarks/serving_stats.py
 from shared_machine import QuietGuard  # tests/benchmarks/shared_machine.py
 from stack_settings import parse_settings  # tests/benchmarks/stack_settings.py
 
-from shared.config import credential_entry
+from flywheel.launcher import UpConfig
+from shared.config import credential_entry, load_config
 from shared.kafka.embedded import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -805,22 +806,18 @@ def start_server(
             )
             cmd = [sys.executable, "-m", "flywheel.cli", "up"]
             loop = "trainer" in env.get("RLHF_UP_SERVICES", "trainer")
+            runs_rollout = load_config(UpConfig, env).rollout  # as `rlhf up` reads RLHF_UP_ROLLOUT
             settings = {
                 "command": " ".join(cmd),
                 "env": {k: v for k, v in env.items() if k.startswith("RLHF_")},
                 "services": env.get("RLHF_UP_SERVICES", "all (rlhf up's default)")
-                + (
-                    "" if env.get("RLHF_UP_ROLLOUT", "1") in ("0", "false") else ", progressive rollout (canary engine)"
-                ),
+                + (", progressive rollout (canary engine)" if runs_rollout else ""),
                 "vllm_env_set_by_service": vllm_env(s) | {"VLLM_LOGGING_LEVEL": "WARNING"},
                 "engine": "AsyncLLM, distributed_executor_backend=uni, load_format=safetensors, "
                 "disable_log_stats, max_num_batched_tokens=vLLM default (2048 on CPU)",
             }
             procs.append(ManagedProcess(name, cmd, env, logs / f"{log_name or name}.log"))
             wait_http(f"http://127.0.0.1:{port}/healthz", procs[0])
-            runs_rollout = env.get("RLHF_UP_ROLLOUT", "1") not in ("0", "false") and "rollout" in env.get(
-                "RLHF_UP_SERVICES", "rollout"
-            )
             server = Server(
                 name,
                 f"http://127.0.0.1:{port}/v1",

@@ -61,6 +61,11 @@ class PublisherProcess:
             raise RuntimeError(f"publisher process, {op}: {reply['error']}")
         return reply
 
+    def announce(self) -> float:
+        """Announce what the line owes, as the trainer does; the time it was acknowledged (the
+        ``announce`` of tests/integration/test_adapter_serving.py's Trainer, which it stands in for)."""
+        return float(self.call("announce")["announced"])
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
