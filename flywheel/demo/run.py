@@ -109,6 +109,10 @@ class DemoConfig(ConfigBase):
     """RLHF_PPO_KL_COEF given to the trainer the demo starts. The RM judges style far better than sums:
     with 0.05 and lr 1e-4 PPO learned the style quickly but let the sums drift, and the gold thumbs-up
     rate fell (see docs/benchmarks.md); a stronger pull to the SFT model keeps the digits it got right."""
+    average_decay: float = 0.98
+    """RLHF_PPO_AVERAGE_DECAY given to the trainer the demo starts: it publishes a moving average of its
+    weights (services/trainer/weight_average.py), which won more held-out comparisons than the last
+    iterate on the demo's task (docs/benchmarks.md, "Publishing an average of the weights"); 0 = off."""
     publish_every: int = 5
     """RLHF_TRAINER_PUBLISH_EVERY given to the trainer the demo starts."""
     rm_learn_every_s: float = 60.0
@@ -151,6 +155,8 @@ class DemoConfig(ConfigBase):
             out.append("RLHF_DEMO_MIX_* must be non-negative and not all zero")
         if not Path(self.prompts_file).is_file():
             out.append(f"RLHF_DEMO_PROMPTS_FILE {self.prompts_file} does not exist")
+        if not 0.0 <= self.average_decay < 1.0:
+            out.append("RLHF_DEMO_AVERAGE_DECAY must be in [0, 1) (0: publish the weights trained)")
         if not 0.0 < self.canary_share < 1.0:
             out.append("RLHF_DEMO_CANARY_SHARE must be in (0, 1)")
         if self.canary_margin < 0 or self.canary_timeout_s <= 0 or self.canary_min_ratings < 1:
@@ -183,6 +189,7 @@ def stack_environ(cfg: DemoConfig, environ: dict[str, str]) -> dict[str, str]:
     env.setdefault("RLHF_TRAINER_PROMPT_FILE", str(Path(cfg.prompts_file).resolve()))
     env.setdefault("RLHF_PPO_LR", str(cfg.ppo_lr))
     env.setdefault("RLHF_PPO_KL_COEF", str(cfg.kl_coef))
+    env.setdefault("RLHF_PPO_AVERAGE_DECAY", str(cfg.average_decay))
     env.setdefault("RLHF_TRAINER_PUBLISH_EVERY", str(cfg.publish_every))
     env.setdefault("RLHF_REWARD_LEARN_EVERY_S", str(cfg.rm_learn_every_s))
     env.setdefault("RLHF_UP_ROLLOUT", "1" if cfg.canaries else "0")

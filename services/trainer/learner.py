@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -85,6 +85,7 @@ from .ppo import (
 )
 from .ppo_config import PPOConfig
 from .rollout_batch import InvalidRollout, Rollout, RolloutBatch, collate_rollouts, cut_at_eos
+from .weight_average import WeightAverage, swapped_in
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -155,7 +156,8 @@ class LearnerState:
     """Everything needed to resume training: tensors (for safetensors) and JSON-able metadata."""
 
     tensors: dict[str, torch.Tensor]
-    """``policy.*``, ``value.*`` weights and ``policy_optim.*`` / ``value_optim.*`` Adam moments."""
+    """``policy.*``, ``value.*`` weights, ``policy_optim.*`` / ``value_optim.*`` Adam moments and, when
+    averaging is on, ``average.*`` (the moving average of the policy's weights)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Counters, the KL coefficient, weights_version and the optimisers' param_groups."""
 
@@ -266,6 +268,12 @@ class PPOLearner:
         """The version label of the weights the learner holds (see the module docstring)."""
         self.steps_done = 0
         self.samples_seen = 0
+        self.published_at_step = 0
+        """``steps_done`` when the learner's candidate was last published (or loaded from a version)."""
+        self.average: WeightAverage | None = (
+            WeightAverage(self._policy_tensors(), config.average_decay) if config.average_decay > 0 else None
+        )
+        """The moving average of the policy's weights that is evaluated and published (None: off)."""
         self._ptx_tokens: torch.Tensor | None = None
 
     @classmethod
@@ -335,6 +343,8 @@ class PPOLearner:
         mean_kl = float(kl.sum(-1).mean())
         behaviour_kl = float(facts["behaviour_kl"].sum(-1).mean())
         self.kl_controller.update(mean_kl, batch.size)
+        if self.average is not None:
+            self.average.update(self._policy_tensors())
         self.steps_done += 1
         self.samples_seen += batch.size
         self.weights_version = f"{self.base_version}@step{self.steps_done}"
@@ -650,10 +660,29 @@ class PPOLearner:
 
     # --- publishing and checkpoints -----------------------------------------------------------
 
+    @contextmanager
+    def candidate_weights(self) -> Iterator[None]:
+        """Within the block the policy holds what the learner would publish: its moving average
+        (``PPOConfig.average_decay``) when that is on, else its own weights (nothing changes).
+        Evaluate, run guards and ``save_policy`` inside; training resumes from its own weights."""
+        if self.average is None:
+            yield
+            return
+        with swapped_in(self._policy_tensors(), self.average.tensors):
+            yield
+
+    @property
+    def updated_since_publish(self) -> bool:
+        """Whether a step was taken since the candidate was last published (or the weights loaded)."""
+        return self.steps_done != self.published_at_step
+
     def mark_published(self, version: str) -> None:
-        """The current weights were published as ``version``: rollouts it samples are on-policy."""
+        """The candidate was published as ``version``. Without averaging that is the current weights,
+        so rollouts ``version`` samples are on-policy; with it the published weights are the average
+        and the learner's own are labelled ``version@stepN`` (its rollouts are off-policy for them)."""
         self.base_version = version
-        self.weights_version = version
+        self.weights_version = version if self.average is None else f"{version}@step{self.steps_done}"
+        self.published_at_step = self.steps_done
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """The policy's weights (transformers names), detached copies."""
@@ -701,7 +730,12 @@ class PPOLearner:
             "policy_mode": self.models.policy_mode,
             "value_model": self.models.value_model,
             "model_base_version": self.model_base_version,
+            "published_at_step": self.published_at_step,
         }
+        if self.average is not None:
+            for name, tensor in self.average.tensors.items():
+                tensors[f"average.{name}"] = tensor.detach().cpu().contiguous().clone()
+            meta["average_updates"] = self.average.updates
         for prefix, optimizer in (("policy_optim", self.policy_optimizer), ("value_optim", self.value_optimizer)):
             state = optimizer.state_dict()
             for index, slots in state["state"].items():
@@ -749,6 +783,19 @@ class PPOLearner:
         self.kl_controller.value = float(state.meta["kl_coef"])
         self.weights_version = str(state.meta["weights_version"])
         self.base_version = str(state.meta["base_version"])
+        # A checkpoint from before this field: published at this step exactly when its label says so.
+        published = state.meta.get("published_at_step")
+        self.published_at_step = (
+            int(published)
+            if published is not None
+            else (self.steps_done if self.weights_version == self.base_version else -1)
+        )
+        if self.average is not None:
+            average = {k[len("average.") :]: v for k, v in state.tensors.items() if k.startswith("average.")}
+            if average:
+                self.average.load(average, int(state.meta.get("average_updates", 0)))
+            else:  # written with averaging off: the average starts at the restored weights
+                self.average = WeightAverage(self._policy_tensors(), self.config.average_decay)
 
 
 # --- helpers ------------------------------------------------------------------------------------

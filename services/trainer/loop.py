@@ -69,6 +69,7 @@ from shared.logging import get_logger, log_event
 from shared.model_store import (
     CorruptVersionError,
     InvalidNameError,
+    Manifest,
     ModelStoreError,
     UnknownVersionError,
 )
@@ -423,7 +424,7 @@ class TrainingLoop:
             try:
                 if self.state.baseline is None:
                     self._measure_baseline()
-                if self.learner.weights_version == self.state.lineage[-1]:
+                if not self.learner.updated_since_publish:
                     return GateResult(
                         published=False,
                         step=self.state.step,
@@ -517,16 +518,21 @@ class TrainingLoop:
         return float(b["reward"])
 
     def _evaluate_and_publish(self) -> GateResult:
+        """Evaluate the candidate (the learner's weights, or their moving average when averaging is
+        on: ``learner.candidate_weights``), run the guards, and publish it if the gate passes."""
         self._phase, self._detail = "evaluating", "held-out evaluation of the candidate"
-        ev, baseline, decision = self._evaluate_under_one_rm()
-        metrics.HELDOUT_REWARD.set(ev.heldout_reward)
-        metrics.HELDOUT_KL.set(ev.kl)
-        compared, same = self._count_discrimination(ev, baseline)
-        guard_results: list[GuardResult] = []
-        if decision.ok and self.guards:
-            self._detail = "guards"
-            guard_results = self._run_guards(ev)
-            decision = with_guards(decision, guard_results)
+        with self.learner.candidate_weights():
+            ev, baseline, decision = self._evaluate_under_one_rm()
+            metrics.HELDOUT_REWARD.set(ev.heldout_reward)
+            metrics.HELDOUT_KL.set(ev.kl)
+            compared, same = self._count_discrimination(ev, baseline)
+            guard_results: list[GuardResult] = []
+            if decision.ok and self.guards:
+                self._detail = "guards"
+                guard_results = self._run_guards(ev)
+                decision = with_guards(decision, guard_results)
+            if decision.ok:
+                manifest = self._publish_candidate(ev, baseline, guard_results)
         common: dict[str, Any] = {
             "step": self.state.step,
             "heldout_reward": ev.heldout_reward,
@@ -554,24 +560,6 @@ class TrainingLoop:
             self._phase, self._detail = "training", ""
             return result
         parent = self.state.lineage[-1]
-        manifest = self.publisher.publish(
-            self.learner,
-            parent=parent,
-            evaluation=ev,
-            baseline_reward=baseline,
-            extra={
-                "reference_version": self.state.reference_version,
-                "trainer_step": self.state.step,
-                "value_rm_version": self.state.value_rm_version,
-            },
-            metrics={
-                "trainer_step": float(self.state.step),
-                "train_mean_reward": self._figures["mean_reward"],
-                "train_kl": self._figures["kl"],
-                "heldout_samples": float(ev.samples),
-                **{guard_metric_key(r.name): r.value for r in guard_results},
-            },
-        )
         self.learner.mark_published(manifest.version)
         self.state.lineage = (self.state.lineage + [manifest.version])[-LINEAGE_KEPT:]
         depths = {**self.state.version_depth, manifest.version: self.state.depth}
@@ -607,6 +595,27 @@ class TrainingLoop:
         self._send_pending_announcement()
         self._phase, self._detail = "training", ""
         return result
+
+    def _publish_candidate(self, ev: Evaluation, baseline: float | None, guard_results: list[GuardResult]) -> Manifest:
+        """Write the candidate the gate passed as the next version (inside ``candidate_weights``)."""
+        return self.publisher.publish(
+            self.learner,
+            parent=self.state.lineage[-1],
+            evaluation=ev,
+            baseline_reward=baseline,
+            extra={
+                "reference_version": self.state.reference_version,
+                "trainer_step": self.state.step,
+                "value_rm_version": self.state.value_rm_version,
+            },
+            metrics={
+                "trainer_step": float(self.state.step),
+                "train_mean_reward": self._figures["mean_reward"],
+                "train_kl": self._figures["kl"],
+                "heldout_samples": float(ev.samples),
+                **{guard_metric_key(r.name): r.value for r in guard_results},
+            },
+        )
 
     def _evaluate_under_one_rm(self) -> tuple[Evaluation, float | None, PolicyGateDecision]:
         """The candidate's evaluation, the baseline's held-out reward and the gate's decision, with

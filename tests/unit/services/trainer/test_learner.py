@@ -460,3 +460,55 @@ def test_bf16_autocast_and_gradient_checkpointing_train_in_mixed_precision(train
     after = named_params(learner)
     assert all(p.dtype == torch.float32 for p in after.values())  # weights stay float32
     assert any(not torch.equal(before[n], after[n]) for n in after if "lora_" in n)
+
+
+def test_with_averaging_the_candidate_is_the_average_and_training_resumes_from_its_own_weights(
+    trainer_store, tmp_path, one_thread
+):
+    learner = make_learner(trainer_store, average_decay=0.9)
+    start = params(learner)
+    for seed in range(3):
+        learner.step(
+            [dataclasses.replace(r, policy_version=learner.weights_version) for r in sample(learner, seed=seed)]
+        )
+    own = params(learner)
+    assert learner.average is not None and learner.average.updates == 3
+    with learner.candidate_weights():
+        candidate = params(learner)
+        out = tmp_path / "avg"
+        learner.save_policy(out)
+    assert all(torch.equal(own[k], v) for k, v in params(learner).items())  # its own weights back
+    moved = [k for k in own if not torch.equal(start[k], own[k])]
+    assert moved
+    for k in moved:  # the average lies between the start and the weights trained, at neither
+        assert not torch.equal(candidate[k], own[k]) and not torch.equal(candidate[k], start[k])
+    assert torch.allclose(candidate[moved[0]], learner.average.tensors[moved[0]].to(candidate[moved[0]].dtype))
+    manifest = trainer_store.store.publish("policy", out, parent=trainer_store.policy, make_current=False)
+    assert learner.updated_since_publish
+    learner.mark_published(manifest.version)
+    assert not learner.updated_since_publish
+    # The served average's rollouts are off-policy for the learner: behaviour logprobs needed.
+    assert learner.weights_version == f"{manifest.version}@step3"
+    served = [dataclasses.replace(r, policy_version=manifest.version) for r in sample(learner, seed=9)]
+    with pytest.raises(InvalidRollout, match="behaviour_logprobs"):
+        learner.step(served)
+
+
+def test_the_average_survives_a_checkpoint_and_starts_at_the_weights_without_one(trainer_store, one_thread):
+    a = make_learner(trainer_store, average_decay=0.9)
+    for seed in range(2):
+        a.step([dataclasses.replace(r, policy_version=a.weights_version) for r in sample(a, seed=seed)])
+    state = a.state_dict()
+    assert state.meta["average_updates"] == 2 and any(k.startswith("average.") for k in state.tensors)
+    b = make_learner(trainer_store, average_decay=0.9)
+    b.load_state_dict(state)
+    assert b.average is not None and b.average.updates == 2
+    assert all(torch.equal(v, b.average.tensors[k]) for k, v in a.average.tensors.items())
+    # A checkpoint written with averaging off: the average starts at the restored weights.
+    plain = make_learner(trainer_store)
+    plain.step(sample(plain))
+    c = make_learner(trainer_store, average_decay=0.9)
+    c.load_state_dict(plain.state_dict())
+    assert c.average is not None and c.average.updates == 0
+    restored = params(c)
+    assert all(torch.equal(restored[k], v.to(restored[k].dtype)) for k, v in c.average.tensors.items())
