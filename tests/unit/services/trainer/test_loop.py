@@ -128,9 +128,10 @@ def make_loop(
     kind=POLICY,
     max_staleness_steps=64,
     revert_after_refusals=0,
+    average_decay=0.0,
     **loop_kwargs,
 ):
-    cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4)
+    cfg = PPOConfig(epochs=1, minibatch_size=4, lr=lr, forward_batch_size=4, average_decay=average_decay)
     policy, rm = store.current("policy"), store.current("rm")
     state = LoopState(lineage=[policy], reference_version=policy, value_rm_version=rm)
 
@@ -251,6 +252,30 @@ def test_publish_now_without_an_update_publishes_nothing(store, tmp_path, one_th
     loop, _, _ = make_loop(store, tmp_path, publish_every=0)
     result = loop.publish_now()
     assert not result.published and "no update" in result.reason and store.versions("policy") == ["policy-0001"]
+
+
+def test_with_averaging_the_gate_sees_and_the_store_gets_the_average_not_the_weights_trained(
+    store, tmp_path, one_thread
+):
+    from safetensors.torch import load_file
+
+    loop, _, _ = make_loop(store, tmp_path, publish_every=0, average_decay=0.9)
+    assert loop.run_iteration() and loop.run_iteration()
+    own = {k: v.clone() for k, v in loop.learner.policy_state().items()}
+    result = loop.publish_now()
+    assert result.published
+    files = sorted(store.path(result.version).glob("*.safetensors"))
+    published = {k: v for f in files for k, v in load_file(str(f)).items()}
+    average = loop.learner.average.tensors
+    moved = [k for k in published if k in own and not torch.equal(own[k], published[k])]
+    assert moved  # the published weights are not the weights trained...
+    for k in moved:  # ...but their average, in the version's dtype
+        assert torch.equal(published[k], average[k].to(published[k].dtype)), k
+    # Publishing did not touch the weights being trained; nothing new to publish until a step.
+    assert all(torch.equal(v, own[k]) for k, v in loop.learner.policy_state().items())
+    assert loop.learner.weights_version == f"{result.version}@step2"
+    again = loop.publish_now()
+    assert not again.published and "no update" in again.reason
 
 
 def test_resume_from_a_checkpoint_restores_weights_counters_and_lineage(store, tmp_path, one_thread):
