@@ -63,3 +63,18 @@ def test_a_gate_decision_as_the_report_keeps_it():
         published=True, reason="rolled back to policy-0002", version=common_pb2.ModelVersion(version="policy-0002")
     )
     assert gate_record(rollback, 9.0)["rollback"] is True and gate_record(refused, 0.0)["rollback"] is False
+
+
+def test_the_demos_trainer_publishes_an_average_of_its_weights_unless_told_otherwise():
+    from flywheel.demo.run import stack_environ
+    from services.trainer.ppo_config import PPOConfig
+
+    env = stack_environ(load_config(DemoConfig, {}), {})
+    assert env["RLHF_PPO_AVERAGE_DECAY"] == "0.98"
+    assert load_config(PPOConfig, env).average_decay == 0.98  # what the trainer will read
+    mine = stack_environ(load_config(DemoConfig, {}), {"RLHF_PPO_AVERAGE_DECAY": "0"})
+    assert load_config(PPOConfig, mine).average_decay == 0.0
+    with pytest.raises(ConfigError, match="RLHF_DEMO_AVERAGE_DECAY must be in"):
+        load_config(DemoConfig, {"RLHF_DEMO_AVERAGE_DECAY": "1"})
+    with pytest.raises(ConfigError, match="RLHF_PPO_AVERAGE_DECAY must be in"):
+        load_config(PPOConfig, {"RLHF_PPO_AVERAGE_DECAY": "-0.1"})
