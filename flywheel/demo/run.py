@@ -111,8 +111,8 @@ class DemoConfig(ConfigBase):
     rate fell (see docs/benchmarks.md); a stronger pull to the SFT model keeps the digits it got right."""
     average_decay: float = 0.98
     """RLHF_PPO_AVERAGE_DECAY given to the trainer the demo starts: it publishes a moving average of its
-    weights (services/trainer/weight_average.py), which won more held-out comparisons than the last
-    iterate on the demo's task (docs/benchmarks.md, "Publishing an average of the weights"); 0 = off."""
+    weights (services/trainer/weight_average.py): a steadier served policy, far closer to the reference
+    for the same learning (docs/benchmarks.md, "Publishing an average of the weights"); 0 = off."""
     publish_every: int = 5
     """RLHF_TRAINER_PUBLISH_EVERY given to the trainer the demo starts."""
     rm_learn_every_s: float = 60.0

@@ -96,9 +96,9 @@ class PPOConfig(ConfigBase):
     """Publish an exponential moving average of the policy's weights instead of the weights themselves
     (services/trainer/weight_average.py): beta of avg <- beta * avg + (1 - beta) * theta after each step,
     warmed up as min(beta, (1 + t) / (10 + t)); 0 = off (publish the weights trained). Costs one float32
-    copy of the trainable tensors (the adapter's alone with LoRA). The demo uses 0.98: the average's
-    held-out win rate was higher than the last iterate's (docs/benchmarks.md, "Publishing an average
-    of the weights")."""
+    copy of the trainable tensors (the adapter's alone with LoRA). The demo uses 0.98: the served policy is steadier and
+    much closer to the reference for the same learning (docs/benchmarks.md, "Publishing an average of
+    the weights")."""
     forward_batch_size: int = 16
     """Most samples per no-grad forward pass when computing reference logprobs and values (memory bound only)."""
     seed: int = 0
