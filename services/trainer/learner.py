@@ -33,6 +33,11 @@ truncated at ``kl_max_weight``). On-policy rows have weight 1 exactly: the penal
 ``kl_penalty`` of the same logprobs. Both KLs are reported: ``mean_kl`` (learner vs reference, what
 the controller and the step log call "kl") and ``behaviour_kl`` (behaviour vs reference).
 
+**Publishing an average.** With ``PPOConfig.average_decay`` the learner also keeps a moving average
+of its trainable tensors (weight_average.py), updated after every step; ``candidate_weights()``
+holds it in the policy while the caller evaluates and saves, and ``mark_published`` then labels the
+learner's own weights ``version@stepN``, so the published average's rollouts count as stale.
+
 **Data parallelism.** See distributed.py: with torch.distributed initialised every process calls
 ``step`` with the same rollouts and the update equals one process's on the whole batch.
 """
