@@ -31,10 +31,16 @@ WARMUP_OFFSET = 10
 """The 10 of ``(1 + t) / (10 + t)``."""
 
 
-def average_decay(decay: float, updates: int) -> float:
-    """beta_t = min(beta, (1 + t) / (10 + t)) for ``updates`` = t >= 1 (the update being applied)."""
+def check_decay(decay: float) -> float:
+    """``decay`` if it is a valid beta (in [0, 1)), else ValueError."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
+    return decay
+
+
+def average_decay(decay: float, updates: int) -> float:
+    """beta_t = min(beta, (1 + t) / (10 + t)) for ``updates`` = t >= 1 (the update being applied)."""
+    check_decay(decay)
     if updates < 1:
         raise ValueError(f"updates counts from 1, got {updates}")
     return min(decay, (1 + updates) / (WARMUP_OFFSET + updates))
@@ -60,8 +66,7 @@ class WeightAverage:
     (a bf16 average would round away the small steps it is made of)."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor], decay: float, updates: int = 0):
-        average_decay(decay, 1)  # validates decay
-        self.decay = decay
+        self.decay = check_decay(decay)
         self.updates = updates
         """Updates folded in since the average was last reset to the weights."""
         self.tensors: dict[str, torch.Tensor] = {

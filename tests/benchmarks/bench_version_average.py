@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from flywheel.demo import gold_rater
-from flywheel.demo.evaluate import sample_responses, win_outcome
+from flywheel.demo.evaluate import sample_responses, version_report, win_outcome
 from flywheel.demo.task import split_problems
 from shared.model_store import ModelStore
 from shared.models.loading import load_verified_policy
@@ -77,18 +78,21 @@ def main() -> int:
     def score(model: torch.nn.Module, name: str, kind: str) -> None:
         started = time.monotonic()
         answers = sample_responses(tokenizer, model, prompts, args.samples, seed=0)
-        verdicts = [[gold_rater.judge(p, r) for r in rs] for p, rs in zip(prompts, answers)]
-        flat = [v for vs in verdicts for v in vs]
-        wins = [win_outcome(a, v.score) for sa, vs in zip(baseline, verdicts) for a, v in zip(sa, vs)]
+        report = version_report(name, held, answers, math.nan)  # rlhf eval's own figures
+        wins = [
+            win_outcome(a, gold_rater.judge(p, r).score)
+            for p, sa, rs in zip(prompts, baseline, answers)
+            for a, r in zip(sa, rs)
+        ]
         row = {
             "name": name,
             "kind": kind,
-            "thumbs_up": sum(v.thumb_up for v in flat) / len(flat),
-            "correct": sum(v.correct for v in flat) / len(flat),
-            "polite": sum(v.polite for v in flat) / len(flat),
-            "concise": sum(v.concise for v in flat) / len(flat),
+            "thumbs_up": report.thumbs_up_rate,
+            "correct": report.correct_rate,
+            "polite": report.polite_rate,
+            "concise": report.concise_rate,
             "win_over_first": sum(wins) / len(wins),
-            "answers": len(flat),
+            "answers": report.responses,
             "seconds": round(time.monotonic() - started, 1),
         }
         rows.append(row)
